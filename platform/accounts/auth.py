@@ -1,0 +1,49 @@
+"""Authentication for the management API: the console session, or an admin-scoped API key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest
+from ninja.security import HttpBearer, SessionAuth
+
+from accounts import keys
+from accounts.models import ApiKey
+from accounts.permissions import Scope
+from accounts.principal import Principal
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    # REMOTE_ADDR is the peer; behind a load balancer the ASGI server's
+    # --proxy-headers (trusted hosts only) rewrites it from X-Forwarded-For.
+    return request.META.get("REMOTE_ADDR") or None
+
+
+class ConsoleSession(SessionAuth):
+    """The console's login session (CSRF-checked on unsafe methods)."""
+
+    def authenticate(self, request: HttpRequest, key: str | None) -> Principal | None:
+        user: Any = request.user
+        if user.is_authenticated:
+            return Principal(user=user, ip_address=client_ip(request))
+        return None
+
+
+class AdminApiKey(HttpBearer):
+    """`Authorization: Bearer sk-...` with the admin scope."""
+
+    def authenticate(self, request: HttpRequest, token: str) -> Principal | None:
+        if not keys.looks_like_secret(token):
+            return None
+        digest = keys.secret_digest(token)
+        key = ApiKey.objects.select_related("organization").filter(digest=digest).first()
+        if key is None or not keys.constant_time_equal(key.digest, digest):
+            return None
+        if not key.is_usable() or key.organization.status != key.organization.Status.ACTIVE:
+            return None
+        if Scope.ADMIN not in key.scopes:
+            return None
+        return Principal(api_key=key, ip_address=client_ip(request))
+
+
+management_auth = [ConsoleSession(), AdminApiKey()]

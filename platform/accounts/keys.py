@@ -1,0 +1,126 @@
+"""API key secrets: generation, the peppered HMAC that is stored, and the Redis lookup cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import time
+from datetime import datetime
+
+from django.conf import settings
+
+from config.ids import random_token
+from config.redis import get_async_redis, get_redis
+
+SECRET_PREFIX = "sk-"  # noqa: S105 - the public prefix, not a secret
+SECRET_LENGTH = 48  # 48 base62 characters: about 285 bits of entropy
+DISPLAY_PREFIX_LENGTH = 12
+
+CACHE_TTL_S = 3600
+NEGATIVE_CACHE_TTL_S = 60
+LAST_USED_HASH = "mantle:apikey-last-used"
+
+
+def generate_secret() -> str:
+    return SECRET_PREFIX + random_token(SECRET_LENGTH)
+
+
+def secret_digest(secret: str) -> str:
+    pepper = str(settings.API_KEY_PEPPER).encode()
+    return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
+
+
+def display_prefix(secret: str) -> str:
+    return secret[:DISPLAY_PREFIX_LENGTH]
+
+
+def looks_like_secret(secret: str) -> bool:
+    return secret.startswith(SECRET_PREFIX) and len(secret) == len(SECRET_PREFIX) + SECRET_LENGTH
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    """What the gateway needs to know about a key, cached in Redis by digest."""
+
+    digest: str
+    key_id: str
+    organization_id: str
+    project_id: str
+    scopes: tuple[str, ...]
+    expires_at: float | None
+    revoked: bool
+    organization_active: bool
+
+    def usable(self, now: float | None = None) -> bool:
+        if self.revoked or not self.organization_active:
+            return False
+        return self.expires_at is None or self.expires_at > (now or time.time())
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> KeyIdentity:
+        data = json.loads(raw)
+        data["scopes"] = tuple(data["scopes"])
+        return cls(**data)
+
+
+_UNKNOWN = "unknown"
+
+
+def cache_key(digest: str) -> str:
+    return f"mantle:apikey:{digest}"
+
+
+def identity_of(
+    *,
+    digest: str,
+    key_id: str,
+    organization_id: str,
+    project_id: str,
+    scopes: list[str],
+    expires_at: datetime | None,
+    revoked: bool,
+    organization_active: bool,
+) -> KeyIdentity:
+    return KeyIdentity(
+        digest=digest,
+        key_id=key_id,
+        organization_id=organization_id,
+        project_id=project_id,
+        scopes=tuple(scopes),
+        expires_at=expires_at.timestamp() if expires_at else None,
+        revoked=revoked,
+        organization_active=organization_active,
+    )
+
+
+def cache_put(identity: KeyIdentity) -> None:
+    """Write-through on every change, so revocation is visible to all gateways at once."""
+    get_redis().set(cache_key(identity.digest), identity.to_json(), ex=CACHE_TTL_S)
+
+
+async def cache_get(digest: str) -> KeyIdentity | str | None:
+    """The cached identity, `"unknown"` for a known-bad digest, or None on a miss."""
+    raw = await get_async_redis().get(cache_key(digest))
+    if raw is None:
+        return None
+    if raw == _UNKNOWN:
+        return _UNKNOWN
+    return KeyIdentity.from_json(str(raw))
+
+
+async def cache_put_async(identity: KeyIdentity | None, digest: str) -> None:
+    client = get_async_redis()
+    if identity is None:
+        # Negative caching keeps a flood of made-up keys off the database.
+        await client.set(cache_key(digest), _UNKNOWN, ex=NEGATIVE_CACHE_TTL_S)
+    else:
+        await client.set(cache_key(digest), identity.to_json(), ex=CACHE_TTL_S)
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())

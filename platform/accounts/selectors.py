@@ -1,0 +1,90 @@
+"""Tenant-scoped reads for accounts; every customer-reachable query filters by organization."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from accounts.models import ApiKey, AuditLog, Membership, Organization, Project
+from accounts.permissions import Perm, Role, Scope, role_allows
+from accounts.principal import Principal
+from config.errors import NotFound, PermissionDenied
+
+
+def organizations_for(principal: Principal) -> QuerySet[Organization]:
+    if principal.api_key is not None:
+        return Organization.objects.filter(id=principal.api_key.organization_id)
+    if principal.user is None:
+        return Organization.objects.none()
+    return Organization.objects.filter(memberships__user=principal.user).order_by("created_at")
+
+
+def role_in(principal: Principal, organization_id: str) -> Role | None:
+    if principal.api_key is not None:
+        if principal.api_key.organization_id != organization_id:
+            return None
+        return Role.ADMIN if Scope.ADMIN in principal.api_key.scopes else None
+    if principal.user is None:
+        return None
+    role = (
+        Membership.objects.filter(organization_id=organization_id, user=principal.user)
+        .values_list("role", flat=True)
+        .first()
+    )
+    return Role(role) if role else None
+
+
+def organization_for(principal: Principal, organization_id: str, perm: Perm) -> Organization:
+    """The organization, if the principal belongs to it and holds `perm` there.
+
+    Outsiders get NotFound, never PermissionDenied: another organization's id
+    must not even be confirmed to exist.
+    """
+    role = role_in(principal, organization_id)
+    if role is None:
+        raise NotFound(f"organization {organization_id!r} not found", param="organization_id")
+    if not role_allows(role, perm):
+        raise PermissionDenied(f"the {role} role may not do {perm}")
+    org = Organization.objects.filter(id=organization_id).first()
+    if org is None:
+        raise NotFound(f"organization {organization_id!r} not found", param="organization_id")
+    return org
+
+
+def memberships(org: Organization) -> QuerySet[Membership]:
+    return Membership.objects.filter(organization=org).select_related("user").order_by("created_at")
+
+
+def membership_get(org: Organization, membership_id: str) -> Membership:
+    found = memberships(org).filter(id=membership_id).first()
+    if found is None:
+        raise NotFound(f"member {membership_id!r} not found", param="membership_id")
+    return found
+
+
+def projects(org: Organization) -> QuerySet[Project]:
+    return Project.objects.filter(organization=org).order_by("created_at")
+
+
+def project_get(org: Organization, project_id: str) -> Project:
+    found = projects(org).filter(id=project_id).first()
+    if found is None:
+        raise NotFound(f"project {project_id!r} not found", param="project_id")
+    return found
+
+
+def api_keys(org: Organization, project: Project | None = None) -> QuerySet[ApiKey]:
+    qs = ApiKey.objects.filter(organization=org).select_related("created_by")
+    if project is not None:
+        qs = qs.filter(project=project)
+    return qs.order_by("-created_at")
+
+
+def api_key_get(org: Organization, key_id: str) -> ApiKey:
+    found = api_keys(org).filter(id=key_id).first()
+    if found is None:
+        raise NotFound(f"API key {key_id!r} not found", param="key_id")
+    return found
+
+
+def audit_log(org: Organization, limit: int = 100) -> QuerySet[AuditLog]:
+    return AuditLog.objects.filter(organization=org).order_by("-created_at", "-id")[:limit]

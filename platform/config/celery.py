@@ -1,0 +1,13 @@
+"""The Django-side Celery app: control and billing queues (inference runs in workers/)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+
+app = Celery("mantle")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks(["accounts", "catalog", "billing"])

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the control plane and gateway process."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "mantle_http_requests_total",
+    "HTTP requests by method, route and status",
+    ["method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "mantle_http_request_seconds",
+    "HTTP request latency by route",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+GATEWAY_TOKENS = Counter(
+    "mantle_gateway_tokens_total", "Tokens served by the gateway, by kind", ["kind"]
+)
+GATEWAY_REJECTIONS = Counter(
+    "mantle_gateway_rejections_total", "Requests refused by the gateway, by code", ["code"]
+)
+INFLIGHT = Gauge("mantle_gateway_inflight_requests", "Gateway requests in flight")

@@ -1,0 +1,45 @@
+"""Shared Redis clients: one sync pool per process, one asyncio pool per event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import redis
+import redis.asyncio as aredis
+from django.conf import settings
+
+_sync_client: redis.Redis | None = None
+_sync_lock = threading.Lock()
+_async_clients: dict[int, aredis.Redis] = {}
+
+
+def get_redis() -> redis.Redis:
+    global _sync_client
+    if _sync_client is None:
+        with _sync_lock:
+            if _sync_client is None:
+                _sync_client = redis.Redis.from_url(
+                    settings.REDIS_URL,
+                    decode_responses=True,
+                    socket_connect_timeout=2,
+                    socket_timeout=5,
+                    health_check_interval=30,
+                )
+    return _sync_client
+
+
+def get_async_redis() -> aredis.Redis:
+    """The asyncio client bound to the running loop (a pool cannot cross loops)."""
+    loop_id = id(asyncio.get_running_loop())
+    client = _async_clients.get(loop_id)
+    if client is None:
+        client = aredis.Redis.from_url(
+            settings.REDIS_URL,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            max_connections=512,
+            health_check_interval=30,
+        )
+        _async_clients[loop_id] = client
+    return client

@@ -1,0 +1,214 @@
+"""Settings for every environment; production differs only by environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.env import env, secret
+from config.logs import install_redacting_record_factory
+
+ROOT_DIR = Path(__file__).resolve().parents[3]
+VAR_DIR = Path(env.str("MANTLE_VAR_DIR", default=str(ROOT_DIR / "var")))
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+SECRET_KEY = secret("DJANGO_SECRET_KEY") or (
+    # Only a development fallback: bin/run writes a random key to var/ instead.
+    "insecure-dev-key-change-me" if DEBUG else None
+)
+if not SECRET_KEY:
+    raise RuntimeError(
+        "DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE) is not set; bin/run generates one in var/"
+    )
+# The pepper keys the HMAC under which API key secrets are stored. Losing it
+# invalidates every key; leaking it alone reveals none.
+API_KEY_PEPPER = secret("MANTLE_API_KEY_PEPPER") or SECRET_KEY
+
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+PUBLIC_BASE_URL = env.str("MANTLE_PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "ninja",
+    "accounts",
+    "catalog",
+    "gateway",
+    "console",
+    "billing",
+]
+
+# The /v1 gateway is on the hot path: the middleware that only the console and
+# admin need is skipped for it (see config.middleware.for_console), because
+# Django runs each sync middleware hook of an async request in a thread hop.
+MIDDLEWARE = [
+    "config.middleware.RequestIdMiddleware",
+    "config.middleware.MetricsMiddleware",
+    "config.middleware.ConsoleSecurityMiddleware",
+    "config.middleware.ConsoleWhiteNoiseMiddleware",
+    "config.middleware.ConsoleSessionMiddleware",
+    "config.middleware.ConsoleCommonMiddleware",
+    "config.middleware.ConsoleCsrfViewMiddleware",
+    "config.middleware.ConsoleAuthenticationMiddleware",
+    "config.middleware.ConsoleMessageMiddleware",
+    "config.middleware.ConsoleXFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database --------------------------------------------------------------------
+# PostgreSQL in any real deployment; with DATABASE_URL unset, an embedded SQLite
+# file in WAL mode lets the platform run with no database server at all.
+if env.str("DATABASE_URL", default=""):
+    DATABASES = {"default": env.db("DATABASE_URL")}
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "mantle.sqlite3",
+            "OPTIONS": {
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis, cache, Celery ------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "mantle:cache",
+    }
+}
+
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "control"
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_TASK_TIME_LIMIT = 600
+CELERY_TASK_SOFT_TIME_LIMIT = 540
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    "flush-api-key-last-used": {
+        "task": "mantle.control.flush_api_key_last_used",
+        "schedule": 30.0,
+        "options": {"queue": "control"},
+    },
+}
+
+# --- Auth ---------------------------------------------------------------------------
+AUTH_USER_MODEL = "accounts.User"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "/console/login/"
+LOGIN_REDIRECT_URL = "/console/"
+LOGOUT_REDIRECT_URL = "/console/login/"
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=0)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+EMAIL_BACKEND = env.str(
+    "DJANGO_EMAIL_BACKEND", default="django.core.mail.backends.filebased.EmailBackend"
+)
+EMAIL_FILE_PATH = VAR_DIR / "emails"
+DEFAULT_FROM_EMAIL = env.str("MANTLE_FROM_EMAIL", default="Mantle <no-reply@mantle.local>")
+
+# --- Requests --------------------------------------------------------------------------
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("MANTLE_MAX_BODY_BYTES", default=2 * 1024 * 1024)
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+
+# --- Mantle ---------------------------------------------------------------------------
+MANTLE_ARTIFACT_DIR = Path(
+    env.str("MANTLE_ARTIFACT_DIR", default=str(Path.home() / ".cache" / "mantle" / "artifacts"))
+)
+MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
+MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
+# Seconds a gateway request may wait for its worker before it fails cleanly.
+MANTLE_REQUEST_TIMEOUT_S = env.float("MANTLE_REQUEST_TIMEOUT_S", default=120.0)
+# Seconds without any event from a started request before its worker is presumed dead.
+MANTLE_WORKER_SILENCE_S = env.float("MANTLE_WORKER_SILENCE_S", default=15.0)
+
+install_redacting_record_factory()
+
+# --- Logging ---------------------------------------------------------------------------
+LOG_LEVEL = env.str("MANTLE_LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {
+        "request_id": {"()": "config.logs.RequestIdFilter"},
+        "redact": {"()": "config.logs.RedactSecretsFilter"},
+    },
+    "formatters": {
+        "plain": {
+            "format": "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s",
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["request_id", "redact"],
+        },
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "uvicorn.access": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,21 @@
+"""URL map: /v1 gateway, /api/v1 management API, console, admin, operations."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+from config import ops
+from config.api import api
+
+urlpatterns = [
+    path("v1/", include("gateway.urls")),
+    path("api/v1/", api.urls),
+    path("console/", include("console.urls")),
+    path("admin/", admin.site.urls),
+    path("healthz", ops.healthz, name="healthz"),
+    path("readyz", ops.readyz, name="readyz"),
+    path("metrics", ops.metrics_view, name="metrics"),
+    path("", RedirectView.as_view(url="/console/", permanent=False)),
+]

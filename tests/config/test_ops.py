@@ -1,0 +1,64 @@
+"""Operations endpoints: liveness, readiness naming the missing dependency, metrics, request ids."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from django.test import Client, override_settings
+
+pytestmark = pytest.mark.django_db
+
+
+def test_healthz() -> None:
+    response = Client().get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_all_up() -> None:
+    body = Client().get("/readyz").json()
+    assert body["status"] == "ok"
+    assert body["down"] == []
+    assert set(body["checks"]) == {"database", "redis", "broker"}
+
+
+@override_settings(CELERY_BROKER_URL="redis://127.0.0.1:1/0")
+def test_readyz_names_the_broker_when_down() -> None:
+    response = Client().get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["down"] == ["broker"]
+
+
+def test_readyz_names_redis_when_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from config import ops
+
+    monkeypatch.setattr(ops, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=1))
+    response = Client().get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["down"] == ["redis"]
+
+
+def test_metrics_exposes_request_counters() -> None:
+    Client().get("/healthz")
+    text = Client().get("/metrics").content.decode()
+    assert 'mantle_http_requests_total{method="GET",route="healthz",status="200"}' in text
+
+
+def test_request_id_echoed_and_generated(caplog: pytest.LogCaptureFixture) -> None:
+    mine = Client().get("/healthz", headers={"x-request-id": "client-123"})
+    assert mine["x-request-id"] == "client-123"
+    generated = Client().get("/healthz")
+    assert generated["x-request-id"].startswith("req_")
+    bogus = Client().get("/healthz", headers={"x-request-id": "bad id\nwith newline"})
+    assert bogus["x-request-id"].startswith("req_")
+
+
+def test_log_lines_carry_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    Client().get("/api/v1/organizations", headers={"x-request-id": "trace-me-1"})
+    records = [r for r in caplog.records if r.name == "django.request"]
+    assert records
+    assert all(getattr(r, "request_id", None) == "trace-me-1" for r in records)

@@ -1,0 +1,1 @@
+"""Django-free worker side: task contract, ONNX runtime, batching, compile."""

@@ -1,0 +1,266 @@
+"""The wire contract between the control plane and the workers: names, queues, payloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+# This module is a leaf: the gateway imports it on every request and the workers
+# import it at start-up, so it must never pull in Django, onnxruntime or Celery.
+
+CONTRACT_VERSION = 1
+
+
+class Queue(enum.StrEnum):
+    """Celery queues. Work is split by who may run it and how long it takes.
+
+    Inference runs on one queue per accelerator pool (`inference.<pool>`), so a
+    pool's nodes only ever receive work for the models placed on that pool;
+    compile jobs are long and need the export stack, so they get their own
+    nodes; control and billing tasks touch the database and run Django-side.
+    """
+
+    CONTROL = "control"
+    BILLING = "billing"
+    COMPILE = "compile"
+
+
+def inference_queue(pool: str) -> str:
+    return f"inference.{pool}"
+
+
+class TaskName(enum.StrEnum):
+    """Task names are part of the wire format: never rename one once shipped."""
+
+    GENERATE = "mantle.inference.generate"
+    EMBED = "mantle.inference.embed"
+    COMPILE_MODEL = "mantle.compile.model"
+    COMPILE_FINISHED = "mantle.control.compile_finished"
+
+
+class Runtime(enum.StrEnum):
+    """How a worker executes a model version."""
+
+    CAUSAL_LM = "onnx-causal-lm"
+    ENCODER = "onnx-encoder"
+    ECHO = "echo"  # zero-compute: replays the prompt; measures platform overhead
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+# --- Redis keys shared by the gateway and the workers -------------------------
+
+
+def response_stream_key(request_id: str) -> str:
+    """Stream of events for one request, written by the worker, read by the gateway."""
+    return f"mantle:resp:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Set by the gateway when the client went away; the worker stops generating."""
+    return f"mantle:cancel:{request_id}"
+
+
+def usage_emitted_key(request_id: str) -> str:
+    """Guard that makes the usage event of a request be written at most once."""
+    return f"mantle:usage:emitted:{request_id}"
+
+
+def task_claim_key(request_id: str) -> str:
+    """First worker to claim a request runs it; a redelivered copy is dropped."""
+    return f"mantle:claim:{request_id}"
+
+
+USAGE_STREAM = "mantle:usage"
+"""Durable stream of usage events (one per finished request), drained by billing."""
+
+POOL_LIVE_PREFIX = "mantle:pool-live:"
+"""Sorted set per pool: member = worker node id, score = unix time of last heartbeat."""
+
+WORKER_INFO_PREFIX = "mantle:worker:"
+"""String key per worker node (JSON `WorkerHeartbeat`), expires when heartbeats stop."""
+
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 10.0
+"""A worker whose last heartbeat is older than this is dead for admission."""
+
+RESPONSE_STREAM_TTL_S = 300
+
+
+def pool_live_key(pool: str) -> str:
+    return f"{POOL_LIVE_PREFIX}{pool}"
+
+
+def worker_info_key(node: str) -> str:
+    return f"{WORKER_INFO_PREFIX}{node}"
+
+
+# --- Events on the response stream ---------------------------------------------
+# Every entry of `mantle:resp:<request_id>` is a flat string map with a field
+# "type"; the other fields by type:
+#   started:    worker (node id), pool
+#   delta:      text (decoded text since the last delta), tokens (count)
+#   done:       finish_reason, prompt_tokens, completion_tokens
+#   embeddings: data (base64 of little-endian float32, row-major), count, dims,
+#               prompt_tokens
+#   error:      code, message
+EVENT_STARTED = "started"
+EVENT_DELTA = "delta"
+EVENT_DONE = "done"
+EVENT_EMBEDDINGS = "embeddings"
+EVENT_ERROR = "error"
+
+
+# --- Payloads --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BillingIdentity:
+    organization_id: str
+    project_id: str
+    api_key_id: str
+    endpoint_id: str
+    model_version_id: str
+    model_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """Enough for a worker to load a model version without asking the control plane."""
+
+    version_id: str
+    runtime: str  # a `Runtime` value
+    sha256: str
+    location: str  # artifact directory (a path on the node; later an fsspec URL)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    model: ModelRef
+    identity: BillingIdentity
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    deadline: float  # unix time after which the result is useless to the client
+    enqueued_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    request_id: str
+    model: ModelRef
+    identity: BillingIdentity
+    inputs: tuple[tuple[int, ...], ...]  # token ids, already truncated by the gateway
+    deadline: float
+    enqueued_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    request_id: str
+    organization_id: str
+    project_id: str
+    api_key_id: str
+    endpoint_id: str
+    model_version_id: str
+    model_name: str
+    input_tokens: int
+    output_tokens: int
+    status: str  # a `FinishReason` value
+    started_at: float
+    finished_at: float
+    queue_ms: int
+    compute_ms: int
+    worker: str = ""
+
+    def to_fields(self) -> dict[str, str]:
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> UsageEvent:
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = fields.get(f.name, "")
+            if f.type in ("int", int):
+                kwargs[f.name] = int(raw or 0)
+            elif f.type in ("float", float):
+                kwargs[f.name] = float(raw or 0)
+            else:
+                kwargs[f.name] = raw
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHeartbeat:
+    node: str
+    pool: str
+    providers: tuple[str, ...]
+    models_loaded: tuple[str, ...]
+    free_slots: int
+    total_slots: int
+    tokens_per_s: float
+    sent_at: float
+    queues: tuple[str, ...] = field(default_factory=tuple)
+
+
+_T = TypeVar("_T")
+
+
+def to_payload(obj: Any) -> dict[str, Any]:
+    """A payload dataclass as JSON-safe primitives (tuples become lists)."""
+    return dataclasses.asdict(obj)
+
+
+def from_payload(cls: type[_T], data: Mapping[str, Any]) -> _T:
+    """Rebuild a payload dataclass (nested ones included) from `to_payload` output."""
+    return _build(cls, data)
+
+
+def _build(cls: Any, data: Any) -> Any:
+    if not dataclasses.is_dataclass(cls):
+        return data
+    hints = _resolved_types(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        hint = hints[f.name]
+        if hint in _PAYLOAD_CLASSES:
+            value = _build(_PAYLOAD_CLASSES[hint], value)
+        elif hint.startswith("tuple[tuple["):
+            value = tuple(tuple(v) for v in value)
+        elif hint.startswith("tuple[") and value is not None:
+            value = tuple(value)
+        kwargs[f.name] = value
+    built: Any = cls
+    return built(**kwargs)
+
+
+def _resolved_types(cls: Any) -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+
+_PAYLOAD_CLASSES: dict[str, type] = {
+    "BillingIdentity": BillingIdentity,
+    "ModelRef": ModelRef,
+    "SamplingParams": SamplingParams,
+}
