@@ -181,6 +181,8 @@ def _key_out(key: ApiKey, cls: type[ApiKeyOut] = ApiKeyOut, **extra: str) -> Api
         prefix=key.prefix,
         project_id=key.project_id,
         scopes=list(key.scopes),
+        rpm_limit=key.rpm_limit,
+        tpm_limit=key.tpm_limit,
         status=status,
         created_by=key.created_by.email if key.created_by else None,
         created_at=key.created_at,
@@ -213,6 +215,8 @@ def api_key_create(
         name=payload.name,
         scopes=[s.value for s in payload.scopes],
         expires_at=payload.expires_at,
+        rpm_limit=payload.rpm_limit,
+        tpm_limit=payload.tpm_limit,
     )
     return Status(201, _key_out(key, ApiKeyCreated, secret=secret))
 

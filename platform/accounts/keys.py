@@ -52,6 +52,10 @@ class KeyIdentity:
     expires_at: float | None
     revoked: bool
     organization_active: bool
+    rpm_limit: int
+    tpm_limit: int
+    project_rpm_limit: int
+    project_tpm_limit: int
 
     def usable(self, now: float | None = None) -> bool:
         if self.revoked or not self.organization_active:
@@ -85,6 +89,7 @@ def identity_of(
     expires_at: datetime | None,
     revoked: bool,
     organization_active: bool,
+    limits: tuple[int, int, int, int],
 ) -> KeyIdentity:
     return KeyIdentity(
         digest=digest,
@@ -95,6 +100,10 @@ def identity_of(
         expires_at=expires_at.timestamp() if expires_at else None,
         revoked=revoked,
         organization_active=organization_active,
+        rpm_limit=limits[0],
+        tpm_limit=limits[1],
+        project_rpm_limit=limits[2],
+        project_tpm_limit=limits[3],
     )
 
 

@@ -75,6 +75,8 @@ class ApiKeyIn(In):
     name: str = Field(min_length=1, max_length=120)
     scopes: list[Scope] = Field(default_factory=lambda: [Scope.INFERENCE], min_length=1)
     expires_at: datetime | None = None
+    rpm_limit: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm_limit: int | None = Field(default=None, ge=1, description="tokens per minute")
 
 
 class ApiKeyOut(Schema):
@@ -83,6 +85,8 @@ class ApiKeyOut(Schema):
     prefix: str
     project_id: str
     scopes: list[str]
+    rpm_limit: int | None
+    tpm_limit: int | None
     status: str
     created_by: str | None
     created_at: datetime

@@ -212,6 +212,8 @@ def api_key_create(
     name: str,
     scopes: Sequence[str],
     expires_at: datetime | None = None,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Creates a key and returns it with its secret, which is never available again."""
     name = _clean_name(name, param="name")
@@ -234,6 +236,8 @@ def api_key_create(
             scopes=clean_scopes,
             created_by=principal.user,
             expires_at=expires_at,
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
         )
         audit_record(
             principal=principal,
@@ -270,7 +274,7 @@ def api_key_revoke(*, principal: Principal, key: ApiKey) -> ApiKey:
 
 def api_key_identity_load(digest: str) -> keys.KeyIdentity | None:
     """The gateway's cache-miss path: the identity of a key from the database."""
-    key = ApiKey.objects.select_related("organization").filter(digest=digest).first()
+    key = ApiKey.objects.select_related("organization", "project").filter(digest=digest).first()
     if key is None:
         return None
     return _identity(key, key.organization)
@@ -304,6 +308,12 @@ def _identity(key: ApiKey, org: Organization) -> keys.KeyIdentity:
         expires_at=key.expires_at,
         revoked=key.revoked_at is not None,
         organization_active=org.status == Organization.Status.ACTIVE,
+        limits=(
+            key.rpm_limit or settings.MANTLE_DEFAULT_KEY_RPM,
+            key.tpm_limit or settings.MANTLE_DEFAULT_KEY_TPM,
+            key.project.rpm_limit or settings.MANTLE_DEFAULT_PROJECT_RPM,
+            key.project.tpm_limit or settings.MANTLE_DEFAULT_PROJECT_TPM,
+        ),
     )
 
 

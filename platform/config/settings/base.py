@@ -166,6 +166,7 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns about a missing root
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -178,6 +179,17 @@ MANTLE_ARTIFACT_DIR = Path(
 )
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
+# Default limits of the public built-in endpoints, per endpoint (keys and projects
+# have their own, see accounts).
+MANTLE_PUBLIC_RPM = env.int("MANTLE_PUBLIC_RPM", default=100_000)
+MANTLE_PUBLIC_TPM = env.int("MANTLE_PUBLIC_TPM", default=100_000_000)
+# Per-key and per-project limits when none is set on the key or project.
+MANTLE_DEFAULT_KEY_RPM = env.int("MANTLE_DEFAULT_KEY_RPM", default=10_000)
+MANTLE_DEFAULT_KEY_TPM = env.int("MANTLE_DEFAULT_KEY_TPM", default=10_000_000)
+MANTLE_DEFAULT_PROJECT_RPM = env.int("MANTLE_DEFAULT_PROJECT_RPM", default=50_000)
+MANTLE_DEFAULT_PROJECT_TPM = env.int("MANTLE_DEFAULT_PROJECT_TPM", default=50_000_000)
+# max_tokens when a request names none: the rest of the context, capped here.
+MANTLE_DEFAULT_MAX_TOKENS = env.int("MANTLE_DEFAULT_MAX_TOKENS", default=2048)
 # Seconds a gateway request may wait for its worker before it fails cleanly.
 MANTLE_REQUEST_TIMEOUT_S = env.float("MANTLE_REQUEST_TIMEOUT_S", default=120.0)
 # Seconds without any event from a started request before its worker is presumed dead.

@@ -1,0 +1,66 @@
+"""The endpoint spec: everything the gateway needs about an endpoint, cached in Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+ENDPOINT_KEY_PREFIX = "mantle:endpoint:"
+ENDPOINT_NAME_PREFIX = "mantle:endpoint-name:"
+
+
+def endpoint_key(endpoint_id: str) -> str:
+    return f"{ENDPOINT_KEY_PREFIX}{endpoint_id}"
+
+
+def endpoint_name_key(name: str) -> str:
+    return f"{ENDPOINT_NAME_PREFIX}{name}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    id: str
+    name: str
+    organization_id: str | None  # None: public
+    active: bool
+    model_name: str
+    kind: str
+    runtime: str
+    version_id: str
+    sha256: str
+    location: str
+    tokenizer_file: str
+    chat_template: str
+    eos_token_ids: tuple[int, ...]
+    context_length: int
+    max_input_tokens: int  # embeddings: inputs are truncated to this
+    dimensions: int  # embeddings only
+    pool: str
+    queue: str
+    providers: tuple[str, ...]
+    rpm_limit: int
+    tpm_limit: int
+    created: int
+
+    @property
+    def public(self) -> bool:
+        return self.organization_id is None
+
+    def visible_to(self, organization_id: str) -> bool:
+        return self.organization_id is None or self.organization_id == organization_id
+
+    @property
+    def public_id(self) -> str:
+        """What `/v1/models` lists: a public endpoint by name, a private one by id."""
+        return self.name if self.public else self.id
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> EndpointSpec:
+        data: dict[str, Any] = json.loads(raw)
+        data["eos_token_ids"] = tuple(data["eos_token_ids"])
+        data["providers"] = tuple(data["providers"])
+        return cls(**data)

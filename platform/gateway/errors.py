@@ -1,0 +1,79 @@
+"""OpenAI-shaped errors of the /v1 API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from django.http import HttpResponse
+
+from config import metrics
+
+
+class OpenAIError(Exception):
+    """An error reply exactly as OpenAI shapes it: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> HttpResponse:
+        metrics.GATEWAY_REJECTIONS.labels(self.code or self.type).inc()
+        response = HttpResponse(
+            json.dumps(self.body()), status=self.status, content_type="application/json"
+        )
+        for name, value in self.headers.items():
+            response[name] = value
+        return response
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def unauthorized(message: str, code: str = "invalid_api_key") -> OpenAIError:
+    return OpenAIError(401, message, type_="invalid_request_error", code=code)
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def no_capacity(pool: str) -> OpenAIError:
+    return OpenAIError(
+        503,
+        f"No worker of pool `{pool}` is serving right now; the request was not queued. "
+        "Retry later.",
+        type_="server_error",
+        code="no_available_worker",
+        headers={"retry-after": "5"},
+    )

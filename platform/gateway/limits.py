@@ -1,0 +1,200 @@
+"""Rate limits (RPM, TPM per key, project and endpoint) and pool liveness, atomic in Redis."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from accounts.keys import LAST_USED_HASH
+from workers.contract import HEARTBEAT_TTL_S, pool_live_key
+
+# Token buckets: each holds up to `limit` units and refills at limit/60 per second,
+# so a full minute's allowance is available at once but never more. The script
+# reads the clock of Redis itself (TIME), so gateways on several machines agree,
+# checks every bucket and the pool's liveness first, and only then takes from all
+# of them: a refused request consumes nothing. It also stamps the key's last use
+# (moved to the database in batches by a beat task), saving a round trip.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[8], ARGV[9], now / 1000)
+local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
+if live == 0 then return {-1} end
+local cost = tonumber(ARGV[1])
+local levels = {}
+local denied, denied_wait = 0, 0
+local best = {}
+for i = 1, 6 do
+  local cap = tonumber(ARGV[i + 1])
+  local need = (i % 2 == 1) and 1 or cost
+  local rate = cap / 60000.0
+  local h = redis.call('HMGET', KEYS[i], 'l', 'ts')
+  local level = cap
+  if h[1] then
+    level = math.min(cap, tonumber(h[1]) + (now - tonumber(h[2])) * rate)
+  end
+  levels[i] = level
+  if level < need and denied == 0 then
+    denied = i
+    if need > cap then denied_wait = -1 else denied_wait = math.ceil((need - level) / rate) end
+  end
+end
+if denied > 0 then return {0, denied, denied_wait} end
+local out = {1}
+for kind = 1, 2 do
+  local pick, pick_remaining, pick_cap, pick_reset = 0, 0, 0, 0
+  for i = kind, 6, 2 do
+    local cap = tonumber(ARGV[i + 1])
+    local need = (kind == 1) and 1 or cost
+    local left = levels[i] - need
+    if pick == 0 or left < pick_remaining then
+      pick, pick_remaining, pick_cap = i, left, cap
+      pick_reset = math.ceil((cap - left) / (cap / 60000.0))
+    end
+  end
+  table.insert(out, pick_cap)
+  table.insert(out, math.floor(pick_remaining))
+  table.insert(out, pick_reset)
+end
+for i = 1, 6 do
+  local need = (i % 2 == 1) and 1 or cost
+  redis.call('HSET', KEYS[i], 'l', levels[i] - need, 'ts', now)
+  redis.call('PEXPIRE', KEYS[i], 120000)
+end
+return out
+"""
+
+# Gives back the tokens reserved but not used (the reservation was the worst case).
+_REFUND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local refund = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[i + 1])
+  local h = redis.call('HMGET', KEYS[i], 'l', 'ts')
+  if h[1] then
+    local level = math.min(cap, tonumber(h[1]) + (now - tonumber(h[2])) * cap / 60000.0)
+    redis.call('HSET', KEYS[i], 'l', math.min(cap, level + refund), 'ts', now)
+  end
+end
+return 1
+"""
+
+SCOPES = ("key", "project", "endpoint")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    key_id: str
+    project_id: str
+    endpoint_id: str
+    key_rpm: int
+    key_tpm: int
+    project_rpm: int
+    project_tpm: int
+    endpoint_rpm: int
+    endpoint_tpm: int
+
+    def bucket_keys(self) -> list[str]:
+        return [
+            f"mantle:rl:key:{self.key_id}:req",
+            f"mantle:rl:key:{self.key_id}:tok",
+            f"mantle:rl:project:{self.project_id}:req",
+            f"mantle:rl:project:{self.project_id}:tok",
+            f"mantle:rl:endpoint:{self.endpoint_id}:req",
+            f"mantle:rl:endpoint:{self.endpoint_id}:tok",
+        ]
+
+    def caps(self) -> list[int]:
+        return [
+            self.key_rpm,
+            self.key_tpm,
+            self.project_rpm,
+            self.project_tpm,
+            self.endpoint_rpm,
+            self.endpoint_tpm,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Outcome of admission: allowed, or which limit refused and when to retry."""
+
+    allowed: bool
+    no_worker: bool = False
+    refused_scope: str = ""
+    refused_kind: str = ""  # "requests" | "tokens"
+    retry_after_ms: int = 0  # -1: can never pass (the request alone exceeds the limit)
+    limit_requests: int = 0
+    remaining_requests: int = 0
+    reset_requests_ms: int = 0
+    limit_tokens: int = 0
+    remaining_tokens: int = 0
+    reset_tokens_ms: int = 0
+
+    def headers(self) -> dict[str, str]:
+        if not self.allowed:
+            return {}
+        return {
+            "x-ratelimit-limit-requests": str(self.limit_requests),
+            "x-ratelimit-remaining-requests": str(max(0, self.remaining_requests)),
+            "x-ratelimit-reset-requests": format_duration(self.reset_requests_ms),
+            "x-ratelimit-limit-tokens": str(self.limit_tokens),
+            "x-ratelimit-remaining-tokens": str(max(0, self.remaining_tokens)),
+            "x-ratelimit-reset-tokens": format_duration(self.reset_tokens_ms),
+        }
+
+
+def format_duration(ms: int) -> str:
+    """OpenAI's style for reset headers: `20ms`, `1.5s`, `6m0s`."""
+    if ms < 1000:
+        return f"{max(0, ms)}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes = int(seconds // 60)
+    return f"{minutes}m{int(seconds - minutes * 60)}s"
+
+
+class RateLimiter:
+    def __init__(self, client: Redis) -> None:
+        self._admit = client.register_script(_ADMIT)
+        self._refund = client.register_script(_REFUND)
+
+    async def admit(self, limits: Limits, *, tokens: int, pool: str) -> Admission:
+        keys = [*limits.bucket_keys(), pool_live_key(pool), LAST_USED_HASH]
+        args: list[int | str] = [tokens, *limits.caps(), int(HEARTBEAT_TTL_S * 1000), limits.key_id]
+        result = await self._admit(keys=keys, args=args)
+        status = int(result[0])
+        if status == -1:
+            return Admission(allowed=False, no_worker=True)
+        if status == 0:
+            index = int(result[1]) - 1
+            return Admission(
+                allowed=False,
+                refused_scope=SCOPES[index // 2],
+                refused_kind="requests" if index % 2 == 0 else "tokens",
+                retry_after_ms=int(result[2]),
+            )
+        return Admission(
+            allowed=True,
+            limit_requests=int(result[1]),
+            remaining_requests=int(result[2]),
+            reset_requests_ms=int(result[3]),
+            limit_tokens=int(result[4]),
+            remaining_tokens=int(result[5]),
+            reset_tokens_ms=int(result[6]),
+        )
+
+    async def refund(self, limits: Limits, *, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        keys = limits.bucket_keys()[1::2]
+        caps = limits.caps()[1::2]
+        await self._refund(keys=keys, args=[tokens, *caps])
+
+
+def retry_after_seconds(ms: int) -> str:
+    return str(max(1, math.ceil(ms / 1000)))

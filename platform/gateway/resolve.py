@@ -1,0 +1,121 @@
+"""Resolving the caller's key and the endpoint named by `model`, from Redis (one round trip)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest
+
+from accounts import keys
+from accounts.permissions import Scope
+from accounts.services import api_key_identity_load
+from catalog import specs
+from catalog.selectors import endpoint_spec_load
+from catalog.specs import EndpointSpec
+from config.redis import get_async_redis
+from gateway.errors import OpenAIError, model_not_found, unauthorized
+
+logger = logging.getLogger(__name__)
+
+_UNKNOWN = "unknown"
+ENDPOINT_NEGATIVE_TTL_S = 10
+ENDPOINT_TTL_S = 24 * 3600
+
+
+def bearer_secret(request: HttpRequest) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise unauthorized(
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            code="missing_api_key",
+        )
+    return secret.strip()
+
+
+def _incorrect_key(secret: str) -> OpenAIError:
+    shown = f"{secret[:6]}***{secret[-4:]}" if len(secret) > 12 else "***"
+    return unauthorized(f"Incorrect API key provided: {shown}.")
+
+
+def _endpoint_cache_key(model: str) -> str:
+    return specs.endpoint_key(model) if model.startswith("ep-") else specs.endpoint_name_key(model)
+
+
+async def resolve(
+    request: HttpRequest, model: str | None
+) -> tuple[keys.KeyIdentity, EndpointSpec | None]:
+    """The key's identity and (if `model` is given) the endpoint it may call.
+
+    Both come from Redis in one pipelined round trip; the database is read only
+    on a cache miss, and the result is written back for every gateway.
+    """
+    secret = bearer_secret(request)
+    if not keys.looks_like_secret(secret):
+        raise _incorrect_key(secret)
+    digest = keys.secret_digest(secret)
+    client = get_async_redis()
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(keys.cache_key(digest))
+        if model:
+            pipe.get(_endpoint_cache_key(model))
+        results = await pipe.execute()
+    identity = await _identity(digest, results[0])
+    if identity is None or not keys.constant_time_equal(identity.digest, digest):
+        raise _incorrect_key(secret)
+    if not identity.usable(time.time()):
+        if not identity.organization_active:
+            raise OpenAIError(
+                403,
+                "Your organization is suspended; contact your account manager or billing.",
+                type_="invalid_request_error",
+                code="organization_suspended",
+            )
+        raise unauthorized(f"The API key {secret[:12]}... has been revoked or has expired.")
+    if Scope.INFERENCE not in identity.scopes:
+        raise OpenAIError(
+            403,
+            "This API key does not have the 'inference' scope.",
+            type_="invalid_request_error",
+            code="insufficient_scope",
+        )
+    if not model:
+        return identity, None
+    spec = await _endpoint(model, results[1])
+    if spec is None or not spec.visible_to(identity.organization_id):
+        raise model_not_found(model)
+    if not spec.active:
+        raise OpenAIError(
+            403,
+            f"The endpoint `{model}` is paused; resume it in the console or management API.",
+            param="model",
+            code="endpoint_paused",
+        )
+    return identity, spec
+
+
+async def _identity(digest: str, raw: str | None) -> keys.KeyIdentity | None:
+    if raw == _UNKNOWN:
+        return None
+    if raw is not None:
+        return keys.KeyIdentity.from_json(raw)
+    identity = await sync_to_async(api_key_identity_load, thread_sensitive=False)(digest)
+    await keys.cache_put_async(identity, digest)
+    return identity
+
+
+async def _endpoint(model: str, raw: str | None) -> EndpointSpec | None:
+    if raw == _UNKNOWN:
+        return None
+    if raw is not None:
+        return EndpointSpec.from_json(raw)
+    spec = await sync_to_async(endpoint_spec_load, thread_sensitive=False)(model)
+    client = get_async_redis()
+    if spec is None:
+        await client.set(_endpoint_cache_key(model), _UNKNOWN, ex=ENDPOINT_NEGATIVE_TTL_S)
+    else:
+        await client.set(_endpoint_cache_key(model), spec.to_json(), ex=ENDPOINT_TTL_S)
+    return spec
