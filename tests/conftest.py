@@ -14,10 +14,13 @@ from tests.factories import OrganizationFactory, UserFactory, add_member, make_a
 
 
 @pytest.fixture(autouse=True)
-def _clean_redis() -> Iterator[None]:
-    from config.redis import get_redis
+def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
+    # End-to-end tests share Redis with live worker processes (their heartbeats
+    # live there); they use fresh organizations and keys instead of a wipe.
+    if request.node.get_closest_marker("e2e") is None:
+        from config.redis import get_redis
 
-    get_redis().flushdb()
+        get_redis().flushdb()
     yield
 
 

@@ -1,0 +1,68 @@
+"""A live platform for end-to-end tests: a gateway server and a worker node, real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from accounts.models import ApiKey, Organization
+from catalog.models import Endpoint
+from catalog.services import builtin_models_register
+from config.redis import get_redis
+from tests.factories import OrganizationFactory, make_api_key
+from tests.stack import Process, Stack, builtin_manifests
+
+CHAT = "smollm2-135m-instruct"
+EMBED = "all-minilm-l6-v2"
+ECHO = "mantle-echo"
+
+
+@dataclass
+class LiveStack:
+    stack: Stack
+    url: str
+    gateway: Process
+    worker: Process
+    manifests: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="session")
+def live(django_db_setup: None, django_db_blocker: Any) -> Iterator[LiveStack]:
+    manifests = builtin_manifests()
+    get_redis().flushdb()
+    stack = Stack.for_tests()
+    try:
+        gateway, url = stack.gateway()
+        worker = stack.worker("cpu", concurrency=32)
+        yield LiveStack(stack=stack, url=url, gateway=gateway, worker=worker, manifests=manifests)
+    finally:
+        stack.stop_all()
+
+
+@dataclass
+class Served:
+    live: LiveStack
+    org: Organization
+    key: ApiKey
+    secret: str
+    endpoints: dict[str, Endpoint]
+
+    def client(self, secret: str | None = None, url: str | None = None) -> OpenAI:
+        return OpenAI(
+            base_url=f"{url or self.live.url}/v1",
+            api_key=secret or self.secret,
+            max_retries=0,
+            timeout=120,
+        )
+
+
+@pytest.fixture
+def served(live: LiveStack, transactional_db: None) -> Served:
+    endpoints = {e.name: e for e in builtin_models_register(live.manifests)}
+    org = OrganizationFactory()
+    key, secret = make_api_key(org, scopes=["inference"])
+    return Served(live=live, org=org, key=key, secret=secret, endpoints=endpoints)
