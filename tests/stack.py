@@ -42,7 +42,7 @@ def test_database_url() -> str:
 
 def builtin_manifests() -> list[dict[str, Any]]:
     """The prepared built-in artifacts (bin/test prepares them before the suite)."""
-    done = subprocess.run(  # noqa: S603
+    done = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -109,7 +109,7 @@ class Stack:
     def _spawn(self, name: str, argv: list[str], extra: Mapping[str, str]) -> Process:
         log = LOG_DIR / f"{name}.log"
         handle = log.open("wb")
-        popen = subprocess.Popen(  # noqa: S603
+        popen = subprocess.Popen(
             argv,
             cwd=ROOT,
             env={**self.env, **extra},
