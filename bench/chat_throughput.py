@@ -1,0 +1,185 @@
+"""Chat tokens/s through the whole platform vs raw onnxruntime batched greedy generation.
+
+Run alone on the machine:  .venv/bin/python bench/chat_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from httpload import run_load  # noqa: E402
+from platform_stack import BenchStack, manifests  # noqa: E402
+
+TOPICS = [
+    "dragons",
+    "the sea",
+    "a lighthouse",
+    "Paris",
+    "a robot",
+    "winter",
+    "a garden",
+    "the moon",
+    "a library",
+    "trains",
+    "a storm",
+    "music",
+    "a desert",
+    "bees",
+    "a mountain",
+    "friendship",
+    "a river",
+    "castles",
+    "the forest",
+    "a clock",
+    "volcanoes",
+    "a ship",
+    "tea",
+    "the stars",
+    "a market",
+    "snow",
+    "a bridge",
+    "owls",
+    "the harvest",
+    "a kite",
+    "an island",
+    "bread",
+]
+
+
+def prompts() -> list[str]:
+    return [f"Write a long story about {t}." for t in TOPICS]
+
+
+def raw_baseline(manifest: dict[str, Any], batch: int, new_tokens: int) -> float:
+    """Batched greedy generation straight on onnxruntime, fixed steps, left-padded prompts."""
+    import onnxruntime as ort
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from tokenizers import Tokenizer
+
+    location = Path(str(manifest["location"]))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(os.environ.get("MANTLE_ORT_THREADS", os.cpu_count() or 1))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(
+        str(location / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    tokenizer = Tokenizer.from_file(str(location / "tokenizer.json"))
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        str(manifest["chat_template"])
+    )
+    lm = manifest["causal_lm"]
+    layers, heads, dim = int(lm["num_layers"]), int(lm["num_kv_heads"]), int(lm["head_dim"])
+    texts = [
+        template.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in prompts()[:batch]
+    ]
+    ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    width = max(len(i) for i in ids)
+    input_ids = np.zeros((batch, width), dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    outputs = [o.name for o in session.get_outputs()]
+    past = {
+        f"past_key_values.{i}.{kv}": np.zeros((batch, heads, 0, dim), dtype=np.float32)
+        for i in range(layers)
+        for kv in ("key", "value")
+    }
+    started = time.perf_counter()
+    step_ids = input_ids
+    for _ in range(new_tokens):
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -step_ids.shape[1] :]
+        feed = {"input_ids": step_ids, "attention_mask": mask, "position_ids": positions, **past}
+        result = dict(zip(outputs, session.run(outputs, feed), strict=True))
+        next_ids = result["logits"][:, -1, :].argmax(axis=-1).astype(np.int64)
+        past = {
+            k.replace("present", "past_key_values"): v
+            for k, v in result.items()
+            if k.startswith("present")
+        }
+        step_ids = next_ids[:, None]
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+    return batch * new_tokens / (time.perf_counter() - started)
+
+
+async def platform_rate(
+    stack: BenchStack, concurrency: int, new_tokens: int, rounds: int
+) -> tuple[float, dict[int, int]]:
+    bodies = [
+        {
+            "model": "smollm2-135m-instruct",
+            "temperature": 0,
+            "max_tokens": new_tokens,
+            "messages": [{"role": "user", "content": p}],
+        }
+        for p in prompts()
+    ]
+    result = await run_load(
+        stack.url,
+        "/v1/chat/completions",
+        bodies,
+        stack.secret,
+        concurrency=concurrency,
+        requests=concurrency * rounds,
+    )
+    return result.completion_tokens / result.elapsed, result.statuses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="requests per client")
+    parser.add_argument("--concurrency", default="1,8,32")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    chat = next(m for m in manifests() if m["runtime"] == "onnx-causal-lm")
+    raw = {c: raw_baseline(chat, c, args.tokens) for c in levels}
+    stack = BenchStack()
+    stack.bootstrap()
+    try:
+        stack.start(8790)
+        asyncio.run(platform_rate(stack, 1, 8, 1))  # load the model, warm caches
+        platform = {
+            c: asyncio.run(platform_rate(stack, c, args.tokens, args.rounds)) for c in levels
+        }
+    finally:
+        stack.stop()
+    rows = []
+    for c in levels:
+        rate, statuses = platform[c]
+        rows.append(
+            {
+                "concurrency": c,
+                "raw_tok_s": round(raw[c], 1),
+                "platform_tok_s": round(rate, 1),
+                "ratio": round(rate / raw[c], 3),
+                "statuses": statuses,
+            }
+        )
+    base = platform[levels[0]][0]
+    print(
+        json.dumps(
+            {
+                "new_tokens": args.tokens,
+                "rows": rows,
+                "speedup_vs_c1": {c: round(platform[c][0] / base, 2) for c in levels},
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
