@@ -1,0 +1,144 @@
+"""Dynamic batching of embedding requests over a numpy stand-in for the encoder."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pytest
+
+from tests.workers.fakes import FakeEncoder, RecordingSink
+from workers.contract import BillingIdentity, EmbedRequest, ModelRef
+from workers.engine.encoder import EncoderEngine
+
+IDENTITY = BillingIdentity("org", "proj", "key", "ep", "mv", "fake-embed")
+MODEL = ModelRef("mv-e", "onnx-encoder", "0" * 64, "/nonexistent")
+
+
+def embed_request(
+    rid: str, inputs: Sequence[Sequence[int]], deadline: float | None = None
+) -> EmbedRequest:
+    return EmbedRequest(
+        request_id=rid,
+        model=MODEL,
+        identity=IDENTITY,
+        inputs=tuple(tuple(i) for i in inputs),
+        deadline=time.time() + 60 if deadline is None else deadline,
+    )
+
+
+@pytest.fixture
+def engines() -> Iterator[list[EncoderEngine]]:
+    started: list[EncoderEngine] = []
+    yield started
+    for engine in started:
+        engine.stop()
+
+
+def start(engines: list[EncoderEngine], session: FakeEncoder, **kwargs: object) -> EncoderEngine:
+    options: dict[str, object] = {"dimensions": 4, "max_input_tokens": 8, **kwargs}
+    engine = EncoderEngine(session, **options).start()  # type: ignore[arg-type]
+    engines.append(engine)
+    return engine
+
+
+def test_concurrent_requests_share_one_run_and_split_back(engines: list[EncoderEngine]) -> None:
+    session = FakeEncoder()
+    engine = start(engines, session, max_wait_ms=100)
+    sink = RecordingSink()
+    requests = [
+        embed_request("a", [[1, 2, 3]]),
+        embed_request("b", [[4], [5, 6]]),
+        embed_request("c", [[7, 7, 7, 7, 7], [1], [2, 2]]),
+    ]
+    handles = [engine.submit(r, sink) for r in requests]
+    for h in handles:
+        assert h.wait(5) is not None
+    assert session.batches == [(6, 5)]  # six inputs, padded to the longest
+    for r in requests:
+        ((kind, fields),) = sink.of(r.request_id)
+        assert kind == "embeddings"
+        expected = np.array([[len(i), sum(i), 0, 0] for i in r.inputs], dtype=np.float32)
+        np.testing.assert_array_equal(fields["vectors"], expected)
+        assert fields["prompt_tokens"] == sum(len(i) for i in r.inputs)
+
+
+def test_a_lone_request_waits_at_most_max_wait(engines: list[EncoderEngine]) -> None:
+    engine = start(engines, FakeEncoder(), max_wait_ms=20)
+    started = time.monotonic()
+    assert engine.submit(embed_request("a", [[1]]), RecordingSink()).wait(5) is not None
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_full_batch_does_not_wait(engines: list[EncoderEngine]) -> None:
+    session = FakeEncoder()
+    engine = start(engines, session, max_wait_ms=5_000, max_batch=4)
+    started = time.monotonic()
+    result = engine.submit(embed_request("a", [[1]] * 4), RecordingSink()).wait(5)
+    assert result is not None and time.monotonic() - started < 1.0
+
+
+def test_a_request_larger_than_a_batch_runs_in_chunks(engines: list[EncoderEngine]) -> None:
+    session = FakeEncoder()
+    engine = start(engines, session, max_batch=4, max_wait_ms=1)
+    sink = RecordingSink()
+    inputs = [[i + 1] * (1 + i % 3) for i in range(10)]
+    assert engine.submit(embed_request("big", inputs), sink).wait(5) is not None
+    assert [b for b, _ in session.batches] == [4, 4, 2]
+    ((_, fields),) = sink.of("big")
+    np.testing.assert_array_equal(fields["vectors"][:, 0], [len(i) for i in inputs])
+    np.testing.assert_array_equal(fields["vectors"][:, 1], [sum(i) for i in inputs])
+
+
+def test_inputs_are_clamped_to_the_model_limit(engines: list[EncoderEngine]) -> None:
+    session = FakeEncoder()
+    engine = start(engines, session, max_input_tokens=8, max_wait_ms=1)
+    sink = RecordingSink()
+    result = engine.submit(embed_request("long", [[1] * 30]), sink).wait(5)
+    assert result is not None and result.prompt_tokens == 8
+    assert session.batches == [(1, 8)]
+
+
+def test_expired_and_failed_requests_get_errors(engines: list[EncoderEngine]) -> None:
+    sink = RecordingSink()
+    engine = start(engines, FakeEncoder(), max_wait_ms=1)
+    late = engine.submit(embed_request("late", [[1]], deadline=time.time() - 1), sink).wait(5)
+    assert late is not None and late.error_code == "deadline_exceeded"
+    assert [k for k, _ in sink.of("late")] == ["error"]
+
+    broken = start(engines, FakeEncoder(fail=True), max_wait_ms=1)
+    failed = broken.submit(embed_request("x", [[1]]), sink).wait(5)
+    assert failed is not None and failed.error_code == "internal_error"
+    assert [k for k, _ in sink.of("x")] == ["error"]
+
+
+def test_empty_input_is_refused(engines: list[EncoderEngine]) -> None:
+    session = FakeEncoder()
+    engine = start(engines, session)
+    sink = RecordingSink()
+    result = engine.submit(embed_request("e", [[1], []]), sink).wait(1)
+    assert result is not None and result.error_code == "invalid_request"
+    assert session.batches == []
+
+
+def test_many_threads_submitting(engines: list[EncoderEngine]) -> None:
+    session = FakeEncoder()
+    engine = start(engines, session, max_batch=8, max_wait_ms=10)
+    sink = RecordingSink()
+    results: dict[int, object] = {}
+
+    def worker(i: int) -> None:
+        results[i] = engine.submit(embed_request(f"t{i}", [[i + 1, i + 1]]), sink).wait(5)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i] is not None for i in range(24))
+    assert len(session.batches) < 24  # batched
+    for i in range(24):
+        ((_, fields),) = sink.of(f"t{i}")
+        assert fields["vectors"][0, 1] == 2 * (i + 1)

@@ -1,0 +1,57 @@
+"""Worker heartbeat: listed while alive, unlisted on clean shutdown, stale nodes pruned."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from workers.contract import pool_live_key, worker_info_key
+from workers.heartbeat import Heartbeat, NodeStats
+
+
+def stats() -> NodeStats:
+    return NodeStats(
+        providers=("CPUExecutionProvider",),
+        models_loaded=("mv-1",),
+        free_slots=7,
+        total_slots=8,
+        tokens_per_s=123.456,
+    )
+
+
+def test_heartbeat_lists_then_unlists_the_node(redis_client: Any) -> None:
+    beat = Heartbeat(
+        redis_client,
+        node="node-a",
+        pool="testpool",
+        queues=("inference.testpool",),
+        stats=stats,
+        interval_s=0.05,
+        ttl_s=1.0,
+    )
+    beat.start()
+    try:
+        first = redis_client.zscore(pool_live_key("testpool"), "node-a")
+        assert first is not None and abs(first - time.time()) < 2
+        time.sleep(0.2)
+        assert redis_client.zscore(pool_live_key("testpool"), "node-a") > first  # it keeps beating
+        info = json.loads(redis_client.get(worker_info_key("node-a")))
+        assert info["node"] == "node-a" and info["pool"] == "testpool"
+        assert info["providers"] == ["CPUExecutionProvider"]
+        assert info["models_loaded"] == ["mv-1"]
+        assert (info["free_slots"], info["total_slots"]) == (7, 8)
+        assert info["tokens_per_s"] == 123.46
+        assert info["queues"] == ["inference.testpool"]
+        assert 0 < redis_client.pttl(worker_info_key("node-a")) <= 1000
+    finally:
+        beat.stop()
+    assert redis_client.zscore(pool_live_key("testpool"), "node-a") is None
+    assert redis_client.exists(worker_info_key("node-a")) == 0
+
+
+def test_beat_prunes_nodes_that_died_silently(redis_client: Any) -> None:
+    now = time.time()
+    redis_client.zadd(pool_live_key("p"), {"dead": now - 100, "recent": now - 1})
+    Heartbeat(redis_client, node="me", pool="p", queues=(), stats=stats, ttl_s=10).beat()
+    assert set(redis_client.zrange(pool_live_key("p"), 0, -1)) == {"recent", "me"}

@@ -1,0 +1,283 @@
+"""A request through the serving runtime (no Celery): claim, engine, events, usage."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.workers.fakes import FakeCausalLM, decode, reference, spec
+from workers.contract import (
+    USAGE_STREAM,
+    BillingIdentity,
+    EmbedRequest,
+    GenerateRequest,
+    ModelRef,
+    SamplingParams,
+    UsageEvent,
+    cancel_key,
+    response_stream_key,
+    task_claim_key,
+    worker_info_key,
+)
+from workers.engine.causal_lm import CausalLMEngine
+from workers.serving import WorkerRuntime
+from workers.settings import WorkerSettings
+
+IDENTITY = BillingIdentity("org-1", "proj-1", "key-1", "ep-1", "mv-1", "echo-model")
+ECHO = ModelRef("echo-1", "echo", "e" * 64, "")
+FAKE_LM = ModelRef("fake-lm", "onnx-causal-lm", "f" * 64, "/nonexistent")
+
+
+def settings(**overrides: Any) -> WorkerSettings:
+    base = WorkerSettings(
+        broker_url="redis://127.0.0.1:6379/13",
+        redis_url="redis://127.0.0.1:6379/13",
+        pool="testpool",
+        node="node-test",
+        ort_threads=1,
+        max_batch=8,
+        max_prefill_tokens=4096,
+        embed_max_batch=8,
+        embed_max_wait_ms=1.0,
+        concurrency=8,
+        visibility_timeout_s=60,
+        task_time_limit_s=60,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture
+def runtime(redis_client: Any) -> Iterator[WorkerRuntime]:
+    rt = WorkerRuntime(settings(), redis_client)
+    yield rt
+    rt.stop_engines()
+
+
+def gen(
+    rid: str = "req-1",
+    prompt: tuple[int, ...] = (5, 6, 7, 8),
+    max_tokens: int = 3,
+    model: ModelRef = ECHO,
+    deadline: float | None = None,
+) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid,
+        model=model,
+        identity=IDENTITY,
+        prompt_token_ids=prompt,
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        deadline=time.time() + 30 if deadline is None else deadline,
+        enqueued_at=time.time() - 0.01,
+    )
+
+
+def events(client: Any, rid: str) -> list[dict[str, str]]:
+    return [fields for _, fields in client.xrange(response_stream_key(rid))]
+
+
+def usages(client: Any) -> list[UsageEvent]:
+    return [UsageEvent.from_fields(f) for _, f in client.xrange(USAGE_STREAM)]
+
+
+def test_echo_request_streams_and_bills_once(runtime: WorkerRuntime, redis_client: Any) -> None:
+    outcome = runtime.serve_generate(gen())
+    assert outcome.status == "length" and outcome.usage_emitted
+    assert events(redis_client, "req-1") == [
+        {"type": "started", "worker": "node-test", "pool": "testpool"},
+        {"type": "delta", "text": "5 6 7", "tokens": "3"},
+        {"type": "done", "finish_reason": "length", "prompt_tokens": "4", "completion_tokens": "3"},
+    ]
+    (usage,) = usages(redis_client)
+    assert (usage.request_id, usage.organization_id, usage.endpoint_id) == (
+        "req-1",
+        "org-1",
+        "ep-1",
+    )
+    assert (usage.input_tokens, usage.output_tokens, usage.status) == (4, 3, "length")
+    assert usage.worker == "node-test" and usage.queue_ms >= 10
+
+
+def test_echo_stops_at_the_end_of_the_prompt(runtime: WorkerRuntime, redis_client: Any) -> None:
+    runtime.serve_generate(gen(max_tokens=100))
+    assert events(redis_client, "req-1")[-1]["finish_reason"] == "stop"
+
+
+def test_redelivered_task_does_nothing(runtime: WorkerRuntime, redis_client: Any) -> None:
+    runtime.serve_generate(gen())
+    before = events(redis_client, "req-1")
+    again = runtime.serve_generate(gen())
+    assert again.status == "duplicate" and not again.usage_emitted
+    assert events(redis_client, "req-1") == before
+    assert len(usages(redis_client)) == 1
+
+
+def test_redelivery_while_the_first_copy_still_runs_does_nothing(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    runtime._engines[FAKE_LM.version_id] = CausalLMEngine(
+        FakeCausalLM(delay_s=0.005), spec(), decode, redis_client=redis_client
+    ).start()
+    first: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: first.update(o=runtime.serve_generate(gen(model=FAKE_LM, max_tokens=40)))
+    )
+    thread.start()
+    time.sleep(0.05)
+    assert runtime.serve_generate(gen(model=FAKE_LM, max_tokens=40)).status == "duplicate"
+    thread.join(10)
+    assert first["o"].status == "length"
+    kinds = [e["type"] for e in events(redis_client, "req-1")]
+    assert kinds.count("started") == 1 and kinds.count("done") == 1
+    assert len(usages(redis_client)) == 1
+
+
+def test_expired_request_answers_an_error_and_bills_nothing(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    outcome = runtime.serve_generate(gen(deadline=time.time() - 1))
+    assert outcome.status == "expired"
+    assert events(redis_client, "req-1") == [
+        {
+            "type": "error",
+            "code": "deadline_exceeded",
+            "message": "the request waited past its deadline",
+        }
+    ]
+    assert usages(redis_client) == []
+
+
+def test_request_cancelled_in_the_queue_never_runs(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    redis_client.set(cancel_key("req-1"), "1")
+    assert runtime.serve_generate(gen()).status == "cancelled-queued"
+    assert events(redis_client, "req-1") == [
+        {
+            "type": "done",
+            "finish_reason": "cancelled",
+            "prompt_tokens": "0",
+            "completion_tokens": "0",
+        }
+    ]
+    assert usages(redis_client) == []
+
+
+@pytest.mark.parametrize(
+    ("model", "code"),
+    [
+        (ModelRef("x", "onnx-encoder", "a" * 64, "/nowhere"), "invalid_request"),
+        (ModelRef("x", "tensor", "a" * 64, "/nowhere"), "invalid_request"),
+        (
+            ModelRef("missing", "onnx-causal-lm", "a" * 64, "/nowhere/" + "a" * 64),
+            "model_unavailable",
+        ),
+    ],
+)
+def test_a_model_that_cannot_run_here_is_an_error_without_usage(
+    runtime: WorkerRuntime, redis_client: Any, model: ModelRef, code: str
+) -> None:
+    outcome = runtime.serve_generate(gen(model=model))
+    assert outcome.status == "rejected"
+    ((fields),) = events(redis_client, "req-1")
+    assert (fields["type"], fields["code"]) == ("error", code)
+    assert usages(redis_client) == []
+
+
+def test_engine_failure_gives_an_error_event_and_an_error_usage(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    runtime._engines[FAKE_LM.version_id] = CausalLMEngine(
+        FakeCausalLM(fail_on_call=3), spec(), decode
+    ).start()
+    outcome = runtime.serve_generate(gen(model=FAKE_LM, max_tokens=20))
+    assert outcome.status == "error" and outcome.usage_emitted
+    kinds = [e["type"] for e in events(redis_client, "req-1")]
+    assert kinds[0] == "started" and kinds[-1] == "error" and "done" not in kinds
+    (usage,) = usages(redis_client)
+    assert (usage.status, usage.input_tokens, usage.output_tokens) == ("error", 4, 3)
+
+
+def test_cancelled_request_bills_the_tokens_it_generated(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    runtime._engines[FAKE_LM.version_id] = CausalLMEngine(
+        FakeCausalLM(delay_s=0.002),
+        spec(),
+        decode,
+        redis_client=redis_client,
+        cancel_check_interval_s=0.01,
+    ).start()
+    threading.Timer(0.1, lambda: redis_client.set(cancel_key("req-1"), "1")).start()
+    outcome = runtime.serve_generate(gen(model=FAKE_LM, max_tokens=100_000))
+    assert outcome.status == "cancelled"
+    (usage,) = usages(redis_client)
+    streamed = sum(int(e.get("tokens", 0)) for e in events(redis_client, "req-1"))
+    assert usage.status == "cancelled" and usage.output_tokens >= streamed > 0
+
+
+def test_generated_tokens_through_the_writer(runtime: WorkerRuntime, redis_client: Any) -> None:
+    runtime._engines[FAKE_LM.version_id] = CausalLMEngine(FakeCausalLM(), spec(), decode).start()
+    runtime.serve_generate(gen(model=FAKE_LM, prompt=(5, 9, 3), max_tokens=12))
+    text = "".join(e.get("text", "") for e in events(redis_client, "req-1"))
+    assert text == decode(reference([5, 9, 3], 12))
+
+
+def test_redelivery_after_the_owner_died_closes_the_stream_once(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    # Given a request claimed by a node that has no heartbeat any more, which
+    # streamed 4 tokens and then vanished
+    redis_client.set(task_claim_key("req-1"), "ghost")
+    redis_client.xadd(
+        response_stream_key("req-1"), {"type": "started", "worker": "ghost", "pool": "p"}
+    )
+    redis_client.xadd(response_stream_key("req-1"), {"type": "delta", "text": "ab", "tokens": "4"})
+    # When the broker redelivers it (twice)
+    first = runtime.serve_generate(gen())
+    second = runtime.serve_generate(gen())
+    # Then the client gets one error, billing one event for what was streamed
+    kinds = [e["type"] for e in events(redis_client, "req-1")]
+    assert kinds == ["started", "delta", "error"]
+    assert events(redis_client, "req-1")[-1]["code"] == "worker_lost"
+    assert first.usage_emitted and not second.usage_emitted
+    (usage,) = usages(redis_client)
+    assert (usage.status, usage.input_tokens, usage.output_tokens, usage.worker) == (
+        "error",
+        4,
+        4,
+        "ghost",
+    )
+
+
+def test_redelivery_while_the_owner_is_alive_is_ignored(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    redis_client.set(task_claim_key("req-1"), "other-node")
+    redis_client.set(worker_info_key("other-node"), "{}")
+    redis_client.xadd(
+        response_stream_key("req-1"), {"type": "started", "worker": "other-node", "pool": "p"}
+    )
+    assert runtime.serve_generate(gen()).status == "duplicate"
+    assert [e["type"] for e in events(redis_client, "req-1")] == ["started"]
+    assert usages(redis_client) == []
+
+
+def test_embed_request_with_a_generation_model_is_refused(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    request = EmbedRequest("emb-1", ECHO, IDENTITY, ((1, 2),), deadline=time.time() + 30)
+    assert runtime.serve_embed(request).status == "rejected"
+    assert events(redis_client, "emb-1")[0]["code"] == "invalid_request"
+
+
+def test_stats_count_tasks_in_flight(runtime: WorkerRuntime) -> None:
+    runtime.serve_generate(gen())
+    stats = runtime.stats()
+    assert (stats.free_slots, stats.total_slots) == (8, 8)
+    assert stats.models_loaded == ("echo-1",)
+    assert "CPUExecutionProvider" in stats.providers

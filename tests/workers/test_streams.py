@@ -1,0 +1,95 @@
+"""Response stream events and the exactly-once usage event, on a real Redis."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+
+from workers.contract import (
+    RESPONSE_STREAM_TTL_S,
+    USAGE_STREAM,
+    UsageEvent,
+    response_stream_key,
+    usage_emitted_key,
+)
+from workers.streams import USAGE_GUARD_TTL_S, ResponseWriter, emit_usage
+
+
+def usage(request_id: str = "req-1", output_tokens: int = 5) -> UsageEvent:
+    return UsageEvent(
+        request_id=request_id,
+        organization_id="org",
+        project_id="proj",
+        api_key_id="key",
+        endpoint_id="ep",
+        model_version_id="mv",
+        model_name="m",
+        input_tokens=3,
+        output_tokens=output_tokens,
+        status="stop",
+        started_at=1.5,
+        finished_at=2.5,
+        queue_ms=4,
+        compute_ms=1000,
+        worker="node-1",
+    )
+
+
+def test_usage_is_emitted_exactly_once(redis_client: Any) -> None:
+    assert emit_usage(redis_client, usage()) is True
+    assert emit_usage(redis_client, usage(output_tokens=99)) is False
+    entries = redis_client.xrange(USAGE_STREAM)
+    assert len(entries) == 1
+    assert UsageEvent.from_fields(entries[0][1]) == usage()
+    ttl = redis_client.ttl(usage_emitted_key("req-1"))
+    assert USAGE_GUARD_TTL_S - 10 < ttl <= USAGE_GUARD_TTL_S
+
+
+def test_usage_of_different_requests_are_separate(redis_client: Any) -> None:
+    assert emit_usage(redis_client, usage("a"))
+    assert emit_usage(redis_client, usage("b"))
+    assert redis_client.xlen(USAGE_STREAM) == 2
+
+
+def test_writer_batches_a_step_into_one_flush(redis_client: Any) -> None:
+    writer = ResponseWriter(redis_client)
+    writer.started("a", worker="n1", pool="cpu")
+    writer.delta("a", "Hel", 1)
+    writer.delta("b", "lo", 2)
+    assert redis_client.exists(response_stream_key("a")) == 0  # buffered until the flush
+    writer.flush()
+    writer.done("a", "stop", 3, 1)
+    writer.error("b", "internal_error", "boom")
+    writer.flush()
+    writer.flush()  # nothing pending: no-op
+    a = [fields for _, fields in redis_client.xrange(response_stream_key("a"))]
+    b = [fields for _, fields in redis_client.xrange(response_stream_key("b"))]
+    assert a == [
+        {"type": "started", "worker": "n1", "pool": "cpu"},
+        {"type": "delta", "text": "Hel", "tokens": "1"},
+        {"type": "done", "finish_reason": "stop", "prompt_tokens": "3", "completion_tokens": "1"},
+    ]
+    assert b == [
+        {"type": "delta", "text": "lo", "tokens": "2"},
+        {"type": "error", "code": "internal_error", "message": "boom"},
+    ]
+    for key in (response_stream_key("a"), response_stream_key("b")):
+        assert RESPONSE_STREAM_TTL_S - 5 < redis_client.ttl(key) <= RESPONSE_STREAM_TTL_S
+
+
+def test_embeddings_event_is_little_endian_float32(redis_client: Any) -> None:
+    writer = ResponseWriter(redis_client)
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    writer.embeddings("e", vectors, prompt_tokens=11)
+    writer.flush()
+    ((_, fields),) = redis_client.xrange(response_stream_key("e"))
+    assert (fields["type"], fields["count"], fields["dims"], fields["prompt_tokens"]) == (
+        "embeddings",
+        "2",
+        "3",
+        "11",
+    )
+    decoded = np.frombuffer(base64.b64decode(fields["data"]), dtype="<f4").reshape(2, 3)
+    np.testing.assert_array_equal(decoded, vectors)

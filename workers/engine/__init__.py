@@ -1,0 +1,1 @@
+"""Execution engines: continuous batching (causal LM), dynamic batching (encoder), echo."""

@@ -1,0 +1,1 @@
+"""ONNX Runtime plumbing: execution providers and per-process model sessions."""

@@ -1,0 +1,154 @@
+"""Per-process cache of loaded model versions: one ONNX Runtime session per version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workers.contract import ModelRef
+from workers.runtime.providers import choose_providers
+
+if TYPE_CHECKING:
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "mantle.json"
+
+
+class ModelLoadError(RuntimeError):
+    """The artifact is missing, malformed or not the one the request asked for."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    ref: ModelRef
+    directory: Path
+    manifest: Mapping[str, Any]
+    session: onnxruntime.InferenceSession
+    tokenizer: Tokenizer
+    providers: tuple[str, ...]
+    provider: str
+    load_s: float
+
+
+_models: dict[str, LoadedModel] = {}
+_version_locks: dict[str, threading.Lock] = {}
+_registry_lock = threading.Lock()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST_FILE
+    try:
+        with path.open(encoding="utf-8") as fh:
+            manifest: dict[str, Any] = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read manifest {path}: {exc}") from exc
+    return manifest
+
+
+def ort_threads() -> int:
+    raw = os.environ.get("MANTLE_ORT_THREADS", "").strip()
+    return int(raw) if raw else (os.cpu_count() or 1)
+
+
+def load_model(ref: ModelRef) -> LoadedModel:
+    """The loaded model for `ref`, loading it on first use in this process.
+
+    Sessions are created lazily so that nothing native is initialised before a
+    prefork pool forks (ONNX Runtime thread pools do not survive a fork). A lock
+    per version keeps two threads from loading the same 500 MB model twice,
+    while different versions still load in parallel.
+    """
+    model = _models.get(ref.version_id)
+    if model is not None:
+        _check_same_artifact(model, ref)
+        return model
+    with _registry_lock:
+        lock = _version_locks.setdefault(ref.version_id, threading.Lock())
+    with lock:
+        model = _models.get(ref.version_id)
+        if model is None:
+            model = _load(ref)
+            _models[ref.version_id] = model
+    _check_same_artifact(model, ref)
+    return model
+
+
+def loaded_models() -> list[LoadedModel]:
+    return list(_models.values())
+
+
+def _check_same_artifact(model: LoadedModel, ref: ModelRef) -> None:
+    if model.ref.sha256 != ref.sha256:
+        raise ModelLoadError(
+            f"model version {ref.version_id} is loaded as {model.ref.sha256}, "
+            f"the request names {ref.sha256}"
+        )
+
+
+def _load(ref: ModelRef) -> LoadedModel:
+    # onnxruntime and tokenizers are heavy native imports: only a node that
+    # actually serves a model pays for them, and not at module import time.
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    started = time.monotonic()
+    directory = Path(ref.location).expanduser()
+    # The directory is named by its content digest; comparing names is the cheap
+    # check that the control plane and this node agree on the artifact, without
+    # rehashing hundreds of megabytes on every start.
+    if directory.name != ref.sha256:
+        raise ModelLoadError(f"artifact directory {directory} is not named {ref.sha256}")
+    manifest = read_manifest(directory)
+    if manifest.get("sha256") != ref.sha256:
+        raise ModelLoadError(f"manifest of {directory} records sha256 {manifest.get('sha256')}")
+    if manifest.get("runtime") != ref.runtime:
+        raise ModelLoadError(
+            f"artifact runtime {manifest.get('runtime')!r} is not the requested {ref.runtime!r}"
+        )
+    model_path = directory / str(manifest.get("model_file", "model.onnx"))
+    tokenizer_path = directory / str(manifest.get("tokenizer_file", "tokenizer.json"))
+    for path in (model_path, tokenizer_path):
+        if not path.is_file():
+            raise ModelLoadError(f"artifact file missing: {path}")
+
+    providers, chosen = choose_providers(ref.providers, ort.get_available_providers())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = ort_threads()
+    # One engine thread drives each session; inter-op parallelism only adds threads.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spin = os.environ.get("MANTLE_ORT_SPINNING", "").strip()
+    if spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    load_s = time.monotonic() - started
+    logger.info(
+        "loaded model version %s (%s, %s) on %s in %.1fs",
+        ref.version_id,
+        manifest.get("name"),
+        ref.sha256[:12],
+        chosen,
+        load_s,
+    )
+    return LoadedModel(
+        ref=ref,
+        directory=directory,
+        manifest=manifest,
+        session=session,
+        tokenizer=tokenizer,
+        providers=tuple(session.get_providers()),
+        provider=chosen,
+        load_s=load_s,
+    )

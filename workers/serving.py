@@ -1,0 +1,350 @@
+"""Serving a request on this node: claim it, run it on its model's engine, account for it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from workers.contract import (
+    EVENT_DELTA,
+    EVENT_DONE,
+    EVENT_ERROR,
+    BillingIdentity,
+    EmbedRequest,
+    FinishReason,
+    GenerateRequest,
+    ModelRef,
+    Runtime,
+    UsageEvent,
+    cancel_key,
+    response_stream_key,
+    task_claim_key,
+    worker_info_key,
+)
+from workers.engine.base import EventSink, RequestHandle, RequestResult
+from workers.heartbeat import NodeStats
+from workers.settings import WorkerSettings
+from workers.streams import ResponseWriter, emit_usage
+
+if TYPE_CHECKING:
+    import redis
+
+logger = logging.getLogger(__name__)
+
+CLAIM_TTL_S = 24 * 3600
+"""Longer than the broker's visibility timeout, so every redelivered copy finds the claim."""
+
+WAIT_GRACE_S = 30.0
+"""How long past a request's deadline a task still waits for its engine before giving up."""
+
+
+class _Engine(Protocol):
+    name: str
+    max_batch: int
+
+    def submit(self, request: Any, sink: EventSink) -> RequestHandle: ...
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def tokens_per_s(self) -> float: ...
+
+    def stop(self, timeout: float = ...) -> None: ...
+
+
+class RequestRejected(Exception):
+    """The request cannot run on this node (unknown runtime, artifact missing...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a task did with a request (for logs and tests)."""
+
+    status: str  # "duplicate", "expired", "cancelled-queued", "rejected", or a FinishReason value
+    usage_emitted: bool = False
+    result: RequestResult | None = None
+
+
+class WorkerRuntime:
+    """Everything one worker process shares: Redis, the stream writer, the engines."""
+
+    def __init__(self, settings: WorkerSettings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+        self.writer = ResponseWriter(client)
+        self._engines: dict[str, _Engine] = {}
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.total_slots = settings.concurrency
+
+    # --- engines ----------------------------------------------------------------
+
+    def engine_for(self, ref: ModelRef) -> _Engine:
+        engine = self._engines.get(ref.version_id)
+        if engine is not None:
+            return engine
+        with self._lock:
+            engine = self._engines.get(ref.version_id)
+            if engine is None:
+                engine = self._create_engine(ref)
+                self._engines[ref.version_id] = engine
+        return engine
+
+    def _create_engine(self, ref: ModelRef) -> _Engine:
+        # Engines import numpy/onnxruntime/tokenizers; keep them off the import
+        # path of the Celery app so that `celery inspect` and friends stay light.
+        from workers.engine.causal_lm import CausalLMEngine
+        from workers.engine.echo import EchoEngine
+        from workers.engine.encoder import EncoderEngine
+        from workers.runtime.models import ModelLoadError, load_model
+
+        s = self.settings
+        if ref.runtime == Runtime.ECHO:
+            return EchoEngine.from_ref(ref)
+        if ref.runtime not in (Runtime.CAUSAL_LM, Runtime.ENCODER):
+            raise RequestRejected("model_unavailable", f"unknown runtime {ref.runtime!r}")
+        try:
+            model = load_model(ref)
+        except ModelLoadError as exc:
+            logger.error("cannot load model version %s: %s", ref.version_id, exc)
+            raise RequestRejected("model_unavailable", str(exc)) from exc
+        if ref.runtime == Runtime.CAUSAL_LM:
+            return CausalLMEngine.from_model(
+                model,
+                max_batch=s.max_batch,
+                max_prefill_tokens=s.max_prefill_tokens,
+                redis_client=self.redis,
+            ).start()
+        return EncoderEngine.from_model(
+            model, max_batch=s.embed_max_batch, max_wait_ms=s.embed_max_wait_ms
+        ).start()
+
+    def stop_engines(self) -> None:
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            engine.stop()
+
+    def stats(self) -> NodeStats:
+        from workers.runtime.models import loaded_models
+
+        models = loaded_models()
+        providers = sorted({m.provider for m in models})
+        if not providers:
+            import onnxruntime as ort
+
+            providers = list(ort.get_available_providers())
+        engines = list(self._engines.values())
+        return NodeStats(
+            providers=tuple(providers),
+            models_loaded=tuple(sorted(self._engines)),
+            free_slots=max(0, self.total_slots - self._in_flight),
+            total_slots=self.total_slots,
+            tokens_per_s=sum(e.tokens_per_s() for e in engines),
+        )
+
+    # --- requests ---------------------------------------------------------------
+
+    def claim(self, request_id: str) -> tuple[bool, bool]:
+        """Claim the request; returns (claimed, already cancelled by the client).
+
+        First delivery wins; the claim holds the node id so that a redelivered
+        copy can tell who ran it. The cancel flag comes in the same round trip.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(task_claim_key(request_id), self.settings.node, nx=True, ex=CLAIM_TTL_S)
+        pipe.exists(cancel_key(request_id))
+        claimed, cancelled = pipe.execute()
+        return bool(claimed), bool(cancelled)
+
+    def serve_generate(self, request: GenerateRequest) -> Outcome:
+        """Run a generation request end to end (the GENERATE task's whole body).
+
+        Idempotent per request id: only the first delivery runs. Once the
+        `started` event is out, the request gets exactly one final event (done
+        or error) and exactly one usage event, whatever happens in the engine.
+        """
+        runtimes = (Runtime.CAUSAL_LM, Runtime.ECHO)
+        return self._serve(request, request.identity, len(request.prompt_token_ids), runtimes)
+
+    def serve_embed(self, request: EmbedRequest) -> Outcome:
+        """Run an embedding request end to end; the same guarantees as `serve_generate`."""
+        prompt_tokens = sum(len(ids) for ids in request.inputs)
+        return self._serve(request, request.identity, prompt_tokens, (Runtime.ENCODER,))
+
+    def _serve(
+        self,
+        request: GenerateRequest | EmbedRequest,
+        identity: BillingIdentity,
+        prompt_tokens: int,
+        runtimes: tuple[Runtime, ...],
+    ) -> Outcome:
+        rid = request.request_id
+        started_at = time.time()
+        claimed, cancelled = self.claim(rid)
+        if not claimed:
+            return self._redelivered(request, identity, prompt_tokens)
+        if cancelled:
+            # The client left while the request sat in the queue: nothing ran.
+            logger.info("request %s was cancelled in the queue; dropped", rid)
+            self.writer.done(rid, FinishReason.CANCELLED.value, 0, 0)
+            self.writer.flush()
+            return Outcome(status="cancelled-queued")
+        if request.deadline and request.deadline < started_at:
+            # Nothing ran, so nothing is billed: no usage event, only the answer.
+            logger.info("request %s expired in the queue; dropped", rid)
+            self._answer_error(rid, "deadline_exceeded", "the request waited past its deadline")
+            return Outcome(status="expired")
+        try:
+            if request.model.runtime not in runtimes:
+                raise RequestRejected(
+                    "invalid_request", f"model runtime {request.model.runtime!r} cannot serve this"
+                )
+            engine = self.engine_for(request.model)
+        except RequestRejected as exc:
+            self._answer_error(rid, exc.code, exc.message)
+            return Outcome(status="rejected")
+        self.writer.started(rid, worker=self.settings.node, pool=self.settings.pool)
+        self.writer.flush()
+        with self._lock:
+            self._in_flight += 1
+        try:
+            result = self._run_on(engine, request)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        # Counts are what was actually computed: a request dropped while it
+        # waited for a batch slot (or whose prompt failed) processed no input.
+        ran = result.ran
+        usage = UsageEvent(
+            request_id=rid,
+            organization_id=identity.organization_id,
+            project_id=identity.project_id,
+            api_key_id=identity.api_key_id,
+            endpoint_id=identity.endpoint_id,
+            model_version_id=identity.model_version_id,
+            model_name=identity.model_name,
+            input_tokens=result.prompt_tokens if ran else 0,
+            output_tokens=result.completion_tokens,
+            status=result.finish_reason,
+            started_at=result.admitted_at if ran else started_at,
+            finished_at=result.finished_at,
+            queue_ms=_ms(
+                (result.admitted_at if ran else result.finished_at)
+                - (request.enqueued_at or started_at)
+            ),
+            compute_ms=_ms(result.finished_at - result.admitted_at) if ran else 0,
+            worker=self.settings.node,
+        )
+        emitted = emit_usage(self.redis, usage)
+        return Outcome(status=result.finish_reason, usage_emitted=emitted, result=result)
+
+    def _run_on(self, engine: _Engine, request: GenerateRequest | EmbedRequest) -> RequestResult:
+        rid = request.request_id
+        try:
+            handle = engine.submit(request, self.writer)
+        except Exception:
+            logger.exception("request %s: engine %s refused it", rid, engine.name)
+            self._answer_error(rid, "internal_error", "the worker could not run the request")
+            return _never_ran(FinishReason.ERROR)
+        timeout = (
+            max(request.deadline - time.time(), 0.0) + WAIT_GRACE_S if request.deadline else None
+        )
+        result = handle.wait(timeout)
+        if result is not None:
+            return result
+        if handle.claim():
+            # The engine is stuck or far behind: answer the client rather than
+            # leave it hanging; the engine drops the request when it sees the claim.
+            logger.error("request %s: engine %s did not finish in time", rid, engine.name)
+            self._answer_error(rid, "timeout", "the worker did not finish the request in time")
+            return _never_ran(FinishReason.ERROR)
+        # The engine claimed it at the last moment; its result follows the flush.
+        final = handle.wait(WAIT_GRACE_S)
+        return final if final is not None else _never_ran(FinishReason.ERROR)
+
+    def _redelivered(
+        self, request: GenerateRequest | EmbedRequest, identity: BillingIdentity, prompt_tokens: int
+    ) -> Outcome:
+        """A second delivery of a claimed request: never run it again.
+
+        If the node that claimed it is gone and the client never got a final
+        event, that node died mid-request: close the stream with an error and
+        account for what it had streamed (the usage guard keeps this to one
+        event even if the dead node had written its own).
+        """
+        rid = request.request_id
+        owner_node = _text(self.redis.get(task_claim_key(rid)))
+        if owner_node == self.settings.node or self.redis.exists(worker_info_key(owner_node)):
+            logger.info("request %s is already claimed by %s; redelivery ignored", rid, owner_node)
+            return Outcome(status="duplicate")
+        entries = self.redis.xrange(response_stream_key(rid)) or []
+        events = [{_text(k): _text(v) for k, v in (fields or {}).items()} for _, fields in entries]
+        types = {e.get("type") for e in events}
+        if EVENT_DONE in types or EVENT_ERROR in types:
+            logger.info("request %s redelivered after it finished; ignored", rid)
+            return Outcome(status="duplicate")
+        if not events:
+            # It died before it started (or the stream is long gone): close the
+            # stream for a client that may still wait; nothing is known to have run.
+            logger.warning("request %s: worker %s died before starting it", rid, owner_node)
+            self._answer_error(rid, "worker_lost", "the worker running this request stopped")
+            return Outcome(status="duplicate")
+        streamed = sum(int(e.get("tokens") or 0) for e in events if e.get("type") == EVENT_DELTA)
+        logger.warning("request %s: worker %s died while running it", rid, owner_node)
+        self._answer_error(rid, "worker_lost", "the worker running this request stopped")
+        now = time.time()
+        emitted = emit_usage(
+            self.redis,
+            UsageEvent(
+                request_id=rid,
+                organization_id=identity.organization_id,
+                project_id=identity.project_id,
+                api_key_id=identity.api_key_id,
+                endpoint_id=identity.endpoint_id,
+                model_version_id=identity.model_version_id,
+                model_name=identity.model_name,
+                input_tokens=prompt_tokens,
+                output_tokens=streamed,
+                status=FinishReason.ERROR.value,
+                started_at=now,
+                finished_at=now,
+                queue_ms=0,
+                compute_ms=0,
+                worker=owner_node,
+            ),
+        )
+        return Outcome(status="duplicate", usage_emitted=emitted)
+
+    def _answer_error(self, request_id: str, code: str, message: str) -> None:
+        self.writer.error(request_id, code, message)
+        self.writer.flush()
+
+
+def _never_ran(reason: FinishReason) -> RequestResult:
+    return RequestResult(
+        finish_reason=reason.value,
+        prompt_tokens=0,
+        completion_tokens=0,
+        admitted_at=0.0,
+        finished_at=time.time(),
+    )
+
+
+def _text(value: object) -> str:
+    """A Redis reply as text, whether or not the client decodes responses."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))

@@ -1,0 +1,157 @@
+"""The Redis side of a request: response stream events and the exactly-once usage event."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from workers.contract import (
+    EVENT_DELTA,
+    EVENT_DONE,
+    EVENT_EMBEDDINGS,
+    EVENT_ERROR,
+    EVENT_STARTED,
+    RESPONSE_STREAM_TTL_S,
+    USAGE_STREAM,
+    UsageEvent,
+    response_stream_key,
+    usage_emitted_key,
+)
+
+if TYPE_CHECKING:
+    import redis
+
+logger = logging.getLogger(__name__)
+
+USAGE_GUARD_TTL_S = 7 * 24 * 3600
+"""Longer than any redelivery window of the broker, so a late copy still finds the guard."""
+
+# Guard and append in one script: a crash between a separate SET and XADD would
+# either lose the event or (if the order were reversed) allow a second one.
+_EMIT_USAGE_LUA = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+end
+return false
+"""
+
+
+_FINAL_EVENTS = frozenset({EVENT_DONE, EVENT_ERROR, EVENT_EMBEDDINGS})
+
+
+class ResponseWriter:
+    """Buffers response-stream events and writes them in one pipeline per flush.
+
+    One writer is shared by every request in a worker process: an engine step
+    produces one delta for each running sequence, and a single round trip for
+    the whole batch keeps Redis off the per-token critical path. Thread-safe:
+    task threads add `started` events while the engine thread adds deltas.
+    """
+
+    def __init__(self, client: redis.Redis, *, ttl_s: int = RESPONSE_STREAM_TTL_S) -> None:
+        self._redis = client
+        self._ttl_s = ttl_s
+        self._pending: list[tuple[str, dict[str, str]]] = []
+        self._buffer_lock = threading.Lock()
+        # Serialises flushes so that events of one request reach Redis in the
+        # order they were added even when two threads flush at once.
+        self._flush_lock = threading.Lock()
+        # When each open stream's expiry was last pushed back (monotonic time).
+        self._expiry_set: dict[str, float] = {}
+
+    def started(self, request_id: str, *, worker: str, pool: str) -> None:
+        self._add(request_id, {"type": EVENT_STARTED, "worker": worker, "pool": pool})
+
+    def delta(self, request_id: str, text: str, tokens: int) -> None:
+        self._add(request_id, {"type": EVENT_DELTA, "text": text, "tokens": str(tokens)})
+
+    def done(
+        self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        self._add(
+            request_id,
+            {
+                "type": EVENT_DONE,
+                "finish_reason": finish_reason,
+                "prompt_tokens": str(prompt_tokens),
+                "completion_tokens": str(completion_tokens),
+            },
+        )
+
+    def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None:
+        data = np.ascontiguousarray(vectors, dtype="<f4")
+        count, dims = data.shape
+        self._add(
+            request_id,
+            {
+                "type": EVENT_EMBEDDINGS,
+                "data": base64.b64encode(data.tobytes()).decode("ascii"),
+                "count": str(count),
+                "dims": str(dims),
+                "prompt_tokens": str(prompt_tokens),
+            },
+        )
+
+    def error(self, request_id: str, code: str, message: str) -> None:
+        self._add(request_id, {"type": EVENT_ERROR, "code": code, "message": message})
+
+    def _add(self, request_id: str, fields: dict[str, str]) -> None:
+        with self._buffer_lock:
+            self._pending.append((request_id, fields))
+
+    def flush(self) -> None:
+        with self._flush_lock:
+            with self._buffer_lock:
+                pending, self._pending = self._pending, []
+            if not pending:
+                return
+            pipe = self._redis.pipeline(transaction=False)
+            now = time.monotonic()
+            touched: dict[str, bool] = {}  # key -> whether its request is finished
+            for request_id, fields in pending:
+                key = response_stream_key(request_id)
+                pipe.xadd(key, fields)  # type: ignore[arg-type]
+                touched[key] = touched.get(key, False) or fields["type"] in _FINAL_EVENTS
+            for key, final in touched.items():
+                # Pushing the expiry back on every token would double the
+                # commands per step; a tenth of the TTL is often enough to
+                # keep a slow stream alive, and the final event always sets it.
+                last = self._expiry_set.get(key)
+                if final or last is None or now - last > self._ttl_s / 10:
+                    pipe.expire(key, self._ttl_s)
+                    if final:
+                        self._expiry_set.pop(key, None)
+                    else:
+                        self._expiry_set[key] = now
+            pipe.execute()
+            if len(self._expiry_set) > 10_000:
+                # Streams that never got a final event (their task gave up) must
+                # not pin memory here forever.
+                stale = now - self._ttl_s
+                self._expiry_set = {k: t for k, t in self._expiry_set.items() if t > stale}
+
+
+def emit_usage(client: redis.Redis, event: UsageEvent) -> bool:
+    """Append the usage event of a request unless one was already appended.
+
+    Returns whether this call appended it. Safe to call any number of times
+    for the same request id (redelivered tasks, retries): billing sees one.
+    """
+    fields: list[str] = []
+    for name, value in event.to_fields().items():
+        fields += [name, value]
+    script = client.register_script(_EMIT_USAGE_LUA)
+    entry_id = script(
+        keys=[usage_emitted_key(event.request_id), USAGE_STREAM],
+        args=[USAGE_GUARD_TTL_S, *fields],
+    )
+    if entry_id:
+        logger.debug("usage event for %s appended as %s", event.request_id, entry_id)
+        return True
+    logger.info("usage event for %s already emitted; not appending again", event.request_id)
+    return False
