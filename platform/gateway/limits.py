@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from accounts.keys import LAST_USED_HASH
+from billing import spend
 from workers.contract import HEARTBEAT_TTL_S, pool_live_key
 
 # Token buckets: each holds up to `limit` units and refills at limit/60 per second,
@@ -42,6 +43,17 @@ for i = 1, 6 do
   end
 end
 if denied > 0 then return {0, denied, denied_wait} end
+-- Money: reserve the worst-case cost against what the organization may still spend.
+local price = redis.call('HMGET', KEYS[10], 'in', 'out')
+local pin, pout = tonumber(price[1] or '0'), tonumber(price[2] or '0')
+local worst = math.ceil(tonumber(ARGV[10]) * pin + tonumber(ARGV[11]) * pout)
+local w = redis.call('HMGET', KEYS[9], 'mode', 'cap_nanos', 'spent_nanos', 'reserved_nanos',
+                     'pending_nanos')
+if w[1] and w[1] ~= 'unlimited' and worst > 0 then
+  local available = tonumber(w[2] or '0') - tonumber(w[3] or '0') - tonumber(w[4] or '0')
+                    - tonumber(w[5] or '0')
+  if worst > available then return {-2, string.format('%.0f', available), worst} end
+end
 local out = {1}
 for kind = 1, 2 do
   local pick, pick_remaining, pick_cap, pick_reset = 0, 0, 0, 0
@@ -63,6 +75,12 @@ for i = 1, 6 do
   redis.call('HSET', KEYS[i], 'l', levels[i] - need, 'ts', now)
   redis.call('PEXPIRE', KEYS[i], 120000)
 end
+if worst > 0 then
+  redis.call('HINCRBY', KEYS[9], 'reserved_nanos', string.format('%.0f', worst))
+end
+table.insert(out, string.format('%.0f', worst))
+table.insert(out, price[1] or '0')
+table.insert(out, price[2] or '0')
 return out
 """
 
@@ -124,6 +142,11 @@ class Admission:
 
     allowed: bool
     no_worker: bool = False
+    insufficient_quota: bool = False
+    available_nanos: int = 0
+    reserved_nanos: int = 0  # the worst-case cost reserved against the wallet
+    price_in: str = "0"  # nanos per token, as the wallet had them at admission
+    price_out: str = "0"
     refused_scope: str = ""
     refused_kind: str = ""  # "requests" | "tokens"
     retry_after_ms: int = 0  # -1: can never pass (the request alone exceeds the limit)
@@ -163,13 +186,43 @@ class RateLimiter:
         self._admit = client.register_script(_ADMIT)
         self._refund = client.register_script(_REFUND)
 
-    async def admit(self, limits: Limits, *, tokens: int, pool: str) -> Admission:
-        keys = [*limits.bucket_keys(), pool_live_key(pool), LAST_USED_HASH]
-        args: list[int | str] = [tokens, *limits.caps(), int(HEARTBEAT_TTL_S * 1000), limits.key_id]
+    async def admit(
+        self,
+        limits: Limits,
+        *,
+        pool: str,
+        organization_id: str,
+        model_name: str,
+        prompt_tokens: int,
+        max_tokens: int,
+    ) -> Admission:
+        """Checks liveness, all six buckets and the wallet; takes from all only if all pass."""
+        keys = [
+            *limits.bucket_keys(),
+            pool_live_key(pool),
+            LAST_USED_HASH,
+            spend.wallet_key(organization_id),
+            spend.price_key(organization_id, model_name),
+        ]
+        args: list[int | str] = [
+            prompt_tokens + max_tokens,
+            *limits.caps(),
+            int(HEARTBEAT_TTL_S * 1000),
+            limits.key_id,
+            prompt_tokens,
+            max_tokens,
+        ]
         result = await self._admit(keys=keys, args=args)
         status = int(result[0])
         if status == -1:
             return Admission(allowed=False, no_worker=True)
+        if status == -2:
+            return Admission(
+                allowed=False,
+                insufficient_quota=True,
+                available_nanos=int(result[1]),
+                reserved_nanos=int(result[2]),
+            )
         if status == 0:
             index = int(result[1]) - 1
             return Admission(
@@ -186,6 +239,9 @@ class RateLimiter:
             limit_tokens=int(result[4]),
             remaining_tokens=int(result[5]),
             reset_tokens_ms=int(result[6]),
+            reserved_nanos=int(result[7]),
+            price_in=str(result[8]),
+            price_out=str(result[9]),
         )
 
     async def refund(self, limits: Limits, *, tokens: int) -> None:

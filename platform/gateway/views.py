@@ -20,6 +20,7 @@ from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel, ValidationError
 
 from accounts.keys import KeyIdentity
+from billing import spend
 from catalog.selectors import endpoint_spec, endpoints_visible_to
 from catalog.specs import EndpointSpec
 from config import metrics
@@ -137,10 +138,30 @@ def _limits(identity: KeyIdentity, spec: EndpointSpec) -> Limits:
     )
 
 
-async def _admit(limits: Limits, spec: EndpointSpec, tokens: int) -> Admission:
-    admission = await limiter().admit(limits, tokens=tokens, pool=spec.pool)
+async def _admit(
+    limits: Limits, spec: EndpointSpec, organization_id: str, prompt_tokens: int, max_tokens: int
+) -> Admission:
+    admission = await limiter().admit(
+        limits,
+        pool=spec.pool,
+        organization_id=organization_id,
+        model_name=spec.model_name,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+    )
+    tokens = prompt_tokens + max_tokens
     if admission.no_worker:
         raise no_capacity(spec.pool)
+    if admission.insufficient_quota:
+        raise OpenAIError(
+            429,
+            "You exceeded your current quota, please check your plan and billing details. "
+            f"(This request may cost up to {admission.reserved_nanos / 1e9:.6f}; "
+            f"{max(0, admission.available_nanos) / 1e9:.6f} is available.)",
+            type_="insufficient_quota",
+            code="insufficient_quota",
+            headers={"x-should-retry": "false"},
+        )
     if not admission.allowed:
         what = {"key": "API key", "project": "project", "endpoint": "endpoint"}
         scope = what[admission.refused_scope]
@@ -196,6 +217,31 @@ def _request_id(request: HttpRequest) -> str:
     return rid
 
 
+async def _settle_money(
+    organization_id: str,
+    request_id: str,
+    admission: Admission,
+    input_tokens: int,
+    output_tokens: int,
+) -> None:
+    """Releases the reservation and parks the real cost until metering counts it."""
+    cost = spend.cost_nanos(input_tokens, output_tokens, admission.price_in, admission.price_out)
+    if not admission.reserved_nanos and not cost:
+        return  # a free model: nothing was reserved, nothing to settle
+    try:
+        await spend.settle(
+            get_async_redis(),
+            organization_id=organization_id,
+            request_id=request_id,
+            reserved=admission.reserved_nanos,
+            cost=cost,
+        )
+    except Exception:
+        # A lost settlement leaves the reservation in place: the organization can spend
+        # less than it has until its wallet is resynchronised, never more.
+        logger.exception("settling %s failed", request_id)
+
+
 # --- generation ---------------------------------------------------------------------------
 
 
@@ -210,6 +256,7 @@ class Generation:
     prompt_tokens: int
     reserved_tokens: int
     deadline: float
+    organization_id: str
     created: int = field(default_factory=lambda: int(time.time()))
     completion_tokens: int = 0
     finished: bool = False
@@ -225,6 +272,13 @@ class Generation:
             await limiter().refund(self.limits, tokens=self.reserved_tokens - used)
         except Exception:  # a refund lost to a Redis hiccup only makes limits stricter
             logger.warning("could not refund %s tokens", self.reserved_tokens - used)
+        await _settle_money(
+            self.organization_id,
+            self.request_id,
+            self.admission,
+            self.prompt_tokens,
+            self.completion_tokens,
+        )
 
 
 async def _start_generation(
@@ -245,7 +299,7 @@ async def _start_generation(
         raise text.context_exceeded(spec, prompt_tokens, max_tokens)
     reserved = prompt_tokens + max_tokens
     limits = _limits(identity, spec)
-    admission = await _admit(limits, spec, reserved)
+    admission = await _admit(limits, spec, identity.organization_id, prompt_tokens, max_tokens)
     request_id = _request_id(request)
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.GenerateRequest(
@@ -271,6 +325,7 @@ async def _start_generation(
         prompt_tokens=prompt_tokens,
         reserved_tokens=reserved,
         deadline=deadline,
+        organization_id=identity.organization_id,
     )
     try:
         await dispatch.submit(
@@ -575,7 +630,7 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     inputs = await _embedding_inputs(spec, body.input)
     prompt_tokens = sum(len(i) for i in inputs)
     limits = _limits(identity, spec)
-    admission = await _admit(limits, spec, prompt_tokens)
+    admission = await _admit(limits, spec, identity.organization_id, prompt_tokens, 0)
     request_id = _request_id(request)
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.EmbedRequest(
@@ -615,7 +670,12 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
                 raise dispatch.worker_error(event)
     except asyncio.CancelledError:
         await dispatch.cancel(request_id)
+        await _settle_money(identity.organization_id, request_id, admission, 0, 0)
         raise
+    except OpenAIError:
+        await _settle_money(identity.organization_id, request_id, admission, 0, 0)
+        raise
+    await _settle_money(identity.organization_id, request_id, admission, prompt_tokens, 0)
     metrics.GATEWAY_TOKENS.labels("input").inc(prompt_tokens)
     if matrix is None:
         raise OpenAIError(500, "The worker returned no embeddings.", type_="server_error")

@@ -416,3 +416,31 @@ def test_two_gateway_processes_share_one_limit(served: Served) -> None:
         assert sorted(outcomes) == [200] * 10 + [429] * 10
     finally:
         served.live.stack.stop(second)
+
+
+def test_insufficient_quota_is_429_and_not_retried(served: Served) -> None:
+    redis = get_redis()
+    redis.hset(f"mantle:wallet:{served.org.id}", mapping={"mode": "prepaid", "cap_nanos": 1000})
+    redis.hset(f"mantle:price:{served.org.id}:{CHAT}", mapping={"in": 100, "out": 100})
+    with pytest.raises(openai.RateLimitError) as err:
+        served.client().chat.completions.create(model=CHAT, messages=FRANCE, max_tokens=50)
+    assert err.value.code == "insufficient_quota"
+    assert err.value.type == "insufficient_quota"
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert redis.hget(f"mantle:wallet:{served.org.id}", "reserved_nanos") in (None, "0")
+
+
+def test_paid_request_settles_its_reservation(served: Served) -> None:
+    redis = get_redis()
+    wallet = f"mantle:wallet:{served.org.id}"
+    redis.hset(wallet, mapping={"mode": "prepaid", "cap_nanos": 10**9})
+    redis.hset(f"mantle:price:{served.org.id}:{CHAT}", mapping={"in": 150, "out": 600})
+    done = served.client().chat.completions.create(
+        model=CHAT, messages=FRANCE, max_tokens=16, temperature=0
+    )
+    usage = done.usage
+    assert usage is not None
+    state = redis.hgetall(wallet)
+    assert state["reserved_nanos"] == "0"
+    expected = usage.prompt_tokens * 150 + usage.completion_tokens * 600
+    assert int(state.get("pending_nanos", 0)) + int(state.get("spent_nanos", 0)) == expected

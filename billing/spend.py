@@ -1,0 +1,118 @@
+"""Real-time spend in Redis: reservations at admission, settlement, and drain-side counting.
+
+Layout (integer nano-units of the currency, "nanos"), per organization:
+- `mantle:wallet:<org>` hash: `mode` (prepaid | postpaid | unlimited; absent hash = unlimited),
+  `cap_nanos` (what may be spent: prepaid balance or hard budget), `spent_nanos` (usage counted
+  by the metering drain since the cap was computed), `reserved_nanos` (worst-case cost of
+  requests in flight), `pending_nanos` (settled requests the drain has not counted yet).
+- `mantle:wallet-pending:<org>` hash: request id -> settled cost, until the drain counts it.
+- `mantle:wallet-counted:<request id>`: the drain counted a request before its gateway settled.
+- `mantle:price:<org>:<model>` hash: `in`, `out` nanos per token (org's effective price).
+
+Admission refuses when worst-case cost > cap - spent - reserved - pending. A request's cost
+moves reserved -> pending (gateway settles) -> spent (drain counts), in either order for the
+last two, so at every moment it is counted exactly once, and concurrent requests can never
+spend past the cap.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import redis
+from redis.asyncio import Redis as AsyncRedis
+
+COUNTED_TTL_S = 24 * 3600
+
+
+def wallet_key(organization_id: str) -> str:
+    return f"mantle:wallet:{organization_id}"
+
+
+def pending_key(organization_id: str) -> str:
+    return f"mantle:wallet-pending:{organization_id}"
+
+
+def counted_key(request_id: str) -> str:
+    return f"mantle:wallet-counted:{request_id}"
+
+
+def price_key(organization_id: str, model_name: str) -> str:
+    return f"mantle:price:{organization_id}:{model_name}"
+
+
+def cost_nanos(input_tokens: int, output_tokens: int, price_in: str, price_out: str) -> int:
+    """Exact cost in nanos, rounded up to a whole nano (never in the customer's disfavour by
+    more than one nano per request; the invoice rates rollups again, exactly)."""
+    exact = Decimal(input_tokens) * Decimal(price_in or "0") + Decimal(output_tokens) * Decimal(
+        price_out or "0"
+    )
+    return math.ceil(exact)
+
+
+# The gateway, when a request ends: release the reservation and park the real cost
+# as pending until the drain counts it, unless the drain was first.
+_SETTLE = """
+redis.call('HINCRBY', KEYS[1], 'reserved_nanos', -tonumber(ARGV[1]))
+if redis.call('DEL', KEYS[3]) == 1 then return 0 end
+local cost = tonumber(ARGV[2])
+if cost > 0 then
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'pending_nanos', ARGV[2])
+end
+return 1
+"""
+
+# The metering drain, once per request (it inserts each event exactly once).
+_COUNT = """
+local parked = redis.call('HGET', KEYS[2], ARGV[2])
+if parked then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'pending_nanos', -tonumber(parked))
+else
+  redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
+end
+redis.call('HINCRBY', KEYS[1], 'spent_nanos', ARGV[1])
+return 1
+"""
+
+
+async def settle(
+    client: AsyncRedis, *, organization_id: str, request_id: str, reserved: int, cost: int
+) -> None:
+    await client.eval(
+        _SETTLE,
+        3,
+        wallet_key(organization_id),
+        pending_key(organization_id),
+        counted_key(request_id),
+        str(reserved),
+        str(cost),
+        request_id,
+    )
+
+
+def count_usage(
+    client: redis.Redis,
+    *,
+    organization_id: str,
+    request_id: str,
+    model_name: str,
+    input_tokens: int,
+    output_tokens: int,
+) -> int:
+    """Called by the metering drain for each event it inserted (exactly once per request)."""
+    price_in, price_out = client.hmget(price_key(organization_id, model_name), "in", "out")
+    cost = cost_nanos(input_tokens, output_tokens, str(price_in or "0"), str(price_out or "0"))
+    client.eval(
+        _COUNT,
+        3,
+        wallet_key(organization_id),
+        pending_key(organization_id),
+        counted_key(request_id),
+        str(cost),
+        request_id,
+        str(COUNTED_TTL_S),
+    )
+    return cost
