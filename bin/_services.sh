@@ -55,3 +55,17 @@ on macOS) or point REDIS_URL at a running Redis."
   fi
   wait_tcp "$host" "$port" 10 || die "redis-server did not start on $host:$port"
 }
+
+ensure_rabbitmq() {  # ensure_rabbitmq URL: the suite checks RabbitMQ works as a broker too
+  local hp host port
+  hp=$(url_host_port "$1" 5672); host=${hp% *}; port=${hp#* }
+  tcp_open "$host" "$port" && return 0
+  if command -v rabbitmq-server >/dev/null 2>&1; then
+    log "RabbitMQ is not answering at $host:$port; starting it"
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    wait_tcp "$host" "$port" 60 && return 0
+  fi
+  die "RabbitMQ is not reachable at $host:$port (the suite tests it as a Celery broker). Start it \
+('rabbitmq-server -detached'; install: 'apt-get install rabbitmq-server') or set \
+MANTLE_TEST_AMQP_URL to a reachable broker."
+}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -58,7 +59,9 @@ async def submit(
         kwargs={"payload": dict(payload)},
         queue=queue,
         task_id=request_id,
-        expires=deadline,
+        # Absolute time: Celery reads a number as "seconds from now" (and AMQP then
+        # refuses the resulting per-message TTL).
+        expires=datetime.fromtimestamp(deadline, tz=UTC),
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 import pytest
 from django.test import Client, override_settings
@@ -62,3 +64,12 @@ def test_log_lines_carry_the_request_id(caplog: pytest.LogCaptureFixture) -> Non
     records = [r for r in caplog.records if r.name == "django.request"]
     assert records
     assert all(getattr(r, "request_id", None) == "trace-me-1" for r in records)
+
+
+def test_readyz_with_rabbitmq_as_the_broker(settings: Any) -> None:
+    settings.CELERY_BROKER_URL = os.environ.get(
+        "MANTLE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"
+    )
+    body = Client().get("/readyz").json()
+    assert body["down"] == []
+    assert body["checks"]["broker"]["ok"] is True
