@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -11,8 +10,8 @@ from typing import Any
 
 from django.conf import settings
 
-from config.celery import app as celery_app
 from config.redis import get_async_redis
+from gateway import publish
 from gateway.errors import OpenAIError, no_capacity
 from workers import contract
 
@@ -52,16 +51,15 @@ def worker_error(fields: Mapping[str, str]) -> OpenAIError:
 async def submit(
     task: str, payload: Mapping[str, Any], *, queue: str, request_id: str, deadline: float
 ) -> None:
-    # Celery's producer is synchronous; a worker thread keeps the event loop free.
-    await asyncio.to_thread(
-        celery_app.send_task,
+    await publish.publish(
         task,
-        kwargs={"payload": dict(payload)},
+        {"payload": dict(payload)},
         queue=queue,
         task_id=request_id,
         # Absolute time: Celery reads a number as "seconds from now" (and AMQP then
         # refuses the resulting per-message TTL).
         expires=datetime.fromtimestamp(deadline, tz=UTC),
+        now=datetime.now(tz=UTC),
     )
 
 
