@@ -93,6 +93,9 @@ HEARTBEAT_TTL_S = 10.0
 """A worker whose last heartbeat is older than this is dead for admission."""
 
 RESPONSE_STREAM_TTL_S = 300
+RESPONSE_STREAM_DONE_TTL_S = 30
+"""After its final event a stream lives this long: the gateway has read it by then
+(it reads as events arrive), so it is left to expire rather than deleted per request."""
 
 
 def pool_live_key(pool: str) -> str:

@@ -212,8 +212,10 @@ class WorkerRuntime:
         except RequestRejected as exc:
             self._answer_error(rid, exc.code, exc.message)
             return Outcome(status="rejected")
+        # Not flushed on its own: the engine's next flush (its first step, or the
+        # whole answer for echo) carries it, saving a round trip per request. Until
+        # it arrives the gateway watches the pool's liveness instead of this node's.
         self.writer.started(rid, worker=self.settings.node, pool=self.settings.pool)
-        self.writer.flush()
         with self._lock:
             self._in_flight += 1
         try:

@@ -16,6 +16,7 @@ from workers.contract import (
     EVENT_EMBEDDINGS,
     EVENT_ERROR,
     EVENT_STARTED,
+    RESPONSE_STREAM_DONE_TTL_S,
     RESPONSE_STREAM_TTL_S,
     USAGE_STREAM,
     UsageEvent,
@@ -120,14 +121,15 @@ class ResponseWriter:
             for key, final in touched.items():
                 # Pushing the expiry back on every token would double the
                 # commands per step; a tenth of the TTL is often enough to
-                # keep a slow stream alive, and the final event always sets it.
+                # keep a slow stream alive. The final event sets a short one: the
+                # gateway has read the stream by then and does not delete it.
                 last = self._expiry_set.get(key)
-                if final or last is None or now - last > self._ttl_s / 10:
+                if final:
+                    pipe.expire(key, RESPONSE_STREAM_DONE_TTL_S)
+                    self._expiry_set.pop(key, None)
+                elif last is None or now - last > self._ttl_s / 10:
                     pipe.expire(key, self._ttl_s)
-                    if final:
-                        self._expiry_set.pop(key, None)
-                    else:
-                        self._expiry_set[key] = now
+                    self._expiry_set[key] = now
             pipe.execute()
             if len(self._expiry_set) > 10_000:
                 # Streams that never got a final event (their task gave up) must

@@ -78,27 +78,26 @@ async def events(request_id: str, *, pool: str, deadline: float) -> AsyncIterato
     key = contract.response_stream_key(request_id)
     last_id = "0-0"
     node = ""
-    try:
-        while True:
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                raise timed_out(settings.MANTLE_REQUEST_TIMEOUT_S)
-            block = max(1, int(min(_POLL_MS, remaining * 1000)))
-            reply: Any = await client.xread({key: last_id}, block=block, count=512)
-            if not reply:
-                await _check_progress(node, pool)
-                continue
-            entries: list[tuple[str, dict[str, str]]] = reply[0][1]
-            for entry_id, fields in entries:
-                last_id = entry_id
-                kind = fields.get("type", "")
-                if kind == contract.EVENT_STARTED:
-                    node = fields.get("worker", "")
-                yield fields
-                if kind in _TERMINAL:
-                    return
-    finally:
-        await client.delete(key)
+    # The stream is not deleted here: the worker gives it a short expiry with its
+    # final event, which saves a round trip per request.
+    while True:
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise timed_out(settings.MANTLE_REQUEST_TIMEOUT_S)
+        block = max(1, int(min(_POLL_MS, remaining * 1000)))
+        reply: Any = await client.xread({key: last_id}, block=block, count=512)
+        if not reply:
+            await _check_progress(node, pool)
+            continue
+        entries: list[tuple[str, dict[str, str]]] = reply[0][1]
+        for entry_id, fields in entries:
+            last_id = entry_id
+            kind = fields.get("type", "")
+            if kind == contract.EVENT_STARTED:
+                node = fields.get("worker", "")
+            yield fields
+            if kind in _TERMINAL:
+                return
 
 
 async def _check_progress(node: str, pool: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from workers.contract import (
+    RESPONSE_STREAM_DONE_TTL_S,
     RESPONSE_STREAM_TTL_S,
     USAGE_STREAM,
     UsageEvent,
@@ -75,8 +76,18 @@ def test_writer_batches_a_step_into_one_flush(redis_client: Any) -> None:
         {"type": "delta", "text": "lo", "tokens": "2"},
         {"type": "error", "code": "internal_error", "message": "boom"},
     ]
+    # Finished streams are left to expire soon (the gateway does not delete them).
     for key in (response_stream_key("a"), response_stream_key("b")):
-        assert RESPONSE_STREAM_TTL_S - 5 < redis_client.ttl(key) <= RESPONSE_STREAM_TTL_S
+        assert RESPONSE_STREAM_DONE_TTL_S - 5 < redis_client.ttl(key) <= RESPONSE_STREAM_DONE_TTL_S
+
+
+def test_unfinished_stream_keeps_the_long_expiry(redis_client: Any) -> None:
+    writer = ResponseWriter(redis_client)
+    writer.started("c", worker="n1", pool="cpu")
+    writer.delta("c", "x", 1)
+    writer.flush()
+    ttl = redis_client.ttl(response_stream_key("c"))
+    assert RESPONSE_STREAM_TTL_S - 5 < ttl <= RESPONSE_STREAM_TTL_S
 
 
 def test_embeddings_event_is_little_endian_float32(redis_client: Any) -> None:
