@@ -96,13 +96,31 @@ def emit(client: Any, stream: str, events: list[Any]) -> None:
         pipe.execute()
 
 
-def run_drain(client: Any, batch: int) -> float:
-    from billing.metering import Drain
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a local process (Linux), to tell who the time went to."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+def run_drain(client: Any, batch: int) -> tuple[float, dict[str, float]]:
+    """Seconds for the drain, and the CPU seconds of the drain, its PostgreSQL backend and
+    Redis: their sum over the machine's cores bounds the throughput on a quiet machine."""
+    from django.db import connection
+
+    from billing.metering import Drain, tune_gc_for_draining
+
+    tune_gc_for_draining()  # as `manage.py drain_usage` does
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = int(cursor.fetchone()[0])
+    redis_pid = int(client.info("server")["process_id"])
+    pids = {"drain": os.getpid(), "postgres": backend, "redis": redis_pid}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     drain = Drain(consumer="bench", client=client, batch_size=batch, hooks=())
     started = time.perf_counter()
     drain.run(stop=threading.Event(), once=True)
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    return elapsed, {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
 
 
 def run_baseline(client: Any, count: int) -> float:
@@ -215,7 +233,7 @@ def main() -> None:
 
         drain_events = make_events(args.events, args.orgs, seed=1)
         emit(client, "mantle:usage", drain_events)
-        drain_s = run_drain(client, args.batch)
+        drain_s, cpu = run_drain(client, args.batch)
         drain_exact = check_exact(drain_events)
 
         UsageEvent.objects.all().delete()
@@ -240,6 +258,10 @@ def main() -> None:
                         "seconds": round(drain_s, 2),
                         "events_per_s": round(drain_rate),
                         "exact": drain_exact,
+                        "cpu_us_per_event": {
+                            name: round(seconds / args.events * 1e6, 2)
+                            for name, seconds in cpu.items()
+                        },
                     },
                     "orm_baseline": {
                         "events": args.baseline_events,

@@ -109,50 +109,59 @@ class BenchStack:
             )
         )
 
-    def start(self, port: int, *, gateways: int = 1, worker_threads: int = 64) -> None:
-        for i in range(gateways):
-            self._spawn(
-                [
-                    PY,
-                    "-m",
-                    "uvicorn",
-                    "config.asgi:application",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port + i),
-                    "--lifespan",
-                    "off",
-                    "--no-access-log",
-                    "--log-level",
-                    "warning",
-                ],
-                f"gateway-{i}.log",
-            )
+    def start(
+        self, port: int, *, gateway_procs: int = 1, worker_procs: int = 1, worker_threads: int = 64
+    ) -> None:
+        """One uvicorn server (with `gateway_procs` processes) and `worker_procs` workers."""
         self._spawn(
             [
                 PY,
                 "-m",
-                "celery",
-                "-A",
-                "workers.celery_app",
-                "worker",
-                "-P",
-                "threads",
-                "-c",
-                str(worker_threads),
-                "-Q",
-                "inference.cpu",
-                "-n",
-                "bench@%h",
-                "--loglevel",
-                "WARNING",
-                "--without-gossip",
-                "--without-mingle",
+                "uvicorn",
+                "config.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(gateway_procs),
+                "--lifespan",
+                "off",
+                "--no-access-log",
+                "--log-level",
+                "warning",
             ],
-            "worker.log",
-            {"MANTLE_POOL": "cpu", "MANTLE_CONCURRENCY": str(worker_threads)},
+            "gateway.log",
         )
+        for i in range(worker_procs):
+            self._spawn(
+                [
+                    PY,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workers.celery_app",
+                    "worker",
+                    "-P",
+                    "threads",
+                    "-c",
+                    str(worker_threads),
+                    "-Q",
+                    "inference.cpu",
+                    "-n",
+                    f"bench{i}@%h",
+                    "--loglevel",
+                    "WARNING",
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
+                f"worker-{i}.log",
+                {
+                    "MANTLE_POOL": "cpu",
+                    "MANTLE_CONCURRENCY": str(worker_threads),
+                    "MANTLE_NODE": f"bench-{i}",
+                },
+            )
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -164,7 +173,7 @@ class BenchStack:
         import redis
 
         client = redis.Redis.from_url(self.env["REDIS_URL"])
-        while time.time() < deadline and not client.zcard("mantle:pool-live:cpu"):
+        while time.time() < deadline and client.zcard("mantle:pool-live:cpu") < worker_procs:
             time.sleep(0.2)
 
     def stop(self) -> None:

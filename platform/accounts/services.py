@@ -75,6 +75,55 @@ def organization_update(*, principal: Principal, org: Organization, name: str) -
     return org
 
 
+def organization_set_status(
+    *, principal: Principal, org: Organization, status: str, reason: str
+) -> Organization:
+    """Suspends or reactivates an organization, audited with the reason.
+
+    Every API key's cache entry is rewritten once the change commits, so every gateway
+    refuses (or accepts again) the organization's keys at once, without a database read.
+    Setting the status it already has changes and records nothing.
+    """
+    try:
+        new_status = Organization.Status(status)
+    except ValueError as exc:
+        allowed = [s.value for s in Organization.Status]
+        raise InvalidInput(f"status must be one of {allowed}", param="status") from exc
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("reason must not be empty", param="reason")
+    with transaction.atomic():
+        locked = Organization.objects.select_for_update().get(pk=org.pk)
+        old_status = locked.status
+        if old_status != new_status:
+            locked.status = new_status
+            locked.save(update_fields=["status"])
+            action = (
+                "organization.suspended"
+                if new_status == Organization.Status.SUSPENDED
+                else "organization.reactivated"
+            )
+            audit_record(
+                principal=principal,
+                action=action,
+                target=locked,
+                organization=locked,
+                metadata={"from": old_status, "to": str(new_status), "reason": reason},
+            )
+            transaction.on_commit(lambda: _cache_organization_keys(locked.id))
+            logger.info("organization %s is now %s: %s", locked.id, new_status, reason)
+    org.status = new_status
+    return org
+
+
+def _cache_organization_keys(organization_id: str) -> None:
+    # The status is read again after commit: of two quick changes, whichever callback
+    # runs last still writes the status that is current.
+    org = Organization.objects.get(pk=organization_id)
+    for key in ApiKey.objects.filter(organization=org).select_related("project").iterator():
+        keys.cache_put(_identity(key, org))
+
+
 # --- Members -----------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from accounts.api import router as accounts_router
 from accounts.auth import management_auth
+from billing.api import router as billing_router
 from config.errors import DomainError
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ api = NinjaAPI(
     urls_namespace="api",
 )
 api.add_router("", accounts_router)
+api.add_router("", billing_router)
 
 
 def error_body(

@@ -14,6 +14,7 @@ urlpatterns = [
     path("api/v1/", api.urls),
     path("console/", include("console.urls")),
     path("admin/", admin.site.urls),
+    path("billing/", include("billing.urls")),
     path("healthz", ops.healthz, name="healthz"),
     path("readyz", ops.readyz, name="readyz"),
     path("metrics", ops.metrics_view, name="metrics"),

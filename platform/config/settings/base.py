@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from celery.schedules import crontab
+
 from config.env import env, secret
 from config.logs import install_redacting_record_factory
 
@@ -194,6 +196,104 @@ MANTLE_DEFAULT_MAX_TOKENS = env.int("MANTLE_DEFAULT_MAX_TOKENS", default=2048)
 MANTLE_REQUEST_TIMEOUT_S = env.float("MANTLE_REQUEST_TIMEOUT_S", default=120.0)
 # Seconds without any event from a started request before its worker is presumed dead.
 MANTLE_WORKER_SILENCE_S = env.float("MANTLE_WORKER_SILENCE_S", default=15.0)
+
+# --- Stripe (docs/billing.md, "Stripe") ------------------------------------------------------
+# Optional: with no key, Stripe is disabled and the platform invoices on its own.
+STRIPE_API_KEY = secret("STRIPE_API_KEY") or ""
+STRIPE_WEBHOOK_SECRET = secret("STRIPE_WEBHOOK_SECRET") or ""
+# "stripe" (the real API, when a key is set) or "fake" (in-memory, for tests only).
+MANTLE_STRIPE_BACKEND = env.str("MANTLE_STRIPE_BACKEND", default="stripe")
+# Retries by the SDK, with the same idempotency key (connection errors, 409, 5xx, and
+# 429s that Stripe marks retryable); then the caller's task retries later.
+STRIPE_MAX_NETWORK_RETRIES = env.int("STRIPE_MAX_NETWORK_RETRIES", default=2)
+STRIPE_TIMEOUT_S = env.float("STRIPE_TIMEOUT_S", default=30.0)
+STRIPE_WEBHOOK_TOLERANCE_S = env.int("STRIPE_WEBHOOK_TOLERANCE_S", default=300)
+# "charge_automatically" (the saved payment method) or "send_invoice" (bank transfer).
+STRIPE_COLLECTION_METHOD = env.str("STRIPE_COLLECTION_METHOD", default="charge_automatically")
+STRIPE_DAYS_UNTIL_DUE = env.int("STRIPE_DAYS_UNTIL_DUE", default=30)
+STRIPE_METER_EVENT_NAME = env.str("STRIPE_METER_EVENT_NAME", default="mantle_tokens")
+# Dunning: this many failed payments within the window suspend an organization.
+MANTLE_DUNNING_MAX_FAILURES = env.int("MANTLE_DUNNING_MAX_FAILURES", default=3)
+MANTLE_DUNNING_WINDOW_DAYS = env.int("MANTLE_DUNNING_WINDOW_DAYS", default=30)
+# What goes to Stripe: finalized monthly "invoices" (exact), or hourly "meter_events".
+MANTLE_STRIPE_USAGE_PUSH = env.str("MANTLE_STRIPE_USAGE_PUSH", default="invoices")
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "stripe-push-pending-invoices": {
+            "task": "mantle.billing.stripe_push_pending_invoices",
+            "schedule": 600.0,
+            "options": {"queue": "billing"},
+        },
+        "stripe-push-meter-hour": {
+            "task": "mantle.billing.stripe_push_meter_hour",
+            "schedule": 3600.0,
+            "options": {"queue": "billing"},
+        },
+        "stripe-retry-events": {
+            "task": "mantle.billing.stripe_retry_events",
+            "schedule": 300.0,
+            "options": {"queue": "billing"},
+        },
+    }
+)
+
+# --- Prices, invoices, credits, budgets, wallet (docs/billing.md) ---------------------------
+# The one currency the platform bills in (prices, credits, invoices, budgets).
+MANTLE_BILLING_CURRENCY = env.str("MANTLE_BILLING_CURRENCY", default="USD")
+# How an organization without a billing account pays: prepaid | postpaid | unlimited.
+MANTLE_BILLING_DEFAULT_MODE = env.str("MANTLE_BILLING_DEFAULT_MODE", default="postpaid")
+MANTLE_INVOICE_PREFIX = env.str("MANTLE_INVOICE_PREFIX", default="MAN")
+# Hours after a month ends before its drafts are finalized: the drain catches up first.
+MANTLE_INVOICE_FINALIZE_DELAY_HOURS = env.int("MANTLE_INVOICE_FINALIZE_DELAY_HOURS", default=6)
+CELERY_BEAT_SCHEDULE.update(
+    {
+        # On the minute 0 too: prices change on whole hours, and this rewrites them.
+        "billing-wallet-sync": {
+            "task": "mantle.billing.wallet_sync_all",
+            "schedule": crontab(minute="*/5"),
+            "options": {"queue": "billing"},
+        },
+        "billing-budgets-evaluate": {
+            "task": "mantle.billing.budgets_evaluate_all",
+            "schedule": 300.0,
+            "options": {"queue": "billing"},
+        },
+        "billing-invoices-refresh": {
+            "task": "mantle.billing.invoices_refresh",
+            "schedule": crontab(minute=20),
+            "options": {"queue": "billing"},
+        },
+        "billing-invoices-finalize": {
+            "task": "mantle.billing.invoices_finalize_due",
+            "schedule": crontab(minute=40),
+            "options": {"queue": "billing"},
+        },
+        "billing-credits-expire": {
+            "task": "mantle.billing.credits_expire",
+            "schedule": crontab(minute=1),
+            "options": {"queue": "billing"},
+        },
+    }
+)
+
+# --- Metering (docs/billing.md, "Metering") ---------------------------------------------------
+# Whole months of raw usage events kept before the current one; older monthly partitions
+# are dropped (rollups, which invoices read, are kept).
+MANTLE_USAGE_RETENTION_MONTHS = env.int("MANTLE_USAGE_RETENTION_MONTHS", default=13)
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "usage-partitions-ensure": {
+            "task": "mantle.billing.usage_partitions_ensure",
+            "schedule": 24 * 3600.0,
+            "options": {"queue": "billing"},
+        },
+        "usage-partitions-drop-expired": {
+            "task": "mantle.billing.usage_partitions_drop_expired",
+            "schedule": 24 * 3600.0,
+            "options": {"queue": "billing"},
+        },
+    }
+)
 
 install_redacting_record_factory()
 

@@ -1,0 +1,533 @@
+"""Rating hourly usage into invoice lines, and monthly invoices: draft, finalize, pay, void."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Sum
+from django.db.models.functions import TruncMonth
+from django.utils import timezone
+
+from accounts.models import Organization
+from accounts.principal import SYSTEM, Principal
+from accounts.services import audit_record
+from billing import checks
+from billing.credits import credits_apply_to_invoice, credits_return_for_invoice
+from billing.models import Invoice, InvoiceLine, InvoiceNumberSequence, TokenKind, UsageRollup
+from billing.money import CENT, exact_amount, line_amount, round_cents
+from billing.periods import month_bounds, month_label, month_start
+from billing.pricing import PriceBook, Unpriced, commit_discount
+from config.errors import Conflict, InvalidInput
+
+logger = logging.getLogger(__name__)
+
+Status = Invoice.Status
+LineKind = InvoiceLine.Kind
+# Invoices whose lines count as billed: voiding writes an invoice off, it does not
+# put its usage back up for billing.
+ISSUED = (Status.FINALIZED, Status.PAID, Status.VOID)
+ZERO = Decimal(0)
+
+# (usage month, model, token kind, unit price per million): the grain of invoice lines.
+LineKey = tuple[date, str, str, Decimal]
+
+
+@dataclass
+class Rated:
+    quantity: int
+    first_hour: datetime
+
+
+@dataclass(frozen=True)
+class LineDraft:
+    kind: str
+    label: str
+    amount: Decimal
+    usage_month: date | None = None
+    model_name: str = ""
+    token_kind: str = ""
+    quantity: int = 0
+    unit_price: Decimal | None = None
+
+
+# --- Rating ---------------------------------------------------------------------------------
+
+
+def rate_rollups(
+    organization_id: str,
+    start: datetime,
+    end: datetime,
+    *,
+    book: PriceBook,
+    project_id: str | None = None,
+    strict: bool = True,
+) -> dict[LineKey, Rated]:
+    """Token quantities of [start, end) by line key, each hour at its own price.
+
+    A price change inside the range (prices change on whole hours) splits a model's
+    tokens into one key per unit price. `strict`: unpriced usage raises Unpriced;
+    otherwise it is left out and logged (the wallet and budgets must not stop).
+    """
+    rows = UsageRollup.objects.filter(
+        organization_id=organization_id, hour__gte=start, hour__lt=end
+    )
+    if project_id is not None:
+        rows = rows.filter(project_id=project_id)
+    grouped = (
+        rows.values("model_name", "hour")
+        .annotate(i=Sum("input_tokens"), o=Sum("output_tokens"))
+        .order_by("hour", "model_name")
+    )
+    rated: dict[LineKey, Rated] = {}
+    for row in grouped:
+        hour: datetime = row["hour"]
+        for kind, qty in ((TokenKind.INPUT, row["i"]), (TokenKind.OUTPUT, row["o"])):
+            if not qty:
+                continue
+            price = book.effective(row["model_name"], kind, hour)
+            if price is None:
+                message = f"no price for {row['model_name']} {kind} tokens at {hour.isoformat()}"
+                if strict:
+                    raise Unpriced(message, param="model_name")
+                logger.error("unpriced usage of %s: %s", organization_id, message)
+                continue
+            key = (month_start(hour).date(), row["model_name"], str(kind), price.unit_price)
+            if key in rated:
+                rated[key].quantity += qty
+            else:
+                rated[key] = Rated(qty, hour)
+    return rated
+
+
+def issued_quantities(organization_id: str) -> dict[LineKey, int]:
+    """Tokens already on issued invoices (own-month and adjustment lines), by line key."""
+    rows = (
+        InvoiceLine.objects.filter(
+            invoice__organization_id=organization_id,
+            invoice__status__in=ISSUED,
+            kind__in=(LineKind.USAGE, LineKind.ADJUSTMENT),
+        )
+        .values("usage_month", "model_name", "token_kind", "unit_price")
+        .annotate(q=Sum("quantity"))
+    )
+    result: dict[LineKey, int] = {}
+    for r in rows:
+        month, unit_price = r["usage_month"], r["unit_price"]
+        # Usage and adjustment lines always have both.
+        assert month is not None and unit_price is not None
+        result[(month, r["model_name"], r["token_kind"], unit_price)] = r["q"]
+    return result
+
+
+def uninvoiced_quantities(
+    organization_id: str,
+    *,
+    book: PriceBook,
+    until: datetime,
+    since: datetime | None = None,
+    skip_months: Iterable[date] = (),
+    strict: bool = True,
+) -> dict[LineKey, Rated]:
+    """Usage of [since, until) that no issued invoice carries yet, by line key.
+
+    The issued lines are the snapshot of what was billed: what is left to bill is the
+    rollups now minus the issued quantities, key by key. Months whose token totals
+    match what was issued are not rated again, so this stays cheap over a long history.
+    """
+    issued = issued_quantities(organization_id)
+    issued_totals: dict[tuple[date, str], int] = defaultdict(int)
+    for (month, _, kind, _), qty in issued.items():
+        issued_totals[(month, kind)] += qty
+    rollups = UsageRollup.objects.filter(organization_id=organization_id, hour__lt=until)
+    if since is not None:
+        rollups = rollups.filter(hour__gte=since)
+    totals = (
+        rollups.annotate(month=TruncMonth("hour", tzinfo=UTC))
+        .values("month")
+        .annotate(i=Sum("input_tokens"), o=Sum("output_tokens"))
+        .order_by("month")
+    )
+    skip = set(skip_months)
+    left: dict[LineKey, Rated] = {}
+    for row in totals:
+        month = month_start(row["month"]).date()
+        if month in skip:
+            continue
+        if (row["i"] or 0) == issued_totals[(month, TokenKind.INPUT)] and (
+            row["o"] or 0
+        ) == issued_totals[(month, TokenKind.OUTPUT)]:
+            continue
+        start, end = month_bounds(month)
+        start, end = max(start, since or start), min(end, until)
+        for key, rated in rate_rollups(
+            organization_id, start, end, book=book, strict=strict
+        ).items():
+            diff = rated.quantity - issued.get(key, 0)
+            if diff > 0:
+                left[key] = Rated(diff, rated.first_hour)
+            elif diff < 0:
+                logger.error("billed more than used for %s %s: %d", organization_id, key, diff)
+    return left
+
+
+def compute_lines(org: Organization, start: datetime, end: datetime) -> list[LineDraft]:
+    """The lines of the invoice for [start, end): own usage, commit discount, late usage.
+
+    Precondition: the organization is locked (checks.lock_organization), so no other
+    invoice of it changes status while the issued quantities are read.
+    """
+    book = PriceBook.load(org.id)
+    own = uninvoiced_quantities(org.id, book=book, since=start, until=end)
+    lines = _usage_lines(own, LineKind.USAGE)
+    usage_subtotal = sum((line.amount for line in lines), ZERO)
+    # The tiers in effect in the period's last hour apply to the whole month.
+    tiers = book.commit_tiers(end - timedelta(hours=1))
+    discount = round_cents(commit_discount(usage_subtotal, tiers))
+    if discount > 0:
+        bands = ", ".join(f"{t.percent}% above {t.threshold}" for t in tiers)
+        lines.append(
+            LineDraft(
+                kind=LineKind.DISCOUNT,
+                label=f"committed-spend discount ({bands})",
+                amount=-discount,
+            )
+        )
+    # Earlier months that still have a draft keep their usage on their own invoice.
+    drafts = [
+        month_start(d).date()
+        for d in Invoice.objects.filter(
+            organization=org, status=Status.DRAFT, period_start__lt=start
+        ).values_list("period_start", flat=True)
+    ]
+    late = uninvoiced_quantities(org.id, book=book, until=start, skip_months=drafts)
+    lines.extend(_usage_lines(late, LineKind.ADJUSTMENT))
+    return lines
+
+
+def _usage_lines(rated: Mapping[LineKey, Rated], kind: str) -> list[LineDraft]:
+    per_model_kind: dict[tuple[date, str, str], int] = defaultdict(int)
+    for month, model, token_kind, _ in rated:
+        per_model_kind[(month, model, token_kind)] += 1
+    lines = []
+    for key in sorted(rated, key=lambda k: (k[0], k[1], k[2], rated[k].first_hour)):
+        month, model, token_kind, unit_price = key
+        r = rated[key]
+        label = f"{model} {token_kind} tokens"
+        if per_model_kind[(month, model, token_kind)] > 1:
+            label += f" from {r.first_hour:%Y-%m-%d %H:%M} UTC"
+        if kind == LineKind.ADJUSTMENT:
+            label = f"adjustment: late usage for {month_label(month)}: {label}"
+        lines.append(
+            LineDraft(
+                kind=kind,
+                label=label,
+                amount=line_amount(r.quantity, unit_price),
+                usage_month=month,
+                model_name=model,
+                token_kind=token_kind,
+                quantity=r.quantity,
+                unit_price=unit_price,
+            )
+        )
+    return lines
+
+
+def unbilled_usage(org: Organization) -> Decimal:
+    """Usage charges (exact, before rounding and commit discounts) on no issued invoice.
+
+    Prepaid credit is consumed at finalization, so this is the usage that the ledger
+    does not reflect yet: drafts, months without an invoice, and late usage. Read it
+    BEFORE the ledger: a finalization committing in between is then counted twice
+    (conservative), never missed.
+    """
+    book = PriceBook.load(org.id)
+    far = timezone.now() + timedelta(days=400)
+    left = uninvoiced_quantities(org.id, book=book, until=far, strict=False)
+    return sum((exact_amount(r.quantity, key[3]) for key, r in left.items()), ZERO)
+
+
+def month_spend(
+    org: Organization, month: datetime | date, *, project_id: str | None = None, exact: bool = False
+) -> Decimal:
+    """A month's usage charges (before discounts and credits).
+
+    As its invoice lines would round them, or `exact` (unrounded, for the wallet, which
+    must never count less than was used).
+    """
+    start, end = month_bounds(month)
+    book = PriceBook.load(org.id)
+    rated = rate_rollups(org.id, start, end, book=book, project_id=project_id, strict=False)
+    if exact:
+        return sum((exact_amount(r.quantity, key[3]) for key, r in rated.items()), ZERO)
+    return sum((line_amount(r.quantity, key[3]) for key, r in rated.items()), ZERO).quantize(CENT)
+
+
+# --- Invoices ---------------------------------------------------------------------------------
+
+
+def invoice_refresh_draft(*, org: Organization, month: datetime | date) -> Invoice | None:
+    """Recomputes the month's draft from the rollups; creates it when there is usage.
+
+    Returns None when there is neither a draft nor anything to bill. A month whose
+    invoice is already issued is refused: its late usage goes on the next draft.
+    """
+    start, end = month_bounds(month)
+    with transaction.atomic():
+        checks.lock_organization(org)
+        invoice = (
+            Invoice.objects.select_for_update().filter(organization=org, period_start=start).first()
+        )
+        if invoice is not None and invoice.status != Status.DRAFT:
+            raise Conflict(
+                f"the invoice for {month_label(start)} is {invoice.status}: it no longer "
+                "changes (late usage goes on the next invoice)",
+                param="month",
+                code="invalid_state",
+            )
+        lines = compute_lines(org, start, end)
+        if invoice is None:
+            if not lines:
+                return None
+            invoice = Invoice.objects.create(
+                organization=org,
+                period_start=start,
+                period_end=end,
+                currency=settings.MANTLE_BILLING_CURRENCY,
+            )
+        _write_lines(invoice, lines)
+        invoice.save(update_fields=["subtotal", "credits_applied", "total", "refreshed_at"])
+    return invoice
+
+
+def invoice_finalize(
+    *, principal: Principal, invoice: Invoice, now: datetime | None = None
+) -> Invoice:
+    """Freezes the lines, applies credits, numbers the invoice. Draft only, period over.
+
+    All in one transaction with the organization locked: the number is taken from the
+    year's sequence row in the same transaction, so a failure leaves no gap.
+    """
+    checks.check_staff(principal)
+    now = now or timezone.now()
+    with transaction.atomic():
+        org = checks.lock_organization(invoice.organization)
+        inv = _locked(invoice, "finalize", allowed=(Status.DRAFT,))
+        if inv.period_end > now:
+            raise Conflict(
+                f"the period {month_label(inv.period_start)} has not ended yet",
+                param="invoice_id",
+            )
+        _write_lines(inv, compute_lines(org, inv.period_start, inv.period_end))
+        inv.number = _next_number(now.year)
+        # Grants are whole cents and so is the subtotal: this is exact, not a rounding.
+        inv.credits_applied = round_cents(
+            credits_apply_to_invoice(org=org, invoice=inv, amount=inv.subtotal, at=now)
+        )
+        inv.total = inv.subtotal - inv.credits_applied
+        inv.status = Status.FINALIZED
+        inv.finalized_at = now
+        if inv.total == 0:
+            # Nothing to collect: settled at once, like Stripe's zero-amount invoices.
+            inv.status = Status.PAID
+            inv.paid_at = now
+            inv.payment_reference = "nothing due"
+        inv.save()
+        audit_record(
+            principal=principal,
+            action="billing.invoice_finalized",
+            target=inv,
+            organization=org,
+            metadata={
+                "number": inv.number,
+                "subtotal": str(inv.subtotal),
+                "credits_applied": str(inv.credits_applied),
+                "total": str(inv.total),
+            },
+        )
+        _sync_wallet_on_commit(org.id)
+    logger.info("invoice %s finalized for %s: total %s", inv.number, org.id, inv.total)
+    return inv
+
+
+def invoice_mark_paid(
+    *,
+    principal: Principal,
+    invoice: Invoice,
+    payment_reference: str,
+    reason: str,
+    paid_at: datetime | None = None,
+) -> Invoice:
+    """Records the payment of a finalized invoice (a bank transfer, or Stripe's webhook)."""
+    checks.check_staff(principal)
+    reason = checks.check_reason(reason)
+    reference = (payment_reference or "").strip()
+    if not reference:
+        raise InvalidInput("payment_reference must not be empty", param="payment_reference")
+    if len(reference) > 200:
+        raise InvalidInput(
+            "payment_reference must be at most 200 characters", param="payment_reference"
+        )
+    paid_at = paid_at or timezone.now()
+    checks.check_aware(paid_at, param="paid_at")
+    if paid_at > timezone.now():
+        raise InvalidInput("paid_at must not be in the future", param="paid_at")
+    with transaction.atomic():
+        checks.lock_organization(invoice.organization)
+        inv = _locked(invoice, "mark paid", allowed=(Status.FINALIZED,))
+        inv.status = Status.PAID
+        inv.paid_at = paid_at
+        inv.payment_reference = reference
+        inv.save(update_fields=["status", "paid_at", "payment_reference"])
+        audit_record(
+            principal=principal,
+            action="billing.invoice_paid",
+            target=inv,
+            organization=inv.organization,
+            metadata={"number": inv.number, "payment_reference": reference, "reason": reason},
+        )
+        _sync_wallet_on_commit(inv.organization_id)
+    return inv
+
+
+def invoice_void(*, principal: Principal, invoice: Invoice, reason: str) -> Invoice:
+    """Writes a finalized (unpaid) invoice off; the credits it consumed are given back."""
+    checks.check_staff(principal)
+    reason = checks.check_reason(reason)
+    with transaction.atomic():
+        checks.lock_organization(invoice.organization)
+        inv = _locked(invoice, "void", allowed=(Status.FINALIZED,))
+        inv.status = Status.VOID
+        inv.voided_at = timezone.now()
+        inv.void_reason = reason
+        inv.save(update_fields=["status", "voided_at", "void_reason"])
+        returned = credits_return_for_invoice(principal=principal, invoice=inv, reason=reason)
+        audit_record(
+            principal=principal,
+            action="billing.invoice_voided",
+            target=inv,
+            organization=inv.organization,
+            metadata={
+                "number": inv.number,
+                "reason": reason,
+                "credits_returned": str(sum((e.amount for e in returned), ZERO)),
+            },
+        )
+        _sync_wallet_on_commit(inv.organization_id)
+    return inv
+
+
+def invoices_refresh_open(*, now: datetime | None = None) -> int:
+    """Refreshes the drafts of every organization with recent usage (hourly task)."""
+    now = now or timezone.now()
+    current = month_start(now)
+    previous = month_start(current - timedelta(days=1))
+    org_ids = _orgs_with_usage_since(previous)
+    refreshed = 0
+    for org in Organization.objects.filter(id__in=org_ids).order_by("id"):
+        for month in (previous, current):
+            issued = Invoice.objects.filter(
+                organization=org, period_start=month, status__in=ISSUED
+            ).exists()
+            if issued:
+                continue
+            try:
+                if invoice_refresh_draft(org=org, month=month) is not None:
+                    refreshed += 1
+            except Unpriced:
+                logger.exception("cannot refresh the %s draft of %s", month_label(month), org.id)
+    return refreshed
+
+
+def invoices_finalize_due(*, now: datetime | None = None) -> list[Invoice]:
+    """Finalizes the drafts whose period ended more than the grace delay ago (hourly task).
+
+    The delay (MANTLE_INVOICE_FINALIZE_DELAY_HOURS) lets the drain catch up with the
+    month's last events, so fewer of them become adjustments on the next invoice.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(hours=settings.MANTLE_INVOICE_FINALIZE_DELAY_HOURS)
+    current = month_start(now)
+    previous = month_start(current - timedelta(days=1))
+    if current <= cutoff:
+        # A month with usage may have no draft yet (nothing refreshed it): make one first.
+        for org in Organization.objects.filter(id__in=_orgs_with_usage_since(previous)):
+            if not Invoice.objects.filter(organization=org, period_start=previous).exists():
+                try:
+                    invoice_refresh_draft(org=org, month=previous)
+                except Unpriced:
+                    logger.exception("cannot draft %s for %s", month_label(previous), org.id)
+    finalized = []
+    for inv in Invoice.objects.filter(status=Status.DRAFT, period_end__lte=cutoff).order_by(
+        "period_start", "id"
+    ):
+        try:
+            finalized.append(invoice_finalize(principal=SYSTEM, invoice=inv, now=now))
+        except (Unpriced, Conflict):
+            logger.exception("cannot finalize invoice %s", inv.id)
+    return finalized
+
+
+def _orgs_with_usage_since(start: datetime) -> list[str]:
+    return list(
+        UsageRollup.objects.filter(hour__gte=start)
+        .values_list("organization_id", flat=True)
+        .distinct()
+        .order_by()
+    )
+
+
+def _locked(invoice: Invoice, action: str, *, allowed: Iterable[str]) -> Invoice:
+    inv = Invoice.objects.select_for_update().get(pk=invoice.pk)
+    if inv.status not in allowed:
+        raise Conflict(
+            f"cannot {action} an invoice that is {inv.status}", param="status", code="invalid_state"
+        )
+    return inv
+
+
+def _write_lines(invoice: Invoice, lines: Iterable[LineDraft]) -> None:
+    """Replaces a draft's lines and totals (the caller saves the invoice)."""
+    assert invoice.status == Status.DRAFT, "only a draft's lines change"
+    invoice.lines.all().delete()
+    rows = [
+        InvoiceLine(
+            invoice=invoice,
+            position=i,
+            kind=line.kind,
+            usage_month=line.usage_month,
+            model_name=line.model_name,
+            token_kind=line.token_kind,
+            quantity=line.quantity,
+            unit_price=line.unit_price,
+            amount=line.amount,
+            label=line.label,
+        )
+        for i, line in enumerate(lines, start=1)
+    ]
+    InvoiceLine.objects.bulk_create(rows)
+    invoice.subtotal = sum((row.amount for row in rows), ZERO)
+    invoice.credits_applied = ZERO
+    invoice.total = invoice.subtotal
+    invoice.refreshed_at = timezone.now()
+
+
+def _next_number(year: int) -> str:
+    """The next number of the year's gap-free sequence, e.g. MAN-2026-000123."""
+    InvoiceNumberSequence.objects.get_or_create(year=year)
+    seq = InvoiceNumberSequence.objects.select_for_update().get(year=year)
+    seq.last_number += 1
+    seq.save(update_fields=["last_number"])
+    return f"{settings.MANTLE_INVOICE_PREFIX}-{year}-{seq.last_number:06d}"
+
+
+def _sync_wallet_on_commit(organization_id: str) -> None:
+    from billing.tasks import wallet_sync_organization
+
+    transaction.on_commit(lambda: wallet_sync_organization.delay(organization_id))

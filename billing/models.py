@@ -1,0 +1,511 @@
+"""Billing rows: usage (metering), prices, credits, budgets and invoices."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from accounts.models import Organization, Project, User
+from config import ids
+
+# =========================================================================================
+# Prices, credits, budgets, invoices (pricing / invoicing). Units: docs/billing-plan.md.
+# Unit prices are per million tokens, 9 decimals; ledger amounts 6 decimals; invoice
+# amounts are rounded to cents once, at the line (docs/billing.md, "Invoices").
+# =========================================================================================
+
+
+def new_invoice_id() -> str:
+    return ids.new_id("inv_")
+
+
+class TokenKind(models.TextChoices):
+    INPUT = "input"
+    OUTPUT = "output"
+
+
+class Price(models.Model):
+    """A list price per million tokens of one kind of one model, from `effective_from` on.
+
+    Never updated: a change is a new row, so every past rating can be reproduced.
+    """
+
+    model_name = models.CharField(max_length=120)
+    token_kind = models.CharField(max_length=8, choices=TokenKind.choices)
+    currency = models.CharField(max_length=3, default="USD")
+    unit_price = models.DecimalField(max_digits=20, decimal_places=9)
+    effective_from = models.DateTimeField()
+    reason = models.CharField(max_length=500, blank=True)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["model_name", "token_kind", "currency", "effective_from"],
+                name="uniq_price_version",
+            ),
+            models.CheckConstraint(condition=Q(unit_price__gte=0), name="price_not_negative"),
+        ]
+        indexes: ClassVar = [models.Index(fields=["model_name", "token_kind", "effective_from"])]
+
+    def __str__(self) -> str:
+        return f"{self.model_name} {self.token_kind} {self.unit_price}/M from {self.effective_from}"
+
+
+class PriceOverride(models.Model):
+    """An organization's contract terms, valid in [effective_from, effective_until).
+
+    - rate: a negotiated unit price per million for one (model, token kind); replaces the
+      list price.
+    - discount: a percentage off the list price, for one model and kind, one model (blank
+      kind) or everything (blank model and kind); the most specific one applies.
+    - commit_tier: a percentage off the part of the month's usage charges above
+      `threshold` (marginal, like tax brackets); an invoice line, never a unit price.
+    A rate beats a discount; they never stack. Rows are not edited, only ended.
+    """
+
+    class Kind(models.TextChoices):
+        RATE = "rate"
+        DISCOUNT = "discount"
+        COMMIT_TIER = "commit_tier"
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="price_overrides"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    model_name = models.CharField(max_length=120, blank=True)
+    token_kind = models.CharField(max_length=8, choices=TokenKind.choices, blank=True)
+    unit_price = models.DecimalField(max_digits=20, decimal_places=9, null=True, blank=True)
+    discount_percent = models.DecimalField(max_digits=5, decimal_places=2, null=True, blank=True)
+    threshold = models.DecimalField(max_digits=20, decimal_places=2, null=True, blank=True)
+    effective_from = models.DateTimeField()
+    effective_until = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=500)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.CheckConstraint(
+                condition=(
+                    Q(kind="rate", unit_price__isnull=False, discount_percent__isnull=True)
+                    & ~Q(model_name="")
+                    & ~Q(token_kind="")
+                )
+                | Q(kind="discount", unit_price__isnull=True, discount_percent__isnull=False)
+                | Q(
+                    kind="commit_tier",
+                    unit_price__isnull=True,
+                    discount_percent__isnull=False,
+                    threshold__isnull=False,
+                ),
+                name="price_override_shape",
+            ),
+        ]
+        indexes: ClassVar = [models.Index(fields=["organization", "kind", "effective_from"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} for {self.organization_id} from {self.effective_from}"
+
+
+class BillingAccount(models.Model):
+    """How an organization pays. Absent: settings.MANTLE_BILLING_DEFAULT_MODE."""
+
+    class Mode(models.TextChoices):
+        PREPAID = "prepaid"  # spends its credit balance; admission refuses beyond it
+        POSTPAID = "postpaid"  # invoiced monthly; only a hard budget limits admission
+        UNLIMITED = "unlimited"  # no money check at admission (internal, trials by contract)
+
+    organization = models.OneToOneField(
+        Organization, primary_key=True, on_delete=models.CASCADE, related_name="billing_account"
+    )
+    mode = models.CharField(max_length=16, choices=Mode.choices)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.organization_id}: {self.mode}"
+
+
+class CreditLedgerEntry(models.Model):
+    """One movement of credit. The balance is the sum of `amount`, never a stored number.
+
+    Grants (prepaid_purchase, promotional) are positive and stand alone; every other
+    entry draws on (or tops up) one grant through `grant`, so each grant's remainder is
+    its amount plus its movements, and credits can be applied in a documented order.
+    """
+
+    class Kind(models.TextChoices):
+        PREPAID_PURCHASE = "prepaid_purchase"
+        PROMOTIONAL = "promotional"
+        CONSUMPTION = "consumption"  # applied to an invoice at finalization (negative)
+        EXPIRY = "expiry"  # a grant's remainder written off at its expiry (negative)
+        ADJUSTMENT = "adjustment"  # a correction of one grant (either sign)
+
+    GRANT_KINDS: ClassVar[tuple[str, ...]] = (Kind.PREPAID_PURCHASE, Kind.PROMOTIONAL)
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="credit_entries"
+    )
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    amount = models.DecimalField(max_digits=20, decimal_places=6)
+    currency = models.CharField(max_length=3, default="USD")
+    grant = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="movements"
+    )
+    expires_at = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=500)
+    reference = models.CharField(max_length=100, blank=True)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.CheckConstraint(
+                condition=Q(
+                    kind__in=["prepaid_purchase", "promotional"], amount__gt=0, grant__isnull=True
+                )
+                | Q(kind__in=["consumption", "expiry"], amount__lt=0, grant__isnull=False)
+                | (Q(kind="adjustment", grant__isnull=False) & ~Q(amount=0)),
+                name="credit_entry_shape",
+            ),
+        ]
+        indexes: ClassVar = [
+            models.Index(fields=["organization", "created_at"]),
+            models.Index(fields=["organization", "kind", "expires_at"]),
+        ]
+        verbose_name_plural = "credit ledger entries"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.amount} {self.currency} ({self.organization_id})"
+
+
+class Budget(models.Model):
+    """A monthly spending budget for an organization, or one of its projects."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="budgets")
+    project = models.ForeignKey(
+        Project, null=True, blank=True, on_delete=models.CASCADE, related_name="budgets"
+    )
+    monthly_amount = models.DecimalField(max_digits=20, decimal_places=2)
+    currency = models.CharField(max_length=3, default="USD")
+    # Percentages of monthly_amount, ascending, e.g. [50, 80, 100].
+    alert_thresholds = models.JSONField(default=list)
+    hard_limit = models.BooleanField(default=False)
+    updated_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["organization", "project"], name="uniq_project_budget"),
+            models.UniqueConstraint(
+                fields=["organization"],
+                condition=Q(project__isnull=True),
+                name="uniq_organization_budget",
+            ),
+            models.CheckConstraint(condition=Q(monthly_amount__gt=0), name="budget_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"budget {self.monthly_amount} for {self.project_id or self.organization_id}"
+
+
+class BudgetAlert(models.Model):
+    """A threshold of a budget crossed in a month: recorded once, shown in the console."""
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="budget_alerts"
+    )
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="alerts")
+    project = models.ForeignKey(
+        Project, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    month = models.DateField()  # the first day of the month
+    threshold = models.PositiveSmallIntegerField()  # percent
+    budget_amount = models.DecimalField(max_digits=20, decimal_places=2)
+    spend = models.DecimalField(max_digits=20, decimal_places=2)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["budget", "month", "threshold"], name="uniq_budget_alert"
+            ),
+        ]
+        indexes: ClassVar = [models.Index(fields=["organization", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.threshold}% of budget {self.budget_id} in {self.month:%Y-%m}"
+
+
+class Invoice(models.Model):
+    """A month of one organization's usage: draft -> finalized -> paid | void."""
+
+    class Status(models.TextChoices):
+        DRAFT = "draft"
+        FINALIZED = "finalized"
+        PAID = "paid"
+        VOID = "void"
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_invoice_id, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="invoices"
+    )
+    period_start = models.DateTimeField()  # first instant of the month, UTC
+    period_end = models.DateTimeField()  # first instant of the next month (exclusive)
+    number = models.CharField(max_length=32, null=True, blank=True, unique=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
+    currency = models.CharField(max_length=3, default="USD")
+    subtotal = models.DecimalField(max_digits=20, decimal_places=2, default=0)
+    credits_applied = models.DecimalField(max_digits=20, decimal_places=2, default=0)
+    total = models.DecimalField(max_digits=20, decimal_places=2, default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    refreshed_at = models.DateTimeField(null=True, blank=True)
+    finalized_at = models.DateTimeField(null=True, blank=True)
+    paid_at = models.DateTimeField(null=True, blank=True)
+    voided_at = models.DateTimeField(null=True, blank=True)
+    payment_reference = models.CharField(max_length=200, blank=True)
+    void_reason = models.CharField(max_length=500, blank=True)
+    stripe_invoice_id = models.CharField(max_length=255, null=True, blank=True, unique=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["organization", "period_start"], name="uniq_invoice_period"
+            ),
+        ]
+        indexes: ClassVar = [models.Index(fields=["status", "period_end"])]
+
+    def __str__(self) -> str:
+        return f"{self.number or self.id} ({self.status})"
+
+
+class InvoiceLine(models.Model):
+    """One line: tokens of one model and kind at one unit price, or a discount."""
+
+    class Kind(models.TextChoices):
+        USAGE = "usage"  # the invoice's own month
+        ADJUSTMENT = "adjustment"  # usage of an earlier, already invoiced month
+        DISCOUNT = "discount"  # committed-spend tier (negative)
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
+    position = models.PositiveIntegerField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # The month the tokens were used in (usage and adjustment lines).
+    usage_month = models.DateField(null=True, blank=True)
+    model_name = models.CharField(max_length=120, blank=True)
+    token_kind = models.CharField(max_length=8, choices=TokenKind.choices, blank=True)
+    quantity = models.BigIntegerField(default=0)  # tokens
+    unit_price = models.DecimalField(max_digits=20, decimal_places=9, null=True, blank=True)
+    amount = models.DecimalField(max_digits=20, decimal_places=2)
+    label = models.CharField(max_length=200)
+
+    class Meta:
+        ordering: ClassVar = ["invoice", "position"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["invoice", "position"], name="uniq_invoice_line"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.amount}"
+
+
+class InvoiceNumberSequence(models.Model):
+    """The last invoice number issued in a year; locked and bumped inside finalization."""
+
+    year = models.PositiveIntegerField(primary_key=True)
+    last_number = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.year}: {self.last_number}"
+
+
+# ======================================= end of pricing / invoicing ======================
+
+
+# =========================================================================================
+# Metering (billing/metering.py): raw usage events and hourly rollups. Ids are plain
+# strings, not foreign keys: usage must outlive deleted keys and endpoints, and an insert
+# must not look anything up. On PostgreSQL the raw table is partitioned by month and
+# created by hand in the migration (docs/billing.md, "Metering").
+# =========================================================================================
+
+
+class UsageEvent(models.Model):
+    """One finished request as its worker reported it. Append-only; never updated.
+
+    `occurred_at` is the worker's `finished_at`: fixed in the event, so (request_id,
+    occurred_at) identifies a delivery and is the key that makes the drain idempotent.
+    """
+
+    pk = models.CompositePrimaryKey("request_id", "occurred_at")
+    request_id = models.CharField(max_length=128)
+    occurred_at = models.DateTimeField()
+    organization_id = models.CharField(max_length=64)
+    project_id = models.CharField(max_length=64)
+    api_key_id = models.CharField(max_length=64)
+    endpoint_id = models.CharField(max_length=64)
+    model_version_id = models.CharField(max_length=64)
+    model_name = models.CharField(max_length=200)
+    input_tokens = models.BigIntegerField()
+    output_tokens = models.BigIntegerField()
+    status = models.CharField(max_length=16)
+    started_at = models.DateTimeField()
+    queue_ms = models.BigIntegerField()
+    compute_ms = models.BigIntegerField()
+    worker = models.CharField(max_length=128, blank=True)
+    recorded_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.request_id} at {self.occurred_at:%Y-%m-%d %H:%M:%S}"
+
+
+class UsageRollup(models.Model):
+    """Sums of the usage events of one (org, project, key, endpoint, model) in one UTC hour.
+
+    What invoices, budgets and the console read. Only the drain writes it, in the same
+    transaction as the raw events it counts; `updated_at` lets readers pick up late usage.
+    """
+
+    organization_id = models.CharField(max_length=64)
+    project_id = models.CharField(max_length=64)
+    api_key_id = models.CharField(max_length=64)
+    endpoint_id = models.CharField(max_length=64)
+    model_name = models.CharField(max_length=200)
+    hour = models.DateTimeField()
+    requests = models.BigIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=[
+                    "organization_id",
+                    "project_id",
+                    "api_key_id",
+                    "endpoint_id",
+                    "model_name",
+                    "hour",
+                ],
+                name="uniq_usage_rollup",
+            ),
+        ]
+        # No index on updated_at: the drain updates rows in place (HOT), and an index on a
+        # column it changes would turn every update into a new entry in every index.
+        indexes: ClassVar = [
+            models.Index(fields=["organization_id", "hour"], name="usage_rollup_org_hour"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id} {self.model_name} {self.hour:%Y-%m-%d %H}h"
+
+
+class SpendOutbox(models.Model):
+    """Token increments of one committed drain batch, per organization, not yet in Redis.
+
+    Written in the batch's transaction and deleted once applied, so the near-real-time
+    spend in Redis is exactly-once too (billing/metering.py, `spend_apply_pending`).
+    """
+
+    # Names the batch in Redis: its applied-marker makes a replay after a crash a no-op.
+    batch = models.UUIDField(unique=True)
+    deltas = models.JSONField()  # {organization_id: [input_tokens, output_tokens]}
+    # The inserted request ids, kept only when on_counted hooks may need a replay.
+    request_ids = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"spend batch {self.pk}"
+
+
+# ========================================= end of metering ===============================
+
+
+# =========================================================================================
+# Stripe (billing/stripe_sync.py, billing/webhooks.py): each organization's Stripe
+# customer, the raw webhook events (stored before processing, processed once by id), and
+# the failed payments that dunning counts. Optional: empty when Stripe is not configured.
+# =========================================================================================
+
+
+class StripeCustomer(models.Model):
+    """The Stripe customer of an organization, and its dunning state."""
+
+    organization = models.OneToOneField(
+        Organization, primary_key=True, on_delete=models.PROTECT, related_name="stripe_customer"
+    )
+    stripe_customer_id = models.CharField(max_length=255, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # `created` of the latest invoice.paid event: failures before it no longer count.
+    last_paid_at = models.DateTimeField(null=True, blank=True)
+    # Set when dunning (not an operator) suspended the organization, so that only such a
+    # suspension is lifted by a payment.
+    suspended_for_nonpayment = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return f"{self.organization_id} = {self.stripe_customer_id}"
+
+
+class StripeEvent(models.Model):
+    """A webhook event exactly as Stripe signed it; `processed_at` makes processing once-only."""
+
+    id = models.CharField(primary_key=True, max_length=255)  # evt_...
+    type = models.CharField(max_length=100)
+    created = models.DateTimeField()  # when Stripe created the event (orders events)
+    livemode = models.BooleanField(default=False)
+    payload = models.JSONField()
+    received_at = models.DateTimeField(default=timezone.now)
+    processed_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        indexes: ClassVar = [
+            models.Index(fields=["type", "created"], name="stripe_event_type_created"),
+            models.Index(
+                fields=["received_at"],
+                condition=Q(processed_at__isnull=True),
+                name="stripe_event_unprocessed",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.id}"
+
+
+class StripePaymentFailure(models.Model):
+    """One failed attempt to collect a Stripe invoice (an invoice.payment_failed event)."""
+
+    event = models.OneToOneField(
+        StripeEvent, primary_key=True, on_delete=models.CASCADE, related_name="+"
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="stripe_payment_failures"
+    )
+    stripe_invoice_id = models.CharField(max_length=255)
+    failed_at = models.DateTimeField()  # the event's `created`
+
+    class Meta:
+        indexes: ClassVar = [
+            models.Index(fields=["organization", "failed_at"], name="stripe_failure_org_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id} {self.stripe_invoice_id} at {self.failed_at}"
+
+
+# ========================================= end of Stripe =================================

@@ -1,0 +1,440 @@
+"""The price book: list prices with effective dates, organization overrides, price lookup."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from accounts.models import Organization
+from accounts.principal import Principal
+from accounts.services import audit_record
+from billing import checks
+from billing.models import Price, PriceOverride, TokenKind
+from billing.money import MAX_AMOUNT, MAX_UNIT_PRICE, UNIT_PRICE_PLACES, check_places, parse_decimal
+from billing.periods import hour_start, is_whole_hour
+from config.errors import Conflict, InvalidInput, NotFound
+
+logger = logging.getLogger(__name__)
+
+HUNDRED = Decimal(100)
+
+
+class Unpriced(Conflict):
+    """Usage of a model and token kind that has no price at that time: it cannot be rated."""
+
+    code = "unpriced_usage"
+
+
+@dataclass(frozen=True)
+class EffectivePrice:
+    model_name: str
+    token_kind: str
+    unit_price: Decimal  # per million tokens, after the organization's rate or discount
+    list_price: Decimal
+    source: str  # "list", "rate" or "discount"
+
+
+@dataclass(frozen=True)
+class CommitTier:
+    threshold: Decimal
+    percent: Decimal
+
+
+@dataclass
+class PriceBook:
+    """Every price and override that can apply to one organization, loaded once.
+
+    Rating a month asks for thousands of (model, kind, hour) prices; this answers them
+    from memory. Lookups are by the instant: the price in effect at `at` is the latest
+    row with effective_from <= at (rollups are hourly, so an hour is rated at the price
+    in effect at its start).
+    """
+
+    organization_id: str | None
+    # (model, kind) -> effective_from ascending, and the prices in the same order
+    _list_times: dict[tuple[str, str], list[datetime]] = field(default_factory=dict)
+    _list_prices: dict[tuple[str, str], list[Decimal]] = field(default_factory=dict)
+    _overrides: list[PriceOverride] = field(default_factory=list)
+    _cache: dict[tuple[str, str, datetime], EffectivePrice | None] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        organization_id: str | None,
+        *,
+        model_names: Iterable[str] | None = None,
+        currency: str | None = None,
+    ) -> PriceBook:
+        prices = Price.objects.filter(currency=currency or settings.MANTLE_BILLING_CURRENCY)
+        if model_names is not None:
+            prices = prices.filter(model_name__in=list(model_names))
+        book = cls(organization_id=organization_id)
+        times: dict[tuple[str, str], list[datetime]] = defaultdict(list)
+        values: dict[tuple[str, str], list[Decimal]] = defaultdict(list)
+        for p in prices.order_by("model_name", "token_kind", "effective_from").only(
+            "model_name", "token_kind", "unit_price", "effective_from"
+        ):
+            times[(p.model_name, p.token_kind)].append(p.effective_from)
+            values[(p.model_name, p.token_kind)].append(p.unit_price)
+        book._list_times, book._list_prices = dict(times), dict(values)
+        if organization_id is not None:
+            book._overrides = list(
+                PriceOverride.objects.filter(organization_id=organization_id).order_by(
+                    "effective_from", "id"
+                )
+            )
+        return book
+
+    def model_names(self) -> set[str]:
+        return {model for model, _ in self._list_times} | {
+            o.model_name for o in self._overrides if o.kind == PriceOverride.Kind.RATE
+        }
+
+    def list_price(self, model_name: str, token_kind: str, at: datetime) -> Decimal | None:
+        times = self._list_times.get((model_name, token_kind))
+        if not times:
+            return None
+        i = bisect.bisect_right(times, at) - 1
+        return self._list_prices[(model_name, token_kind)][i] if i >= 0 else None
+
+    def effective(self, model_name: str, token_kind: str, at: datetime) -> EffectivePrice | None:
+        """The unit price the organization pays at `at`, or None if nothing prices it."""
+        key = (model_name, token_kind, at)
+        if key not in self._cache:
+            self._cache[key] = self._effective(model_name, token_kind, at)
+        return self._cache[key]
+
+    def _effective(self, model_name: str, token_kind: str, at: datetime) -> EffectivePrice | None:
+        listed = self.list_price(model_name, token_kind, at)
+        active = [o for o in self._overrides if _active(o, at)]
+        rates = [
+            o
+            for o in active
+            if o.kind == PriceOverride.Kind.RATE
+            and o.model_name == model_name
+            and o.token_kind == token_kind
+        ]
+        if rates:
+            rate = rates[-1]  # the latest effective_from wins
+            assert rate.unit_price is not None
+            return EffectivePrice(
+                model_name, token_kind, rate.unit_price, listed or rate.unit_price, "rate"
+            )
+        if listed is None:
+            return None
+        discounts = [
+            o
+            for o in active
+            if o.kind == PriceOverride.Kind.DISCOUNT
+            and o.model_name in ("", model_name)
+            and o.token_kind in ("", token_kind)
+        ]
+        if discounts:
+            # The most specific applies; among equals, the latest.
+            best = max(
+                enumerate(discounts),
+                key=lambda p: (bool(p[1].model_name), bool(p[1].token_kind), p[0]),
+            )[1]
+            assert best.discount_percent is not None
+            unit = discounted(listed, best.discount_percent)
+            return EffectivePrice(model_name, token_kind, unit, listed, "discount")
+        return EffectivePrice(model_name, token_kind, listed, listed, "list")
+
+    def commit_tiers(self, at: datetime) -> list[CommitTier]:
+        """The committed-spend tiers in effect at `at`, by threshold."""
+        tiers = [
+            CommitTier(o.threshold, o.discount_percent)
+            for o in self._overrides
+            if o.kind == PriceOverride.Kind.COMMIT_TIER
+            and _active(o, at)
+            and o.threshold is not None
+            and o.discount_percent is not None
+        ]
+        return sorted(tiers, key=lambda t: t.threshold)
+
+
+def _active(o: PriceOverride, at: datetime) -> bool:
+    return o.effective_from <= at and (o.effective_until is None or at < o.effective_until)
+
+
+def discounted(list_price: Decimal, percent: Decimal) -> Decimal:
+    return (list_price * (HUNDRED - percent) / HUNDRED).quantize(
+        UNIT_PRICE_PLACES, rounding=ROUND_HALF_EVEN
+    )
+
+
+def commit_discount(subtotal: Decimal, tiers: Sequence[CommitTier]) -> Decimal:
+    """The discount (positive, unrounded) that marginal tiers give on `subtotal`.
+
+    Each tier's percentage applies to the part of the subtotal between its threshold
+    and the next tier's, like tax brackets: passing a threshold never makes the
+    spend below it cheaper, so the invoice never drops when usage grows.
+    """
+    discount = Decimal(0)
+    for i, tier in enumerate(tiers):
+        upper = tiers[i + 1].threshold if i + 1 < len(tiers) else subtotal
+        band = min(subtotal, upper) - tier.threshold
+        if band > 0:
+            discount += band * tier.percent / HUNDRED
+    return discount
+
+
+def price_lookup(
+    org: Organization | None, model_name: str, token_kind: str, at: datetime | None = None
+) -> EffectivePrice:
+    """The unit price per million tokens that `org` pays for a model and token kind at `at`."""
+    book = PriceBook.load(org.id if org else None, model_names=[model_name])
+    found = book.effective(model_name, token_kind, at or timezone.now())
+    if found is None:
+        raise NotFound(f"no price for {model_name} {token_kind} tokens", param="model_name")
+    return found
+
+
+# --- Back-office writes ------------------------------------------------------------------
+
+
+def price_set(
+    *,
+    principal: Principal,
+    model_name: str,
+    token_kind: str,
+    unit_price: Decimal | str,
+    effective_from: datetime,
+    reason: str,
+    currency: str = "USD",
+) -> Price:
+    """A new list price from `effective_from` on (the history is kept: nothing is updated).
+
+    `effective_from` is a whole UTC hour (rollups are hourly, so an hour never has two
+    prices) and not before the current hour: a price change never re-rates the past, so
+    it can never touch a finalized invoice.
+    """
+    checks.check_staff(principal)
+    reason = checks.check_reason(reason)
+    currency = checks.check_currency(currency)
+    model_name = _check_model(model_name)
+    token_kind = _check_kind(token_kind, param="token_kind")
+    price = _check_unit_price(unit_price, param="unit_price")
+    _check_from(effective_from)
+    try:
+        with transaction.atomic():
+            row = Price.objects.create(
+                model_name=model_name,
+                token_kind=token_kind,
+                currency=currency,
+                unit_price=price,
+                effective_from=effective_from,
+                reason=reason,
+                created_by=principal.user,
+            )
+            audit_record(
+                principal=principal,
+                action="billing.price_set",
+                target=row,
+                organization=None,
+                metadata={
+                    "model_name": model_name,
+                    "token_kind": token_kind,
+                    "unit_price": str(price),
+                    "currency": currency,
+                    "effective_from": effective_from.isoformat(),
+                    "reason": reason,
+                },
+            )
+            transaction.on_commit(_sync_all_wallets)
+    except IntegrityError as exc:
+        raise Conflict(
+            f"{model_name} {token_kind} already has a price from {effective_from.isoformat()}",
+            param="effective_from",
+        ) from exc
+    return row
+
+
+def price_override_create(
+    *,
+    principal: Principal,
+    org: Organization,
+    kind: str,
+    effective_from: datetime,
+    reason: str,
+    model_name: str = "",
+    token_kind: str = "",
+    unit_price: Decimal | str | None = None,
+    discount_percent: Decimal | str | None = None,
+    threshold: Decimal | str | None = None,
+    effective_until: datetime | None = None,
+) -> PriceOverride:
+    """Contract terms for one organization (see PriceOverride for the three kinds)."""
+    checks.check_staff(principal)
+    reason = checks.check_reason(reason)
+    if kind not in PriceOverride.Kind.values:
+        raise InvalidInput(f"kind must be one of {sorted(PriceOverride.Kind.values)}", param="kind")
+    _check_from(effective_from)
+    if effective_until is not None:
+        checks.check_aware(effective_until, param="effective_until")
+        if not is_whole_hour(effective_until) or effective_until <= effective_from:
+            raise InvalidInput(
+                "effective_until must be a whole UTC hour after effective_from",
+                param="effective_until",
+            )
+    values: dict[str, object] = {"model_name": "", "token_kind": ""}
+    if kind == PriceOverride.Kind.RATE:
+        values["model_name"] = _check_model(model_name)
+        values["token_kind"] = _check_kind(token_kind, param="token_kind")
+        if unit_price is None:
+            raise InvalidInput("a rate needs unit_price", param="unit_price")
+        values["unit_price"] = _check_unit_price(unit_price, param="unit_price")
+        _refuse(discount_percent=discount_percent, threshold=threshold)
+    elif kind == PriceOverride.Kind.DISCOUNT:
+        values["model_name"] = _check_model(model_name) if model_name else ""
+        values["token_kind"] = _check_kind(token_kind, param="token_kind") if token_kind else ""
+        values["discount_percent"] = _check_percent(discount_percent)
+        _refuse(unit_price=unit_price, threshold=threshold)
+    else:
+        if model_name or token_kind:
+            raise InvalidInput(
+                "a commit tier applies to the whole invoice: no model_name or token_kind",
+                param="model_name" if model_name else "token_kind",
+            )
+        values["discount_percent"] = _check_percent(discount_percent)
+        if threshold is None:
+            raise InvalidInput("a commit tier needs threshold", param="threshold")
+        amount = check_places(parse_decimal(threshold, param="threshold"), 2, param="threshold")
+        if amount < 0 or amount > MAX_AMOUNT:
+            raise InvalidInput(f"threshold must be in [0, {MAX_AMOUNT}]", param="threshold")
+        values["threshold"] = amount
+        _refuse(unit_price=unit_price)
+    with transaction.atomic():
+        row = PriceOverride.objects.create(
+            organization=org,
+            kind=kind,
+            effective_from=effective_from,
+            effective_until=effective_until,
+            reason=reason,
+            created_by=principal.user,
+            **values,
+        )
+        audit_record(
+            principal=principal,
+            action="billing.price_override_created",
+            target=row,
+            organization=org,
+            metadata={
+                "kind": kind,
+                **{k: str(v) for k, v in values.items()},
+                "effective_from": effective_from.isoformat(),
+                "effective_until": effective_until.isoformat() if effective_until else None,
+                "reason": reason,
+            },
+        )
+        transaction.on_commit(lambda: _sync_wallet(org.id))
+    return row
+
+
+def price_override_end(
+    *, principal: Principal, override: PriceOverride, at: datetime, reason: str
+) -> PriceOverride:
+    """Ends contract terms at `at` (a whole hour, not in the past): the past stays as rated."""
+    checks.check_staff(principal)
+    reason = checks.check_reason(reason)
+    _check_from(at, param="at")
+    with transaction.atomic():
+        row = PriceOverride.objects.select_for_update().get(pk=override.pk)
+        if at <= row.effective_from:
+            raise InvalidInput("at must be after the override's effective_from", param="at")
+        if row.effective_until is not None and row.effective_until <= at:
+            raise Conflict("the override already ends by then", param="at")
+        row.effective_until = at
+        row.save(update_fields=["effective_until"])
+        audit_record(
+            principal=principal,
+            action="billing.price_override_ended",
+            target=row,
+            organization=row.organization,
+            metadata={"at": at.isoformat(), "reason": reason},
+        )
+        org_id = row.organization_id
+        transaction.on_commit(lambda: _sync_wallet(org_id))
+    return row
+
+
+def _sync_wallet(organization_id: str) -> None:
+    from billing.tasks import wallet_sync_organization
+
+    wallet_sync_organization.delay(organization_id)
+
+
+def _sync_all_wallets() -> None:
+    from billing.tasks import wallet_sync_all
+
+    wallet_sync_all.delay()
+
+
+def _check_model(model_name: str) -> str:
+    from catalog.models import Model
+
+    name = (model_name or "").strip()
+    if not name:
+        raise InvalidInput("model_name must not be empty", param="model_name")
+    if not Model.objects.filter(name=name).exists():
+        raise InvalidInput(f"model_name {name!r} is not a model of the catalog", param="model_name")
+    return name
+
+
+def _check_kind(token_kind: str, *, param: str) -> str:
+    if token_kind not in TokenKind.values:
+        raise InvalidInput(f"{param} must be one of {sorted(TokenKind.values)}", param=param)
+    return token_kind
+
+
+def _check_unit_price(value: Decimal | str, *, param: str) -> Decimal:
+    price = check_places(parse_decimal(value, param=param), 9, param=param)
+    if price < 0 or price > MAX_UNIT_PRICE:
+        raise InvalidInput(f"{param} must be in [0, {MAX_UNIT_PRICE}] per million", param=param)
+    return price
+
+
+def _check_percent(value: Decimal | str | None) -> Decimal:
+    if value is None:
+        raise InvalidInput("discount_percent is required", param="discount_percent")
+    percent = check_places(
+        parse_decimal(value, param="discount_percent"), 2, param="discount_percent"
+    )
+    if not Decimal(0) < percent <= HUNDRED:
+        raise InvalidInput("discount_percent must be in (0, 100]", param="discount_percent")
+    return percent
+
+
+def _check_from(at: datetime, *, param: str = "effective_from") -> None:
+    checks.check_aware(at, param=param)
+    if not is_whole_hour(at):
+        raise InvalidInput(f"{param} must be a whole UTC hour (hh:00:00)", param=param)
+    if at < hour_start(timezone.now()):
+        raise InvalidInput(
+            f"{param} must not be in the past: rated usage is never re-priced", param=param
+        )
+
+
+def _refuse(**given: object) -> None:
+    for name, value in given.items():
+        if value is not None:
+            raise InvalidInput(f"{name} does not apply to this kind of override", param=name)
+
+
+def overrides_active(org: Organization, at: datetime | None = None) -> list[PriceOverride]:
+    at = at or timezone.now()
+    return list(
+        PriceOverride.objects.filter(organization=org, effective_from__lte=at)
+        .filter(Q(effective_until__isnull=True) | Q(effective_until__gt=at))
+        .order_by("kind", "effective_from")
+    )

@@ -1,0 +1,100 @@
+"""Request and response shapes of the billing part of the management API.
+
+Money is a decimal string ("12.34"), never a JSON number: a float cannot hold it exactly.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+
+from ninja import Schema
+from pydantic import ConfigDict, Field
+
+
+class In(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BalanceOut(Schema):
+    currency: str
+    mode: str = Field(description="prepaid | postpaid | unlimited")
+    balance: str = Field(description="The sum of the credit ledger")
+    available: str = Field(description="Credit not past its expiry: what can still be spent")
+    month: str = Field(description="The current month, YYYY-MM (UTC)")
+    month_spend: str = Field(description="This month's usage charges so far, before credits")
+
+
+class CreditEntryOut(Schema):
+    id: int
+    kind: str
+    amount: str
+    currency: str
+    grant_id: int | None
+    expires_at: datetime | None
+    reason: str
+    reference: str
+    created_at: datetime
+
+
+class InvoiceOut(Schema):
+    id: str
+    number: str | None
+    status: str
+    currency: str
+    period_start: datetime
+    period_end: datetime
+    subtotal: str
+    credits_applied: str
+    total: str
+    finalized_at: datetime | None
+    paid_at: datetime | None
+    voided_at: datetime | None
+    payment_reference: str
+
+
+class InvoiceLineOut(Schema):
+    kind: str = Field(description="usage | adjustment (late usage of an earlier month) | discount")
+    label: str
+    usage_month: date | None
+    model_name: str
+    token_kind: str
+    quantity: int = Field(description="tokens")
+    unit_price: str | None = Field(description="per million tokens")
+    amount: str
+
+
+class InvoiceDetailOut(InvoiceOut):
+    lines: list[InvoiceLineOut]
+
+
+class BudgetIn(In):
+    project_id: str | None = Field(default=None, description="None: the whole organization")
+    monthly_amount: Decimal
+    alert_thresholds: list[int] = Field(default_factory=lambda: [50, 80, 100], max_length=10)
+    hard_limit: bool = False
+
+
+class BudgetsIn(In):
+    budgets: list[BudgetIn] = Field(max_length=1000)
+
+
+class BudgetOut(Schema):
+    id: int
+    project_id: str | None
+    monthly_amount: str
+    currency: str
+    alert_thresholds: list[int]
+    hard_limit: bool
+    month_spend: str
+    updated_at: datetime
+
+
+class BudgetAlertOut(Schema):
+    id: int
+    project_id: str | None
+    month: str
+    threshold: int
+    budget_amount: str
+    spend: str
+    created_at: datetime

@@ -1,0 +1,620 @@
+"""An in-memory Stripe for tests, keeping the documented rules Mantle relies on."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+from billing.stripe_client import API_VERSION, webhook_sign
+from billing.stripe_types import (
+    META_INVOICE,
+    META_INVOICE_NUMBER,
+    META_LINE_INDEX,
+    META_ORGANIZATION,
+    CheckoutSession,
+    Customer,
+    Invoice,
+    InvoicePush,
+    MeterEvent,
+    PaymentMethod,
+    SetupIntent,
+    StripeIdempotencyConflict,
+    StripeInvalidRequest,
+    StripeObjectMissing,
+    customer_idempotency_key,
+    hour_floor,
+    invoice_idempotency_key,
+    meter_event_identifier,
+    to_minor_units,
+)
+
+T = TypeVar("T")
+
+# Stripe keeps an idempotency key's result for at least 24 hours, then forgets it.
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+# Stripe's test payment methods that the fake understands: the card each one
+# stands for, and whether charging it is declined.
+TEST_CARDS: Mapping[str, tuple[str, str, bool]] = {
+    "pm_card_visa": ("visa", "4242", False),
+    "pm_card_mastercard": ("mastercard", "4444", False),
+    "pm_card_chargeDeclined": ("visa", "0002", True),
+    "pm_card_chargeDeclinedInsufficientFunds": ("visa", "9995", True),
+}
+
+# Invoice state machine (docs.stripe.com/invoicing/overview#invoice-statuses).
+_TRANSITIONS: Mapping[str, frozenset[str]] = {
+    "finalize": frozenset({"draft"}),
+    "pay": frozenset({"open", "uncollectible"}),
+    "void": frozenset({"open", "uncollectible"}),
+    "mark_uncollectible": frozenset({"open"}),
+}
+
+
+class FakeStripe:
+    """Implements billing.stripe_types.StripeBackend, plus what Stripe itself would do
+    on its side (charge an invoice, complete a setup) and the webhook events it sends.
+
+    Rules kept: idempotency keys (same key and parameters → the same object; same key,
+    other parameters or another endpoint → an error; forgotten after 24 hours), the
+    invoice state machine (draft → open → paid | void | uncollectible; items only on
+    drafts; a zero amount due is paid on finalization), payment methods attached to a
+    customer, meter events deduplicated by identifier. Every object change is an event,
+    signed like Stripe's with the webhook secret.
+    """
+
+    def __init__(
+        self,
+        *,
+        webhook_secret: str,
+        meter_event_name: str = "mantle_tokens",
+        start: float | None = None,
+    ) -> None:
+        self.webhook_secret = webhook_secret
+        self.meter_event_name = meter_event_name
+        self._now = float(start if start is not None else time.time())
+        self._lock = threading.RLock()
+        self._seq = itertools.count(1)
+        self.customers: dict[str, dict[str, Any]] = {}
+        self.payment_methods: dict[str, dict[str, Any]] = {}
+        self.setup_intents: dict[str, dict[str, Any]] = {}
+        self.checkout_sessions: dict[str, dict[str, Any]] = {}
+        self.invoices: dict[str, dict[str, Any]] = {}
+        self.invoice_items: dict[str, dict[str, Any]] = {}
+        self.meter_events: dict[str, MeterEvent] = {}
+        self._meter_dimensions: dict[str, tuple[str, str]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str]] = []  # (method name, idempotency key or "")
+        self._idempotency: dict[str, tuple[str, str, float, Any]] = {}
+
+    # --- Clock ---------------------------------------------------------------------------
+
+    def now(self) -> int:
+        return int(self._now)
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+
+    # --- The backend Protocol ------------------------------------------------------------
+
+    def customer_create(
+        self, *, organization_id: str, name: str, email: str | None = None
+    ) -> Customer:
+        params = {"name": name, "email": email, "metadata": {META_ORGANIZATION: organization_id}}
+
+        def create() -> dict[str, Any]:
+            customer: dict[str, Any] = {
+                "id": self._new_id("cus"),
+                "object": "customer",
+                "created": self.now(),
+                "name": name,
+                "email": email,
+                "metadata": {META_ORGANIZATION: organization_id},
+                "invoice_settings": {"default_payment_method": None},
+            }
+            self.customers[customer["id"]] = customer
+            self._emit("customer.created", customer)
+            return customer
+
+        data = self._idempotent(
+            customer_idempotency_key(organization_id), "POST /v1/customers", params, create
+        )
+        return _customer(self.customers[data["id"]])
+
+    def customer_retrieve(self, customer_id: str) -> Customer:
+        with self._lock:
+            return _customer(self._get(self.customers, customer_id, "customer"))
+
+    def customer_set_default_payment_method(
+        self, *, customer_id: str, payment_method_id: str
+    ) -> Customer:
+        with self._lock:
+            self.requests.append(("customer_update", ""))
+            customer = self._get(self.customers, customer_id, "customer")
+            pm = self._get(self.payment_methods, payment_method_id, "payment_method")
+            if pm["customer"] != customer_id:
+                raise StripeInvalidRequest(
+                    f"the payment method {payment_method_id} is not attached to {customer_id}",
+                    param="invoice_settings[default_payment_method]",
+                )
+            customer["invoice_settings"]["default_payment_method"] = payment_method_id
+            self._emit("customer.updated", customer)
+            return _customer(customer)
+
+    def checkout_setup_session_create(
+        self, *, customer_id: str, currency: str, success_url: str, cancel_url: str
+    ) -> CheckoutSession:
+        with self._lock:
+            self.requests.append(("checkout_session_create", ""))
+            self._get(self.customers, customer_id, "customer")
+            session_id = self._new_id("cs_test")
+            self.checkout_sessions[session_id] = {
+                "id": session_id,
+                "object": "checkout.session",
+                "mode": "setup",
+                "customer": customer_id,
+                "currency": currency.lower(),
+                "status": "open",
+                "success_url": success_url,
+                "cancel_url": cancel_url,
+                "setup_intent": None,
+                "url": f"https://checkout.stripe.com/c/pay/{session_id}",
+            }
+            return CheckoutSession(id=session_id, url=self.checkout_sessions[session_id]["url"])
+
+    def setup_intent_create(self, *, customer_id: str) -> SetupIntent:
+        with self._lock:
+            self.requests.append(("setup_intent_create", ""))
+            return _setup_intent(self._setup_intent_new(customer_id))
+
+    def setup_intent_retrieve(self, setup_intent_id: str) -> tuple[SetupIntent, str | None]:
+        with self._lock:
+            intent = self._get(self.setup_intents, setup_intent_id, "setup_intent")
+            return _setup_intent(intent), intent["payment_method"]
+
+    def payment_methods_list(self, *, customer_id: str) -> tuple[PaymentMethod, ...]:
+        with self._lock:
+            self._get(self.customers, customer_id, "customer")
+            return tuple(
+                _payment_method(pm)
+                for pm in self.payment_methods.values()
+                if pm["customer"] == customer_id
+            )
+
+    def invoice_draft_create(self, push: InvoicePush) -> Invoice:
+        with self._lock:
+            self._get(self.customers, push.customer_id, "customer")
+            return _invoice(self._invoice_create(push, push.currency.lower()))
+
+    def invoice_complete(self, push: InvoicePush) -> Invoice:
+        """The same steps and idempotency keys as the real adapter."""
+        if push.stripe_invoice_id is None:
+            raise ValueError("invoice_complete needs the Stripe draft's id")
+        currency = push.currency.lower()
+        with self._lock:
+            invoice = self._get(self.invoices, push.stripe_invoice_id, "invoice")
+            if invoice["status"] != "draft":
+                return _invoice(invoice)
+            present = {
+                int(line["metadata"][META_LINE_INDEX])
+                for line in invoice["lines"]
+                if META_LINE_INDEX in line["metadata"]
+            }
+            for index, line in enumerate(push.lines):
+                if index in present:
+                    continue
+                self._invoice_item_create(
+                    key=invoice_idempotency_key(push.invoice_id, f"line-{index}"),
+                    customer_id=push.customer_id,
+                    invoice_id=invoice["id"],
+                    currency=currency,
+                    amount=to_minor_units(line.amount, currency),
+                    description=line.description,
+                    metadata={
+                        **line.metadata,
+                        META_INVOICE: push.invoice_id,
+                        META_LINE_INDEX: str(index),
+                    },
+                )
+            final = self._idempotent(
+                invoice_idempotency_key(push.invoice_id, "finalize"),
+                f"POST /v1/invoices/{invoice['id']}/finalize",
+                {"auto_advance": True},
+                lambda: self._transition(invoice["id"], "finalize"),
+            )
+            # A replayed key answers with the response first given, as Stripe does.
+            return _invoice(final)
+
+    def invoice_retrieve(self, stripe_invoice_id: str) -> Invoice:
+        with self._lock:
+            return _invoice(self._get(self.invoices, stripe_invoice_id, "invoice"))
+
+    def meter_event_send(
+        self, *, customer_id: str, model: str, kind: str, hour: datetime, quantity: int
+    ) -> MeterEvent:
+        if quantity < 0:
+            raise StripeInvalidRequest("a meter event quantity cannot be negative", param="value")
+        identifier = meter_event_identifier(customer_id, model, kind, hour)
+        timestamp = int(hour_floor(hour).timestamp())
+        if timestamp < self.now() - 35 * 86400 or timestamp > self.now() + 300:
+            # Stripe accepts events from the past 35 days up to 5 minutes ahead.
+            raise StripeInvalidRequest("meter event timestamp out of range", param="timestamp")
+        params = {
+            "event_name": self.meter_event_name,
+            "identifier": identifier,
+            "timestamp": timestamp,
+            "payload": {
+                "stripe_customer_id": customer_id,
+                "value": str(quantity),
+                "model": model,
+                "token_kind": kind,
+            },
+        }
+
+        def create() -> MeterEvent:
+            self._get(self.customers, customer_id, "customer")
+            existing = self.meter_events.get(identifier)
+            if existing is not None:
+                return existing  # the identifier is unique: a resend counts once
+            event = MeterEvent(
+                identifier=identifier,
+                event_name=self.meter_event_name,
+                customer_id=customer_id,
+                value=quantity,
+                timestamp=timestamp,
+            )
+            self.meter_events[identifier] = event
+            self._meter_dimensions[identifier] = (model, kind)
+            return event
+
+        return self._idempotent(identifier, "POST /v1/billing/meter_events", params, create)
+
+    # --- What Stripe does on its side -----------------------------------------------------
+
+    def payment_method_attach(self, card: str, *, customer_id: str) -> PaymentMethod:
+        """Attaches a new payment method made from a Stripe test card (`pm_card_visa`...)."""
+        with self._lock:
+            return _payment_method(self._payment_method_new(card, customer_id))
+
+    def setup_intent_succeed(self, setup_intent_id: str, *, card: str = "pm_card_visa") -> str:
+        """The customer completes the setup (Checkout or Elements): the card is attached."""
+        with self._lock:
+            intent = self._get(self.setup_intents, setup_intent_id, "setup_intent")
+            if intent["status"] == "succeeded":
+                raise StripeInvalidRequest("this SetupIntent has already succeeded")
+            pm = self._payment_method_new(card, intent["customer"])
+            intent["status"] = "succeeded"
+            intent["payment_method"] = pm["id"]
+            self._emit("setup_intent.succeeded", intent)
+            return str(pm["id"])
+
+    def checkout_complete(self, session_id: str, *, card: str = "pm_card_visa") -> str:
+        """The customer completes a setup-mode Checkout session; returns the payment method."""
+        with self._lock:
+            session = self._get(self.checkout_sessions, session_id, "checkout.session")
+            intent = self._setup_intent_new(session["customer"])
+            pm_id = self.setup_intent_succeed(intent["id"], card=card)
+            session["status"] = "complete"
+            session["setup_intent"] = intent["id"]
+            self._emit("checkout.session.completed", session)
+            return pm_id
+
+    def attempt_payment(self, stripe_invoice_id: str) -> bool:
+        """Stripe's automatic collection: charges the default payment method of the customer."""
+        with self._lock:
+            invoice = self._get(self.invoices, stripe_invoice_id, "invoice")
+            if invoice["status"] not in _TRANSITIONS["pay"]:
+                raise StripeInvalidRequest(
+                    f"invoice {stripe_invoice_id} is {invoice['status']}; only open invoices "
+                    "can be paid"
+                )
+            customer = self.customers[invoice["customer"]]
+            pm_id = customer["invoice_settings"]["default_payment_method"]
+            declined = pm_id is None or self.payment_methods[pm_id]["declines"]
+            invoice["attempt_count"] += 1
+            invoice["attempted"] = True
+            if declined:
+                self._emit("invoice.payment_failed", invoice)
+                return False
+            self._transition(stripe_invoice_id, "pay")
+            return True
+
+    def pay_invoice(self, stripe_invoice_id: str) -> None:
+        """Paid out of band (`paid_out_of_band`), e.g. a bank transfer reconciled in Stripe."""
+        with self._lock:
+            self._transition(stripe_invoice_id, "pay")
+
+    def void_invoice(self, stripe_invoice_id: str) -> None:
+        with self._lock:
+            self._transition(stripe_invoice_id, "void")
+
+    def mark_uncollectible(self, stripe_invoice_id: str) -> None:
+        with self._lock:
+            self._transition(stripe_invoice_id, "mark_uncollectible")
+
+    # --- Webhook events -----------------------------------------------------------------------
+
+    def events_of(self, event_type: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == event_type]
+
+    def signed(
+        self, event: Mapping[str, Any], *, timestamp: int | None = None
+    ) -> tuple[bytes, str]:
+        """The body and `Stripe-Signature` header Stripe would POST for this event."""
+        body = json.dumps(event)
+        header = webhook_sign(body, secret=self.webhook_secret, timestamp=timestamp or self.now())
+        return body.encode(), header
+
+    def meter_total(self, *, customer_id: str, model: str, kind: str) -> int:
+        return sum(
+            e.value
+            for e in self.meter_events.values()
+            if e.customer_id == customer_id
+            and self._meter_dimensions.get(e.identifier) == (model, kind)
+        )
+
+    # --- Internals ------------------------------------------------------------------------------
+
+    def _idempotent(
+        self, key: str, endpoint: str, params: Mapping[str, Any], create: Callable[[], T]
+    ) -> T:
+        fingerprint = json.dumps(params, sort_keys=True, default=str)
+        with self._lock:
+            self.requests.append((endpoint, key))
+            self._forget_expired_keys()
+            seen = self._idempotency.get(key)
+            if seen is not None:
+                seen_endpoint, seen_fingerprint, _, result = seen
+                if seen_endpoint != endpoint or seen_fingerprint != fingerprint:
+                    raise StripeIdempotencyConflict(
+                        "Keys for idempotent requests can only be used with the same "
+                        "parameters they were first used with. Try using a key other than "
+                        f"'{key}' if you meant to execute a different request.",
+                        param="Idempotency-Key",
+                    )
+                return copy.deepcopy(result)
+            # Only requests that succeed are remembered (a failed validation is not).
+            value = create()
+            self._idempotency[key] = (endpoint, fingerprint, self._now, copy.deepcopy(value))
+            return value
+
+    def _forget_expired_keys(self) -> None:
+        cutoff = self._now - IDEMPOTENCY_TTL_S
+        for key in [k for k, v in self._idempotency.items() if v[2] < cutoff]:
+            del self._idempotency[key]
+
+    def _invoice_create(self, push: InvoicePush, currency: str) -> dict[str, Any]:
+        metadata = {META_INVOICE: push.invoice_id, META_INVOICE_NUMBER: push.number}
+        params = {
+            "customer": push.customer_id,
+            "currency": currency,
+            "number": push.number,
+            "auto_advance": True,
+            "pending_invoice_items_behavior": "exclude",
+            "metadata": metadata,
+        }
+
+        def create() -> dict[str, Any]:
+            if any(inv["number"] == push.number for inv in self.invoices.values()):
+                raise StripeInvalidRequest(
+                    f"invoice number {push.number} is already in use", param="number"
+                )
+            invoice: dict[str, Any] = {
+                "id": self._new_id("in"),
+                "object": "invoice",
+                "created": self.now(),
+                "customer": push.customer_id,
+                "currency": currency,
+                "number": push.number,
+                "status": "draft",
+                "auto_advance": True,
+                "metadata": metadata,
+                "lines": [],
+                "total": 0,
+                "amount_due": 0,
+                "amount_paid": 0,
+                "amount_remaining": 0,
+                "attempt_count": 0,
+                "attempted": False,
+                "status_transitions": {
+                    "finalized_at": None,
+                    "paid_at": None,
+                    "voided_at": None,
+                    "marked_uncollectible_at": None,
+                },
+            }
+            self.invoices[invoice["id"]] = invoice
+            self._emit("invoice.created", invoice)
+            return invoice
+
+        data = self._idempotent(
+            invoice_idempotency_key(push.invoice_id, "create"), "POST /v1/invoices", params, create
+        )
+        return self.invoices[data["id"]]
+
+    def _invoice_item_create(
+        self,
+        *,
+        key: str,
+        customer_id: str,
+        invoice_id: str,
+        currency: str,
+        amount: int,
+        description: str,
+        metadata: Mapping[str, str],
+    ) -> None:
+        params = {
+            "customer": customer_id,
+            "invoice": invoice_id,
+            "currency": currency,
+            "amount": amount,
+            "description": description,
+            "metadata": dict(metadata),
+        }
+
+        def create() -> dict[str, Any]:
+            invoice = self._get(self.invoices, invoice_id, "invoice")
+            if invoice["status"] != "draft":
+                raise StripeInvalidRequest(
+                    f"invoice {invoice_id} is {invoice['status']}; items can only be added "
+                    "to a draft invoice",
+                    param="invoice",
+                )
+            if invoice["currency"] != currency:
+                raise StripeInvalidRequest("the item's currency differs from the invoice's")
+            item: dict[str, Any] = {
+                "id": self._new_id("ii"),
+                "object": "invoiceitem",
+                "customer": customer_id,
+                "invoice": invoice_id,
+                "currency": currency,
+                "amount": amount,
+                "description": description,
+                "metadata": dict(metadata),
+            }
+            self.invoice_items[item["id"]] = item
+            invoice["lines"].append(item)
+            invoice["total"] += amount
+            invoice["amount_due"] = max(invoice["total"], 0)
+            invoice["amount_remaining"] = invoice["amount_due"]
+            return item
+
+        self._idempotent(key, "POST /v1/invoiceitems", params, create)
+
+    def _transition(self, invoice_id: str, action: str) -> dict[str, Any]:
+        invoice = self._get(self.invoices, invoice_id, "invoice")
+        if invoice["status"] not in _TRANSITIONS[action]:
+            raise StripeInvalidRequest(
+                f"cannot {action.replace('_', ' ')} invoice {invoice_id}: it is "
+                f"{invoice['status']}",
+                param="invoice",
+            )
+        now = self.now()
+        if action == "finalize":
+            invoice["status"] = "open"
+            invoice["status_transitions"]["finalized_at"] = now
+            self._emit("invoice.finalized", invoice)
+            if invoice["amount_due"] == 0:  # nothing to collect: Stripe marks it paid
+                self._transition(invoice_id, "pay")
+        elif action == "pay":
+            invoice["status"] = "paid"
+            invoice["amount_paid"] = invoice["amount_due"]
+            invoice["amount_remaining"] = 0
+            invoice["status_transitions"]["paid_at"] = now
+            self._emit("invoice.paid", invoice)
+            self._emit("invoice.payment_succeeded", invoice)
+        elif action == "void":
+            invoice["status"] = "void"
+            invoice["status_transitions"]["voided_at"] = now
+            self._emit("invoice.voided", invoice)
+        elif action == "mark_uncollectible":
+            invoice["status"] = "uncollectible"
+            invoice["status_transitions"]["marked_uncollectible_at"] = now
+            self._emit("invoice.marked_uncollectible", invoice)
+        return invoice
+
+    def _setup_intent_new(self, customer_id: str) -> dict[str, Any]:
+        self._get(self.customers, customer_id, "customer")
+        intent_id = self._new_id("seti")
+        intent: dict[str, Any] = {
+            "id": intent_id,
+            "object": "setup_intent",
+            "customer": customer_id,
+            "status": "requires_payment_method",
+            "usage": "off_session",
+            "client_secret": f"{intent_id}_secret_{secrets.token_hex(8)}",
+            "payment_method": None,
+        }
+        self.setup_intents[intent_id] = intent
+        return intent
+
+    def _payment_method_new(self, card: str, customer_id: str) -> dict[str, Any]:
+        if card not in TEST_CARDS:
+            raise StripeInvalidRequest(f"no such test payment method: {card}")
+        self._get(self.customers, customer_id, "customer")
+        brand, last4, declines = TEST_CARDS[card]
+        pm: dict[str, Any] = {
+            "id": self._new_id("pm"),
+            "object": "payment_method",
+            "type": "card",
+            "customer": customer_id,
+            "card": {"brand": brand, "last4": last4, "exp_month": 12, "exp_year": 2034},
+            "declines": declines,
+        }
+        self.payment_methods[pm["id"]] = pm
+        self._emit("payment_method.attached", pm)
+        return pm
+
+    def _emit(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        snapshot = copy.deepcopy(dict(obj))
+        snapshot.pop("declines", None)
+        if snapshot.get("object") == "invoice":
+            snapshot["lines"] = {"object": "list", "data": snapshot["lines"]}
+        self.events.append(
+            {
+                "id": self._new_id("evt"),
+                "object": "event",
+                "api_version": API_VERSION,
+                "created": self.now(),
+                "livemode": False,
+                "pending_webhooks": 1,
+                "type": event_type,
+                "data": {"object": snapshot},
+            }
+        )
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}_fake{next(self._seq):06d}{secrets.token_hex(4)}"
+
+    @staticmethod
+    def _get(table: Mapping[str, dict[str, Any]], object_id: str, kind: str) -> dict[str, Any]:
+        found = table.get(object_id)
+        if found is None:
+            raise StripeObjectMissing(f"No such {kind}: '{object_id}'", param="id")
+        return found
+
+
+def _customer(data: Mapping[str, Any]) -> Customer:
+    return Customer(
+        id=data["id"],
+        organization_id=data["metadata"].get(META_ORGANIZATION),
+        default_payment_method_id=data["invoice_settings"]["default_payment_method"],
+    )
+
+
+def _setup_intent(data: Mapping[str, Any]) -> SetupIntent:
+    return SetupIntent(id=data["id"], client_secret=data["client_secret"], status=data["status"])
+
+
+def _payment_method(data: Mapping[str, Any]) -> PaymentMethod:
+    card = data["card"]
+    return PaymentMethod(
+        id=data["id"],
+        type=data["type"],
+        brand=card["brand"],
+        last4=card["last4"],
+        exp_month=card["exp_month"],
+        exp_year=card["exp_year"],
+    )
+
+
+def _invoice(data: Mapping[str, Any]) -> Invoice:
+    return Invoice(
+        id=data["id"],
+        customer_id=data["customer"],
+        status=data["status"],
+        currency=data["currency"],
+        total=data["total"],
+        amount_due=data["amount_due"],
+        amount_paid=data["amount_paid"],
+        mantle_invoice_id=data["metadata"].get(META_INVOICE),
+        number=data["number"],
+        paid_at=data["status_transitions"]["paid_at"],
+    )

@@ -1,0 +1,445 @@
+"""The wallet: each organization's funds for admission, written to Redis from the database.
+
+The layout is shared with billing/spend.py (the gateway's settle and the drain's count)
+and written down exactly in docs/billing.md, "Admission". In short, per organization:
+
+    mantle:wallet:<org>            mode, cap_nanos, spent_nanos, reserved_nanos,
+                                   pending_nanos, month, synced_at,
+                                   p:<project>:cap_nanos, p:<project>:spent_nanos
+    mantle:price:<org>:<model>     in, out: nanos per token (decimal strings, exact)
+
+Admission may spend `cap - spent - reserved - pending`; what matters is the difference,
+so `wallet_sync` rebases `spent_nanos` with an increment rather than overwriting it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import redis
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from accounts.models import Organization
+from accounts.principal import Principal
+from accounts.services import audit_record
+from billing import checks, spend
+from billing.credits import credit_available
+from billing.invoicing import month_spend, unbilled_usage
+from billing.models import BillingAccount, Budget, CreditLedgerEntry, TokenKind, UsageRollup
+from billing.money import nanos_ceil, nanos_floor, nanos_per_token
+from billing.periods import month_label, month_start
+from billing.pricing import PriceBook
+from config.errors import InvalidInput
+from config.redis import get_redis
+from workers.contract import UsageEvent as ContractUsageEvent
+
+logger = logging.getLogger(__name__)
+
+Mode = BillingAccount.Mode
+BATCH_MARK_TTL_S = 7 * 24 * 3600
+
+
+def project_cap_field(project_id: str) -> str:
+    return f"p:{project_id}:cap_nanos"
+
+
+def project_spent_field(project_id: str) -> str:
+    return f"p:{project_id}:spent_nanos"
+
+
+def batch_mark_key(fingerprint: str) -> str:
+    return f"mantle:wallet-batch:{fingerprint}"
+
+
+@dataclass(frozen=True)
+class WalletState:
+    """What the database says the wallet should be, computed at one moment.
+
+    `spent_nanos` is the baseline that `spent_nanos` in Redis is rebased to: the spend
+    that `cap_nanos` does not already reflect. Caps are rounded down, spend up.
+    """
+
+    organization_id: str
+    mode: str  # prepaid | postpaid when capped, else unlimited (the gateway skips the check)
+    cap_nanos: int | None  # None: no organization-level check
+    spent_nanos: int
+    month: str
+    projects: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # id -> (cap, spent)
+    prices: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # model -> (in, out)
+
+
+def billing_mode(org: Organization) -> str:
+    account = BillingAccount.objects.filter(organization=org).first()
+    return account.mode if account else settings.MANTLE_BILLING_DEFAULT_MODE
+
+
+def billing_mode_set(
+    *, principal: Principal, org: Organization, mode: str, reason: str
+) -> BillingAccount:
+    """Sets how the organization pays (staff only); the wallet follows after commit."""
+    checks.check_staff(principal)
+    reason = checks.check_reason(reason)
+    if mode not in Mode.values:
+        raise InvalidInput(f"mode must be one of {sorted(Mode.values)}", param="mode")
+    with transaction.atomic():
+        before = billing_mode(org)
+        account, _ = BillingAccount.objects.update_or_create(
+            organization=org, defaults={"mode": mode}
+        )
+        audit_record(
+            principal=principal,
+            action="billing.mode_set",
+            target=org,
+            organization=org,
+            metadata={"from": before, "to": mode, "reason": reason},
+        )
+        org_id = org.id
+        from billing.tasks import wallet_sync_organization
+
+        transaction.on_commit(lambda: wallet_sync_organization.delay(org_id))
+    return account
+
+
+def wallet_compute(org: Organization, *, now: datetime | None = None) -> WalletState:
+    """The wallet from the database (no Redis).
+
+    - prepaid: spent = usage on no issued invoice (drafts, late usage), cap = credit
+      available (non-expired grants' remainders). The ledger only moves at invoice
+      finalization, so together they count each usage exactly once. With a hard
+      organization budget too, the cap is lowered so that cap - spent is the smaller
+      of the two headrooms (funds, and budget minus this month's spend).
+    - postpaid: spent = this month's usage charges; cap = the hard organization
+      budget, or none.
+    - unlimited: spent = this month's usage charges; no cap, no project caps.
+    Project hard budgets (not in unlimited mode): cap = budget, spent = the project's
+    month usage charges.
+    """
+    now = now or timezone.now()
+    month = month_start(now)
+    mode = billing_mode(org)
+    hard = {b.project_id: b for b in Budget.objects.filter(organization=org, hard_limit=True)}
+    org_budget = hard.pop(None, None)
+    cap: int | None = None
+    if mode == Mode.PREPAID:
+        # Unbilled usage BEFORE the ledger: a finalization in between is then
+        # counted twice (refuses a little early), never missed.
+        spent = nanos_ceil(unbilled_usage(org))
+        headroom = nanos_floor(credit_available(org, now)) - spent
+        if org_budget is not None:
+            used = nanos_ceil(month_spend(org, month, exact=True))
+            headroom = min(headroom, nanos_floor(org_budget.monthly_amount) - used)
+        cap = spent + headroom
+    else:
+        spent = nanos_ceil(month_spend(org, month, exact=True))
+        if mode == Mode.POSTPAID and org_budget is not None:
+            cap = nanos_floor(org_budget.monthly_amount)
+    projects: dict[str, tuple[int, int]] = {}
+    if mode != Mode.UNLIMITED:
+        for project_id, budget in hard.items():
+            assert project_id is not None
+            used = nanos_ceil(month_spend(org, month, project_id=project_id, exact=True))
+            projects[project_id] = (nanos_floor(budget.monthly_amount), used)
+    return WalletState(
+        organization_id=org.id,
+        # What admission does, which the gateway reads: no cap, no check ("unlimited").
+        mode=mode if cap is not None else Mode.UNLIMITED,
+        cap_nanos=cap,
+        spent_nanos=spent,
+        month=month_label(month),
+        projects=projects,
+        prices=prices_compute(org.id, now=now),
+    )
+
+
+def prices_compute(
+    organization_id: str, *, now: datetime | None = None, models: Iterable[str] | None = None
+) -> dict[str, tuple[str, str]]:
+    """model -> (in, out) nanos per token, the organization's effective prices now.
+
+    Exact decimal strings: the gateway rounds a reservation up, the drain rounds each
+    request's cost up. A model priced for only one token kind is left out (logged):
+    its usage could not be invoiced either.
+    """
+    now = now or timezone.now()
+    book = PriceBook.load(organization_id, model_names=models)
+    prices = {}
+    for model in sorted(book.model_names() if models is None else set(models)):
+        p_in = book.effective(model, TokenKind.INPUT, now)
+        p_out = book.effective(model, TokenKind.OUTPUT, now)
+        if p_in is None or p_out is None:
+            if p_in is not None or p_out is not None:
+                logger.error("%s is priced for one token kind only; not admitted", model)
+            continue
+        prices[model] = (
+            _plain(nanos_per_token(p_in.unit_price)),
+            _plain(nanos_per_token(p_out.unit_price)),
+        )
+    return prices
+
+
+# Rebases the wallet in one step. Increments (never overwrites) keep every HINCRBY of
+# the drain and the gateway that raced with the database read. `sync_gen` makes two
+# syncs of one organization serialize: one that read the counters before another sync
+# rebased them would rebase twice, so it is refused (0) and computed again. All numbers
+# arrive as strings and go to Redis unchanged: Lua numbers are doubles, nanos need 64 bits.
+_SYNC = """
+local w = KEYS[1]
+if (redis.call('HGET', w, 'sync_gen') or '0') ~= ARGV[6] then return 0 end
+redis.call('HINCRBY', w, 'sync_gen', 1)
+redis.call('HSET', w, 'mode', ARGV[1], 'month', ARGV[4], 'synced_at', ARGV[5])
+if ARGV[2] == '' then
+  redis.call('HDEL', w, 'cap_nanos')
+else
+  redis.call('HSET', w, 'cap_nanos', ARGV[2])
+end
+redis.call('HINCRBY', w, 'spent_nanos', ARGV[3])
+local keep = {}
+local n = tonumber(ARGV[7])
+for i = 0, n - 1 do
+  local pid = ARGV[8 + 3 * i]
+  local cap_f = 'p:' .. pid .. ':cap_nanos'
+  local spent_f = 'p:' .. pid .. ':spent_nanos'
+  keep[cap_f] = true
+  keep[spent_f] = true
+  redis.call('HSET', w, cap_f, ARGV[9 + 3 * i])
+  redis.call('HINCRBY', w, spent_f, ARGV[10 + 3 * i])
+end
+for _, f in ipairs(redis.call('HKEYS', w)) do
+  if string.sub(f, 1, 2) == 'p:' and not keep[f] then
+    redis.call('HDEL', w, f)
+  end
+end
+return 1
+"""
+SYNC_ATTEMPTS = 5
+
+
+class WalletSyncContended(RuntimeError):
+    """Other syncs of the same organization kept rebasing first; the next run will do."""
+
+
+def wallet_sync(org: Organization, *, now: datetime | None = None) -> WalletState:
+    """Recomputes the organization's wallet and prices from the database, into Redis.
+
+    Why it never loses spend: the drain increments `spent_nanos` only after its rows
+    are committed. The counters are read here BEFORE the database (S0), and rebased by
+    `baseline - S0`: an increment that happened before the S0 read is for rows the
+    database read sees (replaced by the baseline), one after it is kept. A row committed
+    just before the database read but counted after S0 is counted twice until the next
+    sync: refusals can come a little early, spending past the cap cannot.
+    """
+    client = get_redis()
+    key = spend.wallet_key(org.id)
+    for _ in range(SYNC_ATTEMPTS):
+        before: dict[str, str] = client.hgetall(key)  # type: ignore[assignment]
+        state = wallet_compute(org, now=now)
+        args: list[str] = [
+            state.mode,
+            "" if state.cap_nanos is None else str(state.cap_nanos),
+            str(state.spent_nanos - int(before.get("spent_nanos", 0))),
+            state.month,
+            f"{time.time():.3f}",
+            before.get("sync_gen", "0"),
+            str(len(state.projects)),
+        ]
+        for project_id, (cap, used) in sorted(state.projects.items()):
+            s0 = int(before.get(project_spent_field(project_id), 0))
+            args += [project_id, str(cap), str(used - s0)]
+        pipe = client.pipeline(transaction=True)
+        pipe.eval(_SYNC, 1, key, *args)
+        for model, (p_in, p_out) in state.prices.items():
+            pipe.hset(spend.price_key(org.id, model), mapping={"in": p_in, "out": p_out})
+        if pipe.execute()[0] == 1:
+            return state
+        logger.info("wallet sync of %s raced another sync; computing again", org.id)
+    raise WalletSyncContended(f"wallet sync of {org.id} lost {SYNC_ATTEMPTS} races")
+
+
+def wallet_sync_due(*, now: datetime | None = None) -> list[str]:
+    """Organizations whose wallet the periodic sync refreshes: any that can be refused
+    (prepaid, hard budgets), has credit, or has used anything this or last month."""
+    now = now or timezone.now()
+    previous = month_start(month_start(now) - timedelta(days=1))
+    ids: set[str] = set(
+        BillingAccount.objects.filter(mode=Mode.PREPAID).values_list("organization_id", flat=True)
+    )
+    ids |= set(Budget.objects.filter(hard_limit=True).values_list("organization_id", flat=True))
+    ids |= set(
+        CreditLedgerEntry.objects.filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=now),
+            kind__in=CreditLedgerEntry.GRANT_KINDS,
+        ).values_list("organization_id", flat=True)
+    )
+    ids |= set(
+        UsageRollup.objects.filter(hour__gte=previous)
+        .values_list("organization_id", flat=True)
+        .distinct()
+        .order_by()
+    )
+    return sorted(ids)
+
+
+# --- The drain side -----------------------------------------------------------------------
+
+# One batch of counted usage, exactly once: the batch's mark is set in the same script
+# as its increments, so a replayed batch (same events) changes nothing. Per event, the
+# layout of billing/spend.py: a cost the gateway parked as pending moves to spent,
+# otherwise `mantle:wallet-counted:<request>` tells the gateway's settle that the drain
+# was first. A project with a hard budget counts its own spend too.
+_RECORD = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
+local n = tonumber(ARGV[3])
+for i = 0, n - 1 do
+  local w, pending, counted = ARGV[4 + 6 * i], ARGV[5 + 6 * i], ARGV[6 + 6 * i]
+  local rid, project, cost = ARGV[7 + 6 * i], ARGV[8 + 6 * i], ARGV[9 + 6 * i]
+  if rid ~= '' then
+    local parked = redis.call('HGET', pending, rid)
+    if parked then
+      redis.call('HDEL', pending, rid)
+      redis.call('HINCRBY', w, 'pending_nanos', '-' .. parked)
+    else
+      redis.call('SET', counted, '1', 'EX', ARGV[2])
+    end
+  end
+  redis.call('HINCRBY', w, 'spent_nanos', cost)
+  if project ~= '' and redis.call('HEXISTS', w, 'p:' .. project .. ':cap_nanos') == 1 then
+    redis.call('HINCRBY', w, 'p:' .. project .. ':spent_nanos', cost)
+  end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Usage:
+    organization_id: str
+    model_name: str
+    input_tokens: int
+    output_tokens: int
+    project_id: str = ""
+    request_id: str = ""
+
+
+def wallet_record_usage(
+    *,
+    organization_id: str,
+    model_name: str,
+    input_tokens: int,
+    output_tokens: int,
+    project_id: str = "",
+    request_id: str = "",
+) -> int:
+    """Counts one request's usage at the organization's current prices; returns nanos.
+
+    For the metering drain's post-commit hook (see `wallet_record_events` for batches).
+    Must run after the usage rows are committed (see `wallet_sync`).
+    """
+    usage = Usage(organization_id, model_name, input_tokens, output_tokens, project_id, request_id)
+    return wallet_record_batch([usage])[0]
+
+
+def wallet_record_events(events: Sequence[ContractUsageEvent]) -> None:
+    """An `on_counted` hook for billing.metering: the batch's events, exactly once."""
+    wallet_record_batch(
+        [
+            Usage(
+                organization_id=e.organization_id,
+                model_name=e.model_name,
+                input_tokens=int(e.input_tokens),
+                output_tokens=int(e.output_tokens),
+                project_id=e.project_id,
+                request_id=e.request_id,
+            )
+            for e in events
+        ]
+    )
+
+
+def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
+    """Counts a batch at current prices in one atomic script; the costs, in nanos.
+
+    Idempotent when every usage has a request id: the batch is marked by a digest of its
+    request ids, so the drain replaying a batch after a crash counts nothing twice.
+    Prices come from the price hashes; one missing (never synced) is computed from the
+    database and written. Unpriced usage costs 0 here (and is logged): the invoice
+    refuses it, the operator prices it.
+    """
+    if not usages:
+        return []
+    client = get_redis()
+    prices = _prices_for(client, {(u.organization_id, u.model_name) for u in usages})
+    costs = []
+    args: list[str] = []
+    for u in usages:
+        p_in, p_out = prices.get((u.organization_id, u.model_name), ("0", "0"))
+        cost = spend.cost_nanos(u.input_tokens, u.output_tokens, p_in, p_out)
+        costs.append(cost)
+        args += [
+            spend.wallet_key(u.organization_id),
+            spend.pending_key(u.organization_id),
+            spend.counted_key(u.request_id) if u.request_id else "",
+            u.request_id,
+            u.project_id,
+            str(cost),
+        ]
+    if all(u.request_id for u in usages):
+        ids = "\n".join(sorted(u.request_id for u in usages)).encode()
+        fingerprint = hashlib.sha256(ids).hexdigest()
+    else:  # no identity to de-duplicate on: count as given
+        fingerprint = f"anonymous:{time.time_ns()}:{id(usages)}"
+    client.eval(
+        _RECORD,
+        1,
+        batch_mark_key(fingerprint),
+        str(BATCH_MARK_TTL_S),
+        str(spend.COUNTED_TTL_S),
+        str(len(usages)),
+        *args,
+    )
+    return costs
+
+
+def _prices_for(
+    client: redis.Redis, pairs: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[str, str]]:
+    ordered = sorted(pairs)
+    pipe = client.pipeline(transaction=False)
+    for org_id, model in ordered:
+        pipe.hmget(spend.price_key(org_id, model), "in", "out")
+    found: dict[tuple[str, str], tuple[str, str]] = {}
+    missing: dict[str, list[str]] = {}
+    for (org_id, model), (p_in, p_out) in zip(ordered, pipe.execute(), strict=True):
+        if p_in is None or p_out is None:
+            missing.setdefault(org_id, []).append(model)
+        else:
+            found[(org_id, model)] = (str(p_in), str(p_out))
+    for org_id, models in missing.items():
+        computed = prices_compute(org_id, models=models)
+        for model in models:
+            if model not in computed:
+                logger.error("usage of unpriced model %s by %s counted at 0", model, org_id)
+                continue
+            p_in, p_out = computed[model]
+            client.hset(spend.price_key(org_id, model), mapping={"in": p_in, "out": p_out})
+            found[(org_id, model)] = (p_in, p_out)
+    return found
+
+
+def wallet_read(organization_id: str) -> dict[str, str]:
+    """The wallet hash as Redis holds it (for the console and tests)."""
+    return get_redis().hgetall(spend.wallet_key(organization_id))  # type: ignore[return-value]
+
+
+def _plain(value: Decimal) -> str:
+    """A Decimal without exponent or trailing zeros: '150', '37.5'."""
+    text = format(value.normalize(), "f")
+    return text if "." not in text else text.rstrip("0").rstrip(".")

@@ -1,0 +1,124 @@
+"""The wallet as billing writes it, read by the gateway's real admission script."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+
+import pytest
+import redis.asyncio as aredis
+from django.conf import settings
+from django.utils import timezone
+
+from accounts.models import Organization
+from billing import spend
+from billing.models import BillingAccount
+from billing.periods import hour_start
+from billing.wallet import Usage, wallet_read, wallet_record_batch, wallet_sync
+from gateway.limits import Admission, Limits, RateLimiter
+from tests.billing.factories import CHAT, GrantFactory, price_book, usage
+from tests.factories import OrganizationFactory, default_project
+from workers.contract import pool_live_key
+
+pytestmark = pytest.mark.django_db
+
+POOL = "billing-admission-test"
+WORST = 1_000_000  # nanos: 200 prompt tokens x 1000 + 400 max_tokens x 2000
+
+
+@pytest.fixture
+def prepaid() -> Organization:
+    price_book(CHAT, input_price="1", output_price="2")  # 1000 and 2000 nanos per token
+    org = OrganizationFactory()
+    BillingAccount.objects.create(organization=org, mode="prepaid")
+    GrantFactory(organization=org, amount=Decimal("0.05"))  # 50 worst cases
+    wallet_sync(org)
+    return org
+
+
+def _limits(org: Organization) -> Limits:
+    big = 10**9
+    return Limits(
+        key_id="key_adm",
+        project_id=default_project(org).id,
+        endpoint_id="ep-adm",
+        key_rpm=big,
+        key_tpm=big,
+        project_rpm=big,
+        project_tpm=big,
+        endpoint_rpm=big,
+        endpoint_tpm=big,
+    )
+
+
+def _admit_many(org: Organization, n: int) -> list[Admission]:
+    return asyncio.run(_admit(org.id, _limits(org), n))
+
+
+async def _admit(organization_id: str, lim: Limits, n: int) -> list[Admission]:
+    client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True, max_connections=256)
+    await client.zadd(pool_live_key(POOL), {"node-a": time.time()})
+    limiter = RateLimiter(client)
+    try:
+        return await asyncio.gather(
+            *(
+                limiter.admit(
+                    lim,
+                    pool=POOL,
+                    organization_id=organization_id,
+                    model_name=CHAT,
+                    prompt_tokens=200,
+                    max_tokens=400,
+                )
+                for _ in range(n)
+            )
+        )
+    finally:
+        await client.aclose()
+
+
+async def _settle(organization_id: str, admitted: list[Admission], cost: int) -> None:
+    client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    try:
+        for i, a in enumerate(admitted):
+            await spend.settle(
+                client,
+                organization_id=organization_id,
+                request_id=f"req_{i}",
+                reserved=a.reserved_nanos,
+                cost=cost,
+            )
+    finally:
+        await client.aclose()
+
+
+def test_two_hundred_concurrent_requests_against_credit_for_fifty(prepaid: Organization) -> None:
+    results = _admit_many(prepaid, 200)
+
+    admitted = [r for r in results if r.allowed]
+    assert len(admitted) == 50
+    assert sum(r.insufficient_quota for r in results) == 150
+    assert wallet_read(prepaid.id)["reserved_nanos"] == str(50 * WORST)
+
+
+def test_settled_drained_and_synced_usage_is_counted_once(prepaid: Organization) -> None:
+    admitted = [r for r in _admit_many(prepaid, 60) if r.allowed]
+    assert len(admitted) == 50
+    # Each request really used 200 + 100 tokens: 200k + 200k = 400k nanos.
+    asyncio.run(_settle(prepaid.id, admitted, 400_000))
+    # The drain commits the rollups, then counts the events.
+    usage(prepaid, hour_start(timezone.now()), input_tokens=50 * 200, output_tokens=50 * 100)
+    wallet_record_batch(
+        [Usage(prepaid.id, CHAT, 200, 100, request_id=f"req_{i}") for i in range(50)]
+    )
+    drained = wallet_read(prepaid.id)
+    assert (drained["reserved_nanos"], drained["pending_nanos"]) == ("0", "0")
+    assert drained["spent_nanos"] == str(50 * 400_000)
+
+    wallet_sync(prepaid)
+
+    synced = wallet_read(prepaid.id)
+    assert (synced["cap_nanos"], synced["spent_nanos"]) == (str(50 * WORST), str(50 * 400_000))
+    # 30,000,000 nanos left: 30 more worst cases, not one more.
+    assert sum(r.allowed for r in _admit_many(prepaid, 40)) == 30
