@@ -9,10 +9,11 @@ Layout (integer nano-units of the currency, "nanos"), per organization:
 - `mantle:wallet-counted:<request id>`: the drain counted a request before its gateway settled.
 - `mantle:price:<org>:<model>` hash: `in`, `out` nanos per token (org's effective price).
 
-Admission refuses when worst-case cost > cap - spent - reserved - pending. A request's cost
-moves reserved -> pending (gateway settles) -> spent (drain counts), in either order for the
-last two, so at every moment it is counted exactly once, and concurrent requests can never
-spend past the cap.
+Admission refuses when worst-case cost > cap - spent - reserved - pending; a project with a
+hard budget has the same four fields of its own (`p:<project>:cap_nanos` ...) and the same
+test. A request's cost moves reserved -> pending (gateway settles) -> spent (drain counts),
+in either order for the last two, so at every moment it is counted exactly once, and
+concurrent requests can never spend past the cap.
 """
 
 from __future__ import annotations
@@ -52,34 +53,67 @@ def cost_nanos(input_tokens: int, output_tokens: int, price_in: str, price_out: 
 
 
 # The gateway, when a request ends: release the reservation and park the real cost
-# as pending until the drain counts it, unless the drain was first.
+# as pending until the drain counts it, unless the drain was first. A project with a hard
+# budget reserved too (ARGV[4] names it): its reservation is released and its pending
+# raised alike, and the parked value `<cost>:<project>` tells the drain to lower it.
 _SETTLE = """
 redis.call('HINCRBY', KEYS[1], 'reserved_nanos', -tonumber(ARGV[1]))
+local project = ARGV[4]
+if project ~= '' then
+  redis.call('HINCRBY', KEYS[1], 'p:' .. project .. ':reserved_nanos', -tonumber(ARGV[1]))
+end
 if redis.call('DEL', KEYS[3]) == 1 then return 0 end
 local cost = tonumber(ARGV[2])
 if cost > 0 then
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+  if project ~= '' then
+    redis.call('HSET', KEYS[2], ARGV[3], ARGV[2] .. ':' .. project)
+    redis.call('HINCRBY', KEYS[1], 'p:' .. project .. ':pending_nanos', ARGV[2])
+  else
+    redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+  end
   redis.call('HINCRBY', KEYS[1], 'pending_nanos', ARGV[2])
 end
 return 1
 """
 
+# Undoes one parked cost (`<cost>` or `<cost>:<project>`): shared by both drain scripts.
+UNPARK_LUA = """
+local function unpark(w, parked)
+  local cost, project = string.match(parked, '^(%d+):(.+)$')
+  if cost then
+    redis.call('HINCRBY', w, 'p:' .. project .. ':pending_nanos', '-' .. cost)
+  else
+    cost = parked
+  end
+  redis.call('HINCRBY', w, 'pending_nanos', '-' .. cost)
+end
+"""
+
 # The metering drain, once per request (it inserts each event exactly once).
-_COUNT = """
+_COUNT = (
+    UNPARK_LUA
+    + """
 local parked = redis.call('HGET', KEYS[2], ARGV[2])
 if parked then
   redis.call('HDEL', KEYS[2], ARGV[2])
-  redis.call('HINCRBY', KEYS[1], 'pending_nanos', -tonumber(parked))
+  unpark(KEYS[1], parked)
 else
   redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
 end
 redis.call('HINCRBY', KEYS[1], 'spent_nanos', ARGV[1])
 return 1
 """
+)
 
 
 async def settle(
-    client: AsyncRedis, *, organization_id: str, request_id: str, reserved: int, cost: int
+    client: AsyncRedis,
+    *,
+    organization_id: str,
+    request_id: str,
+    reserved: int,
+    cost: int,
+    reserved_project_id: str = "",
 ) -> None:
     await client.eval(
         _SETTLE,
@@ -90,6 +124,7 @@ async def settle(
         str(reserved),
         str(cost),
         request_id,
+        reserved_project_id,
     )
 
 

@@ -214,7 +214,9 @@ for i = 0, n - 1 do
   redis.call('HINCRBY', w, spent_f, ARGV[10 + 3 * i])
 end
 for _, f in ipairs(redis.call('HKEYS', w)) do
-  if string.sub(f, 1, 2) == 'p:' and not keep[f] then
+  -- A project's reserved and pending belong to requests in flight: never the sync's.
+  if string.sub(f, 1, 2) == 'p:' and not keep[f] and not string.find(f, ':reserved_nanos$')
+     and not string.find(f, ':pending_nanos$') then
     redis.call('HDEL', w, f)
   end
 end
@@ -295,7 +297,9 @@ def wallet_sync_due(*, now: datetime | None = None) -> list[str]:
 # layout of billing/spend.py: a cost the gateway parked as pending moves to spent,
 # otherwise `mantle:wallet-counted:<request>` tells the gateway's settle that the drain
 # was first. A project with a hard budget counts its own spend too.
-_RECORD = """
+_RECORD = (
+    spend.UNPARK_LUA
+    + """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
 local n = tonumber(ARGV[3])
 for i = 0, n - 1 do
@@ -305,7 +309,7 @@ for i = 0, n - 1 do
     local parked = redis.call('HGET', pending, rid)
     if parked then
       redis.call('HDEL', pending, rid)
-      redis.call('HINCRBY', w, 'pending_nanos', '-' .. parked)
+      unpark(w, parked)
     else
       redis.call('SET', counted, '1', 'EX', ARGV[2])
     end
@@ -317,6 +321,7 @@ for i = 0, n - 1 do
 end
 return 1
 """
+)
 
 
 @dataclass(frozen=True)

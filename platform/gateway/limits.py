@@ -54,6 +54,20 @@ if w[1] and w[1] ~= 'unlimited' and worst > 0 then
                     - tonumber(w[5] or '0')
   if worst > available then return {-2, string.format('%.0f', available), worst} end
 end
+-- A project with a hard budget: the same test against its own cap, with its own
+-- reservation, so concurrent requests of one project cannot pass it either.
+local project_reserve = ''
+if worst > 0 and ARGV[12] ~= '' then
+  local pre = 'p:' .. ARGV[12] .. ':'
+  local p = redis.call('HMGET', KEYS[9], pre .. 'cap_nanos', pre .. 'spent_nanos',
+                       pre .. 'reserved_nanos', pre .. 'pending_nanos')
+  if p[1] then
+    local available = tonumber(p[1]) - tonumber(p[2] or '0') - tonumber(p[3] or '0')
+                      - tonumber(p[4] or '0')
+    if worst > available then return {-3, string.format('%.0f', available), worst} end
+    project_reserve = pre .. 'reserved_nanos'
+  end
+end
 local out = {1}
 for kind = 1, 2 do
   local pick, pick_remaining, pick_cap, pick_reset = 0, 0, 0, 0
@@ -78,9 +92,13 @@ end
 if worst > 0 then
   redis.call('HINCRBY', KEYS[9], 'reserved_nanos', string.format('%.0f', worst))
 end
+if project_reserve ~= '' then
+  redis.call('HINCRBY', KEYS[9], project_reserve, string.format('%.0f', worst))
+end
 table.insert(out, string.format('%.0f', worst))
 table.insert(out, price[1] or '0')
 table.insert(out, price[2] or '0')
+table.insert(out, project_reserve ~= '' and 1 or 0)
 return out
 """
 
@@ -143,10 +161,13 @@ class Admission:
     allowed: bool
     no_worker: bool = False
     insufficient_quota: bool = False
+    quota_scope: str = ""  # "organization" | "project": whose money refused
     available_nanos: int = 0
     reserved_nanos: int = 0  # the worst-case cost reserved against the wallet
     price_in: str = "0"  # nanos per token, as the wallet had them at admission
     price_out: str = "0"
+    # The project whose hard budget holds a reservation too ("" when it has none).
+    reserved_project_id: str = ""
     refused_scope: str = ""
     refused_kind: str = ""  # "requests" | "tokens"
     retry_after_ms: int = 0  # -1: can never pass (the request alone exceeds the limit)
@@ -211,15 +232,17 @@ class RateLimiter:
             limits.key_id,
             prompt_tokens,
             max_tokens,
+            limits.project_id,
         ]
         result = await self._admit(keys=keys, args=args)
         status = int(result[0])
         if status == -1:
             return Admission(allowed=False, no_worker=True)
-        if status == -2:
+        if status in (-2, -3):
             return Admission(
                 allowed=False,
                 insufficient_quota=True,
+                quota_scope="organization" if status == -2 else "project",
                 available_nanos=int(result[1]),
                 reserved_nanos=int(result[2]),
             )
@@ -242,6 +265,7 @@ class RateLimiter:
             reserved_nanos=int(result[7]),
             price_in=str(result[8]),
             price_out=str(result[9]),
+            reserved_project_id=limits.project_id if int(result[10]) == 1 else "",
         )
 
     async def refund(self, limits: Limits, *, tokens: int) -> None:

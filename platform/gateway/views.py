@@ -157,7 +157,8 @@ async def _admit(
             429,
             "You exceeded your current quota, please check your plan and billing details. "
             f"(This request may cost up to {admission.reserved_nanos / 1e9:.6f}; "
-            f"{max(0, admission.available_nanos) / 1e9:.6f} is available.)",
+            f"{max(0, admission.available_nanos) / 1e9:.6f} is available"
+            + (" in this project's budget.)" if admission.quota_scope == "project" else ".)"),
             type_="insufficient_quota",
             code="insufficient_quota",
             headers={"x-should-retry": "false"},
@@ -235,6 +236,7 @@ async def _settle_money(
             request_id=request_id,
             reserved=admission.reserved_nanos,
             cost=cost,
+            reserved_project_id=admission.reserved_project_id,
         )
     except Exception:
         # A lost settlement leaves the reservation in place: the organization can spend

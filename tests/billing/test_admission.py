@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from accounts.models import Organization
 from billing import spend
-from billing.models import BillingAccount
+from billing.models import BillingAccount, Budget
 from billing.periods import hour_start
 from billing.wallet import Usage, wallet_read, wallet_record_batch, wallet_sync
 from gateway.limits import Admission, Limits, RateLimiter
@@ -88,6 +88,7 @@ async def _settle(organization_id: str, admitted: list[Admission], cost: int) ->
                 request_id=f"req_{i}",
                 reserved=a.reserved_nanos,
                 cost=cost,
+                reserved_project_id=a.reserved_project_id,
             )
     finally:
         await client.aclose()
@@ -122,3 +123,80 @@ def test_settled_drained_and_synced_usage_is_counted_once(prepaid: Organization)
     assert (synced["cap_nanos"], synced["spent_nanos"]) == (str(50 * WORST), str(50 * 400_000))
     # 30,000,000 nanos left: 30 more worst cases, not one more.
     assert sum(r.allowed for r in _admit_many(prepaid, 40)) == 30
+
+
+@pytest.fixture
+def project_capped() -> Organization:
+    """Postpaid, no organization cap; its default project has a hard budget of 50 worst cases."""
+    price_book(CHAT, input_price="1", output_price="2")
+    org = OrganizationFactory()
+    BillingAccount.objects.create(organization=org, mode="postpaid")
+    Budget.objects.create(
+        organization=org,
+        project=default_project(org),
+        monthly_amount=Decimal("0.05"),
+        hard_limit=True,
+    )
+    wallet_sync(org)
+    return org
+
+
+def test_two_hundred_concurrent_requests_against_a_project_budget_for_fifty(
+    project_capped: Organization,
+) -> None:
+    project_id = default_project(project_capped).id
+
+    results = _admit_many(project_capped, 200)
+
+    admitted = [r for r in results if r.allowed]
+    assert len(admitted) == 50
+    refused = [r for r in results if not r.allowed]
+    assert {(r.insufficient_quota, r.quota_scope) for r in refused} == {(True, "project")}
+    assert {r.reserved_project_id for r in admitted} == {project_id}
+    wallet = wallet_read(project_capped.id)
+    assert wallet[f"p:{project_id}:reserved_nanos"] == str(50 * WORST)
+
+
+def test_a_project_budget_counts_settled_and_drained_usage_once(
+    project_capped: Organization,
+) -> None:
+    org = project_capped
+    project_id = default_project(org).id
+    admitted = [r for r in _admit_many(org, 60) if r.allowed]
+    assert len(admitted) == 50
+    # A sync while the requests are in flight keeps their project reservation.
+    wallet_sync(org)
+    assert wallet_read(org.id)[f"p:{project_id}:reserved_nanos"] == str(50 * WORST)
+
+    # Half are drained before their gateway settles, half after: both orders count once.
+    first = [
+        Usage(org.id, CHAT, 200, 100, project_id=project_id, request_id=f"req_{i}")
+        for i in range(25)
+    ]
+    wallet_record_batch(first)
+    asyncio.run(_settle(org.id, admitted, 400_000))
+    settled = wallet_read(org.id)
+    assert settled[f"p:{project_id}:pending_nanos"] == str(25 * 400_000)
+    usage(
+        org,
+        hour_start(timezone.now()),
+        input_tokens=50 * 200,
+        output_tokens=50 * 100,
+        project_id=project_id,
+    )
+    wallet_record_batch(
+        [
+            Usage(org.id, CHAT, 200, 100, project_id=project_id, request_id=f"req_{i}")
+            for i in range(25, 50)
+        ]
+    )
+
+    drained = wallet_read(org.id)
+    assert drained[f"p:{project_id}:reserved_nanos"] == "0"
+    assert drained[f"p:{project_id}:pending_nanos"] == "0"
+    assert drained[f"p:{project_id}:spent_nanos"] == str(50 * 400_000)
+    assert (drained["reserved_nanos"], drained["pending_nanos"]) == ("0", "0")
+    wallet_sync(org)
+    assert wallet_read(org.id)[f"p:{project_id}:spent_nanos"] == str(50 * 400_000)
+    # 30,000,000 nanos left in the project: 30 more worst cases, not one more.
+    assert sum(r.allowed for r in _admit_many(org, 40)) == 30
