@@ -24,8 +24,8 @@ def _env(var_dir: Path) -> dict[str, str]:
         "DJANGO_SECRET_KEY": "bench-only-secret",
         "MANTLE_API_KEY_PEPPER": "bench-only-pepper",
         "MANTLE_VAR_DIR": str(var_dir),
-        "REDIS_URL": os.environ.get("MANTLE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/11"),
-        "CELERY_BROKER_URL": os.environ.get("MANTLE_BENCH_BROKER_URL", "redis://127.0.0.1:6379/10"),
+        "REDIS_URL": os.environ.get("MANTLE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/3"),
+        "CELERY_BROKER_URL": os.environ.get("MANTLE_BENCH_BROKER_URL", "redis://127.0.0.1:6379/1"),
         "MANTLE_LOG_LEVEL": "WARNING",
         "DATABASE_URL": "",
     }
