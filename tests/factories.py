@@ -66,3 +66,98 @@ def make_api_key(
         scopes=list(scopes),
         **kwargs,
     )
+
+
+# --- catalog: pools, tensor models, endpoints -------------------------------------------
+
+
+def make_pool(name: str = "cpu", *, region: str = "local", **kwargs: Any) -> Any:
+    from catalog.services import DEFAULT_POOL_PROVIDERS, pool_ensure
+
+    providers = kwargs.pop("providers", DEFAULT_POOL_PROVIDERS)
+    return pool_ensure(name=name, region=region, providers=providers, **kwargs)
+
+
+def tensor_artifact(
+    store: Any, *, offset: float = 1.0, static_batch: int | None = None, name: str = "ranker"
+) -> dict[str, Any]:
+    """A real ONNX graph in the artifact store: shifted = features + offset, score = sum(shifted).
+
+    Built with onnx.helper (no download); `static_batch` fixes the first dimension,
+    which makes the graph unbatchable. Returns the manifest, with `location`.
+    """
+    from pathlib import Path
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from workers.compile import artifacts
+
+    batch: int | str = static_batch if static_batch is not None else "batch"
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["features", "offset"], ["shifted"]),
+            helper.make_node("ReduceSum", ["shifted", "axes"], ["score"], keepdims=0),
+        ],
+        name,
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, 4])],
+        [
+            helper.make_tensor_value_info("shifted", TensorProto.FLOAT, [batch, 4]),
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, [batch]),
+        ],
+        initializer=[
+            helper.make_tensor("offset", TensorProto.FLOAT, [1], [offset]),
+            helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    shape = [batch, 4]
+    manifest = {
+        "name": name,
+        "kind": "tensor",
+        "runtime": "onnx-tensor",
+        "model_file": "model.onnx",
+        "context_length": 0,
+        "io": {
+            "inputs": {"features": {"dtype": "float32", "shape": shape}},
+            "outputs": {
+                "shifted": {"dtype": "float32", "shape": shape},
+                "score": {"dtype": "float32", "shape": [batch]},
+            },
+        },
+        "source": {"test": f"offset={offset}"},
+    }
+    store = Path(store)
+    with artifacts.staging_dir(store, "tensor") as staging:
+        onnx.save(model, str(staging / "model.onnx"))
+        path = artifacts.commit_artifact(store, staging, manifest)
+    return {**artifacts.read_manifest(path), "location": str(path)}
+
+
+def make_model_version(
+    org: Organization | None, manifest: dict[str, Any], *, model_name: str | None = None
+) -> Any:
+    """A ready model version (and its model, created on first use) for an artifact manifest."""
+    from catalog.models import Model, ModelVersion
+
+    model, _ = Model.objects.get_or_create(
+        name=model_name or str(manifest["name"]),
+        defaults={
+            "organization": org,
+            "kind": manifest["kind"],
+            "context_length": int(manifest.get("context_length") or 0),
+        },
+    )
+    latest = model.versions.order_by("-version").values_list("version", flat=True).first()
+    return ModelVersion.objects.create(
+        model=model,
+        version=(latest or 0) + 1,
+        runtime=manifest["runtime"],
+        sha256=manifest["sha256"],
+        size_bytes=int(manifest.get("size_bytes") or 0),
+        location=manifest["location"],
+        tokenizer_file=str(manifest.get("tokenizer_file") or ""),
+        manifest=manifest,
+    )

@@ -37,8 +37,13 @@ class TaskName(enum.StrEnum):
 
     GENERATE = "mantle.inference.generate"
     EMBED = "mantle.inference.embed"
+    INFER = "mantle.inference.infer"
     COMPILE_MODEL = "mantle.compile.model"
     COMPILE_FINISHED = "mantle.control.compile_finished"
+    # The compile pipeline (workers/compile/tasks.py) and its progress reports,
+    # handled Django-side (catalog/tasks.py). COMPILE_MODEL above was never consumed.
+    COMPILE_RUN = "mantle.compile.run"
+    COMPILE_STEP = "mantle.control.compile_step"
 
 
 class Runtime(enum.StrEnum):
@@ -47,6 +52,7 @@ class Runtime(enum.StrEnum):
     CAUSAL_LM = "onnx-causal-lm"
     ENCODER = "onnx-encoder"
     ECHO = "echo"  # zero-compute: replays the prompt; measures platform overhead
+    TENSOR = "onnx-tensor"  # any ONNX graph, named tensors in and out (the v2 protocol)
 
 
 class FinishReason(enum.StrEnum):
@@ -115,11 +121,34 @@ def worker_info_key(node: str) -> str:
 #   embeddings: data (base64 of little-endian float32, row-major), count, dims,
 #               prompt_tokens
 #   error:      code, message
+#   tensors:    outputs (JSON list of {name, datatype, shape, data: base64 of
+#               little-endian row-major bytes}), batch_requests (how many requests
+#               shared the session run); always followed by `done` in the same flush
 EVENT_STARTED = "started"
 EVENT_DELTA = "delta"
 EVENT_DONE = "done"
 EVENT_EMBEDDINGS = "embeddings"
 EVENT_ERROR = "error"
+EVENT_TENSORS = "tensors"
+
+
+# --- Tensors of the open inference protocol (KServe / Triton v2) ----------------
+
+V2_DATATYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+"""v2 datatype -> numpy dtype name (the names manifests use in `io`). BYTES is not served."""
 
 
 # --- Payloads --------------------------------------------------------------------
@@ -177,6 +206,29 @@ class EmbedRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Tensor:
+    """One named tensor: raw bytes travel base64-encoded, never as JSON number lists."""
+
+    name: str
+    datatype: str  # a key of V2_DATATYPES
+    shape: tuple[int, ...]
+    data: str  # base64 of the little-endian, row-major bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """A v2 inference request for a tensor model (`Runtime.TENSOR`)."""
+
+    request_id: str
+    model: ModelRef
+    identity: BillingIdentity
+    inputs: tuple[Tensor, ...]  # checked against the model's inputs by the gateway
+    outputs: tuple[str, ...]  # names of the outputs to return; empty: all of them
+    deadline: float
+    enqueued_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class UsageEvent:
     request_id: str
     organization_id: str
@@ -224,6 +276,69 @@ class WorkerHeartbeat:
     queues: tuple[str, ...] = field(default_factory=tuple)
 
 
+class CompileSource(enum.StrEnum):
+    """What a compile job starts from."""
+
+    ONNX = "onnx"  # an ONNX graph (uploaded), with its external data and tokenizer beside it
+    HF_CHECKPOINT = "hf-checkpoint"  # a Hugging Face-format checkpoint directory
+
+
+class CompileStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class CompileRequest:
+    """One compile job, as the control plane hands it to a compile node (`mantle.compile.run`).
+
+    `source_path` is a directory on the node (a staged upload, or a checkpoint
+    already on the node's disk). Staged uploads belong to the job and are
+    deleted when it ends (`delete_source`); a checkpoint directory never is.
+    """
+
+    job_id: str
+    organization_id: str
+    model_name: str
+    kind: str  # chat | completion | embedding | tensor
+    source: str  # a `CompileSource` value
+    source_path: str
+    model_file: str = "model.onnx"  # ONNX sources: the graph's file inside source_path
+    delete_source: bool = False
+    quantize: str = ""  # "" (none) | "int8"
+    optimization: str = "basic"  # none | basic | extended (ORT offline graph optimization)
+    tolerance: float | None = None  # the parity gate; None: the pipeline's default for the kind
+    store: str = ""  # artifact store (directory or fsspec URL); "": the node's default
+
+
+@dataclass(frozen=True, slots=True)
+class CompileProgress:
+    """`mantle.control.compile_step`: every step so far (a JSON object per step), in order.
+
+    `seq` grows with every report of one run: the control queue may deliver
+    reports out of order, and an older one must not overwrite a newer one.
+    Step keys: name, status, started_at, finished_at, duration_s, log, metrics.
+    """
+
+    job_id: str
+    seq: int
+    steps: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompileOutcome:
+    """`mantle.control.compile_finished`: the job's end, the final list of steps included."""
+
+    job_id: str
+    status: str  # a `CompileStatus` value: succeeded | failed
+    steps: tuple[dict[str, Any], ...]
+    manifest: dict[str, Any] | None = None  # the artifact's manifest plus "location"
+    error: str = ""  # what went wrong, in words a user can act on
+    error_code: str = ""  # invalid_model | unsupported_operator | quality_gate_failed | ...
+
+
 _T = TypeVar("_T")
 
 
@@ -249,6 +364,9 @@ def _build(cls: Any, data: Any) -> Any:
         hint = hints[f.name]
         if hint in _PAYLOAD_CLASSES:
             value = _build(_PAYLOAD_CLASSES[hint], value)
+        elif hint.removeprefix("tuple[").removesuffix(", ...]") in _PAYLOAD_CLASSES:
+            item_cls = _PAYLOAD_CLASSES[hint.removeprefix("tuple[").removesuffix(", ...]")]
+            value = tuple(_build(item_cls, v) for v in value)
         elif hint.startswith("tuple[tuple["):
             value = tuple(tuple(v) for v in value)
         elif hint.startswith("tuple[") and value is not None:
@@ -266,4 +384,5 @@ _PAYLOAD_CLASSES: dict[str, type] = {
     "BillingIdentity": BillingIdentity,
     "ModelRef": ModelRef,
     "SamplingParams": SamplingParams,
+    "Tensor": Tensor,
 }

@@ -33,6 +33,9 @@ class WorkerSettings:
     concurrency: int
     visibility_timeout_s: int
     task_time_limit_s: int
+    tensor_max_batch: int = 64  # rows of the batch dimension per tensor-model run
+    tensor_max_wait_ms: float = 5.0
+    engine_idle_s: float = 1800.0  # unload a model version unused this long (0: never)
 
     @property
     def queue(self) -> str:
@@ -50,6 +53,9 @@ class WorkerSettings:
             max_prefill_tokens=_int("MANTLE_MAX_PREFILL_TOKENS", 4096),
             embed_max_batch=_int("MANTLE_EMBED_MAX_BATCH", 32),
             embed_max_wait_ms=_float("MANTLE_EMBED_MAX_WAIT_MS", 5.0),
+            tensor_max_batch=_int("MANTLE_TENSOR_MAX_BATCH", 64),
+            tensor_max_wait_ms=_float("MANTLE_TENSOR_MAX_WAIT_MS", 5.0),
+            engine_idle_s=_float("MANTLE_ENGINE_IDLE_S", 1800.0),
             # The slot count in heartbeats: tasks this node takes at once (-c of the threads pool).
             concurrency=_int("MANTLE_CONCURRENCY", 64),
             visibility_timeout_s=_int("MANTLE_VISIBILITY_TIMEOUT_S", 3600),

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from workers.celery_app import app, get_runtime, settings
-from workers.contract import EmbedRequest, GenerateRequest, TaskName, from_payload
+from workers.contract import EmbedRequest, GenerateRequest, InferRequest, TaskName, from_payload
 
 logger = logging.getLogger(__name__)
 
@@ -41,3 +41,11 @@ def embed(payload: dict[str, Any]) -> None:
     if request is not None:
         outcome = get_runtime().serve_embed(request)
         logger.info("embed %s: %s", request.request_id, outcome.status)
+
+
+@app.task(name=TaskName.INFER.value, queue=settings.queue, ignore_result=True)
+def infer(payload: dict[str, Any]) -> None:
+    request = _parse(InferRequest, payload)
+    if request is not None:
+        outcome = get_runtime().serve_infer(request)
+        logger.info("infer %s: %s", request.request_id, outcome.status)

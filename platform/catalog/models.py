@@ -106,14 +106,115 @@ class Endpoint(models.Model):
     rpm_limit = models.PositiveIntegerField(default=600)
     tpm_limit = models.PositiveBigIntegerField(default=1_000_000)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    # What a rollback returns to: the version served before the last switch.
+    previous_model_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         constraints: ClassVar = [
             models.UniqueConstraint(
                 fields=["name"], condition=Q(organization__isnull=True), name="uniq_public_name"
             ),
+            models.UniqueConstraint(
+                fields=["organization", "name"],
+                condition=Q(organization__isnull=False),
+                name="uniq_endpoint_name_per_org",
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.id})"
+
+
+class EndpointRevision(models.Model):
+    """Which version an endpoint served from when, and who switched it (its rollout history)."""
+
+    class Action(models.TextChoices):
+        CREATED = "created"
+        ROLLOUT = "rollout"
+        ROLLBACK = "rollback"
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    # RESTRICT, not PROTECT: deleting the endpoint (or its organization) takes its history along.
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.RESTRICT, related_name="+")
+    action = models.CharField(max_length=16, choices=Action.choices)
+    created_by = models.CharField(max_length=254, blank=True)  # the principal's label
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["endpoint", "number"], name="uniq_endpoint_revision"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} #{self.number}"
+
+
+def new_compile_job_id() -> str:
+    return ids.new_id("cj_")
+
+
+class CompileJob(models.Model):
+    """Import and compile of one model (an ONNX upload or a checkpoint) on a compile node.
+
+    The compile node never writes the database: it reports every step and the
+    outcome as tasks on the `control` queue (catalog/tasks.py), which update
+    this row. `steps` is the ordered list of step records (name, status,
+    started_at, finished_at, duration_s, log, metrics) as the node reported them.
+    """
+
+    # The values of workers.contract's CompileStatus and CompileSource (a test keeps them equal).
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    class Source(models.TextChoices):
+        ONNX = "onnx"
+        HF_CHECKPOINT = "hf-checkpoint"
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_compile_job_id, editable=False
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="compile_jobs"
+    )
+    created_by = models.CharField(max_length=254, blank=True)  # the principal's label
+    model_name = models.CharField(max_length=120)
+    kind = models.CharField(max_length=16, choices=Model.Kind.choices)
+    source = models.CharField(max_length=16, choices=Source.choices)
+    # What the job starts from: file names, sizes and digests of an upload, or a node path.
+    source_detail = models.JSONField(default=dict)
+    options = models.JSONField(default=dict)  # quantize, optimization, tolerance
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    steps = models.JSONField(default=list)
+    progress_seq = models.PositiveBigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    model_version = models.ForeignKey(
+        ModelVersion,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="compile_jobs",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes: ClassVar = [
+            models.Index(fields=["organization", "-created_at"], name="compile_job_org_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.model_name}, {self.status})"
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)

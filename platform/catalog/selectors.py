@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
 from django.db.models import Q, QuerySet
 
-from catalog.models import Endpoint, Model
+from accounts.models import Organization
+from catalog.models import AcceleratorPool, Endpoint, EndpointRevision, Model, ModelVersion
 from catalog.specs import EndpointSpec
+from config.errors import InvalidInput, NotFound
+from config.redis import get_redis
+from workers.contract import HEARTBEAT_TTL_S, pool_live_key, worker_info_key
 
 
 def endpoints_visible_to(organization_id: str) -> QuerySet[Endpoint]:
@@ -47,6 +58,8 @@ def endpoint_spec(endpoint: Endpoint) -> EndpointSpec:
         rpm_limit=endpoint.rpm_limit,
         tpm_limit=endpoint.tpm_limit,
         created=int(endpoint.created_at.timestamp()),
+        version=version.version,
+        io=dict(manifest.get("io") or {}) if model.kind == Model.Kind.TENSOR else {},
     )
 
 
@@ -58,3 +71,175 @@ def endpoint_spec_load(ref: str) -> EndpointSpec | None:
     else:
         endpoint = qs.filter(name=ref, organization__isnull=True).first()
     return endpoint_spec(endpoint) if endpoint is not None else None
+
+
+# --- Management API: endpoints, model versions and pools of one organization ----------------
+
+
+def endpoints_of(org: Organization) -> QuerySet[Endpoint]:
+    """The organization's own endpoints (public ones are the platform's, not managed here)."""
+    return (
+        Endpoint.objects.filter(organization=org)
+        .select_related("model_version__model", "previous_model_version", "pool")
+        .order_by("created_at", "id")
+    )
+
+
+def endpoint_get(org: Organization, endpoint_id: str) -> Endpoint:
+    found = endpoints_of(org).filter(id=endpoint_id).first()
+    if found is None:
+        raise NotFound(f"endpoint {endpoint_id!r} not found", param="endpoint_id")
+    return found
+
+
+def endpoint_revisions(endpoint: Endpoint) -> QuerySet[EndpointRevision]:
+    return (
+        EndpointRevision.objects.filter(endpoint=endpoint)
+        .select_related("model_version")
+        .order_by("-number")
+    )
+
+
+def model_version_for(org: Organization, model_version_id: str) -> ModelVersion:
+    """A version the organization may serve: of its own models or of the platform's.
+
+    Another organization's version is NotFound, like any id it does not own.
+    """
+    found = (
+        ModelVersion.objects.filter(
+            Q(model__organization__isnull=True) | Q(model__organization=org), id=model_version_id
+        )
+        .select_related("model")
+        .first()
+    )
+    if found is None:
+        raise NotFound(f"model version {model_version_id!r} not found", param="model_version_id")
+    return found
+
+
+def pools_for(org: Organization) -> QuerySet[AcceleratorPool]:
+    """The pools the organization may place endpoints on: those of its data-residency region."""
+    return AcceleratorPool.objects.filter(region=org.region).order_by("name")
+
+
+def pool_for(org: Organization, name: str, *, param: str = "pool") -> AcceleratorPool:
+    pool = AcceleratorPool.objects.filter(name=name).first()
+    if pool is None:
+        allowed = list(pools_for(org).values_list("name", flat=True))
+        raise InvalidInput(f"pool {name!r} does not exist; available: {allowed}", param=param)
+    if pool.region != org.region:
+        # Data residency: an organization's requests never leave its region.
+        raise InvalidInput(
+            f"pool {name!r} is in region {pool.region!r}, but the organization's data must "
+            f"stay in {org.region!r}",
+            param=param,
+        )
+    return pool
+
+
+# --- The fleet view (from the workers' heartbeats in Redis) -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedVersion:
+    model_version_id: str
+    model: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class FleetWorker:
+    node: str
+    providers: list[str]
+    models_loaded: list[LoadedVersion]
+    other_models_loaded: int  # versions of other organizations: counted, never named
+    free_slots: int
+    total_slots: int
+    tokens_per_s: float
+    last_heartbeat: datetime
+    heartbeat_age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPool:
+    name: str
+    region: str
+    providers: list[str]  # configured preference order
+    providers_in_use: list[str]  # what live workers actually run on
+    workers: list[FleetWorker]
+    free_slots: int
+    total_slots: int
+    tokens_per_s: float
+
+
+def fleet_for(org: Organization) -> list[FleetPool]:
+    """Per pool of the organization (its region's, and wherever its endpoints are): live workers.
+
+    Heartbeats of nodes that stopped more than HEARTBEAT_TTL_S ago are left out:
+    they are dead for admission too. A worker's loaded versions are named only
+    when the organization may see them.
+    """
+    pools = list(
+        AcceleratorPool.objects.filter(Q(region=org.region) | Q(endpoints__organization=org))
+        .distinct()
+        .order_by("name")
+    )
+    client = get_redis()
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    for pool in pools:
+        pipe.zrangebyscore(pool_live_key(pool.name), now - HEARTBEAT_TTL_S, "+inf", withscores=True)
+    members: list[list[tuple[str, float]]] = pipe.execute()
+    nodes = [node for entries in members for node, _ in entries]
+    infos: list[Any] = client.mget([worker_info_key(n) for n in nodes]) if nodes else []
+    heartbeats = {n: json.loads(raw) for n, raw in zip(nodes, infos, strict=True) if raw}
+    versions = _visible_versions(
+        org, (v for hb in heartbeats.values() for v in hb["models_loaded"])
+    )
+    out = []
+    for pool, entries in zip(pools, members, strict=True):
+        workers = [
+            _fleet_worker(heartbeats[node], score, now, versions)
+            for node, score in entries
+            if node in heartbeats
+        ]
+        out.append(
+            FleetPool(
+                name=pool.name,
+                region=pool.region,
+                providers=list(pool.providers or []),
+                providers_in_use=sorted({p for w in workers for p in w.providers}),
+                workers=workers,
+                free_slots=sum(w.free_slots for w in workers),
+                total_slots=sum(w.total_slots for w in workers),
+                tokens_per_s=round(sum(w.tokens_per_s for w in workers), 2),
+            )
+        )
+    return out
+
+
+def _visible_versions(org: Organization, ids: Iterable[str]) -> dict[str, LoadedVersion]:
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    rows = ModelVersion.objects.filter(
+        Q(model__organization__isnull=True) | Q(model__organization=org), id__in=wanted
+    ).values_list("id", "model__name", "version")
+    return {vid: LoadedVersion(vid, name, number) for vid, name, number in rows}
+
+
+def _fleet_worker(
+    heartbeat: dict[str, Any], score: float, now: float, versions: dict[str, LoadedVersion]
+) -> FleetWorker:
+    loaded = list(heartbeat.get("models_loaded") or [])
+    return FleetWorker(
+        node=str(heartbeat["node"]),
+        providers=list(heartbeat.get("providers") or []),
+        models_loaded=[versions[v] for v in loaded if v in versions],
+        other_models_loaded=sum(1 for v in loaded if v not in versions),
+        free_slots=int(heartbeat.get("free_slots") or 0),
+        total_slots=int(heartbeat.get("total_slots") or 0),
+        tokens_per_s=float(heartbeat.get("tokens_per_s") or 0.0),
+        last_heartbeat=datetime.fromtimestamp(score, tz=UTC),
+        heartbeat_age_s=round(max(0.0, now - score), 3),
+    )

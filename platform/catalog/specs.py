@@ -42,6 +42,9 @@ class EndpointSpec:
     rpm_limit: int
     tpm_limit: int
     created: int
+    # Added later: defaults keep specs cached by an older release readable.
+    version: int = 0  # the model version's number (v2 `model_version`)
+    io: dict[str, Any] = dataclasses.field(default_factory=dict)  # manifest `io`: tensor models
 
     @property
     def public(self) -> bool:

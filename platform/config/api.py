@@ -14,6 +14,8 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from accounts.api import router as accounts_router
 from accounts.auth import management_auth
 from billing.api import router as billing_router
+from catalog.api import router as catalog_router
+from catalog.compile_api import router as compile_router
 from config.errors import DomainError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ api = NinjaAPI(
 )
 api.add_router("", accounts_router)
 api.add_router("", billing_router)
+api.add_router("", catalog_router)
+api.add_router("", compile_router)
 
 
 def error_body(

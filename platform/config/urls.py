@@ -11,6 +11,7 @@ from config.api import api
 
 urlpatterns = [
     path("v1/", include("gateway.urls")),
+    path("v2/", include("gateway.v2")),
     path("api/v1/", api.urls),
     path("console/", include("console.urls")),
     path("admin/", admin.site.urls),

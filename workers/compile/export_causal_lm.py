@@ -27,6 +27,7 @@ PARITY_TOLERANCE = 1e-3
 SMOKE_QUESTION = "What is the capital of France?"
 SMOKE_EXPECT = "Paris"
 SMOKE_MAX_NEW_TOKENS = 32
+PARITY_PROMPTS = ("Hello", "Write a haiku about the sea and the wind.")
 TOOLCHAIN = ("torch", "transformers", "gguf", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
 
@@ -411,6 +412,133 @@ def export(out_dir: Path) -> dict[str, Any]:
             "package": f"{PACKAGE}=={PACKAGE_VERSION}",
             "file": GGUF_FILE,
         },
+        "build": {"export_seconds": round(export_s, 1), "toolchain": versions(*TOOLCHAIN)},
+    }
+
+
+def export_checkpoint(
+    src: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    kind: str,
+    licence: str,
+    source: dict[str, Any],
+    reference: Path | None = None,
+) -> dict[str, Any]:
+    """Export a Hugging Face causal LM checkpoint directory (safetensors); return the manifest.
+
+    The same graph interface as the built-in chat model. `reference`, when
+    given, receives sample inputs and torch's last-position logits (an .npz)
+    so that the later pipeline steps are checked against the source model.
+    """
+    import json
+
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    t0 = time.monotonic()
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float32, attn_implementation="eager", use_safetensors=True
+    )
+    model.eval()
+    cfg = model.config
+    layers = int(cfg.num_hidden_layers)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    log.info("loaded %s from %s in %.1f s", name, src, time.monotonic() - t0)
+
+    chat_template = tok.chat_template or None
+    if kind == "chat" and not chat_template:
+        raise RuntimeError(
+            "the checkpoint has no chat template (tokenizer_config.json `chat_template` or "
+            "chat_template.jinja): add one, or compile it as kind `completion`"
+        )
+    tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    # No baked-in truncation or padding: consumers count and pad real tokens.
+    data = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["truncation"] = None
+    data["padding"] = None
+    (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+    model_path = out_dir / "model.onnx"
+    t0 = time.monotonic()
+    _export_onnx(model, model_path)
+    _consolidate(model_path)
+    export_s = time.monotonic() - t0
+    sess = _session(model_path)
+    if [i.name for i in sess.get_inputs()] != input_names(layers):
+        raise RuntimeError("the exported graph's inputs differ from the causal LM contract")
+
+    eos_raw = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_token_id
+    eos_ids = [
+        int(e) for e in (eos_raw if isinstance(eos_raw, list) else [eos_raw]) if e is not None
+    ]
+    pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids or [0])[0])
+    rows = [tok.encode(t, add_special_tokens=False) or [0] for t in PARITY_PROMPTS]
+    ids, mask = _left_pad(rows, pad)
+    past = _empty_past(len(rows), layers, kv, hd)
+    o_logits, _ = _ort_step(sess, ids, mask, past, layers)
+    t_logits, _ = _torch_step(model, ids, mask, None)
+    max_diff = float(np.abs(o_logits - t_logits).max())
+    log.info("parity: max |logit diff| %.2e", max_diff)
+    if not max_diff < PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX/torch parity {max_diff} >= {PARITY_TOLERANCE}")
+    if reference is not None:
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": _positions(mask, ids.shape[1]),
+            **past,
+        }
+        arrays: dict[str, Any] = {f"in.{k}": v for k, v in feeds.items()}
+        arrays["out.logits"] = t_logits
+        np.savez(reference, **arrays)
+
+    fast_tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    prompt_ids = fast_tok.encode(SMOKE_QUESTION, add_special_tokens=False).ids or [0]
+    generated, gen_s = _greedy(sess, prompt_ids, layers, kv, hd, eos_ids[0] if eos_ids else -1)
+    del sess, model
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else tok.bos_token_id
+    return {
+        "format": 1,
+        "name": name,
+        "kind": kind,
+        "family": str(cfg.model_type),
+        "runtime": "onnx-causal-lm",
+        "licence": licence,
+        "model_file": "model.onnx",
+        "tokenizer_file": "tokenizer.json",
+        "context_length": int(getattr(cfg, "max_position_embeddings", 2048)),
+        "chat_template": chat_template,
+        "bos_token_id": int(bos) if bos is not None else None,
+        "eos_token_ids": eos_ids,
+        "pad_token_id": pad,
+        "io": _io_spec(layers, kv, hd, int(cfg.vocab_size)),
+        "causal_lm": {
+            "num_layers": layers,
+            "num_kv_heads": kv,
+            "head_dim": hd,
+            "vocab_size": int(cfg.vocab_size),
+            "logits": "last",
+        },
+        "validation": {
+            "export_parity": {
+                "reference": "torch, last-position logits, left-padded batch of 2",
+                "max_abs_diff": max_diff,
+                "tolerance": PARITY_TOLERANCE,
+            },
+            "export_smoke": {
+                "prompt": SMOKE_QUESTION,
+                "tokens": len(generated),
+                "seconds": round(gen_s, 3),
+            },
+        },
+        "source": source,
         "build": {"export_seconds": round(export_s, 1), "toolchain": versions(*TOOLCHAIN)},
     }
 

@@ -112,12 +112,14 @@ def _reference(bert: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return out.numpy()
 
 
-def _encode(tokenizer_path: Path, texts: list[str]) -> dict[str, np.ndarray]:
+def _encode(
+    tokenizer_path: Path, texts: list[str], max_tokens: int = MAX_INPUT_TOKENS
+) -> dict[str, np.ndarray]:
     import numpy as np
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
-    tok.enable_truncation(MAX_INPUT_TOKENS)
+    tok.enable_truncation(max_tokens)
     tok.enable_padding(pad_id=0, pad_token="[PAD]")  # noqa: S106 - a token, not a password
     enc = tok.encode_batch(texts)
     return {
@@ -129,17 +131,62 @@ def _encode(tokenizer_path: Path, texts: list[str]) -> dict[str, np.ndarray]:
 
 def export(out_dir: Path) -> dict[str, Any]:
     """Export all-MiniLM-L6-v2 to out_dir (model.onnx, tokenizer.json); return the manifest."""
+    return export_checkpoint(
+        model_dir(),
+        out_dir,
+        name=NAME,
+        licence="Apache-2.0",
+        source={"package": f"{PACKAGE}=={PACKAGE_VERSION}", "file": "model.safetensors"},
+        context_length=CONTEXT_LENGTH,
+        max_input_tokens=MAX_INPUT_TOKENS,
+    )
+
+
+def max_input_tokens_of(src: Path, context_length: int) -> int:
+    """sentence-transformers' `max_seq_length` (what it truncates at), else the context."""
+    path = src / "sentence_bert_config.json"
+    if path.is_file():
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_seq_length")
+        if isinstance(value, int) and 0 < value <= context_length:
+            return value
+    return context_length
+
+
+def export_checkpoint(
+    src: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    licence: str,
+    source: dict[str, Any],
+    context_length: int | None = None,
+    max_input_tokens: int | None = None,
+    reference: Path | None = None,
+) -> dict[str, Any]:
+    """Export a sentence-transformers BERT checkpoint directory; return the manifest.
+
+    `reference`, when given, receives the sample inputs and torch's embeddings
+    (`in.<input>`, `out.sentence_embedding` in an .npz) so that later steps
+    (graph optimization, quantization) are checked against the source model.
+    """
     import numpy as np
     import onnxruntime as ort
     import torch
     from transformers import AutoModel
 
-    src = model_dir()
     _check_pipeline(src)
-    bert = AutoModel.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    bert = AutoModel.from_pretrained(
+        src, dtype=torch.float32, attn_implementation="eager", use_safetensors=True
+    )
     bert.eval()
     cfg = bert.config
+    if cfg.model_type != "bert":
+        raise RuntimeError(
+            f"encoder checkpoints of type {cfg.model_type!r} are not supported (only BERT)"
+        )
     dims = int(cfg.hidden_size)
+    context = context_length or int(cfg.max_position_embeddings)
+    max_tokens = max_input_tokens or max_input_tokens_of(src, context)
     _write_tokenizer(src, out_dir)
 
     model_path = out_dir / "model.onnx"
@@ -183,9 +230,13 @@ def export(out_dir: Path) -> dict[str, Any]:
     if [o.name for o in sess.get_outputs()] != ["sentence_embedding"]:
         raise RuntimeError("graph output is not `sentence_embedding`")
 
-    feeds = _encode(out_dir / "tokenizer.json", list(SENTENCES))
+    feeds = _encode(out_dir / "tokenizer.json", list(SENTENCES), max_tokens)
     (onnx_emb,) = sess.run(None, feeds)
     ref = _reference(bert, feeds)
+    if reference is not None:
+        arrays: dict[str, Any] = {f"in.{k}": v for k, v in feeds.items()}
+        arrays["out.sentence_embedding"] = ref
+        np.savez(reference, **arrays)
     if onnx_emb.shape != (len(SENTENCES), dims):
         raise RuntimeError(f"embedding shape {onnx_emb.shape}, expected ({len(SENTENCES)}, {dims})")
     max_diff = float(np.abs(onnx_emb - ref).max())
@@ -199,7 +250,7 @@ def export(out_dir: Path) -> dict[str, Any]:
 
     # Same sentences one at a time: padding in a batch must not move an embedding.
     alone = np.concatenate(
-        [sess.run(None, _encode(out_dir / "tokenizer.json", [t]))[0] for t in SENTENCES]
+        [sess.run(None, _encode(out_dir / "tokenizer.json", [t], max_tokens))[0] for t in SENTENCES]
     )
     batch_vs_alone = float(np.abs(alone - onnx_emb).max())
 
@@ -211,14 +262,14 @@ def export(out_dir: Path) -> dict[str, Any]:
 
     return {
         "format": 1,
-        "name": NAME,
+        "name": name,
         "kind": "embedding",
         "family": "bert",
         "runtime": "onnx-encoder",
-        "licence": "Apache-2.0",
+        "licence": licence,
         "model_file": "model.onnx",
         "tokenizer_file": "tokenizer.json",
-        "context_length": CONTEXT_LENGTH,
+        "context_length": context,
         "chat_template": None,
         "bos_token_id": None,
         "eos_token_ids": [],
@@ -232,7 +283,7 @@ def export(out_dir: Path) -> dict[str, Any]:
         },
         "embedding": {
             "dimensions": dims,
-            "max_input_tokens": MAX_INPUT_TOKENS,
+            "max_input_tokens": max_tokens,
             "pooling": "mean",
             "normalized": True,
         },
@@ -254,7 +305,7 @@ def export(out_dir: Path) -> dict[str, Any]:
                 "passed": True,
             },
         },
-        "source": {"package": f"{PACKAGE}=={PACKAGE_VERSION}", "file": "model.safetensors"},
+        "source": source,
         "build": {"export_seconds": round(export_s, 1), "toolchain": versions(*TOOLCHAIN)},
     }
 

@@ -45,6 +45,9 @@ class RequestResult:
     finished_step: int = -1
     error_code: str = ""
     error_message: str = ""
+    # Compute time charged to this request when it shared a run with others
+    # (its part of the run); None: the whole span from admitted_at to finished_at.
+    compute_s: float | None = None
 
     @property
     def ran(self) -> bool:

@@ -108,7 +108,7 @@ def engine_greedy(
     spec = dataclasses.replace(
         CausalLMSpec.from_manifest(model.manifest), eos_token_ids=frozenset()
     )
-    tokenizer = model.tokenizer
+    tokenizer = model.text_tokenizer()
 
     def decode(ids: Sequence[int]) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     directory = resolve_artifact(args.artifact)
     manifest = read_manifest(directory)
     model = load_model(ModelRef("bench", manifest["runtime"], manifest["sha256"], str(directory)))
-    prompt = model.tokenizer.encode(PROMPT).ids
+    prompt = model.text_tokenizer().encode(PROMPT).ids
     raw_greedy(model, [prompt], 4)  # warm-up
     for batch in args.batch:
         # Prompts of slightly different lengths, as real traffic has.

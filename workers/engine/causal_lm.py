@@ -184,7 +184,7 @@ class CausalLMEngine:
         max_prefill_tokens: int,
         redis_client: redis.Redis | None,
     ) -> CausalLMEngine:
-        tokenizer = model.tokenizer
+        tokenizer = model.text_tokenizer()
 
         def decode(ids: Sequence[int]) -> str:
             return tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.contract import ModelRef
+from workers.contract import ModelRef, Runtime
 from workers.runtime.providers import choose_providers
 
 if TYPE_CHECKING:
@@ -34,10 +34,15 @@ class LoadedModel:
     directory: Path
     manifest: Mapping[str, Any]
     session: onnxruntime.InferenceSession
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for tensor models: they take tensors, not text
     providers: tuple[str, ...]
     provider: str
     load_s: float
+
+    def text_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ModelLoadError(f"model version {self.ref.version_id} has no tokenizer")
+        return self.tokenizer
 
 
 _models: dict[str, LoadedModel] = {}
@@ -87,6 +92,11 @@ def loaded_models() -> list[LoadedModel]:
     return list(_models.values())
 
 
+def unload_model(version_id: str) -> None:
+    """Forgets a loaded version; its session is freed once no engine holds it any more."""
+    _models.pop(version_id, None)
+
+
 def _check_same_artifact(model: LoadedModel, ref: ModelRef) -> None:
     if model.ref.sha256 != ref.sha256:
         raise ModelLoadError(
@@ -117,7 +127,8 @@ def _load(ref: ModelRef) -> LoadedModel:
         )
     model_path = directory / str(manifest.get("model_file", "model.onnx"))
     tokenizer_path = directory / str(manifest.get("tokenizer_file", "tokenizer.json"))
-    for path in (model_path, tokenizer_path):
+    needs_tokenizer = ref.runtime != Runtime.TENSOR
+    for path in (model_path, tokenizer_path) if needs_tokenizer else (model_path,):
         if not path.is_file():
             raise ModelLoadError(f"artifact file missing: {path}")
 
@@ -132,7 +143,7 @@ def _load(ref: ModelRef) -> LoadedModel:
     if spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer = Tokenizer.from_file(str(tokenizer_path)) if needs_tokenizer else None
     load_s = time.monotonic() - started
     logger.info(
         "loaded model version %s (%s, %s) on %s in %.1fs",

@@ -1,0 +1,150 @@
+"""Hugging Face causal LM checkpoints through the pipeline: a tiny Llama built in the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.workers.compile_support import tree
+from workers.compile import artifacts
+from workers.compile.pipeline import Pipeline, default_prepare_python
+from workers.contract import CompileRequest, ModelRef
+from workers.runtime.models import load_model
+
+pytestmark = pytest.mark.timeout(300)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Runs in the prepare venv: random weights (the architecture is what matters),
+# SmolLM2's tokenizer from the built-in artifact (same vocabulary size).
+BUILD = """
+import json, shutil, sys
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+out, tokenizer, template = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+LlamaForCausalLM(cfg).save_pretrained(out)
+shutil.copy(tokenizer, out / "tokenizer.json")
+config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
+          "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+if template:
+    config["chat_template"] = template
+(out / "tokenizer_config.json").write_text(json.dumps(config))
+"""
+
+
+def smollm_tokenizer() -> Path:
+    from tests.stack import builtin_manifests
+
+    for manifest in builtin_manifests():
+        if manifest["name"] == "smollm2-135m-instruct":
+            return Path(manifest["location"]) / "tokenizer.json"
+    raise AssertionError("the built-in chat model is not prepared")
+
+
+def tiny_llama(directory: Path, *, template: str = CHAT_TEMPLATE) -> Path:
+    python = default_prepare_python()
+    if not python.is_file():
+        pytest.skip(f"no prepare venv at {python} (bin/prepare-models builds it)")
+    subprocess.run(
+        [str(python), "-c", BUILD, str(directory), str(smollm_tokenizer()), template],
+        check=True,
+        capture_output=True,
+    )
+    return directory
+
+
+def test_a_causal_lm_checkpoint_exports_with_kv_cache_and_parity(tmp_path: Path) -> None:
+    checkpoint = tiny_llama(tmp_path / "ckpt")
+    store = tmp_path / "store"
+    request = CompileRequest(
+        job_id="cj_llama",
+        organization_id="org_test",
+        model_name="tiny-chat",
+        kind="chat",
+        source="hf-checkpoint",
+        source_path=str(checkpoint),
+    )
+
+    outcome = Pipeline(request, store=store).run()
+
+    assert (outcome.status, outcome.error) == ("succeeded", ""), outcome.steps
+    steps = {s["name"]: s for s in outcome.steps}
+    assert steps["export"]["metrics"]["source_parity"]["export_parity"]["max_abs_diff"] < 1e-3
+    parity = steps["validate"]["metrics"]["parity"]
+    assert parity["reference"] == "the source checkpoint run by torch"
+    assert parity["max_abs_logit_diff"] <= 1e-3
+    assert parity["top1_agreement"] == 1.0
+    manifest = outcome.manifest
+    assert manifest is not None
+    assert manifest["causal_lm"] == {
+        "num_layers": 2,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 49152,
+        "logits": "last",
+    }
+    assert (manifest["chat_template"], manifest["eos_token_ids"], manifest["bos_token_id"]) == (
+        CHAT_TEMPLATE,
+        [2],
+        1,
+    )
+    assert (manifest["runtime"], manifest["context_length"]) == ("onnx-causal-lm", 512)
+    sha = manifest["sha256"]
+    assert tree(store) == [sha, f"{sha}/mantle.json", f"{sha}/model.onnx", f"{sha}/tokenizer.json"]
+    assert artifacts.verify_artifact(store / sha)["sha256"] == sha
+    assert json.loads((store / sha / "tokenizer.json").read_text())["truncation"] is None
+    # The checkpoint directory is the operator's: never deleted.
+    assert (checkpoint / "model.safetensors").is_file()
+
+    # The inference workers' loader takes it; a first step with empty past runs.
+    loaded = load_model(
+        ModelRef(
+            version_id="mv_llama", runtime="onnx-causal-lm", sha256=sha, location=str(store / sha)
+        )
+    )
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": np.array([[1, 2, 3]], dtype=np.int64),
+        "attention_mask": np.ones((1, 3), dtype=np.int64),
+        "position_ids": np.array([[0, 1, 2]], dtype=np.int64),
+    }
+    for i in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, 0, 16), dtype=np.float32)
+    logits, *present = loaded.session.run(None, feeds)
+    assert logits.shape == (1, 1, 49152)
+    assert present[0].shape == (1, 2, 3, 16)
+
+
+def test_a_chat_checkpoint_without_a_template_is_refused_in_words(tmp_path: Path) -> None:
+    checkpoint = tiny_llama(tmp_path / "ckpt", template="")
+    store = tmp_path / "store"
+    request = CompileRequest(
+        job_id="cj_notemplate",
+        organization_id="org_test",
+        model_name="tiny-chat",
+        kind="chat",
+        source="hf-checkpoint",
+        source_path=str(checkpoint),
+    )
+
+    outcome = Pipeline(request, store=store).run()
+
+    assert (outcome.status, outcome.error_code) == ("failed", "export_failed")
+    assert outcome.error == (
+        "exporting the checkpoint failed: the checkpoint has no chat template "
+        "(tokenizer_config.json `chat_template` or chat_template.jinja): add one, or compile "
+        "it as kind `completion`"
+    )
+    assert tree(store) == []
