@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
+
+
+def _sync_staff_roles(sender: AppConfig, **kwargs: Any) -> None:
+    # After every migrate (and every test-database flush, which re-sends post_migrate),
+    # so the roles always carry the view rights of every model that exists now.
+    from billing.backoffice.roles import roles_sync
+
+    roles_sync()
 
 
 class BillingConfig(AppConfig):
     name = "billing"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        post_migrate.connect(_sync_staff_roles, sender=self, dispatch_uid="billing-staff-roles")

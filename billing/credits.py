@@ -118,9 +118,9 @@ def credit_grant(
     checks.check_staff(principal)
     reason = checks.check_reason(reason)
     currency = checks.check_currency(currency)
-    if kind not in CreditLedgerEntry.GRANT_KINDS:
+    if kind not in CreditLedgerEntry.STAFF_GRANT_KINDS:
         raise InvalidInput(
-            f"kind must be one of {list(CreditLedgerEntry.GRANT_KINDS)}", param="kind"
+            f"kind must be one of {list(CreditLedgerEntry.STAFF_GRANT_KINDS)}", param="kind"
         )
     value = _check_amount(amount, param="amount")
     if value <= 0:

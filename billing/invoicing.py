@@ -307,14 +307,21 @@ def invoice_refresh_draft(*, org: Organization, month: datetime | date) -> Invoi
 
 
 def invoice_finalize(
-    *, principal: Principal, invoice: Invoice, now: datetime | None = None
+    *,
+    principal: Principal,
+    invoice: Invoice,
+    now: datetime | None = None,
+    reason: str | None = None,
 ) -> Invoice:
     """Freezes the lines, applies credits, numbers the invoice. Draft only, period over.
 
     All in one transaction with the organization locked: the number is taken from the
-    year's sequence row in the same transaction, so a failure leaves no gap.
+    year's sequence row in the same transaction, so a failure leaves no gap. `reason`
+    (the back office always gives one) goes into the audit entry.
     """
     checks.check_staff(principal)
+    if reason is not None:
+        reason = checks.check_reason(reason)
     now = now or timezone.now()
     with transaction.atomic():
         org = checks.lock_organization(invoice.organization)
@@ -349,6 +356,7 @@ def invoice_finalize(
                 "subtotal": str(inv.subtotal),
                 "credits_applied": str(inv.credits_applied),
                 "total": str(inv.total),
+                **({"reason": reason} if reason is not None else {}),
             },
         )
         _sync_wallet_on_commit(org.id)
@@ -403,6 +411,13 @@ def invoice_void(*, principal: Principal, invoice: Invoice, reason: str) -> Invo
     with transaction.atomic():
         checks.lock_organization(invoice.organization)
         inv = _locked(invoice, "void", allowed=(Status.FINALIZED,))
+        if inv.credit_notes.exists():
+            # Writing off a bill that already gave money back would give it back twice.
+            raise Conflict(
+                "cannot void an invoice that has credit notes: credit the rest instead",
+                param="status",
+                code="invalid_state",
+            )
         inv.status = Status.VOID
         inv.voided_at = timezone.now()
         inv.void_reason = reason

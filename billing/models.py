@@ -148,8 +148,17 @@ class CreditLedgerEntry(models.Model):
         CONSUMPTION = "consumption"  # applied to an invoice at finalization (negative)
         EXPIRY = "expiry"  # a grant's remainder written off at its expiry (negative)
         ADJUSTMENT = "adjustment"  # a correction of one grant (either sign)
+        # Money given back on an issued invoice (billing/credit_notes.py): a grant, made
+        # only through a CreditNote, never by credit_grant.
+        CREDIT_NOTE = "credit_note"
 
-    GRANT_KINDS: ClassVar[tuple[str, ...]] = (Kind.PREPAID_PURCHASE, Kind.PROMOTIONAL)
+    GRANT_KINDS: ClassVar[tuple[str, ...]] = (
+        Kind.PREPAID_PURCHASE,
+        Kind.PROMOTIONAL,
+        Kind.CREDIT_NOTE,
+    )
+    # What staff grant directly (credit_grant); credit-note grants come with their note.
+    STAFF_GRANT_KINDS: ClassVar[tuple[str, ...]] = (Kind.PREPAID_PURCHASE, Kind.PROMOTIONAL)
 
     organization = models.ForeignKey(
         Organization, on_delete=models.PROTECT, related_name="credit_entries"
@@ -172,7 +181,9 @@ class CreditLedgerEntry(models.Model):
         constraints: ClassVar = [
             models.CheckConstraint(
                 condition=Q(
-                    kind__in=["prepaid_purchase", "promotional"], amount__gt=0, grant__isnull=True
+                    kind__in=["prepaid_purchase", "promotional", "credit_note"],
+                    amount__gt=0,
+                    grant__isnull=True,
                 )
                 | Q(kind__in=["consumption", "expiry"], amount__lt=0, grant__isnull=False)
                 | (Q(kind="adjustment", grant__isnull=False) & ~Q(amount=0)),
@@ -509,3 +520,82 @@ class StripePaymentFailure(models.Model):
 
 
 # ========================================= end of Stripe =================================
+
+
+# =========================================================================================
+# Back office (billing/credit_notes.py, billing/backoffice/): credit notes on issued
+# invoices, and the permissions that the two staff roles are made of.
+# =========================================================================================
+
+
+def new_credit_note_id() -> str:
+    return ids.new_id("cn_")
+
+
+class CreditNote(models.Model):
+    """Money given back on a finalized or paid invoice, with its own gap-free number.
+
+    Its amount becomes a `credit_note` grant in the ledger, which the organization's next
+    invoices consume (docs/backoffice.md, "Credit notes"). Never updated or deleted.
+    """
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_credit_note_id, editable=False
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="credit_notes"
+    )
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="credit_notes")
+    number = models.CharField(max_length=32, unique=True)
+    amount = models.DecimalField(max_digits=20, decimal_places=2)
+    currency = models.CharField(max_length=3, default="USD")
+    reason = models.CharField(max_length=500)
+    ledger_entry = models.OneToOneField(
+        CreditLedgerEntry, on_delete=models.PROTECT, related_name="credit_note"
+    )
+    # The back office's form token: the same submission twice issues one note.
+    idempotency_key = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="credit_note_positive"),
+        ]
+        indexes: ClassVar = [models.Index(fields=["organization", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.number} on {self.invoice_id}: {self.amount} {self.currency}"
+
+
+class CreditNoteNumberSequence(models.Model):
+    """The last credit-note number issued in a year; locked and bumped inside the issue."""
+
+    year = models.PositiveIntegerField(primary_key=True)
+    last_number = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.year}: {self.last_number}"
+
+
+class BackOffice(models.Model):
+    """Not a table: Django attaches permissions to a model, and these belong to no row.
+
+    The staff roles (billing/backoffice/roles.py) are Groups of these plus view rights.
+    """
+
+    class Meta:
+        managed = False
+        default_permissions = ()
+        permissions = (
+            ("move_money", "Can move money: invoices, credit notes, credits, prices"),
+            ("suspend_organization", "Can suspend and reactivate organizations"),
+        )
+
+    def __str__(self) -> str:
+        return "back office permissions"
+
+
+# ===================================== end of back office ================================

@@ -79,3 +79,11 @@ def credits_expire() -> int:
     from billing.credits import credits_expire as expire
 
     return len(expire())
+
+
+@shared_task(name="mantle.billing.drain_lag_sample", queue="billing", ignore_result=True)
+def drain_lag_sample() -> float:
+    """One sample of the usage drain's lag for the back office's chart (beat, every minute)."""
+    from billing.backoffice.selectors import drain_lag_record
+
+    return drain_lag_record()

@@ -1,46 +1,145 @@
-"""Django admin registrations for accounts (secrets are never stored, so never shown)."""
+"""Back-office lists of accounts rows (secrets are never stored, so never shown).
+
+Organizations, members, projects and keys are read-only here: a suspension goes through
+accounts.services (it rewrites the keys' cache), from the customer page. Only superusers
+edit users, to give staff their role (a Group).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
+from django.contrib.auth.admin import GroupAdmin as BaseGroupAdmin
+from django.contrib.auth.models import Group
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from unfold.admin import ModelAdmin
 
 from accounts.models import ApiKey, AuditLog, Membership, Organization, Project, User
 
 
+class ReadOnlyAdmin(ModelAdmin):
+    list_per_page = 50
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+def _customer(org: Organization) -> str:
+    url = reverse("admin:backoffice-customer", args=[org.id])
+    return format_html('<a href="{}">{}</a>', url, org.name)
+
+
+admin.site.unregister(Group)
+
+
+@admin.register(Group)
+class GroupAdmin(BaseGroupAdmin, ModelAdmin):
+    """The staff roles ("billing admin", "support"); see billing/backoffice/roles.py."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.is_superuser)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_superuser)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_superuser)
+
+
 @admin.register(User)
-class UserAdmin(admin.ModelAdmin):
-    list_display = ("email", "full_name", "is_staff", "is_active", "date_joined")
+class UserAdmin(ModelAdmin):
+    list_display = ("email", "full_name", "is_staff", "is_superuser", "is_active", "date_joined")
+    list_filter = ("is_staff", "is_superuser", "is_active", "groups")
     search_fields = ("email", "full_name")
-    exclude = ("password",)
+    fields = (
+        "email",
+        "full_name",
+        "is_active",
+        "is_staff",
+        "is_superuser",
+        "groups",
+        "date_joined",
+        "last_login",
+    )
+    readonly_fields = ("date_joined", "last_login")
+    filter_horizontal = ("groups",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # people sign up or are invited through the console
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_superuser)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(Organization)
-class OrganizationAdmin(admin.ModelAdmin):
-    list_display = ("id", "name", "region", "status", "created_at")
+class OrganizationAdmin(ReadOnlyAdmin):
+    list_display = ("customer", "id", "region", "status", "created_at")
     search_fields = ("id", "name")
     list_filter = ("status", "region")
+    ordering = ("name",)
+
+    @admin.display(description="organization", ordering="name")
+    def customer(self, obj: Organization) -> str:
+        return _customer(obj)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        # One page per customer: members, keys, money, usage, and the suspend action.
+        return HttpResponseRedirect(reverse("admin:backoffice-customer", args=[object_id]))
 
 
 @admin.register(Membership)
-class MembershipAdmin(admin.ModelAdmin):
+class MembershipAdmin(ReadOnlyAdmin):
     list_display = ("user", "organization", "role", "created_at")
     list_filter = ("role",)
+    search_fields = ("user__email", "organization__id", "organization__name")
+    list_select_related = ("user", "organization")
 
 
 @admin.register(Project)
-class ProjectAdmin(admin.ModelAdmin):
-    list_display = ("id", "name", "organization", "is_default")
+class ProjectAdmin(ReadOnlyAdmin):
+    list_display = ("id", "name", "organization", "is_default", "rpm_limit", "tpm_limit")
+    search_fields = ("id", "name", "organization__id", "organization__name")
+    list_select_related = ("organization",)
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ("id", "prefix", "name", "organization", "project", "revoked_at")
+class ApiKeyAdmin(ReadOnlyAdmin):
+    list_display = ("id", "prefix", "name", "organization", "project", "status", "last_used_at")
+    search_fields = ("id", "prefix", "organization__id", "organization__name")
+    list_select_related = ("organization", "project")
     exclude = ("digest",)
-    readonly_fields = ("prefix", "created_at", "last_used_at")
+
+    @admin.display(description="status")
+    def status(self, obj: ApiKey) -> str:
+        if obj.revoked_at is not None:
+            return "revoked"
+        if obj.expires_at is not None and obj.expires_at <= timezone.now():
+            return "expired"
+        return "active"
 
 
 @admin.register(AuditLog)
-class AuditLogAdmin(admin.ModelAdmin):
+class AuditLogAdmin(ReadOnlyAdmin):
     list_display = (
         "created_at",
         "organization",
@@ -48,12 +147,14 @@ class AuditLogAdmin(admin.ModelAdmin):
         "action",
         "target_type",
         "target_id",
+        "reason",
         "ip_address",
     )
     list_filter = ("action",)
+    search_fields = ("organization__id", "actor_label", "target_id", "action")
+    list_select_related = ("organization",)
+    ordering = ("-created_at", "-id")
 
-    def has_change_permission(self, request: object, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: object, obj: object = None) -> bool:
-        return False
+    @admin.display(description="reason")
+    def reason(self, obj: AuditLog) -> str:
+        return str(obj.metadata.get("reason", "")) if isinstance(obj.metadata, dict) else ""

@@ -1,0 +1,500 @@
+"""Reads of the back office: the customer page, the usage explorer and its CSV, dashboards."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from itertools import islice
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db.models import Count, Q, QuerySet, Sum
+from django.utils import timezone
+
+from accounts.models import ApiKey, AuditLog, Membership, Organization
+from billing.budgets import budget_spend, budgets
+from billing.credit_notes import credit_notes
+from billing.credits import credit_entries
+from billing.metering import drain_lag_seconds
+from billing.models import (
+    Budget,
+    CreditLedgerEntry,
+    CreditNote,
+    Invoice,
+    PriceOverride,
+    StripeCustomer,
+    TokenKind,
+    UsageRollup,
+)
+from billing.money import exact_amount
+from billing.periods import month_start
+from billing.pricing import PriceBook
+from billing.selectors import Balance, balance_summary, invoices
+from catalog.models import Endpoint
+from config.errors import InvalidInput
+from config.redis import get_redis
+
+logger = logging.getLogger(__name__)
+
+ZERO = Decimal(0)
+DRAIN_LAG_SAMPLES = "mantle:backoffice:drain-lag"
+DRAIN_LAG_KEEP = 24 * 60  # one sample a minute, a day of them
+CSV_COLUMNS = (
+    "hour",
+    "organization_id",
+    "project_id",
+    "api_key_id",
+    "endpoint_id",
+    "model_name",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+)
+# Rows per database round trip while streaming: memory stays at one chunk.
+CSV_CHUNK_ROWS = 2000
+
+
+# --- Customer page -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    key: ApiKey
+    status: str  # active | revoked | expired
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    budget: Budget
+    spend: Decimal
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    model_name: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class CustomerOverview:
+    org: Organization
+    balance: Balance
+    members: list[Membership]
+    keys: list[KeyRow]
+    endpoints: list[Endpoint]
+    ledger: list[CreditLedgerEntry]
+    budgets: list[BudgetRow]
+    usage: list[ModelUsage]
+    invoices: list[Invoice]
+    credit_notes: list[CreditNote]
+    overrides: list[PriceOverride]
+    audit: list[AuditLog]
+    stripe_customer_id: str | None
+    stripe_url: str | None
+
+
+def key_status(key: ApiKey, now: datetime) -> str:
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def stripe_dashboard_url(customer_id: str) -> str:
+    # Test-mode objects live under /test/ in Stripe's dashboard.
+    mode = "test/" if settings.STRIPE_API_KEY.startswith(("sk_test_", "rk_test_")) else ""
+    return f"https://dashboard.stripe.com/{mode}customers/{customer_id}"
+
+
+def customer_overview(org: Organization, *, now: datetime | None = None) -> CustomerOverview:
+    """Everything staff need about one organization, for one page. Secrets never included."""
+    now = now or timezone.now()
+    month = month_start(now)
+    stripe = StripeCustomer.objects.filter(organization=org).first()
+    usage = (
+        UsageRollup.objects.filter(organization_id=org.id, hour__gte=month)
+        .values("model_name")
+        .annotate(r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens"))
+        .order_by("model_name")
+    )
+    return CustomerOverview(
+        org=org,
+        balance=balance_summary(org, now=now),
+        members=list(
+            Membership.objects.filter(organization=org).select_related("user").order_by("role")
+        ),
+        keys=[
+            KeyRow(k, key_status(k, now))
+            for k in ApiKey.objects.filter(organization=org)
+            .select_related("project")
+            .only(
+                "id",
+                "name",
+                "prefix",
+                "scopes",
+                "created_at",
+                "expires_at",
+                "revoked_at",
+                "last_used_at",
+                "project__name",
+            )
+            .order_by("-created_at")
+        ],
+        endpoints=list(
+            Endpoint.objects.filter(organization=org)
+            .select_related("model_version__model", "pool")
+            .order_by("name")
+        ),
+        ledger=list(credit_entries(org)[:50]),
+        budgets=[BudgetRow(b, budget_spend(b, month)) for b in budgets(org)],
+        usage=[ModelUsage(u["model_name"], u["r"], u["i"], u["o"]) for u in usage],
+        invoices=list(invoices(org)[:24]),
+        credit_notes=list(credit_notes(org).select_related("invoice")[:24]),
+        overrides=list(
+            PriceOverride.objects.filter(organization=org).order_by("-effective_from", "-id")
+        ),
+        audit=list(AuditLog.objects.filter(organization=org).order_by("-created_at", "-id")[:20]),
+        stripe_customer_id=stripe.stripe_customer_id if stripe else None,
+        stripe_url=stripe_dashboard_url(stripe.stripe_customer_id) if stripe else None,
+    )
+
+
+# --- Usage explorer ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsageFilter:
+    """A range of hourly rollups; empty strings match everything."""
+
+    start: datetime
+    end: datetime
+    organization_id: str = ""
+    project_id: str = ""
+    api_key_id: str = ""
+    endpoint_id: str = ""
+    model_name: str = ""
+
+    def as_params(self) -> dict[str, str]:
+        params = {
+            "org": self.organization_id,
+            "project": self.project_id,
+            "key": self.api_key_id,
+            "endpoint": self.endpoint_id,
+            "model": self.model_name,
+            "start": self.start.strftime("%Y-%m-%dT%H:%M"),
+            "end": self.end.strftime("%Y-%m-%dT%H:%M"),
+        }
+        return {k: v for k, v in params.items() if v}
+
+
+FILTER_FIELDS = {
+    "org": "organization_id",
+    "project": "project_id",
+    "key": "api_key_id",
+    "endpoint": "endpoint_id",
+    "model": "model_name",
+}
+
+
+def _parse_instant(value: str, *, param: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidInput(
+            f"{param} must be a date or date and time (YYYY-MM-DD or YYYY-MM-DDTHH:MM, UTC)",
+            param=param,
+        ) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def usage_filter_parse(params: Mapping[str, str], *, now: datetime | None = None) -> UsageFilter:
+    """The explorer's query string, validated; defaults to this month so far."""
+    now = now or timezone.now()
+    values: dict[str, Any] = {}
+    for param, name in FILTER_FIELDS.items():
+        value = (params.get(param) or "").strip()
+        if len(value) > 200:
+            raise InvalidInput(f"{param} must be at most 200 characters", param=param)
+        values[name] = value
+    org_id = values["organization_id"]
+    if org_id and not Organization.objects.filter(id=org_id).exists():
+        raise InvalidInput(f"organization {org_id!r} does not exist", param="org")
+    start_raw, end_raw = params.get("start") or "", params.get("end") or ""
+    start = _parse_instant(start_raw, param="start") if start_raw.strip() else month_start(now)
+    end = (
+        _parse_instant(end_raw, param="end")
+        if end_raw.strip()
+        else now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    )
+    if end <= start:
+        raise InvalidInput("end must be after start", param="end")
+    return UsageFilter(start=start, end=end, **values)
+
+
+def usage_rows(f: UsageFilter) -> QuerySet[UsageRollup]:
+    rows = UsageRollup.objects.filter(hour__gte=f.start, hour__lt=f.end)
+    for name in FILTER_FIELDS.values():
+        value = getattr(f, name)
+        if value:
+            rows = rows.filter(**{name: value})
+    return rows
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    rows: int
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    by_model: list[ModelUsage] = field(default_factory=list)
+    # Usage charges (exact, before discounts and credits); only for one organization,
+    # whose own prices and contract terms apply.
+    charges: Decimal | None = None
+
+
+def usage_totals(f: UsageFilter) -> UsageTotals:
+    rows = usage_rows(f)
+    agg = rows.aggregate(
+        n=Count("id"), r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens")
+    )
+    by_model = [
+        ModelUsage(m["model_name"], m["r"], m["i"], m["o"])
+        for m in rows.values("model_name")
+        .annotate(r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens"))
+        .order_by("model_name")
+    ]
+    charges = None
+    if f.organization_id:
+        charges = _charges(rows, f.organization_id)
+    return UsageTotals(
+        rows=agg["n"] or 0,
+        requests=agg["r"] or 0,
+        input_tokens=agg["i"] or 0,
+        output_tokens=agg["o"] or 0,
+        by_model=by_model,
+        charges=charges,
+    )
+
+
+def _charges(rows: QuerySet[UsageRollup], organization_id: str) -> Decimal:
+    book = PriceBook.load(organization_id)
+    total = ZERO
+    grouped = rows.values("model_name", "hour").annotate(
+        i=Sum("input_tokens"), o=Sum("output_tokens")
+    )
+    for g in grouped.order_by():
+        for kind, qty in ((TokenKind.INPUT, g["i"]), (TokenKind.OUTPUT, g["o"])):
+            price = book.effective(g["model_name"], kind, g["hour"]) if qty else None
+            if price is not None:
+                total += exact_amount(qty, price.unit_price)
+    return total
+
+
+def usage_recent(f: UsageFilter, limit: int = 50) -> list[UsageRollup]:
+    return list(usage_rows(f).order_by("-hour", "-id")[:limit])
+
+
+def _csv_values(f: UsageFilter) -> QuerySet[UsageRollup, tuple[Any, ...]]:
+    return usage_rows(f).order_by("hour", "id").values_list(*CSV_COLUMNS)
+
+
+def usage_csv(f: UsageFilter) -> Iterator[str]:
+    """The rows as CSV text, CSV_CHUNK_ROWS rows per chunk, read through a server-side
+    cursor on PostgreSQL: memory holds one chunk, whatever the range."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    rows = _csv_values(f).iterator(chunk_size=CSV_CHUNK_ROWS)
+    while True:
+        chunk = list(islice(rows, CSV_CHUNK_ROWS))
+        for row in chunk:
+            writer.writerow((row[0].strftime("%Y-%m-%dT%H:%M:%SZ"), *row[1:]))
+        text = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate(0)
+        if text:
+            yield text
+        if len(chunk) < CSV_CHUNK_ROWS:
+            return
+
+
+async def usage_csv_async(f: UsageFilter) -> AsyncIterator[str]:
+    """The same CSV for ASGI servers, which would otherwise read a sync iterator whole.
+
+    Django serves a sync iterator under ASGI by reading it into a list first, exactly what
+    a large export must not do. Each chunk is produced by the sync generator in Django's
+    thread for sync code (thread-sensitive), so its cursor stays on one connection.
+    """
+    chunks = usage_csv(f)
+
+    def next_chunk() -> str | None:
+        return next(chunks, None)
+
+    while (chunk := await sync_to_async(next_chunk)()) is not None:
+        yield chunk
+
+
+# --- Dashboards ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DayPoint:
+    day: date
+    input_tokens: int
+    output_tokens: int
+    revenue: Decimal
+
+
+@dataclass(frozen=True)
+class ModelPoint:
+    model_name: str
+    input_tokens: int
+    output_tokens: int
+    revenue: Decimal
+
+
+@dataclass(frozen=True)
+class CustomerPoint:
+    organization_id: str
+    name: str
+    revenue: Decimal
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    start: datetime
+    end: datetime
+    days: list[DayPoint]
+    models: list[ModelPoint]
+    top_customers: list[CustomerPoint]
+    drain_lag_now: float
+    drain_lag_history: list[tuple[float, float]]  # (unix seconds, lag seconds)
+    open_drafts: int
+    unpaid_invoices: int
+    unpaid_total: Decimal
+    suspended_organizations: int
+
+
+def dashboard(*, now: datetime | None = None, days: int = 30, top: int = 10) -> Dashboard:
+    """Tokens and revenue per day and per model over `days` days, top customers by revenue.
+
+    Revenue is usage charges: each organization's hours at its own effective prices,
+    exact (invoices round per line and apply tiers and credits on top). One pass over the
+    rollups grouped by (organization, model, hour); one organization's price book at a time.
+    """
+    now = now or timezone.now()
+    end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    start = (end - timedelta(days=days)).replace(hour=0)
+    per_day: dict[date, list[Any]] = {}
+    day = start.date()
+    while day <= end.date():
+        per_day[day] = [0, 0, ZERO]
+        day += timedelta(days=1)
+    per_model: dict[str, list[Any]] = defaultdict(lambda: [0, 0, ZERO])
+    per_org: dict[str, list[Any]] = defaultdict(lambda: [ZERO, 0])
+    grouped = (
+        UsageRollup.objects.filter(hour__gte=start, hour__lt=end)
+        .values("organization_id", "model_name", "hour")
+        .annotate(i=Sum("input_tokens"), o=Sum("output_tokens"))
+        .order_by("organization_id", "hour")
+    )
+    book: PriceBook | None = None
+    for g in grouped.iterator(chunk_size=5000):
+        if book is None or book.organization_id != g["organization_id"]:
+            book = PriceBook.load(g["organization_id"])
+        revenue = ZERO
+        for kind, qty in ((TokenKind.INPUT, g["i"]), (TokenKind.OUTPUT, g["o"])):
+            price = book.effective(g["model_name"], kind, g["hour"]) if qty else None
+            if price is not None:
+                revenue += exact_amount(qty, price.unit_price)
+        d = g["hour"].astimezone(UTC).date()
+        bucket = per_day.setdefault(d, [0, 0, ZERO])
+        bucket[0] += g["i"]
+        bucket[1] += g["o"]
+        bucket[2] += revenue
+        m = per_model[g["model_name"]]
+        m[0] += g["i"]
+        m[1] += g["o"]
+        m[2] += revenue
+        o = per_org[g["organization_id"]]
+        o[0] += revenue
+        o[1] += g["i"] + g["o"]
+    ranked = sorted(per_org.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))[:top]
+    names = dict(
+        Organization.objects.filter(id__in=[org_id for org_id, _ in ranked]).values_list(
+            "id", "name"
+        )
+    )
+    unpaid = Invoice.objects.filter(status=Invoice.Status.FINALIZED).aggregate(
+        n=Count("id"), s=Sum("total")
+    )
+    return Dashboard(
+        start=start,
+        end=end,
+        days=[DayPoint(d, v[0], v[1], v[2]) for d, v in sorted(per_day.items())],
+        models=[
+            ModelPoint(name, v[0], v[1], v[2])
+            for name, v in sorted(per_model.items(), key=lambda item: (-item[1][2], item[0]))
+        ],
+        top_customers=[
+            CustomerPoint(org_id, names.get(org_id, org_id), v[0], v[1]) for org_id, v in ranked
+        ],
+        drain_lag_now=drain_lag_now(),
+        drain_lag_history=drain_lag_history(),
+        open_drafts=Invoice.objects.filter(status=Invoice.Status.DRAFT).count(),
+        unpaid_invoices=unpaid["n"] or 0,
+        unpaid_total=unpaid["s"] or ZERO,
+        suspended_organizations=Organization.objects.filter(
+            ~Q(status=Organization.Status.ACTIVE)
+        ).count(),
+    )
+
+
+def drain_lag_now() -> float:
+    try:
+        return drain_lag_seconds(get_redis())
+    except Exception:  # the dashboard must render with Redis down; the lag is then unknown
+        logger.exception("cannot read the usage drain lag")
+        return -1.0
+
+
+def drain_lag_record(*, at: float | None = None) -> float:
+    """Appends one sample of the drain lag to the history the dashboard charts (beat task)."""
+    client = get_redis()
+    lag = drain_lag_seconds(client)
+    pipe = client.pipeline()
+    pipe.lpush(DRAIN_LAG_SAMPLES, f"{at if at is not None else time.time():.0f}:{lag:.3f}")
+    pipe.ltrim(DRAIN_LAG_SAMPLES, 0, DRAIN_LAG_KEEP - 1)
+    pipe.execute()
+    return lag
+
+
+def drain_lag_history() -> list[tuple[float, float]]:
+    """The recorded samples, oldest first."""
+    try:
+        raw: list[str] = get_redis().lrange(DRAIN_LAG_SAMPLES, 0, -1)  # type: ignore[assignment]
+    except Exception:
+        logger.exception("cannot read the drain lag history")
+        return []
+    samples = []
+    for item in reversed(raw):
+        ts, _, lag = item.partition(":")
+        try:
+            samples.append((float(ts), float(lag)))
+        except ValueError:
+            continue
+    return samples
