@@ -1,18 +1,93 @@
-"""Routes of the customer web console."""
+"""Routes of the customer web console; organization pages live under /console/o/<org id>/."""
 
 from __future__ import annotations
 
-from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
-from console import views
+from console.views import auth, billing_pages, catalog_pages, keys, org, playground, usage
+
+org_patterns = [
+    path("", org.quickstart, name="console-quickstart"),
+    path("team/", org.team, name="console-team"),
+    path("team/<str:membership_id>/role/", org.member_role, name="console-member-role"),
+    path("team/<str:membership_id>/remove/", org.member_remove, name="console-member-remove"),
+    path("projects/", org.projects, name="console-projects"),
+    path("projects/<str:project_id>/rename/", org.project_rename, name="console-project-rename"),
+    path("keys/", keys.keys, name="console-keys"),
+    path("keys/<str:key_id>/revoke/", keys.key_revoke, name="console-key-revoke"),
+    path("models/", catalog_pages.models, name="console-models"),
+    path("endpoints/", catalog_pages.endpoints, name="console-endpoints"),
+    path(
+        "endpoints/<str:endpoint_id>/",
+        catalog_pages.endpoint_detail,
+        name="console-endpoint",
+    ),
+    path(
+        "endpoints/<str:endpoint_id>/status/",
+        catalog_pages.endpoint_status,
+        name="console-endpoint-status",
+    ),
+    path(
+        "endpoints/<str:endpoint_id>/limits/",
+        catalog_pages.endpoint_limits,
+        name="console-endpoint-limits",
+    ),
+    path(
+        "endpoints/<str:endpoint_id>/delete/",
+        catalog_pages.endpoint_delete,
+        name="console-endpoint-delete",
+    ),
+    path("compile-jobs/<str:job_id>/", catalog_pages.compile_job, name="console-compile-job"),
+    path("playground/", playground.playground, name="console-playground"),
+    path("playground/key/", playground.playground_key, name="console-playground-key"),
+    path("usage/", usage.usage, name="console-usage"),
+    path("usage.csv", usage.usage_csv, name="console-usage-csv"),
+    path("billing/", billing_pages.billing, name="console-billing"),
+    path("billing/budgets/", billing_pages.budget_save, name="console-budget-save"),
+    path(
+        "billing/budgets/<str:budget_id>/delete/",
+        billing_pages.budget_delete,
+        name="console-budget-delete",
+    ),
+    path(
+        "billing/invoices/<str:invoice_id>/",
+        billing_pages.invoice,
+        name="console-invoice",
+    ),
+    path(
+        "billing/invoices/<str:invoice_id>/print/",
+        billing_pages.invoice_print,
+        name="console-invoice-print",
+    ),
+    path(
+        "billing/payment-methods/add/",
+        billing_pages.payment_method_add,
+        name="console-payment-method-add",
+    ),
+]
 
 urlpatterns = [
-    path("", views.home, name="console-home"),
+    path("", org.home, name="console-home"),
+    path("signup/", auth.signup, name="console-signup"),
+    path("login/", auth.LoginView.as_view(), name="console-login"),
+    path("logout/", auth.LogoutView.as_view(), name="console-logout"),
+    path("password-reset/", auth.PasswordResetView.as_view(), name="console-password-reset"),
     path(
-        "login/",
-        auth_views.LoginView.as_view(template_name="console/login.html"),
-        name="console-login",
+        "password-reset/sent/",
+        auth.PasswordResetDoneView.as_view(),
+        name="console-password-reset-done",
     ),
-    path("logout/", auth_views.LogoutView.as_view(), name="console-logout"),
+    path(
+        "reset/<uidb64>/<token>/",
+        auth.PasswordResetConfirmView.as_view(),
+        name="console-password-reset-confirm",
+    ),
+    path(
+        "reset/done/",
+        auth.PasswordResetCompleteView.as_view(),
+        name="console-password-reset-complete",
+    ),
+    path("switch/", org.switch, name="console-switch"),
+    path("organizations/new/", org.organization_new, name="console-org-new"),
+    path("o/<str:org_id>/", include(org_patterns)),
 ]

@@ -1,0 +1,206 @@
+"""Console forms: they parse and show errors; the services decide what is valid to store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime, time, timedelta
+from typing import Any
+
+from django import forms
+from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
+from django.utils import timezone
+
+from accounts import throttle
+from accounts.auth import client_ip
+from accounts.models import Project, User
+from accounts.permissions import Role, Scope
+from config.errors import DomainError
+
+EXPIRY_CHOICES = [
+    ("never", "Never"),
+    ("1", "1 day"),
+    ("7", "7 days"),
+    ("30", "30 days"),
+    ("90", "90 days"),
+    ("365", "1 year"),
+    ("custom", "On a date…"),
+]
+
+
+def add_domain_error(form: forms.Form, exc: DomainError) -> None:
+    """Shows a service's error on the field it names (or on the whole form)."""
+    field = exc.param.split(".")[0] if exc.param else None
+    form.add_error(field if field in form.fields else None, exc.message)
+
+
+class ThrottledLoginForm(AuthenticationForm):
+    """Email and password; refused without checking the password once throttled."""
+
+    throttled = False
+
+    def clean(self) -> dict[str, Any]:
+        email = (self.cleaned_data.get("username") or "").strip().lower()
+        address = client_ip(self.request) if self.request is not None else None
+        if email:
+            try:
+                throttle.login_throttle_check(email=email, address=address)
+            except throttle.LoginThrottled as exc:
+                self.throttled = True
+                raise forms.ValidationError(exc.message, code="throttled") from exc
+        try:
+            cleaned = super().clean()
+        except forms.ValidationError:
+            if email:
+                throttle.login_failure_record(email=email, address=address)
+            raise
+        throttle.login_success_reset(email=email)
+        return cleaned
+
+
+class ConsolePasswordResetForm(PasswordResetForm):
+    """Also reaches invited people, whose accounts have no usable password yet.
+
+    Django's form skips accounts without a usable password; an invitation creates
+    exactly such an account and tells the person to set a password this way.
+    """
+
+    def get_users(self, email: str) -> Iterable[Any]:
+        return User.objects.filter(email__iexact=email.strip(), is_active=True)
+
+
+class SignupForm(forms.Form):
+    email = forms.EmailField(max_length=254)
+    full_name = forms.CharField(max_length=200, required=False, label="Your name")
+    organization_name = forms.CharField(max_length=120, label="Organization")
+    password = forms.CharField(widget=forms.PasswordInput, min_length=1)
+    password_again = forms.CharField(widget=forms.PasswordInput, label="Password (again)")
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if cleaned.get("password") and cleaned.get("password") != cleaned.get("password_again"):
+            self.add_error("password_again", "the two passwords differ")
+        return cleaned
+
+
+class OrganizationForm(forms.Form):
+    name = forms.CharField(max_length=120)
+
+
+class InviteForm(forms.Form):
+    email = forms.EmailField(max_length=254)
+    role = forms.ChoiceField(choices=[(r.value, r.value) for r in Role], initial=Role.DEVELOPER)
+
+
+class RoleForm(forms.Form):
+    role = forms.ChoiceField(choices=[(r.value, r.value) for r in Role])
+
+
+class ProjectForm(forms.Form):
+    name = forms.CharField(max_length=120)
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(max_length=120)
+    project = forms.ChoiceField()
+    scopes = forms.MultipleChoiceField(
+        choices=[(s.value, s.value) for s in Scope],
+        widget=forms.CheckboxSelectMultiple,
+        initial=[Scope.INFERENCE.value],
+    )
+    expiry = forms.ChoiceField(choices=EXPIRY_CHOICES, initial="90", label="Expires")
+    expires_on = forms.DateField(
+        required=False, label="Expiry date", widget=forms.DateInput(attrs={"type": "date"})
+    )
+    rpm_limit = forms.IntegerField(required=False, min_value=1, label="Requests per minute")
+    tpm_limit = forms.IntegerField(required=False, min_value=1, label="Tokens per minute")
+
+    def __init__(self, *args: Any, projects: Iterable[Project], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["project"]
+        assert isinstance(field, forms.ChoiceField)
+        field.choices = [(p.id, p.name) for p in projects]
+
+    def expires_at(self, now: datetime | None = None) -> datetime | None:
+        now = now or timezone.now()
+        choice = self.cleaned_data["expiry"]
+        if choice == "never":
+            return None
+        if choice == "custom":
+            day: date | None = self.cleaned_data.get("expires_on")
+            if day is None:
+                raise forms.ValidationError("choose the expiry date")
+            # The key works through the whole chosen day (UTC).
+            return datetime.combine(day + timedelta(days=1), time.min, tzinfo=now.tzinfo)
+        return now + timedelta(days=int(choice))
+
+
+class UsageForm(forms.Form):
+    start = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    end = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    group = forms.ChoiceField(
+        required=False,
+        choices=[("day", "Day"), ("model", "Model"), ("key", "API key"), ("project", "Project")],
+        label="Group by",
+    )
+    # A plain value, not a choice: the view looks it up in the organization, so another
+    # organization's project id is a 404 like everywhere else.
+    project = forms.CharField(required=False, max_length=40, widget=forms.Select)
+
+    def __init__(self, *args: Any, projects: Iterable[Project], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        widget = self.fields["project"].widget
+        assert isinstance(widget, forms.Select)
+        widget.choices = [("", "All projects"), *((p.id, p.name) for p in projects)]
+
+
+class BudgetForm(forms.Form):
+    project = forms.ChoiceField(required=False, label="Applies to")
+    monthly_amount = forms.DecimalField(min_value=0, decimal_places=2, max_digits=20)
+    alert_thresholds = forms.CharField(
+        initial="50, 80, 100", label="Alert at (% of budget)", max_length=100
+    )
+    hard_limit = forms.BooleanField(required=False, label="Refuse requests beyond the budget")
+
+    def __init__(self, *args: Any, projects: Iterable[Project], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["project"]
+        assert isinstance(field, forms.ChoiceField)
+        field.choices = [("", "The whole organization"), *((p.id, p.name) for p in projects)]
+
+    def clean_alert_thresholds(self) -> list[int]:
+        raw = self.cleaned_data["alert_thresholds"]
+        parts = [p.strip() for p in raw.replace(";", ",").split(",") if p.strip()]
+        try:
+            return [int(p) for p in parts]
+        except ValueError as exc:
+            raise forms.ValidationError(
+                "alert thresholds are whole percentages separated by commas, e.g. 50, 80, 100"
+            ) from exc
+
+
+class EndpointForm(forms.Form):
+    name = forms.CharField(max_length=120)
+    # Plain values looked up by the catalog's services (another organization's is a 404).
+    model_version = forms.CharField(max_length=40, widget=forms.Select, label="Model")
+    pool = forms.CharField(max_length=64, widget=forms.Select)
+    rpm_limit = forms.IntegerField(required=False, min_value=1, label="Requests per minute")
+    tpm_limit = forms.IntegerField(required=False, min_value=1, label="Tokens per minute")
+
+    def __init__(
+        self,
+        *args: Any,
+        versions: Iterable[tuple[str, str]],
+        pools: Iterable[str],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        version_widget = self.fields["model_version"].widget
+        pool_widget = self.fields["pool"].widget
+        assert isinstance(version_widget, forms.Select) and isinstance(pool_widget, forms.Select)
+        version_widget.choices = list(versions)
+        pool_widget.choices = [(p, p) for p in pools]
+
+
+class EndpointLimitsForm(forms.Form):
+    rpm_limit = forms.IntegerField(min_value=1, label="Requests per minute")
+    tpm_limit = forms.IntegerField(min_value=1, label="Tokens per minute")

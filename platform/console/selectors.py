@@ -1,0 +1,294 @@
+"""Reads for console pages: usage reports, the model catalog with prices, endpoint health."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+
+from django.db.models import Count, Q, Sum
+from django.utils import timezone
+
+from accounts.models import ApiKey, Organization, Project
+from billing.models import TokenKind, UsageRollup
+from billing.money import exact_amount
+from billing.pricing import PriceBook
+from catalog.models import Endpoint, Model, ModelVersion
+from catalog.selectors import endpoints_visible_to
+from config.errors import InvalidInput
+from config.redis import get_redis
+from workers.contract import HEARTBEAT_TTL_S, pool_live_key
+
+ZERO = Decimal(0)
+MAX_RANGE_DAYS = 366
+DIMENSIONS = ("day", "model", "key", "project")
+
+
+# --- Usage ---------------------------------------------------------------------------------
+
+
+@dataclass
+class UsageRow:
+    """Sums for one value of the chosen dimension (a day, a model, a key or a project)."""
+
+    key: str
+    label: str
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: Decimal = ZERO
+    unpriced_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass
+class UsageReport:
+    start: date
+    end: date  # inclusive
+    dimension: str
+    rows: list[UsageRow]
+    total: UsageRow
+    currency: str = "USD"
+    notes: list[str] = field(default_factory=list)
+
+    def chart_data(self) -> dict[str, object]:
+        return {
+            "labels": [r.label for r in self.rows],
+            "input": [r.input_tokens for r in self.rows],
+            "output": [r.output_tokens for r in self.rows],
+            "cost": [float(r.cost) for r in self.rows],  # for drawing only; tables use Decimal
+        }
+
+
+def usage_range(
+    start: date | None, end: date | None, *, today: date | None = None
+) -> tuple[date, date]:
+    """The range to report on (inclusive UTC days); the last 7 days when not given."""
+    today = today or timezone.now().date()
+    end = end or today
+    start = start or end - timedelta(days=6)
+    if start > end:
+        raise InvalidInput("the start date must not be after the end date", param="start")
+    if (end - start).days + 1 > MAX_RANGE_DAYS:
+        raise InvalidInput(f"a range may span at most {MAX_RANGE_DAYS} days", param="start")
+    return start, end
+
+
+def _bounds(start: date, end: date) -> tuple[datetime, datetime]:
+    return (
+        datetime.combine(start, time.min, tzinfo=UTC),
+        datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC),
+    )
+
+
+def usage_report(
+    org: Organization, *, start: date, end: date, dimension: str, project_id: str | None = None
+) -> UsageReport:
+    """Tokens and cost of [start, end] (UTC days) by day, model, key or project.
+
+    Read from the hourly rollups (what invoices read), each hour at the organization's
+    price in effect at its start, unrounded: a table of many small requests must not
+    round every row to zero cents. Days without usage appear as zero rows.
+    """
+    if dimension not in DIMENSIONS:
+        raise InvalidInput(f"group by must be one of {list(DIMENSIONS)}", param="group")
+    lo, hi = _bounds(start, end)
+    qs = UsageRollup.objects.filter(organization_id=org.id, hour__gte=lo, hour__lt=hi)
+    if project_id:
+        qs = qs.filter(project_id=project_id)
+    grouped = qs.values("hour", "model_name", "api_key_id", "project_id").annotate(
+        r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens")
+    )
+    book = PriceBook.load(org.id)
+    labels = _labels(org, dimension)
+    rows: dict[str, UsageRow] = {}
+    if dimension == "day":
+        day = start
+        while day <= end:
+            rows[day.isoformat()] = UsageRow(key=day.isoformat(), label=day.isoformat())
+            day += timedelta(days=1)
+    total = UsageRow(key="total", label="Total")
+    unpriced_models: set[str] = set()
+    for g in grouped:
+        hour: datetime = g["hour"]
+        key = {
+            "day": hour.date().isoformat(),
+            "model": g["model_name"],
+            "key": g["api_key_id"],
+            "project": g["project_id"],
+        }[dimension]
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = UsageRow(key=key, label=labels.get(key, key))
+        cost = ZERO
+        unpriced = 0
+        for kind, qty in ((TokenKind.INPUT, g["i"]), (TokenKind.OUTPUT, g["o"])):
+            if not qty:
+                continue
+            price = book.effective(g["model_name"], kind, hour)
+            if price is None:
+                unpriced += qty
+                unpriced_models.add(g["model_name"])
+            else:
+                cost += exact_amount(qty, price.unit_price)
+        for target in (row, total):
+            target.requests += g["r"]
+            target.input_tokens += g["i"]
+            target.output_tokens += g["o"]
+            target.cost += cost
+            target.unpriced_tokens += unpriced
+    ordered = list(rows.values())
+    if dimension != "day":
+        ordered.sort(key=lambda r: (-r.total_tokens, r.label))
+    notes = [
+        f"{name} has no price yet: its tokens are counted, not charged"
+        for name in sorted(unpriced_models)
+    ]
+    return UsageReport(
+        start=start, end=end, dimension=dimension, rows=ordered, total=total, notes=notes
+    )
+
+
+def _labels(org: Organization, dimension: str) -> dict[str, str]:
+    if dimension == "key":
+        return {
+            k.id: f"{k.name} ({k.prefix}…)"
+            for k in ApiKey.objects.filter(organization=org).only("id", "name", "prefix")
+        }
+    if dimension == "project":
+        return dict(Project.objects.filter(organization=org).values_list("id", "name"))
+    return {}
+
+
+def usage_csv(report: UsageReport) -> str:
+    """The report's table as CSV; costs at full precision (nine decimals, like prices)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        [report.dimension, "id", "requests", "input_tokens", "output_tokens", "total_tokens",
+         f"cost_{report.currency.lower()}", "unpriced_tokens"]
+    )  # fmt: skip
+    for r in [*report.rows, report.total]:
+        writer.writerow(
+            [r.label, r.key, r.requests, r.input_tokens, r.output_tokens, r.total_tokens,
+             f"{r.cost:.9f}", r.unpriced_tokens]
+        )  # fmt: skip
+    return out.getvalue()
+
+
+def requests_last_hour(org: Organization) -> int:
+    since = timezone.now() - timedelta(hours=1)
+    found = UsageRollup.objects.filter(
+        organization_id=org.id, hour__gte=since.replace(minute=0, second=0, microsecond=0)
+    ).aggregate(n=Sum("requests"))["n"]
+    return int(found or 0)
+
+
+# --- Catalog ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    model: Model
+    endpoint_id: str | None
+    endpoint_name: str | None
+    input_price: Decimal | None  # per million tokens, what this organization pays
+    output_price: Decimal | None
+
+
+def model_catalog(org: Organization, *, at: datetime | None = None) -> list[CatalogEntry]:
+    """Public models (and the organization's own), with its prices per million tokens now."""
+    at = at or timezone.now()
+    models = list(
+        Model.objects.filter(Q(organization__isnull=True) | Q(organization=org)).order_by(
+            "kind", "name"
+        )
+    )
+    book = PriceBook.load(org.id, model_names=[m.name for m in models])
+    public = {
+        e.model_version.model_id: e
+        for e in Endpoint.objects.filter(organization__isnull=True).select_related("model_version")
+    }
+    out = []
+    for m in models:
+        endpoint = public.get(m.id)
+        prices = [book.effective(m.name, kind, at) for kind in (TokenKind.INPUT, TokenKind.OUTPUT)]
+        out.append(
+            CatalogEntry(
+                model=m,
+                endpoint_id=endpoint.id if endpoint else None,
+                endpoint_name=endpoint.name if endpoint else None,
+                input_price=prices[0].unit_price if prices[0] else None,
+                output_price=prices[1].unit_price if prices[1] else None,
+            )
+        )
+    return out
+
+
+# --- Endpoints ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointRow:
+    endpoint: Endpoint
+    live_workers: int
+
+    @property
+    def public(self) -> bool:
+        return self.endpoint.organization_id is None
+
+
+def endpoint_rows(org: Organization, *, kinds: tuple[str, ...] | None = None) -> list[EndpointRow]:
+    """Endpoints the organization may call, with the live workers of each one's pool."""
+    endpoints = list(endpoints_visible_to(org.id))
+    if kinds is not None:
+        endpoints = [e for e in endpoints if e.model_version.model.kind in kinds]
+    pools = sorted({e.pool.name for e in endpoints})
+    live = _live_workers(pools)
+    return [EndpointRow(endpoint=e, live_workers=live.get(e.pool.name, 0)) for e in endpoints]
+
+
+def _live_workers(pools: list[str]) -> dict[str, int]:
+    if not pools:
+        return {}
+    now = timezone.now().timestamp()
+    pipe = get_redis().pipeline(transaction=False)
+    for pool in pools:
+        # Members are scored by their last heartbeat (workers/heartbeat.py), as admission reads.
+        pipe.zcount(pool_live_key(pool), now - HEARTBEAT_TTL_S, "+inf")
+    try:
+        counts = pipe.execute()
+    except Exception:  # health is informative here: a Redis hiccup must not break the page
+        return {}
+    return {pool: int(n) for pool, n in zip(pools, counts, strict=True)}
+
+
+def endpoint_visible_get(org: Organization, endpoint_id: str) -> Endpoint | None:
+    return endpoints_visible_to(org.id).filter(id=endpoint_id).first()
+
+
+def key_counts(org: Organization) -> dict[str, int]:
+    return dict(
+        ApiKey.objects.filter(organization=org, revoked_at__isnull=True)
+        .values_list("project_id")
+        .annotate(n=Count("id"))
+        .values_list("project_id", "n")
+    )
+
+
+def servable_versions(org: Organization) -> list[tuple[str, str]]:
+    """(id, label) of the ready model versions the organization may put on an endpoint."""
+    rows = (
+        ModelVersion.objects.filter(
+            Q(model__organization__isnull=True) | Q(model__organization=org),
+            status=ModelVersion.Status.READY,
+        )
+        .select_related("model")
+        .order_by("model__name", "-version")
+    )
+    return [(v.id, f"{v.model.name} v{v.version} ({v.model.kind})") for v in rows]

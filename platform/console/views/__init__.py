@@ -1,0 +1,1 @@
+"""Console pages: server-rendered, each a thin layer over accounts, catalog and billing."""

@@ -1,0 +1,5 @@
+"""The browser fixtures for the console's journeys (tests/browser.py)."""
+
+from __future__ import annotations
+
+from tests.browser import app_server, browser, browser_context, page  # noqa: F401

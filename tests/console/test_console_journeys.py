@@ -1,0 +1,318 @@
+"""Console journeys in a real browser (Debian's Chromium) against the real server and worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from playwright.sync_api import Page, expect
+
+from accounts import services as account_services
+from accounts import throttle
+from accounts.models import ApiKey, Organization, User
+from accounts.permissions import Role
+from accounts.principal import SYSTEM
+from billing.models import Budget, UsageRollup
+from billing.periods import hour_start
+from catalog import services as catalog_services
+from catalog.models import CompileJob, Endpoint
+from catalog.services import builtin_models_register
+from config.redis import get_redis
+from tests.billing.factories import GrantFactory, PriceFactory
+from tests.billing.stripe_support import make_invoice
+from tests.browser import AppServer, login_as, screenshot
+from tests.factories import OrganizationFactory, UserFactory, add_member, make_api_key
+from tests.stack import ROOT, Stack, builtin_manifests
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+AREA = "console"
+CHAT = "smollm2-135m-instruct"
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[dict[str, Any]]:
+    return builtin_manifests()
+
+
+@pytest.fixture(scope="module")
+def worker(app_server: AppServer) -> Iterator[None]:
+    """One inference worker on the cpu pool, for the playground journey."""
+    stack = Stack.for_tests()
+    try:
+        stack.worker("cpu", name="console-worker", concurrency=4)
+        yield
+    finally:
+        stack.stop_all()
+
+
+@pytest.fixture
+def builtin(manifests: list[dict[str, Any]]) -> dict[str, Endpoint]:
+    return {e.name: e for e in builtin_models_register(manifests)}
+
+
+def drain_usage(server: AppServer) -> None:
+    """The real metering drain, once, as operations run it."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", "drain_usage", "--once", "--consumer", "console-e2e"],
+        cwd=ROOT,
+        env=server.stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_signup_key_playground_stream_and_usage(
+    page: Page, app_server: AppServer, worker: None, builtin: dict[str, Endpoint]
+) -> None:
+    chat = builtin[CHAT]
+    # Sign up through the form.
+    page.goto("/console/signup/")
+    screenshot(page, "signup", AREA)
+    page.fill("#id_email", "journey@example.com")
+    page.fill("#id_full_name", "Journey Person")
+    page.fill("#id_organization_name", "Journey Ltd")
+    page.fill("#id_password", "a sturdy passphrase 42")
+    page.fill("#id_password_again", "a sturdy passphrase 42")
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Quick start")
+    org = Organization.objects.get(memberships__user__email="journey@example.com")
+    assert page.url == f"{app_server.url}/console/o/{org.id}/"
+    screenshot(page, "quickstart", AREA)
+
+    # Create a key: the secret is shown once, with a copy button.
+    page.click("text=Create a key")
+    page.fill("#id_name", "ci pipeline")
+    page.select_option("#id_expiry", "30")
+    page.click("button:has-text('Create key')")
+    secret = page.locator("[data-testid=secret]").inner_text().strip()
+    key = ApiKey.objects.get(organization=org, name="ci pipeline")
+    assert secret.startswith(key.prefix)
+    assert key.scopes == ["inference"]
+    page.click("button[data-copy='#secret']")
+    expect(page.locator("button[data-copy='#secret']")).to_have_attribute("data-copied", "1")
+    screenshot(page, "key-created", AREA)
+    page.click("text=Done")
+    expect(page.locator("#keys")).to_contain_text(f"{key.prefix}…")
+    assert secret not in page.content()
+
+    # Chat in the playground: tokens arrive one after another, not all at once.
+    page.goto(f"/console/o/{org.id}/playground/?endpoint={chat.id}")
+    expect(page.locator("#snippet-python")).to_contain_text(f'model="{chat.id}"')
+    expect(page.locator("#snippet-curl")).to_contain_text(f'"model":"{chat.id}"')
+    page.eval_on_selector(
+        "#temperature",
+        "el => { el.value = '0'; el.dispatchEvent(new Event('input', {bubbles: true})); }",
+    )
+    expect(page.locator("#snippet-python")).to_contain_text("temperature=0,")
+    page.fill("#max_tokens", "40")
+    page.fill("#message", "Write two sentences about the sea.")
+    page.click("#send")
+    reply = page.locator(".msg.assistant .text").last
+    seen: list[int] = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        length = len(reply.inner_text())
+        if length and (not seen or length != seen[-1]):
+            seen.append(length)
+        if page.locator(".msg.assistant[data-done='1']").count():
+            break
+        time.sleep(0.05)
+    final = reply.inner_text()
+    assert page.locator(".msg.assistant[data-done='1']").count() == 1, page.inner_text(
+        "#run-status"
+    )
+    assert len(seen) >= 3, f"the reply did not stream: lengths seen {seen}"
+    assert seen == sorted(seen) and seen[-1] == len(final)
+    status = page.inner_text("#run-status")
+    assert "completion tokens" in status
+    request_id = status.rsplit("request ", 1)[1].strip()
+    assert request_id.startswith("req_")
+    screenshot(page, "playground", AREA)
+    playground_key = ApiKey.objects.get(organization=org, name="Playground · journey@example.com")
+    assert playground_key.scopes == ["inference"]
+
+    # The request is metered like any other and shows on the usage page.
+    drain_usage(app_server)
+    rollup = UsageRollup.objects.get(organization_id=org.id)
+    assert (rollup.requests, rollup.api_key_id, rollup.model_name) == (
+        1,
+        playground_key.id,
+        CHAT,
+    )
+    page.goto(f"/console/o/{org.id}/usage/?group=model")
+    row = page.locator("#usage-table tbody tr").first
+    expect(row).to_contain_text(CHAT)
+    cells = row.locator("td").all_inner_texts()
+    assert cells[1] == "1"  # one request
+    assert int(cells[3]) == rollup.output_tokens > 0
+    page.wait_for_function("document.querySelectorAll('canvas[data-drawn]').length === 2")
+    screenshot(page, "usage", AREA)
+    page.select_option("#id_group", "key")  # htmx swaps the report in place
+    expect(page.locator("#usage-table")).to_contain_text("Playground · journey@example.com")
+    assert "group=key" in page.url
+
+
+def test_viewer_is_blocked_from_creating_keys(page: Page, app_server: AppServer) -> None:
+    org = OrganizationFactory(name="Viewers Inc")
+    viewer = add_member(org, Role.VIEWER)
+    login_as(page, viewer, app_server)
+    page.goto(f"/console/o/{org.id}/keys/")
+    expect(page.locator("main")).to_contain_text("Your role (viewer) cannot create keys.")
+    assert page.locator("button:has-text('Create key')").count() == 0
+    screenshot(page, "keys-viewer", AREA)
+    # A forged form post (with a valid CSRF token) is refused by the server too.
+    status = page.evaluate(
+        """async (url) => {
+            const body = new URLSearchParams({name: "x", scopes: "inference", expiry: "never"});
+            const token = document.querySelector('meta[name="csrf-token"]').content;
+            const r = await fetch(url, {method: "POST", body, headers: {"X-CSRFToken": token}});
+            return r.status;
+        }""",
+        f"/console/o/{org.id}/keys/",
+    )
+    assert status == 403
+    assert ApiKey.objects.filter(organization=org).count() == 0
+    page.goto(f"/console/o/{org.id}/playground/")
+    page.goto(f"/console/o/{org.id}/billing/")
+    expect(page.locator("main")).to_contain_text("may not do billing.view")
+
+
+def test_another_organizations_endpoint_id_is_404(
+    page: Page, app_server: AppServer, builtin: dict[str, Endpoint]
+) -> None:
+    mine = OrganizationFactory(name="Mine")
+    theirs = OrganizationFactory(name="Theirs")
+    chat = builtin[CHAT]
+    private = Endpoint.objects.create(
+        name="their-private-chat",
+        organization=theirs,
+        model_version=chat.model_version,
+        pool=chat.pool,
+    )
+    owner = User.objects.get(memberships__organization=mine)
+    login_as(page, owner, app_server)
+    response = page.goto(f"/console/o/{mine.id}/endpoints/{private.id}/")
+    assert response is not None and response.status == 404
+    response = page.goto(f"/console/o/{theirs.id}/endpoints/")
+    assert response is not None and response.status == 404
+    response = page.goto(f"/console/o/{mine.id}/endpoints/{chat.id}/")
+    assert response is not None and response.status == 200
+    expect(page.locator("main")).to_contain_text(chat.id)
+
+
+@pytest.fixture
+def clean_throttle() -> Iterator[None]:
+    # e2e tests keep Redis (live workers use it): clear the counters this test adds.
+    keys = [throttle.email_key("locked@example.com"), throttle.address_key("127.0.0.1")]
+    get_redis().delete(*keys)
+    yield
+    get_redis().delete(*keys)
+
+
+def test_login_throttled_in_the_browser(
+    page: Page, app_server: AppServer, clean_throttle: None
+) -> None:
+    UserFactory(email="locked@example.com")
+    page.goto("/console/login/")
+    screenshot(page, "login", AREA)
+    for _ in range(5):
+        page.fill("#id_username", "locked@example.com")
+        page.fill("#id_password", "wrong guess")
+        page.click("button[type=submit]")
+        expect(page.locator(".error")).to_contain_text("Please enter a correct email and password")
+    # After five failures even the right password is refused, without being checked.
+    page.fill("#id_username", "locked@example.com")
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    expect(page.locator(".error")).to_contain_text(
+        "Too many failed log-ins for this email address. Try again in 15 minutes"
+    )
+    assert "/login/" in page.url
+    screenshot(page, "login-throttled", AREA)
+
+
+def test_screenshots_of_every_main_page(
+    page: Page, app_server: AppServer, builtin: dict[str, Endpoint]
+) -> None:
+    owner = UserFactory(email="owner@example.com", full_name="Olivia Owner")
+    org = OrganizationFactory(name="Screenshot Corp", owner=owner)
+    account_services.project_create(principal=SYSTEM, org=org, name="Mobile app")
+    for role in (Role.ADMIN, Role.DEVELOPER, Role.BILLING, Role.VIEWER):
+        add_member(org, role)
+    key, _ = make_api_key(org, scopes=["inference", "read-usage"])
+    make_api_key(org, expires_at=timezone.now() + timedelta(days=30))
+    for kind, price in (("input", "0.15"), ("output", "0.60")):
+        PriceFactory(model_name=CHAT, token_kind=kind, unit_price=price)
+    now = hour_start(timezone.now())
+    for days in range(6):
+        UsageRollup.objects.create(
+            organization_id=org.id,
+            project_id=key.project_id,
+            api_key_id=key.id,
+            endpoint_id=builtin[CHAT].id,
+            model_name=CHAT,
+            hour=now - timedelta(days=days),
+            requests=10 + days * 3,
+            input_tokens=40_000 + days * 9_000,
+            output_tokens=12_000 + days * 4_000,
+        )
+    Budget.objects.create(organization=org, monthly_amount="50.00", alert_thresholds=[50, 80, 100])
+    GrantFactory(organization=org, amount="100.00", reason="welcome credit")
+    invoice = make_invoice(org, number="MAN-2026-000007")
+    own = catalog_services.endpoint_create(
+        principal=SYSTEM,
+        org=org,
+        name="support-bot",
+        model_version_id=builtin[CHAT].model_version_id,
+        pool="cpu",
+    )
+    job = CompileJob.objects.create(
+        organization=org,
+        model_name="our-encoder",
+        kind="embedding",
+        source="onnx",
+        status="running",
+        steps=[
+            {"name": "import", "status": "succeeded", "duration_s": 0.8, "log": "1 graph"},
+            {"name": "validate", "status": "running", "log": "checker: ok\nsmoke run..."},
+        ],
+    )
+    login_as(page, owner, app_server)
+    pages = {
+        "quickstart-owner": f"/console/o/{org.id}/",
+        "models": f"/console/o/{org.id}/models/",
+        "endpoints": f"/console/o/{org.id}/endpoints/",
+        "endpoint-public": f"/console/o/{org.id}/endpoints/{builtin[CHAT].id}/",
+        "endpoint-own": f"/console/o/{org.id}/endpoints/{own.id}/",
+        "compile-job": f"/console/o/{org.id}/compile-jobs/{job.id}/",
+        "playground-empty": f"/console/o/{org.id}/playground/",
+        "keys": f"/console/o/{org.id}/keys/",
+        "usage-by-day": f"/console/o/{org.id}/usage/",
+        "billing": f"/console/o/{org.id}/billing/",
+        "invoice": f"/console/o/{org.id}/billing/invoices/{invoice.id}/",
+        "invoice-print": f"/console/o/{org.id}/billing/invoices/{invoice.id}/print/",
+        "projects": f"/console/o/{org.id}/projects/",
+        "team": f"/console/o/{org.id}/team/",
+        "key-revoke": f"/console/o/{org.id}/keys/{key.id}/revoke/",
+        "organization-new": "/console/organizations/new/",
+    }
+    for name, url in pages.items():
+        response = page.goto(url)
+        assert response is not None and response.status == 200, f"{name}: {url}"
+        if name.startswith("usage"):
+            page.wait_for_function("document.querySelectorAll('canvas[data-drawn]').length === 2")
+        screenshot(page, name, AREA)
+    page.context.clear_cookies()
+    page.goto("/console/password-reset/")
+    screenshot(page, "password-reset", AREA)
