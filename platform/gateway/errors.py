@@ -77,3 +77,36 @@ def no_capacity(pool: str) -> OpenAIError:
         code="no_available_worker",
         headers={"retry-after": "5"},
     )
+
+
+def dependency_unavailable(name: str, what: str) -> OpenAIError:
+    """A 503 naming the dependency that is down, the same name `/readyz` reports."""
+    return OpenAIError(
+        503,
+        f"The platform's {what} ({name}) is unreachable, so the request was not run. "
+        "Retry shortly.",
+        type_="server_error",
+        code=f"{name}_unavailable",
+        headers={"retry-after": "2"},
+    )
+
+
+def too_many_failed_keys(retry_after_s: int) -> OpenAIError:
+    return OpenAIError(
+        429,
+        "Too many requests with incorrect API keys came from your address; its requests are "
+        f"refused for the next {retry_after_s} seconds.",
+        type_="invalid_request_error",
+        code="too_many_failed_authentications",
+        headers={"retry-after": str(retry_after_s)},
+    )
+
+
+def internal_error(request_id: str) -> OpenAIError:
+    return OpenAIError(
+        500,
+        "The server had an error while processing your request. Sorry about that! "
+        f"Retry, or contact support with the request id {request_id}.",
+        type_="server_error",
+        code="internal_error",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.http import HttpRequest
 
 from accounts import keys
@@ -15,7 +15,8 @@ from catalog import specs
 from catalog.selectors import endpoint_spec_load
 from catalog.specs import EndpointSpec
 from config.redis import get_async_redis
-from gateway.errors import OpenAIError, model_not_found, unauthorized
+from gateway.backends import database_read
+from gateway.errors import OpenAIError, model_not_found, too_many_failed_keys, unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -45,26 +46,70 @@ def _endpoint_cache_key(model: str) -> str:
     return specs.endpoint_key(model) if model.startswith("ep-") else specs.endpoint_name_key(model)
 
 
+def client_address(request: HttpRequest) -> str:
+    # The peer, or behind a load balancer the address that the ASGI server's
+    # --proxy-headers (trusted proxies only) took from X-Forwarded-For.
+    return str(request.META.get("REMOTE_ADDR") or "unknown")
+
+
+def failures_key(address: str) -> str:
+    return f"mantle:keyfail:{address}"
+
+
+async def _record_failure(address: str) -> None:
+    """Counts a wrong key from `address` in a fixed window; logs it, never the key."""
+    window = settings.MANTLE_KEY_FAILURE_WINDOW_S
+    async with get_async_redis().pipeline(transaction=False) as pipe:
+        pipe.incr(failures_key(address))
+        pipe.expire(failures_key(address), window, nx=True)
+        count = int((await pipe.execute())[0])
+    if count == settings.MANTLE_KEY_FAILURE_LIMIT:
+        logger.warning(
+            "API key guessing suspected: %d incorrect keys from %s within %ds; "
+            "refusing its requests until the window ends",
+            count,
+            address,
+            window,
+        )
+    else:
+        logger.info("incorrect API key from %s (%d in this window)", address, count)
+
+
+async def _refuse_blocked(address: str) -> OpenAIError:
+    ttl = await get_async_redis().ttl(failures_key(address))
+    return too_many_failed_keys(max(1, int(ttl)))
+
+
 async def resolve(
     request: HttpRequest, model: str | None
 ) -> tuple[keys.KeyIdentity, EndpointSpec | None]:
     """The key's identity and (if `model` is given) the endpoint it may call.
 
-    Both come from Redis in one pipelined round trip; the database is read only
-    on a cache miss, and the result is written back for every gateway.
+    Both come from Redis in one pipelined round trip, with the count of wrong keys
+    recently sent from the caller's address (an address past the limit is refused
+    before its key is even looked at, so guessing is slowed to the limit). The
+    database is read only on a cache miss, and the result is written back for
+    every gateway.
     """
     secret = bearer_secret(request)
-    if not keys.looks_like_secret(secret):
-        raise _incorrect_key(secret)
-    digest = keys.secret_digest(secret)
+    address = client_address(request)
+    digest = keys.secret_digest(secret) if keys.looks_like_secret(secret) else ""
     client = get_async_redis()
     async with client.pipeline(transaction=False) as pipe:
-        pipe.get(keys.cache_key(digest))
-        if model:
-            pipe.get(_endpoint_cache_key(model))
+        pipe.get(failures_key(address))
+        if digest:
+            pipe.get(keys.cache_key(digest))
+            if model:
+                pipe.get(_endpoint_cache_key(model))
         results = await pipe.execute()
-    identity = await _identity(digest, results[0])
+    if int(results[0] or 0) >= settings.MANTLE_KEY_FAILURE_LIMIT:
+        raise await _refuse_blocked(address)
+    if not digest:
+        await _record_failure(address)
+        raise _incorrect_key(secret)
+    identity = await _identity(digest, results[1])
     if identity is None or not keys.constant_time_equal(identity.digest, digest):
+        await _record_failure(address)
         raise _incorrect_key(secret)
     if not identity.usable(time.time()):
         if not identity.organization_active:
@@ -84,7 +129,7 @@ async def resolve(
         )
     if not model:
         return identity, None
-    spec = await _endpoint(model, results[1])
+    spec = await _endpoint(model, results[2])
     if spec is None or not spec.visible_to(identity.organization_id):
         raise model_not_found(model)
     if not spec.active:
@@ -102,7 +147,7 @@ async def _identity(digest: str, raw: str | None) -> keys.KeyIdentity | None:
         return None
     if raw is not None:
         return keys.KeyIdentity.from_json(raw)
-    identity = await sync_to_async(api_key_identity_load, thread_sensitive=False)(digest)
+    identity = await database_read(api_key_identity_load, digest)
     await keys.cache_put_async(identity, digest)
     return identity
 
@@ -112,7 +157,7 @@ async def _endpoint(model: str, raw: str | None) -> EndpointSpec | None:
         return None
     if raw is not None:
         return EndpointSpec.from_json(raw)
-    spec = await sync_to_async(endpoint_spec_load, thread_sensitive=False)(model)
+    spec = await database_read(endpoint_spec_load, model)
     client = get_async_redis()
     if spec is None:
         await client.set(_endpoint_cache_key(model), _UNKNOWN, ex=ENDPOINT_NEGATIVE_TTL_S)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
@@ -26,7 +25,14 @@ from catalog.specs import EndpointSpec
 from config import metrics
 from config.redis import get_async_redis
 from gateway import dispatch, text
-from gateway.errors import OpenAIError, invalid, model_not_found, no_capacity
+from gateway.backends import (
+    DATABASE_DOWN,
+    REDIS_DOWN,
+    database_read,
+    database_unavailable,
+    redis_unavailable,
+)
+from gateway.errors import OpenAIError, internal_error, invalid, model_not_found, no_capacity
 from gateway.limits import Admission, Limits, RateLimiter, retry_after_seconds
 from gateway.resolve import resolve
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -97,6 +103,16 @@ def gateway_view(view: View) -> View:
             response = await view(request, **kwargs)
         except OpenAIError as exc:
             response = exc.response()
+        except REDIS_DOWN as exc:
+            logger.warning("redis unreachable: %s", exc)
+            response = redis_unavailable().response()
+        except DATABASE_DOWN as exc:
+            logger.warning("database unreachable: %s", exc)
+            response = database_unavailable().response()
+        except Exception:
+            # The traceback goes to the log under the request id, never to the client.
+            logger.exception("unexpected error in %s", view.__name__)
+            response = internal_error(_request_id(request)).response()
         finally:
             metrics.INFLIGHT.dec()
         response["openai-processing-ms"] = str(int((time.perf_counter() - started) * 1000))
@@ -423,6 +439,11 @@ async def _stream(
         # Mid-stream errors travel in-band, the way OpenAI sends them.
         await dispatch.cancel(gen.request_id)
         yield _sse(exc.body())
+    except REDIS_DOWN as exc:
+        # The response has started: the outage travels in-band too. The cancel
+        # cannot reach Redis now; the worker stops at the request's deadline.
+        logger.warning("redis unreachable mid-stream of %s: %s", gen.request_id, exc)
+        yield _sse(redis_unavailable().body())
     except (asyncio.CancelledError, GeneratorExit):
         await dispatch.cancel(gen.request_id)
         raise
@@ -720,7 +741,7 @@ def _visible_specs(organization_id: str) -> list[EndpointSpec]:
 async def list_models(request: HttpRequest) -> HttpResponse:
     _method(request, "GET")
     identity, _ = await resolve(request, None)
-    found = await sync_to_async(_visible_specs, thread_sensitive=False)(identity.organization_id)
+    found = await database_read(_visible_specs, identity.organization_id)
     return _json({"object": "list", "data": [_model_card(s) for s in found if s.active]})
 
 
