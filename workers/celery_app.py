@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from workers.broker import guard_redis_unacked_restore
 from workers.heartbeat import Heartbeat
 from workers.serving import WorkerRuntime
 from workers.settings import WorkerSettings
@@ -15,6 +16,7 @@ from workers.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 settings = WorkerSettings.from_env()
+guard_redis_unacked_restore()
 
 # No fix-ups: Celery's Django fix-up switches on whenever DJANGO_SETTINGS_MODULE
 # is in the environment, and a worker node must never import Django.
@@ -78,7 +80,7 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         node=settings.node,
         pool=settings.pool,
         queues=queues,
-        stats=runtime.stats,
+        stats=runtime.beat_stats,
     ).start()
 
 

@@ -16,6 +16,7 @@ from workers.contract import (
     EmbedRequest,
     FinishReason,
     GenerateRequest,
+    InferRequest,
     ModelRef,
     Runtime,
     UsageEvent,
@@ -27,7 +28,7 @@ from workers.contract import (
 from workers.engine.base import EventSink, RequestHandle, RequestResult
 from workers.heartbeat import NodeStats
 from workers.settings import WorkerSettings
-from workers.streams import ResponseWriter, emit_usage
+from workers.streams import ResponseWriter, emit_usage_durably
 
 if TYPE_CHECKING:
     import redis
@@ -83,6 +84,9 @@ class WorkerRuntime:
         self._engines: dict[str, _Engine] = {}
         self._lock = threading.Lock()
         self._in_flight = 0
+        # Per model version: requests using its engine now, and when one last began.
+        self._users: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}
         self.total_slots = settings.concurrency
 
     # --- engines ----------------------------------------------------------------
@@ -104,12 +108,13 @@ class WorkerRuntime:
         from workers.engine.causal_lm import CausalLMEngine
         from workers.engine.echo import EchoEngine
         from workers.engine.encoder import EncoderEngine
+        from workers.engine.tensor import TensorEngine
         from workers.runtime.models import ModelLoadError, load_model
 
         s = self.settings
         if ref.runtime == Runtime.ECHO:
             return EchoEngine.from_ref(ref)
-        if ref.runtime not in (Runtime.CAUSAL_LM, Runtime.ENCODER):
+        if ref.runtime not in (Runtime.CAUSAL_LM, Runtime.ENCODER, Runtime.TENSOR):
             raise RequestRejected("model_unavailable", f"unknown runtime {ref.runtime!r}")
         try:
             model = load_model(ref)
@@ -123,9 +128,73 @@ class WorkerRuntime:
                 max_prefill_tokens=s.max_prefill_tokens,
                 redis_client=self.redis,
             ).start()
+        if ref.runtime == Runtime.TENSOR:
+            return TensorEngine.from_model(
+                model, max_batch=s.tensor_max_batch, max_wait_ms=s.tensor_max_wait_ms
+            ).start()
         return EncoderEngine.from_model(
             model, max_batch=s.embed_max_batch, max_wait_ms=s.embed_max_wait_ms
         ).start()
+
+    def _acquire(self, ref: ModelRef) -> _Engine:
+        """The engine for `ref`, counted as in use until `_release`: never evicted meanwhile.
+
+        This is what keeps an old version serving its requests after a rolling
+        update moved the endpoint on: its engine goes only once nothing uses it.
+        """
+        while True:
+            engine = self.engine_for(ref)
+            with self._lock:
+                if self._engines.get(ref.version_id) is not engine:
+                    continue  # evicted between the lookup and here: load it again
+                self._users[ref.version_id] = self._users.get(ref.version_id, 0) + 1
+                self._last_used[ref.version_id] = time.monotonic()
+                self._in_flight += 1
+                return engine
+
+    def _release(self, ref: ModelRef) -> None:
+        with self._lock:
+            self._users[ref.version_id] -= 1
+            self._in_flight -= 1
+
+    def evict_idle_engines(self, now: float | None = None) -> list[str]:
+        """Stops the engines of versions nothing has used for `engine_idle_s` (0: never).
+
+        After a rollout the old version's requests drain, and its session (hundreds
+        of megabytes for a language model) is freed here rather than held forever.
+        """
+        idle_s = self.settings.engine_idle_s
+        if idle_s <= 0:
+            return []
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            doomed = [
+                version
+                for version in self._engines
+                if not self._users.get(version)
+                and now - self._last_used.get(version, now) >= idle_s
+            ]
+            engines = [self._engines.pop(version) for version in doomed]
+            for version in doomed:
+                self._users.pop(version, None)
+                self._last_used.pop(version, None)
+        if doomed:
+            from workers.runtime.models import unload_model
+
+            for engine in engines:
+                engine.stop()
+            for version in doomed:
+                unload_model(version)
+            logger.info("unloaded idle model versions %s", doomed)
+        return doomed
+
+    def beat_stats(self) -> NodeStats:
+        """What the heartbeat reports; each beat (every 2 s) also sweeps idle engines."""
+        try:
+            self.evict_idle_engines()
+        except Exception:
+            logger.exception("evicting idle engines failed")
+        return self.stats()
 
     def stop_engines(self) -> None:
         with self._lock:
@@ -180,9 +249,16 @@ class WorkerRuntime:
         prompt_tokens = sum(len(ids) for ids in request.inputs)
         return self._serve(request, request.identity, prompt_tokens, (Runtime.ENCODER,))
 
+    def serve_infer(self, request: InferRequest) -> Outcome:
+        """Run a v2 tensor inference end to end; the same guarantees as `serve_generate`.
+
+        Metered by request and compute time: a tensor request counts no tokens.
+        """
+        return self._serve(request, request.identity, 0, (Runtime.TENSOR,))
+
     def _serve(
         self,
-        request: GenerateRequest | EmbedRequest,
+        request: GenerateRequest | EmbedRequest | InferRequest,
         identity: BillingIdentity,
         prompt_tokens: int,
         runtimes: tuple[Runtime, ...],
@@ -208,7 +284,7 @@ class WorkerRuntime:
                 raise RequestRejected(
                     "invalid_request", f"model runtime {request.model.runtime!r} cannot serve this"
                 )
-            engine = self.engine_for(request.model)
+            engine = self._acquire(request.model)
         except RequestRejected as exc:
             self._answer_error(rid, exc.code, exc.message)
             return Outcome(status="rejected")
@@ -216,13 +292,10 @@ class WorkerRuntime:
         # whole answer for echo) carries it, saving a round trip per request. Until
         # it arrives the gateway watches the pool's liveness instead of this node's.
         self.writer.started(rid, worker=self.settings.node, pool=self.settings.pool)
-        with self._lock:
-            self._in_flight += 1
         try:
             result = self._run_on(engine, request)
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            self._release(request.model)
         # Counts are what was actually computed: a request dropped while it
         # waited for a batch slot (or whose prompt failed) processed no input.
         ran = result.ran
@@ -243,13 +316,21 @@ class WorkerRuntime:
                 (result.admitted_at if ran else result.finished_at)
                 - (request.enqueued_at or started_at)
             ),
-            compute_ms=_ms(result.finished_at - result.admitted_at) if ran else 0,
+            compute_ms=_ms(
+                result.compute_s
+                if result.compute_s is not None
+                else result.finished_at - result.admitted_at
+            )
+            if ran
+            else 0,
             worker=self.settings.node,
         )
-        emitted = emit_usage(self.redis, usage)
+        emitted = emit_usage_durably(self.redis, usage)
         return Outcome(status=result.finish_reason, usage_emitted=emitted, result=result)
 
-    def _run_on(self, engine: _Engine, request: GenerateRequest | EmbedRequest) -> RequestResult:
+    def _run_on(
+        self, engine: _Engine, request: GenerateRequest | EmbedRequest | InferRequest
+    ) -> RequestResult:
         rid = request.request_id
         try:
             handle = engine.submit(request, self.writer)
@@ -274,7 +355,10 @@ class WorkerRuntime:
         return final if final is not None else _never_ran(FinishReason.ERROR)
 
     def _redelivered(
-        self, request: GenerateRequest | EmbedRequest, identity: BillingIdentity, prompt_tokens: int
+        self,
+        request: GenerateRequest | EmbedRequest | InferRequest,
+        identity: BillingIdentity,
+        prompt_tokens: int,
     ) -> Outcome:
         """A second delivery of a claimed request: never run it again.
 
@@ -304,7 +388,7 @@ class WorkerRuntime:
         logger.warning("request %s: worker %s died while running it", rid, owner_node)
         self._answer_error(rid, "worker_lost", "the worker running this request stopped")
         now = time.time()
-        emitted = emit_usage(
+        emitted = emit_usage_durably(
             self.redis,
             UsageEvent(
                 request_id=rid,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +18,7 @@ from workers.contract import (
     EVENT_EMBEDDINGS,
     EVENT_ERROR,
     EVENT_STARTED,
+    EVENT_TENSORS,
     RESPONSE_STREAM_DONE_TTL_S,
     RESPONSE_STREAM_TTL_S,
     USAGE_STREAM,
@@ -98,6 +101,31 @@ class ResponseWriter:
             },
         )
 
+    def tensors(
+        self,
+        request_id: str,
+        outputs: Sequence[tuple[str, str, tuple[int, ...], bytes]],
+        batch_requests: int,
+    ) -> None:
+        """The outputs of a v2 inference: (name, datatype, shape, little-endian bytes) each."""
+        encoded = [
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": list(shape),
+                "data": base64.b64encode(data).decode("ascii"),
+            }
+            for name, datatype, shape, data in outputs
+        ]
+        self._add(
+            request_id,
+            {
+                "type": EVENT_TENSORS,
+                "outputs": json.dumps(encoded, separators=(",", ":")),
+                "batch_requests": str(batch_requests),
+            },
+        )
+
     def error(self, request_id: str, code: str, message: str) -> None:
         self._add(request_id, {"type": EVENT_ERROR, "code": code, "message": message})
 
@@ -157,3 +185,41 @@ def emit_usage(client: redis.Redis, event: UsageEvent) -> bool:
         return True
     logger.info("usage event for %s already emitted; not appending again", event.request_id)
     return False
+
+
+# How long a finished request's usage event is retried through a Redis outage. The
+# answer has been streamed by then: an event that is never written is an unbilled
+# request, so the worker thread waits for Redis rather than give up quickly.
+USAGE_EMIT_RETRY_S = 60.0
+
+
+def emit_usage_durably(
+    client: redis.Redis, event: UsageEvent, *, within_s: float = USAGE_EMIT_RETRY_S
+) -> bool:
+    """`emit_usage`, retried with backoff while Redis is unreachable.
+
+    Safe because `emit_usage` is idempotent: a script that ran but whose reply was lost
+    answers "already emitted" on the retry. After `within_s` the event is logged in full
+    at CRITICAL (replayable with XADD to the usage stream) and the error is raised.
+    """
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    delay = 0.05
+    give_up = time.monotonic() + within_s
+    while True:
+        try:
+            return emit_usage(client, event)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if time.monotonic() + delay > give_up:
+                logger.critical(
+                    "usage event for %s not written (%s); replay with XADD %s: %s",
+                    event.request_id,
+                    exc,
+                    USAGE_STREAM,
+                    json.dumps(event.to_fields()),
+                )
+                raise
+            logger.warning("usage event for %s: Redis unreachable, retrying", event.request_id)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -1,4 +1,4 @@
-"""Request id, metrics, and the console-only middleware that the /v1 gateway skips."""
+"""Request id, metrics, security headers, and the console-only middleware the gateway skips."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.conf import settings
 from django.contrib.auth.middleware import AuthenticationMiddleware
 from django.contrib.messages.middleware import MessageMiddleware
 from django.contrib.sessions.middleware import SessionMiddleware
@@ -57,11 +58,19 @@ class _DualMiddleware:
 
 
 class RequestIdMiddleware(_DualMiddleware):
-    """Gives each request an id (the client's `x-request-id` when sane), for logs and replies."""
+    """Gives each request an id for logs and replies.
+
+    On the console and the management API the client's `x-request-id` is kept when it
+    is sane (a trace id that spans the caller's logs and ours). On the gateway the id
+    is always our own: it is the idempotency key of the whole pipeline (task, response
+    stream, usage event), so a client that reused an id would see its next request
+    dropped as a duplicate and, worse, billed once for many.
+    """
 
     def _begin(self, request: HttpRequest) -> None:
         given = request.headers.get("x-request-id", "")
-        rid = given if _CLIENT_REQUEST_ID.fullmatch(given) else new_request_id()
+        trusted = not request.path.startswith(GATEWAY_PREFIXES)
+        rid = given if trusted and _CLIENT_REQUEST_ID.fullmatch(given) else new_request_id()
         request.request_id = rid  # type: ignore[attr-defined]
         request_id_var.set(rid)
 
@@ -103,17 +112,87 @@ class MetricsMiddleware(_DualMiddleware):
         return response
 
 
+class SecurityHeadersMiddleware(_DualMiddleware):
+    """A content security policy for the console and admin, and Secure cookies over HTTPS.
+
+    HSTS, nosniff, the referrer and opener policies come from Django's
+    SecurityMiddleware and frame denial from XFrameOptionsMiddleware (both
+    console-only). The /v1 and /v2 gateway gets one header, nosniff, set inline:
+    its replies are JSON or event streams and must not be sniffed into HTML.
+    Scripts on console pages need the per-request nonce (`request.csp_nonce`);
+    the admin's policy is looser because its theme evaluates Alpine.js
+    expressions (see docs/reliability.md, "Security").
+    """
+
+    def __init__(self, get_response: GetResponse) -> None:
+        super().__init__(get_response)
+        self.console_policy = str(settings.MANTLE_CSP)
+        self.admin_policy = str(settings.MANTLE_CSP_ADMIN)
+
+    def _before(self, request: HttpRequest) -> str | None:
+        if request.path.startswith(GATEWAY_PREFIXES):
+            return None
+        nonce = secrets.token_urlsafe(16)
+        request.csp_nonce = nonce  # type: ignore[attr-defined]
+        return nonce
+
+    def _after(self, request: HttpRequest, response: HttpResponseBase, nonce: str | None) -> None:
+        response["X-Content-Type-Options"] = "nosniff"
+        if nonce is None:
+            return
+        policy = self.admin_policy if request.path.startswith("/admin/") else self.console_policy
+        if policy and "Content-Security-Policy" not in response:
+            response["Content-Security-Policy"] = policy.replace("{nonce}", nonce)
+        if request.is_secure():
+            # Whatever the settings say, a cookie set over HTTPS never travels in clear.
+            for morsel in response.cookies.values():
+                morsel["secure"] = True
+
+    def _call(self, request: HttpRequest) -> HttpResponseBase:
+        nonce = self._before(request)
+        response: HttpResponseBase = self.get_response(request)
+        self._after(request, response, nonce)
+        return response
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        nonce = self._before(request)
+        response: HttpResponseBase = await self.get_response(request)
+        self._after(request, response, nonce)
+        return response
+
+
 def for_console(middleware_class: type) -> type:
     """A subclass of a Django middleware that gateway paths bypass entirely.
 
     A subclass (not a wrapper) so that Django's system checks still recognise it.
     """
 
+    native_async = bool(getattr(middleware_class, "async_capable", False))
+
     class ConsoleOnly(middleware_class):
+        # Async-capable even when the wrapped middleware is not (WhiteNoise): one
+        # sync-only middleware makes Django adapt the whole chain, and without a
+        # per-request ThreadSensitiveContext (GatewayASGIHandler) every gateway
+        # request then runs in one shared thread, one request at a time.
+        sync_capable = True
+        async_capable = True
+
+        def __init__(self, get_response: Any) -> None:
+            self._bypass = get_response
+            self._console: Any = None
+            if not native_async and iscoroutinefunction(get_response):
+                super().__init__(async_to_sync(get_response))
+                self._console = sync_to_async(super().__call__, thread_sensitive=True)
+                markcoroutinefunction(self)
+            else:
+                super().__init__(get_response)
+
         def __call__(self, request: HttpRequest) -> Any:
             if request.path.startswith(GATEWAY_PREFIXES):
                 # In an async stack this returns the coroutine, which Django awaits.
-                return self.get_response(request)
+                return self._bypass(request)
+            if self._console is not None:
+                return self._console(request)
             return super().__call__(request)
 
     ConsoleOnly.__name__ = ConsoleOnly.__qualname__ = f"ConsoleOnly{middleware_class.__name__}"

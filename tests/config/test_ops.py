@@ -58,6 +58,17 @@ def test_request_id_echoed_and_generated(caplog: pytest.LogCaptureFixture) -> No
     assert bogus["x-request-id"].startswith("req_")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_gateway_never_takes_the_clients_request_id() -> None:
+    # The id keys the task, the response stream and the usage event: a reused one
+    # would drop the next request as a duplicate and bill many requests once.
+    first = Client().get("/v1/models", headers={"x-request-id": "client-123"})
+    second = Client().get("/v1/models", headers={"x-request-id": "client-123"})
+    assert first["x-request-id"].startswith("req_")
+    assert second["x-request-id"].startswith("req_")
+    assert first["x-request-id"] != second["x-request-id"]
+
+
 def test_log_lines_carry_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     Client().get("/api/v1/organizations", headers={"x-request-id": "trace-me-1"})

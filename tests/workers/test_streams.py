@@ -104,3 +104,64 @@ def test_embeddings_event_is_little_endian_float32(redis_client: Any) -> None:
     )
     decoded = np.frombuffer(base64.b64decode(fields["data"]), dtype="<f4").reshape(2, 3)
     np.testing.assert_array_equal(decoded, vectors)
+
+
+def _through_proxy(proxy: Any) -> Any:
+    import redis as redis_lib
+
+    from tests.workers.conftest import TEST_REDIS_URL
+
+    db = int(TEST_REDIS_URL.rsplit("/", 1)[1] or 0)
+    return redis_lib.Redis(
+        host="127.0.0.1", port=proxy.port, db=db, socket_timeout=1, socket_connect_timeout=1
+    )
+
+
+def test_usage_is_written_once_redis_is_back(redis_client: Any) -> None:
+    import threading
+    import time
+
+    from tests.reliability.support import TcpProxy
+    from workers.streams import emit_usage_durably
+
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    proxy = TcpProxy(port)
+    client = _through_proxy(proxy)
+    outcome: dict[str, bool] = {}
+    try:
+        proxy.cut()
+        worker = threading.Thread(
+            target=lambda: outcome.update(ok=emit_usage_durably(client, usage(), within_s=30))
+        )
+        worker.start()
+        time.sleep(0.5)  # the first attempts fail against the cut proxy
+        assert worker.is_alive()
+        proxy.restore()
+        worker.join(timeout=40)
+    finally:
+        proxy.close()
+        client.close()
+    assert outcome == {"ok": True}
+    assert redis_client.xlen(USAGE_STREAM) == 1
+
+
+def test_usage_that_cannot_be_written_is_logged_whole(redis_client: Any, caplog: Any) -> None:
+    import pytest
+    import redis as redis_lib
+
+    from tests.reliability.support import TcpProxy
+    from workers.streams import emit_usage_durably
+
+    proxy = TcpProxy(redis_client.connection_pool.connection_kwargs["port"])
+    client = _through_proxy(proxy)
+    try:
+        proxy.cut()
+        with pytest.raises(redis_lib.ConnectionError):
+            emit_usage_durably(client, usage("req-lost"), within_s=0.3)
+    finally:
+        proxy.close()
+        client.close()
+    critical = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
+    assert len(critical) == 1
+    assert '"request_id": "req-lost"' in critical[0]
+    assert redis_client.xlen(USAGE_STREAM) == 0

@@ -30,7 +30,10 @@ CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 PUBLIC_BASE_URL = env.str("MANTLE_PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # The back office: Unfold's theme (before the admin, whose templates it overrides)
+    # and Django's admin on Mantle's own site class (docs/backoffice.md).
+    "unfold.apps.BasicAppConfig",
+    "billing.backoffice.apps.BackOfficeAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -50,6 +53,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "config.middleware.RequestIdMiddleware",
     "config.middleware.MetricsMiddleware",
+    "config.middleware.SecurityHeadersMiddleware",
     "config.middleware.ConsoleSecurityMiddleware",
     "config.middleware.ConsoleWhiteNoiseMiddleware",
     "config.middleware.ConsoleSessionMiddleware",
@@ -86,6 +90,11 @@ if env.str("DATABASE_URL", default=""):
     DATABASES = {"default": env.db("DATABASE_URL")}
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    if "postgresql" in DATABASES["default"]["ENGINE"]:
+        # An unreachable database must fail a request in seconds, not hang it.
+        DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+            "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
+        )
 else:
     DATABASES = {
         "default": {
@@ -142,15 +151,47 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "/console/login/"
 LOGIN_REDIRECT_URL = "/console/"
 LOGOUT_REDIRECT_URL = "/console/login/"
+# Console log-in throttling (accounts/throttle.py): failed attempts within the window,
+# per email and per client address, after which log-ins are refused until it ends.
+MANTLE_LOGIN_MAX_FAILURES_PER_EMAIL = env.int("MANTLE_LOGIN_MAX_FAILURES_PER_EMAIL", default=5)
+MANTLE_LOGIN_MAX_FAILURES_PER_ADDRESS = env.int("MANTLE_LOGIN_MAX_FAILURES_PER_ADDRESS", default=20)
+MANTLE_LOGIN_FAILURE_WINDOW_S = env.int("MANTLE_LOGIN_FAILURE_WINDOW_S", default=900)
+# Lifetime of the short-lived inference key the console's playground mints (docs/console.md).
+MANTLE_PLAYGROUND_KEY_TTL_S = env.int("MANTLE_PLAYGROUND_KEY_TTL_S", default=3600)
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=0)
+CSRF_COOKIE_SAMESITE = "Lax"
+# Security headers and cookies (docs/reliability.md, "Security"). Behind a TLS-terminating
+# proxy (MANTLE_BEHIND_TLS_PROXY=1) its X-Forwarded-Proto says a request came over HTTPS;
+# without such a proxy in front, trusting that header would let any client claim HTTPS.
+# On HTTPS requests every cookie is marked Secure (config.middleware.SecurityHeadersMiddleware)
+# and HSTS is sent; over plain HTTP neither applies, so the defaults are safe for both.
+MANTLE_BEHIND_TLS_PROXY = env.bool("MANTLE_BEHIND_TLS_PROXY", default=False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if MANTLE_BEHIND_TLS_PROXY else None
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=365 * 24 * 3600)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=False)
 SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+_CSP_COMMON = (
+    "default-src 'self'; img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+# Console pages: scripts only from our origin or carrying the request's nonce.
+MANTLE_CSP = env.str(
+    "MANTLE_CSP",
+    default=f"{_CSP_COMMON}; script-src 'self' 'nonce-{{nonce}}'; style-src 'self' 'unsafe-inline'",
+)
+# The admin's theme (Unfold) evaluates Alpine.js expressions, which needs 'unsafe-eval'.
+MANTLE_CSP_ADMIN = env.str(
+    "MANTLE_CSP_ADMIN",
+    default=f"{_CSP_COMMON}; script-src 'self' 'unsafe-inline' 'unsafe-eval'; "
+    "style-src 'self' 'unsafe-inline'",
+)
 
 EMAIL_BACKEND = env.str(
     "DJANGO_EMAIL_BACKEND", default="django.core.mail.backends.filebased.EmailBackend"
@@ -179,6 +220,26 @@ WHITENOISE_USE_FINDERS = True
 MANTLE_ARTIFACT_DIR = Path(
     env.str("MANTLE_ARTIFACT_DIR", default=str(Path.home() / ".cache" / "mantle" / "artifacts"))
 )
+# Compile jobs (docs/compile.md). Uploads are staged in MANTLE_UPLOAD_DIR, which compile
+# nodes must see at the same path (one machine, or a shared mount); a job deletes its own.
+MANTLE_UPLOAD_DIR = Path(
+    env.str("MANTLE_UPLOAD_DIR", default=str(MANTLE_ARTIFACT_DIR.parent / "uploads"))
+)
+MANTLE_MAX_UPLOAD_BYTES = env.int("MANTLE_MAX_UPLOAD_BYTES", default=2 * 1024**3)
+# Where compile nodes put new artifacts: "" is MANTLE_ARTIFACT_DIR; an fsspec URL
+# (s3://bucket/artifacts) shares them between nodes, each node's directory a cache.
+MANTLE_ARTIFACT_STORE = env.str("MANTLE_ARTIFACT_STORE", default="")
+# Checkpoint directories a compile job may name on the node (colon-separated); empty: none.
+MANTLE_CHECKPOINT_ROOTS = [
+    Path(p) for p in env.str("MANTLE_CHECKPOINT_ROOTS", default="").split(":") if p.strip()
+]
+# A queued or running job with no progress report for this long is failed as stale.
+MANTLE_COMPILE_STALE_S = env.int("MANTLE_COMPILE_STALE_S", default=2 * 3600)
+CELERY_BEAT_SCHEDULE["compile-fail-stale"] = {
+    "task": "mantle.control.compile_fail_stale",
+    "schedule": 300.0,
+    "options": {"queue": "control"},
+}
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # Default limits of the public built-in endpoints, per endpoint (keys and projects
@@ -196,6 +257,10 @@ MANTLE_DEFAULT_MAX_TOKENS = env.int("MANTLE_DEFAULT_MAX_TOKENS", default=2048)
 MANTLE_REQUEST_TIMEOUT_S = env.float("MANTLE_REQUEST_TIMEOUT_S", default=120.0)
 # Seconds without any event from a started request before its worker is presumed dead.
 MANTLE_WORKER_SILENCE_S = env.float("MANTLE_WORKER_SILENCE_S", default=15.0)
+# Incorrect API keys one client address may send per window before the gateway refuses
+# its requests (429) until the window ends: guessing is slowed, valid keys elsewhere not.
+MANTLE_KEY_FAILURE_LIMIT = env.int("MANTLE_KEY_FAILURE_LIMIT", default=20)
+MANTLE_KEY_FAILURE_WINDOW_S = env.int("MANTLE_KEY_FAILURE_WINDOW_S", default=60)
 
 # --- Stripe (docs/billing.md, "Stripe") ------------------------------------------------------
 # Optional: with no key, Stripe is disabled and the platform invoices on its own.
@@ -294,6 +359,26 @@ CELERY_BEAT_SCHEDULE.update(
         },
     }
 )
+
+# --- Back office (/admin/, docs/backoffice.md) -------------------------------------------------
+MANTLE_CREDIT_NOTE_PREFIX = env.str("MANTLE_CREDIT_NOTE_PREFIX", default="CN")
+UNFOLD = {
+    "SITE_TITLE": "Mantle back office",
+    "SITE_HEADER": "Mantle back office",
+    "SITE_SYMBOL": "account_balance",
+    "SITE_URL": "/admin/",
+    "SHOW_VIEW_ON_SITE": False,
+    "SIDEBAR": {
+        "show_search": True,
+        "show_all_applications": True,
+        "navigation": "billing.backoffice.adminsite.sidebar_navigation",
+    },
+}
+CELERY_BEAT_SCHEDULE["backoffice-drain-lag-sample"] = {
+    "task": "mantle.billing.drain_lag_sample",
+    "schedule": 60.0,
+    "options": {"queue": "billing"},
+}
 
 install_redacting_record_factory()
 
