@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest
 from ninja.security import HttpBearer, SessionAuth
 
@@ -11,6 +12,8 @@ from accounts import keys
 from accounts.models import ApiKey
 from accounts.permissions import Scope
 from accounts.principal import Principal
+from config.errors import TooManyFailedKeys
+from config.redis import get_redis
 
 
 def client_ip(request: HttpRequest) -> str | None:
@@ -40,14 +43,25 @@ class ConsoleSession(SessionAuth):
 
 
 class AdminApiKey(HttpBearer):
-    """`Authorization: Bearer sk-...` with the admin scope."""
+    """`Authorization: Bearer sk-...` with the admin scope.
+
+    Incorrect keys count against the caller's address in the same Redis window as the
+    gateway's (`keys.failures_key`), so guessing through the management API is slowed
+    to the same limit; past it the address gets 429 before its key is looked at.
+    """
 
     def authenticate(self, request: HttpRequest, token: str) -> Principal | None:
+        address = client_ip(request) or "unknown"
+        redis = get_redis()
+        if int(redis.get(keys.failures_key(address)) or 0) >= settings.MANTLE_KEY_FAILURE_LIMIT:
+            raise TooManyFailedKeys(max(1, int(redis.ttl(keys.failures_key(address)))))
         if not keys.looks_like_secret(token):
+            keys.record_failure(redis, address)
             return None
         digest = keys.secret_digest(token)
         key = ApiKey.objects.select_related("organization").filter(digest=digest).first()
         if key is None or not keys.constant_time_equal(key.digest, digest):
+            keys.record_failure(redis, address)
             return None
         if not key.is_usable() or key.organization.status != key.organization.Status.ACTIVE:
             return None

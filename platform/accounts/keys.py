@@ -6,13 +6,20 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from config.ids import random_token
 from config.redis import get_async_redis, get_redis
+
+if TYPE_CHECKING:
+    import redis
+
+logger = logging.getLogger(__name__)
 
 SECRET_PREFIX = "sk-"  # noqa: S105 - the public prefix, not a secret
 SECRET_LENGTH = 48  # 48 base62 characters: about 285 bits of entropy
@@ -133,3 +140,35 @@ async def cache_put_async(identity: KeyIdentity | None, digest: str) -> None:
 
 def constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+# --- Guessing -------------------------------------------------------------------------------
+
+
+def failures_key(address: str) -> str:
+    """Incorrect keys sent from one address in the current window (gateway and API share it)."""
+    return f"mantle:keyfail:{address}"
+
+
+def record_failure(client: redis.Redis, address: str) -> int:
+    """Counts an incorrect key from `address` in a fixed window; logs it, never the key."""
+    window = settings.MANTLE_KEY_FAILURE_WINDOW_S
+    pipe = client.pipeline(transaction=False)
+    pipe.incr(failures_key(address))
+    pipe.expire(failures_key(address), window, nx=True)
+    count = int(pipe.execute()[0])
+    log_failure(address, count)
+    return count
+
+
+def log_failure(address: str, count: int) -> None:
+    if count == settings.MANTLE_KEY_FAILURE_LIMIT:
+        logger.warning(
+            "API key guessing suspected: %d incorrect keys from %s within %ds; "
+            "refusing its requests until the window ends",
+            count,
+            address,
+            settings.MANTLE_KEY_FAILURE_WINDOW_S,
+        )
+    else:
+        logger.info("incorrect API key from %s (%d in this window)", address, count)

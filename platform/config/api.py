@@ -16,7 +16,7 @@ from accounts.auth import management_auth
 from billing.api import router as billing_router
 from catalog.api import router as catalog_router
 from catalog.compile_api import router as compile_router
-from config.errors import DomainError
+from config.errors import DomainError, TooManyFailedKeys
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,14 @@ def _validation(request: HttpRequest, exc: ValidationError) -> HttpResponse:
 @api.exception_handler(DomainError)
 def _domain(request: HttpRequest, exc: DomainError) -> HttpResponse:
     type_ = "invalid_request_error" if exc.status < 500 else "server_error"
-    return api.create_response(
+    response = api.create_response(
         request,
         error_body(exc.message, type_=type_, param=exc.param, code=exc.code),
         status=exc.status,
     )
+    if isinstance(exc, TooManyFailedKeys):
+        response["retry-after"] = str(exc.retry_after_s)
+    return response
 
 
 @api.exception_handler(AuthenticationError)

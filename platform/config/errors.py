@@ -33,3 +33,17 @@ class PermissionDenied(DomainError):
 class Conflict(DomainError):
     status = 409
     code = "conflict"
+
+
+class TooManyFailedKeys(DomainError):
+    """An address sent too many incorrect API keys: refused until its window ends."""
+
+    status = 429
+    code = "too_many_failed_authentications"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            "Too many requests with incorrect API keys came from your address; its requests "
+            f"are refused for the next {retry_after_s} seconds."
+        )
+        self.retry_after_s = retry_after_s

@@ -52,8 +52,7 @@ def client_address(request: HttpRequest) -> str:
     return str(request.META.get("REMOTE_ADDR") or "unknown")
 
 
-def failures_key(address: str) -> str:
-    return f"mantle:keyfail:{address}"
+failures_key = keys.failures_key
 
 
 async def _record_failure(address: str) -> None:
@@ -63,16 +62,7 @@ async def _record_failure(address: str) -> None:
         pipe.incr(failures_key(address))
         pipe.expire(failures_key(address), window, nx=True)
         count = int((await pipe.execute())[0])
-    if count == settings.MANTLE_KEY_FAILURE_LIMIT:
-        logger.warning(
-            "API key guessing suspected: %d incorrect keys from %s within %ds; "
-            "refusing its requests until the window ends",
-            count,
-            address,
-            window,
-        )
-    else:
-        logger.info("incorrect API key from %s (%d in this window)", address, count)
+    keys.log_failure(address, count)
 
 
 async def _refuse_blocked(address: str) -> OpenAIError:

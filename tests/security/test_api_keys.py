@@ -81,6 +81,29 @@ def test_the_window_expires(limited: Any) -> None:
     assert models(secret, ATTACKER).status_code == 200
 
 
+def organizations(secret: str, address: str) -> Any:
+    return Client().get(
+        "/api/v1/organizations", headers={"authorization": f"Bearer {secret}"}, REMOTE_ADDR=address
+    )
+
+
+def test_guessing_through_the_management_api_shares_the_gateways_limit(limited: Any) -> None:
+    _, secret = make_api_key(OrganizationFactory(), scopes=["admin"])
+    assert organizations(guess(0), ATTACKER).status_code == 401
+    assert models(guess(1), ATTACKER).status_code == 401
+    assert organizations("sk-short", ATTACKER).status_code == 401
+    assert get_redis().get(failures_key(ATTACKER)) == "3"
+
+    refused = organizations(secret, ATTACKER)
+
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "too_many_failed_authentications"
+    assert 1 <= int(refused["retry-after"]) <= 60
+    assert models(secret, ATTACKER).status_code == 429
+    assert organizations(secret, CUSTOMER).status_code == 200
+    assert get_redis().get(failures_key(ATTACKER)) == "3"
+
+
 def test_guessing_is_logged_with_the_address_and_never_the_key(
     limited: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -90,9 +113,7 @@ def test_guessing_is_logged_with_the_address_and_never_the_key(
         models(value, ATTACKER)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any(
-        r.name == "gateway.resolve"
-        and ATTACKER in r.getMessage()
-        and "3 incorrect" in r.getMessage()
+        r.name == "accounts.keys" and ATTACKER in r.getMessage() and "3 incorrect" in r.getMessage()
         for r in warnings
     )
     text = caplog.text
