@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from config.redis import get_async_redis
 from gateway.errors import OpenAIError, dependency_unavailable
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,14 @@ DATABASE_DOWN = (OperationalError, InterfaceError)
 
 def redis_unavailable() -> OpenAIError:
     return dependency_unavailable("redis", "request state store")
+
+
+async def forget_idle_redis_connections() -> None:
+    """After a Redis error, drops the pool's idle connections: they share the fate of the
+    one that failed (a restarted server, a cut link), and each would otherwise fail once
+    more at its next use, well after Redis is back. In-use ones fail on their own."""
+    with contextlib.suppress(Exception):
+        await get_async_redis().connection_pool.disconnect(inuse_connections=False)
 
 
 def database_unavailable() -> OpenAIError:

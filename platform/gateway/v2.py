@@ -29,6 +29,7 @@ from gateway.backends import (
     REDIS_DOWN,
     database_read,
     database_unavailable,
+    forget_idle_redis_connections,
     redis_unavailable,
 )
 from gateway.errors import OpenAIError, internal_error, invalid
@@ -112,6 +113,7 @@ def v2_view(view: View) -> View:
             return _error(exc)
         except REDIS_DOWN as exc:
             logger.warning("redis unreachable: %s", exc)
+            await forget_idle_redis_connections()
             return _error(redis_unavailable())
         except DATABASE_DOWN as exc:
             logger.warning("database unreachable: %s", exc)

@@ -30,6 +30,7 @@ from gateway.backends import (
     REDIS_DOWN,
     database_read,
     database_unavailable,
+    forget_idle_redis_connections,
     redis_unavailable,
 )
 from gateway.errors import OpenAIError, internal_error, invalid, model_not_found, no_capacity
@@ -105,6 +106,7 @@ def gateway_view(view: View) -> View:
             response = exc.response()
         except REDIS_DOWN as exc:
             logger.warning("redis unreachable: %s", exc)
+            await forget_idle_redis_connections()
             response = redis_unavailable().response()
         except DATABASE_DOWN as exc:
             logger.warning("database unreachable: %s", exc)
@@ -443,6 +445,7 @@ async def _stream(
         # The response has started: the outage travels in-band too. The cancel
         # cannot reach Redis now; the worker stops at the request's deadline.
         logger.warning("redis unreachable mid-stream of %s: %s", gen.request_id, exc)
+        await forget_idle_redis_connections()
         yield _sse(redis_unavailable().body())
     except (asyncio.CancelledError, GeneratorExit):
         await dispatch.cancel(gen.request_id)

@@ -310,8 +310,19 @@ def usage_by_request(client: redis.Redis) -> dict[str, list[dict[str, str]]]:
     return found
 
 
+def await_usage_events(outcomes: list[Outcome], client: redis.Redis, timeout: float = 15) -> None:
+    """Waits (bounded) until every answered request's usage event is in the stream.
+
+    A worker appends the event just after the answer's last event, so a client can
+    finish a moment before its usage is written; what is checked is that it is written.
+    """
+    answered = {o.request_id for o in outcomes if o.usage is not None and o.error_code is None}
+    wait_until(lambda: answered <= set(usage_by_request(client)), timeout=timeout)
+
+
 def check_usage_exactly_once(outcomes: list[Outcome], client: redis.Redis) -> None:
     """Each answered request has one usage event equal to what its client was told; others <= 1."""
+    await_usage_events(outcomes, client)
     events = usage_by_request(client)
     for outcome in outcomes:
         found = events.get(outcome.request_id, [])

@@ -48,8 +48,9 @@ def free_slots(proc: Process) -> int:
 
 
 def workers_of(outcomes: list[Outcome]) -> dict[str, str]:
-    from tests.reliability.support import usage_by_request
+    from tests.reliability.support import await_usage_events, usage_by_request
 
+    await_usage_events(outcomes, get_redis())
     events = usage_by_request(get_redis())
     return {
         o.request_id: events[o.request_id][0]["worker"] for o in outcomes if o.request_id in events
