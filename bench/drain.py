@@ -30,6 +30,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=200_000, help="events for the drain")
     parser.add_argument("--baseline-events", type=int, default=2_000, help="events, ORM path")
     parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument(
+        "--drains",
+        type=int,
+        default=1,
+        help="drain processes at once (`manage.py drain_usage --once`, one consumer each); "
+        "1 runs the drain in this process and reports its CPU split",
+    )
     parser.add_argument("--orgs", type=int, default=100)
     parser.add_argument("--database", default="mantle_bench_drain")
     parser.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
@@ -121,6 +128,38 @@ def run_drain(client: Any, batch: int) -> tuple[float, dict[str, float]]:
     drain.run(stop=threading.Event(), once=True)
     elapsed = time.perf_counter() - started
     return elapsed, {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+
+
+def run_drain_processes(count: int, batch: int) -> float:
+    """Seconds until `count` real drain processes, started together, emptied the stream.
+
+    Wall time from their start, so each one's Django start-up (about a second) is
+    counted against the throughput.
+    """
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'platform'}"}
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "manage.py",
+                "drain_usage",
+                "--once",
+                "--batch",
+                str(batch),
+                "--consumer",
+                f"bench-{i}",
+            ],
+            cwd=ROOT,
+            env=env,
+        )
+        for i in range(count)
+    ]
+    codes = [proc.wait() for proc in procs]
+    elapsed = time.perf_counter() - started
+    if any(codes):
+        raise SystemExit(f"a drain process failed: exit codes {codes}")
+    return elapsed
 
 
 def run_baseline(client: Any, count: int) -> float:
@@ -233,7 +272,10 @@ def main() -> None:
 
         drain_events = make_events(args.events, args.orgs, seed=1)
         emit(client, "mantle:usage", drain_events)
-        drain_s, cpu = run_drain(client, args.batch)
+        if args.drains > 1:
+            drain_s, cpu = run_drain_processes(args.drains, args.batch), {}
+        else:
+            drain_s, cpu = run_drain(client, args.batch)
         drain_exact = check_exact(drain_events)
 
         UsageEvent.objects.all().delete()
@@ -255,6 +297,7 @@ def main() -> None:
                     "drain": {
                         "events": args.events,
                         "batch": args.batch,
+                        "processes": args.drains,
                         "seconds": round(drain_s, 2),
                         "events_per_s": round(drain_rate),
                         "exact": drain_exact,

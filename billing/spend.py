@@ -35,6 +35,16 @@ def pending_key(organization_id: str) -> str:
     return f"mantle:wallet-pending:{organization_id}"
 
 
+def held_key(organization_id: str) -> str:
+    """Reservations in flight: request id -> `<worst>:<release-by ms>:<project or ''>`."""
+    return f"mantle:wallet-held:{organization_id}"
+
+
+# A reservation no gateway settled by then (the gateway died mid-request) is released by
+# the wallet sync: the request's own deadline plus a margin for its settlement.
+HOLD_GRACE_S = 60
+
+
 def counted_key(request_id: str) -> str:
     return f"mantle:wallet-counted:{request_id}"
 
@@ -57,10 +67,14 @@ def cost_nanos(input_tokens: int, output_tokens: int, price_in: str, price_out: 
 # budget reserved too (ARGV[4] names it): its reservation is released and its pending
 # raised alike, and the parked value `<cost>:<project>` tells the drain to lower it.
 _SETTLE = """
-redis.call('HINCRBY', KEYS[1], 'reserved_nanos', -tonumber(ARGV[1]))
+-- A held reservation is released once: by this settle, or by the sweep if it came first.
+local release = ARGV[5] ~= '1' or redis.call('HDEL', KEYS[4], ARGV[3]) == 1
 local project = ARGV[4]
-if project ~= '' then
-  redis.call('HINCRBY', KEYS[1], 'p:' .. project .. ':reserved_nanos', -tonumber(ARGV[1]))
+if release then
+  redis.call('HINCRBY', KEYS[1], 'reserved_nanos', -tonumber(ARGV[1]))
+  if project ~= '' then
+    redis.call('HINCRBY', KEYS[1], 'p:' .. project .. ':reserved_nanos', -tonumber(ARGV[1]))
+  end
 end
 if redis.call('DEL', KEYS[3]) == 1 then return 0 end
 local cost = tonumber(ARGV[2])
@@ -114,17 +128,49 @@ async def settle(
     reserved: int,
     cost: int,
     reserved_project_id: str = "",
+    held: bool = False,
 ) -> None:
+    """`held`: admission recorded the reservation under the request id (the gateway's
+    path); then a reservation the sweep already released is not released twice."""
     await client.eval(
         _SETTLE,
-        3,
+        4,
         wallet_key(organization_id),
         pending_key(organization_id),
         counted_key(request_id),
+        held_key(organization_id),
         str(reserved),
         str(cost),
         request_id,
         reserved_project_id,
+        "1" if held else "0",
+    )
+
+
+_RELEASE_EXPIRED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local entries = redis.call('HGETALL', KEYS[2])
+local released = 0
+for i = 1, #entries, 2 do
+  local worst, until_ms, project = string.match(entries[i + 1], '^(%d+):(%d+):(.*)$')
+  if worst and tonumber(until_ms) < now then
+    redis.call('HDEL', KEYS[2], entries[i])
+    redis.call('HINCRBY', KEYS[1], 'reserved_nanos', '-' .. worst)
+    if project ~= '' then
+      redis.call('HINCRBY', KEYS[1], 'p:' .. project .. ':reserved_nanos', '-' .. worst)
+    end
+    released = released + 1
+  end
+end
+return released
+"""
+
+
+def release_expired_holds(client: redis.Redis, organization_id: str) -> int:
+    """Releases reservations past their release-by time (their gateway never settled)."""
+    return int(
+        client.eval(_RELEASE_EXPIRED, 2, wallet_key(organization_id), held_key(organization_id))
     )
 
 

@@ -241,6 +241,11 @@ def wallet_sync(org: Organization, *, now: datetime | None = None) -> WalletStat
     """
     client = get_redis()
     key = spend.wallet_key(org.id)
+    released = spend.release_expired_holds(client, org.id)
+    if released:
+        logger.warning(
+            "released %d reservation(s) of %s that no gateway settled in time", released, org.id
+        )
     for _ in range(SYNC_ATTEMPTS):
         before: dict[str, str] = client.hgetall(key)  # type: ignore[assignment]
         state = wallet_compute(org, now=now)

@@ -95,10 +95,19 @@ end
 if project_reserve ~= '' then
   redis.call('HINCRBY', KEYS[9], project_reserve, string.format('%.0f', worst))
 end
+-- Held under the request id until settled, or released by the sweep after ARGV[14] ms.
+local held = 0
+if worst > 0 and ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[11], ARGV[13], string.format('%.0f', worst) .. ':'
+             .. string.format('%.0f', now + tonumber(ARGV[14])) .. ':'
+             .. (project_reserve ~= '' and ARGV[12] or ''))
+  held = 1
+end
 table.insert(out, string.format('%.0f', worst))
 table.insert(out, price[1] or '0')
 table.insert(out, price[2] or '0')
 table.insert(out, project_reserve ~= '' and 1 or 0)
+table.insert(out, held)
 return out
 """
 
@@ -168,6 +177,7 @@ class Admission:
     price_out: str = "0"
     # The project whose hard budget holds a reservation too ("" when it has none).
     reserved_project_id: str = ""
+    held: bool = False  # the reservation is recorded under the request id (spend.held_key)
     refused_scope: str = ""
     refused_kind: str = ""  # "requests" | "tokens"
     retry_after_ms: int = 0  # -1: can never pass (the request alone exceeds the limit)
@@ -216,14 +226,22 @@ class RateLimiter:
         model_name: str,
         prompt_tokens: int,
         max_tokens: int,
+        request_id: str = "",
+        hold_s: float = 0.0,
     ) -> Admission:
-        """Checks liveness, all six buckets and the wallet; takes from all only if all pass."""
+        """Checks liveness, all six buckets and the wallet; takes from all only if all pass.
+
+        With a `request_id`, the money reserved is also held under it for `hold_s`
+        seconds: if no settle comes by then (the gateway died), the wallet sync
+        releases it, so a crash never keeps an organization's money reserved.
+        """
         keys = [
             *limits.bucket_keys(),
             pool_live_key(pool),
             LAST_USED_HASH,
             spend.wallet_key(organization_id),
             spend.price_key(organization_id, model_name),
+            spend.held_key(organization_id),
         ]
         args: list[int | str] = [
             prompt_tokens + max_tokens,
@@ -233,6 +251,8 @@ class RateLimiter:
             prompt_tokens,
             max_tokens,
             limits.project_id,
+            request_id,
+            int(hold_s * 1000),
         ]
         result = await self._admit(keys=keys, args=args)
         status = int(result[0])
@@ -266,6 +286,7 @@ class RateLimiter:
             price_in=str(result[8]),
             price_out=str(result[9]),
             reserved_project_id=limits.project_id if int(result[10]) == 1 else "",
+            held=int(result[11]) == 1,
         )
 
     async def refund(self, limits: Limits, *, tokens: int) -> None:

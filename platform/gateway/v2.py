@@ -397,8 +397,8 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
     limits = _limits(identity, spec)
     # No tokens: a tensor request takes one request from the RPM buckets and is
     # metered by request and compute time (the usage event's compute_ms).
-    admission = await _admit(limits, spec, identity.organization_id, 0, 0)
     request_id = _request_id(request)
+    admission = await _admit(limits, spec, identity.organization_id, 0, 0, request_id)
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.InferRequest(
         request_id=request_id,

@@ -157,7 +157,12 @@ def _limits(identity: KeyIdentity, spec: EndpointSpec) -> Limits:
 
 
 async def _admit(
-    limits: Limits, spec: EndpointSpec, organization_id: str, prompt_tokens: int, max_tokens: int
+    limits: Limits,
+    spec: EndpointSpec,
+    organization_id: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    request_id: str,
 ) -> Admission:
     admission = await limiter().admit(
         limits,
@@ -166,6 +171,8 @@ async def _admit(
         model_name=spec.model_name,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
+        request_id=request_id,
+        hold_s=settings.MANTLE_REQUEST_TIMEOUT_S + spend.HOLD_GRACE_S,
     )
     tokens = prompt_tokens + max_tokens
     if admission.no_worker:
@@ -255,6 +262,7 @@ async def _settle_money(
             reserved=admission.reserved_nanos,
             cost=cost,
             reserved_project_id=admission.reserved_project_id,
+            held=admission.held,
         )
     except Exception:
         # A lost settlement leaves the reservation in place: the organization can spend
@@ -319,8 +327,10 @@ async def _start_generation(
         raise text.context_exceeded(spec, prompt_tokens, max_tokens)
     reserved = prompt_tokens + max_tokens
     limits = _limits(identity, spec)
-    admission = await _admit(limits, spec, identity.organization_id, prompt_tokens, max_tokens)
     request_id = _request_id(request)
+    admission = await _admit(
+        limits, spec, identity.organization_id, prompt_tokens, max_tokens, request_id
+    )
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.GenerateRequest(
         request_id=request_id,
@@ -656,8 +666,8 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     inputs = await _embedding_inputs(spec, body.input)
     prompt_tokens = sum(len(i) for i in inputs)
     limits = _limits(identity, spec)
-    admission = await _admit(limits, spec, identity.organization_id, prompt_tokens, 0)
     request_id = _request_id(request)
+    admission = await _admit(limits, spec, identity.organization_id, prompt_tokens, 0, request_id)
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.EmbedRequest(
         request_id=request_id,

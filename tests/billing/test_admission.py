@@ -200,3 +200,86 @@ def test_a_project_budget_counts_settled_and_drained_usage_once(
     assert wallet_read(org.id)[f"p:{project_id}:spent_nanos"] == str(50 * 400_000)
     # 30,000,000 nanos left in the project: 30 more worst cases, not one more.
     assert sum(r.allowed for r in _admit_many(org, 40)) == 30
+
+
+async def _admit_held(
+    organization_id: str, lim: Limits, request_ids: list[str], hold_s: float
+) -> list[Admission]:
+    client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    await client.zadd(pool_live_key(POOL), {"node-a": time.time()})
+    limiter = RateLimiter(client)
+    try:
+        return [
+            await limiter.admit(
+                lim,
+                pool=POOL,
+                organization_id=organization_id,
+                model_name=CHAT,
+                prompt_tokens=200,
+                max_tokens=400,
+                request_id=rid,
+                hold_s=hold_s,
+            )
+            for rid in request_ids
+        ]
+    finally:
+        await client.aclose()
+
+
+async def _settle_held(organization_id: str, rid: str, admission: Admission, cost: int) -> None:
+    client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    try:
+        await spend.settle(
+            client,
+            organization_id=organization_id,
+            request_id=rid,
+            reserved=admission.reserved_nanos,
+            cost=cost,
+            reserved_project_id=admission.reserved_project_id,
+            held=admission.held,
+        )
+    finally:
+        await client.aclose()
+
+
+def test_a_settled_reservation_is_released_once_and_unheld(prepaid: Organization) -> None:
+    from config.redis import get_redis
+
+    [admitted] = asyncio.run(_admit_held(prepaid.id, _limits(prepaid), ["req_ok"], hold_s=180))
+    assert admitted.held
+    assert get_redis().hexists(spend.held_key(prepaid.id), "req_ok")
+
+    asyncio.run(_settle_held(prepaid.id, "req_ok", admitted, 400_000))
+    wallet_sync(prepaid)
+
+    wallet = wallet_read(prepaid.id)
+    assert (wallet["reserved_nanos"], wallet["pending_nanos"]) == ("0", "400000")
+    assert not get_redis().exists(spend.held_key(prepaid.id))
+
+
+def test_reservations_no_gateway_settled_are_released_by_the_sync(
+    project_capped: Organization,
+) -> None:
+    # The gateway died mid-request: nobody settles. Its money must not stay reserved.
+    org = project_capped
+    project_id = default_project(org).id
+    lost = asyncio.run(_admit_held(org.id, _limits(org), ["req_lost1", "req_lost2"], hold_s=0.05))
+    [kept] = asyncio.run(_admit_held(org.id, _limits(org), ["req_live"], hold_s=180))
+    assert all(a.held for a in [*lost, kept])
+    time.sleep(0.1)  # past the lost ones' release-by time (Redis's clock decides)
+
+    wallet_sync(org)
+
+    wallet = wallet_read(org.id)
+    assert wallet["reserved_nanos"] == str(WORST)
+    assert wallet[f"p:{project_id}:reserved_nanos"] == str(WORST)
+    # A late settle of a released reservation parks its cost but releases nothing again.
+    asyncio.run(_settle_held(org.id, "req_lost1", lost[0], 400_000))
+    late = wallet_read(org.id)
+    assert late["reserved_nanos"] == str(WORST)
+    assert late[f"p:{project_id}:reserved_nanos"] == str(WORST)
+    assert late["pending_nanos"] == "400000"
+    # The live request settles normally.
+    asyncio.run(_settle_held(org.id, "req_live", kept, 400_000))
+    done = wallet_read(org.id)
+    assert (done["reserved_nanos"], done[f"p:{project_id}:reserved_nanos"]) == ("0", "0")
