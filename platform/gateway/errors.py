@@ -91,6 +91,16 @@ def dependency_unavailable(name: str, what: str) -> OpenAIError:
     )
 
 
+def broker_unavailable() -> OpenAIError:
+    return OpenAIError(
+        503,
+        "The request could not be queued (broker unreachable); retry later.",
+        type_="server_error",
+        code="broker_unavailable",
+        headers={"retry-after": "2"},
+    )
+
+
 def too_many_failed_keys(retry_after_s: int) -> OpenAIError:
     return OpenAIError(
         429,

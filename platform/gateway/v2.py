@@ -43,6 +43,7 @@ from gateway.views import (
     _parse,
     _request_id,
     _settle_money,
+    _submit,
 )
 from workers import contract
 
@@ -409,23 +410,14 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
         deadline=deadline,
         enqueued_at=time.time(),
     )
-    try:
-        await dispatch.submit(
-            contract.TaskName.INFER,
-            contract.to_payload(payload),
-            queue=spec.queue,
-            request_id=request_id,
-            deadline=deadline,
-        )
-    except Exception as exc:
-        logger.exception("dispatch to %s failed", spec.queue)
-        raise OpenAIError(
-            503,
-            "The request could not be queued (broker unreachable); retry later.",
-            type_="server_error",
-            code="broker_unavailable",
-            headers={"retry-after": "2"},
-        ) from exc
+    await _submit(
+        contract.TaskName.INFER,
+        payload,
+        spec=spec,
+        request_id=request_id,
+        deadline=deadline,
+        on_refused=lambda: _settle_money(identity.organization_id, request_id, admission, 0, 0),
+    )
     outputs: list[dict[str, Any]] | None = None
     try:
         async for event in dispatch.events(request_id, pool=spec.pool, deadline=deadline):

@@ -33,7 +33,14 @@ from gateway.backends import (
     forget_idle_redis_connections,
     redis_unavailable,
 )
-from gateway.errors import OpenAIError, internal_error, invalid, model_not_found, no_capacity
+from gateway.errors import (
+    OpenAIError,
+    broker_unavailable,
+    internal_error,
+    invalid,
+    model_not_found,
+    no_capacity,
+)
 from gateway.limits import Admission, Limits, RateLimiter, retry_after_seconds
 from gateway.resolve import resolve
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -238,6 +245,31 @@ def _model_ref(spec: EndpointSpec) -> contract.ModelRef:
     )
 
 
+async def _submit(
+    task: str,
+    payload: Any,
+    *,
+    spec: EndpointSpec,
+    request_id: str,
+    deadline: float,
+    on_refused: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
+    """Dispatches to the endpoint's pool; a broker that refuses is a clean 503, and
+    `on_refused` gives back what admission took (the reservation, the tokens)."""
+    try:
+        await dispatch.submit(
+            task,
+            contract.to_payload(payload),
+            queue=spec.queue,
+            request_id=request_id,
+            deadline=deadline,
+        )
+    except Exception as exc:
+        await on_refused()
+        logger.exception("dispatch to %s failed", spec.queue)
+        raise broker_unavailable() from exc
+
+
 def _request_id(request: HttpRequest) -> str:
     rid: str = request.request_id  # type: ignore[attr-defined]
     return rid
@@ -357,24 +389,14 @@ async def _start_generation(
         deadline=deadline,
         organization_id=identity.organization_id,
     )
-    try:
-        await dispatch.submit(
-            contract.TaskName.GENERATE,
-            contract.to_payload(payload),
-            queue=spec.queue,
-            request_id=request_id,
-            deadline=deadline,
-        )
-    except Exception as exc:
-        await generation.settle()
-        logger.exception("dispatch to %s failed", spec.queue)
-        raise OpenAIError(
-            503,
-            "The request could not be queued (broker unreachable); retry later.",
-            type_="server_error",
-            code="broker_unavailable",
-            headers={"retry-after": "2"},
-        ) from exc
+    await _submit(
+        contract.TaskName.GENERATE,
+        payload,
+        spec=spec,
+        request_id=request_id,
+        deadline=deadline,
+        on_refused=generation.settle,
+    )
     return generation
 
 
@@ -677,23 +699,14 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
         deadline=deadline,
         enqueued_at=time.time(),
     )
-    try:
-        await dispatch.submit(
-            contract.TaskName.EMBED,
-            contract.to_payload(payload),
-            queue=spec.queue,
-            request_id=request_id,
-            deadline=deadline,
-        )
-    except Exception as exc:
-        logger.exception("dispatch to %s failed", spec.queue)
-        raise OpenAIError(
-            503,
-            "The request could not be queued (broker unreachable); retry later.",
-            type_="server_error",
-            code="broker_unavailable",
-            headers={"retry-after": "2"},
-        ) from exc
+    await _submit(
+        contract.TaskName.EMBED,
+        payload,
+        spec=spec,
+        request_id=request_id,
+        deadline=deadline,
+        on_refused=lambda: _settle_money(identity.organization_id, request_id, admission, 0, 0),
+    )
     matrix: np.ndarray | None = None
     try:
         async for event in dispatch.events(request_id, pool=spec.pool, deadline=deadline):
