@@ -39,3 +39,53 @@ def publish(local: Path, url: str) -> str:
     fs.put_file(str(local / MANIFEST_NAME), f"{target}/{MANIFEST_NAME}")
     logger.info("published artifact %s to %s", local.name, location)
     return location
+
+
+def fetch(url: str, cache: Path) -> Path:
+    """The artifact at `url` (`<store>/<sha256>`) as a local directory in `cache`.
+
+    Downloaded once per node into a temporary sibling, checked in full (the digest of
+    every file must equal the name it is stored under), then renamed into place, so a
+    node never loads a half-copied or altered artifact, and later loads are local.
+    """
+    import shutil
+    import tempfile
+
+    import fsspec
+
+    from workers.compile.artifacts import ArtifactError, directory_digest, read_manifest
+
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
+        raise ArtifactError(f"{url}: an artifact URL ends in its sha256")
+    local = cache / name
+    if (local / MANIFEST_NAME).is_file():
+        return local
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{MANIFEST_NAME}"):
+        raise ArtifactError(f"{url}: no {MANIFEST_NAME} (absent, or still being published)")
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".fetch-{name[:12]}-", dir=cache))
+    try:
+        for remote in fs.find(root):
+            rel = remote[len(root) :].lstrip("/")
+            parts = Path(rel).parts
+            if not rel or Path(rel).is_absolute() or ".." in parts:
+                raise ArtifactError(f"{url}: unsafe file name {rel!r} in the store")
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(staging / rel))
+        manifest = read_manifest(staging)
+        if manifest.get("sha256") != name or directory_digest(staging) != name:
+            raise ArtifactError(f"{url}: its files do not hash to {name}: refusing to load it")
+        try:
+            staging.rename(local)
+        except OSError:
+            if not (local / MANIFEST_NAME).is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # another thread or process was first
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("fetched artifact %s from %s", name, url)
+    return local

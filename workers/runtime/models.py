@@ -105,6 +105,25 @@ def _check_same_artifact(model: LoadedModel, ref: ModelRef) -> None:
         )
 
 
+def artifact_cache() -> Path:
+    """Where this node keeps local copies of artifacts that live in a remote store."""
+    return Path(
+        os.environ.get("MANTLE_ARTIFACT_DIR", "") or Path.home() / ".cache/mantle/artifacts"
+    ).expanduser()
+
+
+def _local_directory(location: str) -> Path:
+    """A local artifact directory, or a remote store's (`s3://...`) fetched once into the cache."""
+    from workers.compile.remote import fetch, is_remote
+
+    if is_remote(location):
+        try:
+            return fetch(location, artifact_cache())
+        except Exception as exc:  # any fsspec or ArtifactError: the version cannot load here
+            raise ModelLoadError(f"fetching {location} failed: {exc}") from exc
+    return Path(location.removeprefix("file://")).expanduser()
+
+
 def _load(ref: ModelRef) -> LoadedModel:
     # onnxruntime and tokenizers are heavy native imports: only a node that
     # actually serves a model pays for them, and not at module import time.
@@ -112,7 +131,7 @@ def _load(ref: ModelRef) -> LoadedModel:
     from tokenizers import Tokenizer
 
     started = time.monotonic()
-    directory = Path(ref.location).expanduser()
+    directory = _local_directory(ref.location)
     # The directory is named by its content digest; comparing names is the cheap
     # check that the control plane and this node agree on the artifact, without
     # rehashing hundreds of megabytes on every start.
