@@ -440,6 +440,21 @@ async def _wait_for(samples: list[Sample], after: float, offset: float, count: i
     raise AssertionError(f"no {count} answers of offset {offset} after the switch")
 
 
+async def _until_requests_at_the_worker(samples: list[Sample]) -> None:
+    """Waits (bounded) until the worker holds requests that have not returned yet.
+
+    A batch of the load returns all at once, and its clients' next requests reach the
+    worker a moment later: a switch begun in that gap would have no request in flight.
+    """
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        claimed = await asyncio.to_thread(_claims)
+        if claimed - {s.request_id for s in samples}:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no request reached the worker within 15 s")
+
+
 async def _switch(tenant: Tenant, suffix: str, body: Any = None) -> tuple[float, float, set[str]]:
     """Calls the management API: when the call started and ended, and what was claimed before."""
     claimed = await asyncio.to_thread(_claims)
@@ -464,8 +479,10 @@ def test_rollout_and_rollback_under_continuous_load_fail_no_request(tenant: Tena
         loaders = [asyncio.create_task(_load(tenant, stop, samples, 10.0 * i)) for i in range(4)]
         try:
             await _wait_for(samples, 0.0, 1.0, 4)
+            await _until_requests_at_the_worker(samples)
             rollout = await _switch(tenant, "/rollout", {"model_version_id": v2.id})
             await _wait_for(samples, rollout[1], 2.0, 4)
+            await _until_requests_at_the_worker(samples)
             rollback = await _switch(tenant, "/rollback")
             await _wait_for(samples, rollback[1], 1.0, 4)
         finally:
