@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from django.conf import settings
 from django.core import signals
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import RequestAborted
@@ -18,6 +21,100 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 django_application = get_asgi_application()
 
 GATEWAY_PREFIXES = ("/v1/", "/v2/")
+
+logger = logging.getLogger("mantle.gateway")
+
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+class ClientStalled(RequestAborted):
+    """A write to the client waited longer than MANTLE_SEND_TIMEOUT_S for it to take data."""
+
+
+def transport_of(send: Send) -> asyncio.Transport | None:
+    """The asyncio transport under an ASGI `send`, when the server exposes it.
+
+    uvicorn's `send` is a method of its request cycle, which holds the transport; under
+    another server there is none and the bounds below only stop the app's own writes.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    needed = ("abort", "get_write_buffer_size", "is_closing")
+    return transport if all(hasattr(transport, name) for name in needed) else None
+
+
+def drop_connection(send: Send) -> bool:
+    """Aborts the connection under `send`; returns whether it could.
+
+    `abort()`, not `close()`: a close waits to flush what is buffered, which a client that
+    does not read never lets happen.
+    """
+    transport = transport_of(send)
+    if transport is None:
+        return False
+    transport.abort()
+    return True
+
+
+_watchdogs: set[asyncio.Task[None]] = set()
+
+
+def watch_unsent(send: Send, timeout: float, what: str) -> None:
+    """Drops the connection if what is still buffered for it stops draining.
+
+    A reply that fits in the connection's buffers completes at once from the app's side,
+    and the server then holds it (and the connection) until the client reads: forever for
+    a client that never does. Checked every `timeout` seconds; a check that finds the
+    buffer no smaller than the last drops the connection.
+    """
+    transport = transport_of(send)
+    if timeout <= 0 or transport is None or not transport.get_write_buffer_size():
+        return
+    task = asyncio.get_running_loop().create_task(drop_when_undrained(transport, timeout, what))
+    _watchdogs.add(task)
+    task.add_done_callback(_watchdogs.discard)
+
+
+async def drop_when_undrained(transport: asyncio.Transport, timeout: float, what: str) -> None:
+    last = transport.get_write_buffer_size()
+    while True:
+        await asyncio.sleep(timeout)
+        size = transport.get_write_buffer_size()
+        if not size:
+            return  # drained, or closed
+        if size >= last:
+            transport.abort()
+            logger.warning(
+                "%s: the client took none of the last %d bytes for %g s; connection dropped",
+                what,
+                size,
+                timeout,
+            )
+            return
+        last = size
+
+
+def bounded_send(send: Send, timeout: float) -> Send:
+    """`send`, but a write the client leaves waiting for `timeout` seconds drops it.
+
+    The server's `send` only waits when the connection's write buffer is full, that is
+    when the client stopped taking data; a reader that makes progress is never cut.
+    """
+    if timeout <= 0:
+        return send
+
+    async def send_bounded(message: Mapping[str, Any]) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await send(message)
+        except TimeoutError:
+            dropped = drop_connection(send)
+            await asyncio.sleep(0)  # lets the server see the connection lost
+            raise ClientStalled(
+                f"the client took no data for {timeout:g} s"
+                + ("; connection dropped" if dropped else "")
+            ) from None
+
+    return send_bounded
 
 
 class GatewayASGIHandler(ASGIHandler):
@@ -59,11 +156,29 @@ class GatewayASGIHandler(ASGIHandler):
             error_response.close()
             return
 
+        timeout = settings.MANTLE_SEND_TIMEOUT_S
+        bounded = bounded_send(send, timeout)
+
+        def what(response: Any) -> str:
+            client = scope.get("client") or ("?", 0)
+            request_id = response.get("x-request-id", "?") if response is not None else "?"
+            return f"{scope.get('method')} {scope.get('path')} from {client[0]} ({request_id})"
+
         async def process_request() -> Any:
             response = await self.run_get_response(request)
-            # A client that went away while the response was sent is no error.
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.send_response(response, send)
+            try:
+                await self.send_response(response, bounded)
+            except asyncio.CancelledError:
+                pass  # a client that went away while the response was sent is no error
+            except ClientStalled as exc:
+                logger.warning("%s: %s", what(response), exc)
+                # A stream's relay is closed now: the worker is told to stop and the
+                # request is settled for what was generated.
+                aclose_stream = getattr(response, "aclose_stream", None)
+                if aclose_stream is not None:
+                    await aclose_stream()
+            else:
+                watch_unsent(send, timeout, what(response))
             return response
 
         listener = asyncio.create_task(self.listen_for_disconnect(receive))

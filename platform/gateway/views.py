@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -447,7 +447,7 @@ async def _stream(
     make_chunk: Callable[[str | None, str | None, bool], dict[str, Any]],
     include_usage: bool,
     usage_chunk: Callable[[], dict[str, Any]],
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """SSE relay of a generation; a disconnect (cancellation) stops the worker."""
     try:
         yield _sse(make_chunk(None, None, True))
@@ -486,8 +486,23 @@ async def _stream(
         await gen.settle()
 
 
-def _streaming_response(stream: AsyncIterator[bytes], gen: Generation) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(stream, content_type="text/event-stream")
+class RelayResponse(StreamingHttpResponse):
+    """An SSE relay that the ASGI handler can stop when the client stops reading.
+
+    Django closes the iterator it wraps around the stream, not the stream itself: that is
+    left to the garbage collector. `aclose_stream` cancels the generation now.
+    """
+
+    def __init__(self, stream: AsyncGenerator[bytes, None], **kwargs: Any) -> None:
+        super().__init__(stream, **kwargs)
+        self._relay = stream
+
+    async def aclose_stream(self) -> None:
+        await self._relay.aclose()
+
+
+def _streaming_response(stream: AsyncGenerator[bytes, None], gen: Generation) -> RelayResponse:
+    response = RelayResponse(stream, content_type="text/event-stream")
     response["cache-control"] = "no-cache"
     response["x-accel-buffering"] = "no"
     for name, value in gen.headers().items():

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
+from catalog.models import Endpoint
+from catalog.services import builtin_models_register, endpoint_publish
 from config.redis import get_redis
 from tests.reliability.conftest import Tenant, tenant_on
 from tests.reliability.support import usage_by_request, wait_until
@@ -25,6 +28,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.m
 
 
 POOL = "relclients"
+EMBED = "all-minilm-l6-v2"
+
+
+# The gateway that drops clients which take no data for this long (MANTLE_SEND_TIMEOUT_S).
+IMPATIENT_S = 2
 
 
 @dataclass
@@ -33,6 +41,8 @@ class Served:
     gateway: Process
     worker: Process
     manifests: list[dict[str, Any]]
+    impatient_url: str
+    impatient: Process
     tenant: Tenant | None = None
 
     @property
@@ -47,8 +57,18 @@ def platform(django_db_setup: None, django_db_blocker: Any) -> Iterator[Served]:
     stack = Stack.for_tests()
     try:
         gateway, url = stack.gateway(name="rel-clients-gateway")
+        impatient, impatient_url = stack.gateway(
+            name="rel-clients-impatient-gateway", MANTLE_SEND_TIMEOUT_S=str(IMPATIENT_S)
+        )
         worker = stack.worker(POOL, name="rel-clients-worker", concurrency=16)
-        yield Served(url=url, gateway=gateway, worker=worker, manifests=manifests)
+        yield Served(
+            url=url,
+            gateway=gateway,
+            worker=worker,
+            manifests=manifests,
+            impatient_url=impatient_url,
+            impatient=impatient,
+        )
     finally:
         stack.stop_all()
 
@@ -58,8 +78,10 @@ def served(platform: Served, transactional_db: None) -> Served:
     return dataclasses.replace(platform, tenant=tenant_on(POOL, platform.manifests))
 
 
-def open_stream(url: str, secret: str, body: dict[str, Any]) -> tuple[socket.socket, str]:
-    """Sends a streaming request on a socket with a tiny receive buffer; reads only the head."""
+def open_stream(
+    url: str, secret: str, body: dict[str, Any], path: str = "/v1/chat/completions"
+) -> tuple[socket.socket, str]:
+    """Sends a request on a socket with a tiny receive buffer; reads only the head."""
     parts = urlsplit(url)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
@@ -67,7 +89,7 @@ def open_stream(url: str, secret: str, body: dict[str, Any]) -> tuple[socket.soc
     payload = json.dumps(body).encode()
     sock.sendall(
         (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.hostname}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\n"
             f"Authorization: Bearer {secret}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
         ).encode()
@@ -176,3 +198,93 @@ def test_many_slow_readers_keep_the_gateway_memory_bounded(served: Served) -> No
         assert events_of(raw)[-1] == "[DONE]"
     # Twelve replies of ~40 KB each are held at most once each, never accumulated.
     assert peak - baseline < 40 * 1024, (baseline, peak)
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything the server still sends, and whether it ended with a reset."""
+    sock.settimeout(30)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        return data, True
+    finally:
+        sock.close()
+    return data, False
+
+
+def dechunk(body: bytes) -> bytes:
+    """A body sent with chunked transfer encoding, joined."""
+    out = b""
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        length = int(size, 16)
+        if not length:
+            break
+        out += rest[:length]
+        body = rest[length + 2 :]
+    return out
+
+
+def embedding_endpoint(served: Served) -> Endpoint:
+    assert served.tenant is not None
+    builtins = {e.name: e for e in builtin_models_register(served.manifests)}
+    endpoint = Endpoint.objects.create(
+        organization=served.tenant.org,
+        name="minilm-relclients",
+        pool=served.tenant.chat.pool,
+        model_version=builtins[EMBED].model_version,
+        rpm_limit=1_000_000,
+        tpm_limit=1_000_000_000,
+    )
+    endpoint_publish(endpoint)
+    return endpoint
+
+
+def test_a_client_that_stops_reading_is_dropped_and_the_gateway_carries_on(
+    served: Served,
+) -> None:
+    # About 8 MB of JSON: more than the kernel's socket buffers take on loopback, so
+    # the gateway's writes wait on the client, which reads nothing after the head.
+    endpoint = embedding_endpoint(served)
+    body = {"model": endpoint.id, "input": [f"sentence {i} on the weather" for i in range(1024)]}
+    sock, request_id = open_stream(served.impatient_url, served.secret, body, "/v1/embeddings")
+    log = served.impatient.log
+    dropped = f"({request_id}): the client took no data for {IMPATIENT_S:g} s; connection dropped"
+    assert wait_until(lambda: dropped in log.read_text(errors="replace"), timeout=90), (
+        served.impatient.tail()
+    )
+    rest, _ = read_until_closed(sock)
+    # The reply was cut: it is not whole JSON (Content-Length would be far larger).
+    with pytest.raises(ValueError):
+        json.loads(rest)
+    # The worker answered and was metered once; its slot is free.
+    events = usage_by_request(get_redis())[request_id]
+    assert len(events) == 1
+    node = served.worker.node
+    assert wait_until(lambda: slots(node)[0] == slots(node)[1], timeout=15)
+    # The same gateway serves the next client, and the drop was a warning, not a crash.
+    reply = httpx.post(
+        f"{served.impatient_url}/v1/embeddings",
+        json={**body, "input": "hello"},
+        headers={"authorization": f"Bearer {served.secret}"},
+        timeout=60,
+    )
+    assert reply.status_code == 200 and len(reply.json()["data"]) == 1
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and "ASGI callable" not in text, text[-3000:]
+
+
+def test_readers_that_keep_reading_are_never_dropped(served: Served) -> None:
+    # Slow but steady: each write waits far less than the bound, however long the reply.
+    endpoint = embedding_endpoint(served)
+    body = {"model": endpoint.id, "input": [f"sentence {i} on the weather" for i in range(512)]}
+    sock, request_id = open_stream(served.impatient_url, served.secret, body, "/v1/embeddings")
+    data = b""
+    while chunk := sock.recv(16384):
+        data += chunk
+        time.sleep(0.002)
+    sock.close()
+    assert len(json.loads(dechunk(data))["data"]) == 512
+    assert request_id not in served.impatient.log.read_text(errors="replace")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from django.db import transaction
 from django.test import Client
 
 from accounts.models import ApiKey, AuditLog, Membership, Organization, Project
@@ -191,10 +193,22 @@ def make_tenant(name: str) -> Tenant:
     )
 
 
+@pytest.fixture(scope="module")
+def built_tenants(django_db_setup: None, django_db_blocker: Any) -> Iterator[tuple[Tenant, Tenant]]:
+    """Both organizations, built once for the ~800 cases (as Django's setUpTestData does).
+
+    They live in a transaction that is rolled back after the module; each case runs in a
+    savepoint inside it (the `db` fixture), so what one case changes the next never sees.
+    """
+    with django_db_blocker.unblock(), transaction.atomic():
+        price_book(CHAT, input_price="1", output_price="2")
+        yield make_tenant("Acme"), make_tenant("Globex")
+        transaction.set_rollback(True)
+
+
 @pytest.fixture
-def tenants() -> tuple[Tenant, Tenant]:
-    price_book(CHAT, input_price="1", output_price="2")
-    return make_tenant("Acme"), make_tenant("Globex")
+def tenants(built_tenants: tuple[Tenant, Tenant], db: None) -> tuple[Tenant, Tenant]:
+    return built_tenants
 
 
 def fingerprint(org: Organization) -> tuple[Any, ...]:

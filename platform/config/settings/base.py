@@ -257,6 +257,10 @@ MANTLE_DEFAULT_MAX_TOKENS = env.int("MANTLE_DEFAULT_MAX_TOKENS", default=2048)
 MANTLE_REQUEST_TIMEOUT_S = env.float("MANTLE_REQUEST_TIMEOUT_S", default=120.0)
 # Seconds without any event from a started request before its worker is presumed dead.
 MANTLE_WORKER_SILENCE_S = env.float("MANTLE_WORKER_SILENCE_S", default=15.0)
+# Seconds one write to a gateway client may wait for the client to take data before its
+# connection is dropped (nginx's send_timeout, 60 s by default, is the same idea): a client
+# that stops reading cannot hold a connection and its buffers forever. 0 disables it.
+MANTLE_SEND_TIMEOUT_S = env.float("MANTLE_SEND_TIMEOUT_S", default=60.0)
 # Incorrect API keys one client address may send per window before the gateway refuses
 # its requests (429) until the window ends: guessing is slowed, valid keys elsewhere not.
 MANTLE_KEY_FAILURE_LIMIT = env.int("MANTLE_KEY_FAILURE_LIMIT", default=20)
