@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
@@ -129,13 +129,18 @@ async def cache_get(digest: str) -> KeyIdentity | str | None:
     return KeyIdentity.from_json(str(raw))
 
 
-async def cache_put_async(identity: KeyIdentity | None, digest: str) -> None:
-    client = get_async_redis()
+async def cache_fill_async(identity: KeyIdentity | None, digest: str) -> None:
+    """The gateway's cache fill after a database read: only where nothing is cached.
+
+    Every change (creation, revocation, suspension) is written through by `cache_put`;
+    a fill from a read made just before a revocation must not overwrite it with the key
+    still active (SET NX). Negative caching keeps a flood of made-up keys off the database.
+    """
     if identity is None:
-        # Negative caching keeps a flood of made-up keys off the database.
-        await client.set(cache_key(digest), _UNKNOWN, ex=NEGATIVE_CACHE_TTL_S)
+        value, ttl = _UNKNOWN, NEGATIVE_CACHE_TTL_S
     else:
-        await client.set(cache_key(digest), identity.to_json(), ex=CACHE_TTL_S)
+        value, ttl = identity.to_json(), CACHE_TTL_S
+    await get_async_redis().set(cache_key(digest), value, ex=ttl, nx=True)
 
 
 def constant_time_equal(a: str, b: str) -> bool:
@@ -150,12 +155,20 @@ def failures_key(address: str) -> str:
     return f"mantle:keyfail:{address}"
 
 
+def queue_failure(pipe: Any, address: str) -> None:
+    """Queues the count of an incorrect key from `address` on a pipeline, sync or asyncio.
+
+    A fixed window: it starts at the first failure, so a blocked address knows when it
+    may try again. The pipeline's first result is the count.
+    """
+    pipe.incr(failures_key(address))
+    pipe.expire(failures_key(address), settings.MANTLE_KEY_FAILURE_WINDOW_S, nx=True)
+
+
 def record_failure(client: redis.Redis, address: str) -> int:
     """Counts an incorrect key from `address` in a fixed window; logs it, never the key."""
-    window = settings.MANTLE_KEY_FAILURE_WINDOW_S
     pipe = client.pipeline(transaction=False)
-    pipe.incr(failures_key(address))
-    pipe.expire(failures_key(address), window, nx=True)
+    queue_failure(pipe, address)
     count = int(pipe.execute()[0])
     log_failure(address, count)
     return count

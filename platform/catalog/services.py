@@ -313,8 +313,13 @@ def endpoint_delete(*, principal: Principal, endpoint: Endpoint) -> None:
 
 
 def endpoint_unpublish(endpoint_id: str) -> None:
-    """Drops the gateway's cached spec; the next request reads the database and finds nothing."""
-    get_redis().delete(specs.endpoint_key(endpoint_id))
+    """Replaces the gateway's cached spec with a tombstone (specs.UNKNOWN) for a while.
+
+    Not a plain delete: a gateway that read the spec from the database just before the
+    delete committed fills the cache only where the key is absent, so it cannot bring the
+    endpoint back; after the tombstone expires the database says it is gone anyway.
+    """
+    get_redis().set(specs.endpoint_key(endpoint_id), specs.UNKNOWN, ex=specs.DELETED_TTL_S)
 
 
 def _switch(locked: Endpoint, version: ModelVersion, action: str, principal: Principal) -> Endpoint:

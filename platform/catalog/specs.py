@@ -8,6 +8,11 @@ from typing import Any
 
 ENDPOINT_KEY_PREFIX = "mantle:endpoint:"
 ENDPOINT_NAME_PREFIX = "mantle:endpoint-name:"
+# Cached in place of a spec for an endpoint that does not exist. A deleted endpoint's key
+# holds it for a while (not just deleted) so that a gateway's cache fill from a database
+# read made just before the delete cannot put the spec back: fills only write absent keys.
+UNKNOWN = "unknown"
+DELETED_TTL_S = 300
 
 
 def endpoint_key(endpoint_id: str) -> str:

@@ -26,6 +26,11 @@ from config.logs import request_id_var
 GetResponse = Callable[[HttpRequest], Any]
 
 GATEWAY_PREFIXES = ("/v1/", "/v2/")
+# Probes and Prometheus reach a process by its address, not by the public host name: the
+# kubelet sends `Host: <pod IP>:8000`, compose's healthcheck `127.0.0.1:8000`, both refused
+# by ALLOWED_HOSTS (CommonMiddleware validates the host). These views need nothing of the
+# console's middleware and build no URL from the host, so they bypass it like the gateway.
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -162,7 +167,7 @@ class SecurityHeadersMiddleware(_DualMiddleware):
 
 
 def for_console(middleware_class: type) -> type:
-    """A subclass of a Django middleware that gateway paths bypass entirely.
+    """A subclass of a Django middleware that gateway and operations paths bypass entirely.
 
     A subclass (not a wrapper) so that Django's system checks still recognise it.
     """
@@ -188,7 +193,7 @@ def for_console(middleware_class: type) -> type:
                 super().__init__(get_response)
 
         def __call__(self, request: HttpRequest) -> Any:
-            if request.path.startswith(GATEWAY_PREFIXES):
+            if request.path.startswith(GATEWAY_PREFIXES) or request.path in OPS_PATHS:
                 # In an async stack this returns the coroutine, which Django awaits.
                 return self._bypass(request)
             if self._console is not None:

@@ -20,7 +20,7 @@ from gateway.errors import OpenAIError, model_not_found, too_many_failed_keys, u
 
 logger = logging.getLogger(__name__)
 
-_UNKNOWN = "unknown"
+_UNKNOWN = specs.UNKNOWN
 ENDPOINT_NEGATIVE_TTL_S = 10
 ENDPOINT_TTL_S = 24 * 3600
 
@@ -57,10 +57,8 @@ failures_key = keys.failures_key
 
 async def _record_failure(address: str) -> None:
     """Counts a wrong key from `address` in a fixed window; logs it, never the key."""
-    window = settings.MANTLE_KEY_FAILURE_WINDOW_S
     async with get_async_redis().pipeline(transaction=False) as pipe:
-        pipe.incr(failures_key(address))
-        pipe.expire(failures_key(address), window, nx=True)
+        keys.queue_failure(pipe, address)
         count = int((await pipe.execute())[0])
     keys.log_failure(address, count)
 
@@ -138,7 +136,7 @@ async def _identity(digest: str, raw: str | None) -> keys.KeyIdentity | None:
     if raw is not None:
         return keys.KeyIdentity.from_json(raw)
     identity = await database_read(api_key_identity_load, digest)
-    await keys.cache_put_async(identity, digest)
+    await keys.cache_fill_async(identity, digest)
     return identity
 
 
@@ -148,9 +146,18 @@ async def _endpoint(model: str, raw: str | None) -> EndpointSpec | None:
     if raw is not None:
         return EndpointSpec.from_json(raw)
     spec = await database_read(endpoint_spec_load, model)
-    client = get_async_redis()
-    if spec is None:
-        await client.set(_endpoint_cache_key(model), _UNKNOWN, ex=ENDPOINT_NEGATIVE_TTL_S)
-    else:
-        await client.set(_endpoint_cache_key(model), spec.to_json(), ex=ENDPOINT_TTL_S)
+    await endpoint_cache_fill(model, spec)
     return spec
+
+
+async def endpoint_cache_fill(model: str, spec: EndpointSpec | None) -> None:
+    """Caches what the database said, only where nothing is cached (SET NX).
+
+    The control plane writes through on every change (and leaves a tombstone on delete);
+    a fill from a read that raced such a write must not overwrite it.
+    """
+    if spec is None:
+        value, ttl = _UNKNOWN, ENDPOINT_NEGATIVE_TTL_S
+    else:
+        value, ttl = spec.to_json(), ENDPOINT_TTL_S
+    await get_async_redis().set(_endpoint_cache_key(model), value, ex=ttl, nx=True)

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import numpy as np
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
-from django.urls import path
+from django.urls import path, re_path
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -91,7 +91,10 @@ class V2InferRequest(_Strict):
 
 
 def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> HttpResponse:
-    response = HttpResponse(json.dumps(body), status=status, content_type="application/json")
+    # Strict JSON: Python would write NaN / Infinity, which JSON has not and most parsers refuse.
+    response = HttpResponse(
+        json.dumps(body, allow_nan=False), status=status, content_type="application/json"
+    )
     for name, value in (headers or {}).items():
         response[name] = value
     return response
@@ -307,6 +310,13 @@ def _array(item: V2Input, index: int, meta: Mapping[str, Any] | None) -> np.ndar
             f"Input `{item.name}`: data holds values that are not {item.datatype}.",
             f"{where}.data",
         )
+    if target.kind == "f" and raw.size and not _finite_in(raw, target):
+        # Else the cast makes them ±inf (1e39 as FP32), or JSON's 1e999 arrives as inf.
+        raise invalid(
+            f"Input `{item.name}`: data holds values outside the finite range of "
+            f"{item.datatype} (±{np.finfo(target).max}).",
+            f"{where}.data",
+        )
     count = math.prod(item.shape)
     if raw.size != count:
         raise invalid(
@@ -328,6 +338,12 @@ def _fits(raw: np.ndarray, target: np.dtype[Any]) -> bool:
         info = np.iinfo(target)
         return bool(info.min <= raw.min() and raw.max() <= info.max)
     return kind in "iuf"
+
+
+def _finite_in(raw: np.ndarray, target: np.dtype[Any]) -> bool:
+    """Whether every value is a finite number within the float dtype's range (NaN is not)."""
+    limit = float(np.finfo(target).max)
+    return bool(np.all(np.abs(raw.astype(np.float64)) <= limit))
 
 
 def _tensors(
@@ -373,6 +389,18 @@ def _tensors(
     return tuple(tensors), tuple(wanted)
 
 
+# JSON has no NaN or infinities: a model's non-finite outputs are written as these strings,
+# as the protobuf JSON mapping (the protocol's gRPC form) writes them; numpy reads them back
+# (np.asarray(data, dtype=np.float32)).
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _output_values(values: np.ndarray) -> list[Any]:
+    if values.dtype.kind != "f" or np.isfinite(values).all():
+        return values.tolist()
+    return [v if math.isfinite(v) else _NON_FINITE[str(v)] for v in values.tolist()]
+
+
 def _decode_outputs(raw: str) -> list[dict[str, Any]]:
     outputs = []
     for item in json.loads(raw):
@@ -383,7 +411,7 @@ def _decode_outputs(raw: str) -> list[dict[str, Any]]:
                 "name": item["name"],
                 "datatype": item["datatype"],
                 "shape": item["shape"],
-                "data": values.tolist(),
+                "data": _output_values(values),
             }
         )
     return outputs
@@ -444,6 +472,19 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
     )
 
 
+@v2_view
+async def no_route(request: HttpRequest) -> HttpResponse:
+    """Any other path under /v2: the protocol's 404, not Django's HTML page."""
+    shown = request.path if len(request.path) <= 200 else f"{request.path[:200]}..."
+    raise OpenAIError(
+        404,
+        f"No /v2 route matches `{shown}`. The routes are /v2/, /v2/health/live, "
+        "/v2/health/ready, /v2/models and /v2/models/{name}[/versions/{version}]"
+        "[/ready | /infer]; a model name holds no `/` (not even as %2F).",
+        code="route_not_found",
+    )
+
+
 urlpatterns = [
     path("", server_metadata, name="v2-server"),
     path("health/live", server_live, name="v2-live"),
@@ -455,4 +496,7 @@ urlpatterns = [
     path("models/<str:name>/versions/<str:version>", model_metadata, name="v2-version"),
     path("models/<str:name>/versions/<str:version>/ready", model_ready, name="v2-version-ready"),
     path("models/<str:name>/versions/<str:version>/infer", model_infer, name="v2-version-infer"),
+    # Last: whatever the others do not match, newlines included (`.` stops at one; Django
+    # cannot reverse an inline `(?s)`).
+    re_path(r"^[\s\S]*$", no_route, name="v2-no-route"),
 ]

@@ -787,6 +787,13 @@ async def list_models(request: HttpRequest) -> HttpResponse:
 
 
 @gateway_view
+async def no_route(request: HttpRequest) -> HttpResponse:
+    """Any other path under /v1: OpenAI's JSON 404 (its wording), not Django's HTML page."""
+    shown = request.path if len(request.path) <= 200 else f"{request.path[:200]}..."
+    raise OpenAIError(404, f"Invalid URL ({request.method} {shown})", type_="invalid_request_error")
+
+
+@gateway_view
 async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
     _method(request, "GET")
     try:

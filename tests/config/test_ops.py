@@ -43,6 +43,18 @@ def test_readyz_names_redis_when_down(monkeypatch: pytest.MonkeyPatch) -> None:
     assert response.json()["down"] == ["redis"]
 
 
+@override_settings(ALLOWED_HOSTS=["api.mantle.example.com"])
+def test_probes_answer_whatever_host_they_are_reached_by() -> None:
+    # The kubelet probes and Prometheus scrapes by pod IP, compose's healthcheck by
+    # 127.0.0.1: neither is an allowed host, and neither may be refused for it.
+    for path in ("/healthz", "/readyz", "/metrics"):
+        for host in ("10.1.2.3:8000", "127.0.0.1:8000"):
+            assert Client().get(path, HTTP_HOST=host).status_code == 200, (path, host)
+    # The console still refuses a host it does not serve.
+    assert Client().get("/console/login/", HTTP_HOST="10.1.2.3:8000").status_code == 400
+    assert Client().get("/console/login/", HTTP_HOST="api.mantle.example.com").status_code == 200
+
+
 def test_metrics_exposes_request_counters() -> None:
     Client().get("/healthz")
     text = Client().get("/metrics").content.decode()

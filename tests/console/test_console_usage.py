@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.utils import timezone
 
 from accounts import services
 from accounts.permissions import Role
@@ -171,3 +173,16 @@ def test_htmx_gets_only_the_report(usage_world: OrgWorld) -> None:
     assert "<html" not in body
     assert 'id="usage-table"' in body
     assert 'id="usage-chart"' in body
+
+
+def test_the_date_inputs_show_the_range_reported_also_by_default(world: OrgWorld) -> None:
+    client = world.client_for(Role.OWNER)
+    today = timezone.now().date()
+    body = client.get(org_url("console-usage", world.org.id)).content.decode()
+    week_ago = (today - timedelta(days=6)).isoformat()
+    assert f'name="start" value="{week_ago}"' in body
+    assert f'name="end" value="{today.isoformat()}"' in body
+    # The CSV link asks for the same range.
+    assert f"start={week_ago}&amp;end={today.isoformat()}" in body
+    body = client.get(org_url("console-usage", world.org.id), RANGE).content.decode()
+    assert 'name="start" value="2026-03-01"' in body and 'name="end" value="2026-03-03"' in body

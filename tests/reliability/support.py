@@ -85,12 +85,21 @@ class TcpProxy:
 
     `cut()` stops listening and aborts every open connection, so the dependency
     behind it is unreachable for the processes that dial the proxy; `restore()`
-    listens again on the same port.
+    listens again on the same port. It listens on 127.0.0.1 and a free port unless
+    told an address (another host's side of a network namespace's link) and a port.
     """
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        target_port: int,
+        target_host: str = "127.0.0.1",
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+    ) -> None:
         self.target = (target_host, target_port)
-        self.port = free_port()
+        self.listen_host = listen_host
+        self.port = listen_port or free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -125,7 +134,7 @@ class TcpProxy:
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(
-            self._handle, "127.0.0.1", self.port, reuse_address=True
+            self._handle, self.listen_host, self.port, reuse_address=True
         )
 
     async def _cut(self) -> None:
@@ -146,6 +155,8 @@ class TcpProxy:
         self.cut()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()  # its self-pipe sockets, which would otherwise leak
 
 
 @dataclass

@@ -38,7 +38,11 @@ def usage(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
         report = _report(ctx, form)
     except InvalidInput as exc:
         return page(request, ctx, template, {"form": form, "error": exc.message}, status=400)
-    query = request.GET.urlencode()
+    # The date inputs show the range the report covers, also when it was the default.
+    shown = request.GET.copy()
+    shown["start"], shown["end"] = report.start.isoformat(), report.end.isoformat()
+    form = UsageForm(shown, projects=selectors.projects(ctx.org))
+    query = shown.urlencode()
     return page(
         request,
         ctx,
