@@ -16,8 +16,12 @@ from tests.factories import OrganizationFactory, UserFactory, add_member, make_a
 @pytest.fixture(autouse=True)
 def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
     # End-to-end tests share Redis with live worker processes (their heartbeats
-    # live there); they use fresh organizations and keys instead of a wipe.
-    if request.node.get_closest_marker("e2e") is None:
+    # live there); they use fresh organizations and keys instead of a wipe. So do
+    # transactional tests marked keeps_redis: pytest-django runs transactional tests
+    # after the others, among the end-to-end ones, where a wipe would make a live pool
+    # look empty until its next heartbeat.
+    marked = request.node.get_closest_marker
+    if marked("e2e") is None and marked("keeps_redis") is None:
         from config.redis import get_redis
 
         get_redis().flushdb()

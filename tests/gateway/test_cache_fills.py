@@ -58,6 +58,7 @@ def test_a_fill_racing_a_delete_does_not_bring_the_endpoint_back(
 
 
 @pytest.mark.django_db(transaction=True)  # the gateway reads in its own thread and connection
+@pytest.mark.keeps_redis
 def test_a_fill_on_a_miss_still_caches_what_the_database_says(world: OrgWorld) -> None:
     version = make_model_version(world.org, MANIFEST, model_name=f"ranker-{world.org.id}")
     endpoint = endpoint_create(

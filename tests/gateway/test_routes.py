@@ -7,7 +7,8 @@ from django.test import Client
 
 from tests.factories import OrganizationFactory, make_api_key
 
-pytestmark = pytest.mark.django_db(transaction=True)  # the gateway reads in its own thread
+# The gateway reads in its own thread (so a transaction), beside live workers (keeps_redis).
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.keeps_redis]
 
 
 @pytest.mark.parametrize(
