@@ -440,25 +440,27 @@ async def _wait_for(samples: list[Sample], after: float, offset: float, count: i
     raise AssertionError(f"no {count} answers of offset {offset} after the switch")
 
 
-async def _until_requests_at_the_worker(samples: list[Sample]) -> None:
-    """Waits (bounded) until the worker holds requests that have not returned yet.
+async def _switch(
+    tenant: Tenant, samples: list[Sample], earlier: set[str], suffix: str, body: Any = None
+) -> tuple[float, float, set[str]]:
+    """Calls the management API once requests are at the worker: when the call started and
+    ended, and what the worker had claimed before it started.
 
     A batch of the load returns all at once, and its clients' next requests reach the
-    worker a moment later: a switch begun in that gap would have no request in flight.
+    worker a moment later: a switch begun in that gap would have no request in flight. So
+    the switch begins right after a scan of the worker's claims finds one whose client has
+    not had its answer; no await lies between that check and the start, so the answer is
+    recorded after the start. Claims live for a day: `earlier` are those of requests made
+    before this test's load (other tests'), which prove nothing.
     """
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    while True:
         claimed = await asyncio.to_thread(_claims)
-        if claimed - {s.request_id for s in samples}:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("no request reached the worker within 15 s")
-
-
-async def _switch(tenant: Tenant, suffix: str, body: Any = None) -> tuple[float, float, set[str]]:
-    """Calls the management API: when the call started and ended, and what was claimed before."""
-    claimed = await asyncio.to_thread(_claims)
-    started = time.monotonic()
+        started = time.monotonic()
+        if claimed - earlier - {s.request_id for s in samples}:
+            break
+        assert started < deadline, "no request reached the worker within 15 s"
+        await asyncio.sleep(0.01)
     async with httpx.AsyncClient(
         base_url=tenant.url, **admin_auth(tenant.admin_secret), timeout=60
     ) as admin:
@@ -475,15 +477,16 @@ def test_rollout_and_rollback_under_continuous_load_fail_no_request(tenant: Tena
     samples: list[Sample] = []
 
     async def scenario() -> tuple[tuple[float, float, set[str]], tuple[float, float, set[str]]]:
+        earlier = await asyncio.to_thread(_claims)
         stop = asyncio.Event()
         loaders = [asyncio.create_task(_load(tenant, stop, samples, 10.0 * i)) for i in range(4)]
         try:
             await _wait_for(samples, 0.0, 1.0, 4)
-            await _until_requests_at_the_worker(samples)
-            rollout = await _switch(tenant, "/rollout", {"model_version_id": v2.id})
+            rollout = await _switch(
+                tenant, samples, earlier, "/rollout", {"model_version_id": v2.id}
+            )
             await _wait_for(samples, rollout[1], 2.0, 4)
-            await _until_requests_at_the_worker(samples)
-            rollback = await _switch(tenant, "/rollback")
+            rollback = await _switch(tenant, samples, earlier, "/rollback")
             await _wait_for(samples, rollback[1], 1.0, 4)
         finally:
             stop.set()
