@@ -136,6 +136,16 @@ def tensor_artifact(
     return {**artifacts.read_manifest(path), "location": str(path)}
 
 
+# A model version's manifest for control-plane tests: nothing is ever loaded from it.
+UNSERVED_ENCODER: dict[str, Any] = {
+    "name": "ranker",
+    "kind": "embedding",
+    "runtime": "onnx-encoder",
+    "sha256": "0" * 64,
+    "location": "/nonexistent/ranker",
+}
+
+
 def make_model_version(
     org: Organization | None, manifest: dict[str, Any], *, model_name: str | None = None
 ) -> Any:

@@ -17,34 +17,31 @@ from accounts import keys
 from accounts.principal import SYSTEM
 from accounts.services import api_key_identity_load, api_key_revoke
 from catalog import specs
+from catalog.models import Endpoint
 from catalog.selectors import endpoint_spec_load
 from catalog.services import endpoint_create, endpoint_delete
 from config.redis import get_redis
 from gateway.resolve import _endpoint, endpoint_cache_fill
 from tests.conftest import OrgWorld
-from tests.factories import make_api_key, make_model_version, make_pool
+from tests.factories import UNSERVED_ENCODER, make_api_key, make_model_version, make_pool
 
-MANIFEST = {
-    "name": "ranker",
-    "kind": "embedding",
-    "runtime": "onnx-encoder",
-    "sha256": "0" * 64,
-    "location": "/nonexistent/ranker",
-}
+
+def make_endpoint(world: OrgWorld) -> Endpoint:
+    version = make_model_version(world.org, UNSERVED_ENCODER, model_name=f"r-{world.org.id}")
+    return endpoint_create(
+        principal=SYSTEM,
+        org=world.org,
+        name="ranker",
+        model_version_id=version.id,
+        pool=make_pool("cpu").name,
+    )
 
 
 def test_a_fill_racing_a_delete_does_not_bring_the_endpoint_back(
     world: OrgWorld, django_capture_on_commit_callbacks: Any
 ) -> None:
-    version = make_model_version(world.org, MANIFEST, model_name=f"ranker-{world.org.id}")
     with django_capture_on_commit_callbacks(execute=True):
-        endpoint = endpoint_create(
-            principal=SYSTEM,
-            org=world.org,
-            name="ranker",
-            model_version_id=version.id,
-            pool=make_pool("cpu").name,
-        )
+        endpoint = make_endpoint(world)
     read_before_delete = endpoint_spec_load(endpoint.id)  # a gateway's cache-miss read
     assert read_before_delete is not None
     with django_capture_on_commit_callbacks(execute=True):
@@ -60,14 +57,7 @@ def test_a_fill_racing_a_delete_does_not_bring_the_endpoint_back(
 @pytest.mark.django_db(transaction=True)  # the gateway reads in its own thread and connection
 @pytest.mark.keeps_redis
 def test_a_fill_on_a_miss_still_caches_what_the_database_says(world: OrgWorld) -> None:
-    version = make_model_version(world.org, MANIFEST, model_name=f"ranker-{world.org.id}")
-    endpoint = endpoint_create(
-        principal=SYSTEM,
-        org=world.org,
-        name="ranker",
-        model_version_id=version.id,
-        pool=make_pool("cpu").name,
-    )
+    endpoint = make_endpoint(world)
     get_redis().delete(specs.endpoint_key(endpoint.id))
     with asyncio.Runner() as runner:
         spec = runner.run(_endpoint(endpoint.id, None))

@@ -12,7 +12,7 @@ import redis
 from django.conf import settings
 
 from accounts.models import ApiKey, Organization
-from catalog.models import Endpoint
+from catalog.models import AcceleratorPool, Endpoint, ModelVersion
 from catalog.services import builtin_models_register, endpoint_publish, pool_ensure
 from tests.factories import OrganizationFactory, make_api_key
 from tests.reliability.support import PrivateRedis, TcpProxy, redis_url_of_tests
@@ -98,26 +98,34 @@ class Tenant:
     echo: Endpoint
 
 
+def builtin_versions(manifests: list[dict[str, Any]]) -> dict[str, ModelVersion]:
+    """The built-in models' versions by model name (registered if they are not yet)."""
+    return {e.name: e.model_version for e in builtin_models_register(manifests)}
+
+
+def endpoint_on(org: Organization, pool: AcceleratorPool, version: ModelVersion) -> Endpoint:
+    """`org`'s own published endpoint of `version` on `pool`."""
+    endpoint = Endpoint.objects.create(
+        organization=org,
+        name=f"{version.model.name}-{pool.name}",
+        pool=pool,
+        model_version=version,
+        # These tests are about faults, not limits.
+        rpm_limit=1_000_000,
+        tpm_limit=1_000_000_000,
+    )
+    endpoint_publish(endpoint)
+    return endpoint
+
+
 def tenant_on(pool_name: str, manifests: list[dict[str, Any]]) -> Tenant:
     """An organization with a key and its own chat and echo endpoints on `pool_name`."""
-    builtins = {e.name: e for e in builtin_models_register(manifests)}
+    versions = builtin_versions(manifests)
     pool = pool_ensure(name=pool_name, region="local", providers=["CPUExecutionProvider"])
     org = OrganizationFactory()
     key, secret = make_api_key(org, scopes=["inference"])
-    made = {}
-    for name in (CHAT, ECHO):
-        endpoint = Endpoint.objects.create(
-            organization=org,
-            name=f"{name}-{pool_name}",
-            pool=pool,
-            model_version=builtins[name].model_version,
-            # These tests are about faults, not limits.
-            rpm_limit=1_000_000,
-            tpm_limit=1_000_000_000,
-        )
-        endpoint_publish(endpoint)
-        made[name] = endpoint
-    return Tenant(org=org, key=key, secret=secret, chat=made[CHAT], echo=made[ECHO])
+    chat, echo = (endpoint_on(org, pool, versions[name]) for name in (CHAT, ECHO))
+    return Tenant(org=org, key=key, secret=secret, chat=chat, echo=echo)
 
 
 @pytest.fixture

@@ -17,9 +17,8 @@ import httpx
 import pytest
 
 from catalog.models import Endpoint
-from catalog.services import builtin_models_register, endpoint_publish
 from config.redis import get_redis
-from tests.reliability.conftest import Tenant, tenant_on
+from tests.reliability.conftest import Tenant, builtin_versions, endpoint_on, tenant_on
 from tests.reliability.support import usage_by_request, wait_until
 from tests.stack import Process, Stack, builtin_manifests
 from workers.contract import worker_info_key
@@ -229,17 +228,8 @@ def dechunk(body: bytes) -> bytes:
 
 def embedding_endpoint(served: Served) -> Endpoint:
     assert served.tenant is not None
-    builtins = {e.name: e for e in builtin_models_register(served.manifests)}
-    endpoint = Endpoint.objects.create(
-        organization=served.tenant.org,
-        name="minilm-relclients",
-        pool=served.tenant.chat.pool,
-        model_version=builtins[EMBED].model_version,
-        rpm_limit=1_000_000,
-        tpm_limit=1_000_000_000,
-    )
-    endpoint_publish(endpoint)
-    return endpoint
+    version = builtin_versions(served.manifests)[EMBED]
+    return endpoint_on(served.tenant.org, served.tenant.chat.pool, version)
 
 
 def test_a_client_that_stops_reading_is_dropped_and_the_gateway_carries_on(

@@ -243,10 +243,22 @@ DOCUMENT: dict[str, Any] = {
 }
 
 
+def _closed(**properties: Any) -> dict[str, Any]:
+    """An object with exactly these members, all required (the /v2 replies are exact)."""
+    return {
+        "type": "object",
+        "required": list(properties),
+        "additionalProperties": False,
+        "properties": properties,
+    }
+
+
 # --- /v2: the open inference protocol (KServe / Triton v2, JSON) ----------------------------
 
 # The protocol's error, `{"error": "<message>"}`, plus Mantle's `code` and `param`
 # (gateway/v2.py `_error`): always all three members, nothing else.
+
+
 V2_ERROR = {
     "type": "object",
     "required": ["error", "code", "param"],
@@ -387,22 +399,12 @@ V2_INFER_RESPONSE = {
         },
     },
 }
-V2_READY = {
-    "type": "object",
-    "required": ["name", "ready"],
-    "additionalProperties": False,
-    "properties": {"name": {"type": "string", "minLength": 1}, "ready": {"const": True}},
-}
-V2_NOT_READY = {
-    "type": "object",
-    "required": ["name", "ready", "reason"],
-    "additionalProperties": False,
-    "properties": {
-        "name": {"type": "string", "minLength": 1},
-        "ready": {"const": False},
-        "reason": {"type": "string", "minLength": 1},
-    },
-}
+V2_READY = _closed(name={"type": "string", "minLength": 1}, ready={"const": True})
+V2_NOT_READY = _closed(
+    name={"type": "string", "minLength": 1},
+    ready={"const": False},
+    reason={"type": "string", "minLength": 1},
+)
 
 
 def _json_reply(description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -458,66 +460,35 @@ DOCUMENT_V2: dict[str, Any] = {
         "/v2/": _v2_get(
             _json_reply(
                 "server metadata",
-                {
-                    "type": "object",
-                    "required": ["name", "version", "extensions"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "name": {"const": "mantle"},
-                        "version": {"type": "string"},
-                        "extensions": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
+                _closed(
+                    name={"const": "mantle"},
+                    version={"type": "string"},
+                    extensions={"type": "array", "items": {"type": "string"}},
+                ),
             ),
             keyed=False,
         ),
         "/v2/health/live": _v2_get(
-            _json_reply(
-                "live",
-                {
-                    "type": "object",
-                    "required": ["live"],
-                    "additionalProperties": False,
-                    "properties": {"live": {"const": True}},
-                },
-            ),
+            _json_reply("live", _closed(live={"const": True})),
             keyed=False,
         ),
         "/v2/health/ready": _v2_get(
-            _json_reply(
-                "ready",
-                {
-                    "type": "object",
-                    "required": ["ready"],
-                    "additionalProperties": False,
-                    "properties": {"ready": {"const": True}},
-                },
-            ),
+            _json_reply("ready", _closed(ready={"const": True})),
             keyed=False,
         ),
         "/v2/models": _v2_get(
             _json_reply(
                 "the tensor models the key may call",
-                {
-                    "type": "object",
-                    "required": ["models"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "models": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name", "version", "state"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "name": {"type": "string", "minLength": 1},
-                                    "version": {"type": "string", "minLength": 1},
-                                    "state": {"enum": ["READY", "PAUSED"]},
-                                },
-                            },
-                        }
-                    },
-                },
+                _closed(
+                    models={
+                        "type": "array",
+                        "items": _closed(
+                            name={"type": "string", "minLength": 1},
+                            version={"type": "string", "minLength": 1},
+                            state={"enum": ["READY", "PAUSED"]},
+                        ),
+                    }
+                ),
             )
         ),
         "/v2/models/{name}": _v2_get(_V2_METADATA, "name"),

@@ -22,6 +22,7 @@ from config.api import api
 from tests.billing.factories import CHAT, at, price_book, staff_principal, usage
 from tests.conftest import OrgWorld, build_world
 from tests.factories import (
+    UNSERVED_ENCODER,
     add_member,
     default_project,
     make_api_key,
@@ -34,15 +35,6 @@ pytestmark = pytest.mark.django_db
 ADMIN_KEY = "admin-key"  # an admin-scoped API key: acts as an admin of its own organization
 PRINCIPALS = [*(r.value for r in Role), ADMIN_KEY]
 USER_ONLY = "user-only"  # any signed-in user, but no API key
-
-
-MANIFEST = {
-    "name": "ranker",
-    "kind": "embedding",
-    "runtime": "onnx-encoder",
-    "sha256": "0" * 64,
-    "location": "/nonexistent/ranker",
-}
 
 
 @dataclass(frozen=True)
@@ -170,9 +162,9 @@ def make_tenant(name: str) -> Tenant:
     assert draft is not None
     invoice = invoice_finalize(principal=staff_principal(), invoice=draft)
     pool = make_pool("cpu")
-    first = make_model_version(world.org, MANIFEST, model_name=f"ranker-{world.org.id}")
+    first = make_model_version(world.org, UNSERVED_ENCODER, model_name=f"ranker-{world.org.id}")
     second = make_model_version(
-        world.org, {**MANIFEST, "sha256": "1" * 64}, model_name=f"ranker-{world.org.id}"
+        world.org, {**UNSERVED_ENCODER, "sha256": "1" * 64}, model_name=f"ranker-{world.org.id}"
     )
     endpoint = endpoint_create(
         principal=SYSTEM, org=world.org, name="ranker", model_version_id=first.id, pool=pool.name
