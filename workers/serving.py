@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from workers.contract import (
     cancel_key,
     response_stream_key,
     task_claim_key,
+    usage_emitted_key,
     worker_info_key,
 )
 from workers.engine.base import EventSink, RequestHandle, RequestResult
@@ -37,6 +39,21 @@ logger = logging.getLogger(__name__)
 
 CLAIM_TTL_S = 24 * 3600
 """Longer than the broker's visibility timeout, so every redelivered copy finds the claim."""
+
+CRASH_ENV = "MANTLE_WORKER_CRASH_AT"
+CRASH_POINTS = ("before_claim", "after_claim")
+"""Test hook: with MANTLE_WORKER_CRASH_AT set to one of these, the worker process exits at
+once (os._exit) at that point of its next request: taken from the broker, but not claimed
+yet or claimed and nothing written. The fault tests use it; nothing else sets it."""
+
+# Takes a claim over from a dead owner, only if that node wrote nothing for the
+# request (no response stream) and nothing of it was billed (no usage guard).
+_TAKE_OVER_LUA = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('exists', KEYS[2]) == 1 or redis.call('exists', KEYS[3]) == 1 then return 0 end
+redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
 
 WAIT_GRACE_S = 30.0
 """How long past a request's deadline a task still waits for its engine before giving up."""
@@ -88,6 +105,9 @@ class WorkerRuntime:
         self._users: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
         self.total_slots = settings.concurrency
+        self._crash_at = os.environ.get(CRASH_ENV, "")
+        if self._crash_at and self._crash_at not in CRASH_POINTS:
+            raise ValueError(f"{CRASH_ENV} must be one of {CRASH_POINTS}")
 
     # --- engines ----------------------------------------------------------------
 
@@ -265,9 +285,15 @@ class WorkerRuntime:
     ) -> Outcome:
         rid = request.request_id
         started_at = time.time()
+        self._crash("before_claim")
         claimed, cancelled = self.claim(rid)
-        if not claimed:
-            return self._redelivered(request, identity, prompt_tokens)
+        if claimed:
+            self._crash("after_claim")
+        else:
+            duplicate = self._redelivered(request, identity, prompt_tokens)
+            if duplicate is not None:
+                return duplicate
+            cancelled = bool(self.redis.exists(cancel_key(rid)))
         if cancelled:
             # The client left while the request sat in the queue: nothing ran.
             logger.info("request %s was cancelled in the queue; dropped", rid)
@@ -359,13 +385,15 @@ class WorkerRuntime:
         request: GenerateRequest | EmbedRequest | InferRequest,
         identity: BillingIdentity,
         prompt_tokens: int,
-    ) -> Outcome:
-        """A second delivery of a claimed request: never run it again.
+    ) -> Outcome | None:
+        """A second delivery of a claimed request: never run it twice.
 
         If the node that claimed it is gone and the client never got a final
         event, that node died mid-request: close the stream with an error and
         account for what it had streamed (the usage guard keeps this to one
-        event even if the dead node had written its own).
+        event even if the dead node had written its own). If it died before it
+        wrote anything, nothing reached the client and nothing was billed: this
+        node takes the claim over and runs it (returns None).
         """
         rid = request.request_id
         owner_node = _text(self.redis.get(task_claim_key(rid)))
@@ -379,10 +407,16 @@ class WorkerRuntime:
             logger.info("request %s redelivered after it finished; ignored", rid)
             return Outcome(status="duplicate")
         if not events:
-            # It died before it started (or the stream is long gone): close the
-            # stream for a client that may still wait; nothing is known to have run.
-            logger.warning("request %s: worker %s died before starting it", rid, owner_node)
-            self._answer_error(rid, "worker_lost", "the worker running this request stopped")
+            if self._take_over(rid, owner_node):
+                logger.warning(
+                    "request %s: worker %s died before starting it; running it here",
+                    rid,
+                    owner_node,
+                )
+                return None
+            # Someone else took it over, or it finished long enough ago that its
+            # stream expired (its usage guard says so): nothing to do.
+            logger.info("request %s: not taken over from %s; redelivery ignored", rid, owner_node)
             return Outcome(status="duplicate")
         streamed = sum(int(e.get("tokens") or 0) for e in events if e.get("type") == EVENT_DELTA)
         logger.warning("request %s: worker %s died while running it", rid, owner_node)
@@ -409,6 +443,21 @@ class WorkerRuntime:
             ),
         )
         return Outcome(status="duplicate", usage_emitted=emitted)
+
+    def _crash(self, point: str) -> None:
+        if self._crash_at == point:
+            logger.warning("%s=%s: exiting now (test hook)", CRASH_ENV, point)
+            logging.shutdown()
+            os._exit(1)
+
+    def _take_over(self, request_id: str, owner_node: str) -> bool:
+        script = self.redis.register_script(_TAKE_OVER_LUA)
+        keys = [
+            task_claim_key(request_id),
+            response_stream_key(request_id),
+            usage_emitted_key(request_id),
+        ]
+        return bool(script(keys=keys, args=[owner_node, self.settings.node, CLAIM_TTL_S]))
 
     def _answer_error(self, request_id: str, code: str, message: str) -> None:
         self.writer.error(request_id, code, message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,17 +49,44 @@ def worker_error(fields: Mapping[str, str]) -> OpenAIError:
     return OpenAIError(status, message, type_=type_, code=code)
 
 
+@dataclass
+class Ticket:
+    """A request sent to a pool: what was sent, so that it can be sent again."""
+
+    task: str
+    payload: Mapping[str, Any]
+    queue: str
+    pool: str
+    request_id: str
+    deadline: float
+    submitted_at: float
+    resent_for: set[str] = field(default_factory=set)
+    """Dead nodes whose loss this request was already sent again for."""
+
+
 async def submit(
-    task: str, payload: Mapping[str, Any], *, queue: str, request_id: str, deadline: float
-) -> None:
+    task: str,
+    payload: Mapping[str, Any],
+    *,
+    queue: str,
+    pool: str,
+    request_id: str,
+    deadline: float,
+) -> Ticket:
+    ticket = Ticket(task, dict(payload), queue, pool, request_id, deadline, time.time())
+    await _publish(ticket)
+    return ticket
+
+
+async def _publish(ticket: Ticket) -> None:
     await publish.publish(
-        task,
-        {"payload": dict(payload)},
-        queue=queue,
-        task_id=request_id,
+        ticket.task,
+        {"payload": ticket.payload},
+        queue=ticket.queue,
+        task_id=ticket.request_id,
         # Absolute time: Celery reads a number as "seconds from now" (and AMQP then
         # refuses the resulting per-message TTL).
-        expires=datetime.fromtimestamp(deadline, tz=UTC),
+        expires=datetime.fromtimestamp(ticket.deadline, tz=UTC),
         now=datetime.now(tz=UTC),
     )
 
@@ -67,46 +95,86 @@ async def cancel(request_id: str) -> None:
     await get_async_redis().set(contract.cancel_key(request_id), "1", ex=300)
 
 
-async def events(request_id: str, *, pool: str, deadline: float) -> AsyncIterator[dict[str, str]]:
+async def events(ticket: Ticket) -> AsyncIterator[dict[str, str]]:
     """The worker's events for a request, ending with a terminal one.
 
     Raises a clean error instead of hanging when the worker dies (its heartbeat
     key expires), when the pool loses its last worker before the request starts,
-    or when the deadline passes.
+    or when the deadline passes. A request that a dead node took but never started
+    is sent again, once per dead node, so a live worker of the pool runs it.
     """
     client = get_async_redis()
-    key = contract.response_stream_key(request_id)
+    key = contract.response_stream_key(ticket.request_id)
     last_id = "0-0"
     node = ""
     # The stream is not deleted here: the worker gives it a short expiry with its
     # final event, which saves a round trip per request.
     while True:
-        remaining = deadline - time.time()
+        remaining = ticket.deadline - time.time()
         if remaining <= 0:
             raise timed_out(settings.MANTLE_REQUEST_TIMEOUT_S)
         block = max(1, int(min(_POLL_MS, remaining * 1000)))
         reply: Any = await client.xread({key: last_id}, block=block, count=512)
         if not reply:
-            await _check_progress(node, pool)
+            await _check_progress(ticket, node)
             continue
         entries: list[tuple[str, dict[str, str]]] = reply[0][1]
         for entry_id, fields in entries:
             last_id = entry_id
             kind = fields.get("type", "")
             if kind == contract.EVENT_STARTED:
-                node = fields.get("worker", "")
+                worker = fields.get("worker", "")
+                if node and worker != node:
+                    # A node presumed dead (its request was sent again) came back and
+                    # writes too: never mix two answers in one reply.
+                    logger.warning(
+                        "request %s: %s started it after %s did", ticket.request_id, worker, node
+                    )
+                    raise worker_lost()
+                node = worker
             yield fields
             if kind in _TERMINAL:
                 return
 
 
-async def _check_progress(node: str, pool: str) -> None:
+async def _check_progress(ticket: Ticket, node: str) -> None:
+    """Nothing arrived for a while: is the request still in good hands?"""
     client = get_async_redis()
     if node:
         if not await client.exists(contract.worker_info_key(node)):
             logger.warning("worker %s stopped heartbeating mid-request", node)
             raise worker_lost()
         return
-    horizon = time.time() - contract.HEARTBEAT_TTL_S
-    if not await client.zcount(contract.pool_live_key(pool), horizon, "+inf"):
-        raise no_capacity(pool)
+    # Not started yet: queued, or taken by a node that has not written yet. A node
+    # that died holding it (taken from the broker, perhaps claimed) would keep it
+    # until the broker's visibility timeout, far past the request's deadline.
+    now = time.time()
+    horizon = now - contract.HEARTBEAT_TTL_S
+    pipe = client.pipeline(transaction=False)
+    pipe.get(contract.task_claim_key(ticket.request_id))
+    # Nodes listed since just before the request was sent (dead ones stay listed
+    # for a while after their last beat, see workers.heartbeat).
+    pipe.zrangebyscore(
+        contract.pool_live_key(ticket.pool),
+        ticket.submitted_at - contract.HEARTBEAT_TTL_S,
+        "+inf",
+        withscores=True,
+    )
+    owner, listed = await pipe.execute()
+    live = {member for member, score in listed if score >= horizon}
+    if not live:
+        raise no_capacity(ticket.pool)
+    if owner in live:
+        return  # claimed by a live node: it writes soon
+    dead = {member for member, score in listed if score < horizon}
+    if owner:
+        dead.add(owner)  # claimed, then gone (its listing may be pruned already)
+    if not dead - ticket.resent_for:
+        return
+    ticket.resent_for |= dead
+    logger.warning(
+        "request %s: node %s stopped while the request was not started; sending it again",
+        ticket.request_id,
+        ", ".join(sorted(dead)),
+    )
+    await _publish(ticket)

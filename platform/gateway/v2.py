@@ -438,7 +438,7 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
         deadline=deadline,
         enqueued_at=time.time(),
     )
-    await _submit(
+    ticket = await _submit(
         contract.TaskName.INFER,
         payload,
         spec=spec,
@@ -448,7 +448,7 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
     )
     outputs: list[dict[str, Any]] | None = None
     try:
-        async for event in dispatch.events(request_id, pool=spec.pool, deadline=deadline):
+        async for event in dispatch.events(ticket):
             kind = event.get("type")
             if kind == contract.EVENT_TENSORS:
                 outputs = _decode_outputs(event["outputs"])

@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -253,14 +253,15 @@ async def _submit(
     request_id: str,
     deadline: float,
     on_refused: Callable[[], Coroutine[Any, Any, None]],
-) -> None:
+) -> dispatch.Ticket:
     """Dispatches to the endpoint's pool; a broker that refuses is a clean 503, and
     `on_refused` gives back what admission took (the reservation, the tokens)."""
     try:
-        await dispatch.submit(
+        return await dispatch.submit(
             task,
             contract.to_payload(payload),
             queue=spec.queue,
+            pool=spec.pool,
             request_id=request_id,
             deadline=deadline,
         )
@@ -320,9 +321,14 @@ class Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     completion_tokens: int = 0
     finished: bool = False
+    ticket: dispatch.Ticket | None = None
 
     def headers(self) -> dict[str, str]:
         return self.admission.headers()
+
+    def events(self) -> AsyncIterator[dict[str, str]]:
+        assert self.ticket is not None, "a generation's events are read after it was sent"
+        return dispatch.events(self.ticket)
 
     async def settle(self) -> None:
         used = self.prompt_tokens + self.completion_tokens
@@ -389,7 +395,7 @@ async def _start_generation(
         deadline=deadline,
         organization_id=identity.organization_id,
     )
-    await _submit(
+    generation.ticket = await _submit(
         contract.TaskName.GENERATE,
         payload,
         spec=spec,
@@ -405,9 +411,7 @@ async def _gather(gen: Generation) -> tuple[str, str]:
     parts: list[str] = []
     finish = "stop"
     try:
-        async for event in dispatch.events(
-            gen.request_id, pool=gen.spec.pool, deadline=gen.deadline
-        ):
+        async for event in gen.events():
             kind = event.get("type")
             if kind == contract.EVENT_DELTA:
                 parts.append(event.get("text", ""))
@@ -451,9 +455,7 @@ async def _stream(
     """SSE relay of a generation; a disconnect (cancellation) stops the worker."""
     try:
         yield _sse(make_chunk(None, None, True))
-        async for event in dispatch.events(
-            gen.request_id, pool=gen.spec.pool, deadline=gen.deadline
-        ):
+        async for event in gen.events():
             kind = event.get("type")
             if kind == contract.EVENT_DELTA:
                 gen.completion_tokens += int(event.get("tokens", 0) or 0)
@@ -714,7 +716,7 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
         deadline=deadline,
         enqueued_at=time.time(),
     )
-    await _submit(
+    ticket = await _submit(
         contract.TaskName.EMBED,
         payload,
         spec=spec,
@@ -724,7 +726,7 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     )
     matrix: np.ndarray | None = None
     try:
-        async for event in dispatch.events(request_id, pool=spec.pool, deadline=deadline):
+        async for event in dispatch.events(ticket):
             if event.get("type") == contract.EVENT_EMBEDDINGS:
                 dims = int(event["dims"])
                 raw = base64.b64decode(event["data"])

@@ -17,6 +17,7 @@ from tests.reliability.conftest import Tenant, tenant_on
 from tests.reliability.support import Load, Outcome, call, check_usage_exactly_once, wait_until
 from tests.stack import Process, Stack, builtin_manifests
 from workers.contract import worker_info_key
+from workers.serving import CRASH_ENV, CRASH_POINTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -109,6 +110,40 @@ def test_worker_killed_mid_stream_while_its_pool_mate_keeps_serving(
         assert not (set(workers_of(lost).values()) & {doomed.node})
     finally:
         stack.stop(survivor)
+        stack.kill(doomed)
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_worker_dying_with_a_request_it_had_not_started_loses_nothing(
+    gateways: TwoGateways, transactional_db: None, point: str
+) -> None:
+    """A worker that took a request from the broker and died before writing anything
+    (before or after claiming it): the client still gets its answer, from the pool mate.
+
+    The doomed worker exits (os._exit) at `point` of the first request it takes; requests
+    go one at a time until it has taken one. Without the gateway sending such a request
+    again, its client waited for the deadline (a Redis broker gives the message back only
+    after its visibility timeout)."""
+    pool = f"relhold{CRASH_POINTS.index(point)}"
+    tenant = tenant_on(pool, gateways.manifests)
+    stack = gateways.stack
+    doomed = stack.worker(pool, name=f"rel-hold-{point}", concurrency=2, **{CRASH_ENV: point})
+    mate = stack.worker(pool, name=f"rel-hold-mate-{point}", concurrency=2)
+    try:
+        outcomes: list[Outcome] = []
+        for i in range(24):
+            url = gateways.urls[i % 2]
+            outcomes.append(call(url, tenant.secret, tenant.echo.id, stream=i % 2 == 0, timeout=60))
+            if not doomed.alive():
+                break
+        assert not doomed.alive(), "the doomed worker never took a request"
+        for outcome in outcomes:
+            assert not outcome.transport_error and outcome.status == 200, outcome
+            assert outcome.error_code is None and outcome.usage, outcome
+        assert set(workers_of(outcomes).values()) == {mate.node}
+        check_usage_exactly_once(outcomes, get_redis())
+    finally:
+        stack.stop(mate)
         stack.kill(doomed)
 
 

@@ -254,6 +254,45 @@ def test_redelivery_after_the_owner_died_closes_the_stream_once(
     )
 
 
+def test_redelivery_after_the_owner_died_before_writing_runs_it_here(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    # Given a request claimed by a node that died before it wrote or billed anything
+    redis_client.set(task_claim_key("req-1"), "ghost")
+    # When a copy arrives here, this node takes the claim over and runs it, once
+    first = runtime.serve_generate(gen())
+    second = runtime.serve_generate(gen())
+    assert first.status == "length" and first.usage_emitted
+    assert second.status == "duplicate" and not second.usage_emitted
+    assert redis_client.get(task_claim_key("req-1")) == "node-test"
+    kinds = [e["type"] for e in events(redis_client, "req-1")]
+    assert kinds == ["started", "delta", "done"]
+    (usage,) = usages(redis_client)
+    assert (usage.worker, usage.input_tokens, usage.output_tokens) == ("node-test", 4, 3)
+
+
+def test_a_dead_owners_request_is_not_run_again_once_billed(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    # It finished, then its stream expired: only the usage guard is left.
+    runtime.serve_generate(gen())
+    redis_client.delete(response_stream_key("req-1"))
+    redis_client.set(task_claim_key("req-1"), "ghost")
+    assert runtime.serve_generate(gen()).status == "duplicate"
+    assert events(redis_client, "req-1") == []
+    assert len(usages(redis_client)) == 1
+    assert redis_client.get(task_claim_key("req-1")) == "ghost"
+
+
+def test_a_dead_owners_request_cancelled_meanwhile_is_not_run(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    redis_client.set(task_claim_key("req-1"), "ghost")
+    redis_client.set(cancel_key("req-1"), "1")
+    assert runtime.serve_generate(gen()).status == "cancelled-queued"
+    assert usages(redis_client) == []
+
+
 def test_redelivery_while_the_owner_is_alive_is_ignored(
     runtime: WorkerRuntime, redis_client: Any
 ) -> None:
