@@ -158,6 +158,7 @@ class Stack:
     ) -> Process:
         name = name or f"worker-{pool}-{len(self.processes)}"
         node = f"{name}-{os.getpid()}"
+        spawned_at = time.time()
         proc = self._spawn(
             name,
             [
@@ -193,7 +194,9 @@ class Stack:
         while time.time() < deadline:
             if not proc.alive():
                 raise RuntimeError(f"{name} exited:\n{proc.tail()}")
-            if client.exists(worker_info_key(node)) and client.zscore(pool_live_key(pool), node):
+            # A beat of this process, not a same-named predecessor's stale listing.
+            beat = client.zscore(pool_live_key(pool), node)
+            if client.exists(worker_info_key(node)) and beat and beat >= spawned_at:
                 return proc
             time.sleep(0.2)
         raise RuntimeError(f"{name} did not register a heartbeat:\n{proc.tail()}")

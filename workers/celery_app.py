@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery, signals
 
 from workers.broker import guard_redis_unacked_restore
-from workers.heartbeat import Heartbeat
+from workers.heartbeat import Heartbeat, outwait_previous_process
 from workers.serving import WorkerRuntime
 from workers.settings import WorkerSettings
 
@@ -62,6 +62,13 @@ def get_runtime() -> WorkerRuntime:
                 client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
                 _runtime = WorkerRuntime(settings, client)
     return _runtime
+
+
+@signals.worker_init.connect
+def _outwait_previous_process(**_: Any) -> None:
+    # Before the consumer starts: a request taken now would be started under a name
+    # that gateways must first see as dead.
+    outwait_previous_process(get_runtime().redis, node=settings.node, pool=settings.pool)
 
 
 @signals.worker_ready.connect

@@ -25,6 +25,46 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+RESTART_GAP_S = 3.0
+"""How long a node restarted under the same name stays unlisted after its previous
+process's listing went stale: more than two of the gateway's idle polls (one a second)."""
+
+
+def outwait_previous_process(
+    client: redis.Redis,
+    *,
+    node: str,
+    pool: str,
+    ttl_s: float = HEARTBEAT_TTL_S,
+    gap_s: float = RESTART_GAP_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Before a node restarted under its old name (a container restarted in its pod) takes
+    work, let its previous process be seen dead; returns the seconds waited.
+
+    Gateways and workers judge a node by its name's heartbeat. A process that died
+    without unlisting (SIGKILL, OOM) and came back within the heartbeat TTL would look
+    alive throughout, so the requests it held would wait for their deadline instead of
+    ending with `worker_lost` or being sent again. A clean stop unlists the node, so a
+    clean restart does not wait.
+    """
+    last = client.zscore(pool_live_key(pool), node)
+    if last is None:
+        return 0.0
+    wait = float(last) + ttl_s + gap_s - time.time()
+    if wait <= 0:
+        return 0.0
+    logger.warning(
+        "node %s restarted %.1f s after its last heartbeat: staying unlisted %.1f s so that "
+        "what its previous process held is seen as lost",
+        node,
+        time.time() - float(last),
+        wait,
+    )
+    sleep(wait)
+    return wait
+
+
 @dataclass(frozen=True, slots=True)
 class NodeStats:
     """What the node reports about itself at each beat."""

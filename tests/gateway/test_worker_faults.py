@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -15,17 +16,20 @@ from tests.gateway.test_openai_e2e import wait_usage
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-def test_worker_killed_mid_stream_gives_clean_error(served: Served) -> None:
-    stack = served.live.stack
-    pool = pool_ensure(name="fragile", region="local", providers=["CPUExecutionProvider"])
+def endpoint_on(served: Served, pool_name: str) -> Endpoint:
+    pool = pool_ensure(name=pool_name, region="local", providers=["CPUExecutionProvider"])
     endpoint = Endpoint.objects.create(
         organization=served.org,
-        name="fragile-chat",
+        name=f"{pool_name}-chat",
         pool=pool,
         model_version=served.endpoints[CHAT].model_version,
     )
     endpoint_publish(endpoint)
-    worker = stack.worker("fragile", concurrency=4)
+    return endpoint
+
+
+def stream_and(served: Served, endpoint: Endpoint, after_5_lines: Callable[[], None]) -> list[str]:
+    """Streams a long story and calls `after_5_lines` mid-generation; the lines it read."""
     body = {
         "model": endpoint.id,
         "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
@@ -33,7 +37,6 @@ def test_worker_killed_mid_stream_gives_clean_error(served: Served) -> None:
         "stream": True,
     }
     lines: list[str] = []
-    started = time.perf_counter()
     with httpx.stream(
         "POST",
         f"{served.live.url}/v1/chat/completions",
@@ -41,12 +44,22 @@ def test_worker_killed_mid_stream_gives_clean_error(served: Served) -> None:
         timeout=60,
         headers={"authorization": f"Bearer {served.secret}"},
     ) as response:
-        request_id = response.headers["x-request-id"]
+        lines.append(response.headers["x-request-id"])
         for line in response.iter_lines():
-            if line:
-                lines.append(line)
-            if len(lines) == 5:
-                stack.kill(worker)  # SIGKILL, mid-generation
+            if not line:
+                continue
+            lines.append(line)
+            if len(lines) == 6:
+                after_5_lines()
+    return lines
+
+
+def test_worker_killed_mid_stream_gives_clean_error(served: Served) -> None:
+    stack = served.live.stack
+    endpoint = endpoint_on(served, "fragile")
+    worker = stack.worker("fragile", concurrency=4)
+    started = time.perf_counter()
+    request_id, *lines = stream_and(served, endpoint, lambda: stack.kill(worker))  # SIGKILL
     elapsed = time.perf_counter() - started
     errors = [line for line in lines if '"error"' in line]
     assert len(errors) == 1, lines[-3:]
@@ -55,3 +68,29 @@ def test_worker_killed_mid_stream_gives_clean_error(served: Served) -> None:
     assert elapsed < 45  # well within the request deadline, not a hang
     # The dead worker wrote no usage event: at most one per request.
     assert len(wait_usage(request_id, timeout=2)) == 0
+
+
+def test_worker_killed_and_restarted_under_its_name_still_ends_the_stream(
+    served: Served,
+) -> None:
+    """A container restarted in its pod keeps its node name: back within the heartbeat
+    TTL, it would look alive throughout and the stream would wait for its deadline."""
+    stack = served.live.stack
+    endpoint = endpoint_on(served, "phoenix")
+    worker = stack.worker("phoenix", name="phoenix", concurrency=4)
+    reborn: list[str] = []
+
+    def kill_and_restart() -> None:
+        stack.kill(worker)
+        # Back and beating (stack.worker waits for its first beat) before the stream ends.
+        reborn.append(stack.worker("phoenix", name="phoenix", concurrency=4).node)
+
+    _, *lines = stream_and(served, endpoint, kill_and_restart)
+    assert reborn == [worker.node]
+    errors = [line for line in lines if '"error"' in line]
+    assert len(errors) == 1 and '"worker_lost"' in errors[0], lines[-3:]
+    # The node serves again under its name.
+    reply = served.client().chat.completions.create(
+        model=endpoint.id, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens > 0

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from workers.contract import pool_live_key, worker_info_key
-from workers.heartbeat import Heartbeat, NodeStats
+from workers.heartbeat import Heartbeat, NodeStats, outwait_previous_process
 
 
 def stats() -> NodeStats:
@@ -55,3 +55,26 @@ def test_beat_prunes_nodes_that_died_silently(redis_client: Any) -> None:
     redis_client.zadd(pool_live_key("p"), {"dead": now - 100, "recent": now - 1})
     Heartbeat(redis_client, node="me", pool="p", queues=(), stats=stats, ttl_s=10).beat()
     assert set(redis_client.zrange(pool_live_key("p"), 0, -1)) == {"recent", "me"}
+
+
+def test_a_node_back_under_its_name_stays_unlisted_until_its_old_process_is_seen_dead(
+    redis_client: Any,
+) -> None:
+    # Its previous process beat 2 s ago and was killed (never unlisted).
+    last = time.time() - 2.0
+    redis_client.zadd(pool_live_key("p"), {"node-a": last})
+    slept: list[float] = []
+    waited = outwait_previous_process(
+        redis_client, node="node-a", pool="p", ttl_s=10.0, gap_s=3.0, sleep=slept.append
+    )
+    # Listed again only once gateways have seen the old listing stale for the gap.
+    assert slept == [waited]
+    assert last + 10.0 + 3.0 <= time.time() + waited < last + 10.0 + 3.0 + 0.5
+
+
+def test_a_cleanly_stopped_or_long_dead_node_starts_at_once(redis_client: Any) -> None:
+    slept: list[float] = []
+    assert outwait_previous_process(redis_client, node="n", pool="p", sleep=slept.append) == 0
+    redis_client.zadd(pool_live_key("p"), {"n": time.time() - 30})
+    assert outwait_previous_process(redis_client, node="n", pool="p", sleep=slept.append) == 0
+    assert slept == []
