@@ -87,12 +87,17 @@ class PriceBook:
             times[(p.model_name, p.token_kind)].append(p.effective_from)
             values[(p.model_name, p.token_kind)].append(p.unit_price)
         book._list_times, book._list_prices = dict(times), dict(values)
-        if organization_id is not None:
-            book._overrides = list(
-                PriceOverride.objects.filter(organization_id=organization_id).order_by(
-                    "effective_from", "id"
-                )
+        return book if organization_id is None else book.for_organization(organization_id)
+
+    def for_organization(self, organization_id: str) -> PriceBook:
+        """This book's list prices with one organization's overrides (one query)."""
+        book = PriceBook(organization_id=organization_id)
+        book._list_times, book._list_prices = self._list_times, self._list_prices
+        book._overrides = list(
+            PriceOverride.objects.filter(organization_id=organization_id).order_by(
+                "effective_from", "id"
             )
+        )
         return book
 
     def model_names(self) -> set[str]:

@@ -58,6 +58,10 @@ CSV_COLUMNS = (
     "input_tokens",
     "output_tokens",
 )
+CSV_AMOUNT_COLUMNS = ("amount", "currency")
+"""Each row rated at its organization's prices for that hour (list prices with its rate
+overrides and discounts), exact to the nano; blank when nothing prices the model. Commit
+tiers and credits apply to a month's totals, so they are on invoices, not here."""
 # Rows per database round trip while streaming: memory stays at one chunk.
 CSV_CHUNK_ROWS = 2000
 
@@ -296,11 +300,20 @@ def _charges(rows: QuerySet[UsageRollup], organization_id: str) -> Decimal:
         i=Sum("input_tokens"), o=Sum("output_tokens")
     )
     for g in grouped.order_by():
-        for kind, qty in ((TokenKind.INPUT, g["i"]), (TokenKind.OUTPUT, g["o"])):
-            price = book.effective(g["model_name"], kind, g["hour"]) if qty else None
-            if price is not None:
-                total += exact_amount(qty, price.unit_price)
+        total += _amount(book, g["model_name"], g["hour"], g["i"], g["o"]) or ZERO
     return total
+
+
+def _amount(
+    book: PriceBook, model_name: str, hour: datetime, input_tokens: int, output_tokens: int
+) -> Decimal | None:
+    """Tokens of one model in one hour at the book's prices; None when nothing prices them."""
+    amount: Decimal | None = None
+    for kind, qty in ((TokenKind.INPUT, input_tokens), (TokenKind.OUTPUT, output_tokens)):
+        price = book.effective(model_name, kind, hour) if qty else None
+        if price is not None:
+            amount = (amount or ZERO) + exact_amount(qty, price.unit_price)
+    return amount
 
 
 def usage_recent(f: UsageFilter, limit: int = 50) -> list[UsageRollup]:
@@ -316,12 +329,13 @@ def usage_csv(f: UsageFilter) -> Iterator[str]:
     cursor on PostgreSQL: memory holds one chunk, whatever the range."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow((*CSV_COLUMNS, *CSV_AMOUNT_COLUMNS))
+    rated = _RowRater()
     rows = _csv_values(f).iterator(chunk_size=CSV_CHUNK_ROWS)
     while True:
         chunk = list(islice(rows, CSV_CHUNK_ROWS))
         for row in chunk:
-            writer.writerow((row[0].strftime("%Y-%m-%dT%H:%M:%SZ"), *row[1:]))
+            writer.writerow((row[0].strftime("%Y-%m-%dT%H:%M:%SZ"), *row[1:], *rated(row)))
         text = buffer.getvalue()
         buffer.seek(0)
         buffer.truncate(0)
@@ -329,6 +343,36 @@ def usage_csv(f: UsageFilter) -> Iterator[str]:
             yield text
         if len(chunk) < CSV_CHUNK_ROWS:
             return
+
+
+class _RowRater:
+    """A CSV row's amount: list prices loaded once, each organization's overrides once."""
+
+    _NANO = Decimal("0.000000001")
+
+    def __init__(self) -> None:
+        self._list: PriceBook | None = None
+        self._books: dict[str, PriceBook] = {}
+        self._currency = str(settings.MANTLE_BILLING_CURRENCY)
+
+    def __call__(self, row: tuple[Any, ...]) -> tuple[str, str]:
+        values = dict(zip(CSV_COLUMNS, row, strict=True))
+        organization_id = values["organization_id"]
+        book = self._books.get(organization_id)
+        if book is None:
+            if self._list is None:
+                self._list = PriceBook.load(None)
+            book = self._books[organization_id] = self._list.for_organization(organization_id)
+        amount = _amount(
+            book,
+            values["model_name"],
+            values["hour"],
+            values["input_tokens"],
+            values["output_tokens"],
+        )
+        if amount is None:
+            return "", ""
+        return str(amount.quantize(self._NANO)), self._currency
 
 
 async def usage_csv_async(f: UsageFilter) -> AsyncIterator[str]:

@@ -18,10 +18,10 @@ from django.urls import reverse
 from django.utils.html import escape
 
 from billing.backoffice.selectors import UsageFilter, usage_filter_parse, usage_totals
-from billing.models import UsageRollup
+from billing.models import Price, UsageRollup
 from config.errors import InvalidInput
 from tests.backoffice.support import Staff, client_for
-from tests.billing.factories import CHAT, EMBED, RollupFactory, price_book
+from tests.billing.factories import CHAT, EMBED, OverrideFactory, RollupFactory, price_book
 from tests.factories import OrganizationFactory
 
 pytestmark = pytest.mark.django_db
@@ -154,6 +154,8 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "requests",
             "input_tokens",
             "output_tokens",
+            "amount",
+            "currency",
         ],
         [
             "2026-10-05T08:00:00Z",
@@ -165,6 +167,8 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "2",
             "100",
             "10",
+            "",
+            "",
         ],
         [
             "2026-10-05T09:00:00Z",
@@ -176,6 +180,8 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "3",
             "200",
             "20",
+            "",
+            "",
         ],
         [
             "2026-10-06T14:00:00Z",
@@ -187,8 +193,41 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "7",
             "400",
             "40",
+            "",
+            "",
         ],
     ]
+
+
+def test_csv_rows_carry_their_amount_at_the_organizations_prices(
+    staff: Staff, rows: dict[str, Any]
+) -> None:
+    price_book(CHAT, "1", "2")  # per million tokens; EMBED has no price
+    OverrideFactory(
+        organization=rows["acme"], model_name=CHAT, token_kind="", discount_percent=Decimal("25")
+    )
+    response = client_for(staff.support).get(CSV_URL, params())
+    body = b"".join(response.streaming_content).decode()  # type: ignore[attr-defined]
+    table = list(csv.DictReader(io.StringIO(body)))
+    got = {
+        (r["organization_id"], r["model_name"], r["input_tokens"]): (r["amount"], r["currency"])
+        for r in table
+    }
+    acme, other = rows["acme"].id, rows["other"].id
+    assert got == {
+        # 25% off for Acme: (100 * 1 + 10 * 2) / 1M * 0.75
+        (acme, CHAT, "100"): ("0.000090000", "USD"),
+        (acme, CHAT, "200"): ("0.000180000", "USD"),
+        (acme, EMBED, "300"): ("", ""),
+        (acme, CHAT, "400"): ("0.000360000", "USD"),
+        # list price for Globex: 1000 * 1 + 100 * 2
+        (other, CHAT, "1000"): ("0.001200000", "USD"),
+    }
+    # The rows add up to what the page's totals charge Acme.
+    totals = usage_totals(usage_filter_parse(params(org=acme)))
+    assert sum(Decimal(a) for (org, _, _), (a, _) in got.items() if org == acme and a) == (
+        totals.charges
+    )
 
 
 def test_the_page_links_the_export_with_the_same_filters(
@@ -229,6 +268,8 @@ def big_query() -> dict[str, str]:
 
 def test_a_large_export_streams_in_bounded_memory_under_asgi(staff: Staff) -> None:
     insert_big_range()
+    price_book(CHAT, "1", "2")  # every row rated, within the same bound
+    Price.objects.update(effective_from=BIG_START)
     client = AsyncClient()
     client.force_login(staff.support)
 
@@ -254,7 +295,8 @@ def test_a_large_export_streams_in_bounded_memory_under_asgi(staff: Staff) -> No
     assert lines == BIG_ROWS + 1
     last_hour = BIG_START + timedelta(hours=(BIG_ROWS - 1) // 50)
     expected_last = (
-        f"{last_hour:%Y-%m-%dT%H:%M:%SZ},org_big,proj_big,key_49,ep-big,{CHAT},1,199999,399998"
+        f"{last_hour:%Y-%m-%dT%H:%M:%SZ},org_big,proj_big,key_49,ep-big,{CHAT},1,199999,399998,"
+        "0.999995000,USD"  # 199999 * 1/M + 399998 * 2/M
     )
     assert last.endswith(f"\n{expected_last}\n".encode())
     assert size > 2 * MEMORY_BOUND  # holding the output alone would break the bound
