@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from django.test import Client
@@ -20,12 +21,52 @@ def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
     # transactional tests marked keeps_redis: pytest-django runs transactional tests
     # after the others, among the end-to-end ones, where a wipe would make a live pool
     # look empty until its next heartbeat.
+    # Other wipes spare the heartbeats all the same: a transactional test may still run
+    # beside a live worker, which must not look gone for a beat.
     marked = request.node.get_closest_marker
     if marked("e2e") is None and marked("keeps_redis") is None:
         from config.redis import get_redis
 
-        get_redis().flushdb()
+        wipe_sparing_heartbeats(get_redis())
     yield
+
+
+def wipe_sparing_heartbeats(client: Any) -> None:
+    """Empties the Redis database but for the heartbeats of the worker processes this
+    session started (tests.stack): their info keys and their entries in their pools'
+    listings. Heartbeats that tests wrote themselves go with the rest."""
+    from tests.stack import is_stack_node
+    from workers.contract import POOL_LIVE_PREFIX, WORKER_INFO_PREFIX
+
+    infos = list(client.scan_iter(match=f"{WORKER_INFO_PREFIX}*", count=1000))
+    listings = list(client.scan_iter(match=f"{POOL_LIVE_PREFIX}*", count=1000))
+    if not infos:
+        client.flushdb()
+        return
+    pipe = client.pipeline(transaction=False)
+    for key in infos:
+        pipe.get(key)
+        pipe.pttl(key)
+    replies = pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    for key in listings:
+        pipe.zrange(key, 0, -1, withscores=True)
+    members = pipe.execute()
+    beats = {
+        key: (value, ttl)
+        for key, value, ttl in zip(infos, replies[0::2], replies[1::2], strict=True)
+        if value is not None and ttl > 0 and is_stack_node(key.removeprefix(WORKER_INFO_PREFIX))
+    }
+    live_nodes = {key.removeprefix(WORKER_INFO_PREFIX) for key in beats}
+    client.flushdb()
+    pipe = client.pipeline(transaction=False)
+    for key, (value, ttl) in beats.items():
+        pipe.set(key, value, px=ttl, nx=True)  # a beat since the read wins
+    for key, entries in zip(listings, members, strict=True):
+        kept = {node: score for node, score in entries if node in live_nodes}
+        if kept:
+            pipe.zadd(key, kept, gt=True)
+    pipe.execute()
 
 
 @dataclass

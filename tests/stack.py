@@ -84,6 +84,15 @@ class Process:
         return self.popen.poll() is None
 
 
+def stack_node(name: str) -> str:
+    """The node id of a worker this test session starts (the session's pid in it)."""
+    return f"{name}-{os.getpid()}"
+
+
+def is_stack_node(node: str) -> bool:
+    return node.endswith(f"-{os.getpid()}")
+
+
 @dataclass
 class Stack:
     """Starts and always stops the processes it started, by their pids."""
@@ -157,7 +166,7 @@ class Stack:
         self, pool: str = "cpu", name: str | None = None, concurrency: int = 32, **extra: str
     ) -> Process:
         name = name or f"worker-{pool}-{len(self.processes)}"
-        node = f"{name}-{os.getpid()}"
+        node = stack_node(name)
         spawned_at = time.time()
         proc = self._spawn(
             name,
