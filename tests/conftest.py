@@ -38,11 +38,15 @@ def wipe_sparing_heartbeats(client: Any) -> None:
     from tests.stack import is_stack_node
     from workers.contract import POOL_LIVE_PREFIX, WORKER_INFO_PREFIX
 
-    infos = list(client.scan_iter(match=f"{WORKER_INFO_PREFIX}*", count=1000))
-    listings = list(client.scan_iter(match=f"{POOL_LIVE_PREFIX}*", count=1000))
+    infos = [
+        key
+        for key in client.scan_iter(match=f"{WORKER_INFO_PREFIX}*", count=1000)
+        if is_stack_node(key.removeprefix(WORKER_INFO_PREFIX))
+    ]
     if not infos:
         client.flushdb()
         return
+    listings = list(client.scan_iter(match=f"{POOL_LIVE_PREFIX}*", count=1000))
     pipe = client.pipeline(transaction=False)
     for key in infos:
         pipe.get(key)
@@ -55,7 +59,7 @@ def wipe_sparing_heartbeats(client: Any) -> None:
     beats = {
         key: (value, ttl)
         for key, value, ttl in zip(infos, replies[0::2], replies[1::2], strict=True)
-        if value is not None and ttl > 0 and is_stack_node(key.removeprefix(WORKER_INFO_PREFIX))
+        if value is not None and ttl > 0
     }
     live_nodes = {key.removeprefix(WORKER_INFO_PREFIX) for key in beats}
     client.flushdb()

@@ -349,26 +349,25 @@ class _RowRater:
     """A CSV row's amount: list prices loaded once, each organization's overrides once."""
 
     _NANO = Decimal("0.000000001")
+    _AT = {name: CSV_COLUMNS.index(name) for name in CSV_COLUMNS}
 
     def __init__(self) -> None:
-        self._list: PriceBook | None = None
+        self._list = PriceBook.load(None)
         self._books: dict[str, PriceBook] = {}
         self._currency = str(settings.MANTLE_BILLING_CURRENCY)
 
     def __call__(self, row: tuple[Any, ...]) -> tuple[str, str]:
-        values = dict(zip(CSV_COLUMNS, row, strict=True))
-        organization_id = values["organization_id"]
+        at = self._AT
+        organization_id = row[at["organization_id"]]
         book = self._books.get(organization_id)
         if book is None:
-            if self._list is None:
-                self._list = PriceBook.load(None)
             book = self._books[organization_id] = self._list.for_organization(organization_id)
         amount = _amount(
             book,
-            values["model_name"],
-            values["hour"],
-            values["input_tokens"],
-            values["output_tokens"],
+            row[at["model_name"]],
+            row[at["hour"]],
+            row[at["input_tokens"]],
+            row[at["output_tokens"]],
         )
         if amount is None:
             return "", ""

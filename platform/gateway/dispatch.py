@@ -148,27 +148,23 @@ async def _check_progress(ticket: Ticket, node: str) -> None:
     # Not started yet: queued, or taken by a node that has not written yet. A node
     # that died holding it (taken from the broker, perhaps claimed) would keep it
     # until the broker's visibility timeout, far past the request's deadline.
-    now = time.time()
-    horizon = now - contract.HEARTBEAT_TTL_S
+    horizon = time.time() - contract.HEARTBEAT_TTL_S
+    live_key = contract.pool_live_key(ticket.pool)
     pipe = client.pipeline(transaction=False)
     pipe.get(contract.task_claim_key(ticket.request_id))
-    # Nodes listed since just before the request was sent (dead ones stay listed
-    # for a while after their last beat, see workers.heartbeat).
-    pipe.zrangebyscore(
-        contract.pool_live_key(ticket.pool),
-        ticket.submitted_at - contract.HEARTBEAT_TTL_S,
-        "+inf",
-        withscores=True,
-    )
-    owner, listed = await pipe.execute()
-    live = {member for member, score in listed if score >= horizon}
+    pipe.zcount(live_key, horizon, "+inf")
+    # Nodes that beat since just before the request was sent and stopped since (dead
+    # ones stay listed for a while after their last beat, see workers.heartbeat).
+    pipe.zrangebyscore(live_key, ticket.submitted_at - contract.HEARTBEAT_TTL_S, f"({horizon}")
+    owner, live, stopped = await pipe.execute()
     if not live:
         raise no_capacity(ticket.pool)
-    if owner in live:
-        return  # claimed by a live node: it writes soon
-    dead = {member for member, score in listed if score < horizon}
-    if owner:
-        dead.add(owner)  # claimed, then gone (its listing may be pruned already)
+    dead = set(stopped)
+    if owner and owner not in dead:
+        beat = await client.zscore(live_key, owner)
+        if beat is not None and beat >= horizon:
+            return  # claimed by a live node: it writes soon
+        dead.add(owner)  # claimed, then gone (its listing pruned, or never seen here)
     if not dead - ticket.resent_for:
         return
     ticket.resent_for |= dead
