@@ -244,6 +244,8 @@ def main() -> None:
     env = {
         "DJANGO_SETTINGS_MODULE": "config.settings.base",
         "DJANGO_SECRET_KEY": "bench-only-secret",
+        "MANTLE_API_KEY_PEPPER": "bench-only-pepper",
+        "MANTLE_IDENTITY_KEY": "bench-only-identity-key",
         "DATABASE_URL": f"{args.pg}/{args.database}",
         "REDIS_URL": args.redis,
         "CELERY_BROKER_URL": args.redis,

@@ -267,6 +267,7 @@ class Platform:
             "DJANGO_SETTINGS_MODULE": "config.settings.base",
             "DJANGO_SECRET_KEY": "load-bench-only-secret",
             "MANTLE_API_KEY_PEPPER": "load-bench-only-pepper",
+            "MANTLE_IDENTITY_KEY": "load-bench-only-identity-key",
             "MANTLE_VAR_DIR": str(self.var),
             "DATABASE_URL": f"{args.pg}/{args.database}",
             "REDIS_URL": args.redis,

@@ -23,6 +23,7 @@ def _env(var_dir: Path) -> dict[str, str]:
         "DJANGO_SETTINGS_MODULE": "config.settings.base",
         "DJANGO_SECRET_KEY": "bench-only-secret",
         "MANTLE_API_KEY_PEPPER": "bench-only-pepper",
+        "MANTLE_IDENTITY_KEY": "bench-only-identity-key",
         "MANTLE_VAR_DIR": str(var_dir),
         "REDIS_URL": os.environ.get("MANTLE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/3"),
         "CELERY_BROKER_URL": os.environ.get("MANTLE_BENCH_BROKER_URL", "redis://127.0.0.1:6379/1"),
@@ -76,6 +77,7 @@ class BenchStack:
         manifests.write_text(check.stdout.strip().splitlines()[-1])
         self.manage("migrate", "--noinput", "-v", "0")
         self.manage("prepare_models", "--manifests", str(manifests))
+        self.manage("seed_prices")  # as bin/run: admission refuses a model without a price
         out = self.manage("seed_demo")
         self.secret = next(
             w for line in out.splitlines() for w in line.split() if w.startswith("sk-")

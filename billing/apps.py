@@ -22,3 +22,10 @@ class BillingConfig(AppConfig):
 
     def ready(self) -> None:
         post_migrate.connect(_sync_staff_roles, sender=self, dispatch_uid="billing-staff-roles")
+        # The drain moves each settled request's cost from the wallet's pending to its
+        # spent, once: without the hook, pending only grows and a prepaid or capped
+        # organization is refused early (docs/billing.md, "Admission").
+        from billing import metering
+        from billing.wallet import wallet_record_events
+
+        metering.on_counted(wallet_record_events)

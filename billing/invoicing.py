@@ -8,10 +8,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.db.models.functions import TruncMonth
 from django.utils import timezone
 
@@ -20,10 +21,17 @@ from accounts.principal import SYSTEM, Principal
 from accounts.services import audit_record
 from billing import checks
 from billing.credits import credits_apply_to_invoice, credits_return_for_invoice
-from billing.models import Invoice, InvoiceLine, InvoiceNumberSequence, TokenKind, UsageRollup
+from billing.models import (
+    HeldUsage,
+    Invoice,
+    InvoiceLine,
+    InvoiceNumberSequence,
+    TokenKind,
+    UsageRollup,
+)
 from billing.money import CENT, exact_amount, line_amount, round_cents
 from billing.periods import month_bounds, month_label, month_start
-from billing.pricing import PriceBook, Unpriced, commit_discount
+from billing.pricing import PriceBook, Unpriced, billed_units, commit_discount, model_kinds
 from config.errors import Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -35,8 +43,18 @@ LineKind = InvoiceLine.Kind
 ISSUED = (Status.FINALIZED, Status.PAID, Status.VOID)
 ZERO = Decimal(0)
 
-# (usage month, model, token kind, unit price per million): the grain of invoice lines.
+# (usage month, model, unit, unit price per million): the grain of invoice lines.
 LineKey = tuple[date, str, str, Decimal]
+# (usage month, model, unit): the grain of held (unpriced) usage.
+HeldKey = tuple[date, str, str]
+
+# How a line names its unit: "input tokens", "requests", "compute milliseconds".
+UNIT_LABELS = {
+    TokenKind.INPUT.value: "input tokens",
+    TokenKind.OUTPUT.value: "output tokens",
+    TokenKind.REQUEST.value: "requests",
+    TokenKind.COMPUTE_MS.value: "compute milliseconds",
+}
 
 
 @dataclass
@@ -59,6 +77,27 @@ class LineDraft:
 
 # --- Rating ---------------------------------------------------------------------------------
 
+# The rollup sums a rating reads, by unit (annotations on a values() query).
+_SUMS = {
+    "i": Sum("input_tokens"),
+    "o": Sum("output_tokens"),
+    "r": Sum("requests"),
+    "c": Sum("compute_ms"),
+}
+_SUM_OF_UNIT = {
+    TokenKind.INPUT.value: "i",
+    TokenKind.OUTPUT.value: "o",
+    TokenKind.REQUEST.value: "r",
+    TokenKind.COMPUTE_MS.value: "c",
+}
+
+
+def _billed(row: Mapping[str, Any], model_kind: str) -> list[tuple[str, int]]:
+    """The billed quantities of a rollup group: tokens for text models, requests and
+    compute time for tensor models (a text model's compute time is in its token price)."""
+    # Mapping[str, Any]: django-stubs' values() row types leave the annotated sums out.
+    return [(u, int(row[_SUM_OF_UNIT[u]] or 0)) for u in billed_units(model_kind)]
+
 
 def rate_rollups(
     organization_id: str,
@@ -68,35 +107,40 @@ def rate_rollups(
     book: PriceBook,
     project_id: str | None = None,
     strict: bool = True,
+    unpriced: dict[HeldKey, int] | None = None,
 ) -> dict[LineKey, Rated]:
-    """Token quantities of [start, end) by line key, each hour at its own price.
+    """Billed quantities of [start, end) by line key, each hour at its own price.
 
     A price change inside the range (prices change on whole hours) splits a model's
-    tokens into one key per unit price. `strict`: unpriced usage raises Unpriced;
-    otherwise it is left out and logged (the wallet and budgets must not stop).
+    quantities into one key per unit price. `strict`: unpriced usage raises Unpriced;
+    otherwise it is left out: summed into `unpriced` when given (the invoice holds it),
+    else logged (the wallet and budgets must not stop).
     """
     rows = UsageRollup.objects.filter(
         organization_id=organization_id, hour__gte=start, hour__lt=end
     )
     if project_id is not None:
         rows = rows.filter(project_id=project_id)
-    grouped = (
-        rows.values("model_name", "hour")
-        .annotate(i=Sum("input_tokens"), o=Sum("output_tokens"))
-        .order_by("hour", "model_name")
+    grouped = list(
+        rows.values("model_name", "hour").annotate(**_SUMS).order_by("hour", "model_name")
     )
+    kinds = model_kinds(row["model_name"] for row in grouped)
     rated: dict[LineKey, Rated] = {}
     for row in grouped:
         hour: datetime = row["hour"]
-        for kind, qty in ((TokenKind.INPUT, row["i"]), (TokenKind.OUTPUT, row["o"])):
+        for kind, qty in _billed(row, kinds[row["model_name"]]):
             if not qty:
                 continue
             price = book.effective(row["model_name"], kind, hour)
             if price is None:
-                message = f"no price for {row['model_name']} {kind} tokens at {hour.isoformat()}"
+                message = f"no price for {row['model_name']} {kind} at {hour.isoformat()}"
                 if strict:
                     raise Unpriced(message, param="model_name")
-                logger.error("unpriced usage of %s: %s", organization_id, message)
+                if unpriced is None:
+                    logger.error("unpriced usage of %s: %s", organization_id, message)
+                else:
+                    held_key = (month_start(hour).date(), row["model_name"], kind)
+                    unpriced[held_key] = unpriced.get(held_key, 0) + qty
                 continue
             key = (month_start(hour).date(), row["model_name"], str(kind), price.unit_price)
             if key in rated:
@@ -126,6 +170,17 @@ def issued_quantities(organization_id: str) -> dict[LineKey, int]:
     return result
 
 
+def held_quantities(
+    organization_id: str, *, exclude_invoice: str | None = None
+) -> dict[HeldKey, int]:
+    """Usage already held (in any state) by key; `exclude_invoice`: a draft being recomputed."""
+    rows = HeldUsage.objects.filter(organization_id=organization_id)
+    if exclude_invoice is not None:
+        rows = rows.exclude(invoice_id=exclude_invoice)
+    found = rows.values("usage_month", "model_name", "token_kind").annotate(q=Sum("quantity"))
+    return {(r["usage_month"], r["model_name"], r["token_kind"]): int(r["q"]) for r in found}
+
+
 def uninvoiced_quantities(
     organization_id: str,
     *,
@@ -134,57 +189,99 @@ def uninvoiced_quantities(
     since: datetime | None = None,
     skip_months: Iterable[date] = (),
     strict: bool = True,
+    unpriced: dict[HeldKey, int] | None = None,
+    draft_id: str | None = None,
 ) -> dict[LineKey, Rated]:
     """Usage of [since, until) that no issued invoice carries yet, by line key.
 
     The issued lines are the snapshot of what was billed: what is left to bill is the
-    rollups now minus the issued quantities, key by key. Months whose token totals
-    match what was issued are not rated again, so this stays cheap over a long history.
+    rollups now minus the issued quantities, key by key. Unpriced usage is likewise the
+    unpriced rollups minus what is already held (HeldUsage; the rows of `draft_id`, being
+    recomputed, excepted), summed into `unpriced` when given. Months whose billed totals
+    match what was issued and held are not rated again, so this stays cheap over a long
+    history.
     """
     issued = issued_quantities(organization_id)
-    issued_totals: dict[tuple[date, str], int] = defaultdict(int)
-    for (month, _, kind, _), qty in issued.items():
-        issued_totals[(month, kind)] += qty
+    held = held_quantities(organization_id, exclude_invoice=draft_id)
+    accounted: dict[HeldKey, int] = defaultdict(int)
+    for (month, model, kind, _), qty in issued.items():
+        accounted[(month, model, kind)] += qty
+    for held_key, qty in held.items():
+        accounted[held_key] += qty
     rollups = UsageRollup.objects.filter(organization_id=organization_id, hour__lt=until)
     if since is not None:
         rollups = rollups.filter(hour__gte=since)
-    totals = (
+    totals = list(
         rollups.annotate(month=TruncMonth("hour", tzinfo=UTC))
-        .values("month")
-        .annotate(i=Sum("input_tokens"), o=Sum("output_tokens"))
-        .order_by("month")
+        .values("month", "model_name")
+        .annotate(**_SUMS)
+        .order_by("month", "model_name")
     )
+    kinds = model_kinds(row["model_name"] for row in totals)
     skip = set(skip_months)
-    left: dict[LineKey, Rated] = {}
+    months: set[date] = set()
     for row in totals:
         month = month_start(row["month"]).date()
-        if month in skip:
+        if month in skip or month in months:
             continue
-        if (row["i"] or 0) == issued_totals[(month, TokenKind.INPUT)] and (
-            row["o"] or 0
-        ) == issued_totals[(month, TokenKind.OUTPUT)]:
-            continue
+        if any(
+            qty != accounted[(month, row["model_name"], unit)]
+            for unit, qty in _billed(row, kinds[row["model_name"]])
+        ):
+            months.add(month)
+    left: dict[LineKey, Rated] = {}
+    for month in sorted(months):
         start, end = month_bounds(month)
         start, end = max(start, since or start), min(end, until)
+        found: dict[HeldKey, int] | None = None if unpriced is None else {}
         for key, rated in rate_rollups(
-            organization_id, start, end, book=book, strict=strict
+            organization_id, start, end, book=book, strict=strict, unpriced=found
         ).items():
             diff = rated.quantity - issued.get(key, 0)
             if diff > 0:
                 left[key] = Rated(diff, rated.first_hour)
             elif diff < 0:
                 logger.error("billed more than used for %s %s: %d", organization_id, key, diff)
+        for held_key, qty in (found or {}).items():
+            diff = qty - held.get(held_key, 0)
+            if diff > 0 and unpriced is not None:
+                unpriced[held_key] = unpriced.get(held_key, 0) + diff
+            elif diff < 0:
+                logger.error("held more than used for %s %s: %d", organization_id, held_key, diff)
     return left
 
 
-def compute_lines(org: Organization, start: datetime, end: datetime) -> list[LineDraft]:
-    """The lines of the invoice for [start, end): own usage, commit discount, late usage.
+@dataclass(frozen=True)
+class InvoiceContent:
+    """What an invoice carries: its lines, the unpriced usage it holds, and the ids of
+    the released held usage that its `released` lines bill."""
 
-    Precondition: the organization is locked (checks.lock_organization), so no other
-    invoice of it changes status while the issued quantities are read.
+    lines: list[LineDraft]
+    held: dict[HeldKey, int]
+    released: list[int]
+
+
+def compute_lines(org: Organization, start: datetime, end: datetime) -> list[LineDraft]:
+    """The lines of the invoice for [start, end) (see `compute_invoice`)."""
+    return compute_invoice(org, start, end).lines
+
+
+def compute_invoice(
+    org: Organization, start: datetime, end: datetime, *, draft_id: str | None = None
+) -> InvoiceContent:
+    """The invoice for [start, end): own usage, commit discount, late usage, released
+    held usage; and the unpriced usage it holds instead of billing.
+
+    Unpriced usage never stops an invoice: it is held for the operator (HeldUsage), and
+    the priced lines are billed. `draft_id`: the draft being recomputed, whose held rows
+    are replaced. Precondition: the organization is locked (checks.lock_organization),
+    so no other invoice of it changes status while the issued quantities are read.
     """
     book = PriceBook.load(org.id)
-    own = uninvoiced_quantities(org.id, book=book, since=start, until=end)
+    held: dict[HeldKey, int] = {}
+    own = uninvoiced_quantities(
+        org.id, book=book, since=start, until=end, strict=False, unpriced=held, draft_id=draft_id
+    )
     lines = _usage_lines(own, LineKind.USAGE)
     usage_subtotal = sum((line.amount for line in lines), ZERO)
     # The tiers in effect in the period's last hour apply to the whole month.
@@ -206,9 +303,38 @@ def compute_lines(org: Organization, start: datetime, end: datetime) -> list[Lin
             organization=org, status=Status.DRAFT, period_start__lt=start
         ).values_list("period_start", flat=True)
     ]
-    late = uninvoiced_quantities(org.id, book=book, until=start, skip_months=drafts)
+    late = uninvoiced_quantities(
+        org.id,
+        book=book,
+        until=start,
+        skip_months=drafts,
+        strict=False,
+        unpriced=held,
+        draft_id=draft_id,
+    )
     lines.extend(_usage_lines(late, LineKind.ADJUSTMENT))
-    return lines
+    # Held usage the operator priced since: billed once, on the first invoice drafted.
+    released = list(
+        HeldUsage.objects.filter(organization=org, status=HeldUsage.Status.RELEASED)
+        .filter(Q(billed_invoice__isnull=True) | Q(billed_invoice_id=draft_id))
+        .order_by("usage_month", "model_name", "token_kind", "id")
+    )
+    for row in released:
+        assert row.unit_price is not None  # released rows always carry their price
+        lines.append(
+            LineDraft(
+                kind=LineKind.RELEASED,
+                label=f"held usage released for {month_label(row.usage_month)}: "
+                f"{row.model_name} {UNIT_LABELS.get(row.token_kind, row.token_kind)}",
+                amount=line_amount(row.quantity, row.unit_price),
+                usage_month=row.usage_month,
+                model_name=row.model_name,
+                token_kind=row.token_kind,
+                quantity=row.quantity,
+                unit_price=row.unit_price,
+            )
+        )
+    return InvoiceContent(lines=lines, held=held, released=[row.pk for row in released])
 
 
 def _usage_lines(rated: Mapping[LineKey, Rated], kind: str) -> list[LineDraft]:
@@ -219,7 +345,7 @@ def _usage_lines(rated: Mapping[LineKey, Rated], kind: str) -> list[LineDraft]:
     for key in sorted(rated, key=lambda k: (k[0], k[1], k[2], rated[k].first_hour)):
         month, model, token_kind, unit_price = key
         r = rated[key]
-        label = f"{model} {token_kind} tokens"
+        label = f"{model} {UNIT_LABELS.get(token_kind, token_kind)}"
         if per_model_kind[(month, model, token_kind)] > 1:
             label += f" from {r.first_hour:%Y-%m-%d %H:%M} UTC"
         if kind == LineKind.ADJUSTMENT:
@@ -250,7 +376,13 @@ def unbilled_usage(org: Organization) -> Decimal:
     book = PriceBook.load(org.id)
     far = timezone.now() + timedelta(days=400)
     left = uninvoiced_quantities(org.id, book=book, until=far, strict=False)
-    return sum((exact_amount(r.quantity, key[3]) for key, r in left.items()), ZERO)
+    usage = sum((exact_amount(r.quantity, key[3]) for key, r in left.items()), ZERO)
+    # Held usage an operator released is owed too until an issued invoice bills it.
+    released = HeldUsage.objects.filter(organization=org, status=HeldUsage.Status.RELEASED)
+    return usage + sum(
+        (exact_amount(h.quantity, h.unit_price) for h in released if h.unit_price is not None),
+        ZERO,
+    )
 
 
 def month_spend(
@@ -291,9 +423,9 @@ def invoice_refresh_draft(*, org: Organization, month: datetime | date) -> Invoi
                 param="month",
                 code="invalid_state",
             )
-        lines = compute_lines(org, start, end)
+        content = compute_invoice(org, start, end, draft_id=invoice.pk if invoice else None)
         if invoice is None:
-            if not lines:
+            if not content.lines and not content.held:
                 return None
             invoice = Invoice.objects.create(
                 organization=org,
@@ -301,7 +433,8 @@ def invoice_refresh_draft(*, org: Organization, month: datetime | date) -> Invoi
                 period_end=end,
                 currency=settings.MANTLE_BILLING_CURRENCY,
             )
-        _write_lines(invoice, lines)
+        _write_lines(invoice, content.lines)
+        _write_held(invoice, content)
         invoice.save(update_fields=["subtotal", "credits_applied", "total", "refreshed_at"])
     return invoice
 
@@ -331,7 +464,13 @@ def invoice_finalize(
                 f"the period {month_label(inv.period_start)} has not ended yet",
                 param="invoice_id",
             )
-        _write_lines(inv, compute_lines(org, inv.period_start, inv.period_end))
+        content = compute_invoice(org, inv.period_start, inv.period_end, draft_id=inv.pk)
+        _write_lines(inv, content.lines)
+        _write_held(inv, content)
+        # Its released held usage is billed now; its own held usage waits for the operator.
+        HeldUsage.objects.filter(billed_invoice=inv, status=HeldUsage.Status.RELEASED).update(
+            status=HeldUsage.Status.BILLED
+        )
         inv.number = _next_number(now.year)
         # Grants are whole cents and so is the subtotal: this is exact, not a rounding.
         inv.credits_applied = round_cents(
@@ -531,6 +670,36 @@ def _write_lines(invoice: Invoice, lines: Iterable[LineDraft]) -> None:
     invoice.credits_applied = ZERO
     invoice.total = invoice.subtotal
     invoice.refreshed_at = timezone.now()
+
+
+def _write_held(invoice: Invoice, content: InvoiceContent) -> None:
+    """Replaces a draft's held usage and claims the released usage its lines bill."""
+    assert invoice.status == Status.DRAFT, "only a draft's held usage changes"
+    HeldUsage.objects.filter(invoice=invoice, status=HeldUsage.Status.HELD).delete()
+    HeldUsage.objects.bulk_create(
+        HeldUsage(
+            organization_id=invoice.organization_id,
+            invoice=invoice,
+            usage_month=month,
+            model_name=model,
+            token_kind=unit,
+            quantity=qty,
+        )
+        for (month, model, unit), qty in sorted(content.held.items())
+    )
+    HeldUsage.objects.filter(billed_invoice=invoice, status=HeldUsage.Status.RELEASED).exclude(
+        pk__in=content.released
+    ).update(billed_invoice=None)
+    HeldUsage.objects.filter(pk__in=content.released).update(billed_invoice=invoice)
+    if content.held:
+        logger.warning(
+            "invoice %s of %s holds unpriced usage: %s",
+            invoice.pk,
+            invoice.organization_id,
+            ", ".join(
+                f"{m} {model} {unit}: {q}" for (m, model, unit), q in sorted(content.held.items())
+            ),
+        )
 
 
 def _next_number(year: int) -> str:

@@ -344,17 +344,19 @@ WITH ins AS (
     {{counted}}
 ), agg AS (
     SELECT {_DIMS}, date_trunc('hour', occurred_at, 'UTC') AS hour, count(*) AS requests,
-           sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens
+           sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+           sum(compute_ms) AS compute_ms
     FROM counted GROUP BY {_DIMS}, 6
 ), rollup AS (
     INSERT INTO billing_usagerollup AS r
-        ({_DIMS}, hour, requests, input_tokens, output_tokens, updated_at)
-    SELECT {_DIMS}, hour, requests, input_tokens, output_tokens, now()
+        ({_DIMS}, hour, requests, input_tokens, output_tokens, compute_ms, updated_at)
+    SELECT {_DIMS}, hour, requests, input_tokens, output_tokens, compute_ms, now()
     FROM agg ORDER BY {_DIMS}, hour
     ON CONFLICT ({_DIMS}, hour) DO UPDATE SET
         requests = r.requests + EXCLUDED.requests,
         input_tokens = r.input_tokens + EXCLUDED.input_tokens,
         output_tokens = r.output_tokens + EXCLUDED.output_tokens,
+        compute_ms = r.compute_ms + EXCLUDED.compute_ms,
         updated_at = EXCLUDED.updated_at
 ), per_org AS (
     SELECT organization_id, sum(input_tokens) AS i, sum(output_tokens) AS o
@@ -374,10 +376,10 @@ SELECT (SELECT count(*) FROM counted), (SELECT deltas FROM outbox), {{inserted_i
 # again under ON CONFLICT DO NOTHING, counting what RETURNING says was inserted.
 _COUNTED_ALL = (
     f"SELECT request_id, {_DIMS}, to_timestamp(finished_at) AS occurred_at, "  # noqa: S608
-    f"input_tokens, output_tokens FROM {_INCOMING}"
+    f"input_tokens, output_tokens, compute_ms FROM {_INCOMING}"
 )
 _COUNTED_RETURNED = "SELECT * FROM ins"
-_RETURNING = f"RETURNING request_id, {_DIMS}, occurred_at, input_tokens, output_tokens"
+_RETURNING = f"RETURNING request_id, {_DIMS}, occurred_at, input_tokens, output_tokens, compute_ms"
 # The outbox keeps the inserted request ids only when hooks may need them on a replay.
 _STORE = {
     (safe, keep_ids): _STORE_SQL.format(
@@ -463,11 +465,12 @@ _PORTABLE_INSERT = (
 )
 _PORTABLE_ROLLUP = (
     f"INSERT INTO billing_usagerollup ({_DIMS}, hour, requests, input_tokens, "  # noqa: S608
-    "output_tokens, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "output_tokens, compute_ms, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
     f"ON CONFLICT ({_DIMS}, hour) DO UPDATE SET "
     "requests = requests + excluded.requests, "
     "input_tokens = input_tokens + excluded.input_tokens, "
     "output_tokens = output_tokens + excluded.output_tokens, "
+    "compute_ms = compute_ms + excluded.compute_ms, "
     "updated_at = excluded.updated_at"
 )
 
@@ -501,12 +504,15 @@ def _store_portable(
                 occurred.replace(minute=0, second=0, microsecond=0)
             )
             key = (*(r[_POS[n]] for n in _DIMS.split(", ")), hour)
-            acc = sums.setdefault(key, [0, 0, 0])
+            acc = sums.setdefault(key, [0, 0, 0, 0])
             acc[0] += 1
             acc[1] += r[_INPUT]
             acc[2] += r[_OUTPUT]
-        for key, (requests, tokens_in, tokens_out) in sorted(sums.items()):
-            cursor.execute(_PORTABLE_ROLLUP, [*key, requests, tokens_in, tokens_out, recorded])
+            acc[3] += r[_POS["compute_ms"]]
+        for key, (requests, tokens_in, tokens_out, compute) in sorted(sums.items()):
+            cursor.execute(
+                _PORTABLE_ROLLUP, [*key, requests, tokens_in, tokens_out, compute, recorded]
+            )
     deltas: dict[str, list[int]] = {}
     for r in inserted:
         acc = deltas.setdefault(r[_ORG], [0, 0])
@@ -1033,5 +1039,6 @@ def rollup_totals(organization_id: str | None = None) -> dict[str, int]:
         requests=Sum("requests"),
         input_tokens=Sum("input_tokens"),
         output_tokens=Sum("output_tokens"),
+        compute_ms=Sum("compute_ms"),
     )
     return {k: int(v or 0) for k, v in sums.items()}

@@ -23,8 +23,17 @@ def new_invoice_id() -> str:
 
 
 class TokenKind(models.TextChoices):
+    """The units a price is per million of (the name predates the tensor units).
+
+    Text models are billed by `input` and `output` tokens; tensor models by `request`
+    (one per inference call) and `compute_ms` (milliseconds of model compute a worker
+    measured): see `billing.pricing.billed_units`.
+    """
+
     INPUT = "input"
     OUTPUT = "output"
+    REQUEST = "request"
+    COMPUTE_MS = "compute_ms"
 
 
 class Price(models.Model):
@@ -34,7 +43,7 @@ class Price(models.Model):
     """
 
     model_name = models.CharField(max_length=120)
-    token_kind = models.CharField(max_length=8, choices=TokenKind.choices)
+    token_kind = models.CharField(max_length=16, choices=TokenKind.choices)
     currency = models.CharField(max_length=3, default="USD")
     unit_price = models.DecimalField(max_digits=20, decimal_places=9)
     effective_from = models.DateTimeField()
@@ -80,7 +89,7 @@ class PriceOverride(models.Model):
     )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     model_name = models.CharField(max_length=120, blank=True)
-    token_kind = models.CharField(max_length=8, choices=TokenKind.choices, blank=True)
+    token_kind = models.CharField(max_length=16, choices=TokenKind.choices, blank=True)
     unit_price = models.DecimalField(max_digits=20, decimal_places=9, null=True, blank=True)
     discount_percent = models.DecimalField(max_digits=5, decimal_places=2, null=True, blank=True)
     threshold = models.DecimalField(max_digits=20, decimal_places=2, null=True, blank=True)
@@ -310,6 +319,8 @@ class InvoiceLine(models.Model):
         USAGE = "usage"  # the invoice's own month
         ADJUSTMENT = "adjustment"  # usage of an earlier, already invoiced month
         DISCOUNT = "discount"  # committed-spend tier (negative)
+        # Held (unpriced) usage an operator priced afterwards (HeldUsage.release_price).
+        RELEASED = "released"
 
     invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
     position = models.PositiveIntegerField()
@@ -317,7 +328,7 @@ class InvoiceLine(models.Model):
     # The month the tokens were used in (usage and adjustment lines).
     usage_month = models.DateField(null=True, blank=True)
     model_name = models.CharField(max_length=120, blank=True)
-    token_kind = models.CharField(max_length=8, choices=TokenKind.choices, blank=True)
+    token_kind = models.CharField(max_length=16, choices=TokenKind.choices, blank=True)
     quantity = models.BigIntegerField(default=0)  # tokens
     unit_price = models.DecimalField(max_digits=20, decimal_places=9, null=True, blank=True)
     amount = models.DecimalField(max_digits=20, decimal_places=2)
@@ -341,6 +352,53 @@ class InvoiceNumberSequence(models.Model):
 
     def __str__(self) -> str:
         return f"{self.year}: {self.last_number}"
+
+
+class HeldUsage(models.Model):
+    """Usage that no price covered when its invoice was computed: held, not billed.
+
+    An unpriced model must not stop the rest of an invoice, nor be billed at zero by
+    accident. Its quantity is recorded here per (usage month, model, unit) with the invoice
+    that found it; while that invoice is a draft the rows are recomputed with its lines.
+    Once the invoice is issued an operator either releases the usage at a unit price (it is
+    billed as a `released` line on the organization's next invoice) or writes it off.
+    """
+
+    class Status(models.TextChoices):
+        HELD = "held"  # waiting for the operator
+        RELEASED = "released"  # priced by the operator; on `billed_invoice` once drafted
+        BILLED = "billed"  # on an issued invoice (`billed_invoice`)
+        WRITTEN_OFF = "written_off"
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.PROTECT, related_name="held_usage"
+    )
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="held_usage")
+    usage_month = models.DateField()
+    model_name = models.CharField(max_length=120)
+    token_kind = models.CharField(max_length=16, choices=TokenKind.choices)
+    quantity = models.BigIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.HELD)
+    unit_price = models.DecimalField(max_digits=20, decimal_places=9, null=True, blank=True)
+    billed_invoice = models.ForeignKey(
+        Invoice, null=True, blank=True, on_delete=models.SET_NULL, related_name="released_usage"
+    )
+    reason = models.CharField(max_length=500, blank=True)
+    resolved_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.CheckConstraint(condition=Q(quantity__gt=0), name="held_usage_positive"),
+        ]
+        indexes: ClassVar = [models.Index(fields=["organization", "status"])]
+        verbose_name_plural = "held usage"
+
+    def __str__(self) -> str:
+        return f"{self.quantity} {self.token_kind} of {self.model_name} ({self.status})"
 
 
 # ======================================= end of pricing / invoicing ======================
@@ -399,6 +457,10 @@ class UsageRollup(models.Model):
     requests = models.BigIntegerField(default=0)
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
+    # Milliseconds of model compute (the events' compute_ms): what tensor models bill. A
+    # database default too: a drain of the previous release (rolling deploy) or a raw
+    # insert that does not name the column still writes rows.
+    compute_ms = models.BigIntegerField(default=0, db_default=0)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

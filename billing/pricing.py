@@ -29,6 +29,27 @@ logger = logging.getLogger(__name__)
 HUNDRED = Decimal(100)
 
 
+# What each kind of model is billed by: text models by tokens, tensor models (the /v2
+# protocol, no tokens) by requests and compute time. Prices are per million units of each.
+TEXT_UNITS: tuple[str, str] = (TokenKind.INPUT.value, TokenKind.OUTPUT.value)
+TENSOR_UNITS: tuple[str, str] = (TokenKind.REQUEST.value, TokenKind.COMPUTE_MS.value)
+
+
+def billed_units(model_kind: str) -> tuple[str, str]:
+    """The two units a model of `model_kind` (catalog Model.Kind) is billed by."""
+    return TENSOR_UNITS if model_kind == "tensor" else TEXT_UNITS
+
+
+def model_kinds(model_names: Iterable[str]) -> dict[str, str]:
+    """model name -> catalog kind; a name the catalog no longer has counts as text."""
+    # Imported here: the catalog's compile step imports billing to price new models.
+    from catalog.models import Model
+
+    names = set(model_names)
+    found = dict(Model.objects.filter(name__in=names).values_list("name", "kind"))
+    return {name: found.get(name, "chat") for name in names}
+
+
 class Unpriced(Conflict):
     """Usage of a model and token kind that has no price at that time: it cannot be rated."""
 
@@ -229,7 +250,7 @@ def price_set(
     currency = checks.check_currency(currency)
     model_name = _check_model(model_name)
     token_kind = _check_kind(token_kind, param="token_kind")
-    price = _check_unit_price(unit_price, param="unit_price")
+    price = check_unit_price(unit_price, param="unit_price")
     _check_from(effective_from)
     try:
         with transaction.atomic():
@@ -298,7 +319,7 @@ def price_override_create(
         values["token_kind"] = _check_kind(token_kind, param="token_kind")
         if unit_price is None:
             raise InvalidInput("a rate needs unit_price", param="unit_price")
-        values["unit_price"] = _check_unit_price(unit_price, param="unit_price")
+        values["unit_price"] = check_unit_price(unit_price, param="unit_price")
         _refuse(discount_percent=discount_percent, threshold=threshold)
     elif kind == PriceOverride.Kind.DISCOUNT:
         values["model_name"] = _check_model(model_name) if model_name else ""
@@ -402,7 +423,7 @@ def _check_kind(token_kind: str, *, param: str) -> str:
     return token_kind
 
 
-def _check_unit_price(value: Decimal | str, *, param: str) -> Decimal:
+def check_unit_price(value: Decimal | str, *, param: str) -> Decimal:
     price = check_places(parse_decimal(value, param=param), 9, param=param)
     if price < 0 or price > MAX_UNIT_PRICE:
         raise InvalidInput(f"{param} must be in [0, {MAX_UNIT_PRICE}] per million", param=param)

@@ -7,7 +7,9 @@ Layout (integer nano-units of the currency, "nanos"), per organization:
   requests in flight), `pending_nanos` (settled requests the drain has not counted yet).
 - `mantle:wallet-pending:<org>` hash: request id -> settled cost, until the drain counts it.
 - `mantle:wallet-counted:<request id>`: the drain counted a request before its gateway settled.
-- `mantle:price:<org>:<model>` hash: `in`, `out` nanos per token (org's effective price).
+- `mantle:price:<org>:<model>` hash: `in`, `out` nanos per token, `req` nanos per request,
+  `ms` nanos per compute millisecond (org's effective prices; all four always written), or
+  only `unpriced` (with a TTL) for a model nothing prices: admission refuses it.
 
 Admission refuses when worst-case cost > cap - spent - reserved - pending; a project with a
 hard budget has the same four fields of its own (`p:<project>:cap_nanos` ...) and the same
@@ -19,7 +21,10 @@ concurrent requests can never spend past the cap.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
@@ -51,6 +56,76 @@ def counted_key(request_id: str) -> str:
 
 def price_key(organization_id: str, model_name: str) -> str:
     return f"mantle:price:{organization_id}:{model_name}"
+
+
+# The price hash's fields, in this order everywhere (admission reads them in its script).
+PRICE_FIELDS = ("in", "out", "req", "ms")
+# How long admission trusts "this model has no price" before asking the database again.
+UNPRICED_TTL_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """An organization's effective prices of one model, in nanos per unit (exact decimal
+    strings): per input and output token, per request, per compute millisecond."""
+
+    input: str = "0"
+    output: str = "0"
+    request: str = "0"
+    compute_ms: str = "0"
+
+    @classmethod
+    def from_hash(cls, values: Sequence[Any]) -> Prices | None:
+        """From HMGET of PRICE_FIELDS; None when the hash is missing, a marker, or written
+        before requests and compute time had prices (then it is computed again)."""
+        if any(v is None for v in values):
+            return None
+        return cls(*(v.decode() if isinstance(v, bytes) else str(v) for v in values))
+
+    def cost(
+        self,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        requests: int = 0,
+        compute_ms: int = 0,
+    ) -> int:
+        """Exact cost in nanos, rounded up to a whole nano (see cost_nanos)."""
+        exact = (
+            Decimal(input_tokens) * Decimal(self.input)
+            + Decimal(output_tokens) * Decimal(self.output)
+            + Decimal(requests) * Decimal(self.request)
+            + Decimal(compute_ms) * Decimal(self.compute_ms)
+        )
+        return math.ceil(exact)
+
+
+FREE = Prices()
+
+
+def price_write(
+    client: redis.Redis | redis.client.Pipeline,
+    organization_id: str,
+    model_name: str,
+    prices: Prices | None,
+) -> None:
+    """Replaces the price hash: all four prices, or the short-lived `unpriced` marker.
+
+    DEL first, in one transaction, so a marker or an older layout never lingers. Given a
+    pipeline, the commands join it (the caller executes it).
+    """
+    key = price_key(organization_id, model_name)
+    own = not isinstance(client, redis.client.Pipeline)
+    pipe = client if isinstance(client, redis.client.Pipeline) else client.pipeline()
+    pipe.delete(key)
+    if prices is None:
+        pipe.hset(key, "unpriced", "1")
+        pipe.expire(key, UNPRICED_TTL_S)
+    else:
+        values = (prices.input, prices.output, prices.request, prices.compute_ms)
+        pipe.hset(key, mapping=dict(zip(PRICE_FIELDS, values, strict=True)))
+    if own:
+        pipe.execute()
 
 
 def cost_nanos(input_tokens: int, output_tokens: int, price_in: str, price_out: str) -> int:

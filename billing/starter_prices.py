@@ -1,17 +1,20 @@
-"""List prices a fresh platform starts with for its built-in models (operators change them)."""
+"""Default list prices: built-in models at start, compiled models as they are registered."""
 
 from __future__ import annotations
 
 import logging
 from decimal import Decimal
 
+from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from accounts.principal import Principal
 from billing.models import Price
 from billing.periods import hour_start
-from billing.pricing import price_set
+from billing.pricing import billed_units, price_set
 from catalog.models import Model
+from config.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -53,3 +56,38 @@ def starter_prices_ensure(*, principal: Principal) -> list[Price]:
             "starter prices for %s: %s in, %s out per million tokens", name, price_in, price_out
         )
     return created
+
+
+def compiled_model_prices_ensure(*, principal: Principal, model: Model) -> list[Price]:
+    """Gives a newly compiled model the operator's default list price, from this hour.
+
+    MANTLE_COMPILED_MODEL_PRICES names a price per unit; the model gets the two units of
+    its kind (billing.pricing.billed_units). Without both, it stays unpriced: admission
+    refuses it (403 model_not_priced) until an operator prices it, so a tenant's own
+    model never runs free by accident. A model that already has a price is left alone.
+    """
+    defaults: dict[str, str] = settings.MANTLE_COMPILED_MODEL_PRICES
+    units = billed_units(model.kind)
+    if not all(unit in defaults for unit in units):
+        logger.info("compiled model %s has no default price: not served until priced", model)
+        return []
+    if Price.objects.filter(model_name=model.name).exists():
+        return []
+    start = hour_start(timezone.now())
+    try:
+        with transaction.atomic():
+            return [
+                price_set(
+                    principal=principal,
+                    model_name=model.name,
+                    token_kind=unit,
+                    unit_price=defaults[unit],
+                    effective_from=start,
+                    reason="default list price for a compiled model (MANTLE_COMPILED_MODEL_PRICES)",
+                )
+                for unit in units
+            ]
+    except InvalidInput:
+        # A bad setting must not fail the tenant's compile job: the model stays unpriced.
+        logger.exception("MANTLE_COMPILED_MODEL_PRICES does not price %s", model)
+        return []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -18,6 +17,7 @@ from accounts.models import Organization
 from billing import stripe_types
 from billing.models import Invoice, StripeCustomer, UsageRollup
 from billing.models import InvoiceLine as InvoiceLineRow
+from billing.pricing import billed_units, model_kinds
 from billing.stripe_types import (
     CheckoutSession,
     InvoiceLine,
@@ -286,24 +286,34 @@ def stripe_meter_push_hour(*, hour: datetime) -> int:
     start = hour_floor(hour)
     if start + timedelta(hours=1) > timezone.now():
         raise InvalidInput("only a closed hour can be sent to Stripe", param="hour")
-    sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    rows = (
+    sums: dict[tuple[str, str], dict[str, int]] = {}
+    rows = list(
         UsageRollup.objects.filter(hour=start)
         .values("organization_id", "model_name")
-        .annotate(input_tokens=Sum("input_tokens"), output_tokens=Sum("output_tokens"))
+        .annotate(
+            input_tokens=Sum("input_tokens"),
+            output_tokens=Sum("output_tokens"),
+            requests=Sum("requests"),
+            compute_ms=Sum("compute_ms"),
+        )
     )
     for row in rows:
-        sums[(row["organization_id"], row["model_name"])] = [
-            row["input_tokens"] or 0,
-            row["output_tokens"] or 0,
-        ]
+        sums[(row["organization_id"], row["model_name"])] = {
+            "input": row["input_tokens"] or 0,
+            "output": row["output_tokens"] or 0,
+            "request": row["requests"] or 0,
+            "compute_ms": row["compute_ms"] or 0,
+        }
     orgs = Organization.objects.in_bulk({org_id for org_id, _ in sums})
+    # Each model's own units: tokens for text models, requests and compute for tensors.
+    kinds = model_kinds(model for _, model in sums)
     sent = 0
-    for (org_id, model), (input_tokens, output_tokens) in sorted(sums.items()):
+    for (org_id, model), quantities in sorted(sums.items()):
         org = orgs.get(org_id)
         if org is None:
             continue
-        for kind, quantity in (("input", input_tokens), ("output", output_tokens)):
+        for kind in billed_units(kinds[model]):
+            quantity = quantities[kind]
             if quantity > 0:
                 stripe_meter_push(org=org, model=model, kind=kind, hour=start, quantity=quantity)
                 sent += 1

@@ -6,7 +6,8 @@ and written down exactly in docs/billing.md, "Admission". In short, per organiza
     mantle:wallet:<org>            mode, cap_nanos, spent_nanos, reserved_nanos,
                                    pending_nanos, month, synced_at,
                                    p:<project>:cap_nanos, p:<project>:spent_nanos
-    mantle:price:<org>:<model>     in, out: nanos per token (decimal strings, exact)
+    mantle:price:<org>:<model>     in, out, req, ms: nanos per token, request and compute
+                                   millisecond (decimal strings, exact); or `unpriced`
 
 Admission may spend `cap - spent - reserved - pending`; what matters is the difference,
 so `wallet_sync` rebases `spent_nanos` with an increment rather than overwriting it.
@@ -37,7 +38,7 @@ from billing.invoicing import month_spend, unbilled_usage
 from billing.models import BillingAccount, Budget, CreditLedgerEntry, TokenKind, UsageRollup
 from billing.money import nanos_ceil, nanos_floor, nanos_per_token
 from billing.periods import month_label, month_start
-from billing.pricing import PriceBook
+from billing.pricing import PriceBook, billed_units, model_kinds
 from config.errors import InvalidInput
 from config.redis import get_redis
 from workers.contract import UsageEvent as ContractUsageEvent
@@ -74,7 +75,7 @@ class WalletState:
     spent_nanos: int
     month: str
     projects: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # id -> (cap, spent)
-    prices: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # model -> (in, out)
+    prices: Mapping[str, spend.Prices] = field(default_factory=dict)  # model -> its prices
 
 
 def billing_mode(org: Organization) -> str:
@@ -162,28 +163,52 @@ def wallet_compute(org: Organization, *, now: datetime | None = None) -> WalletS
 
 def prices_compute(
     organization_id: str, *, now: datetime | None = None, models: Iterable[str] | None = None
-) -> dict[str, tuple[str, str]]:
-    """model -> (in, out) nanos per token, the organization's effective prices now.
+) -> dict[str, spend.Prices]:
+    """model -> the organization's effective prices now, in nanos per unit.
 
-    Exact decimal strings: the gateway rounds a reservation up, the drain rounds each
-    request's cost up. A model priced for only one token kind is left out (logged):
-    its usage could not be invoiced either.
+    A text model's are per input and output token (request and compute time are 0); a
+    tensor model's per request and per compute millisecond (tokens are 0). Exact decimal
+    strings: the gateway rounds a reservation up, the drain rounds each request's cost
+    up. A model not priced for both of its units is left out (logged): the gateway
+    refuses it (`model_not_priced`) and its usage would be held, not invoiced.
     """
     now = now or timezone.now()
     book = PriceBook.load(organization_id, model_names=models)
+    names = sorted(book.model_names() if models is None else set(models))
+    kinds = model_kinds(names)
     prices = {}
-    for model in sorted(book.model_names() if models is None else set(models)):
-        p_in = book.effective(model, TokenKind.INPUT, now)
-        p_out = book.effective(model, TokenKind.OUTPUT, now)
-        if p_in is None or p_out is None:
-            if p_in is not None or p_out is not None:
-                logger.error("%s is priced for one token kind only; not admitted", model)
+    for model in names:
+        first, second = billed_units(kinds[model])
+        p_first = book.effective(model, first, now)
+        p_second = book.effective(model, second, now)
+        if p_first is None or p_second is None:
+            if p_first is not None or p_second is not None:
+                logger.error(
+                    "%s is priced for one of %s, %s only; not admitted", model, first, second
+                )
             continue
-        prices[model] = (
-            _plain(nanos_per_token(p_in.unit_price)),
-            _plain(nanos_per_token(p_out.unit_price)),
+        per_unit = {
+            first: _plain(nanos_per_token(p_first.unit_price)),
+            second: _plain(nanos_per_token(p_second.unit_price)),
+        }
+        prices[model] = spend.Prices(
+            input=per_unit.get(TokenKind.INPUT, "0"),
+            output=per_unit.get(TokenKind.OUTPUT, "0"),
+            request=per_unit.get(TokenKind.REQUEST, "0"),
+            compute_ms=per_unit.get(TokenKind.COMPUTE_MS, "0"),
         )
     return prices
+
+
+def price_fill(organization_id: str, model_name: str) -> spend.Prices | None:
+    """The model's price hash from the database, written to Redis (admission's miss path).
+
+    An unpriced model gets a short-lived `unpriced` marker instead, so admission refuses it
+    without asking the database each time, and serves it within a minute of being priced.
+    """
+    found = prices_compute(organization_id, models=[model_name]).get(model_name)
+    spend.price_write(get_redis(), organization_id, model_name, found)
+    return found
 
 
 # Rebases the wallet in one step. Increments (never overwrites) keep every HINCRBY of
@@ -263,8 +288,8 @@ def wallet_sync(org: Organization, *, now: datetime | None = None) -> WalletStat
             args += [project_id, str(cap), str(used - s0)]
         pipe = client.pipeline(transaction=True)
         pipe.eval(_SYNC, 1, key, *args)
-        for model, (p_in, p_out) in state.prices.items():
-            pipe.hset(spend.price_key(org.id, model), mapping={"in": p_in, "out": p_out})
+        for model, prices in state.prices.items():
+            spend.price_write(pipe, org.id, model, prices)
         if pipe.execute()[0] == 1:
             return state
         logger.info("wallet sync of %s raced another sync; computing again", org.id)
@@ -337,6 +362,8 @@ class Usage:
     output_tokens: int
     project_id: str = ""
     request_id: str = ""
+    requests: int = 1
+    compute_ms: int = 0
 
 
 def wallet_record_usage(
@@ -368,6 +395,7 @@ def wallet_record_events(events: Sequence[ContractUsageEvent]) -> None:
                 output_tokens=int(e.output_tokens),
                 project_id=e.project_id,
                 request_id=e.request_id,
+                compute_ms=int(e.compute_ms),
             )
             for e in events
         ]
@@ -390,8 +418,12 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
     costs = []
     args: list[str] = []
     for u in usages:
-        p_in, p_out = prices.get((u.organization_id, u.model_name), ("0", "0"))
-        cost = spend.cost_nanos(u.input_tokens, u.output_tokens, p_in, p_out)
+        cost = prices.get((u.organization_id, u.model_name), spend.FREE).cost(
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            requests=u.requests,
+            compute_ms=u.compute_ms,
+        )
         costs.append(cost)
         args += [
             spend.wallet_key(u.organization_id),
@@ -420,27 +452,27 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
 
 def _prices_for(
     client: redis.Redis, pairs: Iterable[tuple[str, str]]
-) -> dict[tuple[str, str], tuple[str, str]]:
+) -> dict[tuple[str, str], spend.Prices]:
     ordered = sorted(pairs)
     pipe = client.pipeline(transaction=False)
     for org_id, model in ordered:
-        pipe.hmget(spend.price_key(org_id, model), "in", "out")
-    found: dict[tuple[str, str], tuple[str, str]] = {}
+        pipe.hmget(spend.price_key(org_id, model), *spend.PRICE_FIELDS)
+    found: dict[tuple[str, str], spend.Prices] = {}
     missing: dict[str, list[str]] = {}
-    for (org_id, model), (p_in, p_out) in zip(ordered, pipe.execute(), strict=True):
-        if p_in is None or p_out is None:
+    for (org_id, model), values in zip(ordered, pipe.execute(), strict=True):
+        prices = spend.Prices.from_hash(values)
+        if prices is None:
             missing.setdefault(org_id, []).append(model)
         else:
-            found[(org_id, model)] = (str(p_in), str(p_out))
+            found[(org_id, model)] = prices
     for org_id, models in missing.items():
         computed = prices_compute(org_id, models=models)
         for model in models:
             if model not in computed:
                 logger.error("usage of unpriced model %s by %s counted at 0", model, org_id)
                 continue
-            p_in, p_out = computed[model]
-            client.hset(spend.price_key(org_id, model), mapping={"in": p_in, "out": p_out})
-            found[(org_id, model)] = (p_in, p_out)
+            spend.price_write(client, org_id, model, computed[model])
+            found[(org_id, model)] = computed[model]
     return found
 
 

@@ -52,15 +52,25 @@ class AppServer:
     stack: Stack
     process: Process
     url: str
+    email_dir: Path  # the server's mail, one file per message (Django's file backend)
+
+    def emails_to(self, address: str) -> list[str]:
+        """The messages sent to `address` so far, oldest first, as raw text."""
+        files = sorted(self.email_dir.glob("*.log"), key=lambda p: p.stat().st_mtime_ns)
+        texts = [p.read_text() for p in files]
+        return [t for t in texts if f"To: {address}" in t]
 
 
 @pytest.fixture(scope="session")
-def app_server(django_db_setup: None, django_db_blocker: Any) -> Iterator[AppServer]:
+def app_server(
+    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AppServer]:
     stack = Stack.for_tests()
     stack.env.pop(ASYNC_UNSAFE, None)
+    email_dir = tmp_path_factory.mktemp("app-server-emails")
     try:
-        process, url = stack.gateway(name="app-server")
-        yield AppServer(stack=stack, process=process, url=url)
+        process, url = stack.gateway(name="app-server", MANTLE_TEST_EMAIL_DIR=str(email_dir))
+        yield AppServer(stack=stack, process=process, url=url, email_dir=email_dir)
     finally:
         stack.stop_all()
 
@@ -112,7 +122,7 @@ def login_as(page: Page, user: User, server: AppServer) -> None:
     """Signs `user` in by a session cookie, skipping the log-in form (which has its own test)."""
     session = SessionStore()
     session[SESSION_KEY] = str(user.pk)
-    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[BACKEND_SESSION_KEY] = "accounts.backends.ThrottledModelBackend"
     session[HASH_SESSION_KEY] = user.get_session_auth_hash()
     session.save()
     page.context.add_cookies(

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import factory
+from django.utils import timezone
 
 from accounts import services
 from accounts.models import ApiKey, Membership, Organization, Project, User
 from accounts.permissions import Role
-from accounts.principal import SYSTEM
+from accounts.principal import SYSTEM, Principal
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -20,6 +21,9 @@ class UserFactory(factory.django.DjangoModelFactory):
     email = factory.Sequence(lambda n: f"user{n}@example.com")
     full_name = factory.Faker("name")
     password = "correct horse battery"
+    # Accounts made by the console are verified (docs/console.md); tests of unverified
+    # accounts pass email_verified_at=None.
+    email_verified_at = factory.LazyFunction(timezone.now)
 
     @classmethod
     def _create(cls, model_class: type[User], *args: Any, **kwargs: Any) -> User:
@@ -57,10 +61,19 @@ def make_api_key(
     *,
     scopes: Sequence[str] = ("inference",),
     project: Project | None = None,
+    by: User | None = None,
     **kwargs: Any,
 ) -> tuple[ApiKey, str]:
+    """A key of `org`, created by `by` (a member), else by the system.
+
+    Only an owner or admin may create an admin-scoped key, and the key acts with its
+    creator's role: without `by`, such a key is created by the organization's owner.
+    """
+    if by is None and "admin" in scopes:
+        owners = Membership.objects.filter(organization=org, role=Role.OWNER)
+        by = owners.earliest("created_at").user
     return services.api_key_create(
-        principal=SYSTEM,
+        principal=Principal(user=by) if by is not None else SYSTEM,
         project=project or default_project(org),
         name="test key",
         scopes=list(scopes),
@@ -147,12 +160,20 @@ UNSERVED_ENCODER: dict[str, Any] = {
 
 
 def make_model_version(
-    org: Organization | None, manifest: dict[str, Any], *, model_name: str | None = None
+    org: Organization | None,
+    manifest: dict[str, Any],
+    *,
+    model_name: str | None = None,
+    priced: bool = True,
 ) -> Any:
-    """A ready model version (and its model, created on first use) for an artifact manifest."""
+    """A ready model version (and its model, created on first use) for an artifact manifest.
+
+    A model created here is priced (`price_model`) unless `priced=False`: admission
+    refuses a model without a price (403 model_not_priced).
+    """
     from catalog.models import Model, ModelVersion
 
-    model, _ = Model.objects.get_or_create(
+    model, created = Model.objects.get_or_create(
         name=model_name or str(manifest["name"]),
         defaults={
             "organization": org,
@@ -160,6 +181,8 @@ def make_model_version(
             "context_length": int(manifest.get("context_length") or 0),
         },
     )
+    if created and priced:
+        price_model(model.name, model.kind)
     latest = model.versions.order_by("-version").values_list("version", flat=True).first()
     return ModelVersion.objects.create(
         model=model,
@@ -171,3 +194,46 @@ def make_model_version(
         tokenizer_file=str(manifest.get("tokenizer_file") or ""),
         manifest=manifest,
     )
+
+
+# Long before any test's usage, so every hour a test rates is priced.
+PRICED_SINCE = "2020-01-01T00:00:00+00:00"
+
+
+def price_model(name: str, kind: str, *, unit_price: str = "0.1") -> None:
+    """List prices for both units a model of `kind` is billed by, from PRICED_SINCE.
+
+    Written directly (not through `price_set`, which refuses the past and audits), as
+    a seeded price book would be.
+    """
+    from datetime import datetime
+    from decimal import Decimal
+
+    from billing.models import Price
+    from billing.pricing import billed_units
+
+    for unit in billed_units(kind):
+        Price.objects.get_or_create(
+            model_name=name,
+            token_kind=unit,
+            effective_from=datetime.fromisoformat(PRICED_SINCE),
+            defaults={"unit_price": Decimal(unit_price), "reason": "test price"},
+        )
+
+
+def price_builtin_models() -> None:
+    """The built-in models at their starter prices (what `bin/run`'s seed_prices gives)."""
+    from datetime import datetime
+    from decimal import Decimal
+
+    from billing.models import Price
+    from billing.starter_prices import STARTER_PRICES
+
+    for name, (price_in, price_out) in STARTER_PRICES.items():
+        for unit, value in (("input", price_in), ("output", price_out)):
+            Price.objects.get_or_create(
+                model_name=name,
+                token_kind=unit,
+                effective_from=datetime.fromisoformat(PRICED_SINCE),
+                defaults={"unit_price": Decimal(value), "reason": "starter price (test)"},
+            )

@@ -9,7 +9,13 @@ from django.contrib.auth import REDIRECT_FIELD_NAME
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils.decorators import method_decorator
 from unfold.sites import UnfoldAdminSite
+
+from accounts.backends import present_login_refusal
+from accounts.models import User
+from accounts.two_factor import session_verified
+from billing.backoffice import two_factor_views
 
 
 class BackOfficeSite(UnfoldAdminSite):
@@ -54,9 +60,33 @@ class BackOfficeSite(UnfoldAdminSite):
             path("usage/", wrap(views.usage), name="backoffice-usage"),
             path("usage.csv", wrap(views.usage_csv), name="backoffice-usage-csv"),
         ]
-        return own + super().get_urls()
+        # The second sign-in step: outside admin_view, whose gate it opens.
+        second_factor = [
+            path("two-factor/", two_factor_views.verify, name="backoffice-two-factor-verify"),
+            path("two-factor/enrol/", two_factor_views.enrol, name="backoffice-two-factor-enrol"),
+            path(
+                "two-factor/cancel/",
+                two_factor_views.cancel,
+                name="backoffice-two-factor-cancel",
+            ),
+        ]
+        return second_factor + own + super().get_urls()
 
+    def has_permission(self, request: HttpRequest) -> bool:
+        """Active staff who passed both steps of signing in: password, then a TOTP or
+        recovery code (accounts/two_factor.py). Every admin page, list and action is
+        behind admin_view, which asks this."""
+        return super().has_permission(request) and session_verified(request.user)
+
+    # The password step is throttled by the authentication backend, like the console's
+    # (accounts/backends.py); this shows its refusal as a 429 with its message.
+    @method_decorator(present_login_refusal)
     def login(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        user = request.user
+        if user.is_active and user.is_staff and not session_verified(user):
+            # The password is done (this session is signed in); the code is not yet.
+            assert isinstance(user, User)
+            return two_factor_views.redirect_to_second_factor(request, user)
         # Unfold's login form has no hidden `next` field, so the form posts to a URL that
         # carries it: otherwise staff who open /admin/login/ land in the customer console.
         if REDIRECT_FIELD_NAME not in request.GET:

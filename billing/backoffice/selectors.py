@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import time
@@ -23,11 +22,13 @@ from accounts.models import ApiKey, AuditLog, Membership, Organization
 from billing.budgets import budget_spend, budgets
 from billing.credit_notes import credit_notes
 from billing.credits import credit_entries
+from billing.held_usage import held_usage_for
 from billing.metering import drain_lag_seconds
 from billing.models import (
     Budget,
     CreditLedgerEntry,
     CreditNote,
+    HeldUsage,
     Invoice,
     PriceOverride,
     StripeCustomer,
@@ -39,6 +40,7 @@ from billing.periods import month_start
 from billing.pricing import PriceBook
 from billing.selectors import Balance, balance_summary, invoices
 from catalog.models import Endpoint
+from config.csv_export import csv_writer
 from config.errors import InvalidInput
 from config.redis import get_redis
 
@@ -105,6 +107,7 @@ class CustomerOverview:
     audit: list[AuditLog]
     stripe_customer_id: str | None
     stripe_url: str | None
+    held_usage: list[HeldUsage] = field(default_factory=list)
 
 
 def key_status(key: ApiKey, now: datetime) -> str:
@@ -171,6 +174,7 @@ def customer_overview(org: Organization, *, now: datetime | None = None) -> Cust
         audit=list(AuditLog.objects.filter(organization=org).order_by("-created_at", "-id")[:20]),
         stripe_customer_id=stripe.stripe_customer_id if stripe else None,
         stripe_url=stripe_dashboard_url(stripe.stripe_customer_id) if stripe else None,
+        held_usage=list(held_usage_for(org)[:50]),
     )
 
 
@@ -297,19 +301,46 @@ def _charges(rows: QuerySet[UsageRollup], organization_id: str) -> Decimal:
     book = PriceBook.load(organization_id)
     total = ZERO
     grouped = rows.values("model_name", "hour").annotate(
-        i=Sum("input_tokens"), o=Sum("output_tokens")
+        i=Sum("input_tokens"), o=Sum("output_tokens"), r=Sum("requests"), c=Sum("compute_ms")
     )
     for g in grouped.order_by():
-        total += _amount(book, g["model_name"], g["hour"], g["i"], g["o"]) or ZERO
+        total += (
+            _amount(
+                book,
+                g["model_name"],
+                g["hour"],
+                g["i"],
+                g["o"],
+                requests=g["r"],
+                compute_ms=g["c"],
+            )
+            or ZERO
+        )
     return total
 
 
 def _amount(
-    book: PriceBook, model_name: str, hour: datetime, input_tokens: int, output_tokens: int
+    book: PriceBook,
+    model_name: str,
+    hour: datetime,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    requests: int = 0,
+    compute_ms: int = 0,
 ) -> Decimal | None:
-    """Tokens of one model in one hour at the book's prices; None when nothing prices them."""
+    """Usage of one model in one hour at the book's prices; None when nothing prices it.
+
+    Every unit the book prices counts: a text model has token prices, a tensor model
+    request and compute-millisecond prices (billing.pricing.billed_units).
+    """
     amount: Decimal | None = None
-    for kind, qty in ((TokenKind.INPUT, input_tokens), (TokenKind.OUTPUT, output_tokens)):
+    for kind, qty in (
+        (TokenKind.INPUT, input_tokens),
+        (TokenKind.OUTPUT, output_tokens),
+        (TokenKind.REQUEST, requests),
+        (TokenKind.COMPUTE_MS, compute_ms),
+    ):
         price = book.effective(model_name, kind, hour) if qty else None
         if price is not None:
             amount = (amount or ZERO) + exact_amount(qty, price.unit_price)
@@ -328,7 +359,8 @@ def usage_csv(f: UsageFilter) -> Iterator[str]:
     """The rows as CSV text, CSV_CHUNK_ROWS rows per chunk, read through a server-side
     cursor on PostgreSQL: memory holds one chunk, whatever the range."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    # Model names (and any text column added later) may be a customer's: formulas defused.
+    writer = csv_writer(buffer, lineterminator="\n")
     writer.writerow((*CSV_COLUMNS, *CSV_AMOUNT_COLUMNS))
     rated = _RowRater()
     rows = _csv_values(f).iterator(chunk_size=CSV_CHUNK_ROWS)
@@ -452,18 +484,27 @@ def dashboard(*, now: datetime | None = None, days: int = 30, top: int = 10) -> 
     grouped = (
         UsageRollup.objects.filter(hour__gte=start, hour__lt=end)
         .values("organization_id", "model_name", "hour")
-        .annotate(i=Sum("input_tokens"), o=Sum("output_tokens"))
+        .annotate(
+            i=Sum("input_tokens"), o=Sum("output_tokens"), r=Sum("requests"), c=Sum("compute_ms")
+        )
         .order_by("organization_id", "hour")
     )
     book: PriceBook | None = None
     for g in grouped.iterator(chunk_size=5000):
         if book is None or book.organization_id != g["organization_id"]:
             book = PriceBook.load(g["organization_id"])
-        revenue = ZERO
-        for kind, qty in ((TokenKind.INPUT, g["i"]), (TokenKind.OUTPUT, g["o"])):
-            price = book.effective(g["model_name"], kind, g["hour"]) if qty else None
-            if price is not None:
-                revenue += exact_amount(qty, price.unit_price)
+        revenue = (
+            _amount(
+                book,
+                g["model_name"],
+                g["hour"],
+                g["i"],
+                g["o"],
+                requests=g["r"],
+                compute_ms=g["c"],
+            )
+            or ZERO
+        )
         d = g["hour"].astimezone(UTC).date()
         bucket = per_day.setdefault(d, [0, 0, ZERO])
         bucket[0] += g["i"]

@@ -242,6 +242,9 @@ def invoice(request: HttpRequest, invoice_id: str) -> HttpResponse:
             subtitle=f"{inv.organization.name}, {inv.period_start:%Y-%m}",
             inv=inv,
             lines=list(inv.lines.order_by("position")),
+            held=list(
+                inv.held_usage.select_related("invoice").order_by("model_name", "token_kind")
+            ),
             notes=list(inv.credit_notes.order_by("created_at")),
             credited=credited_amount(inv),
             actions=[(a, INVOICE_ACTIONS[a][0]) for a in ALLOWED[inv.status]] if can else [],

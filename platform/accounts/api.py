@@ -7,7 +7,7 @@ from django.utils import timezone
 from ninja import Router, Status
 
 from accounts import selectors, services
-from accounts.models import ApiKey, AuditLog, Membership, Organization
+from accounts.models import ApiKey, AuditLog, Invitation, Membership, Organization
 from accounts.permissions import Perm, Role
 from accounts.principal import Principal
 from accounts.schemas import (
@@ -15,6 +15,7 @@ from accounts.schemas import (
     ApiKeyIn,
     ApiKeyOut,
     AuditEntryOut,
+    InvitationOut,
     MemberInvite,
     MemberOut,
     MemberPatch,
@@ -99,14 +100,31 @@ def member_list(request: HttpRequest, organization_id: str) -> list[MemberOut]:
     return [_member_out(m) for m in selectors.memberships(org)]
 
 
-@router.post(f"{ORG}/members", response={201: MemberOut})
+@router.post(f"{ORG}/members", response={201: InvitationOut})
 def member_invite(
     request: HttpRequest, organization_id: str, payload: MemberInvite
-) -> Status[MemberOut]:
+) -> Status[InvitationOut]:
+    """Invites a person: a pending invitation, mailed to them; nobody joins until the
+    link in that email is accepted (the link is never part of this reply)."""
     principal = _principal(request)
     org = selectors.organization_for(principal, organization_id, Perm.MEMBERS_INVITE)
-    m = services.member_invite(principal=principal, org=org, email=payload.email, role=payload.role)
-    return Status(201, _member_out(m))
+    services.check_signed_in_person(principal)
+    invitation = services.member_invite(
+        principal=principal, org=org, email=payload.email, role=payload.role
+    )
+    return Status(201, _invitation_out(invitation))
+
+
+def _invitation_out(i: Invitation) -> InvitationOut:
+    return InvitationOut(
+        id=i.id,
+        email=i.email,
+        role=Role(i.role),
+        status=i.status(),
+        invited_by=i.invited_by.email if i.invited_by else None,
+        created_at=i.created_at,
+        expires_at=i.expires_at,
+    )
 
 
 @router.patch(f"{ORG}/members/{{membership_id}}", response=MemberOut)

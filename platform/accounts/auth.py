@@ -8,7 +8,7 @@ from django.conf import settings
 from django.http import HttpRequest
 from ninja.security import HttpBearer, SessionAuth
 
-from accounts import keys
+from accounts import keys, selectors
 from accounts.models import ApiKey
 from accounts.permissions import Scope
 from accounts.principal import Principal
@@ -47,13 +47,23 @@ class AdminApiKey(HttpBearer):
 
     Incorrect keys count against the caller's address in the same Redis window as the
     gateway's (`keys.failures_key`), so guessing through the management API is slowed
-    to the same limit; past it the address gets 429 before its key is looked at.
+    to the same limit; past it the address gets 429 before the database is asked,
+    unless the gateway's cache vouches for its key (as the gateway does: a valid key
+    keeps working from an address someone else guesses from).
     """
 
     def authenticate(self, request: HttpRequest, token: str) -> Principal | None:
         address = client_ip(request) or "unknown"
         redis = get_redis()
-        if int(redis.get(keys.failures_key(address)) or 0) >= settings.MANTLE_KEY_FAILURE_LIMIT:
+        digest = keys.secret_digest(token) if keys.looks_like_secret(token) else ""
+        failures, cached = redis.mget(
+            keys.failures_key(address), keys.cache_key(digest) if digest else keys.cache_key("-")
+        )
+        if int(failures or 0) >= settings.MANTLE_KEY_FAILURE_LIMIT and (
+            not digest
+            or cached in (None, keys.UNKNOWN)
+            or keys.identity_from_cache(digest, str(cached)) is None
+        ):
             raise TooManyFailedKeys(max(1, int(redis.ttl(keys.failures_key(address)))))
         if not keys.looks_like_secret(token):
             keys.record_failure(redis, address)
@@ -67,7 +77,12 @@ class AdminApiKey(HttpBearer):
             return None
         if Scope.ADMIN not in key.scopes:
             return None
-        return Principal(api_key=key, ip_address=client_ip(request))
+        principal = Principal(api_key=key, ip_address=client_ip(request))
+        # A key whose creator no longer holds a role it could act with (removed, or now
+        # billing) carries no power: unauthenticated, like a revoked key.
+        if selectors.role_in(principal, key.organization_id) is None:
+            return None
+        return principal
 
 
 management_auth = [ConsoleSession(), AdminApiKey()]

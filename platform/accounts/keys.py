@@ -12,9 +12,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
+from config import integrity
 from config.ids import random_token
-from config.redis import get_async_redis, get_redis
+from config.redis import delete_if_unchanged, get_async_redis, get_redis
 
 if TYPE_CHECKING:
     import redis
@@ -35,6 +37,9 @@ def generate_secret() -> str:
 
 
 def secret_digest(secret: str) -> str:
+    if not settings.API_KEY_PEPPER:
+        # A process without the pepper (MANTLE_ROLE) must fail loudly, never hash under "".
+        raise ImproperlyConfigured("MANTLE_API_KEY_PEPPER is not set in this process")
     pepper = str(settings.API_KEY_PEPPER).encode()
     return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
 
@@ -74,12 +79,19 @@ class KeyIdentity:
 
     @classmethod
     def from_json(cls, raw: str) -> KeyIdentity:
-        data = json.loads(raw)
+        """Parses a record; its seal, if any, is not checked (see `identity_from_cache`)."""
+        data = integrity.unsealed_fields(json.loads(raw))
+        data["scopes"] = tuple(data["scopes"])
+        return cls(**data)
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> KeyIdentity:
         data["scopes"] = tuple(data["scopes"])
         return cls(**data)
 
 
 _UNKNOWN = "unknown"
+UNKNOWN = _UNKNOWN  # the negative cache's value (accounts.auth tells it from an identity)
 
 
 def cache_key(digest: str) -> str:
@@ -114,19 +126,52 @@ def identity_of(
     )
 
 
+def cache_record(identity: KeyIdentity) -> str:
+    """The identity as stored in Redis: sealed (config/integrity.py) for its own cache key."""
+    return integrity.seal(
+        cache_key(identity.digest), dataclasses.asdict(identity), ttl_s=CACHE_TTL_S
+    )
+
+
+def identity_from_cache(digest: str, raw: str) -> KeyIdentity | None:
+    """The identity cached for `digest`, or None (logged) when the record fails its check.
+
+    Whoever can write Redis but lacks MANTLE_IDENTITY_KEY cannot make a record that
+    passes: the caller treats it as a miss and reads the database.
+    """
+    identity = integrity.unseal_as(cache_key(digest), raw, KeyIdentity.from_fields)
+    if identity is not None and constant_time_equal(identity.digest, digest):
+        return identity
+    logger.warning(
+        "cached identity for key digest %s... failed its integrity check; "
+        "discarded, reading the database",
+        digest[:12],
+    )
+    return None
+
+
 def cache_put(identity: KeyIdentity) -> None:
     """Write-through on every change, so revocation is visible to all gateways at once."""
-    get_redis().set(cache_key(identity.digest), identity.to_json(), ex=CACHE_TTL_S)
+    get_redis().set(cache_key(identity.digest), cache_record(identity), ex=CACHE_TTL_S)
 
 
 async def cache_get(digest: str) -> KeyIdentity | str | None:
-    """The cached identity, `"unknown"` for a known-bad digest, or None on a miss."""
+    """The cached identity, `"unknown"` for a known-bad digest, or None on a miss.
+
+    A record that fails its integrity check is a miss.
+    """
     raw = await get_async_redis().get(cache_key(digest))
     if raw is None:
         return None
     if raw == _UNKNOWN:
         return _UNKNOWN
-    return KeyIdentity.from_json(str(raw))
+    return identity_from_cache(digest, str(raw))
+
+
+async def cache_discard_async(digest: str, raw: str) -> None:
+    """Removes a record that failed its check (unless a write-through replaced it since),
+    so that the fill from the database lands."""
+    await delete_if_unchanged(cache_key(digest), raw)
 
 
 async def cache_fill_async(identity: KeyIdentity | None, digest: str) -> None:
@@ -139,7 +184,7 @@ async def cache_fill_async(identity: KeyIdentity | None, digest: str) -> None:
     if identity is None:
         value, ttl = _UNKNOWN, NEGATIVE_CACHE_TTL_S
     else:
-        value, ttl = identity.to_json(), CACHE_TTL_S
+        value, ttl = cache_record(identity), CACHE_TTL_S
     await get_async_redis().set(cache_key(digest), value, ex=ttl, nx=True)
 
 

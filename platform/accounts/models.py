@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 from django.contrib.auth.base_user import AbstractBaseUser, BaseUserManager
 from django.contrib.auth.models import PermissionsMixin
 from django.db import models
-from django.db.models import Q
+from django.db.models import Q, TextChoices
 from django.utils import timezone
 
 from accounts.permissions import Role
@@ -39,6 +39,9 @@ class User(AbstractBaseUser, PermissionsMixin):
     is_active = models.BooleanField(default=True)
     is_staff = models.BooleanField(default=False)
     date_joined = models.DateTimeField(default=timezone.now)
+    # Set when the person proved they read mail at `email` (a sign-up or invitation link,
+    # a password reset). Unverified accounts cannot join organizations (docs/console.md).
+    email_verified_at = models.DateTimeField(null=True, blank=True)
 
     objects: ClassVar[UserManager] = UserManager()
 
@@ -49,11 +52,17 @@ class User(AbstractBaseUser, PermissionsMixin):
     def __str__(self) -> str:
         return self.email
 
+    @property
+    def email_verified(self) -> bool:
+        return self.email_verified_at is not None
+
 
 class Organization(models.Model):
     """A corporate customer: the unit of tenancy, billing and data residency."""
 
-    class Status(models.TextChoices):
+    # TextChoices by its own name: with django-otp's models installed beside these,
+    # the django-stubs plugin fails to resolve `models.TextChoices` here (mypy 2.4).
+    class Status(TextChoices):
         ACTIVE = "active"
         SUSPENDED = "suspended"
 
@@ -85,6 +94,77 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} in {self.organization_id} as {self.role}"
+
+
+class Invitation(models.Model):
+    """An offer of membership, pending until accepted through the link mailed to `email`.
+
+    Only a SHA-256 digest of the link's secret is stored: the secret is in the email alone,
+    never shown to the inviter, so accepting proves control of the mailbox.
+    """
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=ids.new_invitation_id, editable=False
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="invitations"
+    )
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=[(r.value, r.value) for r in Role])
+    invited_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    token_digest = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            # One open invitation per address and organization: a second is a resend.
+            models.UniqueConstraint(
+                fields=["organization", "email"],
+                condition=Q(accepted_at__isnull=True, revoked_at__isnull=True),
+                name="one_open_invitation",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.email} to {self.organization_id} as {self.role}"
+
+    def status(self, now: Any = None) -> str:
+        if self.accepted_at is not None:
+            return "accepted"
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= (now or timezone.now()):
+            return "expired"
+        return "pending"
+
+
+class PendingSignup(models.Model):
+    """A sign-up waiting for its email link; the account exists only once it is followed.
+
+    So nobody can hold an account (or an organization, or keys) under an address they do
+    not read, and the sign-up page answers the same whether or not the address is taken.
+    """
+
+    email = models.EmailField(db_index=True)
+    full_name = models.CharField(max_length=200, blank=True)
+    organization_name = models.CharField(max_length=120)
+    password = models.CharField(max_length=128)  # a hash, as User.password
+    token_digest = models.CharField(max_length=64, unique=True)
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"sign-up of {self.email}"
 
 
 class Project(models.Model):

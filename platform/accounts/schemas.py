@@ -48,6 +48,16 @@ class MemberInvite(In):
         return value.strip().lower()
 
 
+class InvitationOut(Schema):
+    id: str
+    email: str
+    role: Role
+    status: str = Field(description="pending, accepted, revoked or expired")
+    invited_by: str | None
+    created_at: datetime
+    expires_at: datetime
+
+
 class MemberPatch(In):
     role: Role
 

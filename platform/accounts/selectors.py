@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
-from accounts.models import ApiKey, AuditLog, Membership, Organization, Project
-from accounts.permissions import Perm, Role, Scope, role_allows
+from accounts.models import ApiKey, AuditLog, Invitation, Membership, Organization, Project
+from accounts.permissions import Perm, Role, Scope, admin_key_role, role_allows
 from accounts.principal import Principal
 from config.errors import NotFound, PermissionDenied
 
@@ -19,14 +19,27 @@ def organizations_for(principal: Principal) -> QuerySet[Organization]:
 
 
 def role_in(principal: Principal, organization_id: str) -> Role | None:
+    """The principal's role in the organization; None: no standing there at all.
+
+    An admin-scoped key acts with min(ADMIN, its creator's role *now*), read on every
+    call: a key never outranks the person who made it, and demoting or removing that
+    person takes the power away even before their keys are narrowed or revoked.
+    """
     if principal.api_key is not None:
-        if principal.api_key.organization_id != organization_id:
+        key = principal.api_key
+        if key.organization_id != organization_id or Scope.ADMIN not in key.scopes:
             return None
-        return Role.ADMIN if Scope.ADMIN in principal.api_key.scopes else None
+        if key.created_by_id is None:
+            return None  # nobody vouches for it: no power to manage anything
+        return admin_key_role(_member_role(organization_id, key.created_by_id))
     if principal.user is None:
         return None
+    return _member_role(organization_id, principal.user.pk)
+
+
+def _member_role(organization_id: str, user_id: int) -> Role | None:
     role = (
-        Membership.objects.filter(organization_id=organization_id, user=principal.user)
+        Membership.objects.filter(organization_id=organization_id, user_id=user_id)
         .values_list("role", flat=True)
         .first()
     )
@@ -88,3 +101,25 @@ def api_key_get(org: Organization, key_id: str) -> ApiKey:
 
 def audit_log(org: Organization, limit: int = 100) -> QuerySet[AuditLog]:
     return AuditLog.objects.filter(organization=org).order_by("-created_at", "-id")[:limit]
+
+
+def invitations_open(org: Organization) -> QuerySet[Invitation]:
+    """Neither accepted nor revoked (expired ones included, to be resent or revoked)."""
+    return (
+        Invitation.objects.filter(
+            organization=org, accepted_at__isnull=True, revoked_at__isnull=True
+        )
+        .select_related("invited_by")
+        .order_by("-created_at")
+    )
+
+
+def invitation_get(org: Organization, invitation_id: str) -> Invitation:
+    found = (
+        Invitation.objects.filter(organization=org, id=invitation_id)
+        .select_related("organization", "invited_by")
+        .first()
+    )
+    if found is None:
+        raise NotFound(f"invitation {invitation_id!r} not found", param="invitation_id")
+    return found

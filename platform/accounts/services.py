@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
 from django.conf import settings
-from django.core.mail import send_mail
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from accounts import keys
-from accounts.models import ApiKey, AuditLog, Membership, Organization, Project, User
-from accounts.permissions import Role, Scope
+from accounts import emails, keys
+from accounts.models import (
+    ApiKey,
+    AuditLog,
+    Invitation,
+    Membership,
+    Organization,
+    Project,
+    User,
+)
+from accounts.permissions import Perm, Role, Scope, key_scopes_allowed, role_allows
 from accounts.principal import Principal
-from config.errors import Conflict, InvalidInput, PermissionDenied
+from config.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from config.redis import get_redis
 
 logger = logging.getLogger(__name__)
@@ -54,7 +65,14 @@ def organization_create(
     *, principal: Principal, name: str, owner: User, region: str | None = None
 ) -> Organization:
     name = _clean_name(name, param="name")
-    org = Organization.objects.create(name=name, region=region or settings.MANTLE_DEFAULT_REGION)
+    region = region or settings.MANTLE_DEFAULT_REGION
+    if region not in settings.MANTLE_REGIONS:
+        # Only the regions the platform runs (MANTLE_REGIONS): a made-up one would leave the
+        # organization with no pool to place an endpoint on.
+        raise InvalidInput(
+            f"region must be one of {', '.join(settings.MANTLE_REGIONS)}", param="region"
+        )
+    org = Organization.objects.create(name=name, region=region)
     Membership.objects.create(organization=org, user=owner, role=Role.OWNER)
     Project.objects.create(organization=org, name=DEFAULT_PROJECT_NAME, is_default=True)
     audit_record(principal=principal, action="organization.created", target=org, organization=org)
@@ -127,31 +145,243 @@ def _cache_organization_keys(organization_id: str) -> None:
 # --- Members -----------------------------------------------------------------------------
 
 
+def member_invite(*, principal: Principal, org: Organization, email: str, role: Role) -> Invitation:
+    """Invites `email` as `role`: nobody joins until the link mailed to `email` is accepted.
+
+    Nothing is granted here, not even to an existing account with that address: whoever
+    registered an address first need not be the one who reads its mail, and only the
+    link (sent to that mailbox, never shown to the inviter) proves that.
+    """
+    return invitation_create(principal=principal, org=org, email=email, role=role)
+
+
 @transaction.atomic
-def member_invite(*, principal: Principal, org: Organization, email: str, role: Role) -> Membership:
-    """Adds a person to the organization; a new person gets an account and an email."""
+def invitation_create(
+    *, principal: Principal, org: Organization, email: str, role: Role
+) -> Invitation:
+    check_signed_in_person(principal)
     email = email.strip().lower()
     _check_may_grant(principal, org, role)
-    user = User.objects.filter(email=email).first()
-    created = user is None
-    if user is None:
-        user = User.objects.create_user(email=email, password=None)  # unusable until reset
-    if Membership.objects.filter(organization=org, user=user).exists():
+    if principal.user is not None and not principal.user.email_verified:
+        # An invitation names its sender: an unproven address must not send one.
+        raise PermissionDenied(
+            "confirm your own email address before inviting people", param="email"
+        )
+    if Membership.objects.filter(organization=org, user__email=email).exists():
         raise Conflict(f"{email} is already a member", param="email")
-    membership = Membership.objects.create(organization=org, user=user, role=role)
+    now = timezone.now()
+    open_ones = Invitation.objects.select_for_update().filter(
+        organization=org, email=email, accepted_at__isnull=True, revoked_at__isnull=True
+    )
+    for stale in open_ones:
+        if stale.expires_at > now:
+            raise Conflict(
+                f"{email} already has a pending invitation; resend or revoke it", param="email"
+            )
+        # An expired one gives way to the new one (one open invitation per address).
+        stale.revoked_at = now
+        stale.save(update_fields=["revoked_at"])
+    secret, digest = _new_link_secret()
+    invitation = Invitation.objects.create(
+        organization=org,
+        email=email,
+        role=role,
+        invited_by=principal.user,
+        token_digest=digest,
+        sent_at=now,
+        expires_at=now + timedelta(seconds=settings.MANTLE_INVITATION_TTL_S),
+    )
     audit_record(
         principal=principal,
         action="member.invited",
-        target=membership,
+        target=invitation,
         organization=org,
         metadata={"email": email, "role": str(role)},
     )
-    transaction.on_commit(lambda: _send_invitation(org, email, new_account=created))
+    _mail_invitation_on_commit(invitation, secret, principal)
+    return invitation
+
+
+@transaction.atomic
+def invitation_resend(*, principal: Principal, invitation: Invitation) -> Invitation:
+    """A fresh link (the old one stops working) and a fresh expiry, mailed again."""
+    check_signed_in_person(principal)
+    locked = Invitation.objects.select_for_update().get(pk=invitation.pk)
+    _check_may_grant(principal, locked.organization, Role(locked.role))
+    if locked.accepted_at is not None or locked.revoked_at is not None:
+        raise Conflict(f"this invitation was already {locked.status()}", param="invitation_id")
+    now = timezone.now()
+    secret, locked.token_digest = _new_link_secret()
+    locked.sent_at = now
+    locked.expires_at = now + timedelta(seconds=settings.MANTLE_INVITATION_TTL_S)
+    locked.save(update_fields=["token_digest", "sent_at", "expires_at"])
+    audit_record(
+        principal=principal,
+        action="member.invitation_resent",
+        target=locked,
+        organization=locked.organization,
+        metadata={"email": locked.email},
+    )
+    _mail_invitation_on_commit(locked, secret, principal)
+    return locked
+
+
+@transaction.atomic
+def invitation_revoke(*, principal: Principal, invitation: Invitation) -> Invitation:
+    check_signed_in_person(principal)
+    locked = Invitation.objects.select_for_update().get(pk=invitation.pk)
+    if locked.accepted_at is not None:
+        raise Conflict("this invitation was already accepted", param="invitation_id")
+    if locked.revoked_at is None:
+        locked.revoked_at = timezone.now()
+        locked.save(update_fields=["revoked_at"])
+        audit_record(
+            principal=principal,
+            action="member.invitation_revoked",
+            target=locked,
+            organization=locked.organization,
+            metadata={"email": locked.email},
+        )
+    return locked
+
+
+def invitation_by_token(token: str) -> Invitation:
+    """The open invitation a link's secret names; NotFound for anything else.
+
+    Used, revoked, expired, tampered and unknown links get the same answer, so a link
+    tells its holder nothing beyond what it was sent for.
+    """
+    found = (
+        Invitation.objects.select_related("organization", "invited_by")
+        .filter(token_digest=_link_digest(token))
+        .first()
+    )
+    if found is None or found.status() != "pending":
+        raise NotFound("this invitation link is not valid: it was used, revoked or expired")
+    return found
+
+
+@transaction.atomic
+def invitation_accept(*, token: str, user: User, ip_address: str | None = None) -> Membership:
+    """`user` joins through the link; their verified email must be the invited one.
+
+    The link proves control of the mailbox, the session proves the account: both name the
+    same address, and that address was proven to be the account's. Single use: the row is
+    locked and marked accepted in the same transaction as the membership.
+    """
+    pending = invitation_by_token(token)
+    invitation = Invitation.objects.select_for_update().get(pk=pending.pk)
+    if invitation.status() != "pending":
+        raise NotFound("this invitation link is not valid: it was used, revoked or expired")
+    if user.email.lower() != invitation.email:
+        raise PermissionDenied(
+            f"this invitation is for {invitation.email}; you are signed in as {user.email}"
+        )
+    if not user.email_verified:
+        raise PermissionDenied(
+            "your account's email address is not confirmed yet: reset your password "
+            "(the reset link confirms it), then open this invitation again"
+        )
+    org = invitation.organization
+    _check_inviter_still_may(invitation)
+    if Membership.objects.filter(organization=org, user=user).exists():
+        raise Conflict(f"{user.email} is already a member of {org.name}", param="email")
+    membership = Membership.objects.create(organization=org, user=user, role=invitation.role)
+    invitation.accepted_at = timezone.now()
+    invitation.accepted_by = user
+    invitation.save(update_fields=["accepted_at", "accepted_by"])
+    audit_record(
+        principal=Principal(user=user, ip_address=ip_address),
+        action="member.joined",
+        target=membership,
+        organization=org,
+        metadata={"email": user.email, "role": invitation.role, "invitation": invitation.id},
+    )
+    logger.info("%s joined %s as %s", user.pk, org.id, invitation.role)
     return membership
 
 
 @transaction.atomic
+def invitation_accept_new_account(
+    *, token: str, password: str, full_name: str, ip_address: str | None = None
+) -> Membership:
+    """Someone without an account accepts: the link verifies the address it was sent to."""
+    invitation = invitation_by_token(token)
+    if User.objects.filter(email=invitation.email).exists():
+        raise Conflict(f"an account for {invitation.email} exists: log in to accept", param="email")
+    candidate = User(email=invitation.email, full_name=full_name.strip())
+    try:
+        validate_password(password, user=candidate)
+    except ValidationError as exc:
+        raise InvalidInput(" ".join(exc.messages), param="password") from exc
+    try:
+        with transaction.atomic():
+            user = User.objects.create_user(
+                email=invitation.email,
+                password=password,
+                full_name=full_name.strip(),
+                email_verified_at=timezone.now(),
+            )
+    except IntegrityError as exc:  # created meanwhile (a sign-up link, a second tab)
+        raise Conflict(
+            f"an account for {invitation.email} exists: log in to accept", param="email"
+        ) from exc
+    return invitation_accept(token=token, user=user, ip_address=ip_address)
+
+
+def _check_inviter_still_may(invitation: Invitation) -> None:
+    """An invitation is worth no more than its sender's current power: one sent by a
+    since-removed or demoted member is void."""
+    from accounts.selectors import role_in
+
+    inviter = invitation.invited_by
+    if inviter is None:  # sent by the system (operators, seed data)
+        return
+    role = role_in(Principal(user=inviter), invitation.organization_id)
+    allowed = role is not None and role_allows(role, Perm.MEMBERS_INVITE)
+    if allowed and invitation.role == Role.OWNER:
+        allowed = role == Role.OWNER
+    if not allowed:
+        raise PermissionDenied(
+            "this invitation is no longer valid: whoever sent it may no longer invite; "
+            "ask the organization for a new one"
+        )
+
+
+def _new_link_secret() -> tuple[str, str]:
+    secret = secrets.token_urlsafe(32)
+    return secret, _link_digest(secret)
+
+
+def _link_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _mail_invitation_on_commit(invitation: Invitation, secret: str, principal: Principal) -> None:
+    org_name = invitation.organization.name
+    inviter = principal.label if principal.user is not None else f"The {org_name} team"
+
+    def send() -> None:
+        emails.send_invitation(
+            email=invitation.email,
+            organization_name=org_name,
+            role=invitation.role,
+            inviter=inviter,
+            token=secret,
+            expires_at=invitation.expires_at,
+        )
+
+    transaction.on_commit(send)
+
+
+@transaction.atomic
 def member_change_role(*, principal: Principal, membership: Membership, role: Role) -> Membership:
+    """Changes a member's role; their keys are narrowed to what the new role may hold.
+
+    A key that keeps no scope is revoked. Both happen in this transaction, and every
+    gateway's cache entry of a changed key is rewritten once it commits.
+    """
+    check_signed_in_person(principal)
     org = membership.organization
     old = Role(membership.role)
     if old == role:
@@ -169,11 +399,14 @@ def member_change_role(*, principal: Principal, membership: Membership, role: Ro
         organization=org,
         metadata={"email": membership.user.email, "from": str(old), "to": str(role)},
     )
+    _restrict_member_keys(principal=principal, membership=membership, role=role)
     return membership
 
 
 @transaction.atomic
 def member_remove(*, principal: Principal, membership: Membership) -> None:
+    """Removes a member and revokes, at once and at every gateway, every key they created."""
+    check_signed_in_person(principal)
     org = membership.organization
     if membership.role == Role.OWNER:
         _check_may_grant(principal, org, Role.OWNER)
@@ -185,7 +418,78 @@ def member_remove(*, principal: Principal, membership: Membership) -> None:
         organization=org,
         metadata={"email": membership.user.email, "role": membership.role},
     )
+    _restrict_member_keys(principal=principal, membership=membership, role=None)
     membership.delete()
+
+
+def check_signed_in_person(principal: Principal) -> None:
+    """People are managed by a signed-in person (or the system), never by an API key.
+
+    A key is a long-lived bearer secret that outlives sessions and password resets; if it
+    could invite, promote or remove members, one leaked key would take the organization.
+    """
+    if principal.api_key is not None:
+        raise PermissionDenied(
+            "members are invited, changed and removed by a signed-in person, not an API key"
+        )
+
+
+def _restrict_member_keys(
+    *, principal: Principal, membership: Membership, role: Role | None
+) -> None:
+    """Narrows the keys `membership`'s person created in its organization to `role`.
+
+    `role` None (the member is being removed) revokes them all. A key keeps only the
+    scopes the role may hand out (`key_scopes_allowed`); one left with none is revoked.
+    Runs inside the caller's transaction; the cache entries are rewritten after commit
+    through the same write-through as `api_key_revoke`, so no gateway accepts a revoked
+    key, or an inference call from a narrowed one, once the change is visible.
+    """
+    org = membership.organization
+    allowed = {s.value for s in key_scopes_allowed(role)}
+    reason = "member.removed" if role is None else "member.role_changed"
+    live = (
+        ApiKey.objects.select_for_update(of=("self",))
+        .select_related("project")
+        .filter(organization=org, created_by_id=membership.user_id, revoked_at__isnull=True)
+        .order_by("created_at")
+    )
+    changed: list[ApiKey] = []
+    for key in live:
+        kept = [s for s in key.scopes if s in allowed]
+        if kept == list(key.scopes):
+            continue
+        if kept:
+            metadata = {"prefix": key.prefix, "from": list(key.scopes), "to": kept}
+            key.scopes = kept
+            key.save(update_fields=["scopes"])
+            action = "api_key.narrowed"
+        else:
+            key.revoked_at = timezone.now()
+            key.save(update_fields=["revoked_at"])
+            metadata, action = {"prefix": key.prefix}, "api_key.revoked"
+        audit_record(
+            principal=principal,
+            action=action,
+            target=key,
+            organization=org,
+            metadata={**metadata, "because": reason, "member": membership.user.email},
+        )
+        changed.append(key)
+    if changed:
+        transaction.on_commit(lambda: _cache_keys(changed, org))
+        logger.info(
+            "%d API keys of %s in %s narrowed or revoked (%s)",
+            len(changed),
+            membership.user_id,
+            org.id,
+            reason,
+        )
+
+
+def _cache_keys(changed: Sequence[ApiKey], org: Organization) -> None:
+    for key in changed:
+        keys.cache_put(_identity(key, org))
 
 
 def _check_may_grant(principal: Principal, org: Organization, role: Role) -> None:
@@ -204,17 +508,6 @@ def _ensure_another_owner(membership: Membership) -> None:
     )
     if owners.exclude(id=membership.id).count() == 0:
         raise Conflict("an organization must keep at least one owner", param="role")
-
-
-def _send_invitation(org: Organization, email: str, *, new_account: bool) -> None:
-    action = "set a password at" if new_account else "sign in at"
-    send_mail(
-        subject=f"You have been added to {org.name} on Mantle",
-        message=f"You are now a member of {org.name}. To start, {action} "
-        f"{settings.PUBLIC_BASE_URL}/console/",
-        from_email=None,
-        recipient_list=[email],
-    )
 
 
 # --- Projects ------------------------------------------------------------------------
@@ -254,6 +547,21 @@ def project_update(*, principal: Principal, project: Project, name: str) -> Proj
 # --- API keys ------------------------------------------------------------------------------
 
 
+def limits_within_organization(*, rpm_limit: int | None, tpm_limit: int | None) -> None:
+    """A key's or project's limits may not exceed its organization's share of an endpoint
+    (MANTLE_ORG_ENDPOINT_RPM/TPM): such a limit would promise what admission never gives.
+    Limits set before (or by the back office) are clamped when served (gateway.views)."""
+    for value, cap, param in (
+        (rpm_limit, settings.MANTLE_ORG_ENDPOINT_RPM, "rpm_limit"),
+        (tpm_limit, settings.MANTLE_ORG_ENDPOINT_TPM, "tpm_limit"),
+    ):
+        if value is not None and value > cap:
+            raise InvalidInput(
+                f"{param} may be at most {cap}, the organization's limit per endpoint",
+                param=param,
+            )
+
+
 def api_key_create(
     *,
     principal: Principal,
@@ -263,18 +571,30 @@ def api_key_create(
     expires_at: datetime | None = None,
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,
+    secret: str | None = None,
 ) -> tuple[ApiKey, str]:
-    """Creates a key and returns it with its secret, which is never available again."""
+    """Creates a key and returns it with its secret, which is never available again.
+
+    The key records the person it acts for: the signed-in creator, or, for a key made by
+    an admin key, that key's own creator (so removing the person revokes both). It may
+    carry only the scopes that person's role hands out (`key_scopes_allowed`); the
+    system (no person) makes keys without `admin`. `secret`, when given, is one the
+    caller derived itself (the console's playground); otherwise a fresh random one.
+    """
     name = _clean_name(name, param="name")
     clean_scopes = _clean_scopes(scopes)
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput("expires_at must be in the future", param="expires_at")
+    limits_within_organization(rpm_limit=rpm_limit, tpm_limit=tpm_limit)
     if Scope.ADMIN in clean_scopes and principal.api_key is not None:
         # A leaked admin key must not be able to mint fresh ones that outlive its revocation.
         raise PermissionDenied("an API key cannot create admin-scoped keys", param="scopes")
-    secret = keys.generate_secret()
-    digest = keys.secret_digest(secret)
     org = project.organization
+    creator = _check_key_scopes(principal, org, clean_scopes)
+    if secret is not None and not keys.looks_like_secret(secret):
+        raise InvalidInput("a given secret must have the API key format", param="secret")
+    secret = secret or keys.generate_secret()
+    digest = keys.secret_digest(secret)
     with transaction.atomic():
         key = ApiKey.objects.create(
             organization=org,
@@ -283,7 +603,7 @@ def api_key_create(
             prefix=keys.display_prefix(secret),
             digest=digest,
             scopes=clean_scopes,
-            created_by=principal.user,
+            created_by=creator,
             expires_at=expires_at,
             rpm_limit=rpm_limit,
             tpm_limit=tpm_limit,
@@ -364,6 +684,34 @@ def _identity(key: ApiKey, org: Organization) -> keys.KeyIdentity:
             key.project.tpm_limit or settings.MANTLE_DEFAULT_PROJECT_TPM,
         ),
     )
+
+
+def _check_key_scopes(
+    principal: Principal, org: Organization, scopes: Sequence[str]
+) -> User | None:
+    """The person a new key acts for, once the scopes are within that person's role."""
+    if principal.user is None and principal.api_key is None:
+        if Scope.ADMIN in scopes:
+            raise PermissionDenied(
+                "admin-scoped keys are created by an owner or admin of the organization",
+                param="scopes",
+            )
+        return None
+    from accounts.selectors import role_in
+
+    role = role_in(principal, org.id)
+    allowed = key_scopes_allowed(role)
+    beyond = [s for s in scopes if s not in allowed]
+    if beyond:
+        who = f"the {role} role" if role is not None else "this caller"
+        raise PermissionDenied(
+            f"{who} may not create keys with the {beyond[0]!r} scope; "
+            f"allowed: {sorted(s.value for s in allowed)}",
+            param="scopes",
+        )
+    if principal.api_key is not None:
+        return principal.api_key.created_by
+    return principal.user
 
 
 def _clean_scopes(scopes: Sequence[str]) -> list[str]:

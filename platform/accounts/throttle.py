@@ -1,4 +1,13 @@
-"""Console log-in throttling: failed attempts counted in Redis per email and per client address."""
+"""Log-in and sign-up throttling, counted in Redis, that never hands an attacker a lock-out.
+
+Failed log-ins are counted per (email, client address) pair and per client address, never
+per email alone: a stranger who types wrong passwords for someone else's email blocks only
+their own address for that email, and the owner signing in from anywhere else is not
+slowed at all. Guessing one account from many addresses is therefore limited per address,
+not in total; the account-wide count is only logged as a warning (a password of the
+validators' strength outlasts that; see docs/console.md). Sign-ups are counted per email
+and per address, so nobody can mail-bomb an address through the sign-up form.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +24,12 @@ from config.redis import get_redis
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "mantle:login-fail:"
+SIGNUP_PREFIX = "mantle:signup:"
+UNKNOWN_ADDRESS = "unknown"
 
-# One round trip: count the failure in both windows. The window starts at the first
-# failure (EXPIRE NX keeps later failures from pushing it back), so a locked-out person
-# knows when they may try again, and a steady trickle of guesses cannot keep an
-# account locked forever.
+# One round trip: count in every window. A window starts at the first count (EXPIRE NX
+# keeps later ones from pushing it back), so a refused person knows when they may try
+# again, and a steady trickle cannot keep a pair or an address blocked forever.
 _RECORD = """
 local out = {}
 for i, key in ipairs(KEYS) do
@@ -35,53 +45,69 @@ class LoginThrottled(DomainError):
     code = "login_throttled"
 
 
+class SignupThrottled(DomainError):
+    status = 429
+    code = "signup_throttled"
+
+
 @dataclass(frozen=True)
 class Failures:
-    email: int
+    pair: int
     address: int
+    account: int
 
 
-def email_key(email: str) -> str:
-    # Hashed: the key names in Redis should not be a list of the addresses people typed.
-    digest = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
-    return f"{KEY_PREFIX}email:{digest}"
+def _digest(*parts: str) -> str:
+    # Hashed: key names in Redis should not be a list of the addresses people typed.
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 
 
-def address_key(address: str) -> str:
-    return f"{KEY_PREFIX}addr:{address}"
+def _email(email: str) -> str:
+    return email.strip().lower()
 
 
-def _keys(email: str, address: str | None) -> list[str]:
-    found = [email_key(email)]
-    if address:
-        found.append(address_key(address))
-    return found
+def pair_key(email: str, address: str | None) -> str:
+    return f"{KEY_PREFIX}pair:{_digest(_email(email), address or UNKNOWN_ADDRESS)}"
+
+
+def address_key(address: str | None) -> str:
+    return f"{KEY_PREFIX}addr:{address or UNKNOWN_ADDRESS}"
+
+
+def account_key(email: str) -> str:
+    """Counted for the warning log only: it never refuses anyone."""
+    return f"{KEY_PREFIX}account:{_digest(_email(email))}"
+
+
+def _wait_minutes(ttl: int) -> int:
+    return max(1, math.ceil((ttl if ttl > 0 else settings.MANTLE_LOGIN_FAILURE_WINDOW_S) / 60))
 
 
 def login_throttle_check(*, email: str, address: str | None) -> None:
     """Refuses (LoginThrottled) before the password is even checked once a limit is reached."""
-    client = get_redis()
-    keys = _keys(email, address)
-    pipe = client.pipeline(transaction=False)
+    keys = [pair_key(email, address), address_key(address)]
+    limits = [
+        settings.MANTLE_LOGIN_MAX_FAILURES_PER_PAIR,
+        settings.MANTLE_LOGIN_MAX_FAILURES_PER_ADDRESS,
+    ]
+    pipe = get_redis().pipeline(transaction=False)
     for key in keys:
         pipe.get(key)
         pipe.ttl(key)
     replies = pipe.execute()
-    limits = [settings.MANTLE_LOGIN_MAX_FAILURES_PER_EMAIL]
-    if address:
-        limits.append(settings.MANTLE_LOGIN_MAX_FAILURES_PER_ADDRESS)
     for index, limit in enumerate(limits):
         count = int(replies[2 * index] or 0)
         if count < limit:
             continue
-        ttl = int(replies[2 * index + 1])
-        wait = max(1, math.ceil((ttl if ttl > 0 else settings.MANTLE_LOGIN_FAILURE_WINDOW_S) / 60))
-        what = "this email address" if index == 0 else "your network address"
+        wait = _wait_minutes(int(replies[2 * index + 1]))
+        what = (
+            "this email address from your network address" if index == 0 else "your network address"
+        )
         logger.warning(
-            "log-in refused: %s failed log-ins for %s (address %s) in the window",
+            "log-in refused: %s failed log-ins %s from %s in the window",
             count,
-            "the email" if index == 0 else "the address",
-            address or "unknown",
+            "for the email" if index == 0 else "over all emails",
+            address or UNKNOWN_ADDRESS,
         )
         raise LoginThrottled(
             f"Too many failed log-ins for {what}. Try again in {wait} minute"
@@ -92,23 +118,50 @@ def login_throttle_check(*, email: str, address: str | None) -> None:
 
 def login_failure_record(*, email: str, address: str | None) -> Failures:
     """Counts one failed attempt. The password is never passed here, so never logged."""
-    keys = _keys(email, address)
+    keys = [pair_key(email, address), address_key(address), account_key(email)]
     counts = get_redis().eval(_RECORD, len(keys), *keys, settings.MANTLE_LOGIN_FAILURE_WINDOW_S)
-    failures = Failures(
-        email=int(counts[0]),
-        address=int(counts[1]) if address else 0,
-    )
+    failures = Failures(pair=int(counts[0]), address=int(counts[1]), account=int(counts[2]))
     logger.info(
-        "failed log-in for %s from %s (%s for the email, %s for the address in the window)",
-        email.strip().lower(),
-        address or "unknown",
-        failures.email,
+        "failed log-in for %s from %s (%s for the pair, %s for the address in the window)",
+        _email(email),
+        address or UNKNOWN_ADDRESS,
+        failures.pair,
         failures.address,
     )
+    if failures.account == settings.MANTLE_LOGIN_ACCOUNT_WARNING:
+        logger.warning(
+            "%s failed log-ins for %s from many addresses in the window: a distributed guess?",
+            failures.account,
+            _email(email),
+        )
     return failures
 
 
-def login_success_reset(*, email: str) -> None:
-    """A successful log-in clears the email's count; the address's stays (it may be shared
+def login_success_reset(*, email: str, address: str | None) -> None:
+    """A successful log-in clears its pair's count; the address's stays (it may be shared
     by an attacker trying many accounts)."""
-    get_redis().delete(email_key(email))
+    get_redis().delete(pair_key(email, address))
+
+
+def signup_throttle_hit(*, email: str, address: str | None) -> None:
+    """Counts one sign-up attempt and refuses (SignupThrottled) past either limit.
+
+    Counted whether or not the address is registered, so the refusal reveals nothing.
+    """
+    keys = [
+        f"{SIGNUP_PREFIX}email:{_digest(_email(email))}",
+        f"{SIGNUP_PREFIX}addr:{address or UNKNOWN_ADDRESS}",
+    ]
+    client = get_redis()
+    counts = client.eval(_RECORD, len(keys), *keys, settings.MANTLE_SIGNUP_WINDOW_S)
+    limits = [settings.MANTLE_SIGNUP_MAX_PER_EMAIL, settings.MANTLE_SIGNUP_MAX_PER_ADDRESS]
+    for index, (count, limit) in enumerate(zip(counts, limits, strict=True)):
+        if int(count) <= limit:
+            continue
+        wait = _wait_minutes(int(client.ttl(keys[index])))
+        what = "this email address" if index == 0 else "your network address"
+        logger.warning("sign-up refused: %s attempts for %s in the window", count, what)
+        raise SignupThrottled(
+            f"Too many sign-ups for {what}. Try again in {wait} minute{'s' if wait != 1 else ''}.",
+            param="email" if index == 0 else None,
+        )

@@ -91,6 +91,16 @@ class UploadTooLarge(DomainError):
     code = "payload_too_large"
 
 
+class CompileQuotaExceeded(DomainError):
+    """The organization has as many compile jobs queued or running as it may."""
+
+    status = 429
+    code = "compile_quota_exceeded"
+
+
+ACTIVE_STATUSES = (CompileJob.Status.QUEUED, CompileJob.Status.RUNNING)
+
+
 # --- Checks ---------------------------------------------------------------------------------
 
 
@@ -143,6 +153,56 @@ def _limits() -> Limits:
     )
 
 
+# --- Quotas ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompileQuota:
+    """What an organization may still start: jobs, and bytes of staged uploads."""
+
+    jobs_left: int
+    staged_bytes_left: int
+
+
+def compile_quota_of(org: Organization) -> CompileQuota:
+    """Jobs queued or running (checkpoint jobs too) and the uploads staged for them.
+
+    A job's staged upload is deleted when the job ends, so only active jobs hold bytes.
+    """
+    active = list(
+        CompileJob.objects.filter(organization=org, status__in=ACTIVE_STATUSES).values_list(
+            "source_detail", flat=True
+        )
+    )
+    staged = sum(int(detail.get("upload_bytes") or 0) for detail in active)
+    return CompileQuota(
+        jobs_left=settings.MANTLE_COMPILE_MAX_ACTIVE_JOBS - len(active),
+        staged_bytes_left=settings.MANTLE_COMPILE_MAX_STAGED_BYTES - staged,
+    )
+
+
+def compile_quota_check(quota: CompileQuota, *, upload_bytes: int = 0) -> None:
+    if quota.jobs_left <= 0:
+        raise CompileQuotaExceeded(
+            f"the organization already has {settings.MANTLE_COMPILE_MAX_ACTIVE_JOBS} compile "
+            "jobs queued or running (MANTLE_COMPILE_MAX_ACTIVE_JOBS); wait for one to end"
+        )
+    if upload_bytes > quota.staged_bytes_left:
+        raise UploadTooLarge(
+            f"the upload's {upload_bytes} bytes exceed the {max(0, quota.staged_bytes_left)} "
+            "bytes this organization may still stage while its jobs run "
+            "(MANTLE_COMPILE_MAX_STAGED_BYTES)",
+            param="file",
+        )
+
+
+def upload_allowance(quota: CompileQuota) -> tuple[int, str]:
+    """How many bytes an upload may send under `quota`, and the setting that says so."""
+    if quota.staged_bytes_left < settings.MANTLE_MAX_UPLOAD_BYTES:
+        return max(0, quota.staged_bytes_left), "MANTLE_COMPILE_MAX_STAGED_BYTES"
+    return settings.MANTLE_MAX_UPLOAD_BYTES, "MANTLE_MAX_UPLOAD_BYTES"
+
+
 # --- Uploads --------------------------------------------------------------------------------
 
 
@@ -153,6 +213,7 @@ def upload_stage(
     model_file: str = "model.onnx",
     filename: str = "",
     max_bytes: int | None = None,
+    limit_name: str = "MANTLE_MAX_UPLOAD_BYTES",
 ) -> StagedUpload:
     """Stream an upload to the staging area, unpack and validate it.
 
@@ -170,7 +231,7 @@ def upload_stage(
     raw = root / f".incoming-{token}"
     staged = StagedUpload(directory=root / f"up_{token}", source=source, model_file=model_file)
     try:
-        _stage_into(staged, stream, raw, filename=filename, limit=limit)
+        _stage_into(staged, stream, raw, filename=filename, limit=limit, limit_name=limit_name)
     except CompileError as exc:
         staged.discard()
         error = UploadTooLarge if exc.code == "payload_too_large" else InvalidInput
@@ -185,7 +246,13 @@ def upload_stage(
 
 
 def _stage_into(
-    staged: StagedUpload, stream: IO[bytes], raw: Path, *, filename: str, limit: int
+    staged: StagedUpload,
+    stream: IO[bytes],
+    raw: Path,
+    *,
+    filename: str,
+    limit: int,
+    limit_name: str = "MANTLE_MAX_UPLOAD_BYTES",
 ) -> None:
     size = 0
     first = b""
@@ -196,8 +263,7 @@ def _stage_into(
             size += len(chunk)
             if size > limit:
                 raise CompileError(
-                    f"the upload is larger than the {limit} bytes allowed "
-                    "(MANTLE_MAX_UPLOAD_BYTES)",
+                    f"the upload is larger than the {limit} bytes allowed ({limit_name})",
                     code="payload_too_large",
                 )
             out.write(chunk)
@@ -275,7 +341,12 @@ def compile_job_create(
             "upload an ONNX graph for a tensor model",
             param="kind",
         )
+    upload_bytes = int((source_detail or {}).get("upload_bytes") or 0)
     with transaction.atomic():
+        # The organization's row serialises its job creations, so two concurrent
+        # requests cannot both take the last job or the last staged bytes.
+        Organization.objects.select_for_update().filter(id=org.id).first()
+        compile_quota_check(compile_quota_of(org), upload_bytes=upload_bytes)
         job = CompileJob.objects.create(
             organization=org,
             created_by=principal.label,
@@ -349,7 +420,19 @@ def compile_job_from_upload(
         raise InvalidInput(
             "model_file must be a plain file name such as model.onnx", param="model_file"
         )
-    staged = upload_stage(stream=stream, source=source, model_file=model_file, filename=filename)
+    # Checked before a byte is staged, and the upload is cut at what the quota leaves;
+    # compile_job_create checks again under the organization's lock.
+    quota = compile_quota_of(org)
+    compile_quota_check(quota)
+    limit, limit_name = upload_allowance(quota)
+    staged = upload_stage(
+        stream=stream,
+        source=source,
+        model_file=model_file,
+        filename=filename,
+        max_bytes=limit,
+        limit_name=limit_name,
+    )
     try:
         return compile_job_create(
             principal=principal,
@@ -502,7 +585,16 @@ def _register(job: CompileJob, manifest: Mapping[str, Any]) -> ModelVersion:
     elif model.organization_id != job.organization_id or model.kind != job.kind:
         # Taken between the job's creation and its end.
         raise InvalidInput(f"the model name {job.model_name!r} was taken meanwhile")
-    return _model_version_from_manifest(model=model, manifest=manifest, runtime=manifest["runtime"])
+    version = _model_version_from_manifest(
+        model=model, manifest=manifest, runtime=manifest["runtime"]
+    )
+    # The operator's default price for compiled models, if set; otherwise the model is
+    # refused at admission until priced. Imported here: billing imports the catalog.
+    from accounts.principal import SYSTEM
+    from billing.starter_prices import compiled_model_prices_ensure
+
+    compiled_model_prices_ensure(principal=SYSTEM, model=model)
+    return version
 
 
 def compile_jobs_fail_stale(*, older_than_s: int | None = None) -> int:

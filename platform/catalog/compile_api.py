@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import logging
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import get_user
+from django.core.handlers.asgi import ASGIRequest
+from django.db import close_old_connections
 from django.http import HttpRequest
 from ninja import Query, Router, Status
 
@@ -11,6 +21,11 @@ from accounts.selectors import organization_for
 from catalog import compile as compile_jobs
 from catalog.compile_schemas import CheckpointCompileIn, CompileJobOut, CompileStepOut, UploadParams
 from catalog.models import CompileJob
+
+if TYPE_CHECKING:
+    from config.body_limit import BodyLimit
+
+logger = logging.getLogger(__name__)
 
 router = Router(tags=["compile"])
 
@@ -83,6 +98,46 @@ def compile_job_upload(
         options=options,
     )
     return Status(201, _job_out(job))
+
+
+async def upload_body_limit(scope: Any, organization_id: str) -> BodyLimit | None:
+    """The upload's own limit, if the request's credentials may upload to the organization.
+
+    Called by config.body_limit before a byte of the body is read: the console session
+    (CSRF-checked) or admin-scoped key is authenticated by the management API's own
+    authenticators, and the organization and permission checked, exactly as the view
+    will; anyone else (None) gets the small default limit, so an unauthenticated body
+    is refused at MANTLE_MAX_BODY_BYTES instead of being spooled whole.
+    """
+    return await sync_to_async(_upload_body_limit, thread_sensitive=True)(scope, organization_id)
+
+
+def _upload_body_limit(scope: Any, organization_id: str) -> BodyLimit | None:
+    from accounts.auth import management_auth
+    from config.body_limit import BodyLimit
+
+    try:
+        request = ASGIRequest(scope, io.BytesIO())
+        store = import_module(settings.SESSION_ENGINE).SessionStore
+        request.session = store(request.COOKIES.get(settings.SESSION_COOKIE_NAME))
+        request.user = get_user(request)
+        principal = None
+        for authenticate in management_auth:
+            principal = authenticate(request)
+            if principal is not None:
+                break
+        if not isinstance(principal, Principal):
+            return None
+        org = organization_for(principal, organization_id, Perm.ENDPOINTS_MANAGE)
+        quota = compile_jobs.compile_quota_of(org)
+        if quota.jobs_left <= 0:
+            return None  # the view refuses it (429) from a small body
+        return BodyLimit(*compile_jobs.upload_allowance(quota))
+    except Exception as exc:  # any refusal (CSRF, key, role, blocked address) is "no"
+        logger.info("upload to %s: no upload limit before the body (%s)", organization_id, exc)
+        return None
+    finally:
+        close_old_connections()
 
 
 @router.get(f"{JOBS}/{{job_id}}", response=CompileJobOut)

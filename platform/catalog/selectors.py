@@ -123,15 +123,16 @@ def pools_for(org: Organization) -> QuerySet[AcceleratorPool]:
 
 
 def pool_for(org: Organization, name: str, *, param: str = "pool") -> AcceleratorPool:
-    pool = AcceleratorPool.objects.filter(name=name).first()
+    """A pool of the organization's region (data residency: its requests never leave it).
+
+    A pool of another region is refused exactly like one that does not exist: the error
+    names only this organization's own pools, never where others are.
+    """
+    pool = pools_for(org).filter(name=name).first()
     if pool is None:
         allowed = list(pools_for(org).values_list("name", flat=True))
-        raise InvalidInput(f"pool {name!r} does not exist; available: {allowed}", param=param)
-    if pool.region != org.region:
-        # Data residency: an organization's requests never leave its region.
         raise InvalidInput(
-            f"pool {name!r} is in region {pool.region!r}, but the organization's data must "
-            f"stay in {org.region!r}",
+            f"pool {name!r} is not available in this organization's region; available: {allowed}",
             param=param,
         )
     return pool

@@ -46,9 +46,11 @@ def endpoint_publish(endpoint: Endpoint) -> None:
     """Write-through of the endpoint spec that the gateway reads (one GET per request)."""
     spec = endpoint_spec(endpoint)
     pipe = get_redis().pipeline()
-    pipe.set(specs.endpoint_key(spec.id), spec.to_json(), ex=SPEC_TTL_S)
+    by_id = specs.endpoint_key(spec.id)
+    pipe.set(by_id, specs.spec_record(by_id, spec, ttl_s=SPEC_TTL_S), ex=SPEC_TTL_S)
     if spec.public:
-        pipe.set(specs.endpoint_name_key(spec.name), spec.to_json(), ex=SPEC_TTL_S)
+        by_name = specs.endpoint_name_key(spec.name)
+        pipe.set(by_name, specs.spec_record(by_name, spec, ttl_s=SPEC_TTL_S), ex=SPEC_TTL_S)
     pipe.execute()
 
 

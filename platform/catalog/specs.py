@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any
+
+from config import integrity
+
+logger = logging.getLogger(__name__)
 
 ENDPOINT_KEY_PREFIX = "mantle:endpoint:"
 ENDPOINT_NAME_PREFIX = "mantle:endpoint-name:"
@@ -68,7 +73,29 @@ class EndpointSpec:
 
     @classmethod
     def from_json(cls, raw: str) -> EndpointSpec:
-        data: dict[str, Any] = json.loads(raw)
+        """Parses a record; its seal, if any, is not checked (see `spec_from_cache`)."""
+        return cls.from_fields(integrity.unsealed_fields(json.loads(raw)))
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> EndpointSpec:
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
         data["providers"] = tuple(data["providers"])
         return cls(**data)
+
+
+def spec_record(where: str, spec: EndpointSpec, *, ttl_s: int) -> str:
+    """The spec as stored at Redis key `where`: sealed (config/integrity.py), since the
+    gateway takes who may call an endpoint and what it costs from it."""
+    return integrity.seal(where, dataclasses.asdict(spec), ttl_s=ttl_s)
+
+
+def spec_from_cache(where: str, raw: str) -> EndpointSpec | None:
+    """The spec read from Redis key `where`, or None (logged) when it fails its check."""
+    spec = integrity.unseal_as(where, raw, EndpointSpec.from_fields)
+    if spec is not None:
+        return spec
+    logger.warning(
+        "cached endpoint spec %s failed its integrity check; discarded, reading the database",
+        where,
+    )
+    return None

@@ -16,6 +16,8 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.urls import set_script_prefix
 
+from config.body_limit import bounded_body
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
 django_application = get_asgi_application()
@@ -209,8 +211,12 @@ class GatewayASGIHandler(ASGIHandler):
 gateway_application = GatewayASGIHandler()
 
 
-async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "http" and scope["path"].startswith(GATEWAY_PREFIXES):
         await gateway_application(scope, receive, send)
     else:
         await django_application(scope, receive, send)
+
+
+# Bodies are bounded before either handler reads (and spools) them: config/body_limit.py.
+application = bounded_body(route)

@@ -38,3 +38,7 @@ def new_model_version_id() -> str:
 
 def new_membership_id() -> str:
     return new_id("mem_")
+
+
+def new_invitation_id() -> str:
+    return new_id("inv_")

@@ -18,6 +18,7 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.csrf import CsrfViewMiddleware
 from django.middleware.security import SecurityMiddleware
+from django_otp.middleware import OTPMiddleware
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 from config import metrics
@@ -210,5 +211,8 @@ ConsoleSessionMiddleware = for_console(SessionMiddleware)
 ConsoleCommonMiddleware = for_console(CommonMiddleware)
 ConsoleCsrfViewMiddleware = for_console(CsrfViewMiddleware)
 ConsoleAuthenticationMiddleware = for_console(AuthenticationMiddleware)
+# `request.user.is_verified()`: whether this session passed the back office's second factor
+# (django-otp). Lazy: a session that never did costs no query.
+ConsoleOTPMiddleware = for_console(OTPMiddleware)
 ConsoleMessageMiddleware = for_console(MessageMiddleware)
 ConsoleXFrameOptionsMiddleware = for_console(XFrameOptionsMiddleware)

@@ -43,3 +43,15 @@ def get_async_redis() -> aredis.Redis:
         )
         _async_clients[loop_id] = client
     return client
+
+
+# Deletes a key only while it still holds the value read: a write made since is kept.
+_DELETE_IF_UNCHANGED_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+async def delete_if_unchanged(key: str, value: str) -> None:
+    """Deletes `key` if it still holds `value` (a cached record found bad, say)."""
+    await get_async_redis().eval(_DELETE_IF_UNCHANGED_LUA, 1, key, value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
@@ -10,8 +10,6 @@ from django import forms
 from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 from django.utils import timezone
 
-from accounts import throttle
-from accounts.auth import client_ip
 from accounts.models import Project, User
 from accounts.permissions import Role, Scope
 from config.errors import DomainError
@@ -33,28 +31,9 @@ def add_domain_error(form: forms.Form, exc: DomainError) -> None:
     form.add_error(field if field in form.fields else None, exc.message)
 
 
-class ThrottledLoginForm(AuthenticationForm):
-    """Email and password; refused without checking the password once throttled."""
-
-    throttled = False
-
-    def clean(self) -> dict[str, Any]:
-        email = (self.cleaned_data.get("username") or "").strip().lower()
-        address = client_ip(self.request) if self.request is not None else None
-        if email:
-            try:
-                throttle.login_throttle_check(email=email, address=address)
-            except throttle.LoginThrottled as exc:
-                self.throttled = True
-                raise forms.ValidationError(exc.message, code="throttled") from exc
-        try:
-            cleaned = super().clean()
-        except forms.ValidationError:
-            if email:
-                throttle.login_failure_record(email=email, address=address)
-            raise
-        throttle.login_success_reset(email=email)
-        return cleaned
+class LoginForm(AuthenticationForm):
+    """Email and password. Throttling is the authentication backend's
+    (accounts/backends.py), so the back office's form gets the same policy."""
 
 
 class ConsolePasswordResetForm(PasswordResetForm):
@@ -72,6 +51,20 @@ class SignupForm(forms.Form):
     email = forms.EmailField(max_length=254)
     full_name = forms.CharField(max_length=200, required=False, label="Your name")
     organization_name = forms.CharField(max_length=120, label="Organization")
+    password = forms.CharField(widget=forms.PasswordInput, min_length=1)
+    password_again = forms.CharField(widget=forms.PasswordInput, label="Password (again)")
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if cleaned.get("password") and cleaned.get("password") != cleaned.get("password_again"):
+            self.add_error("password_again", "the two passwords differ")
+        return cleaned
+
+
+class AccountForm(forms.Form):
+    """The account an invitation link creates for someone new (the link verifies the email)."""
+
+    full_name = forms.CharField(max_length=200, required=False, label="Your name")
     password = forms.CharField(widget=forms.PasswordInput, min_length=1)
     password_again = forms.CharField(widget=forms.PasswordInput, label="Password (again)")
 
@@ -114,11 +107,21 @@ class ApiKeyForm(forms.Form):
     rpm_limit = forms.IntegerField(required=False, min_value=1, label="Requests per minute")
     tpm_limit = forms.IntegerField(required=False, min_value=1, label="Tokens per minute")
 
-    def __init__(self, *args: Any, projects: Iterable[Project], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        projects: Iterable[Project],
+        scopes: Collection[Scope] = (Scope.INFERENCE,),
+        **kwargs: Any,
+    ) -> None:
+        """`scopes`: those the signed-in member's role may hand out; only they are offered."""
         super().__init__(*args, **kwargs)
         field = self.fields["project"]
         assert isinstance(field, forms.ChoiceField)
         field.choices = [(p.id, p.name) for p in projects]
+        scope_field = self.fields["scopes"]
+        assert isinstance(scope_field, forms.MultipleChoiceField)
+        scope_field.choices = [(s.value, s.value) for s in Scope if s in scopes]
 
     def expires_at(self, now: datetime | None = None) -> datetime | None:
         now = now or timezone.now()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -14,9 +13,10 @@ from django.utils import timezone
 from accounts.models import ApiKey, Organization, Project
 from billing.models import TokenKind, UsageRollup
 from billing.money import exact_amount
-from billing.pricing import PriceBook
+from billing.pricing import PriceBook, billed_units, model_kinds
 from catalog.models import Endpoint, Model, ModelVersion
 from catalog.selectors import endpoints_visible_to
+from config.csv_export import csv_writer
 from config.errors import InvalidInput
 from config.redis import get_redis
 from workers.contract import HEARTBEAT_TTL_S, pool_live_key
@@ -40,6 +40,7 @@ class UsageRow:
     output_tokens: int = 0
     cost: Decimal = ZERO
     unpriced_tokens: int = 0
+    compute_ms: int = 0  # tensor models are billed per request and compute millisecond
 
     @property
     def total_tokens(self) -> int:
@@ -101,10 +102,13 @@ def usage_report(
     qs = UsageRollup.objects.filter(organization_id=org.id, hour__gte=lo, hour__lt=hi)
     if project_id:
         qs = qs.filter(project_id=project_id)
-    grouped = qs.values("hour", "model_name", "api_key_id", "project_id").annotate(
-        r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens")
+    grouped = list(
+        qs.values("hour", "model_name", "api_key_id", "project_id").annotate(
+            r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens"), c=Sum("compute_ms")
+        )
     )
     book = PriceBook.load(org.id)
+    kinds = model_kinds(g["model_name"] for g in grouped)
     labels = _labels(org, dimension)
     rows: dict[str, UsageRow] = {}
     if dimension == "day":
@@ -127,12 +131,20 @@ def usage_report(
             row = rows[key] = UsageRow(key=key, label=labels.get(key, key))
         cost = ZERO
         unpriced = 0
-        for kind, qty in ((TokenKind.INPUT, g["i"]), (TokenKind.OUTPUT, g["o"])):
+        quantities: dict[str, int] = {
+            TokenKind.INPUT: g["i"],
+            TokenKind.OUTPUT: g["o"],
+            TokenKind.REQUEST: g["r"],
+            TokenKind.COMPUTE_MS: g["c"],
+        }
+        for kind in billed_units(kinds[g["model_name"]]):
+            qty = quantities[kind]
             if not qty:
                 continue
             price = book.effective(g["model_name"], kind, hour)
             if price is None:
-                unpriced += qty
+                if kind in (TokenKind.INPUT, TokenKind.OUTPUT):
+                    unpriced += qty
                 unpriced_models.add(g["model_name"])
             else:
                 cost += exact_amount(qty, price.unit_price)
@@ -140,13 +152,14 @@ def usage_report(
             target.requests += g["r"]
             target.input_tokens += g["i"]
             target.output_tokens += g["o"]
+            target.compute_ms += g["c"] or 0
             target.cost += cost
             target.unpriced_tokens += unpriced
     ordered = list(rows.values())
     if dimension != "day":
         ordered.sort(key=lambda r: (-r.total_tokens, r.label))
     notes = [
-        f"{name} has no price yet: its tokens are counted, not charged"
+        f"{name} has no price yet: its usage is counted, not charged"
         for name in sorted(unpriced_models)
     ]
     return UsageReport(
@@ -168,7 +181,7 @@ def _labels(org: Organization, dimension: str) -> dict[str, str]:
 def usage_csv(report: UsageReport) -> str:
     """The report's table as CSV; costs at full precision (nine decimals, like prices)."""
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = csv_writer(out)  # names are the customer's: formula cells are defused
     writer.writerow(
         [report.dimension, "id", "requests", "input_tokens", "output_tokens", "total_tokens",
          f"cost_{report.currency.lower()}", "unpriced_tokens"]

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
+import string
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
-from accounts import selectors, services
-from accounts.models import Organization, Project, User
+from accounts import emails, keys, selectors, services, throttle
+from accounts.models import Organization, PendingSignup, Project, User
 from accounts.permissions import Perm, Scope
 from accounts.principal import Principal
 from config.errors import Conflict, InvalidInput, NotFound
@@ -42,8 +47,13 @@ def user_signup(
     full_name: str,
     organization_name: str,
     ip_address: str | None = None,
-) -> SignedUp:
-    """A new person with their own organization (they own it) and its default project."""
+) -> None:
+    """Mails a link that creates the account; nothing exists until it is followed.
+
+    The answer is the same whether or not the address is registered (a registered one
+    gets a "someone tried to sign up" email instead of a link), so the form does not
+    reveal who has an account; attempts are throttled per address and per client.
+    """
     email = email.strip().lower()
     try:
         validate_email(email)
@@ -56,17 +66,71 @@ def user_signup(
         raise InvalidInput(" ".join(exc.messages), param="password") from exc
     if not organization_name.strip():
         raise InvalidInput("organization name must not be empty", param="organization_name")
+    throttle.signup_throttle_hit(email=email, address=ip_address)
+    # Hashed on both paths, so the time taken does not tell the two apart either.
+    password_hash = make_password(password)
+    now = timezone.now()
     with transaction.atomic():
+        PendingSignup.objects.filter(expires_at__lte=now).delete()
         if User.objects.filter(email=email).exists():
-            raise Conflict(
-                "an account with this email already exists; log in, or reset its password",
-                param="email",
+            transaction.on_commit(lambda: emails.send_signup_existing(email=email))
+            logger.info("sign-up for a registered address from %s", ip_address or "unknown")
+            return
+        secret = secrets.token_urlsafe(32)
+        pending = PendingSignup.objects.create(
+            email=email,
+            full_name=full_name.strip(),
+            organization_name=organization_name.strip(),
+            password=password_hash,
+            token_digest=_digest(secret),
+            ip_address=ip_address,
+            expires_at=now + timedelta(seconds=settings.MANTLE_SIGNUP_LINK_TTL_S),
+        )
+        transaction.on_commit(
+            lambda: emails.send_signup_verification(
+                email=email, token=secret, expires_at=pending.expires_at
             )
-        user = User.objects.create_user(email=email, password=password, full_name=full_name.strip())
+        )
+    logger.info("sign-up link sent (pending sign-up %s)", pending.pk)
+
+
+def signup_verify(*, token: str, ip_address: str | None = None) -> SignedUp:
+    """Follows a sign-up link: the account (verified) and its organization, once."""
+    now = timezone.now()
+    with transaction.atomic():
+        pending = (
+            PendingSignup.objects.select_for_update()
+            .filter(token_digest=_digest(token), expires_at__gt=now)
+            .first()
+        )
+        if pending is None:
+            raise NotFound("this sign-up link is not valid: it was used or it expired")
+        if User.objects.filter(email=pending.email).exists():
+            # Another sign-up (or an invitation) for this address was completed first.
+            PendingSignup.objects.filter(email=pending.email).delete()
+            raise Conflict("this address already has an account: log in", param="email")
+        try:
+            with transaction.atomic():
+                user = User.objects.create_user(
+                    email=pending.email, full_name=pending.full_name, email_verified_at=now
+                )
+        except IntegrityError as exc:  # another link of the address, followed meanwhile
+            raise Conflict("this address already has an account: log in", param="email") from exc
+        # The hash chosen at sign-up, set as is: the password itself was never stored.
+        user.password = pending.password
+        user.save(update_fields=["password"])
         principal = Principal(user=user, ip_address=ip_address)
-        org = services.organization_create(principal=principal, name=organization_name, owner=user)
+        org = services.organization_create(
+            principal=principal, name=pending.organization_name, owner=user
+        )
+        # Every other pending sign-up of the address dies with this one.
+        PendingSignup.objects.filter(email=pending.email).delete()
     logger.info("sign-up: %s with organization %s", user.pk, org.id)
     return SignedUp(user=user, organization=org)
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,30 +153,70 @@ def playground_key(
 
     The playground calls the real /v1 gateway from the browser like any client, so its
     requests are admitted, limited and metered exactly like the customer's own. The
-    key is an ordinary, audited key (its name says whose playground it is), kept in the
-    server-side session and reused until shortly before it expires.
+    key is an ordinary, audited key (its name says whose playground it is), reused by
+    the session until shortly before it expires.
+
+    No usable secret is kept at rest: the database-backed session holds only the key's
+    id and a random seed, and the secret is derived from the seed under a key that is
+    not in the database (`playground_secret`). A copy of the session table, a backup
+    or a read-only SQL injection yields nothing the gateway accepts.
     """
     now = now or timezone.now()
     # Checked here too, not only by the view: the key spends the organization's money.
     org_checked = selectors.organization_for(principal, org.id, Perm.KEYS_CREATE)
     if project.organization_id != org_checked.id:
         raise NotFound(f"project {project.id!r} not found", param="project_id")
-    cache: dict[str, dict[str, str]] = dict(session.get(SESSION_PLAYGROUND_KEYS) or {})
+    # Entries written before secrets were derived held the secret itself: dropped.
+    cache: dict[str, dict[str, str]] = {
+        slot: entry
+        for slot, entry in (session.get(SESSION_PLAYGROUND_KEYS) or {}).items()
+        if "seed" in entry and "secret" not in entry
+    }
     slot = f"{org_checked.id}:{project.id}"
     found = cache.get(slot)
     if found is not None:
-        expires_at = datetime.fromisoformat(found["expires_at"])
         key = selectors.api_keys(org_checked).filter(id=found["key_id"]).first()
-        if key is not None and key.is_usable(now + PLAYGROUND_KEY_MIN_LEFT):
-            return PlaygroundKey(found["key_id"], found["secret"], project.id, expires_at)
+        secret = playground_secret(found["seed"])
+        # The digest check also catches a rotated SECRET_KEY (the seed no longer
+        # derives this key's secret): a fresh key is minted instead.
+        if (
+            key is not None
+            and key.is_usable(now + PLAYGROUND_KEY_MIN_LEFT)
+            and keys.constant_time_equal(key.digest, keys.secret_digest(secret))
+        ):
+            assert key.expires_at is not None
+            return PlaygroundKey(key.id, secret, project.id, key.expires_at)
     expires_at = now + timedelta(seconds=settings.MANTLE_PLAYGROUND_KEY_TTL_S)
+    seed = secrets.token_urlsafe(32)
     key, secret = services.api_key_create(
         principal=principal,
         project=project,
         name=f"Playground · {principal.label}",
         scopes=[Scope.INFERENCE.value],
         expires_at=expires_at,
+        secret=playground_secret(seed),
     )
-    cache[slot] = {"key_id": key.id, "secret": secret, "expires_at": expires_at.isoformat()}
+    cache[slot] = {"key_id": key.id, "seed": seed, "expires_at": expires_at.isoformat()}
     session[SESSION_PLAYGROUND_KEYS] = cache
     return PlaygroundKey(key.id, secret, project.id, expires_at)
+
+
+_PLAYGROUND_SALT = "mantle.console.playground-key"
+_BASE62 = string.ascii_letters + string.digits
+
+
+def playground_secret(seed: str) -> str:
+    """The playground key's secret for `seed`: HMAC-SHA512 under Django's SECRET_KEY.
+
+    SECRET_KEY lives in the environment (or a mounted file), never in the database, so
+    the seed in a session row is useless alone. Whoever holds SECRET_KEY can already
+    forge a session cookie for any user (and so mint keys); deriving from it adds no
+    new secret to guard. The 512-bit MAC is written as the usual 48 base62 characters.
+    """
+    mac = salted_hmac(_PLAYGROUND_SALT, seed, algorithm="sha512").digest()
+    number = int.from_bytes(mac, "big")
+    chars = []
+    for _ in range(keys.SECRET_LENGTH):
+        number, digit = divmod(number, len(_BASE62))
+        chars.append(_BASE62[digit])
+    return keys.SECRET_PREFIX + "".join(chars)

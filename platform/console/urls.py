@@ -10,6 +10,11 @@ org_patterns = [
     path("", org.quickstart, name="console-quickstart"),
     path("team/", org.team, name="console-team"),
     path("team/<str:membership_id>/role/", org.member_role, name="console-member-role"),
+    path(
+        "team/invitations/<str:invitation_id>/<slug:action>/",
+        org.invitation_action,
+        name="console-invitation-action",
+    ),
     path("team/<str:membership_id>/remove/", org.member_remove, name="console-member-remove"),
     path("projects/", org.projects, name="console-projects"),
     path("projects/<str:project_id>/rename/", org.project_rename, name="console-project-rename"),
@@ -69,6 +74,9 @@ org_patterns = [
 urlpatterns = [
     path("", org.home, name="console-home"),
     path("signup/", auth.signup, name="console-signup"),
+    path("signup/sent/", auth.signup_sent, name="console-signup-sent"),
+    path("signup/confirm/<str:token>/", auth.signup_verify, name="console-signup-verify"),
+    path("invitations/<str:token>/", auth.invitation, name="console-invitation"),
     path("login/", auth.LoginView.as_view(), name="console-login"),
     path("logout/", auth.LogoutView.as_view(), name="console-logout"),
     path("password-reset/", auth.PasswordResetView.as_view(), name="console-password-reset"),

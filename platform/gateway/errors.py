@@ -68,6 +68,19 @@ def model_not_found(model: str) -> OpenAIError:
     )
 
 
+def model_not_priced(model: str) -> OpenAIError:
+    """Nothing prices the model for this organization: it is served to no one (never free
+    by accident). An operator prices it (docs/billing.md, "Unpriced models")."""
+    return OpenAIError(
+        403,
+        f"The model `{model}` has no price yet, so it cannot be served. Ask the platform "
+        "operator to price it.",
+        type_="invalid_request_error",
+        param="model",
+        code="model_not_priced",
+    )
+
+
 def no_capacity(pool: str) -> OpenAIError:
     return OpenAIError(
         503,

@@ -1,4 +1,4 @@
-"""Rate limits (RPM, TPM per key, project and endpoint) and pool liveness, atomic in Redis."""
+"""Rate limits (RPM, TPM per key, project, endpoint and organization share) and pool liveness."""
 
 from __future__ import annotations
 
@@ -21,32 +21,52 @@ _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[8], ARGV[9], now / 1000)
+-- Nothing is served without a price: a model nothing prices is refused (-5) before any
+-- other test; with no price hash yet (-4) the gateway fills it from the database and asks
+-- again. Fields: per input and output token, per request, per compute millisecond.
+local price = redis.call('HMGET', KEYS[10], 'in', 'out', 'req', 'ms', 'unpriced')
+if price[5] then return {-5} end
+if not (price[1] and price[2] and price[3] and price[4]) then return {-4} end
 local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
 if live == 0 then return {-1} end
 local cost = tonumber(ARGV[1])
+-- Buckets, requests then tokens of each: key, project, endpoint, and the organization's
+-- share of the endpoint (KEYS[12-13], caps ARGV[17-18]; a cap of 0 there: no share).
+local bucket = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[12], KEYS[13]}
+local caps = {}
+for i = 1, 6 do caps[i] = tonumber(ARGV[i + 1]) end
+caps[7], caps[8] = tonumber(ARGV[17]), tonumber(ARGV[18])
+-- Only the share may be absent (0); a key, project or endpoint cap of 0 admits nothing.
+local active = {}
+for i = 1, 8 do active[i] = (i <= 6) or caps[i] > 0 end
 local levels = {}
 local denied, denied_wait = 0, 0
 local best = {}
-for i = 1, 6 do
-  local cap = tonumber(ARGV[i + 1])
+for i = 1, 8 do
+  local cap = caps[i]
   local need = (i % 2 == 1) and 1 or cost
   local rate = cap / 60000.0
-  local h = redis.call('HMGET', KEYS[i], 'l', 'ts')
+  local h = redis.call('HMGET', bucket[i], 'l', 'ts')
   local level = cap
-  if h[1] then
+  if h[1] and active[i] then
     level = math.min(cap, tonumber(h[1]) + (now - tonumber(h[2])) * rate)
   end
   levels[i] = level
-  if level < need and denied == 0 then
+  if active[i] and level < need and denied == 0 then
     denied = i
-    if need > cap then denied_wait = -1 else denied_wait = math.ceil((need - level) / rate) end
+    if need > cap or cap == 0 then
+      denied_wait = -1
+    else
+      denied_wait = math.ceil((need - level) / rate)
+    end
   end
 end
 if denied > 0 then return {0, denied, denied_wait} end
 -- Money: reserve the worst-case cost against what the organization may still spend.
-local price = redis.call('HMGET', KEYS[10], 'in', 'out')
-local pin, pout = tonumber(price[1] or '0'), tonumber(price[2] or '0')
-local worst = math.ceil(tonumber(ARGV[10]) * pin + tonumber(ARGV[11]) * pout)
+local worst = math.ceil(tonumber(ARGV[10]) * tonumber(price[1])
+                        + tonumber(ARGV[11]) * tonumber(price[2])
+                        + tonumber(ARGV[15]) * tonumber(price[3])
+                        + tonumber(ARGV[16]) * tonumber(price[4]))
 local w = redis.call('HMGET', KEYS[9], 'mode', 'cap_nanos', 'spent_nanos', 'reserved_nanos',
                      'pending_nanos')
 if w[1] and w[1] ~= 'unlimited' and worst > 0 then
@@ -71,23 +91,25 @@ end
 local out = {1}
 for kind = 1, 2 do
   local pick, pick_remaining, pick_cap, pick_reset = 0, 0, 0, 0
-  for i = kind, 6, 2 do
-    local cap = tonumber(ARGV[i + 1])
+  for i = kind, 8, 2 do
+    local cap = caps[i]
     local need = (kind == 1) and 1 or cost
     local left = levels[i] - need
-    if pick == 0 or left < pick_remaining then
+    if active[i] and (pick == 0 or left < pick_remaining) then
       pick, pick_remaining, pick_cap = i, left, cap
-      pick_reset = math.ceil((cap - left) / (cap / 60000.0))
+      pick_reset = cap > 0 and math.ceil((cap - left) / (cap / 60000.0)) or 0
     end
   end
   table.insert(out, pick_cap)
   table.insert(out, math.floor(pick_remaining))
   table.insert(out, pick_reset)
 end
-for i = 1, 6 do
-  local need = (i % 2 == 1) and 1 or cost
-  redis.call('HSET', KEYS[i], 'l', levels[i] - need, 'ts', now)
-  redis.call('PEXPIRE', KEYS[i], 120000)
+for i = 1, 8 do
+  if active[i] then
+    local need = (i % 2 == 1) and 1 or cost
+    redis.call('HSET', bucket[i], 'l', levels[i] - need, 'ts', now)
+    redis.call('PEXPIRE', bucket[i], 120000)
+  end
 end
 if worst > 0 then
   redis.call('HINCRBY', KEYS[9], 'reserved_nanos', string.format('%.0f', worst))
@@ -104,10 +126,12 @@ if worst > 0 and ARGV[13] ~= '' then
   held = 1
 end
 table.insert(out, string.format('%.0f', worst))
-table.insert(out, price[1] or '0')
-table.insert(out, price[2] or '0')
+table.insert(out, price[1])
+table.insert(out, price[2])
 table.insert(out, project_reserve ~= '' and 1 or 0)
 table.insert(out, held)
+table.insert(out, price[3])
+table.insert(out, price[4])
 return out
 """
 
@@ -127,11 +151,15 @@ end
 return 1
 """
 
-SCOPES = ("key", "project", "endpoint")
+SCOPES = ("key", "project", "endpoint", "organization")
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """The caps admission checks. `organization_rpm`/`_tpm` are the organization's share
+    of a shared endpoint (all its keys and projects together); 0 is no share of its own
+    (its own endpoint: the endpoint's limit is all its)."""
+
     key_id: str
     project_id: str
     endpoint_id: str
@@ -141,8 +169,12 @@ class Limits:
     project_tpm: int
     endpoint_rpm: int
     endpoint_tpm: int
+    organization_id: str = ""
+    organization_rpm: int = 0
+    organization_tpm: int = 0
 
     def bucket_keys(self) -> list[str]:
+        share = f"mantle:rl:org:{self.organization_id}:endpoint:{self.endpoint_id}"
         return [
             f"mantle:rl:key:{self.key_id}:req",
             f"mantle:rl:key:{self.key_id}:tok",
@@ -150,9 +182,12 @@ class Limits:
             f"mantle:rl:project:{self.project_id}:tok",
             f"mantle:rl:endpoint:{self.endpoint_id}:req",
             f"mantle:rl:endpoint:{self.endpoint_id}:tok",
+            f"{share}:req",
+            f"{share}:tok",
         ]
 
     def caps(self) -> list[int]:
+        shared = bool(self.organization_id)
         return [
             self.key_rpm,
             self.key_tpm,
@@ -160,6 +195,8 @@ class Limits:
             self.project_tpm,
             self.endpoint_rpm,
             self.endpoint_tpm,
+            self.organization_rpm if shared else 0,
+            self.organization_tpm if shared else 0,
         ]
 
 
@@ -169,12 +206,17 @@ class Admission:
 
     allowed: bool
     no_worker: bool = False
+    # No price hash for the model yet: fill it from the database (wallet.price_fill), retry.
+    price_unknown: bool = False
+    unpriced: bool = False  # nothing prices the model: refused for everyone (403)
     insufficient_quota: bool = False
     quota_scope: str = ""  # "organization" | "project": whose money refused
     available_nanos: int = 0
     reserved_nanos: int = 0  # the worst-case cost reserved against the wallet
     price_in: str = "0"  # nanos per token, as the wallet had them at admission
     price_out: str = "0"
+    price_request: str = "0"  # nanos per request (tensor models)
+    price_compute_ms: str = "0"  # nanos per compute millisecond (tensor models)
     # The project whose hard budget holds a reservation too ("" when it has none).
     reserved_project_id: str = ""
     held: bool = False  # the reservation is recorded under the request id (spend.held_key)
@@ -228,24 +270,32 @@ class RateLimiter:
         max_tokens: int,
         request_id: str = "",
         hold_s: float = 0.0,
+        requests: int = 0,
+        compute_ms: int = 0,
     ) -> Admission:
-        """Checks liveness, all six buckets and the wallet; takes from all only if all pass.
+        """Checks the price, liveness, all eight buckets and the wallet; takes from all
+        only if all pass. The worst-case cost reserved is `prompt_tokens` and `max_tokens` at the
+        token prices plus `requests` and `compute_ms` (a tensor request: 1 and its compute
+        deadline) at the request and compute prices.
 
         With a `request_id`, the money reserved is also held under it for `hold_s`
         seconds: if no settle comes by then (the gateway died), the wallet sync
         releases it, so a crash never keeps an organization's money reserved.
         """
+        buckets, caps = limits.bucket_keys(), limits.caps()
+        # The organization's share comes last (KEYS[12-13], ARGV[17-18]): added after the rest.
         keys = [
-            *limits.bucket_keys(),
+            *buckets[:6],
             pool_live_key(pool),
             LAST_USED_HASH,
             spend.wallet_key(organization_id),
             spend.price_key(organization_id, model_name),
             spend.held_key(organization_id),
+            *buckets[6:],
         ]
         args: list[int | str] = [
             prompt_tokens + max_tokens,
-            *limits.caps(),
+            *caps[:6],
             int(HEARTBEAT_TTL_S * 1000),
             limits.key_id,
             prompt_tokens,
@@ -253,9 +303,16 @@ class RateLimiter:
             limits.project_id,
             request_id,
             int(hold_s * 1000),
+            requests,
+            compute_ms,
+            *caps[6:],
         ]
         result = await self._admit(keys=keys, args=args)
         status = int(result[0])
+        if status == -4:
+            return Admission(allowed=False, price_unknown=True)
+        if status == -5:
+            return Admission(allowed=False, unpriced=True)
         if status == -1:
             return Admission(allowed=False, no_worker=True)
         if status in (-2, -3):
@@ -287,6 +344,8 @@ class RateLimiter:
             price_out=str(result[9]),
             reserved_project_id=limits.project_id if int(result[10]) == 1 else "",
             held=int(result[11]) == 1,
+            price_request=str(result[12]),
+            price_compute_ms=str(result[13]),
         )
 
     async def refund(self, limits: Limits, *, tokens: int) -> None:

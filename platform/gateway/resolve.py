@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 
 from django.conf import settings
 from django.http import HttpRequest
@@ -14,9 +15,16 @@ from accounts.services import api_key_identity_load
 from catalog import specs
 from catalog.selectors import endpoint_spec_load
 from catalog.specs import EndpointSpec
-from config.redis import get_async_redis
+from config.redis import delete_if_unchanged, get_async_redis
 from gateway.backends import database_read
-from gateway.errors import OpenAIError, model_not_found, too_many_failed_keys, unauthorized
+from gateway.errors import (
+    OpenAIError,
+    invalid,
+    model_not_found,
+    too_many_failed_keys,
+    unauthorized,
+)
+from gateway.schemas import MODEL_MAX_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +82,16 @@ async def resolve(
     """The key's identity and (if `model` is given) the endpoint it may call.
 
     Both come from Redis in one pipelined round trip, with the count of wrong keys
-    recently sent from the caller's address (an address past the limit is refused
-    before its key is even looked at, so guessing is slowed to the limit). The
-    database is read only on a cache miss, and the result is written back for
-    every gateway.
+    recently sent from the caller's address. An address past the limit still has its
+    key checked against that cache: a key the cache vouches for is served (customers
+    behind a NAT that someone guesses from keep working), anything else is refused
+    before the database is asked, so guessing is slowed to the limit. The database is
+    read only on a cache miss, and the result is written back for every gateway.
     """
     secret = bearer_secret(request)
     address = client_address(request)
+    if model is not None and len(model) > MODEL_MAX_LENGTH:
+        raise invalid(f"The model name may be at most {MODEL_MAX_LENGTH} characters.", "model")
     digest = keys.secret_digest(secret) if keys.looks_like_secret(secret) else ""
     client = get_async_redis()
     async with client.pipeline(transaction=False) as pipe:
@@ -90,13 +101,18 @@ async def resolve(
             if model:
                 pipe.get(_endpoint_cache_key(model))
         results = await pipe.execute()
-    if int(results[0] or 0) >= settings.MANTLE_KEY_FAILURE_LIMIT:
-        raise await _refuse_blocked(address)
-    if not digest:
+    blocked = int(results[0] or 0) >= settings.MANTLE_KEY_FAILURE_LIMIT
+    if not digest or (blocked and results[1] in (None, _UNKNOWN)):
+        # The unknown-key path: counted, and past the limit refused without a look at
+        # the database. A refused attempt does not extend the count.
+        if blocked:
+            raise await _refuse_blocked(address)
         await _record_failure(address)
         raise _incorrect_key(secret)
     identity = await _identity(digest, results[1])
     if identity is None or not keys.constant_time_equal(identity.digest, digest):
+        if blocked:
+            raise await _refuse_blocked(address)
         await _record_failure(address)
         raise _incorrect_key(secret)
     if not identity.usable(time.time()):
@@ -134,30 +150,66 @@ async def _identity(digest: str, raw: str | None) -> keys.KeyIdentity | None:
     if raw == _UNKNOWN:
         return None
     if raw is not None:
-        return keys.KeyIdentity.from_json(raw)
+        cached = keys.identity_from_cache(digest, raw)
+        if cached is not None:
+            return cached
+        # Not sealed by a holder of MANTLE_IDENTITY_KEY: planted or corrupt. Removed (if
+        # still there) so the fill below replaces it with what the database says.
+        await keys.cache_discard_async(digest, raw)
     identity = await database_read(api_key_identity_load, digest)
     await keys.cache_fill_async(identity, digest)
     return identity
 
 
+# Names no endpoint answers to, remembered by this process only, briefly and boundedly:
+# a flood of made-up names neither fills Redis nor reaches the database each time. Redis
+# keeps only what the control plane wrote (endpoints, and tombstones of deleted ones), so
+# an endpoint created a moment ago is served at once despite an entry here.
+UNKNOWN_MODELS_MAX = 4096
+_unknown_models: OrderedDict[str, float] = OrderedDict()
+
+
+def _known_unknown(model: str) -> bool:
+    expires = _unknown_models.get(model)
+    if expires is None:
+        return False
+    if expires < time.monotonic():
+        del _unknown_models[model]
+        return False
+    return True
+
+
+def _remember_unknown(model: str) -> None:
+    _unknown_models[model] = time.monotonic() + ENDPOINT_NEGATIVE_TTL_S
+    _unknown_models.move_to_end(model)
+    while len(_unknown_models) > UNKNOWN_MODELS_MAX:
+        _unknown_models.popitem(last=False)
+
+
 async def _endpoint(model: str, raw: str | None) -> EndpointSpec | None:
     if raw == _UNKNOWN:
         return None
+    if raw is None and _known_unknown(model):
+        return None
     if raw is not None:
-        return EndpointSpec.from_json(raw)
+        cached = specs.spec_from_cache(_endpoint_cache_key(model), raw)
+        if cached is not None:
+            return cached
+        await delete_if_unchanged(_endpoint_cache_key(model), raw)
     spec = await database_read(endpoint_spec_load, model)
     await endpoint_cache_fill(model, spec)
     return spec
 
 
 async def endpoint_cache_fill(model: str, spec: EndpointSpec | None) -> None:
-    """Caches what the database said, only where nothing is cached (SET NX).
+    """Caches an endpoint the database found, only where nothing is cached (SET NX).
 
-    The control plane writes through on every change (and leaves a tombstone on delete);
-    a fill from a read that raced such a write must not overwrite it.
+    An unknown name is remembered in this process only (`_remember_unknown`). The control
+    plane writes through on every change (and leaves a tombstone on delete); a fill from
+    a read that raced such a write must not overwrite it.
     """
     if spec is None:
-        value, ttl = _UNKNOWN, ENDPOINT_NEGATIVE_TTL_S
-    else:
-        value, ttl = spec.to_json(), ENDPOINT_TTL_S
-    await get_async_redis().set(_endpoint_cache_key(model), value, ex=ttl, nx=True)
+        _remember_unknown(model)  # in this process: Redis holds no entry per made-up name
+        return
+    value = specs.spec_record(_endpoint_cache_key(model), spec, ttl_s=ENDPOINT_TTL_S)
+    await get_async_redis().set(_endpoint_cache_key(model), value, ex=ENDPOINT_TTL_S, nx=True)

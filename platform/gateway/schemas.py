@@ -6,9 +6,30 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Identifier lengths, refused at parse time (400 naming the field) so an oversized value
+# never reaches a cache key, a log line or the database: docs/api.md lists them.
+MODEL_MAX_LENGTH = 256
+USER_MAX_LENGTH = 256
+METADATA_MAX_PAIRS = 16  # OpenAI's own limits for `metadata`
+METADATA_KEY_MAX_LENGTH = 64
+METADATA_VALUE_MAX_LENGTH = 512
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _metadata_check(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return value
+    if len(value) > METADATA_MAX_PAIRS:
+        raise ValueError(f"at most {METADATA_MAX_PAIRS} key-value pairs")
+    for key, item in value.items():
+        if len(key) > METADATA_KEY_MAX_LENGTH:
+            raise ValueError(f"keys may be at most {METADATA_KEY_MAX_LENGTH} characters")
+        if len(item) > METADATA_VALUE_MAX_LENGTH:
+            raise ValueError(f"values may be at most {METADATA_VALUE_MAX_LENGTH} characters")
+    return value
 
 
 class StreamOptions(_Request):
@@ -36,7 +57,7 @@ class ChatMessage(BaseModel):
 
 
 class _Sampling(_Request):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MODEL_MAX_LENGTH)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -45,14 +66,14 @@ class _Sampling(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=USER_MAX_LENGTH)
     # Accepted for compatibility; only their neutral values are supported.
     presence_penalty: float | None = Field(default=None, ge=0, le=0)
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
     logprobs: bool | None = Field(default=None)
     metadata: dict[str, str] | None = None
     store: bool | None = None
-    service_tier: str | None = None
+    service_tier: str | None = Field(default=None, max_length=32)
 
     @field_validator("stop")
     @classmethod
@@ -63,6 +84,11 @@ class _Sampling(_Request):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _metadata_check(value)
 
     @field_validator("logprobs")
     @classmethod
@@ -96,8 +122,8 @@ class CompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Request):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MODEL_MAX_LENGTH)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=USER_MAX_LENGTH)

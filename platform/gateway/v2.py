@@ -424,10 +424,22 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
     identity, spec = await _tensor_spec(request, name, version)
     inputs, wanted = _tensors(body, spec)
     limits = _limits(identity, spec)
-    # No tokens: a tensor request takes one request from the RPM buckets and is
-    # metered by request and compute time (the usage event's compute_ms).
+    # No tokens: a tensor request takes one request from the RPM buckets and is billed
+    # per request and per compute millisecond (the usage event's compute_ms). Its worst
+    # case, reserved against the wallet, is one request computing until its deadline.
     request_id = _request_id(request)
-    admission = await _admit(limits, spec, identity.organization_id, 0, 0, request_id)
+    budget_ms = int(settings.MANTLE_REQUEST_TIMEOUT_S * 1000)
+    admission = await _admit(
+        limits,
+        spec,
+        identity.organization_id,
+        0,
+        0,
+        request_id,
+        requests=1,
+        compute_ms=budget_ms,
+    )
+    started = time.monotonic()
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.InferRequest(
         request_id=request_id,
@@ -444,6 +456,7 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
         spec=spec,
         request_id=request_id,
         deadline=deadline,
+        # Never dispatched: nothing computed, nothing to pay.
         on_refused=lambda: _settle_money(identity.organization_id, request_id, admission, 0, 0),
     )
     outputs: list[dict[str, Any]] | None = None
@@ -458,7 +471,18 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
         await dispatch.cancel(request_id)
         raise
     finally:
-        await _settle_money(identity.organization_id, request_id, admission, 0, 0)
+        # Parked until the drain counts the worker's own figures: the time waited bounds
+        # the compute from above, so the parked cost is never less than the real one.
+        waited_ms = min(budget_ms, math.ceil((time.monotonic() - started) * 1000))
+        await _settle_money(
+            identity.organization_id,
+            request_id,
+            admission,
+            0,
+            0,
+            requests=1,
+            compute_ms=waited_ms,
+        )
     if outputs is None:
         raise OpenAIError(500, "The worker returned no outputs.", type_="server_error")
     return _json(

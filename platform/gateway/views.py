@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from accounts.keys import KeyIdentity
 from billing import spend
+from billing.wallet import price_fill
 from catalog.selectors import endpoint_spec, endpoints_visible_to
 from catalog.specs import EndpointSpec
 from config import metrics
@@ -39,6 +40,7 @@ from gateway.errors import (
     internal_error,
     invalid,
     model_not_found,
+    model_not_priced,
     no_capacity,
 )
 from gateway.limits import Admission, Limits, RateLimiter, retry_after_seconds
@@ -150,16 +152,26 @@ def _require_kind(spec: EndpointSpec, kinds: set[str], path: str) -> None:
 
 
 def _limits(identity: KeyIdentity, spec: EndpointSpec) -> Limits:
+    """The caps of one request. On an endpoint the organization shares with others (a
+    public one), all its keys and projects together get at most its share
+    (MANTLE_ORG_ENDPOINT_RPM/TPM), so one organization cannot take a shared endpoint's
+    whole capacity however many keys it makes; key and project limits are clamped to that
+    share everywhere (limits above it are refused when set: accounts.services)."""
+    org_rpm, org_tpm = settings.MANTLE_ORG_ENDPOINT_RPM, settings.MANTLE_ORG_ENDPOINT_TPM
+    shared = spec.public or spec.organization_id != identity.organization_id
     return Limits(
         key_id=identity.key_id,
         project_id=identity.project_id,
         endpoint_id=spec.id,
-        key_rpm=identity.rpm_limit,
-        key_tpm=identity.tpm_limit,
-        project_rpm=identity.project_rpm_limit,
-        project_tpm=identity.project_tpm_limit,
+        key_rpm=min(identity.rpm_limit, org_rpm),
+        key_tpm=min(identity.tpm_limit, org_tpm),
+        project_rpm=min(identity.project_rpm_limit, org_rpm),
+        project_tpm=min(identity.project_tpm_limit, org_tpm),
         endpoint_rpm=spec.rpm_limit,
         endpoint_tpm=spec.tpm_limit,
+        organization_id=identity.organization_id if shared else "",
+        organization_rpm=org_rpm,
+        organization_tpm=org_tpm,
     )
 
 
@@ -170,17 +182,32 @@ async def _admit(
     prompt_tokens: int,
     max_tokens: int,
     request_id: str,
+    *,
+    requests: int = 0,
+    compute_ms: int = 0,
 ) -> Admission:
-    admission = await limiter().admit(
-        limits,
-        pool=spec.pool,
-        organization_id=organization_id,
-        model_name=spec.model_name,
-        prompt_tokens=prompt_tokens,
-        max_tokens=max_tokens,
-        request_id=request_id,
-        hold_s=settings.MANTLE_REQUEST_TIMEOUT_S + spend.HOLD_GRACE_S,
-    )
+    async def attempt() -> Admission:
+        return await limiter().admit(
+            limits,
+            pool=spec.pool,
+            organization_id=organization_id,
+            model_name=spec.model_name,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            request_id=request_id,
+            hold_s=settings.MANTLE_REQUEST_TIMEOUT_S + spend.HOLD_GRACE_S,
+            requests=requests,
+            compute_ms=compute_ms,
+        )
+
+    admission = await attempt()
+    if admission.price_unknown:
+        # The organization's prices of this model are not in Redis yet (no wallet sync
+        # wrote them): read them from the database once, then ask again.
+        await database_read(price_fill, organization_id, spec.model_name)
+        admission = await attempt()
+    if admission.unpriced or admission.price_unknown:
+        raise model_not_priced(spec.model_name)
     tokens = prompt_tokens + max_tokens
     if admission.no_worker:
         raise no_capacity(spec.pool)
@@ -196,7 +223,12 @@ async def _admit(
             headers={"x-should-retry": "false"},
         )
     if not admission.allowed:
-        what = {"key": "API key", "project": "project", "endpoint": "endpoint"}
+        what = {
+            "key": "API key",
+            "project": "project",
+            "endpoint": "endpoint",
+            "organization": "organization",
+        }
         scope = what[admission.refused_scope]
         if admission.retry_after_ms < 0:
             raise OpenAIError(
@@ -219,9 +251,12 @@ async def _admit(
 
 
 def _limit_owner(limits: Limits, scope: str) -> str:
-    return {"key": limits.key_id, "project": limits.project_id, "endpoint": limits.endpoint_id}[
-        scope
-    ]
+    return {
+        "key": limits.key_id,
+        "project": limits.project_id,
+        "endpoint": limits.endpoint_id,
+        "organization": f"{limits.organization_id} on endpoint {limits.endpoint_id}",
+    }[scope]
 
 
 def _identity(identity: KeyIdentity, spec: EndpointSpec) -> contract.BillingIdentity:
@@ -282,9 +317,27 @@ async def _settle_money(
     admission: Admission,
     input_tokens: int,
     output_tokens: int,
+    *,
+    requests: int = 0,
+    compute_ms: int = 0,
 ) -> None:
-    """Releases the reservation and parks the real cost until metering counts it."""
-    cost = spend.cost_nanos(input_tokens, output_tokens, admission.price_in, admission.price_out)
+    """Releases the reservation and parks the real cost until metering counts it.
+
+    For a tensor request `compute_ms` is the gateway's own upper bound (the time it
+    waited); the drain replaces the parked cost with the worker's measured one.
+    """
+    prices = spend.Prices(
+        admission.price_in,
+        admission.price_out,
+        admission.price_request,
+        admission.price_compute_ms,
+    )
+    cost = prices.cost(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        requests=requests,
+        compute_ms=compute_ms,
+    )
     if not admission.reserved_nanos and not cost:
         return  # a free model: nothing was reserved, nothing to settle
     try:
@@ -530,7 +583,8 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
         ]
     except ValueError as exc:
         raise invalid(str(exc), "messages") from exc
-    prompt_ids = await text.encode(spec, text.render_chat(spec, messages))
+    prompt = await text.render_chat(spec, messages, identity.organization_id)
+    prompt_ids = await text.encode(spec, prompt, "messages")
     gen = await _start_generation(
         request,
         identity,
@@ -608,7 +662,7 @@ async def completions(request: HttpRequest) -> HttpResponseBase:
             raise invalid("Only one prompt per request is supported.", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        prompt_ids = await text.encode(spec, prompt)
+        prompt_ids = await text.encode(spec, prompt, "prompt")
     else:
         prompt_ids = text.check_token_ids(spec, prompt, "prompt")  # type: ignore[arg-type]
     if body.suffix:
@@ -680,7 +734,7 @@ async def _embedding_inputs(spec: EndpointSpec, value: Any) -> list[list[int]]:
         if isinstance(item, str):
             if not item:
                 raise invalid(f"input[{index}] must not be an empty string", "input")
-            ids = await text.encode(spec, item)
+            ids = await text.encode(spec, item, "input")
         else:
             if not item:
                 raise invalid(f"input[{index}] must not be empty", "input")

@@ -9,7 +9,15 @@ import pytest
 from django.core import mail
 from django.test import Client
 
-from accounts.models import ApiKey, AuditLog, Membership, Organization, Project, User
+from accounts.models import (
+    ApiKey,
+    AuditLog,
+    Invitation,
+    Membership,
+    Organization,
+    Project,
+    User,
+)
 from accounts.permissions import Role
 from tests.conftest import OrgWorld
 from tests.factories import default_project
@@ -122,11 +130,24 @@ def test_invite_member_by_role(
             {"email": "New.Person@Example.com", "role": "developer"},
         )
     assert response.status_code == status
-    exists = Membership.objects.filter(
+    # Nobody joins until the emailed link is accepted (tests/accounts/test_invitations.py).
+    assert not Membership.objects.filter(
         organization=world.org, user__email="new.person@example.com"
     ).exists()
-    assert exists == (status == 201)
+    invited = Invitation.objects.filter(organization=world.org, email="new.person@example.com")
+    assert invited.exists() == (status == 201)
     assert len(mail.outbox) == (1 if status == 201 else 0)
+    if status == 201:
+        body = response.json()
+        assert (body["email"], body["role"], body["status"]) == (
+            "new.person@example.com",
+            "developer",
+            "pending",
+        )
+        assert body["id"] == invited.get().id
+        # The link's secret goes to the mailbox only, never to the inviter.
+        link = mail.outbox[0].body.split("/console/invitations/")[1].split("/")[0]
+        assert link not in response.content.decode()
 
 
 def test_invite_existing_member_conflicts(world: OrgWorld) -> None:
@@ -150,6 +171,7 @@ def test_admin_cannot_grant_owner(world: OrgWorld) -> None:
     )
     assert response.status_code == 403
     assert not User.objects.filter(email="x@example.com").exists()
+    assert not Invitation.objects.exists()
 
 
 def test_list_members(world: OrgWorld) -> None:

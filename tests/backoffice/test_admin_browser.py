@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from base64 import b32decode
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.urls import reverse
 from django.utils import timezone
+from django_otp.oath import TOTP
 from playwright.sync_api import Page, expect
 
 from accounts.models import Organization
@@ -16,7 +18,14 @@ from billing.backoffice import roles
 from billing.backoffice.selectors import DRAIN_LAG_SAMPLES
 from billing.periods import hour_start
 from config.redis import get_redis
-from tests.backoffice.support import invoice_in, staff_user
+from tests.backoffice.support import (
+    authenticator,
+    invoice_in,
+    staff_user,
+    totp_code,
+    verified_login_as,
+    wrong_code,
+)
 from tests.billing.factories import EMBED, GrantFactory, price_book, usage
 from tests.browser import (  # noqa: F401
     AppServer,
@@ -75,7 +84,7 @@ def range_query(org: Organization) -> str:
 def test_main_pages(page: Page, app_server: AppServer) -> None:  # noqa: F811
     org, invoice_id = populate()
     admin = staff_user(roles.BILLING_ADMIN, email="ops@mantle.example", full_name="Olga Ops")
-    login_as(page, admin, app_server)
+    verified_login_as(page, admin, app_server)
 
     page.goto(reverse("admin:index"))
     expect(page.locator("#chart-tokens")).to_be_visible()
@@ -110,7 +119,7 @@ def test_main_pages(page: Page, app_server: AppServer) -> None:  # noqa: F811
 
 def test_an_action_through_the_browser_with_csrf(page: Page, app_server: AppServer) -> None:  # noqa: F811
     org, invoice_id = populate()
-    login_as(page, staff_user(roles.BILLING_ADMIN), app_server)
+    verified_login_as(page, staff_user(roles.BILLING_ADMIN), app_server)
 
     page.goto(reverse("admin:backoffice-invoice", args=[invoice_id]))
     page.get_by_role("link", name="Mark paid (bank transfer)").click()
@@ -132,7 +141,7 @@ def test_an_action_through_the_browser_with_csrf(page: Page, app_server: AppServ
 
 def test_the_csv_streams_from_the_real_server(page: Page, app_server: AppServer) -> None:  # noqa: F811
     org, _ = populate()
-    login_as(page, staff_user(roles.SUPPORT), app_server)
+    verified_login_as(page, staff_user(roles.SUPPORT), app_server)
 
     response = page.request.get(reverse("admin:backoffice-usage-csv") + range_query(org))
 
@@ -146,7 +155,7 @@ def test_the_csv_streams_from_the_real_server(page: Page, app_server: AppServer)
 
 def test_support_sees_no_buttons(page: Page, app_server: AppServer) -> None:  # noqa: F811
     _, invoice_id = populate()
-    login_as(page, staff_user(roles.SUPPORT), app_server)
+    verified_login_as(page, staff_user(roles.SUPPORT), app_server)
 
     page.goto(reverse("admin:backoffice-invoice", args=[invoice_id]))
     expect(page.get_by_role("link", name="Void")).to_have_count(0)
@@ -166,7 +175,15 @@ def test_a_customer_is_sent_to_the_login(page: Page, app_server: AppServer) -> N
     screenshot(page, "login-refused", AREA)
 
 
+def sign_in_with_password(tab: Page, email: str, password: str) -> None:
+    tab.goto(reverse("admin:login"))
+    tab.locator("input[name=username]").fill(email)
+    tab.locator("input[name=password]").fill(password)
+    tab.locator("input[name=password]").press("Enter")
+
+
 def test_staff_log_in_through_the_form(page: Page, app_server: AppServer) -> None:  # noqa: F811
+    """First sign-in: password, then enrolment (QR code, first code), recovery codes."""
     staff_user(roles.SUPPORT, email="help@mantle.example", password="s3cret-enough-pass")
 
     page.goto(reverse("admin:login"))
@@ -174,6 +191,35 @@ def test_staff_log_in_through_the_form(page: Page, app_server: AppServer) -> Non
     page.locator("input[name=password]").fill("s3cret-enough-pass")
     screenshot(page, "login", AREA)
     page.locator("input[name=password]").press("Enter")
+
+    expect(page.get_by_test_id("two-factor-qr").locator("svg")).to_be_visible()
+    assert page.url.startswith(f"{app_server.url}{reverse('admin:backoffice-two-factor-enrol')}")
+    screenshot(page, "two-factor-enrol", AREA)
+    secret = page.get_by_test_id("two-factor-secret").inner_text().replace(" ", "")
+    page.get_by_label("Code").fill(f"{TOTP(b32decode(secret)).token():06d}")
+    page.get_by_role("button", name="Confirm").click()
+    expect(page.get_by_test_id("recovery-codes").locator("li")).to_have_count(10)
+    screenshot(page, "two-factor-recovery-codes", AREA)
+    page.get_by_role("link", name="I have stored them: continue").click()
+
+    expect(page.locator("#chart-tokens")).to_be_visible()
+    assert page.url == f"{app_server.url}{reverse('admin:index')}"
+
+
+def test_enrolled_staff_sign_in_with_a_code(page: Page, app_server: AppServer) -> None:  # noqa: F811
+    password = "s3cret-enough-pass"
+    user = staff_user(roles.BILLING_ADMIN, email="ops@mantle.example", password=password)
+    device = authenticator(user)
+
+    sign_in_with_password(page, "ops@mantle.example", password)
+    page.get_by_label("Code").fill(wrong_code(device))
+    page.get_by_role("button", name="Verify").click()
+    expect(page.get_by_text("That code is not valid")).to_be_visible()
+    screenshot(page, "two-factor-wrong-code", AREA)
+    # A wrong code backs the device off for a second; the next code is tried after it.
+    page.wait_for_timeout(1100)
+    page.get_by_label("Code").fill(totp_code(device))
+    page.get_by_role("button", name="Verify").click()
 
     expect(page.locator("#chart-tokens")).to_be_visible()
     assert page.url == f"{app_server.url}{reverse('admin:index')}"

@@ -20,8 +20,9 @@ from django.utils.html import escape
 from billing.backoffice.selectors import UsageFilter, usage_filter_parse, usage_totals
 from billing.models import Price, UsageRollup
 from config.errors import InvalidInput
-from tests.backoffice.support import Staff, client_for
+from tests.backoffice.support import Staff, client_for, mark_verified
 from tests.billing.factories import CHAT, EMBED, OverrideFactory, RollupFactory, price_book
+from tests.config.test_csv_export import FORMULA_NAMES
 from tests.factories import OrganizationFactory
 
 pytestmark = pytest.mark.django_db
@@ -230,6 +231,26 @@ def test_csv_rows_carry_their_amount_at_the_organizations_prices(
     )
 
 
+@pytest.mark.parametrize("name", FORMULA_NAMES)
+def test_the_csv_defuses_text_a_spreadsheet_would_run(staff: Staff, name: str) -> None:
+    """Model names are the customer's; ids are not, but the rule is on every text cell."""
+    org = OrganizationFactory(name=name)
+    RollupFactory(
+        organization_id=org.id, project_id=name, api_key_id=name, endpoint_id=name,
+        model_name=name, hour=T0, requests=1, input_tokens=2, output_tokens=3,
+    )  # fmt: skip
+
+    response = client_for(staff.support).get(CSV_URL, params(org=org.id))
+
+    body = b"".join(response.streaming_content).decode()  # type: ignore[attr-defined]
+    table = list(csv.DictReader(io.StringIO(body, newline="")))
+    assert len(table) == 1
+    [row] = table
+    for column in ("project_id", "api_key_id", "endpoint_id", "model_name"):
+        assert row[column] == f"'{name}", column
+    assert (row["organization_id"], row["requests"], row["input_tokens"]) == (org.id, "1", "2")
+
+
 def test_the_page_links_the_export_with_the_same_filters(
     staff: Staff, rows: dict[str, Any]
 ) -> None:
@@ -272,6 +293,7 @@ def test_a_large_export_streams_in_bounded_memory_under_asgi(staff: Staff) -> No
     Price.objects.update(effective_from=BIG_START)
     client = AsyncClient()
     client.force_login(staff.support)
+    mark_verified(client, staff.support)
 
     async def download() -> tuple[Any, int, int, bytes]:
         response = await client.get(CSV_URL, big_query())

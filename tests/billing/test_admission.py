@@ -15,9 +15,18 @@ from accounts.models import Organization
 from billing import spend
 from billing.models import BillingAccount, Budget
 from billing.periods import hour_start
-from billing.wallet import Usage, wallet_read, wallet_record_batch, wallet_sync
+from billing.wallet import Usage, price_fill, wallet_read, wallet_record_batch, wallet_sync
+from catalog.models import Model
+from config.redis import get_redis
 from gateway.limits import Admission, Limits, RateLimiter
-from tests.billing.factories import CHAT, GrantFactory, price_book, usage
+from tests.billing.factories import (
+    CHAT,
+    CatalogModelFactory,
+    GrantFactory,
+    PriceFactory,
+    price_book,
+    usage,
+)
 from tests.factories import OrganizationFactory, default_project
 from workers.contract import pool_live_key
 
@@ -283,3 +292,102 @@ def test_reservations_no_gateway_settled_are_released_by_the_sync(
     asyncio.run(_settle_held(org.id, "req_live", kept, 400_000))
     done = wallet_read(org.id)
     assert (done["reserved_nanos"], done[f"p:{project_id}:reserved_nanos"]) == ("0", "0")
+
+
+# --- tensor requests (/v2): priced per request and compute millisecond ---------------------
+
+RANKER = "ranker-adm"
+# 1 USD per million requests = 1000 nanos each; 0.01 USD per million compute ms = 10 nanos
+# per ms. A request allowed 99,900 ms of compute may cost 1000 + 999,000 = 1,000,000 nanos.
+TENSOR_DEADLINE_MS = 99_900
+
+
+@pytest.fixture
+def tensor_prepaid() -> Organization:
+    CatalogModelFactory(name=RANKER, kind=Model.Kind.TENSOR)
+    PriceFactory(model_name=RANKER, token_kind="request", unit_price=Decimal("1"))
+    PriceFactory(model_name=RANKER, token_kind="compute_ms", unit_price=Decimal("0.01"))
+    org = OrganizationFactory()
+    BillingAccount.objects.create(organization=org, mode="prepaid")
+    GrantFactory(organization=org, amount=Decimal("0.05"))  # 50 worst cases
+    wallet_sync(org)
+    return org
+
+
+async def _admit_tensor(organization_id: str, lim: Limits, n: int, model: str) -> list[Admission]:
+    client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True, max_connections=256)
+    await client.zadd(pool_live_key(POOL), {"node-a": time.time()})
+    limiter = RateLimiter(client)
+    try:
+        return await asyncio.gather(
+            *(
+                limiter.admit(
+                    lim,
+                    pool=POOL,
+                    organization_id=organization_id,
+                    model_name=model,
+                    prompt_tokens=0,
+                    max_tokens=0,
+                    requests=1,
+                    compute_ms=TENSOR_DEADLINE_MS,
+                )
+                for _ in range(n)
+            )
+        )
+    finally:
+        await client.aclose()
+
+
+def test_two_hundred_concurrent_tensor_requests_against_credit_for_fifty(
+    tensor_prepaid: Organization,
+) -> None:
+    org = tensor_prepaid
+    assert get_redis().hgetall(spend.price_key(org.id, RANKER)) == {
+        "in": "0",
+        "out": "0",
+        "req": "1000",
+        "ms": "10",
+    }
+
+    results = asyncio.run(_admit_tensor(org.id, _limits(org), 200, RANKER))
+
+    admitted = [r for r in results if r.allowed]
+    assert len(admitted) == 50
+    assert {r.reserved_nanos for r in admitted} == {WORST}
+    assert sum(r.insufficient_quota for r in results) == 150
+    assert wallet_read(org.id)["reserved_nanos"] == str(50 * WORST)
+
+
+def test_a_hard_budget_stops_tensor_requests_too() -> None:
+    CatalogModelFactory(name=RANKER, kind=Model.Kind.TENSOR)
+    PriceFactory(model_name=RANKER, token_kind="request", unit_price=Decimal("1"))
+    PriceFactory(model_name=RANKER, token_kind="compute_ms", unit_price=Decimal("0.01"))
+    org = OrganizationFactory()
+    BillingAccount.objects.create(organization=org, mode="postpaid")
+    Budget.objects.create(organization=org, monthly_amount=Decimal("0.01"), hard_limit=True)
+    wallet_sync(org)
+
+    results = asyncio.run(_admit_tensor(org.id, _limits(org), 30, RANKER))
+
+    assert sum(r.allowed for r in results) == 10
+    assert {r.quota_scope for r in results if not r.allowed} == {"organization"}
+
+
+def test_an_unpriced_model_is_refused_before_anything_is_taken() -> None:
+    CatalogModelFactory(name="unpriced-ranker", kind=Model.Kind.TENSOR)
+    org = OrganizationFactory()  # postpaid, no wallet hash: money alone would not refuse it
+    lim = _limits(org)
+
+    [unknown] = asyncio.run(_admit_tensor(org.id, lim, 1, "unpriced-ranker"))
+    # The gateway then fills the price hash from the database, and asks again.
+    assert price_fill(org.id, "unpriced-ranker") is None
+    [refused] = asyncio.run(_admit_tensor(org.id, lim, 1, "unpriced-ranker"))
+
+    assert (unknown.allowed, unknown.price_unknown) == (False, True)
+    assert (refused.allowed, refused.unpriced) == (False, True)
+    redis = get_redis()
+    assert redis.hgetall(spend.price_key(org.id, "unpriced-ranker")) == {"unpriced": "1"}
+    assert 0 < redis.ttl(spend.price_key(org.id, "unpriced-ranker")) <= spend.UNPRICED_TTL_S
+    # Nothing was taken: no request from any bucket, no reservation.
+    assert not redis.exists(*lim.bucket_keys())
+    assert not redis.hexists(spend.wallet_key(org.id), "reserved_nanos")

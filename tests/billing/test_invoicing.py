@@ -191,14 +191,21 @@ def test_commit_tiers_discount_the_spend_above_each_threshold(org: Organization)
     assert invoice.subtotal == Decimal("1310.00")
 
 
-def test_usage_of_an_unpriced_model_is_refused_and_no_invoice_is_made(org: Organization) -> None:
+def test_usage_of_an_unpriced_model_alone_makes_a_draft_that_only_holds_it(
+    org: Organization,
+) -> None:
+    # Formerly refused (Unpriced) with no invoice at all; now held for the operator,
+    # billed at nothing (tests/billing/test_held_usage.py has the whole story).
     usage(org, at(10, 3), model=EMBED, input_tokens=10)
 
-    with pytest.raises(Unpriced) as raised:
-        invoice_refresh_draft(org=org, month=at(10))
+    invoice = invoice_refresh_draft(org=org, month=at(10))
 
-    assert "embed-small input" in raised.value.message
-    assert not Invoice.objects.filter(organization=org).exists()
+    assert invoice is not None
+    assert lines_of(invoice) == []
+    assert invoice.subtotal == Decimal("0.00")
+    assert list(
+        invoice.held_usage.values_list("model_name", "token_kind", "quantity", "status")
+    ) == [(EMBED, "input", 10, "held")]
 
 
 def test_usage_of_other_organizations_is_not_billed(org: Organization) -> None:
@@ -274,14 +281,24 @@ def test_fully_covered_invoice_is_settled_at_finalization(
     assert credit_balance(org) == Decimal("45.00")
 
 
-def test_invoice_numbers_are_a_gap_free_sequence_per_year(staff: Principal) -> None:
+def test_invoice_numbers_are_a_gap_free_sequence_per_year(
+    staff: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
     price_book(CHAT)
     orgs = [OrganizationFactory() for _ in range(3)]
     for org in orgs:
         usage(org, at(9, 3), input_tokens=1_000_000)
     drafts = [invoice_refresh_draft(org=org, month=at(9)) for org in orgs]
-    # A finalization that fails (its usage cannot be rated) takes no number.
-    usage(orgs[1], at(9, 4), model=EMBED, input_tokens=1)
+    # A finalization that fails after taking its number (here: applying credits crashes)
+    # takes no number. (Unpriced usage no longer fails one: it is held.)
+    apply_credits = invoicing.credits_apply_to_invoice
+
+    def crash_for_second(*, org: Organization, **kwargs: object) -> Decimal:
+        if org.id == orgs[1].id:
+            raise Unpriced("simulated failure after numbering")
+        return apply_credits(org=org, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(invoicing, "credits_apply_to_invoice", crash_for_second)
 
     numbers = []
     for draft in drafts:

@@ -14,6 +14,7 @@ from billing import stripe_sync, stripe_tasks
 from billing.models import Invoice, StripeCustomer, UsageRollup
 from billing.stripe_fake import IDEMPOTENCY_TTL_S, FakeStripe
 from billing.stripe_types import StripeDisabled, StripeUnavailable
+from catalog.models import Model
 from config.errors import Conflict, InvalidInput
 from tests.billing.stripe_support import deliver, last_event, make_invoice, use_fake_stripe
 from tests.conftest import OrgWorld
@@ -294,6 +295,29 @@ def test_meter_hour_push_is_exact_and_repeatable(world: OrgWorld, fake: FakeStri
     assert fake.meter_total(customer_id=mine, model="embed", kind="input") == 300
     assert fake.meter_total(customer_id=theirs, model="chat", kind="output") == 20
     assert len(fake.meter_events) == 5
+
+
+def test_meter_hour_push_sends_a_tensor_models_requests_and_compute(
+    world: OrgWorld, fake: FakeStripe
+) -> None:
+    Model.objects.create(name="ranker", kind=Model.Kind.TENSOR, context_length=0)
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    UsageRollup.objects.create(
+        organization_id=world.org.id,
+        project_id="proj_x",
+        api_key_id="k1",
+        endpoint_id="ep-x",
+        model_name="ranker",
+        hour=hour,
+        requests=3,
+        compute_ms=1_234,
+    )
+
+    assert stripe_sync.stripe_meter_push_hour(hour=hour) == 2
+
+    mine = StripeCustomer.objects.get(organization=world.org).stripe_customer_id
+    assert fake.meter_total(customer_id=mine, model="ranker", kind="request") == 3
+    assert fake.meter_total(customer_id=mine, model="ranker", kind="compute_ms") == 1_234
 
 
 def test_meter_push_refuses_an_open_hour(world: OrgWorld, fake: FakeStripe) -> None:

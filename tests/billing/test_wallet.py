@@ -71,7 +71,12 @@ def test_postpaid_without_hard_budget_is_not_checked(org: Organization, this_hou
         "month": month_label(this_hour),
         "spent_nanos": str(2 * USD),
     }
-    assert get_redis().hgetall(spend.price_key(org.id, CHAT)) == {"in": "1000", "out": "2000"}
+    assert get_redis().hgetall(spend.price_key(org.id, CHAT)) == {
+        "in": "1000",
+        "out": "2000",
+        "req": "0",
+        "ms": "0",
+    }
 
 
 def test_prepaid_cap_is_the_credit_and_spent_the_unbilled_usage(
@@ -176,8 +181,18 @@ def test_prices_are_the_organizations_effective_prices_in_exact_nanos(org: Organ
     wallet_sync(org)
 
     redis = get_redis()
-    assert redis.hgetall(spend.price_key(org.id, "tiny")) == {"in": "37.5", "out": "150"}
-    assert redis.hgetall(spend.price_key(org.id, CHAT)) == {"in": "900", "out": "1800"}
+    assert redis.hgetall(spend.price_key(org.id, "tiny")) == {
+        "in": "37.5",
+        "out": "150",
+        "req": "0",
+        "ms": "0",
+    }
+    assert redis.hgetall(spend.price_key(org.id, CHAT)) == {
+        "in": "900",
+        "out": "1800",
+        "req": "0",
+        "ms": "0",
+    }
     assert not redis.exists(spend.price_key(org.id, "half-priced"))  # one kind only: not admitted
 
 
@@ -322,7 +337,12 @@ def test_record_with_no_price_hash_loads_the_price_from_the_database(org: Organi
     )
 
     assert cost == 2000
-    assert get_redis().hgetall(spend.price_key(org.id, CHAT)) == {"in": "500", "out": "2000"}
+    assert get_redis().hgetall(spend.price_key(org.id, CHAT)) == {
+        "in": "500",
+        "out": "2000",
+        "req": "0",
+        "ms": "0",
+    }
 
 
 def test_record_rounds_each_request_up_to_a_whole_nano(org: Organization) -> None:
@@ -380,3 +400,13 @@ def test_the_drain_hook_counts_contract_events(org: Organization) -> None:
     wallet_record_events(events)  # the outbox replays the batch
 
     assert wallet_read(org.id)["spent_nanos"] == str(3 * (100 * 1000 + 50 * 2000))
+
+
+def test_the_drain_runs_the_wallet_hook_by_default() -> None:
+    # A drain started as `manage.py drain_usage` does (no hooks given) must move settled
+    # costs from pending to spent; without the hook registered, pending only ever grows.
+    from billing import metering
+    from billing.wallet import wallet_record_events
+
+    assert wallet_record_events in metering.registered_hooks()
+    assert wallet_record_events in metering.Drain(consumer="hook-check", client=get_redis()).hooks

@@ -67,6 +67,11 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"store": root / "store", "uploads": root / "uploads"}
 
 
+# The operator's default list price for compiled models (USD per million units), as the
+# control worker below runs with it: compiled models are served priced, never free.
+COMPILED_MODEL_PRICES = "input=0.1,output=0.4,request=2,compute_ms=0.5"
+
+
 @pytest.fixture(scope="module")
 def nodes(paths: dict[str, Path], django_db_setup: None, django_db_blocker: Any) -> Iterator[Stack]:
     """One compile node and one control-plane worker, on this test run's broker and database."""
@@ -118,7 +123,8 @@ def nodes(paths: dict[str, Path], django_db_setup: None, django_db_blocker: Any)
                 "--without-gossip",
                 "--without-mingle",
             ],
-            env,
+            # The control plane registers compiled models: at the operator's default price.
+            {**env, "MANTLE_COMPILED_MODEL_PRICES": COMPILED_MODEL_PRICES},
         )
         wait_ready(compile_node)
         wait_ready(control)

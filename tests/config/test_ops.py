@@ -18,18 +18,39 @@ def test_healthz() -> None:
     assert response.json() == {"status": "ok"}
 
 
-def test_readyz_all_up() -> None:
+OPS_TOKEN = "ops-token-for-tests"
+
+
+@pytest.fixture
+def ops_token(settings: Any) -> str:
+    settings.MANTLE_OPS_TOKEN = OPS_TOKEN
+    settings.MANTLE_OPS_NETWORKS = []
+    return OPS_TOKEN
+
+
+def operator() -> Client:
+    return Client(headers={"authorization": f"Bearer {OPS_TOKEN}"})
+
+
+def test_readyz_all_up(ops_token: str) -> None:
     body = Client().get("/readyz").json()
-    assert body["status"] == "ok"
-    assert body["down"] == []
-    assert set(body["checks"]) == {"database", "redis", "broker"}
+    assert body == {"status": "ok", "down": []}
+    detailed = operator().get("/readyz").json()
+    assert (detailed["status"], detailed["down"]) == ("ok", [])
+    assert set(detailed["checks"]) == {"database", "redis", "broker"}
 
 
 @override_settings(CELERY_BROKER_URL="redis://127.0.0.1:1/0")
-def test_readyz_names_the_broker_when_down() -> None:
+def test_readyz_names_the_broker_when_down(ops_token: str) -> None:
     response = Client().get("/readyz")
     assert response.status_code == 503
-    assert response.json()["down"] == ["broker"]
+    # The public answer names the component, never the backend's error (host, port).
+    assert response.json() == {"status": "unavailable", "down": ["broker"]}
+    assert "127.0.0.1" not in response.content.decode()
+    detailed = operator().get("/readyz")
+    assert detailed.status_code == 503
+    assert detailed.json()["checks"]["broker"]["ok"] is False
+    assert detailed.json()["checks"]["broker"]["error"]
 
 
 def test_readyz_names_redis_when_down(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,21 +65,45 @@ def test_readyz_names_redis_when_down(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @override_settings(ALLOWED_HOSTS=["api.mantle.example.com"])
-def test_probes_answer_whatever_host_they_are_reached_by() -> None:
+def test_probes_answer_whatever_host_they_are_reached_by(ops_token: str) -> None:
     # The kubelet probes and Prometheus scrapes by pod IP, compose's healthcheck by
     # 127.0.0.1: neither is an allowed host, and neither may be refused for it.
     for path in ("/healthz", "/readyz", "/metrics"):
         for host in ("10.1.2.3:8000", "127.0.0.1:8000"):
-            assert Client().get(path, HTTP_HOST=host).status_code == 200, (path, host)
+            response = operator().get(path, HTTP_HOST=host)
+            assert response.status_code == 200, (path, host)
     # The console still refuses a host it does not serve.
     assert Client().get("/console/login/", HTTP_HOST="10.1.2.3:8000").status_code == 400
     assert Client().get("/console/login/", HTTP_HOST="api.mantle.example.com").status_code == 200
 
 
-def test_metrics_exposes_request_counters() -> None:
+def test_metrics_exposes_request_counters(ops_token: str) -> None:
     Client().get("/healthz")
-    text = Client().get("/metrics").content.decode()
+    text = operator().get("/metrics").content.decode()
     assert 'mantle_http_requests_total{method="GET",route="healthz",status="200"}' in text
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-token", f"Basic {OPS_TOKEN}", "Bearer "]
+)
+def test_metrics_are_not_public(ops_token: str, authorization: str | None) -> None:
+    headers = {"authorization": authorization} if authorization else {}
+    response = Client(headers=headers).get("/metrics", REMOTE_ADDR="203.0.113.9")
+    assert response.status_code == 404
+    assert b"mantle_" not in response.content
+
+
+def test_the_internal_network_sees_metrics_and_details_without_the_token(settings: Any) -> None:
+    settings.MANTLE_OPS_TOKEN = ""
+    settings.MANTLE_OPS_NETWORKS = ["10.40.0.0/16", "fd00::/8"]
+    for inside in ("10.40.7.9", "fd00::5"):
+        assert Client().get("/metrics", REMOTE_ADDR=inside).status_code == 200, inside
+        assert "checks" in Client().get("/readyz", REMOTE_ADDR=inside).json()
+    for outside in ("10.41.0.1", "203.0.113.9", "fe80::1"):
+        assert Client().get("/metrics", REMOTE_ADDR=outside).status_code == 404, outside
+        assert "checks" not in Client().get("/readyz", REMOTE_ADDR=outside).json()
+    # With no token configured, no Authorization header opens them.
+    assert Client(headers={"authorization": "Bearer "}).get("/metrics").status_code == 404
 
 
 def test_request_id_echoed_and_generated(caplog: pytest.LogCaptureFixture) -> None:
@@ -89,10 +134,10 @@ def test_log_lines_carry_the_request_id(caplog: pytest.LogCaptureFixture) -> Non
     assert all(getattr(r, "request_id", None) == "trace-me-1" for r in records)
 
 
-def test_readyz_with_rabbitmq_as_the_broker(settings: Any) -> None:
+def test_readyz_with_rabbitmq_as_the_broker(settings: Any, ops_token: str) -> None:
     settings.CELERY_BROKER_URL = os.environ.get(
         "MANTLE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"
     )
-    body = Client().get("/readyz").json()
+    body = operator().get("/readyz").json()
     assert body["down"] == []
     assert body["checks"]["broker"]["ok"] is True

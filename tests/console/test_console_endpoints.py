@@ -57,7 +57,11 @@ def test_create_an_endpoint_from_a_model_on_a_pool(world: OrgWorld, public_chat:
     ("data", "status", "message"),
     [
         ({"name": ""}, 400, "This field is required."),
-        ({"pool": "h200-mars"}, 400, "pool &#x27;h200-mars&#x27; does not exist"),
+        (
+            {"pool": "h200-mars"},
+            400,
+            "pool &#x27;h200-mars&#x27; is not available in this organization&#x27;s region",
+        ),
         ({"rpm_limit": "0"}, 400, "Ensure this value is greater than or equal to 1."),
     ],
 )

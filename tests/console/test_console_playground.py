@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -12,6 +14,7 @@ from accounts import keys
 from accounts.models import ApiKey
 from accounts.permissions import Role
 from catalog.models import AcceleratorPool, Endpoint, Model, ModelVersion
+from console.services import SESSION_PLAYGROUND_KEYS, playground_secret
 from tests.billing.factories import price_book
 from tests.conftest import OrgWorld
 from tests.console.support import org_url
@@ -137,3 +140,41 @@ def test_endpoints_page_and_detail(world: OrgWorld, other_world: OrgWorld) -> No
     assert client.get(public_url).status_code == 200
     missing = client.get(org_url("console-endpoint", world.org.id, endpoint_id=theirs.id))
     assert missing.status_code == 404
+
+
+def test_playground_session_keeps_a_seed_not_the_secret(world: OrgWorld) -> None:
+    client = world.client_for(Role.DEVELOPER)
+    issued = client.post(org_url("console-playground-key", world.org.id)).json()
+    stored = client.session[SESSION_PLAYGROUND_KEYS]
+    (entry,) = stored.values()
+    assert set(entry) == {"key_id", "seed", "expires_at"}
+    assert issued["secret"] not in json.dumps(stored)
+    assert playground_secret(entry["seed"]) == issued["secret"]
+
+
+def test_playground_key_is_replaced_when_the_secret_key_rotates(
+    world: OrgWorld, settings: Any
+) -> None:
+    client = world.client_for(Role.DEVELOPER)
+    url = org_url("console-playground-key", world.org.id)
+    first = client.post(url).json()
+    old = settings.SECRET_KEY
+    settings.SECRET_KEY = "a rotated secret key, long enough to be a real one " * 2
+    settings.SECRET_KEY_FALLBACKS = [old]  # keeps the session signed in
+    second = client.post(url).json()
+    assert second["key_id"] != first["key_id"]
+    key = ApiKey.objects.get(id=second["key_id"])
+    assert key.digest == keys.secret_digest(second["secret"])
+
+
+def test_playground_drops_entries_that_held_a_secret(world: OrgWorld) -> None:
+    client = world.client_for(Role.DEVELOPER)
+    session = client.session
+    session[SESSION_PLAYGROUND_KEYS] = {
+        "old:slot": {"key_id": "key_x", "secret": "sk-" + "a" * 48, "expires_at": "2030-01-01"}
+    }
+    session.save()
+    client.post(org_url("console-playground-key", world.org.id))
+    stored = client.session[SESSION_PLAYGROUND_KEYS]
+    assert "old:slot" not in stored
+    assert "sk-" + "a" * 48 not in json.dumps(stored)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from django.core import mail
 
-from accounts.models import Membership, Project, User
+from accounts.models import Invitation, Membership, Project, User
 from accounts.permissions import Role
 from tests.conftest import OrgWorld
 from tests.console.support import org_url
@@ -20,19 +20,23 @@ def _membership(world: OrgWorld, role: Role) -> Membership:
     return Membership.objects.get(organization=world.org, user=world.users[role])
 
 
-def test_invite_adds_the_person_and_emails_them(
+def test_invite_mails_a_link_and_adds_nobody_yet(
     world: OrgWorld, django_capture_on_commit_callbacks: Any
 ) -> None:
+    # Joining needs the emailed link (tests/accounts/test_invitations.py).
     with django_capture_on_commit_callbacks(execute=True):
         response = world.client_for(Role.ADMIN).post(
             org_url("console-team", world.org.id),
             {"email": "New@Example.com", "role": "developer"},
         )
     assert response.status_code == 302
-    m = Membership.objects.get(organization=world.org, user__email="new@example.com")
-    assert m.role == Role.DEVELOPER
+    assert not Membership.objects.filter(
+        organization=world.org, user__email="new@example.com"
+    ).exists()
+    invitation = Invitation.objects.get(organization=world.org)
+    assert (invitation.email, invitation.role) == ("new@example.com", Role.DEVELOPER)
     assert mail.outbox[0].to == ["new@example.com"]
-    assert "set a password at" in mail.outbox[0].body
+    assert "/console/invitations/" in mail.outbox[0].body
 
 
 def test_inviting_a_member_twice_is_a_conflict(world: OrgWorld) -> None:
@@ -52,6 +56,7 @@ def test_only_owners_grant_ownership(world: OrgWorld) -> None:
     assert response.status_code == 403
     assert "only an owner can grant or revoke the owner role" in response.content.decode()
     assert not User.objects.filter(email="boss@example.com").exists()
+    assert not Invitation.objects.exists()
 
 
 def test_developer_cannot_invite(world: OrgWorld) -> None:
@@ -60,6 +65,7 @@ def test_developer_cannot_invite(world: OrgWorld) -> None:
     )
     assert response.status_code == 403
     assert not User.objects.filter(email="x@example.com").exists()
+    assert not Invitation.objects.exists()
 
 
 def test_change_role_with_and_without_htmx(world: OrgWorld) -> None:

@@ -11,10 +11,12 @@ import pytest
 from django.utils import timezone
 
 from accounts import services
+from accounts.models import ApiKey, Project
 from accounts.permissions import Role
 from accounts.principal import SYSTEM
 from console.selectors import usage_report
 from tests.billing.factories import CHAT, EMBED, at, price_book, usage
+from tests.config.test_csv_export import FORMULA_NAMES
 from tests.conftest import OrgWorld
 from tests.console.support import org_url
 from tests.factories import default_project, make_api_key
@@ -130,6 +132,36 @@ def test_csv_export(usage_world: OrgWorld) -> None:
         ["2026-03-03", "2026-03-03", "4", "4000", "0", "4000", "0.002000000", "0"],
         ["Total", "total", "6", "7000", "500", "7500", "0.006000000", "0"],
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("group", ["key", "project", "model"])
+def test_csv_export_defuses_names_a_spreadsheet_would_run(world: OrgWorld, group: str) -> None:
+    """Key, project and model names are the customer's; in the CSV each is text that a
+    spreadsheet shows, never a formula it runs (config/csv_export.py)."""
+    prefixes = {}
+    for n, name in enumerate(FORMULA_NAMES):
+        project = services.project_create(principal=SYSTEM, org=world.org, name=f"p{n}")
+        key, _ = make_api_key(world.org, project=project)
+        # Named past the services (which strip whitespace): the export relies on no input rule.
+        Project.objects.filter(pk=project.pk).update(name=name)
+        ApiKey.objects.filter(pk=key.pk).update(name=name)
+        prefixes[name] = key.prefix
+        usage(
+            world.org, at(3, 1, 9), input_tokens=1_000 + n, api_key_id=key.id,
+            project_id=project.id, model=name,
+        )  # fmt: skip
+
+    response = world.client_for(Role.VIEWER).get(
+        org_url("console-usage-csv", world.org.id), {**RANGE, "group": group}
+    )
+
+    assert response.status_code == 200
+    rows = list(csv.reader(io.StringIO(response.content.decode(), newline="")))
+    labels = sorted(row[0] for row in rows[1:-1])
+    suffix = {"key": lambda name: f" ({prefixes[name]}…)"}.get(group, lambda name: "")
+    assert labels == sorted(f"'{name}{suffix(name)}" for name in FORMULA_NAMES)
+    assert rows[-1][0] == "Total"
+    assert len(rows) == 1 + len(FORMULA_NAMES) + 1  # no name broke its row in two
 
 
 def test_unpriced_usage_is_counted_not_charged_and_said(world: OrgWorld) -> None:

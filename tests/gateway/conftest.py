@@ -13,7 +13,7 @@ from accounts.models import ApiKey, Organization
 from catalog.models import Endpoint
 from catalog.services import builtin_models_register
 from config.redis import get_redis
-from tests.factories import OrganizationFactory, make_api_key
+from tests.factories import OrganizationFactory, make_api_key, price_builtin_models
 from tests.stack import Process, Stack, builtin_manifests
 
 CHAT = "smollm2-135m-instruct"
@@ -63,6 +63,7 @@ class Served:
 @pytest.fixture
 def served(live: LiveStack, transactional_db: None) -> Served:
     endpoints = {e.name: e for e in builtin_models_register(live.manifests)}
+    price_builtin_models()  # as bin/run's seed_prices: admission refuses unpriced models
     org = OrganizationFactory()
     key, secret = make_api_key(org, scopes=["inference"])
     return Served(live=live, org=org, key=key, secret=secret, endpoints=endpoints)

@@ -28,6 +28,10 @@ def limits(**caps: int) -> Limits:
     return Limits(key_id="k1", project_id="p1", endpoint_id="ep-1", **base)
 
 
+# Admission refuses a model without a price hash: "m" is priced at zero unless a test says.
+FREE_PRICE = {"in": 0, "out": 0, "req": 0, "ms": 0}
+
+
 async def admit(limiter: RateLimiter, lim: Limits, tokens: int) -> Admission:
     return await limiter.admit(
         lim,
@@ -46,6 +50,7 @@ def run(coro):  # type: ignore[no-untyped-def]
 async def _limiter_with_live_pool() -> tuple[RateLimiter, aredis.Redis]:
     client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True, max_connections=512)
     await client.zadd(pool_live_key(POOL), {"node-a": time.time()})
+    await client.hset("mantle:price:org_limits:m", mapping=FREE_PRICE)
     return RateLimiter(client), client
 
 
@@ -115,6 +120,7 @@ def test_dead_pool_refuses_without_consuming() -> None:
     async def scenario() -> tuple[bool, bool, str | None]:
         client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
         await client.zadd(pool_live_key(POOL), {"node-a": time.time() - 60})  # stale heartbeat
+        await client.hset("mantle:price:org_limits:m", mapping=FREE_PRICE)
         a = await admit(RateLimiter(client), limits(), 10)
         level = await client.hget("mantle:rl:key:k1:req", "l")
         await client.aclose()
@@ -260,3 +266,17 @@ def test_unlimited_or_missing_wallet_only_reserves() -> None:
         return a.allowed, reserved
 
     assert run(scenario()) == (True, str(2 * 10**9))
+
+
+@pytest.mark.parametrize("cap", ["key_rpm", "project_rpm", "endpoint_rpm"])
+def test_a_cap_of_zero_admits_nothing(cap: str) -> None:
+    # Only the organization's share may be absent (0 there: no share of its own); a
+    # key, project or endpoint capped at 0 is closed, never unlimited.
+    async def scenario() -> Admission:
+        limiter, client = await _limiter_with_live_pool()
+        admission = await admit(limiter, limits(**{cap: 0}), 10)
+        await client.aclose()
+        return admission
+
+    admission = run(scenario())
+    assert (admission.allowed, admission.refused_scope) == (False, cap.removesuffix("_rpm"))

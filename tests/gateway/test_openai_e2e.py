@@ -421,7 +421,10 @@ def test_two_gateway_processes_share_one_limit(served: Served) -> None:
 def test_insufficient_quota_is_429_and_not_retried(served: Served) -> None:
     redis = get_redis()
     redis.hset(f"mantle:wallet:{served.org.id}", mapping={"mode": "prepaid", "cap_nanos": 1000})
-    redis.hset(f"mantle:price:{served.org.id}:{CHAT}", mapping={"in": 100, "out": 100})
+    redis.hset(
+        f"mantle:price:{served.org.id}:{CHAT}",
+        mapping={"in": 100, "out": 100, "req": 0, "ms": 0},
+    )
     with pytest.raises(openai.RateLimitError) as err:
         served.client().chat.completions.create(model=CHAT, messages=FRANCE, max_tokens=50)
     assert err.value.code == "insufficient_quota"
@@ -434,7 +437,11 @@ def test_paid_request_settles_its_reservation(served: Served) -> None:
     redis = get_redis()
     wallet = f"mantle:wallet:{served.org.id}"
     redis.hset(wallet, mapping={"mode": "prepaid", "cap_nanos": 10**9})
-    redis.hset(f"mantle:price:{served.org.id}:{CHAT}", mapping={"in": 150, "out": 600})
+    # The price hash carries all four units (a text model: 0 per request and compute ms).
+    redis.hset(
+        f"mantle:price:{served.org.id}:{CHAT}",
+        mapping={"in": 150, "out": 600, "req": 0, "ms": 0},
+    )
     done = served.client().chat.completions.create(
         model=CHAT, messages=FRANCE, max_tokens=16, temperature=0
     )

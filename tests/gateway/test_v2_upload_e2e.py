@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 from django.test.utils import override_settings
 
 from accounts.permissions import Role
+from billing.models import Price
 from catalog.models import Endpoint
 from config.redis import get_redis
 from tests.catalog import test_compile_e2e as compile_e2e
@@ -49,6 +51,11 @@ def test_an_uploaded_model_is_served_over_v2_with_dynamic_batching(
         job = compile_e2e.wait_finished(uploaded.json()["id"], nodes)
         assert job.status == "succeeded", job.steps
         assert job.model_version is not None
+        # Priced at the operator's default for compiled models (the control worker runs with
+        # MANTLE_COMPILED_MODEL_PRICES): a model nothing prices would be refused (403).
+        assert dict(
+            Price.objects.filter(model_name="upload-ranker").values_list("token_kind", "unit_price")
+        ) == {"request": Decimal("2"), "compute_ms": Decimal("0.5")}
         # And an endpoint serving it on the tensor pool
         created = console.post(
             f"/api/v1/organizations/{world.org.id}/endpoints",

@@ -14,7 +14,7 @@ from django.conf import settings
 from accounts.models import ApiKey, Organization
 from catalog.models import AcceleratorPool, Endpoint, ModelVersion
 from catalog.services import builtin_models_register, endpoint_publish, pool_ensure
-from tests.factories import OrganizationFactory, make_api_key
+from tests.factories import OrganizationFactory, make_api_key, price_builtin_models
 from tests.reliability.support import PrivateRedis, TcpProxy, redis_url_of_tests
 from tests.stack import Process, Stack, builtin_manifests, test_database_url
 
@@ -99,8 +99,11 @@ class Tenant:
 
 
 def builtin_versions(manifests: list[dict[str, Any]]) -> dict[str, ModelVersion]:
-    """The built-in models' versions by model name (registered if they are not yet)."""
-    return {e.name: e.model_version for e in builtin_models_register(manifests)}
+    """The built-in models' versions by model name (registered if they are not yet), priced:
+    admission refuses a model without a price."""
+    versions = {e.name: e.model_version for e in builtin_models_register(manifests)}
+    price_builtin_models()
+    return versions
 
 
 def endpoint_on(org: Organization, pool: AcceleratorPool, version: ModelVersion) -> Endpoint:

@@ -611,3 +611,271 @@ def manifest_problems(
         if entry is not None:
             entry_points.setdefault(entry, []).append(container.where)
     return entry_points, problems
+
+
+# --- who holds which secret, who reaches what ---------------------------------------------------
+
+REDIS_ACL = DEPLOY / "redis" / "users.acl"
+
+# Secrets (and credentials) that processes running tenant-uploaded graphs must never hold.
+WORKER_FORBIDDEN = {
+    "DATABASE_URL",
+    "DJANGO_SECRET_KEY",
+    "MANTLE_API_KEY_PEPPER",
+    "MANTLE_IDENTITY_KEY",
+    "STRIPE_API_KEY",
+    "STRIPE_WEBHOOK_SECRET",
+}
+# The Redis ACL user of each role (deploy/redis/users.acl).
+REDIS_USER_OF_ROLE = {"gateway": "gateway", "control": "control", "drain": "drain"}
+WORKER_APPS = ("workers.celery_app", "workers.compile.celery_app")
+
+
+def redis_acl_rules() -> dict[str, list[str]]:
+    """deploy/redis/users.acl: user -> its rules, a selector `(...)` kept as one rule."""
+    users: dict[str, list[str]] = {}
+    for line in REDIS_ACL.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("user "):
+            continue
+        _, name, rest = line.split(" ", 2)
+        users[name] = re.findall(r"\([^)]*\)|\S+", rest)
+    return users
+
+
+@contextlib.contextmanager
+def redis_acl_users(url: str, suffix: str) -> Iterator[dict[str, tuple[str, str]]]:
+    """The users of deploy/redis/users.acl created on the Redis at `url` (as `<user><suffix>`,
+    each with a random password), deleted afterwards: user -> (name, password).
+
+    Only the users with passwords: `default` (which the test suite itself uses) is left as is.
+    """
+    import secrets as random_secrets
+
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(url)
+    made: dict[str, tuple[str, str]] = {}
+    try:
+        for user, rules in redis_acl_rules().items():
+            if "nopass" in rules or "off" in rules:
+                continue
+            name, password = f"{user}{suffix}", random_secrets.token_hex(16)
+            client.execute_command("ACL", "SETUSER", name, "reset", f">{password}", *rules)
+            made[user] = (name, password)
+        yield made
+    finally:
+        for name, _ in made.values():
+            client.execute_command("ACL", "DELUSER", name)
+        client.close()
+
+
+def _url_user(url: str) -> str:
+    return urlsplit(url).username or ""
+
+
+def _role_of(container: Container, env: Mapping[str, str]) -> str:
+    """`worker` for the Celery apps of worker nodes, else the container's MANTLE_ROLE."""
+    argv = " ".join(container.argv)
+    if any(f"-A {app} " in f"{argv} " for app in WORKER_APPS):
+        return "worker"
+    return env.get("MANTLE_ROLE", "")
+
+
+def secret_problems(containers: list[Container], sources: Any) -> list[str]:
+    """Each container holds exactly its role's secrets (config/secret_checks.py); workers
+    hold none of WORKER_FORBIDDEN; each Redis URL names its role's ACL user."""
+    from config.secret_checks import ROLE_SECRETS, SECRETS
+
+    acl_users = set(redis_acl_rules())
+    problems = []
+    for container in containers:
+        env, _ = container_env(container, sources)
+        names = {n.removesuffix("_FILE") for n in env}
+        role = _role_of(container, env)
+        where = container.where
+        if role == "worker":
+            problems += [f"{where}: a worker holds {n}" for n in sorted(names & WORKER_FORBIDDEN)]
+            expected_user = "worker"
+        elif role not in ROLE_SECRETS or role == "all":
+            problems.append(f"{where}: MANTLE_ROLE={role!r} is not a deployment role")
+            continue
+        else:
+            held = names & set(SECRETS)
+            if held != set(ROLE_SECRETS[role]):
+                problems.append(
+                    f"{where}: role {role} holds {sorted(held)}, needs {sorted(ROLE_SECRETS[role])}"
+                )
+            expected_user = REDIS_USER_OF_ROLE.get(role, "")
+        if "REDIS_URL" in env:
+            user = _url_user(env["REDIS_URL"])
+            if user not in acl_users or user != expected_user:
+                problems.append(f"{where}: Redis user {user!r}, expected {expected_user!r}")
+        elif expected_user:
+            problems.append(f"{where}: no REDIS_URL for Redis user {expected_user!r}")
+    return problems
+
+
+_WORKLOAD_LABEL = "app"
+
+
+def _pods(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """(where, pod spec, pod labels) of every workload."""
+    found = []
+    for doc in docs:
+        if doc.get("kind") not in _WORKLOADS:
+            continue
+        spec = doc["spec"]
+        if doc["kind"] == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        template = spec["template"]
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        found.append((f"k8s {doc['kind']}/{doc['metadata']['name']}", template["spec"], labels))
+    return found
+
+
+def hardening_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Every pod: no service-account token, non-root, RuntimeDefault seccomp; every
+    container: no privilege escalation, read-only root, all capabilities dropped, and a
+    writable /tmp (an emptyDir) since the root is read-only."""
+    problems = []
+    for where, pod, _ in _pods(docs):
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: automountServiceAccountToken is not false")
+        context = pod.get("securityContext") or {}
+        if context.get("runAsNonRoot") is not True or not context.get("runAsUser"):
+            problems.append(f"{where}: not runAsNonRoot with a numeric runAsUser")
+        if (context.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{where}: seccompProfile is not RuntimeDefault")
+        empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        for c in pod.get("initContainers", []) + pod.get("containers", []):
+            name = f"{where} container {c['name']}"
+            sc = c.get("securityContext") or {}
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{name}: allowPrivilegeEscalation is not false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{name}: readOnlyRootFilesystem is not true")
+            if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+                problems.append(f"{name}: capabilities do not drop ALL")
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            if mounts.get("/tmp") not in empty_dirs:
+                problems.append(f"{name}: no emptyDir at /tmp on a read-only root")
+    return problems
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    wanted = selector.get("matchLabels") or {}
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What the NetworkPolicies let one workload's pods do."""
+
+    egress: frozenset[tuple[int, str]]  # (port, cidr or "pods")
+    ingress_ports: frozenset[int]
+    isolated: bool  # a policy of both types selects it (default deny applies)
+
+
+def network_reach(docs: list[dict[str, Any]]) -> dict[str, Reach]:
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    reach = {}
+    for where, _, labels in _pods(docs):
+        egress: set[tuple[int, str]] = set()
+        ingress: set[int] = set()
+        types: set[str] = set()
+        for policy in policies:
+            spec = policy["spec"]
+            if not _selects(spec.get("podSelector") or {}, labels):
+                continue
+            types |= set(spec.get("policyTypes") or [])
+            for rule in spec.get("egress", []):
+                targets = [
+                    (t.get("ipBlock") or {}).get("cidr", "pods") for t in rule.get("to", [])
+                ] or ["anywhere"]
+                for port in rule.get("ports", []) or [{"port": 0}]:
+                    egress |= {(int(port["port"]), t) for t in targets}
+            for rule in spec.get("ingress", []):
+                ingress |= {int(p["port"]) for p in rule.get("ports", []) or [{"port": 0}]}
+        reach[where] = Reach(
+            egress=frozenset(egress),
+            ingress_ports=frozenset(ingress),
+            isolated={"Ingress", "Egress"} <= types,
+        )
+    return reach
+
+
+# The port each credential is for: a pod may reach a service only if it holds its URL.
+SERVICE_PORTS = {"DATABASE_URL": 5432, "REDIS_URL": 6379, "CELERY_BROKER_URL": 5672}
+DNS_PORT = 53
+INTERNET = "0.0.0.0/0"
+
+
+def network_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Default deny for every pod; each pod's egress is exactly what its credentials are
+    for (PostgreSQL, Redis, the broker), DNS, the artifact store for pods that sync it, and
+    the internet (Stripe, mail) only for holders of the Stripe key; ingress only where a
+    port is served (the gateway's HTTP, the drain's metrics)."""
+    sources = k8s_env_sources(docs)
+    containers = {c.where.rsplit(" container ", 1)[0]: c for c in k8s_containers(docs)}
+    problems = []
+    # One policy isolating every pod of the namespace, so a workload added later without a
+    # policy of its own is denied rather than open.
+    if not any(
+        d.get("kind") == "NetworkPolicy"
+        and not (d["spec"].get("podSelector") or {}).get("matchLabels")
+        and {"Ingress", "Egress"} <= set(d["spec"].get("policyTypes") or [])
+        and not d["spec"].get("ingress")
+        and not d["spec"].get("egress")
+        for d in docs
+    ):
+        problems.append("no default-deny NetworkPolicy (podSelector {}, Ingress and Egress)")
+    for (where, pod, _), reach in zip(_pods(docs), network_reach(docs).values(), strict=True):
+        if not reach.isolated:
+            problems.append(f"{where}: no default-deny policy selects it")
+        env: dict[str, str] = {}
+        if where in containers:
+            env, _ = container_env(containers[where], sources)
+        ports = {DNS_PORT} | {port for var, port in SERVICE_PORTS.items() if var in env}
+        if "STRIPE_API_KEY" in env:
+            ports |= {443, 587}
+        syncs = any(
+            "s3" in " ".join(map(str, c.get("command", []))) for c in pod.get("initContainers", [])
+        )
+        if syncs:
+            ports.add(443)
+        allowed = {port for port, _ in reach.egress}
+        if allowed != ports:
+            problems.append(f"{where}: egress ports {sorted(allowed)}, needs {sorted(ports)}")
+        if "STRIPE_API_KEY" not in env and any(c == INTERNET for _, c in reach.egress):
+            problems.append(f"{where}: reaches the internet without needing it")
+        served = {
+            int(p["containerPort"]) for c in pod.get("containers", []) for p in c.get("ports", [])
+        }
+        if where in containers:  # the drain's metrics port is an option, not a containerPort
+            argv = " ".join(containers[where].argv)
+            served |= {int(n) for n in re.findall(r"--metrics-port[ =](\d+)", argv)}
+        if not reach.ingress_ports <= served:
+            problems.append(
+                f"{where}: ingress to {sorted(reach.ingress_ports)}, serves {sorted(served)}"
+            )
+    return problems
+
+
+def compose_network_problems(data: dict[str, Any]) -> list[str]:
+    """Compose: a shared service's networks are joined only by services holding its URL."""
+    owners = {"postgres": "DATABASE_URL", "redis": "REDIS_URL", "rabbitmq": "CELERY_BROKER_URL"}
+    services = data["services"]
+    problems = []
+    for shared, var in owners.items():
+        for net in services[shared].get("networks", []):
+            if not data.get("networks", {}).get(net, {}).get("internal"):
+                problems.append(f"compose network {net} of {shared} is not internal")
+            for name, service in services.items():
+                if name == shared or net not in service.get("networks", []):
+                    continue
+                if var not in environment_of(service):
+                    problems.append(f"compose service {name} joins {net} without {var}")
+    for name, service in services.items():
+        if not service.get("networks"):
+            problems.append(f"compose service {name} is on the default network")
+    return problems

@@ -44,8 +44,10 @@ from tests.reliability.deployment import (
     command_of,
     compose_containers,
     compose_file,
+    compose_network_problems,
     container_env,
     environment_of,
+    hardening_problems,
     image_env,
     image_workdir,
     k8s_containers,
@@ -53,8 +55,12 @@ from tests.reliability.deployment import (
     k8s_env_sources,
     manifest_problems,
     netns_problem,
+    network_problems,
+    network_reach,
     rabbitmq_vhost,
+    redis_acl_users,
     retarget,
+    secret_problems,
     userinfo_of,
 )
 from tests.reliability.support import TcpProxy, wait_until
@@ -69,6 +75,10 @@ VARIABLES = {
     "POSTGRES_PASSWORD": "unused-rewritten",
     "RABBITMQ_PASSWORD": "unused-rewritten",
     "MINIO_PASSWORD": "unused-rewritten",
+    "REDIS_GATEWAY_PASSWORD": "unused-rewritten",
+    "REDIS_CONTROL_PASSWORD": "unused-rewritten",
+    "REDIS_DRAIN_PASSWORD": "unused-rewritten",
+    "REDIS_WORKER_PASSWORD": "unused-rewritten",
 }
 # The shared services every app host reaches by name, on their standard ports.
 SHARED = {"postgres": 5432, "redis": 6379, "rabbitmq": 5672}
@@ -116,7 +126,11 @@ class Compose:
         return Rendered(name=name, argv=[sys.executable, *argv[1:]], env=env, service=service)
 
 
-def _compose(tmp: Path, redis_url: str, broker_url: str) -> Compose:
+def _compose(
+    tmp: Path, redis_url: str, broker_url: str, redis_users: Mapping[str, tuple[str, str]]
+) -> Compose:
+    """The compose file rewritten to this machine: each role's Redis URL names the test's
+    copy of its ACL user (`redis_users`: user -> (name, password))."""
     data = compose_file(VARIABLES)
     secrets_dir = tmp / "secrets"
     secrets_dir.mkdir()
@@ -125,6 +139,7 @@ def _compose(tmp: Path, redis_url: str, broker_url: str) -> Compose:
     values = {
         "django_secret_key": str(settings.SECRET_KEY),
         "api_key_pepper": str(settings.API_KEY_PEPPER),
+        "identity_key": str(settings.MANTLE_IDENTITY_KEY),
     }
     for name in data["secrets"]:
         (secrets_dir / name).write_text(values[name] + "\n", encoding="utf-8")
@@ -146,7 +161,9 @@ def _compose(tmp: Path, redis_url: str, broker_url: str) -> Compose:
         urls={
             "DATABASE_URL": lambda u: retarget(u, userinfo=db_userinfo, path=f"/{db['NAME']}"),
             "REDIS_URL": lambda u: retarget(
-                u, userinfo=userinfo_of(redis_url), path=urlsplit(redis_url).path
+                u,
+                userinfo=":".join(redis_users[urlsplit(u).username or ""]),
+                path=urlsplit(redis_url).path,
             ),
             "CELERY_BROKER_URL": lambda u: retarget(
                 u, userinfo=userinfo_of(broker_url), path=urlsplit(broker_url).path
@@ -321,6 +338,24 @@ for target in sys.argv[1:]:
 """
 
 
+# What a compromised worker would try with its Redis credentials: plant a key identity for a
+# made-up digest, read one, read the other tenants' usage.
+PLANT = """
+import os, sys, redis
+client = redis.Redis.from_url(os.environ["REDIS_URL"])
+for attempt in (
+    lambda: client.set(sys.argv[1], "{}"),
+    lambda: client.get(sys.argv[1]),
+    lambda: client.xrange("mantle:usage", count=1),
+):
+    try:
+        attempt()
+        print("allowed")
+    except redis.exceptions.NoPermissionError:
+        print("refused")
+"""
+
+
 def run_in(host: Host, rendered: Rendered, argv: list[str], timeout: float) -> str:
     """A one-off command on `host` with a service's environment (migrate, a healthcheck)."""
     done = subprocess.run(
@@ -373,7 +408,12 @@ def deployment(transactional_db: None) -> Iterator[Deployment]:
             rabbitmq_vhost(f"mantle-deploy-{os.getpid()}", amqp.username or "guest")
         )
         broker_url = retarget(AMQP, userinfo=userinfo_of(AMQP), path="/" + quote(vhost, safe=""))
-        compose = _compose(tmp, settings.REDIS_URL, broker_url)
+        # Each role reaches Redis as its own ACL user (deploy/redis/users.acl), created on
+        # the test's Redis for this run.
+        redis_users = cleanup.enter_context(
+            redis_acl_users(settings.REDIS_URL, suffix=f"-mt{os.getpid()}")
+        )
+        compose = _compose(tmp, settings.REDIS_URL, broker_url, redis_users)
         db = connection.settings_dict
         redis_parts = urlsplit(settings.REDIS_URL)
         targets = {
@@ -441,6 +481,7 @@ def deployment(transactional_db: None) -> Iterator[Deployment]:
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(300)
 def test_compose_topology_across_hosts(deployment: Deployment) -> None:
+    from accounts import keys
     from accounts.models import ApiKey
     from billing.models import UsageEvent, UsageRollup
 
@@ -467,6 +508,14 @@ def test_compose_topology_across_hosts(deployment: Deployment) -> None:
         reached = run_in(host, gateway, [sys.executable, "-c", PROBE, *probe], timeout=30)
         assert reached.split() == ["open"] * 3 + ["closed"] * 3, (host.role, probe, reached)
     assert d.worker_node.startswith(f"{d.node.role}-"), d.worker_node
+
+    # The inference node's credentials (Redis user `worker`) serve requests (below) but
+    # cannot plant or read a key identity, nor read the usage stream.
+    worker = d.compose.render("worker-cpu-local")
+    forged_at = keys.cache_key(os.urandom(32).hex())  # a digest no test has used
+    tried = run_in(d.node, worker, [sys.executable, "-c", PLANT, forged_at], timeout=30)
+    assert tried.split() == ["refused"] * 3, tried
+    assert not redis.Redis.from_url(settings.REDIS_URL).exists(forged_at)
 
     tenant: Tenant = tenant_on(POOL, builtin_manifests())
     lb = RoundRobin(tenant.secret, d.gateways)
@@ -555,16 +604,32 @@ def test_compose_commands_and_variables_name_what_exists() -> None:
 
 
 def test_k8s_and_compose_run_the_same_roles_with_the_same_settings() -> None:
-    """The same entry points (queues included) in both, and k8s sets every variable
-    compose sets (compose passes secrets as NAME_FILE, k8s as NAME)."""
+    """The same entry points (queues included) in both, and per role k8s sets every
+    variable compose sets (compose passes secrets as NAME_FILE, k8s as NAME), the same
+    secrets and the same Redis user."""
     docs = k8s_documents()
+    sources = k8s_env_sources(docs)
     in_k8s, _ = _k8s_problems(docs)
     in_compose, _ = manifest_problems(_compose_containers(), {})
     assert set(in_compose) == set(in_k8s), (in_compose, in_k8s)
-    shared = environment_of(compose_file(VARIABLES)["x-mantle"])
-    compose_names = {n.removesuffix("_FILE") for n in shared}
-    k8s_names = {n for data in k8s_env_sources(docs).values() for n in data}
-    assert compose_names <= k8s_names, compose_names - k8s_names
+    by_where = {c.where: c for c in [*k8s_containers(docs), *_compose_containers()]}
+
+    def names(where: str) -> set[str]:
+        env, _ = container_env(by_where[where], sources)
+        return {n.removesuffix("_FILE") for n in env}
+
+    def redis_user(where: str) -> str | None:
+        env, _ = container_env(by_where[where], sources)
+        return urlsplit(env["REDIS_URL"]).username if "REDIS_URL" in env else None
+
+    for entry in in_compose:
+        for compose_where in in_compose[entry]:
+            for k8s_where in in_k8s[entry]:
+                missing = names(compose_where) - names(k8s_where)
+                assert not missing, (compose_where, k8s_where, missing)
+                secrets = {"DJANGO_SECRET_KEY", "MANTLE_API_KEY_PEPPER", "MANTLE_IDENTITY_KEY"}
+                assert names(compose_where) & secrets == names(k8s_where) & secrets, entry
+                assert redis_user(compose_where) == redis_user(k8s_where), entry
 
     # Per pool, the same pool name and slot count.
     def pools(containers: list[Container], sources: Any) -> dict[str, tuple[str, str]]:
@@ -575,7 +640,32 @@ def test_k8s_and_compose_run_the_same_roles_with_the_same_settings() -> None:
                 found[env["MANTLE_POOL"]] = (env["MANTLE_POOL"], env.get("MANTLE_CONCURRENCY", ""))
         return found
 
-    assert pools(_compose_containers(), {}) == pools(k8s_containers(docs), k8s_env_sources(docs))
+    assert pools(_compose_containers(), {}) == pools(k8s_containers(docs), sources)
+
+
+def test_each_role_holds_only_its_own_secrets() -> None:
+    """Workers (tenant-uploaded graphs) hold no database URL, Django secret, pepper,
+    identity key or Stripe key; every other role exactly the secrets its settings require
+    (config/secret_checks.py); each reaches Redis as its own ACL user."""
+    docs = k8s_documents()
+    assert secret_problems(k8s_containers(docs), k8s_env_sources(docs)) == []
+    assert secret_problems(_compose_containers(), {}) == []
+    workers = [c for c in _compose_containers() if "workers.celery_app" in c.argv]
+    assert len(workers) == 2
+
+
+def test_every_pod_is_hardened() -> None:
+    assert hardening_problems(k8s_documents()) == []
+
+
+def test_network_policies_allow_each_role_only_what_it_uses() -> None:
+    docs = k8s_documents()
+    assert network_problems(docs) == []
+    reach = network_reach(docs)
+    worker = reach["k8s Deployment/mantle-worker-cpu"]
+    assert {port for port, _ in worker.egress} == {53, 443, 5672, 6379}
+    assert worker.ingress_ports == frozenset()
+    assert compose_network_problems(compose_file(VARIABLES)) == []
 
 
 def _mutated(old: str, new: str) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
@@ -605,3 +695,48 @@ def _mutated(old: str, new: str) -> Callable[[list[dict[str, Any]]], list[dict[s
 def test_a_typo_in_a_manifest_fails_the_checks(old: str, new: str) -> None:
     _, problems = _k8s_problems(_mutated(old, new)(k8s_documents()))
     assert problems, f"{old} -> {new} went unnoticed"
+
+
+def _without(name: str) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+    return lambda docs: [d for d in docs if d["metadata"]["name"] != name]
+
+
+def _worker_reaches_postgres(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    policy = next(d for d in docs if d["metadata"]["name"] == "worker")
+    policy["spec"]["egress"].append(
+        {"to": [{"ipBlock": {"cidr": "10.40.1.0/24"}}], "ports": [{"port": 5432}]}
+    )
+    return docs
+
+
+WEAKENED = {
+    "worker given the gateway's secrets": _mutated(
+        "name: mantle-worker-secrets", "name: mantle-gateway-secrets"
+    ),
+    "drain given the control worker's": _mutated(
+        "name: mantle-drain-secrets", "name: mantle-control-secrets"
+    ),
+    "worker as the gateway's Redis user": _mutated(
+        "redis://worker:change-me", "redis://gateway:change-me"
+    ),
+    "writable root": _mutated("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"),
+    "token mounted": _mutated(
+        "automountServiceAccountToken: false", "automountServiceAccountToken: true"
+    ),
+    "capabilities kept": _mutated("- ALL", "- NET_RAW"),
+    "no default deny": _without("default-deny"),
+    "worker reaches PostgreSQL": _worker_reaches_postgres,
+}
+
+
+@pytest.mark.parametrize("weaken", WEAKENED.values(), ids=WEAKENED.keys())
+def test_a_weakened_manifest_fails_the_checks(
+    weaken: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+) -> None:
+    docs = weaken(k8s_documents())
+    problems = (
+        secret_problems(k8s_containers(docs), k8s_env_sources(docs))
+        + hardening_problems(docs)
+        + network_problems(docs)
+    )
+    assert problems

@@ -39,14 +39,14 @@ def limited(settings: Any) -> Any:
     return settings
 
 
-def test_wrong_keys_past_the_limit_are_refused_even_a_valid_one(limited: Any) -> None:
+def test_wrong_keys_past_the_limit_are_refused_but_a_valid_one_is_served(limited: Any) -> None:
     _, secret = make_api_key(OrganizationFactory())
     for n in range(3):
         response = models(guess(n), ATTACKER)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
     assert get_redis().get(failures_key(ATTACKER)) == "3"
-    refused = models(secret, ATTACKER)
+    refused = models(guess(3), ATTACKER)
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "too_many_failed_authentications"
@@ -54,6 +54,20 @@ def test_wrong_keys_past_the_limit_are_refused_even_a_valid_one(limited: Any) ->
     assert 1 <= int(refused["retry-after"]) <= 60
     # A refused attempt is not even looked up, so it does not extend the count.
     assert get_redis().get(failures_key(ATTACKER)) == "3"
+    # A customer behind the same address (a NAT) keeps working with its valid key.
+    assert models(secret, ATTACKER).status_code == 200
+    assert get_redis().get(failures_key(ATTACKER)) == "3"
+
+
+def test_a_blocked_address_gets_no_database_lookups_for_keys_the_cache_does_not_know(
+    limited: Any, django_assert_num_queries: Any
+) -> None:
+    for n in range(3):
+        models(guess(n), ATTACKER)
+    # A well-formed key nobody cached: refused before the database is asked.
+    with django_assert_num_queries(0):
+        assert models(guess(99), ATTACKER).status_code == 429
+    assert get_redis().get(keys.cache_key(keys.secret_digest(guess(99)))) is None
 
 
 def test_other_addresses_and_valid_keys_are_not_slowed(limited: Any) -> None:
@@ -88,18 +102,21 @@ def organizations(secret: str, address: str) -> Any:
 
 
 def test_guessing_through_the_management_api_shares_the_gateways_limit(limited: Any) -> None:
-    _, secret = make_api_key(OrganizationFactory(), scopes=["admin"])
+    _, secret = make_api_key(OrganizationFactory(), scopes=["admin", "inference"])
     assert organizations(guess(0), ATTACKER).status_code == 401
     assert models(guess(1), ATTACKER).status_code == 401
     assert organizations("sk-short", ATTACKER).status_code == 401
     assert get_redis().get(failures_key(ATTACKER)) == "3"
 
-    refused = organizations(secret, ATTACKER)
+    refused = organizations(guess(3), ATTACKER)
 
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "too_many_failed_authentications"
     assert 1 <= int(refused["retry-after"]) <= 60
-    assert models(secret, ATTACKER).status_code == 429
+    assert models(guess(4), ATTACKER).status_code == 429
+    # Valid keys keep working from the blocked address, through both.
+    assert organizations(secret, ATTACKER).status_code == 200
+    assert models(secret, ATTACKER).status_code == 200
     assert organizations(secret, CUSTOMER).status_code == 200
     assert get_redis().get(failures_key(ATTACKER)) == "3"
 

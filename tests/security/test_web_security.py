@@ -153,7 +153,7 @@ def test_gateway_replies_are_lean_but_not_sniffable() -> None:
 
 
 def test_console_login_is_throttled_even_for_the_right_password(world: Any, settings: Any) -> None:
-    settings.MANTLE_LOGIN_MAX_FAILURES_PER_EMAIL = 3
+    settings.MANTLE_LOGIN_MAX_FAILURES_PER_PAIR = 3
     email = world.users["owner"].email
     client = Client()
     for _ in range(3):

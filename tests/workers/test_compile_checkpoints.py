@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.workers.compile_support import tree
+from workers.chat_template import TemplateBudget
 from workers.compile import artifacts
 from workers.compile.pipeline import Pipeline, default_prepare_python
 from workers.contract import CompileRequest, ModelRef
@@ -147,4 +148,37 @@ def test_a_chat_checkpoint_without_a_template_is_refused_in_words(tmp_path: Path
         "(tokenizer_config.json `chat_template` or chat_template.jinja): add one, or compile "
         "it as kind `completion`"
     )
+    assert tree(store) == []
+
+
+def test_a_chat_checkpoint_whose_template_is_over_budget_is_refused_in_its_step_log(
+    tmp_path: Path,
+) -> None:
+    hostile = (
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+        + CHAT_TEMPLATE
+    )
+    checkpoint = tiny_llama(tmp_path / "ckpt", template=hostile)
+    store = tmp_path / "store"
+    request = CompileRequest(
+        job_id="cj_hostile",
+        organization_id="org_test",
+        model_name="tiny-chat",
+        kind="chat",
+        source="hf-checkpoint",
+        source_path=str(checkpoint),
+    )
+
+    # A generous clock: the loop cap, not a busy machine's time-out, is what refuses it.
+    outcome = Pipeline(request, store=store, template_budget=TemplateBudget(seconds=60)).run()
+
+    assert (outcome.status, outcome.error_code) == ("failed", "chat_template_over_budget")
+    assert outcome.error.startswith(
+        "the chat template is refused: rendering a short conversation, it loops more than "
+        "1000000 times (nested loops?)"
+    )
+    steps = {s["name"]: s for s in outcome.steps}
+    assert steps["tokenizer"]["status"] == "failed"
+    assert steps["tokenizer"]["log"].endswith(f"failed: {outcome.error}")
+    assert steps["package"]["status"] == "skipped"
     assert tree(store) == []

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.chat_template import TemplateBudget, template_budget_from_env
 from workers.compile import artifacts
+from workers.compile.text_checks import check_chat_template, check_tokenizer
 from workers.compile.validate import (
     CompileError,
     GraphReport,
@@ -24,6 +26,7 @@ from workers.compile.validate import (
     validate_onnx,
 )
 from workers.contract import CompileOutcome, CompileRequest, CompileSource, CompileStatus, Runtime
+from workers.tokenizer_limits import TokenizerLimits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -186,8 +189,15 @@ class Pipeline:
         limits: Limits = DEFAULT_LIMITS,
         ort_threads: int = 2,
         remote: str | None = None,
+        tokenizer_limits: TokenizerLimits | None = None,
+        template_budget: TemplateBudget | None = None,
+        tokenizer_probe_s: float = 10.0,
     ) -> None:
         self.request = request
+        # The gateway's limits: what passes here is what the gateway will serve.
+        self.tokenizer_limits = tokenizer_limits or TokenizerLimits.from_env()
+        self.template_budget = template_budget or template_budget_from_env()
+        self.tokenizer_probe_s = tokenizer_probe_s
         self.store = store
         self.remote = remote  # an fsspec URL the sealed artifact is published to
         self.runtime = RUNTIME_BY_KIND.get(request.kind, "")
@@ -572,6 +582,7 @@ class Pipeline:
 
         assert model.tokenizer_dir is not None
         path = model.tokenizer_dir / TOKENIZER_FILE
+        check_tokenizer(step.say, path, self.tokenizer_limits, self.tokenizer_probe_s)
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises bare Exceptions
@@ -601,6 +612,10 @@ class Pipeline:
                 "a chat model needs a chat template (tokenizer_config.json `chat_template`): "
                 "add one, or compile it as kind `completion`",
                 code="missing_chat_template",
+            )
+        if info.get("chat_template"):
+            step.metrics["chat_template_render"] = check_chat_template(
+                step.say, str(info["chat_template"]), self.template_budget
             )
         step.metrics.update(
             {
@@ -762,10 +777,11 @@ class Pipeline:
             return 0
         from tokenizers import Tokenizer
 
+        path = model.tokenizer_dir / TOKENIZER_FILE
+        if path.is_file() and path.stat().st_size > self.tokenizer_limits.max_bytes:
+            return 2  # the tokenizer step refuses it, in words
         try:
-            return int(
-                Tokenizer.from_file(str(model.tokenizer_dir / TOKENIZER_FILE)).get_vocab_size()
-            )
+            return int(Tokenizer.from_file(str(path)).get_vocab_size())
         except Exception:  # the tokenizer step reports a broken tokenizer in words
             return 2
 

@@ -17,7 +17,8 @@ from accounts.models import Organization, User
 from accounts.principal import Principal
 from billing import invoicing, pricing, wallet
 from billing.credits import credit_adjust, credit_grant
-from billing.models import CreditLedgerEntry, Invoice
+from billing.held_usage import held_usage_release, held_usage_write_off
+from billing.models import CreditLedgerEntry, HeldUsage, Invoice
 from billing.periods import parse_month
 from config.errors import DomainError
 
@@ -43,8 +44,10 @@ class Command(BaseCommand):
 
         p = action("price-set", "a new list price per million tokens, from a whole hour on")
         p.add_argument("--model", required=True)
-        p.add_argument("--kind", required=True, choices=["input", "output"])
-        p.add_argument("--unit-price", required=True, help="per million tokens, e.g. 0.15")
+        p.add_argument(
+            "--kind", required=True, choices=["input", "output", "request", "compute_ms"]
+        )
+        p.add_argument("--unit-price", required=True, help="per million units, e.g. 0.15")
         p.add_argument("--effective-from", required=True, type=_when)
         p.add_argument("--currency", default="USD")
         p.add_argument("--reason", required=True)
@@ -94,6 +97,15 @@ class Command(BaseCommand):
 
         p = action("invoice-void", "write a finalized invoice off; its credits come back")
         p.add_argument("--invoice", required=True)
+        p.add_argument("--reason", required=True)
+
+        p = action("held-release", "bill held (unpriced) usage at a price, on the next invoice")
+        p.add_argument("--held", required=True, type=int, help="the held usage id")
+        p.add_argument("--unit-price", required=True, help="per million units")
+        p.add_argument("--reason", required=True)
+
+        p = action("held-write-off", "never bill held (unpriced) usage")
+        p.add_argument("--held", required=True, type=int, help="the held usage id")
         p.add_argument("--reason", required=True)
 
         action("wallet-sync", "rewrite every active wallet in Redis", actor=False)
@@ -165,6 +177,20 @@ class Command(BaseCommand):
                 principal=principal, grant=grant, amount=o["amount"], reason=o["reason"]
             )
             return f"adjustment {entry.id}: {entry.amount}"
+        if action in ("held-release", "held-write-off"):
+            held = HeldUsage.objects.filter(id=o["held"]).first()
+            if held is None:
+                raise CommandError(f"no held usage {o['held']}")
+            if action == "held-release":
+                held = held_usage_release(
+                    principal=principal,
+                    held=held,
+                    unit_price=o["unit_price"],
+                    reason=o["reason"],
+                )
+            else:
+                held = held_usage_write_off(principal=principal, held=held, reason=o["reason"])
+            return f"held usage {held.id}: {held}"
         inv = _invoice(o["invoice"])
         if action == "invoice-finalize":
             inv = invoicing.invoice_finalize(principal=principal, invoice=inv)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery.schedules import crontab
+from django.core.exceptions import ImproperlyConfigured
 
+from config import secret_checks
 from config.env import env, secret
 from config.logs import install_redacting_record_factory
 
@@ -13,17 +15,39 @@ ROOT_DIR = Path(__file__).resolve().parents[3]
 VAR_DIR = Path(env.str("MANTLE_VAR_DIR", default=str(ROOT_DIR / "var")))
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
+# production | development (bin/run) | test. Production refuses to start on a missing,
+# placeholder or shared secret (config/secret_checks.py); development and test may fall
+# back to a fixed one.
+MANTLE_ENVIRONMENT = env.str("MANTLE_ENVIRONMENT", default="production")
+# What this process is (gateway, control, drain, beat, migrate; `all` for one process doing
+# everything): each role is given, and requires, only the secrets it uses.
+MANTLE_ROLE = env.str("MANTLE_ROLE", default="all")
+_LENIENT = MANTLE_ENVIRONMENT in secret_checks.LENIENT_ENVIRONMENTS
 SECRET_KEY = secret("DJANGO_SECRET_KEY") or (
     # Only a development fallback: bin/run writes a random key to var/ instead.
-    "insecure-dev-key-change-me" if DEBUG else None
+    "insecure-dev-key-change-me" if DEBUG and _LENIENT else ""
 )
-if not SECRET_KEY:
-    raise RuntimeError(
-        "DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE) is not set; bin/run generates one in var/"
-    )
 # The pepper keys the HMAC under which API key secrets are stored. Losing it
 # invalidates every key; leaking it alone reveals none.
-API_KEY_PEPPER = secret("MANTLE_API_KEY_PEPPER") or SECRET_KEY
+API_KEY_PEPPER = secret("MANTLE_API_KEY_PEPPER") or (SECRET_KEY if _LENIENT else "")
+# Seals the key identities and endpoint specs cached in Redis (config/integrity.py), so
+# that whoever can write Redis without holding it cannot grant access. Rotatable.
+MANTLE_IDENTITY_KEY = secret("MANTLE_IDENTITY_KEY") or (
+    f"dev-identity:{SECRET_KEY}" if _LENIENT and SECRET_KEY else ""
+)
+secret_checks.check(
+    environment=MANTLE_ENVIRONMENT,
+    role=MANTLE_ROLE,
+    values={
+        secret_checks.DJANGO_SECRET_KEY: SECRET_KEY,
+        secret_checks.API_KEY_PEPPER: API_KEY_PEPPER,
+        secret_checks.IDENTITY_KEY: MANTLE_IDENTITY_KEY,
+    },
+)
+if not SECRET_KEY and secret_checks.DJANGO_SECRET_KEY in secret_checks.ROLE_SECRETS[MANTLE_ROLE]:
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE) is not set; bin/run generates one in var/"
+    )
 
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
@@ -40,6 +64,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "ninja",
+    # Staff's second factor in the back office: TOTP devices, recovery codes (docs/backoffice.md).
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
     "accounts",
     "catalog",
     "gateway",
@@ -60,6 +88,7 @@ MIDDLEWARE = [
     "config.middleware.ConsoleCommonMiddleware",
     "config.middleware.ConsoleCsrfViewMiddleware",
     "config.middleware.ConsoleAuthenticationMiddleware",
+    "config.middleware.ConsoleOTPMiddleware",
     "config.middleware.ConsoleMessageMiddleware",
     "config.middleware.ConsoleXFrameOptionsMiddleware",
 ]
@@ -151,11 +180,28 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "/console/login/"
 LOGIN_REDIRECT_URL = "/console/"
 LOGOUT_REDIRECT_URL = "/console/login/"
-# Console log-in throttling (accounts/throttle.py): failed attempts within the window,
-# per email and per client address, after which log-ins are refused until it ends.
-MANTLE_LOGIN_MAX_FAILURES_PER_EMAIL = env.int("MANTLE_LOGIN_MAX_FAILURES_PER_EMAIL", default=5)
+# Every password log-in (console and back office) goes through the throttled backend.
+AUTHENTICATION_BACKENDS = ["accounts.backends.ThrottledModelBackend"]
+# Log-in throttling (accounts/throttle.py): failed attempts within the window per
+# (email, client address) pair and per client address, after which that pair or that
+# address is refused until the window ends. Never per email alone: that would let anyone
+# lock a person out. Past the account warning, failures from many addresses are logged.
+MANTLE_LOGIN_MAX_FAILURES_PER_PAIR = env.int("MANTLE_LOGIN_MAX_FAILURES_PER_PAIR", default=5)
 MANTLE_LOGIN_MAX_FAILURES_PER_ADDRESS = env.int("MANTLE_LOGIN_MAX_FAILURES_PER_ADDRESS", default=20)
 MANTLE_LOGIN_FAILURE_WINDOW_S = env.int("MANTLE_LOGIN_FAILURE_WINDOW_S", default=900)
+MANTLE_LOGIN_ACCOUNT_WARNING = env.int("MANTLE_LOGIN_ACCOUNT_WARNING", default=50)
+# Sign-up (console/services.py): attempts per email and per client address in the window.
+MANTLE_SIGNUP_MAX_PER_EMAIL = env.int("MANTLE_SIGNUP_MAX_PER_EMAIL", default=3)
+MANTLE_SIGNUP_MAX_PER_ADDRESS = env.int("MANTLE_SIGNUP_MAX_PER_ADDRESS", default=10)
+MANTLE_SIGNUP_WINDOW_S = env.int("MANTLE_SIGNUP_WINDOW_S", default=3600)
+# How long the links mailed for a sign-up and an invitation work.
+MANTLE_SIGNUP_LINK_TTL_S = env.int("MANTLE_SIGNUP_LINK_TTL_S", default=2 * 86400)
+MANTLE_INVITATION_TTL_S = env.int("MANTLE_INVITATION_TTL_S", default=7 * 86400)
+# The back office's second factor (django-otp; accounts/two_factor.py): the name
+# authenticator apps show, and device keys and recovery codes hidden from admin pages.
+OTP_TOTP_ISSUER = env.str("MANTLE_OTP_ISSUER", default="Mantle back office")
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True
+MANTLE_RECOVERY_CODES = 10
 # Lifetime of the short-lived inference key the console's playground mints (docs/console.md).
 MANTLE_PLAYGROUND_KEY_TTL_S = env.int("MANTLE_PLAYGROUND_KEY_TTL_S", default=3600)
 
@@ -200,7 +246,19 @@ EMAIL_FILE_PATH = VAR_DIR / "emails"
 DEFAULT_FROM_EMAIL = env.str("MANTLE_FROM_EMAIL", default="Mantle <no-reply@mantle.local>")
 
 # --- Requests --------------------------------------------------------------------------
+# Every request body (except a compile upload whose credentials checked out first) is
+# bounded by this while it streams in, before authentication (config/body_limit.py): past
+# it the reply is 413 and nothing more is read. Kept under FILE_UPLOAD_MAX_MEMORY_SIZE
+# (2.5 MiB) by default, so no such body is ever spooled to disk.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("MANTLE_MAX_BODY_BYTES", default=2 * 1024 * 1024)
+# /readyz details and /metrics (config/ops.py): served with `Authorization: Bearer
+# <MANTLE_OPS_TOKEN>` or to a peer address inside MANTLE_OPS_NETWORKS (comma-separated
+# CIDRs); anyone else gets /readyz's status and the names of failing components only,
+# and 404 for /metrics. Both empty by default: nothing is trusted by address alone.
+MANTLE_OPS_TOKEN = secret("MANTLE_OPS_TOKEN") or ""  # or MANTLE_OPS_TOKEN_FILE
+MANTLE_OPS_NETWORKS = [
+    n.strip() for n in env.str("MANTLE_OPS_NETWORKS", default="").split(",") if n.strip()
+]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -235,6 +293,12 @@ MANTLE_CHECKPOINT_ROOTS = [
 ]
 # A queued or running job with no progress report for this long is failed as stale.
 MANTLE_COMPILE_STALE_S = env.int("MANTLE_COMPILE_STALE_S", default=2 * 3600)
+# Per-organization compile quotas: jobs queued or running at once (checkpoint jobs too),
+# and bytes of uploads staged for such jobs (an upload is cut at what is left, 413).
+MANTLE_COMPILE_MAX_ACTIVE_JOBS = env.int("MANTLE_COMPILE_MAX_ACTIVE_JOBS", default=4)
+MANTLE_COMPILE_MAX_STAGED_BYTES = env.int(
+    "MANTLE_COMPILE_MAX_STAGED_BYTES", default=2 * MANTLE_MAX_UPLOAD_BYTES
+)
 CELERY_BEAT_SCHEDULE["compile-fail-stale"] = {
     "task": "mantle.control.compile_fail_stale",
     "schedule": 300.0,
@@ -242,6 +306,13 @@ CELERY_BEAT_SCHEDULE["compile-fail-stale"] = {
 }
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
+# The regions an organization may be created in (comma-separated); the default region is one.
+MANTLE_REGIONS = list(
+    dict.fromkeys(
+        [MANTLE_DEFAULT_REGION]
+        + [r.strip() for r in env.str("MANTLE_REGIONS", default="").split(",") if r.strip()]
+    )
+)
 # Default limits of the public built-in endpoints, per endpoint (keys and projects
 # have their own, see accounts).
 MANTLE_PUBLIC_RPM = env.int("MANTLE_PUBLIC_RPM", default=100_000)
@@ -251,8 +322,30 @@ MANTLE_DEFAULT_KEY_RPM = env.int("MANTLE_DEFAULT_KEY_RPM", default=10_000)
 MANTLE_DEFAULT_KEY_TPM = env.int("MANTLE_DEFAULT_KEY_TPM", default=10_000_000)
 MANTLE_DEFAULT_PROJECT_RPM = env.int("MANTLE_DEFAULT_PROJECT_RPM", default=50_000)
 MANTLE_DEFAULT_PROJECT_TPM = env.int("MANTLE_DEFAULT_PROJECT_TPM", default=50_000_000)
+# An organization's share of each shared (public) endpoint, all its keys and projects
+# together; key and project limits above it are refused when set and clamped when served.
+MANTLE_ORG_ENDPOINT_RPM = env.int("MANTLE_ORG_ENDPOINT_RPM", default=50_000)
+MANTLE_ORG_ENDPOINT_TPM = env.int("MANTLE_ORG_ENDPOINT_TPM", default=50_000_000)
 # max_tokens when a request names none: the rest of the context, capped here.
 MANTLE_DEFAULT_MAX_TOKENS = env.int("MANTLE_DEFAULT_MAX_TOKENS", default=2048)
+# Tenant chat templates and tokenizers run in the shared gateway (docs/security.md):
+# a template renders in a child process under a time, output and loop budget, at most
+# MANTLE_TEMPLATE_ORG_SHARE of the MANTLE_TEMPLATE_RENDERERS children per organization;
+# tokenizer.json files are capped at load, and the loaded ones cached up to an estimate
+# of MANTLE_TOKENIZER_CACHE_BYTES (least recently used first out).
+MANTLE_TEMPLATE_BUDGET_S = env.float("MANTLE_TEMPLATE_BUDGET_S", default=1.0)
+MANTLE_TEMPLATE_MAX_OUTPUT_CHARS = env.int(
+    "MANTLE_TEMPLATE_MAX_OUTPUT_CHARS", default=2 * DATA_UPLOAD_MAX_MEMORY_SIZE
+)
+MANTLE_TEMPLATE_MAX_ITERATIONS = env.int("MANTLE_TEMPLATE_MAX_ITERATIONS", default=1_000_000)
+MANTLE_TEMPLATE_RENDERERS = env.int("MANTLE_TEMPLATE_RENDERERS", default=4)
+MANTLE_TEMPLATE_ORG_SHARE = env.int(
+    "MANTLE_TEMPLATE_ORG_SHARE", default=max(1, MANTLE_TEMPLATE_RENDERERS // 2)
+)
+MANTLE_TEMPLATE_MEMORY_BYTES = env.int("MANTLE_TEMPLATE_MEMORY_BYTES", default=256 * 1024**2)
+MANTLE_TOKENIZER_CACHE_BYTES = env.int("MANTLE_TOKENIZER_CACHE_BYTES", default=512 * 1024**2)
+MANTLE_TOKENIZER_MAX_BYTES = env.int("MANTLE_TOKENIZER_MAX_BYTES", default=32 * 1024**2)
+MANTLE_TOKENIZER_MAX_VOCAB = env.int("MANTLE_TOKENIZER_MAX_VOCAB", default=512 * 1024)
 # Seconds a gateway request may wait for its worker before it fails cleanly.
 MANTLE_REQUEST_TIMEOUT_S = env.float("MANTLE_REQUEST_TIMEOUT_S", default=120.0)
 # Seconds without any event from a started request before its worker is presumed dead.
@@ -314,6 +407,29 @@ MANTLE_BILLING_DEFAULT_MODE = env.str("MANTLE_BILLING_DEFAULT_MODE", default="po
 MANTLE_INVOICE_PREFIX = env.str("MANTLE_INVOICE_PREFIX", default="MAN")
 # Hours after a month ends before its drafts are finalized: the drain catches up first.
 MANTLE_INVOICE_FINALIZE_DELAY_HOURS = env.int("MANTLE_INVOICE_FINALIZE_DELAY_HOURS", default=6)
+
+
+def _unit_prices(raw: str) -> dict[str, str]:
+    """`input=0.1,output=0.4,request=1,compute_ms=0.02` (USD per million units)."""
+    prices = {}
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        unit, _, value = part.partition("=")
+        if unit.strip() not in ("input", "output", "request", "compute_ms") or not value.strip():
+            raise ImproperlyConfigured(
+                f"MANTLE_COMPILED_MODEL_PRICES: {part!r} is not <unit>=<price per million> "
+                "with unit input, output, request or compute_ms"
+            )
+        prices[unit.strip()] = value.strip()
+    return prices
+
+
+# The list price an organization's newly compiled model gets (docs/billing.md, "Unpriced
+# models"): empty, a compiled model has no price and is refused (403 model_not_priced)
+# until an operator prices it. Only the units of the model's kind are used: input and
+# output for text models, request and compute_ms for tensor models.
+MANTLE_COMPILED_MODEL_PRICES = _unit_prices(env.str("MANTLE_COMPILED_MODEL_PRICES", default=""))
 CELERY_BEAT_SCHEDULE.update(
     {
         # On the minute 0 too: prices change on whole hours, and this rewrites them.

@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 
 from accounts import selectors, services
-from accounts.permissions import Perm
+from accounts.permissions import Perm, key_scopes_allowed
 from config.errors import DomainError
 from console.access import OrgContext, is_htmx, org_page, page
 from console.forms import ApiKeyForm, add_domain_error
@@ -22,7 +22,7 @@ def _list_url(ctx: OrgContext) -> str:
 def keys(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
     """GET: the list and the creation form; POST: creates, and shows the secret once."""
     projects = list(selectors.projects(ctx.org))
-    form = ApiKeyForm(request.POST or None, projects=projects)
+    form = ApiKeyForm(request.POST or None, projects=projects, scopes=key_scopes_allowed(ctx.role))
     status = 200
     if request.method == "POST":
         ctx.require(Perm.KEYS_CREATE)

@@ -126,7 +126,7 @@ def team(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
         ctx.require(Perm.MEMBERS_INVITE)
         if form.is_valid():
             try:
-                membership = services.member_invite(
+                invitation = services.member_invite(
                     principal=ctx.principal,
                     org=ctx.org,
                     email=form.cleaned_data["email"],
@@ -138,8 +138,8 @@ def team(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
             else:
                 messages.success(
                     request,
-                    f"{membership.user.email} was added as {membership.role}; "
-                    "they have been sent an email.",
+                    f"{invitation.email} was invited as {invitation.role}; they join once "
+                    "they accept the link in the email sent to them.",
                 )
                 return HttpResponseRedirect(_org_url("console-team", ctx.org.id))
         else:
@@ -150,12 +150,36 @@ def team(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
         "console/org/team.html",
         {
             "members": list(selectors.memberships(ctx.org)),
+            "invitations": (
+                list(selectors.invitations_open(ctx.org)) if ctx.can(Perm.MEMBERS_INVITE) else []
+            ),
             "form": form,
             "roles": [r.value for r in Role],
             "me": request.user,
         },
         status=status,
     )
+
+
+@require_POST
+@org_page(Perm.MEMBERS_INVITE)
+def invitation_action(
+    request: HttpRequest, ctx: OrgContext, invitation_id: str, action: str
+) -> HttpResponse:
+    """Resend (a new link, the old one stops working) or revoke a pending invitation."""
+    invitation = selectors.invitation_get(ctx.org, invitation_id)
+    if action not in ("resend", "revoke"):
+        raise Http404("no such action")
+    try:
+        if action == "resend":
+            services.invitation_resend(principal=ctx.principal, invitation=invitation)
+            messages.success(request, f"A new invitation link was sent to {invitation.email}.")
+        else:
+            services.invitation_revoke(principal=ctx.principal, invitation=invitation)
+            messages.success(request, f"The invitation of {invitation.email} was revoked.")
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    return HttpResponseRedirect(_org_url("console-team", ctx.org.id))
 
 
 @require_POST

@@ -8,10 +8,11 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
+from django.utils import timezone
 
 from accounts import services
 from accounts.models import ApiKey, Organization, User
-from accounts.principal import SYSTEM
+from accounts.principal import SYSTEM, Principal
 
 DEMO_EMAIL = "demo@mantle.local"
 DEMO_ORG = "Demo Organization"
@@ -32,7 +33,10 @@ class Command(BaseCommand):
             password = options["password"]
             if user is None:
                 password = password or secrets.token_urlsafe(12)
-                user = User.objects.create_user(DEMO_EMAIL, password, full_name="Demo User")
+                # Made by the operator, not a sign-up: the address counts as confirmed.
+                user = User.objects.create_user(
+                    DEMO_EMAIL, password, full_name="Demo User", email_verified_at=timezone.now()
+                )
                 self._say(f"demo user:    {DEMO_EMAIL}  password: {password}")
             elif password:
                 user.set_password(password)
@@ -45,8 +49,9 @@ class Command(BaseCommand):
                 organization=org, name=DEMO_KEY_NAME, revoked_at__isnull=True
             ).first()
             if existing is None or options["new_key"]:
+                # Created by the demo owner: an admin-scoped key acts with its creator's role.
                 _, secret = services.api_key_create(
-                    principal=SYSTEM,
+                    principal=Principal(user=user),
                     project=project,
                     name=DEMO_KEY_NAME,
                     scopes=["inference", "read-usage", "admin"],

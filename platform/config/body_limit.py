@@ -1,0 +1,155 @@
+"""Request bodies are bounded while they stream in, before anything authenticates them.
+
+Django's ASGI handler reads a whole body into a spooled temporary file (on disk past
+FILE_UPLOAD_MAX_MEMORY_SIZE) before any view, authentication included, runs. This wrapper
+sits in front of it and of the gateway's handler: a declared Content-Length over the
+limit is answered 413 without reading a byte, and a body without one (chunked) is counted
+as it arrives and answered 413 the moment it passes the limit; the bytes past it are never
+handed on, and the connection is closed (`connection: close`), so the server reads no
+more of it either. The limit is MANTLE_MAX_BODY_BYTES for every path, except a compile
+upload whose credentials and organization check out before its body is read (see
+`catalog.compile_api.upload_body_limit`): only then is it the upload's own limit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from django.conf import settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+# Django's handlers type their scope as a dict, uvicorn hands any mapping: taken as it is.
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+# The limit a request may send, given its scope: awaited before any of its body is read.
+LimitFor = Callable[[Scope], Awaitable["BodyLimit"]]
+
+UPLOAD_PATH = re.compile(r"^/api/v1/organizations/(?P<organization_id>[^/]+)/compile-jobs/upload$")
+
+
+class BodyLimit:
+    """How many bytes a request may send, and what to tell it past that."""
+
+    __slots__ = ("allowed", "reason")
+
+    def __init__(self, allowed: int, reason: str = "MANTLE_MAX_BODY_BYTES") -> None:
+        self.allowed = allowed
+        self.reason = reason
+
+
+def default_limit() -> BodyLimit:
+    return BodyLimit(int(settings.DATA_UPLOAD_MAX_MEMORY_SIZE))
+
+
+def too_large_body(limit: BodyLimit) -> bytes:
+    """OpenAI's error shape, which both the gateway and the management API speak."""
+    message = f"The request body is larger than the {limit.allowed} bytes allowed ({limit.reason})."
+    error = {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "payload_too_large",
+    }
+    return json.dumps({"error": error}).encode()
+
+
+async def refuse(send: Send, limit: BodyLimit) -> None:
+    body = too_large_body(limit)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                # The server stops reading and closes once this is sent, instead of
+                # taking in (and throwing away) the rest of a body that may never end.
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def declared_length(headers: Any) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server refuses a malformed length before the app runs
+    return None
+
+
+async def upload_limit_for(scope: Scope) -> BodyLimit:
+    """The compile upload's own limit for a caller that may upload; anyone else the default."""
+    match = UPLOAD_PATH.match(scope.get("path", ""))
+    if match is None or scope.get("method") != "POST":
+        return default_limit()
+    # Imported here: the catalog's API needs Django's apps ready, which they are only
+    # once the ASGI application has been built.
+    from catalog.compile_api import upload_body_limit
+
+    return await upload_body_limit(scope, match["organization_id"]) or default_limit()
+
+
+def bounded_body(app: ASGIApp, limit_for: LimitFor = upload_limit_for) -> ASGIApp:
+    """`app`, with every HTTP request body bounded by `limit_for` as it streams in."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        limit = default_limit()
+        declared = declared_length(scope.get("headers") or ())
+        # Only a body the default may not cover is worth a look at its credentials (a
+        # database read); the management API's prefix keeps the gateway's path cheap.
+        if scope.get("path", "").startswith("/api/v1/") and (
+            declared is None or declared > limit.allowed
+        ):
+            limit = await limit_for(scope)
+        if declared is not None:
+            if declared > limit.allowed:
+                await refuse(send, limit)
+                return
+            # The server delivers exactly the declared length, never more: nothing to count.
+            await app(scope, receive, send)
+            return
+        await app(scope, *counted(receive, send, limit))
+
+    return guarded
+
+
+def counted(receive: Receive, send: Send, limit: BodyLimit) -> tuple[Receive, Send]:
+    """`receive` that answers 413 once the body passes the limit, and tells the app that
+    the client went away (so Django's body reader stops and the app sends nothing)."""
+    state = {"received": 0, "refused": False, "started": False}
+    gone: Message = {"type": "http.disconnect"}
+
+    async def receive_counted() -> Message:
+        if state["refused"]:
+            return dict(gone)
+        message = await receive()
+        if message["type"] != "http.request":
+            return message
+        state["received"] += len(message.get("body", b""))
+        if state["received"] <= limit.allowed:
+            return message
+        state["refused"] = True
+        if not state["started"]:
+            await refuse(send, limit)
+        return dict(gone)
+
+    async def send_guarded(message: Message) -> None:
+        if state["refused"]:
+            return  # the 413 is the whole reply
+        if message["type"] == "http.response.start":
+            state["started"] = True
+        await send(message)
+
+    return receive_counted, send_guarded
