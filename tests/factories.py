@@ -200,40 +200,34 @@ def make_model_version(
 PRICED_SINCE = "2020-01-01T00:00:00+00:00"
 
 
-def price_model(name: str, kind: str, *, unit_price: str = "0.1") -> None:
-    """List prices for both units a model of `kind` is billed by, from PRICED_SINCE.
-
-    Written directly (not through `price_set`, which refuses the past and audits), as
-    a seeded price book would be.
-    """
+def list_price(name: str, unit: str, unit_price: str, *, reason: str = "test price") -> None:
+    """A list price of `name` per `unit` from PRICED_SINCE, written directly (not through
+    `price_set`, which refuses the past and audits), as a seeded price book would be."""
     from datetime import datetime
     from decimal import Decimal
 
     from billing.models import Price
+
+    Price.objects.get_or_create(
+        model_name=name,
+        token_kind=unit,
+        effective_from=datetime.fromisoformat(PRICED_SINCE),
+        defaults={"unit_price": Decimal(unit_price), "reason": reason},
+    )
+
+
+def price_model(name: str, kind: str, *, unit_price: str = "0.1") -> None:
+    """List prices for every unit a model of `kind` is billed by."""
     from billing.pricing import billed_units
 
     for unit in billed_units(kind):
-        Price.objects.get_or_create(
-            model_name=name,
-            token_kind=unit,
-            effective_from=datetime.fromisoformat(PRICED_SINCE),
-            defaults={"unit_price": Decimal(unit_price), "reason": "test price"},
-        )
+        list_price(name, unit, unit_price)
 
 
 def price_builtin_models() -> None:
     """The built-in models at their starter prices (what `bin/run`'s seed_prices gives)."""
-    from datetime import datetime
-    from decimal import Decimal
-
-    from billing.models import Price
     from billing.starter_prices import STARTER_PRICES
 
     for name, (price_in, price_out) in STARTER_PRICES.items():
-        for unit, value in (("input", price_in), ("output", price_out)):
-            Price.objects.get_or_create(
-                model_name=name,
-                token_kind=unit,
-                effective_from=datetime.fromisoformat(PRICED_SINCE),
-                defaults={"unit_price": Decimal(value), "reason": "starter price (test)"},
-            )
+        list_price(name, "input", price_in, reason="starter price (test)")
+        list_price(name, "output", price_out, reason="starter price (test)")

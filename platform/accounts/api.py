@@ -108,7 +108,6 @@ def member_invite(
     link in that email is accepted (the link is never part of this reply)."""
     principal = _principal(request)
     org = selectors.organization_for(principal, organization_id, Perm.MEMBERS_INVITE)
-    services.check_signed_in_person(principal)
     invitation = services.member_invite(
         principal=principal, org=org, email=payload.email, role=payload.role
     )

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.mail import send_mail
 from django.urls import reverse
+
+
+@dataclass(frozen=True)
+class Link:
+    """A new emailed link: its secret goes in the email only, its digest is stored."""
+
+    secret: str
+    digest: str
+    expires_at: datetime
+
+
+def link_new(*, ttl_s: int, now: datetime) -> Link:
+    secret = secrets.token_urlsafe(32)
+    return Link(secret, link_digest(secret), now + timedelta(seconds=ttl_s))
+
+
+def link_digest(secret: str) -> str:
+    """What a link's row stores and is found by: a copy of the table opens no link."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _url(name: str, token: str) -> str:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -16,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from accounts import emails, keys
+from accounts import emails, keys, throttle
 from accounts.models import (
     ApiKey,
     AuditLog,
@@ -145,6 +143,7 @@ def _cache_organization_keys(organization_id: str) -> None:
 # --- Members -----------------------------------------------------------------------------
 
 
+@transaction.atomic
 def member_invite(*, principal: Principal, org: Organization, email: str, role: Role) -> Invitation:
     """Invites `email` as `role`: nobody joins until the link mailed to `email` is accepted.
 
@@ -152,13 +151,6 @@ def member_invite(*, principal: Principal, org: Organization, email: str, role: 
     registered an address first need not be the one who reads its mail, and only the
     link (sent to that mailbox, never shown to the inviter) proves that.
     """
-    return invitation_create(principal=principal, org=org, email=email, role=role)
-
-
-@transaction.atomic
-def invitation_create(
-    *, principal: Principal, org: Organization, email: str, role: Role
-) -> Invitation:
     check_signed_in_person(principal)
     email = email.strip().lower()
     _check_may_grant(principal, org, role)
@@ -181,15 +173,16 @@ def invitation_create(
         # An expired one gives way to the new one (one open invitation per address).
         stale.revoked_at = now
         stale.save(update_fields=["revoked_at"])
-    secret, digest = _new_link_secret()
+    throttle.invitation_mail_throttle_hit(organization_id=org.id, email=email)
+    link = emails.link_new(ttl_s=settings.MANTLE_INVITATION_TTL_S, now=now)
     invitation = Invitation.objects.create(
         organization=org,
         email=email,
         role=role,
         invited_by=principal.user,
-        token_digest=digest,
+        token_digest=link.digest,
         sent_at=now,
-        expires_at=now + timedelta(seconds=settings.MANTLE_INVITATION_TTL_S),
+        expires_at=link.expires_at,
     )
     audit_record(
         principal=principal,
@@ -198,7 +191,7 @@ def invitation_create(
         organization=org,
         metadata={"email": email, "role": str(role)},
     )
-    _mail_invitation_on_commit(invitation, secret, principal)
+    _mail_invitation_on_commit(invitation, link.secret, principal)
     return invitation
 
 
@@ -210,10 +203,12 @@ def invitation_resend(*, principal: Principal, invitation: Invitation) -> Invita
     _check_may_grant(principal, locked.organization, Role(locked.role))
     if locked.accepted_at is not None or locked.revoked_at is not None:
         raise Conflict(f"this invitation was already {locked.status()}", param="invitation_id")
+    throttle.invitation_mail_throttle_hit(
+        organization_id=locked.organization_id, email=locked.email
+    )
     now = timezone.now()
-    secret, locked.token_digest = _new_link_secret()
-    locked.sent_at = now
-    locked.expires_at = now + timedelta(seconds=settings.MANTLE_INVITATION_TTL_S)
+    link = emails.link_new(ttl_s=settings.MANTLE_INVITATION_TTL_S, now=now)
+    locked.token_digest, locked.sent_at, locked.expires_at = link.digest, now, link.expires_at
     locked.save(update_fields=["token_digest", "sent_at", "expires_at"])
     audit_record(
         principal=principal,
@@ -222,7 +217,7 @@ def invitation_resend(*, principal: Principal, invitation: Invitation) -> Invita
         organization=locked.organization,
         metadata={"email": locked.email},
     )
-    _mail_invitation_on_commit(locked, secret, principal)
+    _mail_invitation_on_commit(locked, link.secret, principal)
     return locked
 
 
@@ -253,7 +248,7 @@ def invitation_by_token(token: str) -> Invitation:
     """
     found = (
         Invitation.objects.select_related("organization", "invited_by")
-        .filter(token_digest=_link_digest(token))
+        .filter(token_digest=emails.link_digest(token))
         .first()
     )
     if found is None or found.status() != "pending":
@@ -346,15 +341,6 @@ def _check_inviter_still_may(invitation: Invitation) -> None:
             "this invitation is no longer valid: whoever sent it may no longer invite; "
             "ask the organization for a new one"
         )
-
-
-def _new_link_secret() -> tuple[str, str]:
-    secret = secrets.token_urlsafe(32)
-    return secret, _link_digest(secret)
-
-
-def _link_digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _mail_invitation_on_commit(invitation: Invitation, secret: str, principal: Principal) -> None:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "mantle:login-fail:"
 SIGNUP_PREFIX = "mantle:signup:"
+INVITATION_PREFIX = "mantle:invitation-mail:"
 UNKNOWN_ADDRESS = "unknown"
 
 # One round trip: count in every window. A window starts at the first count (EXPIRE NX
@@ -48,6 +49,11 @@ class LoginThrottled(DomainError):
 class SignupThrottled(DomainError):
     status = 429
     code = "signup_throttled"
+
+
+class InvitationThrottled(DomainError):
+    status = 429
+    code = "invitation_throttled"
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,8 @@ def account_key(email: str) -> str:
     return f"{KEY_PREFIX}account:{_digest(_email(email))}"
 
 
-def _wait_minutes(ttl: int) -> int:
-    return max(1, math.ceil((ttl if ttl > 0 else settings.MANTLE_LOGIN_FAILURE_WINDOW_S) / 60))
+def _wait_minutes(ttl: int, window_s: int) -> int:
+    return max(1, math.ceil((ttl if ttl > 0 else window_s) / 60))
 
 
 def login_throttle_check(*, email: str, address: str | None) -> None:
@@ -99,7 +105,7 @@ def login_throttle_check(*, email: str, address: str | None) -> None:
         count = int(replies[2 * index] or 0)
         if count < limit:
             continue
-        wait = _wait_minutes(int(replies[2 * index + 1]))
+        wait = _wait_minutes(int(replies[2 * index + 1]), settings.MANTLE_LOGIN_FAILURE_WINDOW_S)
         what = (
             "this email address from your network address" if index == 0 else "your network address"
         )
@@ -143,25 +149,65 @@ def login_success_reset(*, email: str, address: str | None) -> None:
     get_redis().delete(pair_key(email, address))
 
 
+def _over_limit(keys: list[str], limits: list[int], window_s: int) -> tuple[int, int, int] | None:
+    """Counts one attempt under each key (a window from its first attempt); the first key
+    past its limit, with its count and the minutes until it clears, else None."""
+    client = get_redis()
+    counts = client.eval(_RECORD, len(keys), *keys, window_s)
+    for index, (count, limit) in enumerate(zip(counts, limits, strict=True)):
+        if int(count) > limit:
+            return index, int(count), _wait_minutes(int(client.ttl(keys[index])), window_s)
+    return None
+
+
+def _minutes(wait: int) -> str:
+    return f"{wait} minute{'s' if wait != 1 else ''}"
+
+
 def signup_throttle_hit(*, email: str, address: str | None) -> None:
     """Counts one sign-up attempt and refuses (SignupThrottled) past either limit.
 
     Counted whether or not the address is registered, so the refusal reveals nothing.
     """
-    keys = [
-        f"{SIGNUP_PREFIX}email:{_digest(_email(email))}",
-        f"{SIGNUP_PREFIX}addr:{address or UNKNOWN_ADDRESS}",
-    ]
-    client = get_redis()
-    counts = client.eval(_RECORD, len(keys), *keys, settings.MANTLE_SIGNUP_WINDOW_S)
-    limits = [settings.MANTLE_SIGNUP_MAX_PER_EMAIL, settings.MANTLE_SIGNUP_MAX_PER_ADDRESS]
-    for index, (count, limit) in enumerate(zip(counts, limits, strict=True)):
-        if int(count) <= limit:
-            continue
-        wait = _wait_minutes(int(client.ttl(keys[index])))
-        what = "this email address" if index == 0 else "your network address"
-        logger.warning("sign-up refused: %s attempts for %s in the window", count, what)
-        raise SignupThrottled(
-            f"Too many sign-ups for {what}. Try again in {wait} minute{'s' if wait != 1 else ''}.",
-            param="email" if index == 0 else None,
-        )
+    over = _over_limit(
+        [
+            f"{SIGNUP_PREFIX}email:{_digest(_email(email))}",
+            f"{SIGNUP_PREFIX}addr:{address or UNKNOWN_ADDRESS}",
+        ],
+        [settings.MANTLE_SIGNUP_MAX_PER_EMAIL, settings.MANTLE_SIGNUP_MAX_PER_ADDRESS],
+        settings.MANTLE_SIGNUP_WINDOW_S,
+    )
+    if over is None:
+        return
+    index, count, wait = over
+    what = "this email address" if index == 0 else "your network address"
+    logger.warning("sign-up refused: %s attempts for %s in the window", count, what)
+    raise SignupThrottled(
+        f"Too many sign-ups for {what}. Try again in {_minutes(wait)}.",
+        param="email" if index == 0 else None,
+    )
+
+
+def invitation_mail_throttle_hit(*, organization_id: str, email: str) -> None:
+    """Counts one invitation mail (a new invitation or a resend) and refuses
+    (InvitationThrottled) past the limit per recipient of one organization, or per
+    organization: invitations must not become a way to mail-bomb an address, nor to send
+    mail in bulk. Counted per organization and recipient, not per recipient alone, so one
+    tenant cannot use up the invitations another sends to the same person."""
+    over = _over_limit(
+        [
+            f"{INVITATION_PREFIX}email:{organization_id}:{_digest(_email(email))}",
+            f"{INVITATION_PREFIX}org:{organization_id}",
+        ],
+        [settings.MANTLE_INVITATION_MAX_PER_EMAIL, settings.MANTLE_INVITATION_MAX_PER_ORG],
+        settings.MANTLE_INVITATION_WINDOW_S,
+    )
+    if over is None:
+        return
+    index, count, wait = over
+    what = "this email address" if index == 0 else "this organization"
+    logger.warning("invitation mail refused: %s in the window for %s", count, what)
+    raise InvitationThrottled(
+        f"Too many invitation emails for {what}. Try again in {_minutes(wait)}.",
+        param="email" if index == 0 else None,
+    )

@@ -37,28 +37,14 @@ class LoginForm(AuthenticationForm):
 
 
 class ConsolePasswordResetForm(PasswordResetForm):
-    """Also reaches invited people, whose accounts have no usable password yet.
+    """Also reaches accounts with no usable password yet.
 
-    Django's form skips accounts without a usable password; an invitation creates
-    exactly such an account and tells the person to set a password this way.
+    Django's form skips such accounts; invitations sent before they needed an accepted
+    link created exactly such accounts and told the person to set a password this way.
     """
 
     def get_users(self, email: str) -> Iterable[Any]:
         return User.objects.filter(email__iexact=email.strip(), is_active=True)
-
-
-class SignupForm(forms.Form):
-    email = forms.EmailField(max_length=254)
-    full_name = forms.CharField(max_length=200, required=False, label="Your name")
-    organization_name = forms.CharField(max_length=120, label="Organization")
-    password = forms.CharField(widget=forms.PasswordInput, min_length=1)
-    password_again = forms.CharField(widget=forms.PasswordInput, label="Password (again)")
-
-    def clean(self) -> dict[str, Any]:
-        cleaned = super().clean() or {}
-        if cleaned.get("password") and cleaned.get("password") != cleaned.get("password_again"):
-            self.add_error("password_again", "the two passwords differ")
-        return cleaned
 
 
 class AccountForm(forms.Form):
@@ -73,6 +59,15 @@ class AccountForm(forms.Form):
         if cleaned.get("password") and cleaned.get("password") != cleaned.get("password_again"):
             self.add_error("password_again", "the two passwords differ")
         return cleaned
+
+
+class SignupForm(AccountForm):
+    """A sign-up: the account's fields and the address and organization it is for."""
+
+    email = forms.EmailField(max_length=254)
+    organization_name = forms.CharField(max_length=120, label="Organization")
+
+    field_order = ["email", "full_name", "organization_name", "password", "password_again"]
 
 
 class OrganizationForm(forms.Form):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import string
@@ -76,19 +75,19 @@ def user_signup(
             transaction.on_commit(lambda: emails.send_signup_existing(email=email))
             logger.info("sign-up for a registered address from %s", ip_address or "unknown")
             return
-        secret = secrets.token_urlsafe(32)
+        link = emails.link_new(ttl_s=settings.MANTLE_SIGNUP_LINK_TTL_S, now=now)
         pending = PendingSignup.objects.create(
             email=email,
             full_name=full_name.strip(),
             organization_name=organization_name.strip(),
             password=password_hash,
-            token_digest=_digest(secret),
+            token_digest=link.digest,
             ip_address=ip_address,
-            expires_at=now + timedelta(seconds=settings.MANTLE_SIGNUP_LINK_TTL_S),
+            expires_at=link.expires_at,
         )
         transaction.on_commit(
             lambda: emails.send_signup_verification(
-                email=email, token=secret, expires_at=pending.expires_at
+                email=email, token=link.secret, expires_at=link.expires_at
             )
         )
     logger.info("sign-up link sent (pending sign-up %s)", pending.pk)
@@ -100,7 +99,7 @@ def signup_verify(*, token: str, ip_address: str | None = None) -> SignedUp:
     with transaction.atomic():
         pending = (
             PendingSignup.objects.select_for_update()
-            .filter(token_digest=_digest(token), expires_at__gt=now)
+            .filter(token_digest=emails.link_digest(token), expires_at__gt=now)
             .first()
         )
         if pending is None:
@@ -127,10 +126,6 @@ def signup_verify(*, token: str, ip_address: str | None = None) -> SignedUp:
         PendingSignup.objects.filter(email=pending.email).delete()
     logger.info("sign-up: %s with organization %s", user.pk, org.id)
     return SignedUp(user=user, organization=org)
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

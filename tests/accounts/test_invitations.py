@@ -38,6 +38,14 @@ def invite(world: OrgWorld, capture: Any, email: str = VICTIM, role: str = "admi
         )
 
 
+def act_on(world: OrgWorld, role: Role, invitation_id: str, action: str) -> Any:
+    """Resend or revoke through the team page, as `world`'s member of `role`."""
+    url = org_url(
+        "console-invitation-action", world.org.id, invitation_id=invitation_id, action=action
+    )
+    return world.client_for(role).post(url)
+
+
 def link_in(message: mail.EmailMessage) -> str:
     found = INVITE_LINK.search(str(message.body))
     assert found is not None, message.body
@@ -180,15 +188,7 @@ def test_a_spoilt_invitation_link_joins_nobody(
     if spoil == "expired":
         Invitation.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
     elif spoil == "revoked":
-        response = world.client_for(Role.ADMIN).post(
-            org_url(
-                "console-invitation-action",
-                world.org.id,
-                invitation_id=invitation.id,
-                action="revoke",
-            )
-        )
-        assert response.status_code == 302
+        assert act_on(world, Role.ADMIN, invitation.id, "revoke").status_code == 302
     else:
         token = link.split("/")[-2]
         link = link.replace(token, token[:-1] + ("A" if token[-1] != "A" else "B"))
@@ -204,14 +204,7 @@ def test_resending_replaces_the_link(
     invite(world, django_capture_on_commit_callbacks)
     invitation = Invitation.objects.get(organization=world.org)
     with django_capture_on_commit_callbacks(execute=True):
-        response = world.client_for(Role.ADMIN).post(
-            org_url(
-                "console-invitation-action",
-                world.org.id,
-                invitation_id=invitation.id,
-                action="resend",
-            )
-        )
+        response = act_on(world, Role.ADMIN, invitation.id, "resend")
     assert response.status_code == 302
     old, new = (link_in(m) for m in invitation_mails())
     assert old != new
@@ -299,10 +292,7 @@ def test_another_organizations_invitation_is_404(
     invite(other_world, django_capture_on_commit_callbacks)
     theirs = Invitation.objects.get(organization=other_world.org)
     sent = len(mail.outbox)
-    response = world.client_for(Role.OWNER).post(
-        org_url("console-invitation-action", world.org.id, invitation_id=theirs.id, action=action)
-    )
-    assert response.status_code == 404
+    assert act_on(world, Role.OWNER, theirs.id, action).status_code == 404
     after = Invitation.objects.get(pk=theirs.pk)
     assert (after.token_digest, after.revoked_at) == (theirs.token_digest, None)
     assert len(mail.outbox) == sent
@@ -324,10 +314,41 @@ def test_members_who_may_not_invite_cannot_resend_or_revoke(
 ) -> None:
     invite(world, django_capture_on_commit_callbacks)
     invitation = Invitation.objects.get(organization=world.org)
-    response = world.client_for(role).post(
-        org_url(
-            "console-invitation-action", world.org.id, invitation_id=invitation.id, action="revoke"
-        )
-    )
-    assert response.status_code == 403
+    assert act_on(world, role, invitation.id, "revoke").status_code == 403
     assert Invitation.objects.get(pk=invitation.pk).status() == "pending"
+
+
+def test_invitations_cannot_mail_bomb_an_address(
+    world: OrgWorld,
+    other_world: OrgWorld,
+    settings: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    # Resend (and revoke-then-invite) each mail the address again: past the limit per
+    # recipient of the organization no more mail goes out and the page says why.
+    settings.MANTLE_INVITATION_MAX_PER_EMAIL = 3
+    invite(world, django_capture_on_commit_callbacks)
+    invitation = Invitation.objects.get(organization=world.org)
+    for _ in range(4):
+        with django_capture_on_commit_callbacks(execute=True):
+            response = act_on(world, Role.OWNER, invitation.id, "resend")
+        assert response.status_code == 302
+    act_on(world, Role.OWNER, invitation.id, "revoke")
+    refused = invite(world, django_capture_on_commit_callbacks)
+    assert len(invitation_mails()) == 3
+    assert "Too many invitation emails for this email address" in refused.content.decode()
+    assert Invitation.objects.filter(organization=world.org).count() == 1
+    # Another organization's invitation to the same person is its own count.
+    invite(other_world, django_capture_on_commit_callbacks)
+    assert len(invitation_mails()) == 4
+
+
+def test_an_organization_cannot_send_invitations_in_bulk(
+    world: OrgWorld, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    settings.MANTLE_INVITATION_MAX_PER_ORG = 2
+    for n in range(3):
+        invite(world, django_capture_on_commit_callbacks, email=f"person{n}@example.com")
+    sent = [m for m in mail.outbox if "invited you" in m.subject]
+    assert [m.to for m in sent] == [["person0@example.com"], ["person1@example.com"]]
+    assert Invitation.objects.filter(organization=world.org).count() == 2

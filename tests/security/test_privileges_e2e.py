@@ -7,7 +7,6 @@ usable secret in the database-backed session.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,13 +14,13 @@ import httpx
 import pytest
 from django.contrib.sessions.backends.db import SessionStore
 from django.db import connection
-from django.test import Client
 
-from accounts.models import Membership
 from accounts.permissions import Role, Scope, key_scopes_allowed
 from tests.conftest import OrgWorld, build_world
 from tests.console.support import org_url
 from tests.factories import default_project
+from tests.security.test_key_privileges import api, bearer
+from tests.security.test_key_privileges import membership as member
 from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -51,17 +50,6 @@ def at_gateway(url: str, secret: str) -> httpx.Response:
     return httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {secret}"}, timeout=30)
 
 
-def api(client: Client, method: str, path: str, body: Any = None) -> Any:
-    kwargs: dict[str, Any] = {}
-    if body is not None:
-        kwargs = {"data": json.dumps(body), "content_type": "application/json"}
-    return getattr(client, method)(f"/api/v1{path}", **kwargs)
-
-
-def bearer(secret: str) -> Client:
-    return Client(headers={"authorization": f"Bearer {secret}"})
-
-
 def create_key(world: OrgWorld, role: Role, scopes: list[str]) -> str:
     project = default_project(world.org)
     response = api(
@@ -73,10 +61,6 @@ def create_key(world: OrgWorld, role: Role, scopes: list[str]) -> str:
     assert response.status_code == 201, response.content
     secret: str = response.json()["secret"]
     return secret
-
-
-def member(world: OrgWorld, role: Role) -> Membership:
-    return Membership.objects.get(organization=world.org, user=world.users[role])
 
 
 CREATIONS = [

@@ -44,10 +44,6 @@ secret_checks.check(
         secret_checks.IDENTITY_KEY: MANTLE_IDENTITY_KEY,
     },
 )
-if not SECRET_KEY and secret_checks.DJANGO_SECRET_KEY in secret_checks.ROLE_SECRETS[MANTLE_ROLE]:
-    raise ImproperlyConfigured(
-        "DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE) is not set; bin/run generates one in var/"
-    )
 
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
@@ -196,6 +192,11 @@ MANTLE_SIGNUP_MAX_PER_ADDRESS = env.int("MANTLE_SIGNUP_MAX_PER_ADDRESS", default
 MANTLE_SIGNUP_WINDOW_S = env.int("MANTLE_SIGNUP_WINDOW_S", default=3600)
 # How long the links mailed for a sign-up and an invitation work.
 MANTLE_SIGNUP_LINK_TTL_S = env.int("MANTLE_SIGNUP_LINK_TTL_S", default=2 * 86400)
+# Invitation mails (new invitations and resends) per recipient of one organization and per
+# organization, in a day: an invitation is a mail a tenant makes the platform send.
+MANTLE_INVITATION_MAX_PER_EMAIL = env.int("MANTLE_INVITATION_MAX_PER_EMAIL", default=5)
+MANTLE_INVITATION_MAX_PER_ORG = env.int("MANTLE_INVITATION_MAX_PER_ORG", default=200)
+MANTLE_INVITATION_WINDOW_S = env.int("MANTLE_INVITATION_WINDOW_S", default=86400)
 MANTLE_INVITATION_TTL_S = env.int("MANTLE_INVITATION_TTL_S", default=7 * 86400)
 # The back office's second factor (django-otp; accounts/two_factor.py): the name
 # authenticator apps show, and device keys and recovery codes hidden from admin pages.
