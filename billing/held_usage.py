@@ -27,7 +27,7 @@ Status = HeldUsage.Status
 
 
 def held_usage_for(org: Organization) -> QuerySet[HeldUsage]:
-    """The organization's held usage, undecided first, then newest first (back office)."""
+    """The organization's held usage, newest usage month first (back office)."""
     return (
         HeldUsage.objects.filter(organization=org)
         .select_related("invoice", "billed_invoice")
@@ -58,55 +58,49 @@ def held_usage_release(
     checks.check_staff(principal)
     reason = checks.check_reason(reason)
     price = check_unit_price(unit_price, param="unit_price")
-    with transaction.atomic():
-        checks.lock_organization(held.organization)
-        row = _locked_undecided(held)
-        row.status = Status.RELEASED
-        row.unit_price = price
-        row.reason = reason
-        row.resolved_by = principal.user
-        row.resolved_at = timezone.now()
-        row.save(update_fields=["status", "unit_price", "reason", "resolved_by", "resolved_at"])
-        audit_record(
-            principal=principal,
-            action="billing.held_usage_released",
-            target=row.invoice,
-            organization=row.organization,
-            metadata={
-                "held_usage": row.pk,
-                "model_name": row.model_name,
-                "token_kind": row.token_kind,
-                "quantity": row.quantity,
-                "unit_price": str(price),
-                "reason": reason,
-            },
-        )
-    return row
+    return _decide(principal, held, Status.RELEASED, reason, unit_price=price)
 
 
 def held_usage_write_off(*, principal: Principal, held: HeldUsage, reason: str) -> HeldUsage:
     """Drops held usage: it is never billed."""
     checks.check_staff(principal)
-    reason = checks.check_reason(reason)
+    return _decide(principal, held, Status.WRITTEN_OFF, checks.check_reason(reason))
+
+
+def _decide(
+    principal: Principal,
+    held: HeldUsage,
+    status: str,
+    reason: str,
+    *,
+    unit_price: Decimal | None = None,
+) -> HeldUsage:
+    """Decides an undecided row once, under the organization's lock, audited (the
+    principal and the reason already checked)."""
     with transaction.atomic():
         checks.lock_organization(held.organization)
         row = _locked_undecided(held)
-        row.status = Status.WRITTEN_OFF
+        row.status = status
         row.reason = reason
         row.resolved_by = principal.user
         row.resolved_at = timezone.now()
-        row.save(update_fields=["status", "reason", "resolved_by", "resolved_at"])
+        fields = ["status", "reason", "resolved_by", "resolved_at"]
+        metadata: dict[str, object] = {
+            "held_usage": row.pk,
+            "model_name": row.model_name,
+            "token_kind": row.token_kind,
+            "quantity": row.quantity,
+        }
+        if unit_price is not None:
+            row.unit_price = unit_price
+            fields.append("unit_price")
+            metadata["unit_price"] = str(unit_price)
+        row.save(update_fields=fields)
         audit_record(
             principal=principal,
-            action="billing.held_usage_written_off",
+            action=f"billing.held_usage_{status}",
             target=row.invoice,
             organization=row.organization,
-            metadata={
-                "held_usage": row.pk,
-                "model_name": row.model_name,
-                "token_kind": row.token_kind,
-                "quantity": row.quantity,
-                "reason": reason,
-            },
+            metadata={**metadata, "reason": reason},
         )
     return row

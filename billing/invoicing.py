@@ -8,7 +8,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -31,7 +30,14 @@ from billing.models import (
 )
 from billing.money import CENT, exact_amount, line_amount, round_cents
 from billing.periods import month_bounds, month_label, month_start
-from billing.pricing import PriceBook, Unpriced, billed_units, commit_discount, model_kinds
+from billing.pricing import (
+    ROLLUP_SUMS,
+    PriceBook,
+    Unpriced,
+    billed_quantities,
+    commit_discount,
+    model_kinds,
+)
 from config.errors import Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -77,27 +83,6 @@ class LineDraft:
 
 # --- Rating ---------------------------------------------------------------------------------
 
-# The rollup sums a rating reads, by unit (annotations on a values() query).
-_SUMS = {
-    "i": Sum("input_tokens"),
-    "o": Sum("output_tokens"),
-    "r": Sum("requests"),
-    "c": Sum("compute_ms"),
-}
-_SUM_OF_UNIT = {
-    TokenKind.INPUT.value: "i",
-    TokenKind.OUTPUT.value: "o",
-    TokenKind.REQUEST.value: "r",
-    TokenKind.COMPUTE_MS.value: "c",
-}
-
-
-def _billed(row: Mapping[str, Any], model_kind: str) -> list[tuple[str, int]]:
-    """The billed quantities of a rollup group: tokens for text models, requests and
-    compute time for tensor models (a text model's compute time is in its token price)."""
-    # Mapping[str, Any]: django-stubs' values() row types leave the annotated sums out.
-    return [(u, int(row[_SUM_OF_UNIT[u]] or 0)) for u in billed_units(model_kind)]
-
 
 def rate_rollups(
     organization_id: str,
@@ -122,13 +107,13 @@ def rate_rollups(
     if project_id is not None:
         rows = rows.filter(project_id=project_id)
     grouped = list(
-        rows.values("model_name", "hour").annotate(**_SUMS).order_by("hour", "model_name")
+        rows.values("model_name", "hour").annotate(**ROLLUP_SUMS).order_by("hour", "model_name")
     )
     kinds = model_kinds(row["model_name"] for row in grouped)
     rated: dict[LineKey, Rated] = {}
     for row in grouped:
         hour: datetime = row["hour"]
-        for kind, qty in _billed(row, kinds[row["model_name"]]):
+        for kind, qty in billed_quantities(row, kinds[row["model_name"]]):
             if not qty:
                 continue
             price = book.effective(row["model_name"], kind, hour)
@@ -214,7 +199,7 @@ def uninvoiced_quantities(
     totals = list(
         rollups.annotate(month=TruncMonth("hour", tzinfo=UTC))
         .values("month", "model_name")
-        .annotate(**_SUMS)
+        .annotate(**ROLLUP_SUMS)
         .order_by("month", "model_name")
     )
     kinds = model_kinds(row["model_name"] for row in totals)
@@ -226,7 +211,7 @@ def uninvoiced_quantities(
             continue
         if any(
             qty != accounted[(month, row["model_name"], unit)]
-            for unit, qty in _billed(row, kinds[row["model_name"]])
+            for unit, qty in billed_quantities(row, kinds[row["model_name"]])
         ):
             months.add(month)
     left: dict[LineKey, Rated] = {}
@@ -259,11 +244,6 @@ class InvoiceContent:
     lines: list[LineDraft]
     held: dict[HeldKey, int]
     released: list[int]
-
-
-def compute_lines(org: Organization, start: datetime, end: datetime) -> list[LineDraft]:
-    """The lines of the invoice for [start, end) (see `compute_invoice`)."""
-    return compute_invoice(org, start, end).lines
 
 
 def compute_invoice(

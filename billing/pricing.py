@@ -5,14 +5,15 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from accounts.models import Organization
@@ -38,6 +39,31 @@ TENSOR_UNITS: tuple[str, str] = (TokenKind.REQUEST.value, TokenKind.COMPUTE_MS.v
 def billed_units(model_kind: str) -> tuple[str, str]:
     """The two units a model of `model_kind` (catalog Model.Kind) is billed by."""
     return TENSOR_UNITS if model_kind == "tensor" else TEXT_UNITS
+
+
+# Each unit's column in UsageRollup, and the sums of them every rater reads (annotations on
+# a values() query, keyed by `_SUM_OF_UNIT`): one path from rollups to billed quantities.
+UNIT_COLUMNS = {
+    TokenKind.INPUT.value: "input_tokens",
+    TokenKind.OUTPUT.value: "output_tokens",
+    TokenKind.REQUEST.value: "requests",
+    TokenKind.COMPUTE_MS.value: "compute_ms",
+}
+_SUM_OF_UNIT = {
+    TokenKind.INPUT.value: "i",
+    TokenKind.OUTPUT.value: "o",
+    TokenKind.REQUEST.value: "r",
+    TokenKind.COMPUTE_MS.value: "c",
+}
+ROLLUP_SUMS = {_SUM_OF_UNIT[unit]: Sum(column) for unit, column in UNIT_COLUMNS.items()}
+
+
+def billed_quantities(row: Mapping[str, Any], model_kind: str) -> list[tuple[str, int]]:
+    """(unit, quantity) billed for a rollup group annotated with ROLLUP_SUMS: tokens for
+    text models, requests and compute time for tensor models (a text model's compute
+    time is in its token price)."""
+    # Mapping[str, Any]: django-stubs' values() row types leave the annotated sums out.
+    return [(u, int(row[_SUM_OF_UNIT[u]] or 0)) for u in billed_units(model_kind)]
 
 
 def model_kinds(model_names: Iterable[str]) -> dict[str, str]:

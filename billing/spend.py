@@ -90,7 +90,9 @@ class Prices:
         requests: int = 0,
         compute_ms: int = 0,
     ) -> int:
-        """Exact cost in nanos, rounded up to a whole nano (see cost_nanos)."""
+        """Exact cost in nanos, rounded up to a whole nano (never in the customer's
+        disfavour by more than one nano per request; the invoice rates rollups again,
+        exactly)."""
         exact = (
             Decimal(input_tokens) * Decimal(self.input)
             + Decimal(output_tokens) * Decimal(self.output)
@@ -129,12 +131,9 @@ def price_write(
 
 
 def cost_nanos(input_tokens: int, output_tokens: int, price_in: str, price_out: str) -> int:
-    """Exact cost in nanos, rounded up to a whole nano (never in the customer's disfavour by
-    more than one nano per request; the invoice rates rollups again, exactly)."""
-    exact = Decimal(input_tokens) * Decimal(price_in or "0") + Decimal(output_tokens) * Decimal(
-        price_out or "0"
-    )
-    return math.ceil(exact)
+    """A text request's cost in nanos (Prices.cost)."""
+    prices = Prices(input=price_in or "0", output=price_out or "0")
+    return prices.cost(input_tokens=input_tokens, output_tokens=output_tokens)
 
 
 # The gateway, when a request ends: release the reservation and park the real cost

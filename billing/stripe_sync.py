@@ -10,14 +10,13 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.models import Organization
 from billing import stripe_types
 from billing.models import Invoice, StripeCustomer, UsageRollup
 from billing.models import InvoiceLine as InvoiceLineRow
-from billing.pricing import billed_units, model_kinds
+from billing.pricing import ROLLUP_SUMS, billed_quantities, model_kinds
 from billing.stripe_types import (
     CheckoutSession,
     InvoiceLine,
@@ -286,34 +285,22 @@ def stripe_meter_push_hour(*, hour: datetime) -> int:
     start = hour_floor(hour)
     if start + timedelta(hours=1) > timezone.now():
         raise InvalidInput("only a closed hour can be sent to Stripe", param="hour")
-    sums: dict[tuple[str, str], dict[str, int]] = {}
-    rows = list(
+    rows = sorted(
         UsageRollup.objects.filter(hour=start)
         .values("organization_id", "model_name")
-        .annotate(
-            input_tokens=Sum("input_tokens"),
-            output_tokens=Sum("output_tokens"),
-            requests=Sum("requests"),
-            compute_ms=Sum("compute_ms"),
-        )
+        .annotate(**ROLLUP_SUMS),
+        key=lambda row: (row["organization_id"], row["model_name"]),
     )
-    for row in rows:
-        sums[(row["organization_id"], row["model_name"])] = {
-            "input": row["input_tokens"] or 0,
-            "output": row["output_tokens"] or 0,
-            "request": row["requests"] or 0,
-            "compute_ms": row["compute_ms"] or 0,
-        }
-    orgs = Organization.objects.in_bulk({org_id for org_id, _ in sums})
+    orgs = Organization.objects.in_bulk({row["organization_id"] for row in rows})
     # Each model's own units: tokens for text models, requests and compute for tensors.
-    kinds = model_kinds(model for _, model in sums)
+    kinds = model_kinds(row["model_name"] for row in rows)
     sent = 0
-    for (org_id, model), quantities in sorted(sums.items()):
-        org = orgs.get(org_id)
+    for row in rows:
+        org = orgs.get(row["organization_id"])
         if org is None:
             continue
-        for kind in billed_units(kinds[model]):
-            quantity = quantities[kind]
+        model = row["model_name"]
+        for kind, quantity in billed_quantities(row, kinds[model]):
             if quantity > 0:
                 stripe_meter_push(org=org, model=model, kind=kind, hour=start, quantity=quantity)
                 sent += 1

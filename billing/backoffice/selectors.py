@@ -6,7 +6,7 @@ import io
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -32,12 +32,18 @@ from billing.models import (
     Invoice,
     PriceOverride,
     StripeCustomer,
-    TokenKind,
     UsageRollup,
 )
 from billing.money import exact_amount
 from billing.periods import month_start
-from billing.pricing import PriceBook
+from billing.pricing import (
+    ROLLUP_SUMS,
+    UNIT_COLUMNS,
+    PriceBook,
+    billed_quantities,
+    billed_units,
+    model_kinds,
+)
 from billing.selectors import Balance, balance_summary, invoices
 from catalog.models import Endpoint
 from config.csv_export import csv_writer
@@ -64,6 +70,9 @@ CSV_AMOUNT_COLUMNS = ("amount", "currency")
 """Each row rated at its organization's prices for that hour (list prices with its rate
 overrides and discounts), exact to the nano; blank when nothing prices the model. Commit
 tiers and credits apply to a month's totals, so they are on invoices, not here."""
+# What a CSV row reads: its columns, then compute_ms, which only its amount uses (tensor
+# models bill it).
+_CSV_READ = (*CSV_COLUMNS, "compute_ms")
 # Rows per database round trip while streaming: memory stays at one chunk.
 CSV_CHUNK_ROWS = 2000
 
@@ -299,48 +308,27 @@ def usage_totals(f: UsageFilter) -> UsageTotals:
 
 def _charges(rows: QuerySet[UsageRollup], organization_id: str) -> Decimal:
     book = PriceBook.load(organization_id)
-    total = ZERO
-    grouped = rows.values("model_name", "hour").annotate(
-        i=Sum("input_tokens"), o=Sum("output_tokens"), r=Sum("requests"), c=Sum("compute_ms")
-    )
-    for g in grouped.order_by():
-        total += (
-            _amount(
-                book,
-                g["model_name"],
-                g["hour"],
-                g["i"],
-                g["o"],
-                requests=g["r"],
-                compute_ms=g["c"],
-            )
-            or ZERO
-        )
-    return total
+    grouped = list(rows.values("model_name", "hour").annotate(**ROLLUP_SUMS).order_by())
+    kinds = model_kinds(g["model_name"] for g in grouped)
+    return sum((_group_amount(book, g, kinds) or ZERO for g in grouped), ZERO)
+
+
+def _group_amount(
+    book: PriceBook, g: Mapping[str, Any], kinds: Mapping[str, str]
+) -> Decimal | None:
+    """A rollup group of one model and hour, annotated with ROLLUP_SUMS (see `_amount`)."""
+    model_name = g["model_name"]
+    return _amount(book, model_name, g["hour"], billed_quantities(g, kinds[model_name]))
 
 
 def _amount(
-    book: PriceBook,
-    model_name: str,
-    hour: datetime,
-    input_tokens: int,
-    output_tokens: int,
-    *,
-    requests: int = 0,
-    compute_ms: int = 0,
+    book: PriceBook, model_name: str, hour: datetime, quantities: Iterable[tuple[str, int]]
 ) -> Decimal | None:
-    """Usage of one model in one hour at the book's prices; None when nothing prices it.
-
-    Every unit the book prices counts: a text model has token prices, a tensor model
-    request and compute-millisecond prices (billing.pricing.billed_units).
-    """
+    """Billed quantities (unit, quantity) of one model in one hour at the book's prices, in
+    the units invoices bill (billing.pricing.billed_quantities); None when nothing prices
+    them."""
     amount: Decimal | None = None
-    for kind, qty in (
-        (TokenKind.INPUT, input_tokens),
-        (TokenKind.OUTPUT, output_tokens),
-        (TokenKind.REQUEST, requests),
-        (TokenKind.COMPUTE_MS, compute_ms),
-    ):
+    for kind, qty in quantities:
         price = book.effective(model_name, kind, hour) if qty else None
         if price is not None:
             amount = (amount or ZERO) + exact_amount(qty, price.unit_price)
@@ -352,7 +340,7 @@ def usage_recent(f: UsageFilter, limit: int = 50) -> list[UsageRollup]:
 
 
 def _csv_values(f: UsageFilter) -> QuerySet[UsageRollup, tuple[Any, ...]]:
-    return usage_rows(f).order_by("hour", "id").values_list(*CSV_COLUMNS)
+    return usage_rows(f).order_by("hour", "id").values_list(*_CSV_READ)
 
 
 def usage_csv(f: UsageFilter) -> Iterator[str]:
@@ -367,7 +355,8 @@ def usage_csv(f: UsageFilter) -> Iterator[str]:
     while True:
         chunk = list(islice(rows, CSV_CHUNK_ROWS))
         for row in chunk:
-            writer.writerow((row[0].strftime("%Y-%m-%dT%H:%M:%SZ"), *row[1:], *rated(row)))
+            written = row[1 : len(CSV_COLUMNS)]
+            writer.writerow((row[0].strftime("%Y-%m-%dT%H:%M:%SZ"), *written, *rated(row)))
         text = buffer.getvalue()
         buffer.seek(0)
         buffer.truncate(0)
@@ -381,11 +370,13 @@ class _RowRater:
     """A CSV row's amount: list prices loaded once, each organization's overrides once."""
 
     _NANO = Decimal("0.000000001")
-    _AT = {name: CSV_COLUMNS.index(name) for name in CSV_COLUMNS}
+    _AT = {name: i for i, name in enumerate(_CSV_READ)}
+    _AT_UNIT = {unit: _CSV_READ.index(column) for unit, column in UNIT_COLUMNS.items()}
 
     def __init__(self) -> None:
         self._list = PriceBook.load(None)
         self._books: dict[str, PriceBook] = {}
+        self._kinds: dict[str, str] = {}  # model -> kind, one query per model, not per row
         self._currency = str(settings.MANTLE_BILLING_CURRENCY)
 
     def __call__(self, row: tuple[Any, ...]) -> tuple[str, str]:
@@ -394,13 +385,12 @@ class _RowRater:
         book = self._books.get(organization_id)
         if book is None:
             book = self._books[organization_id] = self._list.for_organization(organization_id)
-        amount = _amount(
-            book,
-            row[at["model_name"]],
-            row[at["hour"]],
-            row[at["input_tokens"]],
-            row[at["output_tokens"]],
-        )
+        model_name = row[at["model_name"]]
+        kind = self._kinds.get(model_name)
+        if kind is None:
+            kind = self._kinds[model_name] = model_kinds([model_name])[model_name]
+        quantities = [(unit, row[self._AT_UNIT[unit]]) for unit in billed_units(kind)]
+        amount = _amount(book, model_name, row[at["hour"]], quantities)
         if amount is None:
             return "", ""
         return str(amount.quantize(self._NANO)), self._currency
@@ -481,30 +471,20 @@ def dashboard(*, now: datetime | None = None, days: int = 30, top: int = 10) -> 
         day += timedelta(days=1)
     per_model: dict[str, list[Any]] = defaultdict(lambda: [0, 0, ZERO])
     per_org: dict[str, list[Any]] = defaultdict(lambda: [ZERO, 0])
+    rows = UsageRollup.objects.filter(hour__gte=start, hour__lt=end)
     grouped = (
-        UsageRollup.objects.filter(hour__gte=start, hour__lt=end)
-        .values("organization_id", "model_name", "hour")
-        .annotate(
-            i=Sum("input_tokens"), o=Sum("output_tokens"), r=Sum("requests"), c=Sum("compute_ms")
-        )
+        rows.values("organization_id", "model_name", "hour")
+        .annotate(**ROLLUP_SUMS)
         .order_by("organization_id", "hour")
     )
+    kinds = model_kinds(rows.order_by().values_list("model_name", flat=True).distinct())
     book: PriceBook | None = None
-    for g in grouped.iterator(chunk_size=5000):
+    # Mapping[str, Any]: django-stubs' values() row types leave **ROLLUP_SUMS out.
+    streamed: Iterator[Mapping[str, Any]] = grouped.iterator(chunk_size=5000)
+    for g in streamed:
         if book is None or book.organization_id != g["organization_id"]:
             book = PriceBook.load(g["organization_id"])
-        revenue = (
-            _amount(
-                book,
-                g["model_name"],
-                g["hour"],
-                g["i"],
-                g["o"],
-                requests=g["r"],
-                compute_ms=g["c"],
-            )
-            or ZERO
-        )
+        revenue = _group_amount(book, g, kinds) or ZERO
         d = g["hour"].astimezone(UTC).date()
         bucket = per_day.setdefault(d, [0, 0, ZERO])
         bucket[0] += g["i"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
@@ -13,7 +15,7 @@ from django.utils import timezone
 from accounts.models import ApiKey, Organization, Project
 from billing.models import TokenKind, UsageRollup
 from billing.money import exact_amount
-from billing.pricing import PriceBook, billed_units, model_kinds
+from billing.pricing import ROLLUP_SUMS, PriceBook, billed_quantities, model_kinds
 from catalog.models import Endpoint, Model, ModelVersion
 from catalog.selectors import endpoints_visible_to
 from config.csv_export import csv_writer
@@ -102,10 +104,9 @@ def usage_report(
     qs = UsageRollup.objects.filter(organization_id=org.id, hour__gte=lo, hour__lt=hi)
     if project_id:
         qs = qs.filter(project_id=project_id)
-    grouped = list(
-        qs.values("hour", "model_name", "api_key_id", "project_id").annotate(
-            r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens"), c=Sum("compute_ms")
-        )
+    # Sequence[Mapping[str, Any]]: django-stubs' values() row types leave **ROLLUP_SUMS out.
+    grouped: Sequence[Mapping[str, Any]] = list(
+        qs.values("hour", "model_name", "api_key_id", "project_id").annotate(**ROLLUP_SUMS)
     )
     book = PriceBook.load(org.id)
     kinds = model_kinds(g["model_name"] for g in grouped)
@@ -131,14 +132,7 @@ def usage_report(
             row = rows[key] = UsageRow(key=key, label=labels.get(key, key))
         cost = ZERO
         unpriced = 0
-        quantities: dict[str, int] = {
-            TokenKind.INPUT: g["i"],
-            TokenKind.OUTPUT: g["o"],
-            TokenKind.REQUEST: g["r"],
-            TokenKind.COMPUTE_MS: g["c"],
-        }
-        for kind in billed_units(kinds[g["model_name"]]):
-            qty = quantities[kind]
+        for kind, qty in billed_quantities(g, kinds[g["model_name"]]):
             if not qty:
                 continue
             price = book.effective(g["model_name"], kind, hour)

@@ -65,7 +65,17 @@ def _admit_many(org: Organization, n: int) -> list[Admission]:
     return asyncio.run(_admit(org.id, _limits(org), n))
 
 
-async def _admit(organization_id: str, lim: Limits, n: int) -> list[Admission]:
+async def _admit(
+    organization_id: str,
+    lim: Limits,
+    n: int,
+    *,
+    model_name: str = CHAT,
+    prompt_tokens: int = 200,
+    max_tokens: int = 400,
+    **units: int,
+) -> list[Admission]:
+    """`n` concurrent admissions through the real Lua; `units`: requests, compute_ms."""
     client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True, max_connections=256)
     await client.zadd(pool_live_key(POOL), {"node-a": time.time()})
     limiter = RateLimiter(client)
@@ -76,9 +86,10 @@ async def _admit(organization_id: str, lim: Limits, n: int) -> list[Admission]:
                     lim,
                     pool=POOL,
                     organization_id=organization_id,
-                    model_name=CHAT,
-                    prompt_tokens=200,
-                    max_tokens=400,
+                    model_name=model_name,
+                    prompt_tokens=prompt_tokens,
+                    max_tokens=max_tokens,
+                    **units,
                 )
                 for _ in range(n)
             )
@@ -315,27 +326,17 @@ def tensor_prepaid() -> Organization:
 
 
 async def _admit_tensor(organization_id: str, lim: Limits, n: int, model: str) -> list[Admission]:
-    client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True, max_connections=256)
-    await client.zadd(pool_live_key(POOL), {"node-a": time.time()})
-    limiter = RateLimiter(client)
-    try:
-        return await asyncio.gather(
-            *(
-                limiter.admit(
-                    lim,
-                    pool=POOL,
-                    organization_id=organization_id,
-                    model_name=model,
-                    prompt_tokens=0,
-                    max_tokens=0,
-                    requests=1,
-                    compute_ms=TENSOR_DEADLINE_MS,
-                )
-                for _ in range(n)
-            )
-        )
-    finally:
-        await client.aclose()
+    """One request allowed its whole compute deadline, as /v2 admits it."""
+    return await _admit(
+        organization_id,
+        lim,
+        n,
+        model_name=model,
+        prompt_tokens=0,
+        max_tokens=0,
+        requests=1,
+        compute_ms=TENSOR_DEADLINE_MS,
+    )
 
 
 def test_two_hundred_concurrent_tensor_requests_against_credit_for_fifty(

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from decimal import Decimal
 
 import pytest
 
 from accounts.models import AuditLog, Organization
 from accounts.principal import Principal
+from billing.backoffice.selectors import UsageFilter, dashboard, usage_csv, usage_totals
 from billing.held_usage import held_usage_release, held_usage_write_off
 from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.models import HeldUsage, Invoice
 from catalog.models import Model
 from config.errors import Conflict
+from console.selectors import usage_report
 from tests.billing.factories import (
     CHAT,
     EMBED,
@@ -204,3 +208,35 @@ def test_held_usage_of_a_draft_cannot_be_decided_yet(org: Organization, staff: P
     held.refresh_from_db()
     assert held.status == "held"
     assert not AuditLog.objects.filter(action="billing.held_usage_written_off").exists()
+
+
+def test_every_rater_charges_tensor_usage_in_the_units_the_invoice_bills(
+    org: Organization,
+) -> None:
+    """Invoice, back-office charges, CSV and dashboard, console usage: one rating path
+    (billing.pricing.billed_quantities). A text model's compute time is in its token
+    price, so a (mistaken) compute price on it is charged nowhere."""
+    CatalogModelFactory(name=RANKER, kind=Model.Kind.TENSOR)
+    PriceFactory(model_name=RANKER, token_kind="request", unit_price=Decimal("100"))
+    PriceFactory(model_name=RANKER, token_kind="compute_ms", unit_price=Decimal("3"))
+    PriceFactory(model_name=CHAT, token_kind="compute_ms", unit_price=Decimal("1000"))
+    usage(org, at(10, 3), model=RANKER, requests=20_000, compute_ms=1_500_000)
+    usage(org, at(10, 4), input_tokens=1_000_000, requests=7, compute_ms=99_999)
+    expected = Decimal("7.50")  # 1.00 input tokens + 4.50 compute + 2.00 requests
+
+    invoice = invoice_refresh_draft(org=org, month=at(10))
+    assert invoice is not None and invoice.subtotal == expected
+
+    f = UsageFilter(start=at(10), end=at(11), organization_id=org.id)
+    assert usage_totals(f).charges == expected
+    table = list(csv.DictReader(io.StringIO("".join(usage_csv(f)))))
+    assert sum(Decimal(row["amount"]) for row in table) == expected
+    assert "compute_ms" not in table[0]  # read for the amount, not a column of the export
+    board = dashboard(now=at(10, 20), days=30)
+    assert {m.model_name: m.revenue for m in board.models} == {
+        CHAT: Decimal("1"),
+        RANKER: Decimal("6.5"),
+    }
+    report = usage_report(org, start=at(10).date(), end=at(10, 30).date(), dimension="model")
+    assert report.total.cost == expected
+    assert report.notes == []
