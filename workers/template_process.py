@@ -9,7 +9,8 @@ template that allocates gigabytes gets a MemoryError, not the host's memory, and
 they get no environment beyond PATH: no database URL, no secrets.
 
 `RendererPool.render` blocks; callers on an event loop run it in a thread
-(gateway/text.py). Protocol: 4-byte big-endian length, then a JSON object, each way.
+(gateway/text.py). Protocol: 4-byte big-endian length, then a JSON object, each way;
+the child's first frame is empty (started, ready to render).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _HEADER = struct.Struct(">I")
 _CHILD_CACHE = 32
 """Compiled templates a child keeps, by source text (a gateway serves a few models)."""
+_START_S = 30.0
+"""How long a new child may take to start (not part of any render's budget)."""
 
 
 class TemplateRenderError(Exception):
@@ -60,6 +63,14 @@ class _Child:
             env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"},
             cwd=ROOT,
         )
+        # The child says it is ready (an empty frame) once imported: a render's deadline
+        # then counts the render alone, never the interpreter's start on a busy host.
+        try:
+            assert self.popen.stdout is not None
+            _read_exactly(self.popen.stdout, _HEADER.size, time.monotonic() + _START_S)
+        except BaseException:
+            self.kill()
+            raise
 
     def ask(self, request: Mapping[str, Any], wait_s: float) -> dict[str, Any]:
         assert self.popen.stdin is not None and self.popen.stdout is not None
@@ -184,6 +195,8 @@ def child_main(memory_bytes: int) -> None:
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout.write(_HEADER.pack(0))  # ready
+    stdout.flush()
     compiled: OrderedDict[str, CompiledTemplate] = OrderedDict()
     while True:
         header = stdin.read(_HEADER.size)

@@ -386,7 +386,8 @@ class Container:
 _WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 
 
-def k8s_containers(docs: list[dict[str, Any]]) -> list[Container]:
+def _pods(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """(where, pod spec, pod labels) of every workload."""
     found = []
     for doc in docs:
         if doc.get("kind") not in _WORKLOADS:
@@ -394,7 +395,15 @@ def k8s_containers(docs: list[dict[str, Any]]) -> list[Container]:
         spec = doc["spec"]
         if doc["kind"] == "CronJob":
             spec = spec["jobTemplate"]["spec"]
-        pod = spec["template"]["spec"]
+        template = spec["template"]
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        found.append((f"k8s {doc['kind']}/{doc['metadata']['name']}", template["spec"], labels))
+    return found
+
+
+def k8s_containers(docs: list[dict[str, Any]]) -> list[Container]:
+    found = []
+    for where, pod, _ in _pods(docs):
         for c in pod.get("initContainers", []) + pod.get("containers", []):
             if "mantle" not in str(c.get("image", "")):
                 continue  # aws-cli and the like
@@ -408,7 +417,7 @@ def k8s_containers(docs: list[dict[str, Any]]) -> list[Container]:
             ]
             found.append(
                 Container(
-                    where=f"k8s {doc['kind']}/{doc['metadata']['name']} container {c['name']}",
+                    where=f"{where} container {c['name']}",
                     argv=[str(a) for a in c.get("command", []) + c.get("args", [])],
                     env=env,
                     env_from=refs,
@@ -713,24 +722,6 @@ def secret_problems(containers: list[Container], sources: Any) -> list[str]:
         elif expected_user:
             problems.append(f"{where}: no REDIS_URL for Redis user {expected_user!r}")
     return problems
-
-
-_WORKLOAD_LABEL = "app"
-
-
-def _pods(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
-    """(where, pod spec, pod labels) of every workload."""
-    found = []
-    for doc in docs:
-        if doc.get("kind") not in _WORKLOADS:
-            continue
-        spec = doc["spec"]
-        if doc["kind"] == "CronJob":
-            spec = spec["jobTemplate"]["spec"]
-        template = spec["template"]
-        labels = (template.get("metadata") or {}).get("labels") or {}
-        found.append((f"k8s {doc['kind']}/{doc['metadata']['name']}", template["spec"], labels))
-    return found
 
 
 def hardening_problems(docs: list[dict[str, Any]]) -> list[str]:

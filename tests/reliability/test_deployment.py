@@ -13,6 +13,7 @@ and against compose, so that a typo in a manifest fails the suite.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -666,6 +667,75 @@ def test_network_policies_allow_each_role_only_what_it_uses() -> None:
     assert {port for port, _ in worker.egress} == {53, 443, 5672, 6379}
     assert worker.ingress_ports == frozenset()
     assert compose_network_problems(compose_file(VARIABLES)) == []
+
+
+def test_the_worker_redis_user_can_do_what_workers_do_and_no_more() -> None:
+    """Every Redis call of workers/ as the `worker` ACL user (a missing permission would
+    break production silently; the end-to-end test takes only the happy path), then what a
+    compromised worker would try on the usage stream and on the cancels."""
+    from workers.contract import (
+        USAGE_STREAM,
+        BillingIdentity,
+        GenerateRequest,
+        ModelRef,
+        SamplingParams,
+        cancel_key,
+        pool_live_key,
+        task_claim_key,
+    )
+    from workers.heartbeat import Heartbeat, NodeStats, outwait_previous_process
+    from workers.serving import WorkerRuntime
+    from workers.settings import WorkerSettings
+
+    def request(rid: str) -> GenerateRequest:
+        return GenerateRequest(
+            request_id=rid,
+            model=ModelRef("echo-1", "echo", "e" * 64, ""),
+            identity=BillingIdentity("org-1", "proj-1", "key-1", "ep-1", "mv-1", "echo"),
+            prompt_token_ids=(5, 6, 7),
+            sampling=SamplingParams(max_tokens=2, temperature=0.0),
+            deadline=time.time() + 30,
+            enqueued_at=time.time(),
+        )
+
+    admin = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    with redis_acl_users(settings.REDIS_URL, suffix=f"-acl{os.getpid()}") as users:
+        url = retarget(
+            settings.REDIS_URL,
+            userinfo=":".join(users["worker"]),
+            path=urlsplit(settings.REDIS_URL).path,
+        )
+        worker = redis.Redis.from_url(url, decode_responses=True)
+        node, pool = "acl-node", "acl-pool"
+        config = dataclasses.replace(WorkerSettings.from_env(), node=node, pool=pool)
+        runtime = WorkerRuntime(config, worker)
+        try:
+            # Claim, stream, usage; then a copy whose owner died before writing anything:
+            # the claim's owner and stream are read and the claim taken over (its script).
+            assert runtime.serve_generate(request("acl-1")).usage_emitted
+            admin.set(task_claim_key("acl-2"), "dead-node")
+            assert runtime.serve_generate(request("acl-2")).usage_emitted
+            assert runtime.serve_generate(request("acl-2")).status == "duplicate"
+        finally:
+            runtime.stop_engines()
+        assert worker.mget([cancel_key("acl-1")]) == [None]  # the engines' cancel poll
+        stats = NodeStats((), (), 1, 1, 0.0)
+        beat = Heartbeat(worker, node=node, pool=pool, queues=("q",), stats=lambda: stats)
+        beat.beat()
+        assert outwait_previous_process(worker, node=node, pool=pool, sleep=lambda _: None) > 0
+        beat.stop()
+        assert admin.zrange(pool_live_key(pool), 0, -1) == []
+        assert admin.xlen(USAGE_STREAM) == 2
+
+        for attempt in (
+            lambda: worker.set(USAGE_STREAM, "x"),  # would drop every event not yet drained
+            lambda: worker.delete(USAGE_STREAM),
+            lambda: worker.xrange(USAGE_STREAM, count=1),
+            lambda: worker.set(cancel_key("acl-1"), "1"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                attempt()
+        assert admin.type(USAGE_STREAM) == "stream"
 
 
 def _mutated(old: str, new: str) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:

@@ -154,6 +154,13 @@ def test_the_pool_kills_a_child_that_outlives_its_deadline(pool: RendererPool) -
     assert pool.render("{{ messages|length }}", HELLO, BUDGET) == "1"  # a fresh child
 
 
+def test_a_new_childs_start_is_not_part_of_the_renders_deadline(pool: RendererPool) -> None:
+    # Starting Python and importing jinja2 takes ~0.2 s, far more on a busy host: counted,
+    # it would kill every new child (and the render after each kill is a new child's).
+    assert pool.render("ok", HELLO, BUDGET, kill_after_s=0.1) == "ok"
+    assert pool.kills == 0
+
+
 def test_a_child_that_allocates_past_its_memory_limit_fails_alone(pool: RendererPool) -> None:
     lax = TemplateBudget(max_output_chars=10**12)
     with pytest.raises(TemplateBudgetExceeded) as err:
