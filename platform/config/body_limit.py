@@ -3,11 +3,13 @@
 Django's ASGI handler reads a whole body into a spooled temporary file (on disk past
 FILE_UPLOAD_MAX_MEMORY_SIZE) before any view, authentication included, runs. This wrapper
 sits in front of it and of the gateway's handler: a declared Content-Length over the
-limit is answered 413 without reading a byte, and a body without one (chunked) is counted
-as it arrives and answered 413 the moment it passes the limit; the bytes past it are never
-handed on, and the connection is closed (`connection: close`), so the server reads no
-more of it either. The limit is MANTLE_MAX_BODY_BYTES for every path, except a compile
-upload whose credentials and organization check out before its body is read (see
+limit is answered 413 without reading a byte, and a chunked body (Transfer-Encoding,
+whatever Content-Length says) is counted as it arrives and answered 413 the moment it
+passes the limit; the bytes past it are never handed on, and the connection is closed
+(`connection: close`), so the server reads no more of it either. A request without a
+body, or with a Content-Length within the limit, passes through untouched. The limit is
+MANTLE_MAX_BODY_BYTES for every path, except a compile upload whose credentials and
+organization check out before its body is read (see
 `catalog.compile_api.upload_body_limit`): only then is it the upload's own limit.
 """
 
@@ -29,6 +31,8 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 # The limit a request may send, given its scope: awaited before any of its body is read.
 LimitFor = Callable[[Scope], Awaitable["BodyLimit"]]
 
+# Where a request without Content-Length or Transfer-Encoding has no body (RFC 9112, 6.3).
+HTTP_1 = ("1.0", "1.1")
 UPLOAD_PATH = re.compile(r"^/api/v1/organizations/(?P<organization_id>[^/]+)/compile-jobs/upload$")
 
 
@@ -76,14 +80,20 @@ async def refuse(send: Send, limit: BodyLimit) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def declared_length(headers: Any) -> int | None:
+def framing(headers: Any) -> tuple[int | None, bool]:
+    """The declared Content-Length (None: none, or malformed, which the server refuses
+    before the app runs) and whether the body comes with Transfer-Encoding. Under
+    Transfer-Encoding a Content-Length tells nothing (RFC 9112, 6.1: h11 reads the chunks
+    whatever it says, httptools refuses the pair), so such a body is counted."""
+    length: int | None = None
+    chunked = False
     for name, value in headers:
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None  # the server refuses a malformed length before the app runs
-    return None
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            chunked = True
+        elif lowered == b"content-length" and length is None and value.isdigit():
+            length = int(value)
+    return length, chunked
 
 
 async def upload_limit_for(scope: Scope) -> BodyLimit:
@@ -105,22 +115,25 @@ def bounded_body(app: ASGIApp, limit_for: LimitFor = upload_limit_for) -> ASGIAp
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        limit = default_limit()
-        declared = declared_length(scope.get("headers") or ())
-        # Only a body the default may not cover is worth a look at its credentials (a
-        # database read); the management API's prefix keeps the gateway's path cheap.
-        if scope.get("path", "").startswith("/api/v1/") and (
-            declared is None or declared > limit.allowed
-        ):
-            limit = await limit_for(scope)
-        if declared is not None:
-            if declared > limit.allowed:
-                await refuse(send, limit)
-                return
-            # The server delivers exactly the declared length, never more: nothing to count.
+        length, chunked = framing(scope.get("headers") or ())
+        # HTTP/2 and 3 frame a body apart from its headers: it may come with neither.
+        streamed = chunked or (length is None and scope.get("http_version") not in HTTP_1)
+        if not streamed and (length is None or length <= settings.DATA_UPLOAD_MAX_MEMORY_SIZE):
+            # The common case, passed on untouched: no body at all (RFC 9112, 6.3), or
+            # exactly `length` bytes within the default (the server delivers no more).
             await app(scope, receive, send)
             return
-        await app(scope, *counted(receive, send, limit))
+        limit = default_limit()
+        # Only a body the default may not cover is worth a look at its credentials (a
+        # database read); the management API's prefix keeps the gateway's path cheap.
+        if scope.get("path", "").startswith("/api/v1/"):
+            limit = await limit_for(scope)
+        if streamed:
+            await app(scope, *counted(receive, send, limit))
+        elif length is not None and length > limit.allowed:
+            await refuse(send, limit)
+        else:
+            await app(scope, receive, send)
 
     return guarded
 

@@ -41,23 +41,24 @@ local active = {}
 for i = 1, 8 do active[i] = (i <= 6) or caps[i] > 0 end
 local levels = {}
 local denied, denied_wait = 0, 0
-local best = {}
 for i = 1, 8 do
-  local cap = caps[i]
-  local need = (i % 2 == 1) and 1 or cost
-  local rate = cap / 60000.0
-  local h = redis.call('HMGET', bucket[i], 'l', 'ts')
-  local level = cap
-  if h[1] and active[i] then
-    level = math.min(cap, tonumber(h[1]) + (now - tonumber(h[2])) * rate)
-  end
-  levels[i] = level
-  if active[i] and level < need and denied == 0 then
-    denied = i
-    if need > cap or cap == 0 then
-      denied_wait = -1
-    else
-      denied_wait = math.ceil((need - level) / rate)
+  if active[i] then
+    local cap = caps[i]
+    local need = (i % 2 == 1) and 1 or cost
+    local rate = cap / 60000.0
+    local h = redis.call('HMGET', bucket[i], 'l', 'ts')
+    local level = cap
+    if h[1] then
+      level = math.min(cap, tonumber(h[1]) + (now - tonumber(h[2])) * rate)
+    end
+    levels[i] = level
+    if level < need and denied == 0 then
+      denied = i
+      if need > cap or cap == 0 then
+        denied_wait = -1
+      else
+        denied_wait = math.ceil((need - level) / rate)
+      end
     end
   end
 end
@@ -92,12 +93,13 @@ local out = {1}
 for kind = 1, 2 do
   local pick, pick_remaining, pick_cap, pick_reset = 0, 0, 0, 0
   for i = kind, 8, 2 do
-    local cap = caps[i]
-    local need = (kind == 1) and 1 or cost
-    local left = levels[i] - need
-    if active[i] and (pick == 0 or left < pick_remaining) then
-      pick, pick_remaining, pick_cap = i, left, cap
-      pick_reset = cap > 0 and math.ceil((cap - left) / (cap / 60000.0)) or 0
+    if active[i] then
+      local cap = caps[i]
+      local left = levels[i] - ((kind == 1) and 1 or cost)
+      if pick == 0 or left < pick_remaining then
+        pick, pick_remaining, pick_cap = i, left, cap
+        pick_reset = cap > 0 and math.ceil((cap - left) / (cap / 60000.0)) or 0
+      end
     end
   end
   table.insert(out, pick_cap)

@@ -43,26 +43,43 @@ class Server:
     uploads: Path  # MANTLE_UPLOAD_DIR: where uploads are staged
 
 
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, django_db_setup: None, django_db_blocker: Any
+def start_server(
+    tmp_path_factory: pytest.TempPathFactory, django_db_blocker: Any, name: str, **extra: str
 ) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("body-limits")
+    root = tmp_path_factory.mktemp(name)
     spool, uploads = root / "spool", root / "uploads"
     spool.mkdir()
     with django_db_blocker.unblock():
         stack = Stack.for_tests()
     try:
         process, url = stack.gateway(
-            "gateway-body-limits",
+            name,
             TMPDIR=str(spool),
             MANTLE_UPLOAD_DIR=str(uploads),
             MANTLE_MAX_BODY_BYTES=str(SMALL_LIMIT),
             MANTLE_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
+            **extra,
         )
         yield Server(url=url, process=process, spool=spool, uploads=uploads)
     finally:
         stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, django_db_setup: None, django_db_blocker: Any
+) -> Iterator[Server]:
+    yield from start_server(tmp_path_factory, django_db_blocker, "gateway-body-limits")
+
+
+@pytest.fixture(scope="module")
+def h11_server(
+    tmp_path_factory: pytest.TempPathFactory, django_db_setup: None, django_db_blocker: Any
+) -> Iterator[Server]:
+    """uvicorn's pure-Python HTTP parser (`--http h11`, its fallback without httptools)."""
+    yield from start_server(
+        tmp_path_factory, django_db_blocker, "gateway-body-limits-h11", UVICORN_HTTP="h11"
+    )
 
 
 @dataclass
@@ -231,6 +248,30 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(
     reply = send_until_answered(server.url, head, chunked_body(ATTACK_BYTES))
 
     assert_too_large(reply, SMALL_LIMIT)
+    assert on_disk(server) == before
+
+
+@pytest.mark.parametrize(("path", "authorization"), ATTACKS[:1] + ATTACKS[3:4])
+@pytest.mark.parametrize(
+    ("which", "status"), [("server", 400), ("h11_server", 413)], ids=["httptools", "h11"]
+)
+def test_a_small_content_length_does_not_hide_a_chunked_body(
+    request: pytest.FixtureRequest, which: str, status: int, path: str, authorization: str | None
+) -> None:
+    # h11 reads a body by Transfer-Encoding whatever Content-Length says (httptools
+    # refuses the pair): trusting the small length would let the whole body be spooled.
+    server: Server = request.getfixturevalue(which)
+    before = on_disk(server)
+    head = request_head(
+        server.url, path, authorization=authorization, length=None, extra="Content-Length: 10"
+    )
+
+    reply = send_until_answered(server.url, head, chunked_body(ATTACK_BYTES))
+
+    assert reply.status == status, reply
+    if status == 413:
+        assert_too_large(reply, SMALL_LIMIT)
+    assert reply.sent < ATTACK_BYTES // 2, reply.sent
     assert on_disk(server) == before
 
 
