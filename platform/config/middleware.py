@@ -167,6 +167,27 @@ class SecurityHeadersMiddleware(_DualMiddleware):
         return response
 
 
+def _bypassed(request: HttpRequest) -> bool:
+    return request.path.startswith(GATEWAY_PREFIXES) or request.path in OPS_PATHS
+
+
+def _console_only_hook(hook: Any, *, is_async: bool) -> Any:
+    """`hook(request, ...)` for console paths only, in the chain's own mode (sync or async),
+    so that Django adapts nothing and a gateway request never leaves the event loop."""
+    if not is_async:
+
+        def sync_hook(request: HttpRequest, *args: Any) -> Any:
+            return None if _bypassed(request) else hook(request, *args)
+
+        return sync_hook
+    console = hook if iscoroutinefunction(hook) else sync_to_async(hook, thread_sensitive=True)
+
+    async def async_hook(request: HttpRequest, *args: Any) -> Any:
+        return None if _bypassed(request) else await console(request, *args)
+
+    return async_hook
+
+
 def for_console(middleware_class: type) -> type:
     """A subclass of a Django middleware that gateway and operations paths bypass entirely.
 
@@ -192,9 +213,17 @@ def for_console(middleware_class: type) -> type:
                 markcoroutinefunction(self)
             else:
                 super().__init__(get_response)
+            if hasattr(middleware_class, "process_view"):
+                # Django calls view hooks itself, outside __call__, for every request: a
+                # sync one (CSRF's) it adapts with a hop to the one shared sync thread.
+                # This one answers gateway and operations paths on the event loop and
+                # only makes the hop for the console.
+                self.process_view = _console_only_hook(
+                    super().process_view, is_async=iscoroutinefunction(get_response)
+                )
 
         def __call__(self, request: HttpRequest) -> Any:
-            if request.path.startswith(GATEWAY_PREFIXES) or request.path in OPS_PATHS:
+            if _bypassed(request):
                 # In an async stack this returns the coroutine, which Django awaits.
                 return self._bypass(request)
             if self._console is not None:

@@ -141,3 +141,15 @@ def test_readyz_with_rabbitmq_as_the_broker(settings: Any, ops_token: str) -> No
     body = operator().get("/readyz").json()
     assert body["down"] == []
     assert body["checks"]["broker"]["ok"] is True
+
+
+def test_no_view_hook_takes_a_gateway_request_off_the_event_loop() -> None:
+    # Django runs view hooks for every request; a sync one (CSRF's) would be adapted with a
+    # hop to the single shared sync thread. The console-only wrappers give the ASGI chain
+    # async hooks that answer gateway paths on the loop.
+    from asgiref.sync import SyncToAsync
+    from django.core.handlers.asgi import ASGIHandler
+
+    hooks = ASGIHandler()._view_middleware
+    assert hooks
+    assert [h for h in hooks if isinstance(h, SyncToAsync)] == []
