@@ -20,7 +20,7 @@ from billing.invoicing import month_spend
 from billing.models import Budget, BudgetAlert
 from billing.money import CENT, MAX_AMOUNT, check_places, parse_decimal
 from billing.periods import month_label, month_start
-from config.errors import InvalidInput, NotFound
+from core.errors import InvalidInput, NotFound
 
 logger = logging.getLogger(__name__)
 

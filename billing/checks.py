@@ -9,7 +9,7 @@ from django.db import transaction
 
 from accounts.models import Organization
 from accounts.principal import Principal
-from config.errors import InvalidInput, PermissionDenied
+from core.errors import InvalidInput, PermissionDenied
 
 
 def check_staff(principal: Principal) -> None:

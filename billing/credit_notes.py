@@ -18,7 +18,7 @@ from accounts.services import audit_record
 from billing import checks
 from billing.models import CreditLedgerEntry, CreditNote, CreditNoteNumberSequence, Invoice
 from billing.money import MAX_AMOUNT, check_places, parse_decimal
-from config.errors import Conflict, InvalidInput
+from core.errors import Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
 

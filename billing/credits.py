@@ -18,7 +18,7 @@ from accounts.services import audit_record
 from billing import checks
 from billing.models import CreditLedgerEntry, Invoice
 from billing.money import MAX_AMOUNT, check_places, parse_decimal
-from config.errors import InvalidInput
+from core.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 

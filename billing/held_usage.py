@@ -21,7 +21,7 @@ from accounts.services import audit_record
 from billing import checks
 from billing.models import HeldUsage, Invoice
 from billing.pricing import check_unit_price
-from config.errors import Conflict
+from core.errors import Conflict
 
 Status = HeldUsage.Status
 

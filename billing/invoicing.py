@@ -38,7 +38,7 @@ from billing.pricing import (
     commit_discount,
     model_kinds,
 )
-from config.errors import Conflict, InvalidInput
+from core.errors import Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
 

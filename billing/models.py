@@ -9,7 +9,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import Organization, Project, User
-from config import ids
+from core import ids
 
 # =========================================================================================
 # Prices, credits, budgets, invoices (pricing / invoicing). Units: docs/billing-plan.md.

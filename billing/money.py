@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 
-from config.errors import InvalidInput
+from core.errors import InvalidInput
 
 CENT = Decimal("0.01")
 UNIT_PRICE_PLACES = Decimal("0.000000001")

@@ -23,7 +23,7 @@ from billing import checks
 from billing.models import Price, PriceOverride, TokenKind
 from billing.money import MAX_AMOUNT, MAX_UNIT_PRICE, UNIT_PRICE_PLACES, check_places, parse_decimal
 from billing.periods import hour_start, is_whole_hour
-from config.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from billing.invoicing import month_spend
 from billing.models import Invoice
 from billing.periods import month_label, month_start
 from billing.wallet import billing_mode
-from config.errors import NotFound
+from core.errors import NotFound
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from billing.models import Price
 from billing.periods import hour_start
 from billing.pricing import billed_units, price_set
 from catalog.models import Model
-from config.errors import InvalidInput
+from core.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from billing.stripe_types import (
     StripeDisabled,
     hour_floor,
 )
-from config.errors import Conflict, InvalidInput
+from core.errors import Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
 

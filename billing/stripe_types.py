@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from config.errors import DomainError
+from core.errors import DomainError
 
 # Stripe's zero- and three-decimal currencies (docs.stripe.com/currencies); every
 # other currency has two decimals.

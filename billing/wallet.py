@@ -39,8 +39,8 @@ from billing.models import BillingAccount, Budget, CreditLedgerEntry, TokenKind,
 from billing.money import nanos_ceil, nanos_floor, nanos_per_token
 from billing.periods import month_label, month_start
 from billing.pricing import PriceBook, billed_units, model_kinds
-from config.errors import InvalidInput
-from config.redis import get_redis
+from core.errors import InvalidInput
+from core.redis import get_redis
 from workers.contract import UsageEvent as ContractUsageEvent
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
     # beside a live worker, which must not look gone for a beat.
     marked = request.node.get_closest_marker
     if marked("e2e") is None and marked("keeps_redis") is None:
-        from config.redis import get_redis
+        from core.redis import get_redis
 
         wipe_sparing_heartbeats(get_redis())
     yield

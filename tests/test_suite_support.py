@@ -6,7 +6,7 @@ tests run last), so they use a pool of their own and check only what they wrote.
 
 from __future__ import annotations
 
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.conftest import wipe_sparing_heartbeats
 from tests.stack import is_stack_node, stack_node
 from workers.contract import POOL_LIVE_PREFIX, WORKER_INFO_PREFIX, pool_live_key, worker_info_key

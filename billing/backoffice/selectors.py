@@ -46,9 +46,9 @@ from billing.pricing import (
 )
 from billing.selectors import Balance, balance_summary, invoices
 from catalog.models import Endpoint
-from config.csv_export import csv_writer
-from config.errors import InvalidInput
-from config.redis import get_redis
+from core.csv_export import csv_writer
+from core.errors import InvalidInput
+from core.redis import get_redis
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from accounts.principal import Principal
 from billing.invoicing import invoice_finalize, invoice_mark_paid, invoice_void
 from billing.models import Invoice
-from config.errors import Conflict
+from core.errors import Conflict
 
 logger = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from billing.credit_notes import credit_note_issue, creditable_amount, credited_
 from billing.credits import credit_grant as credits_grant
 from billing.models import Invoice, PriceOverride
 from catalog.models import Model
-from config.errors import DomainError
-from config.redis import get_redis
+from core.errors import DomainError
+from core.redis import get_redis
 
 logger = logging.getLogger(__name__)
 

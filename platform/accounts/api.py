@@ -26,7 +26,7 @@ from accounts.schemas import (
     ProjectIn,
     ProjectOut,
 )
-from config.errors import PermissionDenied
+from core.errors import PermissionDenied
 
 router = Router(tags=["accounts"])
 

@@ -12,8 +12,8 @@ from accounts import keys, selectors
 from accounts.models import ApiKey
 from accounts.permissions import Scope
 from accounts.principal import Principal
-from config.errors import TooManyFailedKeys
-from config.redis import get_redis
+from core.errors import TooManyFailedKeys
+from core.redis import get_redis
 
 
 def client_ip(request: HttpRequest) -> str | None:

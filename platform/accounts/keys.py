@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from config import integrity
-from config.ids import random_token
-from config.redis import delete_if_unchanged, get_async_redis, get_redis
+from core import integrity
+from core.ids import random_token
+from core.redis import delete_if_unchanged, get_async_redis, get_redis
 
 if TYPE_CHECKING:
     import redis
@@ -127,7 +127,7 @@ def identity_of(
 
 
 def cache_record(identity: KeyIdentity) -> str:
-    """The identity as stored in Redis: sealed (config/integrity.py) for its own cache key."""
+    """The identity as stored in Redis: sealed (core/integrity.py) for its own cache key."""
     return integrity.seal(
         cache_key(identity.digest), dataclasses.asdict(identity), ttl_s=CACHE_TTL_S
     )

@@ -11,7 +11,7 @@ from django.db.models import Q, TextChoices
 from django.utils import timezone
 
 from accounts.permissions import Role
-from config import ids
+from core import ids
 
 
 class UserManager(BaseUserManager["User"]):

@@ -7,7 +7,7 @@ from django.db.models import QuerySet
 from accounts.models import ApiKey, AuditLog, Invitation, Membership, Organization, Project
 from accounts.permissions import Perm, Role, Scope, admin_key_role, role_allows
 from accounts.principal import Principal
-from config.errors import NotFound, PermissionDenied
+from core.errors import NotFound, PermissionDenied
 
 
 def organizations_for(principal: Principal) -> QuerySet[Organization]:

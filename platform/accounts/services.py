@@ -26,8 +26,8 @@ from accounts.models import (
 )
 from accounts.permissions import Perm, Role, Scope, key_scopes_allowed, role_allows
 from accounts.principal import Principal
-from config.errors import Conflict, InvalidInput, NotFound, PermissionDenied
-from config.redis import get_redis
+from core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from core.redis import get_redis
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from config.errors import DomainError
-from config.redis import get_redis
+from core.errors import DomainError
+from core.redis import get_redis
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from accounts.services import audit_record
 from catalog.models import CompileJob, Model, ModelVersion
 from catalog.services import _model_version_from_manifest
 from config.celery import app as celery_app
-from config.errors import Conflict, DomainError, InvalidInput, NotFound
+from core.errors import Conflict, DomainError, InvalidInput, NotFound
 from workers.compile.validate import (
     CompileError,
     Limits,

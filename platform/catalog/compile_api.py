@@ -23,7 +23,7 @@ from catalog.compile_schemas import CheckpointCompileIn, CompileJobOut, CompileS
 from catalog.models import CompileJob
 
 if TYPE_CHECKING:
-    from config.body_limit import BodyLimit
+    from core.body_limit import BodyLimit
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def compile_job_upload(
 async def upload_body_limit(scope: Any, organization_id: str) -> BodyLimit | None:
     """The upload's own limit, if the request's credentials may upload to the organization.
 
-    Called by config.body_limit before a byte of the body is read: the console session
+    Called by core.body_limit before a byte of the body is read: the console session
     (CSRF-checked) or admin-scoped key is authenticated by the management API's own
     authenticators, and the organization and permission checked, exactly as the view
     will; anyone else (None) gets the small default limit, so an unauthenticated body
@@ -114,7 +114,7 @@ async def upload_body_limit(scope: Any, organization_id: str) -> BodyLimit | Non
 
 def _upload_body_limit(scope: Any, organization_id: str) -> BodyLimit | None:
     from accounts.auth import management_auth
-    from config.body_limit import BodyLimit
+    from core.body_limit import BodyLimit
 
     try:
         request = ASGIRequest(scope, io.BytesIO())

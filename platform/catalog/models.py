@@ -8,7 +8,7 @@ from django.db import models
 from django.db.models import Q
 
 from accounts.models import Organization
-from config import ids
+from core import ids
 from workers.contract import Runtime, inference_queue
 
 

@@ -14,8 +14,8 @@ from django.db.models import Q, QuerySet
 from accounts.models import Organization
 from catalog.models import AcceleratorPool, Endpoint, EndpointRevision, Model, ModelVersion
 from catalog.specs import EndpointSpec
-from config.errors import InvalidInput, NotFound
-from config.redis import get_redis
+from core.errors import InvalidInput, NotFound
+from core.redis import get_redis
 from workers.contract import HEARTBEAT_TTL_S, pool_live_key, worker_info_key
 
 

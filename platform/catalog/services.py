@@ -15,8 +15,8 @@ from accounts.services import audit_record
 from catalog import specs
 from catalog.models import AcceleratorPool, Endpoint, EndpointRevision, Model, ModelVersion
 from catalog.selectors import endpoint_spec, model_version_for, pool_for
-from config.errors import Conflict, InvalidInput
-from config.redis import get_redis
+from core.errors import Conflict, InvalidInput
+from core.redis import get_redis
 from workers.contract import Runtime
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from config import integrity
+from core import integrity
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class EndpointSpec:
 
 
 def spec_record(where: str, spec: EndpointSpec, *, ttl_s: int) -> str:
-    """The spec as stored at Redis key `where`: sealed (config/integrity.py), since the
+    """The spec as stored at Redis key `where`: sealed (core/integrity.py), since the
     gateway takes who may call an endpoint and what it costs from it."""
     return integrity.seal(where, dataclasses.asdict(spec), ttl_s=ttl_s)
 

@@ -16,7 +16,7 @@ from accounts.auth import management_auth
 from billing.api import router as billing_router
 from catalog.api import router as catalog_router
 from catalog.compile_api import router as compile_router
-from config.errors import DomainError, TooManyFailedKeys
+from core.errors import DomainError, TooManyFailedKeys
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.urls import set_script_prefix
 
-from config.body_limit import bounded_body
+from core.body_limit import BodyLimit, bounded_body, default_limit
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
@@ -218,5 +219,20 @@ async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await django_application(scope, receive, send)
 
 
-# Bodies are bounded before either handler reads (and spools) them: config/body_limit.py.
-application = bounded_body(route)
+UPLOAD_PATH = re.compile(r"^/api/v1/organizations/(?P<organization_id>[^/]+)/compile-jobs/upload$")
+
+
+async def upload_limit_for(scope: Mapping[str, Any]) -> BodyLimit:
+    """The compile upload's own limit for a caller that may upload; anyone else the default."""
+    match = UPLOAD_PATH.match(scope.get("path", ""))
+    if match is None or scope.get("method") != "POST":
+        return default_limit()
+    # Imported here: the catalog's API needs Django's apps ready, which they are only
+    # once the ASGI application has been built.
+    from catalog.compile_api import upload_body_limit
+
+    return await upload_body_limit(scope, match["organization_id"]) or default_limit()
+
+
+# Bodies are bounded before either handler reads (and spools) them: core/body_limit.py.
+application = bounded_body(route, upload_limit_for)

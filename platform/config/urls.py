@@ -6,8 +6,8 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from config import ops
 from config.api import api
+from core import ops
 
 urlpatterns = [
     path("v1/", include("gateway.urls")),

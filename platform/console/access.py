@@ -16,7 +16,7 @@ from accounts.auth import client_ip
 from accounts.models import Organization, User
 from accounts.permissions import Perm, Role, role_allows
 from accounts.principal import Principal
-from config.errors import DomainError, NotFound, PermissionDenied
+from core.errors import DomainError, NotFound, PermissionDenied
 
 SESSION_ORG = "console_org"
 

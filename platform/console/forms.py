@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from accounts.models import Project, User
 from accounts.permissions import Role, Scope
-from config.errors import DomainError
+from core.errors import DomainError
 
 EXPIRY_CHOICES = [
     ("never", "Never"),

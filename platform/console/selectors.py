@@ -18,9 +18,9 @@ from billing.money import exact_amount
 from billing.pricing import ROLLUP_SUMS, PriceBook, billed_quantities, model_kinds
 from catalog.models import Endpoint, Model, ModelVersion
 from catalog.selectors import endpoints_visible_to
-from config.csv_export import csv_writer
-from config.errors import InvalidInput
-from config.redis import get_redis
+from core.csv_export import csv_writer
+from core.errors import InvalidInput
+from core.redis import get_redis
 from workers.contract import HEARTBEAT_TTL_S, pool_live_key
 
 ZERO = Decimal(0)

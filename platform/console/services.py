@@ -23,7 +23,7 @@ from accounts import emails, keys, selectors, services, throttle
 from accounts.models import Organization, PendingSignup, Project, User
 from accounts.permissions import Perm, Scope
 from accounts.principal import Principal
-from config.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from config.redis import get_async_redis
+from core.redis import get_async_redis
 from gateway.errors import OpenAIError, dependency_unavailable
 
 logger = logging.getLogger(__name__)

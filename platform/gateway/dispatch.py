@@ -11,7 +11,7 @@ from typing import Any
 
 from django.conf import settings
 
-from config.redis import get_async_redis
+from core.redis import get_async_redis
 from gateway import publish
 from gateway.errors import OpenAIError, no_capacity
 from workers import contract

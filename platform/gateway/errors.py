@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from django.http import HttpResponse
 
-from config import metrics
+from core import metrics
 
 
 class OpenAIError(Exception):

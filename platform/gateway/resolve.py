@@ -15,7 +15,7 @@ from accounts.services import api_key_identity_load
 from catalog import specs
 from catalog.selectors import endpoint_spec_load
 from catalog.specs import EndpointSpec
-from config.redis import delete_if_unchanged, get_async_redis
+from core.redis import delete_if_unchanged, get_async_redis
 from gateway.backends import database_read
 from gateway.errors import (
     OpenAIError,

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from catalog.models import Model
 from catalog.selectors import endpoint_spec, endpoints_visible_to
 from catalog.specs import EndpointSpec
-from config import metrics
-from config.redis import get_async_redis
+from core import metrics
+from core.redis import get_async_redis
 from gateway import dispatch
 from gateway.backends import (
     DATABASE_DOWN,

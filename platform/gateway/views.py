@@ -23,8 +23,8 @@ from billing import spend
 from billing.wallet import price_fill
 from catalog.selectors import endpoint_spec, endpoints_visible_to
 from catalog.specs import EndpointSpec
-from config import metrics
-from config.redis import get_async_redis
+from core import metrics
+from core.redis import get_async_redis
 from gateway import dispatch, text
 from gateway.backends import (
     DATABASE_DOWN,

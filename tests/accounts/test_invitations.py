@@ -15,7 +15,7 @@ from accounts import services
 from accounts.models import AuditLog, Invitation, Membership, User
 from accounts.permissions import Role
 from accounts.principal import Principal
-from config.errors import PermissionDenied
+from core.errors import PermissionDenied
 from tests.conftest import OrgWorld
 from tests.console.support import logged_in, org_url
 from tests.factories import UserFactory

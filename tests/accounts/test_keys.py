@@ -16,8 +16,8 @@ from accounts import keys, services
 from accounts.models import ApiKey
 from accounts.permissions import Role
 from accounts.principal import SYSTEM
-from config.logs import redact
-from config.redis import get_redis
+from core.logs import redact
+from core.redis import get_redis
 from tests.conftest import OrgWorld
 from tests.factories import default_project, make_api_key
 

@@ -9,8 +9,8 @@ import pytest
 from accounts import keys, services
 from accounts.models import ApiKey, AuditLog, Organization
 from accounts.principal import SYSTEM
-from config.errors import InvalidInput
-from config.redis import get_redis
+from core.errors import InvalidInput
+from core.redis import get_redis
 from tests.conftest import OrgWorld
 from tests.factories import make_api_key
 

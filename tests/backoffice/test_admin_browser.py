@@ -17,7 +17,7 @@ from accounts.models import Organization
 from billing.backoffice import roles
 from billing.backoffice.selectors import DRAIN_LAG_SAMPLES
 from billing.periods import hour_start
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.backoffice.support import (
     authenticator,
     invoice_in,

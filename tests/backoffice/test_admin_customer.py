@@ -19,7 +19,7 @@ from billing.budgets import BudgetSpec, budgets_set
 from billing.models import CreditLedgerEntry, StripeCustomer
 from billing.periods import month_start
 from catalog.models import AcceleratorPool, Endpoint, ModelVersion
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.backoffice.support import Staff, client_for, invoice_in
 from tests.billing.factories import CHAT, CatalogModelFactory, GrantFactory, staff_principal, usage
 from tests.factories import OrganizationFactory, UserFactory, add_member, make_api_key

@@ -13,7 +13,7 @@ from django.utils import timezone
 from billing.backoffice.selectors import dashboard, drain_lag_history, drain_lag_record
 from billing.metering import GROUP, ensure_group
 from billing.periods import hour_start
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.backoffice.support import Staff, client_for
 from tests.billing.factories import CHAT, EMBED, OverrideFactory, price_book, usage
 from tests.factories import OrganizationFactory

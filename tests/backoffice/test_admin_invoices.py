@@ -13,7 +13,7 @@ from django.urls import reverse
 from accounts.models import AuditLog
 from billing.credit_notes import credit_note_issue
 from billing.models import CreditLedgerEntry, CreditNote, Invoice
-from config.errors import Conflict, InvalidInput
+from core.errors import Conflict, InvalidInput
 from tests.backoffice.support import Staff, client_for, invoice_in
 from tests.billing.factories import staff_principal
 

@@ -15,7 +15,7 @@ from billing.invoicing import invoice_refresh_draft
 from billing.models import Invoice, Price, PriceOverride
 from billing.periods import hour_start
 from billing.pricing import price_lookup
-from config.errors import Conflict
+from core.errors import Conflict
 from tests.backoffice.support import Staff, client_for, invoice_in, last_month
 from tests.billing.factories import CHAT, usage
 from tests.factories import OrganizationFactory

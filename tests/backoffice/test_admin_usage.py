@@ -19,10 +19,10 @@ from django.utils.html import escape
 
 from billing.backoffice.selectors import UsageFilter, usage_filter_parse, usage_totals
 from billing.models import Price, UsageRollup
-from config.errors import InvalidInput
+from core.errors import InvalidInput
 from tests.backoffice.support import Staff, client_for, mark_verified
 from tests.billing.factories import CHAT, EMBED, OverrideFactory, RollupFactory, price_book
-from tests.config.test_csv_export import FORMULA_NAMES
+from tests.core.test_csv_export import FORMULA_NAMES
 from tests.factories import OrganizationFactory
 
 pytestmark = pytest.mark.django_db

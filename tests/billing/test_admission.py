@@ -17,7 +17,7 @@ from billing.models import BillingAccount, Budget
 from billing.periods import hour_start
 from billing.wallet import Usage, price_fill, wallet_read, wallet_record_batch, wallet_sync
 from catalog.models import Model
-from config.redis import get_redis
+from core.redis import get_redis
 from gateway.limits import Admission, Limits, RateLimiter
 from tests.billing.factories import (
     CHAT,
@@ -263,7 +263,7 @@ async def _settle_held(organization_id: str, rid: str, admission: Admission, cos
 
 
 def test_a_settled_reservation_is_released_once_and_unheld(prepaid: Organization) -> None:
-    from config.redis import get_redis
+    from core.redis import get_redis
 
     [admitted] = asyncio.run(_admit_held(prepaid.id, _limits(prepaid), ["req_ok"], hold_s=180))
     assert admitted.held

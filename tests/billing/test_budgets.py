@@ -13,7 +13,7 @@ from accounts.principal import Principal
 from billing.budgets import BudgetSpec, budget_alerts, budgets_evaluate, budgets_set
 from billing.models import Budget, BudgetAlert
 from billing.periods import hour_start
-from config.errors import InvalidInput, NotFound
+from core.errors import InvalidInput, NotFound
 from tests.billing.factories import CHAT, at, price_book, usage
 from tests.factories import OrganizationFactory, UserFactory, default_project
 

@@ -21,7 +21,7 @@ from billing.credits import (
 )
 from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.models import CreditLedgerEntry
-from config.errors import InvalidInput, PermissionDenied
+from core.errors import InvalidInput, PermissionDenied
 from tests.billing.factories import CHAT, GrantFactory, at, price_book, staff_principal, usage
 from tests.factories import OrganizationFactory, UserFactory, make_api_key
 

@@ -15,8 +15,8 @@ from billing.held_usage import held_usage_release, held_usage_write_off
 from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.models import HeldUsage, Invoice
 from catalog.models import Model
-from config.errors import Conflict
 from console.selectors import usage_report
+from core.errors import Conflict
 from tests.billing.factories import (
     CHAT,
     EMBED,

@@ -22,7 +22,7 @@ from billing.invoicing import (
 from billing.models import CreditLedgerEntry, Invoice, InvoiceLine, InvoiceNumberSequence
 from billing.money import line_amount
 from billing.pricing import Unpriced
-from config.errors import Conflict, PermissionDenied
+from core.errors import Conflict, PermissionDenied
 from tests.billing.factories import (
     CHAT,
     EMBED,

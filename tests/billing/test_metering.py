@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from billing import metering, partitions
 from billing.models import SpendOutbox, UsageEvent
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.billing.metering_support import (
     UsageEventFactory,
     emit,

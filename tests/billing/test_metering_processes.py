@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import pytest
 
 from billing import metering
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.billing.metering_support import (
     UsageEventFactory,
     emit,

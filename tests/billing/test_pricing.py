@@ -21,7 +21,7 @@ from billing.pricing import (
     price_override_end,
     price_set,
 )
-from config.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from tests.billing.factories import (
     CHAT,
     OverrideFactory,

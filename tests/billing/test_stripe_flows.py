@@ -15,7 +15,7 @@ from billing.models import Invoice, StripeCustomer, UsageRollup
 from billing.stripe_fake import IDEMPOTENCY_TTL_S, FakeStripe
 from billing.stripe_types import StripeDisabled, StripeUnavailable
 from catalog.models import Model
-from config.errors import Conflict, InvalidInput
+from core.errors import Conflict, InvalidInput
 from tests.billing.stripe_support import deliver, last_event, make_invoice, use_fake_stripe
 from tests.conftest import OrgWorld
 from tests.factories import OrganizationFactory

@@ -22,7 +22,7 @@ from billing.stripe_client import webhook_sign
 from billing.stripe_fake import FakeStripe
 from billing.stripe_sync import stripe_customer_ensure, stripe_invoice_push
 from billing.stripe_types import InvoiceLine, InvoicePush, StripeUnavailable, invoice_push
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.billing.stripe_support import (
     WEBHOOK_SECRET,
     WEBHOOK_URL,

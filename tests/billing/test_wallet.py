@@ -16,7 +16,7 @@ from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.models import BillingAccount, Budget
 from billing.periods import hour_start, month_label
 from billing.wallet import Usage, wallet_read, wallet_record_batch, wallet_record_usage, wallet_sync
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.billing.factories import (
     CHAT,
     GrantFactory,

@@ -16,7 +16,7 @@ from accounts.permissions import Role
 from catalog import specs
 from catalog.models import AcceleratorPool, Endpoint, EndpointRevision, ModelVersion
 from catalog.specs import EndpointSpec
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.conftest import OrgWorld
 from tests.factories import make_model_version, make_pool, tensor_artifact
 from workers.contract import HEARTBEAT_TTL_S, pool_live_key, worker_info_key

@@ -14,7 +14,7 @@ from django.utils import timezone
 from accounts import throttle
 from accounts.models import Membership, Organization, PendingSignup, Project, User
 from accounts.permissions import Role
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.console.support import org_url
 from tests.factories import UserFactory
 

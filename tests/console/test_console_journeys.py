@@ -24,7 +24,7 @@ from billing.periods import hour_start
 from catalog import services as catalog_services
 from catalog.models import CompileJob, Endpoint
 from catalog.services import builtin_models_register
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.billing.factories import GrantFactory, PriceFactory
 from tests.billing.stripe_support import make_invoice
 from tests.browser import AppServer, login_as, screenshot

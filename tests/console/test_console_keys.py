@@ -10,7 +10,7 @@ from django.utils import timezone
 from accounts import keys
 from accounts.models import ApiKey, AuditLog
 from accounts.permissions import Role
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.conftest import OrgWorld
 from tests.console.support import org_url
 from tests.factories import default_project, make_api_key

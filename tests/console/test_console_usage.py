@@ -16,9 +16,9 @@ from accounts.permissions import Role
 from accounts.principal import SYSTEM
 from console.selectors import usage_report
 from tests.billing.factories import CHAT, EMBED, at, price_book, usage
-from tests.config.test_csv_export import FORMULA_NAMES
 from tests.conftest import OrgWorld
 from tests.console.support import org_url
+from tests.core.test_csv_export import FORMULA_NAMES
 from tests.factories import default_project, make_api_key
 
 pytestmark = pytest.mark.django_db
@@ -137,7 +137,7 @@ def test_csv_export(usage_world: OrgWorld) -> None:
 @pytest.mark.parametrize("group", ["key", "project", "model"])
 def test_csv_export_defuses_names_a_spreadsheet_would_run(world: OrgWorld, group: str) -> None:
     """Key, project and model names are the customer's; in the CSV each is text that a
-    spreadsheet shows, never a formula it runs (config/csv_export.py)."""
+    spreadsheet shows, never a formula it runs (core/csv_export.py)."""
     prefixes = {}
     for n, name in enumerate(FORMULA_NAMES):
         project = services.project_create(principal=SYSTEM, org=world.org, name=f"p{n}")

@@ -12,7 +12,7 @@ from openai import OpenAI
 from accounts.models import ApiKey, Organization
 from catalog.models import Endpoint
 from catalog.services import builtin_models_register
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.factories import OrganizationFactory, make_api_key, price_builtin_models
 from tests.stack import Process, Stack, builtin_manifests
 

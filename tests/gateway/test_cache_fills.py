@@ -20,7 +20,7 @@ from catalog import specs
 from catalog.models import Endpoint
 from catalog.selectors import endpoint_spec_load
 from catalog.services import endpoint_create, endpoint_delete
-from config.redis import get_redis
+from core.redis import get_redis
 from gateway.resolve import _endpoint, endpoint_cache_fill
 from tests.conftest import OrgWorld
 from tests.factories import UNSERVED_ENCODER, make_api_key, make_model_version, make_pool

@@ -20,7 +20,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from config.redis import get_redis
+from core.redis import get_redis
 from gateway import dispatch
 from gateway.errors import OpenAIError
 from tests.gateway.test_openai_e2e import wait_usage

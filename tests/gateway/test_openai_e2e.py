@@ -18,7 +18,7 @@ from accounts import services as account_services
 from accounts.principal import SYSTEM
 from catalog.models import Endpoint
 from catalog.services import endpoint_publish, pool_ensure
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.factories import OrganizationFactory, make_api_key
 from tests.gateway.conftest import CHAT, ECHO, EMBED, Served
 from workers.contract import USAGE_STREAM, worker_info_key

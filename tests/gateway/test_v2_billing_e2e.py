@@ -21,7 +21,7 @@ from billing.invoicing import invoice_refresh_draft
 from billing.metering import usage_drain
 from billing.models import BillingAccount, Budget, CreditLedgerEntry, Price
 from billing.wallet import wallet_read, wallet_record_events, wallet_sync
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.factories import (
     PRICED_SINCE,
     OrganizationFactory,

@@ -15,7 +15,7 @@ import pytest
 
 from accounts.models import ApiKey, AuditLog, Organization
 from catalog.models import Endpoint, ModelVersion
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.factories import (
     OrganizationFactory,
     make_api_key,

@@ -14,7 +14,7 @@ from django.test.utils import override_settings
 from accounts.permissions import Role
 from billing.models import Price
 from catalog.models import Endpoint
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.catalog import test_compile_e2e as compile_e2e
 from tests.conftest import build_world
 from tests.factories import make_api_key, make_pool

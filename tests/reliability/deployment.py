@@ -369,7 +369,7 @@ def env_names_read() -> set[str]:
                 continue
             text = path.read_text(encoding="utf-8")
             names |= {a or b for a, b in _READS.findall(text)}
-            names |= {f"{n}_FILE" for n in _SECRET.findall(text)}  # config.env.secret
+            names |= {f"{n}_FILE" for n in _SECRET.findall(text)}  # core.env.secret
     return names
 
 
@@ -691,9 +691,9 @@ def _role_of(container: Container, env: Mapping[str, str]) -> str:
 
 
 def secret_problems(containers: list[Container], sources: Any) -> list[str]:
-    """Each container holds exactly its role's secrets (config/secret_checks.py); workers
+    """Each container holds exactly its role's secrets (core/secret_checks.py); workers
     hold none of WORKER_FORBIDDEN; each Redis URL names its role's ACL user."""
-    from config.secret_checks import ROLE_SECRETS, SECRETS
+    from core.secret_checks import ROLE_SECRETS, SECRETS
 
     acl_users = set(redis_acl_rules())
     problems = []

@@ -296,7 +296,7 @@ def redis_url_of_tests(url: str) -> Iterator[None]:
     """Points this test process's Redis (settings and the shared client) at `url`."""
     from django.conf import settings
 
-    from config import redis as config_redis
+    from core import redis as config_redis
 
     saved = settings.REDIS_URL
     settings.REDIS_URL = url

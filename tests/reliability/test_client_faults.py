@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from catalog.models import Endpoint
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.reliability.conftest import Tenant, builtin_versions, endpoint_on, tenant_on
 from tests.reliability.support import usage_by_request, wait_until
 from tests.stack import Process, Stack, builtin_manifests

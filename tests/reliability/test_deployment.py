@@ -647,7 +647,7 @@ def test_k8s_and_compose_run_the_same_roles_with_the_same_settings() -> None:
 def test_each_role_holds_only_its_own_secrets() -> None:
     """Workers (tenant-uploaded graphs) hold no database URL, Django secret, pepper,
     identity key or Stripe key; every other role exactly the secrets its settings require
-    (config/secret_checks.py); each reaches Redis as its own ACL user."""
+    (core/secret_checks.py); each reaches Redis as its own ACL user."""
     docs = k8s_documents()
     assert secret_problems(k8s_containers(docs), k8s_env_sources(docs)) == []
     assert secret_problems(_compose_containers(), {}) == []

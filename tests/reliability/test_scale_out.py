@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from config.redis import get_redis
+from core.redis import get_redis
 from tests.reliability.conftest import Tenant, tenant_on
 from tests.reliability.support import Load, Outcome, call, check_usage_exactly_once, wait_until
 from tests.stack import Process, Stack, builtin_manifests

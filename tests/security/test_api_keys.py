@@ -12,7 +12,7 @@ from django.test import Client
 
 from accounts import keys
 from accounts.models import ApiKey
-from config.redis import get_redis
+from core.redis import get_redis
 from gateway.resolve import failures_key
 from tests.factories import OrganizationFactory, make_api_key
 

@@ -13,7 +13,7 @@ from django.test import Client
 from accounts.models import Organization
 from accounts.permissions import Role
 from catalog import specs
-from config.redis import get_redis
+from core.redis import get_redis
 from gateway.resolve import failures_key
 from tests.conftest import OrgWorld
 from tests.factories import OrganizationFactory, make_api_key

@@ -27,7 +27,7 @@ from accounts.permissions import (
     role_allows,
 )
 from accounts.principal import SYSTEM, Principal
-from config.errors import PermissionDenied
+from core.errors import PermissionDenied
 from tests.conftest import OrgWorld
 from tests.console.support import org_url
 from tests.factories import add_member, default_project, make_api_key

@@ -1,7 +1,7 @@
 """What the gateway takes from Redis cannot be forged by whoever can merely write Redis.
 
 Cached key identities and endpoint specs are sealed with an HMAC under MANTLE_IDENTITY_KEY
-(config/integrity.py), which workers and the drain do not hold: a record planted by such a
+(core/integrity.py), which workers and the drain do not hold: a record planted by such a
 process (or altered, moved to another key, or expired) is a cache miss, and the gateway
 answers from the database.
 """
@@ -23,8 +23,8 @@ from catalog import specs
 from catalog.models import Endpoint
 from catalog.selectors import endpoint_spec_load
 from catalog.services import endpoint_create
-from config import integrity
-from config.redis import get_redis
+from core import integrity
+from core.redis import get_redis
 from tests.factories import (
     UNSERVED_ENCODER,
     OrganizationFactory,

@@ -20,7 +20,7 @@ from billing.credits import credit_adjust, credit_grant
 from billing.held_usage import held_usage_release, held_usage_write_off
 from billing.models import CreditLedgerEntry, HeldUsage, Invoice
 from billing.periods import parse_month
-from config.errors import DomainError
+from core.errors import DomainError
 
 
 def _when(value: str) -> datetime:

@@ -6,7 +6,7 @@ from django.conf import settings
 from django.db import migrations, models
 
 import accounts.models
-import config.ids
+import core.ids
 
 
 class Migration(migrations.Migration):
@@ -23,7 +23,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.CharField(
-                        default=config.ids.new_org_id,
+                        default=core.ids.new_org_id,
                         editable=False,
                         max_length=40,
                         primary_key=True,
@@ -106,7 +106,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.CharField(
-                        default=config.ids.new_project_id,
+                        default=core.ids.new_project_id,
                         editable=False,
                         max_length=40,
                         primary_key=True,
@@ -132,7 +132,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.CharField(
-                        default=config.ids.new_key_id,
+                        default=core.ids.new_key_id,
                         editable=False,
                         max_length=40,
                         primary_key=True,
@@ -181,7 +181,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.CharField(
-                        default=config.ids.new_membership_id,
+                        default=core.ids.new_membership_id,
                         editable=False,
                         max_length=40,
                         primary_key=True,

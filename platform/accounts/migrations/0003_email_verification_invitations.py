@@ -5,7 +5,7 @@ import django.utils.timezone
 from django.conf import settings
 from django.db import migrations, models
 
-import config.ids
+import core.ids
 
 
 def existing_users_are_verified(apps, schema_editor):
@@ -53,7 +53,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.CharField(
-                        default=config.ids.new_invitation_id,
+                        default=core.ids.new_invitation_id,
                         editable=False,
                         max_length=40,
                         primary_key=True,

@@ -3,7 +3,7 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
-import config.ids
+import core.ids
 
 
 class Migration(migrations.Migration):
@@ -74,7 +74,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.CharField(
-                        default=config.ids.new_model_version_id,
+                        default=core.ids.new_model_version_id,
                         editable=False,
                         max_length=40,
                         primary_key=True,
@@ -129,7 +129,7 @@ class Migration(migrations.Migration):
                 (
                     "id",
                     models.CharField(
-                        default=config.ids.new_endpoint_id,
+                        default=core.ids.new_endpoint_id,
                         editable=False,
                         max_length=40,
                         primary_key=True,

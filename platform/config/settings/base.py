@@ -7,16 +7,16 @@ from pathlib import Path
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
-from config import secret_checks
-from config.env import env, secret
-from config.logs import install_redacting_record_factory
+from core import secret_checks
+from core.env import env, secret
+from core.logs import install_redacting_record_factory
 
 ROOT_DIR = Path(__file__).resolve().parents[3]
 VAR_DIR = Path(env.str("MANTLE_VAR_DIR", default=str(ROOT_DIR / "var")))
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 # production | development (bin/run) | test. Production refuses to start on a missing,
-# placeholder or shared secret (config/secret_checks.py); development and test may fall
+# placeholder or shared secret (core/secret_checks.py); development and test may fall
 # back to a fixed one.
 MANTLE_ENVIRONMENT = env.str("MANTLE_ENVIRONMENT", default="production")
 # What this process is (gateway, control, drain, beat, migrate; `all` for one process doing
@@ -30,7 +30,7 @@ SECRET_KEY = secret("DJANGO_SECRET_KEY") or (
 # The pepper keys the HMAC under which API key secrets are stored. Losing it
 # invalidates every key; leaking it alone reveals none.
 API_KEY_PEPPER = secret("MANTLE_API_KEY_PEPPER") or (SECRET_KEY if _LENIENT else "")
-# Seals the key identities and endpoint specs cached in Redis (config/integrity.py), so
+# Seals the key identities and endpoint specs cached in Redis (core/integrity.py), so
 # that whoever can write Redis without holding it cannot grant access. Rotatable.
 MANTLE_IDENTITY_KEY = secret("MANTLE_IDENTITY_KEY") or (
     f"dev-identity:{SECRET_KEY}" if _LENIENT and SECRET_KEY else ""
@@ -72,21 +72,21 @@ INSTALLED_APPS = [
 ]
 
 # The /v1 gateway is on the hot path: the middleware that only the console and
-# admin need is skipped for it (see config.middleware.for_console), because
+# admin need is skipped for it (see core.middleware.for_console), because
 # Django runs each sync middleware hook of an async request in a thread hop.
 MIDDLEWARE = [
-    "config.middleware.RequestIdMiddleware",
-    "config.middleware.MetricsMiddleware",
-    "config.middleware.SecurityHeadersMiddleware",
-    "config.middleware.ConsoleSecurityMiddleware",
-    "config.middleware.ConsoleWhiteNoiseMiddleware",
-    "config.middleware.ConsoleSessionMiddleware",
-    "config.middleware.ConsoleCommonMiddleware",
-    "config.middleware.ConsoleCsrfViewMiddleware",
-    "config.middleware.ConsoleAuthenticationMiddleware",
-    "config.middleware.ConsoleOTPMiddleware",
-    "config.middleware.ConsoleMessageMiddleware",
-    "config.middleware.ConsoleXFrameOptionsMiddleware",
+    "core.middleware.RequestIdMiddleware",
+    "core.middleware.MetricsMiddleware",
+    "core.middleware.SecurityHeadersMiddleware",
+    "core.middleware.ConsoleSecurityMiddleware",
+    "core.middleware.ConsoleWhiteNoiseMiddleware",
+    "core.middleware.ConsoleSessionMiddleware",
+    "core.middleware.ConsoleCommonMiddleware",
+    "core.middleware.ConsoleCsrfViewMiddleware",
+    "core.middleware.ConsoleAuthenticationMiddleware",
+    "core.middleware.ConsoleOTPMiddleware",
+    "core.middleware.ConsoleMessageMiddleware",
+    "core.middleware.ConsoleXFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -214,7 +214,7 @@ CSRF_COOKIE_SAMESITE = "Lax"
 # Security headers and cookies (docs/reliability.md, "Security"). Behind a TLS-terminating
 # proxy (MANTLE_BEHIND_TLS_PROXY=1) its X-Forwarded-Proto says a request came over HTTPS;
 # without such a proxy in front, trusting that header would let any client claim HTTPS.
-# On HTTPS requests every cookie is marked Secure (config.middleware.SecurityHeadersMiddleware)
+# On HTTPS requests every cookie is marked Secure (core.middleware.SecurityHeadersMiddleware)
 # and HSTS is sent; over plain HTTP neither applies, so the defaults are safe for both.
 MANTLE_BEHIND_TLS_PROXY = env.bool("MANTLE_BEHIND_TLS_PROXY", default=False)
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if MANTLE_BEHIND_TLS_PROXY else None
@@ -248,11 +248,11 @@ DEFAULT_FROM_EMAIL = env.str("MANTLE_FROM_EMAIL", default="Mantle <no-reply@mant
 
 # --- Requests --------------------------------------------------------------------------
 # Every request body (except a compile upload whose credentials checked out first) is
-# bounded by this while it streams in, before authentication (config/body_limit.py): past
+# bounded by this while it streams in, before authentication (core/body_limit.py): past
 # it the reply is 413 and nothing more is read. Kept under FILE_UPLOAD_MAX_MEMORY_SIZE
 # (2.5 MiB) by default, so no such body is ever spooled to disk.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("MANTLE_MAX_BODY_BYTES", default=2 * 1024 * 1024)
-# /readyz details and /metrics (config/ops.py): served with `Authorization: Bearer
+# /readyz details and /metrics (core/ops.py): served with `Authorization: Bearer
 # <MANTLE_OPS_TOKEN>` or to a peer address inside MANTLE_OPS_NETWORKS (comma-separated
 # CIDRs); anyone else gets /readyz's status and the names of failing components only,
 # and 404 for /metrics. Both empty by default: nothing is trusted by address alone.
@@ -509,8 +509,8 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {
-        "request_id": {"()": "config.logs.RequestIdFilter"},
-        "redact": {"()": "config.logs.RedactSecretsFilter"},
+        "request_id": {"()": "core.logs.RequestIdFilter"},
+        "redact": {"()": "core.logs.RedactSecretsFilter"},
     },
     "formatters": {
         "plain": {

@@ -20,7 +20,6 @@ from accounts import services as account_services
 from accounts.auth import client_ip
 from accounts.backends import present_login_refusal
 from accounts.models import Membership, User
-from config.errors import DomainError, NotFound
 from console import services
 from console.forms import (
     AccountForm,
@@ -29,6 +28,7 @@ from console.forms import (
     SignupForm,
     add_domain_error,
 )
+from core.errors import DomainError, NotFound
 
 BACKEND = "accounts.backends.ThrottledModelBackend"
 

@@ -17,9 +17,9 @@ from billing import selectors as billing_selectors
 from billing import stripe_sync
 from billing.credits import credit_entries, grants_with_remainder
 from billing.periods import month_start
-from config.errors import DomainError
 from console.access import OrgContext, org_page, page
 from console.forms import BudgetForm, add_domain_error
+from core.errors import DomainError
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from catalog import compile as catalog_compile
 from catalog import selectors as catalog_selectors
 from catalog import services as catalog_services
 from catalog.models import Endpoint
-from config.errors import DomainError
 from console import selectors as console_selectors
 from console.access import OrgContext, is_htmx, org_page, page
 from console.forms import EndpointForm, EndpointLimitsForm, add_domain_error
+from core.errors import DomainError
 
 
 def _endpoints_url(ctx: OrgContext) -> str:

@@ -9,9 +9,9 @@ from django.urls import reverse
 
 from accounts import selectors, services
 from accounts.permissions import Perm, key_scopes_allowed
-from config.errors import DomainError
 from console.access import OrgContext, is_htmx, org_page, page
 from console.forms import ApiKeyForm, add_domain_error
+from core.errors import DomainError
 
 
 def _list_url(ctx: OrgContext) -> str:

@@ -12,10 +12,10 @@ from django.views.decorators.http import require_POST
 from accounts import selectors, services
 from accounts.permissions import Perm, Role
 from catalog.models import Model
-from config.errors import DomainError
 from console import selectors as console_selectors
 from console.access import SESSION_ORG, OrgContext, console_principal, is_htmx, org_page, page
 from console.forms import InviteForm, OrganizationForm, ProjectForm, RoleForm, add_domain_error
+from core.errors import DomainError
 
 
 def _org_url(name: str, org_id: str, **kwargs: str) -> str:

@@ -6,10 +6,10 @@ from django.http import HttpRequest, HttpResponse
 
 from accounts import selectors
 from accounts.permissions import Perm
-from config.errors import InvalidInput
 from console import selectors as console_selectors
 from console.access import OrgContext, is_htmx, org_page, page
 from console.forms import UsageForm
+from core.errors import InvalidInput
 
 
 def _report(ctx: OrgContext, form: UsageForm) -> console_selectors.UsageReport:

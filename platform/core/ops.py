@@ -22,7 +22,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from config.redis import get_redis
+from core.redis import get_redis
 
 logger = logging.getLogger(__name__)
 

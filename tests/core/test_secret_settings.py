@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from config import secret_checks
+from core import secret_checks
 from tests.stack import ROOT
 
 SECRET = "s3cr3t-" + "a" * 40

@@ -56,7 +56,7 @@ def test_readyz_names_the_broker_when_down(ops_token: str) -> None:
 def test_readyz_names_redis_when_down(monkeypatch: pytest.MonkeyPatch) -> None:
     import redis
 
-    from config import ops
+    from core import ops
 
     monkeypatch.setattr(ops, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=1))
     response = Client().get("/readyz")

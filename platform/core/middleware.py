@@ -21,8 +21,8 @@ from django.middleware.security import SecurityMiddleware
 from django_otp.middleware import OTPMiddleware
 from whitenoise.middleware import WhiteNoiseMiddleware
 
-from config import metrics
-from config.logs import request_id_var
+from core import metrics
+from core.logs import request_id_var
 
 GetResponse = Callable[[HttpRequest], Any]
 

@@ -13,7 +13,7 @@ is covered without anyone deciding whether a customer controls it. Two kinds of 
 are left alone, because a spreadsheet reads them as a number and nothing else: values
 the platform writes as numbers (int, Decimal, float: a negative amount stays a number
 that sums), and text that is a plain decimal number, such as `-1.5` (a project named
-that runs nothing). tests/config/test_csv_export.py guards that every CSV writer in
+that runs nothing). tests/core/test_csv_export.py guards that every CSV writer in
 the code base is this one.
 """
 

@@ -9,14 +9,13 @@ passes the limit; the bytes past it are never handed on, and the connection is c
 (`connection: close`), so the server reads no more of it either. A request without a
 body, or with a Content-Length within the limit, passes through untouched. The limit is
 MANTLE_MAX_BODY_BYTES for every path, except a compile upload whose credentials and
-organization check out before its body is read (see
-`catalog.compile_api.upload_body_limit`): only then is it the upload's own limit.
+organization check out before its body is read (the wiring's `limit_for`, see
+`config.asgi.upload_limit_for`): only then is it the upload's own limit.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -33,7 +32,6 @@ LimitFor = Callable[[Scope], Awaitable["BodyLimit"]]
 
 # Where a request without Content-Length or Transfer-Encoding has no body (RFC 9112, 6.3).
 HTTP_1 = ("1.0", "1.1")
-UPLOAD_PATH = re.compile(r"^/api/v1/organizations/(?P<organization_id>[^/]+)/compile-jobs/upload$")
 
 
 class BodyLimit:
@@ -96,19 +94,7 @@ def framing(headers: Any) -> tuple[int | None, bool]:
     return length, chunked
 
 
-async def upload_limit_for(scope: Scope) -> BodyLimit:
-    """The compile upload's own limit for a caller that may upload; anyone else the default."""
-    match = UPLOAD_PATH.match(scope.get("path", ""))
-    if match is None or scope.get("method") != "POST":
-        return default_limit()
-    # Imported here: the catalog's API needs Django's apps ready, which they are only
-    # once the ASGI application has been built.
-    from catalog.compile_api import upload_body_limit
-
-    return await upload_body_limit(scope, match["organization_id"]) or default_limit()
-
-
-def bounded_body(app: ASGIApp, limit_for: LimitFor = upload_limit_for) -> ASGIApp:
+def bounded_body(app: ASGIApp, limit_for: LimitFor) -> ASGIApp:
     """`app`, with every HTTP request body bounded by `limit_for` as it streams in."""
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
