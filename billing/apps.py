@@ -29,3 +29,8 @@ class BillingConfig(AppConfig):
         from billing.wallet import wallet_record_events
 
         metering.on_counted(wallet_record_events)
+        # A model a tenant compiles gets the operator's default price, if one is set.
+        from billing.starter_prices import compiled_model_priced
+        from catalog.compile import on_model_compiled
+
+        on_model_compiled(compiled_model_priced)

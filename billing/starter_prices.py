@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.principal import Principal
+from accounts.principal import SYSTEM, Principal
 from billing.models import Price
 from billing.periods import hour_start
 from billing.pricing import billed_units, price_set
@@ -56,6 +56,11 @@ def starter_prices_ensure(*, principal: Principal) -> list[Price]:
             "starter prices for %s: %s in, %s out per million tokens", name, price_in, price_out
         )
     return created
+
+
+def compiled_model_priced(model: Model) -> None:
+    """The catalog's hook for a newly compiled model (catalog.compile.on_model_compiled)."""
+    compiled_model_prices_ensure(principal=SYSTEM, model=model)
 
 
 def compiled_model_prices_ensure(*, principal: Principal, model: Model) -> list[Price]:

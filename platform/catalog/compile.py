@@ -6,7 +6,7 @@ import logging
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -21,8 +21,8 @@ from accounts.models import Organization
 from accounts.principal import Principal
 from accounts.services import audit_record
 from catalog.models import CompileJob, Model, ModelVersion
-from catalog.services import _model_version_from_manifest
-from config.celery import app as celery_app
+from catalog.services import model_version_from_manifest
+from core.celery_app import app as celery_app
 from core.errors import Conflict, DomainError, InvalidInput, NotFound
 from workers.compile.validate import (
     CompileError,
@@ -585,16 +585,27 @@ def _register(job: CompileJob, manifest: Mapping[str, Any]) -> ModelVersion:
     elif model.organization_id != job.organization_id or model.kind != job.kind:
         # Taken between the job's creation and its end.
         raise InvalidInput(f"the model name {job.model_name!r} was taken meanwhile")
-    version = _model_version_from_manifest(
+    version = model_version_from_manifest(
         model=model, manifest=manifest, runtime=manifest["runtime"]
     )
-    # The operator's default price for compiled models, if set; otherwise the model is
-    # refused at admission until priced. Imported here: billing imports the catalog.
-    from accounts.principal import SYSTEM
-    from billing.starter_prices import compiled_model_prices_ensure
-
-    compiled_model_prices_ensure(principal=SYSTEM, model=model)
+    for hook in _compiled_hooks:
+        hook(model)
     return version
+
+
+ModelCompiled = Callable[[Model], object]
+_compiled_hooks: list[ModelCompiled] = []
+
+
+def on_model_compiled(hook: ModelCompiled) -> None:
+    """Calls `hook(model)` in the transaction that publishes a compiled model's new version.
+
+    Billing registers the operator's default price for compiled models here (without one
+    the model is refused at admission until priced): billing imports the catalog, never
+    the other way round. Registering the same hook twice keeps one.
+    """
+    if hook not in _compiled_hooks:
+        _compiled_hooks.append(hook)
 
 
 def compile_jobs_fail_stale(*, older_than_s: int | None = None) -> int:

@@ -62,7 +62,7 @@ def endpoints_publish_all() -> int:
     return count
 
 
-def _model_version_from_manifest(
+def model_version_from_manifest(
     *, model: Model, manifest: Mapping[str, Any], runtime: str
 ) -> ModelVersion:
     version = ModelVersion.objects.filter(model=model, sha256=manifest["sha256"]).first()
@@ -122,7 +122,7 @@ def builtin_models_register(manifests: Sequence[Mapping[str, Any]]) -> list[Endp
                 else f"Built-in {manifest['kind']} model",
             },
         )
-        version = _model_version_from_manifest(model=model, manifest=manifest, runtime=runtime)
+        version = model_version_from_manifest(model=model, manifest=manifest, runtime=runtime)
         endpoint = Endpoint.objects.filter(name=name, organization=None).first()
         if endpoint is None:
             endpoint = Endpoint.objects.create(
