@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -342,7 +343,7 @@ class WorkerRuntime:
                 (result.admitted_at if ran else result.finished_at)
                 - (request.enqueued_at or started_at)
             ),
-            compute_ms=_ms(
+            compute_ms=_compute_ms(
                 result.compute_s
                 if result.compute_s is not None
                 else result.finished_at - result.admitted_at
@@ -483,3 +484,9 @@ def _text(value: object) -> str:
 
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
+
+
+def _compute_ms(seconds: float) -> int:
+    """Compute time as billed: whole milliseconds, rounded up, so a run that took any
+    time at all is never billed as none (a small tensor model runs in well under 1 ms)."""
+    return max(1, math.ceil(seconds * 1000))

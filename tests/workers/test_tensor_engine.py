@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,7 +282,8 @@ def test_serving_meters_requests_by_compute_time_and_no_tokens(
         assert (usage.request_id, usage.model_name, usage.status) == ("served", "ranker", "stop")
         assert (usage.input_tokens, usage.output_tokens) == (0, 0)
         assert outcome.result is not None and outcome.result.compute_s is not None
-        assert usage.compute_ms == round(outcome.result.compute_s * 1000)
+        # Billed in whole milliseconds rounded up: a sub-millisecond run is 1 ms, never 0.
+        assert usage.compute_ms == max(1, math.ceil(outcome.result.compute_s * 1000)) >= 1
         # A second delivery of the same request runs nothing and bills nothing.
         assert runtime.serve_infer(request).status == "duplicate"
         assert redis_client.xlen(USAGE_STREAM) == 1
