@@ -19,7 +19,9 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from httpload import run_load  # noqa: E402
-from platform_stack import BenchStack, manifests  # noqa: E402
+from platform_stack import BenchStack  # noqa: E402
+
+from tests.support.stack import artifact_dir, builtin_manifests  # noqa: E402
 
 TOPICS = [
     "dragons",
@@ -144,7 +146,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    chat = next(m for m in manifests() if m["runtime"] == "onnx-causal-lm")
+    chat = next(m for m in builtin_manifests(artifact_dir()) if m["runtime"] == "onnx-causal-lm")
     raw = {c: raw_baseline(chat, c, args.tokens) for c in levels}
     stack = BenchStack()
     stack.bootstrap()

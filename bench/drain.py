@@ -114,7 +114,7 @@ def run_drain(client: Any, batch: int) -> tuple[float, dict[str, float]]:
     Redis: their sum over the machine's cores bounds the throughput on a quiet machine."""
     from django.db import connection
 
-    from billing.metering import Drain, tune_gc_for_draining
+    from billing.metering.drain import Drain, tune_gc_for_draining
 
     tune_gc_for_draining()  # as `manage.py drain_usage` does
     with connection.cursor() as cursor:
@@ -228,7 +228,7 @@ def run_baseline(client: Any, count: int) -> float:
 
 
 def check_exact(events: list[Any]) -> bool:
-    from billing.metering import rollup_totals
+    from billing.metering.store import rollup_totals
     from billing.models import UsageEvent
 
     expected = {

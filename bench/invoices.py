@@ -215,7 +215,7 @@ def main() -> None:
         from accounts.models import Organization
         from accounts.principal import SYSTEM
         from billing.invoicing import invoice_finalize, invoice_refresh_draft
-        from billing.metering import Drain, tune_gc_for_draining
+        from billing.metering.drain import Drain, tune_gc_for_draining
         from billing.models import Invoice, UsageRollup
 
         client = redis.Redis.from_url(args.redis, decode_responses=True)

@@ -16,21 +16,18 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+
+from tests.support.stack import PYTHONPATH, Stack, artifact_dir, builtin_manifests  # noqa: E402
 
 
 @dataclass
@@ -251,19 +248,13 @@ async def drive_and_sample(
 # --- the standalone benchmark: its own database, Redis databases and processes -----------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Platform:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.var = Path(tempfile.mkdtemp(prefix="mantle-load-"))
         self.env = {
             **os.environ,
-            "PYTHONPATH": f"{ROOT}:{ROOT / 'platform'}",
+            "PYTHONPATH": PYTHONPATH,
             "DJANGO_SETTINGS_MODULE": "config.settings.base",
             "DJANGO_SECRET_KEY": "load-bench-only-secret",
             "MANTLE_API_KEY_PEPPER": "load-bench-only-pepper",
@@ -274,19 +265,11 @@ class Platform:
             "CELERY_BROKER_URL": args.broker,
             "MANTLE_LOG_LEVEL": "WARNING",
         }
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.stack = Stack(env=self.env, log_dir=self.var, log_level="WARNING")
         self.urls: list[str] = []
 
     def manage(self, *argv: str) -> str:
-        done = subprocess.run(
-            [PY, str(ROOT / "manage.py"), *argv],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return done.stdout
+        return self.stack.manage(*argv)
 
     def bootstrap(self) -> tuple[str, str]:
         import psycopg
@@ -297,17 +280,8 @@ class Platform:
             conn.execute(f'CREATE DATABASE "{self.args.database}"')
         for url in (self.args.redis, self.args.broker):
             redis.Redis.from_url(url).flushdb()
-        store = os.environ.get("MANTLE_ARTIFACT_DIR", str(Path.home() / ".cache/mantle/artifacts"))
-        check = subprocess.run(
-            [PY, "-m", "workers.compile.builtin", "--store", store, "--check"],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
         manifests = self.var / "manifests.json"
-        manifests.write_text(check.stdout.strip().splitlines()[-1])
+        manifests.write_text(json.dumps(builtin_manifests(artifact_dir())))
         self.manage("migrate", "--noinput", "-v", "0")
         self.manage("prepare_models", "--manifests", str(manifests))
         out = self.manage(
@@ -323,81 +297,23 @@ class Platform:
         org_id, secret = json.loads(out.strip().splitlines()[-1])
         return org_id, secret
 
-    def _spawn(self, name: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
-        handle = (self.var / f"{name}.log").open("wb")
-        self.procs[name] = subprocess.Popen(
-            argv,
-            env={**self.env, **(extra or {})},
-            cwd=ROOT,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
     def start(self, gateways: int, workers: int, threads: int) -> None:
-        for i in range(gateways):
-            port = _free_port()
-            self._spawn(
-                f"gateway-{i}",
-                [
-                    PY,
-                    "-m",
-                    "uvicorn",
-                    "config.asgi:application",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--lifespan",
-                    "off",
-                    "--no-access-log",
-                    "--log-level",
-                    "warning",
-                ],
+        gateway_procs = [self.stack.start_gateway(f"gateway-{i}") for i in range(gateways)]
+        self.urls = [proc.url for proc in gateway_procs]
+        worker_procs = [
+            self.stack.start_worker(
+                "cpu", name=f"worker-{i}", concurrency=threads, node=f"load-{i}"
             )
-            self.urls.append(f"http://127.0.0.1:{port}")
-        for i in range(workers):
-            self._spawn(
-                f"worker-{i}",
-                [
-                    PY,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "workers.celery_app",
-                    "worker",
-                    "-P",
-                    "threads",
-                    "-c",
-                    str(threads),
-                    "-Q",
-                    "inference.cpu",
-                    "-n",
-                    f"load{i}@%h",
-                    "--loglevel",
-                    "WARNING",
-                    "--without-gossip",
-                    "--without-mingle",
-                ],
-                {
-                    "MANTLE_POOL": "cpu",
-                    "MANTLE_CONCURRENCY": str(threads),
-                    "MANTLE_NODE": f"load-{i}",
-                },
-            )
-        import redis
+            for i in range(workers)
+        ]
+        for proc in gateway_procs:
+            self.stack.wait_serving(proc, timeout=90)
+        for proc in worker_procs:
+            self.stack.wait_registered(proc, "cpu", timeout=90)
 
-        client = redis.Redis.from_url(self.args.redis)
-        deadline = time.time() + 90
-        for url in self.urls:
-            while time.time() < deadline:
-                try:
-                    with urllib.request.urlopen(f"{url}/healthz", timeout=1):  # noqa: S310
-                        break
-                except OSError:
-                    time.sleep(0.2)
-        while time.time() < deadline and client.zcard("mantle:pool-live:cpu") < workers:
-            time.sleep(0.2)
+    @property
+    def pids(self) -> dict[str, int]:
+        return {proc.name: proc.popen.pid for proc in self.stack.processes}
 
     def recorded_usage(self, org_id: str) -> dict[str, tuple[int, int]]:
         self.manage("drain_usage", "--once", "--consumer", "load-bench")
@@ -411,14 +327,7 @@ class Platform:
         return {rid: (i, o) for rid, i, o in json.loads(out.strip().splitlines()[-1])}
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        self.stack.stop_all()
 
     def drop(self) -> None:
         import psycopg
@@ -469,7 +378,7 @@ def main() -> int:
     try:
         org_id, secret = platform.bootstrap()
         platform.start(gateways=2, workers=2, threads=args.worker_threads)
-        pids = {name: proc.pid for name, proc in platform.procs.items()}
+        pids = platform.pids
         result, sampler = asyncio.run(
             drive_and_sample(
                 platform.urls,

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from unfold.admin import ModelAdmin
 
-from billing.backoffice import roles
+from billing import staff_roles as roles
 from billing.models import (
     BillingAccount,
     Budget,
@@ -167,6 +168,9 @@ class PriceAdmin(ReadOnlyAdmin):
         self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
         # price_set validates (whole future hours only) and audits; the generic form would not.
+        # Only staff who may set prices are sent there; the rest are refused here.
+        if not self.has_add_permission(request):
+            raise PermissionDenied
         return HttpResponseRedirect(reverse("admin:backoffice-price-new"))
 
     @admin.display(description="state")

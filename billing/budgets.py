@@ -16,6 +16,7 @@ from django.utils import timezone
 from accounts.models import Organization, Project
 from accounts.principal import Principal
 from accounts.services import audit_record
+from billing import jobs
 from billing.invoicing import month_spend
 from billing.models import Budget, BudgetAlert
 from billing.money import CENT, MAX_AMOUNT, check_places, parse_decimal
@@ -99,15 +100,8 @@ def budgets_set(
             organization=org,
             metadata={"before": before, "after": [_describe(b) for b in kept]},
         )
-        org_id = org.id
-
-        def _after_commit() -> None:
-            from billing.tasks import budgets_evaluate_organization, wallet_sync_organization
-
-            budgets_evaluate_organization.delay(org_id)
-            wallet_sync_organization.delay(org_id)
-
-        transaction.on_commit(_after_commit)
+        jobs.queue_budgets_evaluate(org.id)
+        jobs.queue_wallet_sync(org.id)
     return kept
 
 

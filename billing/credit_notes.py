@@ -15,7 +15,7 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import Principal
 from accounts.services import audit_record
-from billing import checks
+from billing import checks, jobs
 from billing.models import CreditLedgerEntry, CreditNote, CreditNoteNumberSequence, Invoice
 from billing.money import MAX_AMOUNT, check_places, parse_decimal
 from core.errors import Conflict, InvalidInput
@@ -138,7 +138,7 @@ def credit_note_issue(
                 "reason": reason,
             },
         )
-        _sync_wallet_on_commit(org.id)
+        jobs.queue_wallet_sync(org.id)
     logger.info("credit note %s on %s: %s %s", number, inv.id, value, inv.currency)
     return note
 
@@ -150,9 +150,3 @@ def _next_number(year: int) -> str:
     seq.last_number += 1
     seq.save(update_fields=["last_number"])
     return f"{settings.MANTLE_CREDIT_NOTE_PREFIX}-{year}-{seq.last_number:06d}"
-
-
-def _sync_wallet_on_commit(organization_id: str) -> None:
-    from billing.tasks import wallet_sync_organization
-
-    transaction.on_commit(lambda: wallet_sync_organization.delay(organization_id))

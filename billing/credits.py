@@ -15,7 +15,7 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import SYSTEM, Principal
 from accounts.services import audit_record
-from billing import checks
+from billing import checks, jobs
 from billing.models import CreditLedgerEntry, Invoice
 from billing.money import MAX_AMOUNT, check_places, parse_decimal
 from core.errors import InvalidInput
@@ -156,7 +156,7 @@ def credit_grant(
                 "reason": reason,
             },
         )
-        _sync_wallet_on_commit(org.id)
+        jobs.queue_wallet_sync(org.id)
     logger.info("credit %s %s granted to %s", kind, value, org.id)
     return entry
 
@@ -196,7 +196,7 @@ def credit_adjust(
             organization=org,
             metadata={"grant_id": grant.id, "amount": str(value), "reason": reason},
         )
-        _sync_wallet_on_commit(org.id)
+        jobs.queue_wallet_sync(org.id)
     return entry
 
 
@@ -236,7 +236,7 @@ def credits_expire(
                     metadata={"grant_id": g.id, "amount": str(-r.remaining)},
                 )
                 written.append(entry)
-            _sync_wallet_on_commit(org_id)
+            jobs.queue_wallet_sync(org_id)
     return written
 
 
@@ -313,9 +313,3 @@ def _check_reference(reference: str) -> str:
     if len(cleaned) > 100:
         raise InvalidInput("reference must be at most 100 characters", param="reference")
     return cleaned
-
-
-def _sync_wallet_on_commit(organization_id: str) -> None:
-    from billing.tasks import wallet_sync_organization
-
-    transaction.on_commit(lambda: wallet_sync_organization.delay(organization_id))

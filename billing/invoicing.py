@@ -18,7 +18,7 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import SYSTEM, Principal
 from accounts.services import audit_record
-from billing import checks
+from billing import checks, jobs
 from billing.credits import credits_apply_to_invoice, credits_return_for_invoice
 from billing.models import (
     HeldUsage,
@@ -106,17 +106,14 @@ def rate_rollups(
     )
     if project_id is not None:
         rows = rows.filter(project_id=project_id)
-    grouped = list(
+    grouped = (
         rows.values("model_name", "hour").annotate(**ROLLUP_SUMS).order_by("hour", "model_name")
     )
-    kinds = model_kinds(row["model_name"] for row in grouped)
     rated: dict[LineKey, Rated] = {}
-    for row in grouped:
+    for row, rating in book.rate_rollups(grouped):
         hour: datetime = row["hour"]
-        for kind, qty in billed_quantities(row, kinds[row["model_name"]]):
-            if not qty:
-                continue
-            price = book.effective(row["model_name"], kind, hour)
+        for charge in rating.charges:
+            kind, qty, price = charge.unit, charge.quantity, charge.price
             if price is None:
                 message = f"no price for {row['model_name']} {kind} at {hour.isoformat()}"
                 if strict:
@@ -478,7 +475,7 @@ def invoice_finalize(
                 **({"reason": reason} if reason is not None else {}),
             },
         )
-        _sync_wallet_on_commit(org.id)
+        jobs.queue_wallet_sync(org.id)
     logger.info("invoice %s finalized for %s: total %s", inv.number, org.id, inv.total)
     return inv
 
@@ -519,7 +516,7 @@ def invoice_mark_paid(
             organization=inv.organization,
             metadata={"number": inv.number, "payment_reference": reference, "reason": reason},
         )
-        _sync_wallet_on_commit(inv.organization_id)
+        jobs.queue_wallet_sync(inv.organization_id)
     return inv
 
 
@@ -553,7 +550,7 @@ def invoice_void(*, principal: Principal, invoice: Invoice, reason: str) -> Invo
                 "credits_returned": str(sum((e.amount for e in returned), ZERO)),
             },
         )
-        _sync_wallet_on_commit(inv.organization_id)
+        jobs.queue_wallet_sync(inv.organization_id)
     return inv
 
 
@@ -689,9 +686,3 @@ def _next_number(year: int) -> str:
     seq.last_number += 1
     seq.save(update_fields=["last_number"])
     return f"{settings.MANTLE_INVOICE_PREFIX}-{year}-{seq.last_number:06d}"
-
-
-def _sync_wallet_on_commit(organization_id: str) -> None:
-    from billing.tasks import wallet_sync_organization
-
-    transaction.on_commit(lambda: wallet_sync_organization.delay(organization_id))

@@ -12,7 +12,7 @@ from accounts.models import Organization, Project, User
 from core import ids
 
 # =========================================================================================
-# Prices, credits, budgets, invoices (pricing / invoicing). Units: docs/billing-plan.md.
+# Prices, credits, budgets, invoices (pricing / invoicing). Units: docs/billing.md.
 # Unit prices are per million tokens, 9 decimals; ledger amounts 6 decimals; invoice
 # amounts are rounded to cents once, at the line (docs/billing.md, "Invoices").
 # =========================================================================================
@@ -405,7 +405,7 @@ class HeldUsage(models.Model):
 
 
 # =========================================================================================
-# Metering (billing/metering.py): raw usage events and hourly rollups. Ids are plain
+# Metering (billing/metering/): raw usage events and hourly rollups. Ids are plain
 # strings, not foreign keys: usage must outlive deleted keys and endpoints, and an insert
 # must not look anything up. On PostgreSQL the raw table is partitioned by month and
 # created by hand in the migration (docs/billing.md, "Metering").
@@ -491,7 +491,7 @@ class SpendOutbox(models.Model):
     """Token increments of one committed drain batch, per organization, not yet in Redis.
 
     Written in the batch's transaction and deleted once applied, so the near-real-time
-    spend in Redis is exactly-once too (billing/metering.py, `spend_apply_pending`).
+    spend in Redis is exactly-once too (billing/metering/outbox.py, `outbox_finish`).
     """
 
     # Names the batch in Redis: its applied-marker makes a replay after a crash a no-op.
@@ -509,7 +509,7 @@ class SpendOutbox(models.Model):
 
 
 # =========================================================================================
-# Stripe (billing/stripe_sync.py, billing/webhooks.py): each organization's Stripe
+# Stripe (billing/payments/: stripe_sync.py, webhooks.py): each organization's Stripe
 # customer, the raw webhook events (stored before processing, processed once by id), and
 # the failed payments that dunning counts. Optional: empty when Stripe is not configured.
 # =========================================================================================
@@ -645,7 +645,7 @@ class CreditNoteNumberSequence(models.Model):
 class BackOffice(models.Model):
     """Not a table: Django attaches permissions to a model, and these belong to no row.
 
-    The staff roles (billing/backoffice/roles.py) are Groups of these plus view rights.
+    The staff roles (billing/staff_roles.py) are Groups of these plus view rights.
     """
 
     class Meta:

@@ -1,11 +1,17 @@
-"""The price book: list prices with effective dates, organization overrides, price lookup."""
+"""The price book: list prices with effective dates, organization overrides, price lookup.
+
+Also the one rating path: `PriceBook.rate_rollups` rates hourly rollups in the units each
+model is billed by, at the organization's price in effect in each hour. Invoices, the
+console's usage page, the back office's explorer, CSV and dashboard all rate through it,
+so a usage page can never rate differently from the invoice.
+"""
 
 from __future__ import annotations
 
 import bisect
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -19,15 +25,24 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import Principal
 from accounts.services import audit_record
-from billing import checks
+from billing import checks, jobs
 from billing.models import Price, PriceOverride, TokenKind
-from billing.money import MAX_AMOUNT, MAX_UNIT_PRICE, UNIT_PRICE_PLACES, check_places, parse_decimal
+from billing.money import (
+    MAX_AMOUNT,
+    MAX_UNIT_PRICE,
+    UNIT_PRICE_PLACES,
+    check_places,
+    exact_amount,
+    parse_decimal,
+)
 from billing.periods import hour_start, is_whole_hour
+from catalog.models import Model
 from core.errors import Conflict, InvalidInput, NotFound
 
 logger = logging.getLogger(__name__)
 
 HUNDRED = Decimal(100)
+ZERO = Decimal(0)
 
 
 # What each kind of model is billed by: text models by tokens, tensor models (the /v2
@@ -68,9 +83,6 @@ def billed_quantities(row: Mapping[str, Any], model_kind: str) -> list[tuple[str
 
 def model_kinds(model_names: Iterable[str]) -> dict[str, str]:
     """model name -> catalog kind; a name the catalog no longer has counts as text."""
-    # Imported here: the catalog's compile step imports billing to price new models.
-    from catalog.models import Model
-
     names = set(model_names)
     found = dict(Model.objects.filter(name__in=names).values_list("name", "kind"))
     return {name: found.get(name, "chat") for name in names}
@@ -89,6 +101,41 @@ class EffectivePrice:
     unit_price: Decimal  # per million tokens, after the organization's rate or discount
     list_price: Decimal
     source: str  # "list", "rate" or "discount"
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """A billed quantity of one unit at the price in effect; `price` is None when nothing
+    prices that unit then (the invoice holds such usage, the other raters leave it out)."""
+
+    unit: str
+    quantity: int
+    price: EffectivePrice | None
+
+    @property
+    def amount(self) -> Decimal | None:
+        """Exact (unrounded) money; None when unpriced."""
+        return None if self.price is None else exact_amount(self.quantity, self.price.unit_price)
+
+
+@dataclass(frozen=True, slots=True)
+class Rating:
+    """The charges of one model in one hour: one per billed unit with a quantity."""
+
+    charges: tuple[Charge, ...]
+
+    @property
+    def amount(self) -> Decimal | None:
+        """The priced charges' exact sum; None when none of them is priced."""
+        amount: Decimal | None = None
+        for charge in self.charges:
+            if charge.price is not None:
+                amount = (amount or ZERO) + exact_amount(charge.quantity, charge.price.unit_price)
+        return amount
+
+    @property
+    def unpriced(self) -> tuple[Charge, ...]:
+        return tuple(c for c in self.charges if c.price is None)
 
 
 @dataclass(frozen=True)
@@ -202,6 +249,35 @@ class PriceBook:
             return EffectivePrice(model_name, token_kind, unit, listed, "discount")
         return EffectivePrice(model_name, token_kind, listed, listed, "list")
 
+    def rate(
+        self, model_name: str, hour: datetime, quantities: Iterable[tuple[str, int]]
+    ) -> Rating:
+        """(unit, quantity) pairs of one model in one hour at the prices in effect then."""
+        return Rating(
+            tuple(
+                Charge(unit, qty, self.effective(model_name, unit, hour))
+                for unit, qty in quantities
+                if qty
+            )
+        )
+
+    def rate_rollups(
+        self, groups: Iterable[Mapping[str, Any]], *, kinds: Mapping[str, str] | None = None
+    ) -> Iterator[tuple[Mapping[str, Any], Rating]]:
+        """Each rollup group with its rating, in the order given.
+
+        A group is a UsageRollup values() row with `model_name`, `hour` and the ROLLUP_SUMS
+        annotations (grouped by them, or finer). It is rated in the units its model is
+        billed by (`billed_quantities`), each at the price in effect in its hour. `kinds`
+        (model -> catalog kind, `model_kinds`) is looked up when not given.
+        """
+        if kinds is None:
+            groups = list(groups)
+            kinds = model_kinds(g["model_name"] for g in groups)
+        for g in groups:
+            model_name = g["model_name"]
+            yield g, self.rate(model_name, g["hour"], billed_quantities(g, kinds[model_name]))
+
     def commit_tiers(self, at: datetime) -> list[CommitTier]:
         """The committed-spend tiers in effect at `at`, by threshold."""
         tiers = [
@@ -303,7 +379,7 @@ def price_set(
                     "reason": reason,
                 },
             )
-            transaction.on_commit(_sync_all_wallets)
+            jobs.queue_wallet_sync_all()
     except IntegrityError as exc:
         raise Conflict(
             f"{model_name} {token_kind} already has a price from {effective_from.isoformat()}",
@@ -389,7 +465,7 @@ def price_override_create(
                 "reason": reason,
             },
         )
-        transaction.on_commit(lambda: _sync_wallet(org.id))
+        jobs.queue_wallet_sync(org.id)
     return row
 
 
@@ -415,26 +491,11 @@ def price_override_end(
             organization=row.organization,
             metadata={"at": at.isoformat(), "reason": reason},
         )
-        org_id = row.organization_id
-        transaction.on_commit(lambda: _sync_wallet(org_id))
+        jobs.queue_wallet_sync(row.organization_id)
     return row
 
 
-def _sync_wallet(organization_id: str) -> None:
-    from billing.tasks import wallet_sync_organization
-
-    wallet_sync_organization.delay(organization_id)
-
-
-def _sync_all_wallets() -> None:
-    from billing.tasks import wallet_sync_all
-
-    wallet_sync_all.delay()
-
-
 def _check_model(model_name: str) -> str:
-    from catalog.models import Model
-
     name = (model_name or "").strip()
     if not name:
         raise InvalidInput("model_name must not be empty", param="model_name")

@@ -1,15 +1,13 @@
 """Real-time spend in Redis: reservations at admission, settlement, and drain-side counting.
 
-Layout (integer nano-units of the currency, "nanos"), per organization:
-- `mantle:wallet:<org>` hash: `mode` (prepaid | postpaid | unlimited; absent hash = unlimited),
-  `cap_nanos` (what may be spent: prepaid balance or hard budget), `spent_nanos` (usage counted
-  by the metering drain since the cap was computed), `reserved_nanos` (worst-case cost of
-  requests in flight), `pending_nanos` (settled requests the drain has not counted yet).
-- `mantle:wallet-pending:<org>` hash: request id -> settled cost, until the drain counts it.
-- `mantle:wallet-counted:<request id>`: the drain counted a request before its gateway settled.
-- `mantle:price:<org>:<model>` hash: `in`, `out` nanos per token, `req` nanos per request,
-  `ms` nanos per compute millisecond (org's effective prices; all four always written), or
-  only `unpriced` (with a TTL) for a model nothing prices: admission refuses it.
+Amounts are integer nano-units of the currency ("nanos"), in the wallet's layout
+(billing/wallet_keys.py names every key and field; docs/billing.md, "Admission", says what
+each holds). Per organization, the wallet hash holds `mode`, `cap_nanos` (what may be
+spent: prepaid balance or hard budget), `spent_nanos` (usage counted by the metering drain
+since the cap was computed), `reserved_nanos` (worst-case cost of requests in flight) and
+`pending_nanos` (settled requests the drain has not counted yet); the price hash holds the
+organization's effective prices of a model, or only `unpriced` (with a TTL) for a model
+nothing prices: admission refuses it.
 
 Admission refuses when worst-case cost > cap - spent - reserved - pending; a project with a
 hard budget has the same four fields of its own (`p:<project>:cap_nanos` ...) and the same
@@ -29,37 +27,23 @@ from typing import Any
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
+from billing.wallet_keys import (
+    PRICE_FIELDS,
+    UNPRICED,
+    counted_key,
+    held_key,
+    lua,
+    pending_key,
+    price_key,
+    wallet_key,
+)
+
 COUNTED_TTL_S = 24 * 3600
-
-
-def wallet_key(organization_id: str) -> str:
-    return f"mantle:wallet:{organization_id}"
-
-
-def pending_key(organization_id: str) -> str:
-    return f"mantle:wallet-pending:{organization_id}"
-
-
-def held_key(organization_id: str) -> str:
-    """Reservations in flight: request id -> `<worst>:<release-by ms>:<project or ''>`."""
-    return f"mantle:wallet-held:{organization_id}"
-
 
 # A reservation no gateway settled by then (the gateway died mid-request) is released by
 # the wallet sync: the request's own deadline plus a margin for its settlement.
 HOLD_GRACE_S = 60
 
-
-def counted_key(request_id: str) -> str:
-    return f"mantle:wallet-counted:{request_id}"
-
-
-def price_key(organization_id: str, model_name: str) -> str:
-    return f"mantle:price:{organization_id}:{model_name}"
-
-
-# The price hash's fields, in this order everywhere (admission reads them in its script).
-PRICE_FIELDS = ("in", "out", "req", "ms")
 # How long admission trusts "this model has no price" before asking the database again.
 UNPRICED_TTL_S = 60
 
@@ -121,7 +105,7 @@ def price_write(
     pipe = client if isinstance(client, redis.client.Pipeline) else client.pipeline()
     pipe.delete(key)
     if prices is None:
-        pipe.hset(key, "unpriced", "1")
+        pipe.hset(key, UNPRICED, "1")
         pipe.expire(key, UNPRICED_TTL_S)
     else:
         values = (prices.input, prices.output, prices.request, prices.compute_ms)
@@ -140,14 +124,14 @@ def cost_nanos(input_tokens: int, output_tokens: int, price_in: str, price_out: 
 # as pending until the drain counts it, unless the drain was first. A project with a hard
 # budget reserved too (ARGV[4] names it): its reservation is released and its pending
 # raised alike, and the parked value `<cost>:<project>` tells the drain to lower it.
-_SETTLE = """
+_SETTLE = lua("""
 -- A held reservation is released once: by this settle, or by the sweep if it came first.
 local release = ARGV[5] ~= '1' or redis.call('HDEL', KEYS[4], ARGV[3]) == 1
 local project = ARGV[4]
 if release then
-  redis.call('HINCRBY', KEYS[1], 'reserved_nanos', -tonumber(ARGV[1]))
+  redis.call('HINCRBY', KEYS[1], '${reserved}', -tonumber(ARGV[1]))
   if project ~= '' then
-    redis.call('HINCRBY', KEYS[1], 'p:' .. project .. ':reserved_nanos', -tonumber(ARGV[1]))
+    redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${reserved}', -tonumber(ARGV[1]))
   end
 end
 if redis.call('DEL', KEYS[3]) == 1 then return 0 end
@@ -155,32 +139,30 @@ local cost = tonumber(ARGV[2])
 if cost > 0 then
   if project ~= '' then
     redis.call('HSET', KEYS[2], ARGV[3], ARGV[2] .. ':' .. project)
-    redis.call('HINCRBY', KEYS[1], 'p:' .. project .. ':pending_nanos', ARGV[2])
+    redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${pending}', ARGV[2])
   else
     redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
   end
-  redis.call('HINCRBY', KEYS[1], 'pending_nanos', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], '${pending}', ARGV[2])
 end
 return 1
-"""
+""")
 
 # Undoes one parked cost (`<cost>` or `<cost>:<project>`): shared by both drain scripts.
-UNPARK_LUA = """
+UNPARK_LUA = lua("""
 local function unpark(w, parked)
-  local cost, project = string.match(parked, '^(%d+):(.+)$')
+  local cost, project = string.match(parked, '^(%d+):(.+)$$')
   if cost then
-    redis.call('HINCRBY', w, 'p:' .. project .. ':pending_nanos', '-' .. cost)
+    redis.call('HINCRBY', w, '${project}' .. project .. ':${pending}', '-' .. cost)
   else
     cost = parked
   end
-  redis.call('HINCRBY', w, 'pending_nanos', '-' .. cost)
+  redis.call('HINCRBY', w, '${pending}', '-' .. cost)
 end
-"""
+""")
 
 # The metering drain, once per request (it inserts each event exactly once).
-_COUNT = (
-    UNPARK_LUA
-    + """
+_COUNT = UNPARK_LUA + lua("""
 local parked = redis.call('HGET', KEYS[2], ARGV[2])
 if parked then
   redis.call('HDEL', KEYS[2], ARGV[2])
@@ -188,10 +170,9 @@ if parked then
 else
   redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
 end
-redis.call('HINCRBY', KEYS[1], 'spent_nanos', ARGV[1])
+redis.call('HINCRBY', KEYS[1], '${spent}', ARGV[1])
 return 1
-"""
-)
+""")
 
 
 async def settle(
@@ -221,24 +202,24 @@ async def settle(
     )
 
 
-_RELEASE_EXPIRED = """
+_RELEASE_EXPIRED = lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local entries = redis.call('HGETALL', KEYS[2])
 local released = 0
 for i = 1, #entries, 2 do
-  local worst, until_ms, project = string.match(entries[i + 1], '^(%d+):(%d+):(.*)$')
+  local worst, until_ms, project = string.match(entries[i + 1], '^(%d+):(%d+):(.*)$$')
   if worst and tonumber(until_ms) < now then
     redis.call('HDEL', KEYS[2], entries[i])
-    redis.call('HINCRBY', KEYS[1], 'reserved_nanos', '-' .. worst)
+    redis.call('HINCRBY', KEYS[1], '${reserved}', '-' .. worst)
     if project ~= '' then
-      redis.call('HINCRBY', KEYS[1], 'p:' .. project .. ':reserved_nanos', '-' .. worst)
+      redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${reserved}', '-' .. worst)
     end
     released = released + 1
   end
 end
 return released
-"""
+""")
 
 
 def release_expired_holds(client: redis.Redis, organization_id: str) -> int:
@@ -258,7 +239,7 @@ def count_usage(
     output_tokens: int,
 ) -> int:
     """Called by the metering drain for each event it inserted (exactly once per request)."""
-    price_in, price_out = client.hmget(price_key(organization_id, model_name), "in", "out")
+    price_in, price_out = client.hmget(price_key(organization_id, model_name), *PRICE_FIELDS[:2])
     cost = cost_nanos(input_tokens, output_tokens, str(price_in or "0"), str(price_out or "0"))
     client.eval(
         _COUNT,

@@ -1,4 +1,8 @@
-"""The two staff roles as Django Groups: billing admin (moves money) and support (reads)."""
+"""The two staff roles as Django Groups: billing admin (moves money) and support (reads).
+
+Core billing: the app's post_migrate handler and management commands keep them exact, and
+the back office checks them (billing/backoffice/views.py, billing/admin.py).
+"""
 
 from __future__ import annotations
 

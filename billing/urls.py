@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from billing import webhooks
+from billing.payments import webhooks
 
 app_name = "billing"
 

@@ -1,7 +1,9 @@
 """The wallet: each organization's funds for admission, written to Redis from the database.
 
-The layout is shared with billing/spend.py (the gateway's settle and the drain's count)
-and written down exactly in docs/billing.md, "Admission". In short, per organization:
+The layout (billing/wallet_keys.py names its keys and fields) is shared with
+billing/spend.py (the gateway's settle and the drain's count) and the admission script of
+gateway/limits.py, and written down exactly in docs/billing.md, "Admission". In short, per
+organization:
 
     mantle:wallet:<org>            mode, cap_nanos, spent_nanos, reserved_nanos,
                                    pending_nanos, month, synced_at,
@@ -32,7 +34,7 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import Principal
 from accounts.services import audit_record
-from billing import checks, spend
+from billing import checks, jobs, spend, wallet_keys
 from billing.credits import credit_available
 from billing.invoicing import month_spend, unbilled_usage
 from billing.models import BillingAccount, Budget, CreditLedgerEntry, TokenKind, UsageRollup
@@ -47,18 +49,6 @@ logger = logging.getLogger(__name__)
 
 Mode = BillingAccount.Mode
 BATCH_MARK_TTL_S = 7 * 24 * 3600
-
-
-def project_cap_field(project_id: str) -> str:
-    return f"p:{project_id}:cap_nanos"
-
-
-def project_spent_field(project_id: str) -> str:
-    return f"p:{project_id}:spent_nanos"
-
-
-def batch_mark_key(fingerprint: str) -> str:
-    return f"mantle:wallet-batch:{fingerprint}"
 
 
 @dataclass(frozen=True)
@@ -103,10 +93,7 @@ def billing_mode_set(
             organization=org,
             metadata={"from": before, "to": mode, "reason": reason},
         )
-        org_id = org.id
-        from billing.tasks import wallet_sync_organization
-
-        transaction.on_commit(lambda: wallet_sync_organization.delay(org_id))
+        jobs.queue_wallet_sync(org.id)
     return account
 
 
@@ -216,23 +203,23 @@ def price_fill(organization_id: str, model_name: str) -> spend.Prices | None:
 # syncs of one organization serialize: one that read the counters before another sync
 # rebased them would rebase twice, so it is refused (0) and computed again. All numbers
 # arrive as strings and go to Redis unchanged: Lua numbers are doubles, nanos need 64 bits.
-_SYNC = """
+_SYNC = wallet_keys.lua("""
 local w = KEYS[1]
-if (redis.call('HGET', w, 'sync_gen') or '0') ~= ARGV[6] then return 0 end
-redis.call('HINCRBY', w, 'sync_gen', 1)
-redis.call('HSET', w, 'mode', ARGV[1], 'month', ARGV[4], 'synced_at', ARGV[5])
+if (redis.call('HGET', w, '${sync_gen}') or '0') ~= ARGV[6] then return 0 end
+redis.call('HINCRBY', w, '${sync_gen}', 1)
+redis.call('HSET', w, '${mode}', ARGV[1], '${month}', ARGV[4], '${synced_at}', ARGV[5])
 if ARGV[2] == '' then
-  redis.call('HDEL', w, 'cap_nanos')
+  redis.call('HDEL', w, '${cap}')
 else
-  redis.call('HSET', w, 'cap_nanos', ARGV[2])
+  redis.call('HSET', w, '${cap}', ARGV[2])
 end
-redis.call('HINCRBY', w, 'spent_nanos', ARGV[3])
+redis.call('HINCRBY', w, '${spent}', ARGV[3])
 local keep = {}
 local n = tonumber(ARGV[7])
 for i = 0, n - 1 do
   local pid = ARGV[8 + 3 * i]
-  local cap_f = 'p:' .. pid .. ':cap_nanos'
-  local spent_f = 'p:' .. pid .. ':spent_nanos'
+  local cap_f = '${project}' .. pid .. ':${cap}'
+  local spent_f = '${project}' .. pid .. ':${spent}'
   keep[cap_f] = true
   keep[spent_f] = true
   redis.call('HSET', w, cap_f, ARGV[9 + 3 * i])
@@ -240,13 +227,13 @@ for i = 0, n - 1 do
 end
 for _, f in ipairs(redis.call('HKEYS', w)) do
   -- A project's reserved and pending belong to requests in flight: never the sync's.
-  if string.sub(f, 1, 2) == 'p:' and not keep[f] and not string.find(f, ':reserved_nanos$')
-     and not string.find(f, ':pending_nanos$') then
+  if string.sub(f, 1, 2) == '${project}' and not keep[f] and not string.find(f, ':${reserved}$$')
+     and not string.find(f, ':${pending}$$') then
     redis.call('HDEL', w, f)
   end
 end
 return 1
-"""
+""")
 SYNC_ATTEMPTS = 5
 
 
@@ -265,7 +252,7 @@ def wallet_sync(org: Organization, *, now: datetime | None = None) -> WalletStat
     sync: refusals can come a little early, spending past the cap cannot.
     """
     client = get_redis()
-    key = spend.wallet_key(org.id)
+    key = wallet_keys.wallet_key(org.id)
     released = spend.release_expired_holds(client, org.id)
     if released:
         logger.warning(
@@ -277,14 +264,14 @@ def wallet_sync(org: Organization, *, now: datetime | None = None) -> WalletStat
         args: list[str] = [
             state.mode,
             "" if state.cap_nanos is None else str(state.cap_nanos),
-            str(state.spent_nanos - int(before.get("spent_nanos", 0))),
+            str(state.spent_nanos - int(before.get(wallet_keys.SPENT, 0))),
             state.month,
             f"{time.time():.3f}",
-            before.get("sync_gen", "0"),
+            before.get(wallet_keys.SYNC_GEN, "0"),
             str(len(state.projects)),
         ]
         for project_id, (cap, used) in sorted(state.projects.items()):
-            s0 = int(before.get(project_spent_field(project_id), 0))
+            s0 = int(before.get(wallet_keys.project_field(project_id, wallet_keys.SPENT), 0))
             args += [project_id, str(cap), str(used - s0)]
         pipe = client.pipeline(transaction=True)
         pipe.eval(_SYNC, 1, key, *args)
@@ -327,9 +314,7 @@ def wallet_sync_due(*, now: datetime | None = None) -> list[str]:
 # layout of billing/spend.py: a cost the gateway parked as pending moves to spent,
 # otherwise `mantle:wallet-counted:<request>` tells the gateway's settle that the drain
 # was first. A project with a hard budget counts its own spend too.
-_RECORD = (
-    spend.UNPARK_LUA
-    + """
+_RECORD = spend.UNPARK_LUA + wallet_keys.lua("""
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
 local n = tonumber(ARGV[3])
 for i = 0, n - 1 do
@@ -344,14 +329,13 @@ for i = 0, n - 1 do
       redis.call('SET', counted, '1', 'EX', ARGV[2])
     end
   end
-  redis.call('HINCRBY', w, 'spent_nanos', cost)
-  if project ~= '' and redis.call('HEXISTS', w, 'p:' .. project .. ':cap_nanos') == 1 then
-    redis.call('HINCRBY', w, 'p:' .. project .. ':spent_nanos', cost)
+  redis.call('HINCRBY', w, '${spent}', cost)
+  if project ~= '' and redis.call('HEXISTS', w, '${project}' .. project .. ':${cap}') == 1 then
+    redis.call('HINCRBY', w, '${project}' .. project .. ':${spent}', cost)
   end
 end
 return 1
-"""
-)
+""")
 
 
 @dataclass(frozen=True)
@@ -385,7 +369,7 @@ def wallet_record_usage(
 
 
 def wallet_record_events(events: Sequence[ContractUsageEvent]) -> None:
-    """An `on_counted` hook for billing.metering: the batch's events, exactly once."""
+    """An `on_counted` hook for billing.metering.outbox: the batch's events, exactly once."""
     wallet_record_batch(
         [
             Usage(
@@ -426,9 +410,9 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
         )
         costs.append(cost)
         args += [
-            spend.wallet_key(u.organization_id),
-            spend.pending_key(u.organization_id),
-            spend.counted_key(u.request_id) if u.request_id else "",
+            wallet_keys.wallet_key(u.organization_id),
+            wallet_keys.pending_key(u.organization_id),
+            wallet_keys.counted_key(u.request_id) if u.request_id else "",
             u.request_id,
             u.project_id,
             str(cost),
@@ -441,7 +425,7 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
     client.eval(
         _RECORD,
         1,
-        batch_mark_key(fingerprint),
+        wallet_keys.batch_mark_key(fingerprint),
         str(BATCH_MARK_TTL_S),
         str(spend.COUNTED_TTL_S),
         str(len(usages)),
@@ -456,7 +440,7 @@ def _prices_for(
     ordered = sorted(pairs)
     pipe = client.pipeline(transaction=False)
     for org_id, model in ordered:
-        pipe.hmget(spend.price_key(org_id, model), *spend.PRICE_FIELDS)
+        pipe.hmget(wallet_keys.price_key(org_id, model), *wallet_keys.PRICE_FIELDS)
     found: dict[tuple[str, str], spend.Prices] = {}
     missing: dict[str, list[str]] = {}
     for (org_id, model), values in zip(ordered, pipe.execute(), strict=True):
@@ -478,7 +462,7 @@ def _prices_for(
 
 def wallet_read(organization_id: str) -> dict[str, str]:
     """The wallet hash as Redis holds it (for the console and tests)."""
-    return get_redis().hgetall(spend.wallet_key(organization_id))  # type: ignore[return-value]
+    return get_redis().hgetall(wallet_keys.wallet_key(organization_id))  # type: ignore[return-value]
 
 
 def _plain(value: Decimal) -> str:

@@ -13,6 +13,9 @@ from accounts.models import ApiKey, Organization, User
 from accounts.permissions import Role
 from tests.factories import OrganizationFactory, UserFactory, add_member, make_api_key
 
+# The markers bin/test reads (browser, rabbitmq, models), kept true at collection.
+pytest_plugins = ["tests.support.needs"]
+
 
 @pytest.fixture(autouse=True)
 def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
@@ -33,9 +36,9 @@ def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def wipe_sparing_heartbeats(client: Any) -> None:
     """Empties the Redis database but for the heartbeats of the worker processes this
-    session started (tests.stack): their info keys and their entries in their pools'
+    session started (tests.support.stack): their info keys and their entries in their pools'
     listings. Heartbeats that tests wrote themselves go with the rest."""
-    from tests.stack import is_stack_node
+    from tests.support.stack import is_stack_node
     from workers.contract import POOL_LIVE_PREFIX, WORKER_INFO_PREFIX
 
     infos = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from core.redis import get_redis
 from tests.conftest import wipe_sparing_heartbeats
-from tests.stack import is_stack_node, stack_node
+from tests.support.stack import is_stack_node, stack_node
 from workers.contract import POOL_LIVE_PREFIX, WORKER_INFO_PREFIX, pool_live_key, worker_info_key
 
 POOL = "suite-support"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from itertools import islice
+from itertools import groupby, islice
+from operator import itemgetter
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -23,7 +23,7 @@ from billing.budgets import budget_spend, budgets
 from billing.credit_notes import credit_notes
 from billing.credits import credit_entries
 from billing.held_usage import held_usage_for
-from billing.metering import drain_lag_seconds
+from billing.metering.lag import drain_lag_history, drain_lag_now
 from billing.models import (
     Budget,
     CreditLedgerEntry,
@@ -34,13 +34,11 @@ from billing.models import (
     StripeCustomer,
     UsageRollup,
 )
-from billing.money import exact_amount
 from billing.periods import month_start
 from billing.pricing import (
     ROLLUP_SUMS,
     UNIT_COLUMNS,
     PriceBook,
-    billed_quantities,
     billed_units,
     model_kinds,
 )
@@ -48,13 +46,10 @@ from billing.selectors import Balance, balance_summary, invoices
 from catalog.models import Endpoint
 from core.csv_export import csv_writer
 from core.errors import InvalidInput
-from core.redis import get_redis
 
 logger = logging.getLogger(__name__)
 
 ZERO = Decimal(0)
-DRAIN_LAG_SAMPLES = "mantle:backoffice:drain-lag"
-DRAIN_LAG_KEEP = 24 * 60  # one sample a minute, a day of them
 CSV_COLUMNS = (
     "hour",
     "organization_id",
@@ -308,31 +303,8 @@ def usage_totals(f: UsageFilter) -> UsageTotals:
 
 def _charges(rows: QuerySet[UsageRollup], organization_id: str) -> Decimal:
     book = PriceBook.load(organization_id)
-    grouped = list(rows.values("model_name", "hour").annotate(**ROLLUP_SUMS).order_by())
-    kinds = model_kinds(g["model_name"] for g in grouped)
-    return sum((_group_amount(book, g, kinds) or ZERO for g in grouped), ZERO)
-
-
-def _group_amount(
-    book: PriceBook, g: Mapping[str, Any], kinds: Mapping[str, str]
-) -> Decimal | None:
-    """A rollup group of one model and hour, annotated with ROLLUP_SUMS (see `_amount`)."""
-    model_name = g["model_name"]
-    return _amount(book, model_name, g["hour"], billed_quantities(g, kinds[model_name]))
-
-
-def _amount(
-    book: PriceBook, model_name: str, hour: datetime, quantities: Iterable[tuple[str, int]]
-) -> Decimal | None:
-    """Billed quantities (unit, quantity) of one model in one hour at the book's prices, in
-    the units invoices bill (billing.pricing.billed_quantities); None when nothing prices
-    them."""
-    amount: Decimal | None = None
-    for kind, qty in quantities:
-        price = book.effective(model_name, kind, hour) if qty else None
-        if price is not None:
-            amount = (amount or ZERO) + exact_amount(qty, price.unit_price)
-    return amount
+    grouped = rows.values("model_name", "hour").annotate(**ROLLUP_SUMS).order_by()
+    return sum((rating.amount or ZERO for _, rating in book.rate_rollups(grouped)), ZERO)
 
 
 def usage_recent(f: UsageFilter, limit: int = 50) -> list[UsageRollup]:
@@ -390,7 +362,7 @@ class _RowRater:
         if kind is None:
             kind = self._kinds[model_name] = model_kinds([model_name])[model_name]
         quantities = [(unit, row[self._AT_UNIT[unit]]) for unit in billed_units(kind)]
-        amount = _amount(book, model_name, row[at["hour"]], quantities)
+        amount = book.rate(model_name, row[at["hour"]], quantities).amount
         if amount is None:
             return "", ""
         return str(amount.quantize(self._NANO)), self._currency
@@ -478,25 +450,24 @@ def dashboard(*, now: datetime | None = None, days: int = 30, top: int = 10) -> 
         .order_by("organization_id", "hour")
     )
     kinds = model_kinds(rows.order_by().values_list("model_name", flat=True).distinct())
-    book: PriceBook | None = None
     # Mapping[str, Any]: django-stubs' values() row types leave **ROLLUP_SUMS out.
     streamed: Iterator[Mapping[str, Any]] = grouped.iterator(chunk_size=5000)
-    for g in streamed:
-        if book is None or book.organization_id != g["organization_id"]:
-            book = PriceBook.load(g["organization_id"])
-        revenue = _group_amount(book, g, kinds) or ZERO
-        d = g["hour"].astimezone(UTC).date()
-        bucket = per_day.setdefault(d, [0, 0, ZERO])
-        bucket[0] += g["i"]
-        bucket[1] += g["o"]
-        bucket[2] += revenue
-        m = per_model[g["model_name"]]
-        m[0] += g["i"]
-        m[1] += g["o"]
-        m[2] += revenue
-        o = per_org[g["organization_id"]]
-        o[0] += revenue
-        o[1] += g["i"] + g["o"]
+    for organization_id, groups in groupby(streamed, key=itemgetter("organization_id")):
+        book = PriceBook.load(organization_id)
+        for g, rating in book.rate_rollups(groups, kinds=kinds):
+            revenue = rating.amount or ZERO
+            d = g["hour"].astimezone(UTC).date()
+            bucket = per_day.setdefault(d, [0, 0, ZERO])
+            bucket[0] += g["i"]
+            bucket[1] += g["o"]
+            bucket[2] += revenue
+            m = per_model[g["model_name"]]
+            m[0] += g["i"]
+            m[1] += g["o"]
+            m[2] += revenue
+            o = per_org[organization_id]
+            o[0] += revenue
+            o[1] += g["i"] + g["o"]
     ranked = sorted(per_org.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))[:top]
     names = dict(
         Organization.objects.filter(id__in=[org_id for org_id, _ in ranked]).values_list(
@@ -526,39 +497,3 @@ def dashboard(*, now: datetime | None = None, days: int = 30, top: int = 10) -> 
             ~Q(status=Organization.Status.ACTIVE)
         ).count(),
     )
-
-
-def drain_lag_now() -> float:
-    try:
-        return drain_lag_seconds(get_redis())
-    except Exception:  # the dashboard must render with Redis down; the lag is then unknown
-        logger.exception("cannot read the usage drain lag")
-        return -1.0
-
-
-def drain_lag_record(*, at: float | None = None) -> float:
-    """Appends one sample of the drain lag to the history the dashboard charts (beat task)."""
-    client = get_redis()
-    lag = drain_lag_seconds(client)
-    pipe = client.pipeline()
-    pipe.lpush(DRAIN_LAG_SAMPLES, f"{at if at is not None else time.time():.0f}:{lag:.3f}")
-    pipe.ltrim(DRAIN_LAG_SAMPLES, 0, DRAIN_LAG_KEEP - 1)
-    pipe.execute()
-    return lag
-
-
-def drain_lag_history() -> list[tuple[float, float]]:
-    """The recorded samples, oldest first."""
-    try:
-        raw: list[str] = get_redis().lrange(DRAIN_LAG_SAMPLES, 0, -1)  # type: ignore[assignment]
-    except Exception:
-        logger.exception("cannot read the drain lag history")
-        return []
-    samples = []
-    for item in reversed(raw):
-        ts, _, lag = item.partition(":")
-        try:
-            samples.append((float(ts), float(lag)))
-        except ValueError:
-            continue
-    return samples

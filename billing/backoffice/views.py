@@ -29,8 +29,9 @@ from accounts import services as account_services
 from accounts.models import Organization, User
 from accounts.principal import Principal
 from billing import pricing
+from billing import staff_roles as roles
 from billing.backoffice import forms as bo_forms
-from billing.backoffice import roles, selectors
+from billing.backoffice import selectors
 from billing.backoffice.services import (
     backoffice_invoice_finalize,
     backoffice_invoice_mark_paid,

@@ -4,13 +4,13 @@ from django.db import migrations
 
 
 def create_roles(apps, schema_editor):
-    from billing.backoffice.roles import roles_sync
+    from billing.staff_roles import roles_sync
 
     roles_sync(apps=apps)
 
 
 def remove_roles(apps, schema_editor):
-    from billing.backoffice.roles import ROLE_PERMISSIONS
+    from billing.staff_roles import ROLE_PERMISSIONS
 
     apps.get_model("auth", "Group").objects.filter(name__in=list(ROLE_PERMISSIONS)).delete()
 

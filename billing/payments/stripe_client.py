@@ -12,7 +12,7 @@ from typing import Any
 
 import stripe
 
-from billing.stripe_types import (
+from billing.payments.stripe_types import (
     META_INVOICE,
     META_INVOICE_NUMBER,
     META_LINE_INDEX,
@@ -64,7 +64,7 @@ class StripeConfig:
 
 
 class StripeApi:
-    """The real backend (see billing.stripe_types.StripeBackend); returns only our records."""
+    """The real backend (see stripe_types.StripeBackend); returns only our records."""
 
     def __init__(self, config: StripeConfig) -> None:
         self._config = config

@@ -15,11 +15,11 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import SYSTEM
 from accounts.services import organization_set_status
-from billing import stripe_types
 from billing.invoicing import invoice_mark_paid
 from billing.models import Invoice, StripeCustomer, StripeEvent, StripePaymentFailure
-from billing.stripe_sync import stripe_required
-from billing.stripe_types import Event, event_from_payload
+from billing.payments import stripe_types
+from billing.payments.stripe_sync import stripe_required
+from billing.payments.stripe_types import Event, event_from_payload
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
-from billing.stripe_client import API_VERSION, webhook_sign
-from billing.stripe_types import (
+from billing.payments.stripe_client import API_VERSION, webhook_sign
+from billing.payments.stripe_types import (
     META_INVOICE,
     META_INVOICE_NUMBER,
     META_LINE_INDEX,
@@ -59,7 +59,7 @@ _TRANSITIONS: Mapping[str, frozenset[str]] = {
 
 
 class FakeStripe:
-    """Implements billing.stripe_types.StripeBackend, plus what Stripe itself would do
+    """Implements billing.payments.stripe_types.StripeBackend, plus what Stripe itself would do
     on its side (charge an invoice, complete a setup) and the webhook events it sends.
 
     Rules kept: idempotency keys (same key and parameters → the same object; same key,

@@ -12,12 +12,12 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from accounts.models import Organization
-from billing import stripe_types
+from accounts.models import Membership, Organization
+from accounts.permissions import Role
 from billing.models import Invoice, StripeCustomer, UsageRollup
 from billing.models import InvoiceLine as InvoiceLineRow
-from billing.pricing import ROLLUP_SUMS, billed_quantities, model_kinds
-from billing.stripe_types import (
+from billing.payments import stripe_types
+from billing.payments.stripe_types import (
     CheckoutSession,
     InvoiceLine,
     InvoicePush,
@@ -28,6 +28,7 @@ from billing.stripe_types import (
     StripeDisabled,
     hour_floor,
 )
+from billing.pricing import ROLLUP_SUMS, billed_quantities, model_kinds
 from core.errors import Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -88,13 +89,13 @@ def stripe_backend_reset() -> None:
 def _build(kind: str) -> StripeBackend:
     # Imported here: the SDK is only loaded when Stripe is actually used.
     if kind == "fake":
-        from billing.stripe_fake import FakeStripe
+        from billing.payments.stripe_fake import FakeStripe
 
         return FakeStripe(
             webhook_secret=settings.STRIPE_WEBHOOK_SECRET or "whsec_fake",
             meter_event_name=settings.STRIPE_METER_EVENT_NAME,
         )
-    from billing.stripe_client import StripeApi, StripeConfig
+    from billing.payments.stripe_client import StripeApi, StripeConfig
 
     return StripeApi(
         StripeConfig(
@@ -313,9 +314,6 @@ def _currency() -> str:
 
 def _billing_email(org: Organization) -> str | None:
     """The first owner's email: where Stripe sends receipts and invoices."""
-    from accounts.models import Membership
-    from accounts.permissions import Role
-
     owner = (
         Membership.objects.filter(organization=org, role=Role.OWNER)
         .select_related("user")

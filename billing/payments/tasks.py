@@ -8,8 +8,8 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from billing import stripe_events, stripe_sync
-from billing.stripe_types import StripeRateLimited, StripeUnavailable
+from billing.payments import stripe_events, stripe_sync
+from billing.payments.stripe_types import StripeRateLimited, StripeUnavailable
 
 # Only transient failures are retried; a refused request (bad data, a bad key) is not.
 _TRANSIENT = (StripeRateLimited, StripeUnavailable)

@@ -9,9 +9,9 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from billing.stripe_client import webhook_verify
-from billing.stripe_events import Outcome, stripe_event_receive
-from billing.stripe_types import StripeError
+from billing.payments.stripe_client import webhook_verify
+from billing.payments.stripe_events import Outcome, stripe_event_receive
+from billing.payments.stripe_types import StripeError
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ admin.site.unregister(StaticDevice)
 
 @admin.register(Group)
 class GroupAdmin(BaseGroupAdmin, ModelAdmin):
-    """The staff roles ("billing admin", "support"); see billing/backoffice/roles.py."""
+    """The staff roles ("billing admin", "support"); see billing/staff_roles.py."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return bool(request.user.is_superuser)

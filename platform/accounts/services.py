@@ -536,7 +536,8 @@ def project_update(*, principal: Principal, project: Project, name: str) -> Proj
 def limits_within_organization(*, rpm_limit: int | None, tpm_limit: int | None) -> None:
     """A key's or project's limits may not exceed its organization's share of an endpoint
     (MANTLE_ORG_ENDPOINT_RPM/TPM): such a limit would promise what admission never gives.
-    Limits set before (or by the back office) are clamped when served (gateway.views)."""
+    Limits set before (or by the back office) are clamped when served
+    (gateway.pipeline.limits_for)."""
     for value, cap, param in (
         (rpm_limit, settings.MANTLE_ORG_ENDPOINT_RPM, "rpm_limit"),
         (tpm_limit, settings.MANTLE_ORG_ENDPOINT_TPM, "tpm_limit"),

@@ -10,8 +10,7 @@ from workers.broker import guard_redis_unacked_restore
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
 guard_redis_unacked_restore()  # the control worker survives a broker blip too
+# billing.tasks imports the task modules of billing.metering and billing.payments.
 app.autodiscover_tasks(["accounts", "catalog", "billing"])
-app.autodiscover_tasks(["billing"], related_name="stripe_tasks")
-app.autodiscover_tasks(["billing"], related_name="metering_tasks")
 
 __all__ = ["app"]

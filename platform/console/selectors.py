@@ -14,8 +14,7 @@ from django.utils import timezone
 
 from accounts.models import ApiKey, Organization, Project
 from billing.models import TokenKind, UsageRollup
-from billing.money import exact_amount
-from billing.pricing import ROLLUP_SUMS, PriceBook, billed_quantities, model_kinds
+from billing.pricing import ROLLUP_SUMS, PriceBook
 from catalog.models import Endpoint, Model, ModelVersion
 from catalog.selectors import endpoints_visible_to
 from core.csv_export import csv_writer
@@ -109,7 +108,6 @@ def usage_report(
         qs.values("hour", "model_name", "api_key_id", "project_id").annotate(**ROLLUP_SUMS)
     )
     book = PriceBook.load(org.id)
-    kinds = model_kinds(g["model_name"] for g in grouped)
     labels = _labels(org, dimension)
     rows: dict[str, UsageRow] = {}
     if dimension == "day":
@@ -119,7 +117,7 @@ def usage_report(
             day += timedelta(days=1)
     total = UsageRow(key="total", label="Total")
     unpriced_models: set[str] = set()
-    for g in grouped:
+    for g, rating in book.rate_rollups(grouped):
         hour: datetime = g["hour"]
         key = {
             "day": hour.date().isoformat(),
@@ -130,18 +128,12 @@ def usage_report(
         row = rows.get(key)
         if row is None:
             row = rows[key] = UsageRow(key=key, label=labels.get(key, key))
-        cost = ZERO
+        cost = rating.amount or ZERO
         unpriced = 0
-        for kind, qty in billed_quantities(g, kinds[g["model_name"]]):
-            if not qty:
-                continue
-            price = book.effective(g["model_name"], kind, hour)
-            if price is None:
-                if kind in (TokenKind.INPUT, TokenKind.OUTPUT):
-                    unpriced += qty
-                unpriced_models.add(g["model_name"])
-            else:
-                cost += exact_amount(qty, price.unit_price)
+        for charge in rating.unpriced:
+            if charge.unit in (TokenKind.INPUT, TokenKind.OUTPUT):
+                unpriced += charge.quantity
+            unpriced_models.add(g["model_name"])
         for target in (row, total):
             target.requests += g["r"]
             target.input_tokens += g["i"]

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from django.http import HttpResponse
 
 from core import metrics
+from gateway.protocol import ErrorResponse
 
 
 class OpenAIError(Exception):
@@ -31,7 +32,7 @@ class OpenAIError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
-    def body(self) -> dict[str, dict[str, str | None]]:
+    def body(self) -> ErrorResponse:
         return {
             "error": {
                 "message": self.message,

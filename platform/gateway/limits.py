@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from accounts.keys import LAST_USED_HASH
-from billing import spend
+from billing import wallet_keys
 from workers.contract import HEARTBEAT_TTL_S, pool_live_key
 
 # Token buckets: each holds up to `limit` units and refills at limit/60 per second,
@@ -17,14 +17,15 @@ from workers.contract import HEARTBEAT_TTL_S, pool_live_key
 # checks every bucket and the pool's liveness first, and only then takes from all
 # of them: a refused request consumes nothing. It also stamps the key's last use
 # (moved to the database in batches by a beat task), saving a round trip.
-_ADMIT = """
+_ADMIT = wallet_keys.lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[8], ARGV[9], now / 1000)
 -- Nothing is served without a price: a model nothing prices is refused (-5) before any
 -- other test; with no price hash yet (-4) the gateway fills it from the database and asks
 -- again. Fields: per input and output token, per request, per compute millisecond.
-local price = redis.call('HMGET', KEYS[10], 'in', 'out', 'req', 'ms', 'unpriced')
+local price = redis.call('HMGET', KEYS[10], '${price_input}', '${price_output}', '${price_request}',
+                         '${price_compute_ms}', '${unpriced}')
 if price[5] then return {-5} end
 if not (price[1] and price[2] and price[3] and price[4]) then return {-4} end
 local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
@@ -68,9 +69,9 @@ local worst = math.ceil(tonumber(ARGV[10]) * tonumber(price[1])
                         + tonumber(ARGV[11]) * tonumber(price[2])
                         + tonumber(ARGV[15]) * tonumber(price[3])
                         + tonumber(ARGV[16]) * tonumber(price[4]))
-local w = redis.call('HMGET', KEYS[9], 'mode', 'cap_nanos', 'spent_nanos', 'reserved_nanos',
-                     'pending_nanos')
-if w[1] and w[1] ~= 'unlimited' and worst > 0 then
+local w = redis.call('HMGET', KEYS[9], '${mode}', '${cap}', '${spent}', '${reserved}',
+                     '${pending}')
+if w[1] and w[1] ~= '${unlimited}' and worst > 0 then
   local available = tonumber(w[2] or '0') - tonumber(w[3] or '0') - tonumber(w[4] or '0')
                     - tonumber(w[5] or '0')
   if worst > available then return {-2, string.format('%.0f', available), worst} end
@@ -79,14 +80,14 @@ end
 -- reservation, so concurrent requests of one project cannot pass it either.
 local project_reserve = ''
 if worst > 0 and ARGV[12] ~= '' then
-  local pre = 'p:' .. ARGV[12] .. ':'
-  local p = redis.call('HMGET', KEYS[9], pre .. 'cap_nanos', pre .. 'spent_nanos',
-                       pre .. 'reserved_nanos', pre .. 'pending_nanos')
+  local pre = '${project}' .. ARGV[12] .. ':'
+  local p = redis.call('HMGET', KEYS[9], pre .. '${cap}', pre .. '${spent}',
+                       pre .. '${reserved}', pre .. '${pending}')
   if p[1] then
     local available = tonumber(p[1]) - tonumber(p[2] or '0') - tonumber(p[3] or '0')
                       - tonumber(p[4] or '0')
     if worst > available then return {-3, string.format('%.0f', available), worst} end
-    project_reserve = pre .. 'reserved_nanos'
+    project_reserve = pre .. '${reserved}'
   end
 end
 local out = {1}
@@ -114,7 +115,7 @@ for i = 1, 8 do
   end
 end
 if worst > 0 then
-  redis.call('HINCRBY', KEYS[9], 'reserved_nanos', string.format('%.0f', worst))
+  redis.call('HINCRBY', KEYS[9], '${reserved}', string.format('%.0f', worst))
 end
 if project_reserve ~= '' then
   redis.call('HINCRBY', KEYS[9], project_reserve, string.format('%.0f', worst))
@@ -135,7 +136,7 @@ table.insert(out, held)
 table.insert(out, price[3])
 table.insert(out, price[4])
 return out
-"""
+""")
 
 # Gives back the tokens reserved but not used (the reservation was the worst case).
 _REFUND = """
@@ -221,7 +222,7 @@ class Admission:
     price_compute_ms: str = "0"  # nanos per compute millisecond (tensor models)
     # The project whose hard budget holds a reservation too ("" when it has none).
     reserved_project_id: str = ""
-    held: bool = False  # the reservation is recorded under the request id (spend.held_key)
+    held: bool = False  # the reservation is recorded under the request id (wallet_keys.held_key)
     refused_scope: str = ""
     refused_kind: str = ""  # "requests" | "tokens"
     retry_after_ms: int = 0  # -1: can never pass (the request alone exceeds the limit)
@@ -290,9 +291,9 @@ class RateLimiter:
             *buckets[:6],
             pool_live_key(pool),
             LAST_USED_HASH,
-            spend.wallet_key(organization_id),
-            spend.price_key(organization_id, model_name),
-            spend.held_key(organization_id),
+            wallet_keys.wallet_key(organization_id),
+            wallet_keys.price_key(organization_id, model_name),
+            wallet_keys.held_key(organization_id),
             *buckets[6:],
         ]
         args: list[int | str] = [

@@ -1,10 +1,20 @@
-"""Request bodies of the /v1 API, validated the way OpenAI does (unknown fields refused)."""
+"""The /v1 wire types: request bodies, responses, stream chunks and errors, as OpenAI shapes them.
+
+Request bodies are pydantic models, validated the way OpenAI does (unknown fields refused).
+Responses, chunks and errors are TypedDicts: mypy checks every one the gateway builds, and
+pydantic describes them (gateway/openapi.py generates the /v1 OpenAPI document from this
+module). At run time they are plain dicts, so building one costs what a dict literal costs;
+a pydantic model per stream chunk (construct, then dump) cost three to five times as much.
+Keys are declared in the order they go on the wire. typing_extensions' TypedDict (a
+dependency of pydantic): pydantic needs it on Python 3.11.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, with_config
+from typing_extensions import TypedDict
 
 # Identifier lengths, refused at parse time (400 naming the field) so an oversized value
 # never reaches a cache key, a log line or the database: docs/api.md lists them.
@@ -56,7 +66,9 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class _Sampling(_Request):
+class SamplingRequest(_Request):
+    """What chat completions and completions share: the model and how to sample."""
+
     model: str = Field(min_length=1, max_length=MODEL_MAX_LENGTH)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -103,12 +115,12 @@ class _Sampling(_Request):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = Field(default=None)
     suffix: str | None = None
@@ -127,3 +139,160 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = Field(default=None, max_length=USER_MAX_LENGTH)
+
+
+# --- responses, stream chunks, errors --------------------------------------------------------
+
+# Every reply type is closed: the document says exactly which members a reply has.
+_closed = with_config(ConfigDict(extra="forbid"))
+Count = Annotated[int, Field(ge=0)]
+FinishReason = str  # "stop" or "length", as the worker reports it
+
+
+@_closed
+class Usage(TypedDict):
+    prompt_tokens: Count
+    completion_tokens: Count
+    total_tokens: Count
+
+
+@_closed
+class AssistantMessage(TypedDict):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+@_closed
+class ChatChoice(TypedDict):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+@_closed
+class ChatCompletion(TypedDict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: Annotated[list[ChatChoice], Field(min_length=1)]
+    usage: Usage
+
+
+@_closed
+class ChatDelta(TypedDict, total=False):
+    """The first chunk's delta opens the message (role, empty content); the others carry
+    text; the finishing chunk's is empty."""
+
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+@_closed
+class ChatChunkChoice(TypedDict):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+@_closed
+class ChatCompletionChunk(TypedDict):
+    """One `data:` line of a chat stream. `usage` is there (null) in every chunk when the
+    request asked for stream_options.include_usage; the last chunk then has no choices and
+    the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    usage: NotRequired[Usage | None]
+
+
+@_closed
+class CompletionChoice(TypedDict):
+    text: str
+    index: int
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+@_closed
+class Completion(TypedDict):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: Annotated[list[CompletionChoice], Field(min_length=1)]
+    usage: Usage
+
+
+@_closed
+class CompletionChunk(TypedDict):
+    """One `data:` line of a completion stream; the usage chunk (stream_options.include_usage)
+    has no choices and no system_fingerprint."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: NotRequired[str]
+    choices: list[CompletionChoice]
+    usage: NotRequired[Usage | None]
+
+
+@_closed
+class Embedding(TypedDict):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+
+
+@_closed
+class EmbeddingUsage(TypedDict):
+    prompt_tokens: Count
+    total_tokens: Count
+
+
+@_closed
+class EmbeddingList(TypedDict):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+@_closed
+class Model(TypedDict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+@_closed
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[Model]
+
+
+@_closed
+class ErrorObject(TypedDict):
+    message: Annotated[str, Field(min_length=1)]
+    type: Annotated[str, Field(min_length=1)]
+    param: str | None
+    code: str | None
+
+
+@_closed
+class ErrorResponse(TypedDict):
+    """Every /v1 error, with its HTTP status; mid-stream, one `data:` line."""
+
+    error: ErrorObject

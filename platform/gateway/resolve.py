@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Set
 
 from django.conf import settings
 from django.http import HttpRequest
@@ -24,7 +25,7 @@ from gateway.errors import (
     too_many_failed_keys,
     unauthorized,
 )
-from gateway.schemas import MODEL_MAX_LENGTH
+from gateway.protocol import MODEL_MAX_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ async def resolve(
         )
     if not model:
         return identity, None
-    spec = await _endpoint(model, results[2])
+    spec = await endpoint_for(model, results[2])
     if spec is None or not spec.visible_to(identity.organization_id):
         raise model_not_found(model)
     if not spec.active:
@@ -144,6 +145,17 @@ async def resolve(
             code="endpoint_paused",
         )
     return identity, spec
+
+
+def require_kind(spec: EndpointSpec, kinds: Set[str], path: str) -> None:
+    """Refuses an endpoint whose model is not of a kind that `path` serves, as OpenAI does."""
+    if spec.kind not in kinds:
+        raise OpenAIError(
+            404,
+            f"This is a {spec.kind} model and thus not supported in the {path} endpoint.",
+            param="model",
+            code="model_not_supported",
+        )
 
 
 async def _identity(digest: str, raw: str | None) -> keys.KeyIdentity | None:
@@ -186,7 +198,9 @@ def _remember_unknown(model: str) -> None:
         _unknown_models.popitem(last=False)
 
 
-async def _endpoint(model: str, raw: str | None) -> EndpointSpec | None:
+async def endpoint_for(model: str, raw: str | None) -> EndpointSpec | None:
+    """The endpoint `model` names, from `raw` (its Redis record, None on a miss) or else the
+    database (then cached for every gateway); None when there is none."""
     if raw == _UNKNOWN:
         return None
     if raw is None and _known_unknown(model):

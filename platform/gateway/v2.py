@@ -1,4 +1,7 @@
-"""The open inference protocol (KServe / Triton v2, JSON) for tensor models, at /v2."""
+"""The open inference protocol (KServe / Triton v2, JSON) for tensor models, at /v2.
+
+Its own wire types, errors and routes, over the same pipeline as /v1 (gateway.pipeline).
+"""
 
 from __future__ import annotations
 
@@ -33,18 +36,18 @@ from gateway.backends import (
     redis_unavailable,
 )
 from gateway.errors import OpenAIError, internal_error, invalid
-from gateway.resolve import resolve
-from gateway.views import (
-    _admit,
-    _identity,
-    _limits,
-    _method,
-    _model_ref,
-    _parse,
-    _request_id,
-    _settle_money,
-    _submit,
+from gateway.pipeline import (
+    admit,
+    billing_identity,
+    limits_for,
+    model_ref,
+    parse_request,
+    request_id_of,
+    require_method,
+    send,
+    settle,
 )
+from gateway.resolve import resolve
 from workers import contract
 
 logger = logging.getLogger(__name__)
@@ -125,7 +128,7 @@ def v2_view(view: View) -> View:
         except Exception:
             # The traceback goes to the log under the request id, never to the client.
             logger.exception("unexpected error in %s", view.__name__)
-            return _error(internal_error(_request_id(request)))
+            return _error(internal_error(request_id_of(request)))
         finally:
             metrics.INFLIGHT.dec()
 
@@ -180,19 +183,19 @@ _DATATYPE_OF = {dtype: datatype for datatype, dtype in contract.V2_DATATYPES.ite
 
 @v2_view
 async def server_metadata(request: HttpRequest) -> HttpResponse:
-    _method(request, "GET")
+    require_method(request, "GET")
     return _json({"name": "mantle", "version": "1", "extensions": []})
 
 
 @v2_view
 async def server_live(request: HttpRequest) -> HttpResponse:
-    _method(request, "GET")
+    require_method(request, "GET")
     return _json({"live": True})
 
 
 @v2_view
 async def server_ready(request: HttpRequest) -> HttpResponse:
-    _method(request, "GET")
+    require_method(request, "GET")
     return _json({"ready": True})
 
 
@@ -208,7 +211,7 @@ def _tensor_specs(organization_id: str) -> list[EndpointSpec]:
 @v2_view
 async def model_list(request: HttpRequest) -> HttpResponse:
     """The tensor models this key may call (Triton's repository index, as a GET)."""
-    _method(request, "GET")
+    require_method(request, "GET")
     identity, _ = await resolve(request, None)
     found = await database_read(_tensor_specs, identity.organization_id)
     models = [
@@ -222,7 +225,7 @@ async def model_list(request: HttpRequest) -> HttpResponse:
 async def model_metadata(
     request: HttpRequest, name: str, version: str | None = None
 ) -> HttpResponse:
-    _method(request, "GET")
+    require_method(request, "GET")
     _, spec = await _tensor_spec(request, name, version)
     return _json(
         {
@@ -238,7 +241,7 @@ async def model_metadata(
 @v2_view
 async def model_ready(request: HttpRequest, name: str, version: str | None = None) -> HttpResponse:
     """200 when the endpoint is active and its pool has a live worker; otherwise 400."""
-    _method(request, "GET")
+    require_method(request, "GET")
     try:
         _, spec = await _tensor_spec(request, name, version)
     except OpenAIError as exc:
@@ -395,7 +398,7 @@ def _tensors(
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
-def _output_values(values: np.ndarray) -> list[Any]:
+def output_values(values: np.ndarray) -> list[Any]:
     if values.dtype.kind != "f" or np.isfinite(values).all():
         return values.tolist()
     return [v if math.isfinite(v) else _NON_FINITE[str(v)] for v in values.tolist()]
@@ -411,7 +414,7 @@ def _decode_outputs(raw: str) -> list[dict[str, Any]]:
                 "name": item["name"],
                 "datatype": item["datatype"],
                 "shape": item["shape"],
-                "data": _output_values(values),
+                "data": output_values(values),
             }
         )
     return outputs
@@ -419,17 +422,17 @@ def _decode_outputs(raw: str) -> list[dict[str, Any]]:
 
 @v2_view
 async def model_infer(request: HttpRequest, name: str, version: str | None = None) -> HttpResponse:
-    _method(request, "POST")
-    body = _parse(request, V2InferRequest)
+    require_method(request, "POST")
+    body = parse_request(request, V2InferRequest)
     identity, spec = await _tensor_spec(request, name, version)
     inputs, wanted = _tensors(body, spec)
-    limits = _limits(identity, spec)
+    limits = limits_for(identity, spec)
     # No tokens: a tensor request takes one request from the RPM buckets and is billed
     # per request and per compute millisecond (the usage event's compute_ms). Its worst
     # case, reserved against the wallet, is one request computing until its deadline.
-    request_id = _request_id(request)
+    request_id = request_id_of(request)
     budget_ms = int(settings.MANTLE_REQUEST_TIMEOUT_S * 1000)
-    admission = await _admit(
+    admission = await admit(
         limits,
         spec,
         identity.organization_id,
@@ -443,21 +446,21 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.InferRequest(
         request_id=request_id,
-        model=_model_ref(spec),
-        identity=_identity(identity, spec),
+        model=model_ref(spec),
+        identity=billing_identity(identity, spec),
         inputs=inputs,
         outputs=wanted,
         deadline=deadline,
         enqueued_at=time.time(),
     )
-    ticket = await _submit(
+    ticket = await send(
         contract.TaskName.INFER,
         payload,
         spec=spec,
         request_id=request_id,
         deadline=deadline,
         # Never dispatched: nothing computed, nothing to pay.
-        on_refused=lambda: _settle_money(identity.organization_id, request_id, admission, 0, 0),
+        on_refused=lambda: settle(identity.organization_id, request_id, admission, 0, 0),
     )
     outputs: list[dict[str, Any]] | None = None
     try:
@@ -474,7 +477,7 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
         # Parked until the drain counts the worker's own figures: the time waited bounds
         # the compute from above, so the parked cost is never less than the real one.
         waited_ms = min(budget_ms, math.ceil((time.monotonic() - started) * 1000))
-        await _settle_money(
+        await settle(
             identity.organization_id,
             request_id,
             admission,

@@ -18,7 +18,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from playwright.sync_api import Page
 
 from accounts.models import Organization, User
-from billing.backoffice import roles
+from billing import staff_roles as roles
 from billing.invoicing import (
     invoice_finalize,
     invoice_mark_paid,
@@ -28,8 +28,8 @@ from billing.invoicing import (
 from billing.models import Invoice, Price
 from billing.periods import month_start
 from tests.billing.factories import CHAT, price_book, staff_principal, usage
-from tests.browser import AppServer, login_as
 from tests.factories import OrganizationFactory, UserFactory
+from tests.support.browser import AppServer, login_as
 
 
 @dataclass
@@ -90,7 +90,7 @@ def mark_verified(client: ClientMixin, user: User) -> None:
 
 
 def verified_login_as(page: Page, user: User, server: AppServer) -> None:
-    """tests.browser.login_as, then the session marked as past the second factor."""
+    """tests.support.browser.login_as, then the session marked as past the second factor."""
     login_as(page, user, server)
     cookie = next(
         c for c in page.context.cookies(server.url) if c["name"] == settings.SESSION_COOKIE_NAME

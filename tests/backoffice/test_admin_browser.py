@@ -14,8 +14,8 @@ from django_otp.oath import TOTP
 from playwright.sync_api import Page, expect
 
 from accounts.models import Organization
-from billing.backoffice import roles
-from billing.backoffice.selectors import DRAIN_LAG_SAMPLES
+from billing import staff_roles as roles
+from billing.metering.lag import DRAIN_LAG_SAMPLES
 from billing.periods import hour_start
 from core.redis import get_redis
 from tests.backoffice.support import (
@@ -27,7 +27,8 @@ from tests.backoffice.support import (
     wrong_code,
 )
 from tests.billing.factories import EMBED, GrantFactory, price_book, usage
-from tests.browser import (  # noqa: F401
+from tests.factories import OrganizationFactory, make_api_key
+from tests.support.browser import (  # noqa: F401
     AppServer,
     app_server,
     browser,
@@ -36,9 +37,8 @@ from tests.browser import (  # noqa: F401
     page,
     screenshot,
 )
-from tests.factories import OrganizationFactory, make_api_key
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.browser]
 
 AREA = "backoffice"
 

@@ -10,8 +10,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.backoffice.selectors import dashboard, drain_lag_history, drain_lag_record
-from billing.metering import GROUP, ensure_group
+from billing.backoffice.selectors import dashboard
+from billing.metering.lag import drain_lag_history, drain_lag_record
+from billing.metering.stream import GROUP, ensure_group
 from billing.periods import hour_start
 from core.redis import get_redis
 from tests.backoffice.support import Staff, client_for

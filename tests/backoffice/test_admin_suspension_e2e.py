@@ -9,11 +9,11 @@ import pytest
 from django.urls import reverse
 
 from accounts.models import Organization
-from billing.backoffice import roles
+from billing import staff_roles as roles
 from tests.backoffice.support import client_for, staff_user
 from tests.gateway.conftest import ECHO, Served, live, served  # noqa: F401
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
 # The change is written to the key cache at commit; the gateway reads it on every request.
 WITHIN_S = 5.0

@@ -13,7 +13,7 @@ from django.urls import reverse
 from django_otp.oath import TOTP
 
 from accounts.models import User
-from billing.backoffice.roles import BILLING_ADMIN
+from billing.staff_roles import BILLING_ADMIN
 
 pytestmark = pytest.mark.django_db
 

@@ -18,7 +18,7 @@ from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts.models import AuditLog, User
-from billing.backoffice import roles
+from billing import staff_roles as roles
 from tests.backoffice.support import (
     Staff,
     authenticator,

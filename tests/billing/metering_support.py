@@ -10,7 +10,7 @@ import factory
 import redis
 from django.db.models import Count, Sum
 
-from billing import metering
+from billing.metering import outbox, store, stream
 from billing.models import SpendOutbox, UsageEvent, UsageRollup
 from workers.contract import USAGE_STREAM
 from workers.contract import UsageEvent as ContractEvent
@@ -77,18 +77,18 @@ def raw_totals() -> Totals:
 
 
 def rollup_totals() -> Totals:
-    sums = metering.rollup_totals()
+    sums = store.rollup_totals()
     return Totals(sums["requests"], sums["input_tokens"], sums["output_tokens"])
 
 
 def spend(client: redis.Redis, organization_id: str) -> tuple[int, int]:
-    values = client.hmget(metering.spend_key(organization_id), "input_tokens", "output_tokens")
+    values = client.hmget(outbox.spend_key(organization_id), "input_tokens", "output_tokens")
     return int(values[0] or 0), int(values[1] or 0)
 
 
 def pending_count(client: redis.Redis) -> int:
     try:
-        return int(client.xpending(USAGE_STREAM, metering.GROUP)["pending"])
+        return int(client.xpending(USAGE_STREAM, stream.GROUP)["pending"])
     except redis.ResponseError:
         return 0
 

@@ -11,8 +11,8 @@ from django.test import Client
 
 from accounts.models import Organization
 from billing.models import Invoice, InvoiceLine
-from billing.stripe_fake import FakeStripe
-from billing.stripe_sync import stripe_backend, stripe_backend_reset
+from billing.payments.stripe_fake import FakeStripe
+from billing.payments.stripe_sync import stripe_backend, stripe_backend_reset
 
 WEBHOOK_SECRET = "whsec_test_secret"
 WEBHOOK_URL = "/billing/stripe/webhook"

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import Organization
-from billing import spend
+from billing import spend, wallet_keys
 from billing.models import BillingAccount, Budget
 from billing.periods import hour_start
 from billing.wallet import Usage, price_fill, wallet_read, wallet_record_batch, wallet_sync
@@ -267,14 +267,14 @@ def test_a_settled_reservation_is_released_once_and_unheld(prepaid: Organization
 
     [admitted] = asyncio.run(_admit_held(prepaid.id, _limits(prepaid), ["req_ok"], hold_s=180))
     assert admitted.held
-    assert get_redis().hexists(spend.held_key(prepaid.id), "req_ok")
+    assert get_redis().hexists(wallet_keys.held_key(prepaid.id), "req_ok")
 
     asyncio.run(_settle_held(prepaid.id, "req_ok", admitted, 400_000))
     wallet_sync(prepaid)
 
     wallet = wallet_read(prepaid.id)
     assert (wallet["reserved_nanos"], wallet["pending_nanos"]) == ("0", "400000")
-    assert not get_redis().exists(spend.held_key(prepaid.id))
+    assert not get_redis().exists(wallet_keys.held_key(prepaid.id))
 
 
 def test_reservations_no_gateway_settled_are_released_by_the_sync(
@@ -343,7 +343,7 @@ def test_two_hundred_concurrent_tensor_requests_against_credit_for_fifty(
     tensor_prepaid: Organization,
 ) -> None:
     org = tensor_prepaid
-    assert get_redis().hgetall(spend.price_key(org.id, RANKER)) == {
+    assert get_redis().hgetall(wallet_keys.price_key(org.id, RANKER)) == {
         "in": "0",
         "out": "0",
         "req": "1000",
@@ -387,8 +387,8 @@ def test_an_unpriced_model_is_refused_before_anything_is_taken() -> None:
     assert (unknown.allowed, unknown.price_unknown) == (False, True)
     assert (refused.allowed, refused.unpriced) == (False, True)
     redis = get_redis()
-    assert redis.hgetall(spend.price_key(org.id, "unpriced-ranker")) == {"unpriced": "1"}
-    assert 0 < redis.ttl(spend.price_key(org.id, "unpriced-ranker")) <= spend.UNPRICED_TTL_S
+    assert redis.hgetall(wallet_keys.price_key(org.id, "unpriced-ranker")) == {"unpriced": "1"}
+    assert 0 < redis.ttl(wallet_keys.price_key(org.id, "unpriced-ranker")) <= spend.UNPRICED_TTL_S
     # Nothing was taken: no request from any bucket, no reservation.
     assert not redis.exists(*lim.bucket_keys())
-    assert not redis.hexists(spend.wallet_key(org.id), "reserved_nanos")
+    assert not redis.hexists(wallet_keys.wallet_key(org.id), "reserved_nanos")

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from billing import metering, partitions
+from billing.metering import outbox, parse, partitions, store, stream
+from billing.metering.drain import Drain, DrainTotals, usage_drain
 from billing.models import SpendOutbox, UsageEvent
 from core.redis import get_redis
 from tests.billing.metering_support import (
@@ -35,9 +36,9 @@ from workers.contract import UsageEvent as ContractEvent
 pytestmark = pytest.mark.django_db
 
 
-def drain(**options: Any) -> metering.DrainTotals:
+def drain(**options: Any) -> DrainTotals:
     options.setdefault("hooks", ())
-    return metering.usage_drain(consumer="test", client=get_redis(), once=True, **options)
+    return usage_drain(consumer="test", client=get_redis(), once=True, **options)
 
 
 def test_drain_writes_exact_raw_rows_rollups_and_spend() -> None:
@@ -55,7 +56,7 @@ def test_drain_writes_exact_raw_rows_rollups_and_spend() -> None:
 
     totals = drain()
 
-    assert totals == metering.DrainTotals(batches=1, inserted=5, duplicates=0, dead=0)
+    assert totals == DrainTotals(batches=1, inserted=5, duplicates=0, dead=0)
     stored = UsageEvent.objects.get(request_id="req_e")
     assert (stored.organization_id, stored.project_id, stored.api_key_id) == (
         "org_globex",
@@ -146,9 +147,9 @@ def test_entry_pending_in_a_dead_consumer_is_claimed_and_counted_once() -> None:
     client = get_redis()
     events = UsageEventFactory.create_batch(3)
     emit(client, events)
-    metering.ensure_group(client)
+    stream.ensure_group(client)
     # A consumer took the entries and died before storing anything.
-    client.xreadgroup(metering.GROUP, "dead", {USAGE_STREAM: ">"}, count=10)
+    client.xreadgroup(stream.GROUP, "dead", {USAGE_STREAM: ">"}, count=10)
     assert pending_count(client) == 3
 
     totals = drain(claim_idle_ms=0)
@@ -165,14 +166,12 @@ def test_entry_committed_but_not_acked_is_not_counted_again(
     events = UsageEventFactory.create_batch(4)
     emit(client, events)
     # The first drain commits and dies before XACK: the entries stay pending.
-    monkeypatch.setattr(metering.Drain, "_acknowledge", lambda self, batch: None)
-    metering.usage_drain(consumer="first", client=client, once=True, hooks=())
+    monkeypatch.setattr(Drain, "_acknowledge", lambda self, batch: None)
+    usage_drain(consumer="first", client=client, once=True, hooks=())
     monkeypatch.undo()
     assert pending_count(client) == 4
 
-    totals = metering.usage_drain(
-        consumer="second", client=client, once=True, hooks=(), claim_idle_ms=0
-    )
+    totals = usage_drain(consumer="second", client=client, once=True, hooks=(), claim_idle_ms=0)
 
     assert (totals.inserted, totals.duplicates) == (0, 4)
     assert raw_totals() == expected_totals(events)
@@ -185,8 +184,8 @@ def test_restarted_consumer_takes_back_its_own_pending_entries_at_once() -> None
     client = get_redis()
     events = UsageEventFactory.create_batch(2)
     emit(client, events)
-    metering.ensure_group(client)
-    client.xreadgroup(metering.GROUP, "test", {USAGE_STREAM: ">"}, count=10)
+    stream.ensure_group(client)
+    client.xreadgroup(stream.GROUP, "test", {USAGE_STREAM: ">"}, count=10)
 
     totals = drain()  # same consumer name; the default claim idle time has not passed
 
@@ -223,7 +222,7 @@ def test_bad_entry_goes_to_the_dead_letters_and_does_not_block_the_batch(
     assert (totals.inserted, totals.dead) == (1, 1)
     assert raw_totals() == expected_totals([good])
     assert list(UsageEvent.objects.values_list("request_id", flat=True)) == [good.request_id]
-    dead = client.xrange(metering.DEAD_LETTER_STREAM)
+    dead = client.xrange(stream.DEAD_LETTER_STREAM)
     assert len(dead) == 1
     fields = dead[0][1]
     assert fields["_source_id"] == bad_id
@@ -234,11 +233,11 @@ def test_bad_entry_goes_to_the_dead_letters_and_does_not_block_the_batch(
 
 def test_lag_metric_moves_with_the_oldest_uncounted_event() -> None:
     client = get_redis()
-    assert metering.drain_lag_seconds(client) == 0.0
+    assert stream.drain_lag_seconds(client) == 0.0
     old_ms = int(time.time() * 1000) - 5000
     client.xadd(USAGE_STREAM, UsageEventFactory().to_fields(), id=f"{old_ms}-0")  # type: ignore[arg-type]
     emit(client, [UsageEventFactory()])
-    drain_ = metering.Drain(consumer="test", client=client, hooks=())
+    drain_ = Drain(consumer="test", client=client, hooks=())
     drain_.setup()
 
     drain_.maintain(force=True)
@@ -246,19 +245,19 @@ def test_lag_metric_moves_with_the_oldest_uncounted_event() -> None:
     lag = REGISTRY.get_sample_value("mantle_usage_drain_lag_seconds")
     assert lag is not None
     assert 5.0 <= lag < 60.0
-    assert metering.drain_lag_seconds(client) >= 5.0
+    assert stream.drain_lag_seconds(client) >= 5.0
     drain()
-    assert metering.drain_lag_seconds(client) == 0.0
+    assert stream.drain_lag_seconds(client) == 0.0
 
 
 def test_lag_counts_entries_delivered_but_not_acknowledged() -> None:
     client = get_redis()
     old_ms = int(time.time() * 1000) - 8000
     client.xadd(USAGE_STREAM, UsageEventFactory().to_fields(), id=f"{old_ms}-0")  # type: ignore[arg-type]
-    metering.ensure_group(client)
-    client.xreadgroup(metering.GROUP, "slow", {USAGE_STREAM: ">"}, count=10)
+    stream.ensure_group(client)
+    client.xreadgroup(stream.GROUP, "slow", {USAGE_STREAM: ">"}, count=10)
 
-    assert metering.drain_lag_seconds(client) >= 8.0
+    assert stream.drain_lag_seconds(client) >= 8.0
 
 
 def test_stream_is_trimmed_only_below_what_every_group_has_counted() -> None:
@@ -267,7 +266,7 @@ def test_stream_is_trimmed_only_below_what_every_group_has_counted() -> None:
     drain()
     kept = emit(client, UsageEventFactory.create_batch(2))  # not delivered yet
 
-    metering.usage_stream_trim(client)
+    stream.usage_stream_trim(client)
 
     remaining = [entry_id for entry_id, _ in client.xrange(USAGE_STREAM)]
     assert remaining[-2:] == kept  # undelivered entries are never trimmed
@@ -283,7 +282,7 @@ def test_hooks_get_the_inserted_events_only() -> None:
     seen: list[ContractEvent] = []
     emit(client, [stored, new])
 
-    metering.usage_drain(consumer="test", client=client, once=True, hooks=[seen.extend])
+    usage_drain(consumer="test", client=client, once=True, hooks=[seen.extend])
 
     assert seen == [new]
 
@@ -299,12 +298,12 @@ def test_failing_hook_keeps_the_batch_in_the_outbox_until_a_replay_succeeds() ->
         if len(calls) == 1:
             raise RuntimeError("downstream unavailable")
 
-    metering.usage_drain(consumer="test", client=client, once=True, hooks=[flaky])
+    usage_drain(consumer="test", client=client, once=True, hooks=[flaky])
 
     assert outbox_count() == 1
     assert spend(client, "org_acme") == (200, 40)  # spend applied once already
 
-    assert metering.outbox_replay(client, hooks=[flaky]) == 1
+    assert outbox.outbox_replay(client, hooks=[flaky]) == 1
 
     assert outbox_count() == 0
     assert sorted(e.request_id for e in calls[1]) == sorted(e.request_id for e in events)
@@ -314,13 +313,13 @@ def test_failing_hook_keeps_the_batch_in_the_outbox_until_a_replay_succeeds() ->
 def test_outbox_replay_after_a_crash_between_commit_and_spend_applies_once() -> None:
     client = get_redis()
     events = UsageEventFactory.create_batch(3, organization_id="org_initech")
-    rows = metering.assemble_batch([(str(i), _flat(e)) for i, e in enumerate(events)]).rows
-    partitions.usage_partitions_ensure(months=metering.usage_rows_months(rows))
-    metering.usage_batch_store(rows)  # committed; the drain "died" before Redis
+    rows = parse.assemble_batch([(str(i), _flat(e)) for i, e in enumerate(events)]).rows
+    partitions.usage_partitions_ensure(months=store.usage_rows_months(rows))
+    store.usage_batch_store(rows)  # committed; the drain "died" before Redis
     assert spend(client, "org_initech") == (0, 0)
 
-    assert metering.outbox_replay(client) == 1
-    assert metering.outbox_replay(client) == 0
+    assert outbox.outbox_replay(client) == 1
+    assert outbox.outbox_replay(client) == 0
 
     assert spend(client, "org_initech") == (300, 60)
     assert SpendOutbox.objects.count() == 0
@@ -329,19 +328,19 @@ def test_outbox_replay_after_a_crash_between_commit_and_spend_applies_once() -> 
 def test_spend_apply_is_once_per_batch() -> None:
     client = get_redis()
 
-    assert metering.spend_apply(client, batch="b1", deltas={"org_x": (5, 6)}) is True
-    assert metering.spend_apply(client, batch="b1", deltas={"org_x": (5, 6)}) is False
+    assert outbox.spend_apply(client, batch="b1", deltas={"org_x": (5, 6)}) is True
+    assert outbox.spend_apply(client, batch="b1", deltas={"org_x": (5, 6)}) is False
 
     assert spend(client, "org_x") == (5, 6)
 
 
 def test_storing_the_same_rows_again_inserts_nothing() -> None:
     events = UsageEventFactory.create_batch(3)
-    rows = metering.assemble_batch([(str(i), _flat(e)) for i, e in enumerate(events)]).rows
-    partitions.usage_partitions_ensure(months=metering.usage_rows_months(rows))
-    first = metering.usage_batch_store(rows)
+    rows = parse.assemble_batch([(str(i), _flat(e)) for i, e in enumerate(events)]).rows
+    partitions.usage_partitions_ensure(months=store.usage_rows_months(rows))
+    first = store.usage_batch_store(rows)
 
-    again = metering.usage_batch_store(rows)
+    again = store.usage_batch_store(rows)
 
     assert (first.inserted, again.inserted, again.duplicates) == (3, 0, 3)
     assert again.batch is None
@@ -403,7 +402,7 @@ _ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_-0123456789", min_size=1, ma
 def test_parse_entry_reads_events_as_the_contract_does(event: ContractEvent) -> None:
     fields = event.to_fields()
 
-    values = metering.parse_entry(fields, not_before=0.0, not_after=math.inf)
+    values = parse.parse_entry(fields, not_before=0.0, not_after=math.inf)
 
     assert ContractEvent(*values) == ContractEvent.from_fields(fields) == event
 
@@ -441,20 +440,20 @@ def test_rows_the_database_refuses_go_to_the_dead_letters_one_by_one(
     client = get_redis()
     good, poison = UsageEventFactory(), UsageEventFactory(request_id="req_poison")
     emit(client, [good, poison])
-    real_store = metering.usage_batch_store
+    real_store = store.usage_batch_store
 
-    def picky_store(rows: Sequence[Sequence[Any]], **options: Any) -> metering.Stored:
+    def picky_store(rows: Sequence[Sequence[Any]], **options: Any) -> store.Stored:
         if any(r[0] == "req_poison" for r in rows):
             raise DataError("value refused")
         return real_store(rows, **options)
 
-    monkeypatch.setattr(metering, "usage_batch_store", picky_store)
+    monkeypatch.setattr(store, "usage_batch_store", picky_store)
 
     totals = drain()
 
     assert (totals.inserted, totals.dead) == (1, 1)
     assert list(UsageEvent.objects.values_list("request_id", flat=True)) == [good.request_id]
-    dead = client.xrange(metering.DEAD_LETTER_STREAM)
+    dead = client.xrange(stream.DEAD_LETTER_STREAM)
     assert [fields["request_id"] for _, fields in dead] == ["req_poison"]
     assert dead[0][1]["_reason"] == "refused by the database: value refused"
     assert pending_count(client) == 0
@@ -464,10 +463,10 @@ def test_a_failing_reader_stops_the_drain_with_an_error(monkeypatch: pytest.Monk
     client = get_redis()
     emit(client, [UsageEventFactory()])
 
-    def broken(*args: Any, **kwargs: Any) -> metering.Batch:
+    def broken(*args: Any, **kwargs: Any) -> parse.Batch:
         raise RuntimeError("parser bug")
 
-    monkeypatch.setattr(metering, "assemble_batch", broken)
+    monkeypatch.setattr(parse, "assemble_batch", broken)
 
     with pytest.raises(RuntimeError, match="reader failed"):
         drain()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from billing import metering
+from billing.metering import drain
 from core.redis import get_redis
 from tests.billing.metering_support import (
     UsageEventFactory,
@@ -25,7 +25,7 @@ from tests.billing.metering_support import (
     rollup_totals,
     spend,
 )
-from tests.stack import ROOT, Stack
+from tests.support.stack import ROOT, Stack
 from workers.contract import UsageEvent as ContractEvent
 
 pytestmark = [
@@ -57,10 +57,10 @@ def drain_command(*args: str) -> list[str]:
 
 def drain_env(crash_at: str = "", crash_after: int = 0) -> dict[str, str]:
     env = Stack.for_tests().env
-    env.pop(metering.CRASH_ENV, None)
+    env.pop(drain.CRASH_ENV, None)
     if crash_at:
-        env[metering.CRASH_ENV] = crash_at
-        env[metering.CRASH_AFTER_ENV] = str(crash_after)
+        env[drain.CRASH_ENV] = crash_at
+        env[drain.CRASH_AFTER_ENV] = str(crash_after)
     return env
 
 
@@ -92,7 +92,7 @@ def assert_counted_exactly(events: Sequence[ContractEvent]) -> None:
     assert outbox_count() == 0
 
 
-@pytest.mark.parametrize("point", metering.CRASH_POINTS)
+@pytest.mark.parametrize("point", drain.CRASH_POINTS)
 def test_drain_killed_at_each_step_loses_nothing_and_counts_nothing_twice(point: str) -> None:
     client = get_redis()
     events = make_events(3000)

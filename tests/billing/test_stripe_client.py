@@ -12,8 +12,8 @@ import pytest
 import requests
 import responses
 
-from billing.stripe_client import API_VERSION, StripeApi, StripeConfig
-from billing.stripe_types import (
+from billing.payments.stripe_client import API_VERSION, StripeApi, StripeConfig
+from billing.payments.stripe_types import (
     InvoiceLine,
     InvoicePush,
     StripeAuthenticationFailed,

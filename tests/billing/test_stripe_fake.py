@@ -8,9 +8,9 @@ from decimal import Decimal
 
 import pytest
 
-from billing.stripe_client import webhook_verify
-from billing.stripe_fake import IDEMPOTENCY_TTL_S, FakeStripe
-from billing.stripe_types import (
+from billing.payments.stripe_client import webhook_verify
+from billing.payments.stripe_fake import IDEMPOTENCY_TTL_S, FakeStripe
+from billing.payments.stripe_types import (
     InvoiceLine,
     InvoicePush,
     StripeBackend,
@@ -47,7 +47,7 @@ def open_invoice(fake: FakeStripe, amounts: tuple[str, ...] = ("10.00",)) -> str
 
 
 def test_fake_is_a_stripe_backend(fake: FakeStripe) -> None:
-    backend: StripeBackend = fake  # mypy checks billing.stripe_sync._build the same way
+    backend: StripeBackend = fake  # mypy checks billing.payments.stripe_sync._build the same way
     assert backend.customer_create(organization_id="org_1", name="Acme").id.startswith("cus_")
 
 

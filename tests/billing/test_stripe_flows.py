@@ -10,10 +10,11 @@ import pytest
 from django.utils import timezone
 
 from accounts.permissions import Role
-from billing import stripe_sync, stripe_tasks
 from billing.models import Invoice, StripeCustomer, UsageRollup
-from billing.stripe_fake import IDEMPOTENCY_TTL_S, FakeStripe
-from billing.stripe_types import StripeDisabled, StripeUnavailable
+from billing.payments import stripe_sync
+from billing.payments import tasks as stripe_tasks
+from billing.payments.stripe_fake import IDEMPOTENCY_TTL_S, FakeStripe
+from billing.payments.stripe_types import StripeDisabled, StripeUnavailable
 from catalog.models import Model
 from core.errors import Conflict, InvalidInput
 from tests.billing.stripe_support import deliver, last_event, make_invoice, use_fake_stripe
@@ -45,7 +46,7 @@ def test_without_a_key_stripe_is_disabled(world: OrgWorld, settings: Any) -> Non
 
 
 def test_with_a_key_the_real_adapter_is_used(settings: Any) -> None:
-    from billing.stripe_client import StripeApi
+    from billing.payments.stripe_client import StripeApi
 
     settings.MANTLE_STRIPE_BACKEND = "stripe"
     settings.STRIPE_API_KEY = "sk_test_configured"

@@ -8,8 +8,8 @@ from decimal import Decimal
 
 import pytest
 
-from billing.stripe_client import StripeApi, StripeConfig
-from billing.stripe_types import InvoiceLine, InvoicePush, invoice_push
+from billing.payments.stripe_client import StripeApi, StripeConfig
+from billing.payments.stripe_types import InvoiceLine, InvoicePush, invoice_push
 
 KEY = os.environ.get("STRIPE_TEST_API_KEY", "")
 

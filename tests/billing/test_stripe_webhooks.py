@@ -16,12 +16,12 @@ from django.test import Client
 from accounts import keys, services
 from accounts.models import AuditLog, Organization
 from accounts.principal import SYSTEM
-from billing import stripe_events
 from billing.models import Invoice, StripeCustomer, StripeEvent, StripePaymentFailure
-from billing.stripe_client import webhook_sign
-from billing.stripe_fake import FakeStripe
-from billing.stripe_sync import stripe_customer_ensure, stripe_invoice_push
-from billing.stripe_types import InvoiceLine, InvoicePush, StripeUnavailable, invoice_push
+from billing.payments import stripe_events
+from billing.payments.stripe_client import webhook_sign
+from billing.payments.stripe_fake import FakeStripe
+from billing.payments.stripe_sync import stripe_customer_ensure, stripe_invoice_push
+from billing.payments.stripe_types import InvoiceLine, InvoicePush, StripeUnavailable, invoice_push
 from core.redis import get_redis
 from tests.billing.stripe_support import (
     WEBHOOK_SECRET,

@@ -8,7 +8,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from billing import metering, metering_tasks, partitions
+from billing.metering import parse, partitions, store
+from billing.metering import tasks as metering_tasks
 from billing.models import UsageEvent, UsageRollup
 from config.celery import app
 from tests.billing.metering_support import UsageEventFactory
@@ -27,12 +28,12 @@ def _bounds(name: str) -> str:
 
 
 def _store(*events: object) -> None:
-    rows = metering.assemble_batch(
+    rows = parse.assemble_batch(
         [(str(i), _flat(e)) for i, e in enumerate(events)],
         now=events[-1].finished_at,  # type: ignore[attr-defined]
     ).rows
-    partitions.usage_partitions_ensure(months=metering.usage_rows_months(rows))
-    metering.usage_batch_store(rows)
+    partitions.usage_partitions_ensure(months=store.usage_rows_months(rows))
+    store.usage_batch_store(rows)
 
 
 def _flat(event: object) -> list[str]:
@@ -103,7 +104,7 @@ def test_drain_refuses_events_older_than_retention() -> None:
         UsageEventFactory(finished_at=cutoff - 1),
     )
 
-    batch = metering.assemble_batch([("1-0", _flat(inside)), ("2-0", _flat(outside))], now=now)
+    batch = parse.assemble_batch([("1-0", _flat(inside)), ("2-0", _flat(outside))], now=now)
 
     assert [r[0] for r in batch.rows] == [inside.request_id]
     assert [d[0] for d in batch.dead] == ["2-0"]

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from accounts.models import Organization
 from accounts.principal import Principal
-from billing import spend, wallet
+from billing import wallet, wallet_keys
 from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.models import BillingAccount, Budget
 from billing.periods import hour_start, month_label
@@ -71,7 +71,7 @@ def test_postpaid_without_hard_budget_is_not_checked(org: Organization, this_hou
         "month": month_label(this_hour),
         "spent_nanos": str(2 * USD),
     }
-    assert get_redis().hgetall(spend.price_key(org.id, CHAT)) == {
+    assert get_redis().hgetall(wallet_keys.price_key(org.id, CHAT)) == {
         "in": "1000",
         "out": "2000",
         "req": "0",
@@ -181,19 +181,20 @@ def test_prices_are_the_organizations_effective_prices_in_exact_nanos(org: Organ
     wallet_sync(org)
 
     redis = get_redis()
-    assert redis.hgetall(spend.price_key(org.id, "tiny")) == {
+    assert redis.hgetall(wallet_keys.price_key(org.id, "tiny")) == {
         "in": "37.5",
         "out": "150",
         "req": "0",
         "ms": "0",
     }
-    assert redis.hgetall(spend.price_key(org.id, CHAT)) == {
+    assert redis.hgetall(wallet_keys.price_key(org.id, CHAT)) == {
         "in": "900",
         "out": "1800",
         "req": "0",
         "ms": "0",
     }
-    assert not redis.exists(spend.price_key(org.id, "half-priced"))  # one kind only: not admitted
+    # One kind only: not admitted.
+    assert not redis.exists(wallet_keys.price_key(org.id, "half-priced"))
 
 
 def test_sync_keeps_what_the_gateway_and_a_racing_drain_added(
@@ -204,7 +205,7 @@ def test_sync_keeps_what_the_gateway_and_a_racing_drain_added(
     usage(org, this_hour, input_tokens=1_000_000)
     wallet_sync(org)
     redis = get_redis()
-    key = spend.wallet_key(org.id)
+    key = wallet_keys.wallet_key(org.id)
     redis.hset(key, mapping={"reserved_nanos": 777, "pending_nanos": 55})
     real_compute = wallet.wallet_compute
 
@@ -227,7 +228,7 @@ def test_two_syncs_at_once_rebase_once(
     org: Organization, this_hour: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     usage(org, this_hour, input_tokens=3_000_000)
-    get_redis().hset(spend.wallet_key(org.id), "spent_nanos", 10 * USD)  # last month's
+    get_redis().hset(wallet_keys.wallet_key(org.id), "spent_nanos", 10 * USD)  # last month's
     real_compute = wallet.wallet_compute
     nested: list[bool] = []
 
@@ -284,10 +285,10 @@ def test_record_counts_at_current_prices_and_a_replayed_batch_once(org: Organiza
 
 def test_record_moves_a_parked_cost_from_pending_to_spent(org: Organization) -> None:
     redis = get_redis()
-    key = spend.wallet_key(org.id)
+    key = wallet_keys.wallet_key(org.id)
     wallet_sync(org)
     # The gateway settled req_a first (parked as pending); req_b is counted before its settle.
-    redis.hset(spend.pending_key(org.id), "req_a", 5000)
+    redis.hset(wallet_keys.pending_key(org.id), "req_a", 5000)
     redis.hincrby(key, "pending_nanos", 5000)
 
     wallet_record_batch(
@@ -299,8 +300,8 @@ def test_record_moves_a_parked_cost_from_pending_to_spent(org: Organization) -> 
 
     found = wallet_read(org.id)
     assert (found["pending_nanos"], found["spent_nanos"]) == ("0", "6000")
-    assert not redis.hexists(spend.pending_key(org.id), "req_a")
-    assert redis.exists(spend.counted_key("req_b")) == 1
+    assert not redis.hexists(wallet_keys.pending_key(org.id), "req_a")
+    assert redis.exists(wallet_keys.counted_key("req_b")) == 1
 
 
 def test_record_counts_a_projects_spend_only_when_it_has_a_cap(org: Organization) -> None:
@@ -337,7 +338,7 @@ def test_record_with_no_price_hash_loads_the_price_from_the_database(org: Organi
     )
 
     assert cost == 2000
-    assert get_redis().hgetall(spend.price_key(org.id, CHAT)) == {
+    assert get_redis().hgetall(wallet_keys.price_key(org.id, CHAT)) == {
         "in": "500",
         "out": "2000",
         "req": "0",
@@ -405,8 +406,8 @@ def test_the_drain_hook_counts_contract_events(org: Organization) -> None:
 def test_the_drain_runs_the_wallet_hook_by_default() -> None:
     # A drain started as `manage.py drain_usage` does (no hooks given) must move settled
     # costs from pending to spent; without the hook registered, pending only ever grows.
-    from billing import metering
+    from billing.metering import drain, outbox
     from billing.wallet import wallet_record_events
 
-    assert wallet_record_events in metering.registered_hooks()
-    assert wallet_record_events in metering.Drain(consumer="hook-check", client=get_redis()).hooks
+    assert wallet_record_events in outbox.registered_hooks()
+    assert wallet_record_events in drain.Drain(consumer="hook-check", client=get_redis()).hooks

@@ -21,14 +21,19 @@ from tokenizers import Tokenizer
 from accounts.permissions import Role
 from catalog.models import CompileJob, ModelVersion
 from tests.conftest import OrgWorld, build_world
-from tests.stack import Process, Stack
+from tests.support.stack import Process, Stack
 from tests.workers.compile_support import BIAS, WEIGHTS, external_upload, tar_bytes, tree
 from workers.compile import artifacts
-from workers.compile.pipeline import default_prepare_python
+from workers.compile.steps.source import default_prepare_python
 from workers.contract import ModelRef
 from workers.runtime.models import load_model
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(600),
+    pytest.mark.models,  # checkpoints are exported in the prepare environment
+]
 
 JOB_TIMEOUT_S = 400.0  # an export on a busy 2-core machine; never asserted, only waited for
 
@@ -36,7 +41,13 @@ JOB_TIMEOUT_S = 400.0  # an export on a busy 2-core machine; never asserted, onl
 def minilm_checkpoint() -> Path:
     python = default_prepare_python()
     if not python.is_file():
-        pytest.skip(f"no prepare venv at {python} (bin/prepare-models builds it)")
+        # Never a skip: a warm artifact cache does not build this venv, and the compile
+        # tests would vanish from a green run. bin/test makes sure it exists.
+        pytest.fail(
+            f"no prepare venv at {python}: run bin/test, which builds it (or by hand: "
+            "bash -c 'source bin/_lib.sh && source bin/_prepare.sh && ensure_prepare_venv')",
+            pytrace=False,
+        )
     done = subprocess.run(
         [
             str(python),
@@ -81,7 +92,7 @@ def nodes(paths: dict[str, Path], django_db_setup: None, django_db_blocker: Any)
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
     env = {"MANTLE_ARTIFACT_DIR": str(paths["store"]), "MANTLE_ORT_THREADS": "1"}
     try:
-        compile_node = stack._spawn(
+        compile_node = stack.spawn(
             "compile-node",
             [
                 sys.executable,
@@ -103,7 +114,7 @@ def nodes(paths: dict[str, Path], django_db_setup: None, django_db_blocker: Any)
             ],
             env,
         )
-        control = stack._spawn(
+        control = stack.spawn(
             "control-worker",
             [
                 sys.executable,

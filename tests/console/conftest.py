@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from tests.browser import app_server, browser, browser_context, page  # noqa: F401
+from tests.support.browser import app_server, browser, browser_context, page  # noqa: F401

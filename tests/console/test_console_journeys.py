@@ -27,7 +27,6 @@ from catalog.services import builtin_models_register
 from core.redis import get_redis
 from tests.billing.factories import GrantFactory, PriceFactory
 from tests.billing.stripe_support import make_invoice
-from tests.browser import AppServer, login_as, screenshot
 from tests.factories import (
     OrganizationFactory,
     UserFactory,
@@ -35,9 +34,15 @@ from tests.factories import (
     make_api_key,
     price_builtin_models,
 )
-from tests.stack import ROOT, Stack, builtin_manifests
+from tests.support.browser import AppServer, login_as, screenshot
+from tests.support.stack import ROOT, Stack, builtin_manifests
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.browser,
+    pytest.mark.models,
+]
 
 AREA = "console"
 CHAT = "smollm2-135m-instruct"

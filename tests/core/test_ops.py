@@ -134,6 +134,7 @@ def test_log_lines_carry_the_request_id(caplog: pytest.LogCaptureFixture) -> Non
     assert all(getattr(r, "request_id", None) == "trace-me-1" for r in records)
 
 
+@pytest.mark.rabbitmq
 def test_readyz_with_rabbitmq_as_the_broker(settings: Any, ops_token: str) -> None:
     settings.CELERY_BROKER_URL = os.environ.get(
         "MANTLE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"

@@ -16,7 +16,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from core import secret_checks
-from tests.stack import ROOT
+from tests.support.stack import ROOT
 
 SECRET = "s3cr3t-" + "a" * 40
 PEPPER = "p3pp3r-" + "b" * 40

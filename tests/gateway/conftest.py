@@ -14,7 +14,7 @@ from catalog.models import Endpoint
 from catalog.services import builtin_models_register
 from core.redis import get_redis
 from tests.factories import OrganizationFactory, make_api_key, price_builtin_models
-from tests.stack import Process, Stack, builtin_manifests
+from tests.support.stack import Process, Stack, builtin_manifests
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"

@@ -10,7 +10,12 @@ from catalog.models import Endpoint
 from catalog.services import endpoint_publish, pool_ensure
 from tests.gateway.conftest import CHAT, Served
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.models,
+    pytest.mark.rabbitmq,
+]
 
 AMQP = os.environ.get("MANTLE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 

@@ -21,7 +21,7 @@ from catalog.models import Endpoint
 from catalog.selectors import endpoint_spec_load
 from catalog.services import endpoint_create, endpoint_delete
 from core.redis import get_redis
-from gateway.resolve import _endpoint, endpoint_cache_fill
+from gateway.resolve import endpoint_cache_fill, endpoint_for
 from tests.conftest import OrgWorld
 from tests.factories import UNSERVED_ENCODER, make_api_key, make_model_version, make_pool
 
@@ -50,7 +50,7 @@ def test_a_fill_racing_a_delete_does_not_bring_the_endpoint_back(
         runner.run(endpoint_cache_fill(endpoint.id, read_before_delete))  # ...written after
         cached = get_redis().get(specs.endpoint_key(endpoint.id))
         assert cached == specs.UNKNOWN
-        assert runner.run(_endpoint(endpoint.id, cached)) is None
+        assert runner.run(endpoint_for(endpoint.id, cached)) is None
     assert 0 < get_redis().ttl(specs.endpoint_key(endpoint.id)) <= specs.DELETED_TTL_S
 
 
@@ -60,7 +60,7 @@ def test_a_fill_on_a_miss_still_caches_what_the_database_says(world: OrgWorld) -
     endpoint = make_endpoint(world)
     get_redis().delete(specs.endpoint_key(endpoint.id))
     with asyncio.Runner() as runner:
-        spec = runner.run(_endpoint(endpoint.id, None))
+        spec = runner.run(endpoint_for(endpoint.id, None))
     assert spec is not None and spec.id == endpoint.id
     assert specs.EndpointSpec.from_json(get_redis().get(specs.endpoint_key(endpoint.id))) == spec  # type: ignore[arg-type]
 

@@ -13,7 +13,7 @@ from catalog.services import endpoint_publish
 from tests.factories import OrganizationFactory, make_api_key, make_model_version
 from tests.gateway.conftest import ECHO, Served
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
 # One template, three attacks, picked by the first message. Every one would pin the
 # gateway's event loop for minutes (or take gigabytes) if rendered there unbounded.

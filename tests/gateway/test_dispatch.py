@@ -24,7 +24,7 @@ from core.redis import get_redis
 from gateway import dispatch
 from gateway.errors import OpenAIError
 from tests.gateway.test_openai_e2e import wait_usage
-from tests.stack import Stack
+from tests.support.stack import Stack
 from workers import contract
 
 GHOST = "ghost-node"

@@ -15,12 +15,12 @@ from accounts import keys
 from accounts.permissions import Role
 from accounts.principal import SYSTEM
 from accounts.services import api_key_identity_load
-from billing import spend
+from billing import wallet_keys
 from catalog.selectors import endpoint_spec_load
 from catalog.services import endpoint_create
 from catalog.specs import EndpointSpec
 from gateway.limits import Admission, Limits, RateLimiter
-from gateway.views import _limits
+from gateway.pipeline import limits_for
 from tests.conftest import OrgWorld
 from tests.factories import UNSERVED_ENCODER, make_api_key, make_model_version, make_pool
 from workers.contract import pool_live_key
@@ -52,7 +52,7 @@ async def admit_all(requests: list[Limits]) -> list[Admission]:
     client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
     await client.zadd(pool_live_key(POOL), {"node-a": time.time()})
     for org in {r.organization_id for r in requests}:
-        await client.hset(spend.price_key(org, "m"), mapping=FREE_PRICE)
+        await client.hset(wallet_keys.price_key(org, "m"), mapping=FREE_PRICE)
     limiter = RateLimiter(client)
     out = []
     for lim in requests:
@@ -121,8 +121,8 @@ def test_the_gateway_gives_shared_endpoints_the_organizations_share(
     assert identity is not None
     public = dataclasses.replace(served_spec, organization_id=None)
 
-    on_public = _limits(identity, public)
-    on_own = _limits(identity, served_spec)
+    on_public = limits_for(identity, public)
+    on_own = limits_for(identity, served_spec)
 
     assert (on_public.organization_id, on_public.caps()[6:]) == (world.org.id, [700, 70_000])
     assert on_own.caps()[6:] == [0, 0]

@@ -16,9 +16,9 @@ import pytest
 from django.utils import timezone
 
 from accounts.models import Organization
-from billing import spend
+from billing import wallet_keys
 from billing.invoicing import invoice_refresh_draft
-from billing.metering import usage_drain
+from billing.metering.drain import usage_drain
 from billing.models import BillingAccount, Budget, CreditLedgerEntry, Price
 from billing.wallet import wallet_read, wallet_record_events, wallet_sync
 from core.redis import get_redis
@@ -32,10 +32,10 @@ from tests.factories import (
 from tests.gateway import test_v2_e2e as v2_e2e
 from tests.gateway.conftest import LiveStack
 from tests.gateway.test_v2_e2e import admin_auth, features, infer_body, usage_by_request
-from tests.stack import Process
+from tests.support.stack import Process
 from workers.contract import USAGE_STREAM, response_stream_key, task_claim_key
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
 POOL = v2_e2e.POOL
 artifacts = v2_e2e.artifacts
@@ -169,7 +169,7 @@ def test_a_model_without_a_price_is_refused_for_everyone_and_never_dispatched(
         assert (body["code"], body["param"]) == ("model_not_priced", "model")
         assert "has no price" in body["error"]
         assert_never_dispatched(response)
-    assert get_redis().hgetall(spend.price_key(org.id, f"ranker-{org.id[-6:]}")) == {
+    assert get_redis().hgetall(wallet_keys.price_key(org.id, f"ranker-{org.id[-6:]}")) == {
         "unpriced": "1"
     }
     assert not get_redis().exists(f"mantle:rl:endpoint:{endpoint_id}:req")

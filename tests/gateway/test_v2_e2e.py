@@ -24,10 +24,10 @@ from tests.factories import (
     tensor_artifact,
 )
 from tests.gateway.conftest import LiveStack
-from tests.stack import Process
+from tests.support.stack import Process
 from workers.contract import USAGE_STREAM, response_stream_key, task_claim_key
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
 POOL = "tensor-e2e"
 BATCH_ROWS = 8

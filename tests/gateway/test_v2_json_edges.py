@@ -17,12 +17,12 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway.v2 import _output_values
+from gateway.v2 import output_values
 from tests.gateway import test_v2_e2e as v2_e2e
 from tests.gateway.conftest import LiveStack
 from tests.gateway.test_v2_e2e import Tenant, bucket_exists, infer_body
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
 # The v2 tests' tensor model (shifted = features + 1, score = sum of a row) and its worker.
 artifacts = v2_e2e.artifacts
@@ -87,9 +87,9 @@ def test_outputs_that_overflow_are_written_as_strict_json(tenant: Tenant) -> Non
 
 def test_non_finite_values_are_named_and_finite_ones_kept() -> None:
     values = np.array([np.nan, np.inf, -np.inf, 1.5, -0.0], dtype=np.float16)
-    assert _output_values(values) == ["NaN", "Infinity", "-Infinity", 1.5, -0.0]
-    assert _output_values(np.array([1, 2], dtype=np.int64)) == [1, 2]
-    assert _output_values(np.array([True, False])) == [True, False]
+    assert output_values(values) == ["NaN", "Infinity", "-Infinity", 1.5, -0.0]
+    assert output_values(np.array([1, 2], dtype=np.int64)) == [1, 2]
+    assert output_values(np.array([True, False])) == [True, False]
 
 
 @pytest.mark.parametrize(

@@ -21,11 +21,16 @@ from tests.factories import make_api_key, make_pool
 from tests.gateway import test_v2_e2e as v2_e2e
 from tests.gateway.conftest import LiveStack
 from tests.gateway.test_v2_e2e import BATCH_ROWS, POOL, usage_by_request
-from tests.stack import Process, Stack
+from tests.support.stack import Process, Stack
 from tests.workers.compile_support import BIAS, WEIGHTS, ranker_bytes, tar_bytes
 from workers.contract import response_stream_key
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(600),
+    pytest.mark.models,
+]
 
 # The compile node and control worker of the compile tests, and the v2 tests' tensor worker.
 nodes = compile_e2e.nodes

@@ -13,7 +13,7 @@ from catalog.services import endpoint_publish, pool_ensure
 from tests.gateway.conftest import CHAT, Served
 from tests.gateway.test_openai_e2e import wait_usage
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
 
 def endpoint_on(served: Served, pool_name: str) -> Endpoint:

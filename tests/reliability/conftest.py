@@ -16,7 +16,7 @@ from catalog.models import AcceleratorPool, Endpoint, ModelVersion
 from catalog.services import builtin_models_register, endpoint_publish, pool_ensure
 from tests.factories import OrganizationFactory, make_api_key, price_builtin_models
 from tests.reliability.support import PrivateRedis, TcpProxy, redis_url_of_tests
-from tests.stack import Process, Stack, builtin_manifests, test_database_url
+from tests.support.stack import Process, Stack, builtin_manifests, database_url
 
 CHAT = "smollm2-135m-instruct"
 ECHO = "mantle-echo"
@@ -52,7 +52,7 @@ def faulty(django_db_setup: None, django_db_blocker: Any) -> Iterator[FaultyPlat
     private = PrivateRedis()
     broker_parts = urlsplit(settings.CELERY_BROKER_URL)
     broker = TcpProxy(broker_parts.port or 6379, broker_parts.hostname or "127.0.0.1")
-    db_url = test_database_url()
+    db_url = database_url()
     database = TcpProxy(urlsplit(db_url).port or 5432)
     stack = Stack.for_tests()
     broker_url = _with_port(settings.CELERY_BROKER_URL, broker.port)

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from tests.stack import LOG_DIR, ROOT, Process
+from tests.support.stack import LOG_DIR, ROOT, Process
 
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -263,6 +263,7 @@ class Hosts:
         log = LOG_DIR / f"deploy-{name}.log"
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as handle:
+            started_at = time.time()
             popen = subprocess.Popen(
                 host.command(argv),
                 cwd=cwd,
@@ -271,7 +272,7 @@ class Hosts:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        proc = Process(name=name, popen=popen, log=log)
+        proc = Process(name=name, popen=popen, log=log, started_at=started_at)
         host.processes.append(proc)
         return proc
 

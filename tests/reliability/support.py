@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import redis
 
-from tests.stack import free_port
+from tests.support.stack import free_port
 
 
 class PrivateRedis:

@@ -20,10 +20,15 @@ from catalog.models import Endpoint
 from core.redis import get_redis
 from tests.reliability.conftest import Tenant, builtin_versions, endpoint_on, tenant_on
 from tests.reliability.support import usage_by_request, wait_until
-from tests.stack import Process, Stack, builtin_manifests
+from tests.support.stack import Process, Stack, builtin_manifests
 from workers.contract import worker_info_key
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(240)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(240),
+    pytest.mark.models,
+]
 
 
 POOL = "relclients"

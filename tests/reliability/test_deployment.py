@@ -34,9 +34,8 @@ from django.conf import settings
 from django.db import connection
 from openai import APIConnectionError, OpenAI
 
-from tests import stack
 from tests.reliability.conftest import Tenant, tenant_on
-from tests.reliability.deployment import (
+from tests.reliability.deployment_support import (
     Container,
     EntryPoint,
     Host,
@@ -65,7 +64,8 @@ from tests.reliability.deployment import (
     userinfo_of,
 )
 from tests.reliability.support import TcpProxy, wait_until
-from tests.stack import ROOT, Process, builtin_manifests
+from tests.support import stack
+from tests.support.stack import ROOT, Process, builtin_manifests
 from workers.contract import inference_queue, pool_live_key, worker_info_key
 
 EMBED = "all-minilm-l6-v2"
@@ -155,7 +155,7 @@ def _compose(
         for name in service.get("secrets", []):
             paths[f"/run/secrets/{name}"] = secrets_dir / name
     db = connection.settings_dict
-    db_userinfo = userinfo_of(stack.test_database_url())
+    db_userinfo = userinfo_of(stack.database_url())
     return Compose(
         data=data,
         paths=PathMap(paths),
@@ -481,6 +481,8 @@ def deployment(transactional_db: None) -> Iterator[Deployment]:
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(300)
+@pytest.mark.models
+@pytest.mark.rabbitmq
 def test_compose_topology_across_hosts(deployment: Deployment) -> None:
     from accounts import keys
     from accounts.models import ApiKey

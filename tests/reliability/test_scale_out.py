@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
@@ -15,11 +17,16 @@ from django.conf import settings
 from core.redis import get_redis
 from tests.reliability.conftest import Tenant, tenant_on
 from tests.reliability.support import Load, Outcome, call, check_usage_exactly_once, wait_until
-from tests.stack import Process, Stack, builtin_manifests
+from tests.support.stack import Process, Stack, builtin_manifests
 from workers.contract import worker_info_key
 from workers.serving import CRASH_ENV, CRASH_POINTS
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(300),
+    pytest.mark.models,
+]
 
 STORY = "Write a long story about a lighthouse keeper and the sea, with many details."
 
@@ -185,4 +192,11 @@ def test_two_gateways_two_pools_one_worker_killed_traffic_continues(
     finally:
         for proc in (victim, east_mate, west_worker):
             stack.stop(proc)
-    assert settings.REDIS_URL  # the suite's own Redis, untouched by this test's kill
+    # This process is still on the suite's own Redis (the URL bin/test set), and it answers:
+    # the kill took down a worker, nothing this test process depends on.
+    suite_url = os.environ["REDIS_URL"]
+    assert suite_url == settings.REDIS_URL
+    shared = get_redis().connection_pool.connection_kwargs
+    suite = urlsplit(suite_url)
+    assert (shared["port"], shared["db"]) == (suite.port or 6379, int(suite.path[1:] or 0))
+    assert get_redis().ping()

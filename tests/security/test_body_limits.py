@@ -23,7 +23,7 @@ from onnx import numpy_helper
 
 from catalog.models import CompileJob
 from tests.conftest import OrgWorld, build_world
-from tests.stack import Process, Stack
+from tests.support.stack import Process, Stack
 from tests.workers.compile_support import ranker_model, tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]

@@ -1,8 +1,10 @@
 """Schema-driven fuzzing (schemathesis) of the management API and the gateway, on a live server.
 
-The gateway is fuzzed from hand-written documents (tests/security/openapi_v1.py): /v1 (the
-OpenAI-compatible API) and /v2 (the open inference protocol), the latter against a real
-tensor model (a tiny ONNX graph built with the onnx helper API) served by the live worker.
+The gateway's /v1 (the OpenAI-compatible API) is fuzzed from the document it serves
+(GET /v1/openapi.json, generated from its protocol types), with bodies that fit it and bodies
+that break it; /v2 (the open inference protocol) from a hand-written document
+(tests/security/openapi_v2.py), against a real tensor model (a tiny ONNX graph built with the
+onnx helper API) served by the live worker.
 """
 
 from __future__ import annotations
@@ -18,16 +20,23 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.generation import GenerationMode
 
 from catalog.models import Endpoint
 from catalog.services import endpoint_publish
 from config.api import api
+from gateway.openapi import document
 from tests.factories import make_api_key, make_model_version, tensor_artifact
 from tests.reliability.conftest import Tenant, tenant_on
-from tests.security.openapi_v1 import DOCUMENT, DOCUMENT_V2
-from tests.stack import Stack, builtin_manifests
+from tests.security.openapi_v2 import DOCUMENT_V2
+from tests.support.stack import Stack, builtin_manifests
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(600),
+    pytest.mark.models,
+]
 
 POOL = "relfuzz"
 # No 500s; every reply in its documented shape (bodies of documented statuses, and
@@ -68,10 +77,21 @@ def _operations(schema: Any) -> dict[str, Any]:
     return {result.ok().label: result.ok() for result in schema.get_all_operations()}
 
 
-# The management API's document (django-ninja) and the gateway's (tests/security/openapi_v1.py).
+# The management API's document (django-ninja), the gateway's /v1 document as this process
+# builds it (its operations name the tests; the cases come from the served one, which
+# `served_v1` checks is the same) and the /v2 document (tests/security/openapi_v2.py).
 MANAGEMENT = _operations(schemathesis.openapi.from_dict(api.get_openapi_schema()))
-GATEWAY = _operations(schemathesis.openapi.from_dict(DOCUMENT))
+GATEWAY = _operations(schemathesis.openapi.from_dict(document()))
 GATEWAY_V2 = _operations(schemathesis.openapi.from_dict(DOCUMENT_V2))
+
+
+@pytest.fixture(scope="module")
+def served_v1(fuzz_server: Live) -> dict[str, Any]:
+    """The operations of the /v1 document the live gateway serves, without a key."""
+    served = requests.get(f"{fuzz_server.url}/v1/openapi.json", timeout=30)
+    assert served.status_code == 200
+    assert served.json() == document()
+    return _operations(schemathesis.openapi.from_dict(served.json()))
 
 
 @pytest.fixture
@@ -81,11 +101,16 @@ def fuzz_tenant(fuzz_server: Live, transactional_db: None) -> tuple[Tenant, str]
     return tenant, admin_secret
 
 
-def fuzz(operation: Any, prepare: Any, **call: Any) -> None:
+def fuzz(
+    operation: Any,
+    prepare: Any,
+    generation_mode: GenerationMode = GenerationMode.POSITIVE,
+    **call: Any,
+) -> None:
     # `derandomize` seeds each operation's cases from this function's source: an edit to
     # `run` changes every case of every operation.
     @BOUNDED
-    @given(case=operation.as_strategy())
+    @given(case=operation.as_strategy(generation_mode))
     def run(case: Any) -> None:
         prepare(case)
         response = case.call(timeout=60, **call)
@@ -113,7 +138,9 @@ def test_management_api(label: str, fuzz_tenant: tuple[Tenant, str], fuzz_server
 
 
 @pytest.mark.parametrize("label", sorted(GATEWAY))
-def test_gateway(label: str, fuzz_tenant: tuple[Tenant, str], fuzz_server: Live) -> None:
+def test_gateway(
+    label: str, fuzz_tenant: tuple[Tenant, str], fuzz_server: Live, served_v1: dict[str, Any]
+) -> None:
     tenant, _ = fuzz_tenant
     rng = random.Random(label)
 
@@ -123,12 +150,17 @@ def test_gateway(label: str, fuzz_tenant: tuple[Tenant, str], fuzz_server: Live)
         if "model_id" in (case.path_parameters or {}) and rng.random() < 0.5:
             case.path_parameters["model_id"] = tenant.echo.id
 
-    fuzz(
-        GATEWAY[label],
-        prepare,
-        base_url=fuzz_server.url,
-        headers={"authorization": f"Bearer {tenant.secret}"},
-    )
+    # The document is exact (it is the validation's own schema), so bodies that fit it are
+    # mostly accepted: bodies that break it (unknown roles and formats, out-of-range numbers,
+    # wrong types, unknown members) are sent too, and must be refused in OpenAI's shape.
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        fuzz(
+            served_v1[label],
+            prepare,
+            mode,
+            base_url=fuzz_server.url,
+            headers={"authorization": f"Bearer {tenant.secret}"},
+        )
 
 
 # --- /v2 -----------------------------------------------------------------------------------

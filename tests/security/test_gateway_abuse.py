@@ -17,7 +17,7 @@ from core.redis import get_redis
 from gateway.resolve import failures_key
 from tests.conftest import OrgWorld
 from tests.factories import OrganizationFactory, make_api_key
-from tests.stack import Stack
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -21,7 +21,7 @@ from tests.console.support import org_url
 from tests.factories import default_project
 from tests.security.test_key_privileges import api, bearer
 from tests.security.test_key_privileges import membership as member
-from tests.stack import Stack
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

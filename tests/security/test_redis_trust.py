@@ -32,7 +32,7 @@ from tests.factories import (
     make_model_version,
     make_pool,
 )
-from tests.stack import Process, Stack
+from tests.support.stack import Process, Stack
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -2,13 +2,13 @@
 
 Import the fixtures in your area's conftest.py (tests/console/conftest.py does):
 
-    from tests.browser import app_server, browser, browser_context, page  # noqa: F401
+    from tests.support.browser import app_server, browser, browser_context, page  # noqa: F401
 
 and in a test module:
 
-    from tests.browser import AppServer, login_as, screenshot
+    from tests.support.browser import AppServer, login_as, screenshot
 
-    pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+    pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.browser]
 
     def test_something(page: Page, app_server: AppServer) -> None:
         login_as(page, user, app_server)
@@ -16,7 +16,8 @@ and in a test module:
         screenshot(page, "home", "console")
 
 Rows written by the test must be committed for the server process to see them, hence
-`transaction=True`. The server is started once per session (like tests/gateway's
+`transaction=True`; the `browser` marker tells bin/test to install Chromium
+(tests/support/needs.py). The server is started once per session (like tests/gateway's
 `live` stack) with the test database and the test Redis databases.
 """
 
@@ -36,7 +37,7 @@ from django.contrib.sessions.backends.db import SessionStore
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from accounts.models import User
-from tests.stack import ROOT, Process, Stack
+from tests.support.stack import ROOT, Process, Stack
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT_DIR = ROOT / "test-output" / "screenshots"
@@ -86,7 +87,10 @@ def browser() -> Iterator[Browser]:
     suite under the guard.
     """
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: bin/test installs Debian's chromium (apt-get)")
+        pytest.fail(
+            f"{CHROMIUM} is missing: bin/test installs Debian's chromium (apt-get) when a "
+            "selected test carries the `browser` marker"
+        )
     before = os.environ.get(ASYNC_UNSAFE)
     os.environ[ASYNC_UNSAFE] = "true"
     try:

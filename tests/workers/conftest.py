@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-TEST_REDIS_URL = os.environ.get("MANTLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# The suite's one Redis database: what bin/test exports as REDIS_URL, with the default of
+# bin/test and config/settings/test.py.
+TEST_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from tokenizers import Tokenizer
 
 from workers.compile import builtin
 
+pytestmark = pytest.mark.models
+
 
 def _store() -> Path:
     default = Path.home() / ".cache" / "mantle" / "artifacts"

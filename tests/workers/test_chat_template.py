@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tests.stack import builtin_manifests
+from tests.support.stack import builtin_manifests
 from workers.chat_template import (
     CompiledTemplate,
     TemplateBudget,
@@ -120,6 +120,7 @@ REAL_TEMPLATES = [
 ]
 
 
+@pytest.mark.models  # the last case renders the built-in chat model's template
 @pytest.mark.parametrize("index", range(len(REAL_TEMPLATES) + 1))
 def test_real_templates_render_exactly_as_the_plain_sandbox_does(index: int) -> None:
     if index == len(REAL_TEMPLATES):

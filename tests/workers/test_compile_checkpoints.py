@@ -12,11 +12,12 @@ import pytest
 from tests.workers.compile_support import tree
 from workers.chat_template import TemplateBudget
 from workers.compile import artifacts
-from workers.compile.pipeline import Pipeline, default_prepare_python
+from workers.compile.pipeline import Pipeline
+from workers.compile.steps.source import default_prepare_python
 from workers.contract import CompileRequest, ModelRef
 from workers.runtime.models import load_model
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.models]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -46,7 +47,7 @@ if template:
 
 
 def smollm_tokenizer() -> Path:
-    from tests.stack import builtin_manifests
+    from tests.support.stack import builtin_manifests
 
     for manifest in builtin_manifests():
         if manifest["name"] == "smollm2-135m-instruct":
@@ -57,7 +58,13 @@ def smollm_tokenizer() -> Path:
 def tiny_llama(directory: Path, *, template: str = CHAT_TEMPLATE) -> Path:
     python = default_prepare_python()
     if not python.is_file():
-        pytest.skip(f"no prepare venv at {python} (bin/prepare-models builds it)")
+        # Never a skip: a warm artifact cache does not build this venv, and the compile
+        # tests would vanish from a green run. bin/test makes sure it exists.
+        pytest.fail(
+            f"no prepare venv at {python}: run bin/test, which builds it (or by hand: "
+            "bash -c 'source bin/_lib.sh && source bin/_prepare.sh && ensure_prepare_venv')",
+            pytrace=False,
+        )
     subprocess.run(
         [str(python), "-c", BUILD, str(directory), str(smollm_tokenizer()), template],
         check=True,

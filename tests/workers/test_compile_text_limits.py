@@ -8,7 +8,7 @@ import pytest
 
 from tests.workers.test_tokenizer_limits import word_level
 from workers.chat_template import TemplateBudget
-from workers.compile.pipeline import Step
+from workers.compile.steps.base import Step
 from workers.compile.text_checks import check_chat_template, check_tokenizer
 from workers.compile.validate import CompileError
 from workers.tokenizer_limits import TokenizerLimits

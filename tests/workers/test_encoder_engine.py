@@ -11,6 +11,7 @@ import pytest
 
 from tests.workers.fakes import FakeEncoder, RecordingSink
 from workers.contract import BillingIdentity, EmbedRequest, ModelRef
+from workers.engine import batching
 from workers.engine.encoder import EncoderEngine
 
 IDENTITY = BillingIdentity("org", "proj", "key", "ep", "mv", "fake-embed")
@@ -37,10 +38,55 @@ def engines() -> Iterator[list[EncoderEngine]]:
         engine.stop()
 
 
-def start(engines: list[EncoderEngine], session: FakeEncoder, **kwargs: object) -> EncoderEngine:
+class BatcherClock:
+    """The batcher's monotonic clock, moved only by the batcher's own timed waits: how long
+    a batch was held open is then exactly what it waited, whatever the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:  # request deadlines stay on the real clock
+        return time.time()
+
+
+class ClockedCondition(threading.Condition):
+    """A timed wait returns at once with the clock moved on by its timeout (no one notifies
+    a batcher holding a batch open in these tests); an untimed one really waits."""
+
+    def __init__(self, clock: BatcherClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is None:
+            return super().wait()
+        self.clock.waits.append(timeout)
+        self.clock.now += timeout
+        return False
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> BatcherClock:
+    clock = BatcherClock()
+    monkeypatch.setattr(batching, "time", clock)
+    return clock
+
+
+def start(
+    engines: list[EncoderEngine],
+    session: FakeEncoder,
+    clock: BatcherClock | None = None,
+    **kwargs: object,
+) -> EncoderEngine:
     options: dict[str, object] = {"dimensions": 4, "max_input_tokens": 8, **kwargs}
-    engine = EncoderEngine(session, **options).start()  # type: ignore[arg-type]
-    engines.append(engine)
+    engine = EncoderEngine(session, **options)  # type: ignore[arg-type]
+    if clock is not None:
+        engine._cond = ClockedCondition(clock)  # before its thread first waits
+    engines.append(engine.start())
     return engine
 
 
@@ -65,19 +111,24 @@ def test_concurrent_requests_share_one_run_and_split_back(engines: list[EncoderE
         assert fields["prompt_tokens"] == sum(len(i) for i in r.inputs)
 
 
-def test_a_lone_request_waits_at_most_max_wait(engines: list[EncoderEngine]) -> None:
-    engine = start(engines, FakeEncoder(), max_wait_ms=20)
-    started = time.monotonic()
-    assert engine.submit(embed_request("a", [[1]]), RecordingSink()).wait(5) is not None
-    assert time.monotonic() - started < 0.5
-
-
-def test_a_full_batch_does_not_wait(engines: list[EncoderEngine]) -> None:
+def test_a_lone_request_waits_at_most_max_wait(
+    engines: list[EncoderEngine], clock: BatcherClock
+) -> None:
     session = FakeEncoder()
-    engine = start(engines, session, max_wait_ms=5_000, max_batch=4)
-    started = time.monotonic()
+    engine = start(engines, session, clock, max_wait_ms=20)
+    assert engine.submit(embed_request("a", [[1]]), RecordingSink()).wait(5) is not None
+    # Held open for max_wait on the batcher's clock, then run alone.
+    assert sum(clock.waits) == pytest.approx(0.020)
+    assert session.batches == [(1, 1)]
+
+
+def test_a_full_batch_does_not_wait(engines: list[EncoderEngine], clock: BatcherClock) -> None:
+    session = FakeEncoder()
+    engine = start(engines, session, clock, max_wait_ms=5_000, max_batch=4)
     result = engine.submit(embed_request("a", [[1]] * 4), RecordingSink()).wait(5)
-    assert result is not None and time.monotonic() - started < 1.0
+    assert result is not None
+    assert clock.waits == []  # closed the moment it was full: no timed wait at all
+    assert session.batches == [(4, 1)]
 
 
 def test_a_request_larger_than_a_batch_runs_in_chunks(engines: list[EncoderEngine]) -> None:

@@ -24,6 +24,8 @@ from workers.engine.causal_lm import CausalLMEngine
 from workers.engine.encoder import EncoderEngine
 from workers.runtime.models import LoadedModel, load_model
 
+pytestmark = pytest.mark.models
+
 STORE = Path(os.environ.get("MANTLE_ARTIFACT_DIR", "~/.cache/mantle/artifacts")).expanduser()
 IDENTITY = BillingIdentity("org", "proj", "key", "ep", "mv", "real")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.workers.fakes import FakeCausalLM, decode, reference, spec
@@ -116,19 +117,39 @@ def test_redelivered_task_does_nothing(runtime: WorkerRuntime, redis_client: Any
     assert len(usages(redis_client)) == 1
 
 
+class HeldLM(FakeCausalLM):
+    """Stops in its first run until released: a request provably still running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, output_names: Sequence[str], feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        self.entered.set()
+        assert self.release.wait(10), "never released"
+        return super().run(output_names, feeds)
+
+
 def test_redelivery_while_the_first_copy_still_runs_does_nothing(
     runtime: WorkerRuntime, redis_client: Any
 ) -> None:
+    model = HeldLM()
     runtime._engines[FAKE_LM.version_id] = CausalLMEngine(
-        FakeCausalLM(delay_s=0.005), spec(), decode, redis_client=redis_client
+        model, spec(), decode, redis_client=redis_client
     ).start()
     first: dict[str, Any] = {}
     thread = threading.Thread(
         target=lambda: first.update(o=runtime.serve_generate(gen(model=FAKE_LM, max_tokens=40)))
     )
     thread.start()
-    time.sleep(0.05)
-    assert runtime.serve_generate(gen(model=FAKE_LM, max_tokens=40)).status == "duplicate"
+    try:
+        # The first copy is inside the model (claimed, started), held there until released.
+        assert model.entered.wait(10), "the first copy never reached the model"
+        assert runtime.serve_generate(gen(model=FAKE_LM, max_tokens=40)).status == "duplicate"
+        assert thread.is_alive()  # answered while the first copy still ran
+    finally:
+        model.release.set()
     thread.join(10)
     assert first["o"].status == "length"
     kinds = [e["type"] for e in events(redis_client, "req-1")]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-from tests.stack import builtin_manifests
+from tests.support.stack import builtin_manifests
 from workers.tokenizer_limits import (
     TokenizerLimits,
     TokenizerRejected,
@@ -106,6 +106,7 @@ def test_the_probe_refuses_a_tokenizer_whose_regex_engine_gives_up(tmp_path: Pat
     assert "retry-limit-in-match" in str(err.value)
 
 
+@pytest.mark.models
 def test_the_built_in_tokenizers_pass_every_check() -> None:
     for manifest in builtin_manifests():
         path = Path(manifest["location"]) / "tokenizer.json"

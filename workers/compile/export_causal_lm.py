@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,26 @@ def output_names(num_layers: int) -> list[str]:
     for i in range(num_layers):
         names += [f"present.{i}.key", f"present.{i}.value"]
     return names
+
+
+@dataclass(frozen=True, slots=True)
+class _KVShape:
+    """The KV cache's shape: layers, key/value heads, head dimension."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, cfg: Any) -> _KVShape:
+        """From a transformers config, whose kv heads and head dim may be implicit."""
+        return cls(
+            layers=int(cfg.num_hidden_layers),
+            kv_heads=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+            head_dim=int(
+                getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            ),
+        )
 
 
 def _load(pkg: Path) -> tuple[Any, Any]:
@@ -166,6 +187,14 @@ def _consolidate(path: Path) -> None:
     onnx.save_model(proto, str(path), save_as_external_data=False)
     for f in extra:
         f.unlink()
+
+
+def _export_timed(model: Any, model_path: Path) -> float:
+    """Export to one self-contained model_path; the seconds it took."""
+    t0 = time.monotonic()
+    _export_onnx(model, model_path)
+    _consolidate(model_path)
+    return time.monotonic() - t0
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -317,17 +346,8 @@ def _greedy(
 
 def export(out_dir: Path) -> dict[str, Any]:
     """Export SmolLM2-135M-Instruct to out_dir (model.onnx, tokenizer.json); return the manifest."""
-    import torch
-    from tokenizers import Tokenizer
-
-    torch.manual_seed(0)
-    pkg = package_dir()
-    t0 = time.monotonic()
-    model, tok = _load(pkg)
+    model, tok, kv = _load_builtin()
     cfg = model.config
-    layers, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    log.info("loaded %s from %s in %.1f s", NAME, pkg / GGUF_FILE, time.monotonic() - t0)
-
     # The `tokenizers` file the gateway counts with and workers decode with.
     tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     chat_template = tok.chat_template
@@ -335,47 +355,83 @@ def export(out_dir: Path) -> dict[str, Any]:
         raise RuntimeError("the GGUF carries no ChatML chat template")
 
     model_path = out_dir / "model.onnx"
-    t0 = time.monotonic()
-    _export_onnx(model, model_path)
-    _consolidate(model_path)
-    export_s = time.monotonic() - t0
+    export_s = _export_timed(model, model_path)
     log.info(
         "exported %s (%.0f MB) in %.1f s",
         model_path.name,
         model_path.stat().st_size / 1e6,
         export_s,
     )
-
     sess = _session(model_path)
-    expected_in = input_names(layers)
+    _check_builtin_interface(sess, kv.layers)
+    parity = _parity(model, sess, tok)
+    log.info("parity: %s", parity)
+    if not parity["max_abs_diff"] < PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX/torch parity {parity['max_abs_diff']} >= {PARITY_TOLERANCE}")
+    eos = int(cfg.eos_token_id)
+    smoke = _builtin_smoke(sess, tok, out_dir / "tokenizer.json", kv, eos)
+    del sess, model
+    return _builtin_manifest(cfg, kv, chat_template, eos, parity, smoke, export_s)
+
+
+def _load_builtin() -> tuple[Any, Any, _KVShape]:
+    """The package's GGUF as an fp32 model, its tokenizer, its KV shape."""
+    import torch
+
+    torch.manual_seed(0)
+    pkg = package_dir()
+    t0 = time.monotonic()
+    model, tok = _load(pkg)
+    kv = _KVShape.of(model.config)
+    log.info("loaded %s from %s in %.1f s", NAME, pkg / GGUF_FILE, time.monotonic() - t0)
+    return model, tok, kv
+
+
+def _check_builtin_interface(sess: ort.InferenceSession, layers: int) -> None:
     got_in = [i.name for i in sess.get_inputs()]
-    if got_in != expected_in:
+    if got_in != input_names(layers):
         raise RuntimeError(f"graph inputs {got_in[:5]}... differ from the contract")
     got_out = [o.name for o in sess.get_outputs()]
     if got_out != output_names(layers):
         raise RuntimeError(f"graph outputs {got_out[:5]}... differ from the contract")
 
-    parity = _parity(model, sess, tok)
-    log.info("parity: %s", parity)
-    if not parity["max_abs_diff"] < PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX/torch parity {parity['max_abs_diff']} >= {PARITY_TOLERANCE}")
 
-    # Smoke test through the artifact's own files only: tokenizer.json + template.
-    fast_tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+def _builtin_smoke(
+    sess: ort.InferenceSession, tok: Any, tokenizer: Path, kv: _KVShape, eos: int
+) -> dict[str, Any]:
+    """Answer SMOKE_QUESTION greedily through the artifact's own files (tokenizer + template)."""
+    from tokenizers import Tokenizer
+
+    fast_tok = Tokenizer.from_file(str(tokenizer))
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": SMOKE_QUESTION}], tokenize=False, add_generation_prompt=True
     )
     prompt_ids = fast_tok.encode(prompt, add_special_tokens=False).ids
     if prompt_ids != tok.encode(prompt, add_special_tokens=False):
         raise RuntimeError("tokenizer.json encodes the chat prompt differently from transformers")
-    eos = int(cfg.eos_token_id)
-    generated, gen_s = _greedy(sess, prompt_ids, layers, kv, hd, eos)
+    generated, gen_s = _greedy(sess, prompt_ids, kv.layers, kv.kv_heads, kv.head_dim, eos)
     answer = fast_tok.decode(generated, skip_special_tokens=True).strip()
     log.info("greedy answer: %r (%d tokens in %.2f s)", answer, len(generated), gen_s)
     if SMOKE_EXPECT not in answer:
         raise RuntimeError(f"smoke test failed: {answer!r} does not mention {SMOKE_EXPECT}")
-    del sess, model
+    return {
+        "prompt": SMOKE_QUESTION,
+        "answer": answer,
+        "tokens": len(generated),
+        "expect": SMOKE_EXPECT,
+        "passed": True,
+    }
 
+
+def _builtin_manifest(
+    cfg: Any,
+    kv: _KVShape,
+    chat_template: str,
+    eos: int,
+    parity: dict[str, Any],
+    smoke: dict[str, Any],
+    export_s: float,
+) -> dict[str, Any]:
     return {
         "format": 1,
         "name": NAME,
@@ -390,24 +446,9 @@ def export(out_dir: Path) -> dict[str, Any]:
         "bos_token_id": int(cfg.bos_token_id),
         "eos_token_ids": [eos],
         "pad_token_id": int(cfg.pad_token_id if cfg.pad_token_id is not None else eos),
-        "io": _io_spec(layers, kv, hd, cfg.vocab_size),
-        "causal_lm": {
-            "num_layers": layers,
-            "num_kv_heads": kv,
-            "head_dim": hd,
-            "vocab_size": int(cfg.vocab_size),
-            "logits": "last",
-        },
-        "validation": {
-            "parity": parity,
-            "smoke": {
-                "prompt": SMOKE_QUESTION,
-                "answer": answer,
-                "tokens": len(generated),
-                "expect": SMOKE_EXPECT,
-                "passed": True,
-            },
-        },
+        "io": _io_spec(kv.layers, kv.kv_heads, kv.head_dim, cfg.vocab_size),
+        "causal_lm": _causal_lm_section(kv, int(cfg.vocab_size)),
+        "validation": {"parity": parity, "smoke": smoke},
         "source": {
             "package": f"{PACKAGE}=={PACKAGE_VERSION}",
             "file": GGUF_FILE,
@@ -432,76 +473,17 @@ def export_checkpoint(
     given, receives sample inputs and torch's last-position logits (an .npz)
     so that the later pipeline steps are checked against the source model.
     """
-    import json
-
-    import numpy as np
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    t0 = time.monotonic()
-    tok = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(
-        src, dtype=torch.float32, attn_implementation="eager", use_safetensors=True
-    )
-    model.eval()
+    model, tok, kv = _load_checkpoint(src, name)
     cfg = model.config
-    layers = int(cfg.num_hidden_layers)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    log.info("loaded %s from %s in %.1f s", name, src, time.monotonic() - t0)
-
-    chat_template = tok.chat_template or None
-    if kind == "chat" and not chat_template:
-        raise RuntimeError(
-            "the checkpoint has no chat template (tokenizer_config.json `chat_template` or "
-            "chat_template.jinja): add one, or compile it as kind `completion`"
-        )
-    tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
-    # No baked-in truncation or padding: consumers count and pad real tokens.
-    data = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    data["truncation"] = None
-    data["padding"] = None
-    (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-
+    chat_template = _save_checkpoint_tokenizer(tok, out_dir, kind)
     model_path = out_dir / "model.onnx"
-    t0 = time.monotonic()
-    _export_onnx(model, model_path)
-    _consolidate(model_path)
-    export_s = time.monotonic() - t0
+    export_s = _export_timed(model, model_path)
     sess = _session(model_path)
-    if [i.name for i in sess.get_inputs()] != input_names(layers):
+    if [i.name for i in sess.get_inputs()] != input_names(kv.layers):
         raise RuntimeError("the exported graph's inputs differ from the causal LM contract")
-
-    eos_raw = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_token_id
-    eos_ids = [
-        int(e) for e in (eos_raw if isinstance(eos_raw, list) else [eos_raw]) if e is not None
-    ]
-    pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids or [0])[0])
-    rows = [tok.encode(t, add_special_tokens=False) or [0] for t in PARITY_PROMPTS]
-    ids, mask = _left_pad(rows, pad)
-    past = _empty_past(len(rows), layers, kv, hd)
-    o_logits, _ = _ort_step(sess, ids, mask, past, layers)
-    t_logits, _ = _torch_step(model, ids, mask, None)
-    max_diff = float(np.abs(o_logits - t_logits).max())
-    log.info("parity: max |logit diff| %.2e", max_diff)
-    if not max_diff < PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX/torch parity {max_diff} >= {PARITY_TOLERANCE}")
-    if reference is not None:
-        feeds = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": _positions(mask, ids.shape[1]),
-            **past,
-        }
-        arrays: dict[str, Any] = {f"in.{k}": v for k, v in feeds.items()}
-        arrays["out.logits"] = t_logits
-        np.savez(reference, **arrays)
-
-    fast_tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
-    prompt_ids = fast_tok.encode(SMOKE_QUESTION, add_special_tokens=False).ids or [0]
-    generated, gen_s = _greedy(sess, prompt_ids, layers, kv, hd, eos_ids[0] if eos_ids else -1)
+    eos_ids, pad = _special_ids(cfg, tok)
+    max_diff = _checkpoint_parity(model, sess, tok, kv, pad, reference)
+    tokens, gen_s = _checkpoint_smoke(sess, out_dir, kv, eos_ids[0] if eos_ids else -1)
     del sess, model
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else tok.bos_token_id
     return {
@@ -518,28 +500,133 @@ def export_checkpoint(
         "bos_token_id": int(bos) if bos is not None else None,
         "eos_token_ids": eos_ids,
         "pad_token_id": pad,
-        "io": _io_spec(layers, kv, hd, int(cfg.vocab_size)),
-        "causal_lm": {
-            "num_layers": layers,
-            "num_kv_heads": kv,
-            "head_dim": hd,
-            "vocab_size": int(cfg.vocab_size),
-            "logits": "last",
-        },
-        "validation": {
-            "export_parity": {
-                "reference": "torch, last-position logits, left-padded batch of 2",
-                "max_abs_diff": max_diff,
-                "tolerance": PARITY_TOLERANCE,
-            },
-            "export_smoke": {
-                "prompt": SMOKE_QUESTION,
-                "tokens": len(generated),
-                "seconds": round(gen_s, 3),
-            },
-        },
+        "io": _io_spec(kv.layers, kv.kv_heads, kv.head_dim, int(cfg.vocab_size)),
+        "causal_lm": _causal_lm_section(kv, int(cfg.vocab_size)),
+        "validation": _checkpoint_validation(max_diff, tokens, gen_s),
         "source": source,
         "build": {"export_seconds": round(export_s, 1), "toolchain": versions(*TOOLCHAIN)},
+    }
+
+
+def _load_checkpoint(src: Path, name: str) -> tuple[Any, Any, _KVShape]:
+    """The checkpoint's model (fp32, eager attention), its transformers tokenizer, its KV shape."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    t0 = time.monotonic()
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float32, attn_implementation="eager", use_safetensors=True
+    )
+    model.eval()
+    kv = _KVShape.of(model.config)
+    log.info("loaded %s from %s in %.1f s", name, src, time.monotonic() - t0)
+    return model, tok, kv
+
+
+def _save_checkpoint_tokenizer(tok: Any, out_dir: Path, kind: str) -> str | None:
+    """Write tokenizer.json without truncation or padding; the chat template, if any.
+
+    A chat model without a template is refused before anything is written.
+    """
+    import json
+
+    chat_template: str | None = tok.chat_template or None
+    if kind == "chat" and not chat_template:
+        raise RuntimeError(
+            "the checkpoint has no chat template (tokenizer_config.json `chat_template` or "
+            "chat_template.jinja): add one, or compile it as kind `completion`"
+        )
+    tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    # No baked-in truncation or padding: consumers count and pad real tokens.
+    data = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["truncation"] = None
+    data["padding"] = None
+    (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return chat_template
+
+
+def _special_ids(cfg: Any, tok: Any) -> tuple[list[int], int]:
+    """The end-of-sequence ids (config first, else the tokenizer's) and the padding id."""
+    eos_raw = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_token_id
+    eos_ids = [
+        int(e) for e in (eos_raw if isinstance(eos_raw, list) else [eos_raw]) if e is not None
+    ]
+    pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids or [0])[0])
+    return eos_ids, pad
+
+
+def _checkpoint_parity(
+    model: Any,
+    sess: ort.InferenceSession,
+    tok: Any,
+    kv: _KVShape,
+    pad: int,
+    reference: Path | None,
+) -> float:
+    """Max |logit diff| of ONNX Runtime vs torch on PARITY_PROMPTS, left-padded in one batch.
+
+    The inputs and torch's logits go to `reference` once the parity holds.
+    """
+    import numpy as np
+
+    rows = [tok.encode(t, add_special_tokens=False) or [0] for t in PARITY_PROMPTS]
+    ids, mask = _left_pad(rows, pad)
+    past = _empty_past(len(rows), kv.layers, kv.kv_heads, kv.head_dim)
+    o_logits, _ = _ort_step(sess, ids, mask, past, kv.layers)
+    t_logits, _ = _torch_step(model, ids, mask, None)
+    max_diff = float(np.abs(o_logits - t_logits).max())
+    log.info("parity: max |logit diff| %.2e", max_diff)
+    if not max_diff < PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX/torch parity {max_diff} >= {PARITY_TOLERANCE}")
+    if reference is not None:
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": _positions(mask, ids.shape[1]),
+            **past,
+        }
+        arrays: dict[str, Any] = {f"in.{k}": v for k, v in feeds.items()}
+        arrays["out.logits"] = t_logits
+        np.savez(reference, **arrays)
+    return max_diff
+
+
+def _checkpoint_smoke(
+    sess: ort.InferenceSession, out_dir: Path, kv: _KVShape, eos: int
+) -> tuple[int, float]:
+    """Greedy decoding of SMOKE_QUESTION through the artifact's tokenizer: tokens, seconds."""
+    from tokenizers import Tokenizer
+
+    fast_tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    prompt_ids = fast_tok.encode(SMOKE_QUESTION, add_special_tokens=False).ids or [0]
+    generated, gen_s = _greedy(sess, prompt_ids, kv.layers, kv.kv_heads, kv.head_dim, eos)
+    return len(generated), gen_s
+
+
+def _checkpoint_validation(max_diff: float, tokens: int, gen_s: float) -> dict[str, Any]:
+    return {
+        "export_parity": {
+            "reference": "torch, last-position logits, left-padded batch of 2",
+            "max_abs_diff": max_diff,
+            "tolerance": PARITY_TOLERANCE,
+        },
+        "export_smoke": {
+            "prompt": SMOKE_QUESTION,
+            "tokens": tokens,
+            "seconds": round(gen_s, 3),
+        },
+    }
+
+
+def _causal_lm_section(kv: _KVShape, vocab: int) -> dict[str, Any]:
+    return {
+        "num_layers": kv.layers,
+        "num_kv_heads": kv.kv_heads,
+        "head_dim": kv.head_dim,
+        "vocab_size": vocab,
+        "logits": "last",
     }
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from workers.compile.common import run_export_cli, strip_export_metadata, versio
 
 if TYPE_CHECKING:  # the export stack exists only in the prepare venv
     import numpy as np
+    import onnxruntime as ort
     import torch
 
 log = logging.getLogger("mantle.compile")
@@ -169,8 +171,46 @@ def export_checkpoint(
     (`in.<input>`, `out.sentence_embedding` in an .npz) so that later steps
     (graph optimization, quantization) are checked against the source model.
     """
-    import numpy as np
-    import onnxruntime as ort
+    bert = _load_bert(src)
+    cfg = bert.config
+    dims = int(cfg.hidden_size)
+    context = context_length or int(cfg.max_position_embeddings)
+    max_tokens = max_input_tokens or max_input_tokens_of(src, context)
+    _write_tokenizer(src, out_dir)
+    tokenizer = out_dir / "tokenizer.json"
+    model_path = out_dir / "model.onnx"
+    export_s = _export_graph(bert, tokenizer, model_path)
+    sess = _open_checked(model_path)
+    checks = _check_parity(bert, sess, tokenizer, max_tokens, dims, reference)
+    similar, unrelated = _check_sanity(checks.embeddings)
+    description = _describe(
+        name=name,
+        licence=licence,
+        context=context,
+        dims=dims,
+        max_tokens=max_tokens,
+        pad_token_id=int(cfg.pad_token_id or 0),
+    )
+    return {
+        **description,
+        "validation": _validation(checks, similar, unrelated),
+        "source": source,
+        "build": {"export_seconds": round(export_s, 1), "toolchain": versions(*TOOLCHAIN)},
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Checks:
+    """What the exported graph measured against torch on SENTENCES."""
+
+    embeddings: np.ndarray  # the graph's, one row per sentence
+    max_diff: float
+    min_cos: float
+    batch_vs_alone: float
+
+
+def _load_bert(src: Path) -> Any:
+    """The checkpoint's BERT in fp32 with eager attention, after the pipeline check."""
     import torch
     from transformers import AutoModel
 
@@ -179,22 +219,20 @@ def export_checkpoint(
         src, dtype=torch.float32, attn_implementation="eager", use_safetensors=True
     )
     bert.eval()
-    cfg = bert.config
-    if cfg.model_type != "bert":
+    if bert.config.model_type != "bert":
         raise RuntimeError(
-            f"encoder checkpoints of type {cfg.model_type!r} are not supported (only BERT)"
+            f"encoder checkpoints of type {bert.config.model_type!r} are not supported (only BERT)"
         )
-    dims = int(cfg.hidden_size)
-    context = context_length or int(cfg.max_position_embeddings)
-    max_tokens = max_input_tokens or max_input_tokens_of(src, context)
-    _write_tokenizer(src, out_dir)
+    return bert
 
-    model_path = out_dir / "model.onnx"
+
+def _export_graph(bert: Any, tokenizer: Path, model_path: Path) -> float:
+    """torch.onnx.export (dynamo) of the pooled encoder to model_path; the seconds it took."""
+    import torch
+
     t0 = time.monotonic()
     wrapper = _make_wrapper(bert)
-    example = _encode(
-        out_dir / "tokenizer.json", ["an example sentence", "and a longer second one"]
-    )
+    example = _encode(tokenizer, ["an example sentence", "and a longer second one"])
     b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
     program = torch.onnx.export(
         wrapper,
@@ -222,6 +260,12 @@ def export_checkpoint(
         model_path.stat().st_size / 1e6,
         export_s,
     )
+    return export_s
+
+
+def _open_checked(model_path: Path) -> ort.InferenceSession:
+    """A session on the exported graph, whose inputs and output are the contract's."""
+    import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     got_in = sorted(i.name for i in sess.get_inputs())
@@ -229,8 +273,24 @@ def export_checkpoint(
         raise RuntimeError(f"graph inputs {got_in} differ from the contract")
     if [o.name for o in sess.get_outputs()] != ["sentence_embedding"]:
         raise RuntimeError("graph output is not `sentence_embedding`")
+    return sess
 
-    feeds = _encode(out_dir / "tokenizer.json", list(SENTENCES), max_tokens)
+
+def _check_parity(
+    bert: Any,
+    sess: ort.InferenceSession,
+    tokenizer: Path,
+    max_tokens: int,
+    dims: int,
+    reference: Path | None,
+) -> _Checks:
+    """The graph's embeddings of SENTENCES against torch's, batched and one at a time.
+
+    torch's are saved to `reference` (with the inputs) before any check can refuse.
+    """
+    import numpy as np
+
+    feeds = _encode(tokenizer, list(SENTENCES), max_tokens)
     (onnx_emb,) = sess.run(None, feeds)
     ref = _reference(bert, feeds)
     if reference is not None:
@@ -250,16 +310,26 @@ def export_checkpoint(
 
     # Same sentences one at a time: padding in a batch must not move an embedding.
     alone = np.concatenate(
-        [sess.run(None, _encode(out_dir / "tokenizer.json", [t], max_tokens))[0] for t in SENTENCES]
+        [sess.run(None, _encode(tokenizer, [t], max_tokens))[0] for t in SENTENCES]
     )
     batch_vs_alone = float(np.abs(alone - onnx_emb).max())
+    return _Checks(onnx_emb, max_diff, min_cos, batch_vs_alone)
 
-    similar = float(onnx_emb[0] @ onnx_emb[1])
-    unrelated = float(onnx_emb[0] @ onnx_emb[2])
+
+def _check_sanity(embeddings: np.ndarray) -> tuple[float, float]:
+    """The anchor sentence is closer to the similar one than to the unrelated one; both cosines."""
+    similar = float(embeddings[0] @ embeddings[1])
+    unrelated = float(embeddings[0] @ embeddings[2])
     log.info("sanity: cos(similar) %.4f, cos(unrelated) %.4f", similar, unrelated)
     if not similar > unrelated + 0.3:
         raise RuntimeError(f"similarity sanity check failed: {similar:.3f} vs {unrelated:.3f}")
+    return similar, unrelated
 
+
+def _describe(
+    *, name: str, licence: str, context: int, dims: int, max_tokens: int, pad_token_id: int
+) -> dict[str, Any]:
+    """The manifest's model description (docs/artifacts.md), up to its validation."""
     return {
         "format": 1,
         "name": name,
@@ -273,7 +343,7 @@ def export_checkpoint(
         "chat_template": None,
         "bos_token_id": None,
         "eos_token_ids": [],
-        "pad_token_id": int(cfg.pad_token_id or 0),
+        "pad_token_id": pad_token_id,
         "io": {
             "inputs": {
                 name: {"dtype": "int64", "shape": ["batch", "seq"]}
@@ -287,26 +357,27 @@ def export_checkpoint(
             "pooling": "mean",
             "normalized": True,
         },
-        "validation": {
-            "parity": {
-                "reference": "torch BERT + mean pooling + L2 normalisation",
-                "sentences": len(SENTENCES),
-                "max_abs_diff": max_diff,
-                "min_cosine": min_cos,
-                "batch_vs_alone_max_abs_diff": batch_vs_alone,
-                "tolerance": PARITY_TOLERANCE,
-            },
-            "smoke": {
-                "anchor": SENTENCES[0],
-                "similar": SENTENCES[1],
-                "unrelated": SENTENCES[2],
-                "cos_similar": round(similar, 4),
-                "cos_unrelated": round(unrelated, 4),
-                "passed": True,
-            },
+    }
+
+
+def _validation(checks: _Checks, similar: float, unrelated: float) -> dict[str, Any]:
+    return {
+        "parity": {
+            "reference": "torch BERT + mean pooling + L2 normalisation",
+            "sentences": len(SENTENCES),
+            "max_abs_diff": checks.max_diff,
+            "min_cosine": checks.min_cos,
+            "batch_vs_alone_max_abs_diff": checks.batch_vs_alone,
+            "tolerance": PARITY_TOLERANCE,
         },
-        "source": source,
-        "build": {"export_seconds": round(export_s, 1), "toolchain": versions(*TOOLCHAIN)},
+        "smoke": {
+            "anchor": SENTENCES[0],
+            "similar": SENTENCES[1],
+            "unrelated": SENTENCES[2],
+            "cos_similar": round(similar, 4),
+            "cos_unrelated": round(unrelated, 4),
+            "passed": True,
+        },
     }
 
 

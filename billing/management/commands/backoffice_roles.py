@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from billing.backoffice.roles import roles_sync
+from billing.staff_roles import roles_sync
 
 
 class Command(BaseCommand):

@@ -20,6 +20,7 @@ from billing.credits import credit_adjust, credit_grant
 from billing.held_usage import held_usage_release, held_usage_write_off
 from billing.models import CreditLedgerEntry, HeldUsage, Invoice
 from billing.periods import parse_month
+from billing.tasks import wallet_sync_all
 from core.errors import DomainError
 
 
@@ -120,8 +121,6 @@ class Command(BaseCommand):
     def _run(self, o: dict[str, Any]) -> str:
         action = o["action"]
         if action == "wallet-sync":
-            from billing.tasks import wallet_sync_all
-
             return f"{wallet_sync_all()} wallets synced"
         if action == "invoice-refresh":
             inv = invoicing.invoice_refresh_draft(org=_org(o["org"]), month=o["month"])

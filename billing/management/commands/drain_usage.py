@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from prometheus_client import start_http_server
 
-from billing.metering import Drain, tune_gc_for_draining
+from billing.metering.drain import Drain, tune_gc_for_draining
 
 logger = logging.getLogger(__name__)
 

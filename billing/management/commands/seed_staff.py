@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand
 from accounts import two_factor
 from accounts.models import User
 from accounts.principal import SYSTEM
-from billing.backoffice.roles import BILLING_ADMIN, roles_sync
+from billing.staff_roles import BILLING_ADMIN, roles_sync
 
 STAFF_EMAIL = "ops@mantle.local"
 

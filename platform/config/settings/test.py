@@ -22,7 +22,7 @@ CELERY_TASK_ALWAYS_EAGER = True
 CELERY_TASK_EAGER_PROPAGATES = True
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-# A server process the tests start (tests/browser.py) writes its mail to files the test
+# A server process the tests start (tests/support/browser.py) writes its mail to files the test
 # reads, as a person would open the link in their mailbox.
 if os.environ.get("MANTLE_TEST_EMAIL_DIR"):
     EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"

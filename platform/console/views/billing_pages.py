@@ -14,8 +14,8 @@ from accounts import selectors as account_selectors
 from accounts.permissions import Perm
 from billing import budgets as billing_budgets
 from billing import selectors as billing_selectors
-from billing import stripe_sync
 from billing.credits import credit_entries, grants_with_remainder
+from billing.payments import stripe_sync
 from billing.periods import month_start
 from console.access import OrgContext, org_page, page
 from console.forms import BudgetForm, add_domain_error

@@ -1,0 +1,107 @@
+"""The wallet's Redis layout: every key name and hash field, defined once.
+
+docs/billing.md, "Admission", describes it. billing/wallet.py writes it from the database
+and counts the drain's usage into it, billing/spend.py settles and releases reservations,
+and the admission script of gateway/limits.py reads it and reserves. Python uses the names
+here; a Lua script gets the same names through `lua()`, which writes them in once, at
+import: the script Redis runs is the same as if they were spelled out, no argument more.
+"""
+
+from __future__ import annotations
+
+from string import Template
+
+# --- Keys ----------------------------------------------------------------------------------
+
+
+def wallet_key(organization_id: str) -> str:
+    """The wallet hash of an organization (the fields below)."""
+    return f"mantle:wallet:{organization_id}"
+
+
+def held_key(organization_id: str) -> str:
+    """Reservations in flight: request id -> `<worst>:<release-by ms>:<project or ''>`."""
+    return f"mantle:wallet-held:{organization_id}"
+
+
+def pending_key(organization_id: str) -> str:
+    """Settled costs the drain has not counted yet: request id -> `<cost>[:<project>]`."""
+    return f"mantle:wallet-pending:{organization_id}"
+
+
+def counted_key(request_id: str) -> str:
+    """The drain counted the request before its gateway settled it."""
+    return f"mantle:wallet-counted:{request_id}"
+
+
+def batch_mark_key(fingerprint: str) -> str:
+    """A drain batch already counted into the wallets (a digest of its request ids)."""
+    return f"mantle:wallet-batch:{fingerprint}"
+
+
+def price_key(organization_id: str, model_name: str) -> str:
+    """The organization's effective prices of a model (PRICE_FIELDS), or UNPRICED."""
+    return f"mantle:price:{organization_id}:{model_name}"
+
+
+# --- Fields of the wallet hash -------------------------------------------------------------
+
+MODE = "mode"  # prepaid | postpaid when capped, UNLIMITED when not
+CAP = "cap_nanos"
+SPENT = "spent_nanos"
+RESERVED = "reserved_nanos"
+PENDING = "pending_nanos"
+MONTH = "month"
+SYNCED_AT = "synced_at"
+SYNC_GEN = "sync_gen"
+UNLIMITED = "unlimited"
+"""The `mode` under which admission checks no money (a missing hash is unchecked too)."""
+
+PROJECT_PREFIX = "p:"
+
+
+def project_field(project_id: str, name: str) -> str:
+    """A capped project's own CAP, SPENT, RESERVED or PENDING: `p:<project>:<name>`."""
+    return f"{PROJECT_PREFIX}{project_id}:{name}"
+
+
+# --- Fields of the price hash --------------------------------------------------------------
+
+PRICE_INPUT = "in"  # nanos per input token
+PRICE_OUTPUT = "out"  # nanos per output token
+PRICE_REQUEST = "req"  # nanos per request
+PRICE_COMPUTE_MS = "ms"  # nanos per compute millisecond
+PRICE_FIELDS = (PRICE_INPUT, PRICE_OUTPUT, PRICE_REQUEST, PRICE_COMPUTE_MS)
+"""In this order everywhere (admission reads them in its script)."""
+UNPRICED = "unpriced"
+"""The price hash's only field, with a short TTL, for a model nothing prices."""
+
+
+# --- Lua -----------------------------------------------------------------------------------
+
+LUA_NAMES = {
+    "mode": MODE,
+    "cap": CAP,
+    "spent": SPENT,
+    "reserved": RESERVED,
+    "pending": PENDING,
+    "month": MONTH,
+    "synced_at": SYNCED_AT,
+    "sync_gen": SYNC_GEN,
+    "unlimited": UNLIMITED,
+    "project": PROJECT_PREFIX,
+    "price_input": PRICE_INPUT,
+    "price_output": PRICE_OUTPUT,
+    "price_request": PRICE_REQUEST,
+    "price_compute_ms": PRICE_COMPUTE_MS,
+    "unpriced": UNPRICED,
+}
+
+
+def lua(script: str) -> str:
+    """`script` with `${cap}`, `${spent}`... (the keys of LUA_NAMES) written in; `$$` is `$`.
+
+    A project's field is `'${project}' .. id .. ':${cap}'`. An unknown name raises at
+    import, so a script cannot name a field that does not exist.
+    """
+    return Template(script).substitute(LUA_NAMES)

@@ -1,0 +1,484 @@
+"""The gateway's pipeline: parse → admit → dispatch → relay → settle.
+
+Every entry point takes these steps: the /v1 endpoint modules (gateway/endpoints/), the
+/v2 tensor protocol (gateway/v2.py) and whatever runs requests without a client waiting
+(a batch runner). Each step here is protocol-neutral; the callers shape replies.
+
+- parse: `parse_request` / `parse` (a JSON object into a protocol model, OpenAI's 400s)
+- admit: `limits_for` and `admit` (rate limits and the wallet reservation, one Redis script)
+- dispatch: `send` (a task on the endpoint's pool queue; a broker that refuses is a 503)
+- relay: `dispatch.events`, or for a generation `Generation.take` inside `async with
+  generation:` (a caller that stops early cancels the worker)
+- settle: `settle` (the reservation released, the real cost parked for metering), and
+  `Generation.settle` (the tokens refunded to the limits too)
+
+What admission takes is always given back: on a refused dispatch (`send`'s `on_refused`),
+on an error, on a disconnect, and on success with the real figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest
+from pydantic import BaseModel, ValidationError
+
+from accounts.keys import KeyIdentity
+from billing import spend
+from billing.wallet import price_fill
+from catalog.specs import EndpointSpec
+from core import metrics
+from core.redis import get_async_redis
+from gateway import dispatch, text
+from gateway.backends import database_read
+from gateway.errors import (
+    OpenAIError,
+    broker_unavailable,
+    invalid,
+    model_not_priced,
+    no_capacity,
+)
+from gateway.limits import Admission, Limits, RateLimiter, retry_after_seconds
+from gateway.protocol import SamplingRequest
+from workers import contract
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+_limiters: dict[int, RateLimiter] = {}
+
+
+def limiter() -> RateLimiter:
+    """This event loop's rate limiter (its Redis client belongs to the loop)."""
+    loop_id = id(asyncio.get_running_loop())
+    found = _limiters.get(loop_id)
+    if found is None:
+        found = _limiters[loop_id] = RateLimiter(get_async_redis())
+    return found
+
+
+# --- parse ----------------------------------------------------------------------------------
+
+
+def require_method(request: HttpRequest, allowed: str) -> None:
+    if request.method != allowed:
+        raise OpenAIError(
+            405, f"Method {request.method} not allowed; use {allowed}.", code="method_not_allowed"
+        )
+
+
+def request_id_of(request: HttpRequest) -> str:
+    """The id the request-id middleware gave the request (`req_...`)."""
+    rid: str = request.request_id  # type: ignore[attr-defined]
+    return rid
+
+
+def parse_request(request: HttpRequest, schema: type[M]) -> M:
+    """The request's JSON body as `schema`; a body over the limit is a 413."""
+    try:
+        raw = request.body
+    except RequestDataTooBig as exc:
+        raise OpenAIError(413, "The request body is too large.", code="payload_too_large") from exc
+    return parse(raw, schema)
+
+
+def parse(raw: bytes | str, schema: type[M]) -> M:
+    """A JSON object as `schema`, or the 400 OpenAI gives, naming the parameter."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
+        ) from exc
+    if not isinstance(data, dict):
+        raise invalid("The request body must be a JSON object.")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("list[", "str", "int"))]
+        param = ".".join(loc) or None
+        if err["type"] == "extra_forbidden":
+            raise invalid(f"Unrecognized request argument supplied: {param}", param) from exc
+        if err["type"] == "missing":
+            raise invalid(f"Missing required parameter: '{param}'.", param) from exc
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise invalid(f"Invalid value for '{param}': {message}", param) from exc
+
+
+# --- admit ----------------------------------------------------------------------------------
+
+
+def limits_for(identity: KeyIdentity, spec: EndpointSpec) -> Limits:
+    """The caps of one request. On an endpoint the organization shares with others (a
+    public one), all its keys and projects together get at most its share
+    (MANTLE_ORG_ENDPOINT_RPM/TPM), so one organization cannot take a shared endpoint's
+    whole capacity however many keys it makes; key and project limits are clamped to that
+    share everywhere (limits above it are refused when set: accounts.services)."""
+    org_rpm, org_tpm = settings.MANTLE_ORG_ENDPOINT_RPM, settings.MANTLE_ORG_ENDPOINT_TPM
+    shared = spec.public or spec.organization_id != identity.organization_id
+    return Limits(
+        key_id=identity.key_id,
+        project_id=identity.project_id,
+        endpoint_id=spec.id,
+        key_rpm=min(identity.rpm_limit, org_rpm),
+        key_tpm=min(identity.tpm_limit, org_tpm),
+        project_rpm=min(identity.project_rpm_limit, org_rpm),
+        project_tpm=min(identity.project_tpm_limit, org_tpm),
+        endpoint_rpm=spec.rpm_limit,
+        endpoint_tpm=spec.tpm_limit,
+        organization_id=identity.organization_id if shared else "",
+        organization_rpm=org_rpm,
+        organization_tpm=org_tpm,
+    )
+
+
+async def admit(
+    limits: Limits,
+    spec: EndpointSpec,
+    organization_id: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    request_id: str,
+    *,
+    requests: int = 0,
+    compute_ms: int = 0,
+) -> Admission:
+    """Takes the request's share of every limit and reserves its worst-case cost, or
+    raises the refusal as OpenAI words it (429, 403 unpriced, 503 no live worker)."""
+
+    async def attempt() -> Admission:
+        return await limiter().admit(
+            limits,
+            pool=spec.pool,
+            organization_id=organization_id,
+            model_name=spec.model_name,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            request_id=request_id,
+            hold_s=settings.MANTLE_REQUEST_TIMEOUT_S + spend.HOLD_GRACE_S,
+            requests=requests,
+            compute_ms=compute_ms,
+        )
+
+    admission = await attempt()
+    if admission.price_unknown:
+        # The organization's prices of this model are not in Redis yet (no wallet sync
+        # wrote them): read them from the database once, then ask again.
+        await database_read(price_fill, organization_id, spec.model_name)
+        admission = await attempt()
+    if admission.unpriced or admission.price_unknown:
+        raise model_not_priced(spec.model_name)
+    tokens = prompt_tokens + max_tokens
+    if admission.no_worker:
+        raise no_capacity(spec.pool)
+    if admission.insufficient_quota:
+        raise OpenAIError(
+            429,
+            "You exceeded your current quota, please check your plan and billing details. "
+            f"(This request may cost up to {admission.reserved_nanos / 1e9:.6f}; "
+            f"{max(0, admission.available_nanos) / 1e9:.6f} is available"
+            + (" in this project's budget.)" if admission.quota_scope == "project" else ".)"),
+            type_="insufficient_quota",
+            code="insufficient_quota",
+            headers={"x-should-retry": "false"},
+        )
+    if not admission.allowed:
+        what = {
+            "key": "API key",
+            "project": "project",
+            "endpoint": "endpoint",
+            "organization": "organization",
+        }
+        scope = what[admission.refused_scope]
+        if admission.retry_after_ms < 0:
+            raise OpenAIError(
+                429,
+                f"This request needs {tokens} tokens, more than the {scope}'s whole "
+                f"per-minute token limit; reduce max_tokens or the prompt.",
+                code="rate_limit_exceeded",
+                param="max_tokens",
+                headers={"x-should-retry": "false"},
+            )
+        kind = f"{admission.refused_kind} per minute"
+        raise OpenAIError(
+            429,
+            f"Rate limit reached for {scope} {_limit_owner(limits, admission.refused_scope)} "
+            f"on {kind}. Please try again in {admission.retry_after_ms / 1000:.3g}s.",
+            code="rate_limit_exceeded",
+            headers={"retry-after": retry_after_seconds(admission.retry_after_ms)},
+        )
+    return admission
+
+
+def _limit_owner(limits: Limits, scope: str) -> str:
+    return {
+        "key": limits.key_id,
+        "project": limits.project_id,
+        "endpoint": limits.endpoint_id,
+        "organization": f"{limits.organization_id} on endpoint {limits.endpoint_id}",
+    }[scope]
+
+
+# --- dispatch -------------------------------------------------------------------------------
+
+
+def billing_identity(identity: KeyIdentity, spec: EndpointSpec) -> contract.BillingIdentity:
+    return contract.BillingIdentity(
+        organization_id=identity.organization_id,
+        project_id=identity.project_id,
+        api_key_id=identity.key_id,
+        endpoint_id=spec.id,
+        model_version_id=spec.version_id,
+        model_name=spec.model_name,
+    )
+
+
+def model_ref(spec: EndpointSpec) -> contract.ModelRef:
+    return contract.ModelRef(
+        version_id=spec.version_id,
+        runtime=spec.runtime,
+        sha256=spec.sha256,
+        location=spec.location,
+        providers=spec.providers,
+    )
+
+
+async def send(
+    task: str,
+    payload: Any,
+    *,
+    spec: EndpointSpec,
+    request_id: str,
+    deadline: float,
+    on_refused: Callable[[], Coroutine[Any, Any, None]],
+) -> dispatch.Ticket:
+    """Dispatches to the endpoint's pool; a broker that refuses is a clean 503, and
+    `on_refused` gives back what admission took (the reservation, the tokens)."""
+    try:
+        return await dispatch.submit(
+            task,
+            contract.to_payload(payload),
+            queue=spec.queue,
+            pool=spec.pool,
+            request_id=request_id,
+            deadline=deadline,
+        )
+    except Exception as exc:
+        await on_refused()
+        logger.exception("dispatch to %s failed", spec.queue)
+        raise broker_unavailable() from exc
+
+
+# --- settle ---------------------------------------------------------------------------------
+
+
+async def settle(
+    organization_id: str,
+    request_id: str,
+    admission: Admission,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    requests: int = 0,
+    compute_ms: int = 0,
+) -> None:
+    """Releases the reservation and parks the real cost until metering counts it.
+
+    For a tensor request `compute_ms` is the gateway's own upper bound (the time it
+    waited); the drain replaces the parked cost with the worker's measured one.
+    """
+    prices = spend.Prices(
+        admission.price_in,
+        admission.price_out,
+        admission.price_request,
+        admission.price_compute_ms,
+    )
+    cost = prices.cost(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        requests=requests,
+        compute_ms=compute_ms,
+    )
+    if not admission.reserved_nanos and not cost:
+        return  # a free model: nothing was reserved, nothing to settle
+    try:
+        await spend.settle(
+            get_async_redis(),
+            organization_id=organization_id,
+            request_id=request_id,
+            reserved=admission.reserved_nanos,
+            cost=cost,
+            reserved_project_id=admission.reserved_project_id,
+            held=admission.held,
+        )
+    except Exception:
+        # A lost settlement leaves the reservation in place: the organization can spend
+        # less than it has until its wallet is resynchronised, never more.
+        logger.exception("settling %s failed", request_id)
+
+
+# --- generation: all five steps for a text generation ---------------------------------------
+
+
+@dataclass
+class Generation:
+    """One admitted generation request, from dispatch to settlement.
+
+    Read its events inside `async with generation:`. Leaving the block by an error, a
+    cancellation or a closed stream (the client went away) tells the worker to stop;
+    leaving it in any way settles (tokens back to the limits, money to the wallet).
+    """
+
+    request_id: str
+    spec: EndpointSpec
+    limits: Limits
+    admission: Admission
+    prompt_tokens: int
+    reserved_tokens: int
+    deadline: float
+    organization_id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    completion_tokens: int = 0
+    finished: bool = False
+    finish_reason: str = "stop"
+    ticket: dispatch.Ticket | None = None
+
+    def headers(self) -> dict[str, str]:
+        return self.admission.headers()
+
+    def events(self) -> AsyncIterator[dict[str, str]]:
+        assert self.ticket is not None, "a generation's events are read after it was sent"
+        return dispatch.events(self.ticket)
+
+    def take(self, event: Mapping[str, str]) -> str:
+        """The text an event adds ('' when none), counting its tokens; the final event's
+        figures replace the counts. A worker's error event raises it."""
+        kind = event.get("type")
+        if kind == contract.EVENT_DELTA:
+            self.completion_tokens += int(event.get("tokens", 0) or 0)
+            return event.get("text", "")
+        if kind == contract.EVENT_DONE:
+            self.finish_reason = event.get("finish_reason", "stop")
+            self.prompt_tokens = int(event.get("prompt_tokens", self.prompt_tokens))
+            self.completion_tokens = int(event.get("completion_tokens", self.completion_tokens))
+            self.finished = True
+        elif kind == contract.EVENT_ERROR:
+            raise dispatch.worker_error(event)
+        return ""
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            # An outage of Redis (or anything unforeseen) cannot reach the worker anyway:
+            # it stops at the request's deadline.
+            if exc_type is not None and issubclass(
+                exc_type, (asyncio.CancelledError, GeneratorExit, OpenAIError)
+            ):
+                await dispatch.cancel(self.request_id)
+        finally:
+            await self.settle()
+
+    async def settle(self) -> None:
+        used = self.prompt_tokens + self.completion_tokens
+        metrics.GATEWAY_TOKENS.labels("input").inc(self.prompt_tokens)
+        metrics.GATEWAY_TOKENS.labels("output").inc(self.completion_tokens)
+        try:
+            await limiter().refund(self.limits, tokens=self.reserved_tokens - used)
+        except Exception:  # a refund lost to a Redis hiccup only makes limits stricter
+            logger.warning("could not refund %s tokens", self.reserved_tokens - used)
+        await settle(
+            self.organization_id,
+            self.request_id,
+            self.admission,
+            self.prompt_tokens,
+            self.completion_tokens,
+        )
+
+
+async def start_generation(
+    *,
+    identity: KeyIdentity,
+    spec: EndpointSpec,
+    request_id: str,
+    prompt_ids: Sequence[int],
+    body: SamplingRequest,
+    max_tokens: int | None,
+) -> Generation:
+    """Admits a generation of at most `max_tokens` (default: what the context leaves, up to
+    MANTLE_DEFAULT_MAX_TOKENS) after `prompt_ids`, and sends it to the endpoint's pool."""
+    prompt_tokens = len(prompt_ids)
+    room = spec.context_length - prompt_tokens
+    if max_tokens is None:
+        if room < 1:
+            raise text.context_exceeded(spec, prompt_tokens, 1)
+        max_tokens = min(room, settings.MANTLE_DEFAULT_MAX_TOKENS)
+    elif max_tokens > room:
+        raise text.context_exceeded(spec, prompt_tokens, max_tokens)
+    reserved = prompt_tokens + max_tokens
+    limits = limits_for(identity, spec)
+    admission = await admit(
+        limits, spec, identity.organization_id, prompt_tokens, max_tokens, request_id
+    )
+    deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
+    payload = contract.GenerateRequest(
+        request_id=request_id,
+        model=model_ref(spec),
+        identity=billing_identity(identity, spec),
+        prompt_token_ids=tuple(prompt_ids),
+        sampling=contract.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=body.stops(),
+        ),
+        deadline=deadline,
+        enqueued_at=time.time(),
+    )
+    generation = Generation(
+        request_id=request_id,
+        spec=spec,
+        limits=limits,
+        admission=admission,
+        prompt_tokens=prompt_tokens,
+        reserved_tokens=reserved,
+        deadline=deadline,
+        organization_id=identity.organization_id,
+    )
+    generation.ticket = await send(
+        contract.TaskName.GENERATE,
+        payload,
+        spec=spec,
+        request_id=request_id,
+        deadline=deadline,
+        on_refused=generation.settle,
+    )
+    return generation
+
+
+async def gather(generation: Generation) -> str:
+    """Runs a generation to its end and returns its text (`finish_reason` set on it)."""
+    parts: list[str] = []
+    async with generation:
+        async for event in generation.events():
+            parts.append(generation.take(event))
+    return "".join(parts)
