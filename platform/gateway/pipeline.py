@@ -381,6 +381,10 @@ class Generation:
     async def __aenter__(self) -> Generation:
         return self
 
+    async def cancel(self) -> None:
+        """Tells the worker to stop generating (settling is still `__aexit__`'s)."""
+        await dispatch.cancel(self.request_id)
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -393,7 +397,7 @@ class Generation:
             if exc_type is not None and issubclass(
                 exc_type, (asyncio.CancelledError, GeneratorExit, OpenAIError)
             ):
-                await dispatch.cancel(self.request_id)
+                await self.cancel()
         finally:
             await self.settle()
 

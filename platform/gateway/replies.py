@@ -91,8 +91,11 @@ async def relay_sse(
     """A generation as OpenAI streams it: the opening chunk, one per piece of text, the
     finishing chunk, the usage chunk if asked for, then `[DONE]`. A disconnect (the stream
     closed or cancelled) stops the worker; errors after the start travel in-band."""
-    try:
-        async with generation:
+    async with generation:
+        # The handlers sit inside the block, so the order is the old relay's: cancel the
+        # worker, send the error in-band, then settle on leaving (after an outage, on a
+        # fresh connection: the idle ones are dropped first).
+        try:
             yield sse(opening)
             async for event in generation.events():
                 text = generation.take(event)
@@ -103,15 +106,16 @@ async def relay_sse(
                 if usage is not None:
                     yield sse(usage())
             yield b"data: [DONE]\n\n"
-    except OpenAIError as exc:
-        # Mid-stream errors travel in-band, the way OpenAI sends them.
-        yield sse(exc.body())
-    except REDIS_DOWN as exc:
-        # The response has started: the outage travels in-band too. The cancel
-        # cannot reach Redis now; the worker stops at the request's deadline.
-        logger.warning("redis unreachable mid-stream of %s: %s", generation.request_id, exc)
-        await forget_idle_redis_connections()
-        yield sse(redis_unavailable().body())
+        except OpenAIError as exc:
+            # Mid-stream errors travel in-band, the way OpenAI sends them.
+            await generation.cancel()
+            yield sse(exc.body())
+        except REDIS_DOWN as exc:
+            # The response has started: the outage travels in-band too. The cancel
+            # cannot reach Redis now; the worker stops at the request's deadline.
+            logger.warning("redis unreachable mid-stream of %s: %s", generation.request_id, exc)
+            await forget_idle_redis_connections()
+            yield sse(redis_unavailable().body())
 
 
 class RelayResponse(StreamingHttpResponse):
