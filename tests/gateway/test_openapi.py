@@ -122,3 +122,28 @@ def test_reply_schemas_are_closed_and_in_wire_order() -> None:
     # The usage chunk of a completion stream has no system_fingerprint; every chat chunk has.
     assert "system_fingerprint" not in schemas["CompletionChunk"]["required"]
     assert "system_fingerprint" in schemas["ChatCompletionChunk"]["required"]
+
+
+def test_the_documents_bounds_are_the_limits_the_gateway_enforces() -> None:
+    """The fuzz tests draw from the served document, which is generated from the code under
+    test: pin the bounds here, so a validation that loosens by accident cannot loosen the
+    fuzzing with it unnoticed."""
+    schemas: dict[str, Any] = document()["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest"):
+        props = schemas[name]["properties"]
+        assert props["model"] == {
+            "maxLength": 256,
+            "minLength": 1,
+            "title": "Model",
+            "type": "string",
+        }
+        assert props["user"]["anyOf"][0] == {"maxLength": 256, "type": "string"}
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        props = schemas[name]["properties"]
+        assert props["max_tokens"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
+        assert props["top_p"]["anyOf"][0] == {"exclusiveMinimum": 0, "maximum": 1, "type": "number"}
+        assert props["n"]["anyOf"][0] == {"maximum": 1, "minimum": 1, "type": "integer"}
+        for penalty in ("frequency_penalty", "presence_penalty"):
+            assert props[penalty]["anyOf"][0] == {"maximum": 0, "minimum": 0, "type": "number"}
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert chat["max_completion_tokens"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
