@@ -3,8 +3,8 @@
 The gateway's /v1 (the OpenAI-compatible API) is fuzzed from the document it serves
 (GET /v1/openapi.json, generated from its protocol types), with bodies that fit it and bodies
 that break it; /v2 (the open inference protocol) from a hand-written document
-(tests/security/openapi_v2.py), against a real tensor model (a tiny ONNX graph built with the
-onnx helper API) served by the live worker.
+(tests/security/openapi_v2_support.py), against a real tensor model (a tiny ONNX graph built
+with the onnx helper API) served by the live worker.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from config.api import api
 from gateway.openapi import document
 from tests.factories import make_api_key, make_model_version, tensor_artifact
 from tests.reliability.conftest import Tenant, tenant_on
-from tests.security.openapi_v2 import DOCUMENT_V2
+from tests.security.openapi_v2_support import DOCUMENT_V2
 from tests.support.stack import Stack, builtin_manifests
 
 pytestmark = [
@@ -79,7 +79,7 @@ def _operations(schema: Any) -> dict[str, Any]:
 
 # The management API's document (django-ninja), the gateway's /v1 document as this process
 # builds it (its operations name the tests; the cases come from the served one, which
-# `served_v1` checks is the same) and the /v2 document (tests/security/openapi_v2.py).
+# `served_v1` checks is the same) and the /v2 document (tests/security/openapi_v2_support.py).
 MANAGEMENT = _operations(schemathesis.openapi.from_dict(api.get_openapi_schema()))
 GATEWAY = _operations(schemathesis.openapi.from_dict(document()))
 GATEWAY_V2 = _operations(schemathesis.openapi.from_dict(DOCUMENT_V2))

@@ -1,4 +1,4 @@
-"""Continuous batching over a numpy stand-in for the model (see fakes.FakeCausalLM)."""
+"""Continuous batching over a numpy stand-in for the model (see fakes_support.FakeCausalLM)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from tests.workers.fakes import (
+from tests.workers.fakes_support import (
     FakeCausalLM,
     RecordingSink,
     decode,

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
-from tests.workers.fakes import FakeEncoder, RecordingSink
+from tests.workers.fakes_support import FakeEncoder, RecordingSink
 from workers.contract import BillingIdentity, EmbedRequest, ModelRef
 from workers.engine import batching
 from workers.engine.encoder import EncoderEngine

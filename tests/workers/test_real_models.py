@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.workers.fakes import RecordingSink
+from tests.workers.fakes_support import RecordingSink
 from workers.contract import (
     BillingIdentity,
     EmbedRequest,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.workers.fakes import FakeCausalLM, decode, reference, spec
+from tests.workers.fakes_support import FakeCausalLM, decode, reference, spec
 from workers.contract import (
     USAGE_STREAM,
     BillingIdentity,
