@@ -123,7 +123,7 @@ def run_drain(client: Any, batch: int) -> tuple[float, dict[str, float]]:
     redis_pid = int(client.info("server")["process_id"])
     pids = {"drain": os.getpid(), "postgres": backend, "redis": redis_pid}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    drain = Drain(consumer="bench", client=client, batch_size=batch, hooks=())
+    drain = Drain(consumer="bench", client=client, batch_size=batch)  # the registered hooks
     started = time.perf_counter()
     drain.run(stop=threading.Event(), once=True)
     elapsed = time.perf_counter() - started
@@ -214,6 +214,7 @@ def run_baseline(client: Any, count: int) -> float:
                     requests=F("requests") + 1,
                     input_tokens=F("input_tokens") + event.input_tokens,
                     output_tokens=F("output_tokens") + event.output_tokens,
+                    compute_ms=F("compute_ms") + event.compute_ms,
                 )
                 if not updated:
                     UsageRollup.objects.create(
@@ -221,10 +222,27 @@ def run_baseline(client: Any, count: int) -> float:
                         requests=1,
                         input_tokens=event.input_tokens,
                         output_tokens=event.output_tokens,
+                        compute_ms=event.compute_ms,
                     )
             client.xack(BASELINE_STREAM, "baseline", entry_id)
             done += 1
     return time.perf_counter() - started
+
+
+def price_models() -> None:
+    """List prices for the events' models, as every model the gateway admits has: the drain
+    processes run the wallet's hook, which rates each batch (an unpriced model would send
+    it to the database for every batch and log an error per organization)."""
+    from datetime import UTC, datetime, timedelta
+
+    from billing.models import Price
+
+    since = datetime.now(UTC) - timedelta(days=1)
+    for model in MODELS:
+        for kind, price in (("input", "0.10"), ("output", "0.40")):
+            Price.objects.create(
+                model_name=model, token_kind=kind, unit_price=price, effective_from=since
+            )
 
 
 def check_exact(events: list[Any]) -> bool:
@@ -235,6 +253,7 @@ def check_exact(events: list[Any]) -> bool:
         "requests": len(events),
         "input_tokens": sum(e.input_tokens for e in events),
         "output_tokens": sum(e.output_tokens for e in events),
+        "compute_ms": sum(e.compute_ms for e in events),
     }
     return rollup_totals() == expected and UsageEvent.objects.count() == len(events)
 
@@ -272,6 +291,7 @@ def main() -> None:
         client = redis.Redis.from_url(args.redis, decode_responses=True)
         client.flushdb()
 
+        price_models()
         drain_events = make_events(args.events, args.orgs, seed=1)
         emit(client, "mantle:usage", drain_events)
         if args.drains > 1:

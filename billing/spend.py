@@ -18,7 +18,6 @@ concurrent requests can never spend past the cap.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -77,13 +76,37 @@ class Prices:
         """Exact cost in nanos, rounded up to a whole nano (never in the customer's
         disfavour by more than one nano per request; the invoice rates rollups again,
         exactly)."""
-        exact = (
-            Decimal(input_tokens) * Decimal(self.input)
-            + Decimal(output_tokens) * Decimal(self.output)
-            + Decimal(requests) * Decimal(self.request)
-            + Decimal(compute_ms) * Decimal(self.compute_ms)
+        return self.scaled().cost(input_tokens, output_tokens, requests, compute_ms)
+
+    def scaled(self) -> ScaledPrices:
+        """The four prices as integers over one power of ten, for costing many requests at
+        these prices in exact integer arithmetic (the drain's wallet hook, per batch)."""
+        parts = [Decimal(p) for p in (self.input, self.output, self.request, self.compute_ms)]
+        places = max(0, *(-int(p.as_tuple().exponent) for p in parts))
+        scale = 10**places
+        input_, output, request, compute_ms = (int(p.scaleb(places)) for p in parts)
+        return ScaledPrices(input_, output, request, compute_ms, scale)
+
+
+@dataclass(frozen=True, slots=True)
+class ScaledPrices:
+    """Prices in nanos per unit as numerators over `scale` (a power of ten): exact."""
+
+    input: int
+    output: int
+    request: int
+    compute_ms: int
+    scale: int
+
+    def cost(self, input_tokens: int, output_tokens: int, requests: int, compute_ms: int) -> int:
+        """Exact cost in nanos, rounded up to a whole nano (as Prices.cost)."""
+        total = (
+            input_tokens * self.input
+            + output_tokens * self.output
+            + requests * self.request
+            + compute_ms * self.compute_ms
         )
-        return math.ceil(exact)
+        return -(-total // self.scale)
 
 
 FREE = Prices()

@@ -399,14 +399,14 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
         return []
     client = get_redis()
     prices = _prices_for(client, {(u.organization_id, u.model_name) for u in usages})
+    # Each pair's prices in integer form once per batch, not parsed again per request.
+    scaled = {pair: p.scaled() for pair, p in prices.items()}
+    free = spend.FREE.scaled()
     costs = []
     args: list[str] = []
     for u in usages:
-        cost = prices.get((u.organization_id, u.model_name), spend.FREE).cost(
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            requests=u.requests,
-            compute_ms=u.compute_ms,
+        cost = scaled.get((u.organization_id, u.model_name), free).cost(
+            u.input_tokens, u.output_tokens, u.requests, u.compute_ms
         )
         costs.append(cost)
         args += [
