@@ -411,3 +411,59 @@ def test_the_drain_runs_the_wallet_hook_by_default() -> None:
 
     assert wallet_record_events in outbox.registered_hooks()
     assert wallet_record_events in drain.Drain(consumer="hook-check", client=get_redis()).hooks
+
+
+def test_a_batch_leaves_the_wallets_as_counting_each_event_alone_would() -> None:
+    """The batch script sums spent per wallet and per (wallet, project) before it runs:
+    the result must equal one event at a time, across organizations, capped and uncapped
+    projects, costs the gateway parked (with and without a project) and ones it did not."""
+    redis = get_redis()
+    price_book(CHAT, input_price="1", output_price="4")  # 1000 and 4000 nanos a token
+    orgs = [OrganizationFactory(), OrganizationFactory()]
+    capped = {}
+    for o in orgs:
+        capped[o.id] = default_project(o)
+        Budget.objects.create(
+            organization=o, project=capped[o.id], monthly_amount=Decimal("5"), hard_limit=True
+        )
+    events = []
+    for i in range(40):
+        o = orgs[i % 2]
+        project = (capped[o.id].id, "proj_uncapped", "")[i % 3]
+        events.append(Usage(o.id, CHAT, 7 * i + 1, i % 5, project_id=project, request_id=f"r{i}"))
+
+    def run(record: Any) -> dict[str, dict[str, str]]:
+        for key in redis.scan_iter("mantle:*"):
+            redis.delete(key)
+        for o in orgs:
+            wallet_sync(o)
+            for i, e in enumerate(events):
+                if e.organization_id == o.id and i % 4 == 0:  # settled first by the gateway
+                    parked = f"{i + 3}:{e.project_id}" if e.project_id else str(i + 3)
+                    redis.hset(wallet_keys.pending_key(o.id), e.request_id, parked)
+                    redis.hincrby(wallet_keys.wallet_key(o.id), "pending_nanos", i + 3)
+                    if e.project_id:
+                        field = f"p:{e.project_id}:pending_nanos"
+                        redis.hincrby(wallet_keys.wallet_key(o.id), field, i + 3)
+        record()
+        state = {}
+        for o in orgs:
+            state[o.id] = dict(redis.hgetall(wallet_keys.wallet_key(o.id)))
+            state[o.id].pop("synced_at")  # when each run synchronised, nothing counted
+            state[o.id + ":pending"] = dict(redis.hgetall(wallet_keys.pending_key(o.id)))
+        state["counted"] = {
+            e.request_id: str(redis.exists(wallet_keys.counted_key(e.request_id))) for e in events
+        }
+        return state
+
+    alone = run(lambda: [wallet_record_batch([e]) for e in events])
+    batched = run(lambda: wallet_record_batch(events))
+    assert batched == alone
+    for o in orgs:  # and the figures are the expected ones, not merely equal
+        mine = [e for e in events if e.organization_id == o.id]
+        assert int(alone[o.id]["spent_nanos"]) == sum(1000 * e.input_tokens for e in mine) + sum(
+            4000 * e.output_tokens for e in mine
+        )
+        assert alone[o.id + ":pending"] == {}
+        assert int(alone[o.id][f"p:{capped[o.id].id}:spent_nanos"]) > 0
+        assert "p:proj_uncapped:spent_nanos" not in alone[o.id]
