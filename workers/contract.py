@@ -182,6 +182,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties on the logits of tokens already generated: count x frequency,
+    # plus presence once a token has appeared (workers/engine/sampling.py).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

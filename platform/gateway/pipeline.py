@@ -454,6 +454,8 @@ async def start_generation(
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             stop=body.stops(),
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
         ),
         deadline=deadline,
         enqueued_at=time.time(),

@@ -79,9 +79,10 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1)
     user: str | None = Field(default=None, max_length=USER_MAX_LENGTH)
-    # Accepted for compatibility; only their neutral values are supported.
-    presence_penalty: float | None = Field(default=None, ge=0, le=0)
-    frequency_penalty: float | None = Field(default=None, ge=0, le=0)
+    # OpenAI's penalties, applied by the worker's engine to the logits of tokens already
+    # generated (workers/engine/sampling.py `penalize`); OpenAI's range.
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: bool | None = Field(default=None)
     metadata: dict[str, str] | None = None
     store: bool | None = None

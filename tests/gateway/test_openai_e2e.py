@@ -475,3 +475,26 @@ def test_paid_request_settles_its_reservation(served: Served) -> None:
     assert state["reserved_nanos"] == "0"
     expected = usage.prompt_tokens * 150 + usage.completion_tokens * 600
     assert int(state.get("pending_nanos", 0)) + int(state.get("spent_nanos", 0)) == expected
+
+
+def test_penalties_steer_greedy_decoding_away_from_repetition(served: Served) -> None:
+    """frequency_penalty and presence_penalty reach the worker's engine: the same greedy
+    request repeats a word less once repeating it is penalized (chat and completions)."""
+    client = served.client()
+    prompt = "apple, apple, apple, apple, apple, apple,"
+
+    def complete(**penalties: float) -> str:
+        completion = client.completions.create(
+            model=CHAT, prompt=prompt, temperature=0, max_tokens=30, **penalties
+        )
+        return completion.choices[0].text.lower()
+
+    plain = complete()
+    assert plain == complete(frequency_penalty=0.0, presence_penalty=0.0)  # neutral is neutral
+    penalized = complete(frequency_penalty=2.0, presence_penalty=2.0)
+    # Greedy, this small model goes on repeating the word (15 more times in 30 tokens);
+    # penalized, it stops repeating after a couple.
+    assert plain.count("apple") >= 10, plain
+    assert penalized.count("apple") <= plain.count("apple") // 2, (plain, penalized)
+    # Encouraging repetition (negative penalties) is accepted too, within OpenAI's range.
+    assert complete(frequency_penalty=-2.0, presence_penalty=-2.0).count("apple") >= 10

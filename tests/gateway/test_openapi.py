@@ -144,6 +144,6 @@ def test_the_documents_bounds_are_the_limits_the_gateway_enforces() -> None:
         assert props["top_p"]["anyOf"][0] == {"exclusiveMinimum": 0, "maximum": 1, "type": "number"}
         assert props["n"]["anyOf"][0] == {"maximum": 1, "minimum": 1, "type": "integer"}
         for penalty in ("frequency_penalty", "presence_penalty"):
-            assert props[penalty]["anyOf"][0] == {"maximum": 0, "minimum": 0, "type": "number"}
+            assert props[penalty]["anyOf"][0] == {"maximum": 2, "minimum": -2, "type": "number"}
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert chat["max_completion_tokens"]["anyOf"][0] == {"minimum": 1, "type": "integer"}

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import pytest
 
 from tests.workers.fakes_support import (
+    VOCAB,
     FakeCausalLM,
     RecordingSink,
     decode,
     encode,
+    next_token,
     reference,
     spec,
 )
@@ -384,3 +387,45 @@ def test_multibyte_text_through_the_engine(make_engine: Callable[..., CausalLMEn
 
 def test_encode_helper_roundtrip() -> None:
     assert encode(decode([0, 5, 63])) == [0, 5, 63]
+
+
+def penalized_reference(
+    prompt: Sequence[int], max_tokens: int, frequency: float, presence: float
+) -> list[int]:
+    """Greedy decoding of the fake model (its one winning logit is 5.0, the rest 0) with
+    OpenAI's penalties on the tokens generated so far."""
+    seq, out = list(prompt), []
+    counts: dict[int, int] = {}
+    for _ in range(max_tokens):
+        scores = [0.0] * VOCAB
+        scores[next_token(seq)] = 5.0
+        for token, n in counts.items():
+            scores[token] -= n * frequency + presence
+        token = max(range(VOCAB), key=lambda t: (scores[t], -t))  # argmax, first on ties
+        out.append(token)
+        seq.append(token)
+        counts[token] = counts.get(token, 0) + 1
+        if token == 0:
+            break
+    return out
+
+
+def test_penalties_change_greedy_decoding_as_openai_defines_them(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    engine = make_engine()
+    prompt = [5, 9, 2]
+    plain = reference(prompt, 24, eos=0)
+    penalized = penalized_reference(prompt, 24, frequency=3.0, presence=0.0)
+    assert penalized != plain  # the case really exercises the penalty
+    sink = RecordingSink()
+    handles = []
+    for rid, frequency in (("plain", 0.0), ("penalized", 3.0)):
+        sampling = SamplingParams(
+            max_tokens=24, temperature=0.0, top_p=1.0, frequency_penalty=frequency
+        )
+        handles.append(engine.submit(replace(request(rid, prompt, 24), sampling=sampling), sink))
+    assert all(h.wait(10) is not None for h in handles)
+    assert sink.text("plain") == decode(plain)
+    # The end-of-sequence token (0) finishes the sequence and is not emitted as text.
+    assert sink.text("penalized") == decode(penalized[:-1] if penalized[-1] == 0 else penalized)

@@ -63,3 +63,17 @@ def test_low_temperature_sharpens() -> None:
     rng = np.random.default_rng(5)
     seen = Counter(sample_token(logits, temperature=0.05, top_p=1.0, rng=rng) for _ in range(500))
     assert seen[0] > 450
+
+
+def test_penalties_follow_openais_formula_on_a_copy() -> None:
+    from workers.engine.sampling import penalize
+
+    logits = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    out = penalize(logits, {3: 2, 1: 1}, frequency=0.5, presence=0.25)
+    # token 3: 4 - 2 x 0.5 - 0.25; token 1: 2 - 0.5 - 0.25; unseen tokens unchanged
+    assert out.tolist() == [1.0, 1.25, 3.0, 2.75]
+    assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]
+    encouraged = penalize(logits, {0: 1}, frequency=-1.0, presence=-2.0)
+    assert encouraged.tolist() == [4.0, 2.0, 3.0, 4.0]
+    assert penalize(logits, {}, frequency=1.0, presence=1.0) is logits
+    assert penalize(logits, {2: 1}, frequency=0.0, presence=0.0) is logits

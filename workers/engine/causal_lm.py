@@ -15,7 +15,7 @@ import numpy as np
 
 from workers.contract import FinishReason, GenerateRequest, cancel_key
 from workers.engine.base import EventSink, RateMeter, RequestHandle, RequestResult
-from workers.engine.sampling import sample_token
+from workers.engine.sampling import penalize, sample_token
 from workers.engine.text import IncrementalDetokenizer, StopFilter
 
 if TYPE_CHECKING:
@@ -73,11 +73,13 @@ class _Seq:
     __slots__ = (
         "admitted_at",
         "admitted_step",
+        "counts",
         "detok",
         "first_token_at",
         "generated",
         "greedy",
         "handle",
+        "penalized",
         "prompt_len",
         "request",
         "rng",
@@ -101,6 +103,9 @@ class _Seq:
         # not depend on which other requests happen to share its batch.
         self.rng = np.random.default_rng(request.sampling.seed)
         self.generated: list[int] = []
+        sampling = request.sampling
+        self.penalized = sampling.frequency_penalty != 0.0 or sampling.presence_penalty != 0.0
+        self.counts: dict[int, int] = {}  # generated token -> times, kept when penalized
         self.detok = IncrementalDetokenizer(decode)
         self.stops = StopFilter(request.sampling.stop)
         self.unreported_tokens = 0
@@ -471,16 +476,27 @@ class CausalLMEngine:
     def _sample(self, logits: np.ndarray, seqs: Sequence[_Seq]) -> np.ndarray:
         tokens: np.ndarray = np.argmax(logits, axis=-1).astype(np.int64)
         for row, seq in enumerate(seqs):
-            if not seq.greedy:
-                params = seq.request.sampling
-                tokens[row] = sample_token(
-                    logits[row], temperature=params.temperature, top_p=params.top_p, rng=seq.rng
+            if seq.greedy and not seq.penalized:
+                continue
+            params = seq.request.sampling
+            scores = logits[row]
+            if seq.penalized:
+                scores = penalize(
+                    scores,
+                    seq.counts,
+                    frequency=params.frequency_penalty,
+                    presence=params.presence_penalty,
                 )
+            tokens[row] = sample_token(
+                scores, temperature=params.temperature, top_p=params.top_p, rng=seq.rng
+            )
         return tokens
 
     def _accept(self, seq: _Seq, token: int) -> bool:
         """Take one generated token; emit its text; return whether the sequence finished."""
         seq.generated.append(token)
+        if seq.penalized:
+            seq.counts[token] = seq.counts.get(token, 0) + 1
         seq.unreported_tokens += 1
         if token in self.spec.eos_token_ids:
             self._finish(seq, FinishReason.STOP)

@@ -1,4 +1,4 @@
-"""Per-sequence token sampling: greedy, temperature and nucleus (top-p)."""
+"""Per-sequence token sampling: penalties, greedy, temperature and nucleus (top-p)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,18 @@ def sample_token(
     cdf = np.cumsum(kept)
     index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return int(ids[min(index, ids.shape[0] - 1)])
+
+
+def penalize(
+    logits: np.ndarray, counts: dict[int, int], *, frequency: float, presence: float
+) -> np.ndarray:
+    """One row of logits with OpenAI's penalties applied (a copy; `logits` is untouched):
+    each token generated so far loses count x `frequency`, plus `presence` once. Negative
+    penalties encourage repetition instead."""
+    if not counts or (frequency == 0.0 and presence == 0.0):
+        return logits
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    seen = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+    out = logits.astype(np.float32, copy=True)
+    out[ids] -= seen * np.float32(frequency) + np.float32(presence)
+    return out
