@@ -79,13 +79,35 @@ class Prices:
         return self.scaled().cost(input_tokens, output_tokens, requests, compute_ms)
 
     def scaled(self) -> ScaledPrices:
-        """The four prices as integers over one power of ten, for costing many requests at
-        these prices in exact integer arithmetic (the drain's wallet hook, per batch)."""
-        parts = [Decimal(p) for p in (self.input, self.output, self.request, self.compute_ms)]
-        places = max(0, *(-int(p.as_tuple().exponent) for p in parts))
-        scale = 10**places
-        input_, output, request, compute_ms = (int(p.scaleb(places)) for p in parts)
-        return ScaledPrices(input_, output, request, compute_ms, scale)
+        """The four prices as integers over one power of ten: exact integer arithmetic,
+        parsed once for however many requests are costed at these prices."""
+        i, di = _decimal_parts(self.input)
+        o, do = _decimal_parts(self.output)
+        r, dr = _decimal_parts(self.request)
+        c, dc = _decimal_parts(self.compute_ms)
+        places = max(di, do, dr, dc)
+        return ScaledPrices(
+            i * 10 ** (places - di),
+            o * 10 ** (places - do),
+            r * 10 ** (places - dr),
+            c * 10 ** (places - dc),
+            10**places,
+        )
+
+
+def _decimal_parts(text: str) -> tuple[int, int]:
+    """A price string as (numerator, decimal places): '37.5' is (375, 1). Prices are written
+    plain ('150', '37.5'); any other form Decimal reads is taken through Decimal."""
+    whole, _, fraction = text.partition(".")
+    if whole.isdigit() and (fraction.isdigit() or not fraction):
+        return int(whole + fraction), len(fraction)
+    sign, digits, exponent = Decimal(text).as_tuple()
+    if not isinstance(exponent, int):
+        raise ValueError(f"not a price: {text!r}")
+    numerator = int("".join(map(str, digits)) or "0") * (-1 if sign else 1)
+    if exponent >= 0:
+        return numerator * 10**exponent, 0
+    return numerator, -exponent
 
 
 @dataclass(frozen=True, slots=True)
