@@ -7,8 +7,8 @@ Every entry point takes these steps: the /v1 endpoint modules (gateway/endpoints
 - parse: `parse_request` / `parse` (a JSON object into a protocol model, OpenAI's 400s)
 - admit: `limits_for` and `admit` (rate limits and the wallet reservation, one Redis script)
 - dispatch: `send` (a task on the endpoint's pool queue; a broker that refuses is a 503)
-- relay: `dispatch.events`, or for a generation `Generation.take` inside `async with
-  generation:` (a caller that stops early cancels the worker)
+- relay: `result_of` for a one-shot request, or for a generation `Generation.take` inside
+  `async with generation:` (a caller that stops early cancels the worker)
 - settle: `settle` (the reservation released, the real cost parked for metering), and
   `Generation.settle` (the tokens refunded to the limits too)
 
@@ -279,6 +279,27 @@ async def send(
         await on_refused()
         logger.exception("dispatch to %s failed", spec.queue)
         raise broker_unavailable() from exc
+
+
+# --- relay ----------------------------------------------------------------------------------
+
+
+async def result_of(ticket: dispatch.Ticket, kind: str) -> Mapping[str, str] | None:
+    """The worker's result event of `kind` for a one-shot request (embeddings, tensors),
+    None when its stream ended without one. A worker's error event raises it; a caller
+    cancelled meanwhile (the client went away) stops the worker first."""
+    found: Mapping[str, str] | None = None
+    try:
+        async for event in dispatch.events(ticket):
+            what = event.get("type")
+            if what == kind:
+                found = event
+            elif what == contract.EVENT_ERROR:
+                raise dispatch.worker_error(event)
+    except asyncio.CancelledError:
+        await dispatch.cancel(ticket.request_id)
+        raise
+    return found
 
 
 # --- settle ---------------------------------------------------------------------------------

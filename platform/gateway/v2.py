@@ -5,7 +5,6 @@ Its own wire types, errors and routes, over the same pipeline as /v1 (gateway.pi
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -26,7 +25,6 @@ from catalog.selectors import endpoint_spec, endpoints_visible_to
 from catalog.specs import EndpointSpec
 from core import metrics
 from core.redis import get_async_redis
-from gateway import dispatch
 from gateway.backends import (
     DATABASE_DOWN,
     REDIS_DOWN,
@@ -44,6 +42,7 @@ from gateway.pipeline import (
     parse_request,
     request_id_of,
     require_method,
+    result_of,
     send,
     settle,
 )
@@ -462,17 +461,8 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
         # Never dispatched: nothing computed, nothing to pay.
         on_refused=lambda: settle(identity.organization_id, request_id, admission, 0, 0),
     )
-    outputs: list[dict[str, Any]] | None = None
     try:
-        async for event in dispatch.events(ticket):
-            kind = event.get("type")
-            if kind == contract.EVENT_TENSORS:
-                outputs = _decode_outputs(event["outputs"])
-            elif kind == contract.EVENT_ERROR:
-                raise dispatch.worker_error(event)
-    except asyncio.CancelledError:
-        await dispatch.cancel(request_id)
-        raise
+        event = await result_of(ticket, contract.EVENT_TENSORS)
     finally:
         # Parked until the drain counts the worker's own figures: the time waited bounds
         # the compute from above, so the parked cost is never less than the real one.
@@ -486,8 +476,9 @@ async def model_infer(request: HttpRequest, name: str, version: str | None = Non
             requests=1,
             compute_ms=waited_ms,
         )
-    if outputs is None:
+    if event is None:
         raise OpenAIError(500, "The worker returned no outputs.", type_="server_error")
+    outputs = _decode_outputs(event["outputs"])
     return _json(
         {
             "model_name": name,

@@ -1,12 +1,14 @@
-"""The SSE relay's order when a stream fails after it started: the worker is told to stop,
+"""The relay's order when a stream fails after it started: the worker is told to stop,
 the client gets the error in-band, and only then is the request settled, on a fresh Redis
 connection after an outage (settling first on the dead connections would fail and leave
-the reservation held until the wallet resynchronises)."""
+the reservation held until the wallet resynchronises). A one-shot request (embeddings, /v2
+tensors) gets its result through the pipeline's `result_of`, which stops the worker when the
+client goes away."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,7 +34,7 @@ class Scripted(Generation):
         yield {"type": "delta", "text": "Hi", "tokens": "1"}
         raise self.failure
 
-    def events(self) -> AsyncIterator[dict[str, str]]:  # type: ignore[override]
+    def events(self) -> AsyncIterator[dict[str, str]]:
         return self._events()
 
     async def cancel(self) -> None:
@@ -89,10 +91,74 @@ def test_a_client_that_goes_away_stops_the_worker_and_settles() -> None:
     async def run() -> None:
         generation = Scripted(RuntimeError("never reached"), order)
         stream = replies.relay_sse(
-            generation, opening={"o": 1}, delta=lambda t: {"d": t}, finish=dict, usage=None
+            generation,
+            opening={"o": 1},
+            delta=lambda t: {"d": t},
+            finish=lambda r: {"f": r},
+            usage=None,
         )
         await stream.__anext__()
         await stream.aclose()  # the client went away after the first chunk
 
     asyncio.run(run())
     assert order == ["cancel", "settle"]
+
+
+def one_shot(
+    monkeypatch: pytest.MonkeyPatch, events: list[dict[str, str]], *, hang: bool
+) -> tuple[Mapping[str, str] | None, list[str]]:
+    """`pipeline.result_of` over scripted worker events: (its result, what was cancelled)."""
+    from gateway import dispatch, pipeline
+
+    cancelled: list[str] = []
+
+    async def scripted(ticket: object) -> AsyncIterator[dict[str, str]]:
+        for event in events:
+            yield event
+        if hang:
+            await asyncio.Event().wait()  # the worker is still computing
+
+    async def cancel(request_id: str) -> None:
+        cancelled.append(request_id)
+
+    monkeypatch.setattr(dispatch, "events", scripted)
+    monkeypatch.setattr(dispatch, "cancel", cancel)
+    ticket = dispatch.Ticket("task", {}, "queue", "pool", "req-9", 0.0, 0.0)
+
+    async def run() -> Mapping[str, str] | None:
+        job = asyncio.ensure_future(pipeline.result_of(ticket, "tensors"))
+        if hang:
+            await asyncio.sleep(0.01)
+            job.cancel()  # the client went away
+        return await job
+
+    try:
+        return asyncio.run(run()), cancelled
+    except asyncio.CancelledError:
+        return None, [*cancelled, "caller cancelled"]
+
+
+def test_a_one_shot_result_is_returned_and_nothing_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events = [{"type": "started"}, {"type": "tensors", "outputs": "[]"}]
+    assert one_shot(monkeypatch, events, hang=False) == ({"type": "tensors", "outputs": "[]"}, [])
+    assert one_shot(monkeypatch, [{"type": "started"}], hang=False) == (None, [])
+
+
+def test_a_one_shot_request_whose_client_goes_away_stops_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert one_shot(monkeypatch, [{"type": "started"}], hang=True) == (
+        None,
+        ["req-9", "caller cancelled"],
+    )
+
+
+def test_a_one_shot_workers_error_is_raised_as_its_openai_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    error = {"type": "error", "code": "invalid_request", "message": "bad input"}
+    with pytest.raises(OpenAIError) as raised:
+        one_shot(monkeypatch, [error], hang=False)
+    assert (raised.value.status, raised.value.code) == (400, "invalid_request")

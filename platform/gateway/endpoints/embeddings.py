@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponseBase
 
 from catalog.specs import EndpointSpec
 from core import metrics
-from gateway import dispatch, text
+from gateway import text
 from gateway.errors import OpenAIError, invalid
 from gateway.pipeline import (
     admit,
@@ -23,6 +23,7 @@ from gateway.pipeline import (
     parse_request,
     request_id_of,
     require_method,
+    result_of,
     send,
     settle,
 )
@@ -68,23 +69,16 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
         deadline=deadline,
         on_refused=lambda: settle(organization_id, request_id, admission, 0, 0),
     )
-    matrix: np.ndarray | None = None
     try:
-        async for event in dispatch.events(ticket):
-            if event.get("type") == contract.EVENT_EMBEDDINGS:
-                dims = int(event["dims"])
-                raw = base64.b64decode(event["data"])
-                matrix = np.frombuffer(raw, dtype="<f4").reshape(int(event["count"]), dims)
-                prompt_tokens = int(event.get("prompt_tokens", prompt_tokens))
-            elif event.get("type") == contract.EVENT_ERROR:
-                raise dispatch.worker_error(event)
-    except asyncio.CancelledError:
-        await dispatch.cancel(request_id)
+        event = await result_of(ticket, contract.EVENT_EMBEDDINGS)
+    except (asyncio.CancelledError, OpenAIError):
         await settle(organization_id, request_id, admission, 0, 0)
         raise
-    except OpenAIError:
-        await settle(organization_id, request_id, admission, 0, 0)
-        raise
+    matrix: np.ndarray | None = None
+    if event is not None:
+        raw = base64.b64decode(event["data"])
+        matrix = np.frombuffer(raw, dtype="<f4").reshape(int(event["count"]), int(event["dims"]))
+        prompt_tokens = int(event.get("prompt_tokens", prompt_tokens))
     await settle(organization_id, request_id, admission, prompt_tokens, 0)
     metrics.GATEWAY_TOKENS.labels("input").inc(prompt_tokens)
     if matrix is None:
