@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.stack import Process, Stack
 from tests.workers.conftest import TEST_REDIS_URL
 from workers.contract import (
     USAGE_STREAM,
@@ -38,57 +37,22 @@ NODE = "celery-test-node"
 
 
 @pytest.fixture
-def worker(redis_client: Any, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker(redis_client: Any, tmp_path: Path) -> Iterator[Process]:
+    """A real inference worker on this test's Redis (broker and streams), started and
+    stopped by the suite's launcher; listed in its pool once it yields."""
     env = {
         **os.environ,
         "CELERY_BROKER_URL": TEST_REDIS_URL,
         "REDIS_URL": TEST_REDIS_URL,
-        "MANTLE_POOL": POOL,
-        "MANTLE_NODE": NODE,
         "PYTHONPATH": str(ROOT),
     }
-    log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "-P",
-            "threads",
-            "-c",
-            "8",
-            "-Q",
-            inference_queue(POOL),
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-l",
-            "info",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    stack = Stack(env=env, log_dir=tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while redis_client.zscore(pool_live_key(POOL), NODE) is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("worker did not come up:\n" + (tmp_path / "worker.log").read_text())
-            time.sleep(0.1)
+        proc = stack.start_worker(POOL, "celery-test-worker", 8, node=NODE)
+        stack.wait_registered(proc, POOL)
         yield proc
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)  # warm shutdown: lets the node unlist itself
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        log.close()
+        stack.stop_all()  # warm shutdown: lets the node unlist itself
 
 
 def read_until_final(client: Any, request_id: str, timeout: float = 30) -> list[dict[str, str]]:
@@ -108,7 +72,7 @@ def read_until_final(client: Any, request_id: str, timeout: float = 30) -> list[
 
 
 def test_generate_through_a_real_worker(
-    worker: subprocess.Popen[bytes], redis_client: Any, monkeypatch: pytest.MonkeyPatch
+    worker: Process, redis_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from celery import Celery
 
@@ -176,7 +140,7 @@ def test_generate_through_a_real_worker(
     sender.close()
 
     # Clean shutdown unlists the node at once.
-    os.kill(worker.pid, signal.SIGTERM)
-    worker.wait(20)
+    worker.popen.send_signal(signal.SIGTERM)
+    worker.popen.wait(20)
     assert redis_client.zscore(pool_live_key(POOL), NODE) is None
     assert redis_client.exists(worker_info_key(NODE)) == 0
