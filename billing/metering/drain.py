@@ -254,14 +254,7 @@ class Drain:
             # batch was read (retention running at a month boundary): find the rows.
             stored = self._store_one_by_one(batch)
         self._crash("before_spend")
-        if stored.batch is not None:
-            outbox.outbox_finish(
-                self.client,
-                batch=stored.batch,
-                deltas=stored.deltas,
-                events=stored.events,
-                hooks=self.hooks,
-            )
+        self._finish(stored)
         self._crash("after_commit_before_ack")
         self._acknowledge(batch)
         duplicates = stored.duplicates + batch.duplicates
@@ -275,6 +268,17 @@ class Drain:
         BATCH_SECONDS.observe(time.perf_counter() - started)
         return stored
 
+    def _finish(self, stored: store.Stored) -> None:
+        """After a committed store: its spend and hooks applied, its outbox row deleted."""
+        if stored.batch is not None:
+            outbox.outbox_finish(
+                self.client,
+                batch=stored.batch,
+                deltas=stored.deltas,
+                events=stored.events,
+                hooks=self.hooks,
+            )
+
     def _store_one_by_one(self, batch: Batch) -> store.Stored:
         """A batch the database refused as a whole: store what it takes, dead-letter the rest."""
         total = store.Stored(inserted=0, duplicates=0, batch=None, deltas={}, events=[])
@@ -285,14 +289,7 @@ class Drain:
                 fields = {n: str(v) for n, v in zip(FIELD_NAMES, row, strict=True)}
                 batch.dead.append((entry_id, f"refused by the database: {exc}", fields))
                 continue
-            if stored.batch is not None:
-                outbox.outbox_finish(
-                    self.client,
-                    batch=stored.batch,
-                    deltas=stored.deltas,
-                    events=stored.events,
-                    hooks=self.hooks,
-                )
+            self._finish(stored)
             total.inserted += stored.inserted
             total.duplicates += stored.duplicates
         return total
