@@ -48,6 +48,7 @@ WORKER_MODULES_THE_CONTROL_PLANE_MAY_IMPORT = frozenset(
         "workers.template_process",  # ... in the same kind of child process
         "workers.tokenizer_limits",  # tokenizer files judged by the same limits
         "workers.compile.validate",  # an uploaded checkpoint judged as the compiler will
+        "workers.grammar",  # a schema checked with the limits the worker compiles it under
     }
 )
 

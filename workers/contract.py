@@ -116,8 +116,14 @@ def worker_info_key(node: str) -> str:
 # Every entry of `mantle:resp:<request_id>` is a flat string map with a field
 # "type"; the other fields by type:
 #   started:    worker (node id), pool
-#   delta:      text (decoded text since the last delta), tokens (count)
-#   done:       finish_reason, prompt_tokens, completion_tokens
+#   delta:      text (decoded text since the last delta), tokens (count); with n > 1
+#               index (the choice); when logprobs were asked for, logprobs (a JSON list,
+#               one entry per token since the last delta: `logprob_entry`)
+#   prompt_logprobs: logprobs (JSON list of entries for the prompt's tokens, the first
+#               null), sent once before the first delta when asked for
+#   choice_done: index, finish_reason, completion_tokens: one choice of n > 1 ended
+#   done:       finish_reason, prompt_tokens, completion_tokens (with n > 1: every
+#               choice's tokens together; finish_reason is choice 0's)
 #   embeddings: data (base64 of little-endian float32, row-major), count, dims,
 #               prompt_tokens
 #   error:      code, message
@@ -130,6 +136,26 @@ EVENT_DONE = "done"
 EVENT_EMBEDDINGS = "embeddings"
 EVENT_ERROR = "error"
 EVENT_TENSORS = "tensors"
+EVENT_PROMPT_LOGPROBS = "prompt_logprobs"
+EVENT_CHOICE_DONE = "choice_done"
+
+MAX_CHOICES = 8
+"""The most choices (`n`) one request may ask for."""
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token (chat's top_logprobs); completions' integer logprobs: 5."""
+
+
+def logprob_entry(
+    token: str, token_bytes: bytes, logprob: float, top: list[tuple[str, bytes, float]]
+) -> list[Any]:
+    """One token's log probability on the wire: [token, bytes, logprob, [[token, bytes,
+    logprob], ...]] (bytes as a list of ints: a token may be part of a character)."""
+    return [
+        token,
+        list(token_bytes),
+        logprob,
+        [[t, list(b), lp] for t, b, lp in top],
+    ]
 
 
 # --- Tensors of the open inference protocol (KServe / Triton v2) ----------------
@@ -186,6 +212,19 @@ class SamplingParams:
     # plus presence once a token has appeared (workers/engine/sampling.py).
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # Added to a token's logit before every choice (OpenAI's -100..100): (token id, bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Choices generated from one prefill of the prompt; choice i > 0 draws from its own
+    # generator seeded (seed, i), so a seeded request is reproducible whatever n is.
+    n: int = 1
+    # -1: no log probabilities; k >= 0: each generated token's, with the k likeliest
+    # alternatives (chat's top_logprobs, completions' integer logprobs).
+    logprobs: int = -1
+    # -1: none; k >= 0: the prompt's own tokens scored too (completions' echo + logprobs).
+    prompt_logprobs: int = -1
+    # An llguidance grammar (workers/grammar.py) every choice must follow token by token
+    # (response_format, forced tool calls); "" leaves decoding free.
+    grammar: str = ""
 
 
 @dataclass(frozen=True, slots=True)

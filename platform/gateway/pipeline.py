@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ from workers import contract
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+
+_NAMED = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.+)$", re.DOTALL)
 
 _limiters: dict[int, RateLimiter] = {}
 
@@ -114,6 +117,9 @@ def parse(raw: bytes | str, schema: type[M]) -> M:
         if err["type"] == "missing":
             raise invalid(f"Missing required parameter: '{param}'.", param) from exc
         message = str(err["msg"]).removeprefix("Value error, ")
+        if param is None and (named := _NAMED.match(message)):
+            # A check across fields names its parameter first ("top_logprobs: ...").
+            param, message = named.group(1), named.group(2)
         raise invalid(f"Invalid value for '{param}': {message}", param) from exc
 
 
@@ -353,6 +359,75 @@ async def settle(
 # --- generation: all five steps for a text generation ---------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How to sample a generation, whatever the endpoint's wire format (None: the default)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    n: int = 1
+    logprobs: int = -1  # -1: none; k: each token's and its k likeliest alternatives
+    prompt_logprobs: int = -1  # the prompt's tokens scored too (completions' echo)
+    grammar: str = ""  # workers/grammar.py: decoding constrained to it
+
+    def params(self, max_tokens: int) -> contract.SamplingParams:
+        return contract.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            logit_bias=self.logit_bias,
+            n=self.n,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            grammar=self.grammar,
+        )
+
+
+def sampling_of(body: SamplingRequest) -> Sampling:
+    """What chat completions and completions share of the request body."""
+    return Sampling(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stops(),
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logit_bias=body.bias(),
+        n=body.n or 1,
+    )
+
+
+@dataclass
+class Choice:
+    """What one choice of a generation came to (text is the caller's to keep)."""
+
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """An event of a generation, read: `kind` is "text" (text and/or log probabilities of
+    choice `index`), "finish" (choice `index` ended with `finish_reason`), or "done" (the
+    whole generation ended; every choice not finished before ends now)."""
+
+    kind: str
+    index: int = 0
+    text: str = ""
+    logprobs: list[Any] | None = None
+    finish_reason: str = ""
+
+
 @dataclass
 class Generation:
     """One admitted generation request, from dispatch to settlement.
@@ -370,11 +445,18 @@ class Generation:
     reserved_tokens: int
     deadline: float
     organization_id: str
+    n: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
     completion_tokens: int = 0
     finished: bool = False
     finish_reason: str = "stop"
     ticket: dispatch.Ticket | None = None
+    choices: list[Choice] = field(default_factory=list)
+    prompt_logprobs: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            self.choices = [Choice() for _ in range(self.n)]
 
     def headers(self) -> dict[str, str]:
         return self.admission.headers()
@@ -386,18 +468,48 @@ class Generation:
     def take(self, event: Mapping[str, str]) -> str:
         """The text an event adds ('' when none), counting its tokens; the final event's
         figures replace the counts. A worker's error event raises it."""
+        read = self.read(event)
+        return read.text if read is not None else ""
+
+    def read(self, event: Mapping[str, str]) -> Delta | None:
+        """`take` for callers that need choices, log probabilities and finishes."""
         kind = event.get("type")
         if kind == contract.EVENT_DELTA:
-            self.completion_tokens += int(event.get("tokens", 0) or 0)
-            return event.get("text", "")
+            tokens = int(event.get("tokens", 0) or 0)
+            self.completion_tokens += tokens
+            index = int(event.get("index", 0) or 0)
+            if not 0 <= index < self.n:
+                return None
+            choice = self.choices[index]
+            choice.completion_tokens += tokens
+            raw = event.get("logprobs")
+            logprobs = json.loads(raw) if raw else None
+            if logprobs:
+                choice.logprobs.extend(logprobs)
+            return Delta("text", index, event.get("text", ""), logprobs)
+        if kind == contract.EVENT_CHOICE_DONE:
+            index = int(event.get("index", 0) or 0)
+            if not 0 <= index < self.n:
+                return None
+            choice = self.choices[index]
+            choice.finish_reason = event.get("finish_reason", "stop")
+            choice.completion_tokens = int(event.get("completion_tokens", choice.completion_tokens))
+            return Delta("finish", index, finish_reason=choice.finish_reason)
+        if kind == contract.EVENT_PROMPT_LOGPROBS:
+            self.prompt_logprobs = json.loads(event.get("logprobs") or "[]")
+            return None
         if kind == contract.EVENT_DONE:
             self.finish_reason = event.get("finish_reason", "stop")
             self.prompt_tokens = int(event.get("prompt_tokens", self.prompt_tokens))
             self.completion_tokens = int(event.get("completion_tokens", self.completion_tokens))
+            if self.n == 1:
+                self.choices[0].finish_reason = self.finish_reason
+                self.choices[0].completion_tokens = self.completion_tokens
             self.finished = True
-        elif kind == contract.EVENT_ERROR:
+            return Delta("done", finish_reason=self.finish_reason)
+        if kind == contract.EVENT_ERROR:
             raise dispatch.worker_error(event)
-        return ""
+        return None
 
     async def __aenter__(self) -> Generation:
         return self
@@ -445,11 +557,13 @@ async def start_generation(
     spec: EndpointSpec,
     request_id: str,
     prompt_ids: Sequence[int],
-    body: SamplingRequest,
+    sampling: Sampling,
     max_tokens: int | None,
 ) -> Generation:
-    """Admits a generation of at most `max_tokens` (default: what the context leaves, up to
-    MANTLE_DEFAULT_MAX_TOKENS) after `prompt_ids`, and sends it to the endpoint's pool."""
+    """Admits a generation of `sampling.n` choices of at most `max_tokens` each (default:
+    what the context leaves, up to MANTLE_DEFAULT_MAX_TOKENS) after `prompt_ids`, and sends
+    it to the endpoint's pool. Admission reserves the worst case: the prompt once, and
+    `max_tokens` for every choice."""
     prompt_tokens = len(prompt_ids)
     room = spec.context_length - prompt_tokens
     if max_tokens is None:
@@ -458,10 +572,11 @@ async def start_generation(
         max_tokens = min(room, settings.MANTLE_DEFAULT_MAX_TOKENS)
     elif max_tokens > room:
         raise text.context_exceeded(spec, prompt_tokens, max_tokens)
-    reserved = prompt_tokens + max_tokens
+    completion_budget = max_tokens * sampling.n
+    reserved = prompt_tokens + completion_budget
     limits = limits_for(identity, spec)
     admission = await admit(
-        limits, spec, identity.organization_id, prompt_tokens, max_tokens, request_id
+        limits, spec, identity.organization_id, prompt_tokens, completion_budget, request_id
     )
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.GenerateRequest(
@@ -469,15 +584,7 @@ async def start_generation(
         model=model_ref(spec),
         identity=billing_identity(identity, spec),
         prompt_token_ids=tuple(prompt_ids),
-        sampling=contract.SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed,
-            stop=body.stops(),
-            frequency_penalty=body.frequency_penalty or 0.0,
-            presence_penalty=body.presence_penalty or 0.0,
-        ),
+        sampling=sampling.params(max_tokens),
         deadline=deadline,
         enqueued_at=time.time(),
     )
@@ -490,6 +597,7 @@ async def start_generation(
         reserved_tokens=reserved,
         deadline=deadline,
         organization_id=identity.organization_id,
+        n=sampling.n,
     )
     generation.ticket = await send(
         contract.TaskName.GENERATE,
@@ -502,10 +610,13 @@ async def start_generation(
     return generation
 
 
-async def gather(generation: Generation) -> str:
-    """Runs a generation to its end and returns its text (`finish_reason` set on it)."""
-    parts: list[str] = []
+async def gather(generation: Generation) -> list[str]:
+    """Runs a generation to its end and returns each choice's text (finish reasons, counts
+    and log probabilities are on `generation.choices`)."""
+    parts: list[list[str]] = [[] for _ in range(generation.n)]
     async with generation:
         async for event in generation.events():
-            parts.append(generation.take(event))
-    return "".join(parts)
+            read = generation.read(event)
+            if read is not None and read.text:
+                parts[read.index].append(read.text)
+    return ["".join(p) for p in parts]

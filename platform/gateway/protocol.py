@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, with_config
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator, with_config
 from typing_extensions import TypedDict
+
+from workers import contract
 
 # Identifier lengths, refused at parse time (400 naming the field) so an oversized value
 # never reaches a cache key, a log line or the database: docs/api.md lists them.
@@ -23,6 +25,13 @@ USER_MAX_LENGTH = 256
 METADATA_MAX_PAIRS = 16  # OpenAI's own limits for `metadata`
 METADATA_KEY_MAX_LENGTH = 64
 METADATA_VALUE_MAX_LENGTH = 512
+ID_MAX_LENGTH = 128  # tool call ids sent back to us
+MAX_TOOLS = 128  # OpenAI's limit (gateway/agent.py checks the rest)
+MAX_ARGUMENTS_CHARS = 64 * 1024
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_CHOICES = contract.MAX_CHOICES
+MAX_TOP_LOGPROBS = contract.MAX_TOP_LOGPROBS
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions' integer logprobs, OpenAI's limit
 
 
 class _Request(BaseModel):
@@ -46,12 +55,27 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class FunctionCall(_Request):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_ARGUMENTS_CHARS)
+
+
+class MessageToolCall(_Request):
+    """A tool call an assistant message made earlier in the conversation."""
+
+    id: str = Field(min_length=1, max_length=ID_MAX_LENGTH)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    # Messages carry fields we only pass to the template (name, tool_call_id...).
+    # Messages carry fields we only pass to the template (name...).
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=ID_MAX_LENGTH)
 
     def text(self) -> str:
         if self.content is None:
@@ -77,13 +101,14 @@ class SamplingRequest(_Request):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     user: str | None = Field(default=None, max_length=USER_MAX_LENGTH)
     # OpenAI's penalties, applied by the worker's engine to the logits of tokens already
     # generated (workers/engine/sampling.py `penalize`); OpenAI's range.
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logprobs: bool | None = Field(default=None)
+    # Token id (as a string, OpenAI's form) -> bias added to its logit, -100..100.
+    logit_bias: dict[str, float] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = Field(default=None, max_length=32)
@@ -103,12 +128,22 @@ class SamplingRequest(_Request):
     def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return _metadata_check(value)
 
-    @field_validator("logprobs")
+    @field_validator("logit_bias")
     @classmethod
-    def _logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported")
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key, bias in value.items():
+            if not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys must be token ids; got {key[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be between -100 and 100; got {bias}")
         return value
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -116,22 +151,79 @@ class SamplingRequest(_Request):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(max_length=256)  # the name rules: gateway/agent.py, param-exact
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str = Field(max_length=256)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    # "schema" shadows a BaseModel attribute; the wire name stays `schema`.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormatText(_Request):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(_Request):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJSONSchema(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema,
+    Field(discriminator="type"),
+]
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+        return self
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = Field(default=None)
     suffix: str | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
 
 
 class EmbeddingRequest(_Request):
@@ -147,7 +239,7 @@ class EmbeddingRequest(_Request):
 # Every reply type is closed: the document says exactly which members a reply has.
 _closed = with_config(ConfigDict(extra="forbid"))
 Count = Annotated[int, Field(ge=0)]
-FinishReason = str  # "stop" or "length", as the worker reports it
+FinishReason = str  # "stop", "length" or "tool_calls"
 
 
 @_closed
@@ -158,17 +250,52 @@ class Usage(TypedDict):
 
 
 @_closed
+class TopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+@_closed
+class TokenLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+@_closed
+class ChoiceLogprobs(TypedDict):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None
+
+
+@_closed
+class FunctionCallReply(TypedDict):
+    name: str
+    arguments: str  # JSON text
+
+
+@_closed
+class ToolCallReply(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallReply
+
+
+@_closed
 class AssistantMessage(TypedDict):
     role: Literal["assistant"]
-    content: str
+    content: str | None
     refusal: None
+    tool_calls: NotRequired[list[ToolCallReply]]
 
 
 @_closed
 class ChatChoice(TypedDict):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -184,20 +311,38 @@ class ChatCompletion(TypedDict):
 
 
 @_closed
+class FunctionCallDelta(TypedDict, total=False):
+    name: str
+    arguments: str
+
+
+@_closed
+class ToolCallDelta(TypedDict):
+    """The first delta of a call has its id, type and name (arguments ""); the next ones
+    carry pieces of the arguments."""
+
+    index: int
+    id: NotRequired[str]
+    type: NotRequired[Literal["function"]]
+    function: FunctionCallDelta
+
+
+@_closed
 class ChatDelta(TypedDict, total=False):
     """The first chunk's delta opens the message (role, empty content); the others carry
-    text; the finishing chunk's is empty."""
+    text or tool calls; the finishing chunk's is empty."""
 
     role: Literal["assistant"]
     content: str
     refusal: None
+    tool_calls: list[ToolCallDelta]
 
 
 @_closed
 class ChatChunkChoice(TypedDict):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -217,10 +362,21 @@ class ChatCompletionChunk(TypedDict):
 
 
 @_closed
+class CompletionLogprobs(TypedDict):
+    """The legacy completions' log probabilities: one entry per token in every list (the
+    first prompt token's logprob and alternatives null when the prompt is echoed)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+@_closed
 class CompletionChoice(TypedDict):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 

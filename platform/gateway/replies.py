@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
@@ -24,7 +24,7 @@ from gateway.backends import (
     redis_unavailable,
 )
 from gateway.errors import OpenAIError, internal_error
-from gateway.pipeline import Generation, request_id_of
+from gateway.pipeline import Delta, Generation, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -83,28 +83,28 @@ def sse(obj: Mapping[str, Any]) -> bytes:
 async def relay_sse(
     generation: Generation,
     *,
-    opening: Mapping[str, Any],
-    delta: Callable[[str], Mapping[str, Any]],
-    finish: Callable[[str], Mapping[str, Any]],
+    opening: Sequence[Mapping[str, Any]],
+    chunks: Callable[[Delta], Sequence[Mapping[str, Any]]],
     usage: Callable[[], Mapping[str, Any]] | None,
 ) -> AsyncGenerator[bytes, None]:
-    """A generation as OpenAI streams it: the opening chunk, one per piece of text, the
-    finishing chunk, the usage chunk if asked for, then `[DONE]`. A disconnect (the stream
-    closed or cancelled) stops the worker; errors after the start travel in-band."""
+    """A generation as OpenAI streams it: the opening chunks, the chunks the endpoint makes
+    of each event read (text, a choice's finish, the end), the usage chunk if asked for,
+    then `[DONE]`. A disconnect (the stream closed or cancelled) stops the worker; errors
+    after the start travel in-band."""
     async with generation:
         # The handlers sit inside the block, so the order is the old relay's: cancel the
         # worker, send the error in-band, then settle on leaving (after an outage, on a
         # fresh connection: the idle ones are dropped first).
         try:
-            yield sse(opening)
+            for chunk in opening:
+                yield sse(chunk)
             async for event in generation.events():
-                text = generation.take(event)
-                if text:
-                    yield sse(delta(text))
-            if generation.finished:
-                yield sse(finish(generation.finish_reason))
-                if usage is not None:
-                    yield sse(usage())
+                read = generation.read(event)
+                if read is not None:
+                    for chunk in chunks(read):
+                        yield sse(chunk)
+            if generation.finished and usage is not None:
+                yield sse(usage())
             yield b"data: [DONE]\n\n"
         except OpenAIError as exc:
             # Mid-stream errors travel in-band, the way OpenAI sends them.

@@ -18,11 +18,11 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from django.conf import settings
 from tokenizers import Tokenizer
@@ -205,6 +205,12 @@ def check_token_ids(spec: EndpointSpec, ids: Sequence[int], param: str) -> list[
     return list(ids)
 
 
+def check_bias(spec: EndpointSpec, bias: Sequence[tuple[int, float]], param: str) -> None:
+    """logit_bias names tokens of this model's vocabulary."""
+    if bias:
+        check_token_ids(spec, [token for token, _ in bias], param)
+
+
 # --- chat templates ----------------------------------------------------------------------
 
 
@@ -280,13 +286,17 @@ def template_budget() -> TemplateBudget:
 
 
 async def render_chat(
-    spec: EndpointSpec, messages: Sequence[dict[str, str]], organization_id: str
+    spec: EndpointSpec,
+    messages: Sequence[Mapping[str, Any]],
+    organization_id: str,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
-    """The prompt; a 400 naming the problem when the template fails or overruns its budget."""
+    """The prompt; a 400 naming the problem when the template fails or overruns its budget.
+    `tools` (OpenAI's function tools) go to templates that render tools themselves."""
     if not spec.chat_template:
         raise invalid(f"model `{spec.public_id}` has no chat template; use /v1/completions")
     pool, executor = renderer_pool()
-    variables = chat_variables(messages)
+    variables = chat_variables(messages, tools=list(tools)) if tools else chat_variables(messages)
     budget = template_budget()
     try:
         return await _shares.run(

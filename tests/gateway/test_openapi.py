@@ -142,8 +142,11 @@ def test_the_documents_bounds_are_the_limits_the_gateway_enforces() -> None:
         props = schemas[name]["properties"]
         assert props["max_tokens"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
         assert props["top_p"]["anyOf"][0] == {"exclusiveMinimum": 0, "maximum": 1, "type": "number"}
-        assert props["n"]["anyOf"][0] == {"maximum": 1, "minimum": 1, "type": "integer"}
+        assert props["n"]["anyOf"][0] == {"maximum": 8, "minimum": 1, "type": "integer"}
         for penalty in ("frequency_penalty", "presence_penalty"):
             assert props[penalty]["anyOf"][0] == {"maximum": 2, "minimum": -2, "type": "number"}
     chat = schemas["ChatCompletionRequest"]["properties"]
+    assert chat["top_logprobs"]["anyOf"][0] == {"maximum": 20, "minimum": 0, "type": "integer"}
+    legacy = schemas["CompletionRequest"]["properties"]
+    assert legacy["logprobs"]["anyOf"][0] == {"maximum": 5, "minimum": 0, "type": "integer"}
     assert chat["max_completion_tokens"]["anyOf"][0] == {"minimum": 1, "type": "integer"}

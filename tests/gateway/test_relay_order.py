@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import replies
 from gateway.errors import OpenAIError
-from gateway.pipeline import Generation
+from gateway.pipeline import Choice, Generation
 
 
 class Scripted(Generation):
@@ -27,6 +27,8 @@ class Scripted(Generation):
         self.completion_tokens = 0
         self.finished = False
         self.finish_reason = "stop"
+        self.n = 1
+        self.choices = [Choice()]
         self.failure = failure
         self.order = order
 
@@ -48,9 +50,8 @@ def relay(generation: Generation, order: list[str]) -> list[str]:
     async def run() -> None:
         stream = replies.relay_sse(
             generation,
-            opening={"o": 1},
-            delta=lambda text: {"d": text},
-            finish=lambda reason: {"f": reason},
+            opening=[{"o": 1}],
+            chunks=lambda read: [{"d": read.text}] if read.kind == "text" else [],
             usage=None,
         )
         async for chunk in stream:
@@ -92,9 +93,8 @@ def test_a_client_that_goes_away_stops_the_worker_and_settles() -> None:
         generation = Scripted(RuntimeError("never reached"), order)
         stream = replies.relay_sse(
             generation,
-            opening={"o": 1},
-            delta=lambda t: {"d": t},
-            finish=lambda r: {"f": r},
+            opening=[{"o": 1}],
+            chunks=lambda read: [{"d": read.text}] if read.kind == "text" else [],
             usage=None,
         )
         await stream.__anext__()

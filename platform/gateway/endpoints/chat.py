@@ -1,78 +1,197 @@
-"""POST /v1/chat/completions: a chat turn rendered by the model's template, whole or streamed."""
+"""POST /v1/chat/completions: a chat turn rendered by the model's template, whole or streamed.
+
+Tools, tool choice and response formats are gateway/agent.py's (shared with /v1/responses);
+this module reads them off OpenAI's chat shapes and writes the answer back in them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 
-from gateway import text
+from gateway import agent, text
 from gateway.endpoints.shared import system_fingerprint, usage
 from gateway.errors import invalid
 from gateway.pipeline import (
+    Delta,
     Generation,
     gather,
     parse_request,
     request_id_of,
     require_method,
+    sampling_of,
     start_generation,
 )
-from gateway.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta
+from gateway.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    NamedToolChoice,
+    ResponseFormatJSONObject,
+    ResponseFormatJSONSchema,
+    TokenLogprob,
+    ToolCallReply,
+)
 from gateway.replies import gateway_view, json_reply, relay_sse, streaming_reply
 from gateway.resolve import require_kind, resolve
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What the request asks of tools and formats, checked."""
+
+    tools: list[agent.Tool]
+    choice: str
+    grammar: str
+
+    @property
+    def detect(self) -> bool:
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def forced(self) -> bool:
+        return self.choice not in ("none", "auto")
+
+
+def turn_of(body: ChatCompletionRequest) -> Turn:
+    tools = [
+        agent.Tool(
+            name=t.function.name,
+            description=t.function.description or "",
+            parameters=t.function.parameters
+            if t.function.parameters is not None
+            else {"type": "object", "properties": {}},
+            strict=bool(t.function.strict),
+        )
+        for t in body.tools or []
+    ]
+    agent.check_tools(tools, lambda i: f"tools[{i}].function")
+    raw_choice = body.tool_choice
+    named = raw_choice.function.name if isinstance(raw_choice, NamedToolChoice) else raw_choice
+    choice = agent.tool_choice_of(named, tools)
+    fmt = body.response_format
+    schema = None
+    if isinstance(fmt, ResponseFormatJSONSchema):
+        schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
+    grammar = agent.grammar_for(
+        tools,
+        choice,
+        parallel=body.parallel_tool_calls is not False,
+        json_schema=schema,
+        json_object=isinstance(fmt, ResponseFormatJSONObject),
+    )
+    return Turn(tools, choice, grammar)
+
+
+def conversation(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The messages as gateway/agent.py takes them."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(body.messages):
+        try:
+            content = m.text()
+        except ValueError as exc:
+            raise invalid(str(exc), f"messages[{i}].content") from exc
+        item: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": content,
+        }
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise invalid("only assistant messages carry tool_calls", f"messages[{i}]")
+            item["tool_calls"] = [
+                agent.ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls
+            ]
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise invalid(
+                    "a tool message needs the tool_call_id of the call it answers",
+                    f"messages[{i}].tool_call_id",
+                )
+            item["tool_call_id"] = m.tool_call_id
+        out.append(item)
+    return out
 
 
 @gateway_view
 async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     require_method(request, "POST")
     body = parse_request(request, ChatCompletionRequest)
+    turn = turn_of(body)
     identity, spec = await resolve(request, body.model)
     assert spec is not None
     require_kind(spec, {"chat"}, "v1/chat/completions")
-    try:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages
-        ]
-    except ValueError as exc:
-        raise invalid(str(exc), "messages") from exc
-    prompt = await text.render_chat(spec, messages, identity.organization_id)
+    text.check_bias(spec, body.bias(), "logit_bias")
+    messages, tool_variables = agent.template_messages(
+        conversation(body),
+        turn.tools,
+        native=agent.native_tools(spec.chat_template or ""),
+        offer_tools=turn.detect,
+    )
+    prompt = await text.render_chat(spec, messages, identity.organization_id, tool_variables)
     prompt_ids = await text.encode(spec, prompt, "messages")
+    sampling = dataclasses.replace(
+        sampling_of(body),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else -1,
+        grammar=turn.grammar,
+    )
     generation = await start_generation(
         identity=identity,
         spec=spec,
         request_id=request_id_of(request),
         prompt_ids=prompt_ids,
-        body=body,
+        sampling=sampling,
         max_tokens=_max_tokens(body.max_completion_tokens, body.max_tokens),
     )
     completion_id = f"chatcmpl-{generation.request_id.removeprefix('req_')}"
+    want_logprobs = bool(body.logprobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _Chunks(completion_id, body.model, generation, include_usage)
+        chunks = _Chunks(completion_id, body.model, generation, include_usage, turn, want_logprobs)
         stream = relay_sse(
             generation,
-            opening=chunks.chunk({"role": "assistant", "content": "", "refusal": None}, None),
-            delta=chunks.delta,
-            finish=chunks.finish,
+            opening=[
+                chunks.chunk(i, {"role": "assistant", "content": "", "refusal": None}, None)
+                for i in range(generation.n)
+            ],
+            chunks=chunks.of,
             usage=chunks.usage if include_usage else None,
         )
         return streaming_reply(stream, generation)
-    content = await gather(generation)
+    texts = await gather(generation)
+    choices: list[ChatChoice] = []
+    for index, answer in enumerate(texts):
+        state = generation.choices[index]
+        content, calls = agent.split_tool_calls(
+            answer, turn.tools, detect=turn.detect, forced=turn.forced
+        )
+        finish = state.finish_reason or generation.finish_reason
+        choice: ChatChoice = {
+            "index": index,
+            "message": {
+                "role": "assistant",
+                "content": content if content or not calls else None,
+                "refusal": None,
+            },
+            "logprobs": logprobs_reply(state.logprobs) if want_logprobs else None,
+            "finish_reason": "tool_calls" if calls and finish == "stop" else finish,
+        }
+        if calls:
+            choice["message"]["tool_calls"] = [_call_reply(c) for c in calls]
+        choices.append(choice)
     reply: ChatCompletion = {
         "id": completion_id,
         "object": "chat.completion",
         "created": generation.created,
         "model": body.model,
         "system_fingerprint": system_fingerprint(generation.spec),
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
-                "logprobs": None,
-                "finish_reason": generation.finish_reason,
-            }
-        ],
+        "choices": choices,
         "usage": usage(generation),
     }
     return json_reply(reply, headers=generation.headers())
@@ -82,16 +201,62 @@ def _max_tokens(*values: int | None) -> int | None:
     return next((v for v in values if v is not None), None)
 
 
-@dataclass(frozen=True, slots=True)
+def _call_reply(call: agent.ToolCall) -> ToolCallReply:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def token_logprobs(entries: Sequence[Any]) -> list[TokenLogprob]:
+    """The worker's entries ([token, bytes, logprob, [[token, bytes, logprob], ...]]) in
+    OpenAI's chat shape."""
+    return [
+        {
+            "token": token,
+            "logprob": logprob,
+            "bytes": raw,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in top],
+        }
+        for token, raw, logprob, top in entries
+    ]
+
+
+def logprobs_reply(entries: Sequence[Any]) -> ChoiceLogprobs:
+    return {"content": token_logprobs(entries), "refusal": None}
+
+
+@dataclass(slots=True)
 class _Chunks:
-    """The chunks of one chat stream."""
+    """The chunks of one chat stream: per choice, its text or tool calls as they come."""
 
     completion_id: str
     model: str
     generation: Generation
     include_usage: bool
+    turn: Turn
+    want_logprobs: bool
+    streams: list[agent.ToolCallStream] = field(default_factory=list)
+    called: list[bool] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
 
-    def chunk(self, delta: ChatDelta, finish_reason: str | None) -> ChatCompletionChunk:
+    def __post_init__(self) -> None:
+        n = self.generation.n
+        self.streams = [
+            agent.ToolCallStream(self.turn.tools, detect=self.turn.detect, forced=self.turn.forced)
+            for _ in range(n)
+        ]
+        self.called = [False] * n
+        self.finished = [False] * n
+
+    def chunk(
+        self,
+        index: int,
+        delta: ChatDelta,
+        finish_reason: str | None,
+        logprobs: ChoiceLogprobs | None = None,
+    ) -> ChatCompletionChunk:
         out: ChatCompletionChunk = {
             "id": self.completion_id,
             "object": "chat.completion.chunk",
@@ -99,18 +264,82 @@ class _Chunks:
             "model": self.model,
             "system_fingerprint": system_fingerprint(self.generation.spec),
             "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }
             ],
         }
         if self.include_usage:
             out["usage"] = None
         return out
 
-    def delta(self, content: str) -> ChatCompletionChunk:
-        return self.chunk({"content": content}, None)
+    def of(self, read: Delta) -> list[ChatCompletionChunk]:
+        if read.kind == "text":
+            out = self._pieces(read.index, self.streams[read.index].push(read.text))
+            if read.logprobs and self.want_logprobs:
+                lp = logprobs_reply(read.logprobs)
+                if out:
+                    out[0]["choices"][0]["logprobs"] = lp
+                else:
+                    out.append(self.chunk(read.index, {}, None, lp))
+            return out
+        if read.kind == "finish":
+            return self._finish(read.index, read.finish_reason)
+        out = []
+        for index in range(self.generation.n):
+            reason = self.generation.choices[index].finish_reason or read.finish_reason
+            out += self._finish(index, reason)
+        return out
 
-    def finish(self, finish_reason: str) -> ChatCompletionChunk:
-        return self.chunk({}, finish_reason)
+    def _finish(self, index: int, reason: str) -> list[ChatCompletionChunk]:
+        if self.finished[index]:
+            return []
+        self.finished[index] = True
+        out = self._pieces(index, self.streams[index].finish())
+        if self.called[index] and reason == "stop":
+            reason = "tool_calls"
+        out.append(self.chunk(index, {}, reason))
+        return out
+
+    def _pieces(self, index: int, pieces: list[agent.Piece]) -> list[ChatCompletionChunk]:
+        out: list[ChatCompletionChunk] = []
+        for piece in pieces:
+            if isinstance(piece, agent.Text):
+                out.append(self.chunk(index, {"content": piece.text}, None))
+            elif isinstance(piece, agent.CallStart):
+                self.called[index] = True
+                out.append(
+                    self.chunk(
+                        index,
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": piece.index,
+                                    "id": piece.id,
+                                    "type": "function",
+                                    "function": {"name": piece.name, "arguments": ""},
+                                }
+                            ]
+                        },
+                        None,
+                    )
+                )
+            elif piece.text:
+                out.append(
+                    self.chunk(
+                        index,
+                        {
+                            "tool_calls": [
+                                {"index": piece.index, "function": {"arguments": piece.text}}
+                            ]
+                        },
+                        None,
+                    )
+                )
+        return out
 
     def usage(self) -> ChatCompletionChunk:
         return {
