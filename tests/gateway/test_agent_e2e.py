@@ -48,7 +48,7 @@ TIME_TOOL: Any = {
     },
 }
 NAMED_X = {"name": "x"}
-ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+ASK: Any = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 
 PERSON_SCHEMA: Any = {
     "type": "object",
@@ -62,7 +62,7 @@ PERSON_SCHEMA: Any = {
     "required": ["name", "age", "city", "student", "hobbies"],
     "additionalProperties": False,
 }
-DESCRIBE = [
+DESCRIBE: Any = [
     {"role": "user", "content": "Invent a person who lives in Paris and describe them as JSON."}
 ]
 
@@ -96,9 +96,9 @@ def test_required_tool_call_has_schema_valid_arguments(served: Served) -> None:
     assert len(calls) == 1
     call = calls[0]
     assert call.type == "function" and call.id.startswith("call_")
-    assert call.function.name in {"get_weather", "get_time"}  # type: ignore[union-attr]
-    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
-    if call.function.name == "get_weather":  # type: ignore[union-attr]
+    assert call.function.name in {"get_weather", "get_time"}
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
         assert set(arguments) == {"city", "unit"} and arguments["unit"] in {"celsius", "fahrenheit"}
     else:
         assert isinstance(arguments["timezone"], str)
@@ -116,11 +116,11 @@ def test_named_function_is_called_and_streams_as_openai_deltas(served: Served) -
     }
     whole = client.chat.completions.create(**kwargs)
     call = (whole.choices[0].message.tool_calls or [])[0]
-    assert call.function.name == "get_weather"  # type: ignore[union-attr]
-    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
     assert isinstance(arguments["city"], str) and arguments["unit"] in {"celsius", "fahrenheit"}
 
-    deltas = []
+    deltas: list[Any] = []
     finish = None
     for chunk in client.chat.completions.create(stream=True, **kwargs):
         for c in chunk.choices:
@@ -130,11 +130,11 @@ def test_named_function_is_called_and_streams_as_openai_deltas(served: Served) -
     first = deltas[0]
     # id, type and name first, with empty arguments; then pieces of the arguments.
     assert first.id and first.id.startswith("call_") and first.type == "function"
-    assert first.function.name == "get_weather" and first.function.arguments == ""  # type: ignore[union-attr]
-    assert all(d.id is None and d.function.name is None for d in deltas[1:])  # type: ignore[union-attr]
+    assert first.function.name == "get_weather" and first.function.arguments == ""
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
     assert len(deltas) > 2  # the arguments arrive in pieces
-    assembled = "".join(d.function.arguments or "" for d in deltas)  # type: ignore[union-attr]
-    assert assembled == call.function.arguments  # type: ignore[union-attr]
+    assembled = "".join(d.function.arguments or "" for d in deltas)
+    assert assembled == call.function.arguments
 
 
 def test_a_conversation_with_tool_results_is_accepted(served: Served) -> None:
