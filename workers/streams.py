@@ -8,15 +8,17 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from workers.contract import (
+    EVENT_CHOICE_DONE,
     EVENT_DELTA,
     EVENT_DONE,
     EVENT_EMBEDDINGS,
     EVENT_ERROR,
+    EVENT_PROMPT_LOGPROBS,
     EVENT_STARTED,
     EVENT_TENSORS,
     RESPONSE_STREAM_DONE_TTL_S,
@@ -71,8 +73,36 @@ class ResponseWriter:
     def started(self, request_id: str, *, worker: str, pool: str) -> None:
         self._add(request_id, {"type": EVENT_STARTED, "worker": worker, "pool": pool})
 
-    def delta(self, request_id: str, text: str, tokens: int) -> None:
-        self._add(request_id, {"type": EVENT_DELTA, "text": text, "tokens": str(tokens)})
+    def delta(
+        self,
+        request_id: str,
+        text: str,
+        tokens: int,
+        index: int | None = None,
+        logprobs: list[Any] | None = None,
+    ) -> None:
+        fields = {"type": EVENT_DELTA, "text": text, "tokens": str(tokens)}
+        if index is not None:
+            fields["index"] = str(index)
+        if logprobs is not None:
+            fields["logprobs"] = _compact_json(logprobs)
+        self._add(request_id, fields)
+
+    def prompt_logprobs(self, request_id: str, logprobs: list[Any]) -> None:
+        self._add(request_id, {"type": EVENT_PROMPT_LOGPROBS, "logprobs": _compact_json(logprobs)})
+
+    def choice_done(
+        self, request_id: str, index: int, finish_reason: str, completion_tokens: int
+    ) -> None:
+        self._add(
+            request_id,
+            {
+                "type": EVENT_CHOICE_DONE,
+                "index": str(index),
+                "finish_reason": finish_reason,
+                "completion_tokens": str(completion_tokens),
+            },
+        )
 
     def done(
         self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
@@ -164,6 +194,11 @@ class ResponseWriter:
                 # not pin memory here forever.
                 stale = now - self._ttl_s
                 self._expiry_set = {k: t for k, t in self._expiry_set.items() if t > stale}
+
+
+def _compact_json(value: Any) -> str:
+    # Log probabilities are finite by construction (sampling.LOGPROB_FLOOR): no NaN here.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def emit_usage(client: redis.Redis, event: UsageEvent) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from workers.engine.causal_lm import CausalLMSpec
+from workers.grammar import Compiled
 
 VOCAB = 64
 OFFSET = 48  # token id i is the character chr(48 + i): "0", "1", ... "o"
@@ -55,6 +56,25 @@ def spec(
         pad_token_id=0,
         context_length=context_length,
     )
+
+
+class _FakeTokenizer:
+    """The fake vocabulary as llguidance sees it: id 0 is a special end token."""
+
+    eos_token_id = 0
+    bos_token_id = None
+    tokens = [b"\xff[eos]"] + [chr(OFFSET + i).encode() for i in range(1, VOCAB)]
+    special_token_ids = [0]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        return encode(text.decode() if isinstance(text, bytes) else text)
+
+
+def fake_grammar_compiler() -> Compiled:
+    """llguidance over the fake vocabulary (EOS 0), for the engine's `grammar_compiler`."""
+    from llguidance import TokenizerWrapper
+
+    return Compiled(TokenizerWrapper(_FakeTokenizer()), [0])  # type: ignore[arg-type]
 
 
 class FakeCausalLM:
@@ -145,8 +165,34 @@ class RecordingSink:
         with self.lock:
             self.events.append((kind, request_id, fields))
 
-    def delta(self, request_id: str, text: str, tokens: int) -> None:
-        self._add("delta", request_id, text=text, tokens=tokens)
+    def delta(
+        self,
+        request_id: str,
+        text: str,
+        tokens: int,
+        index: int | None = None,
+        logprobs: list[Any] | None = None,
+    ) -> None:
+        extra: dict[str, Any] = {}
+        if index is not None:
+            extra["index"] = index
+        if logprobs is not None:
+            extra["logprobs"] = list(logprobs)
+        self._add("delta", request_id, text=text, tokens=tokens, **extra)
+
+    def prompt_logprobs(self, request_id: str, logprobs: list[Any]) -> None:
+        self._add("prompt_logprobs", request_id, logprobs=list(logprobs))
+
+    def choice_done(
+        self, request_id: str, index: int, finish_reason: str, completion_tokens: int
+    ) -> None:
+        self._add(
+            "choice_done",
+            request_id,
+            index=index,
+            finish_reason=finish_reason,
+            completion_tokens=completion_tokens,
+        )
 
     def done(
         self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
@@ -173,8 +219,13 @@ class RecordingSink:
         with self.lock:
             return [(kind, f) for kind, rid, f in self.events if rid == request_id]
 
-    def text(self, request_id: str) -> str:
-        return "".join(f["text"] for kind, f in self.of(request_id) if kind == "delta")
+    def text(self, request_id: str, index: int | None = None) -> str:
+        """The streamed text (of one choice, when `index` is given)."""
+        return "".join(
+            f["text"]
+            for kind, f in self.of(request_id)
+            if kind == "delta" and (index is None or f.get("index", 0) == index)
+        )
 
     def count(self, request_id: str, kind: str) -> int:
         return sum(1 for k, _ in self.of(request_id) if k == kind)

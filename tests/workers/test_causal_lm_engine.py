@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
+import llguidance
+import numpy as np
 import pytest
 
 from tests.workers.fakes_support import (
@@ -14,6 +19,7 @@ from tests.workers.fakes_support import (
     RecordingSink,
     decode,
     encode,
+    fake_grammar_compiler,
     next_token,
     reference,
     spec,
@@ -26,6 +32,7 @@ from workers.contract import (
     cancel_key,
 )
 from workers.engine.causal_lm import CausalLMEngine, CausalLMSpec
+from workers.engine.sampling import sample_token
 
 IDENTITY = BillingIdentity("org", "proj", "key", "ep", "mv", "fake")
 MODEL = ModelRef("mv", "onnx-causal-lm", "0" * 64, "/nonexistent")
@@ -429,3 +436,379 @@ def test_penalties_change_greedy_decoding_as_openai_defines_them(
     assert sink.text("plain") == decode(plain)
     # The end-of-sequence token (0) finishes the sequence and is not emitted as text.
     assert sink.text("penalized") == decode(penalized[:-1] if penalized[-1] == 0 else penalized)
+
+
+# --- issue 15: logit_bias, n choices, logprobs, prompt scoring, grammars --------------------
+
+
+def agent_request(
+    rid: str, prompt: Sequence[int], max_tokens: int = 8, **sampling: Any
+) -> GenerateRequest:
+    params = {"temperature": 0.0, "top_p": 1.0, **sampling}
+    return replace(
+        request(rid, prompt, max_tokens), sampling=SamplingParams(max_tokens=max_tokens, **params)
+    )
+
+
+def fake_logits(seq: Sequence[int]) -> np.ndarray:
+    """The fake model's logits after `seq`: 5.0 for its next token, 0 for every other."""
+    logits = np.zeros(VOCAB, dtype=np.float32)
+    logits[next_token(seq)] = 5.0
+    return logits
+
+
+def sampled_reference(
+    prompt: Sequence[int], max_tokens: int, rng: np.random.Generator, eos: int = 0
+) -> list[int]:
+    """Temperature-1 sampling of the fake model, drawing from `rng` as the engine does."""
+    seq, out = list(prompt), []
+    for _ in range(max_tokens):
+        token = sample_token(fake_logits(seq), temperature=1.0, top_p=1.0, rng=rng)
+        out.append(token)
+        seq.append(token)
+        if token == eos:
+            break
+    return out
+
+
+def visible(tokens: list[int]) -> list[int]:
+    """The tokens that have text: the EOS (0) that ends a sequence has none."""
+    return tokens[:-1] if tokens and tokens[-1] == 0 else tokens
+
+
+def test_n_choices_share_one_prefill_and_draw_from_their_own_seeds(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM()
+    engine = make_engine(session)
+    sink = RecordingSink()
+    prompt = [5, 9, 3]
+    result = engine.submit(agent_request("r", prompt, 12, temperature=1.0, seed=7, n=4), sink).wait(
+        10
+    )
+    assert result is not None
+    # One prefill of one row; every decode step runs the four choices as four rows.
+    prefills = [(b, s) for b, s, _ in session.calls if s > 1]
+    assert prefills == [(1, 3)]
+    assert {b for b, s, _ in session.calls if s == 1} <= {1, 2, 3, 4}
+    assert max(b for b, s, _ in session.calls if s == 1) == 4
+    expected = [
+        sampled_reference(prompt, 12, np.random.default_rng(7 if i == 0 else [7, i]))
+        for i in range(4)
+    ]
+    assert len({tuple(e) for e in expected}) == 4  # the choices really differ
+    events = sink.of("r")
+    for i in range(4):
+        assert sink.text("r", index=i) == decode(visible(expected[i])), i
+        assert all("logprobs" not in f for k, f in events if k == "delta")
+    choice_done = [f for k, f in events if k == "choice_done"]
+    assert sorted((f["index"], f["completion_tokens"]) for f in choice_done) == [
+        (i, len(expected[i])) for i in range(4)
+    ]
+    for f in choice_done:
+        assert f["finish_reason"] == ("stop" if expected[f["index"]][-1] == 0 else "length")
+    total = sum(len(e) for e in expected)
+    assert events[-1] == (
+        "done",
+        {
+            "finish_reason": choice_done[[f["index"] for f in choice_done].index(0)][
+                "finish_reason"
+            ],
+            "prompt_tokens": 3,
+            "completion_tokens": total,
+        },
+    )
+    assert [k for k, _ in events].count("done") == 1
+    assert (result.prompt_tokens, result.completion_tokens) == (3, total)
+
+
+def test_choice_zero_is_the_same_whatever_n_and_seeded_requests_repeat(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    engine = make_engine(FakeCausalLM(delay_s=0.001))
+    sink = RecordingSink()
+    handles = [
+        engine.submit(agent_request("one", [4, 4], 16, temperature=1.0, seed=3), sink),
+        engine.submit(agent_request("three", [4, 4], 16, temperature=1.0, seed=3, n=3), sink),
+        engine.submit(agent_request("again", [4, 4], 16, temperature=1.0, seed=3, n=3), sink),
+    ]
+    assert all(h.wait(10) is not None for h in handles)
+    assert sink.text("three", index=0) == sink.text("one")
+    for i in range(3):
+        assert sink.text("again", index=i) == sink.text("three", index=i)
+    # n == 1 keeps today's events: no index, no choice_done.
+    assert sink.count("one", "choice_done") == 0
+    assert all("index" not in f for k, f in sink.of("one") if k == "delta")
+    assert all("index" in f for k, f in sink.of("three") if k == "delta")
+
+
+def test_a_request_with_n_choices_waits_for_n_free_rows(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM(delay_s=0.001)
+    engine = make_engine(session, max_batch=4)
+    sink = RecordingSink()
+    handles = [
+        engine.submit(agent_request("a", [1, 2], 10, n=3), sink),
+        engine.submit(agent_request("b", [3], 6, n=2), sink),
+        engine.submit(agent_request("c", [2, 2], 5), sink),
+    ]
+    results = [h.wait(10) for h in handles]
+    assert all(r is not None for r in results)
+    assert max(b for b, s, _ in session.calls if s == 1) <= 4
+    # b (two rows) could not join a's three: it started only after a's choices ended.
+    assert results[1] is not None and results[0] is not None
+    assert results[1].admitted_step >= results[0].finished_step
+    for i in range(3):
+        assert sink.text("a", index=i) == decode(reference([1, 2], 10))  # greedy: all alike
+    assert sink.text("c") == decode(reference([2, 2], 5))
+
+
+def test_more_choices_than_the_batch_is_refused(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM()
+    engine = make_engine(session, max_batch=2)
+    sink = RecordingSink()
+    result = engine.submit(agent_request("big", [1, 2], 4, n=3), sink).wait(1)
+    assert result is not None and result.error_code == "invalid_request"
+    assert sink.of("big") == [
+        ("error", {"code": "invalid_request", "message": sink.of("big")[0][1]["message"]})
+    ]
+    assert "n is 3" in sink.of("big")[0][1]["message"]
+    assert session.calls == []
+
+
+def test_cancelling_a_request_ends_all_its_choices(
+    make_engine: Callable[..., CausalLMEngine], redis_client: object
+) -> None:
+    engine = make_engine(
+        FakeCausalLM(delay_s=0.002), redis_client=redis_client, cancel_check_interval_s=0.01
+    )
+    sink = RecordingSink()
+    handle = engine.submit(agent_request("r", [1, 2], 100_000, n=3), sink)
+    wait_until(lambda: sink.count("r", "delta") >= 9)
+    redis_client.set(cancel_key("r"), "1")  # type: ignore[attr-defined]
+    result = handle.wait(10)
+    assert result is not None and result.finish_reason == "cancelled"
+    wait_until(lambda: engine.running == 0)
+    events = sink.of("r")
+    assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "cancelled"
+    assert sink.count("r", "choice_done") == 0
+    assert events[-1][1]["completion_tokens"] == result.completion_tokens
+    assert result.completion_tokens == sum(f["tokens"] for k, f in events if k == "delta")
+
+
+def test_logit_bias_steers_greedy_decoding(make_engine: Callable[..., CausalLMEngine]) -> None:
+    engine = make_engine()
+    sink = RecordingSink()
+    prompt = [5, 9, 3]
+    plain = reference(prompt, 6)
+    handles = [
+        # +10 beats the model's 5.0: always token 17.
+        engine.submit(agent_request("up", prompt, 6, logit_bias=((17, 10.0),)), sink),
+        # -10 on what greedy would pick first: the argmax among the zeros, token 0 (EOS).
+        engine.submit(agent_request("down", prompt, 6, logit_bias=((plain[0], -10.0),)), sink),
+        # A bias too small to change the argmax changes nothing.
+        engine.submit(agent_request("small", prompt, 6, logit_bias=((17, 4.0),)), sink),
+    ]
+    results = [h.wait(10) for h in handles]
+    assert sink.text("up") == decode([17] * 6)
+    assert sink.text("down") == "" and results[1] is not None
+    assert (results[1].finish_reason, results[1].completion_tokens) == ("stop", 1)
+    assert sink.text("small") == decode(plain)
+
+
+def test_logprobs_entries_are_the_log_softmax_of_the_final_logits(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    engine = make_engine()
+    sink = RecordingSink()
+    prompt = [5, 9, 3]
+    bias = ((7, 2.0),)
+    result = engine.submit(agent_request("r", prompt, 10, logprobs=3, logit_bias=bias), sink).wait(
+        10
+    )
+    assert result is not None and result.finish_reason == "length"
+    entries = [e for k, f in sink.of("r") if k == "delta" for e in f["logprobs"]]
+    tokens = reference(prompt, 10)
+    assert len(entries) == len(tokens)
+    seq = list(prompt)
+    for token, (text, raw, logprob, top) in zip(tokens, entries, strict=True):
+        logits = fake_logits(seq).astype(np.float64)
+        logits[7] += 2.0  # logit_bias counts: it is part of the final logits
+        logsoftmax = logits - np.log(np.exp(logits).sum())
+        assert (text, bytes(raw)) == (decode([token]), decode([token]).encode())
+        assert logprob == pytest.approx(logsoftmax[token], abs=1e-5)
+        assert len(top) == 3
+        assert [t[2] for t in top] == sorted((t[2] for t in top), reverse=True)
+        assert top[0][0] == decode([token])  # greedy: the chosen token is the likeliest
+        for alt_text, alt_raw, alt_logprob in top:
+            assert alt_logprob == pytest.approx(logsoftmax[encode(alt_text)[0]], abs=1e-5)
+            assert bytes(alt_raw) == alt_text.encode()
+        seq.append(token)
+    assert sorted(np.argsort(-fake_logits(prompt) - 2.0 * (np.arange(VOCAB) == 7))[:3]) == sorted(
+        encode("".join(t[0] for t in entries[0][3]))
+    )
+
+
+def test_logprobs_never_lost_and_eos_gets_no_entry(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    # A decode that holds back every odd token (half a character), and an EOS that ends it.
+    expected = reference([5, 9, 3], 10)
+    eos = expected[5]
+    engine = make_engine(model_spec=spec(eos=(eos,)))
+    sink = RecordingSink()
+    result = engine.submit(agent_request("r", [5, 9, 3], 10, logprobs=0), sink).wait(10)
+    assert result is not None and result.finish_reason == "stop"
+    deltas = [f for k, f in sink.of("r") if k == "delta"]
+    entries = [e for f in deltas for e in f["logprobs"]]
+    assert [e[0] for e in entries] == [decode([t]) for t in expected[: expected.index(eos)]]
+    assert all(e[3] == [] for e in entries)  # k = 0: no alternatives
+    assert sum(f["tokens"] for f in deltas) <= result.completion_tokens
+
+
+def test_prompt_logprobs_score_the_prompt_by_teacher_forcing(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM()
+    engine = make_engine(session)
+    sink = RecordingSink()
+    prompt = [5, 9, 3, 3, 40, 12]
+    result = engine.submit(agent_request("r", prompt, 6, prompt_logprobs=2), sink).wait(10)
+    assert result is not None
+    assert (result.prompt_tokens, result.completion_tokens) == (6, 6)
+    events = sink.of("r")
+    assert events[0][0] == "prompt_logprobs"
+    assert sink.count("r", "prompt_logprobs") == 1
+    scored = events[0][1]["logprobs"]
+    assert scored[0] is None and len(scored) == len(prompt)
+    for j in range(1, len(prompt)):
+        logits = fake_logits(prompt[:j]).astype(np.float64)
+        logsoftmax = logits - np.log(np.exp(logits).sum())
+        text, _, logprob, top = scored[j]
+        assert text == decode([prompt[j]])
+        assert logprob == pytest.approx(logsoftmax[prompt[j]], abs=1e-5)
+        assert len(top) == 2 and top[0][0] == decode([next_token(prompt[:j])])
+    # Generation afterwards is what it is without scoring; only the first token was prefilled.
+    assert sink.text("r") == decode(reference(prompt, 6))
+    assert [(b, s) for b, s, past in session.calls if past == 0] == [(1, 1)]
+
+
+def test_prompt_logprobs_of_a_one_token_prompt(make_engine: Callable[..., CausalLMEngine]) -> None:
+    engine = make_engine()
+    sink = RecordingSink()
+    result = engine.submit(agent_request("r", [9], 3, prompt_logprobs=0, n=2), sink).wait(10)
+    assert result is not None
+    assert sink.of("r")[0] == ("prompt_logprobs", {"logprobs": [None]})
+    assert sink.text("r", index=1) == decode(reference([9], 3))
+
+
+def test_prompt_logprobs_with_n_choices_are_sent_once(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    engine = make_engine()
+    sink = RecordingSink()
+    prompt = [5, 9, 3, 7]
+    result = engine.submit(agent_request("r", prompt, 4, prompt_logprobs=1, n=2), sink).wait(10)
+    assert result is not None and result.completion_tokens == 8
+    assert sink.count("r", "prompt_logprobs") == 1
+    assert sink.of("r")[0][0] == "prompt_logprobs"
+    assert len(sink.of("r")[0][1]["logprobs"]) == 4
+    for i in range(2):
+        assert sink.text("r", index=i) == decode(reference(prompt, 4))
+
+
+def grammar_engine(make: Callable[..., CausalLMEngine], **kwargs: Any) -> CausalLMEngine:
+    return make(grammar_compiler=fake_grammar_compiler, **kwargs)
+
+
+def test_a_grammar_constrains_every_choice_and_ends_with_stop(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    engine = grammar_engine(make_engine)
+    sink = RecordingSink()
+    grammar = llguidance.LLMatcher.grammar_from_regex("[a-c]{4}(d|ee)")
+    greedy = engine.submit(agent_request("g", [5, 9, 3], 20, grammar=grammar), sink)
+    sampled = engine.submit(
+        agent_request("s", [5, 9, 3], 20, grammar=grammar, temperature=1.0, seed=1, n=3), sink
+    )
+    cut = engine.submit(agent_request("cut", [5, 9, 3], 2, grammar=grammar), sink)
+    results = [h.wait(10) for h in (greedy, sampled, cut)]
+    assert all(r is not None for r in results)
+    assert re.fullmatch("[a-c]{4}(d|ee)", sink.text("g"))
+    assert results[0] is not None and results[0].finish_reason == "stop"
+    for i in range(3):
+        assert re.fullmatch("[a-c]{4}(d|ee)", sink.text("s", index=i)), i
+    assert len({sink.text("s", index=i) for i in range(3)}) > 1
+    # max_tokens first: LENGTH, the output cut short (as OpenAI does).
+    assert results[2] is not None and results[2].finish_reason == "length"
+    assert re.fullmatch("[a-c]{2}", sink.text("cut"))
+
+
+def test_a_grammar_with_logprobs_reports_the_masked_distribution(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    engine = grammar_engine(make_engine)
+    sink = RecordingSink()
+    grammar = llguidance.LLMatcher.grammar_from_regex("[a-c]{3}")
+    result = engine.submit(agent_request("r", [5], 10, grammar=grammar, logprobs=5), sink).wait(10)
+    assert result is not None and result.finish_reason == "stop"
+    entries = [e for k, f in sink.of("r") if k == "delta" for e in f["logprobs"]]
+    assert len(entries) == 3  # the EOS that ended it has none
+    for text, _, logprob, top in entries:
+        assert text in "abc" and logprob <= 0.0
+        # Three tokens allowed; the others are masked out (-9999, never -inf in JSON).
+        assert sorted(t[0] for t in top[:3]) == ["a", "b", "c"]
+        assert [t[2] for t in top[3:]] == [-9999.0, -9999.0]
+        assert math.fsum(math.exp(t[2]) for t in top[:3]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_bad_grammar_is_refused_without_running(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM()
+    engine = make_engine(session, grammar_compiler=fake_grammar_compiler)
+    sink = RecordingSink()
+    result = engine.submit(agent_request("bad", [5], 10, grammar="start: /[a-/"), sink).wait(5)
+    assert result is not None and result.error_code == "invalid_request"
+    [(kind, fields)] = sink.of("bad")
+    assert kind == "error" and fields["code"] == "invalid_request"
+    assert fields["message"].startswith("the grammar cannot be used: ")
+    assert session.calls == []
+
+
+def test_an_engine_without_a_tokenizer_for_grammars_refuses_them(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    engine = make_engine()
+    sink = RecordingSink()
+    grammar = llguidance.LLMatcher.grammar_from_regex("a")
+    result = engine.submit(agent_request("r", [5], 3, grammar=grammar), sink).wait(5)
+    assert result is not None and result.error_code == "invalid_request"
+    assert "does not support constrained decoding" in sink.of("r")[0][1]["message"]
+
+
+def test_a_matcher_in_error_fails_its_request_only(
+    make_engine: Callable[..., CausalLMEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = grammar_engine(make_engine)
+    real = engine.constrainer.matchers
+
+    def broken(grammar: str, n: int) -> list[Any]:
+        matchers = real(grammar, n)
+        matchers[-1].consume_token(5)  # "5" is not allowed: the matcher enters its error state
+        return matchers
+
+    monkeypatch.setattr(engine.constrainer, "matchers", broken)
+    sink = RecordingSink()
+    grammar = llguidance.LLMatcher.grammar_from_regex("[a-c]{40}")
+    other = engine.submit(agent_request("other", [3, 3], 12), sink)
+    bad = engine.submit(agent_request("bad", [5], 10, grammar=grammar, n=2), sink)
+    results = [h.wait(10) for h in (other, bad)]
+    assert results[1] is not None and results[1].error_code == "internal_error"
+    assert results[1].error_message.startswith("the grammar matcher failed: ")
+    assert "doesn't satisfy the grammar" in results[1].error_message
+    assert sink.of("bad")[-1][0] == "error" and sink.count("bad", "done") == 0
+    assert results[0] is not None and sink.text("other") == decode(reference([3, 3], 12))

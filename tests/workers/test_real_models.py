@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from workers.contract import (
     ModelRef,
     SamplingParams,
 )
-from workers.engine.causal_lm import CausalLMEngine
+from workers.engine.causal_lm import CausalLMEngine, CausalLMSpec
 from workers.engine.encoder import EncoderEngine
 from workers.runtime.models import LoadedModel, load_model
 
@@ -170,3 +171,172 @@ def test_embeddings_match_alone_and_rank_meaning(minilm: LoadedModel) -> None:
         np.testing.assert_allclose(sink.of("one")[0][1]["vectors"][0], vectors[2], atol=1e-5)
     finally:
         engine.stop()
+
+
+# --- issue 15 on the real model: logprobs, prompt scoring, grammars, n ------------------------
+
+
+def last_logits(model: LoadedModel, ids: Sequence[int]) -> np.ndarray:
+    """The model's next-token logits after `ids`, from one forward pass of its own (no batch,
+    no cache reuse): the independent reference for the engine's numbers."""
+    spec = CausalLMSpec.from_manifest(model.manifest)
+    n = len(ids)
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, n), dtype=np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None, :],
+    }
+    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
+    for i in range(spec.num_layers):
+        feeds[f"past_key_values.{i}.key"] = empty
+        feeds[f"past_key_values.{i}.value"] = empty
+    names = ["logits"] + [
+        f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")
+    ]
+    logits: np.ndarray = model.session.run(names, feeds)[0][0, -1].astype(np.float64)
+    return logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+
+
+def test_logprobs_match_separate_forward_passes(
+    smollm: LoadedModel, lm_engine: CausalLMEngine
+) -> None:
+    sink = RecordingSink()
+    prompt = chat_prompt(smollm, "What is the capital of France?")
+    result = lm_engine.submit(generate("lp", prompt, 6, logprobs=5), sink).wait(120)
+    assert result is not None and result.completion_tokens == 6
+    entries = [e for kind, f in sink.of("lp") if kind == "delta" for e in f["logprobs"]]
+    generated = smollm.text_tokenizer().encode(sink.text("lp"), add_special_tokens=False).ids
+    assert len(entries) == 6
+    ids = list(prompt)
+    for text, raw, logprob, top in entries:
+        reference = last_logits(smollm, ids)
+        token = int(np.argmax(reference))  # greedy
+        assert bytes(raw) == lm_engine.constrainer.token(token)[1]
+        assert text == bytes(raw).decode("utf-8", errors="replace")
+        assert logprob == pytest.approx(reference[token], abs=2e-3)
+        expected_top = np.argsort(-reference)[:5]
+        assert [bytes(b) for _, b, _ in top] == [
+            lm_engine.constrainer.token(int(t))[1] for t in expected_top
+        ]
+        assert [lp for _, _, lp in top] == pytest.approx(list(reference[expected_top]), abs=2e-3)
+        ids.append(token)
+    assert ids[len(prompt) :][: len(generated)] == generated
+
+
+def test_prompt_logprobs_match_separate_forward_passes(
+    smollm: LoadedModel, lm_engine: CausalLMEngine
+) -> None:
+    prompt = tuple(smollm.text_tokenizer().encode("The capital of France is Paris.").ids)
+    sink = RecordingSink()
+    result = lm_engine.submit(generate("echo", prompt, 3, prompt_logprobs=2), sink).wait(120)
+    assert result is not None and (result.prompt_tokens, result.completion_tokens) == (
+        len(prompt),
+        3,
+    )
+    kind, fields = sink.of("echo")[0]
+    assert kind == "prompt_logprobs"
+    scored = fields["logprobs"]
+    assert scored[0] is None and len(scored) == len(prompt)
+    for j in range(1, len(prompt)):
+        reference = last_logits(smollm, prompt[:j])
+        _, raw, logprob, top = scored[j]
+        assert bytes(raw) == lm_engine.constrainer.token(prompt[j])[1]
+        assert logprob == pytest.approx(reference[prompt[j]], abs=2e-3), j
+        assert [lp for _, _, lp in top] == pytest.approx(
+            sorted(reference, reverse=True)[:2], abs=2e-3
+        )
+    # What follows the scored prompt is what the model says after it unscored.
+    plain = RecordingSink()
+    assert lm_engine.submit(generate("plain", prompt, 3), plain).wait(120) is not None
+    assert sink.text("echo") == plain.text("plain")
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "height_m": {"type": "number"},
+        "is_student": {"type": "boolean"},
+        "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "height_m", "is_student", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_grammar_gives_valid_json_from_a_small_model(
+    smollm: LoadedModel, lm_engine: CausalLMEngine
+) -> None:
+    from workers.grammar import json_grammar
+
+    prompt = chat_prompt(smollm, "Describe a made-up person as JSON.")
+    sink = RecordingSink()
+    handles = [
+        lm_engine.submit(generate("greedy", prompt, 200, grammar=json_grammar(PERSON)), sink),
+        lm_engine.submit(
+            dataclasses.replace(
+                generate("sampled", prompt, 200),
+                sampling=SamplingParams(
+                    max_tokens=200, temperature=1.0, seed=5, n=2, grammar=json_grammar(PERSON)
+                ),
+            ),
+            sink,
+        ),
+    ]
+    results = [h.wait(300) for h in handles]
+    texts = [sink.text("greedy"), sink.text("sampled", index=0), sink.text("sampled", index=1)]
+    assert results[0] is not None and results[0].finish_reason == "stop", texts[0]
+    for text in texts:
+        person = json.loads(text)
+        assert set(person) == set(PERSON["properties"])  # type: ignore[arg-type]
+        assert isinstance(person["name"], str)
+        assert isinstance(person["age"], int) and not isinstance(person["age"], bool)
+        assert isinstance(person["height_m"], int | float)
+        assert isinstance(person["is_student"], bool)
+        assert isinstance(person["hobbies"], list) and len(person["hobbies"]) <= 3
+        assert all(isinstance(h, str) for h in person["hobbies"])
+
+
+def test_a_forced_tool_call_parses(smollm: LoadedModel, lm_engine: CausalLMEngine) -> None:
+    from workers.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_call_grammar
+
+    weather = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "unit"],
+        # Without it the grammar lets a 135M model add properties until max_tokens.
+        "additionalProperties": False,
+    }
+    no_arguments = {"type": "object", "properties": {}, "additionalProperties": False}
+    grammar = tool_call_grammar(
+        [("get_weather", weather), ("get_time", no_arguments)], parallel=False
+    )
+    prompt = chat_prompt(smollm, "What is the weather in Paris?")
+    sink = RecordingSink()
+    result = lm_engine.submit(generate("tool", prompt, 120, grammar=grammar), sink).wait(300)
+    assert result is not None and result.finish_reason == "stop"
+    text = sink.text("tool")
+    assert text.startswith(TOOL_CALL_OPEN + "\n") and text.endswith("\n" + TOOL_CALL_CLOSE)
+    call = json.loads(text[len(TOOL_CALL_OPEN) : -len(TOOL_CALL_CLOSE)])
+    assert call["name"] in {"get_weather", "get_time"}
+    if call["name"] == "get_weather":
+        assert isinstance(call["arguments"]["city"], str)
+        assert call["arguments"]["unit"] in {"celsius", "fahrenheit"}
+
+
+def test_n_greedy_choices_equal_one_choice_on_the_real_model(
+    smollm: LoadedModel, lm_engine: CausalLMEngine
+) -> None:
+    prompt = chat_prompt(smollm, "Name three colours.")
+    sink = RecordingSink()
+    one = lm_engine.submit(generate("one", prompt, 16), sink)
+    three = lm_engine.submit(generate("three", prompt, 16, n=3), sink)
+    alone, together = one.wait(120), three.wait(120)
+    assert alone is not None and together is not None
+    assert together.completion_tokens == 3 * alone.completion_tokens
+    for i in range(3):
+        assert sink.text("three", index=i) == sink.text("one"), i

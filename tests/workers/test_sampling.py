@@ -77,3 +77,39 @@ def test_penalties_follow_openais_formula_on_a_copy() -> None:
     assert encouraged.tolist() == [4.0, 2.0, 3.0, 4.0]
     assert penalize(logits, {}, frequency=1.0, presence=1.0) is logits
     assert penalize(logits, {2: 1}, frequency=0.0, presence=0.0) is logits
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+def test_logprobs_are_the_log_softmax_with_the_top_k_sorted(k: int) -> None:
+    from workers.engine.sampling import logprobs_of
+
+    logits = np.random.default_rng(6).normal(scale=3.0, size=49152).astype(np.float32)
+    reference = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    token = 1234
+    logprob, top = logprobs_of(logits, token, k)
+    assert logprob == pytest.approx(reference[token], abs=1e-6)
+    assert [t for t, _ in top] == list(np.argsort(-reference, kind="stable")[:k])
+    assert [lp for _, lp in top] == pytest.approx(sorted(reference, reverse=True)[:k], abs=1e-6)
+
+
+def test_logprobs_of_masked_tokens_are_floored() -> None:
+    from workers.engine.sampling import LOGPROB_FLOOR, logprobs_of
+
+    logits = np.array([1.0, -np.inf, 1.0, -np.inf], dtype=np.float32)
+    logprob, top = logprobs_of(logits, 1, 4)
+    assert logprob == LOGPROB_FLOOR
+    assert top == [
+        (0, pytest.approx(np.log(0.5))),
+        (2, pytest.approx(np.log(0.5))),
+        (1, -9999.0),
+        (3, -9999.0),
+    ]
+
+
+def test_logit_bias_adds_on_a_copy() -> None:
+    from workers.engine.sampling import bias_logits
+
+    logits = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    out = bias_logits(logits, np.array([0, 2]), np.array([5.0, -100.0], dtype=np.float32))
+    assert out.tolist() == [6.0, 2.0, -97.0]
+    assert logits.tolist() == [1.0, 2.0, 3.0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -341,3 +342,33 @@ def test_stats_count_tasks_in_flight(runtime: WorkerRuntime) -> None:
     assert (stats.free_slots, stats.total_slots) == (8, 8)
     assert stats.models_loaded == ("echo-1",)
     assert "CPUExecutionProvider" in stats.providers
+
+
+def test_n_choices_stream_through_the_writer_and_bill_every_choice_once(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    runtime._engines[FAKE_LM.version_id] = CausalLMEngine(FakeCausalLM(), spec(), decode).start()
+    request = gen(model=FAKE_LM, prompt=(5, 9, 3), max_tokens=6)
+    request = dataclasses.replace(
+        request,
+        sampling=dataclasses.replace(request.sampling, n=3, temperature=1.0, seed=11, logprobs=1),
+    )
+    outcome = runtime.serve_generate(request)
+    assert outcome.result is not None
+    stream = events(redis_client, "req-1")
+    deltas = [e for e in stream if e["type"] == "delta"]
+    assert {e["index"] for e in deltas} == {"0", "1", "2"}
+    choice_done = [e for e in stream if e["type"] == "choice_done"]
+    assert sorted(e["index"] for e in choice_done) == ["0", "1", "2"]
+    per_choice = sum(int(e["completion_tokens"]) for e in choice_done)
+    done = stream[-1]
+    assert done["type"] == "done" and done["prompt_tokens"] == "3"
+    assert int(done["completion_tokens"]) == per_choice == outcome.result.completion_tokens
+    # Every generated token that has text comes with its entry, in compact JSON.
+    entries = [entry for e in deltas for entry in json.loads(e["logprobs"])]
+    # (the EOS that ends a choice with "stop" has none)
+    stops = sum(1 for e in choice_done if e["finish_reason"] == "stop")
+    assert len(entries) == per_choice - stops
+    assert all(len(entry) == 4 and len(entry[3]) == 1 for entry in entries)
+    (usage,) = usages(redis_client)
+    assert (usage.input_tokens, usage.output_tokens) == (3, per_choice)

@@ -165,3 +165,32 @@ def test_usage_that_cannot_be_written_is_logged_whole(redis_client: Any, caplog:
     assert len(critical) == 1
     assert '"request_id": "req-lost"' in critical[0]
     assert redis_client.xlen(USAGE_STREAM) == 0
+
+
+def test_writer_writes_choices_and_logprobs(redis_client: Any) -> None:
+    writer = ResponseWriter(redis_client)
+    entry = ["é", [195, 169], -0.25, [["é", [195, 169], -0.25], ["e", [101], -1.5]]]
+    writer.prompt_logprobs("p", [None, entry])
+    writer.delta("p", "é", 1, index=2, logprobs=[entry])
+    writer.delta("p", "", 0, logprobs=[])
+    writer.choice_done("p", 2, "length", 7)
+    writer.delta("p", "plain", 1)
+    writer.flush()
+    assert [fields for _, fields in redis_client.xrange(response_stream_key("p"))] == [
+        {
+            "type": "prompt_logprobs",
+            "logprobs": '[null,["é",[195,169],-0.25,[["é",[195,169],-0.25],["e",[101],-1.5]]]]',
+        },
+        {
+            "type": "delta",
+            "text": "é",
+            "tokens": "1",
+            "index": "2",
+            "logprobs": '[["é",[195,169],-0.25,[["é",[195,169],-0.25],["e",[101],-1.5]]]]',
+        },
+        {"type": "delta", "text": "", "tokens": "0", "logprobs": "[]"},
+        {"type": "choice_done", "index": "2", "finish_reason": "length", "completion_tokens": "7"},
+        {"type": "delta", "text": "plain", "tokens": "1"},
+    ]
+    # choice_done is not a final event: the stream keeps its long expiry.
+    assert redis_client.ttl(response_stream_key("p")) > RESPONSE_STREAM_DONE_TTL_S

@@ -6,7 +6,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -15,10 +15,27 @@ class EventSink(Protocol):
     """Where an engine writes a request's events (`streams.ResponseWriter` in a worker).
 
     Writes may be buffered; the engine calls `flush` once per step for every
-    sink it wrote to, so one step of a whole batch costs one round trip.
+    sink it wrote to, so one step of a whole batch costs one round trip. The
+    events and their fields are those of `workers/contract.py`.
     """
 
-    def delta(self, request_id: str, text: str, tokens: int) -> None: ...
+    def delta(
+        self,
+        request_id: str,
+        text: str,
+        tokens: int,
+        index: int | None = None,
+        logprobs: list[Any] | None = None,
+    ) -> None:
+        """`index`: the choice, only when a request has several; `logprobs`: the entries
+        (`contract.logprob_entry`) of the tokens since the choice's last delta, only when
+        the request asked for them."""
+
+    def prompt_logprobs(self, request_id: str, logprobs: list[Any]) -> None: ...
+
+    def choice_done(
+        self, request_id: str, index: int, finish_reason: str, completion_tokens: int
+    ) -> None: ...
 
     def done(
         self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,22 @@ def raw_greedy(model: LoadedModel, prompts: Sequence[Sequence[int]], tokens: int
 
 
 class _NullSink:
-    def delta(self, request_id: str, text: str, tokens: int) -> None:
+    def delta(
+        self,
+        request_id: str,
+        text: str,
+        tokens: int,
+        index: int | None = None,
+        logprobs: list[Any] | None = None,
+    ) -> None:
+        pass
+
+    def prompt_logprobs(self, request_id: str, logprobs: list[Any]) -> None:
+        pass
+
+    def choice_done(
+        self, request_id: str, index: int, finish_reason: str, completion_tokens: int
+    ) -> None:
         pass
 
     def done(self, request_id: str, finish_reason: str, prompt: int, completion: int) -> None:

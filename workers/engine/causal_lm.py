@@ -13,12 +13,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from workers.contract import FinishReason, GenerateRequest, cancel_key
+from workers.contract import (
+    MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
+    FinishReason,
+    GenerateRequest,
+    cancel_key,
+    logprob_entry,
+)
 from workers.engine.base import EventSink, RateMeter, RequestHandle, RequestResult
-from workers.engine.sampling import penalize, sample_token
+from workers.engine.constrain import Constrainer, apply_mask
+from workers.engine.sampling import bias_logits, logprobs_of, penalize, sample_token
 from workers.engine.text import IncrementalDetokenizer, StopFilter
+from workers.grammar import Compiled, GrammarError
 
 if TYPE_CHECKING:
+    import llguidance
     import redis
 
     from workers.runtime.models import LoadedModel
@@ -67,51 +77,116 @@ class _Publication:
     completed: list[tuple[RequestHandle, RequestResult]]
 
 
-class _Seq:
-    """One request inside the engine: its sampling state and streaming state."""
+class _Request:
+    """One request inside the engine: what its choices share (prompt, sink, handle)."""
 
     __slots__ = (
         "admitted_at",
         "admitted_step",
+        "choices",
+        "first_token_at",
+        "handle",
+        "n",
+        "open",
+        "prefill_ids",
+        "prompt_entries",
+        "prompt_len",
+        "reason",
+        "request",
+        "sink",
+    )
+
+    def __init__(self, request: GenerateRequest, sink: EventSink) -> None:
+        self.request = request
+        self.sink = sink
+        self.handle = RequestHandle(request.request_id)
+        self.prompt_len = len(request.prompt_token_ids)
+        self.n = max(1, request.sampling.n)
+        # Scoring the prompt (teacher forcing): only its first token is prefilled, the
+        # others are fed as forced decode steps, each one's logprob read on the way.
+        scored = request.sampling.prompt_logprobs >= 0
+        self.prefill_ids = request.prompt_token_ids[:1] if scored else request.prompt_token_ids
+        self.prompt_entries: list[Any] | None = [None] if scored else None
+        self.choices: list[_Seq] = []
+        self.open = self.n  # choices not finished yet
+        self.reason = FinishReason.STOP  # choice 0's, once it finished (n > 1)
+        self.admitted_at = 0.0
+        self.first_token_at = 0.0
+        self.admitted_step = -1
+
+
+class _Seq:
+    """One choice of a request (a row of the batch): its sampling and streaming state."""
+
+    __slots__ = (
+        "bias",
         "counts",
         "detok",
-        "first_token_at",
+        "entries",
+        "forced",
         "generated",
         "greedy",
-        "handle",
+        "index",
+        "matcher",
         "penalized",
-        "prompt_len",
-        "request",
+        "plain",
+        "req",
         "rng",
-        "sink",
         "stops",
+        "top",
         "unreported_tokens",
     )
 
     def __init__(
         self,
-        request: GenerateRequest,
-        sink: EventSink,
+        req: _Request,
+        index: int,
         decode: Callable[[Sequence[int]], str],
+        bias: tuple[np.ndarray, np.ndarray] | None,
+        matcher: llguidance.LLMatcher | None,
     ) -> None:
-        self.request = request
-        self.sink = sink
-        self.handle = RequestHandle(request.request_id)
-        self.prompt_len = len(request.prompt_token_ids)
-        self.greedy = request.sampling.temperature <= 0.0
-        # One generator per sequence: with a seed, the draws of this request do
-        # not depend on which other requests happen to share its batch.
-        self.rng = np.random.default_rng(request.sampling.seed)
+        sampling = req.request.sampling
+        self.req = req
+        self.index = index
+        self.greedy = sampling.temperature <= 0.0
+        # One generator per choice: with a seed, the draws of this request do not depend
+        # on which other requests share its batch, nor (for choice 0) on n.
+        if index == 0:
+            self.rng = np.random.default_rng(sampling.seed)
+        elif sampling.seed is None:
+            self.rng = np.random.default_rng()
+        else:
+            self.rng = np.random.default_rng([sampling.seed, index])
         self.generated: list[int] = []
-        sampling = request.sampling
         self.penalized = sampling.frequency_penalty != 0.0 or sampling.presence_penalty != 0.0
         self.counts: dict[int, int] = {}  # generated token -> times, kept when penalized
+        self.bias = bias
+        self.matcher = matcher
+        self.top = sampling.logprobs  # -1: no logprobs
+        self.entries: list[Any] = []  # logprob entries not sent yet
+        # The prompt tokens still to feed as forced steps (prompt scoring), else None.
+        prompt = req.request.prompt_token_ids
+        self.forced: list[int] | None = (
+            list(prompt[len(req.prefill_ids) :]) if req.prompt_entries is not None else None
+        )
+        if self.forced is not None and not self.forced:
+            self.forced = None
         self.detok = IncrementalDetokenizer(decode)
-        self.stops = StopFilter(request.sampling.stop)
+        self.stops = StopFilter(sampling.stop)
         self.unreported_tokens = 0
-        self.admitted_at = 0.0
-        self.first_token_at = 0.0
-        self.admitted_step = -1
+        self.plain = False
+        self.update_plain()
+
+    def update_plain(self) -> None:
+        """Whether this row is plain greedy: the batch's argmax is its token, nothing else."""
+        self.plain = (
+            self.greedy
+            and not self.penalized
+            and self.bias is None
+            and self.matcher is None
+            and self.top < 0
+            and self.forced is None
+        )
 
 
 class CausalLMEngine:
@@ -129,6 +204,12 @@ class CausalLMEngine:
     Padding is invisible to the model: padded positions are masked out of
     attention, and each row carries its own position ids, so a sequence's
     tokens do not depend on its neighbours (up to float rounding).
+
+    A request with n choices is prefilled once, as one row; its cache row is
+    repeated n times when it joins the batch, and each choice is a row of its
+    own from then on. It takes n rows of `max_batch`, and is admitted only when
+    n rows are free. With n == 1 a request's events are exactly those of a
+    request that knows nothing of choices (no index, no choice_done).
     """
 
     def __init__(
@@ -142,6 +223,7 @@ class CausalLMEngine:
         max_prefill_tokens: int = 4096,
         redis_client: redis.Redis | None = None,
         cancel_check_interval_s: float = CANCEL_CHECK_INTERVAL_S,
+        grammar_compiler: Callable[[], Compiled] | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -151,6 +233,9 @@ class CausalLMEngine:
         self._max_prefill_tokens = max_prefill_tokens
         self._redis = redis_client
         self._cancel_interval = cancel_check_interval_s
+        # Grammars and token bytes (logprobs); `grammar_compiler` builds llguidance's view
+        # of the tokenizer on first use (None: no grammars; token bytes from `decode`).
+        self.constrainer = Constrainer(grammar_compiler, spec.vocab_size, decode)
         self._past_names = [
             f"past_key_values.{i}.{kind}"
             for i in range(spec.num_layers)
@@ -160,11 +245,12 @@ class CausalLMEngine:
             f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")
         ]
         self._cond = threading.Condition()
-        self._waiting: deque[_Seq] = deque()
+        self._waiting: deque[_Request] = deque()
+        self._waiting_rows = 0  # rows the waiting requests will take (their n)
         self._stopping = False
         # Batch state, owned by the engine thread. Row r of every array is _running[r].
         self._running: list[_Seq] = []
-        self._admitting: list[_Seq] = []  # popped from the queue, not yet in the batch
+        self._admitting: list[_Request] = []  # popped from the queue, not yet in the batch
         self._past: list[np.ndarray] = []  # [B, kv_heads, P, head_dim] per layer and key/value
         self._mask = np.zeros((0, 0), dtype=np.int64)  # [B, P]: 1 where the cache holds a token
         self._next_ids = np.zeros(0, dtype=np.int64)  # [B]: token to feed at the next step
@@ -173,6 +259,7 @@ class CausalLMEngine:
         self._last_cancel_check = 0.0
         self._dirty_sinks: dict[int, EventSink] = {}
         self._to_complete: list[tuple[RequestHandle, RequestResult]] = []
+        self._ended_requests = False  # a request ended as a whole during this step
         self._published: queue.SimpleQueue[_Publication | None] = queue.SimpleQueue()
         self.meter = RateMeter()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -190,18 +277,26 @@ class CausalLMEngine:
         redis_client: redis.Redis | None,
     ) -> CausalLMEngine:
         tokenizer = model.text_tokenizer()
+        spec = CausalLMSpec.from_manifest(model.manifest)
+        tokenizer_file = str(
+            model.directory / str(model.manifest.get("tokenizer_file", "tokenizer.json"))
+        )
 
         def decode(ids: Sequence[int]) -> str:
             return tokenizer.decode(list(ids), skip_special_tokens=True)
 
+        def compiler() -> Compiled:
+            return Compiled(tokenizer_file, sorted(spec.eos_token_ids))
+
         return cls(
             model.session,
-            CausalLMSpec.from_manifest(model.manifest),
+            spec,
             decode,
             name=model.ref.version_id,
             max_batch=max_batch,
             max_prefill_tokens=max_prefill_tokens,
             redis_client=redis_client,
+            grammar_compiler=compiler,
         )
 
     # --- the submitters' side (any thread) ------------------------------------
@@ -212,22 +307,36 @@ class CausalLMEngine:
         return self
 
     def submit(self, request: GenerateRequest, sink: EventSink) -> RequestHandle:
-        seq = _Seq(request, sink, self._decode)
+        req = _Request(request, sink)
         problem = self._check_request(request)
+        matchers: list[llguidance.LLMatcher] | None = None
+        if not problem and request.sampling.grammar:
+            # Compiled here, on the submitting task's thread (llguidance releases the GIL):
+            # a grammar never stalls the batch's steps.
+            try:
+                matchers = self.constrainer.matchers(request.sampling.grammar, req.n)
+            except GrammarError as exc:
+                problem = f"the grammar cannot be used: {exc}"
         if problem:
-            if seq.handle.claim():
+            if req.handle.claim():
                 sink.error(request.request_id, "invalid_request", problem)
                 sink.flush()
-                seq.handle.complete(
-                    self._result(seq, FinishReason.ERROR, "invalid_request", problem)
+                req.handle.complete(
+                    self._result(req, FinishReason.ERROR, "invalid_request", problem)
                 )
-            return seq.handle
+            return req.handle
+        bias = _bias_arrays(request.sampling.logit_bias)
+        req.choices = [
+            _Seq(req, i, self._decode, bias, matchers[i] if matchers else None)
+            for i in range(req.n)
+        ]
         with self._cond:
             if self._stopping:
                 raise RuntimeError(f"engine {self.name} is stopped")
-            self._waiting.append(seq)
+            self._waiting.append(req)
+            self._waiting_rows += req.n
             self._cond.notify()
-        return seq.handle
+        return req.handle
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -249,12 +358,13 @@ class CausalLMEngine:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.max_batch - len(self._running) - len(self._waiting))
+        return max(0, self.max_batch - len(self._running) - self._waiting_rows)
 
     def tokens_per_s(self) -> float:
         return self.meter.rate()
 
     def _check_request(self, request: GenerateRequest) -> str:
+        sampling = request.sampling
         if not request.prompt_token_ids:
             return "the prompt is empty"
         if len(request.prompt_token_ids) >= self.spec.context_length:
@@ -262,10 +372,22 @@ class CausalLMEngine:
                 f"the prompt has {len(request.prompt_token_ids)} tokens; "
                 f"this model's context is {self.spec.context_length}"
             )
-        if request.sampling.max_tokens < 1:
+        if sampling.max_tokens < 1:
             return "max_tokens must be at least 1"
         if any(not 0 <= t < self.spec.vocab_size for t in request.prompt_token_ids):
             return "the prompt has token ids outside the vocabulary"
+        if not 1 <= sampling.n <= MAX_CHOICES:
+            return f"n must be between 1 and {MAX_CHOICES}"
+        if sampling.n > self.max_batch:
+            return f"n is {sampling.n}; this model's workers run at most {self.max_batch} at once"
+        for name, k in (
+            ("logprobs", sampling.logprobs),
+            ("prompt_logprobs", sampling.prompt_logprobs),
+        ):
+            if not -1 <= k <= MAX_TOP_LOGPROBS:
+                return f"{name} must be between 0 and {MAX_TOP_LOGPROBS}"
+        if any(not 0 <= t < self.spec.vocab_size for t, _ in sampling.logit_bias):
+            return "logit_bias has token ids outside the vocabulary"
         return ""
 
     # --- the engine thread ----------------------------------------------------
@@ -301,46 +423,50 @@ class CausalLMEngine:
         """Drop cancelled, expired and abandoned requests, running or waiting."""
         with self._cond:
             waiting = list(self._waiting)
-        seqs = self._running + waiting
-        if not seqs:
+        running = list({id(s.req): s.req for s in self._running}.values())
+        reqs = running + waiting
+        if not reqs:
             return
         cancelled: set[int] = set()
         if self._redis is not None:
             try:
-                flags = self._redis.mget([cancel_key(s.request.request_id) for s in seqs])
+                flags = self._redis.mget([cancel_key(r.request.request_id) for r in reqs])
                 cancelled = {i for i, flag in enumerate(flags) if flag}
             except Exception:
                 logger.warning("engine %s: cancellation check failed", self.name, exc_info=True)
-        dropped: set[int] = set()
-        for i, seq in enumerate(seqs):
-            if seq.handle.claimed:  # the submitter gave up and already answered
-                dropped.add(id(seq))
-            elif i in cancelled:
-                self._finish(seq, FinishReason.CANCELLED)
-                dropped.add(id(seq))
-            elif seq.request.deadline and seq.request.deadline < now:
-                self._fail(seq, "deadline_exceeded", "the request deadline passed")
-                dropped.add(id(seq))
-        if not dropped:
+        for i, req in enumerate(reqs):
+            if req.handle.claimed:  # the submitter gave up and already answered
+                continue
+            if i in cancelled:
+                self._finish(req, FinishReason.CANCELLED)
+            elif req.request.deadline and req.request.deadline < now:
+                self._fail(req, "deadline_exceeded", "the request deadline passed")
+        # Every way a request ends claims its handle.
+        if not any(r.handle.claimed for r in reqs):
             return
         with self._cond:
-            self._waiting = deque(s for s in self._waiting if id(s) not in dropped)
-        keep = [r for r, s in enumerate(self._running) if id(s) not in dropped]
+            self._waiting = deque(r for r in self._waiting if not r.handle.claimed)
+            self._waiting_rows = sum(r.n for r in self._waiting)
+        keep = [r for r, s in enumerate(self._running) if not s.req.handle.claimed]
         if len(keep) != len(self._running):
             self._compact(keep)
 
     def _admit(self) -> None:
         with self._cond:
             capacity = self.max_batch - len(self._running)
-            batch: list[_Seq] = []
+            batch: list[_Request] = []
+            rows = 0
             longest = 0
-            while self._waiting and len(batch) < capacity:
-                n = self._waiting[0].prompt_len
+            while self._waiting and rows + self._waiting[0].n <= capacity:
+                n = len(self._waiting[0].prefill_ids)
                 # Bound the padded prefill size: one huge prefill would stall
                 # every running stream and could exhaust memory.
                 if batch and (len(batch) + 1) * max(longest, n) > self._max_prefill_tokens:
                     break
-                batch.append(self._waiting.popleft())
+                req = self._waiting.popleft()
+                self._waiting_rows -= req.n
+                batch.append(req)
+                rows += req.n
                 longest = max(longest, n)
         if not batch:
             return
@@ -349,40 +475,54 @@ class CausalLMEngine:
             logits, presents, mask = self._prefill(batch)
         except Exception:
             logger.exception("engine %s: prefill of %d sequences failed", self.name, len(batch))
-            for seq in batch:
-                self._fail(seq, "internal_error", "the model failed on the prompt")
+            for req in batch:
+                self._fail(req, "internal_error", "the model failed on the prompt")
             self._admitting = []
             return
         now = time.time()
-        tokens = self._sample(logits, batch)
-        keep: list[int] = []
-        for row, seq in enumerate(batch):
-            seq.admitted_at = seq.first_token_at = now
-            seq.admitted_step = self.step
-            if not self._accept(seq, int(tokens[row])):
-                keep.append(row)
-        self.meter.add(len(batch))
+        choices = [seq for req in batch for seq in req.choices]
+        # The prompt's row, once per choice (n > 1): the same logits, the same cache.
+        rows_of = (
+            np.repeat(np.arange(len(batch)), [req.n for req in batch])
+            if rows != len(batch)
+            else None
+        )
+        if rows_of is not None:
+            logits = logits[rows_of]
+        for req in batch:
+            req.admitted_at = req.first_token_at = now
+            req.admitted_step = self.step
+            if req.prompt_entries is not None and req.choices[0].forced is None:
+                self._send_prompt_logprobs(req)  # a one-token prompt: nothing to force
+        tokens = self._choose(logits, choices)
+        keep = [row for row, seq in enumerate(choices) if not self._accept(seq, int(tokens[row]))]
+        if self._ended_requests:
+            self._ended_requests = False
+            keep = [row for row in keep if not choices[row].req.handle.claimed]
+        self.meter.add(len(choices))
         if not keep:
             self._admitting = []
             return
-        prompt_lens = np.array([batch[r].prompt_len for r in keep], dtype=np.int64)
+        src = np.asarray(keep) if rows_of is None else rows_of[keep]
+        identity = rows_of is None and len(keep) == len(batch)
+        prefill_lens = np.array([len(choices[r].req.prefill_ids) for r in keep], dtype=np.int64)
         self._merge(
-            [batch[r] for r in keep],
-            [p[keep] if len(keep) != len(batch) else p for p in presents],
-            mask[keep],
+            [choices[r] for r in keep],
+            presents if identity else [p[src] for p in presents],
+            mask if identity else mask[src],
             tokens[keep],
-            prompt_lens,
+            prefill_lens,
         )
         self._admitting = []
 
-    def _prefill(self, batch: list[_Seq]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    def _prefill(self, batch: list[_Request]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         n = len(batch)
-        width = max(s.prompt_len for s in batch)
+        width = max(len(req.prefill_ids) for req in batch)
         ids = np.full((n, width), self.spec.pad_token_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
-        for row, seq in enumerate(batch):
-            ids[row, width - seq.prompt_len :] = seq.request.prompt_token_ids
-            mask[row, width - seq.prompt_len :] = 1
+        for row, req in enumerate(batch):
+            ids[row, width - len(req.prefill_ids) :] = req.prefill_ids
+            mask[row, width - len(req.prefill_ids) :] = 1
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         empty = np.zeros((n, self.spec.num_kv_heads, 0, self.spec.head_dim), dtype=np.float32)
         feeds: dict[str, np.ndarray] = {
@@ -445,9 +585,14 @@ class CausalLMEngine:
         self._past = list(outputs[1:])
         self._mask = mask
         self._next_pos = self._next_pos + 1
-        tokens = self._sample(outputs[0][:, -1, :], self._running)
+        running = self._running
+        tokens = self._choose(outputs[0][:, -1, :], running)
         self._next_ids = tokens
-        keep = [r for r, seq in enumerate(self._running) if not self._accept(seq, int(tokens[r]))]
+        keep = [r for r, seq in enumerate(running) if not self._accept(seq, int(tokens[r]))]
+        if self._ended_requests:
+            # A request ended as a whole (an error, a grammar failure): all its choices go.
+            self._ended_requests = False
+            keep = [r for r in keep if not running[r].req.handle.claimed]
         self.meter.add(batch)
         if len(keep) != batch:
             self._compact(keep)
@@ -473,13 +618,29 @@ class CausalLMEngine:
         self._next_ids = self._next_ids[rows]
         self._next_pos = self._next_pos[rows]
 
-    def _sample(self, logits: np.ndarray, seqs: Sequence[_Seq]) -> np.ndarray:
+    def _choose(self, logits: np.ndarray, seqs: Sequence[_Seq]) -> np.ndarray:
+        """The next token of every row: the argmax for plain greedy rows; for the others
+        logit_bias, penalties and the grammar mask first, then greedy or sampled choice
+        (and the token's logprob entry when asked for). Forced rows take their prompt token.
+        """
         tokens: np.ndarray = np.argmax(logits, axis=-1).astype(np.int64)
-        for row, seq in enumerate(seqs):
-            if seq.greedy and not seq.penalized:
-                continue
-            params = seq.request.sampling
+        special = [row for row, seq in enumerate(seqs) if not seq.plain]
+        if not special:
+            return tokens
+        allowed = self._grammar_masks([(row, seqs[row]) for row in special])
+        for row in special:
+            seq = seqs[row]
             scores = logits[row]
+            if seq.forced is not None:
+                token = seq.forced[0]
+                if seq.index == 0 and seq.req.prompt_entries is not None:
+                    k = seq.req.request.sampling.prompt_logprobs
+                    seq.req.prompt_entries.append(self._entry(scores, token, k))
+                tokens[row] = token
+                continue
+            params = seq.req.request.sampling
+            if seq.bias is not None:
+                scores = bias_logits(scores, *seq.bias)
             if seq.penalized:
                 scores = penalize(
                     scores,
@@ -487,83 +648,197 @@ class CausalLMEngine:
                     frequency=params.frequency_penalty,
                     presence=params.presence_penalty,
                 )
-            tokens[row] = sample_token(
-                scores, temperature=params.temperature, top_p=params.top_p, rng=seq.rng
-            )
+            mask = allowed.get(row)
+            if mask is not None:
+                scores = apply_mask(scores, mask)
+            if seq.greedy:
+                token = int(np.argmax(scores))
+            else:
+                token = sample_token(
+                    scores, temperature=params.temperature, top_p=params.top_p, rng=seq.rng
+                )
+            tokens[row] = token
+            if seq.top >= 0 and token not in self.spec.eos_token_ids:
+                seq.entries.append(self._entry(scores, token, seq.top))
         return tokens
 
+    def _grammar_masks(self, rows: list[tuple[int, _Seq]]) -> dict[int, np.ndarray]:
+        """The allowed tokens of every constrained row, computed in one call; a request
+        whose matcher failed (or allows nothing at all) is failed instead."""
+        constrained: list[tuple[int, _Seq, llguidance.LLMatcher]] = []
+        for row, seq in rows:
+            if seq.matcher is None or seq.forced is not None or seq.req.handle.claimed:
+                continue
+            if seq.matcher.is_error():
+                self._fail_grammar(seq)
+            else:
+                constrained.append((row, seq, seq.matcher))
+        if not constrained:
+            return {}
+        masks = self.constrainer.allowed([m for _, _, m in constrained])
+        allowed: dict[int, np.ndarray] = {}
+        for i, (row, seq, _) in enumerate(constrained):
+            if masks[i].any():
+                allowed[row] = masks[i]
+            else:
+                self._fail_grammar(seq, "it allows no token")
+        return allowed
+
+    def _entry(self, scores: np.ndarray, token: int, k: int) -> list[Any]:
+        logprob, top = logprobs_of(scores, token, k)
+        text, raw = self.constrainer.token(token)
+        alternatives = [(*self.constrainer.token(t), lp) for t, lp in top]
+        return logprob_entry(text, raw, logprob, alternatives)
+
     def _accept(self, seq: _Seq, token: int) -> bool:
-        """Take one generated token; emit its text; return whether the sequence finished."""
+        """Take one token of a choice; emit its text; return whether the choice is over."""
+        req = seq.req
+        if req.handle.claimed:  # the request ended meanwhile (a sibling's failure, a give-up)
+            return True
+        if seq.forced is not None:
+            # A prompt token fed by teacher forcing: scored, not generated.
+            del seq.forced[0]
+            if not seq.forced:
+                seq.forced = None
+                seq.update_plain()
+                if seq.index == 0:
+                    self._send_prompt_logprobs(req)
+            return False
         seq.generated.append(token)
         if seq.penalized:
             seq.counts[token] = seq.counts.get(token, 0) + 1
         seq.unreported_tokens += 1
         if token in self.spec.eos_token_ids:
-            self._finish(seq, FinishReason.STOP)
+            self._end_choice(seq, FinishReason.STOP)
+            return True
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            self._fail_grammar(seq)
             return True
         text = seq.detok.push(token)
         if text:
             self._emit(seq, seq.stops.push(text))
             if seq.stops.matched:
-                self._finish(seq, FinishReason.STOP)
+                self._end_choice(seq, FinishReason.STOP)
                 return True
-        if len(seq.generated) >= seq.request.sampling.max_tokens:
-            self._finish(seq, FinishReason.LENGTH)
+        elif seq.entries:
+            # Log probabilities are never held back with text (a partial character).
+            self._emit(seq, "")
+        if len(seq.generated) >= req.request.sampling.max_tokens:
+            self._end_choice(seq, FinishReason.LENGTH)
             return True
-        if seq.prompt_len + len(seq.generated) >= self.spec.context_length:
-            self._finish(seq, FinishReason.LENGTH)
+        if req.prompt_len + len(seq.generated) >= self.spec.context_length:
+            self._end_choice(seq, FinishReason.LENGTH)
             return True
         return False
 
     def _emit(self, seq: _Seq, text: str) -> None:
-        if not text:
-            return
-        seq.sink.delta(seq.request.request_id, text, seq.unreported_tokens)
+        req = seq.req
+        if req.n == 1 and seq.top < 0:
+            if not text:
+                return
+            req.sink.delta(req.request.request_id, text, seq.unreported_tokens)
+        else:
+            if not text and not seq.entries:
+                return
+            req.sink.delta(
+                req.request.request_id,
+                text,
+                seq.unreported_tokens,
+                index=seq.index if req.n > 1 else None,
+                logprobs=seq.entries if seq.top >= 0 else None,
+            )
+            seq.entries = []
         seq.unreported_tokens = 0
-        self._dirty_sinks[id(seq.sink)] = seq.sink
+        self._dirty_sinks[id(req.sink)] = req.sink
 
-    def _finish(self, seq: _Seq, reason: FinishReason) -> None:
-        if not seq.handle.claim():
-            return
-        if reason is not FinishReason.CANCELLED:
-            # Release what was held back: a trailing partial character, or text
-            # that looked like the start of a stop string but never became one.
-            tail = seq.stops.push(seq.detok.finish())
-            if seq.stops.matched:
-                reason = FinishReason.STOP
-            self._emit(seq, tail + seq.stops.finish())
-        rid = seq.request.request_id
-        seq.sink.done(rid, reason.value, seq.prompt_len, len(seq.generated))
-        self._dirty_sinks[id(seq.sink)] = seq.sink
-        self._to_complete.append((seq.handle, self._result(seq, reason)))
+    def _release_tail(self, seq: _Seq, reason: FinishReason) -> FinishReason:
+        """Emit what a finishing choice still holds back: a trailing partial character,
+        text that looked like the start of a stop string but never became one, and its
+        last logprob entries."""
+        tail = seq.stops.push(seq.detok.finish())
+        if seq.stops.matched:
+            reason = FinishReason.STOP
+        self._emit(seq, tail + seq.stops.finish())
+        return reason
 
-    def _fail(self, seq: _Seq, code: str, message: str) -> None:
-        if not seq.handle.claim():
+    def _end_choice(self, seq: _Seq, reason: FinishReason) -> None:
+        req = seq.req
+        if req.n == 1:
+            self._finish(req, reason)
             return
-        seq.sink.error(seq.request.request_id, code, message)
-        self._dirty_sinks[id(seq.sink)] = seq.sink
-        self._to_complete.append((seq.handle, self._result(seq, FinishReason.ERROR, code, message)))
+        if req.handle.claimed:
+            return
+        reason = self._release_tail(seq, reason)
+        rid = req.request.request_id
+        req.sink.choice_done(rid, seq.index, reason.value, len(seq.generated))
+        self._dirty_sinks[id(req.sink)] = req.sink
+        if seq.index == 0:
+            req.reason = reason
+        req.open -= 1
+        if req.open == 0:
+            self._finish(req, req.reason)
+
+    def _finish(self, req: _Request, reason: FinishReason) -> None:
+        """The request's last event: done (every choice's tokens; choice 0's reason)."""
+        if not req.handle.claim():
+            return
+        self._ended_requests = True
+        if reason is not FinishReason.CANCELLED and req.n == 1:
+            reason = self._release_tail(req.choices[0], reason)
+        rid = req.request.request_id
+        req.sink.done(rid, reason.value, req.prompt_len, _completion_tokens(req))
+        self._dirty_sinks[id(req.sink)] = req.sink
+        self._to_complete.append((req.handle, self._result(req, reason)))
+
+    def _fail(self, req: _Request, code: str, message: str) -> None:
+        if not req.handle.claim():
+            return
+        self._ended_requests = True
+        req.sink.error(req.request.request_id, code, message)
+        self._dirty_sinks[id(req.sink)] = req.sink
+        self._to_complete.append((req.handle, self._result(req, FinishReason.ERROR, code, message)))
+
+    def _fail_grammar(self, seq: _Seq, problem: str = "") -> None:
+        if not problem and seq.matcher is not None:
+            # The first line says what failed; the rest is the parser's state dump.
+            problem = seq.matcher.get_error().strip().split("\n", 1)[0]
+        logger.error(
+            "engine %s: request %s: grammar matcher failed: %s",
+            self.name,
+            seq.req.request.request_id,
+            problem,
+        )
+        self._fail(seq.req, "internal_error", f"the grammar matcher failed: {problem}")
+
+    def _send_prompt_logprobs(self, req: _Request) -> None:
+        if req.prompt_entries is None or req.handle.claimed:
+            return
+        req.sink.prompt_logprobs(req.request.request_id, req.prompt_entries)
+        self._dirty_sinks[id(req.sink)] = req.sink
 
     def _result(
-        self, seq: _Seq, reason: FinishReason, code: str = "", message: str = ""
+        self, req: _Request, reason: FinishReason, code: str = "", message: str = ""
     ) -> RequestResult:
         return RequestResult(
             finish_reason=reason.value,
-            prompt_tokens=seq.prompt_len,
-            completion_tokens=len(seq.generated),
-            admitted_at=seq.admitted_at,
+            prompt_tokens=req.prompt_len,
+            completion_tokens=_completion_tokens(req),
+            admitted_at=req.admitted_at,
             finished_at=time.time(),
-            first_token_at=seq.first_token_at,
-            admitted_step=seq.admitted_step,
+            first_token_at=req.first_token_at,
+            admitted_step=req.admitted_step,
             finished_step=self.step,
             error_code=code,
             error_message=message,
         )
 
     def _fail_running(self, code: str, message: str) -> None:
-        for seq in self._admitting + self._running:
-            self._fail(seq, code, message)
+        for req in self._admitting:
+            self._fail(req, code, message)
+        for seq in self._running:
+            self._fail(seq.req, code, message)
         self._admitting = []
+        self._ended_requests = False
         self._compact([])
 
     def _publish(self) -> None:
@@ -596,8 +871,26 @@ class CausalLMEngine:
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
-        for seq in waiting:
-            self._fail(seq, "worker_shutdown", "the worker is shutting down")
+        for req in waiting:
+            self._fail(req, "worker_shutdown", "the worker is shutting down")
         self._fail_running("worker_shutdown", "the worker is shutting down")
         self._publish()
         logger.info("engine %s stopped", self.name)
+
+
+def _completion_tokens(req: _Request) -> int:
+    return sum(len(seq.generated) for seq in req.choices)
+
+
+def _bias_arrays(pairs: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """logit_bias as (distinct ids, summed biases), or None when it changes nothing."""
+    summed: dict[int, float] = {}
+    for token, bias in pairs:
+        summed[int(token)] = summed.get(int(token), 0.0) + float(bias)
+    summed = {t: b for t, b in summed.items() if b != 0.0}
+    if not summed:
+        return None
+    return (
+        np.fromiter(summed.keys(), dtype=np.int64, count=len(summed)),
+        np.fromiter(summed.values(), dtype=np.float32, count=len(summed)),
+    )

@@ -1,4 +1,10 @@
-"""Per-sequence token sampling: penalties, greedy, temperature and nucleus (top-p)."""
+"""Per-sequence token sampling: logit bias, penalties, greedy, temperature, nucleus (top-p), and
+the log probabilities reported to clients.
+
+Log probabilities (`logprobs_of`) are a log_softmax over the row's final logits: after logit_bias,
+the penalties and the grammar mask (a masked token has none: `LOGPROB_FLOOR`), before temperature
+and top_p, as OpenAI reports them; a prompt's own tokens are scored on the model's raw logits.
+"""
 
 from __future__ import annotations
 
@@ -60,4 +66,35 @@ def penalize(
     seen = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
     out = logits.astype(np.float32, copy=True)
     out[ids] -= seen * np.float32(frequency) + np.float32(presence)
+    return out
+
+
+# A log probability too small to write as a number: a token masked out by a grammar has
+# probability 0 (log -inf, which JSON cannot carry); OpenAI writes such tokens as -9999.
+LOGPROB_FLOOR = -9999.0
+
+
+def logprobs_of(scores: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s log probability under softmax(`scores`) and the `k` likeliest tokens with
+    theirs, likeliest first (ties: lower id first).
+
+    One pass of exp over the row for the normaliser and a partial sort (argpartition) for
+    the top k: never a full sort of the vocabulary.
+    """
+    row = scores.astype(np.float64, copy=False)
+    peak = float(row.max())
+    lse = peak + float(np.log(np.exp(row - peak).sum()))
+    chosen = max(float(row[token]) - lse, LOGPROB_FLOOR)
+    if k <= 0:
+        return chosen, []
+    k = min(k, row.shape[0])
+    cand = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
+    order = cand[np.lexsort((cand, -row[cand]))]
+    return chosen, [(int(t), max(float(row[t]) - lse, LOGPROB_FLOOR)) for t in order]
+
+
+def bias_logits(logits: np.ndarray, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """One row of logits with logit_bias added (a copy; `ids` are distinct)."""
+    out = logits.astype(np.float32, copy=True)
+    out[ids] += values
     return out
