@@ -812,3 +812,20 @@ def test_a_matcher_in_error_fails_its_request_only(
     assert "doesn't satisfy the grammar" in results[1].error_message
     assert sink.of("bad")[-1][0] == "error" and sink.count("bad", "done") == 0
     assert results[0] is not None and sink.text("other") == decode(reference([3, 3], 12))
+
+
+def test_a_tokenizer_llguidance_cannot_read_leaves_logprobs_working(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    def unreadable() -> Any:
+        raise ValueError("not a tokenizer llguidance knows")
+
+    engine = make_engine(grammar_compiler=unreadable)
+    sink = RecordingSink()
+    grammar = llguidance.LLMatcher.grammar_from_regex("a")
+    refused = engine.submit(agent_request("g", [5], 3, grammar=grammar), sink).wait(5)
+    served = engine.submit(agent_request("lp", [5], 3, logprobs=1), sink).wait(5)
+    assert refused is not None and refused.error_code == "invalid_request"
+    assert served is not None and served.finish_reason == "length"
+    entries = [e for k, f in sink.of("lp") if k == "delta" for e in f["logprobs"]]
+    assert [e[0] for e in entries] == [decode([t]) for t in reference([5], 3)]

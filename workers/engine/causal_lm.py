@@ -1,4 +1,11 @@
-"""Continuous batching for causal language models over one ONNX Runtime session."""
+"""Continuous batching for causal language models over one ONNX Runtime session.
+
+Each step, a row's next token comes from its logits in this order: logit_bias added, the
+frequency and presence penalties, the grammar's mask (disallowed tokens at -inf), then the
+greedy or sampled choice (temperature, top_p). Log probabilities are a log_softmax of the
+logits as they stand just before the choice (bias, penalties and mask in; temperature and
+top_p not), as OpenAI reports them; a prompt's scores (prompt_logprobs) are the model's own.
+"""
 
 from __future__ import annotations
 
@@ -164,13 +171,10 @@ class _Seq:
         self.matcher = matcher
         self.top = sampling.logprobs  # -1: no logprobs
         self.entries: list[Any] = []  # logprob entries not sent yet
-        # The prompt tokens still to feed as forced steps (prompt scoring), else None.
-        prompt = req.request.prompt_token_ids
-        self.forced: list[int] | None = (
-            list(prompt[len(req.prefill_ids) :]) if req.prompt_entries is not None else None
-        )
-        if self.forced is not None and not self.forced:
-            self.forced = None
+        # The prompt tokens still to feed as forced steps (prompt scoring), the next one
+        # last; None when there are none.
+        rest = req.request.prompt_token_ids[len(req.prefill_ids) :]
+        self.forced: list[int] | None = list(reversed(rest)) if rest else None
         self.detok = IncrementalDetokenizer(decode)
         self.stops = StopFilter(sampling.stop)
         self.unreported_tokens = 0
@@ -310,6 +314,10 @@ class CausalLMEngine:
         req = _Request(request, sink)
         problem = self._check_request(request)
         matchers: list[llguidance.LLMatcher] | None = None
+        if not problem and (
+            request.sampling.logprobs >= 0 or request.sampling.prompt_logprobs >= 0
+        ):
+            self.constrainer.compiled()  # token bytes: built here, never on the engine thread
         if not problem and request.sampling.grammar:
             # Compiled here, on the submitting task's thread (llguidance releases the GIL):
             # a grammar never stalls the batch's steps.
@@ -632,7 +640,7 @@ class CausalLMEngine:
             seq = seqs[row]
             scores = logits[row]
             if seq.forced is not None:
-                token = seq.forced[0]
+                token = seq.forced[-1]
                 if seq.index == 0 and seq.req.prompt_entries is not None:
                     k = seq.req.request.sampling.prompt_logprobs
                     seq.req.prompt_entries.append(self._entry(scores, token, k))
@@ -697,7 +705,7 @@ class CausalLMEngine:
             return True
         if seq.forced is not None:
             # A prompt token fed by teacher forcing: scored, not generated.
-            del seq.forced[0]
+            seq.forced.pop()
             if not seq.forced:
                 seq.forced = None
                 seq.update_plain()

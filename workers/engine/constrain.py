@@ -11,6 +11,7 @@ nothing but that call.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     import llguidance
 
     from workers.grammar import Compiled
+
+logger = logging.getLogger(__name__)
 
 NEG_INF = np.float32(-np.inf)
 
@@ -46,10 +49,16 @@ class Constrainer:
         self._tokens: dict[int, tuple[str, bytes]] = {}
 
     def compiled(self) -> Compiled | None:
+        """llguidance's tokenizer, built by the first caller; None if this engine has none
+        (then no grammars, and token bytes come from the model's own decode)."""
         if self._compiled is None and self._build is not None:
             with self._lock:
-                if self._compiled is None:
-                    self._compiled = self._build()
+                if self._compiled is None and self._build is not None:
+                    try:
+                        self._compiled = self._build()
+                    except Exception:
+                        logger.exception("llguidance cannot read this model's tokenizer")
+                        self._build = None
         return self._compiled
 
     def matchers(self, grammar: str, n: int) -> list[llguidance.LLMatcher]:
