@@ -11,6 +11,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
 guard_redis_unacked_restore()  # the control worker survives a broker blip too
 # billing.tasks imports the task modules of billing.metering and billing.payments.
-app.autodiscover_tasks(["accounts", "catalog", "billing"])
+app.autodiscover_tasks(["accounts", "catalog", "gateway", "billing"])
 
 __all__ = ["app"]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from pydantic import TypeAdapter
 
-from gateway import protocol
+from gateway import protocol, protocol_responses
 from gateway.pipeline import require_method
 from gateway.replies import gateway_view
 
@@ -29,7 +30,10 @@ class Operation:
     reply: Any  # a protocol type
     body: Any = None  # a protocol request model, for operations that take a body
     stream_chunk: Any = None  # the protocol type of each `data:` line when `stream` is true
+    # Typed events instead (`event: <type>` and `data: <event>`, the Responses API's stream).
+    stream_events: tuple[Any, ...] = ()
     path_parameter: str | None = None
+    query_parameters: tuple[dict[str, Any], ...] = ()
 
 
 # What gateway/urls.py routes, endpoint by endpoint.
@@ -65,6 +69,61 @@ OPERATIONS = (
         protocol.EmbeddingList,
         body=protocol.EmbeddingRequest,
     ),
+    Operation(
+        "post",
+        "/v1/responses",
+        "A response (the Responses API), stored unless `store` is false",
+        protocol_responses.Response,
+        body=protocol_responses.ResponseCreateRequest,
+        stream_events=typing.get_args(protocol_responses.StreamEvent),
+    ),
+    Operation(
+        "get",
+        "/v1/responses/{response_id}",
+        "A stored response",
+        protocol_responses.Response,
+        path_parameter="response_id",
+    ),
+    Operation(
+        "delete",
+        "/v1/responses/{response_id}",
+        "Deletes a stored response",
+        protocol_responses.ResponseDeleted,
+        path_parameter="response_id",
+    ),
+    Operation(
+        "get",
+        "/v1/responses/{response_id}/input_items",
+        "The input items of a stored response (a previous response's included)",
+        protocol_responses.ResponseItemList,
+        path_parameter="response_id",
+        query_parameters=(
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": protocol_responses.LIST_MAX_LIMIT,
+                    "default": protocol_responses.LIST_DEFAULT_LIMIT,
+                },
+            },
+            {
+                "name": "order",
+                "in": "query",
+                "required": False,
+                "schema": {"enum": ["asc", "desc"], "default": "desc"},
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "required": False,
+                "description": "an item id: the page starts after it",
+                "schema": {"type": "string"},
+            },
+        ),
+    ),
 )
 
 
@@ -84,6 +143,8 @@ def document() -> dict[str, Any]:
             inputs.append((_name(op.body), "validation", TypeAdapter(op.body)))
         if op.stream_chunk is not None:
             inputs.append((_name(op.stream_chunk), "serialization", TypeAdapter(op.stream_chunk)))
+        for event in op.stream_events:
+            inputs.append((_name(event), "serialization", TypeAdapter(event)))
     refs, definitions = TypeAdapter.json_schemas(inputs, ref_template=REF_TEMPLATE)
     ref = {key: schema for (key, _), schema in refs.items()}
     error = _name(protocol.ErrorResponse)
@@ -104,20 +165,33 @@ def document() -> dict[str, Any]:
                 f" (with `stream`: an event stream of `data: <{chunk}>` lines, then "
                 "`data: [DONE]`; an error after the start is one `data: <ErrorResponse>`)"
             )
+        if op.stream_events:
+            content["text/event-stream"] = {
+                "schema": _typed_event([ref[_name(e)] for e in op.stream_events], op.stream_events)
+            }
+            description += (
+                " (with `stream`: typed server-sent events, `event: <type>` and "
+                "`data: <the event>`; an error after the start is an `error` event, then "
+                "`response.failed`)"
+            )
         operation: dict[str, Any] = {
             "summary": op.summary,
             "responses": {"200": {"description": description, "content": content}, **errors},
             "security": [{"bearer": []}],
         }
+        parameters: list[dict[str, Any]] = []
         if op.path_parameter is not None:
-            operation["parameters"] = [
+            parameters.append(
                 {
                     "name": op.path_parameter,
                     "in": "path",
                     "required": True,
                     "schema": {"type": "string", "minLength": 1},
                 }
-            ]
+            )
+        parameters += op.query_parameters
+        if parameters:
+            operation["parameters"] = parameters
         if op.body is not None:
             operation["requestBody"] = {
                 "required": True,
@@ -152,6 +226,24 @@ def _event(chunk: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
                     {"const": "[DONE]"},
                 ]
             }
+        },
+    }
+
+
+def _typed_event(events: list[dict[str, Any]], kinds: tuple[Any, ...]) -> dict[str, Any]:
+    """One typed server-sent event: its `event` names the type, its `data` is the event as
+    JSON (the same `type` inside)."""
+    names = [typing.get_args(typing.get_type_hints(kind)["type"])[0] for kind in kinds]
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"enum": names},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": events},
+            },
         },
     }
 

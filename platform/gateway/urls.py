@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from gateway.endpoints import chat, completions, embeddings, models
+from gateway.endpoints import chat, completions, embeddings, models, responses
 from gateway.openapi import openapi_document
 from gateway.replies import no_route
 
@@ -16,6 +16,13 @@ urlpatterns = [
     path("chat/completions", chat.chat_completions, name="v1-chat-completions"),
     path("completions", completions.completions, name="v1-completions"),
     path("embeddings", embeddings.embeddings, name="v1-embeddings"),
+    path("responses", responses.responses, name="v1-responses"),
+    re_path(
+        r"^responses/(?P<response_id>[^/]+)/input_items$",
+        responses.input_items,
+        name="v1-response-input-items",
+    ),
+    re_path(r"^responses/(?P<response_id>[^/]+)$", responses.response, name="v1-response"),
     # Last: whatever the others do not match (Django cannot reverse an inline `(?s)`).
     re_path(r"^[\s\S]*$", no_route, name="v1-no-route"),
 ]

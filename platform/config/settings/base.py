@@ -305,6 +305,14 @@ CELERY_BEAT_SCHEDULE["compile-fail-stale"] = {
     "schedule": 300.0,
     "options": {"queue": "control"},
 }
+# Stored responses of the Responses API (POST /v1/responses with `store`, OpenAI's default)
+# are kept this many days, then deleted by a control task (docs/api.md, "The Responses API").
+MANTLE_RESPONSES_RETENTION_DAYS = env.int("MANTLE_RESPONSES_RETENTION_DAYS", default=30)
+CELERY_BEAT_SCHEDULE["responses-delete-expired"] = {
+    "task": "mantle.control.responses_delete_expired",
+    "schedule": 3600.0,
+    "options": {"queue": "control"},
+}
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.

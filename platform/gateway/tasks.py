@@ -1,0 +1,15 @@
+"""Control-queue tasks of the gateway: stored responses past their retention deleted."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from gateway.responses_store import responses_delete_expired
+from workers.contract import Queue
+
+
+@shared_task(
+    name="mantle.control.responses_delete_expired", queue=Queue.CONTROL.value, ignore_result=True
+)
+def responses_expire() -> int:
+    return responses_delete_expired()
