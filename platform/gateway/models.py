@@ -14,7 +14,9 @@ class StoredResponse(models.Model):
     `expires_at` (MANTLE_RESPONSES_RETENTION_DAYS after creation; a control task deletes
     it then). `input_items` are the conversation it answered, a previous response's
     included, in the Responses API's item shapes with their ids; `response` is the
-    Response object as it was returned."""
+    Response object as it was returned. All three are JSON text as `json.dumps` writes it
+    (ASCII, escapes kept), not jsonb: PostgreSQL's jsonb refuses the NUL character, which a
+    client may send and must get back as sent."""
 
     id = models.CharField(primary_key=True, max_length=64, editable=False)
     organization = models.ForeignKey(
@@ -24,9 +26,9 @@ class StoredResponse(models.Model):
     project_id = models.CharField(max_length=40)
     api_key_id = models.CharField(max_length=40)
     model = models.CharField(max_length=256)
-    input_items = models.JSONField(default=list)
-    output = models.JSONField(default=list)
-    response = models.JSONField(default=dict)
+    input_items_json = models.TextField()
+    output_json = models.TextField()
+    response_json = models.TextField()
     created_at = models.DateTimeField()
     expires_at = models.DateTimeField()
 

@@ -9,6 +9,7 @@ same "not found".
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,12 +64,16 @@ def response_store(
         project_id=owner.project_id,
         api_key_id=owner.api_key_id,
         model=model,
-        input_items=list(input_items),
-        output=list(output),
-        response=dict(response),
+        input_items_json=_dumps(input_items),
+        output_json=_dumps(output),
+        response_json=_dumps(response),
         created_at=created_at,
         expires_at=created_at + retention(),
     )
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def response_load(*, response_id: str, organization_id: str) -> Stored | None:
@@ -78,7 +83,7 @@ def response_load(*, response_id: str, organization_id: str) -> Stored | None:
         StoredResponse.objects.filter(
             id=response_id, organization_id=organization_id, expires_at__gt=timezone.now()
         )
-        .only("id", "model", "input_items", "output", "response")
+        .only("id", "model", "input_items_json", "output_json", "response_json")
         .first()
     )
     if row is None:
@@ -86,9 +91,9 @@ def response_load(*, response_id: str, organization_id: str) -> Stored | None:
     return Stored(
         id=row.id,
         model=row.model,
-        input_items=list(row.input_items),
-        output=list(row.output),
-        response=dict(row.response),
+        input_items=json.loads(row.input_items_json),
+        output=json.loads(row.output_json),
+        response=json.loads(row.response_json),
     )
 
 

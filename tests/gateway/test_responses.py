@@ -533,6 +533,24 @@ def test_retrieve_list_input_items_and_delete(served: Served) -> None:
     assert not StoredResponse.objects.filter(id=created.id).exists()
 
 
+def test_nul_characters_are_stored_and_given_back_as_sent(served: Served) -> None:
+    """PostgreSQL's jsonb refuses \\u0000; the store keeps JSON text, so it round-trips."""
+    raw = b'{"model": "%s", "input": "Say hi\\u0000 \\ud83d\\ude00!", "max_output_tokens": 2}' % (
+        CHAT.encode()
+    )
+    created = httpx.post(
+        f"{served.live.url}/v1/responses",
+        content=raw,
+        timeout=60,
+        headers={"authorization": f"Bearer {served.secret}", "content-type": "application/json"},
+    )
+    assert created.status_code == 200, created.text
+    response_id = created.json()["id"]
+    listed = _raw(served, "GET", f"responses/{response_id}/input_items")
+    assert listed.json()["data"][0]["content"][0]["text"] == "Say hi\x00 \U0001f600!"
+    assert _raw(served, "GET", f"responses/{response_id}").json() == created.json()
+
+
 def test_another_organizations_response_is_404_and_cannot_be_chained(served: Served) -> None:
     created = served.client().responses.create(model=CHAT, input=FRANCE, max_output_tokens=4)
     other = OrganizationFactory()

@@ -80,7 +80,7 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
     identity, spec = await resolve(request, body.model)
     assert spec is not None
     require_kind(spec, {"chat"}, "v1/responses")
-    plan = _plan(body)
+    plan = plan_of(body)
     previous = await _previous(body.previous_response_id, identity)
     items = _conversation(previous, body)
     messages, tools_variable = agent.template_messages(
@@ -105,10 +105,10 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
         if exc.param == "messages":
             exc.param = "input"
         raise
-    shape = _Shape.of(body, plan, agent.new_id("resp_"), generation.created)
+    shape = Shape.of(body, plan, agent.new_id("resp_"), generation.created)
     owner = Owner(identity.organization_id, identity.project_id, identity.key_id)
     if body.stream:
-        return streaming_reply(_relay(generation, shape, plan, items, owner), generation)
+        return streaming_reply(relay(generation, shape, plan, items, owner), generation)
     texts = await gather(generation)
     output = _Output(plan)
     output.push(texts[0])
@@ -205,7 +205,7 @@ def _list_query(request: HttpRequest) -> tuple[int, str, str | None]:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """What the request asks of decoding: its tools, their choice, the grammar."""
 
     tools: tuple[agent.Tool, ...]
@@ -222,7 +222,7 @@ class _Plan:
         return self.choice not in ("none", "auto")
 
 
-def _plan(body: ResponseCreateRequest) -> _Plan:
+def plan_of(body: ResponseCreateRequest) -> Plan:
     """The tools and the format checked (400s naming the parameter), before anything is
     read from the database or reserved."""
     tools = tuple(
@@ -249,7 +249,7 @@ def _plan(body: ResponseCreateRequest) -> _Plan:
         json_object=isinstance(fmt, FormatJSONObject),
         format_param="text.format.schema" if isinstance(fmt, FormatJSONSchema) else "text.format",
     )
-    return _Plan(tools=tools, choice=choice, parallel=parallel, grammar=grammar)
+    return Plan(tools=tools, choice=choice, parallel=parallel, grammar=grammar)
 
 
 async def _load(response_id: str, identity: KeyIdentity) -> Stored | None:
@@ -382,7 +382,7 @@ def _chat_messages(instructions: str | None, items: Sequence[Mapping[str, Any]])
 
 
 @dataclass(frozen=True)
-class _Shape:
+class Shape:
     """What every Response object of one request repeats: the request's settings."""
 
     id: str
@@ -403,8 +403,8 @@ class _Shape:
 
     @classmethod
     def of(
-        cls, body: ResponseCreateRequest, plan: _Plan, response_id: str, created_at: int
-    ) -> _Shape:
+        cls, body: ResponseCreateRequest, plan: Plan, response_id: str, created_at: int
+    ) -> Shape:
         fmt = body.text.format if body.text is not None else None
         text_config: TextConfigReply = {"format": {"type": "text"}}
         if isinstance(fmt, FormatJSONSchema):
@@ -503,7 +503,7 @@ class _Output:
     """The answer's output items, built piece by piece, with the stream events that say
     so (OpenAI's order: an item added, its content part added, deltas, done events)."""
 
-    def __init__(self, plan: _Plan) -> None:
+    def __init__(self, plan: Plan) -> None:
         self.sequence = 0
         self.items: list[OutputItem] = []
         self.events: list[StreamEvent] = []
@@ -678,7 +678,7 @@ def _copy(item: OutputItem) -> OutputItem:
 
 
 async def _store(
-    shape: _Shape,
+    shape: Shape,
     owner: Owner,
     items: Sequence[Item],
     output: Sequence[OutputItem],
@@ -707,10 +707,10 @@ def typed_sse(event: Mapping[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
-async def _relay(
+async def relay(
     generation: Generation,
-    shape: _Shape,
-    plan: _Plan,
+    shape: Shape,
+    plan: Plan,
     items: Sequence[Item],
     owner: Owner,
 ) -> AsyncGenerator[bytes, None]:
@@ -769,7 +769,7 @@ async def _relay(
                 yield typed_sse(out)
 
 
-def _failure(output: _Output, shape: _Shape, exc: OpenAIError) -> list[StreamEvent]:
+def _failure(output: _Output, shape: Shape, exc: OpenAIError) -> list[StreamEvent]:
     return [
         {
             "type": "error",

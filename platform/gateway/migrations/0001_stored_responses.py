@@ -24,9 +24,9 @@ class Migration(migrations.Migration):
                 ("project_id", models.CharField(max_length=40)),
                 ("api_key_id", models.CharField(max_length=40)),
                 ("model", models.CharField(max_length=256)),
-                ("input_items", models.JSONField(default=list)),
-                ("output", models.JSONField(default=list)),
-                ("response", models.JSONField(default=dict)),
+                ("input_items_json", models.TextField()),
+                ("output_json", models.TextField()),
+                ("response_json", models.TextField()),
                 ("created_at", models.DateTimeField()),
                 ("expires_at", models.DateTimeField()),
                 (
