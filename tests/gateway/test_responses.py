@@ -108,7 +108,7 @@ def test_string_input_answers_and_is_billed_like_chat(served: Served) -> None:
     assert [c.type for c in message.content] == ["output_text"]
     assert message.content[0].annotations == []
     assert (response.store, response.temperature, response.top_p) == (True, 0, 1.0)
-    assert response.tools == [] and response.tool_choice == "none"
+    assert response.tools == [] and response.tool_choice == "auto"
     assert response.text is not None and response.text.format is not None
     assert response.text.format.type == "text"
     usage = response.usage

@@ -150,8 +150,8 @@ async def input_items(request: HttpRequest, response_id: str) -> HttpResponseBas
     """GET /v1/responses/{response_id}/input_items: OpenAI's cursor list, newest first by
     default."""
     _allow(request, "GET")
-    limit, order, after = _list_query(request)
     identity, _ = await resolve(request, None)
+    limit, order, after = _list_query(request)
     stored = await _load(response_id, identity)
     if stored is None:
         raise _not_found(response_id)
@@ -419,7 +419,8 @@ class Shape:
             }
         elif isinstance(fmt, FormatJSONObject):
             text_config = {"format": {"type": "json_object"}}
-        choice: str | ToolChoiceFunctionReply = plan.choice
+        # OpenAI's default is `auto`, tools or not (without tools it calls nothing).
+        choice: str | ToolChoiceFunctionReply = "auto" if body.tool_choice is None else plan.choice
         if plan.choice not in ("none", "auto", "required"):
             choice = {"type": "function", "name": plan.choice}
         return cls(
