@@ -82,9 +82,9 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
     require_kind(spec, {"chat"}, "v1/responses")
     plan = plan_of(body)
     previous = await _previous(body.previous_response_id, identity)
-    items = _conversation(previous, body)
+    items = conversation_of(previous, body)
     messages, tools_variable = agent.template_messages(
-        _chat_messages(body.instructions, items),
+        chat_messages(body.instructions, items),
         plan.tools,
         native=agent.native_tools(spec.chat_template or ""),
         offer_tools=plan.choice != "none",
@@ -275,7 +275,7 @@ async def _previous(response_id: str | None, identity: KeyIdentity) -> Stored | 
     return found
 
 
-def _conversation(previous: Stored | None, body: ResponseCreateRequest) -> list[Item]:
+def conversation_of(previous: Stored | None, body: ResponseCreateRequest) -> list[Item]:
     """The items this response answers, in the input_items shapes with ids: the previous
     response's input and output, then this request's input. A function's output must
     answer a call made earlier in the conversation."""
@@ -352,7 +352,7 @@ def _item(item: InputMessage | InputFunctionCall | InputFunctionCallOutput) -> I
     }
 
 
-def _chat_messages(instructions: str | None, items: Sequence[Mapping[str, Any]]) -> list[Item]:
+def chat_messages(instructions: str | None, items: Sequence[Mapping[str, Any]]) -> list[Item]:
     """The conversation as chat messages for agent.template_messages: `instructions` first
     as the system message; calls join the assistant turn just before them."""
     messages: list[Item] = []
