@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -184,6 +185,179 @@ def test_signup_key_playground_stream_and_usage(
     page.select_option("#id_group", "key")  # htmx swaps the report in place
     expect(page.locator("#usage-table")).to_contain_text("Playground · journey@example.com")
     assert "group=key" in page.url
+
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "city": {"type": "string", "maxLength": 40},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+# Records every value the first tool call's arguments box shows, however the browser batches
+# the updates: each textContent write replaces the box's text node (a childList record).
+WATCH_ARGUMENTS = """() => {
+    window.argumentsSeen = [];
+    new MutationObserver((records) => {
+        for (const r of records) {
+            if (!r.target.classList || !r.target.classList.contains("tool-args")) continue;
+            for (const node of r.addedNodes) window.argumentsSeen.push(node.data);
+        }
+    }).observe(document.getElementById("transcript"), {childList: true, subtree: true});
+}"""
+
+
+def _set_range(page: Page, selector: str, value: str) -> None:
+    page.eval_on_selector(
+        selector,
+        "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }",
+        value,
+    )
+
+
+def _send_and_wait(page: Page, done_before: int) -> None:
+    page.click("#send")
+    expect(page.locator(".msg.assistant[data-done='1'], .msg.error")).to_have_count(
+        done_before + 1, timeout=120_000
+    )
+    assert page.locator(".msg.error").count() == 0, page.inner_text("#transcript")
+
+
+def test_playground_tools_and_json_mode(
+    page: Page, app_server: AppServer, worker: None, builtin: dict[str, Endpoint]
+) -> None:
+    chat = builtin[CHAT]
+    owner = UserFactory(email="tools@example.com")
+    org = OrganizationFactory(name="Tools Ltd", owner=owner)
+    login_as(page, owner, app_server)
+    page.goto(f"/console/o/{org.id}/playground/?endpoint={chat.id}")
+    _set_range(page, "#temperature", "0")
+    page.fill("#max_tokens", "80")
+
+    # A function whose parameters are not JSON: refused in the page, next to the field,
+    # before a key is minted or a request sent.
+    page.click("#tools-section summary")
+    page.click("#add-tool")
+    page.fill("#tool-0-name", "get_weather")
+    page.fill("#tool-0-description", "The current weather in a city")
+    page.fill("#tool-0-parameters", '{"type": "object", "properties": {"city": ')
+    page.select_option("#tool_choice", "required")
+    page.fill("#message", "What is the weather like in Paris today?")
+    page.click("#send")
+    expect(page.locator("#tool-0-parameters ~ .field-error")).to_contain_text(
+        "Function 1 · Parameters (JSON schema) is not valid JSON"
+    )
+    assert page.locator("#transcript .msg").count() == 0
+    assert not ApiKey.objects.filter(organization=org).exists()
+
+    # Valid JSON the gateway refuses (no such type; a name with a space): its 400 names the
+    # param, and the page shows it on that field.
+    page.fill("#tool-0-parameters", '{"type": "object", "properties": {"city": {"type": "strin"}}}')
+    page.click("#send")
+    expect(page.locator(".msg.error")).to_contain_text("(param: tools[0].function.parameters)")
+    expect(page.locator("#tool-0-parameters ~ .field-error")).to_contain_text("Invalid schema")
+    expect(page.locator("#message")).to_have_value("What is the weather like in Paris today?")
+    page.fill("#tool-0-parameters", json.dumps(WEATHER_PARAMETERS, indent=2))
+    page.fill("#tool-0-name", "get weather")
+    page.select_option("#tool_choice", "required")
+    page.click("#send")
+    expect(page.locator("#tool-0-name ~ .field-error")).to_contain_text(
+        "(param: tools[0].function.name)"
+    )
+    assert page.locator("#tool-0-parameters ~ .field-error").count() == 0
+    screenshot(page, "playground-tool-error", AREA)
+
+    # tool_choice required: the real model calls the function; the call streams in pieces,
+    # assembled in place, and ends pretty-printed.
+    page.click("#clear")
+    page.fill("#tool-0-name", "get_weather")
+    page.select_option("#tool_choice", "function:get_weather")
+    page.select_option("#tool_choice", "required")
+    page.uncheck("#parallel_tool_calls")  # one call
+    expect(page.locator("#snippet-python")).to_contain_text('tool_choice="required",')
+    expect(page.locator("#snippet-python")).to_contain_text("parallel_tool_calls=False,")
+    page.evaluate(WATCH_ARGUMENTS)
+    _send_and_wait(page, 0)
+    call = page.locator(".msg.assistant[data-done='1'] .tool-call")
+    expect(call).to_have_count(1)
+    assert call.locator(".tool-name").inner_text() == "get_weather"
+    call_id = call.get_attribute("data-call-id")
+    assert call_id is not None and call_id.startswith("call_")
+    shown = call.locator(".tool-args").inner_text()
+    arguments = json.loads(shown)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in {"celsius", "fahrenheit"}
+    assert shown == json.dumps(arguments, indent=2, ensure_ascii=False)
+    assert call.locator(".tool-args").evaluate("el => el.children.length") == 0  # text, not HTML
+    seen: list[str] = [v for v in page.evaluate("window.argumentsSeen") if v]
+    raw = seen[-2]  # the last piece's total, before the pretty-printed value
+    assert json.loads(raw) == arguments
+    pieces = seen[:-1]
+    assert len(pieces) >= 3, f"the call did not stream: {pieces}"
+    assert all(raw.startswith(p) for p in pieces) and pieces == sorted(pieces, key=len)
+    assert "finish: tool_calls" in page.inner_text("#run-status")
+    assert page.locator(".msg.assistant .text").first.is_hidden()
+    screenshot(page, "playground-tool-call", AREA)
+
+    # The call's result goes back as a tool message; with tool_choice none the model answers.
+    page.fill("#tool-result-0", '{"temperature": 18, "sky": "clear"}')
+    page.select_option("#tool_choice", "none")
+    _send_and_wait(page, 1)
+    expect(page.locator(".msg.tool .text")).to_have_text('{"temperature": 18, "sky": "clear"}')
+    last = page.locator(".msg.assistant").last
+    assert last.locator(".text").inner_text().strip()
+    assert last.locator(".tool-call").count() == 0
+    assert page.locator("[data-tool-result]").count() == 0
+
+    # JSON mode: the answer parses and is shown indented.
+    page.click("#clear")
+    page.click("[data-remove-tool]")
+    expect(page.locator("#tool_choice")).to_be_disabled()
+    page.click("#format-section summary")
+    page.select_option("#response_format", "json_object")
+    expect(page.locator("#snippet-python")).to_contain_text(
+        'response_format={\n        "type": "json_object",\n    },'
+    )
+    expect(page.locator("#snippet-curl")).to_contain_text(
+        '"response_format":{"type":"json_object"}'
+    )
+    assert "tools" not in page.inner_text("#snippet-curl")
+    page.fill("#max_tokens", "200")
+    page.fill("#message", "Invent a person who lives in Paris and describe them as JSON.")
+    _send_and_wait(page, 0)
+    answer = page.locator(".msg.assistant[data-json='1'] .text.json")
+    expect(answer).to_have_count(1)
+    value = json.loads(answer.inner_text())
+    assert isinstance(value, dict) and value
+    assert answer.inner_text() == json.dumps(value, indent=2, ensure_ascii=False)
+    assert "not valid JSON" not in page.inner_text("#run-status")
+    screenshot(page, "playground-json-mode", AREA)
+
+    # A JSON schema, answered whole (not streamed): an object of exactly that shape.
+    page.click("#clear")
+    page.select_option("#response_format", "json_schema")
+    page.fill("#schema_name", "person")
+    page.fill("#schema", json.dumps(PERSON_SCHEMA, indent=2))
+    page.uncheck("#stream")
+    page.fill("#max_tokens", "120")
+    page.fill("#message", "Invent a person who lives in Paris and describe them as JSON.")
+    _send_and_wait(page, 0)
+    person = json.loads(page.locator(".msg.assistant[data-json='1'] .text.json").inner_text())
+    assert set(person) == {"name", "age", "city"} and isinstance(person["age"], int)
+    assert "finish: stop" in page.inner_text("#run-status")
+    expect(page.locator("#snippet-python")).to_contain_text("completion = client.chat")
+    screenshot(page, "playground-json-schema", AREA)
 
 
 def test_viewer_is_blocked_from_creating_keys(page: Page, app_server: AppServer) -> None:

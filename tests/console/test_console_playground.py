@@ -1,8 +1,10 @@
-"""The playground's key and the catalog pages (models with prices, endpoints)."""
+"""The playground's key and page (tools and response formats offered), and the catalog pages
+(models with prices, endpoints). The playground in a browser: test_console_journeys.py."""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -107,6 +109,33 @@ def test_playground_lists_chat_endpoints_with_the_real_id_in_the_snippets(world:
     assert theirs.id not in response.content.decode()
     assert response.context["selected"].endpoint == own
     assert f'model="{own.id}"' in response.content.decode()
+
+
+def test_playground_offers_tools_and_response_formats_without_inline_script(
+    world: OrgWorld,
+) -> None:
+    _endpoint("chat-public")
+    response = world.client_for(Role.DEVELOPER).get(org_url("console-playground", world.org.id))
+    page = response.content.decode()
+    for control in (
+        'id="add-tool"',
+        'id="tool_choice"',
+        'id="parallel_tool_calls"',
+        'id="response_format"',
+        'id="schema_name"',
+        'id="schema"',
+        'id="schema_strict"',
+        'id="stream"',
+        '<template id="tool-template">',
+    ):
+        assert control in page, control
+    for value in ("auto", "none", "required", "text", "json_object", "json_schema"):
+        assert f'<option value="{value}"' in page
+    # The page's CSP allows scripts from 'self' (and a nonce): nothing inline, no handlers.
+    assert "script-src 'self' 'nonce-" in response["Content-Security-Policy"]
+    scripts = re.findall(r"<script\b[^>]*>", page)
+    assert scripts and all(" src=" in tag for tag in scripts)
+    assert not re.search(r"\son[a-z]+=", page)
 
 
 def test_models_page_shows_context_and_this_organizations_prices(world: OrgWorld) -> None:
