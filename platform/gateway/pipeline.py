@@ -95,6 +95,15 @@ def parse_request(request: HttpRequest, schema: type[M]) -> M:
     return parse(raw, schema)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none"})
+
+
+def _union_tag(part: str) -> bool:
+    """Whether a part of an error's location names a member of a union (pydantic puts the
+    member's type there: `str`, `list[int]`...), not a field."""
+    return part in _TYPE_TAGS or part.startswith(("list[", "dict[", "literal[", "tuple["))
+
+
 def parse(raw: bytes | str, schema: type[M]) -> M:
     """A JSON object as `schema`, or the 400 OpenAI gives, naming the parameter."""
     try:
@@ -110,7 +119,7 @@ def parse(raw: bytes | str, schema: type[M]) -> M:
         return schema.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("list[", "str", "int"))]
+        loc = [str(p) for p in err["loc"] if not _union_tag(str(p))]
         param = ".".join(loc) or None
         if err["type"] == "extra_forbidden":
             raise invalid(f"Unrecognized request argument supplied: {param}", param) from exc
