@@ -38,7 +38,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _metadata_check(value: dict[str, str] | None) -> dict[str, str] | None:
+def metadata_check(value: dict[str, str] | None) -> dict[str, str] | None:
     if value is None:
         return value
     if len(value) > METADATA_MAX_PAIRS:
@@ -126,7 +126,7 @@ class SamplingRequest(_Request):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        return _metadata_check(value)
+        return metadata_check(value)
 
     @field_validator("logit_bias")
     @classmethod

@@ -30,11 +30,9 @@ from gateway.protocol import (
     ID_MAX_LENGTH,
     MAX_ARGUMENTS_CHARS,
     MAX_TOOLS,
-    METADATA_KEY_MAX_LENGTH,
-    METADATA_MAX_PAIRS,
-    METADATA_VALUE_MAX_LENGTH,
     MODEL_MAX_LENGTH,
     USER_MAX_LENGTH,
+    metadata_check,
 )
 
 INPUT_MAX_ITEMS = 1024
@@ -54,20 +52,6 @@ LIST_DEFAULT_LIMIT = 20
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def metadata_check(value: dict[str, str] | None) -> dict[str, str] | None:
-    """OpenAI's limits on `metadata` (those of gateway/protocol.py)."""
-    if value is None:
-        return value
-    if len(value) > METADATA_MAX_PAIRS:
-        raise ValueError(f"at most {METADATA_MAX_PAIRS} key-value pairs")
-    for key, item in value.items():
-        if len(key) > METADATA_KEY_MAX_LENGTH:
-            raise ValueError(f"keys may be at most {METADATA_KEY_MAX_LENGTH} characters")
-        if len(item) > METADATA_VALUE_MAX_LENGTH:
-            raise ValueError(f"values may be at most {METADATA_VALUE_MAX_LENGTH} characters")
-    return value
 
 
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
