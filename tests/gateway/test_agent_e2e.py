@@ -62,6 +62,21 @@ PERSON_SCHEMA: Any = {
     "required": ["name", "age", "city", "student", "hobbies"],
     "additionalProperties": False,
 }
+HUGE_SCHEMA: Any = {
+    "type": "object",
+    "properties": {f"field_{i}": {"type": "string"} for i in range(3000)},
+}
+COSTLY_SCHEMA: Any = {
+    "allOf": [
+        {
+            "anyOf": [
+                {"type": "object", "properties": {f"a{j}{i}": {"type": "integer"}}}
+                for i in range(8)
+            ]
+        }
+        for j in range(6)
+    ]
+}
 DESCRIBE: Any = [
     {"role": "user", "content": "Invent a person who lives in Paris and describe them as JSON."}
 ]
@@ -397,6 +412,25 @@ def test_completions_echo_with_prompt_logprobs(served: Served) -> None:
                 }
             },
             "response_format",
+        ),
+        # Attacks on the compiler: a schema over 64 KiB, and a small one whose combinations
+        # of alternatives expand past the grammar limits. Both refused before anything runs.
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "big", "schema": HUGE_SCHEMA},
+                }
+            },
+            "response_format",
+        ),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": COSTLY_SCHEMA}}
+                ]
+            },
+            "tools[0].function.parameters",
         ),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"n": 9}, "n"),
