@@ -12,7 +12,7 @@ n choices cost or gain (issue 15's targets).
    ignored so every choice runs to max_tokens): completion tokens/s. Target: >= 2.5x.
 
 Run alone on the machine (check `uptime`):
-    .venv/bin/python bench/agent_engine.py [--rounds 2] [--requests 16] [--tokens 128]
+    .venv/bin/python bench/agent_engine.py [--rounds 5] [--requests 8] [--tokens 128]
 """
 
 from __future__ import annotations
@@ -186,8 +186,8 @@ def compile_times(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("artifact", nargs="?", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of each side, alternated")
-    parser.add_argument("--requests", type=int, default=16, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each side, alternated")
+    parser.add_argument("--requests", type=int, default=8, help="requests per round")
     parser.add_argument("--tokens", type=int, default=128, help="max_tokens")
     parser.add_argument("--compile-runs", type=int, default=30)
     args = parser.parse_args(argv)
@@ -232,13 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ).start()
     story = [chat_ids(model, "Write a long story about a lighthouse keeper and the sea.")]
     n_rates: dict[int, list[float]] = {1: [], 4: []}
-    for _ in range(args.rounds + 1):
+    for _ in range(args.rounds):
         for n in (1, 4):
             sampling = SamplingParams(max_tokens=args.tokens, temperature=0.8, seed=1, n=n)
             n_rates[n].append(closed_loop(engine, story, sampling, 1)[0])
     engine.stop()
 
     free_rate, json_rate = max(rates["free"]), max(rates["json"])
+    # On a shared machine a burst of other work hits one round, not a neighbouring pair.
+    pair_ratio = statistics.median(j / f for f, j in zip(rates["free"], rates["json"], strict=True))
     n1, n4 = max(n_rates[1]), max(n_rates[4])
     out = sys.stdout
     out.write(
@@ -248,7 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write("| measure | figure | target |\n| --- | --- | --- |\n")
     out.write(f"| unconstrained, tokens/s (best round) | {free_rate:.1f} | |\n")
     out.write(f"| json_schema (10 fields), tokens/s (best round) | {json_rate:.1f} | |\n")
-    out.write(f"| constrained / unconstrained | {100 * json_rate / free_rate:.0f} % | >= 90 % |\n")
+    out.write(
+        f"| constrained / unconstrained, best rounds | {100 * json_rate / free_rate:.0f} % "
+        "| >= 90 % |\n"
+    )
+    out.write(
+        f"| constrained / unconstrained, median of round pairs | {100 * pair_ratio:.0f} % "
+        "| >= 90 % |\n"
+    )
     out.write(
         f"| mean completion tokens, free / json | "
         f"{lengths['free'] / (args.rounds * args.requests):.0f} / "
