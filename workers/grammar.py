@@ -63,7 +63,16 @@ def _limits() -> llguidance.LLParserLimits:
     )
 
 
+# JSON as one line with single spaces (`{"a": 1, "b": [2, 3]}`): free whitespace would let a
+# small model wander through newlines and indentation instead of writing values. It also
+# replaces any `x-guidance` the client sent: compiler options are the platform's.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def _schema_text(schema: Mapping[str, Any]) -> str:
+    if not isinstance(schema, Mapping):
+        raise GrammarError("the schema must be a JSON object")
+    schema = {**schema, "x-guidance": JSON_OPTIONS}
     try:
         text = json.dumps(schema, separators=(",", ":"), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
