@@ -37,7 +37,12 @@ def live(django_db_setup: None, django_db_blocker: Any) -> Iterator[LiveStack]:
     stack = Stack.for_tests()
     try:
         gateway, url = stack.gateway()
-        worker = stack.worker("cpu", concurrency=32)
+        # Every test registers the built-in models anew, so each test's chat endpoint is a
+        # new model version with its own engine (~0.6 GB for SmolLM2 fp32). With the default
+        # idle time (30 min) a session of end-to-end tests held them all and ran the
+        # machine out of memory; engines idle for 20 s are unloaded (a test that needs one
+        # again reloads it in ~2 s).
+        worker = stack.worker("cpu", concurrency=32, MANTLE_ENGINE_IDLE_S="20")
         yield LiveStack(stack=stack, url=url, gateway=gateway, worker=worker, manifests=manifests)
     finally:
         stack.stop_all()
