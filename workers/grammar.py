@@ -36,6 +36,11 @@ TOOL_CALL_CLOSE = "</tool_call>"
 
 MAX_SCHEMA_BYTES = 64 * 1024
 """A schema's size as compact JSON; a larger one is refused before it is compiled."""
+MAX_REQUEST_SCHEMA_BYTES = 256 * 1024
+"""All the schemas of one request together (its tools'): compiling costs ~0.2 ms per KiB,
+so one request costs the gateway at most ~50 ms of a core, off its event loop."""
+MAX_ERROR_CHARS = 300
+"""llguidance's messages may quote the grammar; a client gets this much of one, on one line."""
 
 # Compilation is bounded by work, not time: the same schema is refused the same way on
 # every machine. These are a fifth of llguidance's defaults, which allow grammars far
@@ -119,6 +124,9 @@ def check(grammar: str) -> str:
     """`grammar` if llguidance compiles it within the limits, else a GrammarError saying why."""
     problem = _check(grammar)
     if problem:
+        problem = " ".join(problem.split())
+        if len(problem) > MAX_ERROR_CHARS:
+            problem = problem[: MAX_ERROR_CHARS - 3] + "..."
         if any(w in problem for w in ("too big", "too large", "limit", "fuel")):
             raise GrammarError(f"the schema is too complex to compile: {problem}")
         raise GrammarError(problem.replace("Unimplemented keys", "unsupported keywords"))

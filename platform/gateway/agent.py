@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -67,8 +68,9 @@ class ToolCall:
 
 def check_tools(tools: Sequence[Tool], param: Callable[[int], str]) -> None:
     """400 for what no tool may be: too many, a bad or duplicate name, a description over
-    the limit, parameters that are not an object schema or do not compile. `param(i)`
-    names tool i on the wire (`tools[i].function` for chat, `tools[i]` for responses)."""
+    the limit, parameters that are not an object schema, schemas over the request's budget
+    or that do not compile. `param(i)` names tool i on the wire (`tools[i].function` for
+    chat, `tools[i]` for responses)."""
     if len(tools) > MAX_TOOLS:
         raise invalid(f"at most {MAX_TOOLS} tools may be given; got {len(tools)}", "tools")
     seen: set[str] = set()
@@ -89,10 +91,33 @@ def check_tools(tools: Sequence[Tool], param: Callable[[int], str]) -> None:
             )
         if not isinstance(tool.parameters, Mapping):
             raise invalid("parameters must be a JSON schema object", f"{param(i)}.parameters")
-        try:
-            grammar.tool_call_grammar([(tool.name, tool.parameters)], parallel=False)
-        except grammar.GrammarError as exc:
-            raise invalid(f"Invalid schema: {exc}", f"{param(i)}.parameters") from exc
+    if not tools:
+        return
+    size = sum(_schema_bytes(t.parameters) for t in tools)
+    if size > grammar.MAX_REQUEST_SCHEMA_BYTES:
+        raise invalid(
+            f"the tools' parameter schemas are {size} bytes as JSON together; at most "
+            f"{grammar.MAX_REQUEST_SCHEMA_BYTES}",
+            "tools",
+        )
+    # One compilation checks every tool (and is the grammar `required` uses); only when it
+    # fails is each tool compiled alone, to name the one at fault.
+    try:
+        grammar.tool_call_grammar([(t.name, t.parameters) for t in tools], parallel=True)
+    except grammar.GrammarError as together:
+        for i, tool in enumerate(tools):
+            try:
+                grammar.tool_call_grammar([(tool.name, tool.parameters)], parallel=False)
+            except grammar.GrammarError as exc:
+                raise invalid(f"Invalid schema: {exc}", f"{param(i)}.parameters") from exc
+        raise invalid(f"The tools' schemas together: {together}", "tools") from together
+
+
+def _schema_bytes(schema: Mapping[str, Any]) -> int:
+    try:
+        return len(json.dumps(schema, separators=(",", ":")).encode())
+    except (TypeError, ValueError):
+        return 0  # not JSON: the compilation says so, naming the tool
 
 
 def tool_choice_of(choice: str | None, tools: Sequence[Tool], param: str = "tool_choice") -> str:
@@ -136,6 +161,61 @@ def grammar_for(
         return grammar.json_grammar(json_schema)
     except grammar.GrammarError as exc:
         raise invalid(f"Invalid schema for {format_param}: {exc}", format_param) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a request asks of decoding, checked: its tools, their choice (`none`, `auto`,
+    `required` or a tool's name), whether calls may be parallel, and the grammar ("" for
+    none)."""
+
+    tools: tuple[Tool, ...]
+    choice: str
+    parallel: bool
+    grammar: str
+
+    @property
+    def detect(self) -> bool:
+        """Whether the answer may hold tool calls."""
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def forced(self) -> bool:
+        """Whether the answer is a tool call, constrained by the grammar."""
+        return self.choice not in ("none", "auto")
+
+
+async def plan(
+    tools: Sequence[Tool],
+    choice: str | None,
+    *,
+    parallel: bool,
+    tool_param: Callable[[int], str],
+    json_schema: Mapping[str, Any] | None = None,
+    json_object: bool = False,
+    format_param: str = "response_format",
+) -> Plan:
+    """Tools, tool choice and response format checked (400s naming the parameter) and their
+    grammar built, before anything is read or reserved. Compiling schemas is CPU work that
+    a tenant sizes: it runs on a thread (llguidance releases the GIL), never on the event
+    loop; a request without tools or a schema never leaves the loop."""
+
+    def build() -> Plan:
+        check_tools(tools, tool_param)
+        chosen = tool_choice_of(choice, tools)
+        found = grammar_for(
+            tools,
+            chosen,
+            parallel=parallel,
+            json_schema=json_schema,
+            json_object=json_object,
+            format_param=format_param,
+        )
+        return Plan(tuple(tools), chosen, parallel, found)
+
+    if not tools and json_schema is None and not json_object:
+        return build()
+    return await asyncio.to_thread(build)
 
 
 # --- the prompt -----------------------------------------------------------------------------

@@ -215,3 +215,52 @@ def test_grammar_choice_follows_tool_choice_then_format() -> None:
     forced = agent.grammar_for(TOOLS, "add", parallel=True, json_object=True)
     assert '\\"add\\"' in forced and "get_weather" not in forced
     assert "get_weather" in agent.grammar_for(TOOLS, "required", parallel=False)
+
+
+def test_the_tools_schemas_together_have_a_budget_and_errors_stay_short() -> None:
+    field = {"type": "string", "description": "x" * 200}
+    big = {"type": "object", "properties": {f"p{i}": field for i in range(250)}}  # ~60 KiB
+    tools = [agent.Tool(f"t{k}", parameters=big) for k in range(5)]  # ~300 KiB together
+    with pytest.raises(OpenAIError) as exc:
+        agent.check_tools(tools, lambda i: f"tools[{i}].function")
+    assert param_of(exc) == "tools"
+    assert str(grammar.MAX_REQUEST_SCHEMA_BYTES) in exc.value.body()["error"]["message"]
+    # llguidance quotes the grammar in its errors (here ~48 KB of it): the client gets a
+    # short message on one line that still says what is wrong.
+    props: dict[str, object] = {f"p{i}": field for i in range(200)}
+    props["bad"] = {"type": "string", "pattern": "(a"}
+    with pytest.raises(OpenAIError) as exc:
+        agent.check_tools(
+            [agent.Tool("t", parameters={"type": "object", "properties": props})],
+            lambda i: f"tools[{i}].function",
+        )
+    assert param_of(exc) == "tools[0].function.parameters"
+    message = exc.value.body()["error"]["message"]
+    assert "unclosed group" in message
+    assert len(message) <= grammar.MAX_ERROR_CHARS + 40 and "\n" not in message
+
+
+def test_plan_checks_off_the_event_loop_only_when_there_is_something_to_compile() -> None:
+    import asyncio
+    import threading
+
+    seen: list[str] = []
+    original = agent.check_tools
+
+    def spy(tools: list[agent.Tool], param: object) -> None:
+        seen.append(threading.current_thread().name)
+        original(tools, param)  # type: ignore[arg-type]
+
+    async def run() -> tuple[agent.Plan, agent.Plan]:
+        plain = await agent.plan([], None, parallel=True, tool_param=str)
+        forced = await agent.plan(TOOLS, "add", parallel=True, tool_param=str)
+        return plain, forced
+
+    agent.check_tools = spy  # type: ignore[assignment]
+    try:
+        plain, forced = asyncio.run(run())
+    finally:
+        agent.check_tools = original  # type: ignore[assignment]
+    assert plain == agent.Plan((), "none", True, "")
+    assert forced.forced and forced.detect and '\\"add\\"' in forced.grammar
+    assert seen[0] == threading.main_thread().name and seen[1] != seen[0]

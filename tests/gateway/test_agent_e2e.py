@@ -77,6 +77,19 @@ COSTLY_SCHEMA: Any = {
         for j in range(6)
     ]
 }
+MANY_TOOLS: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": f"tool_{k}",
+            "parameters": {
+                "type": "object",
+                "properties": {f"field_{i}": {"type": "string"} for i in range(1500)},
+            },
+        },
+    }
+    for k in range(12)
+]
 DESCRIBE: Any = [
     {"role": "user", "content": "Invent a person who lives in Paris and describe them as JSON."}
 ]
@@ -432,6 +445,8 @@ def test_completions_echo_with_prompt_logprobs(served: Served) -> None:
             },
             "tools[0].function.parameters",
         ),
+        # Many tools, each under its own limit, over the request's budget together.
+        ({"tools": MANY_TOOLS}, "tools"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"n": 9}, "n"),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),

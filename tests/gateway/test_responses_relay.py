@@ -71,7 +71,7 @@ def _relay(generation: Scripted, order: list[str], **body: Any) -> list[dict[str
     request = ResponseCreateRequest.model_validate(
         {"model": "m", "input": "x", "store": False, **body}
     )
-    plan = responses.plan_of(request)
+    plan = asyncio.run(responses.plan_of(request))
     shape = responses.Shape.of(request, plan, "resp_1", generation.created)
     events: list[dict[str, Any]] = []
 
@@ -193,7 +193,7 @@ def test_a_redis_outage_mid_stream_drops_the_dead_connections_before_settling(
 def test_a_client_that_goes_away_stops_the_worker_and_settles() -> None:
     order: list[str] = []
     request = ResponseCreateRequest.model_validate({"model": "m", "input": "x", "store": False})
-    plan = responses.plan_of(request)
+    plan = asyncio.run(responses.plan_of(request))
     generation = Scripted(["Hi", "there"], order)
     shape = responses.Shape.of(request, plan, "resp_1", generation.created)
 

@@ -43,24 +43,8 @@ from gateway.replies import gateway_view, json_reply, relay_sse, streaming_reply
 from gateway.resolve import require_kind, resolve
 
 
-@dataclass(frozen=True, slots=True)
-class Turn:
-    """What the request asks of tools and formats, checked."""
-
-    tools: list[agent.Tool]
-    choice: str
-    grammar: str
-
-    @property
-    def detect(self) -> bool:
-        return bool(self.tools) and self.choice != "none"
-
-    @property
-    def forced(self) -> bool:
-        return self.choice not in ("none", "auto")
-
-
-def turn_of(body: ChatCompletionRequest) -> Turn:
+async def plan_of(body: ChatCompletionRequest) -> agent.Plan:
+    """The request's tools, tool choice and response format, checked, in chat's shapes."""
     tools = [
         agent.Tool(
             name=t.function.name,
@@ -72,22 +56,20 @@ def turn_of(body: ChatCompletionRequest) -> Turn:
         )
         for t in body.tools or []
     ]
-    agent.check_tools(tools, lambda i: f"tools[{i}].function")
     raw_choice = body.tool_choice
     named = raw_choice.function.name if isinstance(raw_choice, NamedToolChoice) else raw_choice
-    choice = agent.tool_choice_of(named, tools)
     fmt = body.response_format
     schema = None
     if isinstance(fmt, ResponseFormatJSONSchema):
         schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
-    grammar = agent.grammar_for(
+    return await agent.plan(
         tools,
-        choice,
+        named,
         parallel=body.parallel_tool_calls is not False,
+        tool_param=lambda i: f"tools[{i}].function",
         json_schema=schema,
         json_object=isinstance(fmt, ResponseFormatJSONObject),
     )
-    return Turn(tools, choice, grammar)
 
 
 def conversation(body: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -123,23 +105,23 @@ def conversation(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     require_method(request, "POST")
     body = parse_request(request, ChatCompletionRequest)
-    turn = turn_of(body)
+    plan = await plan_of(body)
     identity, spec = await resolve(request, body.model)
     assert spec is not None
     require_kind(spec, {"chat"}, "v1/chat/completions")
     text.check_bias(spec, body.bias(), "logit_bias")
     messages, tool_variables = agent.template_messages(
         conversation(body),
-        turn.tools,
+        plan.tools,
         native=agent.native_tools(spec.chat_template or ""),
-        offer_tools=turn.detect,
+        offer_tools=plan.detect,
     )
     prompt = await text.render_chat(spec, messages, identity.organization_id, tool_variables)
     prompt_ids = await text.encode(spec, prompt, "messages")
     sampling = dataclasses.replace(
         sampling_of(body),
         logprobs=(body.top_logprobs or 0) if body.logprobs else -1,
-        grammar=turn.grammar,
+        grammar=plan.grammar,
     )
     generation = await start_generation(
         identity=identity,
@@ -153,7 +135,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     want_logprobs = bool(body.logprobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _Chunks(completion_id, body.model, generation, include_usage, turn, want_logprobs)
+        chunks = _Chunks(completion_id, body.model, generation, include_usage, plan, want_logprobs)
         stream = relay_sse(
             generation,
             opening=[
@@ -169,7 +151,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     for index, answer in enumerate(texts):
         state = generation.choices[index]
         content, calls = agent.split_tool_calls(
-            answer, turn.tools, detect=turn.detect, forced=turn.forced
+            answer, plan.tools, detect=plan.detect, forced=plan.forced
         )
         finish = state.finish_reason or generation.finish_reason
         choice: ChatChoice = {
@@ -235,7 +217,7 @@ class _Chunks:
     model: str
     generation: Generation
     include_usage: bool
-    turn: Turn
+    plan: agent.Plan
     want_logprobs: bool
     streams: list[agent.ToolCallStream] = field(default_factory=list)
     called: list[bool] = field(default_factory=list)
@@ -244,7 +226,7 @@ class _Chunks:
     def __post_init__(self) -> None:
         n = self.generation.n
         self.streams = [
-            agent.ToolCallStream(self.turn.tools, detect=self.turn.detect, forced=self.turn.forced)
+            agent.ToolCallStream(self.plan.tools, detect=self.plan.detect, forced=self.plan.forced)
             for _ in range(n)
         ]
         self.called = [False] * n
@@ -289,9 +271,8 @@ class _Chunks:
         if read.kind == "finish":
             return self._finish(read.index, read.finish_reason)
         out = []
-        for index in range(self.generation.n):
-            reason = self.generation.choices[index].finish_reason or read.finish_reason
-            out += self._finish(index, reason)
+        for index, choice in enumerate(self.generation.choices):
+            out += self._finish(index, choice.finish_reason or read.finish_reason)
         return out
 
     def _finish(self, index: int, reason: str) -> list[ChatCompletionChunk]:

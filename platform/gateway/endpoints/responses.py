@@ -80,14 +80,14 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
     identity, spec = await resolve(request, body.model)
     assert spec is not None
     require_kind(spec, {"chat"}, "v1/responses")
-    plan = plan_of(body)
+    plan = await plan_of(body)
     previous = await _previous(body.previous_response_id, identity)
     items = conversation_of(previous, body)
     messages, tools_variable = agent.template_messages(
         chat_messages(body.instructions, items),
         plan.tools,
         native=agent.native_tools(spec.chat_template or ""),
-        offer_tools=plan.choice != "none",
+        offer_tools=plan.detect,
     )
     try:
         prompt = await text.render_chat(spec, messages, identity.organization_id, tools_variable)
@@ -204,28 +204,10 @@ def _list_query(request: HttpRequest) -> tuple[int, str, str | None]:
 # --- the request ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What the request asks of decoding: its tools, their choice, the grammar."""
-
-    tools: tuple[agent.Tool, ...]
-    choice: str  # none, auto, required, or a tool's name
-    parallel: bool
-    grammar: str
-
-    @property
-    def detect(self) -> bool:
-        return bool(self.tools) and self.choice != "none"
-
-    @property
-    def forced(self) -> bool:
-        return self.choice not in ("none", "auto")
-
-
-def plan_of(body: ResponseCreateRequest) -> Plan:
+async def plan_of(body: ResponseCreateRequest) -> agent.Plan:
     """The tools and the format checked (400s naming the parameter), before anything is
     read from the database or reserved."""
-    tools = tuple(
+    tools = [
         agent.Tool(
             name=t.name,
             description=t.description or "",
@@ -233,23 +215,18 @@ def plan_of(body: ResponseCreateRequest) -> Plan:
             strict=t.strict is not False,
         )
         for t in body.tools or ()
-    )
-    agent.check_tools(tools, lambda i: f"tools[{i}]")
+    ]
     wanted = body.tool_choice
-    choice = agent.tool_choice_of(
-        wanted.name if isinstance(wanted, ToolChoiceFunction) else wanted, tools
-    )
-    parallel = body.parallel_tool_calls is not False
     fmt = body.text.format if body.text is not None else None
-    grammar = agent.grammar_for(
+    return await agent.plan(
         tools,
-        choice,
-        parallel=parallel,
+        wanted.name if isinstance(wanted, ToolChoiceFunction) else wanted,
+        parallel=body.parallel_tool_calls is not False,
+        tool_param=lambda i: f"tools[{i}]",
         json_schema=fmt.schema_ if isinstance(fmt, FormatJSONSchema) else None,
         json_object=isinstance(fmt, FormatJSONObject),
         format_param="text.format.schema" if isinstance(fmt, FormatJSONSchema) else "text.format",
     )
-    return Plan(tools=tools, choice=choice, parallel=parallel, grammar=grammar)
 
 
 async def _load(response_id: str, identity: KeyIdentity) -> Stored | None:
@@ -403,7 +380,7 @@ class Shape:
 
     @classmethod
     def of(
-        cls, body: ResponseCreateRequest, plan: Plan, response_id: str, created_at: int
+        cls, body: ResponseCreateRequest, plan: agent.Plan, response_id: str, created_at: int
     ) -> Shape:
         fmt = body.text.format if body.text is not None else None
         text_config: TextConfigReply = {"format": {"type": "text"}}
@@ -504,7 +481,7 @@ class _Output:
     """The answer's output items, built piece by piece, with the stream events that say
     so (OpenAI's order: an item added, its content part added, deltas, done events)."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: agent.Plan) -> None:
         self.sequence = 0
         self.items: list[OutputItem] = []
         self.events: list[StreamEvent] = []
@@ -711,7 +688,7 @@ def typed_sse(event: Mapping[str, Any]) -> bytes:
 async def relay(
     generation: Generation,
     shape: Shape,
-    plan: Plan,
+    plan: agent.Plan,
     items: Sequence[Item],
     owner: Owner,
 ) -> AsyncGenerator[bytes, None]:
