@@ -428,7 +428,8 @@ class Choice:
 class Delta:
     """An event of a generation, read: `kind` is "text" (text and/or log probabilities of
     choice `index`), "finish" (choice `index` ended with `finish_reason`), or "done" (the
-    whole generation ended; every choice not finished before ends now)."""
+    whole generation ended; every choice not finished before ends now, with the reason
+    its `Choice` holds)."""
 
     kind: str
     index: int = 0
@@ -512,8 +513,12 @@ class Generation:
             self.prompt_tokens = int(event.get("prompt_tokens", self.prompt_tokens))
             self.completion_tokens = int(event.get("completion_tokens", self.completion_tokens))
             if self.n == 1:
-                self.choices[0].finish_reason = self.finish_reason
                 self.choices[0].completion_tokens = self.completion_tokens
+            # A choice with no finish of its own (n == 1, or a request cancelled as a whole)
+            # ends with the generation.
+            for choice in self.choices:
+                if choice.finish_reason is None:
+                    choice.finish_reason = self.finish_reason
             self.finished = True
             return Delta("done", finish_reason=self.finish_reason)
         if kind == contract.EVENT_ERROR:

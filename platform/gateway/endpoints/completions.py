@@ -216,9 +216,8 @@ class _Chunks:
         if read.kind == "finish":
             return self._finish(read.index, read.finish_reason)
         out = []
-        for index in range(self.generation.n):
-            reason = self.generation.choices[index].finish_reason or read.finish_reason
-            out += self._finish(index, reason)
+        for index, choice in enumerate(self.generation.choices):
+            out += self._finish(index, choice.finish_reason or read.finish_reason)
         return out
 
     def _finish(self, index: int, reason: str) -> list[CompletionChunk]:
