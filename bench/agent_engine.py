@@ -25,9 +25,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from bench_schemas import TEN_FIELDS  # noqa: E402
 
 from workers.contract import (  # noqa: E402
     BillingIdentity,
@@ -35,79 +36,18 @@ from workers.contract import (  # noqa: E402
     ModelRef,
     SamplingParams,
 )
-from workers.engine.bench import resolve_artifact  # noqa: E402
+from workers.engine.bench import NullSink, resolve_artifact  # noqa: E402
 from workers.engine.causal_lm import CausalLMEngine, CausalLMSpec  # noqa: E402
 from workers.grammar import Compiled, json_grammar  # noqa: E402
 from workers.runtime.models import LoadedModel, load_model, read_manifest  # noqa: E402
 
 CONCURRENCY = 8
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "email": {"type": "string"},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "height_m": {"type": "number"},
-        "active": {"type": "boolean"},
-        "city": {"type": "string"},
-        "country": {"type": "string", "enum": ["FR", "DE", "US", "JP", "CN"]},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
-        "score": {"type": "number"},
-        "notes": {"type": ["string", "null"]},
-    },
-    "required": [
-        "name",
-        "email",
-        "age",
-        "height_m",
-        "active",
-        "city",
-        "country",
-        "tags",
-        "score",
-        "notes",
-    ],
-    "additionalProperties": False,
-}
+SCHEMA = TEN_FIELDS
 
 PEOPLE = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Goran", "Hana"]
 IDENTITY = BillingIdentity("bench", "bench", "bench", "bench", "bench", "bench")
 REF = ModelRef("bench", "onnx-causal-lm", "0" * 64, "")
-
-
-class NullSink:
-    """Events go nowhere: the engine's own cost is measured, not Redis's."""
-
-    def delta(
-        self,
-        request_id: str,
-        text: str,
-        tokens: int,
-        index: int | None = None,
-        logprobs: list[Any] | None = None,
-    ) -> None:
-        pass
-
-    def prompt_logprobs(self, request_id: str, logprobs: list[Any]) -> None:
-        pass
-
-    def choice_done(
-        self, request_id: str, index: int, finish_reason: str, completion_tokens: int
-    ) -> None:
-        pass
-
-    def done(self, request_id: str, finish_reason: str, prompt: int, completion: int) -> None:
-        pass
-
-    def embeddings(self, request_id: str, vectors: Any, prompt_tokens: int) -> None:
-        pass
-
-    def error(self, request_id: str, code: str, message: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
 
 
 def chat_ids(model: LoadedModel, question: str) -> tuple[int, ...]:

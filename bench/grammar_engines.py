@@ -30,34 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "email": {"type": "string"},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "height_m": {"type": "number"},
-        "active": {"type": "boolean"},
-        "city": {"type": "string"},
-        "country": {"type": "string", "enum": ["FR", "DE", "US", "JP", "CN"]},
-        "tags": {"type": "array", "items": {"type": "string"}},
-        "score": {"type": "number"},
-        "notes": {"type": ["string", "null"]},
-    },
-    "required": [
-        "name",
-        "email",
-        "age",
-        "height_m",
-        "active",
-        "city",
-        "country",
-        "tags",
-        "score",
-        "notes",
-    ],
-    "additionalProperties": False,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_schemas import TEN_FIELDS
+
+SCHEMA = TEN_FIELDS
 ANSWER = (
     '{"name": "Marie Curie", "email": "marie@example.org", "age": 66, "height_m": 1.6, '
     '"active": false, "city": "Paris", "country": "FR", "tags": ["physics", "chemistry"], '
