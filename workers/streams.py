@@ -105,17 +105,23 @@ class ResponseWriter:
         )
 
     def done(
-        self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+        self,
+        request_id: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        cached_tokens: int = 0,
     ) -> None:
-        self._add(
-            request_id,
-            {
-                "type": EVENT_DONE,
-                "finish_reason": finish_reason,
-                "prompt_tokens": str(prompt_tokens),
-                "completion_tokens": str(completion_tokens),
-            },
-        )
+        fields = {
+            "type": EVENT_DONE,
+            "finish_reason": finish_reason,
+            "prompt_tokens": str(prompt_tokens),
+            "completion_tokens": str(completion_tokens),
+        }
+        if cached_tokens:
+            fields["cached_tokens"] = str(cached_tokens)
+        self._add(request_id, fields)
 
     def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None:
         data = np.ascontiguousarray(vectors, dtype="<f4")

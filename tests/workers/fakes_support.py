@@ -88,10 +88,17 @@ class FakeCausalLM:
     """
 
     def __init__(
-        self, num_layers: int = 2, *, delay_s: float = 0.0, fail_on_call: int | None = None
+        self,
+        num_layers: int = 2,
+        *,
+        delay_s: float = 0.0,
+        delay_per_token_s: float = 0.0,
+        fail_on_call: int | None = None,
     ) -> None:
         self.num_layers = num_layers
         self.delay_s = delay_s
+        # Per input token of a call (batch x seq): prefill costs grow with the prompt.
+        self.delay_per_token_s = delay_per_token_s
         self.fail_on_call = fail_on_call
         self.calls: list[tuple[int, int, int]] = []  # (batch, seq, past) per run
         self.lock = threading.Lock()
@@ -127,8 +134,8 @@ class FakeCausalLM:
             logits[row, 0, next_token(tokens.tolist())] = 5.0
         with self.lock:
             self.calls.append((batch, seq, past_len))
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.delay_s or self.delay_per_token_s:
+            time.sleep(self.delay_s + self.delay_per_token_s * batch * seq)
         return [logits, *presents]
 
 
@@ -195,14 +202,22 @@ class RecordingSink:
         )
 
     def done(
-        self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+        self,
+        request_id: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        cached_tokens: int = 0,
     ) -> None:
+        extra = {"cached_tokens": cached_tokens} if cached_tokens else {}
         self._add(
             "done",
             request_id,
             finish_reason=finish_reason,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            **extra,
         )
 
     def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None:

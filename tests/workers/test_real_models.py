@@ -23,6 +23,7 @@ from workers.contract import (
 )
 from workers.engine.causal_lm import CausalLMEngine, CausalLMSpec
 from workers.engine.encoder import EncoderEngine
+from workers.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from workers.runtime.models import LoadedModel, load_model
 
 pytestmark = pytest.mark.models
@@ -52,8 +53,9 @@ def minilm() -> LoadedModel:
 
 @pytest.fixture
 def lm_engine(smollm: LoadedModel) -> Iterator[CausalLMEngine]:
+    # No prefix cache: these tests compare runs of the same prompts (see the cache's own).
     engine = CausalLMEngine.from_model(
-        smollm, max_batch=8, max_prefill_tokens=4096, redis_client=None
+        smollm, max_batch=8, max_prefill_tokens=4096, redis_client=None, prefix_cache=PrefixCache(0)
     ).start()
     yield engine
     engine.stop()
@@ -340,3 +342,96 @@ def test_n_greedy_choices_equal_one_choice_on_the_real_model(
     assert together.completion_tokens == 3 * alone.completion_tokens
     for i in range(3):
         assert sink.text("three", index=i) == sink.text("one"), i
+
+
+SUPPORT = (
+    "You are the support assistant of a cloud platform that serves language models to "
+    "companies. Answer briefly and politely, never invent prices, and send questions "
+    "about a charge to the billing team. "
+) * 3
+
+
+def support_prompt(model: LoadedModel, question: str) -> tuple[int, ...]:
+    from jinja2 import Environment
+
+    template = Environment(autoescape=False).from_string(model.manifest["chat_template"])  # noqa: S701
+    text = template.render(
+        messages=[{"role": "system", "content": SUPPORT}, {"role": "user", "content": question}],
+        add_generation_prompt=True,
+    )
+    return tuple(model.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def test_greedy_answers_from_cached_blocks_equal_a_full_prefill(
+    smollm: LoadedModel, lm_engine: CausalLMEngine
+) -> None:
+    cached = CausalLMEngine.from_model(
+        smollm,
+        max_batch=8,
+        max_prefill_tokens=4096,
+        redis_client=None,
+        prefix_cache=PrefixCache(64 * 1024 * 1024),
+    ).start()
+    try:
+        prompts = [support_prompt(smollm, q) for q in QUESTIONS]
+        assert len(prompts[0]) > 3 * BLOCK_TOKENS
+        full = RecordingSink()
+        for i, prompt in enumerate(prompts):
+            assert lm_engine.submit(generate(f"r{i}", prompt, 24), full).wait(120) is not None
+        sink = RecordingSink()
+        hits = []
+        for i, prompt in enumerate([*prompts, *prompts]):  # cold, then every prompt again
+            result = cached.submit(generate(f"c{i}", prompt, 24), sink).wait(120)
+            assert result is not None
+            hits.append(result.cached_tokens)
+            assert sink.text(f"c{i}") == full.text(f"r{i % len(prompts)}"), (i, result)
+        assert hits[0] == 0 and all(h >= 3 * BLOCK_TOKENS for h in hits[1:])
+        assert hits[len(prompts)] == (len(prompts[0]) - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    finally:
+        cached.stop()
+
+
+class ShapeRecorder:
+    """The real session, with the (batch, seq, past) of every call recorded."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.calls: list[tuple[int, int, int]] = []
+
+    def run(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> Any:
+        batch, seq = feeds["input_ids"].shape
+        self.calls.append((batch, seq, feeds["past_key_values.0.key"].shape[2]))
+        return self.session.run(names, feeds)
+
+
+def test_a_long_prompt_chunked_beside_a_stream_answers_as_alone(
+    smollm: LoadedModel, lm_engine: CausalLMEngine
+) -> None:
+    long_prompt = support_prompt(smollm, "Summarise your instructions. " * 40)
+    alone = RecordingSink()
+    assert lm_engine.submit(generate("alone", long_prompt, 16), alone).wait(300) is not None
+    recorder = ShapeRecorder(smollm.session)
+    engine = CausalLMEngine(
+        recorder,
+        CausalLMSpec.from_manifest(smollm.manifest),
+        lambda ids: smollm.tokenizer.decode(list(ids), skip_special_tokens=True),
+        max_batch=8,
+    ).start()
+    try:
+        sink = RecordingSink()
+        stream = engine.submit(
+            generate("stream", chat_prompt(smollm, "Count to fifty."), 300), sink
+        )
+        while sink.count("stream", "delta") < 3:
+            time.sleep(0.01)
+        result = engine.submit(generate("long", long_prompt, 16), sink).wait(300)
+        assert result is not None and stream.wait(300) is not None
+    finally:
+        engine.stop()
+    assert sink.text("long") == alone.text("alone")
+    # It went in chunks, each after the past of the ones before, with decode steps between.
+    chunks = [(seq, past) for b, seq, past in recorder.calls[1:] if b == 1 and seq > 1]
+    assert len(chunks) > 1 and sum(seq for seq, _ in chunks) == len(long_prompt)
+    assert [past for _, past in chunks] == [
+        sum(s for s, _ in chunks[:i]) for i in range(len(chunks))
+    ]

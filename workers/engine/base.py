@@ -38,8 +38,15 @@ class EventSink(Protocol):
     ) -> None: ...
 
     def done(
-        self, request_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
-    ) -> None: ...
+        self,
+        request_id: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        cached_tokens: int = 0,
+    ) -> None:
+        """`cached_tokens`: the prompt tokens served from the prefix cache."""
 
     def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None: ...
 
@@ -60,6 +67,7 @@ class RequestResult:
     first_token_at: float = 0.0
     admitted_step: int = -1  # engine step counters, so tests can reason about overlap
     finished_step: int = -1
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error_code: str = ""
     error_message: str = ""
     # Compute time charged to this request when it shared a run with others

@@ -105,7 +105,15 @@ class NullSink:
     ) -> None:
         pass
 
-    def done(self, request_id: str, finish_reason: str, prompt: int, completion: int) -> None:
+    def done(
+        self,
+        request_id: str,
+        finish_reason: str,
+        prompt: int,
+        completion: int,
+        *,
+        cached_tokens: int = 0,
+    ) -> None:
         pass
 
     def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None:

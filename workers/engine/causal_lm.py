@@ -30,6 +30,7 @@ from workers.contract import (
 )
 from workers.engine.base import EventSink, RateMeter, RequestHandle, RequestResult
 from workers.engine.constrain import Constrainer, apply_mask
+from workers.engine.prefix_cache import PrefixCache, shared_cache
 from workers.engine.sampling import bias_logits, logprobs_of, penalize, sample_token
 from workers.engine.text import IncrementalDetokenizer, StopFilter
 from workers.grammar import Compiled, GrammarError
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CANCEL_CHECK_INTERVAL_S = 0.05
+# The smallest prompt chunk computed beside running streams: below it, a call's fixed cost
+# (the graph copies the whole past into its presents) dominates and a long prompt crawls.
+PREFILL_MIN_CHUNK = 16
 
 
 class Session(Protocol):
@@ -90,6 +94,7 @@ class _Request:
     __slots__ = (
         "admitted_at",
         "admitted_step",
+        "cached_tokens",
         "choices",
         "first_token_at",
         "handle",
@@ -120,6 +125,27 @@ class _Request:
         self.admitted_at = 0.0
         self.first_token_at = 0.0
         self.admitted_step = -1
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+
+
+class _Prefill:
+    """A request whose prompt is being computed, a chunk per call: its KV so far (rows
+    [1, kv_heads, done, head_dim] in past order, no padding; None before the first call)."""
+
+    __slots__ = ("arrival", "done", "past", "req", "served")
+
+    def __init__(
+        self, req: _Request, past: list[np.ndarray] | None, done: int, arrival: int
+    ) -> None:
+        self.req = req
+        self.past = past
+        self.done = done  # prompt tokens whose KV is in past
+        self.arrival = arrival
+        self.served = -1  # the engine step of its last chunk
+
+    @property
+    def remaining(self) -> int:
+        return len(self.req.prefill_ids) - self.done
 
 
 class _Seq:
@@ -228,6 +254,7 @@ class CausalLMEngine:
         redis_client: redis.Redis | None = None,
         cancel_check_interval_s: float = CANCEL_CHECK_INTERVAL_S,
         grammar_compiler: Callable[[], Compiled] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -254,7 +281,19 @@ class CausalLMEngine:
         self._stopping = False
         # Batch state, owned by the engine thread. Row r of every array is _running[r].
         self._running: list[_Seq] = []
-        self._admitting: list[_Request] = []  # popped from the queue, not yet in the batch
+        self._admitting: list[_Request] = []  # in the prefill call under way
+        # Prompts being computed (chunked beside running streams), and the rows they take.
+        self._prefilling: list[_Prefill] = []
+        self._prefilling_rows = 0
+        self._arrivals = 0
+        self._cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
+        # Timings that size prefill chunks: the last decode step's seconds (smoothed), the
+        # last prefill call's seconds per padded token, and the time each took while both
+        # had work (prefill's share is kept at most decode's).
+        self._decode_s = 0.0
+        self._prefill_s_per_token = 0.0
+        self._contended_prefill_s = 0.0
+        self._contended_decode_s = 0.0
         self._past: list[np.ndarray] = []  # [B, kv_heads, P, head_dim] per layer and key/value
         self._mask = np.zeros((0, 0), dtype=np.int64)  # [B, P]: 1 where the cache holds a token
         self._next_ids = np.zeros(0, dtype=np.int64)  # [B]: token to feed at the next step
@@ -279,7 +318,9 @@ class CausalLMEngine:
         max_batch: int,
         max_prefill_tokens: int,
         redis_client: redis.Redis | None,
+        prefix_cache: PrefixCache | None = None,
     ) -> CausalLMEngine:
+        """`prefix_cache`: None for the process's shared one (MANTLE_KV_CACHE_MB)."""
         tokenizer = model.text_tokenizer()
         spec = CausalLMSpec.from_manifest(model.manifest)
         tokenizer_file = str(
@@ -301,6 +342,7 @@ class CausalLMEngine:
             max_prefill_tokens=max_prefill_tokens,
             redis_client=redis_client,
             grammar_compiler=compiler,
+            prefix_cache=prefix_cache if prefix_cache is not None else shared_cache(),
         )
 
     # --- the submitters' side (any thread) ------------------------------------
@@ -366,7 +408,9 @@ class CausalLMEngine:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.max_batch - len(self._running) - self._waiting_rows)
+        return max(
+            0, self.max_batch - len(self._running) - self._prefilling_rows - self._waiting_rows
+        )
 
     def tokens_per_s(self) -> float:
         return self.meter.rate()
@@ -404,7 +448,12 @@ class CausalLMEngine:
         logger.info("engine %s started (max batch %d)", self.name, self.max_batch)
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running:
+                while (
+                    not self._stopping
+                    and not self._waiting
+                    and not self._running
+                    and not self._prefilling
+                ):
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -424,15 +473,24 @@ class CausalLMEngine:
             self._last_cancel_check = now
             self._sweep(now)
         self._admit()
+        if self._prefilling and self._may_prefill():
+            self._prefill_step()
         if self._running:
+            started = time.monotonic()
             self._decode_step()
+            elapsed = time.monotonic() - started
+            self._decode_s = (
+                elapsed if self._decode_s <= 0 else 0.8 * self._decode_s + 0.2 * elapsed
+            )
+            if self._prefilling:
+                self._contended_decode_s += elapsed
 
     def _sweep(self, now: float) -> None:
         """Drop cancelled, expired and abandoned requests, running or waiting."""
         with self._cond:
             waiting = list(self._waiting)
         running = list({id(s.req): s.req for s in self._running}.values())
-        reqs = running + waiting
+        reqs = running + [p.req for p in self._prefilling] + waiting
         if not reqs:
             return
         cancelled: set[int] = set()
@@ -455,39 +513,199 @@ class CausalLMEngine:
         with self._cond:
             self._waiting = deque(r for r in self._waiting if not r.handle.claimed)
             self._waiting_rows = sum(r.n for r in self._waiting)
+        gone = [p for p in self._prefilling if p.req.handle.claimed]
+        if gone:
+            self._drop_prefilling(gone)
         keep = [r for r, s in enumerate(self._running) if not s.req.handle.claimed]
         if len(keep) != len(self._running):
             self._compact(keep)
 
     def _admit(self) -> None:
+        """Move waiting requests into prefill while the batch has rows for them; a prompt
+        whose first blocks are in the prefix cache starts from them."""
         with self._cond:
-            capacity = self.max_batch - len(self._running)
-            batch: list[_Request] = []
-            rows = 0
-            longest = 0
-            while self._waiting and rows + self._waiting[0].n <= capacity:
-                n = len(self._waiting[0].prefill_ids)
-                # Bound the padded prefill size: one huge prefill would stall
-                # every running stream and could exhaust memory.
-                if batch and (len(batch) + 1) * max(longest, n) > self._max_prefill_tokens:
-                    break
+            capacity = self.max_batch - len(self._running) - self._prefilling_rows
+            admitted: list[_Request] = []
+            while self._waiting and self._waiting[0].n <= capacity:
                 req = self._waiting.popleft()
                 self._waiting_rows -= req.n
-                batch.append(req)
-                rows += req.n
-                longest = max(longest, n)
-        if not batch:
-            return
-        self._admitting = batch
+                capacity -= req.n
+                admitted.append(req)
+        for req in admitted:
+            past: list[np.ndarray] | None = None
+            if self._cache is not None:
+                blocks = self._cache.lookup(self._namespace(req), req.prefill_ids)
+                if blocks:
+                    req.cached_tokens = len(blocks) * self._cache.block_tokens
+                    stacked = np.concatenate(blocks, axis=2)  # [2L, H, cached, D]
+                    past = [np.ascontiguousarray(stacked[k][None]) for k in range(len(blocks[0]))]
+            self._prefilling.append(_Prefill(req, past, req.cached_tokens, self._arrivals))
+            self._arrivals += 1
+            self._prefilling_rows += req.n
+
+    def _namespace(self, req: _Request) -> str:
+        # Per model version and organization: tenants never share blocks (module docs).
+        return f"{self.name}\x00{req.request.identity.organization_id}"
+
+    def _prefill_budget(self) -> int:
+        """Tokens (padded) the next prefill call may compute. With nothing decoding it is
+        the whole bound; beside running streams a chunk sized to take about as long as
+        one decode step (from the last calls' timings), at least PREFILL_MIN_CHUNK."""
+        if not self._running or self._prefill_s_per_token <= 0.0:
+            return self._max_prefill_tokens
+        fit = int(self._decode_s / self._prefill_s_per_token) if self._decode_s > 0 else 0
+        return max(PREFILL_MIN_CHUNK, min(self._max_prefill_tokens, fit))
+
+    def _may_prefill(self) -> bool:
+        """Whether prefill gets this iteration. While streams decode, prefill's share of
+        the engine's time is at most decode's (so time between their tokens at most about
+        doubles while a long prompt is computed); alone, it always runs."""
+        if not self._running:
+            self._contended_prefill_s = self._contended_decode_s = 0.0
+            return True
+        return self._contended_prefill_s <= self._contended_decode_s
+
+    def _prefill_step(self) -> None:
+        """One session call that computes the next chunk of one or more prompts.
+
+        The rows served least recently go first (arrival order among equals), so a long
+        prompt being computed chunk by chunk never holds short ones behind it. Rows join
+        a call only if they have as much past as the first (0 for fresh prompts, or the
+        same cached prefix): a call's rows are padded to one past and one chunk width.
+        """
+        budget = self._prefill_budget()
+        order = sorted(self._prefilling, key=lambda p: (p.served, p.arrival))
+        head = order[0]
+        rows = [head]
+        chunk = min(head.remaining, budget)
+        for cand in order[1:]:
+            if cand.done != head.done:
+                continue
+            wider = max(chunk, min(cand.remaining, budget))
+            if (len(rows) + 1) * wider > budget:
+                continue
+            rows.append(cand)
+            chunk = wider
+        chunks = [min(p.remaining, chunk) for p in rows]
+        self._admitting = [p.req for p in rows]
+        started = time.monotonic()
         try:
-            logits, presents, mask = self._prefill(batch)
+            logits, presents, mask = self._prefill_call(rows, chunks)
         except Exception:
-            logger.exception("engine %s: prefill of %d sequences failed", self.name, len(batch))
-            for req in batch:
-                self._fail(req, "internal_error", "the model failed on the prompt")
+            logger.exception("engine %s: prefill of %d sequences failed", self.name, len(rows))
+            for p in rows:
+                self._fail(p.req, "internal_error", "the model failed on the prompt")
+            self._drop_prefilling(rows)
             self._admitting = []
             return
+        elapsed = time.monotonic() - started
+        self._prefill_s_per_token = elapsed / max(1, len(rows) * max(chunks))
+        if self._running:
+            self._contended_prefill_s += elapsed
         now = time.time()
+        finished: list[int] = []
+        for i, (p, c) in enumerate(zip(rows, chunks, strict=True)):
+            if p.req.admitted_step < 0:
+                p.req.admitted_at = now
+                p.req.admitted_step = self.step
+            p.served = self.step
+            p.done += c
+            if p.remaining == 0:
+                finished.append(i)
+            elif len(rows) == 1:
+                p.past = presents
+            else:
+                real = np.flatnonzero(mask[i])
+                p.past = [np.ascontiguousarray(t[i : i + 1][:, :, real]) for t in presents]
+        if not finished:
+            self._admitting = []
+            return
+        done_rows = [rows[i] for i in finished]
+        self._cache_prompts(done_rows, presents, mask, finished)
+        self._drop_prefilling(done_rows)
+        if len(finished) == len(rows):
+            self._begin_decoding([p.req for p in done_rows], logits, presents, mask)
+        else:
+            idx = np.asarray(finished)
+            self._begin_decoding(
+                [p.req for p in done_rows], logits[idx], [t[idx] for t in presents], mask[idx]
+            )
+        self._admitting = []
+
+    def _drop_prefilling(self, rows: Sequence[_Prefill]) -> None:
+        gone = {id(p) for p in rows}
+        self._prefilling = [p for p in self._prefilling if id(p) not in gone]
+        self._prefilling_rows = sum(p.req.n for p in self._prefilling)
+
+    def _prefill_call(
+        self, rows: list[_Prefill], chunks: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Run the next `chunks[i]` prompt tokens of every row after its past (left-padded
+        to one width): last-position logits, presents, and the attention mask."""
+        n = len(rows)
+        width = max(chunks)
+        past_len = max(p.done for p in rows)
+        ids = np.full((n, width), self.spec.pad_token_id, dtype=np.int64)
+        mask = np.zeros((n, past_len + width), dtype=np.int64)
+        positions = np.zeros((n, width), dtype=np.int64)
+        for row, (p, c) in enumerate(zip(rows, chunks, strict=True)):
+            ids[row, width - c :] = p.req.prefill_ids[p.done : p.done + c]
+            mask[row, past_len - p.done : past_len] = 1
+            mask[row, past_len + width - c :] = 1
+            positions[row, width - c :] = np.arange(p.done, p.done + c)
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+        }
+        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        for k, name in enumerate(self._past_names):
+            if past_len == 0:
+                feeds[name] = np.zeros((n, heads, 0, dim), dtype=np.float32)
+            elif n == 1:
+                feeds[name] = rows[0].past[k]  # type: ignore[index]
+            else:
+                # Rows of a call have equal pasts (`_prefill_step`): one concatenation.
+                feeds[name] = np.concatenate([p.past[k] for p in rows], axis=0)  # type: ignore[index]
+        outputs = self._session.run(self._output_names, feeds)
+        self.step += 1
+        return outputs[0][:, -1, :], list(outputs[1:]), mask
+
+    def _cache_prompts(
+        self,
+        rows: list[_Prefill],
+        presents: list[np.ndarray],
+        mask: np.ndarray,
+        indices: list[int],
+    ) -> None:
+        """Put the full blocks of just-computed prompts into the prefix cache."""
+        cache = self._cache
+        if cache is None:
+            return
+        size = cache.block_tokens
+        for p, i in zip(rows, indices, strict=True):
+            req = p.req
+            full = cache.cacheable_blocks(len(req.prefill_ids))
+            first = req.cached_tokens // size
+            if full <= first:
+                continue
+            real = np.flatnonzero(mask[i])[: full * size]
+            blocks: list[np.ndarray] = []
+            for b in range(first, full):
+                cols = real[b * size : (b + 1) * size]
+                blocks.append(np.stack([t[i][:, cols] for t in presents]))
+            cache.insert(self._namespace(req), req.prefill_ids, blocks, start=first)
+
+    def _begin_decoding(
+        self,
+        batch: list[_Request],
+        logits: np.ndarray,
+        presents: list[np.ndarray],
+        mask: np.ndarray,
+    ) -> None:
+        """Choose the first tokens of prompts just computed and merge them into the batch."""
+        now = time.time()
+        rows = sum(req.n for req in batch)
         choices = [seq for req in batch for seq in req.choices]
         # The prompt's row, once per choice (n > 1): the same logits, the same cache.
         rows_of = (
@@ -498,8 +716,7 @@ class CausalLMEngine:
         if rows_of is not None:
             logits = logits[rows_of]
         for req in batch:
-            req.admitted_at = req.first_token_at = now
-            req.admitted_step = self.step
+            req.first_token_at = now
             if req.prompt_entries is not None and req.choices[0].forced is None:
                 self._send_prompt_logprobs(req)  # a one-token prompt: nothing to force
         tokens = self._choose(logits, choices)
@@ -509,7 +726,6 @@ class CausalLMEngine:
             keep = [row for row in keep if not choices[row].req.handle.claimed]
         self.meter.add(len(choices))
         if not keep:
-            self._admitting = []
             return
         src = np.asarray(keep) if rows_of is None else rows_of[keep]
         identity = rows_of is None and len(keep) == len(batch)
@@ -521,28 +737,6 @@ class CausalLMEngine:
             tokens[keep],
             prefill_lens,
         )
-        self._admitting = []
-
-    def _prefill(self, batch: list[_Request]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        n = len(batch)
-        width = max(len(req.prefill_ids) for req in batch)
-        ids = np.full((n, width), self.spec.pad_token_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        for row, req in enumerate(batch):
-            ids[row, width - len(req.prefill_ids) :] = req.prefill_ids
-            mask[row, width - len(req.prefill_ids) :] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        empty = np.zeros((n, self.spec.num_kv_heads, 0, self.spec.head_dim), dtype=np.float32)
-        feeds: dict[str, np.ndarray] = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-        }
-        for name in self._past_names:
-            feeds[name] = empty
-        outputs = self._session.run(self._output_names, feeds)
-        self.step += 1
-        return outputs[0][:, -1, :], list(outputs[1:]), mask
 
     def _merge(
         self,
@@ -794,7 +988,13 @@ class CausalLMEngine:
         if reason is not FinishReason.CANCELLED and req.n == 1:
             reason = self._release_tail(req.choices[0], reason)
         rid = req.request.request_id
-        req.sink.done(rid, reason.value, req.prompt_len, _completion_tokens(req))
+        req.sink.done(
+            rid,
+            reason.value,
+            req.prompt_len,
+            _completion_tokens(req),
+            cached_tokens=req.cached_tokens,
+        )
         self._dirty_sinks[id(req.sink)] = req.sink
         self._to_complete.append((req.handle, self._result(req, reason)))
 
@@ -836,6 +1036,7 @@ class CausalLMEngine:
             first_token_at=req.first_token_at,
             admitted_step=req.admitted_step,
             finished_step=self.step,
+            cached_tokens=req.cached_tokens,
             error_code=code,
             error_message=message,
         )
@@ -843,9 +1044,12 @@ class CausalLMEngine:
     def _fail_running(self, code: str, message: str) -> None:
         for req in self._admitting:
             self._fail(req, code, message)
+        for p in self._prefilling:
+            self._fail(p.req, code, message)
         for seq in self._running:
             self._fail(seq.req, code, message)
         self._admitting = []
+        self._drop_prefilling(self._prefilling)
         self._ended_requests = False
         self._compact([])
 
