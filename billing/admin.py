@@ -254,6 +254,7 @@ class UsageRollupAdmin(ReadOnlyAdmin):
         "model_name",
         "requests",
         "input_tokens",
+        "cached_input_tokens",
         "output_tokens",
     )
     search_fields = ("organization_id",)

@@ -25,15 +25,18 @@ def new_invoice_id() -> str:
 class TokenKind(models.TextChoices):
     """The units a price is per million of (the name predates the tensor units).
 
-    Text models are billed by `input` and `output` tokens; tensor models by `request`
-    (one per inference call) and `compute_ms` (milliseconds of model compute a worker
-    measured): see `billing.pricing.billed_units`.
+    Text models are billed by `input` and `output` tokens, and by `cached_input` for the
+    prompt tokens the prefix cache served, when the model has such a price (otherwise they
+    are billed as `input`); tensor models by `request` (one per inference call) and
+    `compute_ms` (milliseconds of model compute a worker measured): see
+    `billing.pricing.billed_units` and `PriceBook.cached_input_price`.
     """
 
     INPUT = "input"
     OUTPUT = "output"
     REQUEST = "request"
     COMPUTE_MS = "compute_ms"
+    CACHED_INPUT = "cached_input"
 
 
 class Price(models.Model):
@@ -436,6 +439,9 @@ class UsageEvent(models.Model):
     compute_ms = models.BigIntegerField()
     worker = models.CharField(max_length=128, blank=True)
     recorded_at = models.DateTimeField(default=timezone.now)
+    # Of input_tokens, those the prefix cache served. A database default: a drain of the
+    # previous release (rolling deploy) still inserts rows without naming it.
+    cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
 
     def __str__(self) -> str:
         return f"{self.request_id} at {self.occurred_at:%Y-%m-%d %H:%M:%S}"
@@ -461,6 +467,9 @@ class UsageRollup(models.Model):
     # database default too: a drain of the previous release (rolling deploy) or a raw
     # insert that does not name the column still writes rows.
     compute_ms = models.BigIntegerField(default=0, db_default=0)
+    # Of input_tokens, those the prefix cache served (billed at the cached input price when
+    # the model has one). A database default for the same reason as compute_ms.
+    cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -496,7 +505,9 @@ class SpendOutbox(models.Model):
 
     # Names the batch in Redis: its applied-marker makes a replay after a crash a no-op.
     batch = models.UUIDField(unique=True)
-    deltas = models.JSONField()  # {organization_id: [input_tokens, output_tokens]}
+    # {organization_id: [input_tokens, output_tokens, cached_input_tokens]}; rows of the
+    # previous release have no third number (read as 0).
+    deltas = models.JSONField()
     # The inserted request ids, kept only when on_counted hooks may need a replay.
     request_ids = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)

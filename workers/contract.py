@@ -288,6 +288,10 @@ class UsageEvent:
     queue_ms: int
     compute_ms: int
     worker: str = ""
+    # Prompt tokens whose KV blocks the prefix cache already held: a subset of input_tokens
+    # (never more), billed at the cached input price. Last, with a default, so events of a
+    # worker that predates it (and positional UsageEvent(*values)) still read.
+    cached_input_tokens: int = 0
 
     def to_fields(self) -> dict[str, str]:
         return {k: str(v) for k, v in dataclasses.asdict(self).items()}

@@ -18,6 +18,7 @@ import redis
 from django.db import transaction
 
 from billing.metering.parse import FIELD_NAMES
+from billing.metering.store import spend_delta
 from billing.models import SpendOutbox
 from billing.models import UsageEvent as UsageEventRow
 from workers.contract import UsageEvent
@@ -29,7 +30,8 @@ SPEND_APPLIED_TTL_S = 7 * 24 * 3600
 
 
 def spend_key(organization_id: str) -> str:
-    """Hash of the tokens counted for an organization: `input_tokens`, `output_tokens`."""
+    """Hash of the tokens counted for an organization: `input_tokens`, `output_tokens`,
+    `cached_input_tokens` (a part of `input_tokens`)."""
     return f"mantle:spend:{organization_id}"
 
 
@@ -68,22 +70,25 @@ def registered_hooks() -> tuple[CountedHook, ...]:
 _APPLY_SPEND_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 for i = 2, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'input_tokens', ARGV[2 * i - 2])
-  redis.call('HINCRBY', KEYS[i], 'output_tokens', ARGV[2 * i - 1])
+  redis.call('HINCRBY', KEYS[i], 'input_tokens', ARGV[3 * i - 4])
+  redis.call('HINCRBY', KEYS[i], 'output_tokens', ARGV[3 * i - 3])
+  redis.call('HINCRBY', KEYS[i], 'cached_input_tokens', ARGV[3 * i - 2])
 end
 return 1
 """
 
 
-def spend_apply(
-    client: redis.Redis, *, batch: str, deltas: Mapping[str, tuple[int, int] | Sequence[int]]
-) -> bool:
-    """Add a committed batch's tokens to `mantle:spend:<org>`, once per batch. True if added."""
+def spend_apply(client: redis.Redis, *, batch: str, deltas: Mapping[str, Sequence[int]]) -> bool:
+    """Add a committed batch's tokens to `mantle:spend:<org>`, once per batch. True if added.
+
+    `deltas`: organization -> (input, output, cached input) tokens; an outbox row of the
+    previous release has only the first two.
+    """
     keys = [spend_applied_key(batch)]
     args: list[Any] = [SPEND_APPLIED_TTL_S]
-    for org, (tokens_in, tokens_out) in sorted(deltas.items()):
+    for org, counts in sorted(deltas.items()):
         keys.append(spend_key(org))
-        args += [int(tokens_in), int(tokens_out)]
+        args += spend_delta(counts)
     return bool(client.eval(_APPLY_SPEND_LUA, len(keys), *keys, *args))
 
 

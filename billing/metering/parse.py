@@ -58,7 +58,12 @@ _STR_LIMITS = tuple(
     for i, (name, kind) in enumerate(zip(FIELD_NAMES, FIELD_TYPES, strict=True))
     if kind is str
 )
-_COUNTS = tuple(POSITION[n] for n in ("input_tokens", "output_tokens", "queue_ms", "compute_ms"))
+_COUNTS = tuple(
+    POSITION[n]
+    for n in ("input_tokens", "output_tokens", "queue_ms", "compute_ms", "cached_input_tokens")
+)
+_INPUT = POSITION["input_tokens"]
+_CACHED = POSITION["cached_input_tokens"]
 _REQUEST_ID = POSITION["request_id"]
 _STARTED = POSITION["started_at"]
 _FINISHED = POSITION["finished_at"]
@@ -74,7 +79,8 @@ def parse_entry(fields: Mapping[str, str], *, not_before: float, not_after: floa
 
     `UsageEvent(*values)` is the event. Raises InvalidUsage for what the database would
     refuse or billing cannot attribute: missing ids, negative or absurd counts, strings
-    longer than their column, times outside [not_before, not_after).
+    longer than their column, more cached input tokens than input tokens, times outside
+    [not_before, not_after).
     """
     raw = [fields.get(name, "") for name in FIELD_NAMES]
     return _parse_values(raw, not_before=not_before, not_after=not_after)
@@ -101,6 +107,12 @@ def _parse_values(values: list[Any], *, not_before: float, not_after: float) -> 
     for i in _COUNTS:
         if not 0 <= values[i] <= MAX_TOKENS_PER_EVENT:
             raise InvalidUsage(f"{FIELD_NAMES[i]} out of range: {values[i]}")
+    if values[_CACHED] > values[_INPUT]:
+        # Cached tokens are a part of the prompt: more of them than the prompt had is a
+        # worker's error, and would bill the prompt at the cheaper price.
+        raise InvalidUsage(
+            f"cached_input_tokens {values[_CACHED]} exceeds input_tokens {values[_INPUT]}"
+        )
     finished = values[_FINISHED]
     if not (math.isfinite(finished) and not_before <= finished < not_after):
         raise InvalidUsage(f"finished_at outside the accepted window: {finished}")

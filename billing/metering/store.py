@@ -28,6 +28,7 @@ _REQUEST_ID = POSITION["request_id"]
 _ORG = POSITION["organization_id"]
 _INPUT = POSITION["input_tokens"]
 _OUTPUT = POSITION["output_tokens"]
+_CACHED = POSITION["cached_input_tokens"]
 _STARTED = POSITION["started_at"]
 _FINISHED = POSITION["finished_at"]
 
@@ -39,7 +40,8 @@ class Stored:
     inserted: int
     duplicates: int
     batch: str | None  # the spend outbox batch, None when nothing was inserted
-    deltas: dict[str, tuple[int, int]]  # organization -> (input, output) tokens inserted
+    # organization -> (input, output, cached input) tokens inserted
+    deltas: dict[str, tuple[int, int, int]]
     events: list[UsageEvent]  # the inserted events, only when asked for
 
 
@@ -72,6 +74,7 @@ _ROW_COLUMNS = [
     "compute_ms",
     "worker",
     "recorded_at",
+    "cached_input_tokens",
 ]
 _SELECT_INCOMING = ", ".join(
     {
@@ -96,25 +99,29 @@ WITH ins AS (
 ), agg AS (
     SELECT {_DIMS}, date_trunc('hour', occurred_at, 'UTC') AS hour, count(*) AS requests,
            sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-           sum(compute_ms) AS compute_ms
+           sum(compute_ms) AS compute_ms, sum(cached_input_tokens) AS cached_input_tokens
     FROM counted GROUP BY {_DIMS}, 6
 ), rollup AS (
     INSERT INTO billing_usagerollup AS r
-        ({_DIMS}, hour, requests, input_tokens, output_tokens, compute_ms, updated_at)
-    SELECT {_DIMS}, hour, requests, input_tokens, output_tokens, compute_ms, now()
+        ({_DIMS}, hour, requests, input_tokens, output_tokens, compute_ms, cached_input_tokens,
+         updated_at)
+    SELECT {_DIMS}, hour, requests, input_tokens, output_tokens, compute_ms, cached_input_tokens,
+           now()
     FROM agg ORDER BY {_DIMS}, hour
     ON CONFLICT ({_DIMS}, hour) DO UPDATE SET
         requests = r.requests + EXCLUDED.requests,
         input_tokens = r.input_tokens + EXCLUDED.input_tokens,
         output_tokens = r.output_tokens + EXCLUDED.output_tokens,
         compute_ms = r.compute_ms + EXCLUDED.compute_ms,
+        cached_input_tokens = r.cached_input_tokens + EXCLUDED.cached_input_tokens,
         updated_at = EXCLUDED.updated_at
 ), per_org AS (
-    SELECT organization_id, sum(input_tokens) AS i, sum(output_tokens) AS o
+    SELECT organization_id, sum(input_tokens) AS i, sum(output_tokens) AS o,
+           sum(cached_input_tokens) AS c
     FROM agg GROUP BY organization_id
 ), outbox AS (
     INSERT INTO billing_spendoutbox (batch, deltas, request_ids, created_at)
-    SELECT %s::uuid, jsonb_object_agg(organization_id, jsonb_build_array(i, o)),
+    SELECT %s::uuid, jsonb_object_agg(organization_id, jsonb_build_array(i, o, c)),
            {{outbox_ids}}, now()
     FROM per_org HAVING count(*) > 0
     RETURNING deltas
@@ -127,10 +134,13 @@ SELECT (SELECT count(*) FROM counted), (SELECT deltas FROM outbox), {{inserted_i
 # again under ON CONFLICT DO NOTHING, counting what RETURNING says was inserted.
 _COUNTED_ALL = (
     f"SELECT request_id, {_DIMS}, to_timestamp(finished_at) AS occurred_at, "  # noqa: S608
-    f"input_tokens, output_tokens, compute_ms FROM {_INCOMING}"
+    f"input_tokens, output_tokens, compute_ms, cached_input_tokens FROM {_INCOMING}"
 )
 _COUNTED_RETURNED = "SELECT * FROM ins"
-_RETURNING = f"RETURNING request_id, {_DIMS}, occurred_at, input_tokens, output_tokens, compute_ms"
+_RETURNING = (
+    f"RETURNING request_id, {_DIMS}, occurred_at, input_tokens, output_tokens, compute_ms, "
+    "cached_input_tokens"
+)
 # The outbox keeps the inserted request ids only when hooks may need them on a replay.
 _STORE = {
     (safe, keep_ids): _STORE_SQL.format(
@@ -171,7 +181,7 @@ def usage_batch_store(
             before_commit()
     if isinstance(deltas_json, str):  # Django leaves jsonb undecoded on raw cursors
         deltas_json = json.loads(deltas_json)
-    deltas = {org: (int(v[0]), int(v[1])) for org, v in (deltas_json or {}).items()}
+    deltas = {org: spend_delta(v) for org, v in (deltas_json or {}).items()}
     events: list[UsageEvent] = []
     if with_events and count:
         if inserted_ids is None:
@@ -216,12 +226,14 @@ _PORTABLE_INSERT = (
 )
 _PORTABLE_ROLLUP = (
     f"INSERT INTO billing_usagerollup ({_DIMS}, hour, requests, input_tokens, "  # noqa: S608
-    "output_tokens, compute_ms, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "output_tokens, compute_ms, cached_input_tokens, updated_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
     f"ON CONFLICT ({_DIMS}, hour) DO UPDATE SET "
     "requests = requests + excluded.requests, "
     "input_tokens = input_tokens + excluded.input_tokens, "
     "output_tokens = output_tokens + excluded.output_tokens, "
     "compute_ms = compute_ms + excluded.compute_ms, "
+    "cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens, "
     "updated_at = excluded.updated_at"
 )
 
@@ -246,6 +258,7 @@ def _store_portable(
                 r[POSITION["compute_ms"]],
                 r[POSITION["worker"]],
                 recorded,
+                r[_CACHED],
             ]
             cursor.execute(_PORTABLE_INSERT, values)
             if cursor.rowcount != 1:
@@ -255,26 +268,35 @@ def _store_portable(
                 occurred.replace(minute=0, second=0, microsecond=0)
             )
             key = (*(r[POSITION[n]] for n in _DIMS.split(", ")), hour)
-            acc = sums.setdefault(key, [0, 0, 0, 0])
+            acc = sums.setdefault(key, [0, 0, 0, 0, 0])
             acc[0] += 1
             acc[1] += r[_INPUT]
             acc[2] += r[_OUTPUT]
             acc[3] += r[POSITION["compute_ms"]]
-        for key, (requests, tokens_in, tokens_out, compute) in sorted(sums.items()):
+            acc[4] += r[_CACHED]
+        for key, (requests, tokens_in, tokens_out, compute, cached) in sorted(sums.items()):
             cursor.execute(
-                _PORTABLE_ROLLUP, [*key, requests, tokens_in, tokens_out, compute, recorded]
+                _PORTABLE_ROLLUP,
+                [*key, requests, tokens_in, tokens_out, compute, cached, recorded],
             )
     deltas: dict[str, list[int]] = {}
     for r in inserted:
-        acc = deltas.setdefault(r[_ORG], [0, 0])
+        acc = deltas.setdefault(r[_ORG], [0, 0, 0])
         acc[0] += r[_INPUT]
         acc[1] += r[_OUTPUT]
+        acc[2] += r[_CACHED]
     ids = [r[_REQUEST_ID] for r in inserted]
     if deltas:
         SpendOutbox.objects.create(
             batch=batch, deltas=deltas, request_ids=ids if keep_ids else None
         )
     return len(inserted), deltas or None, ids
+
+
+def spend_delta(value: Sequence[Any]) -> tuple[int, int, int]:
+    """An outbox row's (input, output, cached input) tokens of one organization. A row of
+    the previous release (replayed after an upgrade) has no cached count: 0."""
+    return int(value[0]), int(value[1]), int(value[2]) if len(value) > 2 else 0
 
 
 def usage_rows_months(rows: Sequence[Sequence[Any]]) -> list[datetime]:
@@ -291,7 +313,7 @@ def usage_rows_months(rows: Sequence[Sequence[Any]]) -> list[datetime]:
 
 
 def rollup_totals(organization_id: str | None = None) -> dict[str, int]:
-    """Sums over the rollups (tests, the back office): requests and tokens."""
+    """Sums over the rollups (tests, the back office): requests, tokens, compute time."""
     qs = UsageRollup.objects.all()
     if organization_id is not None:
         qs = qs.filter(organization_id=organization_id)
@@ -300,5 +322,6 @@ def rollup_totals(organization_id: str | None = None) -> dict[str, int]:
         input_tokens=Sum("input_tokens"),
         output_tokens=Sum("output_tokens"),
         compute_ms=Sum("compute_ms"),
+        cached_input_tokens=Sum("cached_input_tokens"),
     )
     return {k: int(v or 0) for k, v in sums.items()}

@@ -43,6 +43,9 @@ class UsageEventFactory(factory.Factory):
     queue_ms = 3
     compute_ms = 1500
     worker = "cpu-test"
+    # A quarter of the prompt from the prefix cache, so every drain test counts cached
+    # tokens too (and a test that sets input_tokens never gets more cached than input).
+    cached_input_tokens = factory.LazyAttribute(lambda o: o.input_tokens // 4)
 
 
 def emit(client: redis.Redis, events: Iterable[ContractEvent]) -> list[str]:
@@ -58,6 +61,7 @@ class Totals:
     requests: int
     input_tokens: int
     output_tokens: int
+    cached_input_tokens: int
 
 
 def expected_totals(events: Iterable[ContractEvent]) -> Totals:
@@ -66,24 +70,35 @@ def expected_totals(events: Iterable[ContractEvent]) -> Totals:
         requests=len(events),
         input_tokens=sum(e.input_tokens for e in events),
         output_tokens=sum(e.output_tokens for e in events),
+        cached_input_tokens=sum(e.cached_input_tokens for e in events),
     )
 
 
 def raw_totals() -> Totals:
     sums = UsageEvent.objects.aggregate(
-        n=Count("request_id"), i=Sum("input_tokens"), o=Sum("output_tokens")
+        n=Count("request_id"),
+        i=Sum("input_tokens"),
+        o=Sum("output_tokens"),
+        ci=Sum("cached_input_tokens"),
     )
-    return Totals(requests=sums["n"], input_tokens=sums["i"] or 0, output_tokens=sums["o"] or 0)
+    return Totals(sums["n"], sums["i"] or 0, sums["o"] or 0, sums["ci"] or 0)
 
 
 def rollup_totals() -> Totals:
     sums = store.rollup_totals()
-    return Totals(sums["requests"], sums["input_tokens"], sums["output_tokens"])
+    return Totals(
+        sums["requests"], sums["input_tokens"], sums["output_tokens"], sums["cached_input_tokens"]
+    )
 
 
 def spend(client: redis.Redis, organization_id: str) -> tuple[int, int]:
     values = client.hmget(outbox.spend_key(organization_id), "input_tokens", "output_tokens")
     return int(values[0] or 0), int(values[1] or 0)
+
+
+def cached_spend(client: redis.Redis, organization_id: str) -> int:
+    """The organization's counted cached input tokens in `mantle:spend:<org>`."""
+    return int(client.hget(outbox.spend_key(organization_id), "cached_input_tokens") or 0)
 
 
 def pending_count(client: redis.Redis) -> int:

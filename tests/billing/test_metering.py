@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import operator
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,10 +18,11 @@ from prometheus_client import REGISTRY
 
 from billing.metering import outbox, parse, partitions, store, stream
 from billing.metering.drain import Drain, DrainTotals, usage_drain
-from billing.models import SpendOutbox, UsageEvent
+from billing.models import SpendOutbox, UsageEvent, UsageRollup
 from core.redis import get_redis
 from tests.billing.metering_support import (
     UsageEventFactory,
+    cached_spend,
     emit,
     expected_totals,
     hour_start,
@@ -323,6 +326,101 @@ def test_outbox_replay_after_a_crash_between_commit_and_spend_applies_once() -> 
 
     assert spend(client, "org_initech") == (300, 60)
     assert SpendOutbox.objects.count() == 0
+
+
+def test_cached_input_tokens_are_stored_rolled_up_and_spent_exactly_once() -> None:
+    client = get_redis()
+    base = hour_start(7200)
+    first = [
+        UsageEventFactory(finished_at=base + 1, input_tokens=9, cached_input_tokens=9),
+        UsageEventFactory(finished_at=base + 2, input_tokens=9, cached_input_tokens=0),
+        UsageEventFactory(
+            finished_at=base + 3, organization_id="org_globex", input_tokens=50,
+            cached_input_tokens=32,
+        ),
+    ]  # fmt: skip
+    emit(client, first)
+    drain(batch_size=2)
+    # Redelivered copies (as after a crash) next to one new event of the same hour.
+    late = UsageEventFactory(
+        request_id="req_d", finished_at=base + 4, input_tokens=5, cached_input_tokens=4
+    )
+    emit(client, [first[0], late, first[2]])
+
+    totals = drain()
+
+    assert (totals.inserted, totals.duplicates) == (1, 2)
+    stored = dict(UsageEvent.objects.values_list("request_id", "cached_input_tokens"))
+    assert stored == {e.request_id: e.cached_input_tokens for e in [*first, late]}
+    assert sorted(stored.values()) == [0, 4, 9, 32]
+    rollups = UsageRollup.objects.order_by("organization_id")
+    assert [(r.organization_id, r.input_tokens, r.cached_input_tokens) for r in rollups] == [
+        ("org_acme", 23, 13),
+        ("org_globex", 50, 32),
+    ]
+    assert raw_totals() == rollup_totals() == expected_totals([*first, late])
+    assert (cached_spend(client, "org_acme"), cached_spend(client, "org_globex")) == (13, 32)
+    assert spend(client, "org_acme") == (23, 60)
+
+
+def test_hooks_replayed_from_the_outbox_get_the_cached_counts() -> None:
+    client = get_redis()
+    events = [UsageEventFactory(input_tokens=40, cached_input_tokens=c) for c in (0, 17, 40)]
+    emit(client, events)
+    calls: list[list[ContractEvent]] = []
+
+    def flaky(batch: Sequence[ContractEvent]) -> None:
+        calls.append(list(batch))
+        if len(calls) == 1:
+            raise RuntimeError("downstream unavailable")
+
+    usage_drain(consumer="test", client=client, once=True, hooks=[flaky])
+    outbox.outbox_replay(client, hooks=[flaky])
+
+    # The replay reads the events back from the raw table: the same events, counts and all.
+    key = operator.attrgetter("request_id")
+    assert sorted(calls[0], key=key) == sorted(calls[1], key=key) == sorted(events, key=key)
+
+
+def test_an_outbox_row_of_the_previous_release_is_replayed_without_cached_counts() -> None:
+    client = get_redis()
+    # Written by a drain that predates cached input tokens: two numbers per organization.
+    SpendOutbox.objects.create(batch=uuid.uuid4(), deltas={"org_old": [12, 34]})
+
+    assert outbox.outbox_replay(client) == 1
+
+    assert spend(client, "org_old") == (12, 34)
+    assert cached_spend(client, "org_old") == 0
+
+
+def test_an_event_of_a_worker_without_the_cached_count_has_none() -> None:
+    client = get_redis()
+    fields = UsageEventFactory(request_id="req_old_worker").to_fields()
+    del fields["cached_input_tokens"]
+    client.xadd(USAGE_STREAM, fields)  # type: ignore[arg-type]
+
+    totals = drain()
+
+    assert totals.inserted == 1
+    stored = UsageEvent.objects.get(request_id="req_old_worker")
+    assert (stored.input_tokens, stored.cached_input_tokens) == (100, 0)
+    assert rollup_totals().cached_input_tokens == 0
+
+
+def test_more_cached_than_input_tokens_goes_to_the_dead_letters() -> None:
+    client = get_redis()
+    good = UsageEventFactory()
+    bad = UsageEventFactory(request_id="req_bad", input_tokens=10, cached_input_tokens=11)
+    emit(client, [good, bad])
+
+    totals = drain()
+
+    assert (totals.inserted, totals.dead) == (1, 1)
+    assert list(UsageEvent.objects.values_list("request_id", flat=True)) == [good.request_id]
+    assert rollup_totals() == expected_totals([good])
+    [(_, dead)] = client.xrange(stream.DEAD_LETTER_STREAM)
+    assert dead["_reason"] == "cached_input_tokens 11 exceeds input_tokens 10"
+    assert pending_count(client) == 0
 
 
 def test_spend_apply_is_once_per_batch() -> None:

@@ -17,6 +17,7 @@ from billing.metering import drain
 from core.redis import get_redis
 from tests.billing.metering_support import (
     UsageEventFactory,
+    cached_spend,
     emit,
     expected_totals,
     outbox_count,
@@ -82,12 +83,14 @@ def assert_counted_exactly(events: Sequence[ContractEvent]) -> None:
     client = get_redis()
     assert raw_totals() == expected_totals(events)
     assert rollup_totals() == expected_totals(events)
-    per_org: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_org: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for event in events:
         per_org[event.organization_id][0] += event.input_tokens
         per_org[event.organization_id][1] += event.output_tokens
-    for org, (tokens_in, tokens_out) in per_org.items():
+        per_org[event.organization_id][2] += event.cached_input_tokens
+    for org, (tokens_in, tokens_out, tokens_cached) in per_org.items():
         assert spend(client, org) == (tokens_in, tokens_out)
+        assert cached_spend(client, org) == tokens_cached
     assert pending_count(client) == 0
     assert outbox_count() == 0
 
