@@ -36,6 +36,7 @@ from billing.pricing import (
     Unpriced,
     billed_quantities,
     commit_discount,
+    counted_as,
     model_kinds,
 )
 from core.errors import Conflict, InvalidInput
@@ -57,6 +58,7 @@ HeldKey = tuple[date, str, str]
 # How a line names its unit: "input tokens", "requests", "compute milliseconds".
 UNIT_LABELS = {
     TokenKind.INPUT.value: "input tokens",
+    TokenKind.CACHED_INPUT.value: "cached input tokens",
     TokenKind.OUTPUT.value: "output tokens",
     TokenKind.REQUEST.value: "requests",
     TokenKind.COMPUTE_MS.value: "compute milliseconds",
@@ -181,15 +183,16 @@ def uninvoiced_quantities(
     unpriced rollups minus what is already held (HeldUsage; the rows of `draft_id`, being
     recomputed, excepted), summed into `unpriced` when given. Months whose billed totals
     match what was issued and held are not rated again, so this stays cheap over a long
-    history.
+    history. The comparison counts cached input tokens with input tokens (`counted_as`):
+    whether they were billed apart depends on the prices of their hours, not on the usage.
     """
     issued = issued_quantities(organization_id)
     held = held_quantities(organization_id, exclude_invoice=draft_id)
     accounted: dict[HeldKey, int] = defaultdict(int)
     for (month, model, kind, _), qty in issued.items():
-        accounted[(month, model, kind)] += qty
-    for held_key, qty in held.items():
-        accounted[held_key] += qty
+        accounted[(month, model, counted_as(kind))] += qty
+    for (month, model, kind), qty in held.items():
+        accounted[(month, model, counted_as(kind))] += qty
     rollups = UsageRollup.objects.filter(organization_id=organization_id, hour__lt=until)
     if since is not None:
         rollups = rollups.filter(hour__gte=since)
@@ -206,10 +209,10 @@ def uninvoiced_quantities(
         month = month_start(row["month"]).date()
         if month in skip or month in months:
             continue
-        if any(
-            qty != accounted[(month, row["model_name"], unit)]
-            for unit, qty in billed_quantities(row, kinds[row["model_name"]])
-        ):
+        used: dict[str, int] = defaultdict(int)
+        for unit, qty in billed_quantities(row, kinds[row["model_name"]]):
+            used[counted_as(unit)] += qty
+        if any(qty != accounted[(month, row["model_name"], unit)] for unit, qty in used.items()):
             months.add(month)
     left: dict[LineKey, Rated] = {}
     for month in sorted(months):

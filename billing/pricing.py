@@ -45,40 +45,74 @@ HUNDRED = Decimal(100)
 ZERO = Decimal(0)
 
 
+INPUT = TokenKind.INPUT.value
+OUTPUT = TokenKind.OUTPUT.value
+CACHED_INPUT = TokenKind.CACHED_INPUT.value
+
 # What each kind of model is billed by: text models by tokens, tensor models (the /v2
 # protocol, no tokens) by requests and compute time. Prices are per million units of each.
-TEXT_UNITS: tuple[str, str] = (TokenKind.INPUT.value, TokenKind.OUTPUT.value)
+# These are the units a model must have prices for to be served; a text model's prompt
+# tokens that the prefix cache served are billed by `cached_input` on top, but only where
+# the book prices it (PriceBook.cached_input_price): otherwise they are input tokens.
+TEXT_UNITS: tuple[str, str] = (INPUT, OUTPUT)
 TENSOR_UNITS: tuple[str, str] = (TokenKind.REQUEST.value, TokenKind.COMPUTE_MS.value)
+TOKEN_UNITS: tuple[str, ...] = (INPUT, CACHED_INPUT, OUTPUT)
+"""The units that count tokens (the console's "unpriced tokens")."""
 
 
 def billed_units(model_kind: str) -> tuple[str, str]:
-    """The two units a model of `model_kind` (catalog Model.Kind) is billed by."""
+    """The two units a model of `model_kind` (catalog Model.Kind) must be priced for."""
     return TENSOR_UNITS if model_kind == "tensor" else TEXT_UNITS
 
 
 # Each unit's column in UsageRollup, and the sums of them every rater reads (annotations on
 # a values() query, keyed by `_SUM_OF_UNIT`): one path from rollups to billed quantities.
+# `cached_input_tokens` is a part of `input_tokens` (split_quantities splits them).
 UNIT_COLUMNS = {
-    TokenKind.INPUT.value: "input_tokens",
-    TokenKind.OUTPUT.value: "output_tokens",
+    INPUT: "input_tokens",
+    OUTPUT: "output_tokens",
     TokenKind.REQUEST.value: "requests",
     TokenKind.COMPUTE_MS.value: "compute_ms",
+    CACHED_INPUT: "cached_input_tokens",
 }
 _SUM_OF_UNIT = {
-    TokenKind.INPUT.value: "i",
-    TokenKind.OUTPUT.value: "o",
+    INPUT: "i",
+    OUTPUT: "o",
     TokenKind.REQUEST.value: "r",
     TokenKind.COMPUTE_MS.value: "c",
+    CACHED_INPUT: "ci",
 }
 ROLLUP_SUMS = {_SUM_OF_UNIT[unit]: Sum(column) for unit, column in UNIT_COLUMNS.items()}
 
 
 def billed_quantities(row: Mapping[str, Any], model_kind: str) -> list[tuple[str, int]]:
     """(unit, quantity) billed for a rollup group annotated with ROLLUP_SUMS: tokens for
-    text models, requests and compute time for tensor models (a text model's compute
-    time is in its token price)."""
+    text models (`split_quantities`), requests and compute time for tensor models (a text
+    model's compute time is in its token price)."""
     # Mapping[str, Any]: django-stubs' values() row types leave the annotated sums out.
-    return [(u, int(row[_SUM_OF_UNIT[u]] or 0)) for u in billed_units(model_kind)]
+    totals = {unit: int(row[key] or 0) for unit, key in _SUM_OF_UNIT.items()}
+    return split_quantities(totals, model_kind)
+
+
+def split_quantities(totals: Mapping[str, int], model_kind: str) -> list[tuple[str, int]]:
+    """(unit, quantity) billed, from each unit's column total (unit -> sum of its
+    UNIT_COLUMNS column). A text model's input tokens count the cached ones too: `input`
+    is the uncached part, `cached_input` the cached one (`PriceBook.rate` bills them as
+    input again when no cached price applies), so every token is in exactly one unit."""
+    if model_kind == "tensor":
+        return [(unit, int(totals.get(unit, 0))) for unit in TENSOR_UNITS]
+    cached = int(totals.get(CACHED_INPUT, 0))
+    return [
+        (INPUT, int(totals.get(INPUT, 0)) - cached),
+        (CACHED_INPUT, cached),
+        (OUTPUT, int(totals.get(OUTPUT, 0))),
+    ]
+
+
+def counted_as(unit: str) -> str:
+    """The unit whose column total `unit`'s quantities are a part of: cached input tokens
+    are input tokens (and billed as such where no cached price applies)."""
+    return INPUT if unit == CACHED_INPUT else unit
 
 
 def model_kinds(model_names: Iterable[str]) -> dict[str, str]:
@@ -249,14 +283,35 @@ class PriceBook:
             return EffectivePrice(model_name, token_kind, unit, listed, "discount")
         return EffectivePrice(model_name, token_kind, listed, listed, "list")
 
+    def cached_input_price(self, model_name: str, at: datetime) -> EffectivePrice | None:
+        """The price of a prompt token the prefix cache served, or None when such tokens
+        are billed as input tokens: when nothing prices `cached_input` for the model then,
+        or when that price is above the input price in effect (a rate or discount on
+        `input` alone can bring it below): a cached token never costs more than an
+        uncached one. So a price book without cached prices rates exactly as before."""
+        cached = self.effective(model_name, CACHED_INPUT, at)
+        if cached is None:
+            return None
+        uncached = self.effective(model_name, INPUT, at)
+        if uncached is not None and cached.unit_price > uncached.unit_price:
+            return None
+        return cached
+
     def rate(
         self, model_name: str, hour: datetime, quantities: Iterable[tuple[str, int]]
     ) -> Rating:
-        """(unit, quantity) pairs of one model in one hour at the prices in effect then."""
+        """(unit, quantity) pairs of one model in one hour at the prices in effect then.
+
+        `cached_input` tokens are added to the `input` quantity (one charge, one invoice
+        line) when no cached price applies (`cached_input_price`).
+        """
+        billed = dict(quantities)
+        if billed.get(CACHED_INPUT) and self.cached_input_price(model_name, hour) is None:
+            billed[INPUT] = billed.get(INPUT, 0) + billed.pop(CACHED_INPUT)
         return Rating(
             tuple(
                 Charge(unit, qty, self.effective(model_name, unit, hour))
-                for unit, qty in quantities
+                for unit, qty in billed.items()
                 if qty
             )
         )

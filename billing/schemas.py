@@ -58,7 +58,10 @@ class InvoiceLineOut(Schema):
     label: str
     usage_month: date | None
     model_name: str
-    token_kind: str
+    token_kind: str = Field(
+        description="the unit: input | cached_input (prompt tokens served from the prefix "
+        "cache, where the model has a cached price) | output | request | compute_ms"
+    )
     quantity: int = Field(description="tokens")
     unit_price: str | None = Field(description="per million tokens")
     amount: str

@@ -12,7 +12,7 @@ from django.utils import timezone
 from accounts.principal import SYSTEM, Principal
 from billing.models import Price
 from billing.periods import hour_start
-from billing.pricing import billed_units, price_set
+from billing.pricing import CACHED_INPUT, billed_units, price_set
 from catalog.models import Model
 from core.errors import InvalidInput
 
@@ -25,6 +25,15 @@ STARTER_PRICES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("0.050000000", "0.200000000"),
     "all-minilm-l6-v2": ("0.010000000", "0"),
     "mantle-echo": ("0", "0"),
+}
+# USD per million cached input tokens (prompt tokens the prefix cache served), half the
+# input price: a cached token skips its prefill, but its KV blocks still take cache memory
+# for the whole request and every generated token still attends over it, so it is cheaper,
+# not free; and 50% is the discount OpenAI gave cached prompt tokens when it introduced
+# them, which is what customers expect to compare with. Generative models only: an encoder
+# has no prefix cache (its cached count is always 0), and the echo model is free.
+STARTER_CACHED_INPUT_PRICES: dict[str, str] = {
+    "smollm2-135m-instruct": "0.025000000",
 }
 
 
@@ -41,7 +50,10 @@ def starter_prices_ensure(*, principal: Principal) -> list[Price]:
             continue
         if Price.objects.filter(model_name=name).exists():
             continue
-        for kind, unit in (("input", price_in), ("output", price_out)):
+        units = [("input", price_in), ("output", price_out)]
+        if name in STARTER_CACHED_INPUT_PRICES:
+            units.append(("cached_input", STARTER_CACHED_INPUT_PRICES[name]))
+        for kind, unit in units:
             created.append(
                 price_set(
                     principal=principal,
@@ -53,7 +65,9 @@ def starter_prices_ensure(*, principal: Principal) -> list[Price]:
                 )
             )
         logger.info(
-            "starter prices for %s: %s in, %s out per million tokens", name, price_in, price_out
+            "starter prices for %s per million tokens: %s",
+            name,
+            ", ".join(f"{kind} {unit}" for kind, unit in units),
         )
     return created
 
@@ -67,17 +81,21 @@ def compiled_model_prices_ensure(*, principal: Principal, model: Model) -> list[
     """Gives a newly compiled model the operator's default list price, from this hour.
 
     MANTLE_COMPILED_MODEL_PRICES names a price per unit; the model gets the two units of
-    its kind (billing.pricing.billed_units). Without both, it stays unpriced: admission
-    refuses it (403 model_not_priced) until an operator prices it, so a tenant's own
-    model never runs free by accident. A model that already has a price is left alone.
+    its kind (billing.pricing.billed_units), and a text model `cached_input` too when the
+    setting names it (else its cached tokens are billed as input). Without both units of
+    its kind, it stays unpriced: admission refuses it (403 model_not_priced) until an
+    operator prices it, so a tenant's own model never runs free by accident. A model that
+    already has a price is left alone.
     """
     defaults: dict[str, str] = settings.MANTLE_COMPILED_MODEL_PRICES
-    units = billed_units(model.kind)
+    units: tuple[str, ...] = billed_units(model.kind)
     if not all(unit in defaults for unit in units):
         logger.info("compiled model %s has no default price: not served until priced", model)
         return []
     if Price.objects.filter(model_name=model.name).exists():
         return []
+    if model.kind != Model.Kind.TENSOR and CACHED_INPUT in defaults:
+        units = (*units, CACHED_INPUT)
     start = hour_start(timezone.now())
     try:
         with transaction.atomic():

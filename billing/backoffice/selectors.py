@@ -39,8 +39,8 @@ from billing.pricing import (
     ROLLUP_SUMS,
     UNIT_COLUMNS,
     PriceBook,
-    billed_units,
     model_kinds,
+    split_quantities,
 )
 from billing.selectors import Balance, balance_summary, invoices
 from catalog.models import Endpoint
@@ -65,9 +65,12 @@ CSV_AMOUNT_COLUMNS = ("amount", "currency")
 """Each row rated at its organization's prices for that hour (list prices with its rate
 overrides and discounts), exact to the nano; blank when nothing prices the model. Commit
 tiers and credits apply to a month's totals, so they are on invoices, not here."""
+CSV_LATER_COLUMNS = ("cached_input_tokens",)
+"""Columns added since, at the end so that none of the earlier ones moves: of
+input_tokens, those the prefix cache served."""
 # What a CSV row reads: its columns, then compute_ms, which only its amount uses (tensor
-# models bill it).
-_CSV_READ = (*CSV_COLUMNS, "compute_ms")
+# models bill it), then the later columns.
+_CSV_READ = (*CSV_COLUMNS, "compute_ms", *CSV_LATER_COLUMNS)
 # Rows per database round trip while streaming: memory stays at one chunk.
 CSV_CHUNK_ROWS = 2000
 
@@ -93,6 +96,7 @@ class ModelUsage:
     requests: int
     input_tokens: int
     output_tokens: int
+    cached_input_tokens: int = 0  # of input_tokens, those the prefix cache served
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def customer_overview(org: Organization, *, now: datetime | None = None) -> Cust
     usage = (
         UsageRollup.objects.filter(organization_id=org.id, hour__gte=month)
         .values("model_name")
-        .annotate(r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens"))
+        .annotate(**_MODEL_SUMS)
         .order_by("model_name")
     )
     return CustomerOverview(
@@ -169,7 +173,7 @@ def customer_overview(org: Organization, *, now: datetime | None = None) -> Cust
         ),
         ledger=list(credit_entries(org)[:50]),
         budgets=[BudgetRow(b, budget_spend(b, month)) for b in budgets(org)],
-        usage=[ModelUsage(u["model_name"], u["r"], u["i"], u["o"]) for u in usage],
+        usage=[_model_usage(u) for u in usage],
         invoices=list(invoices(org)[:24]),
         credit_notes=list(credit_notes(org).select_related("invoice")[:24]),
         overrides=list(
@@ -275,18 +279,29 @@ class UsageTotals:
     # Usage charges (exact, before discounts and credits); only for one organization,
     # whose own prices and contract terms apply.
     charges: Decimal | None = None
+    cached_input_tokens: int = 0  # of input_tokens, those the prefix cache served
+
+
+_MODEL_SUMS = {
+    "r": Sum("requests"),
+    "i": Sum("input_tokens"),
+    "o": Sum("output_tokens"),
+    "ci": Sum("cached_input_tokens"),
+}
+
+
+def _model_usage(row: Mapping[str, Any]) -> ModelUsage:
+    return ModelUsage(
+        row["model_name"], row["r"] or 0, row["i"] or 0, row["o"] or 0, row["ci"] or 0
+    )
 
 
 def usage_totals(f: UsageFilter) -> UsageTotals:
     rows = usage_rows(f)
-    agg = rows.aggregate(
-        n=Count("id"), r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens")
-    )
+    agg = rows.aggregate(n=Count("id"), **_MODEL_SUMS)
     by_model = [
-        ModelUsage(m["model_name"], m["r"], m["i"], m["o"])
-        for m in rows.values("model_name")
-        .annotate(r=Sum("requests"), i=Sum("input_tokens"), o=Sum("output_tokens"))
-        .order_by("model_name")
+        _model_usage(m)
+        for m in rows.values("model_name").annotate(**_MODEL_SUMS).order_by("model_name")
     ]
     charges = None
     if f.organization_id:
@@ -298,6 +313,7 @@ def usage_totals(f: UsageFilter) -> UsageTotals:
         output_tokens=agg["o"] or 0,
         by_model=by_model,
         charges=charges,
+        cached_input_tokens=agg["ci"] or 0,
     )
 
 
@@ -321,14 +337,15 @@ def usage_csv(f: UsageFilter) -> Iterator[str]:
     buffer = io.StringIO()
     # Model names (and any text column added later) may be a customer's: formulas defused.
     writer = csv_writer(buffer, lineterminator="\n")
-    writer.writerow((*CSV_COLUMNS, *CSV_AMOUNT_COLUMNS))
+    writer.writerow((*CSV_COLUMNS, *CSV_AMOUNT_COLUMNS, *CSV_LATER_COLUMNS))
     rated = _RowRater()
     rows = _csv_values(f).iterator(chunk_size=CSV_CHUNK_ROWS)
     while True:
         chunk = list(islice(rows, CSV_CHUNK_ROWS))
         for row in chunk:
             written = row[1 : len(CSV_COLUMNS)]
-            writer.writerow((row[0].strftime("%Y-%m-%dT%H:%M:%SZ"), *written, *rated(row)))
+            later = row[len(_CSV_READ) - len(CSV_LATER_COLUMNS) :]
+            writer.writerow((row[0].strftime("%Y-%m-%dT%H:%M:%SZ"), *written, *rated(row), *later))
         text = buffer.getvalue()
         buffer.seek(0)
         buffer.truncate(0)
@@ -361,8 +378,8 @@ class _RowRater:
         kind = self._kinds.get(model_name)
         if kind is None:
             kind = self._kinds[model_name] = model_kinds([model_name])[model_name]
-        quantities = [(unit, row[self._AT_UNIT[unit]]) for unit in billed_units(kind)]
-        amount = book.rate(model_name, row[at["hour"]], quantities).amount
+        totals = {unit: row[i] for unit, i in self._AT_UNIT.items()}
+        amount = book.rate(model_name, row[at["hour"]], split_quantities(totals, kind)).amount
         if amount is None:
             return "", ""
         return str(amount.quantize(self._NANO)), self._currency
@@ -393,6 +410,7 @@ class DayPoint:
     input_tokens: int
     output_tokens: int
     revenue: Decimal
+    cached_input_tokens: int = 0  # of input_tokens, those the prefix cache served
 
 
 @dataclass(frozen=True)
@@ -401,6 +419,7 @@ class ModelPoint:
     input_tokens: int
     output_tokens: int
     revenue: Decimal
+    cached_input_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -439,9 +458,9 @@ def dashboard(*, now: datetime | None = None, days: int = 30, top: int = 10) -> 
     per_day: dict[date, list[Any]] = {}
     day = start.date()
     while day <= end.date():
-        per_day[day] = [0, 0, ZERO]
+        per_day[day] = [0, 0, ZERO, 0]
         day += timedelta(days=1)
-    per_model: dict[str, list[Any]] = defaultdict(lambda: [0, 0, ZERO])
+    per_model: dict[str, list[Any]] = defaultdict(lambda: [0, 0, ZERO, 0])
     per_org: dict[str, list[Any]] = defaultdict(lambda: [ZERO, 0])
     rows = UsageRollup.objects.filter(hour__gte=start, hour__lt=end)
     grouped = (
@@ -457,14 +476,16 @@ def dashboard(*, now: datetime | None = None, days: int = 30, top: int = 10) -> 
         for g, rating in book.rate_rollups(groups, kinds=kinds):
             revenue = rating.amount or ZERO
             d = g["hour"].astimezone(UTC).date()
-            bucket = per_day.setdefault(d, [0, 0, ZERO])
+            bucket = per_day.setdefault(d, [0, 0, ZERO, 0])
             bucket[0] += g["i"]
             bucket[1] += g["o"]
             bucket[2] += revenue
+            bucket[3] += g["ci"]
             m = per_model[g["model_name"]]
             m[0] += g["i"]
             m[1] += g["o"]
             m[2] += revenue
+            m[3] += g["ci"]
             o = per_org[organization_id]
             o[0] += revenue
             o[1] += g["i"] + g["o"]
@@ -480,9 +501,9 @@ def dashboard(*, now: datetime | None = None, days: int = 30, top: int = 10) -> 
     return Dashboard(
         start=start,
         end=end,
-        days=[DayPoint(d, v[0], v[1], v[2]) for d, v in sorted(per_day.items())],
+        days=[DayPoint(d, v[0], v[1], v[2], v[3]) for d, v in sorted(per_day.items())],
         models=[
-            ModelPoint(name, v[0], v[1], v[2])
+            ModelPoint(name, v[0], v[1], v[2], v[3])
             for name, v in sorted(per_model.items(), key=lambda item: (-item[1][2], item[0]))
         ],
         top_customers=[

@@ -462,7 +462,10 @@ def dashboard_context(request: HttpRequest) -> dict[str, Any]:
     d = selectors.dashboard()
     charts = {
         "days": [p.day.isoformat() for p in d.days],
-        "input": [p.input_tokens for p in d.days],
+        # Input split into what the prefix cache served and the rest, so the bars still
+        # stack up to every token.
+        "input": [p.input_tokens - p.cached_input_tokens for p in d.days],
+        "cached_input": [p.cached_input_tokens for p in d.days],
         "output": [p.output_tokens for p in d.days],
         "revenue": [_money(p.revenue) for p in d.days],
         "models": [m.model_name for m in d.models],

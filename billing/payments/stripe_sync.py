@@ -28,7 +28,7 @@ from billing.payments.stripe_types import (
     StripeDisabled,
     hour_floor,
 )
-from billing.pricing import ROLLUP_SUMS, billed_quantities, model_kinds
+from billing.pricing import ROLLUP_SUMS, PriceBook, billed_quantities, model_kinds
 from core.errors import Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -295,16 +295,24 @@ def stripe_meter_push_hour(*, hour: datetime) -> int:
     orgs = Organization.objects.in_bulk({row["organization_id"] for row in rows})
     # Each model's own units: tokens for text models, requests and compute for tensors.
     kinds = model_kinds(row["model_name"] for row in rows)
+    books: dict[str, PriceBook] = {}
     sent = 0
     for row in rows:
         org = orgs.get(row["organization_id"])
         if org is None:
             continue
         model = row["model_name"]
-        for kind, quantity in billed_quantities(row, kinds[model]):
-            if quantity > 0:
-                stripe_meter_push(org=org, model=model, kind=kind, hour=start, quantity=quantity)
-                sent += 1
+        book = books.get(org.id)
+        if book is None:
+            book = books[org.id] = PriceBook.load(org.id)
+        # In the units the invoice would bill: cached input tokens apart only where the
+        # organization's book prices them then, else counted as input tokens.
+        rating = book.rate(model, start, billed_quantities(row, kinds[model]))
+        for charge in rating.charges:
+            stripe_meter_push(
+                org=org, model=model, kind=charge.unit, hour=start, quantity=charge.quantity
+            )
+            sent += 1
     return sent
 
 

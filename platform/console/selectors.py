@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from accounts.models import ApiKey, Organization, Project
 from billing.models import TokenKind, UsageRollup
-from billing.pricing import ROLLUP_SUMS, PriceBook
+from billing.pricing import ROLLUP_SUMS, TOKEN_UNITS, PriceBook
 from catalog.models import Endpoint, Model, ModelVersion
 from catalog.selectors import endpoints_visible_to
 from core.csv_export import csv_writer
@@ -42,6 +42,7 @@ class UsageRow:
     cost: Decimal = ZERO
     unpriced_tokens: int = 0
     compute_ms: int = 0  # tensor models are billed per request and compute millisecond
+    cached_input_tokens: int = 0  # of input_tokens, those the prefix cache served
 
     @property
     def total_tokens(self) -> int:
@@ -131,7 +132,7 @@ def usage_report(
         cost = rating.amount or ZERO
         unpriced = 0
         for charge in rating.unpriced:
-            if charge.unit in (TokenKind.INPUT, TokenKind.OUTPUT):
+            if charge.unit in TOKEN_UNITS:
                 unpriced += charge.quantity
             unpriced_models.add(g["model_name"])
         for target in (row, total):
@@ -139,6 +140,7 @@ def usage_report(
             target.input_tokens += g["i"]
             target.output_tokens += g["o"]
             target.compute_ms += g["c"] or 0
+            target.cached_input_tokens += g["ci"] or 0
             target.cost += cost
             target.unpriced_tokens += unpriced
     ordered = list(rows.values())
@@ -165,17 +167,21 @@ def _labels(org: Organization, dimension: str) -> dict[str, str]:
 
 
 def usage_csv(report: UsageReport) -> str:
-    """The report's table as CSV; costs at full precision (nine decimals, like prices)."""
+    """The report's table as CSV; costs at full precision (nine decimals, like prices).
+
+    `cached_input_tokens` (a part of `input_tokens`) is the last column: columns are only
+    ever added at the end, so a customer's script that reads them by position keeps working.
+    """
     out = io.StringIO()
     writer = csv_writer(out)  # names are the customer's: formula cells are defused
     writer.writerow(
         [report.dimension, "id", "requests", "input_tokens", "output_tokens", "total_tokens",
-         f"cost_{report.currency.lower()}", "unpriced_tokens"]
+         f"cost_{report.currency.lower()}", "unpriced_tokens", "cached_input_tokens"]
     )  # fmt: skip
     for r in [*report.rows, report.total]:
         writer.writerow(
             [r.label, r.key, r.requests, r.input_tokens, r.output_tokens, r.total_tokens,
-             f"{r.cost:.9f}", r.unpriced_tokens]
+             f"{r.cost:.9f}", r.unpriced_tokens, r.cached_input_tokens]
         )  # fmt: skip
     return out.getvalue()
 
@@ -198,6 +204,8 @@ class CatalogEntry:
     endpoint_name: str | None
     input_price: Decimal | None  # per million tokens, what this organization pays
     output_price: Decimal | None
+    # per million prompt tokens the prefix cache served; None: billed as input tokens
+    cached_input_price: Decimal | None = None
 
 
 def model_catalog(org: Organization, *, at: datetime | None = None) -> list[CatalogEntry]:
@@ -217,6 +225,7 @@ def model_catalog(org: Organization, *, at: datetime | None = None) -> list[Cata
     for m in models:
         endpoint = public.get(m.id)
         prices = [book.effective(m.name, kind, at) for kind in (TokenKind.INPUT, TokenKind.OUTPUT)]
+        cached = book.cached_input_price(m.name, at)
         out.append(
             CatalogEntry(
                 model=m,
@@ -224,6 +233,7 @@ def model_catalog(org: Organization, *, at: datetime | None = None) -> list[Cata
                 endpoint_name=endpoint.name if endpoint else None,
                 input_price=prices[0].unit_price if prices[0] else None,
                 output_price=prices[1].unit_price if prices[1] else None,
+                cached_input_price=cached.unit_price if cached else None,
             )
         )
     return out

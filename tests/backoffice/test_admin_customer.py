@@ -55,8 +55,9 @@ def customer(db: None) -> dict[str, Any]:
         specs=[BudgetSpec(monthly_amount="500", alert_thresholds=[50, 100])],
     )
     usage(
-        org, month_start(timezone.now()) + timedelta(hours=2), input_tokens=1234, output_tokens=56
-    )
+        org, month_start(timezone.now()) + timedelta(hours=2), input_tokens=1234,
+        cached_input_tokens=789, output_tokens=56,
+    )  # fmt: skip
     return {
         "org": org,
         "live": live,
@@ -99,6 +100,10 @@ def test_the_page_shows_everything_about_the_organization(
     assert customer["live"].digest not in body
     overview = response.context["o"]
     assert [k.status for k in overview.keys] == ["revoked", "active"]
+    assert [(u.model_name, u.input_tokens, u.cached_input_tokens) for u in overview.usage] == [
+        (CHAT, 1234, 789)
+    ]
+    assert '<td class="num">1234</td><td class="num">789</td><td class="num">56</td>' in body
     assert overview.balance.balance == Decimal("40.00")
 
 

@@ -16,7 +16,7 @@ from billing.metering.stream import GROUP, ensure_group
 from billing.periods import hour_start
 from core.redis import get_redis
 from tests.backoffice.support import Staff, client_for
-from tests.billing.factories import CHAT, EMBED, OverrideFactory, price_book, usage
+from tests.billing.factories import CHAT, EMBED, OverrideFactory, PriceFactory, price_book, usage
 from tests.factories import OrganizationFactory
 from workers.contract import USAGE_STREAM
 
@@ -57,6 +57,34 @@ def test_the_numbers_behind_the_charts(traffic: dict[str, object]) -> None:
         ("Small Fry", Decimal("1.5"), 2_000_000),
     ]
     assert len(d.days) in (31, 32)  # 30 days back, both ends included
+
+
+def test_cached_input_tokens_in_the_numbers_and_the_token_chart(staff: Staff) -> None:
+    price_book(CHAT, "1", "2")
+    PriceFactory(model_name=CHAT, token_kind="cached_input", unit_price=Decimal("0.5"))
+    today = hour_start(timezone.now())
+    usage(OrganizationFactory(), today, input_tokens=3_000_000, cached_input_tokens=2_000_000)
+
+    d = dashboard()
+    charts = client_for(staff.support).get(reverse("admin:index")).context["charts"]
+
+    [day] = [p for p in d.days if p.day == today.date()]
+    # 1M uncached at 1 + 2M cached at 0.5
+    assert (day.input_tokens, day.cached_input_tokens, day.revenue) == (
+        3_000_000,
+        2_000_000,
+        Decimal("2"),
+    )
+    assert [(m.model_name, m.cached_input_tokens, m.revenue) for m in d.models] == [
+        (CHAT, 2_000_000, Decimal("2"))
+    ]
+    # The token bars stack uncached input, cached input and output: every token once.
+    i = charts["days"].index(today.date().isoformat())
+    assert (charts["input"][i], charts["cached_input"][i], charts["output"][i]) == (
+        1_000_000,
+        2_000_000,
+        0,
+    )
 
 
 def test_the_dashboard_page_draws_the_charts(staff: Staff, traffic: dict[str, object]) -> None:

@@ -95,6 +95,35 @@ def test_a_price_change_mid_month_splits_the_month_and_leaves_finalized_invoices
         invoice_refresh_draft(org=org, month=last_month())
 
 
+def test_a_cached_input_price_from_the_form_bills_cached_tokens_apart(staff: Staff) -> None:
+    november = invoice_in("finalized")  # the price book: 1 input and 2 output per million
+    org = november.organization
+    at = change_hour()
+    usage(org, at - timedelta(hours=1), input_tokens=1_000_000, cached_input_tokens=800_000)
+    usage(org, at, input_tokens=1_000_000, cached_input_tokens=800_000)
+    form = client_for(staff.billing_admin).get(NEW_PRICE).content.decode()
+    assert '<option value="cached_input">Cached Input</option>' in form
+
+    response = post_price(
+        client_for(staff.billing_admin), "price-token-cached", token_kind="cached_input",
+        unit_price="0.25",
+    )  # fmt: skip
+
+    assert response.status_code == 302
+    row = Price.objects.get(model_name=CHAT, token_kind="cached_input")
+    assert (row.unit_price, row.effective_from) == (Decimal("0.25"), at)
+    assert AuditLog.objects.get(action="billing.price_set").metadata["token_kind"] == (
+        "cached_input"
+    )
+    draft = invoice_refresh_draft(org=org, month=at)
+    assert draft is not None
+    # Before the price, every input token at 1; from it, the 800,000 cached at 0.25.
+    assert lines_of(draft) == [
+        ("chat-small cached input tokens", 800_000, Decimal("0.25"), Decimal("0.20")),
+        ("chat-small input tokens", 1_200_000, Decimal("1"), Decimal("1.20")),
+    ]
+
+
 def test_the_history_lists_every_version(staff: Staff) -> None:
     invoice_in("draft")  # the price book since 2026-01-01
     post_price(client_for(staff.billing_admin), "price-token-2")

@@ -21,7 +21,14 @@ from billing.backoffice.selectors import UsageFilter, usage_filter_parse, usage_
 from billing.models import Price, UsageRollup
 from core.errors import InvalidInput
 from tests.backoffice.support import Staff, client_for, mark_verified
-from tests.billing.factories import CHAT, EMBED, OverrideFactory, RollupFactory, price_book
+from tests.billing.factories import (
+    CHAT,
+    EMBED,
+    OverrideFactory,
+    PriceFactory,
+    RollupFactory,
+    price_book,
+)
 from tests.core.test_csv_export import FORMULA_NAMES
 from tests.factories import OrganizationFactory
 
@@ -157,6 +164,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "output_tokens",
             "amount",
             "currency",
+            "cached_input_tokens",  # added later: at the end, nothing before it moved
         ],
         [
             "2026-10-05T08:00:00Z",
@@ -170,6 +178,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "10",
             "",
             "",
+            "0",
         ],
         [
             "2026-10-05T09:00:00Z",
@@ -183,6 +192,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "20",
             "",
             "",
+            "0",
         ],
         [
             "2026-10-06T14:00:00Z",
@@ -196,6 +206,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "40",
             "",
             "",
+            "0",
         ],
     ]
 
@@ -228,6 +239,42 @@ def test_csv_rows_carry_their_amount_at_the_organizations_prices(
     totals = usage_totals(usage_filter_parse(params(org=acme)))
     assert sum(Decimal(a) for (org, _, _), (a, _) in got.items() if org == acme and a) == (
         totals.charges
+    )
+
+
+def test_cached_input_tokens_in_the_explorer_and_its_csv(staff: Staff) -> None:
+    # 1,000 input tokens, 600 of them served from the prefix cache, at a cached price.
+    price_book(CHAT, "1", "2")
+    PriceFactory(model_name=CHAT, token_kind="cached_input", unit_price=Decimal("0.25"))
+    acme = OrganizationFactory(name="Acme")
+    RollupFactory(
+        organization_id=acme.id, project_id="proj_a", api_key_id="key_a", endpoint_id="ep-a",
+        model_name=CHAT, hour=T0, requests=2, input_tokens=1000, cached_input_tokens=600,
+        output_tokens=100,
+    )  # fmt: skip
+    client = client_for(staff.support)
+
+    page = client.get(URL, params(org=acme.id))
+    export = client.get(CSV_URL, params(org=acme.id))
+
+    totals = page.context["totals"]
+    assert (totals.input_tokens, totals.cached_input_tokens, totals.output_tokens) == (
+        1000,
+        600,
+        100,
+    )
+    assert [(m.model_name, m.input_tokens, m.cached_input_tokens) for m in totals.by_model] == [
+        (CHAT, 1000, 600)
+    ]
+    # 400 uncached * 1/M + 600 cached * 0.25/M + 100 * 2/M (all 1,000 at 1/M: 0.0012)
+    assert totals.charges == Decimal("0.00075")
+    assert '<span data-testid="total-cached-input">600</span>' in page.content.decode()
+    body = b"".join(export.streaming_content).decode()  # type: ignore[attr-defined]
+    [row] = list(csv.DictReader(io.StringIO(body)))
+    assert (row["input_tokens"], row["cached_input_tokens"], row["amount"]) == (
+        "1000",
+        "600",
+        "0.000750000",
     )
 
 
@@ -318,7 +365,7 @@ def test_a_large_export_streams_in_bounded_memory_under_asgi(staff: Staff) -> No
     last_hour = BIG_START + timedelta(hours=(BIG_ROWS - 1) // 50)
     expected_last = (
         f"{last_hour:%Y-%m-%dT%H:%M:%SZ},org_big,proj_big,key_49,ep-big,{CHAT},1,199999,399998,"
-        "0.999995000,USD"  # 199999 * 1/M + 399998 * 2/M
+        "0.999995000,USD,0"  # 199999 * 1/M + 399998 * 2/M; no cached input tokens
     )
     assert last.endswith(f"\n{expected_last}\n".encode())
     assert size > 2 * MEMORY_BOUND  # holding the output alone would break the bound

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.core.management import call_command
 
 from accounts.principal import SYSTEM
 from billing.models import Price
-from billing.starter_prices import STARTER_PRICES, starter_prices_ensure
+from billing.starter_prices import (
+    STARTER_CACHED_INPUT_PRICES,
+    STARTER_PRICES,
+    compiled_model_prices_ensure,
+    starter_prices_ensure,
+)
 from tests.billing.factories import CatalogModelFactory, PriceFactory
 
 pytestmark = pytest.mark.django_db
@@ -27,7 +33,11 @@ def test_builtin_models_get_their_starter_prices_once() -> None:
         (name, kind): Decimal(value)
         for name, pair in STARTER_PRICES.items()
         for kind, value in zip(("input", "output"), pair, strict=True)
-    }
+    } | {(name, "cached_input"): Decimal(v) for name, v in STARTER_CACHED_INPUT_PRICES.items()}
+    # Generative models only, at half their input price.
+    assert prices["smollm2-135m-instruct", "cached_input"] == Decimal("0.025")
+    assert prices["smollm2-135m-instruct", "input"] == Decimal("0.05")
+    assert ("all-minilm-l6-v2", "cached_input") not in prices
 
 
 def test_a_model_an_operator_priced_is_left_alone() -> None:
@@ -43,3 +53,29 @@ def test_a_model_an_operator_priced_is_left_alone() -> None:
 def test_models_not_in_the_catalog_are_not_priced() -> None:
     assert starter_prices_ensure(principal=SYSTEM) == []
     assert not Price.objects.exists()
+
+
+def test_a_compiled_text_model_gets_the_default_cached_price_when_one_is_set(
+    settings: Any,
+) -> None:
+    settings.MANTLE_COMPILED_MODEL_PRICES = {
+        "input": "0.1",
+        "output": "0.4",
+        "cached_input": "0.05",
+        "request": "1",
+        "compute_ms": "0.02",
+    }
+    chat = CatalogModelFactory(name="tenant-chat")
+    ranker = CatalogModelFactory(name="tenant-ranker", kind="tensor")
+
+    compiled_model_prices_ensure(principal=SYSTEM, model=chat)
+    compiled_model_prices_ensure(principal=SYSTEM, model=ranker)
+
+    prices = {(p.model_name, p.token_kind): p.unit_price for p in Price.objects.all()}
+    assert prices == {
+        ("tenant-chat", "input"): Decimal("0.1"),
+        ("tenant-chat", "output"): Decimal("0.4"),
+        ("tenant-chat", "cached_input"): Decimal("0.05"),
+        ("tenant-ranker", "request"): Decimal("1"),
+        ("tenant-ranker", "compute_ms"): Decimal("0.02"),
+    }

@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 from accounts.permissions import Role
-from billing.models import Invoice, StripeCustomer, UsageRollup
+from billing.models import Invoice, Price, StripeCustomer, UsageRollup
 from billing.payments import stripe_sync
 from billing.payments import tasks as stripe_tasks
 from billing.payments.stripe_fake import IDEMPOTENCY_TTL_S, FakeStripe
@@ -319,6 +319,47 @@ def test_meter_hour_push_sends_a_tensor_models_requests_and_compute(
     mine = StripeCustomer.objects.get(organization=world.org).stripe_customer_id
     assert fake.meter_total(customer_id=mine, model="ranker", kind="request") == 3
     assert fake.meter_total(customer_id=mine, model="ranker", kind="compute_ms") == 1_234
+
+
+def test_meter_hour_push_sends_cached_input_tokens_apart_only_where_they_are_priced(
+    world: OrgWorld, fake: FakeStripe
+) -> None:
+    # "chat" prices cached input tokens, "chat-plain" does not: its are input tokens.
+    for model in ("chat", "chat-plain"):
+        Model.objects.create(name=model, kind=Model.Kind.CHAT, context_length=2048)
+        for kind, price in (("input", "1"), ("output", "2")):
+            Price.objects.create(
+                model_name=model, token_kind=kind, unit_price=Decimal(price),
+                effective_from=timezone.now() - timedelta(days=1),
+            )  # fmt: skip
+    Price.objects.create(
+        model_name="chat", token_kind="cached_input", unit_price=Decimal("0.5"),
+        effective_from=timezone.now() - timedelta(days=1),
+    )  # fmt: skip
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    for model in ("chat", "chat-plain"):
+        UsageRollup.objects.create(
+            organization_id=world.org.id, project_id="proj_x", api_key_id="k1",
+            endpoint_id="ep-x", model_name=model, hour=hour, requests=1, input_tokens=1_000,
+            cached_input_tokens=600, output_tokens=7,
+        )  # fmt: skip
+
+    assert stripe_sync.stripe_meter_push_hour(hour=hour) == 5
+
+    mine = StripeCustomer.objects.get(organization=world.org).stripe_customer_id
+    totals = {
+        (model, kind): fake.meter_total(customer_id=mine, model=model, kind=kind)
+        for model in ("chat", "chat-plain")
+        for kind in ("input", "cached_input", "output")
+    }
+    assert totals == {
+        ("chat", "input"): 400,
+        ("chat", "cached_input"): 600,
+        ("chat", "output"): 7,
+        ("chat-plain", "input"): 1_000,
+        ("chat-plain", "cached_input"): 0,
+        ("chat-plain", "output"): 7,
+    }
 
 
 def test_meter_push_refuses_an_open_hour(world: OrgWorld, fake: FakeStripe) -> None:

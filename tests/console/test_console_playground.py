@@ -17,7 +17,7 @@ from accounts.models import ApiKey
 from accounts.permissions import Role
 from catalog.models import AcceleratorPool, Endpoint, Model, ModelVersion
 from console.services import SESSION_PLAYGROUND_KEYS, playground_secret
-from tests.billing.factories import price_book
+from tests.billing.factories import PriceFactory, price_book
 from tests.conftest import OrgWorld
 from tests.console.support import org_url
 from tests.factories import OrganizationFactory, default_project
@@ -151,6 +151,28 @@ def test_models_page_shows_context_and_this_organizations_prices(world: OrgWorld
     )
     page = response.content.decode()
     assert "8192 tokens" in page and "$0.15" in page and "$0.6" in page
+
+
+@pytest.mark.parametrize(("cached", "shown"), [("0.075", Decimal("0.075")), ("0.2", None)])
+def test_models_page_shows_the_cached_input_price_where_it_applies(
+    world: OrgWorld, cached: str, shown: Decimal | None
+) -> None:
+    # A cached price above the input price does not apply: cached tokens cost the input price.
+    _endpoint("chat-public")
+    price_book("chat-public", "0.15", "0.6")
+    PriceFactory(model_name="chat-public", token_kind="cached_input", unit_price=Decimal(cached))
+
+    response = world.client_for(Role.VIEWER).get(org_url("console-models", world.org.id))
+
+    [entry] = response.context["entries"]
+    assert entry.cached_input_price == shown
+    page = response.content.decode()
+    if shown is None:
+        assert 'data-testid="cached-input-price"' not in page
+    else:
+        assert (
+            '<small class="muted" data-testid="cached-input-price">cached $0.0750</small>' in page
+        )
 
 
 def test_endpoints_page_and_detail(world: OrgWorld, other_world: OrgWorld) -> None:

@@ -15,7 +15,7 @@ from accounts.models import ApiKey, Project
 from accounts.permissions import Role
 from accounts.principal import SYSTEM
 from console.selectors import usage_report
-from tests.billing.factories import CHAT, EMBED, at, price_book, usage
+from tests.billing.factories import CHAT, EMBED, PriceFactory, at, price_book, usage
 from tests.conftest import OrgWorld
 from tests.console.support import org_url
 from tests.core.test_csv_export import FORMULA_NAMES
@@ -126,12 +126,44 @@ def test_csv_export(usage_world: OrgWorld) -> None:
     rows = list(csv.reader(io.StringIO(response.content.decode())))
     assert rows == [
         ["day", "id", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd",
-         "unpriced_tokens"],
-        ["2026-03-01", "2026-03-01", "2", "3000", "500", "3500", "0.004000000", "0"],
-        ["2026-03-02", "2026-03-02", "0", "0", "0", "0", "0.000000000", "0"],
-        ["2026-03-03", "2026-03-03", "4", "4000", "0", "4000", "0.002000000", "0"],
-        ["Total", "total", "6", "7000", "500", "7500", "0.006000000", "0"],
+         "unpriced_tokens", "cached_input_tokens"],
+        ["2026-03-01", "2026-03-01", "2", "3000", "500", "3500", "0.004000000", "0", "0"],
+        ["2026-03-02", "2026-03-02", "0", "0", "0", "0", "0.000000000", "0", "0"],
+        ["2026-03-03", "2026-03-03", "4", "4000", "0", "4000", "0.002000000", "0", "0"],
+        ["Total", "total", "6", "7000", "500", "7500", "0.006000000", "0", "0"],
     ]  # fmt: skip
+
+
+def test_cached_input_tokens_on_the_page_and_in_the_csv(world: OrgWorld) -> None:
+    # 3,000 input tokens on 03-01, 2,000 of them from the prefix cache, at $0.25/M cached.
+    price_book(CHAT, "1", "2")
+    PriceFactory(model_name=CHAT, token_kind="cached_input", unit_price=Decimal("0.25"))
+    usage(world.org, at(3, 1, 9), input_tokens=1_000, cached_input_tokens=500, output_tokens=500)
+    usage(world.org, at(3, 1, 10), input_tokens=2_000, cached_input_tokens=1_500)
+    client = world.client_for(Role.VIEWER)
+
+    page = client.get(org_url("console-usage", world.org.id), {**RANGE, "group": "day"})
+    export = client.get(org_url("console-usage-csv", world.org.id), {**RANGE, "group": "day"})
+
+    report = page.context["report"]
+    first = report.rows[0]
+    assert (first.input_tokens, first.cached_input_tokens, first.output_tokens) == (
+        3_000,
+        2_000,
+        500,
+    )
+    # 1,000 uncached at $1/M + 2,000 cached at $0.25/M + 500 at $2/M (not 0.004 at $1/M)
+    assert first.cost == report.total.cost == Decimal("0.0025")
+    assert '<td class="num">2000</td>' in page.content.decode()
+    rows = list(csv.DictReader(io.StringIO(export.content.decode())))
+    assert [
+        (r["day"], r["input_tokens"], r["cached_input_tokens"], r["cost_usd"]) for r in rows
+    ] == [
+        ("2026-03-01", "3000", "2000", "0.002500000"),
+        ("2026-03-02", "0", "0", "0.000000000"),
+        ("2026-03-03", "0", "0", "0.000000000"),
+        ("Total", "3000", "2000", "0.002500000"),
+    ]
 
 
 @pytest.mark.parametrize("group", ["key", "project", "model"])

@@ -18,7 +18,7 @@ from accounts.principal import Principal
 from billing import invoicing, pricing, wallet
 from billing.credits import credit_adjust, credit_grant
 from billing.held_usage import held_usage_release, held_usage_write_off
-from billing.models import CreditLedgerEntry, HeldUsage, Invoice
+from billing.models import CreditLedgerEntry, HeldUsage, Invoice, TokenKind
 from billing.periods import parse_month
 from billing.tasks import wallet_sync_all
 from core.errors import DomainError
@@ -45,9 +45,7 @@ class Command(BaseCommand):
 
         p = action("price-set", "a new list price per million tokens, from a whole hour on")
         p.add_argument("--model", required=True)
-        p.add_argument(
-            "--kind", required=True, choices=["input", "output", "request", "compute_ms"]
-        )
+        p.add_argument("--kind", required=True, choices=TokenKind.values)
         p.add_argument("--unit-price", required=True, help="per million units, e.g. 0.15")
         p.add_argument("--effective-from", required=True, type=_when)
         p.add_argument("--currency", default="USD")

@@ -6,6 +6,7 @@
   const stacked = { ...opts, scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } } };
   new Chart(document.getElementById("chart-tokens"), { type: "bar", data: { labels: d.days, datasets: [
     { label: "input", data: d.input, backgroundColor: "#a855f7" },
+    { label: "cached input", data: d.cached_input, backgroundColor: "#d8b4fe" },
     { label: "output", data: d.output, backgroundColor: "#f59e0b" } ] }, options: stacked });
   new Chart(document.getElementById("chart-revenue"), { type: "line", data: { labels: d.days, datasets: [
     { label: "revenue", data: d.revenue, borderColor: "#16a34a", backgroundColor: "#16a34a33", fill: true, tension: 0.2 } ] },

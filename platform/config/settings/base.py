@@ -419,16 +419,18 @@ MANTLE_INVOICE_FINALIZE_DELAY_HOURS = env.int("MANTLE_INVOICE_FINALIZE_DELAY_HOU
 
 
 def _unit_prices(raw: str) -> dict[str, str]:
-    """`input=0.1,output=0.4,request=1,compute_ms=0.02` (USD per million units)."""
+    """`input=0.1,output=0.4,cached_input=0.05,request=1,compute_ms=0.02` (USD per million
+    units)."""
     prices = {}
     for part in (p.strip() for p in raw.split(",")):
         if not part:
             continue
         unit, _, value = part.partition("=")
-        if unit.strip() not in ("input", "output", "request", "compute_ms") or not value.strip():
+        units = ("input", "output", "cached_input", "request", "compute_ms")
+        if unit.strip() not in units or not value.strip():
             raise ImproperlyConfigured(
                 f"MANTLE_COMPILED_MODEL_PRICES: {part!r} is not <unit>=<price per million> "
-                "with unit input, output, request or compute_ms"
+                "with unit input, output, cached_input, request or compute_ms"
             )
         prices[unit.strip()] = value.strip()
     return prices
@@ -437,7 +439,8 @@ def _unit_prices(raw: str) -> dict[str, str]:
 # The list price an organization's newly compiled model gets (docs/billing.md, "Unpriced
 # models"): empty, a compiled model has no price and is refused (403 model_not_priced)
 # until an operator prices it. Only the units of the model's kind are used: input and
-# output for text models, request and compute_ms for tensor models.
+# output (and cached_input, if given) for text models, request and compute_ms for tensor
+# models.
 MANTLE_COMPILED_MODEL_PRICES = _unit_prices(env.str("MANTLE_COMPILED_MODEL_PRICES", default=""))
 CELERY_BEAT_SCHEDULE.update(
     {
