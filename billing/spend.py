@@ -27,7 +27,10 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from billing.wallet_keys import (
+    PRICE_CACHED_INPUT,
     PRICE_FIELDS,
+    PRICE_INPUT,
+    PRICE_OUTPUT,
     UNPRICED,
     counted_key,
     held_key,
@@ -50,20 +53,34 @@ UNPRICED_TTL_S = 60
 @dataclass(frozen=True, slots=True)
 class Prices:
     """An organization's effective prices of one model, in nanos per unit (exact decimal
-    strings): per input and output token, per request, per compute millisecond."""
+    strings): per input and output token, per request, per compute millisecond, and per
+    cached input token (a prompt token the prefix cache served).
+
+    `cached_input` is last so that positional construction of the four others still
+    works; empty, cached tokens cost the input price (never less than the price book
+    says: `billing.wallet.prices_compute` writes the input price there when no cached
+    price applies).
+    """
 
     input: str = "0"
     output: str = "0"
     request: str = "0"
     compute_ms: str = "0"
+    cached_input: str = ""
 
     @classmethod
     def from_hash(cls, values: Sequence[Any]) -> Prices | None:
         """From HMGET of PRICE_FIELDS; None when the hash is missing, a marker, or written
-        before requests and compute time had prices (then it is computed again)."""
-        if any(v is None for v in values):
+        before requests and compute time had prices (then it is computed again). A hash
+        without the cached input price (written by an earlier release, or by hand) prices
+        cached tokens as input tokens: never below the price book, and the next wallet
+        sync writes it whole."""
+        required = len(PRICE_FIELDS) - 1  # every field but the last, cached input
+        if any(v is None for v in values[:required]):
             return None
-        return cls(*(v.decode() if isinstance(v, bytes) else str(v) for v in values))
+        return cls(
+            *("" if v is None else v.decode() if isinstance(v, bytes) else str(v) for v in values)
+        )
 
     def cost(
         self,
@@ -72,25 +89,30 @@ class Prices:
         output_tokens: int = 0,
         requests: int = 0,
         compute_ms: int = 0,
+        cached_input_tokens: int = 0,
     ) -> int:
         """Exact cost in nanos, rounded up to a whole nano (never in the customer's
         disfavour by more than one nano per request; the invoice rates rollups again,
-        exactly)."""
-        return self.scaled().cost(input_tokens, output_tokens, requests, compute_ms)
+        exactly). `cached_input_tokens` are a part of `input_tokens`, at the cached price."""
+        return self.scaled().cost(
+            input_tokens, output_tokens, requests, compute_ms, cached_input_tokens
+        )
 
     def scaled(self) -> ScaledPrices:
-        """The four prices as integers over one power of ten: exact integer arithmetic,
+        """The five prices as integers over one power of ten: exact integer arithmetic,
         parsed once for however many requests are costed at these prices."""
         i, di = _decimal_parts(self.input)
         o, do = _decimal_parts(self.output)
         r, dr = _decimal_parts(self.request)
         c, dc = _decimal_parts(self.compute_ms)
-        places = max(di, do, dr, dc)
+        ci, dci = _decimal_parts(self.cached_input or self.input)
+        places = max(di, do, dr, dc, dci)
         return ScaledPrices(
             i * 10 ** (places - di),
             o * 10 ** (places - do),
             r * 10 ** (places - dr),
             c * 10 ** (places - dc),
+            ci * 10 ** (places - dci),
             10**places,
         )
 
@@ -112,18 +134,28 @@ def _decimal_parts(text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class ScaledPrices:
-    """Prices in nanos per unit as numerators over `scale` (a power of ten): exact."""
+    """Prices in nanos per unit as numerators over `scale` (a power of ten): exact.
+    `cost` takes cached input tokens as a part of the input tokens."""
 
     input: int
     output: int
     request: int
     compute_ms: int
+    cached_input: int
     scale: int
 
-    def cost(self, input_tokens: int, output_tokens: int, requests: int, compute_ms: int) -> int:
+    def cost(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        requests: int,
+        compute_ms: int,
+        cached_input_tokens: int = 0,
+    ) -> int:
         """Exact cost in nanos, rounded up to a whole nano (as Prices.cost)."""
         total = (
-            input_tokens * self.input
+            (input_tokens - cached_input_tokens) * self.input
+            + cached_input_tokens * self.cached_input
             + output_tokens * self.output
             + requests * self.request
             + compute_ms * self.compute_ms
@@ -140,7 +172,7 @@ def price_write(
     model_name: str,
     prices: Prices | None,
 ) -> None:
-    """Replaces the price hash: all four prices, or the short-lived `unpriced` marker.
+    """Replaces the price hash: all five prices, or the short-lived `unpriced` marker.
 
     DEL first, in one transaction, so a marker or an older layout never lingers. Given a
     pipeline, the commands join it (the caller executes it).
@@ -153,16 +185,35 @@ def price_write(
         pipe.hset(key, UNPRICED, "1")
         pipe.expire(key, UNPRICED_TTL_S)
     else:
-        values = (prices.input, prices.output, prices.request, prices.compute_ms)
+        values = (
+            prices.input,
+            prices.output,
+            prices.request,
+            prices.compute_ms,
+            prices.cached_input or prices.input,
+        )
         pipe.hset(key, mapping=dict(zip(PRICE_FIELDS, values, strict=True)))
     if own:
         pipe.execute()
 
 
-def cost_nanos(input_tokens: int, output_tokens: int, price_in: str, price_out: str) -> int:
-    """A text request's cost in nanos (Prices.cost)."""
-    prices = Prices(input=price_in or "0", output=price_out or "0")
-    return prices.cost(input_tokens=input_tokens, output_tokens=output_tokens)
+def cost_nanos(
+    input_tokens: int,
+    output_tokens: int,
+    price_in: str,
+    price_out: str,
+    *,
+    cached_input_tokens: int = 0,
+    price_cached_in: str = "",
+) -> int:
+    """A text request's cost in nanos (Prices.cost); cached tokens at the input price when
+    `price_cached_in` is empty."""
+    prices = Prices(input=price_in or "0", output=price_out or "0", cached_input=price_cached_in)
+    return prices.cost(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached_input_tokens,
+    )
 
 
 # The gateway, when a request ends: release the reservation and park the real cost
@@ -282,10 +333,20 @@ def count_usage(
     model_name: str,
     input_tokens: int,
     output_tokens: int,
+    cached_input_tokens: int = 0,
 ) -> int:
     """Called by the metering drain for each event it inserted (exactly once per request)."""
-    price_in, price_out = client.hmget(price_key(organization_id, model_name), *PRICE_FIELDS[:2])
-    cost = cost_nanos(input_tokens, output_tokens, str(price_in or "0"), str(price_out or "0"))
+    price_in, price_out, price_cached = client.hmget(
+        price_key(organization_id, model_name), PRICE_INPUT, PRICE_OUTPUT, PRICE_CACHED_INPUT
+    )
+    cost = cost_nanos(
+        input_tokens,
+        output_tokens,
+        str(price_in or "0"),
+        str(price_out or "0"),
+        cached_input_tokens=cached_input_tokens,
+        price_cached_in=str(price_cached or ""),
+    )
     client.eval(
         _COUNT,
         3,

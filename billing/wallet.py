@@ -8,8 +8,9 @@ organization:
     mantle:wallet:<org>            mode, cap_nanos, spent_nanos, reserved_nanos,
                                    pending_nanos, month, synced_at,
                                    p:<project>:cap_nanos, p:<project>:spent_nanos
-    mantle:price:<org>:<model>     in, out, req, ms: nanos per token, request and compute
-                                   millisecond (decimal strings, exact); or `unpriced`
+    mantle:price:<org>:<model>     in, out, req, ms, cin: nanos per token, request, compute
+                                   millisecond and cached input token (decimal strings,
+                                   exact); or `unpriced`
 
 Admission may spend `cap - spent - reserved - pending`; what matters is the difference,
 so `wallet_sync` rebases `spent_nanos` with an increment rather than overwriting it.
@@ -153,7 +154,9 @@ def prices_compute(
 ) -> dict[str, spend.Prices]:
     """model -> the organization's effective prices now, in nanos per unit.
 
-    A text model's are per input and output token (request and compute time are 0); a
+    A text model's are per input and output token (request and compute time are 0), and
+    per cached input token: its cached price where one applies
+    (`PriceBook.cached_input_price`), else the input price, as the invoice rates them; a
     tensor model's per request and per compute millisecond (tokens are 0). Exact decimal
     strings: the gateway rounds a reservation up, the drain rounds each request's cost
     up. A model not priced for both of its units is left out (logged): the gateway
@@ -178,11 +181,17 @@ def prices_compute(
             first: _plain(nanos_per_token(p_first.unit_price)),
             second: _plain(nanos_per_token(p_second.unit_price)),
         }
+        cached = book.cached_input_price(model, now)
         prices[model] = spend.Prices(
             input=per_unit.get(TokenKind.INPUT, "0"),
             output=per_unit.get(TokenKind.OUTPUT, "0"),
             request=per_unit.get(TokenKind.REQUEST, "0"),
             compute_ms=per_unit.get(TokenKind.COMPUTE_MS, "0"),
+            cached_input=(
+                _plain(nanos_per_token(cached.unit_price))
+                if cached is not None and kinds[model] != "tensor"
+                else per_unit.get(TokenKind.INPUT, "0")
+            ),
         )
     return prices
 
@@ -357,6 +366,7 @@ class Usage:
     request_id: str = ""
     requests: int = 1
     compute_ms: int = 0
+    cached_input_tokens: int = 0  # a part of input_tokens
 
 
 def wallet_record_usage(
@@ -367,13 +377,22 @@ def wallet_record_usage(
     output_tokens: int,
     project_id: str = "",
     request_id: str = "",
+    cached_input_tokens: int = 0,
 ) -> int:
     """Counts one request's usage at the organization's current prices; returns nanos.
 
     For the metering drain's post-commit hook (see `wallet_record_events` for batches).
     Must run after the usage rows are committed (see `wallet_sync`).
     """
-    usage = Usage(organization_id, model_name, input_tokens, output_tokens, project_id, request_id)
+    usage = Usage(
+        organization_id,
+        model_name,
+        input_tokens,
+        output_tokens,
+        project_id,
+        request_id,
+        cached_input_tokens=cached_input_tokens,
+    )
     return wallet_record_batch([usage])[0]
 
 
@@ -389,6 +408,7 @@ def wallet_record_events(events: Sequence[ContractUsageEvent]) -> None:
                 project_id=e.project_id,
                 request_id=e.request_id,
                 compute_ms=int(e.compute_ms),
+                cached_input_tokens=int(e.cached_input_tokens),
             )
             for e in events
         ]
@@ -417,7 +437,7 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
     by_project: dict[tuple[str, str], int] = {}
     for u in usages:
         cost = scaled.get((u.organization_id, u.model_name), free).cost(
-            u.input_tokens, u.output_tokens, u.requests, u.compute_ms
+            u.input_tokens, u.output_tokens, u.requests, u.compute_ms, u.cached_input_tokens
         )
         costs.append(cost)
         wallet = wallet_keys.wallet_key(u.organization_id)

@@ -71,7 +71,9 @@ PRICE_INPUT = "in"  # nanos per input token
 PRICE_OUTPUT = "out"  # nanos per output token
 PRICE_REQUEST = "req"  # nanos per request
 PRICE_COMPUTE_MS = "ms"  # nanos per compute millisecond
-PRICE_FIELDS = (PRICE_INPUT, PRICE_OUTPUT, PRICE_REQUEST, PRICE_COMPUTE_MS)
+# nanos per cached input token: the cached price where one applies, else the input price
+PRICE_CACHED_INPUT = "cin"
+PRICE_FIELDS = (PRICE_INPUT, PRICE_OUTPUT, PRICE_REQUEST, PRICE_COMPUTE_MS, PRICE_CACHED_INPUT)
 """In this order everywhere (admission reads them in its script)."""
 UNPRICED = "unpriced"
 """The price hash's only field, with a short TTL, for a model nothing prices."""
@@ -94,6 +96,7 @@ LUA_NAMES = {
     "price_output": PRICE_OUTPUT,
     "price_request": PRICE_REQUEST,
     "price_compute_ms": PRICE_COMPUTE_MS,
+    "price_cached_input": PRICE_CACHED_INPUT,
     "unpriced": UNPRICED,
 }
 

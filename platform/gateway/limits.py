@@ -23,9 +23,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[8], ARGV[9], now / 1000)
 -- Nothing is served without a price: a model nothing prices is refused (-5) before any
 -- other test; with no price hash yet (-4) the gateway fills it from the database and asks
--- again. Fields: per input and output token, per request, per compute millisecond.
+-- again. Fields: per input and output token, per request, per compute millisecond, per
+-- cached input token (optional: a hash without it prices cached tokens as input tokens).
 local price = redis.call('HMGET', KEYS[10], '${price_input}', '${price_output}', '${price_request}',
-                         '${price_compute_ms}', '${unpriced}')
+                         '${price_compute_ms}', '${unpriced}', '${price_cached_input}')
 if price[5] then return {-5} end
 if not (price[1] and price[2] and price[3] and price[4]) then return {-4} end
 local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
@@ -64,7 +65,8 @@ for i = 1, 8 do
   end
 end
 if denied > 0 then return {0, denied, denied_wait} end
--- Money: reserve the worst-case cost against what the organization may still spend.
+-- Money: reserve the worst-case cost against what the organization may still spend
+-- (every prompt token uncached: the prefix cache is only known once the worker ran).
 local worst = math.ceil(tonumber(ARGV[10]) * tonumber(price[1])
                         + tonumber(ARGV[11]) * tonumber(price[2])
                         + tonumber(ARGV[15]) * tonumber(price[3])
@@ -135,6 +137,7 @@ table.insert(out, project_reserve ~= '' and 1 or 0)
 table.insert(out, held)
 table.insert(out, price[3])
 table.insert(out, price[4])
+table.insert(out, price[6] or '')
 return out
 """)
 
@@ -220,6 +223,8 @@ class Admission:
     price_out: str = "0"
     price_request: str = "0"  # nanos per request (tensor models)
     price_compute_ms: str = "0"  # nanos per compute millisecond (tensor models)
+    # nanos per cached input token; "": the input price (a hash written without it)
+    price_cached_input: str = ""
     # The project whose hard budget holds a reservation too ("" when it has none).
     reserved_project_id: str = ""
     held: bool = False  # the reservation is recorded under the request id (wallet_keys.held_key)
@@ -349,6 +354,7 @@ class RateLimiter:
             held=int(result[11]) == 1,
             price_request=str(result[12]),
             price_compute_ms=str(result[13]),
+            price_cached_input=str(result[14]),
         )
 
     async def refund(self, limits: Limits, *, tokens: int) -> None:

@@ -348,6 +348,7 @@ def test_two_hundred_concurrent_tensor_requests_against_credit_for_fifty(
         "out": "0",
         "req": "1000",
         "ms": "10",
+        "cin": "0",
     }
 
     results = asyncio.run(_admit_tensor(org.id, _limits(org), 200, RANKER))

@@ -14,10 +14,13 @@ import pytest
 
 from accounts.models import Organization
 from accounts.principal import Principal
+from billing import spend, wallet_keys
 from billing.invoicing import invoice_finalize, invoice_refresh_draft, month_spend
 from billing.models import Invoice, InvoiceLine
 from billing.pricing import PriceBook, billed_quantities
+from billing.wallet import prices_compute, wallet_record_usage
 from console.selectors import usage_report
+from core.redis import get_redis
 from tests.billing.factories import (
     CHAT,
     OverrideFactory,
@@ -279,3 +282,47 @@ def test_usage_nothing_prices_is_held_as_input_tokens() -> None:
     assert list(invoice.held_usage.values_list("model_name", "token_kind", "quantity")) == [
         ("no-price", "input", 1_000)
     ]
+
+
+# --- the wallet ---------------------------------------------------------------------------------
+
+
+def test_the_price_hash_carries_the_cached_price_or_else_the_input_price(
+    org: Organization,
+) -> None:
+    cached_price("0.25")
+    other = OrganizationFactory()
+    OverrideFactory(
+        organization=other, kind="rate", model_name=CHAT, token_kind="input",
+        unit_price=Decimal("0.2"),
+    )  # fmt: skip
+
+    assert prices_compute(org.id)[CHAT] == spend.Prices("1000", "2000", "0", "0", "250")
+    # The contract's input rate is below the cached list price: cached tokens cost it too.
+    assert prices_compute(other.id)[CHAT] == spend.Prices("200", "2000", "0", "0", "200")
+
+
+def test_the_drain_counts_cached_tokens_at_the_cached_price(org: Organization) -> None:
+    cached_price("0.25")
+
+    cost = wallet_record_usage(
+        organization_id=org.id,
+        model_name=CHAT,
+        input_tokens=1_000,
+        cached_input_tokens=600,
+        output_tokens=10,
+        request_id="req_cached",
+    )
+
+    assert cost == 400 * 1000 + 600 * 250 + 10 * 2000
+    assert get_redis().hget(wallet_keys.price_key(org.id, CHAT), "cin") == "250"
+
+
+def test_prices_cost_takes_cached_tokens_as_part_of_the_input() -> None:
+    prices = spend.Prices(input="150", output="600", cached_input="37.5")
+
+    # 100 uncached * 150 + 3 cached * 37.5 = 15112.5 -> 15113 (up to a whole nano)
+    assert prices.cost(input_tokens=103, cached_input_tokens=3) == 15_113
+    assert prices.cost(input_tokens=103) == 103 * 150  # a caller that passes none
+    # No cached price given (an older caller, or a hash without it): the input price.
+    assert spend.Prices("150", "600").cost(input_tokens=103, cached_input_tokens=3) == 103 * 150

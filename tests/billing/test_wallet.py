@@ -76,6 +76,7 @@ def test_postpaid_without_hard_budget_is_not_checked(org: Organization, this_hou
         "out": "2000",
         "req": "0",
         "ms": "0",
+        "cin": "1000",  # no cached input price: cached tokens cost the input price
     }
 
 
@@ -186,12 +187,14 @@ def test_prices_are_the_organizations_effective_prices_in_exact_nanos(org: Organ
         "out": "150",
         "req": "0",
         "ms": "0",
+        "cin": "37.5",
     }
     assert redis.hgetall(wallet_keys.price_key(org.id, CHAT)) == {
         "in": "900",
         "out": "1800",
         "req": "0",
         "ms": "0",
+        "cin": "900",
     }
     # One kind only: not admitted.
     assert not redis.exists(wallet_keys.price_key(org.id, "half-priced"))
@@ -343,6 +346,7 @@ def test_record_with_no_price_hash_loads_the_price_from_the_database(org: Organi
         "out": "2000",
         "req": "0",
         "ms": "0",
+        "cin": "500",
     }
 
 

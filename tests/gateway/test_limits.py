@@ -256,6 +256,26 @@ def test_two_hundred_concurrent_requests_against_a_balance_for_fifty() -> None:
     assert int(wallet["reserved_nanos"]) == 50 * 500 <= int(wallet["cap_nanos"])
 
 
+def test_admission_carries_the_cached_input_price_when_the_hash_has_one() -> None:
+    # A hash without it (an earlier release's, or a test's) is admitted as before, and the
+    # settle then prices cached tokens as input tokens ("").
+    async def scenario() -> tuple[Admission, Admission]:
+        limiter, client = await _limiter_with_live_pool()
+        await _wallet(client, cap=10**6, price_in=4, price_out=8)
+        old = await admit_money(limiter, 100, 10)
+        await client.hset("mantle:price:org_limits:m", "cin", "1.5")
+        new = await admit_money(limiter, 100, 10)
+        await client.aclose()
+        return old, new
+
+    old, new = run(scenario())
+
+    assert (old.allowed, old.price_in, old.price_cached_input) == (True, "4", "")
+    assert (new.allowed, new.price_in, new.price_cached_input) == (True, "4", "1.5")
+    # The worst case takes every prompt token as uncached: 100 * 4 + 10 * 8, both times.
+    assert old.reserved_nanos == new.reserved_nanos == 480
+
+
 def test_unlimited_or_missing_wallet_only_reserves() -> None:
     async def scenario() -> tuple[bool, str | None]:
         limiter, client = await _limiter_with_live_pool()
