@@ -58,7 +58,7 @@ RUNTIME_BY_KIND = {
     "embedding": Runtime.ENCODER.value,
     "tensor": Runtime.TENSOR.value,
 }
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
 OPTIMIZATION = ("none", "basic", "extended")
 ONNX_MAGIC_FIRST_BYTE = 0x08  # ModelProto field 1 (ir_version), varint: every ONNX file starts so
 _CHUNK = 1 << 20

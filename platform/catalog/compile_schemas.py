@@ -16,7 +16,7 @@ class In(Schema):
 
 
 Kind = Literal["chat", "completion", "embedding", "tensor"]
-Quantize = Literal["none", "int8"]
+Quantize = Literal["none", "int8", "int4"]
 Optimization = Literal["none", "basic", "extended"]
 
 

@@ -168,7 +168,7 @@ def test_an_upload_over_the_size_limit_is_413_and_leaves_nothing(
     [
         ({"model_name": "Bad Name"}, "model_name", "model_name must be 1-120 characters"),
         ({"kind": "vision"}, "kind", "kind"),
-        ({"quantize": "int4"}, "quantize", "quantize"),
+        ({"quantize": "int2"}, "quantize", "quantize"),
         ({"model_file": "../x.onnx"}, "model_file", "plain file name"),
     ],
 )

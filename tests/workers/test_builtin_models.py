@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from workers.compile import builtin
+from workers.compile import builtin, lm_gate
 
 pytestmark = pytest.mark.models
 
@@ -124,6 +125,62 @@ def test_chat_model_knows_the_capital_of_france(chat: Loaded) -> None:
     ids = tok.encode(prompt, add_special_tokens=False).ids
     answer = tok.decode(_greedy(manifest, sess, ids, 24), skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_chat_model_is_served_with_4bit_weights_and_keeps_its_fp32_variant(chat: Loaded) -> None:
+    import onnx
+
+    directory, manifest, _ = chat
+    graph = onnx.load_model(str(directory / manifest["model_file"])).graph
+    ops = Counter(n.op_type for n in graph.node)
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+    # 30 layers x 7 projections at 4 bits, and the (untied) LM head at 8.
+    assert ops["MatMulNBits"] == 211 and ops["GatherBlockQuantized"] == 1
+    assert Counter(a["bits"] for a in attrs) == {4: 210, 8: 1}
+    assert {(a["block_size"], a["accuracy_level"]) for a in attrs} == {(32, 4)}
+    constant = {t.name for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constant]
+    assert len(nbits[0].input) == 4  # integer zero points: ORT's prepacked kernels
+    assert manifest["quantization"]["zero_points"] == "uint4 per block"
+    assert manifest["runtime_options"] == {"intra_op_threads": 2}
+
+    fp32 = manifest["variants"]["fp32"]
+    assert fp32["model_file"] == "model.fp32.onnx"
+    assert fp32["validation"]["parity"]["max_abs_diff"] < 1e-3
+    assert (directory / fp32["model_file"]).stat().st_size > 4 * (
+        directory / manifest["model_file"]
+    ).stat().st_size
+
+    gate = manifest["validation"]["quality_gate"]
+    assert gate["passed"] is True
+    assert gate["token_agreement"] >= gate["thresholds"]["min_token_agreement"]
+    assert gate["ppl_increase"] <= gate["thresholds"]["max_ppl_increase"]
+    assert gate["prompts"] == len(lm_gate.PROMPTS)
+
+
+def test_the_lm_gate_tells_the_4bit_graph_from_the_fp32_one(chat: Loaded) -> None:
+    # A short run of the gate's own measure: the fp32 graph agrees with itself exactly,
+    # the 4-bit one does not.
+    directory, manifest, served = chat
+    fp32 = _session(directory, {"model_file": manifest["variants"]["fp32"]["model_file"]})
+    tok = _tokenizer(chat)
+    prompts = [tok.encode(p, add_special_tokens=False).ids for p in lm_gate.PROMPTS[:6]]
+    texts = [tok.encode(t, add_special_tokens=False).ids for t in lm_gate.gate_texts()[:3]]
+    eos = manifest["eos_token_ids"]
+    pad = manifest["pad_token_id"]
+
+    same = lm_gate.measure(
+        lm_gate.Decoder(fp32, pad), lm_gate.Decoder(fp32, pad), prompts, texts, eos, new_tokens=16
+    )
+    quantized = lm_gate.measure(
+        lm_gate.Decoder(fp32, pad), lm_gate.Decoder(served, pad), prompts, texts, eos, new_tokens=16
+    )
+
+    assert (same["token_agreement"], same["exact_match"], same["ppl_increase"]) == (1.0, 1.0, 0.0)
+    # A sixth of the gate's prompts and a third of its tokens: near, not at, its figures.
+    assert 0.5 < quantized["token_agreement"] < 1.0
+    assert 0.0 < quantized["ppl_increase"] <= lm_gate.DEFAULT_THRESHOLDS.max_ppl_increase
 
 
 def test_embeddings_rank_a_paraphrase_above_an_unrelated_sentence(encoder: Loaded) -> None:

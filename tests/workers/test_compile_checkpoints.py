@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from workers.compile import artifacts
 from workers.compile.pipeline import Pipeline
 from workers.compile.steps.source import default_prepare_python
 from workers.contract import CompileRequest, ModelRef
-from workers.runtime.models import load_model
+from workers.runtime.models import load_model, model_file
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.models]
 
@@ -187,5 +188,119 @@ def test_a_chat_checkpoint_whose_template_is_over_budget_is_refused_in_its_step_
     steps = {s["name"]: s for s in outcome.steps}
     assert steps["tokenizer"]["status"] == "failed"
     assert steps["tokenizer"]["log"].endswith(f"failed: {outcome.error}")
+    assert steps["package"]["status"] == "skipped"
+    assert tree(store) == []
+
+
+def test_an_int4_causal_lm_ships_4bit_weights_its_fp32_variant_and_the_lm_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+
+    checkpoint = tiny_llama(tmp_path / "ckpt")
+    store = tmp_path / "store"
+    request = CompileRequest(
+        job_id="cj_int4",
+        organization_id="org_test",
+        model_name="tiny-chat-int4",
+        kind="chat",
+        source="hf-checkpoint",
+        source_path=str(checkpoint),
+        quantize="int4",
+    )
+
+    outcome = Pipeline(request, store=store).run()
+
+    assert (outcome.status, outcome.error) == ("succeeded", ""), outcome.steps
+    manifest = outcome.manifest
+    assert manifest is not None
+    sha = manifest["sha256"]
+    assert tree(store) == [
+        sha,
+        f"{sha}/mantle.json",
+        f"{sha}/model.fp32.onnx",
+        f"{sha}/model.onnx",
+        f"{sha}/tokenizer.json",
+    ]
+    assert manifest["model_file"] == "model.onnx"
+    assert manifest["variants"] == {"fp32": {"model_file": "model.fp32.onnx", "weights": "fp32"}}
+    assert manifest["quantization"]["bits"] == 4
+    assert manifest["quantization"]["block_size"] == 32
+    assert manifest["quantization"]["zero_points"] == "uint4 per block"
+    ops = {n.op_type for n in onnx.load_model(str(store / sha / "model.onnx")).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    fp32_ops = {n.op_type for n in onnx.load_model(str(store / sha / "model.fp32.onnx")).graph.node}
+    assert "MatMulNBits" not in fp32_ops
+    gate = manifest["validation"]["quality_gate"]
+    assert gate["passed"] is True
+    assert gate["thresholds"] == {
+        "min_token_agreement": 0.7,
+        "min_exact_match": 0.0,
+        "max_ppl_increase": 0.4,
+    }
+    assert gate["prompts"] == 20 and gate["positions"] > 0 and gate["text_tokens"] > 1000
+    assert 0.7 <= gate["token_agreement"] <= 1.0
+    steps = {s["name"]: s for s in outcome.steps}
+    assert steps["quantize"]["metrics"]["matmul_nbits"] > 0
+    assert steps["quantize"]["metrics"]["matmul_fp32_left"] > 0  # attention's own MatMuls
+
+    # Served 4-bit by default; MANTLE_MODEL_VARIANT=fp32 serves the full-precision graph.
+    assert model_file(manifest) == "model.onnx"
+    served = first_logits(load_model(ref_for(store, sha, "mv_int4")).session)
+    monkeypatch.setenv("MANTLE_MODEL_VARIANT", "fp32")
+    assert model_file(manifest) == "model.fp32.onnx"
+    full = first_logits(load_model(ref_for(store, sha, "mv_int4_fp32")).session)
+    assert served.shape == full.shape == (1, 1, 49152)
+    assert 0 < float(np.abs(served - full).max()) < 1.0
+
+
+def ref_for(store: Path, sha: str, version_id: str) -> ModelRef:
+    return ModelRef(
+        version_id=version_id, runtime="onnx-causal-lm", sha256=sha, location=str(store / sha)
+    )
+
+
+def first_logits(session: Any) -> np.ndarray:
+    """The tiny Llama's logits for a 3-token prompt with an empty cache."""
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": np.array([[1, 2, 3]], dtype=np.int64),
+        "attention_mask": np.ones((1, 3), dtype=np.int64),
+        "position_ids": np.array([[0, 1, 2]], dtype=np.int64),
+    }
+    for i in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, 0, 16), dtype=np.float32)
+    return np.asarray(session.run(["logits"], feeds)[0])
+
+
+def test_an_int4_variant_that_misses_its_gate_fails_the_job_and_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    checkpoint = tiny_llama(tmp_path / "ckpt")
+    store = tmp_path / "store"
+    request = CompileRequest(
+        job_id="cj_int4_strict",
+        organization_id="org_test",
+        model_name="tiny-chat-int4",
+        kind="chat",
+        source="hf-checkpoint",
+        source_path=str(checkpoint),
+        quantize="int4",
+        tolerance=0.0,  # not one greedy token may differ from the fp32 graph's
+    )
+
+    outcome = Pipeline(request, store=store).run()
+
+    assert (outcome.status, outcome.error_code) == ("failed", "quality_gate_failed")
+    assert outcome.error.startswith(
+        "quality gate failed: the int4 variant drifts from the full-precision model: "
+        "token_agreement 0."
+    )
+    assert outcome.error.endswith(
+        "(required >= 1); it is not shipped (compile without quantization, or accept a "
+        "looser tolerance)"
+    )
+    steps = {s["name"]: s for s in outcome.steps}
+    assert steps["validate"]["metrics"]["quality_gate"]["passed"] is False
     assert steps["package"]["status"] == "skipped"
     assert tree(store) == []

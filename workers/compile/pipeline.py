@@ -35,7 +35,7 @@ RUNTIME_BY_KIND = {
     "embedding": Runtime.ENCODER.value,
     "tensor": Runtime.TENSOR.value,
 }
-QUANTIZATIONS = ("", "int8")
+QUANTIZATIONS = ("", "int8", "int4")
 OPTIMIZATIONS = ("none", "basic", "extended")
 
 DEFAULT_LIMITS = Limits()
@@ -49,7 +49,12 @@ def check_request(request: CompileRequest) -> None:
         raise CompileError(f"unknown model kind {request.kind!r}", code="invalid_request")
     if request.quantize not in QUANTIZATIONS:
         raise CompileError(
-            f"unknown quantization {request.quantize!r} (choose int8 or none)",
+            f"unknown quantization {request.quantize!r} (choose int8, int4 or none)",
+            code="invalid_request",
+        )
+    if request.quantize == "int4" and RUNTIME_BY_KIND.get(request.kind) != Runtime.CAUSAL_LM:
+        raise CompileError(
+            "int4 (4-bit weights) is for chat and completion models; use int8 or none",
             code="invalid_request",
         )
     if request.optimization not in OPTIMIZATIONS:
@@ -151,12 +156,12 @@ class Pipeline:
             with self._step("quantize") as step:
                 candidate = optimize.quantize(job, step, optimized, work)
             with self._step("validate") as step:
-                validation = parity.validate(job, step, model, candidate)
+                validation = parity.validate(job, step, model, candidate, optimized)
             with self._step("tokenizer") as step:
                 tokens = tokenizer.prepare(job, step, model)
             with self._step("package") as step:
                 return package.package(
-                    job, step, model, candidate, validation, tokens, work, self.steps
+                    job, step, model, candidate, validation, tokens, work, self.steps, optimized
                 )
 
     @contextlib.contextmanager

@@ -60,9 +60,26 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def ort_threads() -> int:
+def ort_threads(manifest: Mapping[str, Any] | None = None) -> int:
+    """MANTLE_ORT_THREADS, else what the artifact measured best (`runtime_options`), else
+    every core."""
     raw = os.environ.get("MANTLE_ORT_THREADS", "").strip()
-    return int(raw) if raw else (os.cpu_count() or 1)
+    if raw:
+        return int(raw)
+    chosen = ((manifest or {}).get("runtime_options") or {}).get("intra_op_threads")
+    if isinstance(chosen, int) and chosen > 0:
+        return min(chosen, os.cpu_count() or chosen)
+    return os.cpu_count() or 1
+
+
+def model_file(manifest: Mapping[str, Any]) -> str:
+    """The graph to serve: the manifest's `model_file`, or the variant MANTLE_MODEL_VARIANT
+    names (`fp32`: a quantized model's full-precision graph) when the artifact has it."""
+    wanted = os.environ.get("MANTLE_MODEL_VARIANT", "").strip()
+    variant = (manifest.get("variants") or {}).get(wanted) if wanted else None
+    if variant:
+        return str(variant["model_file"])
+    return str(manifest.get("model_file", "model.onnx"))
 
 
 def load_model(ref: ModelRef) -> LoadedModel:
@@ -144,7 +161,7 @@ def _load(ref: ModelRef) -> LoadedModel:
         raise ModelLoadError(
             f"artifact runtime {manifest.get('runtime')!r} is not the requested {ref.runtime!r}"
         )
-    model_path = directory / str(manifest.get("model_file", "model.onnx"))
+    model_path = directory / model_file(manifest)
     tokenizer_path = directory / str(manifest.get("tokenizer_file", "tokenizer.json"))
     needs_tokenizer = ref.runtime != Runtime.TENSOR
     for path in (model_path, tokenizer_path) if needs_tokenizer else (model_path,):
@@ -153,7 +170,7 @@ def _load(ref: ModelRef) -> LoadedModel:
 
     providers, chosen = choose_providers(ref.providers, ort.get_available_providers())
     options = ort.SessionOptions()
-    options.intra_op_num_threads = ort_threads()
+    options.intra_op_num_threads = ort_threads(manifest)
     # One engine thread drives each session; inter-op parallelism only adds threads.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -165,10 +182,11 @@ def _load(ref: ModelRef) -> LoadedModel:
     tokenizer = Tokenizer.from_file(str(tokenizer_path)) if needs_tokenizer else None
     load_s = time.monotonic() - started
     logger.info(
-        "loaded model version %s (%s, %s) on %s in %.1fs",
+        "loaded model version %s (%s, %s, %s) on %s in %.1fs",
         ref.version_id,
         manifest.get("name"),
         ref.sha256[:12],
+        model_path.name,
         chosen,
         load_s,
     )

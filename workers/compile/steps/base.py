@@ -21,6 +21,8 @@ logger = logging.getLogger("workers.compile.pipeline")
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
+FP32_VARIANT_FILE = "model.fp32.onnx"
+"""A quantized causal LM's full-precision graph, kept beside it (manifest `variants.fp32`)."""
 TOKENIZER_FILE = "tokenizer.json"
 SAMPLE_INPUTS_FILE = "sample_inputs.npz"
 """An upload may carry its own sample inputs (an .npz keyed by input name) for parity."""

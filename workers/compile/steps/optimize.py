@@ -100,15 +100,17 @@ def optimize(job: Job, step: Step, model: Model, work: Path) -> Path:
 
 
 def quantize(job: Job, step: Step, model_path: Path, work: Path) -> Path:
-    """int8 dynamic quantization when the job asks for it; the candidate graph's path."""
+    """int8 dynamic or int4 weight-only quantization when the job asks; the candidate's path."""
     if not job.request.quantize:
         step.skip("no quantization requested")
         return model_path
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     out_dir = work / "quantized"
     out_dir.mkdir()
     out = out_dir / MODEL_FILE
+    if job.request.quantize == "int4":
+        return _int4(step, model_path, out)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     started = time.monotonic()
     try:
         quantize_dynamic(
@@ -133,4 +135,34 @@ def quantize(job: Job, step: Step, model_path: Path, work: Path) -> Path:
         }
     )
     step.say("int8 dynamic quantization: %d -> %d bytes", before, after)
+    return out
+
+
+def _int4(step: Step, model_path: Path, out: Path) -> Path:
+    """4-bit weights (MatMulNBits, block 32, integer zero points), the tied head included."""
+    from workers.compile import int4
+
+    if tree_bytes(model_path.parent) > artifacts_limit():
+        raise CompileError(
+            "int4 quantization takes graphs under 1.8 GB (fp32) for now", code="quantization_failed"
+        )
+    try:
+        report = int4.quantize(model_path, out, int4.Options())
+    except Exception as exc:  # the quantizer raises plain exceptions on graphs it can't take
+        raise CompileError(
+            f"int4 quantization failed: {first_line(exc)}", code="quantization_failed"
+        ) from exc
+    if not report["matmul_nbits"]:
+        raise CompileError(
+            "int4 quantization found no MatMul with constant weights", code="quantization_failed"
+        )
+    step.metrics.update(
+        {**report, "ratio": round(report["bytes_after"] / report["bytes_before"], 4)}
+    )
+    step.say(
+        "int4 weights: %d MatMulNBits, %d bytes -> %d",
+        report["matmul_nbits"],
+        report["bytes_before"],
+        report["bytes_after"],
+    )
     return out

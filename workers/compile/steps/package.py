@@ -9,6 +9,7 @@ from typing import Any
 from workers.compile import artifacts
 from workers.compile.steps.base import (
     EXTERNAL_DATA_FILE,
+    FP32_VARIANT_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     Job,
@@ -31,14 +32,26 @@ def package(
     tokenizer: Mapping[str, Any],
     work: Path,
     steps: Sequence[Step],
+    full_precision: Path | None = None,
 ) -> dict[str, Any]:
-    """Seal the artifact into the store; its sha256, size and location."""
+    """Seal the artifact into the store; its sha256, size and location.
+
+    A quantized causal LM keeps its full-precision graph beside it as the `fp32`
+    variant (docs/artifacts.md): what the quality gate measured it against, and what
+    an operator can serve instead.
+    """
     final = work / "artifact"
     final.mkdir()
     _save_graph(candidate, final / MODEL_FILE)
+    variants: dict[str, Any] = {}
+    if full_precision is not None and job.runtime == Runtime.CAUSAL_LM and job.request.quantize:
+        _save_graph(full_precision, final / FP32_VARIANT_FILE)
+        variants["fp32"] = {"model_file": FP32_VARIANT_FILE, "weights": "fp32"}
     if tokenizer:
         (final / TOKENIZER_FILE).write_text(tokenizer["tokenizer_json"], encoding="utf-8")
     manifest = build_manifest(job, model, final, validation, tokenizer, steps)
+    if variants:
+        manifest["variants"] = variants
     path = artifacts.commit_artifact(job.store, final, manifest)
     sealed = artifacts.verify_artifact(path, fast=False)
     location = str(path.resolve())
@@ -67,7 +80,8 @@ def _save_graph(candidate: Path, dest: Path) -> None:
         str(dest),
         save_as_external_data=external,
         all_tensors_to_one_file=True,
-        location=EXTERNAL_DATA_FILE,
+        # model.onnx.data for the served graph; a variant's data beside it under its own name.
+        location=EXTERNAL_DATA_FILE if dest.name == MODEL_FILE else f"{dest.name}.data",
     )
 
 
@@ -133,6 +147,11 @@ def build_manifest(
         ),
     }
     manifest["build"] = _build_section(request, partial, steps)
+    quantize = next((s for s in steps if s.name == "quantize"), None)
+    if request.quantize == "int4" and quantize is not None:
+        from workers.compile.int4 import manifest_section
+
+        manifest["quantization"] = manifest_section(quantize.metrics)
     return manifest
 
 
