@@ -123,7 +123,8 @@ def worker_info_key(node: str) -> str:
 #               null), sent once before the first delta when asked for
 #   choice_done: index, finish_reason, completion_tokens: one choice of n > 1 ended
 #   done:       finish_reason, prompt_tokens, completion_tokens (with n > 1: every
-#               choice's tokens together; finish_reason is choice 0's)
+#               choice's tokens together; finish_reason is choice 0's), cached_tokens
+#               (the prompt tokens served from the prefix cache; absent when none)
 #   embeddings: data (base64 of little-endian float32, row-major), count, dims,
 #               prompt_tokens
 #   error:      code, message

@@ -351,6 +351,7 @@ class WorkerRuntime:
             if ran
             else 0,
             worker=self.settings.node,
+            cached_input_tokens=min(result.cached_tokens, result.prompt_tokens) if ran else 0,
         )
         emitted = emit_usage_durably(self.redis, usage)
         return Outcome(status=result.finish_reason, usage_emitted=emitted, result=result)

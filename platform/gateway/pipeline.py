@@ -329,23 +329,27 @@ async def settle(
     *,
     requests: int = 0,
     compute_ms: int = 0,
+    cached_input_tokens: int = 0,
 ) -> None:
     """Releases the reservation and parks the real cost until metering counts it.
 
     For a tensor request `compute_ms` is the gateway's own upper bound (the time it
     waited); the drain replaces the parked cost with the worker's measured one.
+    `cached_input_tokens` (a part of `input_tokens`) cost the cached input price.
     """
     prices = spend.Prices(
         admission.price_in,
         admission.price_out,
         admission.price_request,
         admission.price_compute_ms,
+        admission.price_cached_input,
     )
     cost = prices.cost(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         requests=requests,
         compute_ms=compute_ms,
+        cached_input_tokens=cached_input_tokens,
     )
     if not admission.reserved_nanos and not cost:
         return  # a free model: nothing was reserved, nothing to settle
@@ -458,6 +462,7 @@ class Generation:
     n: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from the worker's prefix cache
     finished: bool = False
     finish_reason: str = "stop"
     ticket: dispatch.Ticket | None = None
@@ -512,6 +517,8 @@ class Generation:
             self.finish_reason = event.get("finish_reason", "stop")
             self.prompt_tokens = int(event.get("prompt_tokens", self.prompt_tokens))
             self.completion_tokens = int(event.get("completion_tokens", self.completion_tokens))
+            cached = int(event.get("cached_tokens", 0) or 0)
+            self.cached_tokens = min(max(0, cached), self.prompt_tokens)
             if self.n == 1:
                 self.choices[0].completion_tokens = self.completion_tokens
             # A choice with no finish of its own (n == 1, or a request cancelled as a whole)
@@ -562,6 +569,7 @@ class Generation:
             self.admission,
             self.prompt_tokens,
             self.completion_tokens,
+            cached_input_tokens=self.cached_tokens,
         )
 
 

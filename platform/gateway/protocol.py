@@ -243,10 +243,16 @@ FinishReason = str  # "stop", "length" or "tool_calls"
 
 
 @_closed
+class PromptTokensDetails(TypedDict):
+    cached_tokens: Count  # prompt tokens served from the prefix cache (billed `cached_input`)
+
+
+@_closed
 class Usage(TypedDict):
     prompt_tokens: Count
     completion_tokens: Count
     total_tokens: Count
+    prompt_tokens_details: PromptTokensDetails
 
 
 @_closed

@@ -470,7 +470,10 @@ class Shape:
 def _usage(generation: Generation) -> ResponseUsage:
     return {
         "input_tokens": generation.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {
+            "cached_tokens": generation.cached_tokens,
+            "cache_write_tokens": 0,
+        },
         "output_tokens": generation.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": generation.prompt_tokens + generation.completion_tokens,
