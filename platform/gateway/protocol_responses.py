@@ -32,6 +32,8 @@ from gateway.protocol import (
     MAX_TOOLS,
     MODEL_MAX_LENGTH,
     USER_MAX_LENGTH,
+    ResponseFormatJSONObject,
+    ResponseFormatText,
     metadata_check,
 )
 
@@ -181,12 +183,9 @@ class ToolChoiceFunction(_Request):
     name: str = Field(max_length=256)
 
 
-class FormatText(_Request):
-    type: Literal["text"]
-
-
-class FormatJSONObject(_Request):
-    type: Literal["json_object"]
+# `{"type": "text"}` and `{"type": "json_object"}` are chat's response formats, the same shapes.
+FormatText = ResponseFormatText
+FormatJSONObject = ResponseFormatJSONObject
 
 
 class FormatJSONSchema(_Request):

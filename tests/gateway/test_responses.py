@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 from django.utils import timezone
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from core.redis import get_redis
 from gateway.models import StoredResponse
@@ -293,9 +293,12 @@ def _valid_city(value: Any) -> None:
 
 
 class City(BaseModel):
-    city: str
-    country: str
-    population: int
+    """CITY_SCHEMA as a pydantic model (bounded like it: without a maximum, a small model
+    can write digits until max_output_tokens, as the 4-bit SmolLM2 did for Italy)."""
+
+    city: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+    population: int = Field(ge=0, le=99_999_999)
 
 
 def test_json_schema_format_gives_valid_json(served: Served) -> None:
