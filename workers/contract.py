@@ -355,7 +355,7 @@ class CompileRequest:
     source_path: str
     model_file: str = "model.onnx"  # ONNX sources: the graph's file inside source_path
     delete_source: bool = False
-    quantize: str = ""  # "" (none) | "int8"
+    quantize: str = ""  # "" (none) | "int8" | "int4" (4-bit weights, causal LMs only)
     optimization: str = "basic"  # none | basic | extended (ORT offline graph optimization)
     tolerance: float | None = None  # the parity gate; None: the pipeline's default for the kind
     store: str = ""  # artifact store (directory or fsspec URL); "": the node's default
