@@ -38,6 +38,7 @@ class Options:
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     block_size: int = BLOCK_SIZE
     symmetric: bool = False
+    bits: int = 4  # 8: every layer at 8 bits (a measured alternative, docs/decisions.md)
     embedding: bool = True  # the Gather of a (tied) embedding to GatherBlockQuantized
     # The LM head at 8 bits: SmolLM2's GGUF publishes it (the tied embedding) as Q8_0,
     # and at 4 bits it cost 10 points of perplexity for no measurable speed (docs/decisions.md).
@@ -45,8 +46,8 @@ class Options:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "scheme": "weight-only int4 (MatMulNBits), round to nearest, per block",
-            "bits": 4,
+            "scheme": f"weight-only int{self.bits} (MatMulNBits), round to nearest, per block",
+            "bits": self.bits,
             "block_size": self.block_size,
             "zero_points": "none (symmetric)" if self.symmetric else "uint4 per block",
             "accuracy_level": self.accuracy_level,
@@ -122,7 +123,7 @@ def quantize(src: Path, dst: Path, options: Options) -> dict[str, Any]:
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.op_type == "MatMul" and _weight(inits, node.input[1]):
-            bits = options.head_bits if node.name == head_node else 4
+            bits = options.head_bits if node.name == head_node else options.bits
             nodes.append(_matmul_nbits(graph, inits, node, bits, options))
         elif node.op_type == "Gather" and options.embedding and _weight(inits, node.input[0]):
             nodes.append(_gather_block_quantized(graph, inits, node, options))
