@@ -53,7 +53,9 @@ def test_every_weight_and_the_tied_head_become_block_quantized(tmp_path: Path, l
     weights = tied_lm(tmp_path / "fp32.onnx")
 
     report = int4.quantize(
-        tmp_path / "fp32.onnx", tmp_path / "q.onnx", int4.Options(accuracy_level=level)
+        tmp_path / "fp32.onnx",
+        tmp_path / "q.onnx",
+        int4.Options(accuracy_level=level),
     )
 
     model = onnx.load_model(str(tmp_path / "q.onnx"))
@@ -110,3 +112,53 @@ def test_the_gate_text_is_shipped_and_long_enough() -> None:
     paragraphs = lm_gate.gate_texts()
     assert len(paragraphs) >= 12
     assert sum(len(p) for p in paragraphs) > 5000
+
+
+def q4_1_lm(path: Path) -> np.ndarray:
+    """An ids -> Gather -> MatMul graph whose weight is 4-bit already, as GGUF Q4_1 is after
+    dequantizing: per block of 32 input rows, `d * q + m` with q in 0..15 and float d, m."""
+    rng = np.random.default_rng(1)
+    k_blocks = HIDDEN // 32
+    d = rng.uniform(0.01, 0.05, (k_blocks, 1, FFN)).astype(np.float32)
+    m = rng.uniform(-0.4, -0.1, (k_blocks, 1, FFN)).astype(np.float32)
+    q = rng.integers(0, 16, (k_blocks, 32, FFN)).astype(np.float32)
+    q[:, 0, :] = 0  # every block spans its lattice, as Q4_1's min..max does
+    q[:, 1, :] = 15
+    weight = (d * q + m).reshape(HIDDEN, FFN)
+    embed = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["embed", "ids"], ["h0"], name="embed_gather"),
+            helper.make_node("MatMul", ["h0", "w"], ["out"], name="proj"),
+        ],
+        "q4_1",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "seq", FFN])],
+        [numpy_helper.from_array(embed, "embed"), numpy_helper.from_array(weight, "w")],
+    )
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path
+    )
+    return embed @ weight
+
+
+def test_weights_on_a_4_bit_lattice_with_float_offsets_are_kept_exactly(tmp_path: Path) -> None:
+    want = q4_1_lm(tmp_path / "fp32.onnx")
+    ids = np.arange(VOCAB, dtype=np.int64).reshape(2, -1)
+    # Its one MatMul counts as the head: 4 bits here too.
+    options = int4.Options(accuracy_level=0, embedding=False, head_bits=4, block_offsets=True)
+
+    exact = int4.quantize(tmp_path / "fp32.onnx", tmp_path / "exact.onnx", options)
+    rounded = int4.quantize(
+        tmp_path / "fp32.onnx",
+        tmp_path / "rounded.onnx",
+        int4.Options(accuracy_level=0, embedding=False, head_bits=4, block_offsets=False),
+    )
+
+    assert exact["exact_blocks"] == exact["offset_blocks"] == FFN * HIDDEN // 32
+    got = run(tmp_path / "exact.onnx", ids)
+    assert np.abs(got - want[ids]).max() < 1e-4  # the published weights, not a re-rounding
+    # Integer zero points alone must round every block a second time.
+    again = run(tmp_path / "rounded.onnx", ids)
+    assert rounded["exact_blocks"] == 0
+    assert np.abs(again - want[ids]).max() > 1e-2
