@@ -47,6 +47,11 @@ CANCEL_CHECK_INTERVAL_S = 0.05
 # The smallest prompt chunk computed beside running streams: below it, a call's fixed cost
 # (the graph copies the whole past into its presents) dominates and a long prompt crawls.
 PREFILL_MIN_CHUNK = 16
+# Prefill's time beside running streams, at most this share of decode's. Measured with a
+# 4k-token prompt beside 4 streams (docs/benchmarks.md): the streams' decode steps
+# themselves run ~1.6-2x slower between the prompt's calls, so 0.5 gave the same time
+# between tokens as 1.0 (3.0x) and only made the prompt wait longer (87 s against 51 s).
+PREFILL_SHARE = 1.0
 
 
 class Session(Protocol):
@@ -557,13 +562,13 @@ class CausalLMEngine:
         return max(PREFILL_MIN_CHUNK, min(self._max_prefill_tokens, fit))
 
     def _may_prefill(self) -> bool:
-        """Whether prefill gets this iteration. While streams decode, prefill's share of
-        the engine's time is at most decode's (so time between their tokens at most about
-        doubles while a long prompt is computed); alone, it always runs."""
+        """Whether prefill gets this iteration. While streams decode, prefill's time is at
+        most PREFILL_SHARE of decode's (so time between their tokens stays within about
+        2x while a long prompt is computed); alone, it always runs."""
         if not self._running:
             self._contended_prefill_s = self._contended_decode_s = 0.0
             return True
-        return self._contended_prefill_s <= self._contended_decode_s
+        return self._contended_prefill_s <= PREFILL_SHARE * self._contended_decode_s
 
     def _prefill_step(self) -> None:
         """One session call that computes the next chunk of one or more prompts.
