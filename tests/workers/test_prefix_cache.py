@@ -207,3 +207,17 @@ def test_prompt_scoring_requests_bypass_the_cache(
     scored = replace(scored, sampling=replace(scored.sampling, prompt_logprobs=0))
     assert run(engine, scored, sink) == 0
     assert sink.text("scored") == sink.text("warm")
+
+
+def test_a_prompt_longer_than_the_cache_keeps_its_first_blocks(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    # The fake's block: 2 layers x key/value x 1 head x 32 tokens x 2 dims x 4 bytes = 1 KiB.
+    cache = PrefixCache(3 * 1024)
+    engine = make_engine(FakeCausalLM(), cache)
+    sink = RecordingSink()
+    prompt = [(3 * i) % 61 + 1 for i in range(10 * BLOCK_TOKENS)]
+    run(engine, request("a", prompt), sink)
+    assert len(cache) == 3 and cache.bytes_used <= cache.max_bytes
+    assert run(engine, request("b", prompt), sink) == 3 * BLOCK_TOKENS
+    assert sink.text("b") == sink.text("a") == decode(reference(prompt, 6))

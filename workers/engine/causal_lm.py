@@ -688,9 +688,14 @@ class CausalLMEngine:
         if cache is None:
             return
         size = cache.block_tokens
+        block_bytes = 2 * self.spec.num_layers * self.spec.num_kv_heads * size
+        block_bytes *= self.spec.head_dim * presents[0].dtype.itemsize
+        # A prompt longer than the whole cache stores only the blocks that fit: copying the
+        # rest would only evict them again (and the prompt's own first blocks with them).
+        fits = cache.max_bytes // block_bytes
         for p, i in zip(rows, indices, strict=True):
             req = p.req
-            full = cache.cacheable_blocks(len(req.prefill_ids))
+            full = min(cache.cacheable_blocks(len(req.prefill_ids)), fits)
             first = req.cached_tokens // size
             if full <= first:
                 continue
