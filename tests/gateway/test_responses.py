@@ -402,7 +402,15 @@ def test_required_and_named_function_calls_then_the_second_turn(served: Served) 
         temperature=0,
         max_output_tokens=40,
     )
-    assert answer.status == "completed" and answer.previous_response_id == named.id
+    # The fp32 built-in ended this answer within 40 tokens; the 4-bit one does not end it
+    # within 120 (it repeats itself: issue 16's note). Either way the turn was chained and
+    # answered, and the chat form below must give the same greedy text.
+    assert answer.previous_response_id == named.id
+    assert answer.status == "completed" or (
+        answer.status == "incomplete"
+        and answer.incomplete_details is not None
+        and answer.incomplete_details.reason == "max_output_tokens"
+    )
     [message] = answer.output
     assert message.type == "message" and answer.output_text
     # The same conversation as chat messages: the call on the assistant turn, its result
