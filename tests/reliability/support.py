@@ -183,8 +183,10 @@ def call(
     content: str = "hello there, how are you today?",
     max_tokens: int = 16,
     timeout: float = 60,
+    extra: dict[str, Any] | None = None,
 ) -> Outcome:
-    """One chat completion, streamed or not, recorded as an Outcome (never raises)."""
+    """One chat completion, streamed or not, recorded as an Outcome (never raises);
+    `extra`: more body fields."""
     import json
 
     body: dict[str, Any] = {
@@ -192,6 +194,7 @@ def call(
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "stream": stream,
+        **(extra or {}),
     }
     if stream:
         body["stream_options"] = {"include_usage": True}

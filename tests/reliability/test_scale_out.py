@@ -83,8 +83,12 @@ def test_worker_killed_mid_stream_while_its_pool_mate_keeps_serving(
                 tenant.chat.id,
                 stream=True,
                 content=STORY,
-                max_tokens=400,
+                # Long enough that no stream can end before the kill (the 4-bit model
+                # decoded 400 tokens before both workers were full), end of sequence
+                # biased away (SmolLM2's id 2).
+                max_tokens=1000,
                 timeout=120,
+                extra={"logit_bias": {"2": -100}},
             )
             with lock:
                 outcomes.append(outcome)
