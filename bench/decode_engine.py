@@ -41,6 +41,7 @@ from platform_stack import BenchStack  # noqa: E402
 
 from tests.support.stack import artifact_dir, builtin_manifests  # noqa: E402
 from workers.contract import BillingIdentity, GenerateRequest, ModelRef, SamplingParams  # noqa: E402
+from workers.engine.bench import NullSink  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -173,8 +174,9 @@ def ttft_figures(stack: BenchStack, runs: int) -> dict[str, Any]:
     }
 
 
-class TimingSink:
-    """Records when each request's text arrives (the engine's events, no Redis)."""
+class TimingSink(NullSink):
+    """Records when each request's text arrives (the engine's events, no Redis); every
+    other event, the streams' worker_shutdown errors at the end included, is dropped."""
 
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = {}
@@ -186,29 +188,9 @@ class TimingSink:
         with self.lock:
             self.times.setdefault(request_id, []).append(time.perf_counter())
 
-    def prompt_logprobs(self, request_id: str, logprobs: list[Any]) -> None:
-        pass
 
-    def choice_done(self, *args: Any) -> None:
-        pass
-
-    def done(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def embeddings(self, *args: Any) -> None:
-        pass
-
-    def error(self, request_id: str, code: str, message: str) -> None:
-        pass  # the streams end with worker_shutdown when the engine stops
-
-    def flush(self) -> None:
-        pass
-
-
-def chunked_figures(chat: dict[str, Any], long_tokens: int) -> dict[str, Any]:
-    """Inter-token times of 4 streams before and while a long prompt is prefilled."""
-    from agent_engine import chat_ids  # the chat template, as the gateway applies it
-
+def start_engine(chat: dict[str, Any]) -> tuple[Any, Any]:
+    """The served chat model in its own engine, as a worker loads it (no prefix cache)."""
     from workers.engine.causal_lm import CausalLMEngine
     from workers.engine.prefix_cache import PrefixCache
     from workers.runtime.models import load_model
@@ -218,23 +200,34 @@ def chunked_figures(chat: dict[str, Any], long_tokens: int) -> dict[str, Any]:
     engine = CausalLMEngine.from_model(
         model, max_batch=8, max_prefill_tokens=4096, redis_client=None, prefix_cache=PrefixCache(0)
     ).start()
-    identity = BillingIdentity("bench", "bench", "bench", "bench", "bench", "bench")
-    ref = ModelRef("bench", "onnx-causal-lm", "0" * 64, "")
+    return model, engine
 
+
+def greedy_request(
+    rid: str, ids: Sequence[int], max_tokens: int, logit_bias: tuple[tuple[int, float], ...] = ()
+) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid,
+        model=ModelRef("bench", "onnx-causal-lm", "0" * 64, ""),
+        identity=BillingIdentity("bench", "bench", "bench", "bench", "bench", "bench"),
+        prompt_token_ids=tuple(ids),
+        sampling=SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, top_p=1.0, logit_bias=logit_bias
+        ),
+        deadline=time.time() + 3600,
+    )
+
+
+def chunked_figures(chat: dict[str, Any], long_tokens: int) -> dict[str, Any]:
+    """Inter-token times of 4 streams before and while a long prompt is prefilled."""
+    from agent_engine import chat_ids  # the chat template, as the gateway applies it
+
+    model, engine = start_engine(chat)
     # The streams never end on their own: end of sequence biased away.
     never_stop = tuple((int(e), -100.0) for e in chat.get("eos_token_ids") or ())
 
     def request(rid: str, ids: Sequence[int], max_tokens: int) -> GenerateRequest:
-        return GenerateRequest(
-            request_id=rid,
-            model=ref,
-            identity=identity,
-            prompt_token_ids=tuple(ids),
-            sampling=SamplingParams(
-                max_tokens=max_tokens, temperature=0.0, top_p=1.0, logit_bias=never_stop
-            ),
-            deadline=time.time() + 3600,
-        )
+        return greedy_request(rid, ids, max_tokens, never_stop)
 
     sink = TimingSink()
     try:
@@ -290,30 +283,9 @@ def rss_child(chat: dict[str, Any]) -> None:
     the graph), serve 8 concurrent requests, print the resident memory."""
     from agent_engine import chat_ids
 
-    from workers.engine.bench import NullSink
-    from workers.engine.causal_lm import CausalLMEngine
-    from workers.engine.prefix_cache import PrefixCache
-    from workers.runtime.models import load_model
-
-    location = Path(str(chat["location"]))
-    model = load_model(ModelRef("bench", "onnx-causal-lm", str(chat["sha256"]), str(location)))
-    engine = CausalLMEngine.from_model(
-        model, max_batch=8, max_prefill_tokens=4096, redis_client=None, prefix_cache=PrefixCache(0)
-    ).start()
-    identity = BillingIdentity("bench", "bench", "bench", "bench", "bench", "bench")
-    ref = ModelRef("bench", "onnx-causal-lm", "0" * 64, "")
+    model, engine = start_engine(chat)
     handles = [
-        engine.submit(
-            GenerateRequest(
-                request_id=f"r{i}",
-                model=ref,
-                identity=identity,
-                prompt_token_ids=chat_ids(model, p),
-                sampling=SamplingParams(max_tokens=64, temperature=0.0, top_p=1.0),
-                deadline=time.time() + 600,
-            ),
-            NullSink(),
-        )
+        engine.submit(greedy_request(f"r{i}", chat_ids(model, p), 64), NullSink())
         for i, p in enumerate(prompts()[:8])
     ]
     for h in handles:
