@@ -442,6 +442,9 @@ class UsageEvent(models.Model):
     # Of input_tokens, those the prefix cache served. A database default: a drain of the
     # previous release (rolling deploy) still inserts rows without naming it.
     cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    # The class of work (workers.contract.ServiceClass): batch lines are rated at the
+    # model's batch prices. A database default for the same reason.
+    service_class = models.CharField(max_length=16, default="online", db_default="online")
 
     def __str__(self) -> str:
         return f"{self.request_id} at {self.occurred_at:%Y-%m-%d %H:%M:%S}"

@@ -103,6 +103,19 @@ RESPONSE_STREAM_DONE_TTL_S = 30
 """After its final event a stream lives this long: the gateway has read it by then
 (it reads as events arrive), so it is left to expire rather than deleted per request."""
 
+BATCH_STREAM_DONE_TTL_S = 900
+"""A batch line's stream lives this long after its final event: a batch runner that died
+after the worker finished and before it stored the line reads the answer again from it
+(the same request id; the worker never runs or bills it twice)."""
+
+
+class ServiceClass(enum.StrEnum):
+    """The class of work a request belongs to: online traffic, or a batch line that runs
+    on what online traffic leaves idle (docs/batches.md) and is billed at batch prices."""
+
+    ONLINE = "online"
+    BATCH = "batch"
+
 
 def pool_live_key(pool: str) -> str:
     return f"{POOL_LIVE_PREFIX}{pool}"
@@ -237,6 +250,7 @@ class GenerateRequest:
     sampling: SamplingParams
     deadline: float  # unix time after which the result is useless to the client
     enqueued_at: float = 0.0
+    service_class: str = ServiceClass.ONLINE.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +261,7 @@ class EmbedRequest:
     inputs: tuple[tuple[int, ...], ...]  # token ids, already truncated by the gateway
     deadline: float
     enqueued_at: float = 0.0
+    service_class: str = ServiceClass.ONLINE.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +308,9 @@ class UsageEvent:
     # (never more), billed at the cached input price. Last, with a default, so events of a
     # worker that predates it (and positional UsageEvent(*values)) still read.
     cached_input_tokens: int = 0
+    # A `ServiceClass` value: batch lines are billed at the model's batch prices. Last,
+    # with a default, for the same reason.
+    service_class: str = ServiceClass.ONLINE.value
 
     def to_fields(self) -> dict[str, str]:
         return {k: str(v) for k, v in dataclasses.asdict(self).items()}
@@ -322,6 +340,10 @@ class WorkerHeartbeat:
     tokens_per_s: float
     sent_at: float
     queues: tuple[str, ...] = field(default_factory=tuple)
+    # Batch lines running on the node, and how many it would take now: what online
+    # traffic leaves it (the batch runners pace themselves by the pool's sum).
+    batch_in_flight: int = 0
+    batch_capacity: int = 0
 
 
 class CompileSource(enum.StrEnum):

@@ -280,6 +280,7 @@ class RateLimiter:
         hold_s: float = 0.0,
         requests: int = 0,
         compute_ms: int = 0,
+        service_class: str = "online",
     ) -> Admission:
         """Checks the price, liveness, all eight buckets and the wallet; takes from all
         only if all pass. The worst-case cost reserved is `prompt_tokens` and `max_tokens` at the

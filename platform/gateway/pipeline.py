@@ -23,7 +23,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -59,6 +61,28 @@ M = TypeVar("M", bound=BaseModel)
 _NAMED = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.+)$", re.DOTALL)
 
 _limiters: dict[int, RateLimiter] = {}
+
+_service_class: ContextVar[str] = ContextVar(
+    "mantle_service_class", default=contract.ServiceClass.ONLINE.value
+)
+
+
+def service_class() -> str:
+    """The class of work of the request being handled (a `contract.ServiceClass` value):
+    online, unless a batch runner runs it as a batch line (`serving_class`)."""
+    return _service_class.get()
+
+
+@contextmanager
+def serving_class(value: contract.ServiceClass) -> Iterator[None]:
+    """Runs what is inside as `value`'s class of work: the batch runner's lines are
+    admitted outside the online rate limits at the model's batch prices, and workers run
+    them on what online traffic leaves idle."""
+    token = _service_class.set(value.value)
+    try:
+        yield
+    finally:
+        _service_class.reset(token)
 
 
 def limiter() -> RateLimiter:
@@ -185,6 +209,7 @@ async def admit(
             hold_s=settings.MANTLE_REQUEST_TIMEOUT_S + spend.HOLD_GRACE_S,
             requests=requests,
             compute_ms=compute_ms,
+            service_class=service_class(),
         )
 
     admission = await attempt()
@@ -609,6 +634,7 @@ async def start_generation(
         sampling=sampling.params(max_tokens),
         deadline=deadline,
         enqueued_at=time.time(),
+        service_class=service_class(),
     )
     generation = Generation(
         request_id=request_id,

@@ -25,6 +25,7 @@ from gateway.pipeline import (
     require_method,
     result_of,
     send,
+    service_class,
     settle,
 )
 from gateway.protocol import Embedding, EmbeddingList, EmbeddingRequest
@@ -60,6 +61,7 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
         inputs=tuple(tuple(i) for i in inputs),
         deadline=deadline,
         enqueued_at=time.time(),
+        service_class=service_class(),
     )
     ticket = await send(
         contract.TaskName.EMBED,
