@@ -1,9 +1,10 @@
-"""Control-queue tasks of the gateway: stored responses past their retention deleted."""
+"""Control-queue tasks of the gateway: stored responses and files past their retention deleted."""
 
 from __future__ import annotations
 
 from celery import shared_task
 
+from gateway.files import delete_expired_files
 from gateway.responses_store import responses_delete_expired
 from workers.contract import Queue
 
@@ -13,3 +14,10 @@ from workers.contract import Queue
 )
 def responses_expire() -> int:
     return responses_delete_expired()
+
+
+@shared_task(
+    name="mantle.control.files_delete_expired", queue=Queue.CONTROL.value, ignore_result=True
+)
+def files_expire() -> int:
+    return delete_expired_files()

@@ -313,6 +313,22 @@ CELERY_BEAT_SCHEDULE["responses-delete-expired"] = {
     "schedule": 3600.0,
     "options": {"queue": "control"},
 }
+# The Files API (/v1/files, docs/api.md "Files"). Bytes live in MANTLE_FILE_STORE: a local
+# directory, or an fsspec URL (s3://bucket/files; its protocol package, such as s3fs, is the
+# operator's to install) shared by every gateway and batch runner. Metadata is in the database.
+MANTLE_FILE_STORE = env.str("MANTLE_FILE_STORE", default=str(MANTLE_ARTIFACT_DIR.parent / "files"))
+# One upload's bytes (OpenAI's limit): the body limit of POST /v1/files for a valid key.
+MANTLE_FILE_MAX_BYTES = env.int("MANTLE_FILE_MAX_BYTES", default=512 * 1024**2)
+# Per organization, every purpose counted (the batch runner's output files too).
+MANTLE_FILES_ORG_MAX_BYTES = env.int("MANTLE_FILES_ORG_MAX_BYTES", default=100 * 1024**3)
+MANTLE_FILES_ORG_MAX_COUNT = env.int("MANTLE_FILES_ORG_MAX_COUNT", default=10_000)
+# Uploads without `expires_after` are kept this many days; 0 keeps them until deleted.
+MANTLE_FILES_DEFAULT_RETENTION_DAYS = env.int("MANTLE_FILES_DEFAULT_RETENTION_DAYS", default=0)
+CELERY_BEAT_SCHEDULE["files-delete-expired"] = {
+    "task": "mantle.control.files_delete_expired",
+    "schedule": 3600.0,
+    "options": {"queue": "control"},
+}
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("MANTLE_ENVIRONMENT", "test")
@@ -12,6 +13,10 @@ os.environ.setdefault("MANTLE_IDENTITY_KEY", "test-identity-key")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/14")
+# The Files API's store: a directory of this test run, which the servers a test starts
+# inherit through the environment (tests/support/stack.py passes os.environ on).
+if not os.environ.get("MANTLE_FILE_STORE"):
+    os.environ["MANTLE_FILE_STORE"] = tempfile.mkdtemp(prefix="mantle-test-files-")
 
 from config.settings.base import *  # noqa: F403
 from config.settings.base import VAR_DIR
