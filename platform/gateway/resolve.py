@@ -89,11 +89,14 @@ async def resolve(
     before the database is asked, so guessing is slowed to the limit. The database is
     read only on a cache miss, and the result is written back for every gateway.
     """
-    secret = bearer_secret(request)
+    # A batch line runs under the key that created its batch, known by its digest: the
+    # batch runner sets it on the request it builds (no HTTP request can carry it).
+    internal: str = getattr(request, "batch_key_digest", "")
+    secret = "" if internal else bearer_secret(request)
     address = client_address(request)
     if model is not None and len(model) > MODEL_MAX_LENGTH:
         raise invalid(f"The model name may be at most {MODEL_MAX_LENGTH} characters.", "model")
-    digest = keys.secret_digest(secret) if keys.looks_like_secret(secret) else ""
+    digest = internal or (keys.secret_digest(secret) if keys.looks_like_secret(secret) else "")
     client = get_async_redis()
     async with client.pipeline(transaction=False) as pipe:
         pipe.get(failures_key(address))
@@ -111,6 +114,8 @@ async def resolve(
         await _record_failure(address)
         raise _incorrect_key(secret)
     identity = await _identity(digest, results[1])
+    if internal and identity is None:
+        raise unauthorized("The API key that created this batch has been deleted.")
     if identity is None or not keys.constant_time_equal(identity.digest, digest):
         if blocked:
             raise await _refuse_blocked(address)
@@ -124,7 +129,8 @@ async def resolve(
                 type_="invalid_request_error",
                 code="organization_suspended",
             )
-        raise unauthorized(f"The API key {secret[:12]}... has been revoked or has expired.")
+        shown = f"{secret[:12]}..." if secret else "that created this batch"
+        raise unauthorized(f"The API key {shown} has been revoked or has expired.")
     if Scope.INFERENCE not in identity.scopes:
         raise OpenAIError(
             403,

@@ -221,6 +221,11 @@ class Stack:
                 time.sleep(0.2)
         raise RuntimeError(f"{proc.name} did not start:\n{proc.tail()}")
 
+    def batch_runner(self, name: str = "batch-runner", **extra: str) -> Process:
+        """`manage.py run_batches`, named `name` in the batches' leases."""
+        argv = [sys.executable, str(ROOT / "manage.py"), "run_batches", "--name", name]
+        return self.spawn(name, argv, extra)
+
     def gateway(self, name: str = "gateway", **extra: str) -> tuple[Process, str]:
         proc = self.start_gateway(name, env=extra)
         self.wait_serving(proc)

@@ -329,6 +329,14 @@ CELERY_BEAT_SCHEDULE["files-delete-expired"] = {
     "schedule": 3600.0,
     "options": {"queue": "control"},
 }
+# The Batch API (docs/api.md, "The Batch API"; docs/batches.md): requests per batch, the
+# tokens an organization may have enqueued per model in batches not finished yet (OpenAI's
+# batch queue limit, apart from online RPM/TPM), and the runners' leases.
+MANTLE_BATCH_MAX_LINES = env.int("MANTLE_BATCH_MAX_LINES", default=100_000)
+MANTLE_BATCH_QUEUE_TOKENS = env.int("MANTLE_BATCH_QUEUE_TOKENS", default=20_000_000)
+MANTLE_BATCH_LEASE_S = env.float("MANTLE_BATCH_LEASE_S", default=30.0)
+MANTLE_BATCH_POLL_S = env.float("MANTLE_BATCH_POLL_S", default=1.0)
+MANTLE_BATCH_RUNNER_BATCHES = env.int("MANTLE_BATCH_RUNNER_BATCHES", default=4)
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.

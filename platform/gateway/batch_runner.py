@@ -1,0 +1,819 @@
+"""The batch runner: validates a batch's input file, runs its lines through the gateway's
+own endpoints in the batch class of work, and writes the output and error files.
+
+One runner process (`manage.py run_batches`, a Procfile entry) runs a few batches at once,
+each under a lease in the database that it renews; a runner that dies leaves its leases to
+expire and another one (or itself, restarted) resumes. How a batch stays exactly once
+(docs/batches.md):
+
+- **Lines**: each finished line is stored as a `BatchLine` row, unique on (batch, line),
+  in a transaction that also checks the lease; a resumed batch skips the stored lines. The
+  output and error files are written from those rows, so every `custom_id` appears once.
+- **Billing**: a line's request id is fixed by the batch, the line and the attempt. A
+  runner that died after the worker answered and before the line was stored runs the line
+  again under the same id: the worker never runs or bills a request id twice, and the
+  answer is read again from its stream (kept `BATCH_STREAM_DONE_TTL_S`). An attempt lost
+  with its worker is not billed (the worker's redelivery path) and runs again as the next
+  attempt.
+- **Priority**: lines go to the same pool queues as online traffic, but a runner keeps at
+  most what the pool's live nodes say they take now (`batch_capacity` in their heartbeats)
+  in flight, counted across runners in Redis; the engines admit online requests first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+from django.http import HttpRequest, HttpResponseBase
+from django.utils import timezone
+from pydantic import ValidationError
+
+from accounts.models import ApiKey, Organization
+from catalog.selectors import endpoint_spec_load
+from core.redis import get_async_redis
+from gateway import files
+from gateway.backends import database_read
+from gateway.batches import ACTIVE, QUEUED, Status, output_expiry
+from gateway.endpoints import chat, completions, embeddings, responses
+from gateway.models import Batch, BatchLine
+from gateway.pipeline import serving_class
+from gateway.protocol_batches import (
+    ERRORS_LISTED,
+    BatchError,
+    BatchLineRequest,
+    LineError,
+    OutputLine,
+)
+from workers import contract
+
+logger = logging.getLogger(__name__)
+
+View = Callable[..., Awaitable[HttpResponseBase]]
+VIEWS: dict[str, View] = {
+    "/v1/chat/completions": chat.chat_completions,
+    "/v1/completions": completions.completions,
+    "/v1/embeddings": embeddings.embeddings,
+    "/v1/responses": responses.responses,
+}
+
+MAX_ATTEMPTS = 3
+"""Tries of a line that failed for the platform's reasons (a lost worker, a timeout, a 5xx)."""
+RETRIED = frozenset({500, 502, 503, 504})
+FLUSH_ROWS = 500
+FLUSH_S = 0.25
+READ_AHEAD = 1024
+"""Input lines read ahead of those running: the input is streamed, never held whole."""
+SLOT_TTL_S = 20.0
+"""A runner renews its lines' slots in the pool's Redis set; a dead runner's expire."""
+CAPACITY_TTL_S = 1.0
+
+
+def runner_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def slots_key(pool: str) -> str:
+    return f"mantle:batch:slots:{pool}"
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+def batch_claim(runner: str, exclude: list[str]) -> Batch | None:
+    """Takes the oldest batch that needs a runner and has none (no lease, or an expired
+    one): its lease is this runner's for MANTLE_BATCH_LEASE_S."""
+    now = timezone.now()
+    with transaction.atomic():
+        found = (
+            Batch.objects.select_for_update(skip_locked=True)
+            .filter(status__in=ACTIVE)
+            .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
+            .exclude(id__in=exclude)
+            .order_by("created_at")
+            .first()
+        )
+        if found is None:
+            return None
+        found.runner = runner
+        found.lease_until = now + timedelta(seconds=settings.MANTLE_BATCH_LEASE_S)
+        found.save(update_fields=["runner", "lease_until"])
+    return found
+
+
+def batch_renew(batch_id: str, runner: str) -> str | None:
+    """Extends this runner's lease; the batch's status, or None when the lease is lost."""
+    until = timezone.now() + timedelta(seconds=settings.MANTLE_BATCH_LEASE_S)
+    updated = Batch.objects.filter(id=batch_id, runner=runner).update(lease_until=until)
+    if not updated:
+        return None
+    status: str = Batch.objects.values_list("status", flat=True).get(id=batch_id)
+    return status
+
+
+def batch_release(batch_id: str, runner: str) -> None:
+    Batch.objects.filter(id=batch_id, runner=runner).update(lease_until=None, runner="")
+
+
+class LeaseLost(Exception):
+    """Another runner holds the batch now: this one stops without writing anything."""
+
+
+def _held(batch_id: str, runner: str) -> Batch:
+    found = Batch.objects.select_for_update().filter(id=batch_id, runner=runner).first()
+    if found is None:
+        raise LeaseLost(batch_id)
+    return found
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+@dataclass
+class Validated:
+    total: int = 0
+    model: str = ""
+    tokens: int = 0
+    errors: list[BatchError] = field(default_factory=list)
+    error_count: int = 0
+
+    def fail(self, line: int | None, code: str, message: str, param: str | None = None) -> None:
+        self.error_count += 1
+        if len(self.errors) < ERRORS_LISTED:
+            self.errors.append({"code": code, "message": message, "param": param, "line": line})
+
+
+def _max_tokens_of(body: dict[str, Any]) -> int:
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(settings.MANTLE_DEFAULT_MAX_TOKENS)
+
+
+def estimate_tokens(raw: bytes, body: dict[str, Any], endpoint: str) -> int:
+    """A line's enqueued tokens for the batch queue limit: its bytes / 4 for the input (no
+    tokenizer runs at validation), plus what it may generate (`max_tokens` or the default,
+    times `n`)."""
+    tokens = len(raw) // 4 + 1
+    if endpoint != "/v1/embeddings":
+        n = body.get("n")
+        tokens += _max_tokens_of(body) * (n if isinstance(n, int) and n > 0 else 1)
+    return tokens
+
+
+def validate_lines(batch: Batch, lines: Iterator[tuple[int, bytes]]) -> Validated:
+    """Every line checked before anything runs: JSON, `custom_id` unique, `method`, `url`
+    the batch's endpoint, one model that exists and that the organization may use, no
+    streaming, the size of a request body. Errors name their line numbers."""
+    out = Validated()
+    seen: set[bytes] = set()
+    max_lines = settings.MANTLE_BATCH_MAX_LINES
+    max_line = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    models_checked: dict[str, str] = {}  # model -> "" (usable) or the error
+    for number, raw in lines:
+        if not raw.strip():
+            continue  # a blank line (a trailing newline, say) is no request
+        out.total += 1
+        if out.total > max_lines:
+            out.fail(
+                None,
+                "too_many_requests",
+                f"A batch holds at most {max_lines} requests (MANTLE_BATCH_MAX_LINES).",
+            )
+            break
+        if len(raw) > max_line:
+            out.fail(
+                number,
+                "line_too_large",
+                f"The line is {len(raw)} bytes; a request body may be at most {max_line}.",
+            )
+            continue
+        try:
+            parsed = BatchLineRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or None
+            code = "invalid_json_line" if err["type"] == "json_invalid" else "invalid_request"
+            out.fail(number, code, f"{where or 'line'}: {err['msg']}", where)
+            continue
+        digest = hashlib.blake2b(parsed.custom_id.encode(), digest_size=16).digest()
+        if digest in seen:
+            out.fail(
+                number,
+                "duplicate_custom_id",
+                f"The custom_id '{parsed.custom_id[:64]}' is used by an earlier line.",
+                "custom_id",
+            )
+            continue
+        seen.add(digest)
+        if parsed.url != batch.endpoint:
+            out.fail(
+                number,
+                "invalid_url",
+                f"The line's url '{parsed.url}' is not the batch's endpoint {batch.endpoint}.",
+                "url",
+            )
+            continue
+        if parsed.body.get("stream"):
+            out.fail(number, "invalid_request", "A batch line cannot stream.", "body.stream")
+            continue
+        model = parsed.body.get("model")
+        if not isinstance(model, str) or not model:
+            out.fail(number, "missing_required_parameter", "body.model is required.", "body.model")
+            continue
+        if model not in models_checked:
+            spec = endpoint_spec_load(model) if len(model) <= 256 else None
+            usable = spec is not None and spec.visible_to(batch.organization_id)
+            models_checked[model] = (
+                ""
+                if usable
+                else f"The model `{model[:64]}` does not exist or you do not have access to it."
+            )
+        if models_checked[model]:
+            out.fail(number, "model_not_found", models_checked[model], "body.model")
+            continue
+        if out.model and model != out.model:
+            out.fail(
+                number,
+                "mismatched_model",
+                f"Every line of a batch uses one model: '{out.model}' before, '{model[:64]}' here.",
+                "body.model",
+            )
+            continue
+        out.model = model
+        out.tokens += estimate_tokens(raw, parsed.body, batch.endpoint)
+    if out.total == 0 and not out.errors:
+        out.fail(None, "empty_file", "The input file holds no requests.")
+    return out
+
+
+def numbered(file: Any) -> Iterator[tuple[int, bytes]]:
+    yield from enumerate(files.iter_lines(file), start=1)
+
+
+def batch_validate(batch_id: str, runner: str) -> str:
+    """Validates the input file and moves the batch to in_progress, or to failed with the
+    line errors (nothing ran, nothing is billed). Returns the new status."""
+    batch = Batch.objects.get(id=batch_id)
+    if batch.runner != runner:
+        raise LeaseLost(batch_id)
+    file = files.get_file(batch.organization_id, batch.input_file_id)
+    if file is None:
+        result = Validated()
+        result.fail(None, "file_not_found", f"The input file {batch.input_file_id} is gone.")
+    else:
+        try:
+            result = validate_lines(batch, numbered(file))
+        except files.LineTooLong as exc:
+            result = Validated()
+            result.fail(exc.line, "line_too_large", str(exc))
+    with transaction.atomic():
+        # The organization's row serializes the queue-limit check of its batches.
+        Organization.objects.select_for_update().filter(id=batch.organization_id).first()
+        held = _held(batch_id, runner)
+        if held.status != Status.VALIDATING:
+            return held.status  # cancelled meanwhile: the run path writes it out
+        now = timezone.now()
+        if not result.errors:
+            limit = settings.MANTLE_BATCH_QUEUE_TOKENS
+            queued = 0
+            for other in Batch.objects.filter(
+                organization_id=batch.organization_id, status__in=QUEUED
+            ).exclude(id=batch_id):
+                queued += int(json.loads(other.model_tokens_json or "{}").get(result.model, 0))
+            if queued + result.tokens > limit:
+                result.fail(
+                    None,
+                    "token_limit_exceeded",
+                    f"Enqueued token limit reached for {result.model}: this batch's "
+                    f"{result.tokens} estimated tokens on top of {queued} already queued "
+                    f"exceed the organization's {limit} (MANTLE_BATCH_QUEUE_TOKENS). Wait for "
+                    "batches to finish, or split this one.",
+                )
+        if result.errors:
+            listed = list(result.errors)
+            if result.error_count > len(listed):
+                listed[-1]["message"] += f" ({result.error_count} errors in all)"
+            held.status = Status.FAILED
+            held.failed_at = now
+            held.errors_json = json.dumps(listed)
+            held.request_total = result.total
+            held.runner, held.lease_until = "", None
+        else:
+            held.status = Status.IN_PROGRESS
+            held.in_progress_at = now
+            held.request_total = result.total
+            held.model_tokens_json = json.dumps({result.model: result.tokens})
+        held.save()
+        return held.status
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def batch_done_lines(batch_id: str) -> set[int]:
+    return set(BatchLine.objects.filter(batch_id=batch_id).values_list("line", flat=True))
+
+
+_INSERT_LINES = (
+    f"INSERT INTO {BatchLine._meta.db_table} (batch_id, line, ok, output_json) "  # noqa: S608
+    "VALUES {values} ON CONFLICT (batch_id, line) DO NOTHING RETURNING ok"
+)
+_COUNT_LINES = (
+    f"UPDATE {Batch._meta.db_table} SET request_completed = request_completed + %s, "  # noqa: S608
+    "request_failed = request_failed + %s WHERE id = %s"
+)
+
+
+def batch_store_lines(batch_id: str, runner: str, rows: list[tuple[int, bool, str]]) -> None:
+    """Stores finished lines once each (a line already stored is left as it is) and counts
+    those that were new, under the lease."""
+    if not rows:
+        return
+    with transaction.atomic():
+        _held(batch_id, runner)
+        values = ",".join(["(%s,%s,%s,%s)"] * len(rows))
+        params: list[Any] = []
+        for line, ok, text in rows:
+            params += [batch_id, line, ok, text]
+        with connection.cursor() as cursor:
+            cursor.execute(_INSERT_LINES.format(values=values), params)
+            inserted = [r[0] for r in cursor.fetchall()]
+        completed = sum(1 for ok in inserted if ok)
+        failed = len(inserted) - completed
+        if inserted:
+            with connection.cursor() as cursor:
+                cursor.execute(_COUNT_LINES, [completed, failed, batch_id])
+
+
+def batch_key_digest(api_key_id: str) -> str:
+    """The digest of the key that created the batch ("" once the key is deleted): its
+    lines run under that key, so a revoked key stops them."""
+    found = ApiKey.objects.filter(id=api_key_id).values_list("digest", flat=True).first()
+    return found or ""
+
+
+def batch_pool(model: str) -> str:
+    spec = endpoint_spec_load(model)
+    return spec.pool if spec is not None else ""
+
+
+def batch_set_status(batch_id: str, runner: str, status: str) -> None:
+    with transaction.atomic():
+        held = _held(batch_id, runner)
+        now = timezone.now()
+        held.status = status
+        stamp = {
+            Status.FINALIZING: "finalizing_at",
+            Status.EXPIRED: "expired_at",
+            Status.CANCELLED: "cancelled_at",
+        }.get(status)
+        fields = ["status"]
+        if stamp and getattr(held, stamp) is None:
+            setattr(held, stamp, now)
+            fields.append(stamp)
+        held.save(update_fields=fields)
+
+
+def line_request(path: str, body: bytes, request_id: str, digest: str) -> HttpRequest:
+    """A line as the endpoint's view takes it: the body, the batch's key (by its digest,
+    never a secret), the line's request id."""
+    request = HttpRequest()
+    request.method = "POST"
+    request.path = request.path_info = path
+    request.META = {
+        "REQUEST_METHOD": "POST",
+        "CONTENT_TYPE": "application/json",
+        "REMOTE_ADDR": "batch-runner",
+    }
+    request._body = body
+    request.request_id = request_id  # type: ignore[attr-defined]
+    request.batch_key_digest = digest  # type: ignore[attr-defined]
+    return request
+
+
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+
+class PoolSlots:
+    """The batch lines in flight on a pool, across runners: at most the sum of what the
+    pool's live nodes take now (`batch_capacity` in their heartbeats)."""
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        self._capacity = 0
+        self._read_at = 0.0
+        self.held: set[str] = set()
+
+    async def capacity(self) -> int:
+        now = time.time()
+        if now - self._read_at < CAPACITY_TTL_S:
+            return self._capacity
+        client = get_async_redis()
+        nodes = [
+            str(n)
+            for n in await client.zrangebyscore(
+                contract.pool_live_key(self.pool), now - contract.HEARTBEAT_TTL_S, "+inf"
+            )
+        ]
+        total = 0
+        if nodes:
+            infos = await client.mget([contract.worker_info_key(n) for n in nodes])
+            for raw in infos:
+                if not raw:
+                    continue
+                info = json.loads(raw)
+                if "batch_capacity" in info:
+                    total += int(info["batch_capacity"] or 0)
+                else:  # a node of a release before batches: half its free threads
+                    total += int(info.get("free_slots", 0) or 0) // 2
+        self._capacity, self._read_at = total, now
+        return total
+
+    async def acquire(self, member: str, stopping: Callable[[], bool]) -> bool:
+        """Waits for a slot; False if `stopping()` turns true first."""
+        client = get_async_redis()
+        delay = 0.01
+        while not stopping():
+            capacity = await self.capacity()
+            if capacity > 0:
+                now = time.time()
+                got = await client.eval(
+                    _ACQUIRE,
+                    1,
+                    slots_key(self.pool),
+                    str(now),
+                    str(capacity),
+                    str(now + SLOT_TTL_S),
+                    member,
+                )
+                if got:
+                    self.held.add(member)
+                    return True
+            await asyncio.sleep(delay)
+            delay = min(0.2, delay * 2)
+        return False
+
+    async def release(self, member: str) -> None:
+        self.held.discard(member)
+        await get_async_redis().zrem(slots_key(self.pool), member)
+
+    async def renew(self) -> None:
+        if self.held:
+            until = time.time() + SLOT_TTL_S
+            await get_async_redis().zadd(
+                slots_key(self.pool), dict.fromkeys(self.held, until), xx=True
+            )
+
+
+class BatchRun:
+    """One batch in one runner, from its current status to the end (or a lost lease)."""
+
+    def __init__(self, batch: Batch, runner: str) -> None:
+        self.batch = batch
+        self.id = batch.id
+        self.runner = runner
+        self.short = batch.id.removeprefix("batch_")
+        self.status = batch.status
+        self.lost = False
+        self.rows: list[tuple[int, bool, str]] = []
+        self.slots: PoolSlots | None = None
+        self.digest = ""
+
+    def stopping(self) -> bool:
+        return self.lost or self.status in (Status.CANCELLING, Status.CANCELLED) or self.expired()
+
+    def expired(self) -> bool:
+        return timezone.now() >= self.batch.expires_at
+
+    async def run(self) -> None:
+        keeper = asyncio.create_task(self._keep_lease())
+        try:
+            if self.status == Status.VALIDATING:
+                self.status = await database_read(batch_validate, self.id, self.runner)
+            if self.status in (Status.IN_PROGRESS, Status.CANCELLING):
+                await self._run_lines()
+            if self.status == Status.FINALIZING or self.status in (
+                Status.IN_PROGRESS,
+                Status.CANCELLING,
+            ):
+                await database_read(batch_finalize, self.id, self.runner)
+        except files.FileQuotaExceeded:
+            # The answers are stored and billed: kept until the organization has room
+            # for the output (it deletes files); another runner tries again later.
+            logger.warning("batch %s: output over the file quota; finalizing later", self.id)
+            await asyncio.sleep(settings.MANTLE_BATCH_LEASE_S)
+        except LeaseLost:
+            logger.warning("batch %s: lease lost to another runner; stopping", self.id)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            if not self.lost:
+                with contextlib.suppress(Exception):
+                    await database_read(batch_release, self.id, self.runner)
+
+    async def _keep_lease(self) -> None:
+        every = max(1.0, settings.MANTLE_BATCH_LEASE_S / 3)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                status = await database_read(batch_renew, self.id, self.runner)
+            except Exception:
+                logger.warning("batch %s: lease renewal failed", self.id, exc_info=True)
+                continue
+            if status is None:
+                self.lost = True
+                return
+            if status == Status.CANCELLING and self.status == Status.IN_PROGRESS:
+                self.status = status
+            if self.slots is not None:
+                with contextlib.suppress(Exception):
+                    await self.slots.renew()
+
+    async def _run_lines(self) -> None:
+        batch = self.batch = await database_read(Batch.objects.get, self.id)
+        if batch.in_progress_at is None:
+            # Cancelled while validating: no line was accepted, so none is written out.
+            await database_read(batch_set_status, self.id, self.runner, Status.FINALIZING)
+            self.status = Status.FINALIZING
+            return
+        model = next(iter(json.loads(batch.model_tokens_json or "{}")), "")
+        self.digest = await database_read(batch_key_digest, batch.api_key_id)
+        pool = await database_read(batch_pool, model) if model else ""
+        self.slots = PoolSlots(pool)
+        done = await database_read(batch_done_lines, self.id)
+        file = await database_read(files.get_file, batch.organization_id, batch.input_file_id)
+        running: set[asyncio.Task[None]] = set()
+        flusher = asyncio.create_task(self._flush_every())
+        try:
+            if file is not None and not self.stopping():
+                async for number, raw in _read_lines(file):
+                    if number in done or not raw.strip():
+                        continue
+                    member = f"{self.id}:{number}"
+                    if not await self.slots.acquire(member, self.stopping):
+                        break
+                    task = asyncio.create_task(self._line(number, raw, member))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            for task in running:
+                task.cancel()
+        if self.lost:
+            raise LeaseLost(self.id)
+        await self._flush()
+        if file is None or self.stopping():
+            # Cancelled, expired or its input gone: every line that did not run is written
+            # to the error file as such, so each custom_id still appears once.
+            code, message = self._unrun_reason(file is None)
+            done = await database_read(batch_done_lines, self.id)
+            if file is not None:
+                async for number, raw in _read_lines(file):
+                    if number in done or not raw.strip():
+                        continue
+                    self._unrun(number, raw, code, message)
+                    if len(self.rows) >= FLUSH_ROWS:
+                        await self._flush()
+            await self._flush()
+        final = Status.FINALIZING
+        await database_read(batch_set_status, self.id, self.runner, final)
+        self.status = final
+
+    def _unrun_reason(self, file_gone: bool) -> tuple[str, str]:
+        if file_gone:
+            return "file_not_found", "The batch's input file was deleted before this line ran."
+        if self.status in (Status.CANCELLING, Status.CANCELLED):
+            return "batch_cancelled", "The batch was cancelled before this line ran."
+        return "batch_expired", "The batch's completion window ended before this line ran."
+
+    def _unrun(self, number: int, raw: bytes, code: str, message: str) -> None:
+        try:
+            custom_id = str(json.loads(raw).get("custom_id", ""))
+        except ValueError:
+            custom_id = ""
+        error: LineError = {"code": code, "message": message}
+        out: OutputLine = {
+            "id": f"batch_req_{self.short}_{number}",
+            "custom_id": custom_id,
+            "response": None,
+            "error": error,
+        }
+        self.rows.append((number, False, json.dumps(out)))
+
+    async def _line(self, number: int, raw: bytes, member: str) -> None:
+        assert self.slots is not None
+        try:
+            parsed = json.loads(raw)
+            body = json.dumps(parsed["body"]).encode()
+            status, reply, request_id = 0, None, ""
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                request_id = f"req_{self.short}_{number}_{attempt}"
+                status, reply = await self._call(body, request_id)
+                if status not in RETRIED or attempt == MAX_ATTEMPTS or self.lost:
+                    break
+                await asyncio.sleep(min(10.0, 0.5 * 2**attempt))
+            out: OutputLine = {
+                "id": f"batch_req_{self.short}_{number}",
+                "custom_id": str(parsed["custom_id"]),
+                "response": {"status_code": status, "request_id": request_id, "body": reply},
+                "error": None,
+            }
+            self.rows.append((number, 200 <= status < 300, json.dumps(out)))
+        except Exception:
+            # Never a line left out of both files: it is written as a failure.
+            logger.exception("batch %s line %d failed unexpectedly", self.id, number)
+            self._unrun(number, raw, "internal_error", "The line could not be run.")
+        finally:
+            await self.slots.release(member)
+
+    async def _call(self, body: bytes, request_id: str) -> tuple[int, Any]:
+        if not self.digest:
+            gone = {
+                "message": "The API key that created this batch has been deleted.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+            return 401, {"error": gone}
+        view = VIEWS[self.batch.endpoint]
+        request = line_request(self.batch.endpoint, body, request_id, self.digest)
+        with serving_class(contract.ServiceClass.BATCH):
+            response = await view(request)
+        content = getattr(response, "content", b"")
+        try:
+            reply = json.loads(content) if content else None
+        except ValueError:
+            reply = None
+        return response.status_code, reply
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self.rows:
+            return
+        rows, self.rows = self.rows, []
+        try:
+            await database_read(batch_store_lines, self.id, self.runner, rows)
+        except LeaseLost:
+            self.lost = True
+        except Exception:
+            # Kept for the next flush: a line is stored once whatever happens.
+            self.rows = rows + self.rows
+            logger.warning("batch %s: storing %d lines failed", self.id, len(rows), exc_info=True)
+
+
+async def _read_lines(file: Any) -> Any:
+    """The file's numbered lines, read in a thread a bounded way ahead of the consumer."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(READ_AHEAD)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for item in numbered(file):
+                if stop.is_set():
+                    return
+                asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+        except BaseException as exc:  # handed to the consumer
+            failure.append(exc)
+        finally:
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+    thread = threading.Thread(target=produce, name="batch-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        while not queue.empty():  # unblocks a producer waiting on a full queue
+            queue.get_nowait()
+
+
+# --- finalizing -----------------------------------------------------------------------------
+
+
+def _rows(batch_id: str, ok: bool) -> Iterator[bytes]:
+    rows = (
+        BatchLine.objects.filter(batch_id=batch_id, ok=ok)
+        .order_by("line")
+        .values_list("output_json", flat=True)
+    )
+    for text in rows.iterator(chunk_size=2000):
+        yield text.encode() + b"\n"
+
+
+def batch_finalize(batch_id: str, runner: str) -> None:
+    """Writes the stored lines to the output and error files, then ends the batch:
+    completed, cancelled or expired. Each file is recorded on the batch as soon as it is
+    written, so a runner that dies here writes only what is missing when it resumes."""
+    batch = Batch.objects.get(id=batch_id)
+    if batch.runner != runner:
+        raise LeaseLost(batch_id)
+    if batch.status not in (Status.FINALIZING,):
+        batch_set_status(batch_id, runner, Status.FINALIZING)
+    keep = output_expiry(batch)
+    expires_at: datetime | None = batch.created_at + keep if keep else None
+    for ok, name in ((True, "output_file_id"), (False, "error_file_id")):
+        if getattr(batch, name):
+            continue
+        if not BatchLine.objects.filter(batch_id=batch_id, ok=ok).exists():
+            continue
+        written = files.write_file(
+            organization_id=batch.organization_id,
+            purpose="batch_output",
+            filename=f"{batch_id}_{'output' if ok else 'error'}.jsonl",
+            chunks=_rows(batch_id, ok),
+            expires_at=expires_at,
+        )
+        with transaction.atomic():
+            held = _held(batch_id, runner)
+            setattr(held, name, written.id)
+            held.save(update_fields=[name])
+        setattr(batch, name, written.id)
+    with transaction.atomic():
+        held = _held(batch_id, runner)
+        now = timezone.now()
+        if held.cancelling_at is not None:
+            held.status, held.cancelled_at = Status.CANCELLED, now
+        elif BatchLine.objects.filter(
+            batch_id=batch_id, output_json__contains='"code": "batch_expired"'
+        ).exists():
+            held.status, held.expired_at = Status.EXPIRED, now
+        else:
+            held.status, held.completed_at = Status.COMPLETED, now
+        held.runner, held.lease_until = "", None
+        held.save()
+        BatchLine.objects.filter(batch_id=batch_id).delete()
+
+
+# --- the process ----------------------------------------------------------------------------
+
+
+def _forget(running: dict[str, asyncio.Task[None]], key: str, _: object) -> None:
+    running.pop(key, None)
+
+
+async def run_forever(stop: asyncio.Event, *, runner: str | None = None) -> None:
+    """Claims batches and runs up to MANTLE_BATCH_RUNNER_BATCHES of them at once until
+    `stop` is set; then waits for the running ones to let go of their leases."""
+    name = runner or runner_name()
+    running: dict[str, asyncio.Task[None]] = {}
+    logger.info("batch runner %s started", name)
+    while not stop.is_set():
+        claimed = None
+        if len(running) < settings.MANTLE_BATCH_RUNNER_BATCHES:
+            try:
+                claimed = await database_read(batch_claim, name, list(running))
+            except Exception:
+                logger.warning("batch runner: claiming failed", exc_info=True)
+        if claimed is not None:
+            logger.info("batch %s: taken by %s (%s)", claimed.id, name, claimed.status)
+            task = asyncio.create_task(BatchRun(claimed, name).run())
+            running[claimed.id] = task
+            task.add_done_callback(functools.partial(_forget, running, claimed.id))
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=settings.MANTLE_BATCH_POLL_S)
+    for task in list(running.values()):
+        task.cancel()
+    await asyncio.gather(*running.values(), return_exceptions=True)

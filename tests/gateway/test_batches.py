@@ -1,0 +1,216 @@
+"""Batches below the HTTP layer: validation of input lines, leases, lines stored once,
+cancellation rules, the Batch object."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.test import override_settings
+from django.utils import timezone
+
+from accounts.principal import SYSTEM
+from catalog.models import Endpoint
+from catalog.services import endpoint_create
+from gateway.batch_runner import (
+    LeaseLost,
+    batch_claim,
+    batch_renew,
+    batch_store_lines,
+    estimate_tokens,
+    validate_lines,
+)
+from gateway.batches import Status, batch_cancel, batch_object
+from gateway.errors import OpenAIError
+from gateway.models import Batch, BatchLine
+from tests.conftest import OrgWorld
+from tests.factories import (
+    UNSERVED_ENCODER,
+    OrganizationFactory,
+    make_model_version,
+    make_pool,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def endpoint_of(org: Any, name: str = "chatty") -> Endpoint:
+    version = make_model_version(org, UNSERVED_ENCODER, model_name=f"{name}-{org.id}")
+    return endpoint_create(
+        principal=SYSTEM,
+        org=org,
+        name=name,
+        model_version_id=version.id,
+        pool=make_pool("cpu").name,
+    )
+
+
+def new_batch(org: Any, endpoint: str = "/v1/chat/completions", **fields: Any) -> Batch:
+    now = timezone.now()
+    values: dict[str, Any] = {
+        "id": f"batch_{abs(hash((org.id, now))) % 10**12:012d}",
+        "organization": org,
+        "project_id": "proj",
+        "api_key_id": "key",
+        "endpoint": endpoint,
+        "input_file_id": "file-x",
+        "created_at": now,
+        "expires_at": now + timedelta(hours=24),
+        **fields,
+    }
+    return Batch.objects.create(**values)
+
+
+def line(custom_id: str, model: str, **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": "hi"}], **body},
+    }
+
+
+def numbered(*items: dict[str, Any] | bytes) -> Iterator[tuple[int, bytes]]:
+    for number, item in enumerate(items, start=1):
+        yield number, item if isinstance(item, bytes) else json.dumps(item).encode()
+
+
+def test_good_lines_are_counted_with_their_model_and_estimated_tokens(world: OrgWorld) -> None:
+    model = endpoint_of(world.org).id
+    batch = new_batch(world.org)
+
+    found = validate_lines(
+        batch, numbered(line("a", model, max_tokens=10), b"", line("b", model, max_tokens=5, n=2))
+    )
+
+    assert found.errors == []
+    assert (found.total, found.model) == (2, model)
+    first = json.dumps(line("a", model, max_tokens=10)).encode()
+    second = json.dumps(line("b", model, max_tokens=5, n=2)).encode()
+    assert found.tokens == len(first) // 4 + 1 + 10 + len(second) // 4 + 1 + 10
+
+
+def test_every_kind_of_bad_line_is_named_with_its_number(world: OrgWorld) -> None:
+    mine = endpoint_of(world.org).id
+    theirs = endpoint_of(OrganizationFactory(), "theirs").id
+    other_mine = endpoint_of(world.org, "second").id
+    batch = new_batch(world.org)
+
+    found = validate_lines(
+        batch,
+        numbered(
+            line("a", mine),
+            b"{not json",
+            line("a", mine),
+            {**line("c", mine), "url": "/v1/embeddings"},
+            line("d", mine, stream=True),
+            {**line("e", mine), "body": {"messages": []}},
+            line("f", theirs),
+            line("g", other_mine),
+            {**line("h", mine), "method": "GET"},
+            {**line("i", mine), "extra": 1},
+        ),
+    )
+
+    assert [(e["line"], e["code"]) for e in found.errors] == [
+        (2, "invalid_json_line"),
+        (3, "duplicate_custom_id"),
+        (4, "invalid_url"),
+        (5, "invalid_request"),
+        (6, "missing_required_parameter"),
+        (7, "model_not_found"),
+        (8, "mismatched_model"),
+        (9, "invalid_request"),
+        (10, "invalid_request"),
+    ]
+    assert found.errors[5]["message"].startswith(f"The model `{theirs}` does not exist")
+
+
+@override_settings(MANTLE_BATCH_MAX_LINES=2)
+def test_a_file_past_the_line_limit_fails_and_an_empty_one_too(world: OrgWorld) -> None:
+    model = endpoint_of(world.org).id
+    batch = new_batch(world.org)
+    found = validate_lines(batch, numbered(*(line(f"l{i}", model) for i in range(5))))
+    assert [e["code"] for e in found.errors] == ["too_many_requests"]
+    assert [e["code"] for e in validate_lines(batch, numbered(b"", b"  ")).errors] == [
+        "empty_file"
+    ]
+
+
+def test_embeddings_lines_reserve_no_output_tokens(world: OrgWorld) -> None:
+    raw = b'{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{}}'
+    assert estimate_tokens(raw, {}, "/v1/embeddings") == len(raw) // 4 + 1
+    assert estimate_tokens(raw, {"max_tokens": 7}, "/v1/chat/completions") == len(raw) // 4 + 8
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_has_one_runner_until_its_lease_expires(world: OrgWorld) -> None:
+    batch = new_batch(world.org)
+
+    taken = batch_claim("runner-a", [])
+    assert taken is not None and taken.id == batch.id
+    assert batch_claim("runner-b", []) is None
+    assert batch_renew(batch.id, "runner-b") is None
+    assert batch_renew(batch.id, "runner-a") == Status.VALIDATING
+
+    Batch.objects.filter(id=batch.id).update(lease_until=timezone.now() - timedelta(seconds=1))
+    again = batch_claim("runner-b", [])
+    assert again is not None and again.runner == "runner-b"
+    assert batch_renew(batch.id, "runner-a") is None  # the first runner learns it lost it
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_line_is_stored_and_counted_once_and_only_under_the_lease(world: OrgWorld) -> None:
+    batch = new_batch(world.org, status=Status.IN_PROGRESS, runner="runner-a")
+
+    batch_store_lines(batch.id, "runner-a", [(1, True, "{}"), (2, False, "{}")])
+    batch_store_lines(batch.id, "runner-a", [(1, True, '{"again": 1}'), (3, True, "{}")])
+    with pytest.raises(LeaseLost):
+        batch_store_lines(batch.id, "runner-b", [(4, True, "{}")])
+
+    batch.refresh_from_db()
+    assert (batch.request_completed, batch.request_failed) == (2, 1)
+    stored = dict(BatchLine.objects.filter(batch=batch).values_list("line", "output_json"))
+    assert stored == {1: "{}", 2: "{}", 3: "{}"}
+
+
+def test_cancel_moves_a_running_batch_to_cancelling_and_refuses_a_finished_one(
+    world: OrgWorld,
+) -> None:
+    running = new_batch(world.org, status=Status.IN_PROGRESS)
+    done = new_batch(world.org, status=Status.COMPLETED)
+
+    cancelled = batch_cancel(world.org.id, running.id)
+    assert cancelled.status == Status.CANCELLING and cancelled.cancelling_at is not None
+    assert batch_cancel(world.org.id, running.id).status == Status.CANCELLING  # idempotent
+    with pytest.raises(OpenAIError) as refused:
+        batch_cancel(world.org.id, done.id)
+    assert refused.value.status == 409
+    with pytest.raises(OpenAIError) as missing:
+        batch_cancel(OrganizationFactory().id, running.id)
+    assert missing.value.status == 404
+
+
+def test_the_batch_object_has_openais_shape(world: OrgWorld) -> None:
+    batch = new_batch(
+        world.org,
+        status=Status.FAILED,
+        errors_json=json.dumps(
+            [{"code": "invalid_url", "message": "m", "param": "url", "line": 3}]
+        ),
+        metadata_json=json.dumps({"user": {"k": "v"}}),
+        request_total=4,
+    )
+    shaped = batch_object(batch)
+    assert shaped["object"] == "batch"
+    assert shaped["errors"] == {
+        "object": "list",
+        "data": [{"code": "invalid_url", "message": "m", "param": "url", "line": 3}],
+    }
+    assert shaped["metadata"] == {"k": "v"}
+    assert shaped["request_counts"] == {"total": 4, "completed": 0, "failed": 0}
+    assert shaped["output_file_id"] is None and shaped["in_progress_at"] is None
+    assert shaped["expires_at"] == int(batch.expires_at.timestamp())
