@@ -256,6 +256,8 @@ class UsageRollupAdmin(ReadOnlyAdmin):
         "input_tokens",
         "cached_input_tokens",
         "output_tokens",
+        "batch_input_tokens",
+        "batch_output_tokens",
     )
     search_fields = ("organization_id",)
     ordering = ("-hour",)

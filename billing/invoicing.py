@@ -62,6 +62,11 @@ UNIT_LABELS = {
     TokenKind.OUTPUT.value: "output tokens",
     TokenKind.REQUEST.value: "requests",
     TokenKind.COMPUTE_MS.value: "compute milliseconds",
+    TokenKind.BATCH_INPUT.value: "batch input tokens",
+    TokenKind.BATCH_CACHED_INPUT.value: "batch cached input tokens",
+    TokenKind.BATCH_OUTPUT.value: "batch output tokens",
+    TokenKind.BATCH_REQUEST.value: "batch requests",
+    TokenKind.BATCH_COMPUTE_MS.value: "batch compute milliseconds",
 }
 
 
@@ -183,8 +188,9 @@ def uninvoiced_quantities(
     unpriced rollups minus what is already held (HeldUsage; the rows of `draft_id`, being
     recomputed, excepted), summed into `unpriced` when given. Months whose billed totals
     match what was issued and held are not rated again, so this stays cheap over a long
-    history. The comparison counts cached input tokens with input tokens (`counted_as`):
-    whether they were billed apart depends on the prices of their hours, not on the usage.
+    history. The comparison counts cached input tokens with input tokens, and batch lines'
+    usage with its online unit (`counted_as`): which line a quantity was billed on depends
+    on the prices of its hours, not on the usage.
     """
     issued = issued_quantities(organization_id)
     held = held_quantities(organization_id, exclude_invoice=draft_id)

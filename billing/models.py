@@ -29,7 +29,11 @@ class TokenKind(models.TextChoices):
     prompt tokens the prefix cache served, when the model has such a price (otherwise they
     are billed as `input`); tensor models by `request` (one per inference call) and
     `compute_ms` (milliseconds of model compute a worker measured): see
-    `billing.pricing.billed_units` and `PriceBook.cached_input_price`.
+    `billing.pricing.billed_units` and `PriceBook.billed`.
+
+    Each unit has a `batch_` twin: the same usage of batch lines (the Batch API), billed at
+    the batch price where one is set and not above the online one, else at the online
+    price (`billing.pricing.BATCH_OF`, `PriceBook.billed`).
     """
 
     INPUT = "input"
@@ -37,6 +41,15 @@ class TokenKind(models.TextChoices):
     REQUEST = "request"
     COMPUTE_MS = "compute_ms"
     CACHED_INPUT = "cached_input"
+    BATCH_INPUT = "batch_input"
+    BATCH_OUTPUT = "batch_output"
+    BATCH_REQUEST = "batch_request"
+    BATCH_COMPUTE_MS = "batch_compute_ms"
+    BATCH_CACHED_INPUT = "batch_cached_input"
+
+
+TOKEN_KIND_LENGTH = 24
+"""max_length of every token_kind column (the longest kind is `batch_cached_input`)."""
 
 
 class Price(models.Model):
@@ -46,7 +59,7 @@ class Price(models.Model):
     """
 
     model_name = models.CharField(max_length=120)
-    token_kind = models.CharField(max_length=16, choices=TokenKind.choices)
+    token_kind = models.CharField(max_length=TOKEN_KIND_LENGTH, choices=TokenKind.choices)
     currency = models.CharField(max_length=3, default="USD")
     unit_price = models.DecimalField(max_digits=20, decimal_places=9)
     effective_from = models.DateTimeField()
@@ -92,7 +105,9 @@ class PriceOverride(models.Model):
     )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     model_name = models.CharField(max_length=120, blank=True)
-    token_kind = models.CharField(max_length=16, choices=TokenKind.choices, blank=True)
+    token_kind = models.CharField(
+        max_length=TOKEN_KIND_LENGTH, choices=TokenKind.choices, blank=True
+    )
     unit_price = models.DecimalField(max_digits=20, decimal_places=9, null=True, blank=True)
     discount_percent = models.DecimalField(max_digits=5, decimal_places=2, null=True, blank=True)
     threshold = models.DecimalField(max_digits=20, decimal_places=2, null=True, blank=True)
@@ -331,7 +346,9 @@ class InvoiceLine(models.Model):
     # The month the tokens were used in (usage and adjustment lines).
     usage_month = models.DateField(null=True, blank=True)
     model_name = models.CharField(max_length=120, blank=True)
-    token_kind = models.CharField(max_length=16, choices=TokenKind.choices, blank=True)
+    token_kind = models.CharField(
+        max_length=TOKEN_KIND_LENGTH, choices=TokenKind.choices, blank=True
+    )
     quantity = models.BigIntegerField(default=0)  # tokens
     unit_price = models.DecimalField(max_digits=20, decimal_places=9, null=True, blank=True)
     amount = models.DecimalField(max_digits=20, decimal_places=2)
@@ -379,7 +396,7 @@ class HeldUsage(models.Model):
     invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="held_usage")
     usage_month = models.DateField()
     model_name = models.CharField(max_length=120)
-    token_kind = models.CharField(max_length=16, choices=TokenKind.choices)
+    token_kind = models.CharField(max_length=TOKEN_KIND_LENGTH, choices=TokenKind.choices)
     quantity = models.BigIntegerField()
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.HELD)
     unit_price = models.DecimalField(max_digits=20, decimal_places=9, null=True, blank=True)
@@ -473,6 +490,15 @@ class UsageRollup(models.Model):
     # Of input_tokens, those the prefix cache served (billed at the cached input price when
     # the model has one). A database default for the same reason as compute_ms.
     cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    # Of each sum above, the part of batch lines (events of service class `batch`), billed
+    # at the batch prices (the `batch_` units). Parts, not a dimension of the key: a drain
+    # of the previous release still upserts on the same key, and every reader that sums
+    # the totals keeps counting all usage. Database defaults for the same reason.
+    batch_requests = models.BigIntegerField(default=0, db_default=0)
+    batch_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    batch_output_tokens = models.BigIntegerField(default=0, db_default=0)
+    batch_compute_ms = models.BigIntegerField(default=0, db_default=0)
+    batch_cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -48,16 +48,45 @@ ZERO = Decimal(0)
 INPUT = TokenKind.INPUT.value
 OUTPUT = TokenKind.OUTPUT.value
 CACHED_INPUT = TokenKind.CACHED_INPUT.value
+REQUEST = TokenKind.REQUEST.value
+COMPUTE_MS = TokenKind.COMPUTE_MS.value
+BATCH_INPUT = TokenKind.BATCH_INPUT.value
+BATCH_OUTPUT = TokenKind.BATCH_OUTPUT.value
+BATCH_CACHED_INPUT = TokenKind.BATCH_CACHED_INPUT.value
+BATCH_REQUEST = TokenKind.BATCH_REQUEST.value
+BATCH_COMPUTE_MS = TokenKind.BATCH_COMPUTE_MS.value
 
 # What each kind of model is billed by: text models by tokens, tensor models (the /v2
 # protocol, no tokens) by requests and compute time. Prices are per million units of each.
 # These are the units a model must have prices for to be served; a text model's prompt
 # tokens that the prefix cache served are billed by `cached_input` on top, but only where
-# the book prices it (PriceBook.cached_input_price): otherwise they are input tokens.
+# the book prices it (PriceBook.billed): otherwise they are input tokens. Batch lines are
+# billed by the `batch_` twin of each unit (BATCH_OF), at the online price where the book
+# has no batch price: admission never needs one.
 TEXT_UNITS: tuple[str, str] = (INPUT, OUTPUT)
-TENSOR_UNITS: tuple[str, str] = (TokenKind.REQUEST.value, TokenKind.COMPUTE_MS.value)
-TOKEN_UNITS: tuple[str, ...] = (INPUT, CACHED_INPUT, OUTPUT)
+TENSOR_UNITS: tuple[str, str] = (REQUEST, COMPUTE_MS)
+BATCH_OF: Mapping[str, str] = {
+    INPUT: BATCH_INPUT,
+    OUTPUT: BATCH_OUTPUT,
+    CACHED_INPUT: BATCH_CACHED_INPUT,
+    REQUEST: BATCH_REQUEST,
+    COMPUTE_MS: BATCH_COMPUTE_MS,
+}
+"""Each unit's twin for the usage of batch lines (service class `batch`)."""
+ONLINE_OF: Mapping[str, str] = {batch: online for online, batch in BATCH_OF.items()}
+BATCH_UNITS: tuple[str, ...] = tuple(BATCH_OF.values())
+TOKEN_UNITS: tuple[str, ...] = (
+    INPUT,
+    CACHED_INPUT,
+    OUTPUT,
+    BATCH_INPUT,
+    BATCH_CACHED_INPUT,
+    BATCH_OUTPUT,
+)
 """The units that count tokens (the console's "unpriced tokens")."""
+# A cached prompt token is also a prompt token: billed as one (on that line) when that is
+# not dearer. `PriceBook.billed` is where both maps are read.
+_UNCACHED_OF: Mapping[str, str] = {CACHED_INPUT: INPUT, BATCH_CACHED_INPUT: BATCH_INPUT}
 
 
 def billed_units(model_kind: str) -> tuple[str, str]:
@@ -67,20 +96,31 @@ def billed_units(model_kind: str) -> tuple[str, str]:
 
 # Each unit's column in UsageRollup, and the sums of them every rater reads (annotations on
 # a values() query, keyed by `_SUM_OF_UNIT`): one path from rollups to billed quantities.
-# `cached_input_tokens` is a part of `input_tokens` (split_quantities splits them).
+# `cached_input_tokens` is a part of `input_tokens`, and each `batch_` column a part of its
+# online twin (split_quantities splits them).
 UNIT_COLUMNS = {
     INPUT: "input_tokens",
     OUTPUT: "output_tokens",
-    TokenKind.REQUEST.value: "requests",
-    TokenKind.COMPUTE_MS.value: "compute_ms",
+    REQUEST: "requests",
+    COMPUTE_MS: "compute_ms",
     CACHED_INPUT: "cached_input_tokens",
+    BATCH_INPUT: "batch_input_tokens",
+    BATCH_OUTPUT: "batch_output_tokens",
+    BATCH_REQUEST: "batch_requests",
+    BATCH_COMPUTE_MS: "batch_compute_ms",
+    BATCH_CACHED_INPUT: "batch_cached_input_tokens",
 }
 _SUM_OF_UNIT = {
     INPUT: "i",
     OUTPUT: "o",
-    TokenKind.REQUEST.value: "r",
-    TokenKind.COMPUTE_MS.value: "c",
+    REQUEST: "r",
+    COMPUTE_MS: "c",
     CACHED_INPUT: "ci",
+    BATCH_INPUT: "bi",
+    BATCH_OUTPUT: "bo",
+    BATCH_REQUEST: "br",
+    BATCH_COMPUTE_MS: "bc",
+    BATCH_CACHED_INPUT: "bci",
 }
 ROLLUP_SUMS = {_SUM_OF_UNIT[unit]: Sum(column) for unit, column in UNIT_COLUMNS.items()}
 
@@ -96,23 +136,45 @@ def billed_quantities(row: Mapping[str, Any], model_kind: str) -> list[tuple[str
 
 def split_quantities(totals: Mapping[str, int], model_kind: str) -> list[tuple[str, int]]:
     """(unit, quantity) billed, from each unit's column total (unit -> sum of its
-    UNIT_COLUMNS column). A text model's input tokens count the cached ones too: `input`
-    is the uncached part, `cached_input` the cached one (`PriceBook.rate` bills them as
-    input again when no cached price applies), so every token is in exactly one unit."""
+    UNIT_COLUMNS column), online units first, then their batch twins.
+
+    Every token is in exactly one unit. A column total counts its parts: input tokens
+    count the cached ones, and every online total counts the batch lines' part. So `input`
+    is the online uncached part, `cached_input` the online cached one, `batch_input` and
+    `batch_cached_input` the same of batch lines (`PriceBook.rate` bills a cached part as
+    the uncached one again when no cached price applies).
+    """
+
+    def total(unit: str) -> int:
+        return int(totals.get(unit, 0))
+
     if model_kind == "tensor":
-        return [(unit, int(totals.get(unit, 0))) for unit in TENSOR_UNITS]
-    cached = int(totals.get(CACHED_INPUT, 0))
+        return [
+            (REQUEST, total(REQUEST) - total(BATCH_REQUEST)),
+            (COMPUTE_MS, total(COMPUTE_MS) - total(BATCH_COMPUTE_MS)),
+            (BATCH_REQUEST, total(BATCH_REQUEST)),
+            (BATCH_COMPUTE_MS, total(BATCH_COMPUTE_MS)),
+        ]
+    batch_cached = total(BATCH_CACHED_INPUT)
+    batch_uncached = total(BATCH_INPUT) - batch_cached
+    cached = total(CACHED_INPUT) - batch_cached
     return [
-        (INPUT, int(totals.get(INPUT, 0)) - cached),
+        (INPUT, total(INPUT) - cached - batch_cached - batch_uncached),
         (CACHED_INPUT, cached),
-        (OUTPUT, int(totals.get(OUTPUT, 0))),
+        (OUTPUT, total(OUTPUT) - total(BATCH_OUTPUT)),
+        (BATCH_INPUT, batch_uncached),
+        (BATCH_CACHED_INPUT, batch_cached),
+        (BATCH_OUTPUT, total(BATCH_OUTPUT)),
     ]
 
 
 def counted_as(unit: str) -> str:
     """The unit whose column total `unit`'s quantities are a part of: cached input tokens
-    are input tokens (and billed as such where no cached price applies)."""
-    return INPUT if unit == CACHED_INPUT else unit
+    are input tokens (and billed as such where no cached price applies), and batch lines'
+    usage is usage of the online unit (batch tokens are billed at the online price where
+    no batch price applies)."""
+    online = ONLINE_OF.get(unit, unit)
+    return INPUT if online == CACHED_INPUT else online
 
 
 def model_kinds(model_names: Iterable[str]) -> dict[str, str]:
@@ -194,6 +256,9 @@ class PriceBook:
     _list_prices: dict[tuple[str, str], list[Decimal]] = field(default_factory=dict)
     _overrides: list[PriceOverride] = field(default_factory=list)
     _cache: dict[tuple[str, str, datetime], EffectivePrice | None] = field(default_factory=dict)
+    _billed: dict[tuple[str, str, datetime], tuple[str, EffectivePrice | None]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def load(
@@ -283,38 +348,77 @@ class PriceBook:
             return EffectivePrice(model_name, token_kind, unit, listed, "discount")
         return EffectivePrice(model_name, token_kind, listed, listed, "list")
 
+    def billed(self, model_name: str, unit: str, at: datetime) -> tuple[str, EffectivePrice | None]:
+        """The line a quantity of `unit` is billed on, and its price at `at`.
+
+        A token is billed at the cheapest price the book gives for what it is, so a cached
+        or batch token never costs more than a plain online one:
+
+        - a cached token (`cached_input`, `batch_cached_input`) is also a prompt token of
+          its class: billed as that (on its line, `input` or `batch_input`) when nothing
+          prices the cached unit then or that is cheaper;
+        - a batch line's token (`batch_*`) is also an online token: billed at the online
+          unit's price, on its own batch line, when nothing prices the batch unit then or
+          the online price is cheaper (a contract rate, a discount on one kind alone).
+
+        Ties go to the unit's own price. So a book without cached or batch prices rates
+        as before them, batch lines are never free for want of a batch price, and
+        admission needs the two online units only. When nothing prices a token at all,
+        its line is the uncached one for a cached unit (the invoice holds it there), else
+        its own, and the price None.
+        """
+        key = (model_name, unit, at)
+        if key not in self._billed:
+            self._billed[key] = self._billed_uncached(model_name, unit, at)
+        return self._billed[key]
+
+    def _billed_uncached(
+        self, model_name: str, unit: str, at: datetime
+    ) -> tuple[str, EffectivePrice | None]:
+        line, best = unit, self.effective(model_name, unit, at)
+        uncached = _UNCACHED_OF.get(unit)
+        if uncached is not None:
+            as_uncached = self.billed(model_name, uncached, at)
+            if as_uncached[1] is not None and (
+                best is None or as_uncached[1].unit_price < best.unit_price
+            ):
+                line, best = as_uncached
+        online = ONLINE_OF.get(unit)
+        if online is not None:
+            as_online = self.billed(model_name, online, at)[1]
+            if as_online is not None and (best is None or as_online.unit_price < best.unit_price):
+                line, best = unit, as_online
+        if best is None and uncached is not None:
+            line = uncached
+        return line, best
+
     def cached_input_price(self, model_name: str, at: datetime) -> EffectivePrice | None:
         """The price of a prompt token the prefix cache served, or None when such tokens
-        are billed as input tokens: when nothing prices `cached_input` for the model then,
-        or when that price is above the input price in effect (a rate or discount on
-        `input` alone can bring it below): a cached token never costs more than an
-        uncached one. So a price book without cached prices rates exactly as before."""
-        cached = self.effective(model_name, CACHED_INPUT, at)
-        if cached is None:
-            return None
-        uncached = self.effective(model_name, INPUT, at)
-        if uncached is not None and cached.unit_price > uncached.unit_price:
-            return None
-        return cached
+        are billed as input tokens (`billed`): when nothing prices `cached_input` for the
+        model then, or when that price is above the input price in effect (a rate or
+        discount on `input` alone can bring it below). So a price book without cached
+        prices rates exactly as before."""
+        line, price = self.billed(model_name, CACHED_INPUT, at)
+        return price if line == CACHED_INPUT else None
 
     def rate(
         self, model_name: str, hour: datetime, quantities: Iterable[tuple[str, int]]
     ) -> Rating:
-        """(unit, quantity) pairs of one model in one hour at the prices in effect then.
-
-        `cached_input` tokens are added to the `input` quantity (one charge, one invoice
-        line) when no cached price applies (`cached_input_price`).
+        """(unit, quantity) pairs of one model in one hour at the prices in effect then,
+        one charge per line (`billed`): cached tokens are added to the uncached quantity of
+        their class when no cached price applies; batch quantities keep their own line,
+        at the online price when no batch price applies.
         """
-        billed = dict(quantities)
-        if billed.get(CACHED_INPUT) and self.cached_input_price(model_name, hour) is None:
-            billed[INPUT] = billed.get(INPUT, 0) + billed.pop(CACHED_INPUT)
-        return Rating(
-            tuple(
-                Charge(unit, qty, self.effective(model_name, unit, hour))
-                for unit, qty in billed.items()
-                if qty
-            )
-        )
+        lines: dict[str, list[Any]] = {}  # line -> [quantity, price], in first-seen order
+        for unit, qty in quantities:
+            if not qty:
+                continue
+            line, price = self.billed(model_name, unit, hour)
+            if line in lines:
+                lines[line][0] += qty
+            else:
+                lines[line] = [qty, price]
+        return Rating(tuple(Charge(line, qty, price) for line, (qty, price) in lines.items()))
 
     def rate_rollups(
         self, groups: Iterable[Mapping[str, Any]], *, kinds: Mapping[str, str] | None = None

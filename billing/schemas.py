@@ -60,7 +60,9 @@ class InvoiceLineOut(Schema):
     model_name: str
     token_kind: str = Field(
         description="the unit: input | cached_input (prompt tokens served from the prefix "
-        "cache, where the model has a cached price) | output | request | compute_ms"
+        "cache, where the model has a cached price) | output | request | compute_ms, or the "
+        "same of batch lines (Batch API): batch_input | batch_cached_input | batch_output | "
+        "batch_request | batch_compute_ms"
     )
     quantity: int = Field(description="tokens")
     unit_price: str | None = Field(description="per million tokens")

@@ -27,10 +27,7 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from billing.wallet_keys import (
-    PRICE_CACHED_INPUT,
     PRICE_FIELDS,
-    PRICE_INPUT,
-    PRICE_OUTPUT,
     UNPRICED,
     counted_key,
     held_key,
@@ -39,6 +36,7 @@ from billing.wallet_keys import (
     price_key,
     wallet_key,
 )
+from workers.contract import ServiceClass
 
 COUNTED_TTL_S = 24 * 3600
 
@@ -54,12 +52,14 @@ UNPRICED_TTL_S = 60
 class Prices:
     """An organization's effective prices of one model, in nanos per unit (exact decimal
     strings): per input and output token, per request, per compute millisecond, and per
-    cached input token (a prompt token the prefix cache served).
+    cached input token (a prompt token the prefix cache served); then the same five for
+    batch lines (service class `batch`, `for_class`).
 
-    `cached_input` is last so that positional construction of the four others still
-    works; empty, cached tokens cost the input price (never less than the price book
-    says: `billing.wallet.prices_compute` writes the input price there when no cached
-    price applies).
+    Fields are added at the end so that positional construction of the earlier ones still
+    works. An empty `cached_input` costs cached tokens the input price, and an empty batch
+    price is the online price of its unit: never less than the price book says
+    (`billing.wallet.prices_compute` writes what applies, and a batch price applies only
+    where it is not above the online one).
     """
 
     input: str = "0"
@@ -67,19 +67,38 @@ class Prices:
     request: str = "0"
     compute_ms: str = "0"
     cached_input: str = ""
+    batch_input: str = ""
+    batch_output: str = ""
+    batch_request: str = ""
+    batch_compute_ms: str = ""
+    batch_cached_input: str = ""
 
     @classmethod
     def from_hash(cls, values: Sequence[Any]) -> Prices | None:
         """From HMGET of PRICE_FIELDS; None when the hash is missing, a marker, or written
         before requests and compute time had prices (then it is computed again). A hash
-        without the cached input price (written by an earlier release, or by hand) prices
-        cached tokens as input tokens: never below the price book, and the next wallet
-        sync writes it whole."""
-        required = len(PRICE_FIELDS) - 1  # every field but the last, cached input
+        without the cached input price or the batch prices (written by an earlier release,
+        or by hand) prices cached tokens as input tokens and batch lines as online ones:
+        never below the price book, and the next wallet sync writes it whole."""
+        required = 4  # per input and output token, request and compute millisecond
         if any(v is None for v in values[:required]):
             return None
         return cls(
             *("" if v is None else v.decode() if isinstance(v, bytes) else str(v) for v in values)
+        )
+
+    def for_class(self, service_class: str) -> Prices:
+        """The prices a request of `service_class` (a `ServiceClass` value) is costed at,
+        as the five online fields: a batch line's are the batch prices, each empty one the
+        online price of its unit."""
+        if service_class != ServiceClass.BATCH:
+            return self
+        return Prices(
+            self.batch_input or self.input,
+            self.batch_output or self.output,
+            self.batch_request or self.request,
+            self.batch_compute_ms or self.compute_ms,
+            self.batch_cached_input or self.cached_input,
         )
 
     def cost(
@@ -172,7 +191,7 @@ def price_write(
     model_name: str,
     prices: Prices | None,
 ) -> None:
-    """Replaces the price hash: all five prices, or the short-lived `unpriced` marker.
+    """Replaces the price hash: all ten prices, or the short-lived `unpriced` marker.
 
     DEL first, in one transaction, so a marker or an older layout never lingers. Given a
     pipeline, the commands join it (the caller executes it).
@@ -185,35 +204,22 @@ def price_write(
         pipe.hset(key, UNPRICED, "1")
         pipe.expire(key, UNPRICED_TTL_S)
     else:
+        batch = prices.for_class(ServiceClass.BATCH)
         values = (
             prices.input,
             prices.output,
             prices.request,
             prices.compute_ms,
             prices.cached_input or prices.input,
+            batch.input,
+            batch.output,
+            batch.request,
+            batch.compute_ms,
+            batch.cached_input or batch.input,
         )
         pipe.hset(key, mapping=dict(zip(PRICE_FIELDS, values, strict=True)))
     if own:
         pipe.execute()
-
-
-def cost_nanos(
-    input_tokens: int,
-    output_tokens: int,
-    price_in: str,
-    price_out: str,
-    *,
-    cached_input_tokens: int = 0,
-    price_cached_in: str = "",
-) -> int:
-    """A text request's cost in nanos (Prices.cost); cached tokens at the input price when
-    `price_cached_in` is empty."""
-    prices = Prices(input=price_in or "0", output=price_out or "0", cached_input=price_cached_in)
-    return prices.cost(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached_input_tokens=cached_input_tokens,
-    )
 
 
 # The gateway, when a request ends: release the reservation and park the real cost
@@ -334,18 +340,16 @@ def count_usage(
     input_tokens: int,
     output_tokens: int,
     cached_input_tokens: int = 0,
+    service_class: str = ServiceClass.ONLINE,
 ) -> int:
-    """Called by the metering drain for each event it inserted (exactly once per request)."""
-    price_in, price_out, price_cached = client.hmget(
-        price_key(organization_id, model_name), PRICE_INPUT, PRICE_OUTPUT, PRICE_CACHED_INPUT
-    )
-    cost = cost_nanos(
-        input_tokens,
-        output_tokens,
-        str(price_in or "0"),
-        str(price_out or "0"),
+    """Called by the metering drain for each event it inserted (exactly once per request),
+    at the prices of the request's class (a batch line's are the batch prices)."""
+    values = client.hmget(price_key(organization_id, model_name), *PRICE_FIELDS)
+    prices = (Prices.from_hash(values) or FREE).for_class(service_class)
+    cost = prices.cost(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
         cached_input_tokens=cached_input_tokens,
-        price_cached_in=str(price_cached or ""),
     )
     client.eval(
         _COUNT,

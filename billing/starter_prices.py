@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from decimal import Decimal
+from decimal import ROUND_UP, Decimal
 
 from django.conf import settings
 from django.db import transaction
@@ -11,8 +11,9 @@ from django.utils import timezone
 
 from accounts.principal import SYSTEM, Principal
 from billing.models import Price
+from billing.money import UNIT_PRICE_PLACES, parse_decimal
 from billing.periods import hour_start
-from billing.pricing import CACHED_INPUT, billed_units, price_set
+from billing.pricing import BATCH_OF, CACHED_INPUT, billed_units, price_set
 from catalog.models import Model
 from core.errors import InvalidInput
 
@@ -35,10 +36,29 @@ STARTER_PRICES: dict[str, tuple[str, str]] = {
 STARTER_CACHED_INPUT_PRICES: dict[str, str] = {
     "smollm2-135m-instruct": "0.025000000",
 }
+# A batch price as a share of the online price of the same unit, for every unit a model is
+# given a default price for (the `batch_` units): half. Batch lines run on the capacity
+# online traffic leaves idle (a worker takes them only with slots to spare) and may take
+# up to 24 hours, so they cost the operator little beyond what it has already paid for;
+# and half is what OpenAI and Together bill batches at, which is what customers compare
+# with. Written as list prices like any other, so operators change them the usual way.
+BATCH_PRICE_SHARE = Decimal("0.5")
+
+
+def batch_price(online: Decimal) -> Decimal:
+    """The default batch price of a unit priced `online` per million: BATCH_PRICE_SHARE
+    of it, rounded up to the price book's nine places (a priced unit never turns free)."""
+    return (online * BATCH_PRICE_SHARE).quantize(UNIT_PRICE_PLACES, rounding=ROUND_UP)
+
+
+def with_batch_prices(units: list[tuple[str, Decimal]]) -> list[tuple[str, Decimal]]:
+    """(unit, price) pairs, then each unit's batch twin at its default batch price."""
+    return [*units, *((BATCH_OF[unit], batch_price(price)) for unit, price in units)]
 
 
 def starter_prices_ensure(*, principal: Principal) -> list[Price]:
-    """Prices the built-in models that have no price at all yet, from the current hour.
+    """Prices the built-in models that have no price at all yet, from the current hour:
+    their online units, and the batch twin of each at BATCH_PRICE_SHARE of it.
 
     A model that already has any price (an operator set one) is left alone, so running
     it on every start never changes a price book someone has touched.
@@ -50,16 +70,17 @@ def starter_prices_ensure(*, principal: Principal) -> list[Price]:
             continue
         if Price.objects.filter(model_name=name).exists():
             continue
-        units = [("input", price_in), ("output", price_out)]
+        online = [("input", Decimal(price_in)), ("output", Decimal(price_out))]
         if name in STARTER_CACHED_INPUT_PRICES:
-            units.append(("cached_input", STARTER_CACHED_INPUT_PRICES[name]))
+            online.append(("cached_input", Decimal(STARTER_CACHED_INPUT_PRICES[name])))
+        units = with_batch_prices(online)
         for kind, unit in units:
             created.append(
                 price_set(
                     principal=principal,
                     model_name=name,
                     token_kind=kind,
-                    unit_price=Decimal(unit),
+                    unit_price=unit,
                     effective_from=start,
                     reason="starter list price for a built-in model",
                 )
@@ -82,7 +103,8 @@ def compiled_model_prices_ensure(*, principal: Principal, model: Model) -> list[
 
     MANTLE_COMPILED_MODEL_PRICES names a price per unit; the model gets the two units of
     its kind (billing.pricing.billed_units), and a text model `cached_input` too when the
-    setting names it (else its cached tokens are billed as input). Without both units of
+    setting names it (else its cached tokens are billed as input); and the batch twin of
+    each at BATCH_PRICE_SHARE of it, as the built-in models do. Without both units of
     its kind, it stays unpriced: admission refuses it (403 model_not_priced) until an
     operator prices it, so a tenant's own model never runs free by accident. A model that
     already has a price is left alone.
@@ -98,17 +120,20 @@ def compiled_model_prices_ensure(*, principal: Principal, model: Model) -> list[
         units = (*units, CACHED_INPUT)
     start = hour_start(timezone.now())
     try:
+        priced = with_batch_prices(
+            [(unit, parse_decimal(defaults[unit], param=unit)) for unit in units]
+        )
         with transaction.atomic():
             return [
                 price_set(
                     principal=principal,
                     model_name=model.name,
                     token_kind=unit,
-                    unit_price=defaults[unit],
+                    unit_price=price,
                     effective_from=start,
                     reason="default list price for a compiled model (MANTLE_COMPILED_MODEL_PRICES)",
                 )
-                for unit in units
+                for unit, price in priced
             ]
     except InvalidInput:
         # A bad setting must not fail the tenant's compile job: the model stays unpriced.

@@ -10,7 +10,8 @@ organization:
                                    p:<project>:cap_nanos, p:<project>:spent_nanos
     mantle:price:<org>:<model>     in, out, req, ms, cin: nanos per token, request, compute
                                    millisecond and cached input token (decimal strings,
-                                   exact); or `unpriced`
+                                   exact), and bin, bout, breq, bms, bcin: the same for
+                                   batch lines; or `unpriced`
 
 Admission may spend `cap - spent - reserved - pending`; what matters is the difference,
 so `wallet_sync` rebases `spent_nanos` with an increment rather than overwriting it.
@@ -41,9 +42,17 @@ from billing.invoicing import month_spend, unbilled_usage
 from billing.models import BillingAccount, Budget, CreditLedgerEntry, TokenKind, UsageRollup
 from billing.money import nanos_ceil, nanos_floor, nanos_per_token
 from billing.periods import month_label, month_start
-from billing.pricing import PriceBook, billed_units, model_kinds
+from billing.pricing import (
+    BATCH_OF,
+    CACHED_INPUT,
+    EffectivePrice,
+    PriceBook,
+    billed_units,
+    model_kinds,
+)
 from core.errors import InvalidInput
 from core.redis import get_redis
+from workers.contract import ServiceClass
 from workers.contract import UsageEvent as ContractUsageEvent
 
 logger = logging.getLogger(__name__)
@@ -155,11 +164,12 @@ def prices_compute(
     """model -> the organization's effective prices now, in nanos per unit.
 
     A text model's are per input and output token (request and compute time are 0), and
-    per cached input token: its cached price where one applies
-    (`PriceBook.cached_input_price`), else the input price, as the invoice rates them; a
-    tensor model's per request and per compute millisecond (tokens are 0). Exact decimal
-    strings: the gateway rounds a reservation up, the drain rounds each request's cost
-    up. A model not priced for both of its units is left out (logged): the gateway
+    per cached input token: its cached price where one applies, else the input price; a
+    tensor model's per request and per compute millisecond (tokens are 0). The batch
+    prices are the same units of batch lines: the batch price where one applies, else the
+    online one. Each is what the invoice bills the unit at (`PriceBook.billed`). Exact
+    decimal strings: the gateway rounds a reservation up, the drain rounds each request's
+    cost up. A model not priced for both of its units is left out (logged): the gateway
     refuses it (`model_not_priced`) and its usage would be held, not invoiced.
     """
     now = now or timezone.now()
@@ -168,32 +178,41 @@ def prices_compute(
     kinds = model_kinds(names)
     prices = {}
     for model in names:
-        first, second = billed_units(kinds[model])
-        p_first = book.effective(model, first, now)
-        p_second = book.effective(model, second, now)
-        if p_first is None or p_second is None:
-            if p_first is not None or p_second is not None:
-                logger.error(
-                    "%s is priced for one of %s, %s only; not admitted", model, first, second
-                )
+        served = billed_units(kinds[model])
+        found = [book.effective(model, unit, now) for unit in served]
+        if None in found:
+            if any(price is not None for price in found):
+                logger.error("%s is priced for one of %s only; not admitted", model, served)
             continue
-        per_unit = {
-            first: _plain(nanos_per_token(p_first.unit_price)),
-            second: _plain(nanos_per_token(p_second.unit_price)),
-        }
-        cached = book.cached_input_price(model, now)
+        # Every other unit bills at worst as one of these two (a cached token as an input
+        # token, a batch line's as an online one), so it is priced too.
+        online = served if kinds[model] == "tensor" else (*served, CACHED_INPUT)
+        units = (*online, *(BATCH_OF[unit] for unit in online))
+        per_unit = {unit: _nanos(book.billed(model, unit, now)[1]) for unit in units}
         prices[model] = spend.Prices(
-            input=per_unit.get(TokenKind.INPUT, "0"),
-            output=per_unit.get(TokenKind.OUTPUT, "0"),
-            request=per_unit.get(TokenKind.REQUEST, "0"),
-            compute_ms=per_unit.get(TokenKind.COMPUTE_MS, "0"),
-            cached_input=(
-                _plain(nanos_per_token(cached.unit_price))
-                if cached is not None and kinds[model] != "tensor"
-                else per_unit.get(TokenKind.INPUT, "0")
-            ),
+            **{field: per_unit.get(unit, "0") for field, unit in _PRICE_UNITS.items()}
         )
     return prices
+
+
+# Each field of spend.Prices, and the unit whose billed price it holds.
+_PRICE_UNITS = {
+    "input": TokenKind.INPUT.value,
+    "output": TokenKind.OUTPUT.value,
+    "request": TokenKind.REQUEST.value,
+    "compute_ms": TokenKind.COMPUTE_MS.value,
+    "cached_input": TokenKind.CACHED_INPUT.value,
+    "batch_input": TokenKind.BATCH_INPUT.value,
+    "batch_output": TokenKind.BATCH_OUTPUT.value,
+    "batch_request": TokenKind.BATCH_REQUEST.value,
+    "batch_compute_ms": TokenKind.BATCH_COMPUTE_MS.value,
+    "batch_cached_input": TokenKind.BATCH_CACHED_INPUT.value,
+}
+
+
+def _nanos(price: EffectivePrice | None) -> str:
+    assert price is not None  # every unit of a served model is priced (prices_compute)
+    return _plain(nanos_per_token(price.unit_price))
 
 
 def price_fill(organization_id: str, model_name: str) -> spend.Prices | None:
@@ -367,6 +386,7 @@ class Usage:
     requests: int = 1
     compute_ms: int = 0
     cached_input_tokens: int = 0  # a part of input_tokens
+    service_class: str = ServiceClass.ONLINE  # batch lines cost the batch prices
 
 
 def wallet_record_usage(
@@ -378,8 +398,10 @@ def wallet_record_usage(
     project_id: str = "",
     request_id: str = "",
     cached_input_tokens: int = 0,
+    service_class: str = ServiceClass.ONLINE,
 ) -> int:
-    """Counts one request's usage at the organization's current prices; returns nanos.
+    """Counts one request's usage at the organization's current prices (a batch line's at
+    the batch prices); returns nanos.
 
     For the metering drain's post-commit hook (see `wallet_record_events` for batches).
     Must run after the usage rows are committed (see `wallet_sync`).
@@ -392,6 +414,7 @@ def wallet_record_usage(
         project_id,
         request_id,
         cached_input_tokens=cached_input_tokens,
+        service_class=service_class,
     )
     return wallet_record_batch([usage])[0]
 
@@ -409,6 +432,7 @@ def wallet_record_events(events: Sequence[ContractUsageEvent]) -> None:
                 request_id=e.request_id,
                 compute_ms=int(e.compute_ms),
                 cached_input_tokens=int(e.cached_input_tokens),
+                service_class=e.service_class,
             )
             for e in events
         ]
@@ -416,7 +440,9 @@ def wallet_record_events(events: Sequence[ContractUsageEvent]) -> None:
 
 
 def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
-    """Counts a batch at current prices in one atomic script; the costs, in nanos.
+    """Counts a batch at current prices in one atomic script; the costs, in nanos. Each
+    usage is costed at the prices of its class (a batch line's at the batch prices), as the
+    gateway's settle parked it.
 
     Idempotent when every usage has a request id: the batch is marked by a digest of its
     request ids, so the drain replaying a batch after a crash counts nothing twice.
@@ -428,15 +454,20 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
         return []
     client = get_redis()
     prices = _prices_for(client, {(u.organization_id, u.model_name) for u in usages})
-    # Each pair's prices in integer form once per batch, not parsed again per request.
-    scaled = {pair: p.scaled() for pair, p in prices.items()}
+    # Each pair's prices of each class in integer form once per batch, not parsed again per
+    # request.
+    scaled = {
+        (*pair, service_class): p.for_class(service_class).scaled()
+        for pair, p in prices.items()
+        for service_class in {u.service_class for u in usages}
+    }
     free = spend.FREE.scaled()
     costs = []
     requests: list[str] = []
     by_wallet: dict[str, int] = {}
     by_project: dict[tuple[str, str], int] = {}
     for u in usages:
-        cost = scaled.get((u.organization_id, u.model_name), free).cost(
+        cost = scaled.get((u.organization_id, u.model_name, u.service_class), free).cost(
             u.input_tokens, u.output_tokens, u.requests, u.compute_ms, u.cached_input_tokens
         )
         costs.append(cost)

@@ -73,7 +73,25 @@ PRICE_REQUEST = "req"  # nanos per request
 PRICE_COMPUTE_MS = "ms"  # nanos per compute millisecond
 # nanos per cached input token: the cached price where one applies, else the input price
 PRICE_CACHED_INPUT = "cin"
-PRICE_FIELDS = (PRICE_INPUT, PRICE_OUTPUT, PRICE_REQUEST, PRICE_COMPUTE_MS, PRICE_CACHED_INPUT)
+# The same five for batch lines (service class `batch`): each the price the invoice bills
+# a batch line's unit at (PriceBook.billed), the online one where no batch price applies.
+PRICE_BATCH_INPUT = "bin"
+PRICE_BATCH_OUTPUT = "bout"
+PRICE_BATCH_REQUEST = "breq"
+PRICE_BATCH_COMPUTE_MS = "bms"
+PRICE_BATCH_CACHED_INPUT = "bcin"
+PRICE_FIELDS = (
+    PRICE_INPUT,
+    PRICE_OUTPUT,
+    PRICE_REQUEST,
+    PRICE_COMPUTE_MS,
+    PRICE_CACHED_INPUT,
+    PRICE_BATCH_INPUT,
+    PRICE_BATCH_OUTPUT,
+    PRICE_BATCH_REQUEST,
+    PRICE_BATCH_COMPUTE_MS,
+    PRICE_BATCH_CACHED_INPUT,
+)
 """In this order everywhere (admission reads them in its script)."""
 UNPRICED = "unpriced"
 """The price hash's only field, with a short TTL, for a model nothing prices."""
@@ -97,6 +115,11 @@ LUA_NAMES = {
     "price_request": PRICE_REQUEST,
     "price_compute_ms": PRICE_COMPUTE_MS,
     "price_cached_input": PRICE_CACHED_INPUT,
+    "price_batch_input": PRICE_BATCH_INPUT,
+    "price_batch_output": PRICE_BATCH_OUTPUT,
+    "price_batch_request": PRICE_BATCH_REQUEST,
+    "price_batch_compute_ms": PRICE_BATCH_COMPUTE_MS,
+    "price_batch_cached_input": PRICE_BATCH_CACHED_INPUT,
     "unpriced": UNPRICED,
 }
 

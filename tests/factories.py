@@ -225,11 +225,19 @@ def price_model(name: str, kind: str, *, unit_price: str = "0.1") -> None:
 
 
 def price_builtin_models() -> None:
-    """The built-in models at their starter prices (what `bin/run`'s seed_prices gives)."""
-    from billing.starter_prices import STARTER_CACHED_INPUT_PRICES, STARTER_PRICES
+    """The built-in models at their starter prices (what `bin/run`'s seed_prices gives):
+    their online units and the batch twin of each."""
+    from decimal import Decimal
+
+    from billing.starter_prices import (
+        STARTER_CACHED_INPUT_PRICES,
+        STARTER_PRICES,
+        with_batch_prices,
+    )
 
     for name, (price_in, price_out) in STARTER_PRICES.items():
-        list_price(name, "input", price_in, reason="starter price (test)")
-        list_price(name, "output", price_out, reason="starter price (test)")
-    for name, price in STARTER_CACHED_INPUT_PRICES.items():
-        list_price(name, "cached_input", price, reason="starter price (test)")
+        online = [("input", Decimal(price_in)), ("output", Decimal(price_out))]
+        if name in STARTER_CACHED_INPUT_PRICES:
+            online.append(("cached_input", Decimal(STARTER_CACHED_INPUT_PRICES[name])))
+        for unit, price in with_batch_prices(online):
+            list_price(name, unit, str(price), reason="starter price (test)")

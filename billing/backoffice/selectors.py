@@ -65,12 +65,19 @@ CSV_AMOUNT_COLUMNS = ("amount", "currency")
 """Each row rated at its organization's prices for that hour (list prices with its rate
 overrides and discounts), exact to the nano; blank when nothing prices the model. Commit
 tiers and credits apply to a month's totals, so they are on invoices, not here."""
-CSV_LATER_COLUMNS = ("cached_input_tokens",)
+CSV_LATER_COLUMNS = (
+    "cached_input_tokens",
+    "batch_requests",
+    "batch_input_tokens",
+    "batch_output_tokens",
+    "batch_cached_input_tokens",
+)
 """Columns added since, at the end so that none of the earlier ones moves: of
-input_tokens, those the prefix cache served."""
-# What a CSV row reads: its columns, then compute_ms, which only its amount uses (tensor
-# models bill it), then the later columns.
-_CSV_READ = (*CSV_COLUMNS, "compute_ms", *CSV_LATER_COLUMNS)
+input_tokens, those the prefix cache served; then the part of requests, input, output and
+cached input tokens that batch lines made (billed at batch prices)."""
+# What a CSV row reads: its columns, then compute_ms and batch_compute_ms, which only its
+# amount uses (tensor models bill them), then the later columns.
+_CSV_READ = (*CSV_COLUMNS, "compute_ms", "batch_compute_ms", *CSV_LATER_COLUMNS)
 # Rows per database round trip while streaming: memory stays at one chunk.
 CSV_CHUNK_ROWS = 2000
 
@@ -97,6 +104,10 @@ class ModelUsage:
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0  # of input_tokens, those the prefix cache served
+    # Of requests, input and output tokens, the batch lines' part (billed at batch prices).
+    batch_requests: int = 0
+    batch_input_tokens: int = 0
+    batch_output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -280,6 +291,10 @@ class UsageTotals:
     # whose own prices and contract terms apply.
     charges: Decimal | None = None
     cached_input_tokens: int = 0  # of input_tokens, those the prefix cache served
+    # Of requests, input and output tokens, the batch lines' part (billed at batch prices).
+    batch_requests: int = 0
+    batch_input_tokens: int = 0
+    batch_output_tokens: int = 0
 
 
 _MODEL_SUMS = {
@@ -287,12 +302,16 @@ _MODEL_SUMS = {
     "i": Sum("input_tokens"),
     "o": Sum("output_tokens"),
     "ci": Sum("cached_input_tokens"),
+    "br": Sum("batch_requests"),
+    "bi": Sum("batch_input_tokens"),
+    "bo": Sum("batch_output_tokens"),
 }
 
 
 def _model_usage(row: Mapping[str, Any]) -> ModelUsage:
     return ModelUsage(
-        row["model_name"], row["r"] or 0, row["i"] or 0, row["o"] or 0, row["ci"] or 0
+        row["model_name"],
+        *(row[key] or 0 for key in ("r", "i", "o", "ci", "br", "bi", "bo")),
     )
 
 
@@ -314,6 +333,9 @@ def usage_totals(f: UsageFilter) -> UsageTotals:
         by_model=by_model,
         charges=charges,
         cached_input_tokens=agg["ci"] or 0,
+        batch_requests=agg["br"] or 0,
+        batch_input_tokens=agg["bi"] or 0,
+        batch_output_tokens=agg["bo"] or 0,
     )
 
 

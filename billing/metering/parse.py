@@ -19,7 +19,7 @@ from typing import Any
 from billing.metering import partitions
 from billing.metering.stream import RawEntry
 from billing.models import UsageEvent as UsageEventRow
-from workers.contract import UsageEvent
+from workers.contract import ServiceClass, UsageEvent
 
 MAX_TOKENS_PER_EVENT = 10**12
 MAX_FUTURE_S = 24 * 3600.0
@@ -64,6 +64,8 @@ _COUNTS = tuple(
 )
 _INPUT = POSITION["input_tokens"]
 _CACHED = POSITION["cached_input_tokens"]
+_CLASS = POSITION["service_class"]
+_CLASSES = frozenset(c.value for c in ServiceClass)
 _REQUEST_ID = POSITION["request_id"]
 _STARTED = POSITION["started_at"]
 _FINISHED = POSITION["finished_at"]
@@ -79,8 +81,9 @@ def parse_entry(fields: Mapping[str, str], *, not_before: float, not_after: floa
 
     `UsageEvent(*values)` is the event. Raises InvalidUsage for what the database would
     refuse or billing cannot attribute: missing ids, negative or absurd counts, strings
-    longer than their column, more cached input tokens than input tokens, times outside
-    [not_before, not_after).
+    longer than their column, more cached input tokens than input tokens, a service class
+    that is not a `ServiceClass` (a worker that predates the field sends none: online),
+    times outside [not_before, not_after).
     """
     raw = [fields.get(name, "") for name in FIELD_NAMES]
     return _parse_values(raw, not_before=not_before, not_after=not_after)
@@ -113,6 +116,12 @@ def _parse_values(values: list[Any], *, not_before: float, not_after: float) -> 
         raise InvalidUsage(
             f"cached_input_tokens {values[_CACHED]} exceeds input_tokens {values[_INPUT]}"
         )
+    if not values[_CLASS]:
+        values[_CLASS] = ServiceClass.ONLINE.value
+    elif values[_CLASS] not in _CLASSES:
+        # A class of a later release: its price is unknown here, so it waits (dead-lettered,
+        # replayable after the upgrade) rather than be billed at a guess.
+        raise InvalidUsage(f"unknown service_class {values[_CLASS]!r}")
     finished = values[_FINISHED]
     if not (math.isfinite(finished) and not_before <= finished < not_after):
         raise InvalidUsage(f"finished_at outside the accepted window: {finished}")

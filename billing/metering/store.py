@@ -22,13 +22,14 @@ from django.db.models import Sum
 from billing.metering import partitions
 from billing.metering.parse import FIELD_NAMES, FIELD_TYPES, POSITION
 from billing.models import SpendOutbox, UsageRollup
-from workers.contract import UsageEvent
+from workers.contract import ServiceClass, UsageEvent
 
 _REQUEST_ID = POSITION["request_id"]
 _ORG = POSITION["organization_id"]
 _INPUT = POSITION["input_tokens"]
 _OUTPUT = POSITION["output_tokens"]
 _CACHED = POSITION["cached_input_tokens"]
+_CLASS = POSITION["service_class"]
 _STARTED = POSITION["started_at"]
 _FINISHED = POSITION["finished_at"]
 
@@ -75,6 +76,7 @@ _ROW_COLUMNS = [
     "worker",
     "recorded_at",
     "cached_input_tokens",
+    "service_class",
 ]
 _SELECT_INCOMING = ", ".join(
     {
@@ -85,6 +87,22 @@ _SELECT_INCOMING = ", ".join(
     for c in _ROW_COLUMNS
 )
 _DIMS = "organization_id, project_id, api_key_id, endpoint_id, model_name"
+# The sums of a rollup, and the part of each that batch lines make (billed at batch prices).
+_SUMS = ("requests", "input_tokens", "output_tokens", "compute_ms", "cached_input_tokens")
+_BATCH_SUMS = tuple(f"batch_{name}" for name in _SUMS)
+_ROLLUP_SUMS = (*_SUMS, *_BATCH_SUMS)
+_BATCH = f"service_class = '{ServiceClass.BATCH.value}'"
+_AGG_SUMS = ", ".join(
+    [
+        "count(*) AS requests",
+        *(f"sum({name}) AS {name}" for name in _SUMS[1:]),
+        f"count(*) FILTER (WHERE {_BATCH}) AS batch_requests",
+        *(
+            f"coalesce(sum({name}) FILTER (WHERE {_BATCH}), 0) AS batch_{name}"
+            for name in _SUMS[1:]
+        ),
+    ]
+)
 # One statement, so the rollups and the outbox count exactly the rows this statement
 # inserted (`counted`). Rollup keys are sorted so that concurrent drains lock rollup rows in
 # one order and cannot deadlock on them; so are request ids when duplicates are expected
@@ -97,23 +115,14 @@ WITH ins AS (
 ), counted AS (
     {{counted}}
 ), agg AS (
-    SELECT {_DIMS}, date_trunc('hour', occurred_at, 'UTC') AS hour, count(*) AS requests,
-           sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-           sum(compute_ms) AS compute_ms, sum(cached_input_tokens) AS cached_input_tokens
+    SELECT {_DIMS}, date_trunc('hour', occurred_at, 'UTC') AS hour, {_AGG_SUMS}
     FROM counted GROUP BY {_DIMS}, 6
 ), rollup AS (
-    INSERT INTO billing_usagerollup AS r
-        ({_DIMS}, hour, requests, input_tokens, output_tokens, compute_ms, cached_input_tokens,
-         updated_at)
-    SELECT {_DIMS}, hour, requests, input_tokens, output_tokens, compute_ms, cached_input_tokens,
-           now()
+    INSERT INTO billing_usagerollup AS r ({_DIMS}, hour, {", ".join(_ROLLUP_SUMS)}, updated_at)
+    SELECT {_DIMS}, hour, {", ".join(_ROLLUP_SUMS)}, now()
     FROM agg ORDER BY {_DIMS}, hour
     ON CONFLICT ({_DIMS}, hour) DO UPDATE SET
-        requests = r.requests + EXCLUDED.requests,
-        input_tokens = r.input_tokens + EXCLUDED.input_tokens,
-        output_tokens = r.output_tokens + EXCLUDED.output_tokens,
-        compute_ms = r.compute_ms + EXCLUDED.compute_ms,
-        cached_input_tokens = r.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        {"".join(f"{name} = r.{name} + EXCLUDED.{name}, " for name in _ROLLUP_SUMS)}
         updated_at = EXCLUDED.updated_at
 ), per_org AS (
     SELECT organization_id, sum(input_tokens) AS i, sum(output_tokens) AS o,
@@ -134,12 +143,13 @@ SELECT (SELECT count(*) FROM counted), (SELECT deltas FROM outbox), {{inserted_i
 # again under ON CONFLICT DO NOTHING, counting what RETURNING says was inserted.
 _COUNTED_ALL = (
     f"SELECT request_id, {_DIMS}, to_timestamp(finished_at) AS occurred_at, "  # noqa: S608
-    f"input_tokens, output_tokens, compute_ms, cached_input_tokens FROM {_INCOMING}"
+    f"input_tokens, output_tokens, compute_ms, cached_input_tokens, service_class "
+    f"FROM {_INCOMING}"
 )
 _COUNTED_RETURNED = "SELECT * FROM ins"
 _RETURNING = (
     f"RETURNING request_id, {_DIMS}, occurred_at, input_tokens, output_tokens, compute_ms, "
-    "cached_input_tokens"
+    "cached_input_tokens, service_class"
 )
 # The outbox keeps the inserted request ids only when hooks may need them on a replay.
 _STORE = {
@@ -225,16 +235,12 @@ _PORTABLE_INSERT = (
     f"VALUES ({', '.join(['%s'] * len(_ROW_COLUMNS))}) ON CONFLICT DO NOTHING"
 )
 _PORTABLE_ROLLUP = (
-    f"INSERT INTO billing_usagerollup ({_DIMS}, hour, requests, input_tokens, "  # noqa: S608
-    "output_tokens, compute_ms, cached_input_tokens, updated_at) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    f"INSERT INTO billing_usagerollup ({_DIMS}, hour, "  # noqa: S608
+    f"{', '.join(_ROLLUP_SUMS)}, updated_at) "
+    f"VALUES ({', '.join(['%s'] * (7 + len(_ROLLUP_SUMS)))}) "
     f"ON CONFLICT ({_DIMS}, hour) DO UPDATE SET "
-    "requests = requests + excluded.requests, "
-    "input_tokens = input_tokens + excluded.input_tokens, "
-    "output_tokens = output_tokens + excluded.output_tokens, "
-    "compute_ms = compute_ms + excluded.compute_ms, "
-    "cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens, "
-    "updated_at = excluded.updated_at"
+    + "".join(f"{name} = {name} + excluded.{name}, " for name in _ROLLUP_SUMS)
+    + "updated_at = excluded.updated_at"
 )
 
 
@@ -259,6 +265,7 @@ def _store_portable(
                 r[POSITION["worker"]],
                 recorded,
                 r[_CACHED],
+                r[_CLASS],
             ]
             cursor.execute(_PORTABLE_INSERT, values)
             if cursor.rowcount != 1:
@@ -268,17 +275,15 @@ def _store_portable(
                 occurred.replace(minute=0, second=0, microsecond=0)
             )
             key = (*(r[POSITION[n]] for n in _DIMS.split(", ")), hour)
-            acc = sums.setdefault(key, [0, 0, 0, 0, 0])
-            acc[0] += 1
-            acc[1] += r[_INPUT]
-            acc[2] += r[_OUTPUT]
-            acc[3] += r[POSITION["compute_ms"]]
-            acc[4] += r[_CACHED]
-        for key, (requests, tokens_in, tokens_out, compute, cached) in sorted(sums.items()):
-            cursor.execute(
-                _PORTABLE_ROLLUP,
-                [*key, requests, tokens_in, tokens_out, compute, cached, recorded],
-            )
+            acc = sums.setdefault(key, [0] * len(_ROLLUP_SUMS))
+            counts = (1, *(r[POSITION[n]] for n in _SUMS[1:]))
+            # A batch line counts in the batch part of each sum too (after the totals).
+            parts = (0, len(_SUMS)) if r[_CLASS] == ServiceClass.BATCH else (0,)
+            for i, count in enumerate(counts):
+                for offset in parts:
+                    acc[offset + i] += count
+        for key, totals in sorted(sums.items()):
+            cursor.execute(_PORTABLE_ROLLUP, [*key, *totals, recorded])
     deltas: dict[str, list[int]] = {}
     for r in inserted:
         acc = deltas.setdefault(r[_ORG], [0, 0, 0])
@@ -313,15 +318,10 @@ def usage_rows_months(rows: Sequence[Sequence[Any]]) -> list[datetime]:
 
 
 def rollup_totals(organization_id: str | None = None) -> dict[str, int]:
-    """Sums over the rollups (tests, the back office): requests, tokens, compute time."""
+    """Sums over the rollups (tests, the back office): requests, tokens, compute time, and
+    the batch lines' part of each (`batch_requests`...)."""
     qs = UsageRollup.objects.all()
     if organization_id is not None:
         qs = qs.filter(organization_id=organization_id)
-    sums = qs.aggregate(
-        requests=Sum("requests"),
-        input_tokens=Sum("input_tokens"),
-        output_tokens=Sum("output_tokens"),
-        compute_ms=Sum("compute_ms"),
-        cached_input_tokens=Sum("cached_input_tokens"),
-    )
+    sums = qs.aggregate(**{name: Sum(name) for name in _ROLLUP_SUMS})
     return {k: int(v or 0) for k, v in sums.items()}

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from accounts.models import ApiKey, Organization, Project
 from billing.models import TokenKind, UsageRollup
-from billing.pricing import ROLLUP_SUMS, TOKEN_UNITS, PriceBook
+from billing.pricing import BATCH_UNITS, ROLLUP_SUMS, TOKEN_UNITS, EffectivePrice, PriceBook
 from catalog.models import Endpoint, Model, ModelVersion
 from catalog.selectors import endpoints_visible_to
 from core.csv_export import csv_writer
@@ -43,10 +43,20 @@ class UsageRow:
     unpriced_tokens: int = 0
     compute_ms: int = 0  # tensor models are billed per request and compute millisecond
     cached_input_tokens: int = 0  # of input_tokens, those the prefix cache served
+    # Of each figure above, the part of batch lines (the Batch API), billed at batch prices.
+    batch_requests: int = 0
+    batch_input_tokens: int = 0
+    batch_output_tokens: int = 0
+    batch_cached_input_tokens: int = 0
+    batch_cost: Decimal = ZERO
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.batch_input_tokens + self.batch_output_tokens
 
 
 @dataclass
@@ -130,6 +140,8 @@ def usage_report(
         if row is None:
             row = rows[key] = UsageRow(key=key, label=labels.get(key, key))
         cost = rating.amount or ZERO
+        # Batch lines' charges keep their `batch_` unit whatever price applies.
+        batch_cost = sum((c.amount or ZERO for c in rating.charges if c.unit in BATCH_UNITS), ZERO)
         unpriced = 0
         for charge in rating.unpriced:
             if charge.unit in TOKEN_UNITS:
@@ -141,7 +153,12 @@ def usage_report(
             target.output_tokens += g["o"]
             target.compute_ms += g["c"] or 0
             target.cached_input_tokens += g["ci"] or 0
+            target.batch_requests += g["br"] or 0
+            target.batch_input_tokens += g["bi"] or 0
+            target.batch_output_tokens += g["bo"] or 0
+            target.batch_cached_input_tokens += g["bci"] or 0
             target.cost += cost
+            target.batch_cost += batch_cost
             target.unpriced_tokens += unpriced
     ordered = list(rows.values())
     if dimension != "day":
@@ -169,19 +186,25 @@ def _labels(org: Organization, dimension: str) -> dict[str, str]:
 def usage_csv(report: UsageReport) -> str:
     """The report's table as CSV; costs at full precision (nine decimals, like prices).
 
-    `cached_input_tokens` (a part of `input_tokens`) is the last column: columns are only
-    ever added at the end, so a customer's script that reads them by position keeps working.
+    Columns are only ever added at the end, so a customer's script that reads them by
+    position keeps working: `cached_input_tokens` (a part of `input_tokens`), then the
+    batch lines' part of requests, tokens and cost (`batch_*`, billed at batch prices).
     """
     out = io.StringIO()
     writer = csv_writer(out)  # names are the customer's: formula cells are defused
+    currency = report.currency.lower()
     writer.writerow(
         [report.dimension, "id", "requests", "input_tokens", "output_tokens", "total_tokens",
-         f"cost_{report.currency.lower()}", "unpriced_tokens", "cached_input_tokens"]
+         f"cost_{currency}", "unpriced_tokens", "cached_input_tokens", "batch_requests",
+         "batch_input_tokens", "batch_output_tokens", "batch_cached_input_tokens",
+         f"batch_cost_{currency}"]
     )  # fmt: skip
     for r in [*report.rows, report.total]:
         writer.writerow(
             [r.label, r.key, r.requests, r.input_tokens, r.output_tokens, r.total_tokens,
-             f"{r.cost:.9f}", r.unpriced_tokens, r.cached_input_tokens]
+             f"{r.cost:.9f}", r.unpriced_tokens, r.cached_input_tokens, r.batch_requests,
+             r.batch_input_tokens, r.batch_output_tokens, r.batch_cached_input_tokens,
+             f"{r.batch_cost:.9f}"]
         )  # fmt: skip
     return out.getvalue()
 
@@ -206,6 +229,9 @@ class CatalogEntry:
     output_price: Decimal | None
     # per million prompt tokens the prefix cache served; None: billed as input tokens
     cached_input_price: Decimal | None = None
+    # per million tokens of batch lines (the Batch API); None: the online price
+    batch_input_price: Decimal | None = None
+    batch_output_price: Decimal | None = None
 
 
 def model_catalog(org: Organization, *, at: datetime | None = None) -> list[CatalogEntry]:
@@ -226,6 +252,12 @@ def model_catalog(org: Organization, *, at: datetime | None = None) -> list[Cata
         endpoint = public.get(m.id)
         prices = [book.effective(m.name, kind, at) for kind in (TokenKind.INPUT, TokenKind.OUTPUT)]
         cached = book.cached_input_price(m.name, at)
+        batch = [
+            _below(book.billed(m.name, kind, at)[1], online)
+            for kind, online in zip(
+                (TokenKind.BATCH_INPUT, TokenKind.BATCH_OUTPUT), prices, strict=True
+            )
+        ]
         out.append(
             CatalogEntry(
                 model=m,
@@ -234,9 +266,18 @@ def model_catalog(org: Organization, *, at: datetime | None = None) -> list[Cata
                 input_price=prices[0].unit_price if prices[0] else None,
                 output_price=prices[1].unit_price if prices[1] else None,
                 cached_input_price=cached.unit_price if cached else None,
+                batch_input_price=batch[0],
+                batch_output_price=batch[1],
             )
         )
     return out
+
+
+def _below(price: EffectivePrice | None, online: EffectivePrice | None) -> Decimal | None:
+    """A batch price worth showing: one below the online price of the same unit."""
+    if price is None or online is None or price.unit_price >= online.unit_price:
+        return None
+    return price.unit_price
 
 
 # --- Endpoints ---------------------------------------------------------------------------------

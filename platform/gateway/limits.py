@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from accounts.keys import LAST_USED_HASH
 from billing import wallet_keys
-from workers.contract import HEARTBEAT_TTL_S, pool_live_key
+from workers.contract import HEARTBEAT_TTL_S, ServiceClass, pool_live_key
 
 # Token buckets: each holds up to `limit` units and refills at limit/60 per second,
 # so a full minute's allowance is available at once but never more. The script
@@ -24,11 +24,21 @@ redis.call('HSET', KEYS[8], ARGV[9], now / 1000)
 -- Nothing is served without a price: a model nothing prices is refused (-5) before any
 -- other test; with no price hash yet (-4) the gateway fills it from the database and asks
 -- again. Fields: per input and output token, per request, per compute millisecond, per
--- cached input token (optional: a hash without it prices cached tokens as input tokens).
+-- cached input token (optional: a hash without it prices cached tokens as input tokens),
+-- then the same five for batch lines (optional: a hash without them, the online ones).
 local price = redis.call('HMGET', KEYS[10], '${price_input}', '${price_output}', '${price_request}',
-                         '${price_compute_ms}', '${unpriced}', '${price_cached_input}')
+                         '${price_compute_ms}', '${unpriced}', '${price_cached_input}',
+                         '${price_batch_input}', '${price_batch_output}', '${price_batch_request}',
+                         '${price_batch_compute_ms}', '${price_batch_cached_input}')
 if price[5] then return {-5} end
 if not (price[1] and price[2] and price[3] and price[4]) then return {-4} end
+-- A batch line (ARGV[19] = '1') is reserved and settled at the batch prices.
+local batch = ARGV[19] == '1'
+if batch then
+  price[1], price[2] = price[7] or price[1], price[8] or price[2]
+  price[3], price[4] = price[9] or price[3], price[10] or price[4]
+  price[6] = price[11] or price[6]
+end
 local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
 if live == 0 then return {-1} end
 local cost = tonumber(ARGV[1])
@@ -39,8 +49,9 @@ local caps = {}
 for i = 1, 6 do caps[i] = tonumber(ARGV[i + 1]) end
 caps[7], caps[8] = tonumber(ARGV[17]), tonumber(ARGV[18])
 -- Only the share may be absent (0); a key, project or endpoint cap of 0 admits nothing.
+-- A batch line takes from none of them: batches are paced by their own queue limit.
 local active = {}
-for i = 1, 8 do active[i] = (i <= 6) or caps[i] > 0 end
+for i = 1, 8 do active[i] = not batch and ((i <= 6) or caps[i] > 0) end
 local levels = {}
 local denied, denied_wait = 0, 0
 for i = 1, 8 do
@@ -227,6 +238,9 @@ class Admission:
     price_cached_input: str = ""
     # The project whose hard budget holds a reservation too ("" when it has none).
     reserved_project_id: str = ""
+    # Took its share of the RPM/TPM buckets, so unused tokens go back to them at the
+    # settle; False for a batch line (outside the online limits: nothing to give back).
+    rate_limited: bool = True
     held: bool = False  # the reservation is recorded under the request id (wallet_keys.held_key)
     refused_scope: str = ""
     refused_kind: str = ""  # "requests" | "tokens"
@@ -239,7 +253,7 @@ class Admission:
     reset_tokens_ms: int = 0
 
     def headers(self) -> dict[str, str]:
-        if not self.allowed:
+        if not self.allowed or not self.rate_limited:
             return {}
         return {
             "x-ratelimit-limit-requests": str(self.limit_requests),
@@ -280,12 +294,17 @@ class RateLimiter:
         hold_s: float = 0.0,
         requests: int = 0,
         compute_ms: int = 0,
-        service_class: str = "online",
+        service_class: str = ServiceClass.ONLINE,
     ) -> Admission:
         """Checks the price, liveness, all eight buckets and the wallet; takes from all
         only if all pass. The worst-case cost reserved is `prompt_tokens` and `max_tokens` at the
         token prices plus `requests` and `compute_ms` (a tensor request: 1 and its compute
         deadline) at the request and compute prices.
+
+        A batch line (`service_class` batch) skips the buckets (batches have their own
+        queue limit, checked when a batch is created) and is checked and reserved at the
+        model's batch prices, which the admission returns (`price_*`) for the settle;
+        price, liveness, budgets and balance are checked as for any request.
 
         With a `request_id`, the money reserved is also held under it for `hold_s`
         seconds: if no settle comes by then (the gateway died), the wallet sync
@@ -315,6 +334,7 @@ class RateLimiter:
             requests,
             compute_ms,
             *caps[6:],
+            "1" if service_class == ServiceClass.BATCH else "0",
         ]
         result = await self._admit(keys=keys, args=args)
         status = int(result[0])
@@ -356,6 +376,7 @@ class RateLimiter:
             price_request=str(result[12]),
             price_compute_ms=str(result[13]),
             price_cached_input=str(result[14]),
+            rate_limited=service_class != ServiceClass.BATCH,
         )
 
     async def refund(self, limits: Limits, *, tokens: int) -> None:

@@ -585,7 +585,8 @@ class Generation:
         metrics.GATEWAY_TOKENS.labels("input").inc(self.prompt_tokens)
         metrics.GATEWAY_TOKENS.labels("output").inc(self.completion_tokens)
         try:
-            await limiter().refund(self.limits, tokens=self.reserved_tokens - used)
+            if self.admission.rate_limited:  # a batch line took nothing from the buckets
+                await limiter().refund(self.limits, tokens=self.reserved_tokens - used)
         except Exception:  # a refund lost to a Redis hiccup only makes limits stricter
             logger.warning("could not refund %s tokens", self.reserved_tokens - used)
         await settle(

@@ -165,6 +165,10 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "amount",
             "currency",
             "cached_input_tokens",  # added later: at the end, nothing before it moved
+            "batch_requests",  # and the batch lines' part (billed at batch prices)
+            "batch_input_tokens",
+            "batch_output_tokens",
+            "batch_cached_input_tokens",
         ],
         [
             "2026-10-05T08:00:00Z",
@@ -178,7 +182,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "10",
             "",
             "",
-            "0",
+            *["0"] * 5,
         ],
         [
             "2026-10-05T09:00:00Z",
@@ -192,7 +196,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "20",
             "",
             "",
-            "0",
+            *["0"] * 5,
         ],
         [
             "2026-10-06T14:00:00Z",
@@ -206,7 +210,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "40",
             "",
             "",
-            "0",
+            *["0"] * 5,
         ],
     ]
 
@@ -365,8 +369,8 @@ def test_a_large_export_streams_in_bounded_memory_under_asgi(staff: Staff) -> No
     last_hour = BIG_START + timedelta(hours=(BIG_ROWS - 1) // 50)
     expected_last = (
         f"{last_hour:%Y-%m-%dT%H:%M:%SZ},org_big,proj_big,key_49,ep-big,{CHAT},1,199999,399998,"
-        "0.999995000,USD,0"  # 199999 * 1/M + 399998 * 2/M; no cached input tokens
-    )
+        "0.999995000,USD,0,0,0,0,0"  # 199999 * 1/M + 399998 * 2/M; no cached input tokens
+    )  # and no batch lines
     assert last.endswith(f"\n{expected_last}\n".encode())
     assert size > 2 * MEMORY_BOUND  # holding the output alone would break the bound
     assert peak < MEMORY_BOUND, f"peak {peak / 1e6:.1f} MB"

@@ -349,6 +349,8 @@ def test_two_hundred_concurrent_tensor_requests_against_credit_for_fifty(
         "req": "1000",
         "ms": "10",
         "cin": "0",
+        # no batch prices: batch lines cost the online ones
+        **{"bin": "0", "bout": "0", "breq": "1000", "bms": "10", "bcin": "0"},
     }
 
     results = asyncio.run(_admit_tensor(org.id, _limits(org), 200, RANKER))

@@ -66,14 +66,20 @@ def lines_of(invoice: Invoice) -> list[tuple[str, str, int, Decimal | None, Deci
 
 def test_a_rollups_input_is_split_into_uncached_and_cached_tokens() -> None:
     row = {"i": 1_000, "ci": 600, "o": 50, "r": 3, "c": 9}
+    row |= {"bi": 0, "bci": 0, "bo": 0, "br": 0, "bc": 0}  # nothing of batch lines
 
     assert billed_quantities(row, "chat") == [
         ("input", 400),
         ("cached_input", 600),
         ("output", 50),
+        *[("batch_input", 0), ("batch_cached_input", 0), ("batch_output", 0)],
     ]
     # A tensor model has no tokens: its units only.
-    assert billed_quantities(row, "tensor") == [("request", 3), ("compute_ms", 9)]
+    assert billed_quantities(row, "tensor") == [
+        ("request", 3),
+        ("compute_ms", 9),
+        *[("batch_request", 0), ("batch_compute_ms", 0)],
+    ]
 
 
 def test_cached_tokens_are_charged_at_the_cached_price(org: Organization) -> None:
@@ -297,9 +303,14 @@ def test_the_price_hash_carries_the_cached_price_or_else_the_input_price(
         unit_price=Decimal("0.2"),
     )  # fmt: skip
 
-    assert prices_compute(org.id)[CHAT] == spend.Prices("1000", "2000", "0", "0", "250")
+    # (No batch prices: batch lines cost the online ones.)
+    assert prices_compute(org.id)[CHAT] == spend.Prices(
+        "1000", "2000", "0", "0", "250", "1000", "2000", "0", "0", "250"
+    )
     # The contract's input rate is below the cached list price: cached tokens cost it too.
-    assert prices_compute(other.id)[CHAT] == spend.Prices("200", "2000", "0", "0", "200")
+    assert prices_compute(other.id)[CHAT] == spend.Prices(
+        "200", "2000", "0", "0", "200", "200", "2000", "0", "0", "200"
+    )
 
 
 def test_the_drain_counts_cached_tokens_at_the_cached_price(org: Organization) -> None:

@@ -29,11 +29,14 @@ def test_builtin_models_get_their_starter_prices_once() -> None:
     call_command("seed_prices")
 
     prices = {(p.model_name, p.token_kind): p.unit_price for p in Price.objects.all()}
-    assert prices == {
+    online = {
         (name, kind): Decimal(value)
         for name, pair in STARTER_PRICES.items()
         for kind, value in zip(("input", "output"), pair, strict=True)
     } | {(name, "cached_input"): Decimal(v) for name, v in STARTER_CACHED_INPUT_PRICES.items()}
+    # Every unit's batch twin at half its price (tests/billing/test_batch_usage.py).
+    batch = {(name, f"batch_{kind}"): price / 2 for (name, kind), price in online.items()}
+    assert prices == online | batch
     # Generative models only, at half their input price.
     assert prices["smollm2-135m-instruct", "cached_input"] == Decimal("0.025")
     assert prices["smollm2-135m-instruct", "input"] == Decimal("0.05")
@@ -78,4 +81,10 @@ def test_a_compiled_text_model_gets_the_default_cached_price_when_one_is_set(
         ("tenant-chat", "cached_input"): Decimal("0.05"),
         ("tenant-ranker", "request"): Decimal("1"),
         ("tenant-ranker", "compute_ms"): Decimal("0.02"),
+        # and each unit's batch twin at half its price
+        ("tenant-chat", "batch_input"): Decimal("0.05"),
+        ("tenant-chat", "batch_output"): Decimal("0.2"),
+        ("tenant-chat", "batch_cached_input"): Decimal("0.025"),
+        ("tenant-ranker", "batch_request"): Decimal("0.5"),
+        ("tenant-ranker", "batch_compute_ms"): Decimal("0.01"),
     }

@@ -77,6 +77,8 @@ def test_postpaid_without_hard_budget_is_not_checked(org: Organization, this_hou
         "req": "0",
         "ms": "0",
         "cin": "1000",  # no cached input price: cached tokens cost the input price
+        # no batch prices: batch lines cost the online prices
+        **{"bin": "1000", "bout": "2000", "breq": "0", "bms": "0", "bcin": "1000"},
     }
 
 
@@ -188,6 +190,7 @@ def test_prices_are_the_organizations_effective_prices_in_exact_nanos(org: Organ
         "req": "0",
         "ms": "0",
         "cin": "37.5",
+        **{"bin": "37.5", "bout": "150", "breq": "0", "bms": "0", "bcin": "37.5"},
     }
     assert redis.hgetall(wallet_keys.price_key(org.id, CHAT)) == {
         "in": "900",
@@ -195,6 +198,7 @@ def test_prices_are_the_organizations_effective_prices_in_exact_nanos(org: Organ
         "req": "0",
         "ms": "0",
         "cin": "900",
+        **{"bin": "900", "bout": "1800", "breq": "0", "bms": "0", "bcin": "900"},
     }
     # One kind only: not admitted.
     assert not redis.exists(wallet_keys.price_key(org.id, "half-priced"))
@@ -347,6 +351,7 @@ def test_record_with_no_price_hash_loads_the_price_from_the_database(org: Organi
         "req": "0",
         "ms": "0",
         "cin": "500",
+        **{"bin": "500", "bout": "2000", "breq": "0", "bms": "0", "bcin": "500"},
     }
 
 

@@ -124,13 +124,17 @@ def test_csv_export(usage_world: OrgWorld) -> None:
         f'attachment; filename="usage-{usage_world.org.id}-2026-03-01-2026-03-03-by-day.csv"'
     )
     rows = list(csv.reader(io.StringIO(response.content.decode())))
+    no_batch = ["0", "0", "0", "0", "0.000000000"]  # batch_* columns: no batch lines here
     assert rows == [
         ["day", "id", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd",
-         "unpriced_tokens", "cached_input_tokens"],
-        ["2026-03-01", "2026-03-01", "2", "3000", "500", "3500", "0.004000000", "0", "0"],
-        ["2026-03-02", "2026-03-02", "0", "0", "0", "0", "0.000000000", "0", "0"],
-        ["2026-03-03", "2026-03-03", "4", "4000", "0", "4000", "0.002000000", "0", "0"],
-        ["Total", "total", "6", "7000", "500", "7500", "0.006000000", "0", "0"],
+         "unpriced_tokens", "cached_input_tokens", "batch_requests", "batch_input_tokens",
+         "batch_output_tokens", "batch_cached_input_tokens", "batch_cost_usd"],
+        ["2026-03-01", "2026-03-01", "2", "3000", "500", "3500", "0.004000000", "0", "0",
+         *no_batch],
+        ["2026-03-02", "2026-03-02", "0", "0", "0", "0", "0.000000000", "0", "0", *no_batch],
+        ["2026-03-03", "2026-03-03", "4", "4000", "0", "4000", "0.002000000", "0", "0",
+         *no_batch],
+        ["Total", "total", "6", "7000", "500", "7500", "0.006000000", "0", "0", *no_batch],
     ]  # fmt: skip
 
 
