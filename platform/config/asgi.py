@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import re
@@ -142,8 +143,10 @@ class GatewayASGIHandler(ASGIHandler):
         Django closes every response through `sync_to_async`, i.e. in one shared
         thread that must win the GIL back from the busy event loop (a 5 ms switch
         interval): measured, that capped the gateway near 200 requests/s whatever
-        the concurrency. A gateway response holds no sync resources and no request
-        signal receiver is registered for this handler, so closing inline is safe.
+        the concurrency. A gateway response holds no sync resources (a file's
+        content holds a store handle, an upload its temporary file: both close quickly)
+        and no request signal receiver is registered for this handler, so closing inline
+        is safe.
         """
         try:
             body_file = await self.read_body(receive)
@@ -208,6 +211,19 @@ class GatewayASGIHandler(ASGIHandler):
             response.close()
         body_file.close()
 
+    def create_request(self, scope: Mapping[str, Any], body_file: Any) -> tuple[Any, Any]:
+        """Django's, but a body that came without Content-Length (chunked, or HTTP/2 frames)
+        gets the length it had once read whole. Django's multipart parser reads nothing of a
+        body whose Content-Length is missing, so a chunked upload (POST /v1/files) would
+        look empty; the body limit has bounded it already."""
+        request, error_response = super().create_request(scope, body_file)
+        if request is not None and not request.META.get("CONTENT_LENGTH"):
+            size = body_file.seek(0, io.SEEK_END)
+            body_file.seek(0)
+            if size:
+                request.META["CONTENT_LENGTH"] = str(size)
+        return request, error_response
+
 
 gateway_application = GatewayASGIHandler()
 
@@ -220,15 +236,23 @@ async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 UPLOAD_PATH = re.compile(r"^/api/v1/organizations/(?P<organization_id>[^/]+)/compile-jobs/upload$")
+FILES_PATH = "/v1/files"
 
 
 async def upload_limit_for(scope: Mapping[str, Any]) -> BodyLimit:
-    """The compile upload's own limit for a caller that may upload; anyone else the default."""
-    match = UPLOAD_PATH.match(scope.get("path", ""))
-    if match is None or scope.get("method") != "POST":
+    """An upload's own limit for a caller that may upload (a compile upload, a file of the
+    Files API); anyone and anything else the default."""
+    if scope.get("method") != "POST":
         return default_limit()
-    # Imported here: the catalog's API needs Django's apps ready, which they are only
-    # once the ASGI application has been built.
+    # Imported here: the catalog's API and the gateway need Django's apps ready, which they
+    # are only once the ASGI application has been built.
+    if scope.get("path") == FILES_PATH:
+        from gateway.endpoints.files import upload_body_limit as file_body_limit
+
+        return await file_body_limit(scope) or default_limit()
+    match = UPLOAD_PATH.match(scope.get("path", ""))
+    if match is None:
+        return default_limit()
     from catalog.compile_api import upload_body_limit
 
     return await upload_body_limit(scope, match["organization_id"]) or default_limit()

@@ -8,9 +8,9 @@ whatever Content-Length says) is counted as it arrives and answered 413 the mome
 passes the limit; the bytes past it are never handed on, and the connection is closed
 (`connection: close`), so the server reads no more of it either. A request without a
 body, or with a Content-Length within the limit, passes through untouched. The limit is
-MANTLE_MAX_BODY_BYTES for every path, except a compile upload whose credentials and
-organization check out before its body is read (the wiring's `limit_for`, see
-`config.asgi.upload_limit_for`): only then is it the upload's own limit.
+MANTLE_MAX_BODY_BYTES for every path, except an upload whose credentials check out before
+its body is read (the wiring's `limit_for`, see `config.asgi.upload_limit_for`: a compile
+upload, POST /v1/files): only then is it the upload's own limit.
 """
 
 from __future__ import annotations
@@ -109,11 +109,9 @@ def bounded_body(app: ASGIApp, limit_for: LimitFor) -> ASGIApp:
             # exactly `length` bytes within the default (the server delivers no more).
             await app(scope, receive, send)
             return
-        limit = default_limit()
         # Only a body the default may not cover is worth a look at its credentials (a
-        # database read); the management API's prefix keeps the gateway's path cheap.
-        if scope.get("path", "").startswith("/api/v1/"):
-            limit = await limit_for(scope)
+        # Redis or database read); `limit_for` tells the upload paths by their path alone.
+        limit = await limit_for(scope)
         if streamed:
             await app(scope, *counted(receive, send, limit))
         elif length is not None and length > limit.allowed:

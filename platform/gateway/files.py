@@ -53,11 +53,6 @@ PURPOSE_BATCH_OUTPUT = "batch_output"
 UPLOAD_PURPOSES = (PURPOSE_BATCH, PURPOSE_USER_DATA)
 PURPOSES = (*UPLOAD_PURPOSES, PURPOSE_BATCH_OUTPUT)
 
-# OpenAI's bounds for `expires_after[seconds]` (one hour to 30 days), anchored at creation.
-EXPIRES_AFTER_ANCHOR = "created_at"
-EXPIRES_AFTER_MIN_S = 3600
-EXPIRES_AFTER_MAX_S = 30 * 24 * 3600
-
 FILENAME_MAX_CHARS = 255  # File.filename's column
 EXTENSION_MAX_CHARS = 16  # kept whole when a long filename is shortened
 CHUNK_BYTES = 1024 * 1024  # reads and writes of the store, one at a time in memory
@@ -206,8 +201,8 @@ def file_upload(
     """A customer's upload (POST /v1/files): `chunks` (an uploaded file's `chunks()`) streamed
     into the store, at most MANTLE_FILE_MAX_BYTES, then its row created under the quota.
 
-    `expires_after_s` (from `expires_after`, checked by `expires_after_seconds`) sets
-    `expires_at` after creation; without it MANTLE_FILES_DEFAULT_RETENTION_DAYS does (0:
+    `expires_after_s` (OpenAI's `expires_after[seconds]`, bounded by gateway.protocol) sets
+    `expires_at` that long after creation; without it MANTLE_FILES_DEFAULT_RETENTION_DAYS does (0:
     kept until deleted). A `batch` file is only checked to look like JSONL (a `.jsonl` name,
     a first line that opens a JSON object); the Batch API validates its lines later."""
     if purpose not in UPLOAD_PURPOSES:
@@ -239,26 +234,6 @@ def file_upload(
         expires_at=expiry,
         max_bytes=settings.MANTLE_FILE_MAX_BYTES,
     )
-
-
-def expires_after_seconds(anchor: str | None, seconds: str | None) -> int | None:
-    """`expires_after[anchor]` and `expires_after[seconds]` as OpenAI takes them: both or
-    neither, the anchor `created_at`, 3600 to 2592000 seconds. None when neither is given."""
-    if anchor is None and seconds is None:
-        return None
-    if anchor != EXPIRES_AFTER_ANCHOR:
-        raise InvalidInput(
-            f"Invalid value for 'expires_after.anchor': must be '{EXPIRES_AFTER_ANCHOR}'.",
-            param="expires_after.anchor",
-        )
-    value = (seconds or "").strip()
-    if not value.isdigit() or not EXPIRES_AFTER_MIN_S <= int(value) <= EXPIRES_AFTER_MAX_S:
-        raise InvalidInput(
-            "Invalid value for 'expires_after.seconds': an integer from "
-            f"{EXPIRES_AFTER_MIN_S} to {EXPIRES_AFTER_MAX_S}.",
-            param="expires_after.seconds",
-        )
-    return int(value)
 
 
 def default_expiry(created_at: datetime) -> datetime | None:
@@ -397,10 +372,15 @@ def usage_of(organization_id: str) -> Usage:
     return Usage(files=counted["files"], bytes=counted["bytes"] or 0)
 
 
-def upload_allowance(organization_id: str) -> tuple[int, str]:
+def upload_allowance(organization_id: str) -> tuple[int, str] | None:
     """How many bytes one upload may hold now, and the setting that says so: the file limit,
-    or less when the organization's stored-bytes quota leaves less."""
-    left = settings.MANTLE_FILES_ORG_MAX_BYTES - usage_of(organization_id).bytes
+    or less when the organization's stored-bytes quota leaves less. None when the
+    organization holds as many files as it may (the upload will be refused whatever its
+    size)."""
+    usage = usage_of(organization_id)
+    if usage.files >= settings.MANTLE_FILES_ORG_MAX_COUNT:
+        return None
+    left = settings.MANTLE_FILES_ORG_MAX_BYTES - usage.bytes
     if left < settings.MANTLE_FILE_MAX_BYTES:
         return max(0, left), "MANTLE_FILES_ORG_MAX_BYTES"
     return settings.MANTLE_FILE_MAX_BYTES, "MANTLE_FILE_MAX_BYTES"

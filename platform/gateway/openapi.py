@@ -34,6 +34,9 @@ class Operation:
     stream_events: tuple[Any, ...] = ()
     path_parameter: str | None = None
     query_parameters: tuple[dict[str, Any], ...] = ()
+    body_media_type: str = "application/json"
+    # The reply is the bytes themselves (`reply` is then None).
+    binary_reply: bool = False
 
 
 # What gateway/urls.py routes, endpoint by endpoint.
@@ -124,6 +127,70 @@ OPERATIONS = (
             },
         ),
     ),
+    Operation(
+        "post",
+        "/v1/files",
+        "Uploads a file (purpose `batch` or `user_data`)",
+        protocol.FileObject,
+        body=protocol.FileCreateRequest,
+        body_media_type="multipart/form-data",
+    ),
+    Operation(
+        "get",
+        "/v1/files",
+        "The organization's files, newest first unless `order` is `asc`",
+        protocol.FileList,
+        query_parameters=(
+            {
+                "name": "purpose",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "maxLength": 64},
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": protocol.FILE_LIST_MAX_LIMIT,
+                    "default": protocol.FILE_LIST_MAX_LIMIT,
+                },
+            },
+            {
+                "name": "order",
+                "in": "query",
+                "required": False,
+                "schema": {"enum": ["asc", "desc"], "default": "desc"},
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "required": False,
+                "description": "a file id: the page starts after it",
+                "schema": {"type": "string"},
+            },
+        ),
+    ),
+    Operation(
+        "get", "/v1/files/{file_id}", "A file", protocol.FileObject, path_parameter="file_id"
+    ),
+    Operation(
+        "delete",
+        "/v1/files/{file_id}",
+        "Deletes a file",
+        protocol.FileDeleted,
+        path_parameter="file_id",
+    ),
+    Operation(
+        "get",
+        "/v1/files/{file_id}/content",
+        "A file's bytes",
+        None,
+        path_parameter="file_id",
+        binary_reply=True,
+    ),
 )
 
 
@@ -138,7 +205,8 @@ def document() -> dict[str, Any]:
         (_name(protocol.ErrorResponse), "serialization", TypeAdapter(protocol.ErrorResponse))
     ]
     for op in OPERATIONS:
-        inputs.append((_name(op.reply), "serialization", TypeAdapter(op.reply)))
+        if op.reply is not None:
+            inputs.append((_name(op.reply), "serialization", TypeAdapter(op.reply)))
         if op.body is not None:
             inputs.append((_name(op.body), "validation", TypeAdapter(op.body)))
         if op.stream_chunk is not None:
@@ -156,7 +224,11 @@ def document() -> dict[str, Any]:
     }
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
-        content: dict[str, Any] = {"application/json": {"schema": ref[_name(op.reply)]}}
+        content: dict[str, Any] = (
+            {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+            if op.binary_reply
+            else {"application/json": {"schema": ref[_name(op.reply)]}}
+        )
         description = op.summary
         if op.stream_chunk is not None:
             chunk = _name(op.stream_chunk)
@@ -195,7 +267,7 @@ def document() -> dict[str, Any]:
         if op.body is not None:
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": ref[_name(op.body)]}},
+                "content": {op.body_media_type: {"schema": ref[_name(op.body)]}},
             }
         paths.setdefault(op.path, {})[op.method] = operation
     return {

@@ -446,6 +446,64 @@ class ModelList(TypedDict):
     data: list[Model]
 
 
+# --- files (the Files API) ------------------------------------------------------------------
+
+FILE_EXPIRES_AFTER_MIN_S = 3600  # OpenAI's bounds for `expires_after[seconds]`
+FILE_EXPIRES_AFTER_MAX_S = 30 * 24 * 3600
+FILE_LIST_MAX_LIMIT = 10_000  # OpenAI's, and its default
+FilePurpose = Literal["batch", "user_data", "batch_output"]
+
+
+class FileExpiresAfter(_Request):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=FILE_EXPIRES_AFTER_MIN_S, le=FILE_EXPIRES_AFTER_MAX_S)
+
+
+class FileUploadFields(_Request):
+    """The form fields of POST /v1/files beside `file`. The body is multipart/form-data;
+    OpenAI's SDKs send `expires_after` as `expires_after[anchor]` and
+    `expires_after[seconds]`. `batch_output` files are the platform's to write."""
+
+    purpose: Literal["batch", "user_data"]
+    expires_after: FileExpiresAfter | None = None
+
+
+class FileCreateRequest(FileUploadFields):
+    """POST /v1/files's body as the OpenAPI document describes it: the fields and the file
+    (with a filename: it is shown back, never used as a path)."""
+
+    file: bytes
+
+
+@_closed
+class FileObject(TypedDict):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    expires_at: int | None
+    filename: str
+    purpose: FilePurpose
+    status: Literal["processed"]
+    status_details: None
+
+
+@_closed
+class FileList(TypedDict):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+@_closed
+class FileDeleted(TypedDict):
+    id: str
+    object: Literal["file"]
+    deleted: Literal[True]
+
+
 @_closed
 class ErrorObject(TypedDict):
     message: Annotated[str, Field(min_length=1)]

@@ -195,6 +195,7 @@ def test_the_file_count_quota_counts_every_purpose(settings: SettingsWrapper, st
         write(org, b"z")
     assert on_disk(store) == before
     assert File.objects.filter(organization=org).count() == 2
+    assert files.upload_allowance(org.id) is None
     upload(other, b"z")  # another organization's quota is its own
 
 
@@ -355,32 +356,6 @@ def test_an_upload_past_the_file_limit_is_cut_and_removed(
     assert raised.value.status == 413 and "MANTLE_FILE_MAX_BYTES" in raised.value.message
     assert on_disk(store) == [] and not File.objects.exists()
     assert upload(org, b"x" * 10).bytes == 10
-
-
-@pytest.mark.parametrize(
-    ("anchor", "seconds", "expected"),
-    [
-        (None, None, None),
-        ("created_at", "3600", 3600),
-        ("created_at", "2592000", 2592000),
-        ("created_at", "3599", "expires_after.seconds"),
-        ("created_at", "2592001", "expires_after.seconds"),
-        ("created_at", "-5", "expires_after.seconds"),
-        ("created_at", "1e4", "expires_after.seconds"),
-        ("created_at", None, "expires_after.seconds"),
-        (None, "3600", "expires_after.anchor"),
-        ("last_active_at", "3600", "expires_after.anchor"),
-    ],
-)
-def test_expires_after_takes_openais_bounds(
-    anchor: str | None, seconds: str | None, expected: int | str | None
-) -> None:
-    if isinstance(expected, str):
-        with pytest.raises(InvalidInput) as raised:
-            files.expires_after_seconds(anchor, seconds)
-        assert raised.value.param == expected
-    else:
-        assert files.expires_after_seconds(anchor, seconds) == expected
 
 
 @pytest.mark.django_db

@@ -11,7 +11,7 @@ from django.test import Client
 from gateway import protocol
 from gateway.openapi import document
 
-OPERATIONS = {
+OPERATIONS: dict[str, str | None] = {
     "GET /v1/models": "ModelList",
     "GET /v1/models/{model_id}": "Model",
     "POST /v1/chat/completions": "ChatCompletion",
@@ -21,6 +21,11 @@ OPERATIONS = {
     "GET /v1/responses/{response_id}": "Response",
     "DELETE /v1/responses/{response_id}": "ResponseDeleted",
     "GET /v1/responses/{response_id}/input_items": "ResponseItemList",
+    "POST /v1/files": "FileObject",
+    "GET /v1/files": "FileList",
+    "GET /v1/files/{file_id}": "FileObject",
+    "DELETE /v1/files/{file_id}": "FileDeleted",
+    "GET /v1/files/{file_id}/content": None,  # the bytes: application/octet-stream
 }
 # The Responses API streams typed events (no [DONE]): tests/gateway/test_responses_openapi.py.
 TYPED_STREAMS = {"POST /v1/responses"}
@@ -33,7 +38,9 @@ BODIES = {
     "POST /v1/completions": "CompletionRequest",
     "POST /v1/embeddings": "EmbeddingRequest",
     "POST /v1/responses": "ResponseCreateRequest",
+    "POST /v1/files": "FileCreateRequest",
 }
+MULTIPART = {"POST /v1/files"}
 
 
 def test_served_without_a_key_as_built() -> None:
@@ -64,14 +71,21 @@ def test_every_route_with_its_body_reply_and_errors() -> None:
     assert set(operations) == set(OPERATIONS)
     for label, operation in operations.items():
         ok = operation["responses"]["200"]["content"]
-        assert ok["application/json"]["schema"] == ref(OPERATIONS[label])
+        reply = OPERATIONS[label]
+        if reply is None:
+            assert ok == {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            }
+        else:
+            assert ok["application/json"]["schema"] == ref(reply)
         error = operation["responses"]["default"]["content"]["application/json"]["schema"]
         assert error == ref("ErrorResponse")
         assert operation["security"] == [{"bearer": []}]
         if label in BODIES:
             body = operation["requestBody"]
             assert body["required"] is True
-            assert body["content"]["application/json"]["schema"] == ref(BODIES[label])
+            media = "multipart/form-data" if label in MULTIPART else "application/json"
+            assert body["content"] == {media: {"schema": ref(BODIES[label])}}
         else:
             assert "requestBody" not in operation
         if label in TYPED_STREAMS:
