@@ -21,6 +21,7 @@ from workers.contract import (
     InferRequest,
     ModelRef,
     Runtime,
+    ServiceClass,
     UsageEvent,
     cancel_key,
     response_stream_key,
@@ -352,6 +353,7 @@ class WorkerRuntime:
             else 0,
             worker=self.settings.node,
             cached_input_tokens=min(result.cached_tokens, result.prompt_tokens) if ran else 0,
+            service_class=_service_class(request),
         )
         emitted = emit_usage_durably(self.redis, usage)
         return Outcome(status=result.finish_reason, usage_emitted=emitted, result=result)
@@ -442,6 +444,7 @@ class WorkerRuntime:
                 queue_ms=0,
                 compute_ms=0,
                 worker=owner_node,
+                service_class=_service_class(request),
             ),
         )
         return Outcome(status="duplicate", usage_emitted=emitted)
@@ -491,3 +494,9 @@ def _compute_ms(seconds: float) -> int:
     """Compute time as billed: whole milliseconds, rounded up, so a run that took any
     time at all is never billed as none (a small tensor model runs in well under 1 ms)."""
     return max(1, math.ceil(seconds * 1000))
+
+
+def _service_class(request: GenerateRequest | EmbedRequest | InferRequest) -> str:
+    """The request's class of work, which its usage event carries (batch lines are billed
+    at batch prices); tensor requests (/v2) are never batch lines."""
+    return getattr(request, "service_class", ServiceClass.ONLINE.value)

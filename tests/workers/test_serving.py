@@ -20,6 +20,7 @@ from workers.contract import (
     GenerateRequest,
     ModelRef,
     SamplingParams,
+    ServiceClass,
     UsageEvent,
     cancel_key,
     response_stream_key,
@@ -274,6 +275,25 @@ def test_redelivery_after_the_owner_died_closes_the_stream_once(
         4,
         "ghost",
     )
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["served", "owner-died"])
+def test_a_batch_lines_usage_event_carries_its_class(
+    runtime: WorkerRuntime, redis_client: Any, lost: bool
+) -> None:
+    """Billing rates batch lines at batch prices by the event's service_class."""
+    if lost:  # billed by the redelivery, for what the dead owner streamed
+        redis_client.set(task_claim_key("req-1"), "ghost")
+        redis_client.xadd(response_stream_key("req-1"), {"type": "started", "worker": "ghost"})
+    batch_line = dataclasses.replace(gen(), service_class=ServiceClass.BATCH.value)
+
+    runtime.serve_generate(batch_line)
+    runtime.serve_generate(gen("req-2"))  # an online request beside it
+
+    assert [(u.request_id, u.service_class) for u in usages(redis_client)] == [
+        ("req-1", "batch"),
+        ("req-2", "online"),
+    ]
 
 
 def test_redelivery_after_the_owner_died_before_writing_runs_it_here(
