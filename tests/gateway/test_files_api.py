@@ -173,6 +173,7 @@ def test_a_key_is_needed() -> None:
         ("order=newest", "order"),
         ("after=file-unknown", "after"),
         ("after=" + "a" * 200, "after"),
+        ("purpose=" + "p" * 65, "purpose"),
     ],
 )
 def test_list_queries_are_checked(client: Client, query: str, param: str) -> None:

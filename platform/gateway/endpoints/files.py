@@ -227,7 +227,9 @@ def _list_query(request: HttpRequest) -> tuple[int, str, str | None, str | None]
         raise invalid(f"No such File object: {after[:100]}", "after")
     purpose = request.GET.get("purpose")
     if purpose is not None and len(purpose) > PURPOSE_MAX_LENGTH:
-        raise invalid(f"Invalid value for 'purpose': at most {PURPOSE_MAX_LENGTH} characters.")
+        raise invalid(
+            f"Invalid value for 'purpose': at most {PURPOSE_MAX_LENGTH} characters.", "purpose"
+        )
     return limit, order, after, purpose
 
 
