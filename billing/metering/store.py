@@ -239,7 +239,8 @@ _PORTABLE_ROLLUP = (
     f"{', '.join(_ROLLUP_SUMS)}, updated_at) "
     f"VALUES ({', '.join(['%s'] * (7 + len(_ROLLUP_SUMS)))}) "
     f"ON CONFLICT ({_DIMS}, hour) DO UPDATE SET "
-    + "".join(f"{name} = {name} + excluded.{name}, " for name in _ROLLUP_SUMS)
+    # Qualified (SQLite takes either; PostgreSQL, where tests run this path, needs it).
+    + "".join(f"{name} = billing_usagerollup.{name} + excluded.{name}, " for name in _ROLLUP_SUMS)
     + "updated_at = excluded.updated_at"
 )
 
