@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from gateway.endpoints import chat, completions, embeddings, files, models, responses
+from gateway.endpoints import batches, chat, completions, embeddings, files, models, responses
 from gateway.openapi import openapi_document
 from gateway.replies import no_route
 
@@ -26,6 +26,9 @@ urlpatterns = [
     path("files", files.files_root, name="v1-files"),
     re_path(r"^files/(?P<file_id>[^/]+)/content$", files.file_content, name="v1-file-content"),
     re_path(r"^files/(?P<file_id>[^/]+)$", files.file_detail, name="v1-file"),
+    path("batches", batches.batches, name="v1-batches"),
+    re_path(r"^batches/(?P<batch_id>[^/]+)/cancel$", batches.cancel, name="v1-batch-cancel"),
+    re_path(r"^batches/(?P<batch_id>[^/]+)$", batches.batch, name="v1-batch"),
     # Last: whatever the others do not match (Django cannot reverse an inline `(?s)`).
     re_path(r"^[\s\S]*$", no_route, name="v1-no-route"),
 ]
