@@ -74,6 +74,10 @@ class NodeStats:
     free_slots: int
     total_slots: int
     tokens_per_s: float
+    # Batch lines running here, and the batch lines this node accepts now in total
+    # (WorkerRuntime.batch_capacity): the batch runners' pace.
+    batch_in_flight: int = 0
+    batch_capacity: int = 0
 
 
 class Heartbeat:
@@ -138,6 +142,8 @@ class Heartbeat:
             tokens_per_s=round(stats.tokens_per_s, 2),
             sent_at=now,
             queues=self._queues,
+            batch_in_flight=stats.batch_in_flight,
+            batch_capacity=stats.batch_capacity,
         )
         live = pool_live_key(self.pool)
         pipe = self._redis.pipeline(transaction=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from workers.contract import (
+    BATCH_STREAM_DONE_TTL_S,
     EVENT_DELTA,
     EVENT_DONE,
     EVENT_ERROR,
@@ -30,9 +31,10 @@ from workers.contract import (
     worker_info_key,
 )
 from workers.engine.base import EventSink, RequestHandle, RequestResult
+from workers.engine.priority import OnlineActivity, batch_row_limit, is_batch
 from workers.heartbeat import NodeStats
 from workers.settings import WorkerSettings
-from workers.streams import ResponseWriter, emit_usage_durably
+from workers.streams import ResponseWriter, emit_usage_durably, waive_usage
 
 if TYPE_CHECKING:
     import redis
@@ -59,6 +61,11 @@ return 1
 
 WAIT_GRACE_S = 30.0
 """How long past a request's deadline a task still waits for its engine before giving up."""
+
+ONLINE_THREAD_SHARE = 0.25
+"""The share of the node's task threads (Celery's -c) batch lines never take: a message is
+held by its thread while it waits in an engine, so lines could otherwise leave online
+requests sitting unseen in the broker."""
 
 
 class _Engine(Protocol):
@@ -103,6 +110,8 @@ class WorkerRuntime:
         self._engines: dict[str, _Engine] = {}
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._batch_in_flight = 0  # of _in_flight, batch lines
+        self._online = OnlineActivity()
         # Per model version: requests using its engine now, and when one last began.
         self._users: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
@@ -158,7 +167,7 @@ class WorkerRuntime:
             model, max_batch=s.embed_max_batch, max_wait_ms=s.embed_max_wait_ms
         ).start()
 
-    def _acquire(self, ref: ModelRef) -> _Engine:
+    def _acquire(self, ref: ModelRef, *, batch: bool = False) -> _Engine:
         """The engine for `ref`, counted as in use until `_release`: never evicted meanwhile.
 
         This is what keeps an old version serving its requests after a rolling
@@ -172,12 +181,39 @@ class WorkerRuntime:
                 self._users[ref.version_id] = self._users.get(ref.version_id, 0) + 1
                 self._last_used[ref.version_id] = time.monotonic()
                 self._in_flight += 1
+                if batch:
+                    self._batch_in_flight += 1
+                else:
+                    self._online.touch()
                 return engine
 
-    def _release(self, ref: ModelRef) -> None:
+    def _release(self, ref: ModelRef, *, batch: bool = False) -> None:
         with self._lock:
             self._users[ref.version_id] -= 1
             self._in_flight -= 1
+            if batch:
+                self._batch_in_flight -= 1
+            else:
+                self._online.touch()
+
+    def batch_capacity(self) -> int:
+        """The batch lines this node accepts now, in total (running ones included): a batch
+        runner keeps at most the sum over a pool's live nodes in flight, and sends none
+        while that sum is at or below what it has in flight (nothing is cut short).
+
+        The smaller of two rooms. The engine's: MANTLE_MAX_BATCH with no online request
+        here now or in the last ONLINE_LINGER_S, else what the engine would admit beside
+        them (`priority.batch_row_limit`: a quarter of the batch at most, and none of the
+        rows online requests hold). The threads': the task threads (-c) less the online
+        requests running and a reserve of ONLINE_THREAD_SHARE kept for online messages.
+        """
+        with self._lock:
+            online = self._in_flight - self._batch_in_flight
+        present = online > 0 or self._online.recent()
+        engine_room = batch_row_limit(self.settings.max_batch, online, present)
+        reserve = max(1, int(self.total_slots * ONLINE_THREAD_SHARE))
+        thread_room = self.total_slots - reserve - online
+        return max(0, min(engine_room, thread_room))
 
     def evict_idle_engines(self, now: float | None = None) -> list[str]:
         """Stops the engines of versions nothing has used for `engine_idle_s` (0: never).
@@ -240,6 +276,8 @@ class WorkerRuntime:
             free_slots=max(0, self.total_slots - self._in_flight),
             total_slots=self.total_slots,
             tokens_per_s=sum(e.tokens_per_s() for e in engines),
+            batch_in_flight=self._batch_in_flight,
+            batch_capacity=self.batch_capacity(),
         )
 
     # --- requests ---------------------------------------------------------------
@@ -285,6 +323,25 @@ class WorkerRuntime:
         prompt_tokens: int,
         runtimes: tuple[Runtime, ...],
     ) -> Outcome:
+        if not is_batch(_service_class(request)):
+            return self._serve_once(request, identity, prompt_tokens, runtimes, batch=False)
+        # A batch line's stream outlives its final event long enough for a batch runner
+        # that died meanwhile to read the answer again under the same request id.
+        self.writer.keep_after_final(request.request_id, BATCH_STREAM_DONE_TTL_S)
+        try:
+            return self._serve_once(request, identity, prompt_tokens, runtimes, batch=True)
+        finally:
+            self.writer.forget(request.request_id)
+
+    def _serve_once(
+        self,
+        request: GenerateRequest | EmbedRequest | InferRequest,
+        identity: BillingIdentity,
+        prompt_tokens: int,
+        runtimes: tuple[Runtime, ...],
+        *,
+        batch: bool,
+    ) -> Outcome:
         rid = request.request_id
         started_at = time.time()
         self._crash("before_claim")
@@ -292,7 +349,7 @@ class WorkerRuntime:
         if claimed:
             self._crash("after_claim")
         else:
-            duplicate = self._redelivered(request, identity, prompt_tokens)
+            duplicate = self._redelivered(request, identity, prompt_tokens, batch=batch)
             if duplicate is not None:
                 return duplicate
             cancelled = bool(self.redis.exists(cancel_key(rid)))
@@ -312,7 +369,7 @@ class WorkerRuntime:
                 raise RequestRejected(
                     "invalid_request", f"model runtime {request.model.runtime!r} cannot serve this"
                 )
-            engine = self._acquire(request.model)
+            engine = self._acquire(request.model, batch=batch)
         except RequestRejected as exc:
             self._answer_error(rid, exc.code, exc.message)
             return Outcome(status="rejected")
@@ -323,7 +380,7 @@ class WorkerRuntime:
         try:
             result = self._run_on(engine, request)
         finally:
-            self._release(request.model)
+            self._release(request.model, batch=batch)
         # Counts are what was actually computed: a request dropped while it
         # waited for a batch slot (or whose prompt failed) processed no input.
         ran = result.ran
@@ -389,15 +446,21 @@ class WorkerRuntime:
         request: GenerateRequest | EmbedRequest | InferRequest,
         identity: BillingIdentity,
         prompt_tokens: int,
+        *,
+        batch: bool = False,
     ) -> Outcome | None:
         """A second delivery of a claimed request: never run it twice.
 
         If the node that claimed it is gone and the client never got a final
         event, that node died mid-request: close the stream with an error and
         account for what it had streamed (the usage guard keeps this to one
-        event even if the dead node had written its own). If it died before it
-        wrote anything, nothing reached the client and nothing was billed: this
-        node takes the claim over and runs it (returns None).
+        event even if the dead node had written its own). A batch line's
+        partial output reaches no customer (its runner runs the line again
+        under a new request id), so that attempt is not billed: its usage guard
+        is set without an event, and nothing can bill it afterwards. If the
+        node died before it wrote anything, nothing reached the client and
+        nothing was billed: this node takes the claim over and runs it
+        (returns None).
         """
         rid = request.request_id
         owner_node = _text(self.redis.get(task_claim_key(rid)))
@@ -424,6 +487,12 @@ class WorkerRuntime:
             return Outcome(status="duplicate")
         streamed = sum(int(e.get("tokens") or 0) for e in events if e.get("type") == EVENT_DELTA)
         logger.warning("request %s: worker %s died while running it", rid, owner_node)
+        if batch:
+            # The guard before the answer: once the stream has its final event, a later
+            # copy takes the request as finished and would never set it.
+            waive_usage(self.redis, rid)
+            self._answer_error(rid, "worker_lost", "the worker running this request stopped")
+            return Outcome(status="duplicate")
         self._answer_error(rid, "worker_lost", "the worker running this request stopped")
         now = time.time()
         emitted = emit_usage_durably(

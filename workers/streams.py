@@ -69,6 +69,22 @@ class ResponseWriter:
         self._flush_lock = threading.Lock()
         # When each open stream's expiry was last pushed back (monotonic time).
         self._expiry_set: dict[str, float] = {}
+        # Streams that live longer than RESPONSE_STREAM_DONE_TTL_S after their final event.
+        self._done_ttl: dict[str, int] = {}
+
+    def keep_after_final(self, request_id: str, ttl_s: int) -> None:
+        """Let the stream of `request_id` live `ttl_s` after its final event, not the usual
+        RESPONSE_STREAM_DONE_TTL_S: a batch line's, so that a batch runner that died after
+        the worker finished reads the answer again (contract.BATCH_STREAM_DONE_TTL_S).
+        Called before the request's first event; used up by the final event, and `forget`
+        drops it when no final event came from here."""
+        with self._buffer_lock:
+            self._done_ttl[response_stream_key(request_id)] = ttl_s
+
+    def forget(self, request_id: str) -> None:
+        """Drop what `keep_after_final` recorded, if the final event has not used it."""
+        with self._buffer_lock:
+            self._done_ttl.pop(response_stream_key(request_id), None)
 
     def started(self, request_id: str, *, worker: str, pool: str) -> None:
         self._add(request_id, {"type": EVENT_STARTED, "worker": worker, "pool": pool})
@@ -182,6 +198,12 @@ class ResponseWriter:
                 key = response_stream_key(request_id)
                 pipe.xadd(key, fields)  # type: ignore[arg-type]
                 touched[key] = touched.get(key, False) or fields["type"] in _FINAL_EVENTS
+            done_ttl: dict[str, int] = {}
+            if self._done_ttl:
+                with self._buffer_lock:
+                    for key, final in touched.items():
+                        if final and key in self._done_ttl:
+                            done_ttl[key] = self._done_ttl.pop(key)
             for key, final in touched.items():
                 # Pushing the expiry back on every token would double the
                 # commands per step; a tenth of the TTL is often enough to
@@ -189,7 +211,7 @@ class ResponseWriter:
                 # gateway has read the stream by then and does not delete it.
                 last = self._expiry_set.get(key)
                 if final:
-                    pipe.expire(key, RESPONSE_STREAM_DONE_TTL_S)
+                    pipe.expire(key, done_ttl.get(key, RESPONSE_STREAM_DONE_TTL_S))
                     self._expiry_set.pop(key, None)
                 elif last is None or now - last > self._ttl_s / 10:
                     pipe.expire(key, self._ttl_s)
@@ -205,6 +227,20 @@ class ResponseWriter:
 def _compact_json(value: Any) -> str:
     # Log probabilities are finite by construction (sampling.LOGPROB_FLOOR): no NaN here.
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def waive_usage(client: redis.Redis, request_id: str) -> bool:
+    """Settle a request's usage with no event: set its guard, so that nothing bills it
+    afterwards (a copy still running on a node thought dead included). Returns whether
+    this call set it (False: an event, or another waiver, was there first).
+
+    For a batch line whose attempt was lost mid-way: its partial output never reaches the
+    customer, and the batch runner runs the line again under a new request id.
+    """
+    waived = bool(client.set(usage_emitted_key(request_id), "1", nx=True, ex=USAGE_GUARD_TTL_S))
+    if waived:
+        logger.info("usage of %s waived (a lost batch attempt)", request_id)
+    return waived
 
 
 def emit_usage(client: redis.Redis, event: UsageEvent) -> bool:

@@ -42,6 +42,8 @@ def stats() -> NodeStats:
         free_slots=7,
         total_slots=8,
         tokens_per_s=123.456,
+        batch_in_flight=3,
+        batch_capacity=5,
     )
 
 
@@ -69,6 +71,7 @@ def test_heartbeat_lists_then_unlists_the_node(redis_client: Any) -> None:
         assert (info["free_slots"], info["total_slots"]) == (7, 8)
         assert info["tokens_per_s"] == 123.46
         assert info["queues"] == ["inference.testpool"]
+        assert (info["batch_in_flight"], info["batch_capacity"]) == (3, 5)
         assert 0 < redis_client.pttl(worker_info_key("node-a")) <= 1000
     finally:
         beat.stop()

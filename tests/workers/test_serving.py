@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.workers.fakes_support import FakeCausalLM, decode, reference, spec
+from tests.workers.fakes_support import FakeCausalLM, FakeEncoder, decode, reference, spec
 from workers.contract import (
+    BATCH_STREAM_DONE_TTL_S,
+    RESPONSE_STREAM_DONE_TTL_S,
     USAGE_STREAM,
     BillingIdentity,
     EmbedRequest,
@@ -25,15 +27,19 @@ from workers.contract import (
     cancel_key,
     response_stream_key,
     task_claim_key,
+    usage_emitted_key,
     worker_info_key,
 )
 from workers.engine.causal_lm import CausalLMEngine
+from workers.engine.encoder import EncoderEngine
 from workers.serving import WorkerRuntime
 from workers.settings import WorkerSettings
+from workers.streams import emit_usage
 
 IDENTITY = BillingIdentity("org-1", "proj-1", "key-1", "ep-1", "mv-1", "echo-model")
 ECHO = ModelRef("echo-1", "echo", "e" * 64, "")
 FAKE_LM = ModelRef("fake-lm", "onnx-causal-lm", "f" * 64, "/nonexistent")
+FAKE_ENCODER = ModelRef("fake-enc", "onnx-encoder", "c" * 64, "/nonexistent")
 
 
 def settings(**overrides: Any) -> WorkerSettings:
@@ -76,6 +82,17 @@ def gen(
         sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
         deadline=time.time() + 30 if deadline is None else deadline,
         enqueued_at=time.time() - 0.01,
+    )
+
+
+def embed(rid: str, *, service_class: str = ServiceClass.ONLINE.value) -> EmbedRequest:
+    return EmbedRequest(
+        rid,
+        FAKE_ENCODER,
+        IDENTITY,
+        ((1, 2, 3),),
+        deadline=time.time() + 30,
+        service_class=service_class,
     )
 
 
@@ -277,23 +294,80 @@ def test_redelivery_after_the_owner_died_closes_the_stream_once(
     )
 
 
-@pytest.mark.parametrize("lost", [False, True], ids=["served", "owner-died"])
 def test_a_batch_lines_usage_event_carries_its_class(
-    runtime: WorkerRuntime, redis_client: Any, lost: bool
+    runtime: WorkerRuntime, redis_client: Any
 ) -> None:
     """Billing rates batch lines at batch prices by the event's service_class."""
-    if lost:  # billed by the redelivery, for what the dead owner streamed
-        redis_client.set(task_claim_key("req-1"), "ghost")
-        redis_client.xadd(response_stream_key("req-1"), {"type": "started", "worker": "ghost"})
+    runtime._engines[FAKE_ENCODER.version_id] = EncoderEngine(
+        FakeEncoder(), dimensions=4, max_input_tokens=16, max_wait_ms=1.0
+    ).start()
     batch_line = dataclasses.replace(gen(), service_class=ServiceClass.BATCH.value)
+    batch_embed = embed("emb-1", service_class=ServiceClass.BATCH.value)
 
     runtime.serve_generate(batch_line)
     runtime.serve_generate(gen("req-2"))  # an online request beside it
+    runtime.serve_embed(batch_embed)
+    runtime.serve_embed(embed("emb-2"))
 
     assert [(u.request_id, u.service_class) for u in usages(redis_client)] == [
         ("req-1", "batch"),
         ("req-2", "online"),
+        ("emb-1", "batch"),
+        ("emb-2", "online"),
     ]
+
+
+def test_a_lost_batch_attempt_is_not_billed_on_redelivery(
+    runtime: WorkerRuntime, redis_client: Any
+) -> None:
+    # Given a batch line claimed by a node that has no heartbeat any more, which
+    # streamed 4 tokens and then vanished
+    redis_client.set(task_claim_key("req-1"), "ghost")
+    redis_client.xadd(
+        response_stream_key("req-1"), {"type": "started", "worker": "ghost", "pool": "p"}
+    )
+    redis_client.xadd(response_stream_key("req-1"), {"type": "delta", "text": "ab", "tokens": "4"})
+    line = dataclasses.replace(gen(), service_class=ServiceClass.BATCH.value)
+    # When the broker redelivers it (twice)
+    first = runtime.serve_generate(line)
+    second = runtime.serve_generate(line)
+    # Then the runner reads one worker_lost error, and nothing is billed: the partial
+    # output reached no customer (the runner runs the line again under a new id)
+    assert (first.status, first.usage_emitted) == ("duplicate", False)
+    assert (second.status, second.usage_emitted) == ("duplicate", False)
+    stream = events(redis_client, "req-1")
+    assert [e["type"] for e in stream] == ["started", "delta", "error"]
+    assert stream[-1]["code"] == "worker_lost"
+    assert usages(redis_client) == []
+    # and nothing can bill it later: the guard is set (the "dead" node finishing after all)
+    assert redis_client.exists(usage_emitted_key("req-1"))
+    late = UsageEvent.from_fields(
+        {"request_id": "req-1", "organization_id": "org-1", "model_name": "m", "input_tokens": "4"}
+    )
+    assert not emit_usage(redis_client, late)
+    assert usages(redis_client) == []
+    # The stream is kept for the batch runner as long as a finished line's
+    assert redis_client.ttl(response_stream_key("req-1")) > RESPONSE_STREAM_DONE_TTL_S
+
+
+@pytest.mark.parametrize(
+    ("service_class", "low", "high"),
+    [
+        ("online", 1, RESPONSE_STREAM_DONE_TTL_S),
+        ("batch", BATCH_STREAM_DONE_TTL_S - 60, BATCH_STREAM_DONE_TTL_S),
+    ],
+)
+def test_a_batch_lines_stream_outlives_its_final_event(
+    runtime: WorkerRuntime, redis_client: Any, service_class: str, low: int, high: int
+) -> None:
+    request = dataclasses.replace(gen(), service_class=service_class)
+    assert runtime.serve_generate(request).status == "length"
+    assert events(redis_client, "req-1")[-1]["type"] == "done"
+    assert low <= redis_client.ttl(response_stream_key("req-1")) <= high
+    # The next request of the process gets the usual expiry again (nothing left behind).
+    runtime.serve_generate(gen("req-2"))
+    assert redis_client.ttl(response_stream_key("req-2")) <= RESPONSE_STREAM_DONE_TTL_S
+    assert runtime.writer._done_ttl == {}
 
 
 def test_redelivery_after_the_owner_died_before_writing_runs_it_here(
@@ -362,6 +436,49 @@ def test_stats_count_tasks_in_flight(runtime: WorkerRuntime) -> None:
     assert (stats.free_slots, stats.total_slots) == (8, 8)
     assert stats.models_loaded == ("echo-1",)
     assert "CPUExecutionProvider" in stats.providers
+
+
+def test_batch_capacity_is_the_engines_room_and_leaves_threads_to_online(
+    redis_client: Any,
+) -> None:
+    # -c 64 and MANTLE_MAX_BATCH 32 (the Procfile's): with no online traffic, a full batch,
+    # and a quarter of the threads kept for online messages either way.
+    big = WorkerRuntime(settings(concurrency=64, max_batch=32), redis_client)
+    assert (big.stats().batch_capacity, big.stats().batch_in_flight) == (32, 0)
+    small = WorkerRuntime(settings(concurrency=8, max_batch=8), redis_client)
+    assert small.stats().batch_capacity == 8 - 2  # the threads' room: 8 less 2 kept
+
+
+@pytest.mark.parametrize("service_class", ["online", "batch"])
+def test_the_heartbeat_counts_batch_lines_and_shrinks_their_room_beside_online(
+    runtime: WorkerRuntime, redis_client: Any, service_class: str
+) -> None:
+    # Given a request of `service_class` held inside the engine
+    model = HeldLM()
+    runtime._engines[FAKE_LM.version_id] = CausalLMEngine(
+        model, spec(), decode, redis_client=redis_client
+    ).start()
+    request = dataclasses.replace(gen(model=FAKE_LM, max_tokens=5), service_class=service_class)
+    thread = threading.Thread(target=runtime.serve_generate, args=(request,))
+    thread.start()
+    try:
+        assert model.entered.wait(10), "the request never reached the model"
+        stats = runtime.stats()
+    finally:
+        model.release.set()
+    thread.join(10)
+    if service_class == "batch":
+        # A running line counts in the lines the node accepts (6 with nothing online).
+        assert (stats.batch_in_flight, stats.batch_capacity) == (1, 6)
+        assert runtime.stats().batch_capacity == 6
+    else:
+        # Beside an online request: a quarter of max_batch 8
+        assert (stats.batch_in_flight, stats.batch_capacity) == (0, 2)
+        # and still for ONLINE_LINGER_S after it left, then the whole room again.
+        assert runtime.stats().batch_capacity == 2
+        runtime._online.linger_s = 0.0
+        assert runtime.stats().batch_capacity == 6
+    assert runtime.stats().batch_in_flight == 0
 
 
 def test_n_choices_stream_through_the_writer_and_bill_every_choice_once(

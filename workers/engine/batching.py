@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 
 from workers.contract import FinishReason
 from workers.engine.base import EventSink, RateMeter, RequestHandle, RequestResult
+from workers.engine.priority import is_batch
 
 logger = logging.getLogger(__name__)
 
@@ -18,15 +19,17 @@ class Pending:
     """One submitted request waiting in (or running on) a batching engine.
 
     `size` is what it weighs against the batch limit: inputs for an encoder,
-    rows of the batch dimension for a tensor model.
+    rows of the batch dimension for a tensor model. `batch`: a batch line (tensor
+    requests have no class and are online).
     """
 
-    __slots__ = ("arrived", "handle", "request", "sink", "size")
+    __slots__ = ("arrived", "batch", "handle", "request", "sink", "size")
 
     def __init__(self, request: Any, sink: EventSink, size: int) -> None:
         self.request = request
         self.sink = sink
         self.size = size
+        self.batch = is_batch(getattr(request, "service_class", ""))
         self.handle = RequestHandle(request.request_id)
         self.arrived = time.monotonic()
 
@@ -43,6 +46,11 @@ class DynamicBatcher(Generic[_P]):
     is taken even when it alone weighs more than a batch. Subclasses say how a
     batch runs (`_run`) and what a request's result is (`_result`); exactly one
     party finishes each request (`RequestHandle.claim`).
+
+    Online requests go into a batch before batch lines, whatever their arrival
+    order; batch lines fill what room is left. A run is never interrupted, so an
+    online request that arrives during one waits for it (a batch line with many
+    inputs runs as several session calls in one run).
     """
 
     def __init__(self, *, name: str, max_batch: int, max_wait_ms: float) -> None:
@@ -50,7 +58,9 @@ class DynamicBatcher(Generic[_P]):
         self.max_batch = max(1, max_batch)
         self._max_wait_s = max_wait_ms / 1000.0
         self._cond = threading.Condition()
+        # Waiting requests by class, each in arrival order: online ones go first.
         self._queue: deque[_P] = deque()
+        self._batch_queue: deque[_P] = deque()
         self._queued = 0
         self._stopping = False
         self.runs = 0  # session runs so far (tests reason about batching with it)
@@ -83,7 +93,7 @@ class DynamicBatcher(Generic[_P]):
         with self._cond:
             if self._stopping:
                 raise RuntimeError(f"engine {self.name} is stopped")
-            self._queue.append(pending)
+            (self._batch_queue if pending.batch else self._queue).append(pending)
             self._queued += pending.size
             self._cond.notify()
         return pending.handle
@@ -153,17 +163,19 @@ class DynamicBatcher(Generic[_P]):
                 logger.exception("engine %s: batch failed", self.name)
                 self._fail(batch, "internal_error", "the model failed on the input")
         with self._cond:
-            left = list(self._queue)
+            left = [*self._queue, *self._batch_queue]
             self._queue.clear()
+            self._batch_queue.clear()
         self._fail(left, "worker_shutdown", "the worker is shutting down")
 
     def _collect(self) -> list[_P] | None:
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._queue and not self._batch_queue and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
-            close_at = self._queue[0].arrived + self._max_wait_s
+            oldest = min(q[0].arrived for q in (self._queue, self._batch_queue) if q)
+            close_at = oldest + self._max_wait_s
             while self._queued < self.max_batch and not self._stopping:
                 remaining = close_at - time.monotonic()
                 if remaining <= 0:
@@ -171,9 +183,10 @@ class DynamicBatcher(Generic[_P]):
                 self._cond.wait(remaining)
             batch: list[_P] = []
             weight = 0
-            while self._queue and (not batch or weight + self._queue[0].size <= self.max_batch):
-                pending = self._queue.popleft()
-                batch.append(pending)
-                weight += pending.size
+            for queue in (self._queue, self._batch_queue):
+                while queue and (not batch or weight + queue[0].size <= self.max_batch):
+                    pending = queue.popleft()
+                    batch.append(pending)
+                    weight += pending.size
             self._queued -= weight
             return batch

@@ -31,6 +31,13 @@ from workers.contract import (
 from workers.engine.base import EventSink, RateMeter, RequestHandle, RequestResult
 from workers.engine.constrain import Constrainer, apply_mask
 from workers.engine.prefix_cache import PrefixCache, shared_cache
+from workers.engine.priority import (
+    ONLINE_LINGER_S,
+    OnlineActivity,
+    batch_row_limit,
+    is_batch,
+    online_burst,
+)
 from workers.engine.sampling import bias_logits, logprobs_of, penalize, sample_token
 from workers.engine.text import IncrementalDetokenizer, StopFilter
 from workers.grammar import Compiled, GrammarError
@@ -99,6 +106,7 @@ class _Request:
     __slots__ = (
         "admitted_at",
         "admitted_step",
+        "batch",
         "cached_tokens",
         "choices",
         "first_token_at",
@@ -119,6 +127,7 @@ class _Request:
         self.handle = RequestHandle(request.request_id)
         self.prompt_len = len(request.prompt_token_ids)
         self.n = max(1, request.sampling.n)
+        self.batch = is_batch(request.service_class)  # a batch line: online requests go first
         # Scoring the prompt (teacher forcing): only its first token is prefilled, the
         # others are fed as forced decode steps, each one's logprob read on the way.
         scored = request.sampling.prompt_logprobs >= 0
@@ -245,6 +254,14 @@ class CausalLMEngine:
     own from then on. It takes n rows of `max_batch`, and is admitted only when
     n rows are free. With n == 1 a request's events are exactly those of a
     request that knows nothing of choices (no index, no choice_done).
+
+    Batch lines (`service_class` "batch") run on what online requests leave
+    (workers/engine/priority.py): waiting online requests are admitted first
+    and their prompts computed first; an online request never waits for batch
+    rows to end (it may go over `max_batch` by a burst allowance) and beside
+    only batch rows its prompt is computed at once, whole, and its first token
+    published before the batch's next step; while online traffic is present,
+    batch rows are held to a share of the batch.
     """
 
     def __init__(
@@ -260,6 +277,7 @@ class CausalLMEngine:
         cancel_check_interval_s: float = CANCEL_CHECK_INTERVAL_S,
         grammar_compiler: Callable[[], Compiled] | None = None,
         prefix_cache: PrefixCache | None = None,
+        online_linger_s: float = ONLINE_LINGER_S,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -281,8 +299,11 @@ class CausalLMEngine:
             f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")
         ]
         self._cond = threading.Condition()
+        # Waiting requests by class, each in arrival order: online ones are admitted first.
         self._waiting: deque[_Request] = deque()
+        self._waiting_batch: deque[_Request] = deque()
         self._waiting_rows = 0  # rows the waiting requests will take (their n)
+        self._online = OnlineActivity(online_linger_s)
         self._stopping = False
         # Batch state, owned by the engine thread. Row r of every array is _running[r].
         self._running: list[_Seq] = []
@@ -388,7 +409,7 @@ class CausalLMEngine:
         with self._cond:
             if self._stopping:
                 raise RuntimeError(f"engine {self.name} is stopped")
-            self._waiting.append(req)
+            (self._waiting_batch if req.batch else self._waiting).append(req)
             self._waiting_rows += req.n
             self._cond.notify()
         return req.handle
@@ -409,7 +430,13 @@ class CausalLMEngine:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._waiting_batch)
+
+    def rows_by_class(self) -> tuple[int, int]:
+        """(online, batch) rows running or having their prompt computed (a snapshot)."""
+        seqs = [s.req for s in list(self._running)] + [p.req for p in list(self._prefilling)]
+        batch = sum(1 for req in seqs if req.batch)
+        return len(seqs) - batch, batch
 
     @property
     def free_slots(self) -> int:
@@ -456,6 +483,7 @@ class CausalLMEngine:
                 while (
                     not self._stopping
                     and not self._waiting
+                    and not self._waiting_batch
                     and not self._running
                     and not self._prefilling
                 ):
@@ -493,7 +521,7 @@ class CausalLMEngine:
     def _sweep(self, now: float) -> None:
         """Drop cancelled, expired and abandoned requests, running or waiting."""
         with self._cond:
-            waiting = list(self._waiting)
+            waiting = [*self._waiting, *self._waiting_batch]
         running = list({id(s.req): s.req for s in self._running}.values())
         reqs = running + [p.req for p in self._prefilling] + waiting
         if not reqs:
@@ -517,7 +545,8 @@ class CausalLMEngine:
             return
         with self._cond:
             self._waiting = deque(r for r in self._waiting if not r.handle.claimed)
-            self._waiting_rows = sum(r.n for r in self._waiting)
+            self._waiting_batch = deque(r for r in self._waiting_batch if not r.handle.claimed)
+            self._waiting_rows = sum(r.n for r in (*self._waiting, *self._waiting_batch))
         gone = [p for p in self._prefilling if p.req.handle.claimed]
         if gone:
             self._drop_prefilling(gone)
@@ -527,15 +556,39 @@ class CausalLMEngine:
 
     def _admit(self) -> None:
         """Move waiting requests into prefill while the batch has rows for them; a prompt
-        whose first blocks are in the prefix cache starts from them."""
+        whose first blocks are in the prefix cache starts from them.
+
+        Online requests first, in arrival order: they count against `max_batch` among
+        themselves, and beyond it batch rows may only push the batch `online_burst` rows
+        over. Batch lines next, only while no online request waits, within `max_batch`
+        and `batch_row_limit` (priority.py)."""
+        online_rows, batch_rows = self.rows_by_class()
+        total = online_rows + batch_rows
+        admitted: list[_Request] = []
         with self._cond:
-            capacity = self.max_batch - len(self._running) - self._prefilling_rows
-            admitted: list[_Request] = []
-            while self._waiting and self._waiting[0].n <= capacity:
+            ceiling = self.max_batch + online_burst(self.max_batch)
+            while self._waiting:
+                n = self._waiting[0].n
+                if online_rows + n > self.max_batch or total + n > ceiling:
+                    break
                 req = self._waiting.popleft()
-                self._waiting_rows -= req.n
-                capacity -= req.n
+                self._waiting_rows -= n
+                online_rows += n
+                total += n
                 admitted.append(req)
+            if online_rows or self._waiting:
+                self._online.touch()
+            if not self._waiting:
+                limit = batch_row_limit(self.max_batch, online_rows, self._online.recent())
+                while self._waiting_batch:
+                    n = self._waiting_batch[0].n
+                    if total + n > self.max_batch or batch_rows + n > limit:
+                        break
+                    req = self._waiting_batch.popleft()
+                    self._waiting_rows -= n
+                    batch_rows += n
+                    total += n
+                    admitted.append(req)
         for req in admitted:
             past: list[np.ndarray] | None = None
             if self._cache is not None:
@@ -552,11 +605,19 @@ class CausalLMEngine:
         # Per model version and organization: tenants never share blocks (module docs).
         return f"{self.name}\x00{req.request.identity.organization_id}"
 
+    def _online_first(self) -> bool:
+        """Whether an online prompt waits to be computed beside only batch rows: then it
+        need not spare their pace (their time between tokens reaches no one)."""
+        return any(not p.req.batch for p in self._prefilling) and all(
+            s.req.batch for s in self._running
+        )
+
     def _prefill_budget(self) -> int:
         """Tokens (padded) the next prefill call may compute. With nothing decoding it is
-        the whole bound; beside running streams a chunk sized to take about as long as
-        one decode step (from the last calls' timings), at least PREFILL_MIN_CHUNK."""
-        if not self._running or self._prefill_s_per_token <= 0.0:
+        the whole bound, and so beside only batch rows for an online prompt; beside running
+        streams a chunk sized to take about as long as one decode step (from the last
+        calls' timings), at least PREFILL_MIN_CHUNK."""
+        if not self._running or self._prefill_s_per_token <= 0.0 or self._online_first():
             return self._max_prefill_tokens
         fit = int(self._decode_s / self._prefill_s_per_token) if self._decode_s > 0 else 0
         return max(PREFILL_MIN_CHUNK, min(self._max_prefill_tokens, fit))
@@ -564,27 +625,33 @@ class CausalLMEngine:
     def _may_prefill(self) -> bool:
         """Whether prefill gets this iteration. While streams decode, prefill's time is at
         most PREFILL_SHARE of decode's (so time between their tokens stays within about
-        2x while a long prompt is computed); alone, it always runs."""
+        2x while a long prompt is computed); alone, or for an online prompt beside only
+        batch rows, it always runs."""
         if not self._running:
             self._contended_prefill_s = self._contended_decode_s = 0.0
+            return True
+        if self._online_first():
             return True
         return self._contended_prefill_s <= PREFILL_SHARE * self._contended_decode_s
 
     def _prefill_step(self) -> None:
         """One session call that computes the next chunk of one or more prompts.
 
-        The rows served least recently go first (arrival order among equals), so a long
-        prompt being computed chunk by chunk never holds short ones behind it. Rows join
-        a call only if they have as much past as the first (0 for fresh prompts, or the
-        same cached prefix): a call's rows are padded to one past and one chunk width.
+        Online prompts go before batch ones; within a class the rows served least recently
+        go first (arrival order among equals), so a long prompt being computed chunk by
+        chunk never holds short ones behind it. Rows join a call only if they are of the
+        first one's class and have as much past as it (0 for fresh prompts, or the same
+        cached prefix): a call's rows are padded to one past and one chunk width, and a
+        batch prompt never makes an online one's call longer.
         """
         budget = self._prefill_budget()
-        order = sorted(self._prefilling, key=lambda p: (p.served, p.arrival))
+        uncontended = self._online_first()
+        order = sorted(self._prefilling, key=lambda p: (p.req.batch, p.served, p.arrival))
         head = order[0]
         rows = [head]
         chunk = min(head.remaining, budget)
         for cand in order[1:]:
-            if cand.done != head.done:
+            if cand.done != head.done or cand.req.batch != head.req.batch:
                 continue
             wider = max(chunk, min(cand.remaining, budget))
             if (len(rows) + 1) * wider > budget:
@@ -605,7 +672,7 @@ class CausalLMEngine:
             return
         elapsed = time.monotonic() - started
         self._prefill_s_per_token = elapsed / max(1, len(rows) * max(chunks))
-        if self._running:
+        if self._running and not uncontended:
             self._contended_prefill_s += elapsed
         now = time.time()
         finished: list[int] = []
@@ -735,6 +802,10 @@ class CausalLMEngine:
             self._ended_requests = False
             keep = [row for row in keep if not choices[row].req.handle.claimed]
         self.meter.add(len(choices))
+        if any(not req.batch for req in batch):
+            # An online request's first token goes out now, not after the merge (a copy of
+            # the whole batch's cache) and the batch's next decode step.
+            self._publish()
         if not keep:
             return
         src = np.asarray(keep) if rows_of is None else rows_of[keep]
@@ -1091,8 +1162,9 @@ class CausalLMEngine:
 
     def _shutdown(self) -> None:
         with self._cond:
-            waiting = list(self._waiting)
+            waiting = [*self._waiting, *self._waiting_batch]
             self._waiting.clear()
+            self._waiting_batch.clear()
         for req in waiting:
             self._fail(req, "worker_shutdown", "the worker is shutting down")
         self._fail_running("worker_shutdown", "the worker is shutting down")
