@@ -33,7 +33,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "catalog": frozenset({"core", "accounts", "workers"}),
     "billing": frozenset({"core", "accounts", "catalog", "workers"}),
     "gateway": frozenset({"core", "accounts", "catalog", "billing", "workers"}),
-    "console": frozenset({"core", "accounts", "catalog", "billing", "workers"}),
+    "console": frozenset({"core", "accounts", "catalog", "billing", "gateway", "workers"}),
     "config": frozenset(PACKAGES) - {"config"},
 }
 
@@ -49,6 +49,19 @@ WORKER_MODULES_THE_CONTROL_PLANE_MAY_IMPORT = frozenset(
         "workers.tokenizer_limits",  # tokenizer files judged by the same limits
         "workers.compile.validate",  # an uploaded checkpoint judged as the compiler will
         "workers.grammar",  # a schema checked with the limits the worker compiles it under
+    }
+)
+
+
+# The console is a second front end for the gateway's Files and Batch API services: it calls
+# them as /v1 does, and knows nothing else of the data plane (no pipeline, no endpoints).
+GATEWAY_MODULES_THE_CONSOLE_MAY_IMPORT = frozenset(
+    {
+        "gateway.files",  # uploads, reads and downloads of the organization's files
+        "gateway.batches",  # batches created, read and cancelled
+        "gateway.protocol_batches",  # the create request and the batch's wire shapes
+        "gateway.models",  # the File and Batch rows those services return
+        "gateway.errors",  # the OpenAI-shaped error the batches service raises
     }
 )
 
@@ -248,6 +261,17 @@ def test_the_control_plane_knows_the_workers_only_through_the_contract_and_share
         if top(imp.importer) != "workers"
         and top(imp.target) == "workers"
         and imp.target not in WORKER_MODULES_THE_CONTROL_PLANE_MAY_IMPORT
+    ]
+    assert offenders == []
+
+
+def test_the_console_knows_the_gateway_only_through_its_files_and_batches_services() -> None:
+    offenders = [
+        describe(imp)
+        for imp in first_party_imports()
+        if top(imp.importer) == "console"
+        and top(imp.target) == "gateway"
+        and imp.target not in GATEWAY_MODULES_THE_CONSOLE_MAY_IMPORT
     ]
     assert offenders == []
 
