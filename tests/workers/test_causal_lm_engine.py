@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -47,6 +48,7 @@ def request(
     seed: int | None = None,
     stop: tuple[str, ...] = (),
     deadline: float | None = None,
+    service_class: str = "online",
 ) -> GenerateRequest:
     return GenerateRequest(
         request_id=rid,
@@ -57,6 +59,7 @@ def request(
             max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed, stop=stop
         ),
         deadline=time.time() + 60 if deadline is None else deadline,
+        service_class=service_class,
     )
 
 
@@ -829,3 +832,177 @@ def test_a_tokenizer_llguidance_cannot_read_leaves_logprobs_working(
     assert served is not None and served.finish_reason == "length"
     entries = [e for k, f in sink.of("lp") if k == "delta" for e in f["logprobs"]]
     assert [e[0] for e in entries] == [decode([t]) for t in reference([5], 3)]
+
+
+# --- the batch class (issue 17) ---------------------------------------------------------
+
+
+def line(rid: str, prompt: Sequence[int], max_tokens: int) -> GenerateRequest:
+    """A batch line (service_class "batch")."""
+    return request(rid, prompt, max_tokens, service_class="batch")
+
+
+def decode_batches(session: FakeCausalLM, calls: slice = slice(None)) -> list[int]:
+    """The batch size of every decode step (one token per row) among `calls`."""
+    return [b for b, s, _ in session.calls[calls] if s == 1]
+
+
+def test_a_waiting_online_request_is_admitted_before_an_earlier_batch_line(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    engine = make_engine(FakeCausalLM(delay_s=0.002), max_batch=2)
+    sink = RecordingSink()
+    # Two online requests fill the batch; then a batch line, then an online one, wait.
+    short = engine.submit(request("short", [3, 4], 20), sink)
+    long = engine.submit(request("long", [5, 6], 200), sink)
+    wait_until(lambda: sink.count("short", "delta") > 0 and sink.count("long", "delta") > 0)
+    batch = engine.submit(line("line", [7, 7], 5), sink)
+    online = engine.submit(request("online", [8, 8], 5), sink)
+    short_r, line_r, online_r = short.wait(10), batch.wait(10), online.wait(10)
+    assert long.wait(10) is not None
+    assert short_r is not None and online_r is not None and line_r is not None
+    # The online request took the first free row; the line waited for the next.
+    assert short_r.finished_step <= online_r.admitted_step < line_r.admitted_step
+    assert sink.text("line") == decode(reference([7, 7], 5))
+
+
+class Gate(FakeCausalLM):
+    """Holds the engine inside its next session call while `open` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0.001)
+        self.open = threading.Event()
+        self.open.set()
+        self.held = threading.Event()
+
+    def run(self, output_names: Sequence[str], feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        if not self.open.is_set():
+            self.held.set()
+            assert self.open.wait(10), "never opened"
+        return super().run(output_names, feeds)
+
+
+def test_an_online_prompt_is_computed_before_a_batch_prompt_admitted_with_it(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = Gate()
+    engine = make_engine(session, max_batch=8)
+    sink = RecordingSink()
+    running = engine.submit(request("running", [2], 40), sink)
+    wait_until(lambda: sink.count("running", "delta") > 0)
+    # Both arrive while the engine is inside one call: admitted together, line first.
+    session.open.clear()
+    assert session.held.wait(10)
+    batch = engine.submit(line("line", [4, 5, 6], 3), sink)
+    online = engine.submit(request("online", [7, 8, 9], 3), sink)
+    session.open.set()
+    line_r, online_r = batch.wait(10), online.wait(10)
+    assert running.wait(10) is not None and line_r is not None and online_r is not None
+    # Not in one call: the online prompt's call came first.
+    assert online_r.admitted_step < line_r.admitted_step
+    assert sink.text("online") == decode(reference([7, 8, 9], 3))
+    assert sink.text("line") == decode(reference([4, 5, 6], 3))
+
+
+def test_an_online_request_never_waits_for_a_full_batch_of_batch_lines(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM(delay_s=0.002)
+    engine = make_engine(session, max_batch=4)
+    sink = RecordingSink()
+    lines = [engine.submit(line(f"line-{i}", [i + 1, 2], 100_000), sink) for i in range(4)]
+    wait_until(lambda: all(sink.count(f"line-{i}", "delta") > 0 for i in range(4)))
+    online = engine.submit(request("online", [9, 9, 9], 5), sink)
+    result = online.wait(10)
+    # Served beside the four lines (a burst row over max_batch), none of which ended.
+    assert result is not None and result.finish_reason == "length"
+    assert sink.text("online") == decode(reference([9, 9, 9], 5))
+    assert not any(h.claimed for h in lines)
+    assert max(decode_batches(session)) == 5
+    for h in lines:
+        h.claim()
+
+
+def test_batch_lines_fill_the_engine_with_no_online_traffic(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM(delay_s=0.001)
+    engine = make_engine(session, max_batch=4)
+    sink = RecordingSink()
+    handles = [engine.submit(line(f"line-{i}", [i + 1, 2], 30), sink) for i in range(6)]
+    for h in handles:
+        assert h.wait(10) is not None
+    assert max(decode_batches(session)) == 4
+    for i in range(6):
+        assert sink.text(f"line-{i}") == decode(reference([i + 1, 2], 30))
+
+
+def test_batch_lines_are_held_to_a_share_beside_online_traffic_and_a_while_after(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM(delay_s=0.002)
+    engine = make_engine(session, max_batch=4, online_linger_s=0.2)
+    sink = RecordingSink()
+    online = engine.submit(request("online", [3], 60), sink)
+    wait_until(lambda: sink.count("online", "delta") > 0)
+    # Lines long enough that the first still runs when the linger ends.
+    handles = [engine.submit(line(f"line-{i}", [i + 1, 2], 300), sink) for i in range(4)]
+    online_r = online.wait(10)
+    assert online_r is not None
+    online_steps = len(session.calls)
+    left_at = time.monotonic()
+    for h in handles:
+        assert h.wait(20) is not None
+    # While the online request ran: itself and one line (a quarter of 4) per step.
+    assert max(decode_batches(session, slice(0, online_steps))) == 2
+    # Once it had been gone ONLINE_LINGER_S, the lines filled the engine.
+    assert time.monotonic() - left_at > 0.2
+    assert max(decode_batches(session, slice(online_steps, None))) == 4
+
+
+class FirstTokenWatch(RecordingSink):
+    """Sets `seen` once a flush carries a delta of request "online"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = threading.Event()
+
+    def flush(self) -> None:
+        super().flush()
+        if self.count("online", "delta"):
+            self.seen.set()
+
+
+class WaitsAfterPrefill(FakeCausalLM):
+    """After the call that computes a 5-token prompt, the next call waits (3 s at most)
+    for the online request's first token to be flushed, and records whether it was."""
+
+    def __init__(self, sink: FirstTokenWatch) -> None:
+        super().__init__(delay_s=0.002)
+        self.sink = sink
+        self.armed = False
+        self.flushed_before_next_call: bool | None = None
+
+    def run(self, output_names: Sequence[str], feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        if self.armed:
+            self.armed = False
+            self.flushed_before_next_call = self.sink.seen.wait(3)
+        out = super().run(output_names, feeds)
+        if feeds["input_ids"].shape == (1, 5):
+            self.armed = True
+        return out
+
+
+def test_an_online_first_token_is_published_before_the_batchs_next_step(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    sink = FirstTokenWatch()
+    session = WaitsAfterPrefill(sink)
+    engine = make_engine(session, max_batch=4)
+    lines = [engine.submit(line(f"line-{i}", [i + 1, 2], 100_000), sink) for i in range(2)]
+    wait_until(lambda: all(sink.count(f"line-{i}", "delta") > 0 for i in range(2)))
+    online = engine.submit(request("online", [1, 2, 3, 4, 5], 4), sink)
+    assert online.wait(10) is not None
+    assert session.flushed_before_next_call is True
+    for h in lines:
+        h.claim()

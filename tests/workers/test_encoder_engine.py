@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,10 @@ MODEL = ModelRef("mv-e", "onnx-encoder", "0" * 64, "/nonexistent")
 
 
 def embed_request(
-    rid: str, inputs: Sequence[Sequence[int]], deadline: float | None = None
+    rid: str,
+    inputs: Sequence[Sequence[int]],
+    deadline: float | None = None,
+    service_class: str = "online",
 ) -> EmbedRequest:
     return EmbedRequest(
         request_id=rid,
@@ -27,6 +31,7 @@ def embed_request(
         identity=IDENTITY,
         inputs=tuple(tuple(i) for i in inputs),
         deadline=time.time() + 60 if deadline is None else deadline,
+        service_class=service_class,
     )
 
 
@@ -193,3 +198,39 @@ def test_many_threads_submitting(engines: list[EncoderEngine]) -> None:
     for i in range(24):
         ((_, fields),) = sink.of(f"t{i}")
         assert fields["vectors"][0, 1] == 2 * (i + 1)
+
+
+class HeldEncoder(FakeEncoder):
+    """Holds its first run until released: requests queue up behind it meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, output_names: Sequence[str], feeds: Any) -> list[np.ndarray]:
+        self.entered.set()
+        assert self.release.wait(10), "never released"
+        return super().run(output_names, feeds)
+
+
+def test_online_requests_go_into_a_batch_before_earlier_batch_lines(
+    engines: list[EncoderEngine],
+) -> None:
+    session = HeldEncoder()
+    engine = start(engines, session, max_wait_ms=1, max_batch=2)
+    sink = RecordingSink()
+    first = engine.submit(embed_request("first", [[9]]), sink)
+    assert session.entered.wait(10)
+    # While the first run is held: two batch lines, then an online request (longer input).
+    lines = [
+        engine.submit(embed_request(f"line-{i}", [[i + 1]], service_class="batch"), sink)
+        for i in range(2)
+    ]
+    online = engine.submit(embed_request("online", [[3, 3]]), sink)
+    session.release.set()
+    for handle in (first, online, *lines):
+        assert handle.wait(5) is not None
+    # The next run took the online request and the first line; the second line ran last.
+    assert session.batches == [(1, 1), (2, 2), (1, 1)]
+    assert [rid for _, rid, _ in sink.events] == ["first", "online", "line-0", "line-1"]
