@@ -237,19 +237,26 @@ async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 UPLOAD_PATH = re.compile(r"^/api/v1/organizations/(?P<organization_id>[^/]+)/compile-jobs/upload$")
 FILES_PATH = "/v1/files"
+CONSOLE_BATCH_FILE_PATH = re.compile(r"^/console/o/(?P<organization_id>[^/]+)/batches/upload/$")
 
 
 async def upload_limit_for(scope: Mapping[str, Any]) -> BodyLimit:
     """An upload's own limit for a caller that may upload (a compile upload, a file of the
-    Files API); anyone and anything else the default."""
+    Files API, a batch's input file in the console); anyone and anything else the default."""
     if scope.get("method") != "POST":
         return default_limit()
-    # Imported here: the catalog's API and the gateway need Django's apps ready, which they
-    # are only once the ASGI application has been built.
+    # Imported here: the catalog's API, the gateway and the console need Django's apps
+    # ready, which they are only once the ASGI application has been built.
     if scope.get("path") == FILES_PATH:
         from gateway.endpoints.files import upload_body_limit as file_body_limit
 
         return await file_body_limit(scope) or default_limit()
+    console_upload = CONSOLE_BATCH_FILE_PATH.match(scope.get("path", ""))
+    if console_upload is not None:
+        from console.views.batches import upload_body_limit as console_body_limit
+
+        limit = await console_body_limit(scope, console_upload["organization_id"])
+        return limit or default_limit()
     match = UPLOAD_PATH.match(scope.get("path", ""))
     if match is None:
         return default_limit()

@@ -9,6 +9,7 @@ from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import render
 
 from accounts import selectors
@@ -52,20 +53,21 @@ def is_htmx(request: HttpRequest) -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
-OrgView = Callable[..., HttpResponse]
+# A page, or a download streamed from a store (HttpResponseBase covers both).
+OrgView = Callable[..., HttpResponseBase]
 
 
-def org_page(perm: Perm) -> Callable[[OrgView], Callable[..., HttpResponse]]:
+def org_page(perm: Perm) -> Callable[[OrgView], Callable[..., HttpResponseBase]]:
     """Loads the organization of the URL for a member holding `perm`.
 
     Someone outside the organization gets 404 (its existence is not confirmed); a
     member whose role lacks `perm` gets a 403 page that says which permission.
     """
 
-    def decorate(view: OrgView) -> Callable[..., HttpResponse]:
+    def decorate(view: OrgView) -> Callable[..., HttpResponseBase]:
         @login_required
         @functools.wraps(view)
-        def wrapper(request: HttpRequest, org_id: str, **kwargs: Any) -> HttpResponse:
+        def wrapper(request: HttpRequest, org_id: str, **kwargs: Any) -> HttpResponseBase:
             principal = console_principal(request)
             try:
                 org = selectors.organization_for(principal, org_id, Perm.ORG_VIEW)

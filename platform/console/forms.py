@@ -13,6 +13,7 @@ from django.utils import timezone
 from accounts.models import Project, User
 from accounts.permissions import Role, Scope
 from core.errors import DomainError
+from gateway.protocol_batches import ENDPOINTS
 
 EXPIRY_CHOICES = [
     ("never", "Never"),
@@ -202,3 +203,42 @@ class EndpointForm(forms.Form):
 class EndpointLimitsForm(forms.Form):
     rpm_limit = forms.IntegerField(min_value=1, label="Requests per minute")
     tpm_limit = forms.IntegerField(min_value=1, label="Tokens per minute")
+
+
+class BatchFileForm(forms.Form):
+    """A batch's input file: JSONL, one request a line (the Batch API checks the lines)."""
+
+    file = forms.FileField(
+        label="Input file (.jsonl)",
+        widget=forms.ClearableFileInput(attrs={"accept": ".jsonl,application/jsonl"}),
+    )
+
+
+class BatchForm(forms.Form):
+    """A batch of an uploaded file, run under one of the organization's inference keys.
+
+    Every value is a choice of what the page offered: another organization's file or key
+    (or one revoked since) is refused as an invalid choice, and nothing is created."""
+
+    input_file = forms.ChoiceField(label="Input file")
+    endpoint = forms.ChoiceField(choices=[(e, e) for e in ENDPOINTS])
+    api_key = forms.ChoiceField(
+        label="Runs under the API key",
+        help_text="Every line runs, and is billed, as a request of this key.",
+    )
+    description = forms.CharField(
+        required=False, max_length=512, help_text="Optional; kept as the batch's metadata."
+    )
+
+    def __init__(
+        self,
+        *args: Any,
+        input_files: Iterable[tuple[str, str]],
+        keys: Iterable[tuple[str, str]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        for name, choices in (("input_file", input_files), ("api_key", keys)):
+            field = self.fields[name]
+            assert isinstance(field, forms.ChoiceField)
+            field.choices = list(choices)

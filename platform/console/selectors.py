@@ -1,4 +1,5 @@
-"""Reads for console pages: usage reports, the model catalog with prices, endpoint health."""
+"""Reads for console pages: usage reports, the model catalog with prices, endpoint health,
+batches."""
 
 from __future__ import annotations
 
@@ -9,17 +10,23 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.core.paginator import Page, Paginator
 from django.db.models import Count, Q, Sum
+from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
 from accounts.models import ApiKey, Organization, Project
+from accounts.permissions import Scope
 from billing.models import TokenKind, UsageRollup
 from billing.pricing import BATCH_UNITS, ROLLUP_SUMS, TOKEN_UNITS, EffectivePrice, PriceBook
 from catalog.models import Endpoint, Model, ModelVersion
 from catalog.selectors import endpoints_visible_to
 from core.csv_export import csv_writer
-from core.errors import InvalidInput
+from core.errors import InvalidInput, NotFound
 from core.redis import get_redis
+from gateway import batches, files
+from gateway.models import Batch
+from gateway.protocol_batches import BatchError
 from workers.contract import HEARTBEAT_TTL_S, pool_live_key
 
 ZERO = Decimal(0)
@@ -342,3 +349,100 @@ def servable_versions(org: Organization) -> list[tuple[str, str]]:
         .order_by("model__name", "-version")
     )
     return [(v.id, f"{v.model.name} v{v.version} ({v.model.kind})") for v in rows]
+
+
+# --- Batches -------------------------------------------------------------------------------
+
+BATCHES_PER_PAGE = 20
+BATCH_FILES_OFFERED = 100
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """A batch as the Batches page shows it."""
+
+    batch: Batch
+    key_label: str  # the key it runs under: name and prefix ("" once the key is deleted)
+    errors: list[BatchError]  # why validation failed (line numbers and messages)
+
+    @property
+    def total(self) -> int:
+        return self.batch.request_total
+
+    @property
+    def done(self) -> int:
+        return self.batch.request_completed + self.batch.request_failed
+
+    @property
+    def percent(self) -> int:
+        return 100 * self.done // self.total if self.total else 0
+
+    @property
+    def active(self) -> bool:
+        """A runner still has work for it: the page refreshes while one is shown."""
+        return self.batch.status in batches.ACTIVE
+
+    @property
+    def cancellable(self) -> bool:
+        return self.batch.status in (batches.Status.VALIDATING, batches.Status.IN_PROGRESS)
+
+    @property
+    def description(self) -> str:
+        return (batches.user_metadata(self.batch) or {}).get("description", "")
+
+
+def _key_labels(org: Organization, key_ids: set[str]) -> dict[str, str]:
+    rows = ApiKey.objects.filter(organization=org, id__in=key_ids).values_list(
+        "id", "name", "prefix"
+    )
+    return {key_id: f"{name} ({prefix}…)" for key_id, name, prefix in rows}
+
+
+def batch_rows(org: Organization, page_number: str | int | None) -> tuple[list[BatchRow], Page]:
+    """A page of the organization's batches, newest first (an unusable page number is the
+    nearest page there is)."""
+    listed = Batch.objects.filter(organization=org).order_by("-created_at", "-id")
+    shown = Paginator(listed, BATCHES_PER_PAGE).get_page(page_number)
+    found: list[Batch] = list(shown.object_list)
+    labels = _key_labels(org, {b.api_key_id for b in found})
+    rows = [BatchRow(b, labels.get(b.api_key_id, ""), batches.line_errors(b)) for b in found]
+    return rows, shown
+
+
+def batch_row(org: Organization, batch_id: str) -> BatchRow:
+    """The organization's batch; NotFound for another's (or none)."""
+    found = Batch.objects.filter(organization=org, id=batch_id).first()
+    if found is None:
+        raise NotFound(f"batch {batch_id!r} not found", param="batch_id")
+    labels = _key_labels(org, {found.api_key_id})
+    return BatchRow(found, labels.get(found.api_key_id, ""), batches.line_errors(found))
+
+
+def batch_input_files(org: Organization) -> list[tuple[str, str]]:
+    """(id, label) of the organization's newest files a batch may read (purpose `batch`)."""
+    listed = files.list_files(org.id, purpose=files.PURPOSE_BATCH, limit=BATCH_FILES_OFFERED)
+    return [
+        (f.id, f"{f.filename} · {filesizeformat(f.bytes)} · {f.created_at:%Y-%m-%d %H:%M} UTC")
+        for f in listed.files
+    ]
+
+
+def batch_keys(org: Organization, *, now: datetime | None = None) -> list[tuple[str, str]]:
+    """(id, label) of the keys a batch may run under: the organization's usable keys with
+    the `inference` scope (a batch's lines are requests of its key, and billed as such)."""
+    now = now or timezone.now()
+    usable = (
+        ApiKey.objects.filter(organization=org, revoked_at__isnull=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .select_related("project")
+        .order_by("-created_at")
+    )
+    choices = []
+    for key in usable:
+        if Scope.INFERENCE not in key.scopes:
+            continue
+        label = f"{key.name} ({key.prefix}…) · {key.project.name}"
+        if key.expires_at is not None:
+            label += f" · expires {key.expires_at:%Y-%m-%d %H:%M} UTC"
+        choices.append((key.id, label))
+    return choices

@@ -1,15 +1,17 @@
-"""Console writes that are not a single accounts service: sign-up and the playground's key."""
+"""Console writes that are not a single accounts service: sign-up, the playground's key,
+and batches (the gateway's Files and Batch API services, audited)."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import string
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import pydantic
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from django.contrib.auth.password_validation import validate_password
@@ -23,7 +25,11 @@ from accounts import emails, keys, selectors, services, throttle
 from accounts.models import Organization, PendingSignup, Project, User
 from accounts.permissions import Perm, Scope
 from accounts.principal import Principal
-from core.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, DomainError, InvalidInput, NotFound
+from gateway import batches, files
+from gateway.errors import OpenAIError
+from gateway.models import Batch, File
+from gateway.protocol_batches import BatchCreateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -215,3 +221,118 @@ def playground_secret(seed: str) -> str:
         number, digit = divmod(number, len(_BASE62))
         chars.append(_BASE62[digit])
     return keys.SECRET_PREFIX + "".join(chars)
+
+
+# --- Batches: the gateway's Files and Batch API services, audited ---------------------------
+
+# The Batch API's parameter names, as the console's batch form calls them.
+_BATCH_FORM_FIELDS = {"input_file_id": "input_file", "file": "file"}
+
+
+def _console_error(exc: OpenAIError) -> DomainError:
+    """The batches service's OpenAI-shaped error as the console shows errors."""
+    if exc.status == 404:
+        return NotFound(exc.message, param=_BATCH_FORM_FIELDS.get(exc.param or ""))
+    error = DomainError(exc.message, param=_BATCH_FORM_FIELDS.get(exc.param or ""), code=exc.code)
+    error.status = exc.status
+    return error
+
+
+def batch_file_upload(
+    *, principal: Principal, org: Organization, filename: str, chunks: Iterable[bytes]
+) -> File:
+    """A batch's input file uploaded in the console: the Files API's own upload (streamed to
+    the store, the file limit and the organization's quotas), purpose `batch`; audited, as
+    the console's person is not on the file's row (no key uploaded it)."""
+    uploaded = files.file_upload(
+        owner=files.Owner(org.id, "", ""),
+        purpose=files.PURPOSE_BATCH,
+        filename=filename,
+        chunks=chunks,
+        expires_after_s=None,
+    )
+    services.audit_record(
+        principal=principal,
+        action="file.uploaded",
+        target=uploaded,
+        organization=org,
+        metadata={"filename": uploaded.filename, "bytes": uploaded.bytes, "purpose": "batch"},
+    )
+    return uploaded
+
+
+def batch_create(
+    *,
+    principal: Principal,
+    org: Organization,
+    api_key_id: str,
+    input_file_id: str,
+    endpoint: str,
+    description: str = "",
+) -> Batch:
+    """A batch created in the console, exactly as POST /v1/batches would with the key
+    `api_key_id`: the batch runs (and its lines are billed) under that key and its project.
+    The key must be the organization's, usable and scoped for inference; audited."""
+    key = selectors.api_key_get(org, api_key_id)
+    if not key.is_usable() or Scope.INFERENCE not in key.scopes:
+        raise InvalidInput(
+            f"the key {key.name} ({key.prefix}…) is revoked, expired or not scoped for "
+            "inference; a batch runs its lines as that key's requests",
+            param="api_key",
+        )
+    try:
+        body = BatchCreateRequest(
+            input_file_id=input_file_id,
+            endpoint=endpoint,  # type: ignore[arg-type]  # validated by the model
+            completion_window="24h",
+            metadata={"description": description} if description else None,
+        )
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else None
+        raise InvalidInput(first["msg"], param=_BATCH_FORM_FIELDS.get(field or "", field)) from exc
+    with transaction.atomic():
+        try:
+            batch = batches.batch_create(batches.Creator(org.id, key.project_id, key.id), body)
+        except OpenAIError as exc:
+            raise _console_error(exc) from exc
+        services.audit_record(
+            principal=principal,
+            action="batch.created",
+            target=batch,
+            organization=org,
+            metadata={
+                "endpoint": batch.endpoint,
+                "input_file_id": batch.input_file_id,
+                "api_key_id": key.id,
+                "api_key_prefix": key.prefix,
+            },
+        )
+    logger.info("batch %s created in %s from the console", batch.id, org.id)
+    return batch
+
+
+def batch_cancel(*, principal: Principal, org: Organization, batch_id: str) -> Batch:
+    """Cancels the organization's batch as POST /v1/batches/{id}/cancel does (NotFound for
+    another's; 409 once it is past cancelling); audited when this call cancelled it."""
+    with transaction.atomic():
+        # Locked first, so two cancels in a row record one cancellation.
+        before = (
+            Batch.objects.select_for_update()
+            .filter(organization=org, id=batch_id)
+            .values_list("status", flat=True)
+            .first()
+        )
+        try:
+            batch = batches.batch_cancel(org.id, batch_id)
+        except OpenAIError as exc:
+            raise _console_error(exc) from exc
+        if before != batch.status:
+            services.audit_record(
+                principal=principal,
+                action="batch.cancelled",
+                target=batch,
+                organization=org,
+                metadata={"status_before": before},
+            )
+    return batch

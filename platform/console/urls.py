@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from django.urls import include, path
 
-from console.views import auth, billing_pages, catalog_pages, keys, org, playground, usage
+from console.views import (
+    auth,
+    batches,
+    billing_pages,
+    catalog_pages,
+    keys,
+    org,
+    playground,
+    usage,
+)
 
 org_patterns = [
     path("", org.quickstart, name="console-quickstart"),
@@ -47,6 +56,12 @@ org_patterns = [
     path("playground/key/", playground.playground_key, name="console-playground-key"),
     path("usage/", usage.usage, name="console-usage"),
     path("usage.csv", usage.usage_csv, name="console-usage-csv"),
+    path("batches/", batches.batches, name="console-batches"),
+    # config.asgi matches this path to give a member's upload the Files API's body limit.
+    path("batches/upload/", batches.batch_file_upload, name="console-batch-upload"),
+    path("batches/<str:batch_id>/", batches.batch_detail, name="console-batch"),
+    path("batches/<str:batch_id>/cancel/", batches.batch_cancel, name="console-batch-cancel"),
+    path("files/<str:file_id>/content/", batches.file_content, name="console-file-content"),
     path("billing/", billing_pages.billing, name="console-billing"),
     path("billing/budgets/", billing_pages.budget_save, name="console-budget-save"),
     path(

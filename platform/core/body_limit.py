@@ -10,7 +10,8 @@ passes the limit; the bytes past it are never handed on, and the connection is c
 body, or with a Content-Length within the limit, passes through untouched. The limit is
 MANTLE_MAX_BODY_BYTES for every path, except an upload whose credentials check out before
 its body is read (the wiring's `limit_for`, see `config.asgi.upload_limit_for`: a compile
-upload, POST /v1/files): only then is it the upload's own limit.
+upload, POST /v1/files, a batch's input file uploaded in the console): only then is it the
+upload's own limit.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ def switch(request: HttpRequest) -> HttpResponse:
         "endpoints",
         "playground",
         "usage",
+        "batches",
         "billing",
     }
     return HttpResponseRedirect(
