@@ -256,9 +256,6 @@ class PriceBook:
     _list_prices: dict[tuple[str, str], list[Decimal]] = field(default_factory=dict)
     _overrides: list[PriceOverride] = field(default_factory=list)
     _cache: dict[tuple[str, str, datetime], EffectivePrice | None] = field(default_factory=dict)
-    _billed: dict[tuple[str, str, datetime], tuple[str, EffectivePrice | None]] = field(
-        default_factory=dict
-    )
 
     @classmethod
     def load(
@@ -366,15 +363,11 @@ class PriceBook:
         admission needs the two online units only. When nothing prices a token at all,
         its line is the uncached one for a cached unit (the invoice holds it there), else
         its own, and the price None.
-        """
-        key = (model_name, unit, at)
-        if key not in self._billed:
-            self._billed[key] = self._billed_uncached(model_name, unit, at)
-        return self._billed[key]
 
-    def _billed_uncached(
-        self, model_name: str, unit: str, at: datetime
-    ) -> tuple[str, EffectivePrice | None]:
+        Not memoized: it only combines `effective`'s cached prices, and a second cache
+        would double the book's memory over a long range (the back office's CSV streams
+        years of hours in bounded memory).
+        """
         line, best = unit, self.effective(model_name, unit, at)
         uncached = _UNCACHED_OF.get(unit)
         if uncached is not None:
