@@ -31,6 +31,8 @@ VIEWABLE: tuple[str, ...] = (
     "catalog.modelversion",
     "catalog.acceleratorpool",
     "catalog.endpoint",
+    "gateway.batch",
+    "gateway.file",
     "billing.invoice",
     "billing.invoiceline",
     "billing.creditnote",

@@ -151,6 +151,12 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
                     "billing.view_usagerollup",
                 ),
                 item(
+                    "Batches",
+                    "stacks",
+                    reverse("admin:gateway_batch_changelist"),
+                    "gateway.view_batch",
+                ),
+                item(
                     "Audit log",
                     "history",
                     reverse("admin:accounts_auditlog_changelist"),
