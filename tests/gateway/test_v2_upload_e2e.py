@@ -57,10 +57,16 @@ def test_an_uploaded_model_is_served_over_v2_with_dynamic_batching(
         assert job.status == "succeeded", job.steps
         assert job.model_version is not None
         # Priced at the operator's default for compiled models (the control worker runs with
-        # MANTLE_COMPILED_MODEL_PRICES): a model nothing prices would be refused (403).
+        # MANTLE_COMPILED_MODEL_PRICES): a model nothing prices would be refused (403). Batch
+        # lines at half of each (billing/starter_prices.py).
         assert dict(
             Price.objects.filter(model_name="upload-ranker").values_list("token_kind", "unit_price")
-        ) == {"request": Decimal("2"), "compute_ms": Decimal("0.5")}
+        ) == {
+            "request": Decimal("2"),
+            "compute_ms": Decimal("0.5"),
+            "batch_request": Decimal("1"),
+            "batch_compute_ms": Decimal("0.25"),
+        }
         # And an endpoint serving it on the tensor pool
         created = console.post(
             f"/api/v1/organizations/{world.org.id}/endpoints",
