@@ -1006,3 +1006,53 @@ def test_an_online_first_token_is_published_before_the_batchs_next_step(
     assert session.flushed_before_next_call is True
     for h in lines:
         h.claim()
+
+
+class FakeRunOptions:
+    terminate = False
+
+
+class SlowBatchSteps(FakeCausalLM):
+    """Calls given RunOptions (only batch work) take `slow_s`, checking `terminate` every
+    millisecond as ONNX Runtime does between nodes; the others are instant."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+        self.in_slow_call = threading.Event()
+
+    def run(
+        self, output_names: Sequence[str], feeds: Mapping[str, Any], *options: Any
+    ) -> list[np.ndarray]:
+        if options:
+            self.in_slow_call.set()
+            end = time.monotonic() + self.slow_s
+            while time.monotonic() < end:
+                if options[0].terminate:
+                    self.in_slow_call.clear()
+                    raise RuntimeError("Exiting due to terminate flag being set to true.")
+                time.sleep(0.001)
+            self.in_slow_call.clear()
+        return super().run(output_names, feeds)
+
+
+def test_an_online_arrival_cuts_a_step_of_batch_lines_short(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = SlowBatchSteps(slow_s=0.6)
+    engine = make_engine(session, max_batch=2, run_options=FakeRunOptions)
+    sink = RecordingSink()
+    lines = [engine.submit(line(f"line-{i}", [i + 1, 2], 6), sink) for i in range(2)]
+    wait_until(lambda: session.in_slow_call.is_set())  # a step of the lines under way
+    submitted = time.time()
+    online = engine.submit(request("online", [9, 9, 9], 3), sink)
+    result = online.wait(10)
+    assert result is not None and result.finish_reason == "length"
+    # Its first token did not wait out the lines' 0.6 s step: the step was cut short
+    assert result.first_token_at - submitted < 0.3
+    assert engine.cut_short >= 1
+    # and run again later, the lines' tokens as if nothing had happened.
+    for i, h in enumerate(lines):
+        assert h.wait(30) is not None
+        assert sink.text(f"line-{i}") == decode(reference([i + 1, 2], 6))
+    assert sink.text("online") == decode(reference([9, 9, 9], 3))

@@ -62,9 +62,28 @@ PREFILL_SHARE = 1.0
 
 
 class Session(Protocol):
-    """The part of `onnxruntime.InferenceSession` the engine uses (tests pass a fake)."""
+    """The part of `onnxruntime.InferenceSession` the engine uses (tests pass a fake).
 
-    def run(self, output_names: Sequence[str], input_feed: Mapping[str, Any]) -> Sequence[Any]: ...
+    `run_options` is passed only by an engine given a `run_options` factory, to calls that
+    an online arrival may cut short (`RunOptions.terminate`)."""
+
+    def run(
+        self, output_names: Sequence[str], input_feed: Mapping[str, Any], *run_options: Any
+    ) -> Sequence[Any]: ...
+
+
+class _CutShort(Exception):
+    """A session call of only batch work, cut short for an online request."""
+
+
+def ort_run_options() -> Any:
+    """ONNX Runtime's RunOptions for a call that may be cut short (quietly: a call cut
+    short is not an error)."""
+    import onnxruntime
+
+    options = onnxruntime.RunOptions()
+    options.log_severity_level = 4  # fatal only
+    return options
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +280,11 @@ class CausalLMEngine:
     rows to end (it may go over `max_batch` by a burst allowance) and beside
     only batch rows its prompt is computed at once, whole, and its first token
     published before the batch's next step; while online traffic is present,
-    batch rows are held to a share of the batch.
+    batch rows are held to a share of the batch. With a `run_options` factory
+    (ONNX Runtime's RunOptions; `from_model` gives one), a session call of only
+    batch work is cut short when an online request arrives during it
+    (`terminate`): the call changed nothing, so it is simply run again after the
+    online prompt, and the online request does not wait for a whole batch step.
     """
 
     def __init__(
@@ -278,6 +301,7 @@ class CausalLMEngine:
         grammar_compiler: Callable[[], Compiled] | None = None,
         prefix_cache: PrefixCache | None = None,
         online_linger_s: float = ONLINE_LINGER_S,
+        run_options: Callable[[], Any] | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -304,6 +328,11 @@ class CausalLMEngine:
         self._waiting_batch: deque[_Request] = deque()
         self._waiting_rows = 0  # rows the waiting requests will take (their n)
         self._online = OnlineActivity(online_linger_s)
+        # The RunOptions of the session call under way when it is only batch work (an
+        # online arrival sets its `terminate`); guarded by _cond.
+        self._run_options = run_options
+        self._cuttable: Any = None
+        self.cut_short = 0  # session calls cut short for online requests (tests, logs)
         self._stopping = False
         # Batch state, owned by the engine thread. Row r of every array is _running[r].
         self._running: list[_Seq] = []
@@ -369,6 +398,7 @@ class CausalLMEngine:
             redis_client=redis_client,
             grammar_compiler=compiler,
             prefix_cache=prefix_cache if prefix_cache is not None else shared_cache(),
+            run_options=ort_run_options,
         )
 
     # --- the submitters' side (any thread) ------------------------------------
@@ -411,6 +441,8 @@ class CausalLMEngine:
                 raise RuntimeError(f"engine {self.name} is stopped")
             (self._waiting_batch if req.batch else self._waiting).append(req)
             self._waiting_rows += req.n
+            if not req.batch and self._cuttable is not None:
+                self._cuttable.terminate = True
             self._cond.notify()
         return req.handle
 
@@ -506,11 +538,14 @@ class CausalLMEngine:
             self._last_cancel_check = now
             self._sweep(now)
         self._admit()
-        if self._prefilling and self._may_prefill():
-            self._prefill_step()
+        if self._prefilling and self._may_prefill() and not self._prefill_step():
+            return  # cut short for an online request: admitted at the next iteration
+        if self._prefilling and self._online_first():
+            return  # an online prompt goes on alone: batch rows wait for it
         if self._running:
             started = time.monotonic()
-            self._decode_step()
+            if not self._decode_step():
+                return
             elapsed = time.monotonic() - started
             self._decode_s = (
                 elapsed if self._decode_s <= 0 else 0.8 * self._decode_s + 0.2 * elapsed
@@ -634,8 +669,9 @@ class CausalLMEngine:
             return True
         return self._contended_prefill_s <= PREFILL_SHARE * self._contended_decode_s
 
-    def _prefill_step(self) -> None:
-        """One session call that computes the next chunk of one or more prompts.
+    def _prefill_step(self) -> bool:
+        """One session call that computes the next chunk of one or more prompts; False
+        when the call was cut short (nothing changed).
 
         Online prompts go before batch ones; within a class the rows served least recently
         go first (arrival order among equals), so a long prompt being computed chunk by
@@ -663,13 +699,16 @@ class CausalLMEngine:
         started = time.monotonic()
         try:
             logits, presents, mask = self._prefill_call(rows, chunks)
+        except _CutShort:
+            self._admitting = []  # nothing changed: the chunk is computed again later
+            return False
         except Exception:
             logger.exception("engine %s: prefill of %d sequences failed", self.name, len(rows))
             for p in rows:
                 self._fail(p.req, "internal_error", "the model failed on the prompt")
             self._drop_prefilling(rows)
             self._admitting = []
-            return
+            return True
         elapsed = time.monotonic() - started
         self._prefill_s_per_token = elapsed / max(1, len(rows) * max(chunks))
         if self._running and not uncontended:
@@ -691,7 +730,7 @@ class CausalLMEngine:
                 p.past = [np.ascontiguousarray(t[i : i + 1][:, :, real]) for t in presents]
         if not finished:
             self._admitting = []
-            return
+            return True
         done_rows = [rows[i] for i in finished]
         self._cache_prompts(done_rows, presents, mask, finished)
         self._drop_prefilling(done_rows)
@@ -703,6 +742,7 @@ class CausalLMEngine:
                 [p.req for p in done_rows], logits[idx], [t[idx] for t in presents], mask[idx]
             )
         self._admitting = []
+        return True
 
     def _drop_prefilling(self, rows: Sequence[_Prefill]) -> None:
         gone = {id(p) for p in rows}
@@ -739,7 +779,7 @@ class CausalLMEngine:
             else:
                 # Rows of a call have equal pasts (`_prefill_step`): one concatenation.
                 feeds[name] = np.concatenate([p.past[k] for p in rows], axis=0)  # type: ignore[index]
-        outputs = self._session.run(self._output_names, feeds)
+        outputs = self._run(feeds, cuttable=all(p.req.batch for p in rows))
         self.step += 1
         return outputs[0][:, -1, :], list(outputs[1:]), mask
 
@@ -853,7 +893,31 @@ class CausalLMEngine:
         self._next_ids = np.concatenate([self._next_ids, next_ids])
         self._next_pos = np.concatenate([self._next_pos, next_pos])
 
-    def _decode_step(self) -> None:
+    def _run(self, feeds: Mapping[str, np.ndarray], *, cuttable: bool) -> Sequence[Any]:
+        """One session call; a call of only batch work (`cuttable`, with no online request
+        waiting or running) is cut short by an online arrival: then _CutShort."""
+        options = None
+        if cuttable and self._run_options is not None:
+            running = self._running
+            with self._cond:
+                if not self._waiting and all(s.req.batch for s in running):
+                    options = self._cuttable = self._run_options()
+        if options is None:
+            return self._session.run(self._output_names, feeds)
+        try:
+            return self._session.run(self._output_names, feeds, options)
+        except Exception:
+            if not options.terminate:
+                raise
+            self.cut_short += 1
+            raise _CutShort from None
+        finally:
+            with self._cond:
+                self._cuttable = None
+
+    def _decode_step(self) -> bool:
+        """One token for every running row; False when the step was cut short (nothing
+        changed, and the step runs again at the next iteration)."""
         batch = len(self._running)
         mask = np.concatenate([self._mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         feeds: dict[str, np.ndarray] = {
@@ -863,7 +927,10 @@ class CausalLMEngine:
         }
         for name, past in zip(self._past_names, self._past, strict=True):
             feeds[name] = past
-        outputs = self._session.run(self._output_names, feeds)
+        try:
+            outputs = self._run(feeds, cuttable=True)
+        except _CutShort:
+            return False
         self.step += 1
         self._past = list(outputs[1:])
         self._mask = mask
@@ -879,6 +946,7 @@ class CausalLMEngine:
         self.meter.add(batch)
         if len(keep) != batch:
             self._compact(keep)
+        return True
 
     def _compact(self, keep: list[int]) -> None:
         """Slice finished rows out and trim columns that are padding for every row left."""
