@@ -7,13 +7,18 @@ the model's batch prices (the starter prices: half the online ones), exactly onc
 
 from __future__ import annotations
 
+import io
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
+from typing import Any
 
 import openai
 import pytest
 from django.utils import timezone
+from openai import OpenAI
+from openai.types import Batch
 
 from billing.invoicing import invoice_refresh_draft
 from billing.metering.drain import usage_drain
@@ -22,18 +27,54 @@ from billing.wallet import wallet_read, wallet_record_events, wallet_sync
 from core.redis import get_redis
 from tests.factories import make_api_key
 from tests.gateway.conftest import CHAT, Served
-from tests.gateway.test_batches_e2e import chat_line, jsonl, runner, upload, wait_for
 from tests.support.stack import Process
 from workers.contract import USAGE_STREAM
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
-__all__ = ["runner"]  # the batch runner fixture, shared with the Batch API's own tests
-
 # The starter prices of the built-in chat model in nanos per token (tests.factories'
 # price_builtin_models, as bin/run's seed_prices), online and of batch lines.
 ONLINE = {"input": 50, "cached_input": 25, "output": 200}
 BATCH = {"input": 25, "cached_input": 12.5, "output": 100}
+
+
+@pytest.fixture
+def runner(served: Served) -> Iterator[Process]:
+    proc = served.live.stack.batch_runner(
+        "batch-billing-runner", MANTLE_BATCH_LEASE_S="3", MANTLE_BATCH_POLL_S="0.2"
+    )
+    yield proc
+    served.live.stack.stop(proc)
+
+
+def batch_input(client: OpenAI, questions: list[str]) -> str:
+    """An uploaded input file of one greedy chat line per question."""
+    lines = [
+        {
+            "custom_id": f"q-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": CHAT,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        }
+        for i, question in enumerate(questions)
+    ]
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    return client.files.create(file=("batch.jsonl", io.BytesIO(data)), purpose="batch").id
+
+
+def finished(client: OpenAI, batch_id: str, timeout: float = 240) -> Batch:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in {"completed", "failed", "expired", "cancelled"}:
+            return batch
+        time.sleep(0.3)
+    raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s")
 
 
 def org_events(organization_id: str, count: int) -> list[Mapping[str, str]]:
@@ -73,19 +114,17 @@ def test_a_batch_runs_outside_a_spent_rate_limit_and_is_billed_at_batch_prices(
     wallet_sync(org)
     _, secret = make_api_key(org, scopes=["inference"], rpm_limit=1)
     client = served.client(secret)
-    ask = {"model": CHAT, "max_tokens": 8, "temperature": 0}
+    ask: dict[str, Any] = {"model": CHAT, "max_tokens": 8, "temperature": 0}
     client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **ask)
     with pytest.raises(openai.RateLimitError):  # the key's one request a minute is spent
         client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **ask)
 
-    questions = ["Name a color.", "Say hello.", "2+2=?"]
-    data = jsonl([chat_line(f"q-{i}", q) for i, q in enumerate(questions)])
     created = client.batches.create(
-        input_file_id=upload(client, data),
+        input_file_id=batch_input(client, ["Name a color.", "Say hello.", "2+2=?"]),
         endpoint="/v1/chat/completions",
         completion_window="24h",
     )
-    done = wait_for(client, created.id, {"completed", "failed"})
+    done = finished(client, created.id)
 
     assert done.status == "completed", done.errors
     assert done.request_counts is not None and done.request_counts.completed == 3
