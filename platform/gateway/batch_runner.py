@@ -116,14 +116,15 @@ def batch_claim(runner: str, exclude: list[str]) -> Batch | None:
     return found
 
 
-def batch_renew(batch_id: str, runner: str) -> str | None:
-    """Extends this runner's lease; the batch's status, or None when the lease is lost."""
+def batch_renew(batch_id: str, runner: str) -> tuple[str, datetime] | None:
+    """Extends this runner's lease; the batch's status and end of its window, or None when
+    the lease is lost."""
     until = timezone.now() + timedelta(seconds=settings.MANTLE_BATCH_LEASE_S)
     updated = Batch.objects.filter(id=batch_id, runner=runner).update(lease_until=until)
     if not updated:
         return None
-    status: str = Batch.objects.values_list("status", flat=True).get(id=batch_id)
-    return status
+    status, expires_at = Batch.objects.values_list("status", "expires_at").get(id=batch_id)
+    return status, expires_at
 
 
 def batch_release(batch_id: str, runner: str) -> None:
@@ -327,6 +328,10 @@ def batch_validate(batch_id: str, runner: str) -> str:
 # --- running --------------------------------------------------------------------------------
 
 
+def batch_load(batch_id: str) -> Batch:
+    return Batch.objects.get(id=batch_id)
+
+
 def batch_done_lines(batch_id: str) -> set[int]:
     return set(BatchLine.objects.filter(batch_id=batch_id).values_list("line", flat=True))
 
@@ -528,6 +533,11 @@ class BatchRun:
             await asyncio.sleep(settings.MANTLE_BATCH_LEASE_S)
         except LeaseLost:
             logger.warning("batch %s: lease lost to another runner; stopping", self.id)
+        except Exception:
+            # Stored lines stay stored; the batch is taken up again (here or elsewhere)
+            # after a pause, from where it was.
+            logger.exception("batch %s: the run failed; it resumes later", self.id)
+            await asyncio.sleep(settings.MANTLE_BATCH_LEASE_S)
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -541,13 +551,14 @@ class BatchRun:
         while True:
             await asyncio.sleep(every)
             try:
-                status = await database_read(batch_renew, self.id, self.runner)
+                renewed = await database_read(batch_renew, self.id, self.runner)
             except Exception:
                 logger.warning("batch %s: lease renewal failed", self.id, exc_info=True)
                 continue
-            if status is None:
+            if renewed is None:
                 self.lost = True
                 return
+            status, self.batch.expires_at = renewed
             if status == Status.CANCELLING and self.status == Status.IN_PROGRESS:
                 self.status = status
             if self.slots is not None:
@@ -555,7 +566,7 @@ class BatchRun:
                     await self.slots.renew()
 
     async def _run_lines(self) -> None:
-        batch = self.batch = await database_read(Batch.objects.get, self.id)
+        batch = self.batch = await database_read(batch_load, self.id)
         if batch.in_progress_at is None:
             # Cancelled while validating: no line was accepted, so none is written out.
             await database_read(batch_set_status, self.id, self.runner, Status.FINALIZING)

@@ -135,9 +135,7 @@ def test_a_file_past_the_line_limit_fails_and_an_empty_one_too(world: OrgWorld) 
     batch = new_batch(world.org)
     found = validate_lines(batch, numbered(*(line(f"l{i}", model) for i in range(5))))
     assert [e["code"] for e in found.errors] == ["too_many_requests"]
-    assert [e["code"] for e in validate_lines(batch, numbered(b"", b"  ")).errors] == [
-        "empty_file"
-    ]
+    assert [e["code"] for e in validate_lines(batch, numbered(b"", b"  ")).errors] == ["empty_file"]
 
 
 def test_embeddings_lines_reserve_no_output_tokens(world: OrgWorld) -> None:
@@ -154,7 +152,7 @@ def test_a_batch_has_one_runner_until_its_lease_expires(world: OrgWorld) -> None
     assert taken is not None and taken.id == batch.id
     assert batch_claim("runner-b", []) is None
     assert batch_renew(batch.id, "runner-b") is None
-    assert batch_renew(batch.id, "runner-a") == Status.VALIDATING
+    assert batch_renew(batch.id, "runner-a") == (Status.VALIDATING, batch.expires_at)
 
     Batch.objects.filter(id=batch.id).update(lease_until=timezone.now() - timedelta(seconds=1))
     again = batch_claim("runner-b", [])
