@@ -39,7 +39,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponseBase
 from django.utils import timezone
 from pydantic import ValidationError
@@ -97,14 +97,24 @@ def slots_key(pool: str) -> str:
 
 def batch_claim(runner: str, exclude: list[str]) -> Batch | None:
     """Takes the oldest batch that needs a runner and has none (no lease, or an expired
-    one): its lease is this runner's for MANTLE_BATCH_LEASE_S."""
+    one): its lease is this runner's for MANTLE_BATCH_LEASE_S. An organization with
+    MANTLE_BATCH_ORG_RUNNING batches running already waits, so one customer's pile of
+    batches cannot hold every runner while another's waits."""
     now = timezone.now()
+    busy = (
+        Batch.objects.filter(status__in=ACTIVE, lease_until__gte=now)
+        .values("organization_id")
+        .annotate(running=Count("id"))
+        .filter(running__gte=settings.MANTLE_BATCH_ORG_RUNNING)
+        .values("organization_id")
+    )
     with transaction.atomic():
         found = (
             Batch.objects.select_for_update(skip_locked=True)
             .filter(status__in=ACTIVE)
             .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
             .exclude(id__in=exclude)
+            .exclude(organization_id__in=busy)
             .order_by("created_at")
             .first()
         )

@@ -212,3 +212,23 @@ def test_the_batch_object_has_openais_shape(world: OrgWorld) -> None:
     assert shaped["request_counts"] == {"total": 4, "completed": 0, "failed": 0}
     assert shaped["output_file_id"] is None and shaped["in_progress_at"] is None
     assert shaped["expires_at"] == int(batch.expires_at.timestamp())
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(MANTLE_BATCH_ORG_RUNNING=1)
+def test_an_organization_with_a_batch_running_waits_while_another_is_served(
+    world: OrgWorld,
+) -> None:
+    busy_first = new_batch(world.org)
+    busy_second = new_batch(world.org)
+    other = new_batch(OrganizationFactory())
+    Batch.objects.filter(id=busy_second.id).update(created_at=timezone.now())
+    Batch.objects.filter(id=other.id).update(created_at=timezone.now() + timedelta(seconds=1))
+
+    first = batch_claim("runner-a", [])
+    second = batch_claim("runner-b", [])
+
+    assert first is not None and first.id == busy_first.id
+    # The organization's second batch is older than the other one's, but waits.
+    assert second is not None and second.id == other.id
+    assert batch_claim("runner-c", []) is None

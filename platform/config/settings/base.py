@@ -337,6 +337,8 @@ MANTLE_BATCH_QUEUE_TOKENS = env.int("MANTLE_BATCH_QUEUE_TOKENS", default=20_000_
 MANTLE_BATCH_LEASE_S = env.float("MANTLE_BATCH_LEASE_S", default=30.0)
 MANTLE_BATCH_POLL_S = env.float("MANTLE_BATCH_POLL_S", default=1.0)
 MANTLE_BATCH_RUNNER_BATCHES = env.int("MANTLE_BATCH_RUNNER_BATCHES", default=4)
+# Batches of one organization running at once, across runners (the rest wait their turn).
+MANTLE_BATCH_ORG_RUNNING = env.int("MANTLE_BATCH_ORG_RUNNING", default=2)
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.
