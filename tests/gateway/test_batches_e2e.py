@@ -389,3 +389,31 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_bills_each_once(served: Ser
     # One billed event per line: the attempts lost with the worker were not billed.
     billed = batch_usage(done.id)
     assert billed == Counter(dict.fromkeys(range(1, count + 1), 1))
+
+
+def test_a_responses_batch_runs_each_line_as_the_responses_api(
+    served: Served, runner: Process
+) -> None:
+    client = served.client()
+    data = jsonl(
+        [
+            {
+                "custom_id": f"r-{i}",
+                "method": "POST",
+                "url": "/v1/responses",
+                "body": {"model": CHAT, "input": "Say hello.", "max_output_tokens": 16},
+            }
+            for i in range(2)
+        ]
+    )
+    created = client.batches.create(
+        input_file_id=upload(client, data), endpoint="/v1/responses", completion_window="24h"
+    )
+    done = wait_for(client, created.id, {"completed", "failed"})
+    assert done.status == "completed", done.errors
+    output = lines_of(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == ["r-0", "r-1"]
+    body = output[0]["response"]["body"]
+    assert body["object"] == "response"
+    # A stored response like any other: readable by its id.
+    assert client.responses.retrieve(body["id"]).id == body["id"]
