@@ -222,30 +222,67 @@ def price_write(
         pipe.execute()
 
 
+# Releases a reservation admission held under a request id, by what the hold says:
+# `<worst>:<release-by ms>:<project or ''>` (the project's reservation too). Shared by
+# admission (a request id admitted again), the settle and the sweep.
+RELEASE_HELD_LUA = lua("""
+local function release_held(w, held)
+  local worst, project = string.match(held, '^(%d+):%d+:(.*)$$')
+  if not worst then return false end
+  redis.call('HINCRBY', w, '${reserved}', '-' .. worst)
+  if project ~= '' then
+    redis.call('HINCRBY', w, '${project}' .. project .. ':${reserved}', '-' .. worst)
+  end
+  return true
+end
+""")
+
 # The gateway, when a request ends: release the reservation and park the real cost
 # as pending until the drain counts it, unless the drain was first. A project with a hard
-# budget reserved too (ARGV[4] names it): its reservation is released and its pending
-# raised alike, and the parked value `<cost>:<project>` tells the drain to lower it.
-_SETTLE = lua("""
--- A held reservation is released once: by this settle, or by the sweep if it came first.
-local release = ARGV[5] ~= '1' or redis.call('HDEL', KEYS[4], ARGV[3]) == 1
+# budget reserved too (ARGV[4] names it): its pending is raised alike, and the parked
+# value `<cost>:<project>` tells the drain to lower it.
+#
+# A batch line (ARGV[6] = '1') can be settled twice under one request id: its runner died
+# after the first settle, and the next runner ran the line again under the same id (the
+# worker's claim made it a duplicate, the answer was read again). The second settle must
+# change nothing: the held reservation is the second admission's (admission releases an
+# earlier one under the same id), a cost already parked is not parked again (HSETNX), and
+# the drain's `counted` marker, which the drain writes for a batch line even when it
+# unparked the cost, is only read here, never taken away, so every settle of the id after
+# the drain finds it. An online request is settled once: its marker is taken (DEL), so
+# online traffic leaves no key behind.
+_SETTLE = RELEASE_HELD_LUA + lua("""
 local project = ARGV[4]
-if release then
+if ARGV[5] == '1' then
+  -- Released once: by this settle, or by the sweep if it came first.
+  local held = redis.call('HGET', KEYS[4], ARGV[3])
+  if held then
+    redis.call('HDEL', KEYS[4], ARGV[3])
+    release_held(KEYS[1], held)
+  end
+else
   redis.call('HINCRBY', KEYS[1], '${reserved}', -tonumber(ARGV[1]))
   if project ~= '' then
     redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${reserved}', -tonumber(ARGV[1]))
   end
 end
-if redis.call('DEL', KEYS[3]) == 1 then return 0 end
+local counted
+if ARGV[6] == '1' then
+  counted = redis.call('EXISTS', KEYS[3])
+else
+  counted = redis.call('DEL', KEYS[3])
+end
+if counted == 1 then return 0 end
 local cost = tonumber(ARGV[2])
 if cost > 0 then
-  if project ~= '' then
-    redis.call('HSET', KEYS[2], ARGV[3], ARGV[2] .. ':' .. project)
-    redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${pending}', ARGV[2])
-  else
-    redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+  local parked = ARGV[2]
+  if project ~= '' then parked = ARGV[2] .. ':' .. project end
+  if redis.call('HSETNX', KEYS[2], ARGV[3], parked) == 1 then
+    if project ~= '' then
+      redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${pending}', ARGV[2])
+    end
+    redis.call('HINCRBY', KEYS[1], '${pending}', ARGV[2])
   end
-  redis.call('HINCRBY', KEYS[1], '${pending}', ARGV[2])
 end
 return 1
 """)
@@ -263,13 +300,16 @@ local function unpark(w, parked)
 end
 """)
 
-# The metering drain, once per request (it inserts each event exactly once).
+# The metering drain, once per request (it inserts each event exactly once). The marker
+# tells a settle that comes later that the drain was first; a batch line's (ARGV[4] = '1')
+# is written even when a parked cost was found, as its id may be settled again (_SETTLE).
 _COUNT = UNPARK_LUA + lua("""
 local parked = redis.call('HGET', KEYS[2], ARGV[2])
 if parked then
   redis.call('HDEL', KEYS[2], ARGV[2])
   unpark(KEYS[1], parked)
-else
+end
+if not parked or ARGV[4] == '1' then
   redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
 end
 redis.call('HINCRBY', KEYS[1], '${spent}', ARGV[1])
@@ -286,9 +326,15 @@ async def settle(
     cost: int,
     reserved_project_id: str = "",
     held: bool = False,
+    service_class: str = ServiceClass.ONLINE,
 ) -> None:
     """`held`: admission recorded the reservation under the request id (the gateway's
-    path); then a reservation the sweep already released is not released twice."""
+    path); then the reservation released is the one held under the id, and one the sweep
+    already released is not released twice.
+
+    `service_class` batch: the id may be settled again (a batch line run again under its
+    id after its runner died); a second settle parks nothing (see `_SETTLE`).
+    """
     await client.eval(
         _SETTLE,
         4,
@@ -301,22 +347,20 @@ async def settle(
         request_id,
         reserved_project_id,
         "1" if held else "0",
+        "1" if service_class == ServiceClass.BATCH else "0",
     )
 
 
-_RELEASE_EXPIRED = lua("""
+_RELEASE_EXPIRED = RELEASE_HELD_LUA + lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local entries = redis.call('HGETALL', KEYS[2])
 local released = 0
 for i = 1, #entries, 2 do
-  local worst, until_ms, project = string.match(entries[i + 1], '^(%d+):(%d+):(.*)$$')
-  if worst and tonumber(until_ms) < now then
+  local until_ms = string.match(entries[i + 1], '^%d+:(%d+):')
+  if until_ms and tonumber(until_ms) < now then
     redis.call('HDEL', KEYS[2], entries[i])
-    redis.call('HINCRBY', KEYS[1], '${reserved}', '-' .. worst)
-    if project ~= '' then
-      redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${reserved}', '-' .. worst)
-    end
+    release_held(KEYS[1], entries[i + 1])
     released = released + 1
   end
 end
@@ -360,5 +404,6 @@ def count_usage(
         str(cost),
         request_id,
         str(COUNTED_TTL_S),
+        "1" if service_class == ServiceClass.BATCH else "0",
     )
     return cost

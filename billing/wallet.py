@@ -341,22 +341,26 @@ def wallet_sync_due(*, now: datetime | None = None) -> list[str]:
 # as its increments, so a replayed batch (same events) changes nothing. Per event with a
 # request id, the layout of billing/spend.py: a cost the gateway parked as pending moves
 # to spent, otherwise `mantle:wallet-counted:<request>` tells the gateway's settle that the
-# drain was first. The spent increments are summed per wallet and per (wallet, project)
-# before the script runs (they commute with everything else it does, and Python's integers
-# are exact where Lua's numbers are not): one HINCRBY per wallet instead of one per event.
-# A project with a hard budget counts its own spend too.
+# drain was first; a batch line's marker is written even when its cost was parked, since
+# its id may be settled again after this (`spend.settle`). The spent increments are summed
+# per wallet and per (wallet, project) before the script runs (they commute with everything
+# else it does, and Python's integers are exact where Lua's numbers are not): one HINCRBY
+# per wallet instead of one per event. A project with a hard budget counts its own spend
+# too.
 _RECORD = spend.UNPARK_LUA + wallet_keys.lua("""
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
 local n, m, p = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local at = 6
 for i = 1, n do
-  local w, pending, counted, rid = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  at = at + 4
+  local w, pending, counted, rid, batch = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3],
+                                          ARGV[at + 4]
+  at = at + 5
   local parked = redis.call('HGET', pending, rid)
   if parked then
     redis.call('HDEL', pending, rid)
     unpark(w, parked)
-  else
+  end
+  if not parked or batch == '1' then
     redis.call('SET', counted, '1', 'EX', ARGV[2])
   end
 end
@@ -373,6 +377,10 @@ for i = 1, p do
 end
 return 1
 """)
+
+
+# Arguments of _RECORD per request: wallet, pending hash, counted key, id, batch flag.
+_PER_REQUEST = 5
 
 
 @dataclass(frozen=True)
@@ -478,6 +486,7 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
                 wallet_keys.pending_key(u.organization_id),
                 wallet_keys.counted_key(u.request_id),
                 u.request_id,
+                "1" if u.service_class == ServiceClass.BATCH else "0",
             ]
         by_wallet[wallet] = by_wallet.get(wallet, 0) + cost
         if u.project_id:
@@ -493,7 +502,7 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
         wallet_keys.batch_mark_key(fingerprint),
         str(BATCH_MARK_TTL_S),
         str(spend.COUNTED_TTL_S),
-        str(len(requests) // 4),
+        str(len(requests) // _PER_REQUEST),
         str(len(by_wallet)),
         str(len(by_project)),
         *requests,

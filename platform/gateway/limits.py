@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from accounts.keys import LAST_USED_HASH
-from billing import wallet_keys
+from billing import spend, wallet_keys
 from workers.contract import HEARTBEAT_TTL_S, ServiceClass, pool_live_key
 
 # Token buckets: each holds up to `limit` units and refills at limit/60 per second,
@@ -17,7 +17,7 @@ from workers.contract import HEARTBEAT_TTL_S, ServiceClass, pool_live_key
 # checks every bucket and the pool's liveness first, and only then takes from all
 # of them: a refused request consumes nothing. It also stamps the key's last use
 # (moved to the database in batches by a beat task), saving a round trip.
-_ADMIT = wallet_keys.lua("""
+_ADMIT = spend.RELEASE_HELD_LUA + wallet_keys.lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[8], ARGV[9], now / 1000)
@@ -76,6 +76,15 @@ for i = 1, 8 do
   end
 end
 if denied > 0 then return {0, denied, denied_wait} end
+-- One request id holds at most one reservation. An id admitted again (a batch line run
+-- again under its id after its runner died) finds the earlier admission's hold: that
+-- reservation is released when this one is taken, and counts as available for the test.
+local previous = ARGV[13] ~= '' and redis.call('HGET', KEYS[11], ARGV[13])
+local previous_worst, previous_project = 0, ''
+if previous then
+  local worst, project = string.match(previous, '^(%d+):%d+:(.*)$$')
+  if worst then previous_worst, previous_project = tonumber(worst), project end
+end
 -- Money: reserve the worst-case cost against what the organization may still spend
 -- (every prompt token uncached: the prefix cache is only known once the worker ran).
 local worst = math.ceil(tonumber(ARGV[10]) * tonumber(price[1])
@@ -86,7 +95,7 @@ local w = redis.call('HMGET', KEYS[9], '${mode}', '${cap}', '${spent}', '${reser
                      '${pending}')
 if w[1] and w[1] ~= '${unlimited}' and worst > 0 then
   local available = tonumber(w[2] or '0') - tonumber(w[3] or '0') - tonumber(w[4] or '0')
-                    - tonumber(w[5] or '0')
+                    - tonumber(w[5] or '0') + previous_worst
   if worst > available then return {-2, string.format('%.0f', available), worst} end
 end
 -- A project with a hard budget: the same test against its own cap, with its own
@@ -99,6 +108,7 @@ if worst > 0 and ARGV[12] ~= '' then
   if p[1] then
     local available = tonumber(p[1]) - tonumber(p[2] or '0') - tonumber(p[3] or '0')
                       - tonumber(p[4] or '0')
+    if previous_project == ARGV[12] then available = available + previous_worst end
     if worst > available then return {-3, string.format('%.0f', available), worst} end
     project_reserve = pre .. '${reserved}'
   end
@@ -126,6 +136,10 @@ for i = 1, 8 do
     redis.call('HSET', bucket[i], 'l', levels[i] - need, 'ts', now)
     redis.call('PEXPIRE', bucket[i], 120000)
   end
+end
+if previous then
+  redis.call('HDEL', KEYS[11], ARGV[13])
+  release_held(KEYS[9], previous)
 end
 if worst > 0 then
   redis.call('HINCRBY', KEYS[9], '${reserved}', string.format('%.0f', worst))
@@ -308,7 +322,9 @@ class RateLimiter:
 
         With a `request_id`, the money reserved is also held under it for `hold_s`
         seconds: if no settle comes by then (the gateway died), the wallet sync
-        releases it, so a crash never keeps an organization's money reserved.
+        releases it, so a crash never keeps an organization's money reserved. An id
+        admitted again (a batch line run again under its id) first releases the
+        reservation held under it: one id holds at most one reservation.
         """
         buckets, caps = limits.bucket_keys(), limits.caps()
         # The organization's share comes last (KEYS[12-13], ARGV[17-18]): added after the rest.

@@ -360,7 +360,9 @@ async def settle(
 
     For a tensor request `compute_ms` is the gateway's own upper bound (the time it
     waited); the drain replaces the parked cost with the worker's measured one.
-    `cached_input_tokens` (a part of `input_tokens`) cost the cached input price.
+    `cached_input_tokens` (a part of `input_tokens`) cost the cached input price. A batch
+    line (`service_class()`) may be settled again under its id, by the runner that resumed
+    its batch: that settle parks nothing more (`spend.settle`).
     """
     prices = spend.Prices(
         admission.price_in,
@@ -387,6 +389,7 @@ async def settle(
             cost=cost,
             reserved_project_id=admission.reserved_project_id,
             held=admission.held,
+            service_class=service_class(),
         )
     except Exception:
         # A lost settlement leaves the reservation in place: the organization can spend

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import Organization
-from billing import wallet_keys
+from billing import spend, wallet_keys
 from billing.invoicing import month_spend
 from billing.models import BillingAccount, Budget
 from billing.periods import hour_start, month_start
@@ -83,9 +83,11 @@ async def _admit(
     *,
     model_name: str = CHAT,
     pool: str = POOL,
+    request_ids: list[str] | None = None,
 ) -> list[Admission]:
-    """One admission per entry of `classes`, one after another, through the real Lua; POOL
-    has a live worker."""
+    """One admission per entry of `classes`, one after another, through the real Lua, under
+    `request_ids` (default `req_<index>`); POOL has a live worker."""
+    ids = request_ids or [f"req_{i}" for i in range(len(classes))]
     client = aredis.Redis.from_url(settings.REDIS_URL, decode_responses=True, max_connections=64)
     await client.zadd(pool_live_key(POOL), {"node-a": time.time()})
     limiter = RateLimiter(client)
@@ -98,11 +100,11 @@ async def _admit(
                 model_name=model_name,
                 prompt_tokens=PROMPT,
                 max_tokens=MAX_TOKENS,
-                request_id=f"req_{i}",
+                request_id=request_id,
                 hold_s=60,
                 service_class=service_class,
             )
-            for i, service_class in enumerate(classes)
+            for request_id, service_class in zip(ids, classes, strict=True)
         ]
     finally:
         await client.aclose()
@@ -272,7 +274,12 @@ def test_a_settled_batch_line_is_drained_at_the_same_cost(prepaid: Organization)
 
 
 def worker_event(
-    org: Organization, request_id: str, prompt: int, completion: int, cached: int
+    org: Organization,
+    request_id: str,
+    prompt: int,
+    completion: int,
+    cached: int,
+    service_class: ServiceClass = ServiceClass.BATCH,
 ) -> UsageEvent:
     now = time.time()
     return UsageEvent(
@@ -291,5 +298,168 @@ def worker_event(
         queue_ms=0,
         compute_ms=10,
         cached_input_tokens=cached,
-        service_class=ServiceClass.BATCH.value,
+        service_class=service_class.value,
     )
+
+
+# --- one request id admitted and settled again --------------------------------------------
+# A runner died mid-batch; the next runner runs the line again under the same request id.
+# The worker's claim makes the second dispatch a duplicate and the answer is read again, so
+# the same id is admitted, and perhaps settled, a second time. The wallet must count it once.
+
+LINE = "req_b1_7_1"  # the batch runner's id of line 7's first attempt
+# 200 prompt tokens, 50 of them cached, and 100 output tokens at the batch prices.
+COST = 150 * 500 + 50 * 250 + 100 * 1000
+
+
+@pytest.fixture
+def project_capped() -> Organization:
+    """Postpaid; its default project's hard budget covers 20 batch worst cases."""
+    price_book(CHAT, input_price="1", output_price="2")
+    batch_prices()
+    org = OrganizationFactory()
+    BillingAccount.objects.create(organization=org, mode="postpaid")
+    Budget.objects.create(
+        organization=org,
+        project=default_project(org),
+        monthly_amount=Decimal("0.01"),
+        hard_limit=True,
+    )
+    wallet_sync(org)
+    return org
+
+
+def settle_line(org: Organization, admission: Admission, request_id: str = LINE) -> None:
+    """The gateway's settle of a batch line, as the runner's `serving_class` makes it."""
+    with pipeline.serving_class(ServiceClass.BATCH):
+        asyncio.run(
+            pipeline.settle(org.id, request_id, admission, 200, 100, cached_input_tokens=50)
+        )
+
+
+def drain(org: Organization, request_id: str = LINE, how: str = "events") -> None:
+    """The metering drain counts the worker's one event of the line: its batch hook, or the
+    one-request path."""
+    if how == "events":
+        wallet_record_events([worker_event(org, request_id, 200, 100, 50)])
+    else:
+        spend.count_usage(
+            get_redis(),
+            organization_id=org.id,
+            request_id=request_id,
+            model_name=CHAT,
+            input_tokens=200,
+            output_tokens=100,
+            cached_input_tokens=50,
+            service_class=ServiceClass.BATCH,
+        )
+
+
+def money(org: Organization) -> tuple[str, str, str]:
+    """(reserved, pending, spent) of the organization's wallet, and of its capped project's
+    when it has one, as the wallet hash holds them."""
+    wallet = wallet_read(org.id)
+    fields = ("reserved_nanos", "pending_nanos", "spent_nanos")
+    prefix = f"p:{default_project(org).id}:"
+    if prefix + "cap_nanos" in wallet:  # the project's reservation and pending move alike
+        assert [wallet.get(prefix + f, "0") for f in fields[:2]] == [
+            wallet.get(f, "0") for f in fields[:2]
+        ]
+    reserved, pending, spent = (wallet.get(f, "0") for f in fields)
+    return reserved, pending, spent
+
+
+@pytest.mark.parametrize("wallet", ["prepaid", "project_capped"])
+def test_an_id_admitted_again_holds_one_reservation(
+    wallet: str, request: pytest.FixtureRequest
+) -> None:
+    org = request.getfixturevalue(wallet)
+    first, again = admit(org, limits(org), ["batch", "batch"], request_ids=[LINE, LINE])
+    assert first.allowed and again.allowed and again.held
+    assert money(org)[0] == str(BATCH_WORST)  # not two reservations
+    held = get_redis().hgetall(wallet_keys.held_key(org.id))
+    assert list(held) == [LINE]
+
+    settle_line(org, again)
+
+    assert money(org)[:2] == ("0", str(COST))
+    assert not get_redis().exists(wallet_keys.held_key(org.id))
+
+
+def test_an_id_admitted_again_counts_its_own_reservation_as_available(
+    prepaid: Organization,
+) -> None:
+    # Credit for 10 batch worst cases, all reserved: req_9 again still fits (it replaces its
+    # own reservation), a new line does not.
+    ids = [*(f"req_{i}" for i in range(10)), "req_9", "req_10"]
+
+    results = admit(prepaid, limits(prepaid), ["batch"] * 12, request_ids=ids)
+
+    assert [r.allowed for r in results] == [True] * 11 + [False]
+    assert money(prepaid)[0] == str(10 * BATCH_WORST)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # The first runner's request had only lost its lease: both requests settle.
+        "admit admit settle settle drain",
+        "admit admit drain settle settle",
+        # The first runner settled, then died before storing the line.
+        "admit settle admit settle drain",
+        "admit settle drain admit settle",
+        "admit drain settle admit settle",
+    ],
+)
+@pytest.mark.parametrize("how", ["events", "one request"])
+@pytest.mark.parametrize("wallet", ["prepaid", "project_capped"])
+def test_an_id_run_twice_is_counted_once(
+    wallet: str, how: str, steps: str, request: pytest.FixtureRequest
+) -> None:
+    org = request.getfixturevalue(wallet)
+    admitted: list[Admission] = []
+    held = settled = drained = False
+    for step in steps.split():
+        if step == "admit":
+            (line,) = admit(org, limits(org), ["batch"], request_ids=[LINE])
+            assert line.allowed
+            admitted.append(line)
+            held = True
+        elif step == "settle":
+            settle_line(org, admitted.pop(0))
+            held, settled = False, True  # whichever request settles, the id's hold goes
+        else:
+            drain(org, how=how)
+            drained = True
+
+        assert money(org) == (
+            str(BATCH_WORST if held else 0),
+            str(COST if settled and not drained else 0),  # parked once, unparked once
+            str(COST if drained else 0),
+        ), step
+    assert not get_redis().exists(wallet_keys.held_key(org.id), wallet_keys.pending_key(org.id))
+
+
+def test_a_drained_batch_line_keeps_its_counted_marker(prepaid: Organization) -> None:
+    (line,) = admit(prepaid, limits(prepaid), ["batch"], request_ids=[LINE])
+    settle_line(prepaid, line)
+
+    drain(prepaid)
+
+    ttl = get_redis().ttl(wallet_keys.counted_key(LINE))
+    assert 0 < ttl <= spend.COUNTED_TTL_S
+
+
+@pytest.mark.parametrize("drain_first", [False, True], ids=["settle first", "drain first"])
+def test_online_requests_leave_no_counted_marker(prepaid: Organization, drain_first: bool) -> None:
+    # Online traffic is settled once per id: no key per request outlives its settle.
+    (online,) = admit(prepaid, limits(prepaid), ["online"], request_ids=["req_online"])
+    event = worker_event(prepaid, "req_online", 200, 100, 0, ServiceClass.ONLINE)
+    if drain_first:
+        wallet_record_events([event])
+    asyncio.run(pipeline.settle(prepaid.id, "req_online", online, 200, 100))
+    if not drain_first:
+        wallet_record_events([event])
+
+    assert money(prepaid) == ("0", "0", str(200 * 1000 + 100 * 2000))
+    assert not get_redis().exists(wallet_keys.counted_key("req_online"))
