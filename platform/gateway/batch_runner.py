@@ -82,6 +82,9 @@ READ_AHEAD = 1024
 SLOT_TTL_S = 20.0
 """A runner renews its lines' slots in the pool's Redis set; a dead runner's expire."""
 CAPACITY_TTL_S = 1.0
+MESSAGE_MAX_CHARS = 256
+PARAM_MAX_CHARS = 64
+"""A validation error's texts are cut to these: 100 errors stay a few tens of KB."""
 
 
 def runner_name() -> str:
@@ -164,9 +167,14 @@ class Validated:
     error_count: int = 0
 
     def fail(self, line: int | None, code: str, message: str, param: str | None = None) -> None:
+        """Records an error; its texts are cut (a customer's member names end up in them, and
+        the errors are stored on the batch and read with it)."""
         self.error_count += 1
         if len(self.errors) < ERRORS_LISTED:
-            self.errors.append({"code": code, "message": message, "param": param, "line": line})
+            shown = param[:PARAM_MAX_CHARS] if param is not None else None
+            self.errors.append(
+                {"code": code, "message": message[:MESSAGE_MAX_CHARS], "param": shown, "line": line}
+            )
 
 
 def _max_tokens_of(body: dict[str, Any]) -> int:
@@ -219,7 +227,7 @@ def validate_lines(batch: Batch, lines: Iterator[tuple[int, bytes]]) -> Validate
             parsed = BatchLineRequest.model_validate_json(raw)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or None
+            where = ".".join(str(p)[:PARAM_MAX_CHARS] for p in err["loc"])[:PARAM_MAX_CHARS] or None
             code = "invalid_json_line" if err["type"] == "json_invalid" else "invalid_request"
             out.fail(number, code, f"{where or 'line'}: {err['msg']}", where)
             continue
@@ -389,6 +397,15 @@ def batch_pool(model: str) -> str:
     return spec.pool if spec is not None else ""
 
 
+def batch_mark_expired(batch_id: str, runner: str) -> None:
+    """Records that the window ended with lines not run (the batch ends `expired`)."""
+    with transaction.atomic():
+        held = _held(batch_id, runner)
+        if held.expired_at is None:
+            held.expired_at = timezone.now()
+            held.save(update_fields=["expired_at"])
+
+
 def batch_set_status(batch_id: str, runner: str, status: str) -> None:
     with transaction.atomic():
         held = _held(batch_id, runner)
@@ -517,9 +534,15 @@ class BatchRun:
         self.rows: list[tuple[int, bool, str]] = []
         self.slots: PoolSlots | None = None
         self.digest = ""
+        self.draining = False  # the process stops: start no line, let those running finish
 
     def stopping(self) -> bool:
-        return self.lost or self.status in (Status.CANCELLING, Status.CANCELLED) or self.expired()
+        return (
+            self.lost
+            or self.draining
+            or self.status in (Status.CANCELLING, Status.CANCELLED)
+            or self.expired()
+        )
 
     def expired(self) -> bool:
         return timezone.now() >= self.batch.expires_at
@@ -531,6 +554,8 @@ class BatchRun:
                 self.status = await database_read(batch_validate, self.id, self.runner)
             if self.status in (Status.IN_PROGRESS, Status.CANCELLING):
                 await self._run_lines()
+            if self.draining:
+                return
             if self.status == Status.FINALIZING or self.status in (
                 Status.IN_PROGRESS,
                 Status.CANCELLING,
@@ -612,10 +637,14 @@ class BatchRun:
         if self.lost:
             raise LeaseLost(self.id)
         await self._flush()
+        if self.draining:
+            return  # the runner stops: the next one resumes from the stored lines
         if file is None or self.stopping():
             # Cancelled, expired or its input gone: every line that did not run is written
             # to the error file as such, so each custom_id still appears once.
             code, message = self._unrun_reason(file is None)
+            if code == "batch_expired":
+                await database_read(batch_mark_expired, self.id, self.runner)
             done = await database_read(batch_done_lines, self.id)
             if file is not None:
                 async for number, raw in _read_lines(file):
@@ -690,6 +719,17 @@ class BatchRun:
         with serving_class(contract.ServiceClass.BATCH):
             response = await view(request)
         content = getattr(response, "content", b"")
+        limit = settings.MANTLE_BATCH_LINE_OUTPUT_MAX_BYTES
+        if len(content) > limit:
+            too_large = {
+                "message": f"The answer is {len(content)} bytes; a batch line's answer may be at "
+                f"most {limit} (MANTLE_BATCH_LINE_OUTPUT_MAX_BYTES). Ask for less in this line "
+                "(fewer inputs, logprobs, choices or tokens).",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "output_too_large",
+            }
+            return 413, {"error": too_large}
         try:
             reply = json.loads(content) if content else None
         except ValueError:
@@ -702,6 +742,17 @@ class BatchRun:
             await self._flush()
 
     async def _flush(self) -> None:
+        while len(self.rows) > FLUSH_ROWS:  # one statement holds at most FLUSH_ROWS lines
+            head, tail = self.rows[:FLUSH_ROWS], self.rows[FLUSH_ROWS:]
+            self.rows = head
+            await self._flush_some()
+            if self.rows:  # storing failed: kept for the next flush
+                self.rows += tail
+                return
+            self.rows = tail
+        await self._flush_some()
+
+    async def _flush_some(self) -> None:
         if not self.rows:
             return
         rows, self.rows = self.rows, []
@@ -759,7 +810,7 @@ def _rows(batch_id: str, ok: bool) -> Iterator[bytes]:
         .order_by("line")
         .values_list("output_json", flat=True)
     )
-    for text in rows.iterator(chunk_size=2000):
+    for text in rows.iterator(chunk_size=100):
         yield text.encode() + b"\n"
 
 
@@ -796,10 +847,8 @@ def batch_finalize(batch_id: str, runner: str) -> None:
         now = timezone.now()
         if held.cancelling_at is not None:
             held.status, held.cancelled_at = Status.CANCELLED, now
-        elif BatchLine.objects.filter(
-            batch_id=batch_id, output_json__contains='"code": "batch_expired"'
-        ).exists():
-            held.status, held.expired_at = Status.EXPIRED, now
+        elif held.expired_at is not None:
+            held.status = Status.EXPIRED
         else:
             held.status, held.completed_at = Status.COMPLETED, now
         held.runner, held.lease_until = "", None
@@ -819,8 +868,11 @@ async def run_forever(stop: asyncio.Event, *, runner: str | None = None) -> None
     `stop` is set; then waits for the running ones to let go of their leases."""
     name = runner or runner_name()
     running: dict[str, asyncio.Task[None]] = {}
+    runs: dict[str, BatchRun] = {}
     logger.info("batch runner %s started", name)
     while not stop.is_set():
+        for key in [k for k in runs if k not in running]:
+            del runs[key]
         claimed = None
         if len(running) < settings.MANTLE_BATCH_RUNNER_BATCHES:
             try:
@@ -829,12 +881,16 @@ async def run_forever(stop: asyncio.Event, *, runner: str | None = None) -> None
                 logger.warning("batch runner: claiming failed", exc_info=True)
         if claimed is not None:
             logger.info("batch %s: taken by %s (%s)", claimed.id, name, claimed.status)
-            task = asyncio.create_task(BatchRun(claimed, name).run())
+            run = runs[claimed.id] = BatchRun(claimed, name)
+            task = asyncio.create_task(run.run())
             running[claimed.id] = task
             task.add_done_callback(functools.partial(_forget, running, claimed.id))
             continue
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=settings.MANTLE_BATCH_POLL_S)
-    for task in list(running.values()):
-        task.cancel()
+    # Lines in flight finish and are stored; none starts. Cancelling them instead would tell
+    # their workers to stop, and the next runner would read those cut answers back.
+    for key in list(running):
+        if key in runs:
+            runs[key].draining = True
     await asyncio.gather(*running.values(), return_exceptions=True)

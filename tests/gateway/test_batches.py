@@ -232,3 +232,16 @@ def test_an_organization_with_a_batch_running_waits_while_another_is_served(
     # The organization's second batch is older than the other one's, but waits.
     assert second is not None and second.id == other.id
     assert batch_claim("runner-c", []) is None
+
+
+def test_validation_errors_stay_small_whatever_the_lines_name(world: OrgWorld) -> None:
+    model = endpoint_of(world.org).id
+    batch = new_batch(world.org)
+    huge = "m" * 100_000
+    lines = [{**line(f"l{i}", model), huge: 1} for i in range(150)]
+
+    found = validate_lines(batch, numbered(*lines))
+
+    assert found.error_count == 150 and len(found.errors) == 100
+    assert len(json.dumps(found.errors)) < 100 * 600
+    assert all(len(e["param"] or "") <= 64 and len(e["message"]) <= 256 for e in found.errors)

@@ -417,3 +417,37 @@ def test_a_responses_batch_runs_each_line_as_the_responses_api(
     assert body["object"] == "response"
     # A stored response like any other: readable by its id.
     assert client.responses.retrieve(body["id"]).id == body["id"]
+
+
+def test_a_runner_stopped_with_sigterm_finishes_its_lines_and_another_resumes(
+    served: Served,
+) -> None:
+    stack = served.live.stack
+    client = served.client()
+    count = 24
+    data = jsonl([chat_line(f"q-{i}", f"Count to {i + 3}.", max_tokens=24) for i in range(count)])
+    first = stack.batch_runner("batch-runner-t", **FAST)
+    created = client.batches.create(
+        input_file_id=upload(client, data), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        counts = client.batches.retrieve(created.id).request_counts
+        if counts is not None and counts.completed >= 3:
+            break
+        time.sleep(0.1)
+    stack.stop(first)  # SIGTERM: lines in flight finish, none starts
+    second = stack.batch_runner("batch-runner-u", **FAST)
+    try:
+        done = wait_for(client, created.id, {"completed", "failed"})
+    finally:
+        stack.stop(second)
+
+    assert done.status == "completed", done.errors
+    output = lines_of(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == sorted(f"q-{i}" for i in range(count))
+    # No answer cut short by the stop: every line ran to its own end.
+    reasons = {line["response"]["body"]["choices"][0]["finish_reason"] for line in output}
+    assert reasons <= {"stop", "length"}, reasons
+    time.sleep(0.5)
+    assert batch_usage(done.id) == Counter(dict.fromkeys(range(1, count + 1), 1))

@@ -339,6 +339,11 @@ MANTLE_BATCH_POLL_S = env.float("MANTLE_BATCH_POLL_S", default=1.0)
 MANTLE_BATCH_RUNNER_BATCHES = env.int("MANTLE_BATCH_RUNNER_BATCHES", default=4)
 # Batches of one organization running at once, across runners (the rest wait their turn).
 MANTLE_BATCH_ORG_RUNNING = env.int("MANTLE_BATCH_ORG_RUNNING", default=2)
+# One batch line's answer as stored (its output file line); larger answers are that line's
+# error (`output_too_large`): an embeddings line of 2,048 inputs answers ~16 MB of floats.
+MANTLE_BATCH_LINE_OUTPUT_MAX_BYTES = env.int(
+    "MANTLE_BATCH_LINE_OUTPUT_MAX_BYTES", default=4 * 1024**2
+)
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.
