@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from asgiref.sync import sync_to_async
@@ -67,10 +68,14 @@ def _discard_connection() -> None:
         connection.close()  # forgets the connection even when closing it fails
 
 
-async def database_read(fn: Callable[..., _T], *args: object) -> _T:
-    """`fn(*args)` in an executor thread; a database that is down becomes a clean 503."""
+async def database_read(
+    fn: Callable[..., _T], *args: object, executor: ThreadPoolExecutor | None = None
+) -> _T:
+    """`fn(*args)` in an executor thread (the loop's default one, or `executor`); a database
+    that is down becomes a clean 503."""
     try:
-        return await sync_to_async(_read_with_reconnect, thread_sensitive=False)(fn, *args)
+        run = sync_to_async(_read_with_reconnect, thread_sensitive=False, executor=executor)
+        return await run(fn, *args)
     except DATABASE_DOWN as exc:
         logger.warning("database unreachable: %s", exc)
         raise database_unavailable() from exc

@@ -39,7 +39,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Q
+from django.db.models import Count, OuterRef, Q, Subquery, Sum
+from django.db.models.functions import Coalesce, Length
 from django.http import HttpRequest, HttpResponseBase
 from django.utils import timezone
 from pydantic import ValidationError
@@ -53,6 +54,7 @@ from gateway.batches import ACTIVE, QUEUED, Status, output_expiry
 from gateway.endpoints import chat, completions, embeddings, responses
 from gateway.models import Batch, BatchLine
 from gateway.pipeline import serving_class
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.protocol_batches import (
     ERRORS_LISTED,
     BatchError,
@@ -60,6 +62,7 @@ from gateway.protocol_batches import (
     LineError,
     OutputLine,
 )
+from gateway.protocol_responses import ResponseCreateRequest
 from workers import contract
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,14 @@ VIEWS: dict[str, View] = {
     "/v1/completions": completions.completions,
     "/v1/embeddings": embeddings.embeddings,
     "/v1/responses": responses.responses,
+}
+# The endpoints' own request models: the queue limit's estimate reads a line's numbers as
+# the endpoint will (`"n": "8"` is 8 to it, so it is 8 to the estimate too).
+REQUESTS: dict[str, type[Any]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+    "/v1/responses": ResponseCreateRequest,
 }
 
 MAX_ATTEMPTS = 3
@@ -99,26 +110,36 @@ def slots_key(pool: str) -> str:
 
 
 def batch_claim(runner: str, exclude: list[str]) -> Batch | None:
-    """Takes the oldest batch that needs a runner and has none (no lease, or an expired
-    one): its lease is this runner's for MANTLE_BATCH_LEASE_S. An organization with
-    MANTLE_BATCH_ORG_RUNNING batches running already waits, so one customer's pile of
+    """Takes a batch that needs a runner and has none (no lease, or an expired one; a
+    parked batch's back-off is a lease with no runner): its lease is this runner's for
+    MANTLE_BATCH_LEASE_S. Organizations take turns: the batch chosen belongs to the
+    organization with the fewest batches running now, its oldest first, and an organization
+    with MANTLE_BATCH_ORG_RUNNING batches running already waits, so one customer's pile of
     batches cannot hold every runner while another's waits."""
     now = timezone.now()
+    running = Batch.objects.filter(status__in=ACTIVE, lease_until__gte=now).exclude(runner="")
     busy = (
-        Batch.objects.filter(status__in=ACTIVE, lease_until__gte=now)
-        .values("organization_id")
+        running.values("organization_id")
         .annotate(running=Count("id"))
         .filter(running__gte=settings.MANTLE_BATCH_ORG_RUNNING)
         .values("organization_id")
     )
+    its_running = (
+        running.filter(organization_id=OuterRef("organization_id"))
+        .order_by()
+        .values("organization_id")
+        .annotate(c=Count("id"))
+        .values("c")
+    )
     with transaction.atomic():
         found = (
-            Batch.objects.select_for_update(skip_locked=True)
+            Batch.objects.select_for_update(skip_locked=True, of=("self",))
             .filter(status__in=ACTIVE)
             .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
             .exclude(id__in=exclude)
             .exclude(organization_id__in=busy)
-            .order_by("created_at")
+            .annotate(org_running=Coalesce(Subquery(its_running), 0))
+            .order_by("org_running", "created_at")
             .first()
         )
         if found is None:
@@ -140,12 +161,20 @@ def batch_renew(batch_id: str, runner: str) -> tuple[str, datetime] | None:
     return status, expires_at
 
 
-def batch_release(batch_id: str, runner: str) -> None:
-    Batch.objects.filter(id=batch_id, runner=runner).update(lease_until=None, runner="")
+def batch_release(batch_id: str, runner: str, *, back_off_s: float = 0.0) -> None:
+    """Lets go of the batch; with `back_off_s`, no runner takes it for that long (a batch
+    parked while its pool has no capacity for batches)."""
+    until = timezone.now() + timedelta(seconds=back_off_s) if back_off_s > 0 else None
+    Batch.objects.filter(id=batch_id, runner=runner).update(lease_until=until, runner="")
 
 
 class LeaseLost(Exception):
     """Another runner holds the batch now: this one stops without writing anything."""
+
+
+class LinesNotStored(Exception):
+    """Finished lines could not all be stored (or a finalize found fewer stored lines than the
+    batch holds): the batch is taken up again later and runs what is missing."""
 
 
 def _held(batch_id: str, runner: str) -> Batch:
@@ -188,12 +217,21 @@ def _max_tokens_of(body: dict[str, Any]) -> int:
 def estimate_tokens(raw: bytes, body: dict[str, Any], endpoint: str) -> int:
     """A line's enqueued tokens for the batch queue limit: its bytes / 4 for the input (no
     tokenizer runs at validation), plus what it may generate (`max_tokens` or the default,
-    times `n`)."""
+    times `n`), read through the endpoint's own request model so that numbers the endpoint
+    coerces (`"8"`, `8.0`) count as it will run them. A body the endpoint refuses counts its
+    bytes only: that line will be a 400, never run nor billed."""
     tokens = len(raw) // 4 + 1
-    if endpoint != "/v1/embeddings":
-        n = body.get("n")
-        tokens += _max_tokens_of(body) * (n if isinstance(n, int) and n > 0 else 1)
-    return tokens
+    if endpoint == "/v1/embeddings":
+        return tokens
+    try:
+        parsed = REQUESTS[endpoint].model_validate(body)
+    except ValidationError:
+        return tokens
+    numbers = parsed.model_dump(
+        include={"max_completion_tokens", "max_tokens", "max_output_tokens", "n"}
+    )
+    n = numbers.get("n")
+    return tokens + _max_tokens_of(numbers) * (n if isinstance(n, int) and n > 0 else 1)
 
 
 def validate_lines(batch: Batch, lines: Iterator[tuple[int, bytes]]) -> Validated:
@@ -385,6 +423,12 @@ def batch_store_lines(batch_id: str, runner: str, rows: list[tuple[int, bool, st
                 cursor.execute(_COUNT_LINES, [completed, failed, batch_id])
 
 
+def batch_output_bytes(batch_id: str) -> int:
+    """The bytes of the batch's stored lines (what its output and error files will hold)."""
+    total = BatchLine.objects.filter(batch_id=batch_id).aggregate(n=Sum(Length("output_json")))
+    return int(total["n"] or 0)
+
+
 def batch_key_digest(api_key_id: str) -> str:
     """The digest of the key that created the batch ("" once the key is deleted): its
     lines run under that key, so a revoked key stops them."""
@@ -485,13 +529,27 @@ class PoolSlots:
         self._capacity, self._read_at = total, now
         return total
 
-    async def acquire(self, member: str, stopping: Callable[[], bool]) -> bool:
-        """Waits for a slot; False if `stopping()` turns true first."""
+    async def acquire(
+        self,
+        member: str,
+        stopping: Callable[[], bool],
+        may_park: Callable[[], bool] = lambda: False,
+    ) -> bool | None:
+        """Waits for a slot: True once it holds one, False if `stopping()` turns true first,
+        None when the pool has offered batches nothing for MANTLE_BATCH_PARK_AFTER_S while
+        `may_park()` (the batch has no line in flight and can let go of its runner)."""
         client = get_async_redis()
         delay = 0.01
+        empty_since: float | None = None
         while not stopping():
             capacity = await self.capacity()
-            if capacity > 0:
+            if capacity <= 0:
+                now = time.monotonic()
+                empty_since = empty_since if empty_since is not None else now
+                if now - empty_since >= settings.MANTLE_BATCH_PARK_AFTER_S and may_park():
+                    return None
+            else:
+                empty_since = None
                 now = time.time()
                 got = await client.eval(
                     _ACQUIRE,
@@ -535,14 +593,24 @@ class BatchRun:
         self.slots: PoolSlots | None = None
         self.digest = ""
         self.draining = False  # the process stops: start no line, let those running finish
+        self.parked = False  # the pool offers batches nothing: let go of the runner a while
+        self.output_bytes = 0  # the stored lines' bytes, bounded by MANTLE_BATCH_OUTPUT_MAX_BYTES
+        # Lines whose worker died under them twice (an input that kills workers, not a node
+        # lost once), bounded by MANTLE_BATCH_MAX_WORKERS_LOST.
+        self.workers_lost = 0
 
     def stopping(self) -> bool:
         return (
             self.lost
             or self.draining
             or self.status in (Status.CANCELLING, Status.CANCELLED)
+            or self.output_full()
+            or self.workers_lost >= settings.MANTLE_BATCH_MAX_WORKERS_LOST
             or self.expired()
         )
+
+    def output_full(self) -> bool:
+        return self.output_bytes >= settings.MANTLE_BATCH_OUTPUT_MAX_BYTES
 
     def expired(self) -> bool:
         return timezone.now() >= self.batch.expires_at
@@ -554,18 +622,13 @@ class BatchRun:
                 self.status = await database_read(batch_validate, self.id, self.runner)
             if self.status in (Status.IN_PROGRESS, Status.CANCELLING):
                 await self._run_lines()
-            if self.draining:
+            if self.draining or self.parked:
                 return
             if self.status == Status.FINALIZING or self.status in (
                 Status.IN_PROGRESS,
                 Status.CANCELLING,
             ):
                 await database_read(batch_finalize, self.id, self.runner)
-        except files.FileQuotaExceeded:
-            # The answers are stored and billed: kept until the organization has room
-            # for the output (it deletes files); another runner tries again later.
-            logger.warning("batch %s: output over the file quota; finalizing later", self.id)
-            await asyncio.sleep(settings.MANTLE_BATCH_LEASE_S)
         except LeaseLost:
             logger.warning("batch %s: lease lost to another runner; stopping", self.id)
         except Exception:
@@ -578,8 +641,19 @@ class BatchRun:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             if not self.lost:
-                with contextlib.suppress(Exception):
-                    await database_read(batch_release, self.id, self.runner)
+                back_off = settings.MANTLE_BATCH_PARK_S if self.parked else 0.0
+                if self.parked:
+                    logger.info(
+                        "batch %s: pool %s offers batches no capacity; parked for %.0f s",
+                        self.id,
+                        self.slots.pool if self.slots else "",
+                        back_off,
+                    )
+                try:
+                    release = functools.partial(batch_release, back_off_s=back_off)
+                    await database_read(release, self.id, self.runner)
+                except Exception:  # the lease expires on its own
+                    logger.warning("batch %s: releasing failed", self.id, exc_info=True)
 
     async def _keep_lease(self) -> None:
         every = max(1.0, settings.MANTLE_BATCH_LEASE_S / 3)
@@ -612,6 +686,7 @@ class BatchRun:
         pool = await database_read(batch_pool, model) if model else ""
         self.slots = PoolSlots(pool)
         done = await database_read(batch_done_lines, self.id)
+        self.output_bytes = await database_read(batch_output_bytes, self.id)
         file = await database_read(files.get_file, batch.organization_id, batch.input_file_id)
         running: set[asyncio.Task[None]] = set()
         flusher = asyncio.create_task(self._flush_every())
@@ -621,7 +696,10 @@ class BatchRun:
                     if number in done or not raw.strip():
                         continue
                     member = f"{self.id}:{number}"
-                    if not await self.slots.acquire(member, self.stopping):
+                    got = await self.slots.acquire(member, self.stopping, lambda: not running)
+                    if got is None:
+                        self.parked = True
+                    if not got:
                         break
                     task = asyncio.create_task(self._line(number, raw, member))
                     running.add(task)
@@ -636,9 +714,9 @@ class BatchRun:
                 task.cancel()
         if self.lost:
             raise LeaseLost(self.id)
-        await self._flush()
-        if self.draining:
-            return  # the runner stops: the next one resumes from the stored lines
+        await self._flush_all()
+        if self.draining or self.parked:
+            return  # the runner lets go: the next one resumes from the stored lines
         if file is None or self.stopping():
             # Cancelled, expired or its input gone: every line that did not run is written
             # to the error file as such, so each custom_id still appears once.
@@ -652,8 +730,8 @@ class BatchRun:
                         continue
                     self._unrun(number, raw, code, message)
                     if len(self.rows) >= FLUSH_ROWS:
-                        await self._flush()
-            await self._flush()
+                        await self._flush_all()
+            await self._flush_all()
         final = Status.FINALIZING
         await database_read(batch_set_status, self.id, self.runner, final)
         self.status = final
@@ -663,6 +741,19 @@ class BatchRun:
             return "file_not_found", "The batch's input file was deleted before this line ran."
         if self.status in (Status.CANCELLING, Status.CANCELLED):
             return "batch_cancelled", "The batch was cancelled before this line ran."
+        if self.workers_lost >= settings.MANTLE_BATCH_MAX_WORKERS_LOST:
+            return (
+                "batch_workers_lost",
+                f"{self.workers_lost} of the batch's lines lost their worker on two tries "
+                "(MANTLE_BATCH_MAX_WORKERS_LOST); it was stopped before this line ran.",
+            )
+        if self.output_full():
+            limit = settings.MANTLE_BATCH_OUTPUT_MAX_BYTES
+            return (
+                "batch_output_limit",
+                f"The batch's answers reached {limit} bytes (MANTLE_BATCH_OUTPUT_MAX_BYTES) "
+                "before this line ran; run it in another batch.",
+            )
         return "batch_expired", "The batch's completion window ended before this line ran."
 
     def _unrun(self, number: int, raw: bytes, code: str, message: str) -> None:
@@ -685,9 +776,17 @@ class BatchRun:
             parsed = json.loads(raw)
             body = json.dumps(parsed["body"]).encode()
             status, reply, request_id = 0, None, ""
+            lost = 0
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 request_id = f"req_{self.short}_{number}_{attempt}"
                 status, reply = await self._call(body, request_id)
+                if _worker_lost(status, reply):
+                    # Not billed (the worker died): an input that kills workers is run at
+                    # most twice, and a batch of them is stopped (stopping()).
+                    lost += 1
+                    if lost >= 2:
+                        self.workers_lost += 1
+                        break
                 if status not in RETRIED or attempt == MAX_ATTEMPTS or self.lost:
                     break
                 await asyncio.sleep(min(10.0, 0.5 * 2**attempt))
@@ -697,7 +796,9 @@ class BatchRun:
                 "response": {"status_code": status, "request_id": request_id, "body": reply},
                 "error": None,
             }
-            self.rows.append((number, 200 <= status < 300, json.dumps(out)))
+            text = json.dumps(out)
+            self.output_bytes += len(text)
+            self.rows.append((number, 200 <= status < 300, text))
         except Exception:
             # Never a line left out of both files: it is written as a failure.
             logger.exception("batch %s line %d failed unexpectedly", self.id, number)
@@ -752,6 +853,15 @@ class BatchRun:
             self.rows = tail
         await self._flush_some()
 
+    async def _flush_all(self) -> None:
+        """Flushes, and raises unless every finished line is stored: a batch never moves on
+        (to finalizing, or to another runner) with an answer held only in memory."""
+        await self._flush()
+        if self.lost:
+            raise LeaseLost(self.id)
+        if self.rows:
+            raise LinesNotStored(f"{len(self.rows)} finished lines of {self.id} are not stored")
+
     async def _flush_some(self) -> None:
         if not self.rows:
             return
@@ -764,6 +874,13 @@ class BatchRun:
             # Kept for the next flush: a line is stored once whatever happens.
             self.rows = rows + self.rows
             logger.warning("batch %s: storing %d lines failed", self.id, len(rows), exc_info=True)
+
+
+def _worker_lost(status: int, reply: Any) -> bool:
+    if status != 502 or not isinstance(reply, dict):
+        return False
+    error = reply.get("error")
+    return isinstance(error, dict) and error.get("code") == "worker_lost"
 
 
 async def _read_lines(file: Any) -> Any:
@@ -821,6 +938,19 @@ def batch_finalize(batch_id: str, runner: str) -> None:
     batch = Batch.objects.get(id=batch_id)
     if batch.runner != runner:
         raise LeaseLost(batch_id)
+    if batch.in_progress_at is not None:
+        stored = BatchLine.objects.filter(batch_id=batch_id).count()
+        if stored < batch.request_total:
+            # Never a batch ended with lines in neither file: it runs what is missing first.
+            with transaction.atomic():
+                held = _held(batch_id, runner)
+                held.status = (
+                    Status.CANCELLING if held.cancelling_at is not None else Status.IN_PROGRESS
+                )
+                held.save(update_fields=["status"])
+            raise LinesNotStored(
+                f"{batch_id}: {stored} lines stored of {batch.request_total}; running the rest"
+            )
     if batch.status not in (Status.FINALIZING,):
         batch_set_status(batch_id, runner, Status.FINALIZING)
     keep = output_expiry(batch)
@@ -836,6 +966,9 @@ def batch_finalize(batch_id: str, runner: str) -> None:
             filename=f"{batch_id}_{'output' if ok else 'error'}.jsonl",
             chunks=_rows(batch_id, ok),
             expires_at=expires_at,
+            # Paid for already, and bounded by MANTLE_BATCH_OUTPUT_MAX_BYTES: written past the
+            # organization's file quota rather than held (docs/batches.md).
+            over_quota=True,
         )
         with transaction.atomic():
             held = _held(batch_id, runner)

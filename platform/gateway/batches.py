@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.models import Organization
 from core.ids import new_id
 from gateway.errors import OpenAIError, invalid
 from gateway.files import get_file
@@ -76,18 +78,34 @@ def batch_create(creator: Creator, body: BatchCreateRequest) -> Batch:
             "reads a file uploaded with purpose 'batch'.",
             "input_file_id",
         )
-    now = timezone.now()
     output_expiry = body.output_expires_after.seconds if body.output_expires_after else 0
     metadata: dict[str, Any] = {"user": body.metadata}
     if output_expiry:
         metadata["output_expires_after_s"] = output_expiry
+    with transaction.atomic():
+        # The organization's row serialises its creations: two cannot both take the last place.
+        Organization.objects.select_for_update().filter(id=creator.organization_id).first()
+        return _create(creator, body, found.id, metadata)
+
+
+def _create(creator: Creator, body: BatchCreateRequest, file_id: str, metadata: Any) -> Batch:
+    limit = settings.MANTLE_BATCH_ORG_ACTIVE
+    active = Batch.objects.filter(organization_id=creator.organization_id, status__in=ACTIVE)
+    if active.count() >= limit:
+        raise OpenAIError(
+            429,
+            f"The organization has {limit} batches not yet ended, the most it may "
+            "(MANTLE_BATCH_ORG_ACTIVE); wait for some to finish or cancel them.",
+            code="batch_limit_reached",
+        )
+    now = timezone.now()
     return Batch.objects.create(
         id=new_id("batch_", 24),
         organization_id=creator.organization_id,
         project_id=creator.project_id,
         api_key_id=creator.api_key_id,
         endpoint=body.endpoint,
-        input_file_id=found.id,
+        input_file_id=file_id,
         completion_window=body.completion_window,
         status=Status.VALIDATING,
         metadata_json=json.dumps(metadata),

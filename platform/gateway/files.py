@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -133,11 +135,16 @@ def write_file(
     filename: str,
     chunks: Iterable[bytes],
     expires_at: datetime | None,
+    over_quota: bool = False,
 ) -> File:
     """A file the platform writes for an organization (a batch's output or errors): `chunks`
     streamed into the store, then its row created; the quota counts it. Raises
     FileQuotaExceeded when the organization's quota cannot hold it (nothing is left behind),
-    InvalidInput for an unknown purpose or an empty filename."""
+    InvalidInput for an unknown purpose or an empty filename.
+
+    `over_quota` writes it whatever the quota says (a batch's answers, paid for already;
+    the batch runner bounds their size itself): it counts toward the quota afterwards, so the
+    organization uploads again once it has deleted enough."""
     if purpose not in PURPOSES:
         raise InvalidInput(f"Unknown purpose {purpose[:64]!r}.", param="purpose")
     return _create(
@@ -147,6 +154,7 @@ def write_file(
         chunks=chunks,
         expires_at=lambda _: expires_at,
         max_bytes=None,
+        over_quota=over_quota,
     )
 
 
@@ -366,6 +374,54 @@ def delete_expired_files(*, now: datetime | None = None) -> int:
     return total
 
 
+ORPHAN_AGE_S = 3600  # older than any upload or batch output being written
+
+
+def delete_orphaned_bytes(*, older_than_s: float = ORPHAN_AGE_S) -> int:
+    """Deletes bytes in the store that no file row names, once older than `older_than_s`: an
+    upload or a batch output whose process died between writing the bytes and committing the
+    row (or whose row's delete committed and the bytes' did not). Returns how many; the store
+    is walked one organization's folder at a time."""
+    fs, root = _fs_of(store_url())
+    if not fs.exists(root):
+        return 0
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for folder in fs.ls(root, detail=False):
+        organization_id = str(folder).rstrip("/").rsplit("/", 1)[-1]
+        if not _ID.match(organization_id):
+            continue
+        listed = fs.ls(folder, detail=True)
+        names = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e for e in listed}
+        known = set(
+            File.objects.filter(organization_id=organization_id, id__in=list(names)).values_list(
+                "id", flat=True
+            )
+        )
+        for name, entry in names.items():
+            if name in known or not _ID.match(name) or entry.get("type") != "file":
+                continue
+            if _modified(entry) > cutoff:
+                continue
+            _remove(f"{store_url()}/{organization_id}/{name}")
+            removed += 1
+    if removed:
+        logger.warning("deleted %s files' bytes that no file row names", removed)
+    return removed
+
+
+def _modified(entry: dict[str, Any]) -> float:
+    """An entry's modification time in seconds since the epoch (local: `mtime`; object
+    stores: `LastModified` or `mtime` as a datetime); unknown is 'now' (kept)."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = entry.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+    return time.time()
+
+
 def usage_of(organization_id: str) -> Usage:
     """The files the organization holds now (not expired), and their bytes."""
     counted = _live(organization_id).aggregate(files=Count("id"), bytes=Sum("bytes"))
@@ -397,14 +453,18 @@ def _create(
     chunks: Iterable[bytes],
     expires_at: Callable[[datetime], datetime | None],
     max_bytes: int | None,
+    over_quota: bool = False,
 ) -> File:
     """Bytes first (refused early when the quota is already full), then the row under the
-    organization's lock, the quota counted again there."""
+    organization's lock, the quota counted again there (neither with `over_quota`)."""
     file_id = new_id("file-", 24)
     location = location_of(owner.organization_id, file_id)
-    usage = usage_of(owner.organization_id)
-    _quota_check(usage, 0)
-    left = settings.MANTLE_FILES_ORG_MAX_BYTES - usage.bytes
+    if over_quota:
+        left = sys.maxsize
+    else:
+        usage = usage_of(owner.organization_id)
+        _quota_check(usage, 0)
+        left = settings.MANTLE_FILES_ORG_MAX_BYTES - usage.bytes
     size = _stream_into(location, chunks, max_bytes=max_bytes, quota_left=left)
     try:
         with transaction.atomic():
@@ -418,7 +478,8 @@ def _create(
             )
             if locked is None:
                 raise InvalidInput("No such organization.", param="organization")
-            _quota_check(usage_of(owner.organization_id), size)
+            if not over_quota:
+                _quota_check(usage_of(owner.organization_id), size)
             created_at = timezone.now()
             return File.objects.create(
                 id=file_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from gateway.files import delete_expired_files
+from gateway.files import delete_expired_files, delete_orphaned_bytes
 from gateway.responses_store import responses_delete_expired
 from workers.contract import Queue
 
@@ -20,4 +20,7 @@ def responses_expire() -> int:
     name="mantle.control.files_delete_expired", queue=Queue.CONTROL.value, ignore_result=True
 )
 def files_expire() -> int:
-    return delete_expired_files()
+    """Files past their retention, then bytes no file row names (a writer that died)."""
+    deleted = delete_expired_files()
+    delete_orphaned_bytes()
+    return deleted

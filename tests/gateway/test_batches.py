@@ -3,6 +3,7 @@ cancellation rules, the Batch object."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from datetime import timedelta
@@ -16,16 +17,24 @@ from accounts.principal import SYSTEM
 from catalog.models import Endpoint
 from catalog.services import endpoint_create
 from gateway.batch_runner import (
+    BatchRun,
     LeaseLost,
+    LinesNotStored,
+    PoolSlots,
     batch_claim,
+    batch_finalize,
+    batch_release,
     batch_renew,
     batch_store_lines,
     estimate_tokens,
     validate_lines,
 )
-from gateway.batches import Status, batch_cancel, batch_object
+from gateway.batches import Creator, Status, batch_cancel, batch_create, batch_object
+from gateway.dispatch import worker_lost
 from gateway.errors import OpenAIError
-from gateway.models import Batch, BatchLine
+from gateway.models import Batch, BatchLine, File
+from gateway.protocol import ChatCompletionRequest
+from gateway.protocol_batches import BatchCreateRequest
 from tests.conftest import OrgWorld
 from tests.factories import (
     UNSERVED_ENCODER,
@@ -141,7 +150,29 @@ def test_a_file_past_the_line_limit_fails_and_an_empty_one_too(world: OrgWorld) 
 def test_embeddings_lines_reserve_no_output_tokens(world: OrgWorld) -> None:
     raw = b'{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{}}'
     assert estimate_tokens(raw, {}, "/v1/embeddings") == len(raw) // 4 + 1
-    assert estimate_tokens(raw, {"max_tokens": 7}, "/v1/chat/completions") == len(raw) // 4 + 8
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7}
+    assert estimate_tokens(raw, chat, "/v1/chat/completions") == len(raw) // 4 + 8
+
+
+def test_the_estimate_reads_numbers_as_the_endpoint_will_run_them(world: OrgWorld) -> None:
+    """`"n": "8"` and `"max_tokens": "1000.0"` are coerced by the endpoint's request model;
+    an estimate that read JSON integers only would count them as 1 and the default, and a
+    batch could queue far more than the limit says."""
+    raw = b"x" * 40
+    coerced = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": "1000",
+        "n": "8",
+    }
+    runs_as = ChatCompletionRequest.model_validate(coerced)
+    assert (runs_as.max_tokens, runs_as.n) == (1000, 8)  # what the endpoint will do
+
+    assert estimate_tokens(raw, coerced, "/v1/chat/completions") == 11 + 8000
+    responses = {"model": "m", "input": "hi", "max_output_tokens": 300.0}
+    assert estimate_tokens(raw, responses, "/v1/responses") == 11 + 300
+    # A body the endpoint refuses is a 400 at run time, never billed: its bytes only.
+    assert estimate_tokens(raw, {"model": "m", "n": "many"}, "/v1/chat/completions") == 11
 
 
 @pytest.mark.django_db(transaction=True)
@@ -245,3 +276,137 @@ def test_validation_errors_stay_small_whatever_the_lines_name(world: OrgWorld) -
     assert found.error_count == 150 and len(found.errors) == 100
     assert len(json.dumps(found.errors)) < 100 * 600
     assert all(len(e["param"] or "") <= 64 and len(e["message"]) <= 256 for e in found.errors)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_organizations_take_turns_whatever_the_age_of_their_batches(world: OrgWorld) -> None:
+    """The claim goes to the organization with the fewest batches running: one customer's
+    hundred old batches do not make a newer customer's batch wait behind all of them."""
+    piled = [new_batch(world.org) for _ in range(3)]
+    newcomer = new_batch(OrganizationFactory())
+    Batch.objects.filter(id=newcomer.id).update(created_at=timezone.now() + timedelta(hours=1))
+
+    first = batch_claim("runner-a", [])
+    second = batch_claim("runner-b", [])
+    third = batch_claim("runner-c", [])
+
+    assert first is not None and first.id == piled[0].id
+    assert second is not None and second.id == newcomer.id  # newer, but its turn
+    assert third is not None and third.id == piled[1].id
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(MANTLE_BATCH_ORG_RUNNING=1)
+def test_a_parked_batch_is_not_claimed_until_its_back_off_ends_nor_counted_as_running(
+    world: OrgWorld,
+) -> None:
+    """A batch whose pool offers batches nothing lets go of its runner with a back-off: no
+    runner takes it again before the back-off ends, and meanwhile it does not count against
+    its organization's running batches (its other batch runs)."""
+    parked = new_batch(world.org)
+    waiting = new_batch(world.org)
+    Batch.objects.filter(id=waiting.id).update(created_at=timezone.now() + timedelta(seconds=1))
+    taken = batch_claim("runner-a", [])
+    assert taken is not None and taken.id == parked.id
+
+    batch_release(parked.id, "runner-a", back_off_s=60)
+
+    row = Batch.objects.get(id=parked.id)
+    assert row.runner == "" and row.lease_until is not None
+    again = batch_claim("runner-b", [])
+    assert again is not None and again.id == waiting.id
+    assert batch_claim("runner-c", []) is None
+    Batch.objects.filter(id=parked.id).update(lease_until=timezone.now() - timedelta(seconds=1))
+    Batch.objects.filter(id=waiting.id).update(status=Status.COMPLETED)
+    back = batch_claim("runner-c", [])
+    assert back is not None and back.id == parked.id
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(MANTLE_BATCH_ORG_ACTIVE=2)
+def test_an_organization_has_at_most_its_active_batches(world: OrgWorld) -> None:
+    File.objects.create(
+        id="file-in",
+        organization=world.org,
+        purpose="batch",
+        filename="in.jsonl",
+        bytes=1,
+        location="x",
+        created_at=timezone.now(),
+    )
+    creator = Creator(world.org.id, "proj", "key")
+    body = BatchCreateRequest.model_validate(
+        {"input_file_id": "file-in", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    )
+    first = batch_create(creator, body)
+    batch_create(creator, body)
+
+    with pytest.raises(OpenAIError) as refused:
+        batch_create(creator, body)
+
+    assert refused.value.status == 429 and refused.value.code == "batch_limit_reached"
+    assert "MANTLE_BATCH_ORG_ACTIVE" in refused.value.message
+    Batch.objects.filter(id=first.id).update(status=Status.COMPLETED)
+    assert batch_create(creator, body).status == Status.VALIDATING  # an ended one made room
+
+
+@pytest.mark.django_db(transaction=True)
+def test_finalize_with_lines_missing_sends_the_batch_back_to_run_them(world: OrgWorld) -> None:
+    """A batch never ends with a line in neither file: a finalize that finds fewer stored
+    lines than the batch holds puts it back in progress (cancelling, if it was) and raises."""
+    batch = new_batch(
+        world.org,
+        status=Status.FINALIZING,
+        runner="runner-a",
+        request_total=3,
+        in_progress_at=timezone.now(),
+    )
+    batch_store_lines(batch.id, "runner-a", [(1, True, "{}"), (2, True, "{}")])
+
+    with pytest.raises(LinesNotStored):
+        batch_finalize(batch.id, "runner-a")
+
+    row = Batch.objects.get(id=batch.id)
+    assert row.status == Status.IN_PROGRESS and not row.output_file_id
+    assert BatchLine.objects.filter(batch_id=batch.id).count() == 2
+    Batch.objects.filter(id=batch.id).update(status=Status.FINALIZING, cancelling_at=timezone.now())
+    with pytest.raises(LinesNotStored):
+        batch_finalize(batch.id, "runner-a")
+    assert Batch.objects.get(id=batch.id).status == Status.CANCELLING
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(MANTLE_BATCH_MAX_WORKERS_LOST=2)
+def test_lines_that_kill_their_worker_twice_stop_the_batch(world: OrgWorld) -> None:
+    """A lost attempt is not billed, so an input that kills workers would cost the platform
+    three crashes per line for free: a line whose worker dies under it twice is not tried a
+    third time, and a batch with MANTLE_BATCH_MAX_WORKERS_LOST such lines stops, its unrun
+    lines written as `batch_workers_lost`. (The gateway's answer for a lost worker is played
+    here; the worker's death itself is tests/gateway/test_batches_e2e.py's.)"""
+    batch = new_batch(world.org, status=Status.IN_PROGRESS, runner="runner-a")
+    run = BatchRun(batch, "runner-a")
+    run.slots = PoolSlots("crashpool")
+    run.digest = "digest"
+    lost = worker_lost().body()
+    calls: list[str] = []
+
+    async def dies(body: bytes, request_id: str) -> tuple[int, Any]:
+        calls.append(request_id)
+        return 502, lost
+
+    run._call = dies  # type: ignore[method-assign]
+    raw = json.dumps(line("a", "m")).encode()
+
+    async def two_lines() -> None:
+        await run._line(1, raw, "m1")
+        assert not run.stopping()
+        await run._line(2, raw, "m2")
+
+    asyncio.run(two_lines())
+
+    short = batch.id.removeprefix("batch_")
+    assert calls == [f"req_{short}_1_1", f"req_{short}_1_2", f"req_{short}_2_1", f"req_{short}_2_2"]
+    assert run.workers_lost == 2 and run.stopping()
+    stored = [json.loads(text) for _, _, text in run.rows]
+    assert [s["response"]["body"]["error"]["code"] for s in stored] == ["worker_lost"] * 2
+    assert run._unrun_reason(False)[0] == "batch_workers_lost"

@@ -451,3 +451,51 @@ def test_a_runner_stopped_with_sigterm_finishes_its_lines_and_another_resumes(
     assert reasons <= {"stop", "length"}, reasons
     time.sleep(0.5)
     assert batch_usage(done.id) == Counter(dict.fromkeys(range(1, count + 1), 1))
+
+
+def test_a_batch_whose_pool_serves_nothing_lets_its_runner_run_other_batches(
+    served: Served,
+) -> None:
+    """A batch on a pool with no capacity for batches (no live node, or nodes full of
+    online traffic) would hold a runner's place for its whole window: after
+    MANTLE_BATCH_PARK_AFTER_S it lets go for MANTLE_BATCH_PARK_S, and the runner's only
+    place runs the next batch meanwhile."""
+    stack = served.live.stack
+    pool = pool_ensure(name="parkpool", region="local", providers=["CPUExecutionProvider"])
+    endpoint = Endpoint.objects.create(
+        organization=served.org,
+        name="parked-chat",
+        pool=pool,
+        model_version=served.endpoints[CHAT].model_version,
+    )
+    endpoint_publish(endpoint)
+    runner = stack.batch_runner(
+        "batch-runner-park",
+        **FAST,
+        MANTLE_BATCH_RUNNER_BATCHES="1",
+        MANTLE_BATCH_PARK_AFTER_S="1",
+        MANTLE_BATCH_PARK_S="600",
+    )
+    try:
+        client = served.client()
+        stuck = client.batches.create(
+            input_file_id=upload(client, jsonl([chat_line("p-0", "hi", model=endpoint.id)])),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        wait_for(client, stuck.id, {"in_progress"})
+        runs = client.batches.create(
+            input_file_id=upload(client, jsonl([chat_line(f"r-{i}", "hi") for i in range(3)])),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        done = wait_for(client, runs.id, {"completed", "failed"}, timeout=120)
+    finally:
+        stack.stop(runner)
+
+    assert done.status == "completed", done.errors
+    assert len(lines_of(client, done.output_file_id)) == 3
+    parked = BatchModel.objects.get(id=stuck.id)
+    assert parked.status == "in_progress" and parked.request_completed == 0
+    assert parked.runner == "" and parked.lease_until is not None
+    assert parked.lease_until > timezone.now()  # its back-off: no runner takes it before

@@ -3,6 +3,7 @@ the interface the batch runner reads and writes files through."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -436,3 +437,54 @@ def test_expiry_runs_hourly_on_the_control_queue() -> None:
     }
     app.loader.import_default_modules()
     assert app.tasks["mantle.control.files_delete_expired"].queue == "control"
+
+
+@pytest.mark.django_db
+def test_a_batch_output_is_written_past_a_full_quota_and_counts_afterwards(
+    settings: SettingsWrapper, store: Path
+) -> None:
+    """A batch's answers are paid for: its output file is written whatever the quota says
+    (the runner bounds its size, MANTLE_BATCH_OUTPUT_MAX_BYTES), and the organization's
+    uploads are refused until it has deleted enough."""
+    settings.MANTLE_FILES_ORG_MAX_BYTES = 10
+    settings.MANTLE_FILES_ORG_MAX_COUNT = 1
+    org = OrganizationFactory()
+    upload(org, b"0123456789")
+    with pytest.raises(FileCountQuotaExceeded):
+        write(org, b"more bytes")
+
+    output = write(org, b'{"id": "batch_req_1"}\n', over_quota=True)
+
+    assert output.bytes == 22 and files.get_file(org.id, output.id) is not None
+    assert files.usage_of(org.id).bytes == 32
+    with pytest.raises(FileCountQuotaExceeded):
+        upload(org, b"x")
+    settings.MANTLE_FILES_ORG_MAX_COUNT = 10
+    with pytest.raises(FileStorageQuotaExceeded):
+        upload(org, b"x")
+
+
+@pytest.mark.django_db
+def test_bytes_no_row_names_are_swept_once_old_and_the_rest_kept(store: Path) -> None:
+    """An upload or an output whose process died between the bytes and the row leaves bytes
+    no row names: the hourly task deletes them once older than an hour, never a file that
+    has its row, nor one still being written."""
+    org = OrganizationFactory()
+    kept = write(org, b"kept bytes")
+    orphan = store / org.id / "file-orphan0000000000000000"
+    orphan.write_bytes(b"left by a dead writer")
+    fresh = store / org.id / "file-fresh00000000000000000"
+    fresh.write_bytes(b"being written now")
+    stray = store / "not an id" / "file-x"
+    stray.parent.mkdir()
+    stray.write_bytes(b"not the store's")
+    old = time.time() - 2 * files.ORPHAN_AGE_S
+    os.utime(orphan, (old, old))
+    os.utime(store / org.id / kept.id, (old, old))
+    os.utime(stray, (old, old))
+
+    assert files_expire() == 0
+
+    assert not orphan.exists()
+    assert fresh.exists() and stray.exists()
+    assert (store / org.id / kept.id).read_bytes() == b"kept bytes"

@@ -226,3 +226,37 @@ def test_the_documents_file_schemas_are_the_bounds_the_gateway_enforces() -> Non
     listing = doc["paths"]["/v1/files"]["get"]["parameters"]
     assert [p["name"] for p in listing] == ["purpose", "limit", "order", "after"]
     assert listing[1]["schema"]["maximum"] == 10_000
+
+
+def test_the_files_and_batches_surface_has_a_rate_per_organization(
+    settings: SettingsWrapper,
+) -> None:
+    """MANTLE_FILES_BATCHES_RPM requests a minute per organization over /v1/files and
+    /v1/batches together, whichever key sends them; then a 429 with retry-after that names
+    the setting. Another organization is not slowed."""
+    from core.redis import get_redis
+
+    settings.MANTLE_FILES_BATCHES_RPM = 4
+    org = OrganizationFactory()
+    for key in get_redis().scan_iter(f"mantle:files-batches-rpm:{org.id}:*"):
+        get_redis().delete(key)
+    first = Client(headers={"authorization": f"Bearer {make_api_key(org)[1]}"})
+    second = Client(headers={"authorization": f"Bearer {make_api_key(org)[1]}"})
+
+    answers = [
+        first.get("/v1/files").status_code,
+        second.get("/v1/batches").status_code,
+        first.post("/v1/files", {"purpose": "user_data", "file": upload()}).status_code,
+        second.get("/v1/files").status_code,
+    ]
+    refused = first.get("/v1/batches")
+    upload_refused = second.post("/v1/files", {"purpose": "user_data", "file": upload()})
+
+    assert answers == [200, 200, 200, 200]
+    assert (refused.status_code, upload_refused.status_code) == (429, 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "MANTLE_FILES_BATCHES_RPM" in refused.json()["error"]["message"]
+    assert 1 <= int(refused["retry-after"]) <= 61
+    assert File.objects.filter(organization=org).count() == 1  # the refused upload stored nothing
+    _, other = make_api_key(OrganizationFactory())
+    assert Client(headers={"authorization": f"Bearer {other}"}).get("/v1/files").status_code == 200

@@ -812,3 +812,34 @@ def test_a_weakened_manifest_fails_the_checks(
         + network_problems(docs)
     )
     assert problems
+
+
+def _size_bytes(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    text = text.strip().lower()
+    if text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def test_the_ingress_lets_an_upload_of_the_file_limit_through_and_nothing_else_that_large() -> None:
+    """The edge's body limit for POST /v1/files holds a file of MANTLE_FILE_MAX_BYTES with
+    its multipart framing and streams it on (the gateway cuts it while it streams); every
+    other path keeps the small limit."""
+    from django.conf import settings
+
+    from gateway.endpoints.files import MULTIPART_OVERHEAD_BYTES
+
+    ingresses = [d for d in k8s_documents() if d.get("kind") == "Ingress"]
+    limits: dict[str, tuple[int, dict[str, str]]] = {}
+    for doc in ingresses:
+        notes = doc["metadata"].get("annotations", {})
+        size = _size_bytes(notes["nginx.ingress.kubernetes.io/proxy-body-size"])
+        for rule in doc["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                limits[path["path"]] = (size, notes)
+    files_size, files_notes = limits["/v1/files"]
+    assert files_size >= settings.MANTLE_FILE_MAX_BYTES + MULTIPART_OVERHEAD_BYTES
+    assert files_notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
+    others = [size for path, (size, _) in limits.items() if path != "/v1/files"]
+    assert others and max(others) <= settings.DATA_UPLOAD_MAX_MEMORY_SIZE * 2

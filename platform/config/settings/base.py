@@ -344,6 +344,27 @@ MANTLE_BATCH_ORG_RUNNING = env.int("MANTLE_BATCH_ORG_RUNNING", default=2)
 MANTLE_BATCH_LINE_OUTPUT_MAX_BYTES = env.int(
     "MANTLE_BATCH_LINE_OUTPUT_MAX_BYTES", default=4 * 1024**2
 )
+# One batch's answers in all (output and error files): lines past it are not run and are
+# written as `batch_output_limit` errors. The files are written past the organization's file
+# quota (paid for already), so this is what bounds them.
+MANTLE_BATCH_OUTPUT_MAX_BYTES = env.int("MANTLE_BATCH_OUTPUT_MAX_BYTES", default=10 * 1024**3)
+# A batch line whose worker dies under it (not billed) is tried once more, and its error is
+# `worker_lost` if that one dies too; a batch with this many such lines is stopped, its unrun
+# lines written as `batch_workers_lost`. Bounds what an input that kills workers costs (a
+# node lost once costs a line one retry, not a place here).
+MANTLE_BATCH_MAX_WORKERS_LOST = env.int("MANTLE_BATCH_MAX_WORKERS_LOST", default=5)
+# Batches of one organization not yet ended (validating to finalizing); more is a 429.
+MANTLE_BATCH_ORG_ACTIVE = env.int("MANTLE_BATCH_ORG_ACTIVE", default=100)
+# A batch whose pool offers batches no capacity for MANTLE_BATCH_PARK_AFTER_S lets go of its
+# runner for MANTLE_BATCH_PARK_S (other organizations' batches run meanwhile).
+MANTLE_BATCH_PARK_AFTER_S = env.float("MANTLE_BATCH_PARK_AFTER_S", default=30.0)
+MANTLE_BATCH_PARK_S = env.float("MANTLE_BATCH_PARK_S", default=60.0)
+# Requests to /v1/files and /v1/batches per organization per minute (uploads, lists, reads,
+# cancels: the management surface, apart from the inference RPM/TPM).
+MANTLE_FILES_BATCHES_RPM = env.int("MANTLE_FILES_BATCHES_RPM", default=600)
+# Threads for file bytes (uploads' parsing and storing, downloads): their own pool, so that
+# large files never queue the gateway's database reads behind them.
+MANTLE_FILE_IO_THREADS = env.int("MANTLE_FILE_IO_THREADS", default=4)
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.

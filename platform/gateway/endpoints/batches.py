@@ -17,6 +17,7 @@ from gateway.batches import (
     batch_object,
 )
 from gateway.errors import OpenAIError, invalid
+from gateway.management_rate import management_rate
 from gateway.pipeline import parse_request
 from gateway.protocol_batches import LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT, BatchCreateRequest
 from gateway.replies import gateway_view, json_reply
@@ -39,10 +40,12 @@ async def batches(request: HttpRequest) -> HttpResponseBase:
     if request.method == "POST":
         body = parse_request(request, BatchCreateRequest)
         identity, _ = await resolve(request, None)
+        await management_rate(identity.organization_id)
         creator = Creator(identity.organization_id, identity.project_id, identity.key_id)
         created = await database_read(batch_create, creator, body)
         return json_reply(batch_object(created))
     identity, _ = await resolve(request, None)
+    await management_rate(identity.organization_id)
     raw_limit = request.GET.get("limit")
     limit = LIST_DEFAULT_LIMIT
     if raw_limit is not None:
@@ -64,6 +67,7 @@ async def batch(request: HttpRequest, batch_id: str) -> HttpResponseBase:
     """GET /v1/batches/{batch_id}."""
     _allow(request, "GET")
     identity, _ = await resolve(request, None)
+    await management_rate(identity.organization_id)
     found = await database_read(batch_get, identity.organization_id, batch_id)
     return json_reply(batch_object(found))
 
@@ -73,5 +77,6 @@ async def cancel(request: HttpRequest, batch_id: str) -> HttpResponseBase:
     """POST /v1/batches/{batch_id}/cancel."""
     _allow(request, "POST")
     identity, _ = await resolve(request, None)
+    await management_rate(identity.organization_id)
     found = await database_read(batch_cancel, identity.organization_id, batch_id)
     return json_reply(batch_object(found))

@@ -14,10 +14,13 @@ import functools
 import io
 import json
 import logging
+import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, ParamSpec, TypeVar, cast
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.core.files.uploadedfile import UploadedFile
 from django.core.handlers.asgi import ASGIRequest
@@ -29,6 +32,7 @@ from core.errors import DomainError, InvalidInput
 from gateway import files
 from gateway.backends import database_read
 from gateway.errors import OpenAIError, invalid
+from gateway.management_rate import management_rate
 from gateway.models import File
 from gateway.pipeline import parse
 from gateway.protocol import (
@@ -56,6 +60,24 @@ PURPOSE_MAX_LENGTH = 64
 EXPIRES_AFTER_FIELDS = {"expires_after[anchor]": "anchor", "expires_after[seconds]": "seconds"}
 
 
+_io_executor: ThreadPoolExecutor | None = None
+_io_lock = threading.Lock()
+
+
+def file_io_executor() -> ThreadPoolExecutor:
+    """The threads that move file bytes (parsing an upload, storing it, reading a download):
+    MANTLE_FILE_IO_THREADS of them, apart from the loop's default executor, so that a few
+    large uploads or slow downloads never hold the threads the gateway's database reads
+    need. Uploads past them wait their turn."""
+    global _io_executor
+    with _io_lock:
+        if _io_executor is None:
+            _io_executor = ThreadPoolExecutor(
+                max_workers=settings.MANTLE_FILE_IO_THREADS, thread_name_prefix="file-io"
+            )
+        return _io_executor
+
+
 # --- views ----------------------------------------------------------------------------------
 
 
@@ -64,6 +86,7 @@ async def files_root(request: HttpRequest) -> HttpResponseBase:
     """POST /v1/files (upload) and GET /v1/files (list)."""
     _allow(request, "POST", "GET")
     identity, _ = await resolve(request, None)
+    await management_rate(identity.organization_id)
     if request.method == "GET":
         limit, order, after, purpose = _list_query(request)
         page = await database_read(
@@ -85,7 +108,8 @@ async def files_root(request: HttpRequest) -> HttpResponseBase:
             "has_more": page.has_more,
         }
         return json_reply(listed)
-    fields, upload = await sync_to_async(_form, thread_sensitive=False)(request)
+    io = file_io_executor()
+    fields, upload = await sync_to_async(_form, thread_sensitive=False, executor=io)(request)
     owner = files.Owner(identity.organization_id, identity.project_id, identity.key_id)
     expires_after = fields.expires_after
     file = await database_read(
@@ -96,7 +120,8 @@ async def files_root(request: HttpRequest) -> HttpResponseBase:
             filename=upload.name or "",
             chunks=_Chunks(upload),
             expires_after_s=expires_after.seconds if expires_after is not None else None,
-        )
+        ),
+        executor=io,
     )
     return json_reply(file_object(file))
 
@@ -106,6 +131,7 @@ async def file_detail(request: HttpRequest, file_id: str) -> HttpResponseBase:
     """GET and DELETE /v1/files/{file_id}."""
     _allow(request, "GET", "DELETE")
     identity, _ = await resolve(request, None)
+    await management_rate(identity.organization_id)
     if request.method == "DELETE":
         deleted = len(file_id) <= FILE_ID_MAX_LENGTH and await database_read(
             files.delete_file, identity.organization_id, file_id
@@ -122,8 +148,10 @@ async def file_content(request: HttpRequest, file_id: str) -> HttpResponseBase:
     """GET /v1/files/{file_id}/content: the bytes, streamed from the store."""
     _allow(request, "GET")
     identity, _ = await resolve(request, None)
+    await management_rate(identity.organization_id)
     file = await _file(identity.organization_id, file_id)
-    handle = await sync_to_async(files.open_file, thread_sensitive=False)(file)
+    open_file = sync_to_async(files.open_file, thread_sensitive=False, executor=file_io_executor())
+    handle = await open_file(file)
     response = FileContentResponse(handle)
     response["content-length"] = str(file.bytes)
     return response
@@ -184,7 +212,7 @@ class FileContentResponse(StreamingHttpResponse):
 
 
 async def _read(handle: IO[bytes]) -> AsyncGenerator[bytes, None]:
-    read = sync_to_async(handle.read, thread_sensitive=False)
+    read = sync_to_async(handle.read, thread_sensitive=False, executor=file_io_executor())
     while chunk := await read(files.CHUNK_BYTES):
         yield chunk
 
