@@ -110,11 +110,38 @@ after the worker finished and before it stored the line reads the answer again f
 
 
 class ServiceClass(enum.StrEnum):
-    """The class of work a request belongs to: online traffic, or a batch line that runs
-    on what online traffic leaves idle (docs/batches.md) and is billed at batch prices."""
+    """The class of work a request belongs to. Online traffic comes in three service
+    tiers (OpenAI's `service_tier`, docs/service_tiers.md): `online` is the default tier,
+    `priority` is admitted first and priced at a premium, `flex` is admitted last, priced
+    at a discount, and refused with a 429 when it cannot start before its queue deadline.
+    `provisioned` is traffic within an organization's provisioned throughput units
+    (docs/provisioned.md): admitted first like `priority`, billed per unit-hour rather than
+    per token. A batch line runs on what online traffic leaves idle (docs/batches.md) and is
+    billed at batch prices. Any value a node does not know is served as `online`."""
 
     ONLINE = "online"
+    PRIORITY = "priority"
+    FLEX = "flex"
+    PROVISIONED = "provisioned"
     BATCH = "batch"
+
+
+SERVICE_TIERS: dict[str, ServiceClass] = {
+    "default": ServiceClass.ONLINE,
+    "priority": ServiceClass.PRIORITY,
+    "flex": ServiceClass.FLEX,
+}
+"""OpenAI's `service_tier` values (besides `auto`) and the class each runs as."""
+
+
+def tier_of(service_class: str) -> str:
+    """The `service_tier` a response reports for a request of `service_class`
+    (provisioned traffic reports `scale`, OpenAI's name for its provisioned Scale Tier)."""
+    if service_class in (ServiceClass.PRIORITY, ServiceClass.FLEX):
+        return str(service_class)
+    if service_class == ServiceClass.PROVISIONED:
+        return "scale"
+    return "default"
 
 
 def pool_live_key(pool: str) -> str:

@@ -85,6 +85,19 @@ def serving_class(value: contract.ServiceClass) -> Iterator[None]:
         _service_class.reset(token)
 
 
+def tier_class(service_tier: str | None) -> str:
+    """The class of work a request asking for `service_tier` runs as: a batch line stays a
+    batch line whatever its body says; `priority` and `flex` are their own classes; `auto`,
+    `default`, `scale` and none are the default tier (`online`). (Provisioned throughput
+    turns an `auto` or `scale` request of an organization with units into `provisioned` at
+    admission, docs/provisioned.md.)"""
+    current = service_class()
+    if current == contract.ServiceClass.BATCH or service_tier is None:
+        return current
+    chosen = contract.SERVICE_TIERS.get(service_tier)
+    return chosen.value if chosen is not None else current
+
+
 def limiter() -> RateLimiter:
     """This event loop's rate limiter (its Redis client belongs to the loop)."""
     loop_id = id(asyncio.get_running_loop())
@@ -193,9 +206,12 @@ async def admit(
     *,
     requests: int = 0,
     compute_ms: int = 0,
+    work_class: str | None = None,
 ) -> Admission:
-    """Takes the request's share of every limit and reserves its worst-case cost, or
-    raises the refusal as OpenAI words it (429, 403 unpriced, 503 no live worker)."""
+    """Takes the request's share of every limit and reserves its worst-case cost at the
+    prices of its class (`work_class`, default the context's), or raises the refusal as
+    OpenAI words it (429, 403 unpriced, 503 no live worker)."""
+    chosen = work_class if work_class is not None else service_class()
 
     async def attempt() -> Admission:
         return await limiter().admit(
@@ -209,7 +225,7 @@ async def admit(
             hold_s=settings.MANTLE_REQUEST_TIMEOUT_S + spend.HOLD_GRACE_S,
             requests=requests,
             compute_ms=compute_ms,
-            service_class=service_class(),
+            service_class=chosen,
         )
 
     admission = await attempt()
@@ -355,6 +371,7 @@ async def settle(
     requests: int = 0,
     compute_ms: int = 0,
     cached_input_tokens: int = 0,
+    work_class: str | None = None,
 ) -> None:
     """Releases the reservation and parks the real cost until metering counts it.
 
@@ -389,7 +406,7 @@ async def settle(
             cost=cost,
             reserved_project_id=admission.reserved_project_id,
             held=admission.held,
-            service_class=service_class(),
+            service_class=work_class if work_class is not None else service_class(),
         )
     except Exception:
         # A lost settlement leaves the reservation in place: the organization can spend
@@ -496,6 +513,9 @@ class Generation:
     ticket: dispatch.Ticket | None = None
     choices: list[Choice] = field(default_factory=list)
     prompt_logprobs: list[Any] | None = None
+    # Its class of work (a `contract.ServiceClass` value), kept here rather than read from
+    # the context: a stream is relayed, and settled, outside the view's context.
+    service_class: str = contract.ServiceClass.ONLINE.value
 
     def __post_init__(self) -> None:
         if not self.choices:
@@ -503,6 +523,11 @@ class Generation:
 
     def headers(self) -> dict[str, str]:
         return self.admission.headers()
+
+    @property
+    def service_tier(self) -> str:
+        """The `service_tier` its responses report."""
+        return contract.tier_of(self.service_class)
 
     def events(self) -> AsyncIterator[dict[str, str]]:
         assert self.ticket is not None, "a generation's events are read after it was sent"
@@ -599,6 +624,7 @@ class Generation:
             self.prompt_tokens,
             self.completion_tokens,
             cached_input_tokens=self.cached_tokens,
+            work_class=self.service_class,
         )
 
 
@@ -610,6 +636,7 @@ async def start_generation(
     prompt_ids: Sequence[int],
     sampling: Sampling,
     max_tokens: int | None,
+    service_tier: str | None = None,
 ) -> Generation:
     """Admits a generation of `sampling.n` choices of at most `max_tokens` each (default:
     what the context leaves, up to MANTLE_DEFAULT_MAX_TOKENS) after `prompt_ids`, and sends
@@ -626,8 +653,15 @@ async def start_generation(
     completion_budget = max_tokens * sampling.n
     reserved = prompt_tokens + completion_budget
     limits = limits_for(identity, spec)
+    chosen = tier_class(service_tier)
     admission = await admit(
-        limits, spec, identity.organization_id, prompt_tokens, completion_budget, request_id
+        limits,
+        spec,
+        identity.organization_id,
+        prompt_tokens,
+        completion_budget,
+        request_id,
+        work_class=chosen,
     )
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.GenerateRequest(
@@ -638,7 +672,7 @@ async def start_generation(
         sampling=sampling.params(max_tokens),
         deadline=deadline,
         enqueued_at=time.time(),
-        service_class=service_class(),
+        service_class=chosen,
     )
     generation = Generation(
         request_id=request_id,
@@ -650,6 +684,7 @@ async def start_generation(
         deadline=deadline,
         organization_id=identity.organization_id,
         n=sampling.n,
+        service_class=chosen,
     )
     generation.ticket = await send(
         contract.TaskName.GENERATE,

@@ -34,6 +34,11 @@ MAX_TOP_LOGPROBS = contract.MAX_TOP_LOGPROBS
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions' integer logprobs, OpenAI's limit
 
 
+ServiceTier = Literal["auto", "default", "flex", "priority", "scale"]
+"""OpenAI's `service_tier` (docs/service_tiers.md): `auto` and `scale` are the organization's
+provisioned units when it has room in them, else `default`."""
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -111,7 +116,7 @@ class SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
-    service_tier: str | None = Field(default=None, max_length=32)
+    service_tier: ServiceTier | None = None
 
     @field_validator("stop")
     @classmethod
@@ -314,6 +319,7 @@ class ChatCompletion(TypedDict):
     system_fingerprint: str
     choices: Annotated[list[ChatChoice], Field(min_length=1)]
     usage: Usage
+    service_tier: str
 
 
 @_closed
@@ -365,6 +371,7 @@ class ChatCompletionChunk(TypedDict):
     system_fingerprint: str
     choices: list[ChatChunkChoice]
     usage: NotRequired[Usage | None]
+    service_tier: str
 
 
 @_closed
@@ -395,6 +402,7 @@ class Completion(TypedDict):
     system_fingerprint: str
     choices: Annotated[list[CompletionChoice], Field(min_length=1)]
     usage: Usage
+    service_tier: str
 
 
 @_closed
@@ -409,6 +417,7 @@ class CompletionChunk(TypedDict):
     system_fingerprint: NotRequired[str]
     choices: list[CompletionChoice]
     usage: NotRequired[Usage | None]
+    service_tier: str
 
 
 @_closed

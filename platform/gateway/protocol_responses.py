@@ -34,6 +34,7 @@ from gateway.protocol import (
     USER_MAX_LENGTH,
     ResponseFormatJSONObject,
     ResponseFormatText,
+    ServiceTier,
     metadata_check,
 )
 
@@ -240,9 +241,9 @@ class ResponseCreateRequest(_Request):
     previous_response_id: str | None = Field(default=None, min_length=1, max_length=ID_MAX_LENGTH)
     metadata: dict[str, str] | None = None
     stream: bool | None = False
+    service_tier: ServiceTier | None = None
     # Accepted and ignored: what SDKs and frameworks send by default.
     user: str | None = Field(default=None, max_length=USER_MAX_LENGTH)
-    service_tier: str | None = Field(default=None, max_length=32)
     truncation: Literal["disabled"] | None = None
     include: list[str] | None = Field(default=None, max_length=0)
 
@@ -414,6 +415,7 @@ class Response(TypedDict):
     usage: ResponseUsage | None
     user: str | None
     metadata: dict[str, str]
+    service_tier: NotRequired[str]
 
 
 @_closed

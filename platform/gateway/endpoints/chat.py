@@ -130,6 +130,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
         prompt_ids=prompt_ids,
         sampling=sampling,
         max_tokens=_max_tokens(body.max_completion_tokens, body.max_tokens),
+        service_tier=body.service_tier,
     )
     completion_id = f"chatcmpl-{generation.request_id.removeprefix('req_')}"
     want_logprobs = bool(body.logprobs)
@@ -175,6 +176,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
         "system_fingerprint": system_fingerprint(generation.spec),
         "choices": choices,
         "usage": usage(generation),
+        "service_tier": generation.service_tier,
     }
     return json_reply(reply, headers=generation.headers())
 
@@ -245,6 +247,7 @@ class _Chunks:
             "created": self.generation.created,
             "model": self.model,
             "system_fingerprint": system_fingerprint(self.generation.spec),
+            "service_tier": self.generation.service_tier,
             "choices": [
                 {
                     "index": index,
@@ -331,4 +334,5 @@ class _Chunks:
             "system_fingerprint": system_fingerprint(self.generation.spec),
             "choices": [],
             "usage": usage(self.generation),
+            "service_tier": self.generation.service_tier,
         }

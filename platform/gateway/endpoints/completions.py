@@ -75,6 +75,7 @@ async def completions(request: HttpRequest) -> HttpResponseBase:
         prompt_ids=prompt_ids,
         sampling=sampling,
         max_tokens=body.max_tokens,
+        service_tier=body.service_tier,
     )
     completion_id = f"cmpl-{generation.request_id.removeprefix('req_')}"
     echo = prompt_text if body.echo else ""
@@ -114,6 +115,7 @@ async def completions(request: HttpRequest) -> HttpResponseBase:
         "system_fingerprint": system_fingerprint(generation.spec),
         "choices": choices,
         "usage": usage(generation),
+        "service_tier": generation.service_tier,
     }
     return json_reply(reply, headers=generation.headers())
 
@@ -179,6 +181,7 @@ class _Chunks:
             "created": self.generation.created,
             "model": self.model,
             "system_fingerprint": system_fingerprint(self.generation.spec),
+            "service_tier": self.generation.service_tier,
             "choices": [
                 {
                     "text": content,
@@ -235,4 +238,5 @@ class _Chunks:
             "model": self.model,
             "choices": [],
             "usage": usage(self.generation),
+            "service_tier": self.generation.service_tier,
         }

@@ -9,6 +9,7 @@ the database for MANTLE_RESPONSES_RETENTION_DAYS (gateway/responses_store.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -99,13 +100,17 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
             prompt_ids=prompt_ids,
             sampling=Sampling(temperature=body.temperature, top_p=body.top_p, grammar=plan.grammar),
             max_tokens=body.max_output_tokens,
+            service_tier=body.service_tier,
         )
     except OpenAIError as exc:
         # The template and the context length speak of chat's `messages`; here, `input`.
         if exc.param == "messages":
             exc.param = "input"
         raise
-    shape = Shape.of(body, plan, agent.new_id("resp_"), generation.created)
+    shape = dataclasses.replace(
+        Shape.of(body, plan, agent.new_id("resp_"), generation.created),
+        service_tier=generation.service_tier,
+    )
     owner = Owner(identity.organization_id, identity.project_id, identity.key_id)
     if body.stream:
         return streaming_reply(relay(generation, shape, plan, items, owner), generation)
@@ -377,6 +382,7 @@ class Shape:
     top_p: float
     user: str | None
     metadata: dict[str, str]
+    service_tier: str = "default"
 
     @classmethod
     def of(
@@ -464,6 +470,7 @@ class Shape:
             "usage": usage,
             "user": self.user,
             "metadata": self.metadata,
+            "service_tier": self.service_tier,
         }
 
 
