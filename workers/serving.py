@@ -158,6 +158,8 @@ class WorkerRuntime:
                 max_batch=s.max_batch,
                 max_prefill_tokens=s.max_prefill_tokens,
                 redis_client=self.redis,
+                fair_sharing=s.fair_sharing,
+                flex_max_wait_s=s.flex_max_wait_s,
             ).start()
         if ref.runtime == Runtime.TENSOR:
             return TensorEngine.from_model(

@@ -36,6 +36,10 @@ class WorkerSettings:
     tensor_max_batch: int = 64  # rows of the batch dimension per tensor-model run
     tensor_max_wait_ms: float = 5.0
     engine_idle_s: float = 1800.0  # unload a model version unused this long (0: never)
+    # Engines admit online requests fairly across organizations (docs/service_tiers.md);
+    # off (MANTLE_FAIR_SHARING=0): by tier, then arrival order, the baseline of the benchmark.
+    fair_sharing: bool = True
+    flex_max_wait_s: float = 30.0  # a flex request not started by then: 429 resource_unavailable
 
     @property
     def queue(self) -> str:
@@ -56,6 +60,8 @@ class WorkerSettings:
             tensor_max_batch=_int("MANTLE_TENSOR_MAX_BATCH", 64),
             tensor_max_wait_ms=_float("MANTLE_TENSOR_MAX_WAIT_MS", 5.0),
             engine_idle_s=_float("MANTLE_ENGINE_IDLE_S", 1800.0),
+            fair_sharing=os.environ.get("MANTLE_FAIR_SHARING", "1").strip() not in ("0", "false"),
+            flex_max_wait_s=_float("MANTLE_FLEX_MAX_WAIT_S", 30.0),
             # The slot count in heartbeats: tasks this node takes at once (-c of the threads pool).
             concurrency=_int("MANTLE_CONCURRENCY", 64),
             visibility_timeout_s=_int("MANTLE_VISIBILITY_TIMEOUT_S", 3600),

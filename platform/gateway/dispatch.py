@@ -41,9 +41,22 @@ def timed_out(seconds: float) -> OpenAIError:
     )
 
 
+FLEX_RETRY_AFTER_S = 30
+"""What a flex request refused for want of capacity is told to wait before trying again."""
+
+
 def worker_error(fields: Mapping[str, str]) -> OpenAIError:
     code = fields.get("code") or "server_error"
     message = fields.get("message") or "the worker failed to run the request"
+    if code == "resource_unavailable":
+        # A flex request that could not start before its wait ran out: OpenAI's 429.
+        return OpenAIError(
+            429,
+            f"Resource unavailable: {message}",
+            type_="invalid_request_error",
+            code="resource_unavailable",
+            headers={"retry-after": str(FLEX_RETRY_AFTER_S)},
+        )
     status = 400 if code in {"invalid_request", "context_length_exceeded"} else 500
     type_ = "invalid_request_error" if status == 400 else "server_error"
     return OpenAIError(status, message, type_=type_, code=code)

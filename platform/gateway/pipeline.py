@@ -516,6 +516,7 @@ class Generation:
     # Its class of work (a `contract.ServiceClass` value), kept here rather than read from
     # the context: a stream is relayed, and settled, outside the view's context.
     service_class: str = contract.ServiceClass.ONLINE.value
+    _primed: tuple[list[dict[str, str]], AsyncIterator[dict[str, str]]] | None = None
 
     def __post_init__(self) -> None:
         if not self.choices:
@@ -531,7 +532,34 @@ class Generation:
 
     def events(self) -> AsyncIterator[dict[str, str]]:
         assert self.ticket is not None, "a generation's events are read after it was sent"
+        if self._primed is not None:
+            first, rest = self._primed
+            self._primed = None
+            return _chained(first, rest)
         return dispatch.events(self.ticket)
+
+    async def prime(self) -> None:
+        """Waits for the worker's first event before a stream's response starts, so that a
+        refusal in it (a flex request that found no capacity) is an HTTP error with its
+        status, not an error inside a 200 stream. On a refusal the generation is settled
+        here and the error raised."""
+        assert self.ticket is not None, "a generation is primed after it was sent"
+        rest = dispatch.events(self.ticket)
+        first: list[dict[str, str]] = []
+        try:
+            while not first or first[-1].get("type") == contract.EVENT_STARTED:
+                first.append(await anext(rest))
+            if first[-1].get("type") == contract.EVENT_ERROR:
+                raise dispatch.worker_error(first[-1])
+        except StopAsyncIteration:
+            pass
+        except BaseException:
+            try:
+                await self.cancel()
+            finally:
+                await self.settle()
+            raise
+        self._primed = (first, rest)
 
     def take(self, event: Mapping[str, str]) -> str:
         """The text an event adds ('' when none), counting its tokens; the final event's
@@ -626,6 +654,15 @@ class Generation:
             cached_input_tokens=self.cached_tokens,
             work_class=self.service_class,
         )
+
+
+async def _chained(
+    first: list[dict[str, str]], rest: AsyncIterator[dict[str, str]]
+) -> AsyncIterator[dict[str, str]]:
+    for event in first:
+        yield event
+    async for event in rest:
+        yield event
 
 
 async def start_generation(

@@ -415,7 +415,7 @@ class Response(TypedDict):
     usage: ResponseUsage | None
     user: str | None
     metadata: dict[str, str]
-    service_tier: NotRequired[str]
+    service_tier: str
 
 
 @_closed

@@ -141,6 +141,7 @@ def test_reply_schemas_are_closed_and_in_wire_order() -> None:
         "system_fingerprint",
         "choices",
         "usage",
+        "service_tier",
     ]
     assert schemas["ErrorObject"]["required"] == ["message", "type", "param", "code"]
     # The usage chunk of a completion stream has no system_fingerprint; every chat chunk has.

@@ -49,17 +49,20 @@ def request(
     stop: tuple[str, ...] = (),
     deadline: float | None = None,
     service_class: str = "online",
+    org: str = "org",
+    enqueued_at: float = 0.0,
 ) -> GenerateRequest:
     return GenerateRequest(
         request_id=rid,
         model=MODEL,
-        identity=IDENTITY,
+        identity=replace(IDENTITY, organization_id=org),
         prompt_token_ids=tuple(prompt),
         sampling=SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed, stop=stop
         ),
         deadline=time.time() + 60 if deadline is None else deadline,
         service_class=service_class,
+        enqueued_at=enqueued_at or time.time(),
     )
 
 
@@ -1056,3 +1059,199 @@ def test_an_online_arrival_cuts_a_step_of_batch_lines_short(
         assert h.wait(30) is not None
         assert sink.text(f"line-{i}") == decode(reference([i + 1, 2], 6))
     assert sink.text("online") == decode(reference([9, 9, 9], 3))
+
+
+# --- fair sharing and service tiers (docs/service_tiers.md) ----------------------------------
+
+
+def test_a_quiet_organization_is_served_beside_a_flood_not_behind_it(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    """Another organization's streams fill every row and more of its requests wait: a
+    quiet organization's request is within its fair share, so it is admitted at once on
+    a burst row, ahead of the flood's waiting requests, and its prompt is computed at once."""
+    session = FakeCausalLM(delay_s=0.002)
+    engine = make_engine(session, max_batch=4)
+    sink = RecordingSink()
+    flood = [engine.submit(request(f"a-{i}", [i + 1, 2], 400, org="a"), sink) for i in range(4)]
+    wait_until(lambda: all(sink.count(f"a-{i}", "delta") > 0 for i in range(4)))
+    waiting = [engine.submit(request(f"a-w{i}", [3, 3], 400, org="a"), sink) for i in range(3)]
+    quiet = engine.submit(request("b", [9, 9, 9], 5, org="b"), sink)
+
+    result = quiet.wait(10)
+
+    assert result is not None and result.finish_reason == "length"
+    assert sink.text("b") == decode(reference([9, 9, 9], 5))
+    assert not any(h.claimed for h in flood + waiting)  # none of the flood had to end first
+    assert max(decode_batches(session)) == 5  # four flood rows and the quiet one's
+    for h in flood + waiting:
+        h.claim()
+
+
+def test_with_fair_sharing_off_a_quiet_organization_waits_behind_the_flood(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    """The baseline: arrival order. The quiet request waits for the flood's rows to end and
+    for the flood's earlier waiting requests to be admitted first."""
+    session = FakeCausalLM(delay_s=0.001)
+    engine = make_engine(session, max_batch=2, fair_sharing=False)
+    sink = RecordingSink()
+    flood = [engine.submit(request(f"a-{i}", [i + 1, 2], 30, org="a"), sink) for i in range(2)]
+    wait_until(lambda: all(sink.count(f"a-{i}", "delta") > 0 for i in range(2)))
+    waiting = [engine.submit(request(f"a-w{i}", [3, 3], 30, org="a"), sink) for i in range(2)]
+    quiet = engine.submit(request("b", [9, 9, 9], 5, org="b"), sink)
+
+    quiet_r = quiet.wait(20)
+    flood_r = [h.wait(20) for h in flood + waiting]
+
+    assert quiet_r is not None and all(r is not None for r in flood_r)
+    assert quiet_r.admitted_step > max(r.admitted_step for r in flood_r if r is not None)
+    assert max(decode_batches(session)) == 2
+
+
+def test_waiting_requests_are_admitted_to_the_organization_holding_fewest_rows(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM(delay_s=0.001)
+    engine = make_engine(session, max_batch=2)
+    sink = RecordingSink()
+    # Organization a holds both rows (and the burst row once b waits); then a queue forms:
+    # three more of a's, then one of c's.
+    first = [engine.submit(request(f"a-{i}", [i + 1], 300, org="a"), sink) for i in range(2)]
+    wait_until(lambda: all(sink.count(f"a-{i}", "delta") > 0 for i in range(2)))
+    b = engine.submit(request("b", [5], 2000, org="b"), sink)  # takes the burst row, stays
+    wait_until(lambda: sink.count("b", "delta") > 0)
+    later = [engine.submit(request(f"a-w{i}", [4], 20, org="a"), sink) for i in range(3)]
+    c = engine.submit(request("c", [6], 20, org="c"), sink)
+
+    results = {h: h.wait(20) for h in [*first, *later, c]}
+
+    assert all(r is not None for r in results.values())
+    admitted = {h: r.admitted_step for h, r in results.items() if r is not None}
+    # c arrived last but holds no row: the first row a's requests free goes to c.
+    assert not any(r is not None and r.admitted_step < 0 for r in results.values())
+    assert admitted[c] < min(admitted[h] for h in later)
+    assert admitted[c] > max(admitted[h] for h in first)
+    b.claim()
+
+
+def test_tiers_are_admitted_priority_first_then_default_then_flex(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM(delay_s=0.002)
+    engine = make_engine(session, max_batch=1)
+    sink = RecordingSink()
+    running = engine.submit(request("running", [2], 30), sink)
+    wait_until(lambda: sink.count("running", "delta") > 0)
+    # One organization: fair sharing changes nothing here, the tiers order the queue.
+    flex = engine.submit(request("flex", [3], 4, service_class="flex"), sink)
+    default = engine.submit(request("default", [4], 4), sink)
+    priority = engine.submit(request("priority", [5], 4, service_class="priority"), sink)
+
+    got = {name: h.wait(20) for name, h in [("flex", flex), ("default", default)]}
+    got["priority"] = priority.wait(20)
+    assert running.wait(20) is not None
+
+    steps = {name: r.admitted_step for name, r in got.items() if r is not None}
+    assert len(steps) == 3
+    # Priority did not wait for the running row (a burst row); default came before flex.
+    assert steps["priority"] < steps["default"] < steps["flex"]
+    assert got["priority"] is not None and got["priority"].admitted_step < 30
+    assert sink.text("flex") == decode(reference([3], 4))
+
+
+def test_a_flex_request_that_cannot_start_in_time_is_refused_not_dropped(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    session = FakeCausalLM(delay_s=0.002)
+    engine = make_engine(session, max_batch=1, flex_max_wait_s=0.2)
+    sink = RecordingSink()
+    running = engine.submit(request("running", [2], 100_000), sink)
+    wait_until(lambda: sink.count("running", "delta") > 0)
+    # A flex request sent 0.1 s ago by the gateway: 0.1 s more and it is past its wait.
+    flex = engine.submit(
+        request("flex", [3], 4, service_class="flex", enqueued_at=time.time() - 0.1), sink
+    )
+
+    result = flex.wait(10)
+
+    assert result is not None and result.finish_reason == "error"
+    assert sink.of("flex")[-1][0] == "error"
+    code = sink.of("flex")[-1][1]
+    assert "resource_unavailable" in str(code), sink.of("flex")
+    assert not running.claimed  # the running request goes on
+    running.claim()
+
+
+class SlowSteps(FakeCausalLM):
+    """Calls given RunOptions take `slow_s` (checking `terminate` every millisecond, as
+    ONNX Runtime does between nodes) once `slow` is set; the others are instant."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+        self.slow = threading.Event()
+        self.in_slow_call = threading.Event()
+
+    def run(
+        self, output_names: Sequence[str], feeds: Mapping[str, Any], *options: Any
+    ) -> list[np.ndarray]:
+        if options and self.slow.is_set():
+            self.in_slow_call.set()
+            end = time.monotonic() + self.slow_s
+            while time.monotonic() < end:
+                if options[0].terminate:
+                    self.in_slow_call.clear()
+                    raise RuntimeError("Exiting due to terminate flag being set to true.")
+                time.sleep(0.001)
+            self.in_slow_call.clear()
+        return super().run(output_names, feeds)
+
+
+def test_a_quiet_organizations_arrival_cuts_a_step_of_a_flood_short(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    """A step of rows of one organization that holds more than the share it would have
+    beside one more organization is cut short when a new organization's request arrives:
+    its first token does not wait out the step. The same organization's own arrivals never
+    cut its steps."""
+    session = SlowSteps(slow_s=0.6)
+    engine = make_engine(session, max_batch=4, run_options=FakeRunOptions)
+    sink = RecordingSink()
+    flood = [engine.submit(request(f"a-{i}", [i + 1, 2], 12, org="a"), sink) for i in range(4)]
+    wait_until(lambda: all(sink.count(f"a-{i}", "delta") > 0 for i in range(4)))
+    session.slow.set()
+    wait_until(lambda: session.in_slow_call.is_set())
+    own = engine.submit(request("a-more", [3, 3], 2, org="a"), sink)
+    time.sleep(0.05)
+    assert engine.cut_short == 0  # its own arrival waits for the step
+    submitted = time.time()
+    quiet = engine.submit(request("b", [9, 9, 9], 3, org="b"), sink)
+
+    result = quiet.wait(30)
+
+    assert result is not None and result.finish_reason == "length"
+    assert result.first_token_at - submitted < 0.3
+    assert engine.cut_short >= 1
+    session.slow.clear()
+    for i, h in enumerate(flood):
+        assert h.wait(30) is not None
+        assert sink.text(f"a-{i}") == decode(reference([i + 1, 2], 12))
+    assert own.wait(30) is not None
+    assert sink.text("b") == decode(reference([9, 9, 9], 3))
+
+
+def test_waiting_requests_are_counted_by_class(make_engine: Callable[..., CausalLMEngine]) -> None:
+    engine = make_engine(FakeCausalLM(delay_s=0.002), max_batch=1)
+    sink = RecordingSink()
+    running = engine.submit(request("running", [2], 100_000), sink)
+    wait_until(lambda: sink.count("running", "delta") > 0)
+    handles = [
+        engine.submit(request("f", [3], 4, service_class="flex"), sink),
+        engine.submit(request("d1", [3], 4), sink),
+        engine.submit(request("d2", [3], 4, service_class="made-up"), sink),
+        engine.submit(line("l", [3], 4), sink),
+    ]
+    assert engine.waiting_by_class() == {"flex": 1, "online": 2, "batch": 1}
+    for h in [running, *handles]:
+        h.claim()

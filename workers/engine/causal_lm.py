@@ -10,6 +10,7 @@ top_p not), as OpenAI reports them; a prompt's scores (prompt_logprobs) are the 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from workers.contract import (
     MAX_TOP_LOGPROBS,
     FinishReason,
     GenerateRequest,
+    ServiceClass,
     cancel_key,
     logprob_entry,
 )
@@ -32,11 +34,16 @@ from workers.engine.base import EventSink, RateMeter, RequestHandle, RequestResu
 from workers.engine.constrain import Constrainer, apply_mask
 from workers.engine.prefix_cache import PrefixCache, shared_cache
 from workers.engine.priority import (
+    CUT_MIN_STEPS,
+    FLEX_MAX_WAIT_S,
     ONLINE_LINGER_S,
+    RANKS,
     OnlineActivity,
     batch_row_limit,
+    fair_share,
     is_batch,
     online_burst,
+    rank_of,
 )
 from workers.engine.sampling import bias_logits, logprobs_of, penalize, sample_token
 from workers.engine.text import IncrementalDetokenizer, StopFilter
@@ -59,6 +66,15 @@ PREFILL_MIN_CHUNK = 16
 # themselves run ~1.6-2x slower between the prompt's calls, so 0.5 gave the same time
 # between tokens as 1.0 (3.0x) and only made the prompt wait longer (87 s against 51 s).
 PREFILL_SHARE = 1.0
+
+SERVED_DECAY_S = 10.0
+"""How long an organization's recent tokens count against it (e-folding time) when
+organizations holding equal rows compete for a free one."""
+
+Standing = tuple[int, int]
+"""Where a request stands for admission, prefill order and cutting calls short: its class's
+rank, then 1 when its organization holds more than its fair share of rows (0 otherwise).
+Lower goes first."""
 
 
 class Session(Protocol):
@@ -132,11 +148,14 @@ class _Request:
         "handle",
         "n",
         "open",
+        "org",
         "prefill_ids",
         "prompt_entries",
         "prompt_len",
+        "rank",
         "reason",
         "request",
+        "seq",
         "sink",
     )
 
@@ -147,6 +166,9 @@ class _Request:
         self.prompt_len = len(request.prompt_token_ids)
         self.n = max(1, request.sampling.n)
         self.batch = is_batch(request.service_class)  # a batch line: online requests go first
+        self.rank = rank_of(request.service_class)
+        self.org = request.identity.organization_id
+        self.seq = 0  # arrival order in the engine (set by submit)
         # Scoring the prompt (teacher forcing): only its first token is prefilled, the
         # others are fed as forced decode steps, each one's logprob read on the way.
         scored = request.sampling.prompt_logprobs >= 0
@@ -302,8 +324,12 @@ class CausalLMEngine:
         prefix_cache: PrefixCache | None = None,
         online_linger_s: float = ONLINE_LINGER_S,
         run_options: Callable[[], Any] | None = None,
+        fair_sharing: bool = True,
+        flex_max_wait_s: float = FLEX_MAX_WAIT_S,
     ) -> None:
         self.name = name
+        self.fair_sharing = fair_sharing
+        self.flex_max_wait_s = flex_max_wait_s
         self.spec = spec
         self.max_batch = max(1, max_batch)
         self._session = session
@@ -323,10 +349,25 @@ class CausalLMEngine:
             f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")
         ]
         self._cond = threading.Condition()
-        # Waiting requests by class, each in arrival order: online ones are admitted first.
+        # Waiting requests: online ones (every tier), admitted by standing and fair share
+        # (`_admit`), and batch lines in arrival order, admitted on what online ones leave.
         self._waiting: deque[_Request] = deque()
         self._waiting_batch: deque[_Request] = deque()
         self._waiting_rows = 0  # rows the waiting requests will take (their n)
+        self._submitted = 0
+        # The organizations' rows and the fair share as the last admission saw them: a
+        # submitting thread places a new request with them (guarded by _cond).
+        self._org_rows_seen: dict[str, int] = {}
+        self._share_seen = float(self.max_batch)
+        # Tokens each organization's online rows received lately (decayed with
+        # SERVED_DECAY_S), the tie-break between organizations holding equal rows: the one
+        # served least lately goes first (engine thread only).
+        self._served: dict[str, tuple[float, float]] = {}
+        # The call under way, as an arrival sees it: its best rank, and whether every row
+        # of that rank belongs to an organization over the share it would have with one
+        # more organization here (then a newcomer organization stands ahead of it).
+        self._cut: tuple[int, bool] = (len(RANKS), False)
+        self._calls_since_cut = CUT_MIN_STEPS
         self._online = OnlineActivity(online_linger_s)
         # The RunOptions of the session call under way when it is only batch work (an
         # online arrival sets its `terminate`); guarded by _cond.
@@ -374,6 +415,8 @@ class CausalLMEngine:
         max_prefill_tokens: int,
         redis_client: redis.Redis | None,
         prefix_cache: PrefixCache | None = None,
+        fair_sharing: bool = True,
+        flex_max_wait_s: float = FLEX_MAX_WAIT_S,
     ) -> CausalLMEngine:
         """`prefix_cache`: None for the process's shared one (MANTLE_KV_CACHE_MB)."""
         tokenizer = model.text_tokenizer()
@@ -399,6 +442,8 @@ class CausalLMEngine:
             grammar_compiler=compiler,
             prefix_cache=prefix_cache if prefix_cache is not None else shared_cache(),
             run_options=ort_run_options,
+            fair_sharing=fair_sharing,
+            flex_max_wait_s=flex_max_wait_s,
         )
 
     # --- the submitters' side (any thread) ------------------------------------
@@ -439,9 +484,11 @@ class CausalLMEngine:
         with self._cond:
             if self._stopping:
                 raise RuntimeError(f"engine {self.name} is stopped")
+            self._submitted += 1
+            req.seq = self._submitted
             (self._waiting_batch if req.batch else self._waiting).append(req)
             self._waiting_rows += req.n
-            if not req.batch and self._cuttable is not None:
+            if self._cuttable is not None and self._ahead_of_call(req):
                 self._cuttable.terminate = True
             self._cond.notify()
         return req.handle
@@ -463,6 +510,16 @@ class CausalLMEngine:
     @property
     def waiting(self) -> int:
         return len(self._waiting) + len(self._waiting_batch)
+
+    def waiting_by_class(self) -> dict[str, int]:
+        """Requests waiting to be admitted, by class of work (a snapshot)."""
+        out: dict[str, int] = {}
+        with self._cond:
+            for req in (*self._waiting, *self._waiting_batch):
+                key = req.request.service_class
+                key = key if key in RANKS else ServiceClass.ONLINE.value
+                out[key] = out.get(key, 0) + 1
+        return out
 
     def rows_by_class(self) -> tuple[int, int]:
         """(online, batch) rows running or having their prompt computed (a snapshot)."""
@@ -568,6 +625,8 @@ class CausalLMEngine:
                 cancelled = {i for i, flag in enumerate(flags) if flag}
             except Exception:
                 logger.warning("engine %s: cancellation check failed", self.name, exc_info=True)
+        flex = RANKS[ServiceClass.FLEX.value]
+        still_waiting = {id(r) for r in waiting}
         for i, req in enumerate(reqs):
             if req.handle.claimed:  # the submitter gave up and already answered
                 continue
@@ -575,6 +634,19 @@ class CausalLMEngine:
                 self._finish(req, FinishReason.CANCELLED)
             elif req.request.deadline and req.request.deadline < now:
                 self._fail(req, "deadline_exceeded", "the request deadline passed")
+            elif (
+                req.rank == flex
+                and id(req) in still_waiting
+                and now - (req.request.enqueued_at or now) > self.flex_max_wait_s
+            ):
+                # Never served late, never dropped: a clean refusal the client may retry.
+                self._fail(
+                    req,
+                    "resource_unavailable",
+                    f"flex capacity is not available: the request waited "
+                    f"{self.flex_max_wait_s:.0f} s without starting; retry later or use "
+                    "the default tier",
+                )
         # Every way a request ends claims its handle.
         if not any(r.handle.claimed for r in reqs):
             return
@@ -593,23 +665,36 @@ class CausalLMEngine:
         """Move waiting requests into prefill while the batch has rows for them; a prompt
         whose first blocks are in the prefix cache starts from them.
 
-        Online requests first, in arrival order: they count against `max_batch` among
-        themselves, and beyond it batch rows may only push the batch `online_burst` rows
-        over. Batch lines next, only while no online request waits, within `max_batch`
-        and `batch_row_limit` (priority.py)."""
+        Online requests first (every tier), by standing: their class's rank (provisioned
+        and priority, then default, then flex), then, with fair sharing, the organization
+        holding the fewest rows, then arrival. They count against `max_batch` among
+        themselves; a request of priority rank, or of an organization within its fair
+        share of rows (`max_batch` split among the organizations with online work here),
+        may take the burst allowance beyond it (`online_burst` rows), so that a quiet
+        organization never waits for another's long streams to end. Batch lines next,
+        only while no online request waits, within `max_batch` and `batch_row_limit`
+        (priority.py)."""
+        counts = self._org_rows()
         online_rows, batch_rows = self.rows_by_class()
         total = online_rows + batch_rows
         admitted: list[_Request] = []
         with self._cond:
+            share = self._share_of(counts)
             ceiling = self.max_batch + online_burst(self.max_batch)
+            now = time.monotonic()
             while self._waiting:
-                n = self._waiting[0].n
-                if online_rows + n > self.max_batch or total + n > ceiling:
+                req = min(self._waiting, key=lambda r: self._order(r, counts, now))
+                n = req.n
+                favoured = req.rank == 0 or (
+                    self.fair_sharing and counts.get(req.org, 0) + n <= share
+                )
+                if total + n > ceiling or (online_rows + n > self.max_batch and not favoured):
                     break
-                req = self._waiting.popleft()
+                self._waiting.remove(req)
                 self._waiting_rows -= n
                 online_rows += n
                 total += n
+                counts[req.org] = counts.get(req.org, 0) + n
                 admitted.append(req)
             if online_rows or self._waiting:
                 self._online.touch()
@@ -624,6 +709,8 @@ class CausalLMEngine:
                     batch_rows += n
                     total += n
                     admitted.append(req)
+            self._org_rows_seen = counts
+            self._share_seen = self._share_of(counts)
         for req in admitted:
             past: list[np.ndarray] | None = None
             if self._cache is not None:
@@ -636,16 +723,113 @@ class CausalLMEngine:
             self._arrivals += 1
             self._prefilling_rows += req.n
 
+    # --- fair sharing ---------------------------------------------------------------------
+
+    def _org_rows(self) -> dict[str, int]:
+        """Rows each organization's online requests hold (running, or their prompt being
+        computed); batch lines are apart (their class already yields to every online one)."""
+        counts: dict[str, int] = {}
+        for seq in self._running:
+            if not seq.req.batch:
+                counts[seq.req.org] = counts.get(seq.req.org, 0) + 1
+        for p in self._prefilling:
+            if not p.req.batch:
+                counts[p.req.org] = counts.get(p.req.org, 0) + p.req.n
+        return counts
+
+    def _share_of(self, counts: Mapping[str, int]) -> float:
+        """Each organization's fair share of rows: `max_batch` split among those with online
+        work here (rows or waiting requests). Called with _cond held."""
+        orgs = set(counts) | {r.org for r in self._waiting}
+        return fair_share(self.max_batch, len(orgs))
+
+    def _order(
+        self, req: _Request, counts: Mapping[str, int], now: float
+    ) -> tuple[int, int, float, int]:
+        if not self.fair_sharing:
+            return (req.rank, 0, 0.0, req.seq)
+        return (req.rank, counts.get(req.org, 0), self._served_lately(req.org, now), req.seq)
+
+    def _served_lately(self, org: str, now: float) -> float:
+        value, at = self._served.get(org, (0.0, now))
+        return value * math.exp(-(now - at) / SERVED_DECAY_S)
+
+    def _count_served(self, rows: Sequence[_Seq]) -> None:
+        """One token for each online row's organization (after a decode step)."""
+        if not self.fair_sharing:
+            return
+        now = time.monotonic()
+        per_org: dict[str, int] = {}
+        for seq in rows:
+            if not seq.req.batch:
+                per_org[seq.req.org] = per_org.get(seq.req.org, 0) + 1
+        for org, tokens in per_org.items():
+            self._served[org] = (self._served_lately(org, now) + tokens, now)
+        if len(self._served) > 4 * self.max_batch:  # forget organizations long gone
+            for org in [o for o in self._served if self._served_lately(o, now) < 1.0]:
+                del self._served[org]
+
+    def _standing(self, req: _Request, counts: Mapping[str, int], share: float) -> Standing:
+        if not self.fair_sharing or req.batch:
+            return (req.rank, 0)
+        return (req.rank, 1 if counts.get(req.org, 0) > share else 0)
+
+    def _ahead_of_call(self, req: _Request) -> bool:
+        """Whether `req` stands ahead of every row of the call under way (_cond held): a
+        better rank, or, with fair sharing, the same rank from an organization holding no
+        rows while the call's rows of that rank all belong to organizations over their
+        share."""
+        rank, all_over = self._cut
+        if req.rank < rank:
+            return True
+        return (
+            self.fair_sharing
+            and not req.batch
+            and req.rank == rank
+            and all_over
+            and self._org_rows_seen.get(req.org, 0) == 0
+        )
+
+    def _call_standing(self, reqs: Sequence[_Request]) -> tuple[int, bool]:
+        """`_cut` for a call over the rows of `reqs`."""
+        rank = min(r.rank for r in reqs)
+        if not self.fair_sharing:
+            return rank, False
+        counts = self._org_rows()
+        with self._cond:
+            orgs = set(counts) | {r.org for r in self._waiting}
+        share = fair_share(self.max_batch, len(orgs) + 1)
+        level = [r for r in reqs if r.rank == rank and not r.batch]
+        return rank, bool(level) and all(counts.get(r.org, 0) > share for r in level)
+
+    def _standings(self) -> tuple[Standing | None, Callable[[_Request], Standing]]:
+        """The best standing among running rows (None when none runs), and the standing of
+        any request, both as the engine stands now."""
+        counts = self._org_rows()
+        with self._cond:
+            share = self._share_of(counts)
+
+        def standing(req: _Request) -> Standing:
+            return self._standing(req, counts, share)
+
+        best = min((standing(s.req) for s in self._running), default=None)
+        return best, standing
+
     def _namespace(self, req: _Request) -> str:
         # Per model version and organization: tenants never share blocks (module docs).
         return f"{self.name}\x00{req.request.identity.organization_id}"
 
     def _online_first(self) -> bool:
-        """Whether an online prompt waits to be computed beside only batch rows: then it
-        need not spare their pace (their time between tokens reaches no one)."""
-        return any(not p.req.batch for p in self._prefilling) and all(
-            s.req.batch for s in self._running
-        )
+        """Whether a prompt waits to be computed beside only rows that stand behind it
+        (batch rows behind an online prompt, default-tier rows behind a priority one, rows
+        of organizations over their fair share behind one within it): then it need not
+        spare their pace, and it is computed at once, whole."""
+        if not self._prefilling:
+            return False
+        best_running, standing = self._standings()
+        if best_running is None:
+            return any(not p.req.batch for p in self._prefilling)
+        return any(standing(p.req) < best_running for p in self._prefilling)
 
     def _prefill_budget(self) -> int:
         """Tokens (padded) the next prefill call may compute. With nothing decoding it is
@@ -682,12 +866,13 @@ class CausalLMEngine:
         """
         budget = self._prefill_budget()
         uncontended = self._online_first()
-        order = sorted(self._prefilling, key=lambda p: (p.req.batch, p.served, p.arrival))
+        _, standing = self._standings()
+        order = sorted(self._prefilling, key=lambda p: (standing(p.req), p.served, p.arrival))
         head = order[0]
         rows = [head]
         chunk = min(head.remaining, budget)
         for cand in order[1:]:
-            if cand.done != head.done or cand.req.batch != head.req.batch:
+            if cand.done != head.done or standing(cand.req) != standing(head.req):
                 continue
             wider = max(chunk, min(cand.remaining, budget))
             if (len(rows) + 1) * wider > budget:
@@ -779,7 +964,7 @@ class CausalLMEngine:
             else:
                 # Rows of a call have equal pasts (`_prefill_step`): one concatenation.
                 feeds[name] = np.concatenate([p.past[k] for p in rows], axis=0)  # type: ignore[index]
-        outputs = self._run(feeds, cuttable=all(p.req.batch for p in rows))
+        outputs = self._run(feeds, reqs=[p.req for p in rows])
         self.step += 1
         return outputs[0][:, -1, :], list(outputs[1:]), mask
 
@@ -893,23 +1078,35 @@ class CausalLMEngine:
         self._next_ids = np.concatenate([self._next_ids, next_ids])
         self._next_pos = np.concatenate([self._next_pos, next_pos])
 
-    def _run(self, feeds: Mapping[str, np.ndarray], *, cuttable: bool) -> Sequence[Any]:
-        """One session call; a call of only batch work (`cuttable`, with no online request
-        waiting or running) is cut short by an online arrival: then _CutShort."""
+    def _run(self, feeds: Mapping[str, np.ndarray], *, reqs: Sequence[_Request]) -> Sequence[Any]:
+        """One session call for the rows of `reqs` (a prefill call's, beside the running
+        rows): an arrival that stands ahead of all of them (`_ahead_of_call`) cuts it short
+        (_CutShort; the call changed nothing and runs again after the arrival's prompt).
+        Not while a request that stands ahead already waits (it is waiting for rows, not
+        for this call), and a call holding online rows only after CUT_MIN_STEPS whole
+        calls since the last cut."""
         options = None
-        if cuttable and self._run_options is not None:
-            running = self._running
+        if self._run_options is not None and reqs:
+            cut = self._call_standing([*reqs, *(s.req for s in self._running)])
+            batch_only = cut[0] >= RANKS[ServiceClass.BATCH.value]
             with self._cond:
-                if not self._waiting and all(s.req.batch for s in running):
+                self._cut = cut
+                ahead = any(self._ahead_of_call(r) for r in self._waiting)
+                if not ahead and (batch_only or self._calls_since_cut >= CUT_MIN_STEPS):
                     options = self._cuttable = self._run_options()
         if options is None:
-            return self._session.run(self._output_names, feeds)
+            outputs = self._session.run(self._output_names, feeds)
+            self._calls_since_cut += 1
+            return outputs
         try:
-            return self._session.run(self._output_names, feeds, options)
+            outputs = self._session.run(self._output_names, feeds, options)
+            self._calls_since_cut += 1
+            return outputs
         except Exception:
             if not options.terminate:
                 raise
             self.cut_short += 1
+            self._calls_since_cut = 0
             raise _CutShort from None
         finally:
             with self._cond:
@@ -928,7 +1125,7 @@ class CausalLMEngine:
         for name, past in zip(self._past_names, self._past, strict=True):
             feeds[name] = past
         try:
-            outputs = self._run(feeds, cuttable=True)
+            outputs = self._run(feeds, reqs=[s.req for s in self._running])
         except _CutShort:
             return False
         self.step += 1
@@ -944,6 +1141,7 @@ class CausalLMEngine:
             self._ended_requests = False
             keep = [r for r in keep if not running[r].req.handle.claimed]
         self.meter.add(batch)
+        self._count_served(running)
         if len(keep) != batch:
             self._compact(keep)
         return True

@@ -35,6 +35,36 @@ ONLINE_LINGER_S = 5.0
 a gap between two online requests does not let batch lines fill the engine again."""
 
 
+RANKS: dict[str, int] = {
+    ServiceClass.PROVISIONED.value: 0,
+    ServiceClass.PRIORITY.value: 0,
+    ServiceClass.ONLINE.value: 1,
+    ServiceClass.FLEX.value: 2,
+    ServiceClass.BATCH.value: 3,
+}
+"""Admission order by class (lower first): provisioned and priority, then the default tier,
+then flex, then batch lines. An unknown class is served as the default tier."""
+
+
+def rank_of(service_class: str) -> int:
+    return RANKS.get(service_class, 1)
+
+
+FLEX_MAX_WAIT_S = 30.0
+"""How long a flex request may wait to start (from when the gateway sent it) before it is
+refused with `resource_unavailable` (a 429 at the gateway) rather than served late."""
+
+CUT_MIN_STEPS = 4
+"""A session call that holds online rows is cut short for a better-placed arrival only
+after this many calls ran whole since the last cut: a stream of arrivals cannot stall the
+rows already running (batch-only calls are cut at every online arrival, as before)."""
+
+
+def fair_share(max_batch: int, organizations: int) -> float:
+    """Rows each active organization may count on: the engine's rows split evenly."""
+    return max_batch / max(1, organizations)
+
+
 def is_batch(service_class: str) -> bool:
     """Whether a request's class is the batch class (any other value is served as online)."""
     return service_class == ServiceClass.BATCH.value

@@ -41,6 +41,7 @@ from gateway.protocol import (
 )
 from gateway.replies import gateway_view, json_reply, relay_sse, streaming_reply
 from gateway.resolve import require_kind, resolve
+from workers import contract
 
 
 async def plan_of(body: ChatCompletionRequest) -> agent.Plan:
@@ -135,6 +136,8 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     completion_id = f"chatcmpl-{generation.request_id.removeprefix('req_')}"
     want_logprobs = bool(body.logprobs)
     if body.stream:
+        if generation.service_class == contract.ServiceClass.FLEX:
+            await generation.prime()  # a flex refusal is a 429 before the stream starts
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _Chunks(completion_id, body.model, generation, include_usage, plan, want_logprobs)
         stream = relay_sse(

@@ -36,6 +36,7 @@ from gateway.protocol import (
 )
 from gateway.replies import gateway_view, json_reply, relay_sse, streaming_reply
 from gateway.resolve import require_kind, resolve
+from workers import contract
 
 
 @gateway_view
@@ -80,6 +81,8 @@ async def completions(request: HttpRequest) -> HttpResponseBase:
     completion_id = f"cmpl-{generation.request_id.removeprefix('req_')}"
     echo = prompt_text if body.echo else ""
     if body.stream:
+        if generation.service_class == contract.ServiceClass.FLEX:
+            await generation.prime()  # a flex refusal is a 429 before the stream starts
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _Chunks(completion_id, body.model, generation, include_usage, echo, k >= 0, first)
         stream = relay_sse(

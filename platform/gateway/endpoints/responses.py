@@ -64,6 +64,7 @@ from gateway.protocol_responses import (
 from gateway.replies import gateway_view, json_reply, streaming_reply
 from gateway.resolve import require_kind, resolve
 from gateway.responses_store import Owner, Stored, response_delete, response_load, response_store
+from workers import contract
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
     )
     owner = Owner(identity.organization_id, identity.project_id, identity.key_id)
     if body.stream:
+        if generation.service_class == contract.ServiceClass.FLEX:
+            await generation.prime()  # a flex refusal is a 429 before the stream starts
         return streaming_reply(relay(generation, shape, plan, items, owner), generation)
     texts = await gather(generation)
     output = _Output(plan)

@@ -1,0 +1,147 @@
+"""Service tiers end to end with the official `openai` client: a real gateway, real workers,
+a real model, the real usage stream (docs/service_tiers.md)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import openai
+import pytest
+
+from catalog.models import Endpoint
+from catalog.services import endpoint_publish, pool_ensure
+from core.redis import get_redis
+from tests.gateway.conftest import CHAT, Served
+from workers.contract import USAGE_STREAM
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
+
+
+def usage_class(request_id: str) -> str | None:
+    for _, fields in get_redis().xrange(USAGE_STREAM):
+        if fields.get("request_id") == request_id:  # type: ignore[union-attr]
+            return str(fields.get("service_class"))  # type: ignore[union-attr]
+    return None
+
+
+def wait_usage(request_id: str) -> str | None:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        found = usage_class(request_id)
+        if found is not None:
+            return found
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("asked", "reported", "metered"),
+    [
+        (None, "default", "online"),
+        ("auto", "default", "online"),
+        ("default", "default", "online"),
+        ("priority", "priority", "priority"),
+        ("flex", "flex", "flex"),
+    ],
+)
+def test_the_tier_asked_for_is_served_reported_and_metered(
+    served: Served, asked: str | None, reported: str, metered: str
+) -> None:
+    client = served.client()
+    extra: dict[str, Any] = {} if asked is None else {"service_tier": asked}
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, **extra
+    )
+    reply = raw.parse()
+    assert reply.service_tier == reported
+    assert wait_usage(raw.headers["x-request-id"]) == metered
+    # Streams report it in every chunk; completions and responses too.
+    chunks = list(
+        client.chat.completions.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=3,
+            stream=True,
+            **extra,
+        )
+    )
+    assert chunks and {c.service_tier for c in chunks} == {reported}
+    # The SDK's legacy completions have no service_tier argument: sent as an extra field.
+    completion = client.completions.create(model=CHAT, prompt="Hi", max_tokens=2, extra_body=extra)
+    assert completion.model_extra is not None
+    assert completion.model_extra["service_tier"] == reported
+    response = client.responses.create(model=CHAT, input="Hi", max_output_tokens=16, **extra)
+    assert response.service_tier == reported
+
+
+def test_an_unknown_tier_is_a_400_naming_it(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        served.client().chat.completions.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            service_tier="platinum",  # type: ignore[arg-type]
+        )
+    assert raised.value.body is not None
+    assert raised.value.body["param"] == "service_tier"  # type: ignore[index]
+
+
+def test_flex_that_cannot_start_in_time_is_a_429_with_retry_after_and_costs_nothing(
+    served: Served,
+) -> None:
+    """A pool of one row busy with a long default-tier answer: a flex request waits
+    MANTLE_FLEX_MAX_WAIT_S and is refused with OpenAI's 429 resource_unavailable, streamed
+    or not, never served late or dropped; the default request goes on."""
+    stack = served.live.stack
+    pool = pool_ensure(name="flexpool", region="local", providers=["CPUExecutionProvider"])
+    endpoint = Endpoint.objects.create(
+        organization=served.org,
+        name="flex-chat",
+        pool=pool,
+        model_version=served.endpoints[CHAT].model_version,
+    )
+    endpoint_publish(endpoint)
+    worker = stack.worker(
+        "flexpool",
+        name="flex-worker",
+        concurrency=4,
+        MANTLE_MAX_BATCH="1",
+        MANTLE_FLEX_MAX_WAIT_S="1",
+    )
+    client = served.client()
+    busy: dict[str, Any] = {}
+
+    def long_answer() -> None:
+        busy["reply"] = client.chat.completions.create(
+            model=endpoint.id,
+            messages=[{"role": "user", "content": "Write a very long story about the sea."}],
+            max_tokens=400,
+            logit_bias={"2": -100},  # no end of sequence: it runs its 400 tokens
+        )
+
+    try:
+        runner = threading.Thread(target=long_answer)
+        runner.start()
+        time.sleep(1.0)  # the long answer holds the one row (and the burst row is priority's)
+        refused = []
+        for stream in (False, True):
+            with pytest.raises(openai.RateLimitError) as raised:
+                created = client.chat.completions.create(
+                    model=endpoint.id,
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=2,
+                    service_tier="flex",
+                    stream=stream,
+                )
+                if stream:
+                    list(created)  # type: ignore[arg-type]
+            refused.append(raised.value)
+        runner.join(120)
+    finally:
+        stack.stop(worker)
+    for error in refused:
+        assert error.code == "resource_unavailable", error.body
+        assert error.response.headers["retry-after"] == "30"
+    assert busy["reply"].choices[0].finish_reason in ("length", "stop")
