@@ -265,6 +265,9 @@ class Admission:
     limit_tokens: int = 0
     remaining_tokens: int = 0
     reset_tokens_ms: int = 0
+    # The request's place among its organization's requests in flight on the pool
+    # (gateway/pool_share.py), given back at the settle; "" when it holds none.
+    pool_share_key: str = ""
 
     def headers(self) -> dict[str, str]:
         if not self.allowed or not self.rate_limited:

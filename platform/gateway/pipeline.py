@@ -19,6 +19,7 @@ on an error, on a disconnect, and on success with the real figures.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -41,7 +42,7 @@ from billing.wallet import price_fill
 from catalog.specs import EndpointSpec
 from core import metrics
 from core.redis import get_async_redis
-from gateway import dispatch, text
+from gateway import dispatch, pool_share, text
 from gateway.backends import database_read
 from gateway.errors import (
     OpenAIError,
@@ -212,6 +213,43 @@ async def admit(
     prices of its class (`work_class`, default the context's), or raises the refusal as
     OpenAI words it (429, 403 unpriced, 503 no live worker)."""
     chosen = work_class if work_class is not None else service_class()
+    share = ""
+    if chosen != contract.ServiceClass.BATCH:
+        # Waits here, outside every queue, while the organization holds its share of the
+        # pool's slots: its surplus never sits in front of other organizations' requests.
+        deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
+        share = await pool_share.take(spec.pool, organization_id, request_id, deadline)
+    try:
+        admission = await _admit(
+            limits,
+            spec,
+            organization_id,
+            prompt_tokens,
+            max_tokens,
+            request_id,
+            requests=requests,
+            compute_ms=compute_ms,
+            work_class=chosen,
+        )
+    except BaseException:
+        await pool_share.give_back(share, request_id)
+        raise
+    return dataclasses.replace(admission, pool_share_key=share)
+
+
+async def _admit(
+    limits: Limits,
+    spec: EndpointSpec,
+    organization_id: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    request_id: str,
+    *,
+    requests: int,
+    compute_ms: int,
+    work_class: str,
+) -> Admission:
+    chosen = work_class
 
     async def attempt() -> Admission:
         return await limiter().admit(
@@ -381,6 +419,7 @@ async def settle(
     line (`service_class()`) may be settled again under its id, by the runner that resumed
     its batch: that settle parks nothing more (`spend.settle`).
     """
+    await pool_share.give_back(admission.pool_share_key, request_id)
     prices = spend.Prices(
         admission.price_in,
         admission.price_out,

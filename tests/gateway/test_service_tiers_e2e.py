@@ -13,6 +13,7 @@ import pytest
 from catalog.models import Endpoint
 from catalog.services import endpoint_publish, pool_ensure
 from core.redis import get_redis
+from tests.factories import OrganizationFactory, make_api_key
 from tests.gateway.conftest import CHAT, Served
 from workers.contract import USAGE_STREAM
 
@@ -145,3 +146,59 @@ def test_flex_that_cannot_start_in_time_is_a_429_with_retry_after_and_costs_noth
         assert error.code == "resource_unavailable", error.body
         assert error.response.headers["retry-after"] == "30"
     assert busy["reply"].choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_quiet_organization_is_served_while_another_floods_the_pool(served: Served) -> None:
+    """Organization A sends twice as many long answers as the pool has task slots; B then
+    asks one short question. A holds at most MANTLE_FAIR_POOL_ORG_SHARE of the slots (its
+    surplus waits at the gateway, in no queue of B's), and in the engine B's request is
+    within its fair share of rows: B's answer comes back while A's first answers are still
+    being written, and every answer of A's comes back too."""
+    stack = served.live.stack
+    pool = pool_ensure(name="fairpool", region="local", providers=["CPUExecutionProvider"])
+    version = served.endpoints[CHAT].model_version
+    endpoint_a = Endpoint.objects.create(
+        organization=served.org, name="fair-a", pool=pool, model_version=version
+    )
+    endpoint_publish(endpoint_a)
+    org_b = OrganizationFactory()
+    endpoint_b = Endpoint.objects.create(
+        organization=org_b, name="fair-b", pool=pool, model_version=version
+    )
+    endpoint_publish(endpoint_b)
+    _, secret_b = make_api_key(org_b, scopes=["inference"])
+    worker = stack.worker("fairpool", name="fair-worker", concurrency=4, MANTLE_MAX_BATCH="2")
+    client_a, client_b = served.client(), served.client(secret_b)
+    finished: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def flood(i: int) -> None:
+        reply = client_a.chat.completions.create(
+            model=endpoint_a.id,
+            messages=[{"role": "user", "content": f"Tell story number {i}."}],
+            max_tokens=150,
+            logit_bias={"2": -100},
+        )
+        with lock:
+            finished.append(
+                (f"a{i}:{reply.usage.completion_tokens if reply.usage else 0}", time.time())
+            )
+
+    try:
+        threads = [threading.Thread(target=flood, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # A's first answers are being written
+        quiet = client_b.chat.completions.create(
+            model=endpoint_b.id, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+        )
+        with lock:
+            finished.append(("b", time.time()))
+        for t in threads:
+            t.join(300)
+    finally:
+        stack.stop(worker)
+    assert quiet.choices[0].message.content
+    order = [name for name, _ in sorted(finished, key=lambda f: f[1])]
+    assert order[0] == "b", order  # before any of A's answers ended
+    assert sorted(n for n in order if n != "b") == sorted(f"a{i}:150" for i in range(8))

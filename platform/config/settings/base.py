@@ -365,6 +365,11 @@ MANTLE_FILES_BATCHES_RPM = env.int("MANTLE_FILES_BATCHES_RPM", default=600)
 # Threads for file bytes (uploads' parsing and storing, downloads): their own pool, so that
 # large files never queue the gateway's database reads behind them.
 MANTLE_FILE_IO_THREADS = env.int("MANTLE_FILE_IO_THREADS", default=4)
+# Fair sharing across a pool's nodes (docs/service_tiers.md): one organization holds at most
+# this share of a pool's task slots with online requests in flight (1: off); past it its
+# requests wait at the gateway up to MANTLE_FAIR_POOL_WAIT_S for one of its own to end.
+MANTLE_FAIR_POOL_ORG_SHARE = env.float("MANTLE_FAIR_POOL_ORG_SHARE", default=0.75)
+MANTLE_FAIR_POOL_WAIT_S = env.float("MANTLE_FAIR_POOL_WAIT_S", default=10.0)
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.

@@ -1,0 +1,86 @@
+"""An organization's share of a pool's task slots (gateway/pool_share.py), on real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from django.test import override_settings
+
+from core.redis import get_redis
+from gateway import pool_share
+from gateway.errors import OpenAIError
+from workers import contract
+
+POOL = "sharepool"
+
+
+def register(node: str, slots: int) -> None:
+    """A live node of the pool with `slots` task slots, as a worker's heartbeat writes it."""
+    client = get_redis()
+    client.zadd(contract.pool_live_key(POOL), {node: time.time()})
+    client.set(contract.worker_info_key(node), json.dumps({"node": node, "total_slots": slots}))
+
+
+@pytest.fixture(autouse=True)
+def clean() -> None:
+    client = get_redis()
+    client.delete(contract.pool_live_key(POOL))
+    for key in client.scan_iter(f"mantle:pool-share:{POOL}:*"):
+        client.delete(key)
+    pool_share._slots.clear()
+
+
+@override_settings(MANTLE_FAIR_POOL_ORG_SHARE=0.5, MANTLE_FAIR_POOL_WAIT_S=0.3)
+def test_an_organization_holds_at_most_its_share_and_waits_for_its_own_requests() -> None:
+    register("node-a", 4)
+    register("node-b", 4)  # 8 slots: 4 for one organization
+
+    async def scenario() -> None:
+        deadline = time.time() + 60
+        keys = [await pool_share.take(POOL, "org-a", f"r{i}", deadline) for i in range(4)]
+        assert all(keys)
+        # Another organization is not held back by the first one's four.
+        assert await pool_share.take(POOL, "org-b", "b0", deadline)
+        # The fifth of org-a waits; one of its own ending lets it in.
+        waiting = asyncio.create_task(pool_share.take(POOL, "org-a", "r4", deadline))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await pool_share.give_back(keys[0], "r0")
+        assert await asyncio.wait_for(waiting, 1)
+        # And with none ending within MANTLE_FAIR_POOL_WAIT_S: a 429 naming the share.
+        with pytest.raises(OpenAIError) as refused:
+            await pool_share.take(POOL, "org-a", "r5", deadline)
+        assert refused.value.status == 429
+        assert "MANTLE_FAIR_POOL_ORG_SHARE" in refused.value.message
+        assert refused.value.headers["retry-after"] == "1"
+
+    asyncio.run(scenario())
+
+
+@override_settings(MANTLE_FAIR_POOL_ORG_SHARE=0.5, MANTLE_FAIR_POOL_WAIT_S=0.1)
+def test_a_place_past_its_deadline_is_free_again_without_a_give_back() -> None:
+    """A gateway that died never gives its places back: they end with their deadline."""
+    register("node-a", 2)
+
+    async def scenario() -> None:
+        assert await pool_share.take(POOL, "org-a", "gone", time.time() + 0.5)
+        with pytest.raises(OpenAIError):
+            await pool_share.take(POOL, "org-a", "next", time.time() + 60)
+        await asyncio.sleep(0.6)
+        assert await pool_share.take(POOL, "org-a", "after", time.time() + 60)
+
+    asyncio.run(scenario())
+
+
+@override_settings(MANTLE_FAIR_POOL_ORG_SHARE=1.0)
+def test_a_share_of_one_is_off() -> None:
+    register("node-a", 1)
+
+    async def scenario() -> None:
+        for i in range(5):
+            assert await pool_share.take(POOL, "org-a", f"r{i}", time.time() + 60) == ""
+
+    asyncio.run(scenario())
