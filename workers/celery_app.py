@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery, signals
 
 from workers.broker import guard_redis_unacked_restore
+from workers.contract import priority_queue
 from workers.heartbeat import Heartbeat, outwait_previous_process
 from workers.serving import WorkerRuntime
 from workers.settings import WorkerSettings
@@ -62,6 +63,14 @@ def get_runtime() -> WorkerRuntime:
                 client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
                 _runtime = WorkerRuntime(settings, client)
     return _runtime
+
+
+@signals.celeryd_after_setup.connect
+def _consume_the_priority_queue(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    # Beside the pool's queue (-Q): the priority tier's (contract.priority_queue). Listed in
+    # the heartbeat's queues, which is how gateways know they may send there.
+    if instance is not None:
+        instance.app.amqp.queues.select_add(priority_queue(settings.pool))
 
 
 @signals.worker_init.connect

@@ -32,6 +32,13 @@ def inference_queue(pool: str) -> str:
     return f"inference.{pool}"
 
 
+def priority_queue(pool: str) -> str:
+    """The pool's queue for the priority tier and provisioned traffic: every node of the
+    pool consumes it beside `inference_queue(pool)`, so such a request is taken by the next
+    free task slot instead of waiting behind the default tier's backlog."""
+    return f"inference.{pool}.priority"
+
+
 class TaskName(enum.StrEnum):
     """Task names are part of the wire format: never rename one once shipped."""
 

@@ -361,10 +361,13 @@ async def send(
     """Dispatches to the endpoint's pool; a broker that refuses is a clean 503, and
     `on_refused` gives back what admission took (the reservation, the tokens)."""
     try:
+        queue = await pool_share.queue_for(
+            spec.pool, spec.queue, getattr(payload, "service_class", "")
+        )
         return await dispatch.submit(
             task,
             contract.to_payload(payload),
-            queue=spec.queue,
+            queue=queue,
             pool=spec.pool,
             request_id=request_id,
             deadline=deadline,

@@ -52,21 +52,22 @@ def share_key(pool: str, organization_id: str) -> str:
 
 
 @dataclass
-class _Slots:
-    count: int
+class _Pool:
+    slots: int
+    priority_ready: bool  # every live node consumes the pool's priority queue
     read_at: float
 
 
-_slots: dict[str, _Slots] = {}
+_pools: dict[str, _Pool] = {}
 
 
-async def pool_slots(pool: str) -> int:
-    """The task slots of the pool's live nodes (their heartbeats' `total_slots`), read at
-    most once a second per process."""
+async def _pool(pool: str) -> _Pool:
+    """The pool's live nodes as their heartbeats describe them, read at most once a second
+    per process."""
     now = time.time()
-    cached = _slots.get(pool)
+    cached = _pools.get(pool)
     if cached is not None and now - cached.read_at < SLOTS_TTL_S:
-        return cached.count
+        return cached
     client = get_async_redis()
     nodes = [
         str(n)
@@ -74,13 +75,33 @@ async def pool_slots(pool: str) -> int:
             contract.pool_live_key(pool), now - contract.HEARTBEAT_TTL_S, "+inf"
         )
     ]
-    total = 0
+    total, ready = 0, bool(nodes)
     if nodes:
+        wanted = contract.priority_queue(pool)
         for raw in await client.mget([contract.worker_info_key(n) for n in nodes]):
-            if raw:
-                total += int(json.loads(raw).get("total_slots", 0) or 0)
-    _slots[pool] = _Slots(total, now)
-    return total
+            info = json.loads(raw) if raw else {}
+            total += int(info.get("total_slots", 0) or 0)
+            ready = ready and wanted in (info.get("queues") or ())
+    found = _pools[pool] = _Pool(total, ready, now)
+    return found
+
+
+async def pool_slots(pool: str) -> int:
+    """The task slots of the pool's live nodes (their heartbeats' `total_slots`)."""
+    return (await _pool(pool)).slots
+
+
+async def queue_for(pool: str, default: str, service_class: str) -> str:
+    """The queue a request of `service_class` goes to: the pool's priority queue for the
+    priority tier and provisioned traffic once every live node consumes it (a node of an
+    earlier release does not), else `default`."""
+    if service_class not in (contract.ServiceClass.PRIORITY, contract.ServiceClass.PROVISIONED):
+        return default
+    try:
+        ready = (await _pool(pool)).priority_ready
+    except Exception:  # Redis's state is admission's to report
+        return default
+    return contract.priority_queue(pool) if ready else default
 
 
 def org_cap(slots: int) -> int:

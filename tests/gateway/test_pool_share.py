@@ -17,11 +17,12 @@ from workers import contract
 POOL = "sharepool"
 
 
-def register(node: str, slots: int) -> None:
+def register(node: str, slots: int, queues: tuple[str, ...] = ()) -> None:
     """A live node of the pool with `slots` task slots, as a worker's heartbeat writes it."""
     client = get_redis()
     client.zadd(contract.pool_live_key(POOL), {node: time.time()})
-    client.set(contract.worker_info_key(node), json.dumps({"node": node, "total_slots": slots}))
+    info = {"node": node, "total_slots": slots, "queues": list(queues)}
+    client.set(contract.worker_info_key(node), json.dumps(info))
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def clean() -> None:
     client.delete(contract.pool_live_key(POOL))
     for key in client.scan_iter(f"mantle:pool-share:{POOL}:*"):
         client.delete(key)
-    pool_share._slots.clear()
+    pool_share._pools.clear()
 
 
 @override_settings(MANTLE_FAIR_POOL_ORG_SHARE=0.5, MANTLE_FAIR_POOL_WAIT_S=0.3)
@@ -84,3 +85,21 @@ def test_a_share_of_one_is_off() -> None:
             assert await pool_share.take(POOL, "org-a", f"r{i}", time.time() + 60) == ""
 
     asyncio.run(scenario())
+
+
+def test_priority_goes_to_the_priority_queue_once_every_node_consumes_it() -> None:
+    both = (contract.inference_queue(POOL), contract.priority_queue(POOL))
+    register("node-a", 4, both)
+    register("node-b", 4, both[:1])  # a node of an earlier release
+    default = contract.inference_queue(POOL)
+
+    async def queue(service_class: str) -> str:
+        pool_share._pools.clear()
+        return await pool_share.queue_for(POOL, default, service_class)
+
+    assert asyncio.run(queue("priority")) == default  # node-b would never take it
+    register("node-b", 4, both)
+    assert asyncio.run(queue("priority")) == contract.priority_queue(POOL)
+    assert asyncio.run(queue("provisioned")) == contract.priority_queue(POOL)
+    for other in ("online", "flex", "batch"):
+        assert asyncio.run(queue(other)) == default

@@ -3,6 +3,7 @@ a real model, the real usage stream (docs/service_tiers.md)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from catalog.services import endpoint_publish, pool_ensure
 from core.redis import get_redis
 from tests.factories import OrganizationFactory, make_api_key
 from tests.gateway.conftest import CHAT, Served
+from workers import contract
 from workers.contract import USAGE_STREAM
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
@@ -75,6 +77,16 @@ def test_the_tier_asked_for_is_served_reported_and_metered(
     assert completion.model_extra["service_tier"] == reported
     response = client.responses.create(model=CHAT, input="Hi", max_output_tokens=16, **extra)
     assert response.service_tier == reported
+
+
+def test_every_node_consumes_its_pools_priority_queue(served: Served) -> None:
+    """What lets the gateway send the priority tier to `inference.<pool>.priority`."""
+    client = get_redis()
+    nodes = client.zrange(contract.pool_live_key("cpu"), 0, -1)
+    assert nodes
+    for node in nodes:
+        info = json.loads(client.get(contract.worker_info_key(str(node))) or "{}")
+        assert contract.priority_queue("cpu") in info["queues"], info
 
 
 def test_an_unknown_tier_is_a_400_naming_it(served: Served) -> None:
