@@ -72,9 +72,10 @@ SERVED_DECAY_S = 10.0
 organizations holding equal rows compete for a free one."""
 
 Standing = tuple[int, int]
-"""Where a request stands for admission, prefill order and cutting calls short: its class's
-rank, then 1 when its organization holds more than its fair share of rows (0 otherwise).
-Lower goes first."""
+"""Where a request stands for prefill order and cutting calls short: its class's rank, then
+(with fair sharing) the rows its organization holds. Lower goes first: a prompt of an
+organization holding fewer rows than every organization running beside it is computed at
+once, whole (max-min fairness on rows)."""
 
 
 class Session(Protocol):
@@ -355,18 +356,16 @@ class CausalLMEngine:
         self._waiting_batch: deque[_Request] = deque()
         self._waiting_rows = 0  # rows the waiting requests will take (their n)
         self._submitted = 0
-        # The organizations' rows and the fair share as the last admission saw them: a
-        # submitting thread places a new request with them (guarded by _cond).
+        # The organizations' rows as the last admission saw them: a submitting thread
+        # places a new request with them (guarded by _cond).
         self._org_rows_seen: dict[str, int] = {}
-        self._share_seen = float(self.max_batch)
         # Tokens each organization's online rows received lately (decayed with
         # SERVED_DECAY_S), the tie-break between organizations holding equal rows: the one
         # served least lately goes first (engine thread only).
         self._served: dict[str, tuple[float, float]] = {}
-        # The call under way, as an arrival sees it: its best rank, and whether every row
-        # of that rank belongs to an organization over the share it would have with one
-        # more organization here (then a newcomer organization stands ahead of it).
-        self._cut: tuple[int, bool] = (len(RANKS), False)
+        # The call under way, as an arrival sees it: its best rank, and the fewest rows an
+        # organization with rows of that rank holds (an arrival with fewer stands ahead).
+        self._cut: tuple[int, int] = (len(RANKS), 0)
         self._calls_since_cut = CUT_MIN_STEPS
         self._online = OnlineActivity(online_linger_s)
         # The RunOptions of the session call under way when it is only batch work (an
@@ -710,7 +709,6 @@ class CausalLMEngine:
                     total += n
                     admitted.append(req)
             self._org_rows_seen = counts
-            self._share_seen = self._share_of(counts)
         for req in admitted:
             past: list[np.ndarray] | None = None
             if self._cache is not None:
@@ -769,48 +767,42 @@ class CausalLMEngine:
             for org in [o for o in self._served if self._served_lately(o, now) < 1.0]:
                 del self._served[org]
 
-    def _standing(self, req: _Request, counts: Mapping[str, int], share: float) -> Standing:
+    def _standing(self, req: _Request, counts: Mapping[str, int]) -> Standing:
         if not self.fair_sharing or req.batch:
             return (req.rank, 0)
-        return (req.rank, 1 if counts.get(req.org, 0) > share else 0)
+        return (req.rank, counts.get(req.org, 0))
 
     def _ahead_of_call(self, req: _Request) -> bool:
         """Whether `req` stands ahead of every row of the call under way (_cond held): a
-        better rank, or, with fair sharing, the same rank from an organization holding no
-        rows while the call's rows of that rank all belong to organizations over their
-        share."""
-        rank, all_over = self._cut
+        better rank, or, with fair sharing, the same rank and fewer rows (its own included)
+        than any organization holding rows of that rank in the call."""
+        rank, fewest = self._cut
         if req.rank < rank:
             return True
         return (
             self.fair_sharing
             and not req.batch
             and req.rank == rank
-            and all_over
-            and self._org_rows_seen.get(req.org, 0) == 0
+            and self._org_rows_seen.get(req.org, 0) + req.n < fewest
         )
 
-    def _call_standing(self, reqs: Sequence[_Request]) -> tuple[int, bool]:
-        """`_cut` for a call over the rows of `reqs`."""
+    def _call_standing(self, reqs: Sequence[_Request]) -> tuple[int, int]:
+        """`_cut` for a call over the rows of `reqs`: their best rank, and the fewest rows
+        an organization with rows of that rank holds."""
         rank = min(r.rank for r in reqs)
         if not self.fair_sharing:
-            return rank, False
+            return rank, 0
         counts = self._org_rows()
-        with self._cond:
-            orgs = set(counts) | {r.org for r in self._waiting}
-        share = fair_share(self.max_batch, len(orgs) + 1)
-        level = [r for r in reqs if r.rank == rank and not r.batch]
-        return rank, bool(level) and all(counts.get(r.org, 0) > share for r in level)
+        level = [counts.get(r.org, 0) for r in reqs if r.rank == rank and not r.batch]
+        return rank, min(level, default=0)
 
     def _standings(self) -> tuple[Standing | None, Callable[[_Request], Standing]]:
         """The best standing among running rows (None when none runs), and the standing of
         any request, both as the engine stands now."""
         counts = self._org_rows()
-        with self._cond:
-            share = self._share_of(counts)
 
         def standing(req: _Request) -> Standing:
-            return self._standing(req, counts, share)
+            return self._standing(req, counts)
 
         best = min((standing(s.req) for s in self._running), default=None)
         return best, standing
@@ -822,8 +814,8 @@ class CausalLMEngine:
     def _online_first(self) -> bool:
         """Whether a prompt waits to be computed beside only rows that stand behind it
         (batch rows behind an online prompt, default-tier rows behind a priority one, rows
-        of organizations over their fair share behind one within it): then it need not
-        spare their pace, and it is computed at once, whole."""
+        of organizations holding more rows than its own): then it need not spare their
+        pace, and it is computed at once, whole."""
         if not self._prefilling:
             return False
         best_running, standing = self._standings()
