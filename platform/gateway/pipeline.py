@@ -218,7 +218,7 @@ async def admit(
         # Waits here, outside every queue, while the organization holds its share of the
         # pool's slots: its surplus never sits in front of other organizations' requests.
         deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
-        share = await pool_share.take(spec.pool, organization_id, request_id, deadline)
+        share = await pool_share.take(spec.pool, organization_id, request_id, deadline, chosen)
     try:
         admission = await _admit(
             limits,

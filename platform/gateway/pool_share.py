@@ -1,5 +1,6 @@
-"""Fair sharing across the workers of a pool: one organization's burst cannot fill every
-task slot of a pool while others wait (docs/service_tiers.md, "Fair sharing").
+"""Fair sharing across the workers of a pool, and a surge's backlog (docs/service_tiers.md).
+
+One organization's burst cannot fill every task slot of a pool while others wait.
 
 A pool's nodes take work from one broker queue in arrival order, each as many tasks as it
 has task slots (`total_slots` in its heartbeat). Inside a node the engine admits fairly
@@ -12,6 +13,12 @@ most MANTLE_FAIR_POOL_ORG_SHARE of the pool's slots. A request past it waits at 
 in no queue of anyone else's, for one of its organization's own requests to end (up to
 MANTLE_FAIR_POOL_WAIT_S, then a 429 that names the share); the slots it leaves free are
 what other organizations' requests find when they reach the pool.
+
+The pool's requests in flight are counted too (a second sorted set), and each tier has a
+bound on them: under a surge, flex requests are refused at once when the pool has no idle
+slot, default-tier requests wait at the gateway while the pool holds MANTLE_POOL_BACKLOG_FACTOR
+times its slots (then a 503 with retry-after), and priority requests pass that backlog (a
+factor more), so the broker queue a priority request joins is never longer than that.
 
 Batch lines are paced by their own slots (gateway/batch_runner.py) and are not counted.
 """
@@ -37,14 +44,23 @@ SLOTS_TTL_S = 1.0  # a pool's slot count is read from heartbeats at most once a 
 POLL_S = 0.05
 
 _TAKE = """
+-- KEYS: the organization's set on the pool, the pool's set. ARGV: now, the organization's
+-- cap, the pool's bound for this class (0: none), deadline, request id, ttl.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  return 1
-end
-return 0
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local bound = tonumber(ARGV[3])
+if bound > 0 and redis.call('ZCARD', KEYS[2]) >= bound then return -1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return 1
 """
+
+
+def pool_key(pool: str) -> str:
+    return f"mantle:pool-inflight:{pool}"
 
 
 def share_key(pool: str, organization_id: str) -> str:
@@ -106,48 +122,105 @@ async def queue_for(pool: str, default: str, service_class: str) -> str:
 
 def org_cap(slots: int) -> int:
     """The requests one organization may have in flight on a pool of `slots` task slots."""
-    return max(1, math.floor(slots * settings.MANTLE_FAIR_POOL_ORG_SHARE))
+    share = settings.MANTLE_FAIR_POOL_ORG_SHARE
+    return slots * 1000 if share >= 1.0 else max(1, math.floor(slots * share))
 
 
-async def take(pool: str, organization_id: str, request_id: str, deadline: float) -> str:
+def pool_bound(slots: int, service_class: str) -> int:
+    """The online requests a pool may have in flight (on its nodes or waiting for them) for
+    a request of `service_class` to be let through, 0 for no bound: `flex` only while the
+    pool has idle slots, the default tier up to MANTLE_POOL_BACKLOG_FACTOR times its slots,
+    priority and provisioned one factor more (they pass a backlog of the default tier)."""
+    factor = settings.MANTLE_POOL_BACKLOG_FACTOR
+    if factor <= 0:
+        return 0
+    if service_class == contract.ServiceClass.FLEX:
+        return slots
+    if service_class in (contract.ServiceClass.PRIORITY, contract.ServiceClass.PROVISIONED):
+        return math.ceil(slots * (factor + 1))
+    return math.ceil(slots * factor)
+
+
+async def take(
+    pool: str,
+    organization_id: str,
+    request_id: str,
+    deadline: float,
+    service_class: str = contract.ServiceClass.ONLINE,
+) -> str:
     """Takes a place for the request among its organization's requests in flight on the
-    pool, waiting up to MANTLE_FAIR_POOL_WAIT_S for one; returns the key to give it back
-    with (`give_back`), or "" when sharing is off or the pool's size is unknown. Raises
-    a 429 when the wait runs out."""
-    if settings.MANTLE_FAIR_POOL_ORG_SHARE >= 1.0:
+    pool (at most its share) and among the pool's (at most the bound for its class),
+    waiting up to MANTLE_FAIR_POOL_WAIT_S; returns what to give back (`give_back`), or ""
+    when neither applies. A flex request finding the pool without idle slots is refused at
+    once (OpenAI's 429 resource_unavailable); others that wait in vain get a 429 (their
+    organization's share) or a 503 (the pool's backlog), with retry-after."""
+    share_on = settings.MANTLE_FAIR_POOL_ORG_SHARE < 1.0
+    if not share_on and settings.MANTLE_POOL_BACKLOG_FACTOR <= 0:
         return ""
     slots = await pool_slots(pool)
     if slots <= 0:
         return ""  # no live node: admission answers that (503) on its own
-    key = share_key(pool, organization_id)
+    keys = [share_key(pool, organization_id), pool_key(pool)]
     client = get_async_redis()
-    cap = org_cap(slots)
     give_up = time.monotonic() + settings.MANTLE_FAIR_POOL_WAIT_S
     ttl = str(int(max(60.0, deadline - time.time() + 60)))
     while True:
-        took = await client.eval(
-            _TAKE, 1, key, str(time.time()), str(cap), str(deadline), request_id, ttl
+        cap, bound = org_cap(slots), pool_bound(slots, service_class)
+        took = int(
+            await client.eval(
+                _TAKE,
+                2,
+                *keys,
+                str(time.time()),
+                str(cap),
+                str(bound),
+                str(deadline),
+                request_id,
+                ttl,
+            )
         )
-        if took:
-            return key
-        if time.monotonic() >= give_up:
+        if took == 1:
+            return "\n".join(keys)
+        if took == -1 and service_class == contract.ServiceClass.FLEX:
             raise OpenAIError(
                 429,
-                f"Your organization has {cap} requests in flight on this model's pool, its "
-                f"fair share of the pool's {slots} slots (MANTLE_FAIR_POOL_ORG_SHARE = "
-                f"{settings.MANTLE_FAIR_POOL_ORG_SHARE:g}); none ended within "
-                f"{settings.MANTLE_FAIR_POOL_WAIT_S:g} s. Retry shortly.",
-                code="rate_limit_exceeded",
-                headers={"retry-after": "1"},
+                "Resource unavailable: flex requests run on idle capacity, and this model's "
+                f"pool has none now ({bound} requests in flight on its {slots} slots). Retry "
+                "later or use the default tier.",
+                code="resource_unavailable",
+                headers={"retry-after": "30"},
+            )
+        if time.monotonic() >= give_up:
+            if took == 0:
+                raise OpenAIError(
+                    429,
+                    f"Your organization has {cap} requests in flight on this model's pool, "
+                    f"its fair share of the pool's {slots} slots (MANTLE_FAIR_POOL_ORG_SHARE "
+                    f"= {settings.MANTLE_FAIR_POOL_ORG_SHARE:g}); none ended within "
+                    f"{settings.MANTLE_FAIR_POOL_WAIT_S:g} s. Retry shortly.",
+                    code="rate_limit_exceeded",
+                    headers={"retry-after": "1"},
+                )
+            raise OpenAIError(
+                503,
+                f"This model's pool is overloaded: {bound} requests in flight on its {slots} "
+                f"slots (MANTLE_POOL_BACKLOG_FACTOR = {settings.MANTLE_POOL_BACKLOG_FACTOR:g}) "
+                f"and none ended within {settings.MANTLE_FAIR_POOL_WAIT_S:g} s. Retry shortly.",
+                type_="server_error",
+                code="server_overloaded",
+                headers={"retry-after": "2"},
             )
         await asyncio.sleep(POLL_S)
-        cap = org_cap(await pool_slots(pool))
+        slots = max(1, await pool_slots(pool))
 
 
 async def give_back(key: str, request_id: str) -> None:
     if not key:
         return
     try:
-        await get_async_redis().zrem(key, request_id)
+        pipe = get_async_redis().pipeline(transaction=False)
+        for one in key.split("\n"):
+            pipe.zrem(one, request_id)
+        await pipe.execute()
     except Exception:  # kept until its deadline: the organization's share is smaller a while
         logger.warning("could not give back %s's place in %s", request_id, key, exc_info=True)

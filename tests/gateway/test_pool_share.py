@@ -31,6 +31,7 @@ def clean() -> None:
     client.delete(contract.pool_live_key(POOL))
     for key in client.scan_iter(f"mantle:pool-share:{POOL}:*"):
         client.delete(key)
+    client.delete(pool_share.pool_key(POOL))
     pool_share._pools.clear()
 
 
@@ -76,7 +77,7 @@ def test_a_place_past_its_deadline_is_free_again_without_a_give_back() -> None:
     asyncio.run(scenario())
 
 
-@override_settings(MANTLE_FAIR_POOL_ORG_SHARE=1.0)
+@override_settings(MANTLE_FAIR_POOL_ORG_SHARE=1.0, MANTLE_POOL_BACKLOG_FACTOR=0)
 def test_a_share_of_one_is_off() -> None:
     register("node-a", 1)
 
@@ -103,3 +104,41 @@ def test_priority_goes_to_the_priority_queue_once_every_node_consumes_it() -> No
     assert asyncio.run(queue("provisioned")) == contract.priority_queue(POOL)
     for other in ("online", "flex", "batch"):
         assert asyncio.run(queue(other)) == default
+
+
+@override_settings(
+    MANTLE_FAIR_POOL_ORG_SHARE=1.0, MANTLE_POOL_BACKLOG_FACTOR=2.0, MANTLE_FAIR_POOL_WAIT_S=0.1
+)
+def test_a_surge_backlog_sheds_flex_at_once_holds_default_and_lets_priority_past() -> None:
+    """4 slots: flex runs only while fewer than 4 are in flight, the default tier up to 8,
+    priority up to 12; organizations do not matter here (their share is off)."""
+    register("node-a", 4)
+
+    async def scenario() -> None:
+        deadline = time.time() + 60
+        for i in range(4):
+            assert await pool_share.take(POOL, f"org-{i}", f"d{i}", deadline, "online")
+        with pytest.raises(OpenAIError) as flex:
+            await pool_share.take(POOL, "org-x", "f0", deadline, "flex")
+        assert (flex.value.status, flex.value.code) == (429, "resource_unavailable")
+        assert flex.value.headers["retry-after"] == "30"
+        for i in range(4, 8):
+            assert await pool_share.take(POOL, f"org-{i}", f"d{i}", deadline, "online")
+        with pytest.raises(OpenAIError) as default:
+            await pool_share.take(POOL, "org-x", "d8", deadline, "online")
+        assert (default.value.status, default.value.code) == (503, "server_overloaded")
+        assert "MANTLE_POOL_BACKLOG_FACTOR" in default.value.message
+        for i in range(4):
+            assert await pool_share.take(POOL, "org-p", f"p{i}", deadline, "priority")
+        with pytest.raises(OpenAIError):
+            await pool_share.take(POOL, "org-p", "p4", deadline, "priority")
+        # One ending lets the next default request in.
+        key = pool_share.share_key(POOL, "org-0") + "\n" + pool_share.pool_key(POOL)
+        await pool_share.give_back(key, "d0")
+        await pool_share.give_back(key.replace("org-0", "org-1"), "d1")
+        await pool_share.give_back(key.replace("org-0", "org-2"), "d2")
+        await pool_share.give_back(key.replace("org-0", "org-3"), "d3")
+        await pool_share.give_back(key.replace("org-0", "org-4"), "d4")
+        assert await pool_share.take(POOL, "org-x", "d9", deadline, "online")
+
+    asyncio.run(scenario())

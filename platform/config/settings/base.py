@@ -370,6 +370,11 @@ MANTLE_FILE_IO_THREADS = env.int("MANTLE_FILE_IO_THREADS", default=4)
 # requests wait at the gateway up to MANTLE_FAIR_POOL_WAIT_S for one of its own to end.
 MANTLE_FAIR_POOL_ORG_SHARE = env.float("MANTLE_FAIR_POOL_ORG_SHARE", default=0.75)
 MANTLE_FAIR_POOL_WAIT_S = env.float("MANTLE_FAIR_POOL_WAIT_S", default=10.0)
+# A surge's backlog (docs/service_tiers.md, "Surges"): the default tier waits at the gateway
+# while a pool has this many times its task slots of online requests in flight (then a 503
+# after MANTLE_FAIR_POOL_WAIT_S), priority one factor more, flex only while slots are idle
+# (else 429 resource_unavailable at once). 0: no bound.
+MANTLE_POOL_BACKLOG_FACTOR = env.float("MANTLE_POOL_BACKLOG_FACTOR", default=2.0)
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.
