@@ -324,13 +324,21 @@ def test_deadline_drops_a_running_request(make_engine: Callable[..., CausalLMEng
     assert sink.count("late", "done") == 0
 
 
-def test_model_failure_fails_the_batch_and_the_engine_keeps_serving(
-    make_engine: Callable[..., CausalLMEngine],
-) -> None:
+def test_model_failure_fails_the_batch_and_the_engine_keeps_serving() -> None:
     session = FakeCausalLM(delay_s=0.002, fail_on_call=6)
-    engine = make_engine(session)
+    # All three queued before the engine's thread starts: they are one batch when the 6th
+    # call fails, however slowly this thread is scheduled.
+    engine = CausalLMEngine(session, spec(), decode)
+    try:
+        _model_failure(engine)
+    finally:
+        engine.stop()
+
+
+def _model_failure(engine: CausalLMEngine) -> None:
     sink = RecordingSink()
     handles = [engine.submit(request(f"r{i}", PROMPTS[i], 50), sink) for i in range(3)]
+    engine.start()
     results = [h.wait(10) for h in handles]
     for i, result in enumerate(results):
         assert result is not None and result.finish_reason == "error", i
