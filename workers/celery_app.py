@@ -11,6 +11,7 @@ from celery import Celery, signals
 from workers.broker import guard_redis_unacked_restore
 from workers.contract import priority_queue
 from workers.heartbeat import Heartbeat, outwait_previous_process
+from workers.metrics import serve_metrics
 from workers.serving import WorkerRuntime
 from workers.settings import WorkerSettings
 
@@ -91,6 +92,7 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     queues = tuple(
         q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", ()) or ()
     ) or (settings.queue,)
+    serve_metrics(runtime, settings.metrics_port)
     _heartbeat = Heartbeat(
         runtime.redis,
         node=settings.node,

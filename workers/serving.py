@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from workers import metrics
 from workers.contract import (
     BATCH_STREAM_DONE_TTL_S,
     EVENT_DELTA,
@@ -262,6 +263,14 @@ class WorkerRuntime:
         for engine in engines:
             engine.stop()
 
+    def engines(self) -> dict[str, _Engine]:
+        """The engines loaded now, by model version (a snapshot, for metrics)."""
+        return dict(self._engines)
+
+    def in_flight(self) -> int:
+        """Requests this process runs now (busy task threads)."""
+        return self._in_flight
+
     def stats(self) -> NodeStats:
         from workers.runtime.models import loaded_models
 
@@ -415,6 +424,14 @@ class WorkerRuntime:
             service_class=_service_class(request),
         )
         emitted = emit_usage_durably(self.redis, usage)
+        metrics.observe_request(
+            pool=self.settings.pool,
+            tier=usage.service_class,
+            outcome=result.finish_reason,
+            queue_s=usage.queue_ms / 1000,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+        )
         return Outcome(status=result.finish_reason, usage_emitted=emitted, result=result)
 
     def _run_on(

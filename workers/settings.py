@@ -40,6 +40,8 @@ class WorkerSettings:
     # off (MANTLE_FAIR_SHARING=0): by tier, then arrival order, the baseline of the benchmark.
     fair_sharing: bool = True
     flex_max_wait_s: float = 30.0  # a flex request not started by then: 429 resource_unavailable
+    # /metrics over HTTP for Prometheus (workers/metrics.py); 0: not served.
+    metrics_port: int = 0
 
     @property
     def queue(self) -> str:
@@ -62,6 +64,7 @@ class WorkerSettings:
             engine_idle_s=_float("MANTLE_ENGINE_IDLE_S", 1800.0),
             fair_sharing=os.environ.get("MANTLE_FAIR_SHARING", "1").strip() not in ("0", "false"),
             flex_max_wait_s=_float("MANTLE_FLEX_MAX_WAIT_S", 30.0),
+            metrics_port=_int("MANTLE_WORKER_METRICS_PORT", 0),
             # The slot count in heartbeats: tasks this node takes at once (-c of the threads pool).
             concurrency=_int("MANTLE_CONCURRENCY", 64),
             visibility_timeout_s=_int("MANTLE_VISIBILITY_TIMEOUT_S", 3600),

@@ -127,7 +127,7 @@ def test_an_event_of_a_worker_without_the_service_class_is_online() -> None:
 def test_an_unknown_service_class_goes_to_the_dead_letters() -> None:
     client = get_redis()
     good = batch_line()
-    bad = UsageEventFactory(request_id="req_flex", service_class="flex")
+    bad = UsageEventFactory(request_id="req_spot", service_class="spot")
     emit(client, [good, bad])
 
     totals = drain()
@@ -136,7 +136,7 @@ def test_an_unknown_service_class_goes_to_the_dead_letters() -> None:
     assert list(UsageEvent.objects.values_list("request_id", flat=True)) == [good.request_id]
     assert rollup_parts() == parts([good])
     [(_, dead)] = client.xrange(stream.DEAD_LETTER_STREAM)
-    assert dead["_reason"] == "unknown service_class 'flex'"
+    assert dead["_reason"] == "unknown service_class 'spot'"
     assert pending_count(client) == 0
 
 

@@ -580,7 +580,8 @@ def _compose_containers() -> list[Container]:
 
 
 def _k8s_problems(docs: list[dict[str, Any]]) -> tuple[dict[EntryPoint, list[str]], list[str]]:
-    return manifest_problems(k8s_containers(docs), k8s_env_sources(docs))
+    entry_points, problems = manifest_problems(k8s_containers(docs), k8s_env_sources(docs))
+    return entry_points, problems + autoscaling_problems(docs)
 
 
 def test_k8s_commands_and_variables_name_what_exists() -> None:
@@ -667,7 +668,7 @@ def test_network_policies_allow_each_role_only_what_it_uses() -> None:
     reach = network_reach(docs)
     worker = reach["k8s Deployment/mantle-worker-cpu"]
     assert {port for port, _ in worker.egress} == {53, 443, 5672, 6379}
-    assert worker.ingress_ports == frozenset()
+    assert worker.ingress_ports == frozenset({9102})  # Prometheus, for /metrics only
     assert compose_network_problems(compose_file(VARIABLES)) == []
 
 
@@ -843,3 +844,64 @@ def test_the_ingress_lets_an_upload_of_the_file_limit_through_and_nothing_else_t
     assert files_notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
     others = [size for path, (size, _) in limits.items() if path != "/v1/files"]
     assert others and max(others) <= settings.DATA_UPLOAD_MAX_MEMORY_SIZE * 2
+
+
+def autoscaling_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """deploy/k8s/autoscaling.yaml against the worker Deployments: one KEDA ScaledObject
+    per worker Deployment, on the queues that Deployment consumes (its -Q and the priority
+    tier's, workers/contract.py) and on the engines' waiting requests (workers/metrics.py)
+    of its MANTLE_POOL, served on the port the Deployment names and annotates."""
+    from workers import metrics
+    from workers.contract import priority_queue
+
+    deployments = {
+        d["metadata"]["name"]: d
+        for d in docs
+        if d.get("kind") == "Deployment" and d["metadata"]["name"].startswith("mantle-worker-")
+    }
+    scaled = {
+        d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d.get("kind") == "ScaledObject"
+    }
+    problems = []
+    if set(scaled) != set(deployments):
+        problems.append(f"ScaledObjects for {sorted(scaled)}, workers {sorted(deployments)}")
+    for name, deployment in deployments.items():
+        if name not in scaled:
+            continue
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        pool = env.get("MANTLE_POOL", "")
+        argv = [str(a) for a in container["command"]]
+        if argv[argv.index("-Q") + 1] != inference_queue(pool):
+            problems.append(f"{name}: consumes {argv[argv.index('-Q') + 1]}, pool {pool}")
+        port = str(env.get("MANTLE_WORKER_METRICS_PORT", ""))
+        served = {str(p["containerPort"]) for p in container.get("ports", [])}
+        annotated = deployment["spec"]["template"]["metadata"].get("annotations", {})
+        if served != {port} or annotated.get("prometheus.io/port") != port:
+            problems.append(f"{name}: metrics on {port!r}, serves {served}, annotated {annotated}")
+        spec = scaled[name]["spec"]
+        queues = {t["metadata"]["queueName"] for t in spec["triggers"] if t["type"] == "rabbitmq"}
+        if queues != {inference_queue(pool), priority_queue(pool)}:
+            problems.append(f"{name}: scales on queues {sorted(queues)}, pool {pool}")
+        queries = [t["metadata"]["query"] for t in spec["triggers"] if t["type"] == "prometheus"]
+        wanted = f'sum({metrics.ENGINE_WAITING}{{pool="{pool}"}})'
+        if queries != [wanted]:
+            problems.append(f"{name}: scales on {queries}, not {wanted}")
+        if not 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]:
+            problems.append(
+                f"{name}: replicas {spec['minReplicaCount']}..{spec['maxReplicaCount']}"
+            )
+    return problems
+
+
+def test_every_worker_pool_scales_on_its_queues_and_its_engines_backlog() -> None:
+    docs = k8s_documents()
+    assert any(d.get("kind") == "ScaledObject" for d in docs)
+    assert autoscaling_problems(docs) == []
+    # A pool renamed in its Deployment alone, a metric renamed, a trigger dropped: found.
+    for old, new in (
+        ("value: cpu\n", "value: cpu2\n"),
+        ("mantle_worker_engine_waiting_requests", "mantle_worker_waiting"),
+        ("queueName: inference.cpu.priority", "queueName: inference.cpu"),
+    ):
+        assert autoscaling_problems(_mutated(old, new)(docs)), f"{old} -> {new} went unnoticed"

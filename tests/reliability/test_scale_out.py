@@ -68,7 +68,11 @@ def workers_of(outcomes: list[Outcome]) -> dict[str, str]:
 def test_worker_killed_mid_stream_while_its_pool_mate_keeps_serving(
     gateways: TwoGateways, transactional_db: None
 ) -> None:
-    tenant: Tenant = tenant_on("relalpha", gateways.manifests)
+    # Two organizations, two streams each: one organization alone holds at most
+    # MANTLE_FAIR_POOL_ORG_SHARE (0.75) of the pool's four slots, and the four streams
+    # must fill both workers.
+    tenants: list[Tenant] = [tenant_on("relalpha", gateways.manifests) for _ in range(2)]
+    tenant = tenants[0]
     stack = gateways.stack
     doomed = stack.worker("relalpha", name="rel-alpha-1", concurrency=2)
     survivor = stack.worker("relalpha", name="rel-alpha-2", concurrency=2)
@@ -76,11 +80,11 @@ def test_worker_killed_mid_stream_while_its_pool_mate_keeps_serving(
         outcomes: list[Outcome] = []
         lock = threading.Lock()
 
-        def stream(url: str) -> None:
+        def stream(url: str, owner: Tenant) -> None:
             outcome = call(
                 url,
-                tenant.secret,
-                tenant.chat.id,
+                owner.secret,
+                owner.chat.id,
                 stream=True,
                 content=STORY,
                 # Long enough that no stream can end before the kill (the 4-bit model
@@ -93,7 +97,10 @@ def test_worker_killed_mid_stream_while_its_pool_mate_keeps_serving(
             with lock:
                 outcomes.append(outcome)
 
-        threads = [threading.Thread(target=stream, args=(gateways.urls[i % 2],)) for i in range(4)]
+        threads = [
+            threading.Thread(target=stream, args=(gateways.urls[i % 2], tenants[i // 2]))
+            for i in range(4)
+        ]
         for thread in threads:
             thread.start()
         # Both workers full (two streams each, their whole concurrency): kill one.

@@ -1226,9 +1226,11 @@ def test_a_quiet_organizations_arrival_cuts_a_step_of_a_flood_short(
     session = SlowSteps(slow_s=0.6)
     engine = make_engine(session, max_batch=4, run_options=FakeRunOptions)
     sink = RecordingSink()
-    flood = [engine.submit(request(f"a-{i}", [i + 1, 2], 12, org="a"), sink) for i in range(4)]
-    wait_until(lambda: all(sink.count(f"a-{i}", "delta") > 0 for i in range(4)))
+    # Slow from the first step: a flood that ran fast until the test's thread was
+    # scheduled could end before a slow step began (on a loaded machine it did).
     session.slow.set()
+    flood = [engine.submit(request(f"a-{i}", [i + 1, 2], 12, org="a"), sink) for i in range(4)]
+    wait_until(lambda: all(sink.count(f"a-{i}", "delta") > 0 for i in range(4)), 30)
     wait_until(lambda: session.in_slow_call.is_set())
     own = engine.submit(request("a-more", [3, 3], 2, org="a"), sink)
     time.sleep(0.05)

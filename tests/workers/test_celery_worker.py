@@ -24,6 +24,7 @@ from workers.contract import (
     UsageEvent,
     inference_queue,
     pool_live_key,
+    priority_queue,
     response_stream_key,
     to_payload,
     worker_info_key,
@@ -81,7 +82,7 @@ def test_generate_through_a_real_worker(
     monkeypatch.setenv("CELERY_BROKER_URL", TEST_REDIS_URL)
     info = json.loads(redis_client.get(worker_info_key(NODE)))
     assert info["pool"] == POOL and info["total_slots"] == 8
-    assert info["queues"] == [inference_queue(POOL)]
+    assert info["queues"] == [inference_queue(POOL), priority_queue(POOL)]
 
     sender = Celery("test-sender", broker=TEST_REDIS_URL)
     sender.conf.update(task_serializer="json", accept_content=["json"])
