@@ -29,6 +29,7 @@ from billing.models import (
     PriceOverride,
     StripeCustomer,
     StripeEvent,
+    TierMultiplier,
     UsageRollup,
 )
 
@@ -186,6 +187,38 @@ class PriceAdmin(ReadOnlyAdmin):
             effective_from__lte=now,
         ).exists()
         return "superseded" if newer else "in effect"
+
+
+@admin.register(TierMultiplier)
+class TierMultiplierAdmin(ReadOnlyAdmin):
+    """The service tiers' price multipliers, history kept: a change is a new row."""
+
+    list_display = (
+        "service_tier",
+        "model_label",
+        "multiplier",
+        "effective_from",
+        "reason",
+        "created_by",
+    )
+    list_filter = ("service_tier", "model_name")
+    ordering = ("service_tier", "model_name", "-effective_from")
+    list_select_related = ("created_by",)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm(roles.MOVE_MONEY)
+
+    def add_view(
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        # tier_multiplier_set validates and audits; the generic form would not.
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        return HttpResponseRedirect(reverse("admin:backoffice-tier-multiplier-new"))
+
+    @admin.display(description="model")
+    def model_label(self, obj: TierMultiplier) -> str:
+        return obj.model_name or "every model without its own"
 
 
 @admin.register(PriceOverride)

@@ -67,6 +67,17 @@ UNIT_LABELS = {
     TokenKind.BATCH_OUTPUT.value: "batch output tokens",
     TokenKind.BATCH_REQUEST.value: "batch requests",
     TokenKind.BATCH_COMPUTE_MS.value: "batch compute milliseconds",
+    **{
+        f"{tier}_{unit}": f"{tier} {label}"
+        for tier in ("priority", "flex")
+        for unit, label in (
+            ("input", "input tokens"),
+            ("cached_input", "cached input tokens"),
+            ("output", "output tokens"),
+            ("request", "requests"),
+            ("compute_ms", "compute milliseconds"),
+        )
+    },
 }
 
 

@@ -33,7 +33,9 @@ class TokenKind(models.TextChoices):
 
     Each unit has a `batch_` twin: the same usage of batch lines (the Batch API), billed at
     the batch price where one is set and not above the online one, else at the online
-    price (`billing.pricing.BATCH_OF`, `PriceBook.billed`).
+    price (`billing.pricing.BATCH_OF`, `PriceBook.billed`); and `priority_` and `flex_`
+    twins: the usage of those service tiers, billed at the online price times the tier's
+    multiplier (`TierMultiplier`, `billing.pricing.TIER_OF`).
     """
 
     INPUT = "input"
@@ -46,10 +48,69 @@ class TokenKind(models.TextChoices):
     BATCH_REQUEST = "batch_request"
     BATCH_COMPUTE_MS = "batch_compute_ms"
     BATCH_CACHED_INPUT = "batch_cached_input"
+    PRIORITY_INPUT = "priority_input"
+    PRIORITY_OUTPUT = "priority_output"
+    PRIORITY_REQUEST = "priority_request"
+    PRIORITY_COMPUTE_MS = "priority_compute_ms"
+    PRIORITY_CACHED_INPUT = "priority_cached_input"
+    FLEX_INPUT = "flex_input"
+    FLEX_OUTPUT = "flex_output"
+    FLEX_REQUEST = "flex_request"
+    FLEX_COMPUTE_MS = "flex_compute_ms"
+    FLEX_CACHED_INPUT = "flex_cached_input"
 
 
 TOKEN_KIND_LENGTH = 24
-"""max_length of every token_kind column (the longest kind is `batch_cached_input`)."""
+"""max_length of every token_kind column (the longest kind is `priority_cached_input`)."""
+
+# The service tiers priced by a multiplier of the online price (docs/service_tiers.md).
+PRICED_TIERS = ("priority", "flex")
+
+
+class TierMultiplier(models.Model):
+    """The price of a service tier's usage as a multiple of the online price, for one model
+    (or, with a blank model, every model without its own), from `effective_from` on.
+
+    A priority or flex unit (`priority_input`, `flex_output`...) is billed at the price the
+    organization pays for the online unit then (list price, contract rate or discount),
+    times the tier's multiplier, rounded to the nano per million (`PriceBook.billed`): the
+    operator sets a premium or a discount once and it follows every price change. Never
+    updated: a change is a new row, so every past rating can be reproduced. The defaults
+    (migration 0010: priority 2, flex 0.5, every model) are rows like any other.
+    """
+
+    class Tier(models.TextChoices):
+        PRIORITY = "priority"
+        FLEX = "flex"
+
+    model_name = models.CharField(max_length=120, blank=True)
+    service_tier = models.CharField(max_length=16, choices=Tier.choices)
+    multiplier = models.DecimalField(max_digits=8, decimal_places=4)
+    effective_from = models.DateTimeField()
+    reason = models.CharField(max_length=500, blank=True)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["model_name", "service_tier", "effective_from"],
+                name="uniq_tier_multiplier_version",
+            ),
+            # Priority is a premium (at least the online price), flex a discount (more than
+            # nothing, at most the online price).
+            models.CheckConstraint(
+                condition=Q(service_tier="priority", multiplier__gte=1, multiplier__lte=100)
+                | Q(service_tier="flex", multiplier__gt=0, multiplier__lte=1),
+                name="tier_multiplier_in_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        model = self.model_name or "every model"
+        return f"{model} {self.service_tier} x{self.multiplier} from {self.effective_from}"
 
 
 class Price(models.Model):
@@ -499,6 +560,18 @@ class UsageRollup(models.Model):
     batch_output_tokens = models.BigIntegerField(default=0, db_default=0)
     batch_compute_ms = models.BigIntegerField(default=0, db_default=0)
     batch_cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    # The same parts for the priority and flex service tiers (billed at the online price
+    # times the tier's multiplier, TierMultiplier).
+    priority_requests = models.BigIntegerField(default=0, db_default=0)
+    priority_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    priority_output_tokens = models.BigIntegerField(default=0, db_default=0)
+    priority_compute_ms = models.BigIntegerField(default=0, db_default=0)
+    priority_cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    flex_requests = models.BigIntegerField(default=0, db_default=0)
+    flex_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    flex_output_tokens = models.BigIntegerField(default=0, db_default=0)
+    flex_compute_ms = models.BigIntegerField(default=0, db_default=0)
+    flex_cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

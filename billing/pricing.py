@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
 from typing import Any
 
 from django.conf import settings
@@ -26,7 +26,7 @@ from accounts.models import Organization
 from accounts.principal import Principal
 from accounts.services import audit_record
 from billing import checks, jobs
-from billing.models import Price, PriceOverride, TokenKind
+from billing.models import Price, PriceOverride, TierMultiplier, TokenKind
 from billing.money import (
     MAX_AMOUNT,
     MAX_UNIT_PRICE,
@@ -75,6 +75,31 @@ BATCH_OF: Mapping[str, str] = {
 """Each unit's twin for the usage of batch lines (service class `batch`)."""
 ONLINE_OF: Mapping[str, str] = {batch: online for online, batch in BATCH_OF.items()}
 BATCH_UNITS: tuple[str, ...] = tuple(BATCH_OF.values())
+
+# The priority and flex service tiers: each unit's twin, billed at the online unit's price
+# times the tier's multiplier (TierMultiplier; DEFAULT_TIER_MULTIPLIERS where no row
+# applies). Admission, the drain and the invoice all take that price from `billed`.
+TIERS: tuple[str, ...] = ("priority", "flex")
+TIER_TWINS: Mapping[str, Mapping[str, str]] = {
+    tier: {unit: f"{tier}_{unit}" for unit in (INPUT, OUTPUT, CACHED_INPUT, REQUEST, COMPUTE_MS)}
+    for tier in TIERS
+}
+"""tier -> online unit -> the tier's twin of it (`priority_input`...)."""
+TIER_OF: Mapping[str, tuple[str, str]] = {
+    twin: (tier, online) for tier, twins in TIER_TWINS.items() for online, twin in twins.items()
+}
+"""A tier unit -> (its tier, the online unit it is a multiple of)."""
+TIER_UNITS: tuple[str, ...] = tuple(TIER_OF)
+DEFAULT_TIER_MULTIPLIERS: Mapping[str, Decimal] = {
+    "priority": Decimal(2),
+    "flex": Decimal("0.5"),
+}
+"""A tier's multiplier where no TierMultiplier row applies (the model's, or every model's):
+priority at twice the online price, flex at half (OpenAI's flex processing is half price)."""
+CLASS_TWINS: Mapping[str, Mapping[str, str]] = {"batch": BATCH_OF, **TIER_TWINS}
+"""service class -> online unit -> the unit its usage is billed by (the online class: the
+unit itself)."""
+
 TOKEN_UNITS: tuple[str, ...] = (
     INPUT,
     CACHED_INPUT,
@@ -82,6 +107,7 @@ TOKEN_UNITS: tuple[str, ...] = (
     BATCH_INPUT,
     BATCH_CACHED_INPUT,
     BATCH_OUTPUT,
+    *(TIER_TWINS[t][u] for t in TIERS for u in (INPUT, CACHED_INPUT, OUTPUT)),
 )
 """The units that count tokens (the console's "unpriced tokens")."""
 # A cached prompt token is also a prompt token: billed as one (on that line) when that is
@@ -98,6 +124,13 @@ def billed_units(model_kind: str) -> tuple[str, str]:
 # a values() query, keyed by `_SUM_OF_UNIT`): one path from rollups to billed quantities.
 # `cached_input_tokens` is a part of `input_tokens`, and each `batch_` column a part of its
 # online twin (split_quantities splits them).
+_ONLINE_COLUMNS = {
+    INPUT: "input_tokens",
+    OUTPUT: "output_tokens",
+    REQUEST: "requests",
+    COMPUTE_MS: "compute_ms",
+    CACHED_INPUT: "cached_input_tokens",
+}
 UNIT_COLUMNS = {
     INPUT: "input_tokens",
     OUTPUT: "output_tokens",
@@ -109,6 +142,7 @@ UNIT_COLUMNS = {
     BATCH_REQUEST: "batch_requests",
     BATCH_COMPUTE_MS: "batch_compute_ms",
     BATCH_CACHED_INPUT: "batch_cached_input_tokens",
+    **{twin: f"{tier}_{_ONLINE_COLUMNS[online]}" for twin, (tier, online) in TIER_OF.items()},
 }
 _SUM_OF_UNIT = {
     INPUT: "i",
@@ -121,6 +155,8 @@ _SUM_OF_UNIT = {
     BATCH_REQUEST: "br",
     BATCH_COMPUTE_MS: "bc",
     BATCH_CACHED_INPUT: "bci",
+    # Not the column's own name (an annotation may not shadow a field).
+    **{twin: f"s_{twin}" for twin in TIER_UNITS},
 }
 ROLLUP_SUMS = {_SUM_OF_UNIT[unit]: Sum(column) for unit, column in UNIT_COLUMNS.items()}
 
@@ -130,42 +166,53 @@ def billed_quantities(row: Mapping[str, Any], model_kind: str) -> list[tuple[str
     text models (`split_quantities`), requests and compute time for tensor models (a text
     model's compute time is in its token price)."""
     # Mapping[str, Any]: django-stubs' values() row types leave the annotated sums out.
-    totals = {unit: int(row[key] or 0) for unit, key in _SUM_OF_UNIT.items()}
+    # .get: a group summed before the tiers' parts existed has none (0).
+    totals = {unit: int(row.get(key) or 0) for unit, key in _SUM_OF_UNIT.items()}
     return split_quantities(totals, model_kind)
 
 
 def split_quantities(totals: Mapping[str, int], model_kind: str) -> list[tuple[str, int]]:
     """(unit, quantity) billed, from each unit's column total (unit -> sum of its
-    UNIT_COLUMNS column), online units first, then their batch twins.
+    UNIT_COLUMNS column), online units first, then their batch twins, then the priority
+    and flex tiers' twins.
 
     Every token is in exactly one unit. A column total counts its parts: input tokens
-    count the cached ones, and every online total counts the batch lines' part. So `input`
-    is the online uncached part, `cached_input` the online cached one, `batch_input` and
-    `batch_cached_input` the same of batch lines (`PriceBook.rate` bills a cached part as
-    the uncached one again when no cached price applies).
+    count the cached ones, and every online total counts the batch lines' and the tiers'
+    parts. So `input` is the online uncached part, `cached_input` the online cached one,
+    `batch_input` and `batch_cached_input` the same of batch lines, and so on for each
+    tier (`PriceBook.rate` bills a cached part as the uncached one again when no cached
+    price applies).
     """
 
     def total(unit: str) -> int:
         return int(totals.get(unit, 0))
 
+    classes = [BATCH_OF, *(TIER_TWINS[t] for t in TIERS)]
     if model_kind == "tensor":
+        units = (REQUEST, COMPUTE_MS)
+        online = [(u, total(u) - sum(total(c[u]) for c in classes)) for u in units]
+        return online + [(c[u], total(c[u])) for c in classes for u in units]
+
+    def parts(twins: Mapping[str, str]) -> list[tuple[str, int]]:
+        cached = total(twins[CACHED_INPUT])
         return [
-            (REQUEST, total(REQUEST) - total(BATCH_REQUEST)),
-            (COMPUTE_MS, total(COMPUTE_MS) - total(BATCH_COMPUTE_MS)),
-            (BATCH_REQUEST, total(BATCH_REQUEST)),
-            (BATCH_COMPUTE_MS, total(BATCH_COMPUTE_MS)),
+            (twins[INPUT], total(twins[INPUT]) - cached),
+            (twins[CACHED_INPUT], cached),
+            (twins[OUTPUT], total(twins[OUTPUT])),
         ]
-    batch_cached = total(BATCH_CACHED_INPUT)
-    batch_uncached = total(BATCH_INPUT) - batch_cached
-    cached = total(CACHED_INPUT) - batch_cached
-    return [
-        (INPUT, total(INPUT) - cached - batch_cached - batch_uncached),
+
+    others = [part for c in classes for part in parts(c)]
+    taken = {unit: 0 for unit in (INPUT, CACHED_INPUT, OUTPUT)}
+    for c in classes:
+        for unit in taken:
+            taken[unit] += dict(parts(c))[c[unit]]
+    cached = total(CACHED_INPUT) - taken[CACHED_INPUT]
+    online = [
+        (INPUT, total(INPUT) - cached - taken[CACHED_INPUT] - taken[INPUT]),
         (CACHED_INPUT, cached),
-        (OUTPUT, total(OUTPUT) - total(BATCH_OUTPUT)),
-        (BATCH_INPUT, batch_uncached),
-        (BATCH_CACHED_INPUT, batch_cached),
-        (BATCH_OUTPUT, total(BATCH_OUTPUT)),
+        (OUTPUT, total(OUTPUT) - taken[OUTPUT]),
     ]
+    return online + others
 
 
 def counted_as(unit: str) -> str:
@@ -173,7 +220,7 @@ def counted_as(unit: str) -> str:
     are input tokens (and billed as such where no cached price applies), and batch lines'
     usage is usage of the online unit (batch tokens are billed at the online price where
     no batch price applies)."""
-    online = ONLINE_OF.get(unit, unit)
+    online = ONLINE_OF.get(unit) or TIER_OF.get(unit, (None, unit))[1]
     return INPUT if online == CACHED_INPUT else online
 
 
@@ -256,6 +303,9 @@ class PriceBook:
     _list_prices: dict[tuple[str, str], list[Decimal]] = field(default_factory=dict)
     _overrides: list[PriceOverride] = field(default_factory=list)
     _cache: dict[tuple[str, str, datetime], EffectivePrice | None] = field(default_factory=dict)
+    # (model or "" for every model, tier) -> effective_from ascending, and the multipliers
+    _tier_times: dict[tuple[str, str], list[datetime]] = field(default_factory=dict)
+    _tier_values: dict[tuple[str, str], list[Decimal]] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -277,12 +327,24 @@ class PriceBook:
             times[(p.model_name, p.token_kind)].append(p.effective_from)
             values[(p.model_name, p.token_kind)].append(p.unit_price)
         book._list_times, book._list_prices = dict(times), dict(values)
+        multipliers = TierMultiplier.objects.all()
+        if model_names is not None:
+            multipliers = multipliers.filter(model_name__in=["", *model_names])
+        tier_times: dict[tuple[str, str], list[datetime]] = defaultdict(list)
+        tier_values: dict[tuple[str, str], list[Decimal]] = defaultdict(list)
+        for m in multipliers.order_by("model_name", "service_tier", "effective_from").only(
+            "model_name", "service_tier", "multiplier", "effective_from"
+        ):
+            tier_times[(m.model_name, m.service_tier)].append(m.effective_from)
+            tier_values[(m.model_name, m.service_tier)].append(m.multiplier)
+        book._tier_times, book._tier_values = dict(tier_times), dict(tier_values)
         return book if organization_id is None else book.for_organization(organization_id)
 
     def for_organization(self, organization_id: str) -> PriceBook:
         """This book's list prices with one organization's overrides (one query)."""
         book = PriceBook(organization_id=organization_id)
         book._list_times, book._list_prices = self._list_times, self._list_prices
+        book._tier_times, book._tier_values = self._tier_times, self._tier_values
         book._overrides = list(
             PriceOverride.objects.filter(organization_id=organization_id).order_by(
                 "effective_from", "id"
@@ -345,6 +407,17 @@ class PriceBook:
             return EffectivePrice(model_name, token_kind, unit, listed, "discount")
         return EffectivePrice(model_name, token_kind, listed, listed, "list")
 
+    def tier_multiplier(self, model_name: str, tier: str, at: datetime) -> Decimal:
+        """The multiplier of `tier`'s prices for the model at `at`: the model's own row in
+        effect then, else every model's, else DEFAULT_TIER_MULTIPLIERS."""
+        for model in (model_name, ""):
+            times = self._tier_times.get((model, tier))
+            if times:
+                i = bisect.bisect_right(times, at) - 1
+                if i >= 0:
+                    return self._tier_values[(model, tier)][i]
+        return DEFAULT_TIER_MULTIPLIERS[tier]
+
     def billed(self, model_name: str, unit: str, at: datetime) -> tuple[str, EffectivePrice | None]:
         """The line a quantity of `unit` is billed on, and its price at `at`.
 
@@ -368,6 +441,8 @@ class PriceBook:
         would double the book's memory over a long range (the back office's CSV streams
         years of hours in bounded memory).
         """
+        if unit in TIER_OF:
+            return self._tier_billed(model_name, unit, at)
         line, best = unit, self.effective(model_name, unit, at)
         uncached = _UNCACHED_OF.get(unit)
         if uncached is not None:
@@ -384,6 +459,27 @@ class PriceBook:
         if best is None and uncached is not None:
             line = uncached
         return line, best
+
+    def _tier_billed(
+        self, model_name: str, unit: str, at: datetime
+    ) -> tuple[str, EffectivePrice | None]:
+        """A priority or flex unit: the online unit's line and price (`billed`: a cached
+        token with no cached price is billed as an input token) times the tier's
+        multiplier, rounded half up to the nano per million (the unit price's places), on
+        the tier's twin of that line."""
+        tier, online = TIER_OF[unit]
+        line, price = self.billed(model_name, online, at)
+        twin = TIER_TWINS[tier][line]
+        if price is None:
+            return twin, None
+        times = self.tier_multiplier(model_name, tier, at)
+        return twin, EffectivePrice(
+            model_name,
+            twin,
+            (price.unit_price * times).quantize(UNIT_PRICE_PLACES, rounding=ROUND_HALF_UP),
+            (price.list_price * times).quantize(UNIT_PRICE_PLACES, rounding=ROUND_HALF_UP),
+            price.source,
+        )
 
     def cached_input_price(self, model_name: str, at: datetime) -> EffectivePrice | None:
         """The price of a prompt token the prefix cache served, or None when such tokens
@@ -540,6 +636,78 @@ def price_set(
     return row
 
 
+MAX_PRIORITY_MULTIPLIER = Decimal(100)
+
+
+def tier_multiplier_set(
+    *,
+    principal: Principal,
+    service_tier: str,
+    multiplier: Decimal | str,
+    effective_from: datetime,
+    reason: str,
+    model_name: str = "",
+) -> TierMultiplier:
+    """A service tier's price multiplier from `effective_from` on, for one model or, with
+    no `model_name`, every model without its own (the history is kept: nothing is updated).
+
+    Priority is a premium: at least 1 (the online price) and at most 100. Flex is a
+    discount: above 0 and at most 1. Whole UTC hours, not in the past, as for prices: a
+    change never re-rates the past.
+    """
+    checks.check_staff(principal)
+    reason = checks.check_reason(reason)
+    if service_tier not in TierMultiplier.Tier.values:
+        raise InvalidInput(
+            f"service_tier must be one of {sorted(TierMultiplier.Tier.values)}",
+            param="service_tier",
+        )
+    model_name = _check_model(model_name) if (model_name or "").strip() else ""
+    value = check_places(parse_decimal(multiplier, param="multiplier"), 4, param="multiplier")
+    if service_tier == TierMultiplier.Tier.PRIORITY and not (1 <= value <= MAX_PRIORITY_MULTIPLIER):
+        raise InvalidInput(
+            f"a priority multiplier is a premium: from 1 to {MAX_PRIORITY_MULTIPLIER}, not {value}",
+            param="multiplier",
+        )
+    if service_tier == TierMultiplier.Tier.FLEX and not (0 < value <= 1):
+        raise InvalidInput(
+            f"a flex multiplier is a discount: above 0 and at most 1, not {value}",
+            param="multiplier",
+        )
+    _check_from(effective_from)
+    try:
+        with transaction.atomic():
+            row = TierMultiplier.objects.create(
+                model_name=model_name,
+                service_tier=service_tier,
+                multiplier=value,
+                effective_from=effective_from,
+                reason=reason,
+                created_by=principal.user,
+            )
+            audit_record(
+                principal=principal,
+                action="billing.tier_multiplier_set",
+                target=row,
+                organization=None,
+                metadata={
+                    "model_name": model_name,
+                    "service_tier": service_tier,
+                    "multiplier": str(value),
+                    "effective_from": effective_from.isoformat(),
+                    "reason": reason,
+                },
+            )
+            jobs.queue_wallet_sync_all()
+    except IntegrityError as exc:
+        raise Conflict(
+            f"{model_name or 'every model'} {service_tier} already has a multiplier from "
+            f"{effective_from.isoformat()}",
+            param="effective_from",
+        ) from exc
+    return row
+
+
 def price_override_create(
     *,
     principal: Principal,
@@ -659,6 +827,13 @@ def _check_model(model_name: str) -> str:
 def _check_kind(token_kind: str, *, param: str) -> str:
     if token_kind not in TokenKind.values:
         raise InvalidInput(f"{param} must be one of {sorted(TokenKind.values)}", param=param)
+    if token_kind in TIER_OF:
+        tier = TIER_OF[token_kind][0]
+        raise InvalidInput(
+            f"{param} {token_kind} is priced as the online unit times the {tier} tier's "
+            "multiplier: set the online price, or the multiplier (tier_multiplier_set)",
+            param=param,
+        )
     return token_kind
 
 

@@ -53,7 +53,8 @@ class Prices:
     """An organization's effective prices of one model, in nanos per unit (exact decimal
     strings): per input and output token, per request, per compute millisecond, and per
     cached input token (a prompt token the prefix cache served); then the same five for
-    batch lines (service class `batch`, `for_class`).
+    batch lines (service class `batch`), for the priority tier and for the flex tier
+    (`for_class`).
 
     Fields are added at the end so that positional construction of the earlier ones still
     works. An empty `cached_input` costs cached tokens the input price, and an empty batch
@@ -72,6 +73,16 @@ class Prices:
     batch_request: str = ""
     batch_compute_ms: str = ""
     batch_cached_input: str = ""
+    priority_input: str = ""
+    priority_output: str = ""
+    priority_request: str = ""
+    priority_compute_ms: str = ""
+    priority_cached_input: str = ""
+    flex_input: str = ""
+    flex_output: str = ""
+    flex_request: str = ""
+    flex_compute_ms: str = ""
+    flex_cached_input: str = ""
 
     @classmethod
     def from_hash(cls, values: Sequence[Any]) -> Prices | None:
@@ -89,17 +100,16 @@ class Prices:
 
     def for_class(self, service_class: str) -> Prices:
         """The prices a request of `service_class` (a `ServiceClass` value) is costed at,
-        as the five online fields: a batch line's are the batch prices, each empty one the
-        online price of its unit."""
-        if service_class != ServiceClass.BATCH:
+        as the five online fields: a batch line's are the batch prices, a priority or flex
+        request's its tier's (the online price times the tier's multiplier); each empty
+        one the online price of its unit (a hash of an earlier release; admission fills
+        such a hash again before it admits a tier's request)."""
+        if service_class not in _CLASS_PREFIXES:
             return self
-        return Prices(
-            self.batch_input or self.input,
-            self.batch_output or self.output,
-            self.batch_request or self.request,
-            self.batch_compute_ms or self.compute_ms,
-            self.batch_cached_input or self.cached_input,
-        )
+        prefix = _CLASS_PREFIXES[service_class]
+        own = [getattr(self, f"{prefix}{unit}") for unit in _UNITS]
+        online = [self.input, self.output, self.request, self.compute_ms, self.cached_input]
+        return Prices(*(mine or theirs for mine, theirs in zip(own, online, strict=True)))
 
     def cost(
         self,
@@ -184,6 +194,13 @@ class ScaledPrices:
 
 FREE = Prices()
 
+_UNITS = ("input", "output", "request", "compute_ms", "cached_input")
+_CLASS_PREFIXES = {
+    ServiceClass.BATCH.value: "batch_",
+    ServiceClass.PRIORITY.value: "priority_",
+    ServiceClass.FLEX.value: "flex_",
+}
+
 
 def price_write(
     client: redis.Redis | redis.client.Pipeline,
@@ -191,7 +208,8 @@ def price_write(
     model_name: str,
     prices: Prices | None,
 ) -> None:
-    """Replaces the price hash: all ten prices, or the short-lived `unpriced` marker.
+    """Replaces the price hash: all twenty prices (online, batch, priority, flex), or the
+    short-lived `unpriced` marker.
 
     DEL first, in one transaction, so a marker or an older layout never lingers. Given a
     pipeline, the commands join it (the caller executes it).
@@ -204,19 +222,21 @@ def price_write(
         pipe.hset(key, UNPRICED, "1")
         pipe.expire(key, UNPRICED_TTL_S)
     else:
-        batch = prices.for_class(ServiceClass.BATCH)
-        values = (
-            prices.input,
-            prices.output,
-            prices.request,
-            prices.compute_ms,
-            prices.cached_input or prices.input,
-            batch.input,
-            batch.output,
-            batch.request,
-            batch.compute_ms,
-            batch.cached_input or batch.input,
-        )
+        values: list[str] = []
+        for service_class in (
+            ServiceClass.ONLINE,
+            ServiceClass.BATCH,
+            ServiceClass.PRIORITY,
+            ServiceClass.FLEX,
+        ):
+            of_class = prices.for_class(service_class)
+            values += [
+                of_class.input,
+                of_class.output,
+                of_class.request,
+                of_class.compute_ms,
+                of_class.cached_input or of_class.input,
+            ]
         pipe.hset(key, mapping=dict(zip(PRICE_FIELDS, values, strict=True)))
     if own:
         pipe.execute()

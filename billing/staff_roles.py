@@ -39,6 +39,7 @@ VIEWABLE: tuple[str, ...] = (
     "billing.creditledgerentry",
     "billing.price",
     "billing.priceoverride",
+    "billing.tiermultiplier",
     "billing.billingaccount",
     "billing.budget",
     "billing.budgetalert",

@@ -43,8 +43,9 @@ from billing.models import BillingAccount, Budget, CreditLedgerEntry, TokenKind,
 from billing.money import nanos_ceil, nanos_floor, nanos_per_token
 from billing.periods import month_label, month_start
 from billing.pricing import (
-    BATCH_OF,
     CACHED_INPUT,
+    CLASS_TWINS,
+    TIERS,
     EffectivePrice,
     PriceBook,
     billed_units,
@@ -167,7 +168,8 @@ def prices_compute(
     per cached input token: its cached price where one applies, else the input price; a
     tensor model's per request and per compute millisecond (tokens are 0). The batch
     prices are the same units of batch lines: the batch price where one applies, else the
-    online one. Each is what the invoice bills the unit at (`PriceBook.billed`). Exact
+    online one; the priority and flex prices the online ones times the tier's multiplier.
+    Each is what the invoice bills the unit at (`PriceBook.billed`). Exact
     decimal strings: the gateway rounds a reservation up, the drain rounds each request's
     cost up. A model not priced for both of its units is left out (logged): the gateway
     refuses it (`model_not_priced`) and its usage would be held, not invoiced.
@@ -187,7 +189,10 @@ def prices_compute(
         # Every other unit bills at worst as one of these two (a cached token as an input
         # token, a batch line's as an online one), so it is priced too.
         online = served if kinds[model] == "tensor" else (*served, CACHED_INPUT)
-        units = (*online, *(BATCH_OF[unit] for unit in online))
+        units = (
+            *online,
+            *(twins[unit] for twins in CLASS_TWINS.values() for unit in online),
+        )
         per_unit = {unit: _nanos(book.billed(model, unit, now)[1]) for unit in units}
         prices[model] = spend.Prices(
             **{field: per_unit.get(unit, "0") for field, unit in _PRICE_UNITS.items()}
@@ -207,6 +212,11 @@ _PRICE_UNITS = {
     "batch_request": TokenKind.BATCH_REQUEST.value,
     "batch_compute_ms": TokenKind.BATCH_COMPUTE_MS.value,
     "batch_cached_input": TokenKind.BATCH_CACHED_INPUT.value,
+    **{
+        f"{tier}_{unit}": f"{tier}_{unit}"
+        for tier in TIERS
+        for unit in ("input", "output", "request", "compute_ms", "cached_input")
+    },
 }
 
 

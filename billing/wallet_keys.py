@@ -80,6 +80,19 @@ PRICE_BATCH_OUTPUT = "bout"
 PRICE_BATCH_REQUEST = "breq"
 PRICE_BATCH_COMPUTE_MS = "bms"
 PRICE_BATCH_CACHED_INPUT = "bcin"
+# The same five for each priced service tier (priority `p...`, flex `f...`): the online
+# price times the tier's multiplier (PriceBook.billed). Never absent from a hash this
+# release writes: admission fills a hash without them again before it admits a tier.
+PRICE_PRIORITY_INPUT = "pin"
+PRICE_PRIORITY_OUTPUT = "pout"
+PRICE_PRIORITY_REQUEST = "preq"
+PRICE_PRIORITY_COMPUTE_MS = "pms"
+PRICE_PRIORITY_CACHED_INPUT = "pcin"
+PRICE_FLEX_INPUT = "fin"
+PRICE_FLEX_OUTPUT = "fout"
+PRICE_FLEX_REQUEST = "freq"
+PRICE_FLEX_COMPUTE_MS = "fms"
+PRICE_FLEX_CACHED_INPUT = "fcin"
 PRICE_FIELDS = (
     PRICE_INPUT,
     PRICE_OUTPUT,
@@ -91,6 +104,16 @@ PRICE_FIELDS = (
     PRICE_BATCH_REQUEST,
     PRICE_BATCH_COMPUTE_MS,
     PRICE_BATCH_CACHED_INPUT,
+    PRICE_PRIORITY_INPUT,
+    PRICE_PRIORITY_OUTPUT,
+    PRICE_PRIORITY_REQUEST,
+    PRICE_PRIORITY_COMPUTE_MS,
+    PRICE_PRIORITY_CACHED_INPUT,
+    PRICE_FLEX_INPUT,
+    PRICE_FLEX_OUTPUT,
+    PRICE_FLEX_REQUEST,
+    PRICE_FLEX_COMPUTE_MS,
+    PRICE_FLEX_CACHED_INPUT,
 )
 """In this order everywhere (admission reads them in its script)."""
 UNPRICED = "unpriced"
@@ -120,6 +143,16 @@ LUA_NAMES = {
     "price_batch_request": PRICE_BATCH_REQUEST,
     "price_batch_compute_ms": PRICE_BATCH_COMPUTE_MS,
     "price_batch_cached_input": PRICE_BATCH_CACHED_INPUT,
+    "price_priority_input": PRICE_PRIORITY_INPUT,
+    "price_priority_output": PRICE_PRIORITY_OUTPUT,
+    "price_priority_request": PRICE_PRIORITY_REQUEST,
+    "price_priority_compute_ms": PRICE_PRIORITY_COMPUTE_MS,
+    "price_priority_cached_input": PRICE_PRIORITY_CACHED_INPUT,
+    "price_flex_input": PRICE_FLEX_INPUT,
+    "price_flex_output": PRICE_FLEX_OUTPUT,
+    "price_flex_request": PRICE_FLEX_REQUEST,
+    "price_flex_compute_ms": PRICE_FLEX_COMPUTE_MS,
+    "price_flex_cached_input": PRICE_FLEX_CACHED_INPUT,
     "unpriced": UNPRICED,
 }
 

@@ -57,6 +57,11 @@ class BackOfficeSite(UnfoldAdminSite):
                 name="backoffice-invoice-action",
             ),
             path("prices/new/", wrap(views.price_new), name="backoffice-price-new"),
+            path(
+                "tier-multipliers/new/",
+                wrap(views.tier_multiplier_new),
+                name="backoffice-tier-multiplier-new",
+            ),
             path("usage/", wrap(views.usage), name="backoffice-usage"),
             path("usage.csv", wrap(views.usage_csv), name="backoffice-usage-csv"),
         ]
@@ -143,6 +148,12 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
                     "sell",
                     reverse("admin:billing_price_changelist"),
                     "billing.view_price",
+                ),
+                item(
+                    "Tier multipliers",
+                    "speed",
+                    reverse("admin:billing_tiermultiplier_changelist"),
+                    "billing.view_tiermultiplier",
                 ),
                 item(
                     "Usage explorer",

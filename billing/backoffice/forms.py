@@ -7,7 +7,7 @@ from typing import Any
 
 from django import forms
 
-from billing.models import CreditLedgerEntry, PriceOverride, TokenKind
+from billing.models import CreditLedgerEntry, PriceOverride, TierMultiplier, TokenKind
 
 # <input type="datetime-local"> sends this; times are UTC (TIME_ZONE = "UTC").
 DATETIME_FORMATS = ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"]
@@ -98,6 +98,23 @@ class PriceForm(ActionForm):
     def __init__(self, *args: Any, model_names: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["model_name"].choices = [(m, m) for m in model_names]  # type: ignore[attr-defined]
+
+
+class TierMultiplierForm(ActionForm):
+    service_tier = forms.ChoiceField(choices=TierMultiplier.Tier.choices)
+    model_name = forms.ChoiceField(choices=[], required=False)  # blank: every model
+    multiplier = forms.CharField(
+        max_length=16, help_text="Of the online price: priority 1-100 (e.g. 2), flex 0-1 (0.5)"
+    )
+    effective_from = _when(required=True, help_text="A whole UTC hour, not in the past")
+    reason = _reason()
+
+    def __init__(self, *args: Any, model_names: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["model_name"].choices = [  # type: ignore[attr-defined]
+            ("", "every model without its own"),
+            *((m, m) for m in model_names),
+        ]
 
 
 class OverrideForm(ActionForm):

@@ -71,13 +71,30 @@ CSV_LATER_COLUMNS = (
     "batch_input_tokens",
     "batch_output_tokens",
     "batch_cached_input_tokens",
+    "priority_requests",
+    "priority_input_tokens",
+    "priority_output_tokens",
+    "priority_cached_input_tokens",
+    "flex_requests",
+    "flex_input_tokens",
+    "flex_output_tokens",
+    "flex_cached_input_tokens",
 )
 """Columns added since, at the end so that none of the earlier ones moves: of
 input_tokens, those the prefix cache served; then the part of requests, input, output and
-cached input tokens that batch lines made (billed at batch prices)."""
-# What a CSV row reads: its columns, then compute_ms and batch_compute_ms, which only its
-# amount uses (tensor models bill them), then the later columns.
-_CSV_READ = (*CSV_COLUMNS, "compute_ms", "batch_compute_ms", *CSV_LATER_COLUMNS)
+cached input tokens that batch lines made (billed at batch prices); then the same parts of
+the priority and flex service tiers (billed at the online prices times the tier's
+multiplier)."""
+# What a CSV row reads: its columns, then each class's compute_ms, which only its amount
+# uses (tensor models bill them), then the later columns.
+_CSV_READ = (
+    *CSV_COLUMNS,
+    "compute_ms",
+    "batch_compute_ms",
+    "priority_compute_ms",
+    "flex_compute_ms",
+    *CSV_LATER_COLUMNS,
+)
 # Rows per database round trip while streaming: memory stays at one chunk.
 CSV_CHUNK_ROWS = 2000
 

@@ -335,6 +335,40 @@ def price_new(request: HttpRequest) -> HttpResponse:
     )
 
 
+def tier_multiplier_new(request: HttpRequest) -> HttpResponse:
+    _require(request, roles.MOVE_MONEY)
+    back = reverse("admin:billing_tiermultiplier_changelist")
+    names = list(Model.objects.order_by("name").values_list("name", flat=True))
+
+    def perform(data: Mapping[str, Any]) -> tuple[str, str]:
+        row = pricing.tier_multiplier_set(
+            principal=_principal(request),
+            service_tier=data["service_tier"],
+            model_name=data["model_name"],
+            multiplier=data["multiplier"],
+            effective_from=data["effective_from"],
+            reason=data["reason"],
+        )
+        return (
+            f"{row.model_name or 'every model'} {row.service_tier}: x{row.multiplier} from "
+            f"{row.effective_from:%Y-%m-%d %H:%M} UTC",
+            back,
+        )
+
+    return _action(
+        request,
+        form=bo_forms.TierMultiplierForm(_form_data(request), model_names=names),
+        title="New service tier multiplier",
+        back_url=back,
+        perform=perform,
+        context={
+            "hint": "Priority and flex usage is billed at the online price times this "
+            "multiplier (a model's own row, else every model's, else priority 2, flex 0.5). "
+            "A change never re-rates past hours."
+        },
+    )
+
+
 def override_new(request: HttpRequest, org_id: str) -> HttpResponse:
     _require(request, roles.MOVE_MONEY)
     org = _org_or_404(org_id)

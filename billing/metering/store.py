@@ -87,19 +87,26 @@ _SELECT_INCOMING = ", ".join(
     for c in _ROW_COLUMNS
 )
 _DIMS = "organization_id, project_id, api_key_id, endpoint_id, model_name"
-# The sums of a rollup, and the part of each that batch lines make (billed at batch prices).
+# The sums of a rollup, and the part of each that batch lines make (billed at batch prices)
+# and that each priced service tier makes (billed at its multiple of the online prices).
 _SUMS = ("requests", "input_tokens", "output_tokens", "compute_ms", "cached_input_tokens")
-_BATCH_SUMS = tuple(f"batch_{name}" for name in _SUMS)
-_ROLLUP_SUMS = (*_SUMS, *_BATCH_SUMS)
-_BATCH = f"service_class = '{ServiceClass.BATCH.value}'"
+_PARTS = (ServiceClass.BATCH.value, ServiceClass.PRIORITY.value, ServiceClass.FLEX.value)
+_ROLLUP_SUMS = (*_SUMS, *(f"{part}_{name}" for part in _PARTS for name in _SUMS))
 _AGG_SUMS = ", ".join(
     [
         "count(*) AS requests",
         *(f"sum({name}) AS {name}" for name in _SUMS[1:]),
-        f"count(*) FILTER (WHERE {_BATCH}) AS batch_requests",
         *(
-            f"coalesce(sum({name}) FILTER (WHERE {_BATCH}), 0) AS batch_{name}"
-            for name in _SUMS[1:]
+            item
+            for part in _PARTS
+            for item in (
+                f"count(*) FILTER (WHERE service_class = '{part}') AS {part}_requests",
+                *(
+                    f"coalesce(sum({name}) FILTER (WHERE service_class = '{part}'), 0)"
+                    f" AS {part}_{name}"
+                    for name in _SUMS[1:]
+                ),
+            )
         ),
     ]
 )
@@ -278,8 +285,11 @@ def _store_portable(
             key = (*(r[POSITION[n]] for n in _DIMS.split(", ")), hour)
             acc = sums.setdefault(key, [0] * len(_ROLLUP_SUMS))
             counts = (1, *(r[POSITION[n]] for n in _SUMS[1:]))
-            # A batch line counts in the batch part of each sum too (after the totals).
-            parts = (0, len(_SUMS)) if r[_CLASS] == ServiceClass.BATCH else (0,)
+            # A batch line or a tier's request counts in its part of each sum too (after
+            # the totals, in _PARTS order).
+            parts: tuple[int, ...] = (0,)
+            if r[_CLASS] in _PARTS:
+                parts = (0, len(_SUMS) * (1 + _PARTS.index(r[_CLASS])))
             for i, count in enumerate(counts):
                 for offset in parts:
                     acc[offset + i] += count
@@ -320,7 +330,7 @@ def usage_rows_months(rows: Sequence[Sequence[Any]]) -> list[datetime]:
 
 def rollup_totals(organization_id: str | None = None) -> dict[str, int]:
     """Sums over the rollups (tests, the back office): requests, tokens, compute time, and
-    the batch lines' part of each (`batch_requests`...)."""
+    the batch lines' and each tier's part of each (`batch_requests`, `priority_requests`...)."""
     qs = UsageRollup.objects.all()
     if organization_id is not None:
         qs = qs.filter(organization_id=organization_id)

@@ -18,7 +18,15 @@ from django.utils import timezone
 from accounts.models import ApiKey, Organization, Project
 from accounts.permissions import Scope
 from billing.models import TokenKind, UsageRollup
-from billing.pricing import BATCH_UNITS, ROLLUP_SUMS, TOKEN_UNITS, EffectivePrice, PriceBook
+from billing.pricing import (
+    BATCH_UNITS,
+    ROLLUP_SUMS,
+    TIER_OF,
+    TIERS,
+    TOKEN_UNITS,
+    EffectivePrice,
+    PriceBook,
+)
 from catalog.models import Endpoint, Model, ModelVersion
 from catalog.selectors import endpoints_visible_to
 from core.csv_export import csv_writer
@@ -56,6 +64,14 @@ class UsageRow:
     batch_output_tokens: int = 0
     batch_cached_input_tokens: int = 0
     batch_cost: Decimal = ZERO
+    # Of the totals, the priority and flex service tiers' part (billed at the online price
+    # times the tier's multiplier) and what they cost.
+    priority_requests: int = 0
+    priority_tokens: int = 0
+    priority_cost: Decimal = ZERO
+    flex_requests: int = 0
+    flex_tokens: int = 0
+    flex_cost: Decimal = ZERO
 
     @property
     def total_tokens(self) -> int:
@@ -149,6 +165,13 @@ def usage_report(
         cost = rating.amount or ZERO
         # Batch lines' charges keep their `batch_` unit whatever price applies.
         batch_cost = sum((c.amount or ZERO for c in rating.charges if c.unit in BATCH_UNITS), ZERO)
+        tier_costs = {
+            tier: sum(
+                (c.amount or ZERO for c in rating.charges if TIER_OF.get(c.unit, ("",))[0] == tier),
+                ZERO,
+            )
+            for tier in TIERS
+        }
         unpriced = 0
         for charge in rating.unpriced:
             if charge.unit in TOKEN_UNITS:
@@ -166,6 +189,12 @@ def usage_report(
             target.batch_cached_input_tokens += g["bci"] or 0
             target.cost += cost
             target.batch_cost += batch_cost
+            target.priority_requests += g["s_priority_request"] or 0
+            target.priority_tokens += (g["s_priority_input"] or 0) + (g["s_priority_output"] or 0)
+            target.priority_cost += tier_costs["priority"]
+            target.flex_requests += g["s_flex_request"] or 0
+            target.flex_tokens += (g["s_flex_input"] or 0) + (g["s_flex_output"] or 0)
+            target.flex_cost += tier_costs["flex"]
             target.unpriced_tokens += unpriced
     ordered = list(rows.values())
     if dimension != "day":
@@ -204,14 +233,16 @@ def usage_csv(report: UsageReport) -> str:
         [report.dimension, "id", "requests", "input_tokens", "output_tokens", "total_tokens",
          f"cost_{currency}", "unpriced_tokens", "cached_input_tokens", "batch_requests",
          "batch_input_tokens", "batch_output_tokens", "batch_cached_input_tokens",
-         f"batch_cost_{currency}"]
+         f"batch_cost_{currency}", "priority_requests", "priority_tokens",
+         f"priority_cost_{currency}", "flex_requests", "flex_tokens", f"flex_cost_{currency}"]
     )  # fmt: skip
     for r in [*report.rows, report.total]:
         writer.writerow(
             [r.label, r.key, r.requests, r.input_tokens, r.output_tokens, r.total_tokens,
              f"{r.cost:.9f}", r.unpriced_tokens, r.cached_input_tokens, r.batch_requests,
              r.batch_input_tokens, r.batch_output_tokens, r.batch_cached_input_tokens,
-             f"{r.batch_cost:.9f}"]
+             f"{r.batch_cost:.9f}", r.priority_requests, r.priority_tokens,
+             f"{r.priority_cost:.9f}", r.flex_requests, r.flex_tokens, f"{r.flex_cost:.9f}"]
         )  # fmt: skip
     return out.getvalue()
 

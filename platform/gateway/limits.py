@@ -25,19 +25,31 @@ redis.call('HSET', KEYS[8], ARGV[9], now / 1000)
 -- other test; with no price hash yet (-4) the gateway fills it from the database and asks
 -- again. Fields: per input and output token, per request, per compute millisecond, per
 -- cached input token (optional: a hash without it prices cached tokens as input tokens),
--- then the same five for batch lines (optional: a hash without them, the online ones).
+-- then the same five for batch lines (optional: a hash without them, the online ones),
+-- for the priority tier and for the flex tier (a hash without them is filled again: -4).
 local price = redis.call('HMGET', KEYS[10], '${price_input}', '${price_output}', '${price_request}',
                          '${price_compute_ms}', '${unpriced}', '${price_cached_input}',
                          '${price_batch_input}', '${price_batch_output}', '${price_batch_request}',
-                         '${price_batch_compute_ms}', '${price_batch_cached_input}')
+                         '${price_batch_compute_ms}', '${price_batch_cached_input}',
+                         '${price_priority_input}', '${price_priority_output}',
+                         '${price_priority_request}', '${price_priority_compute_ms}',
+                         '${price_priority_cached_input}', '${price_flex_input}',
+                         '${price_flex_output}', '${price_flex_request}',
+                         '${price_flex_compute_ms}', '${price_flex_cached_input}')
 if price[5] then return {-5} end
 if not (price[1] and price[2] and price[3] and price[4]) then return {-4} end
--- A batch line (ARGV[19] = '1') is reserved and settled at the batch prices.
+-- A batch line (ARGV[19] = '1') is reserved and settled at the batch prices, a priority
+-- ('2') or flex ('3') request at its tier's.
 local batch = ARGV[19] == '1'
 if batch then
   price[1], price[2] = price[7] or price[1], price[8] or price[2]
   price[3], price[4] = price[9] or price[3], price[10] or price[4]
   price[6] = price[11] or price[6]
+elseif ARGV[19] == '2' or ARGV[19] == '3' then
+  local o = ARGV[19] == '2' and 11 or 16
+  if not (price[o + 1] and price[o + 2] and price[o + 3] and price[o + 4]) then return {-4} end
+  price[1], price[2], price[3], price[4] = price[o + 1], price[o + 2], price[o + 3], price[o + 4]
+  price[6] = price[o + 5] or price[6]
 end
 local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
 if live == 0 then return {-1} end
@@ -184,6 +196,13 @@ return 1
 
 SCOPES = ("key", "project", "endpoint", "organization")
 
+# ARGV[19] of the admission script: the class whose prices a request is reserved at.
+_CLASS_ARG = {
+    ServiceClass.BATCH.value: "1",
+    ServiceClass.PRIORITY.value: "2",
+    ServiceClass.FLEX.value: "3",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -321,7 +340,8 @@ class RateLimiter:
         A batch line (`service_class` batch) skips the buckets (batches have their own
         queue limit, checked when a batch is created) and is checked and reserved at the
         model's batch prices, which the admission returns (`price_*`) for the settle;
-        price, liveness, budgets and balance are checked as for any request.
+        price, liveness, budgets and balance are checked as for any request. A priority or
+        flex request is reserved and settled at its tier's prices the same way.
 
         With a `request_id`, the money reserved is also held under it for `hold_s`
         seconds: if no settle comes by then (the gateway died), the wallet sync
@@ -353,7 +373,7 @@ class RateLimiter:
             requests,
             compute_ms,
             *caps[6:],
-            "1" if service_class == ServiceClass.BATCH else "0",
+            _CLASS_ARG.get(service_class, "0"),
         ]
         result = await self._admit(keys=keys, args=args)
         status = int(result[0])

@@ -16,7 +16,14 @@ from django.utils import timezone
 
 from accounts.models import AuditLog, Organization, User
 from billing import staff_roles as roles
-from billing.models import CreditLedgerEntry, CreditNote, Invoice, Price, PriceOverride
+from billing.models import (
+    CreditLedgerEntry,
+    CreditNote,
+    Invoice,
+    Price,
+    PriceOverride,
+    TierMultiplier,
+)
 from billing.periods import hour_start
 from billing.staff_roles import roles_sync
 from tests.backoffice.support import Staff, client_for, invoice_in
@@ -52,6 +59,7 @@ def pages(w: World) -> list[str]:
         reverse("admin:billing_creditnote_changelist"),
         reverse("admin:billing_creditledgerentry_changelist"),
         reverse("admin:billing_price_changelist"),
+        reverse("admin:billing_tiermultiplier_changelist"),
         reverse("admin:billing_priceoverride_changelist"),
         reverse("admin:billing_budget_changelist"),
         reverse("admin:accounts_organization_changelist"),
@@ -70,6 +78,7 @@ def state(w: World) -> tuple[Any, ...]:
         CreditLedgerEntry.objects.count(),
         CreditNote.objects.count(),
         Price.objects.count(),
+        TierMultiplier.objects.count(),
         PriceOverride.objects.count(),
         PriceOverride.objects.get(pk=w.override.pk).effective_until,
         AuditLog.objects.count(),
@@ -110,6 +119,16 @@ def actions(w: World) -> list[tuple[str, dict[str, str]]]:
                 "model_name": CHAT,
                 "token_kind": "input",
                 "unit_price": "0.5",
+                "effective_from": next_hour(),
+            },
+        ),
+        (
+            reverse("admin:backoffice-tier-multiplier-new"),
+            {
+                **reason,
+                "service_tier": "priority",
+                "model_name": "",
+                "multiplier": "1.5",
                 "effective_from": next_hour(),
             },
         ),

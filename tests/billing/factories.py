@@ -118,3 +118,14 @@ def price_book(model: str = CHAT, input_price: str = "1", output_price: str = "2
 def staff_principal() -> Principal:
     user: User = UserFactory(is_staff=True)
     return Principal(user=user, ip_address="10.0.0.1")
+
+
+# A rollup without priority or flex usage: those tiers' units, each 0.
+NO_TIER_TOKENS = [
+    (f"{tier}_{unit}", 0)
+    for tier in ("priority", "flex")
+    for unit in ("input", "cached_input", "output")
+]
+NO_TIER_TENSOR_UNITS = [
+    (f"{tier}_{unit}", 0) for tier in ("priority", "flex") for unit in ("request", "compute_ms")
+]

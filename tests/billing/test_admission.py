@@ -351,6 +351,9 @@ def test_two_hundred_concurrent_tensor_requests_against_credit_for_fifty(
         "cin": "0",
         # no batch prices: batch lines cost the online ones
         **{"bin": "0", "bout": "0", "breq": "1000", "bms": "10", "bcin": "0"},
+        # priority at twice the online prices, flex at half (the default multipliers)
+        **{"pin": "0", "pout": "0", "preq": "2000", "pms": "20", "pcin": "0"},
+        **{"fin": "0", "fout": "0", "freq": "500", "fms": "5", "fcin": "0"},
     }
 
     results = asyncio.run(_admit_tensor(org.id, _limits(org), 200, RANKER))

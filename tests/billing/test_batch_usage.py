@@ -36,6 +36,8 @@ from console.selectors import usage_report
 from core.redis import get_redis
 from tests.billing.factories import (
     CHAT,
+    NO_TIER_TENSOR_UNITS,
+    NO_TIER_TOKENS,
     CatalogModelFactory,
     OverrideFactory,
     PriceFactory,
@@ -159,12 +161,14 @@ def test_a_rollups_batch_part_is_split_from_its_online_usage() -> None:
         ("batch_input", 400),
         ("batch_cached_input", 200),
         ("batch_output", 30),
+        *NO_TIER_TOKENS,
     ]
     assert billed_quantities(row, "tensor") == [
         ("request", 3),
         ("compute_ms", 60),
         ("batch_request", 2),
         ("batch_compute_ms", 40),
+        *NO_TIER_TENSOR_UNITS,
     ]
 
 

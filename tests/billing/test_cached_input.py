@@ -23,6 +23,8 @@ from console.selectors import usage_report
 from core.redis import get_redis
 from tests.billing.factories import (
     CHAT,
+    NO_TIER_TENSOR_UNITS,
+    NO_TIER_TOKENS,
     OverrideFactory,
     PriceFactory,
     at,
@@ -73,12 +75,14 @@ def test_a_rollups_input_is_split_into_uncached_and_cached_tokens() -> None:
         ("cached_input", 600),
         ("output", 50),
         *[("batch_input", 0), ("batch_cached_input", 0), ("batch_output", 0)],
+        *NO_TIER_TOKENS,
     ]
     # A tensor model has no tokens: its units only.
     assert billed_quantities(row, "tensor") == [
         ("request", 3),
         ("compute_ms", 9),
         *[("batch_request", 0), ("batch_compute_ms", 0)],
+        *NO_TIER_TENSOR_UNITS,
     ]
 
 
@@ -304,13 +308,16 @@ def test_the_price_hash_carries_the_cached_price_or_else_the_input_price(
     )  # fmt: skip
 
     # (No batch prices: batch lines cost the online ones.)
+    # Priority at twice the online prices, flex at half (the default multipliers).
     assert prices_compute(org.id)[CHAT] == spend.Prices(
-        "1000", "2000", "0", "0", "250", "1000", "2000", "0", "0", "250"
-    )
+        "1000", "2000", "0", "0", "250", "1000", "2000", "0", "0", "250",
+        "2000", "4000", "0", "0", "500", "500", "1000", "0", "0", "125",
+    )  # fmt: skip
     # The contract's input rate is below the cached list price: cached tokens cost it too.
     assert prices_compute(other.id)[CHAT] == spend.Prices(
-        "200", "2000", "0", "0", "200", "200", "2000", "0", "0", "200"
-    )
+        "200", "2000", "0", "0", "200", "200", "2000", "0", "0", "200",
+        "400", "4000", "0", "0", "400", "100", "1000", "0", "0", "100",
+    )  # fmt: skip
 
 
 def test_the_drain_counts_cached_tokens_at_the_cached_price(org: Organization) -> None:

@@ -79,6 +79,8 @@ def test_postpaid_without_hard_budget_is_not_checked(org: Organization, this_hou
         "cin": "1000",  # no cached input price: cached tokens cost the input price
         # no batch prices: batch lines cost the online prices
         **{"bin": "1000", "bout": "2000", "breq": "0", "bms": "0", "bcin": "1000"},
+        **{"pin": "2000", "pout": "4000", "preq": "0", "pms": "0", "pcin": "2000"},
+        **{"fin": "500", "fout": "1000", "freq": "0", "fms": "0", "fcin": "500"},
     }
 
 
@@ -191,6 +193,8 @@ def test_prices_are_the_organizations_effective_prices_in_exact_nanos(org: Organ
         "ms": "0",
         "cin": "37.5",
         **{"bin": "37.5", "bout": "150", "breq": "0", "bms": "0", "bcin": "37.5"},
+        **{"pin": "75", "pout": "300", "preq": "0", "pms": "0", "pcin": "75"},
+        **{"fin": "18.75", "fout": "75", "freq": "0", "fms": "0", "fcin": "18.75"},
     }
     assert redis.hgetall(wallet_keys.price_key(org.id, CHAT)) == {
         "in": "900",
@@ -199,6 +203,8 @@ def test_prices_are_the_organizations_effective_prices_in_exact_nanos(org: Organ
         "ms": "0",
         "cin": "900",
         **{"bin": "900", "bout": "1800", "breq": "0", "bms": "0", "bcin": "900"},
+        **{"pin": "1800", "pout": "3600", "preq": "0", "pms": "0", "pcin": "1800"},
+        **{"fin": "450", "fout": "900", "freq": "0", "fms": "0", "fcin": "450"},
     }
     # One kind only: not admitted.
     assert not redis.exists(wallet_keys.price_key(org.id, "half-priced"))
@@ -352,6 +358,8 @@ def test_record_with_no_price_hash_loads_the_price_from_the_database(org: Organi
         "ms": "0",
         "cin": "500",
         **{"bin": "500", "bout": "2000", "breq": "0", "bms": "0", "bcin": "500"},
+        **{"pin": "1000", "pout": "4000", "preq": "0", "pms": "0", "pcin": "1000"},
+        **{"fin": "250", "fout": "1000", "freq": "0", "fms": "0", "fcin": "250"},
     }
 
 

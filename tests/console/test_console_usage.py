@@ -124,11 +124,14 @@ def test_csv_export(usage_world: OrgWorld) -> None:
         f'attachment; filename="usage-{usage_world.org.id}-2026-03-01-2026-03-03-by-day.csv"'
     )
     rows = list(csv.reader(io.StringIO(response.content.decode())))
-    no_batch = ["0", "0", "0", "0", "0.000000000"]  # batch_* columns: no batch lines here
+    # batch_*, priority_* and flex_* columns: no batch lines, priority or flex requests here
+    no_batch = ["0", "0", "0", "0", "0.000000000", *["0", "0", "0.000000000"] * 2]
     assert rows == [
         ["day", "id", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd",
          "unpriced_tokens", "cached_input_tokens", "batch_requests", "batch_input_tokens",
-         "batch_output_tokens", "batch_cached_input_tokens", "batch_cost_usd"],
+         "batch_output_tokens", "batch_cached_input_tokens", "batch_cost_usd",
+         "priority_requests", "priority_tokens", "priority_cost_usd", "flex_requests",
+         "flex_tokens", "flex_cost_usd"],
         ["2026-03-01", "2026-03-01", "2", "3000", "500", "3500", "0.004000000", "0", "0",
          *no_batch],
         ["2026-03-02", "2026-03-02", "0", "0", "0", "0", "0.000000000", "0", "0", *no_batch],

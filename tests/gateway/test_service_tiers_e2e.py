@@ -79,6 +79,48 @@ def test_the_tier_asked_for_is_served_reported_and_metered(
     assert response.service_tier == reported
 
 
+def test_each_tier_is_reserved_and_settled_at_its_prices(served: Served) -> None:
+    """The gateway parks each request's cost at its tier's prices (priority twice the
+    online ones, flex half: the default multipliers), as the drain and the invoice count it
+    (tests/billing/test_tier_prices.py)."""
+    from decimal import Decimal
+
+    from billing import wallet_keys
+    from billing.wallet import prices_compute
+
+    client = served.client()
+    prices = prices_compute(served.org.id)[CHAT]
+    parked: dict[str, tuple[int, int]] = {}
+    for tier, service_class in (("default", "online"), ("priority", "priority"), ("flex", "flex")):
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=4,
+            service_tier=tier,  # type: ignore[arg-type]
+        )
+        reply = raw.parse()
+        assert reply.usage is not None
+        details = reply.usage.prompt_tokens_details
+        expected = prices.for_class(service_class).cost(
+            input_tokens=reply.usage.prompt_tokens,
+            output_tokens=reply.usage.completion_tokens,
+            # the prefix cache serves the later requests' prompts
+            cached_input_tokens=(details.cached_tokens or 0) if details else 0,
+        )
+        pending = wallet_keys.pending_key(served.org.id)
+        deadline = time.time() + 10
+        while (found := get_redis().hget(pending, raw.headers["x-request-id"])) is None:
+            assert time.time() < deadline, f"{tier}: nothing settled"
+            time.sleep(0.05)
+        parked[service_class] = (int(str(found).split(":")[0]), expected)
+    assert all(cost == expected for cost, expected in parked.values()), parked
+    online, priority, flex = (
+        Decimal(prices.for_class(c).input) for c in ("online", "priority", "flex")
+    )
+    assert (priority, flex) == (online * 2, online / 2)
+    assert parked["priority"][0] > parked["flex"][0]
+
+
 def test_every_node_consumes_its_pools_priority_queue(served: Served) -> None:
     """What lets the gateway send the priority tier to `inference.<pool>.priority`."""
     client = get_redis()
