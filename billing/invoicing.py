@@ -18,7 +18,7 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import SYSTEM, Principal
 from accounts.services import audit_record
-from billing import checks, jobs
+from billing import checks, jobs, provisioned
 from billing.credits import credits_apply_to_invoice, credits_return_for_invoice
 from billing.models import (
     HeldUsage,
@@ -69,7 +69,7 @@ UNIT_LABELS = {
     TokenKind.BATCH_COMPUTE_MS.value: "batch compute milliseconds",
     **{
         f"{tier}_{unit}": f"{tier} {label}"
-        for tier in ("priority", "flex")
+        for tier in ("priority", "flex", "provisioned")
         for unit, label in (
             ("input", "input tokens"),
             ("cached_input", "cached input tokens"),
@@ -281,6 +281,9 @@ def compute_invoice(
     )
     lines = _usage_lines(own, LineKind.USAGE)
     usage_subtotal = sum((line.amount for line in lines), ZERO)
+    # Provisioned throughput: each commitment's unit-hours of the period so far, used or
+    # not (not usage: no committed-spend discount applies to them).
+    lines.extend(_provisioned_lines(org, start, end))
     # The tiers in effect in the period's last hour apply to the whole month.
     tiers = book.commit_tiers(end - timedelta(hours=1))
     discount = round_cents(commit_discount(usage_subtotal, tiers))
@@ -332,6 +335,29 @@ def compute_invoice(
             )
         )
     return InvoiceContent(lines=lines, held=held, released=[row.pk for row in released])
+
+
+def _provisioned_lines(org: Organization, start: datetime, end: datetime) -> list[LineDraft]:
+    lines = []
+    for billed in provisioned.unit_hours(org.id, start, end, now=timezone.now()):
+        c = billed.commitment
+        plural = "s" if c.units != 1 else ""
+        since = max(c.starts_at, start)
+        lines.append(
+            LineDraft(
+                kind=LineKind.PROVISIONED,
+                label=(
+                    f"provisioned throughput: {c.model_name} ({c.endpoint.name}), {c.units} "
+                    f"unit{plural} x {billed.hours} h from {since:%Y-%m-%d %H:%M} UTC"
+                ),
+                amount=round_cents(Decimal(billed.quantity) * c.unit_hour_price),
+                usage_month=start.date(),
+                model_name=c.model_name,
+                quantity=billed.quantity,
+                unit_price=c.unit_hour_price,
+            )
+        )
+    return lines
 
 
 def _usage_lines(rated: Mapping[LineKey, Rated], kind: str) -> list[LineDraft]:
@@ -626,12 +652,16 @@ def invoices_finalize_due(*, now: datetime | None = None) -> list[Invoice]:
 
 
 def _orgs_with_usage_since(start: datetime) -> list[str]:
-    return list(
+    """Organizations with usage since `start`, or a provisioned commitment then (billed
+    whether used or not)."""
+    used = set(
         UsageRollup.objects.filter(hour__gte=start)
         .values_list("organization_id", flat=True)
         .distinct()
         .order_by()
     )
+    far = timezone.now() + timedelta(days=400)
+    return sorted(used | set(provisioned.organizations_with_commitments(start, far)))
 
 
 def _locked(invoice: Invoice, action: str, *, allowed: Iterable[str]) -> Invoice:

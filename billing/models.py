@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from accounts.models import Organization, Project, User
@@ -58,10 +58,16 @@ class TokenKind(models.TextChoices):
     FLEX_REQUEST = "flex_request"
     FLEX_COMPUTE_MS = "flex_compute_ms"
     FLEX_CACHED_INPUT = "flex_cached_input"
+    # Usage within provisioned throughput units: paid per unit-hour, so 0 per token.
+    PROVISIONED_INPUT = "provisioned_input"
+    PROVISIONED_OUTPUT = "provisioned_output"
+    PROVISIONED_REQUEST = "provisioned_request"
+    PROVISIONED_COMPUTE_MS = "provisioned_compute_ms"
+    PROVISIONED_CACHED_INPUT = "provisioned_cached_input"
 
 
 TOKEN_KIND_LENGTH = 24
-"""max_length of every token_kind column (the longest kind is `priority_cached_input`)."""
+"""max_length of every token_kind column (the longest kind is `provisioned_cached_input`)."""
 
 # The service tiers priced by a multiplier of the online price (docs/service_tiers.md).
 PRICED_TIERS = ("priority", "flex")
@@ -142,6 +148,59 @@ class Price(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_name} {self.token_kind} {self.unit_price}/M from {self.effective_from}"
+
+
+class ProvisionedCommitment(models.Model):
+    """Provisioned throughput: `units` model units of one endpoint sold to an organization
+    for [starts_at, ends_at), billed per unit-hour whether used or not (docs/provisioned.md).
+
+    A unit is one request in flight on the endpoint's pool, reserved for the organization
+    and served ahead of every pay-as-you-go tier; `tokens_per_minute_per_unit` is the
+    throughput a unit is guaranteed, measured for the model and pool (bench/provisioned.py)
+    and copied here when sold. Requests past the units spill to pay-as-you-go (`spill`) or
+    are refused with a 429 (`refuse`), as the organization chose. Never changed but to be
+    ended: a change ends the row at an hour and starts a new one there.
+    """
+
+    class Overflow(models.TextChoices):
+        SPILL = "spill"
+        REFUSE = "refuse"
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="provisioned_commitments"
+    )
+    endpoint = models.ForeignKey(
+        "catalog.Endpoint", on_delete=models.PROTECT, related_name="provisioned_commitments"
+    )
+    model_name = models.CharField(max_length=120)  # the endpoint's model when sold (invoices)
+    units = models.PositiveIntegerField()
+    tokens_per_minute_per_unit = models.PositiveIntegerField()
+    unit_hour_price = models.DecimalField(max_digits=20, decimal_places=9)
+    currency = models.CharField(max_length=3, default="USD")
+    overflow = models.CharField(max_length=8, choices=Overflow.choices, default=Overflow.SPILL)
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=500)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.CheckConstraint(condition=Q(units__gte=1), name="provisioned_units_positive"),
+            models.CheckConstraint(
+                condition=Q(unit_hour_price__gte=0), name="provisioned_price_not_negative"
+            ),
+            models.CheckConstraint(
+                condition=Q(ends_at__isnull=True) | Q(ends_at__gt=F("starts_at")),
+                name="provisioned_ends_after_start",
+            ),
+        ]
+        indexes: ClassVar = [models.Index(fields=["organization", "starts_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id} {self.units} units of {self.endpoint_id}"
 
 
 class PriceOverride(models.Model):
@@ -400,6 +459,8 @@ class InvoiceLine(models.Model):
         DISCOUNT = "discount"  # committed-spend tier (negative)
         # Held (unpriced) usage an operator priced afterwards (HeldUsage.release_price).
         RELEASED = "released"
+        # Unit-hours of a provisioned throughput commitment (quantity: unit-hours).
+        PROVISIONED = "provisioned"
 
     invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
     position = models.PositiveIntegerField()
@@ -572,6 +633,13 @@ class UsageRollup(models.Model):
     flex_output_tokens = models.BigIntegerField(default=0, db_default=0)
     flex_compute_ms = models.BigIntegerField(default=0, db_default=0)
     flex_cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    # And of provisioned throughput (within an organization's units: 0 per token, the
+    # units are billed per unit-hour).
+    provisioned_requests = models.BigIntegerField(default=0, db_default=0)
+    provisioned_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    provisioned_output_tokens = models.BigIntegerField(default=0, db_default=0)
+    provisioned_compute_ms = models.BigIntegerField(default=0, db_default=0)
+    provisioned_cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

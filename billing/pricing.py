@@ -79,7 +79,10 @@ BATCH_UNITS: tuple[str, ...] = tuple(BATCH_OF.values())
 # The priority and flex service tiers: each unit's twin, billed at the online unit's price
 # times the tier's multiplier (TierMultiplier; DEFAULT_TIER_MULTIPLIERS where no row
 # applies). Admission, the drain and the invoice all take that price from `billed`.
-TIERS: tuple[str, ...] = ("priority", "flex")
+TIERS: tuple[str, ...] = ("priority", "flex", "provisioned")
+PRICED_TIERS: tuple[str, ...] = ("priority", "flex")
+"""The tiers an operator prices by a multiplier; usage within provisioned throughput units
+(`provisioned_*`) costs 0 per token (the units are billed per unit-hour)."""
 TIER_TWINS: Mapping[str, Mapping[str, str]] = {
     tier: {unit: f"{tier}_{unit}" for unit in (INPUT, OUTPUT, CACHED_INPUT, REQUEST, COMPUTE_MS)}
     for tier in TIERS
@@ -93,12 +96,17 @@ TIER_UNITS: tuple[str, ...] = tuple(TIER_OF)
 DEFAULT_TIER_MULTIPLIERS: Mapping[str, Decimal] = {
     "priority": Decimal(2),
     "flex": Decimal("0.5"),
+    "provisioned": Decimal(0),  # never set by a row: TierMultiplier has no such tier
 }
 """A tier's multiplier where no TierMultiplier row applies (the model's, or every model's):
 priority at twice the online price, flex at half (OpenAI's flex processing is half price)."""
-CLASS_TWINS: Mapping[str, Mapping[str, str]] = {"batch": BATCH_OF, **TIER_TWINS}
-"""service class -> online unit -> the unit its usage is billed by (the online class: the
-unit itself)."""
+CLASS_TWINS: Mapping[str, Mapping[str, str]] = {
+    "batch": BATCH_OF,
+    **{tier: TIER_TWINS[tier] for tier in PRICED_TIERS},
+}
+"""service class -> online unit -> the unit its usage is billed by, for the classes the
+wallet's price hash carries prices of (the online class: the unit itself; provisioned
+usage: 0)."""
 
 TOKEN_UNITS: tuple[str, ...] = (
     INPUT,
@@ -410,6 +418,8 @@ class PriceBook:
     def tier_multiplier(self, model_name: str, tier: str, at: datetime) -> Decimal:
         """The multiplier of `tier`'s prices for the model at `at`: the model's own row in
         effect then, else every model's, else DEFAULT_TIER_MULTIPLIERS."""
+        if tier not in PRICED_TIERS:
+            return DEFAULT_TIER_MULTIPLIERS[tier]
         for model in (model_name, ""):
             times = self._tier_times.get((model, tier))
             if times:

@@ -104,6 +104,8 @@ class Prices:
         request's its tier's (the online price times the tier's multiplier); each empty
         one the online price of its unit (a hash of an earlier release; admission fills
         such a hash again before it admits a tier's request)."""
+        if service_class == ServiceClass.PROVISIONED:
+            return _PROVISIONED  # within units: paid per unit-hour, 0 per token
         if service_class not in _CLASS_PREFIXES:
             return self
         prefix = _CLASS_PREFIXES[service_class]
@@ -193,6 +195,7 @@ class ScaledPrices:
 
 
 FREE = Prices()
+_PROVISIONED = Prices("0", "0", "0", "0", "0")
 
 _UNITS = ("input", "output", "request", "compute_ms", "cached_input")
 _CLASS_PREFIXES = {

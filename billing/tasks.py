@@ -20,6 +20,7 @@ from billing.invoicing import invoices_refresh_open
 from billing.metering import tasks as metering_tasks
 from billing.models import Budget
 from billing.payments import tasks as payments_tasks
+from billing.provisioned import provisioned_sync
 from billing.wallet import wallet_sync, wallet_sync_due
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,13 @@ def wallet_sync_all() -> int:
         except Exception:  # one organization must not stop the others
             logger.exception("wallet sync failed for %s", org.id)
     return synced
+
+
+@shared_task(name="mantle.billing.provisioned_sync", queue="billing", ignore_result=True)
+def provisioned_sync_all() -> int:
+    """Provisioned throughput commitments in effect, written for the gateway (beat, every
+    minute; also on every change)."""
+    return provisioned_sync()
 
 
 @shared_task(name=jobs.BUDGETS_EVALUATE_ORGANIZATION, queue="billing", ignore_result=True)

@@ -45,7 +45,7 @@ from billing.periods import month_label, month_start
 from billing.pricing import (
     CACHED_INPUT,
     CLASS_TWINS,
-    TIERS,
+    PRICED_TIERS,
     EffectivePrice,
     PriceBook,
     billed_units,
@@ -214,7 +214,7 @@ _PRICE_UNITS = {
     "batch_cached_input": TokenKind.BATCH_CACHED_INPUT.value,
     **{
         f"{tier}_{unit}": f"{tier}_{unit}"
-        for tier in TIERS
+        for tier in PRICED_TIERS
         for unit in ("input", "output", "request", "compute_ms", "cached_input")
     },
 }

@@ -9,8 +9,8 @@ module's own: a worker never mixes in another process's metrics.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,9 +22,20 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from workers.contract import ServiceClass, inference_queue, priority_queue
+from workers.settings import WorkerSettings
 
-if TYPE_CHECKING:
-    from workers.serving import WorkerRuntime
+
+class WorkerRuntime(Protocol):
+    """What the collector reads of workers.serving.WorkerRuntime (a Protocol: serving
+    records requests here, so this module does not import it)."""
+
+    settings: WorkerSettings
+    total_slots: int
+
+    def engines(self) -> Mapping[str, Any]: ...
+
+    def in_flight(self) -> int: ...
+
 
 logger = logging.getLogger(__name__)
 

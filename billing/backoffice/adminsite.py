@@ -58,6 +58,21 @@ class BackOfficeSite(UnfoldAdminSite):
             ),
             path("prices/new/", wrap(views.price_new), name="backoffice-price-new"),
             path(
+                "customers/<str:org_id>/provisioned/new/",
+                wrap(views.commitment_new),
+                name="backoffice-commitment-new",
+            ),
+            path(
+                "provisioned/<int:commitment_id>/change/",
+                wrap(views.commitment_change),
+                name="backoffice-commitment-change",
+            ),
+            path(
+                "provisioned/<int:commitment_id>/end/",
+                wrap(views.commitment_end),
+                name="backoffice-commitment-end",
+            ),
+            path(
                 "tier-multipliers/new/",
                 wrap(views.tier_multiplier_new),
                 name="backoffice-tier-multiplier-new",

@@ -7,7 +7,13 @@ from typing import Any
 
 from django import forms
 
-from billing.models import CreditLedgerEntry, PriceOverride, TierMultiplier, TokenKind
+from billing.models import (
+    CreditLedgerEntry,
+    PriceOverride,
+    ProvisionedCommitment,
+    TierMultiplier,
+    TokenKind,
+)
 
 # <input type="datetime-local"> sends this; times are UTC (TIME_ZONE = "UTC").
 DATETIME_FORMATS = ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"]
@@ -115,6 +121,36 @@ class TierMultiplierForm(ActionForm):
             ("", "every model without its own"),
             *((m, m) for m in model_names),
         ]
+
+
+class CommitmentForm(ActionForm):
+    endpoint_id = forms.ChoiceField(choices=[], label="Endpoint")
+    units = forms.IntegerField(min_value=1, max_value=10_000)
+    unit_hour_price = forms.CharField(max_length=32, help_text="Per unit-hour, e.g. 2.50")
+    overflow = forms.ChoiceField(
+        choices=ProvisionedCommitment.Overflow.choices,
+        help_text="Past the units: spill to pay-as-you-go, or refuse with a 429",
+    )
+    tokens_per_minute_per_unit = forms.IntegerField(
+        min_value=1, required=False, help_text="Blank: the model's measured figure"
+    )
+    starts_at = _when(required=True, help_text="A whole UTC hour, not in the past")
+    ends_at = _when(required=False, help_text="Optional, a whole UTC hour")
+    reason = _reason()
+
+    def __init__(self, *args: Any, endpoints: list[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["endpoint_id"].choices = endpoints  # type: ignore[attr-defined]
+
+
+class CommitmentChangeForm(ActionForm):
+    at = _when(required=True, help_text="A whole UTC hour, not in the past")
+    units = forms.IntegerField(min_value=1, max_value=10_000, required=False)
+    unit_hour_price = forms.CharField(max_length=32, required=False)
+    overflow = forms.ChoiceField(
+        choices=[("", "unchanged"), *ProvisionedCommitment.Overflow.choices], required=False
+    )
+    reason = _reason()
 
 
 class OverrideForm(ActionForm):

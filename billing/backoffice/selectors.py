@@ -31,6 +31,7 @@ from billing.models import (
     HeldUsage,
     Invoice,
     PriceOverride,
+    ProvisionedCommitment,
     StripeCustomer,
     UsageRollup,
 )
@@ -42,6 +43,7 @@ from billing.pricing import (
     model_kinds,
     split_quantities,
 )
+from billing.provisioned import Utilization, utilization
 from billing.selectors import Balance, balance_summary, invoices
 from catalog.models import Endpoint
 from core.csv_export import csv_writer
@@ -79,12 +81,17 @@ CSV_LATER_COLUMNS = (
     "flex_input_tokens",
     "flex_output_tokens",
     "flex_cached_input_tokens",
+    "provisioned_requests",
+    "provisioned_input_tokens",
+    "provisioned_output_tokens",
+    "provisioned_cached_input_tokens",
 )
 """Columns added since, at the end so that none of the earlier ones moves: of
 input_tokens, those the prefix cache served; then the part of requests, input, output and
 cached input tokens that batch lines made (billed at batch prices); then the same parts of
 the priority and flex service tiers (billed at the online prices times the tier's
-multiplier)."""
+multiplier), and of provisioned throughput (0 per token: its units are billed per
+unit-hour)."""
 # What a CSV row reads: its columns, then each class's compute_ms, which only its amount
 # uses (tensor models bill them), then the later columns.
 _CSV_READ = (
@@ -93,6 +100,7 @@ _CSV_READ = (
     "batch_compute_ms",
     "priority_compute_ms",
     "flex_compute_ms",
+    "provisioned_compute_ms",
     *CSV_LATER_COLUMNS,
 )
 # Rows per database round trip while streaming: memory stays at one chunk.
@@ -144,6 +152,9 @@ class CustomerOverview:
     stripe_customer_id: str | None
     stripe_url: str | None
     held_usage: list[HeldUsage] = field(default_factory=list)
+    # Provisioned throughput: every commitment, newest first, and the use of those in effect.
+    commitments: list[ProvisionedCommitment] = field(default_factory=list)
+    utilization: list[Utilization] = field(default_factory=list)
 
 
 def key_status(key: ApiKey, now: datetime) -> str:
@@ -211,6 +222,12 @@ def customer_overview(org: Organization, *, now: datetime | None = None) -> Cust
         stripe_customer_id=stripe.stripe_customer_id if stripe else None,
         stripe_url=stripe_dashboard_url(stripe.stripe_customer_id) if stripe else None,
         held_usage=list(held_usage_for(org)[:50]),
+        commitments=list(
+            ProvisionedCommitment.objects.filter(organization=org)
+            .select_related("endpoint")
+            .order_by("-starts_at", "-id")[:50]
+        ),
+        utilization=utilization(org, now=now),
     )
 
 

@@ -13,6 +13,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
+from django.db.models import Q
 from django.http import (
     Http404,
     HttpRequest,
@@ -28,7 +29,7 @@ from django.utils import timezone
 from accounts import services as account_services
 from accounts.models import Organization, User
 from accounts.principal import Principal
-from billing import pricing
+from billing import pricing, provisioned
 from billing import staff_roles as roles
 from billing.backoffice import forms as bo_forms
 from billing.backoffice import selectors
@@ -39,8 +40,8 @@ from billing.backoffice.services import (
 )
 from billing.credit_notes import credit_note_issue, creditable_amount, credited_amount
 from billing.credits import credit_grant as credits_grant
-from billing.models import Invoice, PriceOverride
-from catalog.models import Model
+from billing.models import Invoice, PriceOverride, ProvisionedCommitment
+from catalog.models import Endpoint, Model
 from core.errors import DomainError
 from core.redis import get_redis
 
@@ -416,6 +417,106 @@ def override_end(request: HttpRequest, override_id: int) -> HttpResponse:
         request,
         form=bo_forms.OverrideEndForm(_form_data(request)),
         title=f"End {row.kind} override of {row.organization.name}",
+        back_url=back,
+        perform=perform,
+    )
+
+
+# --- Provisioned throughput ---------------------------------------------------------------------
+
+
+def commitment_new(request: HttpRequest, org_id: str) -> HttpResponse:
+    _require(request, roles.MOVE_MONEY)
+    org = _org_or_404(org_id)
+    back = reverse("admin:backoffice-customer", args=[org.id])
+    endpoints = [
+        (e.id, f"{e.name} ({e.model_version.model.name}, pool {e.pool.name})")
+        for e in Endpoint.objects.filter(Q(organization=org) | Q(organization__isnull=True))
+        .select_related("model_version__model", "pool")
+        .order_by("name")
+    ]
+
+    def perform(data: Mapping[str, Any]) -> tuple[str, str]:
+        row = provisioned.commitment_create(
+            principal=_principal(request),
+            org=org,
+            endpoint_id=data["endpoint_id"],
+            units=data["units"],
+            unit_hour_price=data["unit_hour_price"],
+            overflow=data["overflow"],
+            tokens_per_minute_per_unit=data.get("tokens_per_minute_per_unit"),
+            starts_at=data["starts_at"],
+            ends_at=data.get("ends_at"),
+            reason=data["reason"],
+        )
+        return f"{row.units} units of {row.endpoint_id} from {row.starts_at:%Y-%m-%d %H:%M}", back
+
+    return _action(
+        request,
+        form=bo_forms.CommitmentForm(_form_data(request), endpoints=endpoints),
+        title=f"Sell provisioned throughput to {org.name}",
+        back_url=back,
+        perform=perform,
+        context={
+            "hint": "Billed per unit-hour whether used or not. A unit is one request in "
+            "flight reserved on the endpoint's pool, ahead of every pay-as-you-go tier."
+        },
+    )
+
+
+def _commitment_or_404(commitment_id: int) -> ProvisionedCommitment:
+    row = (
+        ProvisionedCommitment.objects.select_related("organization")
+        .filter(id=commitment_id)
+        .first()
+    )
+    if row is None:
+        raise Http404(f"commitment {commitment_id} not found")
+    return row
+
+
+def commitment_change(request: HttpRequest, commitment_id: int) -> HttpResponse:
+    _require(request, roles.MOVE_MONEY)
+    row = _commitment_or_404(commitment_id)
+    back = reverse("admin:backoffice-customer", args=[row.organization_id])
+
+    def perform(data: Mapping[str, Any]) -> tuple[str, str]:
+        new = provisioned.commitment_change(
+            principal=_principal(request),
+            commitment=row,
+            at=data["at"],
+            reason=data["reason"],
+            units=data.get("units"),
+            unit_hour_price=data.get("unit_hour_price") or None,
+            overflow=data.get("overflow") or None,
+        )
+        return f"{new.units} units from {new.starts_at:%Y-%m-%d %H:%M} UTC", back
+
+    return _action(
+        request,
+        form=bo_forms.CommitmentChangeForm(_form_data(request)),
+        title=f"Change {row.units} units of {row.endpoint_id} ({row.organization.name})",
+        back_url=back,
+        perform=perform,
+    )
+
+
+def commitment_end(request: HttpRequest, commitment_id: int) -> HttpResponse:
+    _require(request, roles.MOVE_MONEY)
+    row = _commitment_or_404(commitment_id)
+    back = reverse("admin:backoffice-customer", args=[row.organization_id])
+
+    def perform(data: Mapping[str, Any]) -> tuple[str, str]:
+        ended = provisioned.commitment_end(
+            principal=_principal(request), commitment=row, at=data["at"], reason=data["reason"]
+        )
+        assert ended.ends_at is not None
+        return f"the commitment ends at {ended.ends_at:%Y-%m-%d %H:%M} UTC", back
+
+    return _action(
+        request,
+        form=bo_forms.OverrideEndForm(_form_data(request)),
+        title=f"End {row.units} units of {row.endpoint_id} ({row.organization.name})",
         back_url=back,
         perform=perform,
     )

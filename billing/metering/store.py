@@ -90,7 +90,12 @@ _DIMS = "organization_id, project_id, api_key_id, endpoint_id, model_name"
 # The sums of a rollup, and the part of each that batch lines make (billed at batch prices)
 # and that each priced service tier makes (billed at its multiple of the online prices).
 _SUMS = ("requests", "input_tokens", "output_tokens", "compute_ms", "cached_input_tokens")
-_PARTS = (ServiceClass.BATCH.value, ServiceClass.PRIORITY.value, ServiceClass.FLEX.value)
+_PARTS = (
+    ServiceClass.BATCH.value,
+    ServiceClass.PRIORITY.value,
+    ServiceClass.FLEX.value,
+    ServiceClass.PROVISIONED.value,
+)
 _ROLLUP_SUMS = (*_SUMS, *(f"{part}_{name}" for part in _PARTS for name in _SUMS))
 _AGG_SUMS = ", ".join(
     [

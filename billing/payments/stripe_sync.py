@@ -199,13 +199,23 @@ def stripe_invoice_push(*, invoice_id: str) -> stripe_types.Invoice:
 def _line_metadata(line: InvoiceLineRow) -> dict[str, str]:
     """What a line is made of, for Stripe's dashboard; empty values are left out (an
     empty string means "unset" to Stripe)."""
-    values = {
-        "kind": line.kind,
-        "model": line.model_name,
-        "token_kind": line.token_kind,
-        "tokens": str(line.quantity) if line.quantity else "",
-        "unit_price_per_million": "" if line.unit_price is None else str(line.unit_price),
-    }
+    price = "" if line.unit_price is None else str(line.unit_price)
+    quantity = str(line.quantity) if line.quantity else ""
+    if line.kind == "provisioned":  # unit-hours of provisioned throughput, at a price each
+        values = {
+            "kind": line.kind,
+            "model": line.model_name,
+            "unit_hours": quantity,
+            "unit_hour_price": price,
+        }
+    else:
+        values = {
+            "kind": line.kind,
+            "model": line.model_name,
+            "token_kind": line.token_kind,
+            "tokens": quantity,
+            "unit_price_per_million": price,
+        }
     return {key: value for key, value in values.items() if value}
 
 

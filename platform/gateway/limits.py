@@ -50,6 +50,9 @@ elseif ARGV[19] == '2' or ARGV[19] == '3' then
   if not (price[o + 1] and price[o + 2] and price[o + 3] and price[o + 4]) then return {-4} end
   price[1], price[2], price[3], price[4] = price[o + 1], price[o + 2], price[o + 3], price[o + 4]
   price[6] = price[o + 5] or price[6]
+elseif ARGV[19] == '4' then
+  -- Within provisioned throughput units ('4'): paid per unit-hour, nothing per token.
+  price[1], price[2], price[3], price[4], price[6] = '0', '0', '0', '0', '0'
 end
 local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
 if live == 0 then return {-1} end
@@ -201,6 +204,7 @@ _CLASS_ARG = {
     ServiceClass.BATCH.value: "1",
     ServiceClass.PRIORITY.value: "2",
     ServiceClass.FLEX.value: "3",
+    ServiceClass.PROVISIONED.value: "4",
 }
 
 
@@ -287,6 +291,9 @@ class Admission:
     # The request's place among its organization's requests in flight on the pool
     # (gateway/pool_share.py), given back at the settle; "" when it holds none.
     pool_share_key: str = ""
+    # The class the request was admitted in: a default-tier request within the
+    # organization's provisioned units runs as `provisioned` (gateway/provisioned.py).
+    work_class: str = ""
 
     def headers(self) -> dict[str, str]:
         if not self.allowed or not self.rate_limited:

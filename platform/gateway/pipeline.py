@@ -42,7 +42,7 @@ from billing.wallet import price_fill
 from catalog.specs import EndpointSpec
 from core import metrics
 from core.redis import get_async_redis
-from gateway import dispatch, pool_share, text
+from gateway import dispatch, pool_share, provisioned, text
 from gateway.backends import database_read
 from gateway.errors import (
     OpenAIError,
@@ -90,8 +90,8 @@ def tier_class(service_tier: str | None) -> str:
     """The class of work a request asking for `service_tier` runs as: a batch line stays a
     batch line whatever its body says; `priority` and `flex` are their own classes; `auto`,
     `default`, `scale` and none are the default tier (`online`). (Provisioned throughput
-    turns an `auto` or `scale` request of an organization with units into `provisioned` at
-    admission, docs/provisioned.md.)"""
+    turns an absent, `auto` or `scale` one of an organization with a free unit into
+    `provisioned` at admission: gateway/provisioned.py, docs/provisioned.md.)"""
     current = service_class()
     if current == contract.ServiceClass.BATCH or service_tier is None:
         return current
@@ -208,17 +208,32 @@ async def admit(
     requests: int = 0,
     compute_ms: int = 0,
     work_class: str | None = None,
+    service_tier: str | None = None,
+    may_use_units: bool = False,
 ) -> Admission:
     """Takes the request's share of every limit and reserves its worst-case cost at the
     prices of its class (`work_class`, default the context's), or raises the refusal as
-    OpenAI words it (429, 403 unpriced, 503 no live worker)."""
+    OpenAI words it (429, 403 unpriced, 503 no live worker). `may_use_units`: a request of
+    the default tier runs within the organization's provisioned units on the endpoint when
+    it has one free (`service_tier` absent, auto or scale); the class admitted is on the
+    admission (`work_class`)."""
     chosen = work_class if work_class is not None else service_class()
+    deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
+    units = ""
+    if may_use_units and chosen == contract.ServiceClass.ONLINE:
+        chosen, units = await provisioned.take(
+            spec.id, organization_id, request_id, deadline, service_tier
+        )
     share = ""
     if chosen != contract.ServiceClass.BATCH:
         # Waits here, outside every queue, while the organization holds its share of the
         # pool's slots: its surplus never sits in front of other organizations' requests.
-        deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
-        share = await pool_share.take(spec.pool, organization_id, request_id, deadline, chosen)
+        try:
+            share = await pool_share.take(spec.pool, organization_id, request_id, deadline, chosen)
+        except BaseException:
+            await pool_share.give_back(units, request_id)
+            raise
+    share = "\n".join(key for key in (share, units) if key)
     try:
         admission = await _admit(
             limits,
@@ -234,7 +249,7 @@ async def admit(
     except BaseException:
         await pool_share.give_back(share, request_id)
         raise
-    return dataclasses.replace(admission, pool_share_key=share)
+    return dataclasses.replace(admission, pool_share_key=share, work_class=chosen)
 
 
 async def _admit(
@@ -741,7 +756,10 @@ async def start_generation(
         completion_budget,
         request_id,
         work_class=chosen,
+        service_tier=service_tier,
+        may_use_units=True,
     )
+    chosen = admission.work_class or chosen
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     payload = contract.GenerateRequest(
         request_id=request_id,

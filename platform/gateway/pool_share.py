@@ -21,6 +21,9 @@ times its slots (then a 503 with retry-after), and priority requests pass that b
 factor more), so the broker queue a priority request joins is never longer than that.
 
 Batch lines are paced by their own slots (gateway/batch_runner.py) and are not counted.
+Provisioned throughput is not counted either: its units are counted per organization
+(gateway/provisioned.py), and the slots they reserve are taken off what every other request
+may use here (docs/provisioned.md).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from billing.provisioned import Entitlement
+from billing.provisioned import pool_key as provisioned_pool_key
 from core.redis import get_async_redis
 from gateway.errors import OpenAIError
 from workers import contract
@@ -72,6 +77,7 @@ class _Pool:
     slots: int
     priority_ready: bool  # every live node consumes the pool's priority queue
     read_at: float
+    reserved: int = 0  # task slots reserved by provisioned throughput units in effect
 
 
 _pools: dict[str, _Pool] = {}
@@ -98,7 +104,12 @@ async def _pool(pool: str) -> _Pool:
             info = json.loads(raw) if raw else {}
             total += int(info.get("total_slots", 0) or 0)
             ready = ready and wanted in (info.get("queues") or ())
-    found = _pools[pool] = _Pool(total, ready, now)
+    reserved = 0
+    for raw in (await client.hgetall(provisioned_pool_key(pool))).values():
+        entitlement = Entitlement.decode(raw)
+        if entitlement is not None and entitlement.active(now):
+            reserved += entitlement.units
+    found = _pools[pool] = _Pool(total, ready, now, reserved)
     return found
 
 
@@ -154,12 +165,19 @@ async def take(
     when neither applies. A flex request finding the pool without idle slots is refused at
     once (OpenAI's 429 resource_unavailable); others that wait in vain get a 429 (their
     organization's share) or a 503 (the pool's backlog), with retry-after."""
+    if service_class == contract.ServiceClass.PROVISIONED:
+        # Within the organization's units (gateway/provisioned.py counts them): the slots
+        # reserved for them are subtracted from everyone else's below.
+        return ""
     share_on = settings.MANTLE_FAIR_POOL_ORG_SHARE < 1.0
     if not share_on and settings.MANTLE_POOL_BACKLOG_FACTOR <= 0:
         return ""
-    slots = await pool_slots(pool)
-    if slots <= 0:
+    found = await _pool(pool)
+    if found.slots <= 0:
         return ""  # no live node: admission answers that (503) on its own
+    # What pay-as-you-go traffic may use: the pool's slots less those provisioned units
+    # reserve (at least one, so a pool sold out to units still answers with a status).
+    slots = max(1, found.slots - found.reserved)
     keys = [share_key(pool, organization_id), pool_key(pool)]
     client = get_async_redis()
     give_up = time.monotonic() + settings.MANTLE_FAIR_POOL_WAIT_S
@@ -211,7 +229,8 @@ async def take(
                 headers={"retry-after": "2"},
             )
         await asyncio.sleep(POLL_S)
-        slots = max(1, await pool_slots(pool))
+        found = await _pool(pool)
+        slots = max(1, found.slots - found.reserved)
 
 
 async def give_back(key: str, request_id: str) -> None:

@@ -169,10 +169,11 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "batch_input_tokens",
             "batch_output_tokens",
             "batch_cached_input_tokens",
-            # and the priority and flex tiers' parts (billed at their multipliers)
+            # and the priority and flex tiers' parts (billed at their multipliers), and
+            # provisioned throughput's (0 per token)
             *(
                 f"{tier}_{name}"
-                for tier in ("priority", "flex")
+                for tier in ("priority", "flex", "provisioned")
                 for name in ("requests", "input_tokens", "output_tokens", "cached_input_tokens")
             ),
         ],
@@ -188,7 +189,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "10",
             "",
             "",
-            *["0"] * 13,
+            *["0"] * 17,
         ],
         [
             "2026-10-05T09:00:00Z",
@@ -202,7 +203,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "20",
             "",
             "",
-            *["0"] * 13,
+            *["0"] * 17,
         ],
         [
             "2026-10-06T14:00:00Z",
@@ -216,7 +217,7 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "40",
             "",
             "",
-            *["0"] * 13,
+            *["0"] * 17,
         ],
     ]
 
@@ -377,8 +378,8 @@ def test_a_large_export_streams_in_bounded_memory_under_asgi(staff: Staff) -> No
     last_hour = BIG_START + timedelta(hours=(BIG_ROWS - 1) // 50)
     expected_last = (
         f"{last_hour:%Y-%m-%dT%H:%M:%SZ},org_big,proj_big,key_49,ep-big,{CHAT},1,199999,399998,"
-        "0.999995000,USD,0,0,0,0,0,0,0,0,0,0,0,0,0"  # 199999 * 1/M + 399998 * 2/M; no cached
-    )  # input tokens, no batch lines, no priority or flex requests
+        "0.999995000,USD" + ",0" * 17  # 199999 * 1/M + 399998 * 2/M; no cached input
+    )  # tokens, no batch lines, no priority, flex or provisioned requests
     assert last.endswith(f"\n{expected_last}\n".encode())
     assert size > 2 * MEMORY_BOUND  # holding the output alone would break the bound
     assert peak < MEMORY_BOUND, f"peak {peak / 1e6:.1f} MB"

@@ -120,12 +120,14 @@ def staff_principal() -> Principal:
     return Principal(user=user, ip_address="10.0.0.1")
 
 
-# A rollup without priority or flex usage: those tiers' units, each 0.
+# A rollup without priority, flex or provisioned usage: those tiers' units, each 0.
 NO_TIER_TOKENS = [
     (f"{tier}_{unit}", 0)
-    for tier in ("priority", "flex")
+    for tier in ("priority", "flex", "provisioned")
     for unit in ("input", "cached_input", "output")
 ]
 NO_TIER_TENSOR_UNITS = [
-    (f"{tier}_{unit}", 0) for tier in ("priority", "flex") for unit in ("request", "compute_ms")
+    (f"{tier}_{unit}", 0)
+    for tier in ("priority", "flex", "provisioned")
+    for unit in ("request", "compute_ms")
 ]

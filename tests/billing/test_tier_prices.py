@@ -103,6 +103,7 @@ def test_a_rollups_tier_parts_are_split_from_its_online_usage() -> None:
         "flex_input": 200,
         "flex_cached_input": 0,
         "flex_output": 20,
+        **{"provisioned_input": 0, "provisioned_cached_input": 0, "provisioned_output": 0},
     }
     assert sum(q for u, q in billed.items() if "input" in u) == row["i"]
     assert sum(q for u, q in billed.items() if "output" in u) == row["o"]

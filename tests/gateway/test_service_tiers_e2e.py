@@ -121,6 +121,75 @@ def test_each_tier_is_reserved_and_settled_at_its_prices(served: Served) -> None
     assert parked["priority"][0] > parked["flex"][0]
 
 
+def test_provisioned_units_serve_as_scale_at_no_token_cost_and_refuse_past_them(
+    served: Served,
+) -> None:
+    """One unit sold (refusing traffic past it) on the organization's chat endpoint: a
+    request with no service_tier runs within it (reported `scale`, metered `provisioned`,
+    nothing parked per token); while a long stream holds the unit the next such request
+    is a 429 naming the units, and one asking for the default tier runs pay-as-you-go."""
+    from django.utils import timezone
+
+    from billing import provisioned as billing_provisioned
+    from billing import wallet_keys
+    from billing.periods import hour_start
+    from tests.billing.factories import staff_principal
+
+    endpoint = served.endpoints[CHAT]
+    billing_provisioned.commitment_create(
+        principal=staff_principal(), org=served.org, endpoint_id=endpoint.id, units=1,
+        unit_hour_price="3", overflow="refuse", starts_at=hour_start(timezone.now()),
+        reason="e2e",
+    )  # fmt: skip
+    billing_provisioned.provisioned_sync()
+    client = served.client()
+
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+    )
+
+    reply = raw.parse()
+    assert reply.service_tier == "scale"
+    assert wait_usage(raw.headers["x-request-id"]) == "provisioned"
+    pending = wallet_keys.pending_key(served.org.id)
+    assert get_redis().hget(pending, raw.headers["x-request-id"]) is None  # 0 per token
+    holder: dict[str, Any] = {}
+
+    def hold() -> None:
+        holder["stream"] = list(
+            client.chat.completions.create(
+                model=CHAT,
+                messages=[{"role": "user", "content": "Tell a long story."}],
+                max_tokens=400,
+                logit_bias={"2": -100},
+                stream=True,
+            )
+        )
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    units = billing_provisioned.inflight_key(endpoint.id, served.org.id)
+    deadline = time.time() + 30
+    while get_redis().zcard(units) < 1:
+        assert time.time() < deadline, "the stream never took the unit"
+        time.sleep(0.02)
+    try:
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+            )
+        assert "provisioned throughput unit" in str(refused.value)
+        paid = client.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+            service_tier="default",
+        )  # fmt: skip
+        assert paid.service_tier == "default"
+    finally:
+        thread.join(120)
+    assert {c.service_tier for c in holder["stream"]} == {"scale"}
+    assert get_redis().zcard(units) == 0  # given back when the stream ended
+
+
 def test_every_node_consumes_its_pools_priority_queue(served: Served) -> None:
     """What lets the gateway send the priority tier to `inference.<pool>.priority`."""
     client = get_redis()
@@ -222,7 +291,11 @@ def test_a_quiet_organization_is_served_while_another_floods_the_pool(served: Se
     endpoint_publish(endpoint_b)
     _, secret_b = make_api_key(org_b, scopes=["inference"])
     worker = stack.worker("fairpool", name="fair-worker", concurrency=4, MANTLE_MAX_BATCH="2")
-    client_a, client_b = served.client(), served.client(secret_b)
+    # A's surplus waits at the gateway for one of A's own answers to end, up to
+    # MANTLE_FAIR_POOL_WAIT_S, then gets a 429 with retry-after (by design): A retries, as
+    # the official SDKs do by default (on a loaded machine an answer can outlast the wait).
+    client_a = served.client().with_options(max_retries=20)
+    client_b = served.client(secret_b)
     finished: list[tuple[str, float]] = []
     lock = threading.Lock()
 

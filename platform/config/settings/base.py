@@ -375,6 +375,15 @@ MANTLE_FAIR_POOL_WAIT_S = env.float("MANTLE_FAIR_POOL_WAIT_S", default=10.0)
 # after MANTLE_FAIR_POOL_WAIT_S), priority one factor more, flex only while slots are idle
 # (else 429 resource_unavailable at once). 0: no bound.
 MANTLE_POOL_BACKLOG_FACTOR = env.float("MANTLE_POOL_BACKLOG_FACTOR", default=2.0)
+# Provisioned throughput (docs/provisioned.md): the tokens per minute one unit guarantees,
+# per model ("*": any other), as bench/provisioned.py measures them on the pool a unit is
+# sold on; copied into a commitment when it is sold. One unit is one request in flight
+# reserved on the pool and served ahead of every pay-as-you-go tier. JSON, e.g.
+# {"smollm2-135m-instruct": 600}. The built-in chat model's figure is its one-stream
+# decode rate at a full batch on the 2-core reference machine (docs/benchmarks.md).
+MANTLE_PROVISIONED_UNIT_TPM: dict[str, int] = env.json(
+    "MANTLE_PROVISIONED_UNIT_TPM", default={"smollm2-135m-instruct": 600}
+)
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
 # The regions an organization may be created in (comma-separated); the default region is one.
@@ -510,6 +519,11 @@ CELERY_BEAT_SCHEDULE.update(
         "billing-wallet-sync": {
             "task": "mantle.billing.wallet_sync_all",
             "schedule": crontab(minute="*/5"),
+            "options": {"queue": "billing"},
+        },
+        "billing-provisioned-sync": {
+            "task": "mantle.billing.provisioned_sync",
+            "schedule": 60.0,
             "options": {"queue": "billing"},
         },
         "billing-budgets-evaluate": {

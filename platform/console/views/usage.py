@@ -6,6 +6,7 @@ from django.http import HttpRequest, HttpResponse
 
 from accounts import selectors
 from accounts.permissions import Perm
+from billing.provisioned import utilization
 from console import selectors as console_selectors
 from console.access import OrgContext, is_htmx, org_page, page
 from console.forms import UsageForm
@@ -47,7 +48,14 @@ def usage(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
         request,
         ctx,
         template,
-        {"form": form, "report": report, "chart": report.chart_data(), "query": query},
+        {
+            "form": form,
+            "report": report,
+            "chart": report.chart_data(),
+            "query": query,
+            # Provisioned throughput in effect: its units' use now and lately.
+            "provisioned": utilization(ctx.org),
+        },
     )
 
 
