@@ -257,3 +257,85 @@ def test_utilization_counts_units_in_use_and_tokens_within_them(
     assert found.in_flight == 2  # the expired place is not counted
     assert found.tokens == 4_000
     assert found.guaranteed == int(4 * 600 * found.minutes)
+
+
+# --- the back office and the console ---------------------------------------------------------
+
+
+def test_billing_admins_sell_change_and_end_units_from_the_customer_page() -> None:
+    from django.urls import reverse
+
+    from tests.backoffice.support import client_for, make_staff
+
+    staff = make_staff()
+    org = OrganizationFactory()
+    endpoint = endpoint_of(org)
+    admin = client_for(staff.billing_admin)
+    customer = reverse("admin:backoffice-customer", args=[org.id])
+    start = next_hour().strftime("%Y-%m-%dT%H:%M")
+
+    sold = admin.post(
+        reverse("admin:backoffice-commitment-new", args=[org.id]),
+        {"endpoint_id": endpoint.id, "units": "2", "unit_hour_price": "4", "overflow": "spill",
+         "tokens_per_minute_per_unit": "600", "starts_at": start, "reason": "deal",
+         "form_token": "token-prov-1"},
+    )  # fmt: skip
+    assert sold.status_code == 302, sold.context["form"].errors
+    row = ProvisionedCommitment.objects.get(organization=org)
+    assert (row.units, row.unit_hour_price, row.created_by_id) == (
+        2,
+        Decimal("4"),
+        staff.billing_admin.id,
+    )
+    page = admin.get(customer).content.decode()
+    assert 'data-testid="provisioned"' in page and endpoint.name in page
+    changed = admin.post(
+        reverse("admin:backoffice-commitment-change", args=[row.id]),
+        {"at": next_hour(2).strftime("%Y-%m-%dT%H:%M"), "units": "6", "reason": "more",
+         "form_token": "token-prov-2"},
+    )  # fmt: skip
+    assert changed.status_code == 302
+    successor = ProvisionedCommitment.objects.get(organization=org, ends_at__isnull=True)
+    assert successor.units == 6
+    ended = admin.post(
+        reverse("admin:backoffice-commitment-end", args=[successor.id]),
+        {
+            "at": next_hour(5).strftime("%Y-%m-%dT%H:%M"),
+            "reason": "churn",
+            "form_token": "token-prov-3",
+        },
+    )
+    assert ended.status_code == 302
+    successor.refresh_from_db()
+    assert successor.ends_at == next_hour(5)
+    # Support staff read, never sell.
+    support = client_for(staff.support)
+    refused = support.post(
+        reverse("admin:backoffice-commitment-new", args=[org.id]),
+        {"endpoint_id": endpoint.id, "units": "1", "unit_hour_price": "1", "overflow": "spill",
+         "starts_at": start, "reason": "x", "form_token": "token-prov-4"},
+    )  # fmt: skip
+    assert refused.status_code == 403
+    assert ProvisionedCommitment.objects.count() == 2
+
+
+def test_the_consoles_usage_page_shows_the_units_in_use(staff: Principal, world: Any) -> None:
+    from accounts.permissions import Role
+    from tests.console.support import org_url
+
+    endpoint = endpoint_of(world.org)
+    ProvisionedCommitment.objects.create(
+        organization=world.org, endpoint=endpoint, model_name="m", units=3,
+        tokens_per_minute_per_unit=600, unit_hour_price=Decimal("1"), reason="t",
+        starts_at=hour_start(timezone.now()) - timedelta(hours=2),
+    )  # fmt: skip
+    get_redis().zadd(
+        provisioned.inflight_key(endpoint.id, world.org.id), {"r1": timezone.now().timestamp() + 60}
+    )
+
+    page = world.client_for(Role.VIEWER).get(org_url("console-usage", world.org.id))
+
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert 'data-testid="provisioned"' in body
+    assert '<td class="num" data-testid="units-in-use">1 of 3</td>' in body
