@@ -136,7 +136,8 @@ def phase(
             result["flood_tokens_per_min"] = round((others.tokens - before_others) / elapsed * 60)
             result["flood_errors"] = others.errors
         own.finish()
-        others.finish()
+        if flood:
+            others.finish()
         return result
     finally:
         bench.stack.stop_all()

@@ -46,7 +46,13 @@ from workers import contract
 logger = logging.getLogger(__name__)
 
 SLOTS_TTL_S = 1.0  # a pool's slot count is read from heartbeats at most once a second
-POLL_S = 0.05
+POLL_S = 0.02  # a waiting request's first retry; each next one waits twice as long...
+MAX_POLL_S = 0.25  # ...up to this: a surge's waiters do not keep Redis busy
+MIN_WAITERS = 8
+# Requests waiting here in this process, per (pool, ahead of the default tier): at most the
+# pool's slots (MIN_WAITERS at least) wait; more are refused at once.
+_waiters: dict[tuple[str, bool], int] = {}
+_AHEAD = (contract.ServiceClass.PRIORITY, contract.ServiceClass.PROVISIONED)
 
 _TAKE = """
 -- KEYS: the organization's set on the pool, the pool's set. ARGV: now, the organization's
@@ -182,55 +188,80 @@ async def take(
     client = get_async_redis()
     give_up = time.monotonic() + settings.MANTLE_FAIR_POOL_WAIT_S
     ttl = str(int(max(60.0, deadline - time.time() + 60)))
-    while True:
-        cap, bound = org_cap(slots), pool_bound(slots, service_class)
-        took = int(
-            await client.eval(
-                _TAKE,
-                2,
-                *keys,
-                str(time.time()),
-                str(cap),
-                str(bound),
-                str(deadline),
-                request_id,
-                ttl,
+    group = (pool, service_class in _AHEAD)
+    waiting = False
+    pause = POLL_S
+    try:
+        while True:
+            cap, bound = org_cap(slots), pool_bound(slots, service_class)
+            took = int(
+                await client.eval(
+                    _TAKE,
+                    2,
+                    *keys,
+                    str(time.time()),
+                    str(cap),
+                    str(bound),
+                    str(deadline),
+                    request_id,
+                    ttl,
+                )
             )
-        )
-        if took == 1:
-            return "\n".join(keys)
-        if took == -1 and service_class == contract.ServiceClass.FLEX:
-            raise OpenAIError(
-                429,
-                "Resource unavailable: flex requests run on idle capacity, and this model's "
-                f"pool has none now ({bound} requests in flight on its {slots} slots). Retry "
-                "later or use the default tier.",
-                code="resource_unavailable",
-                headers={"retry-after": "30"},
-            )
-        if time.monotonic() >= give_up:
-            if took == 0:
+            if took == 1:
+                return "\n".join(keys)
+            if took == -1 and service_class == contract.ServiceClass.FLEX:
                 raise OpenAIError(
                     429,
-                    f"Your organization has {cap} requests in flight on this model's pool, "
-                    f"its fair share of the pool's {slots} slots (MANTLE_FAIR_POOL_ORG_SHARE "
-                    f"= {settings.MANTLE_FAIR_POOL_ORG_SHARE:g}); none ended within "
-                    f"{settings.MANTLE_FAIR_POOL_WAIT_S:g} s. Retry shortly.",
-                    code="rate_limit_exceeded",
-                    headers={"retry-after": "1"},
+                    "Resource unavailable: flex requests run on idle capacity, and this "
+                    f"model's pool has none now ({bound} requests in flight on its {slots} "
+                    "slots). Retry later or use the default tier.",
+                    code="resource_unavailable",
+                    headers={"retry-after": "30"},
                 )
-            raise OpenAIError(
-                503,
-                f"This model's pool is overloaded: {bound} requests in flight on its {slots} "
-                f"slots (MANTLE_POOL_BACKLOG_FACTOR = {settings.MANTLE_POOL_BACKLOG_FACTOR:g}) "
-                f"and none ended within {settings.MANTLE_FAIR_POOL_WAIT_S:g} s. Retry shortly.",
-                type_="server_error",
-                code="server_overloaded",
-                headers={"retry-after": "2"},
-            )
-        await asyncio.sleep(POLL_S)
-        found = await _pool(pool)
-        slots = max(1, found.slots - found.reserved)
+            if not waiting:
+                # A surge's excess is shed here, at once, rather than kept polling: at most
+                # the pool's slots wait in one gateway process (per tier group).
+                if _waiters.get(group, 0) >= max(MIN_WAITERS, slots):
+                    raise _refusal(took, cap, bound, slots, crowded=True)
+                _waiters[group] = _waiters.get(group, 0) + 1
+                waiting = True
+            if time.monotonic() >= give_up:
+                raise _refusal(took, cap, bound, slots, crowded=False)
+            await asyncio.sleep(pause)
+            pause = min(MAX_POLL_S, pause * 2)
+            found = await _pool(pool)
+            slots = max(1, found.slots - found.reserved)
+    finally:
+        if waiting:
+            _waiters[group] -= 1
+
+
+def _refusal(took: int, cap: int, bound: int, slots: int, *, crowded: bool) -> OpenAIError:
+    """The answer to a request that waited in vain (or found the waiting room full):
+    a 429 naming its organization's share, or a 503 naming the pool's backlog."""
+    why = (
+        f"as many requests already wait for it in this gateway ({slots})"
+        if crowded
+        else f"none ended within {settings.MANTLE_FAIR_POOL_WAIT_S:g} s"
+    )
+    if took == 0:
+        return OpenAIError(
+            429,
+            f"Your organization has {cap} requests in flight on this model's pool, its fair "
+            f"share of the pool's {slots} slots (MANTLE_FAIR_POOL_ORG_SHARE = "
+            f"{settings.MANTLE_FAIR_POOL_ORG_SHARE:g}), and {why}. Retry shortly.",
+            code="rate_limit_exceeded",
+            headers={"retry-after": "1"},
+        )
+    return OpenAIError(
+        503,
+        f"This model's pool is overloaded: {bound} requests in flight on its {slots} slots "
+        f"(MANTLE_POOL_BACKLOG_FACTOR = {settings.MANTLE_POOL_BACKLOG_FACTOR:g}), and {why}. "
+        "Retry shortly.",
+        type_="server_error",
+        code="server_overloaded",
+        headers={"retry-after": "2"},
+    )
 
 
 async def give_back(key: str, request_id: str) -> None:

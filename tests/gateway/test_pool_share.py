@@ -142,3 +142,43 @@ def test_a_surge_backlog_sheds_flex_at_once_holds_default_and_lets_priority_past
         assert await pool_share.take(POOL, "org-x", "d9", deadline, "online")
 
     asyncio.run(scenario())
+
+
+@override_settings(
+    MANTLE_FAIR_POOL_ORG_SHARE=1.0, MANTLE_POOL_BACKLOG_FACTOR=1.0, MANTLE_FAIR_POOL_WAIT_S=5
+)
+def test_a_surges_excess_is_refused_at_once_past_the_waiting_room() -> None:
+    """At most the pool's slots (8 at least) wait in one gateway process; the rest of a
+    surge is refused at once rather than kept polling Redis."""
+    register("node-a", 2)
+
+    async def scenario() -> None:
+        deadline = time.time() + 60
+        held = [await pool_share.take(POOL, f"org-{i}", f"r{i}", deadline) for i in range(2)]
+        assert all(held)  # the pool's bound (1 x 2 slots) is full
+        waiters = [
+            asyncio.create_task(pool_share.take(POOL, f"org-w{i}", f"w{i}", deadline))
+            for i in range(pool_share.MIN_WAITERS)
+        ]
+        await asyncio.sleep(0.1)
+        assert not any(w.done() for w in waiters)
+        started = time.monotonic()
+        with pytest.raises(OpenAIError) as shed:
+            await pool_share.take(POOL, "org-late", "late", deadline)
+        assert time.monotonic() - started < 1.0  # at once, not after the 5 s wait
+        assert shed.value.status == 503
+        assert "already wait" in shed.value.message
+        # A priority request has a waiting room of its own (and a larger bound).
+        urgent = await pool_share.take(POOL, "org-p", "p1", deadline, "priority")
+        assert urgent
+        # A place given back lets a waiter in; the others keep waiting.
+        await pool_share.give_back(urgent, "p1")
+        await pool_share.give_back(held[0], "r0")
+        done, _ = await asyncio.wait(waiters, timeout=2, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert pool_share._waiters.get((POOL, False), 0) == 0  # every waiter left the room
+
+    asyncio.run(scenario())
