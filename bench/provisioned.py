@@ -1,7 +1,7 @@
 """Provisioned throughput under a flood: does an organization with units receive the tokens
 per minute they guarantee while another organization floods the pool?
 
-    .venv/bin/python bench/provisioned.py [--units 4] [--streams 24] [--seconds 60]
+    .venv/bin/python bench/provisioned.py [--units 4] [--streams 48] [--seconds 60]
 
 Starts a throwaway platform (bench/platform_stack.py: a gateway and one worker of the
 built-in SmolLM2 on this machine's cores). The demo organization ("provisioned") keeps
@@ -17,7 +17,7 @@ freshly started processes, each measuring tokens received per minute over `--sec
    (billing.provisioned.commitment_create), fair sharing on (the defaults).
 
 Prints per phase the provisioned organization's tokens/min in all and per stream, and the
-flood's; the guarantee (units x MANTLE_PROVISIONED_UNIT_TPM of the model, 600 for SmolLM2:
+flood's; the guarantee (units x MANTLE_PROVISIONED_UNIT_TPM of the model, 320 for SmolLM2:
 the per-stream rate this measures at a full batch is where that figure comes from); and
 whether phase 3 met it. Run it alone: two cores.
 """
@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
 from bench.noisy_neighbour import CHAT, EOS, FLOOD_ORG, Flood  # noqa: E402
 from bench.platform_stack import BenchStack  # noqa: E402
 
-UNIT_TPM = 600  # config.settings.base MANTLE_PROVISIONED_UNIT_TPM for SmolLM2
+UNIT_TPM = 320  # config.settings.base MANTLE_PROVISIONED_UNIT_TPM for SmolLM2
 
 SELL = """
 from django.utils import timezone
@@ -146,7 +146,7 @@ def phase(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--units", type=int, default=4)
-    parser.add_argument("--streams", type=int, default=24)
+    parser.add_argument("--streams", type=int, default=48)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--port", type=int, default=18433)
     args = parser.parse_args()

@@ -1,7 +1,8 @@
 """A surge on a real stack: offered load steps to 10x the pool's capacity for a minute and
 back, with the tiers and fair sharing on and, as the baseline in the same run, off.
 
-    .venv/bin/python bench/surge.py [--factor 10] [--seconds 60] [--phases fair,off]
+    .venv/bin/python bench/surge.py [--factor 10] [--seconds 60] [--phases fair,off] \
+        [--priority 0.03]
 
 Starts a throwaway platform (bench/platform_stack.py: a gateway, one worker of the built-in
 SmolLM2 on this machine's cores) and three organizations, one per tier: priority, default
@@ -10,8 +11,10 @@ and flex. Then, on freshly started processes for each phase:
 1. **capacity**: default-tier streamed chat requests (16 tokens) at concurrency 32 for 15 s:
    the pool's requests per second, C;
 2. **idle**: 10 priority and 10 default requests one after another: times to first token;
-3. **surge**: open-loop arrivals at `factor` x C for `seconds` (10% priority, 60% default,
-   30% flex, each from its own organization): per tier, the answers by status, times to
+3. **surge**: open-loop arrivals at `factor` x C for `seconds` (`--priority` of them priority,
+   3% by default, then two thirds of the rest default and a third flex, each tier from its
+   own organization; at 10x a priority share of 10% is the pool's whole capacity, which no
+   tier order can serve at idle latency): per tier, the answers by status, times to
    first token of the answered (p50, p99), and requests that got no answer at all;
 4. **recovery**: a default request every 0.25 s after the step: seconds until its time to
    first token is back within 2x idle;
@@ -263,7 +266,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--phases", default="fair,off")
     parser.add_argument("--port", type=int, default=18432)
+    parser.add_argument(
+        "--priority",
+        type=float,
+        default=0.03,
+        help="the priority tier's share of the offered load (the rest: 2/3 default, 1/3 "
+        "flex); at 10x, 0.1 makes priority alone the pool's whole capacity",
+    )
     args = parser.parse_args()
+    rest = 1.0 - args.priority
+    TIERS.update(priority=args.priority, default=rest * 2 / 3, flex=rest / 3)
 
     bench = BenchStack()
     bench.bootstrap()
@@ -274,7 +286,12 @@ def main() -> int:
     results = {
         name: phase(bench, args.port, secrets, name, args) for name in args.phases.split(",")
     }
-    print(json.dumps({"factor": args.factor, "seconds": args.seconds, **results}, indent=2))
+    mix = {tier: round(share, 3) for tier, share in TIERS.items()}
+    print(
+        json.dumps(
+            {"factor": args.factor, "seconds": args.seconds, "mix": mix, **results}, indent=2
+        )
+    )
     return 0
 
 

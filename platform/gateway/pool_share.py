@@ -145,17 +145,23 @@ def org_cap(slots: int) -> int:
 
 def pool_bound(slots: int, service_class: str) -> int:
     """The online requests a pool may have in flight (on its nodes or waiting for them) for
-    a request of `service_class` to be let through, 0 for no bound: `flex` only while the
-    pool has idle slots, the default tier up to MANTLE_POOL_BACKLOG_FACTOR times its slots,
-    priority and provisioned one factor more (they pass a backlog of the default tier)."""
+    a request of `service_class` to be let through, 0 for no bound.
+
+    MANTLE_POOL_PRIORITY_RESERVE of the slots (rounded down) are kept for priority and
+    provisioned requests: the default tier may fill MANTLE_POOL_BACKLOG_FACTOR times the
+    slots less that reserve, flex only the idle slots less it, so a priority request always
+    finds a task slot free at once (a node takes messages in order, and a priority message
+    behind a full node's prefetched default-tier tasks would wait for them). Priority and
+    provisioned requests may fill one factor more than the slots."""
     factor = settings.MANTLE_POOL_BACKLOG_FACTOR
     if factor <= 0:
         return 0
-    if service_class == contract.ServiceClass.FLEX:
-        return slots
     if service_class in (contract.ServiceClass.PRIORITY, contract.ServiceClass.PROVISIONED):
         return math.ceil(slots * (factor + 1))
-    return math.ceil(slots * factor)
+    reserve = math.floor(slots * settings.MANTLE_POOL_PRIORITY_RESERVE)
+    if service_class == contract.ServiceClass.FLEX:
+        return max(1, slots - reserve)
+    return max(1, math.ceil(slots * factor) - reserve)
 
 
 async def take(

@@ -182,3 +182,37 @@ def test_a_surges_excess_is_refused_at_once_past_the_waiting_room() -> None:
         assert pool_share._waiters.get((POOL, False), 0) == 0  # every waiter left the room
 
     asyncio.run(scenario())
+
+
+@override_settings(
+    MANTLE_FAIR_POOL_ORG_SHARE=1.0,
+    MANTLE_POOL_BACKLOG_FACTOR=1.0,
+    MANTLE_POOL_PRIORITY_RESERVE=0.1,
+    MANTLE_FAIR_POOL_WAIT_S=0.1,
+)
+def test_the_default_and_flex_tiers_leave_the_priority_reserve_free() -> None:
+    """20 slots, a tenth kept for priority: the default tier and flex stop at 18 in flight,
+    so the next priority request finds a task slot free at once."""
+    register("node-a", 20)
+
+    async def scenario() -> None:
+        deadline = time.time() + 60
+        for i in range(18):
+            assert await pool_share.take(POOL, f"org-{i}", f"d{i}", deadline, "online")
+        with pytest.raises(OpenAIError) as default:
+            await pool_share.take(POOL, "org-x", "d18", deadline, "online")
+        assert default.value.status == 503
+        with pytest.raises(OpenAIError) as flex:
+            await pool_share.take(POOL, "org-x", "f0", deadline, "flex")
+        assert flex.value.code == "resource_unavailable"
+        for i in range(2):
+            assert await pool_share.take(POOL, "org-p", f"p{i}", deadline, "priority")
+
+    asyncio.run(scenario())
+
+
+def test_small_pools_keep_no_reserve_and_the_default_bound_is_their_slots() -> None:
+    assert pool_share.pool_bound(4, "online") == 4  # 0.1 of 4 rounds down to none
+    assert pool_share.pool_bound(64, "online") == 58
+    assert pool_share.pool_bound(64, "flex") == 58
+    assert pool_share.pool_bound(64, "priority") == 128

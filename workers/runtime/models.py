@@ -175,6 +175,10 @@ def _load(ref: ModelRef) -> LoadedModel:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # MANTLE_ORT_ARENA=0: no CPU memory arena (ONNX Runtime frees each run's buffers rather
+    # than keeping the largest batch's; docs/benchmarks.md measures what it saves and costs).
+    if os.environ.get("MANTLE_ORT_ARENA", "").strip().lower() in ("0", "false", "off"):
+        options.enable_cpu_mem_arena = False
     spin = os.environ.get("MANTLE_ORT_SPINNING", "").strip()
     if spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)

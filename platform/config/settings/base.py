@@ -371,18 +371,21 @@ MANTLE_FILE_IO_THREADS = env.int("MANTLE_FILE_IO_THREADS", default=4)
 MANTLE_FAIR_POOL_ORG_SHARE = env.float("MANTLE_FAIR_POOL_ORG_SHARE", default=0.75)
 MANTLE_FAIR_POOL_WAIT_S = env.float("MANTLE_FAIR_POOL_WAIT_S", default=10.0)
 # A surge's backlog (docs/service_tiers.md, "Surges"): the default tier waits at the gateway
-# while a pool has this many times its task slots of online requests in flight (then a 503
-# after MANTLE_FAIR_POOL_WAIT_S), priority one factor more, flex only while slots are idle
-# (else 429 resource_unavailable at once). 0: no bound.
-MANTLE_POOL_BACKLOG_FACTOR = env.float("MANTLE_POOL_BACKLOG_FACTOR", default=2.0)
+# while a pool has this many times its task slots (less the priority reserve) of online
+# requests in flight (then a 503 after MANTLE_FAIR_POOL_WAIT_S), priority one factor more,
+# flex only while slots are idle (else 429 resource_unavailable at once). 0: no bound.
+MANTLE_POOL_BACKLOG_FACTOR = env.float("MANTLE_POOL_BACKLOG_FACTOR", default=1.0)
+# The share of a pool's task slots the default and flex tiers leave free for priority and
+# provisioned requests (rounded down: none on a pool of fewer than 10 slots).
+MANTLE_POOL_PRIORITY_RESERVE = env.float("MANTLE_POOL_PRIORITY_RESERVE", default=0.1)
 # Provisioned throughput (docs/provisioned.md): the tokens per minute one unit guarantees,
 # per model ("*": any other), as bench/provisioned.py measures them on the pool a unit is
 # sold on; copied into a commitment when it is sold. One unit is one request in flight
 # reserved on the pool and served ahead of every pay-as-you-go tier. JSON, e.g.
-# {"smollm2-135m-instruct": 600}. The built-in chat model's figure is its one-stream
+# {"smollm2-135m-instruct": 320}. The built-in chat model's figure is its one-stream
 # decode rate at a full batch on the 2-core reference machine (docs/benchmarks.md).
 MANTLE_PROVISIONED_UNIT_TPM: dict[str, int] = env.json(
-    "MANTLE_PROVISIONED_UNIT_TPM", default={"smollm2-135m-instruct": 600}
+    "MANTLE_PROVISIONED_UNIT_TPM", default={"smollm2-135m-instruct": 320}
 )
 MANTLE_DEFAULT_POOL = env.str("MANTLE_DEFAULT_POOL", default="cpu")
 MANTLE_DEFAULT_REGION = env.str("MANTLE_DEFAULT_REGION", default="local")
