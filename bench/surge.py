@@ -206,7 +206,10 @@ def billed(bench: BenchStack, request_ids: list[str]) -> Counter[str]:
     for _, fields in client.xrange("mantle:usage"):
         rid = fields.get("request_id", "")
         if rid in wanted:
-            counted[rid] += 1
+            # A request refused before it ran (flex past its wait) has an event of no tokens:
+            # metered, never charged. Only events that carry tokens bill anything.
+            tokens = int(fields.get("input_tokens") or 0) + int(fields.get("output_tokens") or 0)
+            counted[rid if tokens else f"{rid}:empty"] += 1
     return counted
 
 
@@ -251,10 +254,16 @@ def phase(
             "idle_default_ttft_p50_ms": round(statistics.median(idle_default), 1),
             "surge": summary,
             "priority_p99_over_idle_p99": round(p99 / idle_p99, 2) if p99 else None,
+            "priority_p50_over_idle_p50": (
+                round(summary["priority"]["ttft_p50_ms"] / statistics.median(idle_priority), 2)
+                if summary["priority"]["ttft_p50_ms"]
+                else None
+            ),
             "recovered_after_s": back,
             "answered_billed_once": sum(1 for r in answered if counts[r] == 1),
             "answered_not_billed_once": sum(1 for r in answered if counts[r] != 1),
             "refused_billed": sum(1 for r in refused if counts[r]),
+            "refused_metered_at_no_tokens": sum(1 for r in refused if counts[f"{r}:empty"]),
         }
     finally:
         bench.stack.stop_all()
