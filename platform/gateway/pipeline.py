@@ -757,7 +757,10 @@ async def start_generation(
         request_id,
         work_class=chosen,
         service_tier=service_tier,
-        may_use_units=True,
+        # A unit is one row in flight: a request of n > 1 choices (n rows) never runs
+        # within the units (it runs pay-as-you-go), or one unit would buy n rows at no
+        # per-token cost.
+        may_use_units=sampling.n == 1,
     )
     chosen = admission.work_class or chosen
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S

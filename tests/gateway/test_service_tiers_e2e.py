@@ -184,6 +184,11 @@ def test_provisioned_units_serve_as_scale_at_no_token_cost_and_refuse_past_them(
             service_tier="default",
         )  # fmt: skip
         assert paid.service_tier == "default"
+        # n choices are n rows: never within the units (pay-as-you-go, not refused).
+        several = client.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, n=2
+        )
+        assert several.service_tier == "default" and len(several.choices) == 2
     finally:
         thread.join(120)
     assert {c.service_tier for c in holder["stream"]} == {"scale"}
