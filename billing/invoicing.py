@@ -402,16 +402,39 @@ def unbilled_usage(org: Organization) -> Decimal:
     usage = sum((exact_amount(r.quantity, key[3]) for key, r in left.items()), ZERO)
     # Held usage an operator released is owed too until an issued invoice bills it.
     released = HeldUsage.objects.filter(organization=org, status=HeldUsage.Status.RELEASED)
-    return usage + sum(
-        (exact_amount(h.quantity, h.unit_price) for h in released if h.unit_price is not None),
-        ZERO,
+    # And provisioned throughput's unit-hours begun since the last issued invoice's period.
+    issued_until = (
+        Invoice.objects.filter(organization=org, status__in=ISSUED)
+        .order_by("-period_end")
+        .values_list("period_end", flat=True)
+        .first()
     )
+    units = sum(
+        _unit_hours_amounts(org, issued_until or datetime.min.replace(tzinfo=UTC), far), ZERO
+    )
+    return (
+        usage
+        + units
+        + sum(
+            (exact_amount(h.quantity, h.unit_price) for h in released if h.unit_price is not None),
+            ZERO,
+        )
+    )
+
+
+def _unit_hours_amounts(org: Organization, start: datetime, end: datetime) -> list[Decimal]:
+    """Each commitment's unit-hours begun in [start, end), in money (exact, unrounded)."""
+    return [
+        Decimal(b.quantity) * b.commitment.unit_hour_price
+        for b in provisioned.unit_hours(org.id, start, end, now=timezone.now())
+    ]
 
 
 def month_spend(
     org: Organization, month: datetime | date, *, project_id: str | None = None, exact: bool = False
 ) -> Decimal:
-    """A month's usage charges (before discounts and credits).
+    """A month's usage charges (before discounts and credits), with the organization's
+    provisioned throughput unit-hours begun in it (for the organization, not a project).
 
     As its invoice lines would round them, or `exact` (unrounded, for the wallet, which
     must never count less than was used).
@@ -419,9 +442,14 @@ def month_spend(
     start, end = month_bounds(month)
     book = PriceBook.load(org.id)
     rated = rate_rollups(org.id, start, end, book=book, project_id=project_id, strict=False)
+    # The organization's provisioned throughput (not a project's): its unit-hours so far.
+    units = _unit_hours_amounts(org, start, end) if project_id is None else []
     if exact:
-        return sum((exact_amount(r.quantity, key[3]) for key, r in rated.items()), ZERO)
-    return sum((line_amount(r.quantity, key[3]) for key, r in rated.items()), ZERO).quantize(CENT)
+        return sum(units, ZERO) + sum(
+            (exact_amount(r.quantity, key[3]) for key, r in rated.items()), ZERO
+        )
+    usage = sum((line_amount(r.quantity, key[3]) for key, r in rated.items()), ZERO)
+    return (usage + sum((round_cents(u) for u in units), ZERO)).quantize(CENT)
 
 
 # --- Invoices ---------------------------------------------------------------------------------

@@ -339,3 +339,22 @@ def test_the_consoles_usage_page_shows_the_units_in_use(staff: Principal, world:
     body = page.content.decode()
     assert 'data-testid="provisioned"' in body
     assert '<td class="num" data-testid="units-in-use">1 of 3</td>' in body
+
+
+def test_budgets_and_the_prepaid_balance_count_the_unit_hours(org: Organization) -> None:
+    from billing.invoicing import month_spend, unbilled_usage
+
+    endpoint = endpoint_of(org)
+    now = timezone.now()
+    ProvisionedCommitment.objects.create(
+        organization=org, endpoint=endpoint, model_name="m", units=2,
+        tokens_per_minute_per_unit=600, unit_hour_price=Decimal("1.5"), reason="t",
+        starts_at=month_start(now),
+    )  # fmt: skip
+    begun = int((now - month_start(now)).total_seconds() // 3600) + 1
+
+    assert month_spend(org, now, exact=True) == Decimal(2 * begun) * Decimal("1.5")
+    assert unbilled_usage(org) == Decimal(2 * begun) * Decimal("1.5")
+    # A project's budget counts its own usage only: units are the organization's.
+    project = org.projects.get(is_default=True)
+    assert month_spend(org, now, project_id=project.id, exact=True) == 0
