@@ -584,6 +584,12 @@ class UsageEvent(models.Model):
     # The class of work (workers.contract.ServiceClass): batch lines are rated at the
     # model's batch prices. A database default for the same reason.
     service_class = models.CharField(max_length=16, default="online", db_default="online")
+    # A request relayed to an upstream provider (docs/providers.md): whether its counts are
+    # the gateway's estimate (the provider returned no usage), what the provider charges
+    # for it (cost of goods, nanos of the currency) and which provider served it.
+    estimated = models.SmallIntegerField(default=0, db_default=0)
+    cost_nanos = models.BigIntegerField(default=0, db_default=0)
+    provider_id = models.CharField(max_length=64, blank=True, default="", db_default="")
 
     def __str__(self) -> str:
         return f"{self.request_id} at {self.occurred_at:%Y-%m-%d %H:%M:%S}"
@@ -640,6 +646,10 @@ class UsageRollup(models.Model):
     provisioned_output_tokens = models.BigIntegerField(default=0, db_default=0)
     provisioned_compute_ms = models.BigIntegerField(default=0, db_default=0)
     provisioned_cached_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    # Requests relayed to upstream providers: what the providers charge for them (cost of
+    # goods, nanos of the currency), and how many of them had estimated counts.
+    cost_nanos = models.BigIntegerField(default=0, db_default=0)
+    estimated_requests = models.BigIntegerField(default=0, db_default=0)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

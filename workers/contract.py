@@ -60,6 +60,9 @@ class Runtime(enum.StrEnum):
     ENCODER = "onnx-encoder"
     ECHO = "echo"  # zero-compute: replays the prompt; measures platform overhead
     TENSOR = "onnx-tensor"  # any ONNX graph, named tensors in and out (the v2 protocol)
+    # No artifact: a model served only by upstream providers (the gateway's relay,
+    # docs/providers.md). No worker ever runs it.
+    UPSTREAM = "upstream"
 
 
 class FinishReason(enum.StrEnum):
@@ -80,6 +83,19 @@ def response_stream_key(request_id: str) -> str:
 def cancel_key(request_id: str) -> str:
     """Set by the gateway when the client went away; the worker stops generating."""
     return f"mantle:cancel:{request_id}"
+
+
+# Appends a usage event unless one was appended for its request id: KEYS[1] the guard
+# (`usage_emitted_key`), KEYS[2] the usage stream; ARGV[1] the guard's TTL, then the
+# event's field/value pairs. Shared by the workers and the gateway's provider relay, so
+# a request is metered once whoever emits it.
+EMIT_USAGE_LUA = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+end
+return false
+"""
+USAGE_GUARD_TTL_S = 7 * 24 * 3600
 
 
 def usage_emitted_key(request_id: str) -> str:
@@ -345,6 +361,13 @@ class UsageEvent:
     # A `ServiceClass` value: batch lines are billed at the model's batch prices. Last,
     # with a default, for the same reason.
     service_class: str = ServiceClass.ONLINE.value
+    # A request relayed to an upstream provider (docs/providers.md): 1 when the provider
+    # returned no usage and the counts are the gateway's estimate with the model's
+    # tokenizer; `cost_nanos` is what the provider charges for it (cost of goods, nanos of
+    # the currency), and `provider_id` the provider that served it. Last, with defaults.
+    estimated: int = 0
+    cost_nanos: int = 0
+    provider_id: str = ""
 
     def to_fields(self) -> dict[str, str]:
         return {k: str(v) for k, v in dataclasses.asdict(self).items()}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from workers.contract import (
+    EMIT_USAGE_LUA,
     EVENT_CHOICE_DONE,
     EVENT_DELTA,
     EVENT_DONE,
@@ -23,6 +24,7 @@ from workers.contract import (
     EVENT_TENSORS,
     RESPONSE_STREAM_DONE_TTL_S,
     RESPONSE_STREAM_TTL_S,
+    USAGE_GUARD_TTL_S,
     USAGE_STREAM,
     UsageEvent,
     response_stream_key,
@@ -34,17 +36,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-USAGE_GUARD_TTL_S = 7 * 24 * 3600
-"""Longer than any redelivery window of the broker, so a late copy still finds the guard."""
+# USAGE_GUARD_TTL_S (workers/contract.py): longer than any redelivery window of the broker,
+# so a late copy still finds the guard.
 
 # Guard and append in one script: a crash between a separate SET and XADD would
 # either lose the event or (if the order were reversed) allow a second one.
-_EMIT_USAGE_LUA = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-end
-return false
-"""
+_EMIT_USAGE_LUA = EMIT_USAGE_LUA
 
 
 _FINAL_EVENTS = frozenset({EVENT_DONE, EVENT_ERROR, EVENT_EMBEDDINGS})

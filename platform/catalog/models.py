@@ -218,3 +218,99 @@ class CompileJob(models.Model):
     @property
     def finished(self) -> bool:
         return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)
+
+
+class Provider(models.Model):
+    """A connection to an upstream model provider (docs/providers.md): OpenAI, an Azure
+    OpenAI resource, or any OpenAI-compatible server. The operator's (organization None,
+    usable by any endpoint) or an organization's own (its own keys, usable only by its own
+    endpoints, where the operator allows it). The credential is stored encrypted
+    (`core.secretbox`) and never read back through any interface."""
+
+    class Kind(models.TextChoices):
+        OPENAI = "openai"
+        AZURE_OPENAI = "azure-openai"
+        OPENAI_COMPATIBLE = "openai-compatible"
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=ids.new_provider_id, editable=False
+    )
+    organization = models.ForeignKey(
+        Organization, null=True, blank=True, on_delete=models.CASCADE, related_name="providers"
+    )
+    name = models.CharField(max_length=120)
+    kind = models.CharField(max_length=24, choices=Kind.choices)
+    # OpenAI and compatible servers: the API root (https://api.openai.com/v1); Azure: the
+    # resource endpoint (https://<resource>.openai.azure.com).
+    base_url = models.URLField(max_length=500)
+    api_version = models.CharField(max_length=40, blank=True)  # Azure only
+    credential_encrypted = models.TextField(blank=True)
+    connect_timeout_s = models.FloatField(default=5.0)
+    # Until the response's headers (a non-streamed answer: until its whole body).
+    first_byte_timeout_s = models.FloatField(default=30.0)
+    max_concurrency = models.PositiveIntegerField(default=64)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=Q(organization__isnull=True),
+                name="uniq_operator_provider",
+            ),
+            models.UniqueConstraint(
+                fields=["organization", "name"],
+                condition=Q(organization__isnull=False),
+                name="uniq_provider_name_per_org",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.kind})"
+
+
+class RouteTarget(models.Model):
+    """Where an endpoint's requests may run (docs/providers.md): its own pool, or a model
+    of a provider. An endpoint with no targets runs on its pool only. Targets are tried by
+    `position`, lowest first; targets of one position share its traffic by `weight`; the
+    next position is the fallback. Costs are what the provider charges per token (cost of
+    goods, in the currency per token, as the price book's unit prices)."""
+
+    class Kind(models.TextChoices):
+        POOL = "pool"
+        PROVIDER = "provider"
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=ids.new_route_target_id, editable=False
+    )
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="targets")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    provider = models.ForeignKey(
+        Provider, null=True, blank=True, on_delete=models.PROTECT, related_name="targets"
+    )
+    # The provider's model name, or for Azure OpenAI the deployment's name.
+    upstream_model = models.CharField(max_length=200, blank=True)
+    position = models.PositiveSmallIntegerField(default=0)
+    weight = models.PositiveIntegerField(default=1)
+    cost_input = models.DecimalField(max_digits=20, decimal_places=9, default=0)
+    cost_output = models.DecimalField(max_digits=20, decimal_places=9, default=0)
+    cost_cached_input = models.DecimalField(max_digits=20, decimal_places=9, default=0)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering: ClassVar = ["position", "created_at"]
+        constraints: ClassVar = [
+            models.CheckConstraint(
+                condition=Q(kind="pool", provider__isnull=True)
+                | Q(kind="provider", provider__isnull=False),
+                name="route_target_kind_provider",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        if self.kind == self.Kind.POOL:
+            return f"pool of {self.endpoint_id}"
+        return f"{self.provider_id}:{self.upstream_model}"

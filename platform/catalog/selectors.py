@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -12,8 +13,17 @@ from typing import Any
 from django.db.models import Q, QuerySet
 
 from accounts.models import Organization
-from catalog.models import AcceleratorPool, Endpoint, EndpointRevision, Model, ModelVersion
+from catalog.models import (
+    AcceleratorPool,
+    Endpoint,
+    EndpointRevision,
+    Model,
+    ModelVersion,
+    Provider,
+    RouteTarget,
+)
 from catalog.specs import EndpointSpec
+from core import secretbox
 from core.errors import InvalidInput, NotFound
 from core.redis import get_redis
 from workers.contract import HEARTBEAT_TTL_S, pool_live_key, worker_info_key
@@ -60,6 +70,28 @@ def endpoint_spec(endpoint: Endpoint) -> EndpointSpec:
         created=int(endpoint.created_at.timestamp()),
         version=version.version,
         io=dict(manifest.get("io") or {}) if model.kind == Model.Kind.TENSOR else {},
+        targets=route_targets(endpoint),
+    )
+
+
+def route_targets(endpoint: Endpoint) -> tuple[dict[str, Any], ...]:
+    """The endpoint's enabled route targets as its spec carries them (providers that are
+    disabled drop out)."""
+    found = RouteTarget.objects.filter(endpoint=endpoint, enabled=True).select_related("provider")
+    return tuple(
+        {
+            "id": t.id,
+            "kind": t.kind,
+            "provider_id": t.provider_id or "",
+            "model": t.upstream_model,
+            "position": t.position,
+            "weight": t.weight,
+            "cost_input": str(t.cost_input),
+            "cost_output": str(t.cost_output),
+            "cost_cached_input": str(t.cost_cached_input),
+        }
+        for t in found.order_by("position", "created_at", "id")
+        if t.provider is None or t.provider.enabled
     )
 
 
@@ -243,4 +275,43 @@ def _fleet_worker(
         tokens_per_s=float(heartbeat.get("tokens_per_s") or 0.0),
         last_heartbeat=datetime.fromtimestamp(score, tz=UTC),
         heartbeat_age_s=round(max(0.0, now - score), 3),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConnection:
+    """What the gateway's relay needs of a provider (docs/providers.md). `credential` is
+    the decrypted secret: held in the gateway's memory only, never logged or cached in
+    Redis (its repr hides it)."""
+
+    id: str
+    organization_id: str | None
+    name: str
+    kind: str
+    base_url: str
+    api_version: str
+    credential: str = dataclasses.field(repr=False)
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 30.0
+    max_concurrency: int = 64
+    enabled: bool = True
+
+
+def provider_connection(provider_id: str) -> ProviderConnection | None:
+    """The gateway's read of a provider (None: none by that id)."""
+    provider = Provider.objects.filter(id=provider_id).first()
+    if provider is None:
+        return None
+    return ProviderConnection(
+        id=provider.id,
+        organization_id=provider.organization_id,
+        name=provider.name,
+        kind=provider.kind,
+        base_url=provider.base_url,
+        api_version=provider.api_version,
+        credential=secretbox.unseal(provider.credential_encrypted),
+        connect_timeout_s=provider.connect_timeout_s,
+        first_byte_timeout_s=provider.first_byte_timeout_s,
+        max_concurrency=provider.max_concurrency,
+        enabled=provider.enabled,
     )

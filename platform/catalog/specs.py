@@ -55,6 +55,16 @@ class EndpointSpec:
     # Added later: defaults keep specs cached by an older release readable.
     version: int = 0  # the model version's number (v2 `model_version`)
     io: dict[str, Any] = dataclasses.field(default_factory=dict)  # manifest `io`: tensor models
+    # Where requests may run besides (or instead of) the pool (docs/providers.md): enabled
+    # route targets in order, each {"id", "kind": "pool"|"provider", "provider_id",
+    # "model", "position", "weight", "cost_input", "cost_output", "cost_cached_input"}
+    # (costs: decimal strings, the currency per token). Empty: the pool only.
+    targets: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def relayed(self) -> bool:
+        """Whether any of its requests may go to an upstream provider."""
+        return any(t.get("kind") == "provider" for t in self.targets)
 
     @property
     def public(self) -> bool:
@@ -80,6 +90,7 @@ class EndpointSpec:
     def from_fields(cls, data: dict[str, Any]) -> EndpointSpec:
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
         data["providers"] = tuple(data["providers"])
+        data["targets"] = tuple(data.get("targets") or ())
         return cls(**data)
 
 

@@ -42,3 +42,11 @@ def new_membership_id() -> str:
 
 def new_invitation_id() -> str:
     return new_id("inv_")
+
+
+def new_provider_id() -> str:
+    return new_id("prv-")
+
+
+def new_route_target_id() -> str:
+    return new_id("rt-")

@@ -620,3 +620,27 @@ LOGGING = {
         "uvicorn.access": {"level": "WARNING"},
     },
 }
+
+# --- Upstream providers (docs/providers.md) ------------------------------------------------
+# Fernet keys that encrypt providers' credentials (core/secretbox.py); the first encrypts.
+MANTLE_PROVIDER_SECRET_KEYS = secret("MANTLE_PROVIDER_SECRET_KEYS") or ""
+# Whether organizations may add providers with their own keys for their own endpoints.
+MANTLE_PROVIDER_BYOK = env.bool("MANTLE_PROVIDER_BYOK", default=False)
+# Outbound destinations: https only, never loopback, private, link-local, multicast or
+# reserved addresses (cloud metadata included), except hosts or networks listed here
+# (`host`, `host:port` or a CIDR); plain http only to hosts listed in the second.
+MANTLE_PROVIDER_ALLOWED_PRIVATE = env.list("MANTLE_PROVIDER_ALLOWED_PRIVATE", default=[])
+MANTLE_PROVIDER_ALLOWED_HTTP = env.list("MANTLE_PROVIDER_ALLOWED_HTTP", default=[])
+# Retries of one target on a connection error, 429 or 5xx before the first byte; a
+# retry-after longer than the cap moves on to the next target instead of waiting.
+MANTLE_PROVIDER_RETRIES = env.int("MANTLE_PROVIDER_RETRIES", default=2)
+MANTLE_PROVIDER_RETRY_AFTER_MAX_S = env.float("MANTLE_PROVIDER_RETRY_AFTER_MAX_S", default=2.0)
+# The circuit breaker: this many failures in a row cool a target down for so long.
+MANTLE_PROVIDER_FAILURES_TO_COOL = env.int("MANTLE_PROVIDER_FAILURES_TO_COOL", default=3)
+MANTLE_PROVIDER_COOLDOWN_S = env.int("MANTLE_PROVIDER_COOLDOWN_S", default=30)
+# Bounds on what a provider may send back: a whole answer, one stream line, a stream.
+MANTLE_PROVIDER_MAX_RESPONSE_BYTES = env.int(
+    "MANTLE_PROVIDER_MAX_RESPONSE_BYTES", default=16 * 1024**2
+)
+MANTLE_PROVIDER_MAX_LINE_BYTES = env.int("MANTLE_PROVIDER_MAX_LINE_BYTES", default=1024**2)
+MANTLE_PROVIDER_MAX_STREAM_BYTES = env.int("MANTLE_PROVIDER_MAX_STREAM_BYTES", default=64 * 1024**2)
