@@ -22,6 +22,9 @@ from billing.models import UsageEvent as UsageEventRow
 from workers.contract import ServiceClass, UsageEvent
 
 MAX_TOKENS_PER_EVENT = 10**12
+MAX_COST_NANOS_PER_EVENT = 10**15
+"""A relayed request's cost of goods above this (a million in the currency) is a gateway's
+error (a cost per token entered per million, say), not a request's cost."""
 MAX_FUTURE_S = 24 * 3600.0
 """Events dated further ahead than this are refused: a worker's clock has gone wrong."""
 
@@ -65,6 +68,8 @@ _COUNTS = tuple(
 _INPUT = POSITION["input_tokens"]
 _CACHED = POSITION["cached_input_tokens"]
 _CLASS = POSITION["service_class"]
+_ESTIMATED = POSITION["estimated"]
+_COST = POSITION["cost_nanos"]
 _CLASSES = frozenset(c.value for c in ServiceClass)
 _REQUEST_ID = POSITION["request_id"]
 _STARTED = POSITION["started_at"]
@@ -83,7 +88,8 @@ def parse_entry(fields: Mapping[str, str], *, not_before: float, not_after: floa
     refuse or billing cannot attribute: missing ids, negative or absurd counts, strings
     longer than their column, more cached input tokens than input tokens, a service class
     that is not a `ServiceClass` (a worker that predates the field sends none: online),
-    times outside [not_before, not_after).
+    a cost of goods below 0 or above MAX_COST_NANOS_PER_EVENT, `estimated` other than 0 or
+    1 (an event that predates them has neither: 0), times outside [not_before, not_after).
     """
     raw = [fields.get(name, "") for name in FIELD_NAMES]
     return _parse_values(raw, not_before=not_before, not_after=not_after)
@@ -116,6 +122,10 @@ def _parse_values(values: list[Any], *, not_before: float, not_after: float) -> 
         raise InvalidUsage(
             f"cached_input_tokens {values[_CACHED]} exceeds input_tokens {values[_INPUT]}"
         )
+    if not 0 <= values[_COST] <= MAX_COST_NANOS_PER_EVENT:
+        raise InvalidUsage(f"cost_nanos out of range: {values[_COST]}")
+    if values[_ESTIMATED] not in (0, 1):
+        raise InvalidUsage(f"estimated must be 0 or 1: {values[_ESTIMATED]}")
     if not values[_CLASS]:
         values[_CLASS] = ServiceClass.ONLINE.value
     elif values[_CLASS] not in _CLASSES:

@@ -32,6 +32,8 @@ _CACHED = POSITION["cached_input_tokens"]
 _CLASS = POSITION["service_class"]
 _STARTED = POSITION["started_at"]
 _FINISHED = POSITION["finished_at"]
+_ESTIMATED = POSITION["estimated"]
+_COST = POSITION["cost_nanos"]
 
 
 @dataclass(slots=True)
@@ -77,6 +79,9 @@ _ROW_COLUMNS = [
     "recorded_at",
     "cached_input_tokens",
     "service_class",
+    "estimated",
+    "cost_nanos",
+    "provider_id",
 ]
 _SELECT_INCOMING = ", ".join(
     {
@@ -96,7 +101,14 @@ _PARTS = (
     ServiceClass.FLEX.value,
     ServiceClass.PROVISIONED.value,
 )
-_ROLLUP_SUMS = (*_SUMS, *(f"{part}_{name}" for part in _PARTS for name in _SUMS))
+# Of requests relayed to upstream providers: what the providers charge (cost of goods,
+# nanos) and how many had estimated counts. Totals only: no service class splits them.
+_RELAYED_SUMS = ("cost_nanos", "estimated_requests")
+_ROLLUP_SUMS = (
+    *_SUMS,
+    *(f"{part}_{name}" for part in _PARTS for name in _SUMS),
+    *_RELAYED_SUMS,
+)
 _AGG_SUMS = ", ".join(
     [
         "count(*) AS requests",
@@ -113,6 +125,8 @@ _AGG_SUMS = ", ".join(
                 ),
             )
         ),
+        "sum(cost_nanos) AS cost_nanos",
+        "count(*) FILTER (WHERE estimated <> 0) AS estimated_requests",
     ]
 )
 # One statement, so the rollups and the outbox count exactly the rows this statement
@@ -155,13 +169,13 @@ SELECT (SELECT count(*) FROM counted), (SELECT deltas FROM outbox), {{inserted_i
 # again under ON CONFLICT DO NOTHING, counting what RETURNING says was inserted.
 _COUNTED_ALL = (
     f"SELECT request_id, {_DIMS}, to_timestamp(finished_at) AS occurred_at, "  # noqa: S608
-    f"input_tokens, output_tokens, compute_ms, cached_input_tokens, service_class "
-    f"FROM {_INCOMING}"
+    f"input_tokens, output_tokens, compute_ms, cached_input_tokens, service_class, "
+    f"estimated, cost_nanos FROM {_INCOMING}"
 )
 _COUNTED_RETURNED = "SELECT * FROM ins"
 _RETURNING = (
     f"RETURNING request_id, {_DIMS}, occurred_at, input_tokens, output_tokens, compute_ms, "
-    "cached_input_tokens, service_class"
+    "cached_input_tokens, service_class, estimated, cost_nanos"
 )
 # The outbox keeps the inserted request ids only when hooks may need them on a replay.
 _STORE = {
@@ -279,6 +293,9 @@ def _store_portable(
                 recorded,
                 r[_CACHED],
                 r[_CLASS],
+                r[_ESTIMATED],
+                r[_COST],
+                r[POSITION["provider_id"]],
             ]
             cursor.execute(_PORTABLE_INSERT, values)
             if cursor.rowcount != 1:
@@ -298,6 +315,9 @@ def _store_portable(
             for i, count in enumerate(counts):
                 for offset in parts:
                     acc[offset + i] += count
+            # The relayed sums, last (in _RELAYED_SUMS order).
+            acc[-2] += r[_COST]
+            acc[-1] += 1 if r[_ESTIMATED] else 0
         for key, totals in sorted(sums.items()):
             cursor.execute(_PORTABLE_ROLLUP, [*key, *totals, recorded])
     deltas: dict[str, list[int]] = {}
@@ -334,8 +354,9 @@ def usage_rows_months(rows: Sequence[Sequence[Any]]) -> list[datetime]:
 
 
 def rollup_totals(organization_id: str | None = None) -> dict[str, int]:
-    """Sums over the rollups (tests, the back office): requests, tokens, compute time, and
-    the batch lines' and each tier's part of each (`batch_requests`, `priority_requests`...)."""
+    """Sums over the rollups (tests, the back office): requests, tokens, compute time, the
+    batch lines' and each tier's part of each (`batch_requests`, `priority_requests`...),
+    and of relayed requests the cost of goods (`cost_nanos`) and `estimated_requests`."""
     qs = UsageRollup.objects.all()
     if organization_id is not None:
         qs = qs.filter(organization_id=organization_id)
