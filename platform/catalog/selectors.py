@@ -315,3 +315,28 @@ def provider_connection(provider_id: str) -> ProviderConnection | None:
         max_concurrency=provider.max_concurrency,
         enabled=provider.enabled,
     )
+
+
+def providers_of(org: Organization | None) -> QuerySet[Provider]:
+    """The organization's own providers (None: the operator's)."""
+    if org is None:
+        return Provider.objects.filter(organization__isnull=True).order_by("name", "id")
+    return Provider.objects.filter(organization=org).order_by("name", "id")
+
+
+def provider_get(org: Organization, provider_id: str) -> Provider:
+    """One of the organization's own providers; another's is NotFound, like any id it does
+    not own."""
+    found = providers_of(org).filter(id=provider_id).first()
+    if found is None:
+        raise NotFound(f"provider {provider_id!r} not found", param="provider_id")
+    return found
+
+
+def route_targets_of(endpoint: Endpoint) -> QuerySet[RouteTarget]:
+    """Every route target of the endpoint, enabled or not, in the order they are tried."""
+    return (
+        RouteTarget.objects.filter(endpoint=endpoint)
+        .select_related("provider")
+        .order_by("position", "created_at", "id")
+    )

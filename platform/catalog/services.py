@@ -401,6 +401,12 @@ def _default(name: str) -> int:
     return int(field.get_default())
 
 
+def endpoint_publish_on_commit(endpoint_id: str) -> None:
+    """Publishes the endpoint's spec (or its tombstone) once the current transaction
+    commits: for writes elsewhere that change what its spec carries (catalog/providers.py)."""
+    _publish_on_commit(endpoint_id)
+
+
 def _publish_on_commit(endpoint_id: str) -> None:
     # Read again after commit: of two quick changes, whichever callback runs last
     # still publishes the state that is current.
