@@ -27,6 +27,8 @@ class Perm(enum.StrEnum):
     KEYS_REVOKE = "keys.revoke"
     ENDPOINTS_VIEW = "endpoints.view"
     ENDPOINTS_MANAGE = "endpoints.manage"
+    # The organization's own upstream providers (their credentials: owners and admins).
+    PROVIDERS_MANAGE = "providers.manage"
     USAGE_VIEW = "usage.view"
     BILLING_VIEW = "billing.view"
     BILLING_MANAGE = "billing.manage"

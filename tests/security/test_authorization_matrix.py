@@ -16,7 +16,7 @@ from accounts.permissions import Perm, Role, role_allows
 from accounts.principal import SYSTEM
 from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.models import Budget, Invoice
-from catalog.models import CompileJob, Endpoint
+from catalog.models import CompileJob, Endpoint, Provider, RouteTarget
 from catalog.services import endpoint_create, endpoint_rollout
 from config.api import api
 from tests.billing.factories import CHAT, at, price_book, staff_principal, usage
@@ -116,6 +116,32 @@ OPS = [
     Op("post", f"{ORG}/endpoints/{{endpoint_id}}/rollout", Perm.ENDPOINTS_MANAGE, 200, {}),
     Op("post", f"{ORG}/endpoints/{{endpoint_id}}/rollback", Perm.ENDPOINTS_MANAGE, 200),
     Op("get", f"{ORG}/endpoints/{{endpoint_id}}/revisions", Perm.ENDPOINTS_VIEW, 200),
+    Op("get", f"{ORG}/endpoints/{{endpoint_id}}/targets", Perm.ENDPOINTS_VIEW, 200),
+    Op(
+        "put",
+        f"{ORG}/endpoints/{{endpoint_id}}/targets",
+        Perm.ENDPOINTS_MANAGE,
+        200,
+        {"targets": [{"kind": "pool"}]},
+    ),
+    # The organization's own providers (MANTLE_PROVIDER_BYOK on in this module).
+    Op("get", f"{ORG}/providers", Perm.PROVIDERS_MANAGE, 200),
+    Op(
+        "post",
+        f"{ORG}/providers",
+        Perm.PROVIDERS_MANAGE,
+        201,
+        {"name": "fresh", "kind": "openai-compatible", "base_url": "https://vllm.example.com/v1"},
+    ),
+    Op("get", f"{ORG}/providers/{{provider_id}}", Perm.PROVIDERS_MANAGE, 200),
+    Op(
+        "patch",
+        f"{ORG}/providers/{{provider_id}}",
+        Perm.PROVIDERS_MANAGE,
+        200,
+        {"max_concurrency": 7},
+    ),
+    Op("delete", f"{ORG}/providers/{{provider_id}}", Perm.PROVIDERS_MANAGE, 204),
     Op("get", f"{ORG}/pools", Perm.ENDPOINTS_VIEW, 200),
     Op("get", f"{ORG}/fleet", Perm.ENDPOINTS_VIEW, 200),
     Op("get", f"{ORG}/compile-jobs", Perm.ENDPOINTS_VIEW, 200),
@@ -149,6 +175,7 @@ class Tenant:
     endpoint: Endpoint
     versions: tuple[str, str]  # the endpoint's model version and a second one to roll out
     job: CompileJob
+    provider: Provider
 
     @property
     def org(self) -> Organization:
@@ -163,6 +190,7 @@ class Tenant:
             "invoice_id": str(self.invoice.id),
             "endpoint_id": self.endpoint.id,
             "job_id": self.job.id,
+            "provider_id": self.provider.id,
         }
 
     def client(self, principal: str) -> Client:
@@ -191,6 +219,12 @@ def make_tenant(name: str) -> Tenant:
     job = CompileJob.objects.create(
         organization=world.org, model_name="enc", kind="embedding", source="onnx"
     )
+    provider = Provider.objects.create(
+        organization=world.org,
+        name="own",
+        kind=Provider.Kind.OPENAI_COMPATIBLE,
+        base_url="https://vllm.example.com/v1",
+    )
     return Tenant(
         world=world,
         target_member=Membership.objects.get(organization=world.org, user=target),
@@ -200,6 +234,7 @@ def make_tenant(name: str) -> Tenant:
         endpoint=endpoint,
         versions=(first.id, second.id),
         job=job,
+        provider=provider,
     )
 
 
@@ -217,7 +252,8 @@ def built_tenants(django_db_setup: None, django_db_blocker: Any) -> Iterator[tup
 
 
 @pytest.fixture
-def tenants(built_tenants: tuple[Tenant, Tenant], db: None) -> tuple[Tenant, Tenant]:
+def tenants(built_tenants: tuple[Tenant, Tenant], db: None, settings: Any) -> tuple[Tenant, Tenant]:
+    settings.MANTLE_PROVIDER_BYOK = True  # organizations may manage their own providers
     return built_tenants
 
 
@@ -237,6 +273,16 @@ def fingerprint(org: Organization) -> tuple[Any, ...]:
             )
         ),
         CompileJob.objects.filter(organization=org).count(),
+        sorted(
+            Provider.objects.filter(organization=org).values_list(
+                "id", "name", "max_concurrency", "enabled"
+            )
+        ),
+        sorted(
+            RouteTarget.objects.filter(endpoint__organization=org).values_list(
+                "id", "kind", "provider_id"
+            )
+        ),
     )
 
 
