@@ -40,6 +40,11 @@ def nanos_floor(amount: Decimal) -> int:
     return int((amount * NANOS_PER_UNIT).to_integral_value(rounding=ROUND_FLOOR))
 
 
+def nanos_amount(nanos: int) -> Decimal:
+    """Integer nanos -> currency units, exact (a relayed request's cost of goods)."""
+    return Decimal(nanos).scaleb(-9)
+
+
 def nanos_per_token(unit_price: Decimal) -> Decimal:
     """A price per million tokens as nanos per token, exact (it may have a fraction)."""
     return unit_price * NANOS_PER_UNIT / TOKENS_PER_PRICE_UNIT

@@ -47,6 +47,11 @@ VIEWABLE: tuple[str, ...] = (
     "billing.stripecustomer",
     "billing.stripeevent",
 )
+# Revenue: usage rated at each organization's prices (the dashboard's revenue, the usage
+# explorer's charges) and, beside it, what relayed requests cost the operator (the margin
+# page, the explorer's cost of goods). The view right of the rollups it is rated from:
+# both roles hold it; staff in no role see none of it.
+VIEW_REVENUE = "billing.view_usagerollup"
 MOVE_MONEY = "billing.move_money"
 SUSPEND = "billing.suspend_organization"
 

@@ -15,6 +15,7 @@ from unfold.sites import UnfoldAdminSite
 from accounts.backends import present_login_refusal
 from accounts.models import User
 from accounts.two_factor import session_verified
+from billing import staff_roles as roles
 from billing.backoffice import two_factor_views
 
 
@@ -79,6 +80,8 @@ class BackOfficeSite(UnfoldAdminSite):
             ),
             path("usage/", wrap(views.usage), name="backoffice-usage"),
             path("usage.csv", wrap(views.usage_csv), name="backoffice-usage-csv"),
+            path("margin/", wrap(views.margin), name="backoffice-margin"),
+            path("margin.csv", wrap(views.margin_csv), name="backoffice-margin-csv"),
         ]
         # The second sign-in step: outside admin_view, whose gate it opens.
         second_factor = [
@@ -175,6 +178,12 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
                     "query_stats",
                     reverse("admin:backoffice-usage"),
                     "billing.view_usagerollup",
+                ),
+                item(
+                    "Margin",
+                    "trending_up",
+                    reverse("admin:backoffice-margin"),
+                    roles.VIEW_REVENUE,
                 ),
                 item(
                     "Batches",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from itertools import groupby, islice
 from operator import itemgetter
 from typing import Any
@@ -35,6 +35,7 @@ from billing.models import (
     StripeCustomer,
     UsageRollup,
 )
+from billing.money import nanos_amount
 from billing.periods import month_start
 from billing.pricing import (
     ROLLUP_SUMS,
@@ -52,6 +53,14 @@ from core.errors import InvalidInput
 logger = logging.getLogger(__name__)
 
 ZERO = Decimal(0)
+NANO = Decimal("0.000000001")
+
+
+def nano_text(amount: Decimal) -> str:
+    """An amount as CSV writes it: to the nano, in plain digits (0.000000000, not 0E-9)."""
+    return f"{amount.quantize(NANO, rounding=ROUND_HALF_EVEN):f}"
+
+
 CSV_COLUMNS = (
     "hour",
     "organization_id",
@@ -92,8 +101,12 @@ cached input tokens that batch lines made (billed at batch prices); then the sam
 the priority and flex service tiers (billed at the online prices times the tier's
 multiplier), and of provisioned throughput (0 per token: its units are billed per
 unit-hour)."""
+CSV_COST_COLUMNS = ("cost_of_goods", "estimated_requests")
+"""Last (added for upstream providers, docs/providers.md): what the providers charged for
+the row's relayed requests (cost of goods, in the currency, exact to the nano; 0 for a
+pool's), and how many of its requests had counts the gateway estimated."""
 # What a CSV row reads: its columns, then each class's compute_ms, which only its amount
-# uses (tensor models bill them), then the later columns.
+# uses (tensor models bill them), then the later columns, then the relayed sums.
 _CSV_READ = (
     *CSV_COLUMNS,
     "compute_ms",
@@ -102,6 +115,8 @@ _CSV_READ = (
     "flex_compute_ms",
     "provisioned_compute_ms",
     *CSV_LATER_COLUMNS,
+    "cost_nanos",
+    "estimated_requests",
 )
 # Rows per database round trip while streaming: memory stays at one chunk.
 CSV_CHUNK_ROWS = 2000
@@ -329,6 +344,10 @@ class UsageTotals:
     batch_requests: int = 0
     batch_input_tokens: int = 0
     batch_output_tokens: int = 0
+    # What upstream providers charged for the relayed requests (cost of goods, exact), and
+    # how many requests had estimated counts.
+    cost: Decimal = ZERO
+    estimated_requests: int = 0
 
 
 _MODEL_SUMS = {
@@ -342,6 +361,10 @@ _MODEL_SUMS = {
 }
 
 
+# Of relayed requests: the providers' charges (nanos) and the requests with estimated counts.
+_RELAYED_SUMS = {"cn": Sum("cost_nanos"), "er": Sum("estimated_requests")}
+
+
 def _model_usage(row: Mapping[str, Any]) -> ModelUsage:
     return ModelUsage(
         row["model_name"],
@@ -351,7 +374,7 @@ def _model_usage(row: Mapping[str, Any]) -> ModelUsage:
 
 def usage_totals(f: UsageFilter) -> UsageTotals:
     rows = usage_rows(f)
-    agg = rows.aggregate(n=Count("id"), **_MODEL_SUMS)
+    agg = rows.aggregate(n=Count("id"), **_MODEL_SUMS, **_RELAYED_SUMS)
     by_model = [
         _model_usage(m)
         for m in rows.values("model_name").annotate(**_MODEL_SUMS).order_by("model_name")
@@ -370,6 +393,8 @@ def usage_totals(f: UsageFilter) -> UsageTotals:
         batch_requests=agg["br"] or 0,
         batch_input_tokens=agg["bi"] or 0,
         batch_output_tokens=agg["bo"] or 0,
+        cost=nanos_amount(agg["cn"] or 0),
+        estimated_requests=agg["er"] or 0,
     )
 
 
@@ -390,21 +415,40 @@ def _csv_values(f: UsageFilter) -> QuerySet[UsageRollup, tuple[Any, ...]]:
 def usage_csv(f: UsageFilter) -> Iterator[str]:
     """The rows as CSV text, CSV_CHUNK_ROWS rows per chunk, read through a server-side
     cursor on PostgreSQL: memory holds one chunk, whatever the range."""
-    buffer = io.StringIO()
-    # Model names (and any text column added later) may be a customer's: formulas defused.
-    writer = csv_writer(buffer, lineterminator="\n")
-    writer.writerow((*CSV_COLUMNS, *CSV_AMOUNT_COLUMNS, *CSV_LATER_COLUMNS))
+    header: tuple[str, ...] = (
+        *CSV_COLUMNS,
+        *CSV_AMOUNT_COLUMNS,
+        *CSV_LATER_COLUMNS,
+        *CSV_COST_COLUMNS,
+    )
     rated = _RowRater()
     rows = _csv_values(f).iterator(chunk_size=CSV_CHUNK_ROWS)
+    later_at = len(_CSV_READ) - len(CSV_LATER_COLUMNS) - 2
     while True:
         chunk = list(islice(rows, CSV_CHUNK_ROWS))
+        # A new buffer per chunk: a StringIO only ever written to keeps ASCII text at a
+        # byte a character; one reused (seek, truncate) holds four, a fifth of the peak.
+        buffer = io.StringIO()
+        # Model names (and any text column added later) may be a customer's: formulas
+        # defused.
+        writer = csv_writer(buffer, lineterminator="\n")
+        if header:
+            writer.writerow(header)
+            header = ()
         for row in chunk:
             written = row[1 : len(CSV_COLUMNS)]
-            later = row[len(_CSV_READ) - len(CSV_LATER_COLUMNS) :]
-            writer.writerow((row[0].strftime("%Y-%m-%dT%H:%M:%SZ"), *written, *rated(row), *later))
+            later = row[later_at:-2]
+            writer.writerow(
+                (
+                    row[0].strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    *written,
+                    *rated(row),
+                    *later,
+                    nano_text(nanos_amount(row[-2])),  # cost_of_goods
+                    row[-1],  # estimated_requests
+                )
+            )
         text = buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate(0)
         if text:
             yield text
         if len(chunk) < CSV_CHUNK_ROWS:
@@ -414,7 +458,6 @@ def usage_csv(f: UsageFilter) -> Iterator[str]:
 class _RowRater:
     """A CSV row's amount: list prices loaded once, each organization's overrides once."""
 
-    _NANO = Decimal("0.000000001")
     _AT = {name: i for i, name in enumerate(_CSV_READ)}
     _AT_UNIT = {unit: _CSV_READ.index(column) for unit, column in UNIT_COLUMNS.items()}
 
@@ -438,7 +481,7 @@ class _RowRater:
         amount = book.rate(model_name, row[at["hour"]], split_quantities(totals, kind)).amount
         if amount is None:
             return "", ""
-        return str(amount.quantize(self._NANO)), self._currency
+        return nano_text(amount), self._currency
 
 
 async def usage_csv_async(f: UsageFilter) -> AsyncIterator[str]:
@@ -455,6 +498,171 @@ async def usage_csv_async(f: UsageFilter) -> AsyncIterator[str]:
 
     while (chunk := await sync_to_async(next_chunk)()) is not None:
         yield chunk
+
+
+# --- Margin ----------------------------------------------------------------------------------
+
+HUNDRED = Decimal(100)
+PERCENT = Decimal("0.01")
+MARGIN_CSV_COLUMNS = (
+    "organization_id",
+    "organization_name",
+    "model_name",
+    "requests",
+    "estimated_requests",
+    "revenue",
+    "cost_of_goods",
+    "margin",
+    "margin_percent",
+    "currency",
+    "unpriced_requests",
+)
+"""One row per (organization, model) of the period. Revenue is usage charges at the
+organization's prices (the invoice's rating, exact to the nano, before commit tiers and
+credits); cost of goods what upstream providers charged for its relayed requests; margin
+= revenue - cost of goods; margin_percent of revenue (blank without revenue);
+unpriced_requests those whose usage no price covered (held, not in revenue)."""
+
+
+@dataclass
+class MarginLine:
+    """Revenue and cost of goods of one model, one organization, one of each, or all."""
+
+    organization_id: str = ""
+    organization_name: str = ""
+    model_name: str = ""
+    requests: int = 0
+    estimated_requests: int = 0  # of requests, those whose counts the gateway estimated
+    unpriced_requests: int = 0  # of requests, those in hours some unit had no price
+    revenue: Decimal = ZERO
+    cost_nanos: int = 0
+
+    @property
+    def cost(self) -> Decimal:
+        return nanos_amount(self.cost_nanos)
+
+    @property
+    def margin(self) -> Decimal:
+        return self.revenue - self.cost
+
+    @property
+    def margin_percent(self) -> Decimal | None:
+        """The margin as a percentage of revenue, to 0.01; None without revenue."""
+        if not self.revenue:
+            return None
+        return (self.margin * HUNDRED / self.revenue).quantize(PERCENT, rounding=ROUND_HALF_EVEN)
+
+    def add(self, other: MarginLine) -> None:
+        self.requests += other.requests
+        self.estimated_requests += other.estimated_requests
+        self.unpriced_requests += other.unpriced_requests
+        self.revenue += other.revenue
+        self.cost_nanos += other.cost_nanos
+
+
+@dataclass(frozen=True)
+class Margin:
+    start: datetime
+    end: datetime
+    currency: str
+    total: MarginLine
+    by_model: list[MarginLine]  # by revenue, highest first
+    by_organization: list[MarginLine]  # by revenue, highest first
+    lines: list[MarginLine]  # per (organization, model), by organization id and model
+
+
+def margin(f: UsageFilter) -> Margin:
+    """Revenue, cost of goods and margin of the filtered rollups, per model, organization
+    and both.
+
+    Revenue is rated through `PriceBook.rate_rollups`, the invoices' rating path: each
+    organization's hours at its own prices (list prices, rates, discounts), exact; invoices
+    then round per line and apply commit tiers and credits. One pass over the rollups
+    grouped by (organization, model, hour), list prices loaded once and each
+    organization's overrides once. Cost of goods is the rollups' `cost_nanos`: what the
+    providers charge for relayed requests (a pool's requests cost none here).
+    """
+    rows = usage_rows(f)
+    grouped = (
+        rows.values("organization_id", "model_name", "hour")
+        .annotate(**ROLLUP_SUMS, **_RELAYED_SUMS)
+        .order_by("organization_id", "hour")
+    )
+    kinds = model_kinds(rows.order_by().values_list("model_name", flat=True).distinct())
+    list_book = PriceBook.load(None)
+    pairs: dict[tuple[str, str], MarginLine] = {}
+    streamed: Iterator[Mapping[str, Any]] = grouped.iterator(chunk_size=5000)
+    for organization_id, groups in groupby(streamed, key=itemgetter("organization_id")):
+        book = list_book.for_organization(organization_id)
+        for g, rating in book.rate_rollups(groups, kinds=kinds):
+            key = (organization_id, g["model_name"])
+            line = pairs.get(key)
+            if line is None:
+                line = pairs[key] = MarginLine(organization_id, "", g["model_name"])
+            requests = int(g["r"] or 0)
+            line.requests += requests
+            line.estimated_requests += int(g["er"] or 0)
+            line.cost_nanos += int(g["cn"] or 0)
+            line.revenue += rating.amount or ZERO
+            if rating.unpriced:
+                line.unpriced_requests += requests
+    names = dict(
+        Organization.objects.filter(id__in={org for org, _ in pairs}).values_list("id", "name")
+    )
+    total = MarginLine()
+    by_model: dict[str, MarginLine] = {}
+    by_org: dict[str, MarginLine] = {}
+    for (organization_id, model_name), line in pairs.items():
+        line.organization_name = names.get(organization_id, "")
+        total.add(line)
+        by_model.setdefault(model_name, MarginLine(model_name=model_name)).add(line)
+        by_org.setdefault(organization_id, MarginLine(organization_id, line.organization_name)).add(
+            line
+        )
+
+    def ranked(lines: Iterable[MarginLine]) -> list[MarginLine]:
+        return sorted(
+            lines, key=lambda m: (-m.revenue, -m.requests, m.model_name, m.organization_id)
+        )
+
+    return Margin(
+        start=f.start,
+        end=f.end,
+        currency=str(settings.MANTLE_BILLING_CURRENCY),
+        total=total,
+        by_model=ranked(by_model.values()),
+        by_organization=ranked(by_org.values()),
+        lines=[pairs[key] for key in sorted(pairs)],
+    )
+
+
+def margin_csv(m: Margin) -> str:
+    """The margin's (organization, model) lines as CSV (MARGIN_CSV_COLUMNS). Amounts exact
+    to the nano; margin is written as revenue - cost of goods of the written figures, so
+    the columns add up in a spreadsheet."""
+    buffer = io.StringIO()
+    # Organization and model names are customers': formulas defused.
+    writer = csv_writer(buffer, lineterminator="\n")
+    writer.writerow(MARGIN_CSV_COLUMNS)
+    for line in m.lines:
+        revenue = line.revenue.quantize(NANO, rounding=ROUND_HALF_EVEN)
+        percent = line.margin_percent
+        writer.writerow(
+            (
+                line.organization_id,
+                line.organization_name,
+                line.model_name,
+                line.requests,
+                line.estimated_requests,
+                nano_text(revenue),
+                nano_text(line.cost),
+                nano_text(revenue - line.cost),
+                "" if percent is None else f"{percent:f}",
+                m.currency,
+                line.unpriced_requests,
+            )
+        )
+    return buffer.getvalue()
 
 
 # --- Dashboards ----------------------------------------------------------------------------

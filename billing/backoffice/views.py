@@ -1,4 +1,5 @@
-"""Back-office pages: customer, invoice, usage explorer and CSV, money actions (thin views)."""
+"""Back-office pages: customer, invoice, usage explorer, margin and their CSV, money actions
+(thin views)."""
 
 from __future__ import annotations
 
@@ -578,6 +579,73 @@ def usage_csv(request: HttpRequest) -> HttpResponseBase:
     )
     response = StreamingHttpResponse(content, content_type="text/csv; charset=utf-8")
     name = f"usage-{f.start:%Y%m%dT%H%M}-{f.end:%Y%m%dT%H%M}.csv"
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response
+
+
+# --- Margin ------------------------------------------------------------------------------------
+
+
+class MarginFilterForm(forms.Form):
+    """Only for rendering the filter inputs; usage_filter_parse validates."""
+
+    org = forms.CharField(required=False, label="Organization id")
+    model = forms.CharField(required=False, label="Model")
+    start = forms.CharField(required=False, label="From (UTC)", widget=bo_forms.DateTimeInput())
+    end = forms.CharField(required=False, label="Until (UTC)", widget=bo_forms.DateTimeInput())
+
+
+def _margin_filter(request: HttpRequest) -> selectors.UsageFilter:
+    """The margin page's period (this month so far by default), organization and model."""
+    return selectors.usage_filter_parse(
+        {name: request.GET.get(name, "") for name in MarginFilterForm.base_fields}
+    )
+
+
+def margin(request: HttpRequest) -> HttpResponse:
+    """Revenue, cost of goods and margin per model and per organization."""
+    _require(request, roles.VIEW_REVENUE)
+    try:
+        f: selectors.UsageFilter | None = _margin_filter(request)
+    except DomainError as exc:
+        error: DomainError | None = exc
+        f = None
+    else:
+        error = None
+    shown = (
+        f.as_params()
+        if f is not None
+        else {k: v for k, v in request.GET.items() if k in MarginFilterForm.base_fields}
+    )
+    return TemplateResponse(
+        request,
+        "backoffice/margin.html",
+        _context(
+            request,
+            "Margin",
+            filter_form=MarginFilterForm(initial=shown),
+            filter=f,
+            error=error,
+            margin=selectors.margin(f) if f is not None else None,
+            csv_query=urlencode(shown),
+        ),
+        status=400 if error else 200,
+    )
+
+
+def margin_csv(request: HttpRequest) -> HttpResponse:
+    """The margin per (organization, model) as CSV: at most one row per pair, so whole."""
+    _require(request, roles.VIEW_REVENUE)
+    try:
+        f = _margin_filter(request)
+    except DomainError as exc:
+        return HttpResponse(
+            f"{exc.param}: {exc.message}\n", status=exc.status, content_type="text/plain"
+        )
+    response = HttpResponse(
+        selectors.margin_csv(selectors.margin(f)), content_type="text/csv; charset=utf-8"
+    )
+    name = f"margin-{f.start:%Y%m%dT%H%M}-{f.end:%Y%m%dT%H%M}.csv"
     response["Content-Disposition"] = f'attachment; filename="{name}"'
     return response
 

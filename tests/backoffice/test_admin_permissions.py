@@ -55,6 +55,8 @@ def pages(w: World) -> list[str]:
         reverse("admin:backoffice-invoice", args=[w.finalized.id]),
         reverse("admin:backoffice-usage"),
         reverse("admin:backoffice-usage-csv"),
+        reverse("admin:backoffice-margin"),
+        reverse("admin:backoffice-margin-csv"),
         reverse("admin:billing_invoice_changelist"),
         reverse("admin:billing_creditnote_changelist"),
         reverse("admin:billing_creditledgerentry_changelist"),

@@ -176,6 +176,9 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
                 for tier in ("priority", "flex", "provisioned")
                 for name in ("requests", "input_tokens", "output_tokens", "cached_input_tokens")
             ),
+            # and of relayed requests, the providers' charges and the estimated counts
+            "cost_of_goods",
+            "estimated_requests",
         ],
         [
             "2026-10-05T08:00:00Z",
@@ -190,6 +193,8 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "",
             "",
             *["0"] * 17,
+            "0.000000000",
+            "0",
         ],
         [
             "2026-10-05T09:00:00Z",
@@ -204,6 +209,8 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "",
             "",
             *["0"] * 17,
+            "0.000000000",
+            "0",
         ],
         [
             "2026-10-06T14:00:00Z",
@@ -218,6 +225,8 @@ def test_csv_export_has_exactly_the_filtered_rows(staff: Staff, rows: dict[str, 
             "",
             "",
             *["0"] * 17,
+            "0.000000000",
+            "0",
         ],
     ]
 
@@ -289,6 +298,41 @@ def test_cached_input_tokens_in_the_explorer_and_its_csv(staff: Staff) -> None:
     )
 
 
+def test_cost_of_goods_in_the_explorer_and_its_csv(staff: Staff) -> None:
+    """Relayed requests' cost beside the organization's charges; exact to the nano per row."""
+    price_book(CHAT, "1", "2")
+    acme = OrganizationFactory(name="Acme")
+    RollupFactory(
+        organization_id=acme.id, project_id="proj_a", api_key_id="key_a", endpoint_id="ep-a",
+        model_name=CHAT, hour=T0, requests=3, input_tokens=1000, output_tokens=100,
+        cost_nanos=600_001, estimated_requests=1,
+    )  # fmt: skip
+    RollupFactory(
+        organization_id=acme.id, project_id="proj_a", api_key_id="key_a", endpoint_id="ep-a",
+        model_name=CHAT, hour=T0 + timedelta(hours=1), requests=1, input_tokens=10,
+    )  # fmt: skip
+    client = client_for(staff.support)
+
+    page = client.get(URL, params(org=acme.id))
+    export = client.get(CSV_URL, params(org=acme.id))
+
+    totals = page.context["totals"]
+    assert (totals.charges, totals.cost, totals.estimated_requests) == (
+        Decimal("0.00121"),  # 1,010 * 1/M + 100 * 2/M
+        Decimal("0.000600001"),
+        1,
+    )
+    body = page.content.decode()
+    assert '<div class="bo-stat" data-testid="total-cost">0.00</div>' in body
+    assert '<span data-testid="total-estimated">1</span> requests with estimated' in body
+    text = b"".join(export.streaming_content).decode()  # type: ignore[attr-defined]
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["amount"], r["cost_of_goods"], r["estimated_requests"]) for r in table] == [
+        ("0.001200000", "0.000600001", "1"),
+        ("0.000010000", "0.000000000", "0"),
+    ]
+
+
 @pytest.mark.parametrize("name", FORMULA_NAMES)
 def test_the_csv_defuses_text_a_spreadsheet_would_run(staff: Staff, name: str) -> None:
     """Model names are the customer's; ids are not, but the rule is on every text cell."""
@@ -322,8 +366,9 @@ BIG_ROWS = 200_000
 BIG_START = datetime(2025, 1, 1, tzinfo=UTC)
 # One chunk of rows (2,000) and its text, with the price book's prices of the range's
 # 4,000 hours, stay under this (6.0 MB measured before the batch columns, 6.3 MB with
-# them: five more values a row); the CSV of 200k rows is ~17 MB, and 200k model instances
-# would take hundreds of MB.
+# them: five more values a row; 7.2 MB with the tiers' and provisioned columns, 6.0 MB with
+# the cost of goods columns and a fresh text buffer per chunk); the CSV of 200k rows is
+# ~20 MB, and 200k model instances would take hundreds of MB.
 MEMORY_BOUND = 7 * 1024 * 1024
 
 
@@ -378,8 +423,8 @@ def test_a_large_export_streams_in_bounded_memory_under_asgi(staff: Staff) -> No
     last_hour = BIG_START + timedelta(hours=(BIG_ROWS - 1) // 50)
     expected_last = (
         f"{last_hour:%Y-%m-%dT%H:%M:%SZ},org_big,proj_big,key_49,ep-big,{CHAT},1,199999,399998,"
-        "0.999995000,USD" + ",0" * 17  # 199999 * 1/M + 399998 * 2/M; no cached input
-    )  # tokens, no batch lines, no priority, flex or provisioned requests
+        "0.999995000,USD" + ",0" * 17 + ",0.000000000,0"  # 199999 * 1/M + 399998 * 2/M;
+    )  # no cached input tokens, no batch lines, no tier's requests, nothing relayed
     assert last.endswith(f"\n{expected_last}\n".encode())
     assert size > 2 * MEMORY_BOUND  # holding the output alone would break the bound
     assert peak < MEMORY_BOUND, f"peak {peak / 1e6:.1f} MB"
