@@ -1,4 +1,5 @@
-"""Management API for billing: balance, credit ledger, invoices, budgets and their alerts."""
+"""Management API for billing: balance, credit ledger, invoices, budgets and their alerts,
+and the usage and cost API (`/usage`, `/costs`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Router
 
+from accounts.auth import usage_auth
 from accounts.permissions import Perm
 from accounts.principal import Principal
-from accounts.selectors import organization_for
-from billing import budgets, selectors
+from accounts.selectors import organization_for, organization_for_usage
+from billing import budgets, selectors, usage_buckets
 from billing.credits import credit_entries
 from billing.models import Budget, BudgetAlert, CreditLedgerEntry, Invoice, InvoiceLine
 from billing.periods import month_label, month_start
@@ -20,10 +22,14 @@ from billing.schemas import (
     BudgetAlertOut,
     BudgetOut,
     BudgetsIn,
+    CostBucketOut,
+    CostPageOut,
     CreditEntryOut,
     InvoiceDetailOut,
     InvoiceLineOut,
     InvoiceOut,
+    UsageBucketOut,
+    UsagePageOut,
 )
 
 router = Router(tags=["billing"])
@@ -179,3 +185,86 @@ def alert_list(
 ) -> list[BudgetAlertOut]:
     org = organization_for(_principal(request), organization_id, Perm.BILLING_VIEW)
     return [_alert_out(a) for a in budgets.budget_alerts(org, limit=max(1, min(limit, 1000)))]
+
+
+# --- the usage and cost API -------------------------------------------------------------------
+
+USAGE_PATH = "/organizations/{organization_id}"
+
+
+def _param(name: str, description: str, schema: dict[str, object]) -> dict[str, object]:
+    return {"in": "query", "name": name, "description": description, "schema": schema}
+
+
+_USAGE_PARAMETERS = [
+    _param(
+        "start_time",
+        "Unix seconds or ISO 8601 (no offset: UTC); rounded down to its bucket's start",
+        {"type": "string"},
+    ),
+    _param(
+        "end_time",
+        "Exclusive; default now; rounded up to a bucket's end. At most 31 days after "
+        "start_time for 1h buckets, 366 for 1d and 1mo",
+        {"type": "string"},
+    ),
+    _param("bucket_width", "1h, 1d (default) or 1mo", {"type": "string"}),
+    _param(
+        "group_by",
+        "Repeated or comma-separated: model, project_id, api_key_id, endpoint_id, "
+        "service_class; costs also token_kind (alias line_item)",
+        {"type": "array", "items": {"type": "string"}},
+    ),
+    _param(
+        "limit",
+        "Buckets per page: 1h default 24, at most 168; 1d 7, 31; 1mo 12, 13",
+        {"type": "integer"},
+    ),
+    _param("page", "The next_page cursor of the previous page", {"type": "string"}),
+]
+
+
+def _bucket_fields(bucket: usage_buckets.Bucket) -> dict[str, object]:
+    return {
+        "start_time": int(bucket.start.timestamp()),
+        "end_time": int(bucket.end.timestamp()),
+        "start_time_iso": bucket.start,
+        "end_time_iso": bucket.end,
+        "results": bucket.results,
+    }
+
+
+@router.get(
+    f"{USAGE_PATH}/usage",
+    response=UsagePageOut,
+    auth=usage_auth,
+    openapi_extra={"parameters": _USAGE_PARAMETERS},
+    summary="Usage in time buckets (read-usage scope, or billing view)",
+)
+def usage(request: HttpRequest, organization_id: str) -> UsagePageOut:
+    org = organization_for_usage(_principal(request), organization_id)
+    query = usage_buckets.parse_query(request.GET, kind=usage_buckets.USAGE, organization_id=org.id)
+    page = usage_buckets.usage_page(query)
+    return UsagePageOut(
+        data=[UsageBucketOut(**_bucket_fields(b)) for b in page.buckets],  # type: ignore[arg-type]
+        has_more=page.next_page is not None,
+        next_page=page.next_page,
+    )
+
+
+@router.get(
+    f"{USAGE_PATH}/costs",
+    response=CostPageOut,
+    auth=usage_auth,
+    openapi_extra={"parameters": _USAGE_PARAMETERS},
+    summary="Costs in time buckets, rated as invoices are (read-usage scope, or billing view)",
+)
+def costs(request: HttpRequest, organization_id: str) -> CostPageOut:
+    org = organization_for_usage(_principal(request), organization_id)
+    query = usage_buckets.parse_query(request.GET, kind=usage_buckets.COSTS, organization_id=org.id)
+    page = usage_buckets.cost_page(query)
+    return CostPageOut(
+        data=[CostBucketOut(**_bucket_fields(b)) for b in page.buckets],  # type: ignore[arg-type]
+        has_more=page.next_page is not None,
+        next_page=page.next_page,
+    )

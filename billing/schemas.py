@@ -103,3 +103,72 @@ class BudgetAlertOut(Schema):
     budget_amount: str
     spend: str
     created_at: datetime
+
+
+# --- the usage and cost API (OpenAI's organization usage and costs shape) -----------------
+
+
+class UsageResultOut(Schema):
+    object: str = "organization.usage.result"
+    requests: int
+    input_tokens: int = Field(description="Prompt tokens, the cached ones included")
+    output_tokens: int
+    cached_input_tokens: int = Field(description="Of input_tokens, those the prefix cache served")
+    compute_ms: int = Field(description="Milliseconds of model compute")
+    model: str | None = Field(description="When grouped by model")
+    project_id: str | None = Field(description="When grouped by project_id")
+    api_key_id: str | None = Field(description="When grouped by api_key_id")
+    endpoint_id: str | None = Field(description="When grouped by endpoint_id")
+    service_class: str | None = Field(
+        description="When grouped by service_class: online, batch, priority, flex, provisioned"
+    )
+
+
+class AmountOut(Schema):
+    value: str = Field(description="Exact decimal string, never rounded (invoices round lines)")
+    currency: str
+
+
+class CostResultOut(Schema):
+    object: str = "organization.costs.result"
+    amount: AmountOut
+    line_item: str | None = Field(
+        description="When grouped by token_kind: the invoice line's kind (input, batch_output, ...)"
+    )
+    model: str | None
+    project_id: str | None
+    api_key_id: str | None
+    endpoint_id: str | None
+    service_class: str | None
+
+
+class UsageBucketOut(Schema):
+    object: str = "bucket"
+    start_time: int = Field(description="Unix seconds, inclusive")
+    end_time: int = Field(description="Unix seconds, exclusive")
+    start_time_iso: datetime
+    end_time_iso: datetime
+    results: list[UsageResultOut]
+
+
+class CostBucketOut(Schema):
+    object: str = "bucket"
+    start_time: int
+    end_time: int
+    start_time_iso: datetime
+    end_time_iso: datetime
+    results: list[CostResultOut]
+
+
+class UsagePageOut(Schema):
+    object: str = "page"
+    data: list[UsageBucketOut]
+    has_more: bool
+    next_page: str | None = Field(description="Pass as `page` for the next buckets")
+
+
+class CostPageOut(Schema):
+    object: str = "page"
+    data: list[CostBucketOut]
+    has_more: bool
+    next_page: str | None

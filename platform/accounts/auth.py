@@ -1,4 +1,5 @@
-"""Authentication for the management API: the console session, or an admin-scoped API key."""
+"""Authentication for the management API: the console session, or an admin-scoped API key
+(any key for the usage and cost reads, which check the `read-usage` scope themselves)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,12 @@ class ConsoleSession(SessionAuth):
         return None
 
 
-class AdminApiKey(HttpBearer):
-    """`Authorization: Bearer sk-...` with the admin scope.
+class ApiKeyBearer(HttpBearer):
+    """`Authorization: Bearer sk-...`: any usable key of an active organization.
+
+    For the routes that judge the key's scopes themselves (the usage and cost reads take
+    `read-usage` or `admin`, `accounts.selectors.organization_for_usage`), so that a key
+    without the scope hears which scope it lacks rather than "authentication required".
 
     Incorrect keys count against the caller's address in the same Redis window as the
     gateway's (`keys.failures_key`), so guessing through the management API is slowed
@@ -75,9 +80,21 @@ class AdminApiKey(HttpBearer):
             return None
         if not key.is_usable() or key.organization.status != key.organization.Status.ACTIVE:
             return None
+        return self.accept(Principal(api_key=key, ip_address=client_ip(request)))
+
+    def accept(self, principal: Principal) -> Principal | None:
+        """The principal of a correct, usable key, or None where this route refuses it."""
+        return principal
+
+
+class AdminApiKey(ApiKeyBearer):
+    """`Authorization: Bearer sk-...` with the admin scope."""
+
+    def accept(self, principal: Principal) -> Principal | None:
+        key = principal.api_key
+        assert key is not None
         if Scope.ADMIN not in key.scopes:
             return None
-        principal = Principal(api_key=key, ip_address=client_ip(request))
         # A key whose creator no longer holds a role it could act with (removed, or now
         # billing) carries no power: unauthenticated, like a revoked key.
         if selectors.role_in(principal, key.organization_id) is None:
@@ -86,3 +103,5 @@ class AdminApiKey(HttpBearer):
 
 
 management_auth = [ConsoleSession(), AdminApiKey()]
+# The usage and cost reads: the session, or a key of any scope (the route checks it).
+usage_auth = [ConsoleSession(), ApiKeyBearer()]

@@ -5,7 +5,14 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from accounts.models import ApiKey, AuditLog, Invitation, Membership, Organization, Project
-from accounts.permissions import Perm, Role, Scope, admin_key_role, role_allows
+from accounts.permissions import (
+    Perm,
+    Role,
+    Scope,
+    admin_key_role,
+    key_scopes_allowed,
+    role_allows,
+)
 from accounts.principal import Principal
 from core.errors import NotFound, PermissionDenied
 
@@ -57,6 +64,44 @@ def organization_for(principal: Principal, organization_id: str, perm: Perm) -> 
         raise NotFound(f"organization {organization_id!r} not found", param="organization_id")
     if not role_allows(role, perm):
         raise PermissionDenied(f"the {role} role may not do {perm}")
+    org = Organization.objects.filter(id=organization_id).first()
+    if org is None:
+        raise NotFound(f"organization {organization_id!r} not found", param="organization_id")
+    return org
+
+
+def organization_for_usage(principal: Principal, organization_id: str) -> Organization:
+    """The organization whose usage and costs the principal may read (the usage API).
+
+    A person: a member holding billing.view there. A key: one of the organization's own
+    (another's gets NotFound, as everywhere), carrying `read-usage`, or `admin` acting
+    with a role that holds billing.view (`role_in`, as for every billing read). A
+    `read-usage` key never outranks its maker either: made by a person, that person must
+    still be a member whose role hands the scope out (`key_scopes_allowed`); made by the
+    system, the scope is what the system gave it.
+    """
+    key = principal.api_key
+    if key is None:
+        return organization_for(principal, organization_id, Perm.BILLING_VIEW)
+    if key.organization_id != organization_id:
+        raise NotFound(f"organization {organization_id!r} not found", param="organization_id")
+    if Scope.READ_USAGE in key.scopes:
+        maker = (
+            None if key.created_by_id is None else _member_role(organization_id, key.created_by_id)
+        )
+        if key.created_by_id is not None and Scope.READ_USAGE not in key_scopes_allowed(maker):
+            raise PermissionDenied(
+                "this API key's read-usage scope is void: the person who made it no longer "
+                "holds a role that may hand that scope out"
+            )
+    elif Scope.ADMIN in key.scopes:
+        return organization_for(principal, organization_id, Perm.BILLING_VIEW)
+    else:
+        raise PermissionDenied(
+            "this API key lacks the 'read-usage' scope: usage and costs are read with a key "
+            "that has the read-usage (or admin) scope, or by a signed-in member with billing "
+            "view"
+        )
     org = Organization.objects.filter(id=organization_id).first()
     if org is None:
         raise NotFound(f"organization {organization_id!r} not found", param="organization_id")

@@ -48,12 +48,16 @@ class Op:
     # role would allow it (checked after the ids are looked up, so another organization's
     # ids are still 404).
     person_only: bool = False
+    query: str = ""  # appended to the path when called
+    # The usage API: a key with the read-usage scope reads it too (any other key is 403).
+    read_usage: bool = False
 
 
 ORG = "/organizations/{organization_id}"
 # Marks the upload operation: query parameters, and a body that is not an ONNX file.
 RAW_UPLOAD = {"raw": True}
 UPLOAD_QUERY = "?model_name=m&kind=embedding"
+USAGE_QUERY = "?start_time=2026-09-01T00:00:00Z&end_time=2026-10-01T00:00:00Z&group_by=model"
 OPS = [
     Op("get", "/me", None, 200),
     Op("get", "/organizations", None, 200),
@@ -106,6 +110,8 @@ OPS = [
         {"budgets": [{"monthly_amount": "10"}]},
     ),
     Op("get", f"{ORG}/billing/alerts", Perm.BILLING_VIEW, 200),
+    Op("get", f"{ORG}/usage", Perm.BILLING_VIEW, 200, query=USAGE_QUERY, read_usage=True),
+    Op("get", f"{ORG}/costs", Perm.BILLING_VIEW, 200, query=USAGE_QUERY, read_usage=True),
     Op("get", f"{ORG}/endpoints", Perm.ENDPOINTS_VIEW, 200),
     Op("post", f"{ORG}/endpoints", Perm.ENDPOINTS_MANAGE, 201, {"name": "fresh", "pool": "cpu"}),
     Op("get", f"{ORG}/endpoints/{{endpoint_id}}", Perm.ENDPOINTS_VIEW, 200),
@@ -291,7 +297,7 @@ def state(*tenants: Tenant) -> tuple[Any, ...]:
 
 
 def call(client: Client, op: Op, ids: dict[str, str], tenant: Tenant | None = None) -> Any:
-    path = "/api/v1" + op.path.format(**ids)
+    path = "/api/v1" + op.path.format(**ids) + op.query
     if op.body is RAW_UPLOAD:
         return client.post(
             path + UPLOAD_QUERY, data=b"not an onnx file", content_type="application/octet-stream"
@@ -391,9 +397,19 @@ def test_anonymous_is_401(tenants: tuple[Tenant, Tenant], op: Op) -> None:
 
 @pytest.mark.parametrize("op", [op for op in OPS if "{organization_id}" in op.path], ids=op_id)
 def test_keys_without_the_admin_scope_are_refused(tenants: tuple[Tenant, Tenant], op: Op) -> None:
-    mine, _ = tenants
+    mine, theirs = tenants
     _, secret = make_api_key(mine.org, scopes=["inference", "read-usage"])
+    _, inference = make_api_key(mine.org, scopes=["inference"])
     before = state(mine)
-    response = call(Client(headers={"authorization": f"Bearer {secret}"}), op, mine.ids())
-    assert response.status_code == 401
+    reader = Client(headers={"authorization": f"Bearer {secret}"})
+    response = call(reader, op, mine.ids())
+    if op.read_usage:
+        # The usage API reads with read-usage, never with a key without it (403 naming
+        # the scope), and never another organization's (404).
+        assert response.status_code == 200, response.content
+        refused = call(Client(headers={"authorization": f"Bearer {inference}"}), op, mine.ids())
+        assert refused.status_code == 403 and "read-usage" in refused.json()["error"]["message"]
+        assert call(reader, op, theirs.ids()).status_code == 404
+    else:
+        assert response.status_code == 401
     assert state(mine) == before
