@@ -31,6 +31,8 @@ VIEWABLE: tuple[str, ...] = (
     "catalog.modelversion",
     "catalog.acceleratorpool",
     "catalog.endpoint",
+    "catalog.provider",
+    "catalog.routetarget",
     "gateway.batch",
     "gateway.file",
     "billing.invoice",
@@ -53,6 +55,15 @@ VIEWABLE: tuple[str, ...] = (
 # both roles hold it; staff in no role see none of it.
 VIEW_REVENUE = "billing.view_usagerollup"
 MOVE_MONEY = "billing.move_money"
+# Upstream providers and endpoints' route targets (catalog/admin.py, docs/providers.md):
+# Django's own permissions on those models; the billing admin, who keeps the price book,
+# also keeps what the models cost and where they run.
+MANAGE_PROVIDERS: tuple[str, ...] = (
+    "catalog.add_provider",
+    "catalog.change_provider",
+    "catalog.delete_provider",
+    "catalog.change_routetarget",
+)
 SUSPEND = "billing.suspend_organization"
 
 ROLE_PERMISSIONS: Mapping[str, tuple[str, ...]] = {
@@ -61,6 +72,7 @@ ROLE_PERMISSIONS: Mapping[str, tuple[str, ...]] = {
         *(f"{model.split('.')[0]}.view_{model.split('.')[1]}" for model in VIEWABLE),
         MOVE_MONEY,
         SUSPEND,
+        *MANAGE_PROVIDERS,
     ),
 }
 

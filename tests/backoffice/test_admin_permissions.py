@@ -323,7 +323,7 @@ def test_the_migration_created_both_roles_with_exact_permissions(db: None) -> No
 
     assert all(p.split(".")[1].startswith("view_") for p in support)
     assert "billing.view_invoice" in support and "accounts.view_apikey" in support
-    assert admin == support | {roles.MOVE_MONEY, roles.SUSPEND}
+    assert admin == support | {roles.MOVE_MONEY, roles.SUSPEND, *roles.MANAGE_PROVIDERS}
     assert len(support) == len(roles.VIEWABLE)
 
 
@@ -338,7 +338,10 @@ def test_roles_sync_is_idempotent_and_restores_removed_permissions(db: None) -> 
     assert (
         first
         == second
-        == {roles.SUPPORT: len(roles.VIEWABLE), roles.BILLING_ADMIN: len(roles.VIEWABLE) + 2}
+        == {
+            roles.SUPPORT: len(roles.VIEWABLE),
+            roles.BILLING_ADMIN: len(roles.VIEWABLE) + 2 + len(roles.MANAGE_PROVIDERS),
+        }
     )
     assert roles.MOVE_MONEY not in perms_of(roles.SUPPORT)
 
@@ -351,9 +354,11 @@ def test_the_management_command_resyncs_the_roles(db: None) -> None:
 
     assert out.getvalue().splitlines() == [
         f"{roles.SUPPORT}: {len(roles.VIEWABLE)} permissions",
-        f"{roles.BILLING_ADMIN}: {len(roles.VIEWABLE) + 2} permissions",
+        f"{roles.BILLING_ADMIN}: {len(roles.VIEWABLE) + 2 + len(roles.MANAGE_PROVIDERS)} "
+        "permissions",
     ]
     assert perms_of(roles.SUPPORT) == perms_of(roles.BILLING_ADMIN) - {
         roles.MOVE_MONEY,
         roles.SUSPEND,
+        *roles.MANAGE_PROVIDERS,
     }
