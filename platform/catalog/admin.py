@@ -23,6 +23,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 from unfold.admin import ModelAdmin
+from unfold.decorators import action
 
 from accounts.models import User
 from accounts.principal import Principal
@@ -278,6 +279,7 @@ class ProviderAdmin(ModelAdmin):
     )
     readonly_fields = fields
     actions = ("enable_selected", "disable_selected")
+    actions_list = ("register_model",)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
         return super().get_queryset(request).annotate(targets_used=Count("targets"))
@@ -407,6 +409,57 @@ class ProviderAdmin(ModelAdmin):
         }
         return TemplateResponse(request, "backoffice/action.html", context, status=status)
 
+    @action(
+        description="Register a provider-only model",
+        url_path="register-model",
+        permissions=["catalog.add_provider", MANAGE_TARGETS],
+    )
+    def register_model(self, request: HttpRequest) -> HttpResponse:
+        """A public model served only by providers (catalog.providers.upstream_model_register),
+        with its first target; more on its endpoint's route targets page."""
+        operator = Provider.objects.filter(organization__isnull=True).order_by("name")
+        choices = [(p.id, f"{p.name} ({p.kind})") for p in operator]
+        data = request.POST if request.method == "POST" else None
+        form = UpstreamModelForm(data, providers=choices)
+        status = 200
+        if data is not None:
+            if form.is_valid():
+                fields = dict(form.cleaned_data)
+                target = {
+                    "kind": "provider",
+                    **{k: fields.pop(k) for k in list(fields) if k in TARGET_FIELDS},
+                }
+                try:
+                    endpoint = providers.upstream_model_register(
+                        principal=_principal(request), targets=[target], **fields
+                    )
+                except DomainError as exc:
+                    field = exc.param if exc.param in form.fields else None
+                    if (exc.param or "").startswith("targets[0]."):
+                        field = (exc.param or "").removeprefix("targets[0].")
+                        field = field if field in form.fields else None
+                    form.add_error(field, exc.message)
+                    status = exc.status
+                else:
+                    messages.success(
+                        request,
+                        f"{endpoint.name} is served by its providers; give it a price in the "
+                        "price book before customers call it",
+                    )
+                    return redirect(reverse("admin:catalog_endpoint_targets", args=[endpoint.pk]))
+            else:
+                status = 400
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Register a provider-only model",
+            "form": form,
+            "back_url": reverse("admin:catalog_provider_changelist"),
+            "hint": "A public model of runtime upstream (no artifact; no worker loads it), its "
+            "endpoint on the pool 'upstream', and its first provider target. Registering an "
+            "existing provider-only model again replaces its targets.",
+        }
+        return TemplateResponse(request, "backoffice/action.html", context, status=status)
+
     def delete_view(
         self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
     ) -> HttpResponseBase:
@@ -422,6 +475,30 @@ class ProviderAdmin(ModelAdmin):
             messages.success(request, f"provider {provider.name} deleted")
             return redirect(reverse("admin:catalog_provider_changelist"))
         return super().delete_view(request, object_id, extra_context)
+
+
+TARGET_FIELDS = ("provider_id", "upstream_model", "cost_input", "cost_output", "cost_cached_input")
+
+
+class UpstreamModelForm(forms.Form):
+    name = forms.CharField(max_length=120, help_text="The model name customers call")
+    kind = forms.ChoiceField(
+        choices=[(k, k) for k in (Model.Kind.CHAT, Model.Kind.COMPLETION, Model.Kind.EMBEDDING)]
+    )
+    context_length = forms.IntegerField(min_value=1, help_text="Tokens")
+    provider_id = forms.ChoiceField(choices=[], label="Provider")
+    upstream_model = forms.CharField(
+        max_length=200, help_text="The provider's model name, or the Azure deployment's"
+    )
+    cost_input = forms.DecimalField(
+        min_value=0, decimal_places=9, max_digits=20, help_text="The provider's charge per token"
+    )
+    cost_output = forms.DecimalField(min_value=0, decimal_places=9, max_digits=20)
+    cost_cached_input = forms.DecimalField(min_value=0, decimal_places=9, max_digits=20, initial=0)
+
+    def __init__(self, *args: Any, providers: list[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["provider_id"].choices = providers  # type: ignore[attr-defined]
 
 
 # --- Route targets ------------------------------------------------------------------------------

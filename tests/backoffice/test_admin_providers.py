@@ -301,3 +301,34 @@ def test_staff_without_a_role_or_the_second_factor_are_refused(staff: Staff, who
     response = client.post(ADD, provider_form(name="sneaky"))
     assert response.status_code in (302, 403)
     assert not Provider.objects.filter(name="sneaky").exists()
+
+
+def test_the_billing_admin_registers_a_provider_only_model(staff: Staff) -> None:
+    admin = client_for(staff.billing_admin)
+    provider = an_operator_provider()
+    url = reverse("admin:catalog_provider_register_model")
+    assert "register-model" in admin.get(LIST).content.decode()  # the list's button
+    assert admin.get(url).status_code == 200
+    form = {
+        "name": "gpt-4o-mini",
+        "kind": "chat",
+        "context_length": "128000",
+        "provider_id": provider.id,
+        "upstream_model": "gpt-4o-mini",
+        "cost_input": "0.00000015",
+        "cost_output": "0.0000006",
+        "cost_cached_input": "0",
+    }
+    refused = admin.post(url, {**form, "upstream_model": "gpt 4o"})
+    assert refused.status_code == 400
+    assert "printable ASCII" in refused.content.decode()
+    assert not Endpoint.objects.filter(name="gpt-4o-mini").exists()
+
+    response = admin.post(url, form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    endpoint = Endpoint.objects.get(name="gpt-4o-mini", organization=None)
+    assert response["location"] == targets_url(endpoint)
+    assert (endpoint.model_version.runtime, endpoint.pool.name) == ("upstream", "upstream")
+    spec = published(endpoint.id)
+    assert [(t["kind"], t["model"]) for t in spec.targets] == [("provider", "gpt-4o-mini")]
+    assert client_for(staff.support).get(url).status_code == 403
