@@ -3,6 +3,7 @@ and the usage and cost API (`/usage`, `/costs`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
 
 from django.http import HttpRequest
@@ -192,10 +193,11 @@ def alert_list(
 USAGE_PATH = "/organizations/{organization_id}"
 
 
-def _param(name: str, description: str, schema: dict[str, object]) -> dict[str, object]:
+def _param(name: str, description: str, schema: Mapping[str, object]) -> dict[str, object]:
     return {"in": "query", "name": name, "description": description, "schema": schema}
 
 
+_LIST: Mapping[str, object] = {"type": "array", "items": {"type": "string"}}
 _USAGE_PARAMETERS = [
     _param(
         "start_time",
@@ -213,7 +215,7 @@ _USAGE_PARAMETERS = [
         "group_by",
         "Repeated or comma-separated: model, project_id, api_key_id, endpoint_id, "
         "service_class; costs also token_kind (alias line_item)",
-        {"type": "array", "items": {"type": "string"}},
+        _LIST,
     ),
     _param(
         "limit",
@@ -221,6 +223,15 @@ _USAGE_PARAMETERS = [
         {"type": "integer"},
     ),
     _param("page", "The next_page cursor of the previous page", {"type": "string"}),
+    *(
+        _param(name, f"Only these {what} (repeated or comma-separated, at most 100)", _LIST)
+        for name, what in (
+            ("models", "models"),
+            ("project_ids", "projects"),
+            ("api_key_ids", "API keys"),
+            ("endpoint_ids", "endpoints"),
+        )
+    ),
 ]
 
 

@@ -3,9 +3,11 @@
 `GET /api/v1/organizations/{org}/usage` and `.../costs` (billing/api.py) parse their
 query here (`parse_query`) and read one page of buckets (`usage_page`, `cost_page`).
 Usage sums the rollups in the database. Costs are rated by the price book's one path
-(`PriceBook.rate_rollups`, grouped by model and hour as the invoice groups them), so a
-closed month's costs are the invoice's usage lines: the same charges, each line's
-exact amount here, rounded to cents there (docs/billing.md, "The usage and cost API").
+(`PriceBook.rate_rollups`, grouped by model and hour as the invoice groups them), with
+provisioned throughput's unit-hours (`provisioned.unit_hours`, as the invoice bills
+them), so a closed month's costs are the invoice's usage and provisioned lines: the same
+charges, each line's exact amount here, rounded to cents there (docs/api.md, "Usage and
+costs").
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from django.db.models.functions import TruncDay, TruncHour, TruncMonth
 from django.http import QueryDict
 from django.utils import timezone
 
+from billing import provisioned
 from billing.models import UsageRollup
 from billing.periods import hour_start, month_start, next_month
 from billing.pricing import (
@@ -73,7 +76,18 @@ GROUP_BY: Mapping[str, tuple[str, ...]] = {
     USAGE: ("model", "project_id", "api_key_id", "endpoint_id", "service_class"),
     COSTS: ("model", "project_id", "api_key_id", "endpoint_id", "service_class", "token_kind"),
 }
+# Filters (OpenAI's names): repeated or comma-separated values -> the rollup column.
+FILTERS: Mapping[str, str] = {
+    "models": "model_name",
+    "project_ids": "project_id",
+    "api_key_ids": "api_key_id",
+    "endpoint_ids": "endpoint_id",
+}
+MAX_FILTER_VALUES = 100
 ALIASES = {"line_item": "token_kind", "project": "project_id", "api_key": "api_key_id"}
+
+# The line item of provisioned throughput's unit-hours (the invoice's `provisioned` lines).
+UNIT_HOURS = "provisioned_unit_hours"
 
 SERVICE_CLASSES = ("online", "batch", "priority", "flex", "provisioned")
 # A rollup's parts per service class (the online class is the total less every part).
@@ -104,11 +118,14 @@ class Query:
     group_by: tuple[str, ...]  # in GROUP_BY's order
     limit: int
     page_start: datetime  # the first bucket of this page
+    # Filters: rollup column -> the values kept (none: every value).
+    filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def fingerprint(self) -> str:
         """What a cursor is bound to: the query less its page and limit."""
-        shape = [self.kind, self.organization_id, self.start.timestamp(), self.end.timestamp()]
-        shape += [self.width, *self.group_by]
+        shape: list[Any] = [self.kind, self.organization_id]
+        shape += [self.start.timestamp(), self.end.timestamp(), self.width, *self.group_by]
+        shape += [[column, *values] for column, values in self.filters]
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
 
@@ -200,6 +217,22 @@ def _group_by(params: QueryDict, kind: str) -> tuple[str, ...]:
     return tuple(name for name in GROUP_BY[kind] if name in wanted)
 
 
+def _filters(params: QueryDict) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    found = []
+    for name, column in FILTERS.items():
+        values = sorted(
+            {part.strip() for value in params.getlist(name) for part in value.split(",")} - {""}
+        )
+        if len(values) > MAX_FILTER_VALUES or any(len(v) > 200 for v in values):
+            raise InvalidInput(
+                f"{name} takes at most {MAX_FILTER_VALUES} values of at most 200 characters",
+                param=name,
+            )
+        if values:
+            found.append((column, tuple(values)))
+    return tuple(found)
+
+
 def parse_query(
     params: QueryDict, *, kind: str, organization_id: str, now: datetime | None = None
 ) -> Query:
@@ -246,6 +279,7 @@ def parse_query(
         group_by=_group_by(params, kind),
         limit=limit,
         page_start=bucket_floor(start, width),
+        filters=_filters(params),
     )
     cursor = _one(params, "page")
     if cursor is None:
@@ -270,8 +304,8 @@ def _read_cursor(cursor: str, query: Query) -> datetime:
         raise bad from None
     if fingerprint != query.fingerprint():
         raise InvalidInput(
-            "page belongs to another query: keep start_time, end_time, bucket_width and "
-            "group_by as they were when next_page was returned",
+            "page belongs to another query: keep start_time, end_time, bucket_width, "
+            "group_by and the filters as they were when next_page was returned",
             param="page",
         )
     if not query.start <= at < query.end or bucket_floor(at, query.width) != at:
@@ -305,9 +339,12 @@ def _columns(query: Query) -> list[str]:
 
 
 def _rows(query: Query, start: datetime, end: datetime) -> Any:
-    return UsageRollup.objects.filter(
+    rows = UsageRollup.objects.filter(
         organization_id=query.organization_id, hour__gte=start, hour__lt=end
     )
+    for column, values in query.filters:
+        rows = rows.filter(**{f"{column}__in": values})
+    return rows
 
 
 def _result(query: Query, kind_name: str, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -388,16 +425,58 @@ def _rated(
     yield from book.rate_rollups(grouped.iterator(chunk_size=2000), kinds=kinds)
 
 
-def cost_page(query: Query) -> Page:
+def _unit_hour_charges(
+    query: Query, bounds: Sequence[tuple[datetime, datetime]], now: datetime
+) -> Iterator[tuple[datetime, dict[str, Any], Decimal]]:
+    """(bucket, group, exact amount) of provisioned throughput's unit-hours: each
+    commitment's hours begun in each bucket (`provisioned.unit_hours`, what the invoice's
+    provisioned lines bill; commitments start and end on whole hours, so the buckets'
+    hours add up to the month's), at its unit-hour price. A commitment belongs to an
+    endpoint and its model, not to a project or key."""
+    if not provisioned.unit_hours(query.organization_id, bounds[0][0], bounds[-1][1], now=now):
+        return
+    for start, end in bounds:
+        for billed in provisioned.unit_hours(query.organization_id, start, end, now=now):
+            c = billed.commitment
+            if not _kept(query, model_name=c.model_name, endpoint_id=c.endpoint_id):
+                continue
+            dimensions = {
+                "model": c.model_name,
+                "project_id": None,
+                "api_key_id": None,
+                "endpoint_id": c.endpoint_id,
+                "service_class": "provisioned",
+                "token_kind": UNIT_HOURS,
+            }
+            group = {d: dimensions[d] for d in query.group_by}
+            yield start, group, Decimal(billed.quantity) * c.unit_hour_price
+
+
+def _kept(query: Query, **columns: str) -> bool:
+    """Whether a unit-hours charge passes the filters: never one by project or key (the
+    units belong to neither), else one by model or endpoint naming its own."""
+    for column, values in query.filters:
+        if column not in columns or columns[column] not in values:
+            return False
+    return True
+
+
+def cost_page(query: Query, *, now: datetime | None = None) -> Page:
     """One page of cost buckets: each charge's exact amount at the price of its hour,
-    summed per bucket and group. Unpriced usage costs nothing here (the invoice holds it
-    for the operator rather than billing it)."""
+    summed per bucket and group, and provisioned throughput's unit-hours. Unpriced usage
+    costs nothing here (the invoice holds it for the operator rather than billing it)."""
     bounds, next_page = _page_bounds(query)
     if not bounds:
         return Page([], None)
     names = [*query.group_by]
     sums: dict[datetime, dict[tuple[Any, ...], Decimal]] = defaultdict(dict)
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def add(bucket: datetime, group: dict[str, Any], amount: Decimal) -> None:
+        key = _key(group, names)
+        groups[key] = group
+        sums[bucket][key] = sums[bucket].get(key, Decimal(0)) + amount
+
     for row, rating in _rated(query, bounds[0][0], bounds[-1][1]):
         bucket = bucket_floor(row["hour"], query.width)
         base = _group_of(row, query)
@@ -410,9 +489,9 @@ def cost_page(query: Query) -> Page:
                 group["token_kind"] = charge.unit
             if "service_class" in query.group_by:
                 group["service_class"] = service_class_of(charge.unit)
-            key = _key(group, names)
-            groups[key] = group
-            sums[bucket][key] = sums[bucket].get(key, Decimal(0)) + amount
+            add(bucket, group, amount)
+    for bucket, group, amount in _unit_hour_charges(query, bounds, now or timezone.now()):
+        add(bucket, group, amount)
     currency = settings.MANTLE_BILLING_CURRENCY.lower()
     buckets = []
     for start, end in bounds:

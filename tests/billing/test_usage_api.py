@@ -24,9 +24,11 @@ from accounts.permissions import Role
 from accounts.principal import SYSTEM
 from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.metering.drain import usage_drain
-from billing.models import InvoiceLine
+from billing.models import InvoiceLine, ProvisionedCommitment
 from billing.money import exact_amount, round_cents
 from billing.periods import month_start, next_month, previous_month
+from billing.usage_buckets import UNIT_HOURS
+from catalog.services import endpoint_create
 from core.redis import get_redis
 from tests.billing.factories import (
     CHAT,
@@ -39,7 +41,13 @@ from tests.billing.factories import (
 )
 from tests.billing.metering_support import UsageEventFactory, emit
 from tests.conftest import OrgWorld
-from tests.factories import default_project, make_api_key
+from tests.factories import (
+    UNSERVED_ENCODER,
+    default_project,
+    make_api_key,
+    make_model_version,
+    make_pool,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -77,6 +85,33 @@ def error(response: Any, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.content
     err: dict[str, Any] = response.json()["error"]
     return err
+
+
+def commitment(
+    world: OrgWorld, *, units: int, starts_at: datetime, ends_at: datetime, price: str
+) -> ProvisionedCommitment:
+    """Provisioned units sold in the past (written directly: the service refuses past
+    hours, as tests/billing/test_provisioned.py does)."""
+    version = make_model_version(world.org, UNSERVED_ENCODER, model_name=f"enc-{world.org.id}")
+    endpoint = endpoint_create(
+        principal=SYSTEM,
+        org=world.org,
+        name="enc",
+        model_version_id=version.id,
+        pool=make_pool("prov-pool").name,
+    )
+    row: ProvisionedCommitment = ProvisionedCommitment.objects.create(
+        organization=world.org,
+        endpoint=endpoint,
+        model_name=CHAT,
+        units=units,
+        tokens_per_minute_per_unit=600,
+        unit_hour_price=Decimal(price),
+        reason="test",
+        starts_at=starts_at,
+        ends_at=ends_at,
+    )
+    return row
 
 
 # --- who may read ---------------------------------------------------------------------------
@@ -413,6 +448,83 @@ def test_costs_rate_each_hour_at_its_own_price_and_leave_unpriced_usage_out(
     ]
 
 
+def test_provisioned_unit_hours_are_costs_of_their_endpoint_bucket_by_bucket(
+    world: OrgWorld,
+) -> None:
+    row = commitment(world, units=3, starts_at=at(10, 1, 20), ends_at=at(10, 3, 2), price="2.5")
+    usage(world.org, at(10, 1, 21), input_tokens=1_000_000, provisioned_input_tokens=1_000_000)
+    client = read_usage_client(world)
+
+    days = ok(
+        get(
+            client,
+            world,
+            "costs",
+            start_time=ts(at(10, 1)),
+            end_time=ts(at(10, 4)),
+            group_by="token_kind,endpoint_id,service_class",
+        )
+    )
+    month = ok(get(client, world, "costs", start_time=ts(at(10, 1)), bucket_width="1mo", limit=1))
+
+    # 4 hours on the 1st, 24 on the 2nd, 2 on the 3rd: 30 hours of 3 units at 2.5.
+    assert [
+        sorted(
+            (r["line_item"], r["endpoint_id"], r["service_class"], r["amount"]["value"])
+            for r in b["results"]
+        )
+        for b in days["data"]
+    ] == [
+        [
+            ("provisioned_input", "ep-test", "provisioned", "0.00"),
+            (UNIT_HOURS, row.endpoint_id, "provisioned", "30.00"),
+        ],
+        [(UNIT_HOURS, row.endpoint_id, "provisioned", "180.00")],
+        [(UNIT_HOURS, row.endpoint_id, "provisioned", "15.00")],
+    ]
+    assert [r["amount"]["value"] for r in month["data"][0]["results"]] == ["225.00"]
+
+
+def test_filters_keep_the_named_models_projects_keys_and_endpoints(world: OrgWorld) -> None:
+    other = services.project_create(principal=SYSTEM, org=world.org, name="research")
+    usage(world.org, at(10, 2, 1), input_tokens=1_000_000, api_key_id="key_a", endpoint_id="e1")
+    usage(world.org, at(10, 2, 1), input_tokens=2_000_000, api_key_id="key_b", endpoint_id="e2")
+    usage(world.org, at(10, 2, 2), input_tokens=4_000_000, model=EMBED, project_id=other.id)
+    row = commitment(world, units=1, starts_at=at(10, 2, 5), ends_at=at(10, 2, 7), price="10")
+    client = read_usage_client(world)
+    window = {"start_time": ts(at(10, 2)), "end_time": ts(at(10, 3))}
+
+    def tokens(**filters: Any) -> int:
+        body = ok(get(client, world, "usage", **window, **filters))
+        return sum(r["input_tokens"] for r in body["data"][0]["results"])
+
+    def cost(**filters: Any) -> str:
+        body = ok(get(client, world, "costs", **window, **filters))
+        return ",".join(r["amount"]["value"] for r in body["data"][0]["results"])
+
+    assert tokens() == 7_000_000
+    assert tokens(models=EMBED) == 4_000_000
+    assert tokens(project_ids=other.id) == 4_000_000
+    assert tokens(api_key_ids="key_a,key_b") == 3_000_000
+    assert tokens(api_key_ids=["key_b"], endpoint_ids=["e1"]) == 0
+    assert tokens(endpoint_ids="e2") == 2_000_000
+    # Unit-hours belong to their endpoint and model, never to a project or key.
+    assert cost() == "25.00"  # 3 at 1 + 2 x 0.5 + 2 unit-hours at 10
+    assert cost(models=CHAT) == "23.00"
+    assert cost(endpoint_ids=row.endpoint_id) == "20.00"
+    assert cost(api_key_ids="key_a") == "1.00"
+    # A cursor is bound to its filters.
+    paged = {"start_time": ts(at(10, 1)), "end_time": ts(at(10, 5)), "limit": 1}
+    cursor = ok(get(client, world, "usage", **paged, models=CHAT))["next_page"]
+    assert ok(get(client, world, "usage", **paged, models=CHAT, page=cursor))["data"]
+    err = error(get(client, world, "usage", **paged, models=EMBED, page=cursor), 400)
+    assert err["param"] == "page"
+    too_many = error(
+        get(client, world, "usage", **window, models=[str(n) for n in range(101)]), 400
+    )
+    assert too_many["param"] == "models"
+
+
 def test_token_kind_groups_costs_only(world: OrgWorld) -> None:
     err = error(
         get(
@@ -606,12 +718,25 @@ def test_a_closed_months_costs_equal_its_finalized_invoice(world: OrgWorld) -> N
         for i in range(24)
     ]
     emit(get_redis(), events)
+    # And provisioned units through two days of the month, at a price of nine places.
+    commitment(
+        world,
+        units=2,
+        starts_at=month + timedelta(days=2, hours=5),
+        ends_at=month + timedelta(days=4),
+        price="1.234567891",
+    )
     assert usage_drain(consumer="test", client=get_redis(), once=True, hooks=()).inserted == 24
     draft = invoice_refresh_draft(org=world.org, month=month)
     assert draft is not None
     invoice = invoice_finalize(principal=staff_principal(), invoice=draft)
-    lines = list(invoice.lines.filter(kind=InvoiceLine.Kind.USAGE))
-    assert len(lines) == len(invoice.lines.all()) > 6  # usage lines only: no credit, no tiers
+    lines = list(invoice.lines.all())
+    # Usage lines and the unit-hours': no credit, no committed-spend tier, no adjustment.
+    assert {line.kind for line in lines} == {InvoiceLine.Kind.USAGE, InvoiceLine.Kind.PROVISIONED}
+    assert len(lines) > 6
+
+    def line_item(line: InvoiceLine) -> tuple[str, str]:
+        return line.model_name, line.token_kind or UNIT_HOURS
 
     body = ok(
         get(
@@ -635,12 +760,14 @@ def test_a_closed_months_costs_equal_its_finalized_invoice(world: OrgWorld) -> N
     # One line per (model, kind): each result is its line exactly, before the line's
     # rounding to cents; rounded, it is the line's amount.
     assert results == {
-        (line.model_name, line.token_kind): exact_amount(line.quantity, line.unit_price)
+        line_item(line): exact_amount(line.quantity, line.unit_price)
+        if line.kind == InvoiceLine.Kind.USAGE
+        else line.quantity * line.unit_price
         for line in lines
         if line.unit_price is not None
     }
     assert {key: round_cents(value) for key, value in results.items()} == {
-        (line.model_name, line.token_kind): line.amount for line in lines
+        line_item(line): line.amount for line in lines
     }
     assert sum(round_cents(v) for v in results.values()) == invoice.subtotal == invoice.total
     # Ungrouped, the month is one amount: the lines' exact sum, to the nano and beyond.
