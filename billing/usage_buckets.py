@@ -223,9 +223,12 @@ def _filters(params: QueryDict) -> tuple[tuple[str, tuple[str, ...]], ...]:
         values = sorted(
             {part.strip() for value in params.getlist(name) for part in value.split(",")} - {""}
         )
-        if len(values) > MAX_FILTER_VALUES or any(len(v) > 200 for v in values):
+        if len(values) > MAX_FILTER_VALUES or any(
+            len(v) > 200 or not v.isprintable() for v in values
+        ):
             raise InvalidInput(
-                f"{name} takes at most {MAX_FILTER_VALUES} values of at most 200 characters",
+                f"{name} takes at most {MAX_FILTER_VALUES} values of at most 200 printable "
+                "characters",
                 param=name,
             )
         if values:

@@ -523,6 +523,8 @@ def test_filters_keep_the_named_models_projects_keys_and_endpoints(world: OrgWor
         get(client, world, "usage", **window, models=[str(n) for n in range(101)]), 400
     )
     assert too_many["param"] == "models"
+    nul = error(get(client, world, "costs", **window, api_key_ids="key\x00a"), 400)
+    assert nul["param"] == "api_key_ids"
 
 
 def test_token_kind_groups_costs_only(world: OrgWorld) -> None:
