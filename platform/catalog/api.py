@@ -254,6 +254,8 @@ def _provider_out(p: Provider) -> ProviderOut:
 
 
 def _target_out(t: RouteTarget) -> RouteTargetOut:
+    # The operator's targets: what the operator pays its provider is not shown.
+    operators = t.provider is not None and t.provider.organization_id is None
     return RouteTargetOut(
         id=t.id,
         kind=t.kind,
@@ -262,9 +264,10 @@ def _target_out(t: RouteTarget) -> RouteTargetOut:
         upstream_model=t.upstream_model,
         position=t.position,
         weight=t.weight,
-        cost_input=t.cost_input,
-        cost_output=t.cost_output,
-        cost_cached_input=t.cost_cached_input,
+        cost_input=None if operators else t.cost_input,
+        cost_output=None if operators else t.cost_output,
+        cost_cached_input=None if operators else t.cost_cached_input,
+        operator=operators,
         enabled=t.enabled,
     )
 

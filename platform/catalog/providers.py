@@ -251,9 +251,12 @@ def route_targets_set(
 
     A provider target's provider is the operator's or the endpoint's own organization's
     (an organization's provider never serves another organization's or a public endpoint);
-    `operator_providers` False refuses the operator's too (an organization's own
-    management API). An endpoint of a provider-only model (runtime `upstream`) has no pool
-    target and at least one provider target. An empty list: the pool only.
+    `operator_providers` False (an organization's own management API) refuses the operator's
+    providers, but for the operator's targets the endpoint already has (the same provider and
+    upstream model): those may stay, be moved, re-weighted, disabled or removed, and keep the
+    costs the operator set (what the operator pays is not the organization's to change).
+    An endpoint of a provider-only model (runtime `upstream`) has no pool target and at
+    least one provider target. An empty list: the pool only.
     """
     cleaned = [TargetIn.of(t) for t in targets]
     if len(cleaned) > MAX_TARGETS:
@@ -268,8 +271,18 @@ def route_targets_set(
         providers = {
             p.id: p for p in Provider.objects.select_for_update().filter(id__in=sorted(wanted_ids))
         }
+        kept = (
+            {}
+            if operator_providers
+            else {
+                (t.provider_id, t.upstream_model): t
+                for t in RouteTarget.objects.filter(
+                    endpoint=locked, kind=RouteTarget.Kind.PROVIDER, provider__organization=None
+                )
+            }
+        )
         rows = [
-            _target_row(locked, t, i, providers, operator_providers=operator_providers)
+            _target_row(locked, t, i, providers, operator_providers=operator_providers, kept=kept)
             for i, t in enumerate(cleaned)
         ]
         _check_target_set(locked, rows)
@@ -532,6 +545,7 @@ def _target_row(
     providers: Mapping[str, Provider],
     *,
     operator_providers: bool,
+    kept: Mapping[tuple[str | None, str], RouteTarget],
 ) -> dict[str, Any]:
     at = f"targets[{index}]"
     if target.kind not in RouteTarget.Kind.values:
@@ -561,17 +575,22 @@ def _target_row(
             )
         return {**row, "provider": None, "upstream_model": "", **costs}
     provider = providers.get(target.provider_id or "")
+    model = (target.upstream_model or "").strip()
+    operator_kept = kept.get((target.provider_id, model))
     # Another organization's provider is refused exactly like one that does not exist.
     visible = provider is not None and (
         provider.organization_id == endpoint.organization_id
         if provider.organization_id is not None
-        else operator_providers
+        else operator_providers or operator_kept is not None
     )
     if provider is None or not visible:
         raise InvalidInput(
             f"{at}: provider {target.provider_id!r} not found", param=f"{at}.provider_id"
         )
-    model = (target.upstream_model or "").strip()
+    if provider.organization_id is None and operator_kept is not None:
+        costs = {
+            f: getattr(operator_kept, f) for f in ("cost_input", "cost_output", "cost_cached_input")
+        }
     if not model:
         raise InvalidInput(
             f"{at}.upstream_model is required (the provider's model or Azure deployment)",

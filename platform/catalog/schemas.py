@@ -178,7 +178,11 @@ class RouteTargetOut(Schema):
     upstream_model: str
     position: int
     weight: int
-    cost_input: Decimal
-    cost_output: Decimal
-    cost_cached_input: Decimal
+    cost_input: Decimal | None = Field(description="null on the operator's targets")
+    cost_output: Decimal | None
+    cost_cached_input: Decimal | None
+    operator: bool = Field(
+        description="a target the operator set on one of its providers: it may be kept, "
+        "moved or removed (its costs stay the operator's), not added"
+    )
     enabled: bool

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -260,3 +261,53 @@ def test_organizations_never_see_or_use_each_others_providers(
     assert refused.status_code == 400
     assert not RouteTarget.objects.exists()
     Provider.objects.get(id=theirs).refresh_from_db()  # untouched
+
+
+@pytest.mark.usefixtures("byok")
+def test_the_operators_targets_on_an_endpoint_stay_the_operators(
+    call: Call, world: OrgWorld
+) -> None:
+    endpoint = endpoint_of(world)
+    operator = svc.provider_create(
+        principal=SYSTEM,
+        organization=None,
+        name="operator openai",
+        kind="openai",
+        base_url="https://api.openai.com/v1",
+        credential=SECRET,
+    )
+    svc.route_targets_set(
+        principal=SYSTEM,
+        endpoint=endpoint,
+        targets=[
+            {
+                "kind": "provider",
+                "provider_id": operator.id,
+                "upstream_model": "gpt-4o-mini",
+                "cost_input": "0.00000015",
+            }
+        ],
+    )
+    path = f"/organizations/{world.org.id}/endpoints/{endpoint.id}/targets"
+    [shown] = call(admin(world), "get", path).json()
+    assert shown["operator"] is True
+    assert (shown["cost_input"], shown["cost_output"], shown["provider_name"]) == (
+        None,
+        None,
+        "operator openai",
+    )
+    # Kept and moved behind the pool: the operator's costs stay, whatever is sent.
+    kept = {**shown, "position": 1, "weight": 5, "cost_input": "0"}
+    for field in ("id", "provider_name", "operator", "cost_output", "cost_cached_input"):
+        kept.pop(field)
+    response = call(admin(world), "put", path, {"targets": [{"kind": "pool"}, kept]})
+    assert response.status_code == 200, response.content
+    row = RouteTarget.objects.get(endpoint=endpoint, provider=operator)
+    assert (row.position, row.weight, row.cost_input) == (1, 5, Decimal("0.00000015"))
+    # Another of the operator's models is not the organization's to add.
+    other = {**kept, "upstream_model": "gpt-4o"}
+    refused = call(admin(world), "put", path, {"targets": [other]})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "targets[0].provider_id"
+    # Removing it is.
+    assert call(admin(world), "put", path, {"targets": []}).json() == []
