@@ -264,9 +264,9 @@ def _target_out(t: RouteTarget) -> RouteTargetOut:
         upstream_model=t.upstream_model,
         position=t.position,
         weight=t.weight,
-        cost_input=None if operators else t.cost_input,
-        cost_output=None if operators else t.cost_output,
-        cost_cached_input=None if operators else t.cost_cached_input,
+        cost_input=None if operators else f"{t.cost_input:f}",
+        cost_output=None if operators else f"{t.cost_output:f}",
+        cost_cached_input=None if operators else f"{t.cost_cached_input:f}",
         operator=operators,
         enabled=t.enabled,
     )

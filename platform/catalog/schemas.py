@@ -178,9 +178,11 @@ class RouteTargetOut(Schema):
     upstream_model: str
     position: int
     weight: int
-    cost_input: Decimal | None = Field(description="null on the operator's targets")
-    cost_output: Decimal | None
-    cost_cached_input: Decimal | None
+    cost_input: str | None = Field(
+        description="a decimal string, the currency per token; null on the operator's targets"
+    )
+    cost_output: str | None
+    cost_cached_input: str | None
     operator: bool = Field(
         description="a target the operator set on one of its providers: it may be kept, "
         "moved or removed (its costs stay the operator's), not added"

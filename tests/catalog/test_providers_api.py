@@ -209,6 +209,11 @@ def test_targets_of_an_endpoint_are_set_and_published(call: Call, world: OrgWorl
         ("provider", provider_id, 1, 2),
     ]
     assert targets[1]["provider_name"] == "own vllm"
+    assert (targets[1]["cost_input"], targets[1]["cost_output"], targets[0]["cost_input"]) == (
+        "0.000000100",
+        "0.000000200",
+        "0.000000000",
+    )
     assert [t["kind"] for t in published(endpoint.id).targets] == ["pool", "provider"]
     assert call(world.client_for(Role.VIEWER), "get", path).json() == targets
 
