@@ -62,6 +62,12 @@ class EndpointSpec:
     targets: tuple[dict[str, Any], ...] = ()
 
     @property
+    def routed(self) -> bool:
+        """Whether its requests follow route targets (gateway/relay.py) rather than only
+        the pool: a provider may serve them, or the pool reports itself as their server."""
+        return bool(self.targets)
+
+    @property
     def relayed(self) -> bool:
         """Whether any of its requests may go to an upstream provider."""
         return any(t.get("kind") == "provider" for t in self.targets)

@@ -54,8 +54,11 @@ elseif ARGV[19] == '4' then
   -- Within provisioned throughput units ('4'): paid per unit-hour, nothing per token.
   price[1], price[2], price[3], price[4], price[6] = '0', '0', '0', '0', '0'
 end
-local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
-if live == 0 then return {-1} end
+-- A request relayed to an upstream provider (ARGV[8] < 0) needs no live worker.
+if tonumber(ARGV[8]) >= 0 then
+  local live = redis.call('ZCOUNT', KEYS[7], (now - tonumber(ARGV[8])) / 1000, '+inf')
+  if live == 0 then return {-1} end
+end
 local cost = tonumber(ARGV[1])
 -- Buckets, requests then tokens of each: key, project, endpoint, and the organization's
 -- share of the endpoint (KEYS[12-13], caps ARGV[17-18]; a cap of 0 there: no share).
@@ -338,6 +341,7 @@ class RateLimiter:
         requests: int = 0,
         compute_ms: int = 0,
         service_class: str = ServiceClass.ONLINE,
+        check_live: bool = True,
     ) -> Admission:
         """Checks the price, liveness, all eight buckets and the wallet; takes from all
         only if all pass. The worst-case cost reserved is `prompt_tokens` and `max_tokens` at the
@@ -370,7 +374,7 @@ class RateLimiter:
         args: list[int | str] = [
             prompt_tokens + max_tokens,
             *caps[:6],
-            int(HEARTBEAT_TTL_S * 1000),
+            int(HEARTBEAT_TTL_S * 1000) if check_live else -1,
             limits.key_id,
             prompt_tokens,
             max_tokens,

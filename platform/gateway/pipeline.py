@@ -252,6 +252,38 @@ async def admit(
     return dataclasses.replace(admission, pool_share_key=share, work_class=chosen)
 
 
+async def admit_relayed(
+    limits: Limits,
+    spec: EndpointSpec,
+    organization_id: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    request_id: str,
+) -> Admission:
+    """`admit` for a request relayed to an upstream provider (gateway/relay.py): the same
+    rate limits, budgets and reservation at the prices of its class (online, or a batch
+    line's), with no pool to share or to find alive. Service tiers are the platform's
+    pools' business: a relayed online request runs as the default tier."""
+    chosen = (
+        contract.ServiceClass.BATCH.value
+        if service_class() == contract.ServiceClass.BATCH
+        else contract.ServiceClass.ONLINE.value
+    )
+    admission = await _admit(
+        limits,
+        spec,
+        organization_id,
+        prompt_tokens,
+        max_tokens,
+        request_id,
+        requests=0,
+        compute_ms=0,
+        work_class=chosen,
+        check_live=False,
+    )
+    return dataclasses.replace(admission, work_class=chosen)
+
+
 async def _admit(
     limits: Limits,
     spec: EndpointSpec,
@@ -263,6 +295,7 @@ async def _admit(
     requests: int,
     compute_ms: int,
     work_class: str,
+    check_live: bool = True,
 ) -> Admission:
     chosen = work_class
 
@@ -279,6 +312,7 @@ async def _admit(
             requests=requests,
             compute_ms=compute_ms,
             service_class=chosen,
+            check_live=check_live,
         )
 
     admission = await attempt()

@@ -14,7 +14,12 @@ from catalog.models import Endpoint
 from catalog.services import builtin_models_register
 from core.redis import get_redis
 from tests.factories import OrganizationFactory, make_api_key, price_builtin_models
+from tests.gateway.relay_support import LOOPBACK_ALLOWED
 from tests.support.stack import Process, Stack, builtin_manifests
+from tests.support.upstream_fake import (  # noqa: F401 (fixtures by name)
+    upstream_fake_fixture,
+    upstream_fake_server_fixture,
+)
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
@@ -72,3 +77,15 @@ def served(live: LiveStack, transactional_db: None) -> Served:
     org = OrganizationFactory()
     key, secret = make_api_key(org, scopes=["inference"])
     return Served(live=live, org=org, key=key, secret=secret, endpoints=endpoints)
+
+
+@pytest.fixture(scope="module")
+def relay_gateway(live: LiveStack) -> Iterator[Process]:
+    """A second gateway process (same database and Redis) allowed to reach loopback
+    providers: the relay. The session's gateway is the upstream Mantle."""
+    proc = live.stack.start_gateway("gateway-relay", env=LOOPBACK_ALLOWED)
+    live.stack.wait_serving(proc)
+    try:
+        yield proc
+    finally:
+        live.stack.stop(proc)

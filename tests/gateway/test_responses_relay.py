@@ -76,7 +76,7 @@ def _relay(generation: Scripted, order: list[str], **body: Any) -> list[dict[str
     events: list[dict[str, Any]] = []
 
     async def run() -> None:
-        stream = responses.relay(generation, shape, plan, [], Owner("org", "proj", "key"))
+        stream = responses.relay_stream(generation, shape, plan, [], Owner("org", "proj", "key"))
         async for chunk in stream:
             head, data = chunk.decode().rstrip("\n").split("\n")
             event = json.loads(data.removeprefix("data: "))
@@ -198,7 +198,7 @@ def test_a_client_that_goes_away_stops_the_worker_and_settles() -> None:
     shape = responses.Shape.of(request, plan, "resp_1", generation.created)
 
     async def run() -> None:
-        stream = responses.relay(generation, shape, plan, [], Owner("org", "proj", "key"))
+        stream = responses.relay_stream(generation, shape, plan, [], Owner("org", "proj", "key"))
         await stream.__anext__()
         await stream.aclose()  # the client went away after the first event
 

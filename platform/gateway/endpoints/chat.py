@@ -13,7 +13,9 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 
-from gateway import agent, text
+from accounts.keys import KeyIdentity
+from catalog.specs import EndpointSpec
+from gateway import agent, relay, text
 from gateway.endpoints.shared import system_fingerprint, usage
 from gateway.errors import invalid
 from gateway.pipeline import (
@@ -110,6 +112,25 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     identity, spec = await resolve(request, body.model)
     assert spec is not None
     require_kind(spec, {"chat"}, "v1/chat/completions")
+    if spec.routed:
+        return await relay.serve(
+            request,
+            identity,
+            spec,
+            relay.call_of("chat/completions", relay.params(body), stream=bool(body.stream)),
+            lambda: _on_pool(request, body, plan, identity, spec),
+        )
+    return await _on_pool(request, body, plan, identity, spec)
+
+
+async def _on_pool(
+    request: HttpRequest,
+    body: ChatCompletionRequest,
+    plan: agent.Plan,
+    identity: KeyIdentity,
+    spec: EndpointSpec,
+) -> HttpResponseBase:
+    """The request on the endpoint's own pool."""
     text.check_bias(spec, body.bias(), "logit_bias")
     messages, tool_variables = agent.template_messages(
         conversation(body),

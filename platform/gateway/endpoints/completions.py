@@ -14,7 +14,9 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase
 
-from gateway import text
+from accounts.keys import KeyIdentity
+from catalog.specs import EndpointSpec
+from gateway import relay, text
 from gateway.endpoints.shared import system_fingerprint, usage
 from gateway.errors import invalid
 from gateway.pipeline import (
@@ -48,6 +50,21 @@ async def completions(request: HttpRequest) -> HttpResponseBase:
     identity, spec = await resolve(request, body.model)
     assert spec is not None
     require_kind(spec, {"chat", "completion"}, "v1/completions")
+    if spec.routed:
+        return await relay.serve(
+            request,
+            identity,
+            spec,
+            relay.call_of("completions", relay.params(body), stream=bool(body.stream)),
+            lambda: _on_pool(request, body, identity, spec),
+        )
+    return await _on_pool(request, body, identity, spec)
+
+
+async def _on_pool(
+    request: HttpRequest, body: CompletionRequest, identity: KeyIdentity, spec: EndpointSpec
+) -> HttpResponseBase:
+    """The request on the endpoint's own pool."""
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:

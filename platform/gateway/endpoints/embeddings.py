@@ -11,9 +11,10 @@ import numpy as np
 from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 
+from accounts.keys import KeyIdentity
 from catalog.specs import EndpointSpec
 from core import metrics
-from gateway import text
+from gateway import relay, text
 from gateway.errors import OpenAIError, invalid
 from gateway.pipeline import (
     admit,
@@ -41,6 +42,21 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
     identity, spec = await resolve(request, body.model)
     assert spec is not None
     require_kind(spec, {"embedding"}, "v1/embeddings")
+    if spec.routed:
+        return await relay.serve(
+            request,
+            identity,
+            spec,
+            relay.call_of("embeddings", relay.params(body)),
+            lambda: _on_pool(request, body, identity, spec),
+        )
+    return await _on_pool(request, body, identity, spec)
+
+
+async def _on_pool(
+    request: HttpRequest, body: EmbeddingRequest, identity: KeyIdentity, spec: EndpointSpec
+) -> HttpResponseBase:
+    """The request on the endpoint's own pool."""
     if body.dimensions is not None and body.dimensions != spec.dimensions:
         raise invalid(
             f"This model produces {spec.dimensions}-dimensional embeddings; "

@@ -13,15 +13,17 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 
 from accounts.keys import KeyIdentity
-from gateway import agent, text
+from catalog.specs import EndpointSpec
+from gateway import agent, relay, text
 from gateway.backends import (
     REDIS_DOWN,
     database_read,
@@ -85,6 +87,29 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
     plan = await plan_of(body)
     previous = await _previous(body.previous_response_id, identity)
     items = conversation_of(previous, body)
+    owner = Owner(identity.organization_id, identity.project_id, identity.key_id)
+    if spec.routed:
+        return await relay.serve(
+            request,
+            identity,
+            spec,
+            relay.call_of("chat/completions", relayed_chat(body, plan, items)),
+            lambda: _on_pool(request, body, plan, identity, spec, items, owner),
+            convert=functools.partial(_converted, body, plan, items, owner),
+        )
+    return await _on_pool(request, body, plan, identity, spec, items, owner)
+
+
+async def _on_pool(
+    request: HttpRequest,
+    body: ResponseCreateRequest,
+    plan: agent.Plan,
+    identity: KeyIdentity,
+    spec: EndpointSpec,
+    items: list[Item],
+    owner: Owner,
+) -> HttpResponseBase:
+    """The request on the endpoint's own pool."""
     messages, tools_variable = agent.template_messages(
         chat_messages(body.instructions, items),
         plan.tools,
@@ -112,11 +137,10 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
         Shape.of(body, plan, agent.new_id("resp_"), generation.created),
         service_tier=generation.service_tier,
     )
-    owner = Owner(identity.organization_id, identity.project_id, identity.key_id)
     if body.stream:
         if generation.service_class == contract.ServiceClass.FLEX:
             await generation.prime()  # a flex refusal is a 429 before the stream starts
-        return streaming_reply(relay(generation, shape, plan, items, owner), generation)
+        return streaming_reply(relay_stream(generation, shape, plan, items, owner), generation)
     texts = await gather(generation)
     output = _Output(plan)
     output.push(texts[0])
@@ -363,6 +387,141 @@ def chat_messages(instructions: str | None, items: Sequence[Mapping[str, Any]]) 
     return messages
 
 
+# --- relayed to an upstream provider --------------------------------------------------------
+
+
+def relayed_chat(
+    body: ResponseCreateRequest, plan: agent.Plan, items: Sequence[Item]
+) -> dict[str, Any]:
+    """The request as a chat completion for a provider (docs/providers.md): the
+    conversation with its calls and their outputs, the tools, the tool choice and the text
+    format in chat's shapes. Sent whole (not streamed): the Responses stream is made of it."""
+    messages: list[dict[str, Any]] = []
+    for message in chat_messages(body.instructions, items):
+        out: dict[str, Any] = {"role": message["role"], "content": message.get("content", "")}
+        if message.get("tool_calls"):
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in message["tool_calls"]
+            ]
+        if message.get("tool_call_id"):
+            out["tool_call_id"] = message["tool_call_id"]
+        messages.append(out)
+    chat: dict[str, Any] = {"model": body.model, "messages": messages}
+    if body.max_output_tokens is not None:
+        chat["max_tokens"] = body.max_output_tokens
+    if body.temperature is not None:
+        chat["temperature"] = body.temperature
+    if body.top_p is not None:
+        chat["top_p"] = body.top_p
+    if plan.tools:
+        chat["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": dict(t.parameters),
+                    "strict": t.strict,
+                },
+            }
+            for t in plan.tools
+        ]
+        chat["tool_choice"] = (
+            plan.choice
+            if plan.choice in ("none", "auto", "required")
+            else {"type": "function", "function": {"name": plan.choice}}
+        )
+        chat["parallel_tool_calls"] = plan.parallel
+    fmt = body.text.format if body.text is not None else None
+    if isinstance(fmt, FormatJSONSchema):
+        chat["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict},
+        }
+    elif isinstance(fmt, FormatJSONObject):
+        chat["response_format"] = {"type": "json_object"}
+    return chat
+
+
+async def _converted(
+    body: ResponseCreateRequest,
+    plan: agent.Plan,
+    items: Sequence[Item],
+    owner: Owner,
+    answer: dict[str, Any],
+    headers: dict[str, str],
+) -> HttpResponseBase:
+    """A provider's chat completion as the Response (stored as any), whole or as the
+    Responses stream's events, sent at once."""
+    shape = Shape.of(body, plan, agent.new_id("resp_"), int(time.time()))
+    # Calls come structured from the provider: its text is all content.
+    output = _Output(dataclasses.replace(plan, tools=()))
+    opening = [output.next_sequence(), output.next_sequence()]
+    choices = answer.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], Mapping) else {}
+    message = choice.get("message") or {}
+    events: list[StreamEvent] = []
+    if isinstance(message.get("content"), str) and message["content"]:
+        events += output.push(message["content"])
+    for index, call in enumerate(message.get("tool_calls") or []):
+        function = call.get("function") or {} if isinstance(call, Mapping) else {}
+        events += output.call(
+            index,
+            str(call.get("id") or agent.new_id("call_")),
+            str(function.get("name") or ""),
+            str(function.get("arguments") or ""),
+        )
+    incomplete = choice.get("finish_reason") == "length"
+    events += output.close(incomplete=incomplete)
+    reply = shape.response(
+        "incomplete" if incomplete else "completed", output.items, _relayed_usage(answer)
+    )
+    if shape.store:
+        await _store(shape, owner, items, output.items, reply)
+    if not body.stream:
+        return json_reply(reply, headers=headers)
+    started = shape.response("in_progress", [], None)
+    stream: list[Mapping[str, Any]] = [
+        {"type": "response.created", "sequence_number": opening[0], "response": started},
+        {"type": "response.in_progress", "sequence_number": opening[1], "response": started},
+        *events,
+        {
+            "type": "response.incomplete" if incomplete else "response.completed",
+            "sequence_number": output.next_sequence(),
+            "response": reply,
+        },
+    ]
+
+    async def burst() -> AsyncGenerator[bytes, None]:
+        for event in stream:
+            yield typed_sse(event)
+
+    response = StreamingHttpResponse(burst(), content_type="text/event-stream")
+    response["cache-control"] = "no-cache"
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+def _relayed_usage(answer: Mapping[str, Any]) -> ResponseUsage | None:
+    counts = relay.usage_counts(answer.get("usage"))
+    if counts is None:
+        return None
+    prompt, completion, cached = counts
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
 # --- the reply ------------------------------------------------------------------------------
 
 
@@ -508,6 +667,13 @@ class _Output:
     def push(self, piece: str) -> list[StreamEvent]:
         for part in self._split.push(piece):
             self._piece(part)
+        return self._take()
+
+    def call(self, index: int, call_id: str, name: str, arguments: str) -> list[StreamEvent]:
+        """A whole tool call (a provider's, structured) as its item and events."""
+        self._piece(agent.CallStart(index, call_id, name))
+        if arguments:
+            self._piece(agent.CallArguments(index, arguments))
         return self._take()
 
     def close(self, *, incomplete: bool) -> list[StreamEvent]:
@@ -698,7 +864,7 @@ def typed_sse(event: Mapping[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
-async def relay(
+async def relay_stream(
     generation: Generation,
     shape: Shape,
     plan: agent.Plan,

@@ -1,0 +1,334 @@
+"""The relay against a provider that misbehaves on command (tests/support/upstream_fake.py):
+Azure OpenAI's scheme, retries honouring retry-after, fallback, the circuit breaker, a stream
+cut mid-way, no usage, a content-filter refusal, a slow first byte, a client that leaves, the
+provider's concurrency. Real processes: the relaying gateway, the fake, Redis."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from catalog.models import Provider
+from tests.factories import make_api_key
+from tests.gateway.conftest import Served
+from tests.gateway.relay_support import (
+    client,
+    provider,
+    relayed_endpoint,
+    usage_events,
+    wait_usage,
+)
+from tests.support.stack import Process
+from tests.support.upstream_fake import UpstreamFake
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
+
+MESSAGES = [{"role": "user", "content": "one two three four five"}]
+
+
+def azure(fake: UpstreamFake, name: str, **extra: Any) -> Provider:
+    return provider(
+        name,
+        fake.azure_endpoint,
+        fake.key,
+        kind=Provider.Kind.AZURE_OPENAI,
+        api_version="2024-10-21",
+        **extra,
+    )
+
+
+def openai_scheme(fake: UpstreamFake, name: str, **extra: Any) -> Provider:
+    return provider(name, fake.openai_base_url, fake.key, **extra)
+
+
+def one_target(model: str, upstream: Provider, **extra: Any) -> None:
+    relayed_endpoint(
+        model,
+        "chat",
+        [{"kind": "provider", "provider": upstream, "upstream_model": "gpt-4o", **extra}],
+    )
+
+
+def test_azure_scheme_whole_and_streamed_with_only_documented_headers(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-chat", azure(upstream_fake, "azure-1"))
+    relay = client(relay_gateway.url, served.secret)
+    raw = relay.chat.completions.with_raw_response.create(
+        model="az-chat", messages=MESSAGES, max_tokens=50
+    )
+    reply = raw.parse()
+    assert reply.choices[0].message.content == "echo: one two three four five"
+    assert reply.model == "az-chat"
+    assert raw.headers["x-mantle-served-by"] == "provider:azure-1/gpt-4o"
+    chunks = list(
+        relay.chat.completions.create(
+            model="az-chat", messages=MESSAGES, max_tokens=50, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.split() == ["echo:", "one", "two", "three", "four", "five"]
+    assert all(c.usage is None for c in chunks)  # the usage chunk the relay asked for: hidden
+    seen = upstream_fake.requests()
+    assert [r["path"] for r in seen] == ["/openai/deployments/gpt-4o/chat/completions"] * 2
+    for entry in seen:
+        assert "api-version=2024-10-21" in entry["query"]
+        assert entry["secrets"]["api-key"] == {"present": True, "matched": True}
+        # The customer's Mantle key never leaves the platform; nothing else of theirs either.
+        assert (
+            "authorization" not in entry["secrets"]
+            or not entry["secrets"]["authorization"]["present"]
+        )
+        names = {n.lower() for n in entry["headers"]}
+        assert names <= {
+            "host",
+            "content-type",
+            "accept",
+            "user-agent",
+            "content-length",
+            "accept-encoding",
+            "connection",
+        }
+        assert "model" not in entry["body"]
+    assert seen[1]["body"]["stream_options"] == {"include_usage": True}
+    # Metered once each, from the provider's usage (words in the fake).
+    event = wait_usage(raw.headers["x-request-id"])
+    assert len(event) == 1 and event[0]["estimated"] == "0"
+    assert event[0]["input_tokens"] == "5" and event[0]["output_tokens"] == "6"
+
+
+def test_a_429_with_retry_after_is_waited_for_and_retried(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-retry", azure(upstream_fake, "azure-2"))
+    upstream_fake.add_faults({"status": 429, "retry_after": 1})
+    started = time.monotonic()
+    reply = client(relay_gateway.url, served.secret).chat.completions.create(
+        model="az-retry", messages=MESSAGES, max_tokens=50
+    )
+    assert reply.choices[0].message.content
+    assert time.monotonic() - started >= 1.0  # the provider's retry-after was honoured
+    assert [r["status"] for r in upstream_fake.requests()] == [429, 200]
+
+
+def test_failures_move_to_the_next_target_and_cool_the_failing_one_down(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    relayed_endpoint(
+        "az-fallback",
+        "chat",
+        [
+            {
+                "kind": "provider",
+                "provider": azure(upstream_fake, "azure-3"),
+                "upstream_model": "gpt-4o",
+            },
+            {
+                "kind": "provider",
+                "provider": openai_scheme(upstream_fake, "backup-3"),
+                "upstream_model": "gpt-4o-mini",
+                "position": 1,
+            },
+        ],
+    )
+    relay = client(relay_gateway.url, served.secret)
+    upstream_fake.add_faults({"status": 500}, {"status": 502}, {"status": 503})
+    raw = relay.chat.completions.with_raw_response.create(
+        model="az-fallback", messages=MESSAGES, max_tokens=50
+    )
+    assert raw.headers["x-mantle-served-by"] == "provider:backup-3/gpt-4o-mini"
+    paths = [r["path"] for r in upstream_fake.requests()]
+    assert paths == ["/openai/deployments/gpt-4o/chat/completions"] * 3 + ["/v1/chat/completions"]
+    # Three failures in a row cooled the Azure target: the next request goes straight on.
+    seq = upstream_fake.requests()[-1]["seq"]
+    raw = relay.chat.completions.with_raw_response.create(
+        model="az-fallback", messages=MESSAGES, max_tokens=50
+    )
+    assert raw.headers["x-mantle-served-by"] == "provider:backup-3/gpt-4o-mini"
+    assert [r["path"] for r in upstream_fake.requests(since=seq)] == ["/v1/chat/completions"]
+    # After the cooldown (5 s in this gateway) the first target is tried again.
+    time.sleep(5.5)
+    raw = relay.chat.completions.with_raw_response.create(
+        model="az-fallback", messages=MESSAGES, max_tokens=50
+    )
+    assert raw.headers["x-mantle-served-by"] == "provider:azure-3/gpt-4o"
+
+
+def test_nothing_answers_is_a_clean_error_and_nothing_is_billed(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-down", azure(upstream_fake, "azure-4"))
+    upstream_fake.add_faults(*[{"status": 500}] * 3)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client(relay_gateway.url, served.secret).chat.completions.create(
+            model="az-down", messages=MESSAGES, max_tokens=50
+        )
+    assert failed.value.status_code == 502
+    assert failed.value.code == "upstream_unavailable"
+    assert usage_events(failed.value.response.headers["x-request-id"]) == []
+
+
+def test_a_stream_cut_midway_ends_with_an_error_and_is_billed_once_as_estimated(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-cut", azure(upstream_fake, "azure-5"))
+    upstream_fake.add_faults({"cut_after_chunks": 4})
+    raw = httpx.post(
+        f"{relay_gateway.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {served.secret}"},
+        json={"model": "az-cut", "messages": MESSAGES, "max_tokens": 50, "stream": True},
+        timeout=30,
+    )
+    assert raw.status_code == 200
+    events = [line[6:] for line in raw.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] != "[DONE]"
+    assert json.loads(events[-1])["error"]["code"] == "upstream_stream_cut"
+    texts = [
+        c["choices"][0]["delta"].get("content") or ""
+        for c in map(json.loads, events[:-1])
+        if c.get("choices")
+    ]
+    assert "".join(texts)  # what came before the cut reached the client
+    # Nothing retried after the first byte: one request at the provider.
+    assert len(upstream_fake.requests()) == 1
+    found = wait_usage(raw.headers["x-request-id"])
+    assert len(found) == 1
+    assert found[0]["estimated"] == "1" and int(found[0]["output_tokens"]) > 0
+
+
+def test_a_provider_without_usage_is_counted_and_marked_estimated(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-nousage", azure(upstream_fake, "azure-6"))
+    upstream_fake.add_faults({"no_usage": True})
+    raw = client(relay_gateway.url, served.secret).chat.completions.with_raw_response.create(
+        model="az-nousage", messages=MESSAGES, max_tokens=50
+    )
+    found = wait_usage(raw.headers["x-request-id"])
+    assert len(found) == 1 and found[0]["estimated"] == "1"
+    assert int(found[0]["input_tokens"]) > 0 and int(found[0]["output_tokens"]) > 0
+
+
+def test_a_content_filter_refusal_reaches_the_client_as_the_documented_error(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-filter", azure(upstream_fake, "azure-7"))
+    upstream_fake.add_faults({"content_filter": True})
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(relay_gateway.url, served.secret).chat.completions.create(
+            model="az-filter", messages=MESSAGES, max_tokens=50
+        )
+    assert refused.value.code == "content_filter"
+    assert len(upstream_fake.requests()) == 1  # a refusal of the request is not retried
+    assert usage_events(refused.value.response.headers["x-request-id"]) == []
+
+
+def test_a_slow_first_byte_times_out_and_is_retried(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-slow", azure(upstream_fake, "azure-8", first_byte_timeout_s=1.0))
+    upstream_fake.add_faults({"first_byte_delay_s": 4})
+    reply = client(relay_gateway.url, served.secret).chat.completions.create(
+        model="az-slow", messages=MESSAGES, max_tokens=50
+    )
+    assert reply.choices[0].message.content
+    assert len(upstream_fake.requests()) >= 2
+
+
+def test_a_client_that_leaves_mid_stream_is_metered_once(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-leave", azure(upstream_fake, "azure-9"))
+    upstream_fake.add_faults({"chunk_delay_s": 0.3})
+    with httpx.stream(
+        "POST",
+        f"{relay_gateway.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {served.secret}"},
+        json={"model": "az-leave", "messages": MESSAGES, "max_tokens": 50, "stream": True},
+        timeout=30,
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: ") and '"content"' in line:
+                break
+    found = wait_usage(request_id)
+    assert len(found) == 1
+    assert found[0]["status"] == "cancelled"
+    time.sleep(1.0)
+    assert len(usage_events(request_id)) == 1
+
+
+def test_a_provider_at_its_concurrency_is_not_sent_more(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-busy", azure(upstream_fake, "azure-10", max_concurrency=1))
+    upstream_fake.add_faults({"first_byte_delay_s": 3})
+    relay = client(relay_gateway.url, served.secret)
+    outcome: dict[str, Any] = {}
+
+    def slow() -> None:
+        outcome["slow"] = relay.chat.completions.create(
+            model="az-busy", messages=MESSAGES, max_tokens=50
+        )
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(1.0)
+    with pytest.raises(openai.RateLimitError) as busy:
+        relay.chat.completions.create(model="az-busy", messages=MESSAGES, max_tokens=50)
+    assert busy.value.code == "upstream_rate_limited"
+    thread.join(10)
+    assert outcome["slow"].choices[0].message.content
+    assert upstream_fake.stats()["max_in_flight"] == 1
+
+
+def test_another_organizations_provider_is_never_used_for_a_public_model(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    """The catalog refuses such a target; the relay refuses it again if one exists."""
+    owned = azure(upstream_fake, "someone-elses", organization=served.org)
+    one_target("az-owned", owned)
+    _, secret = make_api_key(served.org, scopes=["inference"])
+    with pytest.raises(openai.APIStatusError) as refused:
+        client(relay_gateway.url, secret).chat.completions.create(
+            model="az-owned", messages=MESSAGES, max_tokens=5
+        )
+    assert refused.value.status_code == 502
+    assert upstream_fake.requests() == []
+
+
+def test_the_responses_api_is_relayed_over_chat_completions(
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-responses", azure(upstream_fake, "azure-11"))
+    relay = client(relay_gateway.url, served.secret)
+    first = relay.responses.create(model="az-responses", input="one two three")
+    assert first.output_text == "echo: one two three"
+    assert first.model == "az-responses"
+    assert first.usage is not None and first.usage.input_tokens == 3
+    # Stored as any response: the next turn continues it (the conversation goes upstream).
+    second = relay.responses.create(
+        model="az-responses",
+        input="four five",
+        previous_response_id=first.id,
+        instructions="Be brief.",
+    )
+    assert second.output_text == "echo: four five"
+    sent = upstream_fake.requests()[-1]["body"]
+    assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "user"]
+    assert sent["messages"][2]["content"] == "echo: one two three"
+    assert relay.responses.retrieve(second.id).output_text == "echo: four five"
+    # Streamed: the Responses events, in order, ending completed.
+    events = list(relay.responses.create(model="az-responses", input="six seven", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].response.output_text == "echo: six seven"
