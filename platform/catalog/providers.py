@@ -10,15 +10,12 @@ cached spec once the transaction commits (`catalog.services._publish_on_commit`)
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -29,7 +26,7 @@ from accounts.principal import Principal
 from accounts.services import audit_record
 from catalog import services
 from catalog.models import AcceleratorPool, Endpoint, Model, ModelVersion, Provider, RouteTarget
-from core import secretbox
+from core import outbound, secretbox
 from core.errors import Conflict, InvalidInput, PermissionDenied
 from workers.contract import Runtime
 
@@ -433,8 +430,11 @@ def _clean_provider(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_base_url(value: str) -> str:
-    """A provider's base URL, as the relay may call it. Also checked by the outbound layer
-    (`core.outbound.check_url`) when it is present."""
+    """A provider's base URL as the relay may call it: the outbound layer's rules
+    (`core.outbound.check_url`: https, or http to allow-listed hosts; a host; no credentials
+    or fragment; an address written in the URL must be public unless allow-listed; the
+    resolved addresses are checked again at every request), and no query (paths are
+    appended to it)."""
     url = value.strip().rstrip("/")
     if not url:
         raise InvalidInput("base_url must not be empty", param="base_url")
@@ -445,48 +445,12 @@ def check_base_url(value: str) -> str:
             "base_url must not contain spaces or control characters", param="base_url"
         )
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidInput(f"base_url is not a valid URL: {exc}", param="base_url") from exc
-    host = parts.hostname or ""
-    if not host:
-        raise InvalidInput("base_url needs a host", param="base_url")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidInput(
-            "base_url must not carry credentials; use the credential field", param="base_url"
-        )
-    if parts.query or parts.fragment:
-        raise InvalidInput("base_url must have no query or fragment", param="base_url")
-    allowed_http = {h.lower() for h in settings.MANTLE_PROVIDER_ALLOWED_HTTP}
-    named = {host.lower(), f"{host.lower()}:{port}" if port else host.lower()}
-    if parts.scheme == "http" and named & allowed_http:
-        pass
-    elif parts.scheme != "https":
-        raise InvalidInput(
-            "base_url must use https (plain http only to hosts in MANTLE_PROVIDER_ALLOWED_HTTP)",
-            param="base_url",
-        )
-    outbound_check(url)
+        outbound.check_url(url)
+    except outbound.DestinationRefused as exc:
+        raise InvalidInput(f"base_url: {exc}", param="base_url") from exc
+    if "?" in url:
+        raise InvalidInput("base_url must have no query", param="base_url")
     return url
-
-
-def outbound_check(url: str) -> None:
-    """`core.outbound.check_url` (the relay's own destination rules: resolved addresses,
-    private ranges, allow-lists) when that module exists; its refusal names the field."""
-    if importlib.util.find_spec("core.outbound") is None:
-        return
-    outbound = importlib.import_module("core.outbound")
-    check = getattr(outbound, "check_url", None)
-    refused = getattr(outbound, "DestinationRefused", None)
-    if check is None or refused is None:
-        return
-    try:
-        check(url)
-    except refused as exc:
-        raise InvalidInput(
-            f"base_url is not an allowed destination: {exc}", param="base_url"
-        ) from exc
 
 
 def _clean_credential(value: str) -> str:

@@ -132,6 +132,34 @@ def test_create_refuses_bad_fields_naming_them(fields: dict[str, Any], param: st
     assert not Provider.objects.exists()
 
 
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://127.0.0.1/v1",
+        "https://169.254.169.254/latest",
+        "https://10.1.2.3:8443/v1",
+        "https://[::1]/v1",
+        "https://2130706433/v1",  # 127.0.0.1 as one number
+        "https://[::ffff:192.168.0.1]/v1",
+    ],
+)
+def test_addresses_that_are_not_public_are_refused_unless_allowed(base_url: str) -> None:
+    with pytest.raises(InvalidInput, match="not a public address") as refused:
+        operator_provider(base_url=base_url)
+    assert refused.value.param == "base_url"
+    with override_settings(
+        MANTLE_PROVIDER_ALLOWED_PRIVATE=[
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "10.0.0.0/8",
+            "::1/128",
+            "192.168.0.0/16",
+            "::ffff:192.168.0.0/120",
+        ]
+    ):
+        assert operator_provider(base_url=base_url).base_url == base_url
+
+
 def test_plain_http_only_to_allow_listed_hosts() -> None:
     with override_settings(MANTLE_PROVIDER_ALLOWED_HTTP=["vllm.internal:8000"]):
         provider = operator_provider(
