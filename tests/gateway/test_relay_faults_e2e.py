@@ -8,26 +8,56 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from accounts.models import Organization
 from catalog.models import Provider
-from tests.factories import make_api_key
-from tests.gateway.conftest import Served
+from tests.factories import OrganizationFactory, make_api_key
 from tests.gateway.relay_support import (
+    LOOPBACK_ALLOWED,
     client,
     provider,
     relayed_endpoint,
     usage_events,
     wait_usage,
 )
-from tests.support.stack import Process
+from tests.support.stack import Process, Stack
 from tests.support.upstream_fake import UpstreamFake
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module")
+def relay_gateway(django_db_setup: None) -> Iterator[Process]:
+    """A gateway allowed to reach loopback providers; no worker, no model of its own."""
+    stack = Stack.for_tests()
+    try:
+        proc = stack.start_gateway("gateway-relay-faults", env=LOOPBACK_ALLOWED)
+        stack.wait_serving(proc)
+        yield proc
+    finally:
+        stack.stop_all()
+
+
+@dataclass
+class Customer:
+    org: Organization
+    secret: str
+
+
+@pytest.fixture
+def served(transactional_db: None) -> Customer:
+    """An organization calling the relay (named as the end-to-end fixture it stands for)."""
+    org = OrganizationFactory()
+    _, secret = make_api_key(org, scopes=["inference"])
+    return Customer(org=org, secret=secret)
+
 
 MESSAGES = [{"role": "user", "content": "one two three four five"}]
 
@@ -56,7 +86,7 @@ def one_target(model: str, upstream: Provider, **extra: Any) -> None:
 
 
 def test_azure_scheme_whole_and_streamed_with_only_documented_headers(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-chat", azure(upstream_fake, "azure-1"))
     relay = client(relay_gateway.url, served.secret)
@@ -78,7 +108,7 @@ def test_azure_scheme_whole_and_streamed_with_only_documented_headers(
     seen = upstream_fake.requests()
     assert [r["path"] for r in seen] == ["/openai/deployments/gpt-4o/chat/completions"] * 2
     for entry in seen:
-        assert "api-version=2024-10-21" in entry["query"]
+        assert entry["query"] == {"api-version": "2024-10-21"}
         assert entry["secrets"]["api-key"] == {"present": True, "matched": True}
         # The customer's Mantle key never leaves the platform; nothing else of theirs either.
         assert (
@@ -104,7 +134,7 @@ def test_azure_scheme_whole_and_streamed_with_only_documented_headers(
 
 
 def test_a_429_with_retry_after_is_waited_for_and_retried(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-retry", azure(upstream_fake, "azure-2"))
     upstream_fake.add_faults({"status": 429, "retry_after": 1})
@@ -118,7 +148,7 @@ def test_a_429_with_retry_after_is_waited_for_and_retried(
 
 
 def test_failures_move_to_the_next_target_and_cool_the_failing_one_down(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     relayed_endpoint(
         "az-fallback",
@@ -161,7 +191,7 @@ def test_failures_move_to_the_next_target_and_cool_the_failing_one_down(
 
 
 def test_nothing_answers_is_a_clean_error_and_nothing_is_billed(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-down", azure(upstream_fake, "azure-4"))
     upstream_fake.add_faults(*[{"status": 500}] * 3)
@@ -175,7 +205,7 @@ def test_nothing_answers_is_a_clean_error_and_nothing_is_billed(
 
 
 def test_a_stream_cut_midway_ends_with_an_error_and_is_billed_once_as_estimated(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-cut", azure(upstream_fake, "azure-5"))
     upstream_fake.add_faults({"cut_after_chunks": 4})
@@ -203,7 +233,7 @@ def test_a_stream_cut_midway_ends_with_an_error_and_is_billed_once_as_estimated(
 
 
 def test_a_provider_without_usage_is_counted_and_marked_estimated(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-nousage", azure(upstream_fake, "azure-6"))
     upstream_fake.add_faults({"no_usage": True})
@@ -216,7 +246,7 @@ def test_a_provider_without_usage_is_counted_and_marked_estimated(
 
 
 def test_a_content_filter_refusal_reaches_the_client_as_the_documented_error(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-filter", azure(upstream_fake, "azure-7"))
     upstream_fake.add_faults({"content_filter": True})
@@ -230,7 +260,7 @@ def test_a_content_filter_refusal_reaches_the_client_as_the_documented_error(
 
 
 def test_a_slow_first_byte_times_out_and_is_retried(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-slow", azure(upstream_fake, "azure-8", first_byte_timeout_s=1.0))
     upstream_fake.add_faults({"first_byte_delay_s": 4})
@@ -242,7 +272,7 @@ def test_a_slow_first_byte_times_out_and_is_retried(
 
 
 def test_a_client_that_leaves_mid_stream_is_metered_once(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-leave", azure(upstream_fake, "azure-9"))
     upstream_fake.add_faults({"chunk_delay_s": 0.3})
@@ -266,7 +296,7 @@ def test_a_client_that_leaves_mid_stream_is_metered_once(
 
 
 def test_a_provider_at_its_concurrency_is_not_sent_more(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-busy", azure(upstream_fake, "azure-10", max_concurrency=1))
     upstream_fake.add_faults({"first_byte_delay_s": 3})
@@ -290,7 +320,7 @@ def test_a_provider_at_its_concurrency_is_not_sent_more(
 
 
 def test_another_organizations_provider_is_never_used_for_a_public_model(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     """The catalog refuses such a target; the relay refuses it again if one exists."""
     owned = azure(upstream_fake, "someone-elses", organization=served.org)
@@ -305,7 +335,7 @@ def test_another_organizations_provider_is_never_used_for_a_public_model(
 
 
 def test_the_responses_api_is_relayed_over_chat_completions(
-    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     one_target("az-responses", azure(upstream_fake, "azure-11"))
     relay = client(relay_gateway.url, served.secret)
