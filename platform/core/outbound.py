@@ -1,256 +1,683 @@
-"""Outbound HTTP to destinations that operators or tenants name (upstream providers).
+"""Outbound HTTP to upstream providers: only to allowed destinations, pinned, bounded.
 
-The policy (docs/security.md, docs/providers.md):
-- `https` only; plain `http` only to hosts in MANTLE_PROVIDER_ALLOWED_HTTP;
-- no credentials in the URL, no fragment, a host and a valid port;
-- every address the host resolves to must be public: never loopback, private, link-local
-  (cloud metadata: 169.254.169.254, fd00:ec2::254), CGNAT, multicast, reserved, unspecified,
-  documentation or benchmarking ranges, nor an IPv6 form embedding such an IPv4 address
-  (IPv4-mapped, 6to4, NAT64, Teredo), unless the host or network is in
-  MANTLE_PROVIDER_ALLOWED_PRIVATE (`host`, `host:port` or a CIDR);
-- numeric host forms that resolvers read as IPv4 (`2130706433`, `0x7f.1`, `127.1`,
-  `0177.0.0.1`) are read as the address they mean;
-- the address checked is the address connected to (pinned: no DNS rebinding between the
-  check and the connection), with the Host header and TLS (SNI and certificate check) for the
-  URL's host name;
-- no redirects followed, no proxy or other settings from the environment.
+Every request the platform makes to a provider's base URL (the relay, `gateway.relay`) goes
+through here; catalog services check a URL with `check_url` when a provider is created.
 
-Response bounds are the caller's, with `read_bounded` and `iter_lines`.
+The policy (docs/security.md, item 14):
+
+- **Scheme.** `https` only; plain `http` only to hosts in MANTLE_PROVIDER_ALLOWED_HTTP
+  (`host`, `host:port`, or a CIDR for an IP literal).
+- **Addresses.** The host is resolved (getaddrinfo on a thread of this module's own, bounded
+  by the connect timeout) and *every* address is checked: one loopback, private (RFC 1918),
+  CGNAT, link-local (cloud metadata 169.254.169.254 included), multicast, reserved,
+  unspecified, broadcast, documentation, benchmarking, unique-local (fd00:ec2::254 included),
+  site-local or other non-global address refuses the destination, unless
+  MANTLE_PROVIDER_ALLOWED_PRIVATE lists the host, the `host:port` or a network holding the
+  address. IPv6 addresses that embed an IPv4 one (IPv4-mapped, NAT64, 6to4) are judged by the
+  IPv4 address; Teredo is refused. IPv4 written other than in dotted decimal (`2130706433`,
+  `0x7f.1`, `127.1`, `0177.0.0.1`) is read as the address a resolver makes of it.
+- **Pinning.** The request connects to the address that was checked (the URL's host is
+  replaced by it), with the original `Host` header, TLS SNI and certificate verification
+  against the original host name (httpcore's `sni_hostname` extension), so a second DNS
+  answer (rebinding) is never used. Connections are pooled per (scheme, address, port, host
+  name): one made for one host name is never reused for another.
+- **No redirects** are followed, no proxy or other environment setting is read
+  (`trust_env=False`), no cookie is kept, responses must not be compressed (`identity` is
+  asked for; a compressed answer is refused rather than inflated).
+- **Headers.** Only `outbound_headers`'s allow-list leaves: content type, accept, the
+  platform's user agent and the provider's credential (authorization / api-key), which the
+  relay sets itself. Nothing of the customer's request is forwarded.
+- **Bounds.** Connect and read timeouts per request; `read_bounded` and `iter_lines` stop
+  reading past a byte limit.
+
+One `httpx.AsyncClient` per event loop (the gateway runs several); `aclose()` closes the
+running loop's client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.cookiejar
 import ipaddress
+import re
 import socket
-from collections.abc import AsyncIterator, Mapping
+import ssl
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import idna
 from django.conf import settings
 
+USER_AGENT = "mantle-relay/1"
+
+# The request headers that may leave the platform (lower case); anything else is dropped.
+ALLOWED_HEADERS = frozenset({"content-type", "accept", "user-agent", "authorization", "api-key"})
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Only these request headers are ever sent; the relay sets their values itself.
-ALLOWED_HEADERS = frozenset(
-    {"content-type", "accept", "user-agent", "authorization", "api-key", "content-length"}
-)
+# Pools kept per loop: past this many, idle ones are closed, oldest first.
+MAX_POOLS = 256
+DNS_THREADS = 8
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+_getaddrinfo = socket.getaddrinfo  # the resolver (tests replace it to simulate rebinding)
 
 
 class DestinationRefused(Exception):
-    """A URL or address the policy does not allow; the message says why (never a secret)."""
+    """A URL or its resolved addresses that the outbound policy does not allow. The message
+    says what is wrong in words a customer can act on; it never quotes the URL's path,
+    query or credentials."""
 
 
 class ResponseTooLarge(Exception):
-    """A response, or one of its lines, went past its bound."""
+    """A provider's answer, or one line of it, past its byte limit."""
 
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    url: str  # as named
-    scheme: str
-    host: str  # the URL's host name (Host header, SNI, certificate)
+    """Where a request goes: `ip` is the checked address the connection is made to,
+    `host` the name sent as Host and TLS SNI (IDNA-encoded, lower case, no trailing dot;
+    the canonical address for an IP literal), `connect_url` the URL with `ip` for host."""
+
+    url: str
+    ip: str
+    host: str
     port: int
-    address: str  # the resolved address connected to
-    connect_url: str  # the URL with the pinned address in place of the host
+    scheme: str
+    connect_url: str
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
 
 
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    found = []
-    if ip.ipv4_mapped is not None:
-        found.append(ip.ipv4_mapped)
-    if ip in _SIX_TO_FOUR and ip.sixtofour is not None:
-        found.append(ip.sixtofour)
-    if ip.teredo is not None:
-        found.extend(ip.teredo)
-    if ip in _NAT64 or ip in _NAT64_LOCAL:
-        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    # IPv4-compatible (deprecated ::a.b.c.d)
-    if int(ip) >> 32 == 0 and int(ip) > 1:
-        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    return found
+# --- the address policy ------------------------------------------------------------------
+
+_V4_RANGES: tuple[tuple[str, str], ...] = (
+    ("169.254.169.254/32", "a cloud metadata address"),
+    ("255.255.255.255/32", "the broadcast address"),
+    ("0.0.0.0/8", "an unspecified (this-network) address"),
+    ("10.0.0.0/8", "a private address"),
+    ("100.64.0.0/10", "a shared (carrier-grade NAT) address"),
+    ("127.0.0.0/8", "a loopback address"),
+    ("169.254.0.0/16", "a link-local address"),
+    ("172.16.0.0/12", "a private address"),
+    ("192.0.0.0/24", "a reserved (IETF protocol) address"),
+    ("192.0.2.0/24", "a documentation address"),
+    ("192.88.99.0/24", "a reserved (6to4 relay) address"),
+    ("192.168.0.0/16", "a private address"),
+    ("198.18.0.0/15", "a benchmarking address"),
+    ("198.51.100.0/24", "a documentation address"),
+    ("203.0.113.0/24", "a documentation address"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("240.0.0.0/4", "a reserved address"),
+)
+_V6_RANGES: tuple[tuple[str, str], ...] = (
+    ("::/128", "an unspecified address"),
+    ("::1/128", "a loopback address"),
+    ("fd00:ec2::254/128", "a cloud metadata address"),
+    ("64:ff9b:1::/48", "a private (local NAT64) address"),
+    ("100::/64", "a reserved (discard) address"),
+    ("2001::/32", "a Teredo tunnel address"),
+    ("2001:2::/48", "a benchmarking address"),
+    ("2001:10::/28", "a reserved (ORCHID) address"),
+    ("2001:20::/28", "a reserved (ORCHID) address"),
+    ("2001:db8::/32", "a documentation address"),
+    ("3fff::/20", "a documentation address"),
+    ("5f00::/16", "a reserved (segment routing) address"),
+    ("fc00::/7", "a unique-local (private) address"),
+    ("fe80::/10", "a link-local address"),
+    ("fec0::/10", "a site-local address"),
+    ("ff00::/8", "a multicast address"),
+)
+_V4_NETS = tuple((ipaddress.IPv4Network(n), w) for n, w in _V4_RANGES)
+_V6_NETS = tuple((ipaddress.IPv6Network(n), w) for n, w in _V6_RANGES)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 
 
-def is_public(ip: IPAddress) -> bool:
-    """Whether an address is a public unicast one (and embeds no non-public IPv4)."""
-    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
-        return False
-    if ip.is_private or ip.is_reserved or not ip.is_global:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.is_site_local:
-            return False
-        return all(is_public(v4) for v4 in _embedded_ipv4(ip))
-    return True
-
-
-def numeric_host(host: str) -> IPAddress | None:
-    """The address a host written as an IP means, in any form a resolver accepts (dotted,
-    shortened, decimal, octal, hex IPv4; IPv6 with or without brackets), or None for a
-    name."""
-    bare = host.strip("[]")
-    try:
-        return ipaddress.ip_address(bare)
-    except ValueError:
-        pass
-    if bare and all(c in "0123456789abcdefxABCDEFX." for c in bare) and bare[0].isdigit():
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(bare))
-        except OSError:
-            return None
+def non_public_reason(address: IPAddress) -> str | None:
+    """Why `address` is not a public unicast address ("a private address", ...), or None
+    when it is. IPv6 embedding IPv4 (mapped, NAT64, 6to4) is judged by the IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_v4(address)
+        if embedded is not None:
+            reason = non_public_reason(embedded)
+            return None if reason is None else f"{reason} ({embedded} embedded in IPv6)"
+        for net6, why in _V6_NETS:
+            if address in net6:
+                return why
+        if address not in _GLOBAL_UNICAST or not address.is_global:
+            return "a reserved address"
+        return None
+    for net4, why in _V4_NETS:
+        if address in net4:
+            return why
+    if not address.is_global:
+        return "a reserved address"
     return None
 
 
-def _allow_list() -> tuple[set[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
-    names: set[str] = set()
-    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for entry in settings.MANTLE_PROVIDER_ALLOWED_PRIVATE:
-        value = str(entry).strip().lower()
-        if not value:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(value, strict=False))
-        except ValueError:
-            names.add(value)
-    return names, networks
+def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    return None
 
 
-def _allowed_private(host: str, port: int, ip: IPAddress) -> bool:
-    names, networks = _allow_list()
-    if host in names or f"{host}:{port}" in names:
-        return True
-    return any(ip.version == net.version and ip in net for net in networks)
+# --- URL syntax ---------------------------------------------------------------------------
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_NUMERIC_PART = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
-def _split(url: str) -> SplitResult:
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    scheme: str
+    host: str  # normalised name, or the canonical text of an IP literal
+    address: IPAddress | None  # set for an IP literal
+    port: int
+    target: str  # path and query, as given
+    written: str  # the host as the URL writes it (for messages)
+
+
+def _parse(url: str) -> _Parsed:
+    if not isinstance(url, str) or not url:
+        raise DestinationRefused("the provider URL is empty")
+    if len(url) > 2000:
+        raise DestinationRefused("the provider URL is longer than 2000 characters")
+    if any(ord(c) <= 32 or ord(c) == 127 or c == "\\" for c in url):
+        raise DestinationRefused(
+            "the provider URL must not contain spaces, control characters or backslashes"
+        )
     try:
-        parts = urlsplit(url.strip())
-        parts.port  # noqa: B018 (raises on a bad port)
-    except ValueError as exc:
-        raise DestinationRefused(f"the provider URL is not a valid URL ({exc})") from exc
-    return parts
-
-
-def check_url(url: str) -> None:
-    """The checks that need no DNS: scheme, host, credentials, fragment, port, and an IP
-    written in the URL. Raises DestinationRefused naming what is wrong."""
-    _checked(url)
-
-
-def _checked(url: str) -> tuple[SplitResult, str, int]:
-    parts = _split(url)
+        parts = urlsplit(url)
+    except ValueError:
+        raise DestinationRefused("the provider URL is not a valid URL") from None
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
         raise DestinationRefused("the provider URL must use https")
-    if parts.username is not None or parts.password is not None:
-        raise DestinationRefused("the provider URL must not carry credentials")
-    if parts.fragment:
-        raise DestinationRefused("the provider URL must not have a fragment")
-    raw_host = (parts.hostname or "").rstrip(".")
-    if not raw_host:
-        raise DestinationRefused("the provider URL has no host")
+    netloc = parts.netloc
+    if "@" in netloc:
+        raise DestinationRefused(
+            "the provider URL must not contain a user name or password; "
+            "put the key in the provider's credential"
+        )
+    if parts.fragment or url.endswith("#"):
+        raise DestinationRefused("the provider URL must not have a fragment (#...)")
+    raw_host, port = _split_host_port(netloc, scheme)
+    host, address = _normalise_host(raw_host)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return _Parsed(scheme, host, address, port, target, raw_host[:80])
+
+
+def _split_host_port(netloc: str, scheme: str) -> tuple[str, int]:
+    default = 443 if scheme == "https" else 80
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        if end < 0:
+            raise DestinationRefused("the provider URL has an unclosed [ in its host")
+        host, rest = netloc[: end + 1], netloc[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise DestinationRefused("the provider URL's host is not valid")
+        port_text = rest[1:] if rest else None
+    elif ":" in netloc:
+        host, port_text = netloc.rsplit(":", 1)
+    else:
+        host, port_text = netloc, None
+    if not host:
+        raise DestinationRefused("the provider URL needs a host")
+    if port_text is None or port_text == "":
+        return host, default
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise DestinationRefused("the provider URL's port must be a number from 1 to 65535")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise DestinationRefused("the provider URL's port must be a number from 1 to 65535")
+    return host, port
+
+
+def _normalise_host(raw: str) -> tuple[str, IPAddress | None]:
+    """(host, address): an IPv6 or dotted-decimal IPv4 literal, or an IDNA-encoded lower-case
+    name without its trailing dot. Numeric forms that resolvers read as IPv4 are refused."""
+    if raw.startswith("["):
+        inner = raw[1:-1]
+        if "%" in inner:
+            raise DestinationRefused("the provider URL must not use an IPv6 zone (%...)")
+        try:
+            v6 = ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise DestinationRefused("the provider URL's IPv6 address is not valid") from None
+        return str(v6), v6
+    if "%" in raw:
+        raise DestinationRefused("the provider URL's host must not be percent-encoded")
+    name = raw[:-1] if raw.endswith(".") else raw
+    if not name or name.endswith("."):
+        raise DestinationRefused("the provider URL's host is not valid")
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            raise DestinationRefused(
+                "the provider URL's host is not a valid internationalised domain name"
+            ) from None
+    name = name.lower()
+    labels = name.split(".")
+    if _NUMERIC_PART.match(labels[-1]):
+        # Resolvers (inet_aton) read a name ending in a number as an IPv4 address.
+        v4 = _inet_aton(labels)
+        if v4 is None:
+            raise DestinationRefused(f"the provider URL's host {name!r} is not a valid address")
+        return str(v4), v4  # what a resolver would connect to, judged as such
+    if len(name) > 253 or not all(_LABEL.match(label) and _punycode_ok(label) for label in labels):
+        raise DestinationRefused(f"the provider URL's host {name[:80]!r} is not a valid name")
+    return name, None
+
+
+def _punycode_ok(label: str) -> bool:
+    if not label.startswith("xn--"):
+        return True
     try:
-        host = raw_host.lower() if raw_host.isascii() else raw_host.encode("idna").decode()
-    except UnicodeError as exc:
-        raise DestinationRefused("the provider URL's host is not a valid name") from exc
-    port = parts.port or (443 if scheme == "https" else 80)
-    if not 0 < port < 65536:
-        raise DestinationRefused("the provider URL's port is out of range")
-    if scheme == "http":
-        allowed = {str(h).strip().lower() for h in settings.MANTLE_PROVIDER_ALLOWED_HTTP}
-        if host not in allowed and f"{host}:{port}" not in allowed:
+        idna.decode(label)
+    except (idna.IDNAError, UnicodeError):
+        return False
+    return True
+
+
+def _inet_aton(labels: Sequence[str]) -> ipaddress.IPv4Address | None:
+    """What the C library's inet_aton makes of these parts (1 to 4 of decimal, 0x-hex or
+    0-octal numbers, the last filling the remaining bytes), or None."""
+    if not 1 <= len(labels) <= 4:
+        return None
+    values: list[int] = []
+    for label in labels:
+        if not _NUMERIC_PART.match(label):
+            return None
+        try:
+            if label.startswith("0x"):
+                values.append(int(label[2:] or "0", 16))
+            elif len(label) > 1 and label.startswith("0"):
+                values.append(int(label, 8))
+            else:
+                values.append(int(label))
+        except ValueError:
+            return None
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
+        return None
+    total = last
+    for i, v in enumerate(head):
+        total |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(total)
+
+
+# --- allow-lists --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _AllowList:
+    hosts: frozenset[str]
+    host_ports: frozenset[tuple[str, int]]
+    networks: tuple[Network, ...]
+
+    def allows(self, host: str, port: int, address: IPAddress | None) -> bool:
+        if host in self.hosts or (host, port) in self.host_ports:
+            return True
+        if address is None:
+            return False
+        if str(address) in self.hosts or (str(address), port) in self.host_ports:
+            return True
+        return any(address in net for net in self.networks)
+
+
+def _allow_list(entries: Sequence[str]) -> _AllowList:
+    hosts: set[str] = set()
+    host_ports: set[tuple[str, int]] = set()
+    networks: list[Network] = []
+    for raw in entries or ():
+        entry = str(raw).strip().lower()
+        if not entry:
+            continue
+        try:
+            hosts.add(str(ipaddress.ip_address(entry.strip("[]"))))
+            continue
+        except ValueError:
+            pass
+        if "/" in entry:
+            with contextlib.suppress(ValueError):  # an unreadable entry allows nothing
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        try:
+            host_text, port = _split_host_port(entry, "https")
+            host, _ = _normalise_host(host_text)
+        except DestinationRefused:
+            continue
+        if entry.endswith(":" + str(port)):
+            host_ports.add((host, port))
+        else:
+            hosts.add(host)
+    return _AllowList(frozenset(hosts), frozenset(host_ports), tuple(networks))
+
+
+def _check(parsed: _Parsed) -> None:
+    if parsed.scheme == "http":
+        allowed = _allow_list(settings.MANTLE_PROVIDER_ALLOWED_HTTP)
+        if not allowed.allows(parsed.host, parsed.port, parsed.address):
             raise DestinationRefused(
                 "the provider URL must use https (plain http only to hosts the operator allows)"
             )
-    literal = numeric_host(host)
-    if literal is not None:
-        _check_address(host, port, literal)
-    return parts, host, port
+    if parsed.address is not None:
+        _check_address(parsed, parsed.address, literal=True)
 
 
-def _check_address(host: str, port: int, ip: IPAddress) -> None:
-    if is_public(ip) or _allowed_private(host, port, ip):
+def _check_address(parsed: _Parsed, address: IPAddress, *, literal: bool) -> None:
+    reason = non_public_reason(address)
+    if reason is None:
         return
-    named = host if numeric_host(host) is not None else f"{host} resolves to {ip}, which"
+    if _allow_list(settings.MANTLE_PROVIDER_ALLOWED_PRIVATE).allows(
+        parsed.host, parsed.port, address
+    ):
+        return
+    if not literal:
+        what = f"{parsed.host} resolves to {address} ({reason})"
+    elif parsed.written.strip("[]").lower() != parsed.host:
+        what = f"{parsed.written} means {address} ({reason})"
+    else:
+        what = f"{address} is {reason}"
     raise DestinationRefused(
-        f"{named} is not a public address; outbound requests go only to public addresses "
+        f"{what}, not a public address; outbound requests go only to public addresses "
         "unless the operator allows the host"
     )
 
 
+def check_url(url: str) -> None:
+    """The checks that need no DNS: scheme (https, or http to an allow-listed host), a
+    valid host (IDNA, no trailing-dot tricks, no non-standard IPv4), no user name or
+    password, no fragment, a port in 1..65535, and an IP literal's address. Raises
+    DestinationRefused."""
+    _check(_parse(url))
+
+
+# --- resolution ---------------------------------------------------------------------------
+
+_dns_executor = ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="outbound-dns")
+
+
 async def resolve(url: str, *, timeout_s: float = 5.0) -> Destination:
-    """The URL checked, its host resolved and every address checked, one address pinned."""
-    parts, host, port = _checked(url)
-    literal = numeric_host(host)
-    if literal is not None:
-        addresses: list[IPAddress] = [literal]
+    """`check_url`, then the host resolved (on a thread, within `timeout_s`) and every
+    address checked; the first is pinned. Raises DestinationRefused for a refused URL or
+    address, httpx.ConnectError when the name does not resolve, httpx.ConnectTimeout when
+    resolution takes longer than `timeout_s`."""
+    parsed = _parse(url)
+    _check(parsed)
+    if parsed.address is not None:
+        addresses: list[IPAddress] = [parsed.address]
     else:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(max(0.1, timeout_s)):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (TimeoutError, OSError) as exc:
-            raise httpx.ConnectError(f"could not resolve {host}") from exc
-        addresses = []
-        for info in infos:
-            raw = str(info[4][0]).split("%", 1)[0]
-            found = ipaddress.ip_address(raw)
-            if found not in addresses:
-                addresses.append(found)
-        if not addresses:
-            raise httpx.ConnectError(f"{host} has no address")
-    for address in addresses:
-        _check_address(host, port, address)
+        addresses = await _lookup(parsed.host, parsed.port, timeout_s)
+        for address in addresses:
+            _check_address(parsed, address, literal=False)
     pinned = addresses[0]
-    shown = f"[{pinned}]" if pinned.version == 6 else str(pinned)
-    netloc = f"{shown}:{port}"
-    connect_url = urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, ""))
+    ip = str(pinned)
+    netloc = f"[{ip}]" if pinned.version == 6 else ip
+    connect_url = f"{parsed.scheme}://{netloc}:{parsed.port}{parsed.target}"
     return Destination(
         url=url,
-        scheme=parts.scheme.lower(),
-        host=host,
-        port=port,
-        address=str(pinned),
+        ip=ip,
+        host=parsed.host,
+        port=parsed.port,
+        scheme=parsed.scheme,
         connect_url=connect_url,
     )
 
 
-def outbound_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Only the allowed request headers, lower-cased: nothing else of a customer's request
-    can ride along."""
-    return {k.lower(): v for k, v in headers.items() if k.lower() in ALLOWED_HEADERS}
-
-
-# One client per (event loop, scheme, address, port, host name): a pooled connection is
-# reused only for the destination it was made for (its TLS session names that host).
-_clients: dict[tuple[int, str, str, int, str], httpx.AsyncClient] = {}
-MAX_CLIENTS = 256
-
-
-def _client(destination: Destination) -> httpx.AsyncClient:
-    key = (
-        id(asyncio.get_running_loop()),
-        destination.scheme,
-        destination.address,
-        destination.port,
-        destination.host,
+async def _lookup(host: str, port: int, timeout_s: float) -> list[IPAddress]:
+    loop = asyncio.get_running_loop()
+    call = loop.run_in_executor(
+        _dns_executor,
+        lambda: _getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP),
     )
-    found = _clients.get(key)
-    if found is None or found.is_closed:
-        if len(_clients) >= MAX_CLIENTS:
-            _, oldest = _clients.popitem()
-            asyncio.get_running_loop().create_task(oldest.aclose())
-        found = _clients[key] = httpx.AsyncClient(
+    try:
+        infos = await asyncio.wait_for(call, timeout=max(0.001, timeout_s))
+    except TimeoutError:
+        raise httpx.ConnectTimeout(f"resolving {host} took longer than {timeout_s}s") from None
+    except OSError as exc:
+        raise httpx.ConnectError(f"{host} does not resolve ({exc.strerror or exc})") from None
+    found: list[IPAddress] = []
+    for family, _type, _proto, _name, sockaddr in infos:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        text = str(sockaddr[0]).split("%", 1)[0]
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if address not in found:
+            found.append(address)
+    if not found:
+        raise httpx.ConnectError(f"{host} resolves to no IP address")
+    return found
+
+
+# --- headers ------------------------------------------------------------------------------
+
+
+def outbound_headers(extra: Mapping[str, str]) -> dict[str, str]:
+    """The headers a provider may see: of `extra`, only content-type, accept, authorization
+    and api-key (lower-cased names; values with line breaks dropped); the user agent is
+    always the platform's. Nothing else (the customer's key, cookies, forwarding headers,
+    Host) passes."""
+    headers: dict[str, str] = {}
+    for name, value in extra.items():
+        key = str(name).strip().lower()
+        if key not in ALLOWED_HEADERS or key == "user-agent":
+            continue
+        text = str(value)
+        if any(c in text for c in "\r\n\0"):
+            continue
+        headers[key] = text
+    headers["user-agent"] = USER_AGENT
+    return headers
+
+
+# --- the client: one per event loop, pools keyed by (scheme, ip, port, host) ------------
+
+
+def ssl_context() -> ssl.SSLContext:
+    """Certificate verification against certifi's roots, host name checked; no environment
+    setting is read."""
+    return httpx.create_ssl_context(verify=True, trust_env=False)
+
+
+_PoolKey = tuple[str, str, int, str]
+
+
+class _PinnedTransport(httpx.AsyncBaseTransport):
+    """Sends each request through a pool of its own (scheme, address, port, SNI host), so a
+    connection made for one host name is never reused for another at the same address."""
+
+    def __init__(self) -> None:
+        self._ssl = ssl_context()
+        self._pools: OrderedDict[_PoolKey, httpx.AsyncHTTPTransport] = OrderedDict()
+        self._in_use: dict[_PoolKey, int] = {}
+
+    def _pool(self, key: _PoolKey) -> httpx.AsyncHTTPTransport:
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = httpx.AsyncHTTPTransport(
+                verify=self._ssl,
+                trust_env=False,
+                http2=False,
+                retries=0,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
+            self._pools[key] = pool
+        self._pools.move_to_end(key)
+        return pool
+
+    async def _evict(self) -> None:
+        for key in list(self._pools):
+            if len(self._pools) <= MAX_POOLS:
+                return
+            if self._in_use.get(key, 0) == 0:
+                await self._pools.pop(key).aclose()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        sni = request.extensions.get("sni_hostname")
+        if not sni:
+            raise RuntimeError("an outbound request without its pinned host name")
+        url = request.url
+        key: _PoolKey = (url.scheme, url.host, url.port or 0, str(sni))
+        pool = self._pool(key)
+        self._in_use[key] = self._in_use.get(key, 0) + 1
+        try:
+            response = await pool.handle_async_request(request)
+        except BaseException:
+            self._release(key)
+            raise
+        response.stream = _Tracked(response.stream, lambda: self._release(key))
+        if len(self._pools) > MAX_POOLS:
+            await self._evict()
+        return response
+
+    def _release(self, key: _PoolKey) -> None:
+        left = self._in_use.get(key, 1) - 1
+        if left <= 0:
+            self._in_use.pop(key, None)
+        else:
+            self._in_use[key] = left
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), OrderedDict()
+        for pool in pools:
+            await pool.aclose()
+
+
+class _Tracked(httpx.AsyncByteStream):
+    def __init__(self, stream: Any, done: Any) -> None:
+        self._stream = stream
+        self._done = done
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if not self._closed:
+                self._closed = True
+                self._done()
+
+
+_clients: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], httpx.AsyncClient]] = {}
+_clients_lock = threading.Lock()
+
+
+def _client() -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    with _clients_lock:
+        for loop_id, (ref, _) in list(_clients.items()):
+            other = ref()
+            if other is None or other.is_closed():
+                del _clients[loop_id]  # its loop is gone: nothing can await a close now
+        found = _clients.get(id(loop))
+        if found is not None and found[0]() is loop:
+            return found[1]
+        jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        client = httpx.AsyncClient(
+            transport=_PinnedTransport(),
             trust_env=False,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            cookies=jar,
         )
-    return found
+        _clients[id(loop)] = (weakref.ref(loop), client)
+        return client
+
+
+async def aclose() -> None:
+    """Closes the running loop's client and its connections (the next request opens a new
+    one). Call it when a loop that sent requests shuts down."""
+    loop = asyncio.get_running_loop()
+    with _clients_lock:
+        found = _clients.get(id(loop))
+        if found is None or found[0]() is not loop:
+            return
+        del _clients[id(loop)]
+    await found[1].aclose()
+
+
+async def request(
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    content: bytes = b"",
+    connect_timeout_s: float,
+    read_timeout_s: float,
+    stream: bool = False,
+) -> httpx.Response:
+    """One request to `url` under the outbound policy: resolved and checked (`resolve`,
+    within the connect timeout), connected to the pinned address with the original Host,
+    SNI and certificate name, headers through `outbound_headers`, no redirect followed
+    (a 3xx is returned as it is), `accept-encoding: identity`.
+
+    `stream=False`: the body is read, bounded by MANTLE_PROVIDER_MAX_RESPONSE_BYTES
+    (ResponseTooLarge past it), and the connection released; the response's `.content` is
+    the body. `stream=True`: the response is returned with its body unread; the caller
+    reads it (`read_bounded`, `iter_lines`) and must `await response.aclose()`.
+
+    Raises DestinationRefused, ResponseTooLarge, httpx.HTTPError (timeouts, connection
+    errors, DNS failures as httpx.ConnectError / ConnectTimeout)."""
+    destination = await resolve(url, timeout_s=connect_timeout_s)
+    sent = outbound_headers(headers)
+    sent["host"] = destination.host_header
+    sent["accept-encoding"] = "identity"
+    timeout = httpx.Timeout(
+        connect=connect_timeout_s,
+        read=read_timeout_s,
+        write=max(connect_timeout_s, read_timeout_s),
+        pool=connect_timeout_s,
+    )
+    outgoing = httpx.Request(
+        method,
+        destination.connect_url,
+        headers=sent,
+        content=content,
+        extensions={"timeout": timeout.as_dict(), "sni_hostname": destination.host},
+    )
+    response = await _client().send(outgoing, stream=True, follow_redirects=False)
+    response.extensions = {**response.extensions, "mantle_destination": destination}
+    if stream:
+        return response
+    try:
+        body = await read_bounded(response, settings.MANTLE_PROVIDER_MAX_RESPONSE_BYTES)
+    finally:
+        await response.aclose()
+    whole = httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        content=body,
+        request=outgoing,
+        extensions=response.extensions,
+    )
+    return whole
 
 
 async def send(
@@ -258,65 +685,90 @@ async def send(
     url: str,
     *,
     headers: Mapping[str, str],
-    content: bytes,
+    content: bytes = b"",
     connect_timeout_s: float,
     read_timeout_s: float,
 ) -> httpx.Response:
-    """The response's head, its body still to read (`read_bounded`, `iter_lines`); the
-    caller closes it (`aclose`). Raises DestinationRefused, or httpx's errors."""
-    destination = await resolve(url, timeout_s=connect_timeout_s)
-    host_header = (
-        destination.host
-        if destination.port == (443 if destination.scheme == "https" else 80)
-        else f"{destination.host}:{destination.port}"
-    )
-    client = _client(destination)
-    request = client.build_request(
+    """`request(..., stream=True)`: the response with its body unread; the caller must
+    `await response.aclose()`."""
+    return await request(
         method,
-        destination.connect_url,
-        headers={**outbound_headers(headers), "host": host_header, "accept-encoding": "identity"},
+        url,
+        headers=headers,
         content=content,
-        extensions={
-            "sni_hostname": destination.host,
-            "timeout": {
-                "connect": connect_timeout_s,
-                "read": read_timeout_s,
-                "write": connect_timeout_s,
-                "pool": connect_timeout_s,
-            },
-        },
+        connect_timeout_s=connect_timeout_s,
+        read_timeout_s=read_timeout_s,
+        stream=True,
     )
-    return await client.send(request, stream=True, follow_redirects=False)
 
 
-async def read_bounded(response: httpx.Response, limit: int, *, truncate: bool = False) -> bytes:
-    """The body, at most `limit` bytes: past it, ResponseTooLarge (or, with `truncate`, the
-    first `limit` bytes)."""
-    out = bytearray()
-    async for chunk in response.aiter_bytes():
-        out += chunk
-        if len(out) > limit:
-            if truncate:
-                return bytes(out[:limit])
-            raise ResponseTooLarge(f"the response is larger than {limit} bytes")
-    return bytes(out)
+def destination_of(response: httpx.Response) -> Destination | None:
+    """The Destination a response of `request` came from (its pinned address)."""
+    found = response.extensions.get("mantle_destination")
+    return found if isinstance(found, Destination) else None
 
 
-async def iter_lines(response: httpx.Response, max_line: int) -> AsyncIterator[bytes]:
-    """The body's lines (without their ends), each at most `max_line` bytes."""
+# --- bounded reading ----------------------------------------------------------------------
+
+
+def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise httpx.DecodingError(
+            f"the provider answered with content-encoding {encoding[:40]!r}; only identity "
+            "is accepted",
+            request=response.request,
+        )
+    return response.aiter_raw()
+
+
+async def read_bounded(
+    response: httpx.Response, limit_bytes: int, *, truncate: bool = False
+) -> bytes:
+    """The body of a streamed response, at most `limit_bytes`: past it, ResponseTooLarge
+    (or, with `truncate`, the first `limit_bytes` bytes, the rest unread). A declared
+    content-length past the limit is refused before reading."""
+    declared = response.headers.get("content-length", "")
+    if not truncate and declared.isdigit() and int(declared) > limit_bytes:
+        raise ResponseTooLarge(f"the answer declares {declared} bytes, over {limit_bytes}")
     buffer = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in _raw_chunks(response):
         buffer += chunk
+        if len(buffer) > limit_bytes:
+            if truncate:
+                return bytes(buffer[:limit_bytes])
+            raise ResponseTooLarge(f"the answer is over {limit_bytes} bytes")
+    return bytes(buffer)
+
+
+async def iter_lines(
+    response: httpx.Response, max_line_bytes: int, *, max_total_bytes: int | None = None
+) -> AsyncIterator[bytes]:
+    """The lines of a streamed response (server-sent events), without their `\\n` or
+    `\\r\\n`; a line longer than `max_line_bytes` (or a body past `max_total_bytes`)
+    raises ResponseTooLarge before it is held whole. A last line without a newline is
+    yielded too."""
+    pending = bytearray()
+    total = 0
+    async for chunk in _raw_chunks(response):
+        total += len(chunk)
+        if max_total_bytes is not None and total > max_total_bytes:
+            raise ResponseTooLarge(f"the stream is over {max_total_bytes} bytes")
+        pending += chunk
+        start = 0
         while True:
-            end = buffer.find(b"\n")
+            end = pending.find(b"\n", start)
             if end < 0:
                 break
-            line = bytes(buffer[:end]).rstrip(b"\r")
-            del buffer[: end + 1]
-            if len(line) > max_line:
-                raise ResponseTooLarge(f"a line is longer than {max_line} bytes")
-            yield line
-        if len(buffer) > max_line:
-            raise ResponseTooLarge(f"a line is longer than {max_line} bytes")
-    if buffer:
-        yield bytes(buffer).rstrip(b"\r")
+            line = pending[start:end]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > max_line_bytes:
+                raise ResponseTooLarge(f"a line of the stream is over {max_line_bytes} bytes")
+            yield bytes(line)
+            start = end + 1
+        del pending[:start]
+        if len(pending) > max_line_bytes:
+            raise ResponseTooLarge(f"a line of the stream is over {max_line_bytes} bytes")
+    if pending:
+        yield bytes(pending)
