@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.db import connection
 
 from billing.metering import partitions, stream
@@ -19,6 +20,7 @@ from billing.metering.drain import Drain, DrainTotals, usage_drain
 from billing.metering.store import rollup_totals
 from billing.models import UsageEvent, UsageRollup
 from core.redis import get_redis
+from gateway import relay
 from tests.billing.metering_support import (
     UsageEventFactory,
     emit,
@@ -193,3 +195,20 @@ def test_a_rollup_upsert_that_names_no_relayed_column_counts_no_cost() -> None:
 
     [row] = UsageRollup.objects.all()
     assert (row.requests, row.cost_nanos, row.estimated_requests) == (2, 42, 1)
+
+
+def test_an_event_the_relay_emits_twice_is_costed_once() -> None:
+    """Through the relay's own emit (the workers' guard script): the second emit of a
+    request id appends nothing, and the drain stores and costs the one event."""
+    event = relayed(request_id="req_relayed", cost_nanos=123_456_789, estimated=1)
+
+    first = async_to_sync(relay.emit_usage)(event)
+    again = async_to_sync(relay.emit_usage)(event)
+    totals = drain()
+
+    assert (first, again) == (True, False)
+    assert (totals.inserted, totals.duplicates, totals.dead) == (1, 0, 0)
+    stored = UsageEvent.objects.get(request_id="req_relayed")
+    assert (stored.estimated, stored.cost_nanos) == (1, 123_456_789)
+    assert stored.provider_id == "prv_azure"
+    assert relayed_sums() == (123_456_789, 1)
