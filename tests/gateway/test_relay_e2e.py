@@ -21,6 +21,7 @@ from tests.gateway.relay_support import (
     wait_usage,
 )
 from tests.support.stack import Process
+from tests.support.upstream_fake import UpstreamFake
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
@@ -117,10 +118,11 @@ def test_completions_and_embeddings_are_relayed(served: Served, relay_gateway: P
 
 
 def test_the_operator_moves_a_model_between_its_pool_and_a_provider(
-    served: Served, relay_gateway: Process
+    served: Served, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
-    """The customer calls the same name with the same key throughout."""
-    upstream = provider("second-mantle-3", f"{served.live.url}/v1", upstream_org_key())
+    """The customer calls the same name with the same key throughout. (The provider is the
+    fake: a second gateway sharing this one's database would read the same route.)"""
+    upstream = provider("fake-3", upstream_fake.openai_base_url, upstream_fake.key)
     endpoint = served.endpoints[ECHO]
     relay = client(relay_gateway.url, served.secret)
 
@@ -136,7 +138,7 @@ def test_the_operator_moves_a_model_between_its_pool_and_a_provider(
         endpoint=endpoint, kind="provider", provider=upstream, upstream_model=ECHO
     )
     endpoint_publish(endpoint)
-    assert served_by() == f"provider:second-mantle-3/{ECHO}"
+    assert served_by() == f"provider:fake-3/{ECHO}"
     RouteTarget.objects.filter(endpoint=endpoint).delete()
     RouteTarget.objects.create(endpoint=endpoint, kind="pool")
     endpoint_publish(endpoint)
