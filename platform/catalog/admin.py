@@ -409,10 +409,17 @@ class ProviderAdmin(ModelAdmin):
         }
         return TemplateResponse(request, "backoffice/action.html", context, status=status)
 
+    def has_register_model_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("catalog.add_provider")) and bool(
+            request.user.has_perm(MANAGE_TARGETS)
+        )
+
     @action(
         description="Register a provider-only model",
         url_path="register-model",
-        permissions=["catalog.add_provider", MANAGE_TARGETS],
+        # A permission method, not permission names: Unfold checks named permissions against
+        # the database in a system check, which runs before a fresh database is migrated.
+        permissions=["register_model"],
     )
     def register_model(self, request: HttpRequest) -> HttpResponse:
         """A public model served only by providers (catalog.providers.upstream_model_register),
