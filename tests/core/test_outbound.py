@@ -263,6 +263,7 @@ class Server:
     port: int = 0
     requests: list[Seen] = field(default_factory=list)
     connections: int = 0
+    clients_gone: int = 0
     server: asyncio.AbstractServer | None = None
 
     async def start(self) -> Server:
@@ -314,6 +315,17 @@ class Server:
                 writer.write(b"x" * 65536)
                 await writer.drain()
             return False
+        elif path.startswith("/endless"):
+            # Chunks until the client goes, which it records.
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            try:
+                while True:
+                    writer.write(b"400\r\n" + b"e" * 1024 + b"\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+            except ConnectionError:
+                self.clients_gone += 1
+                return False
         elif path.startswith("/declared"):
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 999999999\r\n\r\nabc")
             await writer.drain()
@@ -435,7 +447,7 @@ def test_a_real_name_is_resolved_once_and_its_checked_address_is_used() -> None:
                 await response.aclose()
 
     # `localhost` resolves to 127.0.0.1 here, where the server listens.
-    served = with_server(scenario, host=socket.getaddrinfo("localhost", 0)[0][4][0])
+    served = with_server(scenario, host=str(socket.getaddrinfo("localhost", 0)[0][4][0]))
     assert served.requests[0].headers["host"] == f"localhost:{served.port}"
 
 
@@ -602,3 +614,144 @@ def test_one_client_per_event_loop_closed_cleanly() -> None:
     a, b = asyncio.run(two())
     assert a is not b
     assert id(a) not in {id(entry[1]) for entry in outbound._clients.values()}
+
+
+# --- TLS: SNI and the certificate for the name, at the pinned address ----------------------
+
+
+def make_certificates(directory: Any, name: str) -> tuple[str, str, str]:
+    """A CA and a certificate for `name` it signs: (ca.pem, cert.pem, key.pem)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "outbound test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(paths[0]), str(paths[1]), str(paths[2])
+
+
+def test_tls_goes_to_the_pinned_address_with_sni_and_the_certificate_for_the_name(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl
+
+    ca, cert, key = make_certificates(tmp_path, "provider.example")
+    monkeypatch.setattr(outbound, "ssl_context", lambda: ssl.create_default_context(cafile=ca))
+    monkeypatch.setattr(outbound, "_getaddrinfo", FakeResolver(["127.0.0.1"]))
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ssl.load_cert_chain(cert, key)
+    names: list[str | None] = []
+
+    def remember(sock: Any, name: str | None, context: Any) -> None:
+        names.append(name)
+
+    server_ssl.sni_callback = remember
+
+    async def main() -> Server:
+        server = Server("127.0.0.1")
+        server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=server_ssl)
+        server.port = server.server.sockets[0].getsockname()[1]
+        allowed = override_settings(
+            MANTLE_PROVIDER_ALLOWED_PRIVATE=["127.0.0.1", "provider.example", "other.example"]
+        )
+        try:
+            with allowed:
+                response = await get(f"https://provider.example:{server.port}/ok")
+                assert response.json() == {"ok": True}
+                # The same address under another name: its own connection, and the
+                # certificate (for provider.example) does not match that name.
+                with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await get(f"https://other.example:{server.port}/ok")
+                # The address itself: the certificate names no address.
+                with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await get(f"https://127.0.0.1:{server.port}/ok")
+        finally:
+            await outbound.aclose()
+            await server.stop()
+        return server
+
+    served = asyncio.run(main())
+    assert names[0] == "provider.example"
+    assert "other.example" in names
+    (seen,) = served.requests
+    assert seen.headers["host"] == f"provider.example:{served.port}"
+    assert seen.local == ("127.0.0.1", served.port)
+
+
+def test_closing_a_stream_midway_closes_its_connection() -> None:
+    async def scenario(server: Server) -> None:
+        with LOCAL:
+            response = await get(f"http://127.0.0.1:{server.port}/endless", stream=True)
+            async for _ in response.aiter_raw():
+                break
+            await response.aclose()
+            for _ in range(200):
+                if server.clients_gone:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.clients_gone == 1
+            await get(f"http://127.0.0.1:{server.port}/ok")
+
+    served = with_server(scenario)
+    assert served.connections == 2  # the half-read connection was closed, not reused
