@@ -104,6 +104,9 @@ def main() -> None:
     bench = BenchStack()
     bench.env["MANTLE_PROVIDER_ALLOWED_HTTP"] = "127.0.0.1"
     bench.env["MANTLE_PROVIDER_ALLOWED_PRIVATE"] = "127.0.0.1"
+    from cryptography.fernet import Fernet
+
+    bench.env["MANTLE_PROVIDER_SECRET_KEYS"] = Fernet.generate_key().decode()
     fake = UpstreamFake(key="bench-upstream-key", azure_filter_results=False)
     try:
         bench.bootstrap()

@@ -44,6 +44,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -445,7 +446,33 @@ async def resolve(url: str, *, timeout_s: float = 5.0) -> Destination:
     )
 
 
+# Answers of the resolver kept briefly, per process: a relayed request does not pay a thread
+# hop and a lookup each time. Every use still checks the addresses (`resolve`), and the
+# connection goes to the address checked, so the cache cannot widen what is reachable.
+DNS_CACHE_S = 30.0
+DNS_CACHE_MAX = 1024
+_dns_cache: OrderedDict[tuple[str, int], tuple[float, list[IPAddress]]] = OrderedDict()
+
+
 async def _lookup(host: str, port: int, timeout_s: float) -> list[IPAddress]:
+    now = time.monotonic()
+    cached = _dns_cache.get((host, port))
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    found = await _lookup_now(host, port, timeout_s)
+    _dns_cache[(host, port)] = (now + DNS_CACHE_S, found)
+    _dns_cache.move_to_end((host, port))
+    while len(_dns_cache) > DNS_CACHE_MAX:
+        _dns_cache.popitem(last=False)
+    return found
+
+
+def forget_dns() -> None:
+    """Drops the cached resolver answers (tests that change what a name resolves to)."""
+    _dns_cache.clear()
+
+
+async def _lookup_now(host: str, port: int, timeout_s: float) -> list[IPAddress]:
     loop = asyncio.get_running_loop()
     call = loop.run_in_executor(
         _dns_executor,

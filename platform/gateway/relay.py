@@ -34,7 +34,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -107,6 +114,30 @@ if n >= tonumber(ARGV[2]) then
 end
 return 0
 """
+
+
+# A whole answer came: KEYS[1] the provider's in-flight set, KEYS[2] the target's failures in
+# a row; ARGV[1] the request id.
+_SUCCEEDED = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# Work that runs beside a reply (its metering and settlement); kept referenced until done.
+_beside_tasks: set[asyncio.Task[None]] = set()
+
+
+def _beside(work: Coroutine[Any, Any, None]) -> None:
+    async def guarded() -> None:
+        try:
+            await work
+        except Exception:
+            logger.exception("metering a relayed request failed")
+
+    task = asyncio.get_running_loop().create_task(guarded())
+    _beside_tasks.add(task)
+    task.add_done_callback(_beside_tasks.discard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +559,17 @@ class _Relay:
                 raise
         return None
 
+    async def _succeeded(self, target: Target, provider: ProviderConnection) -> None:
+        """The provider's slot released and the target's failures in a row forgotten, in
+        one round trip."""
+        try:
+            await _script(_SUCCEEDED)(
+                keys=[_INFLIGHT_PREFIX + provider.id, _FAILS_PREFIX + target.id],
+                args=[self.request_id],
+            )
+        except Exception:  # the slot expires at the request's deadline anyway
+            logger.warning("could not release %s's slot at %s", self.request_id, provider.id)
+
     async def _release(self, provider: ProviderConnection) -> None:
         try:
             await get_async_redis().zrem(_INFLIGHT_PREFIX + provider.id, self.request_id)
@@ -594,7 +636,9 @@ class _Relay:
             )
         except TimeoutError as exc:
             raise _Failed(upstream_timeout(self.call.model)) from exc
-        except (httpx.HTTPError, outbound.ResponseTooLarge) as exc:
+        except httpx.HTTPError as exc:  # cut or broken: nothing has gone to the client
+            raise _Failed(upstream_unavailable(self.call.model)) from exc
+        except outbound.ResponseTooLarge as exc:
             raise _Failed(upstream_unavailable(self.call.model), retry=False) from exc
         finally:
             await response.aclose()
@@ -604,12 +648,14 @@ class _Relay:
                 raise ValueError("not an object")
         except ValueError as exc:
             raise _Failed(upstream_unavailable(self.call.model)) from exc
-        await self._release(provider)
-        await _record(target, failed=False)
+        await self._succeeded(target, provider)
         body["model"] = self.call.model
         usage = body.get("usage")
         self.taken = True
-        await self._finish(target, provider, usage, _answer_text(body), _finish_of(body))
+        # Metered and settled beside the answer, not before it: the client does not wait
+        # for three more round trips to Redis (a gateway that dies in between bills nothing,
+        # as one that dies mid-stream).
+        _beside(self._finish(target, provider, usage, _answer_text(body), _finish_of(body)))
         if self.convert is not None:
             return await self.convert(body, self._headers(target, provider))
         return json_reply(body, headers=self._headers(target, provider))

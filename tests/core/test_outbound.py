@@ -18,6 +18,13 @@ from django.test import override_settings
 from core import outbound
 from core.outbound import DestinationRefused, ResponseTooLarge
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dns() -> None:
+    """Each test resolves anew (the module keeps answers for DNS_CACHE_S)."""
+    outbound.forget_dns()
+
+
 NOT_PUBLIC = "not a public address"
 
 
@@ -232,6 +239,7 @@ def test_any_non_public_address_among_the_answers_refuses(
         "outbound requests go only to public addresses unless the operator allows the host"
     )
     monkeypatch.setattr(outbound, "_getaddrinfo", FakeResolver(["::ffff:169.254.169.254"]))
+    outbound.forget_dns()
     with pytest.raises(DestinationRefused, match="cloud metadata"):
         asyncio.run(outbound.resolve("https://api.example.com/v1", timeout_s=5))
 
@@ -755,3 +763,21 @@ def test_closing_a_stream_midway_closes_its_connection() -> None:
 
     served = with_server(scenario)
     assert served.connections == 2  # the half-read connection was closed, not reused
+
+
+def test_a_cached_answer_is_checked_again_on_every_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache saves the lookup, never the check: an allow-list narrowed meanwhile (or a
+    cached private answer) is refused on the next use."""
+    calls: list[str] = []
+
+    def resolver(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        calls.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", 443))]
+
+    monkeypatch.setattr(outbound, "_getaddrinfo", resolver)
+    with override_settings(MANTLE_PROVIDER_ALLOWED_PRIVATE=["10.0.0.0/8"]):
+        first = asyncio.run(outbound.resolve("https://internal.example/v1"))
+        assert first.ip == "10.1.2.3"
+    with override_settings(MANTLE_PROVIDER_ALLOWED_PRIVATE=[]), pytest.raises(DestinationRefused):
+        asyncio.run(outbound.resolve("https://internal.example/v1"))
+    assert calls == ["internal.example"]  # looked up once
