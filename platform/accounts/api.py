@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest
+from django.http import HttpRequest, StreamingHttpResponse
 from django.utils import timezone
 from ninja import Router, Status
 
+from accounts import audit_log as audit
 from accounts import selectors, services
 from accounts.models import ApiKey, AuditLog, Invitation, Membership, Organization
 from accounts.permissions import Perm, Role
@@ -15,6 +16,7 @@ from accounts.schemas import (
     ApiKeyIn,
     ApiKeyOut,
     AuditEntryOut,
+    AuditPageOut,
     InvitationOut,
     MemberInvite,
     MemberOut,
@@ -268,7 +270,69 @@ def _audit_out(e: AuditLog) -> AuditEntryOut:
     )
 
 
-@router.get(f"{ORG}/audit-log", response=list[AuditEntryOut])
-def audit_log(request: HttpRequest, organization_id: str, limit: int = 100) -> list[AuditEntryOut]:
+_AUDIT_PARAMS = [
+    ("actor", "An actor: a person's email, `api-key:<key id>` or `system` (any case)"),
+    ("action", "An action, e.g. `api_key.created`"),
+    ("target_type", "The target's type, e.g. `apikey`, `membership`, `organization`"),
+    ("target_id", "The target's id"),
+    ("since", "From this time (inclusive): ISO 8601 or Unix seconds; no offset: UTC"),
+    ("until", "Before this time (exclusive): ISO 8601 or Unix seconds"),
+]
+_AUDIT_OPENAPI = {
+    "parameters": [
+        {
+            "in": "query",
+            "name": n,
+            "required": False,
+            "schema": {"type": "string"},
+            "description": d,
+        }
+        for n, d in _AUDIT_PARAMS
+    ]
+}
+
+
+def _audit_params(request: HttpRequest) -> dict[str, str]:
+    return {name: request.GET.get(name, "") for name in request.GET}
+
+
+@router.get(
+    f"{ORG}/audit-log",
+    response=AuditPageOut,
+    openapi_extra={
+        "parameters": [
+            *_AUDIT_OPENAPI["parameters"],
+            {
+                "in": "query",
+                "name": "limit",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": audit.MAX_PAGE_SIZE},
+                "description": f"Entries per page (default {audit.DEFAULT_PAGE_SIZE})",
+            },
+            {
+                "in": "query",
+                "name": "cursor",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "The next_cursor of the previous page",
+            },
+        ]
+    },
+)
+def audit_log(request: HttpRequest, organization_id: str) -> AuditPageOut:
+    """The organization's audit log, newest first, filtered and paged by cursor."""
     org = selectors.organization_for(_principal(request), organization_id, Perm.AUDIT_VIEW)
-    return [_audit_out(e) for e in selectors.audit_log(org, limit=max(1, min(limit, 1000)))]
+    page = audit.audit_page(org, audit.parse_query(_audit_params(request)))
+    return AuditPageOut(
+        data=[_audit_out(e) for e in page.entries],
+        has_more=page.next_cursor is not None,
+        next_cursor=page.next_cursor,
+    )
+
+
+@router.get(f"{ORG}/audit-log.csv", openapi_extra=_AUDIT_OPENAPI)
+def audit_log_csv(request: HttpRequest, organization_id: str) -> StreamingHttpResponse:
+    """Every entry that matches the filters (no paging), newest first, as CSV."""
+    org = selectors.organization_for(_principal(request), organization_id, Perm.AUDIT_VIEW)
+    query = audit.parse_query({k: v for k, v in _audit_params(request).items() if k != "cursor"})
+    return audit.audit_csv_response(org, query)

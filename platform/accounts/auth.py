@@ -9,7 +9,7 @@ from django.conf import settings
 from django.http import HttpRequest
 from ninja.security import HttpBearer, SessionAuth
 
-from accounts import keys, selectors
+from accounts import keys, selectors, two_factor
 from accounts.models import ApiKey
 from accounts.permissions import Scope
 from accounts.principal import Principal
@@ -38,9 +38,14 @@ class ConsoleSession(SessionAuth):
 
     def authenticate(self, request: HttpRequest, key: str | None) -> Principal | None:
         user: Any = request.user
-        if user.is_authenticated:
-            return Principal(user=user, ip_address=client_ip(request))
-        return None
+        if not user.is_authenticated:
+            return None
+        # A person with an authenticator is signed in only once a code was given in this
+        # session (a session that passed only a password, e.g. the back office's first
+        # step, carries no power here).
+        if not two_factor.session_verified(user) and selectors.mfa_enrolled(user):
+            return None
+        return Principal(user=user, ip_address=client_ip(request))
 
 
 class ApiKeyBearer(HttpBearer):

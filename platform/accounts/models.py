@@ -70,6 +70,10 @@ class Organization(models.Model):
     name = models.CharField(max_length=200)
     region = models.CharField(max_length=64, default="local")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    # Owners and admins must have a confirmed authenticator (TOTP) to reach anything of
+    # the organization, in the console and the management API with a session
+    # (accounts/two_factor.py, docs/console.md). Turned on and off by an owner.
+    mfa_required = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -33,6 +33,9 @@ class OrganizationOut(Schema):
     name: str
     region: str
     status: str
+    mfa_required: bool = Field(
+        description="Owners and admins need an authenticator to reach the organization"
+    )
     created_at: datetime
 
 
@@ -118,6 +121,15 @@ class AuditEntryOut(Schema):
     ip_address: str | None
     metadata: dict[str, object]
     created_at: datetime
+
+
+class AuditPageOut(Schema):
+    object: str = "list"
+    data: list[AuditEntryOut]
+    has_more: bool
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` (with the same filters) for the next, older page"
+    )
 
 
 class MeOut(Schema):

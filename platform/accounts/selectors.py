@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from django.db.models import QuerySet
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from accounts.models import ApiKey, AuditLog, Invitation, Membership, Organization, Project
+from accounts.models import ApiKey, Invitation, Membership, Organization, Project, User
 from accounts.permissions import (
     Perm,
     Role,
@@ -15,6 +16,34 @@ from accounts.permissions import (
 )
 from accounts.principal import Principal
 from core.errors import NotFound, PermissionDenied
+
+# The roles an organization's "require MFA" setting applies to.
+MFA_ROLES = frozenset({Role.OWNER, Role.ADMIN})
+
+
+class MfaRequired(PermissionDenied):
+    """A person who must enrol an authenticator before reaching this organization."""
+
+    code = "mfa_required"
+
+
+def mfa_enrolled(user: User) -> bool:
+    """Whether `user` has a confirmed authenticator (django-otp TOTP device)."""
+    return TOTPDevice.objects.filter(user=user, confirmed=True).exists()
+
+
+def mfa_enrolment_required(org: Organization, role: Role | None, user: User) -> bool:
+    """Whether the organization's MFA requirement holds `user` (of `role` there) back."""
+    return org.mfa_required and role in MFA_ROLES and not mfa_enrolled(user)
+
+
+def mfa_organizations_requiring(user: User) -> QuerySet[Organization]:
+    """The organizations that require `user` to have an authenticator (owner or admin)."""
+    return Organization.objects.filter(
+        mfa_required=True,
+        memberships__user=user,
+        memberships__role__in=[r.value for r in MFA_ROLES],
+    ).order_by("created_at")
 
 
 def organizations_for(principal: Principal) -> QuerySet[Organization]:
@@ -67,6 +96,14 @@ def organization_for(principal: Principal, organization_id: str, perm: Perm) -> 
     org = Organization.objects.filter(id=organization_id).first()
     if org is None:
         raise NotFound(f"organization {organization_id!r} not found", param="organization_id")
+    # A person (never a key: keys are unaffected) whom the organization requires to have
+    # an authenticator reaches nothing of it until they enrol one.
+    user = principal.user
+    if principal.api_key is None and user is not None and mfa_enrolment_required(org, role, user):
+        raise MfaRequired(
+            f"{org.name} requires multi-factor authentication for owners and admins: "
+            "enrol an authenticator on your account page (/console/account/) first"
+        )
     return org
 
 
@@ -142,10 +179,6 @@ def api_key_get(org: Organization, key_id: str) -> ApiKey:
     if found is None:
         raise NotFound(f"API key {key_id!r} not found", param="key_id")
     return found
-
-
-def audit_log(org: Organization, limit: int = 100) -> QuerySet[AuditLog]:
-    return AuditLog.objects.filter(organization=org).order_by("-created_at", "-id")[:limit]
 
 
 def invitations_open(org: Organization) -> QuerySet[Invitation]:

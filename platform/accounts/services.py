@@ -91,6 +91,37 @@ def organization_update(*, principal: Principal, org: Organization, name: str) -
     return org
 
 
+@transaction.atomic
+def organization_mfa_set(
+    *, principal: Principal, org: Organization, required: bool
+) -> Organization:
+    """Turns "require MFA for owners and admins" on or off: owners only, and only an
+    owner who has an authenticator themselves may turn it on (so that the one who
+    decides is not the first one locked out). Audited."""
+    from accounts.selectors import mfa_enrolled, role_in
+
+    if principal.user is None or role_in(principal, org.id) != Role.OWNER:
+        raise PermissionDenied("only an owner may change the organization's MFA requirement")
+    org = Organization.objects.select_for_update().get(pk=org.pk)
+    if required and not mfa_enrolled(principal.user):
+        raise Conflict(
+            "enrol an authenticator on your account page before requiring one of others",
+            param="mfa_required",
+        )
+    if org.mfa_required == required:
+        return org
+    org.mfa_required = required
+    org.save(update_fields=["mfa_required"])
+    audit_record(
+        principal=principal,
+        action="organization.mfa_required" if required else "organization.mfa_not_required",
+        target=org,
+        organization=org,
+        metadata={"mfa_required": required},
+    )
+    return org
+
+
 def organization_set_status(
     *, principal: Principal, org: Organization, status: str, reason: str
 ) -> Organization:

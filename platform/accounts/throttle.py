@@ -91,7 +91,38 @@ def _wait_minutes(ttl: int, window_s: int) -> int:
 
 def login_throttle_check(*, email: str, address: str | None) -> None:
     """Refuses (LoginThrottled) before the password is even checked once a limit is reached."""
-    keys = [pair_key(email, address), address_key(address)]
+    _refuse_past_limits(pair_key(email, address), address, step="log-ins")
+
+
+def second_factor_key(email: str, address: str | None) -> str:
+    """The second step's own count per (email, address): a correct password, which clears
+    the password's pair count, must not clear the codes' count too."""
+    return f"{KEY_PREFIX}mfa:{_digest(_email(email), address or UNKNOWN_ADDRESS)}"
+
+
+def second_factor_throttle_check(*, email: str, address: str | None) -> None:
+    """Refuses (LoginThrottled) a code before it is checked once a limit is reached: the
+    same limits and window as the password, and the same count per network address."""
+    _refuse_past_limits(second_factor_key(email, address), address, step="codes")
+
+
+def second_factor_failure_record(*, email: str, address: str | None) -> None:
+    keys = [second_factor_key(email, address), address_key(address), account_key(email)]
+    counts = get_redis().eval(_RECORD, len(keys), *keys, settings.MANTLE_LOGIN_FAILURE_WINDOW_S)
+    logger.info(
+        "wrong second-factor code for %s from %s (%s for the pair in the window)",
+        _email(email),
+        address or UNKNOWN_ADDRESS,
+        counts[0],
+    )
+
+
+def second_factor_success_reset(*, email: str, address: str | None) -> None:
+    get_redis().delete(second_factor_key(email, address))
+
+
+def _refuse_past_limits(pair: str, address: str | None, *, step: str) -> None:
+    keys = [pair, address_key(address)]
     limits = [
         settings.MANTLE_LOGIN_MAX_FAILURES_PER_PAIR,
         settings.MANTLE_LOGIN_MAX_FAILURES_PER_ADDRESS,
@@ -110,14 +141,18 @@ def login_throttle_check(*, email: str, address: str | None) -> None:
             "this email address from your network address" if index == 0 else "your network address"
         )
         logger.warning(
-            "log-in refused: %s failed log-ins %s from %s in the window",
+            "%s refused: %s failed %s %s from %s in the window",
+            "log-in" if step == "log-ins" else "second-factor code",
             count,
+            step,
             "for the email" if index == 0 else "over all emails",
             address or UNKNOWN_ADDRESS,
         )
+        failed = "failed log-ins" if step == "log-ins" else "wrong codes"
         raise LoginThrottled(
-            f"Too many failed log-ins for {what}. Try again in {wait} minute"
-            f"{'s' if wait != 1 else ''}, or reset your password.",
+            f"Too many {failed} for {what}. Try again in {wait} minute"
+            f"{'s' if wait != 1 else ''}"
+            f"{', or reset your password.' if step == 'log-ins' else '.'}",
             param="email" if index == 0 else None,
         )
 

@@ -1,7 +1,12 @@
-"""Staff's second factor for the back office: a TOTP authenticator and single-use recovery codes.
+"""The second factor of a person: a TOTP authenticator and single-use recovery codes.
 
-Built on django-otp. A staff member's authenticator is a confirmed `TOTPDevice`; their
-recovery codes are the tokens of one `StaticDevice`, each deleted as it is used. Every
+One authenticator per person, for the back office (staff must have one) and the console
+(anyone may enrol one; an organization may require one of its owners and admins).
+Built on django-otp. A person's authenticator is a confirmed `TOTPDevice`; their
+recovery codes are the tokens of one `StaticDevice`, each deleted as it is used, and kept
+only as a keyed digest (`recovery_code_digest`: HMAC-SHA256 under `SECRET_KEY`, salted
+for this use; django-otp itself would keep them as typed), so a copy of the table holds
+no usable code. Every
 check goes through `django_otp.verify_token`, which locks the device row for the check
 (select_for_update), accepts a TOTP code only for a time step after the last one accepted
 (a code seen once, by an onlooker or a proxy log, never works again) and backs off
@@ -21,20 +26,36 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
+from django.utils.crypto import salted_hmac
 from django_otp import verify_token
 from django_otp.models import Device
 from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from accounts import selectors
 from accounts.models import User
 from accounts.principal import Principal
 from accounts.services import audit_record
+from core.errors import Conflict, InvalidInput
 
 AUTHENTICATOR_NAME = "authenticator"
 RECOVERY_NAME = "recovery codes"
 _TOTP_CODE = re.compile(r"\d{6}")
 # 10 base32 characters: 50 random bits per code, shown as two groups of five.
 _RECOVERY_CODE = re.compile(r"[a-z2-7]{10}")
+# What the digests of recovery codes are keyed with (the migration that digested the codes
+# issued before, accounts/0004, uses the same salt and length).
+_RECOVERY_SALT = "mantle.accounts.recovery-code"
+
+# Audit actions: the back office's (staff) and the console's (anyone).
+_STAFF_ACTIONS = {
+    "enrolled": "staff.two_factor_enrolled",
+    "recovery_code_used": "staff.recovery_code_used",
+}
+_CONSOLE_ACTIONS = {
+    "enrolled": "user.mfa_enrolled",
+    "recovery_code_used": "user.mfa_recovery_code_used",
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +84,16 @@ def session_verified(user: object) -> bool:
 
 
 def two_factor_enrolled(user: User) -> bool:
-    return TOTPDevice.objects.filter(user=user, confirmed=True).exists()
+    return selectors.mfa_enrolled(user)
+
+
+def recovery_code_digest(code: str) -> str:
+    """What is stored of a recovery code (as a django-otp static token, 16 characters)."""
+    return salted_hmac(_RECOVERY_SALT, code, algorithm="sha256").hexdigest()[:16]
+
+
+def recovery_codes_left(user: User) -> int:
+    return StaticToken.objects.filter(device__user=user, device__confirmed=True).count()
 
 
 def two_factor_enrol_begin(*, user: User) -> Enrolment:
@@ -88,7 +118,7 @@ def two_factor_enrolment(*, user: User, device_id: str) -> Enrolment | None:
 
 
 def two_factor_enrol_confirm(
-    *, principal: Principal, user: User, device_id: str, code: str
+    *, principal: Principal, user: User, device_id: str, code: str, console: bool = False
 ) -> tuple[TOTPDevice, list[str]] | None:
     """Confirms the pending authenticator with its first code; returns it and new recovery
     codes (replacing any earlier ones), or None when the code is wrong or the enrolment
@@ -105,7 +135,7 @@ def two_factor_enrol_confirm(
         codes = _recovery_codes_replace(user)
         audit_record(
             principal=principal,
-            action="staff.two_factor_enrolled",
+            action=(_CONSOLE_ACTIONS if console else _STAFF_ACTIONS)["enrolled"],
             target=user,
             organization=None,
             metadata={"recovery_codes": len(codes)},
@@ -132,7 +162,9 @@ def two_factor_enrol_unattended(*, principal: Principal, user: User) -> Enrolmen
     return _enrolment(device)
 
 
-def two_factor_verify(*, principal: Principal, user: User, code: str) -> Verification:
+def two_factor_verify(
+    *, principal: Principal, user: User, code: str, console: bool = False
+) -> Verification:
     """Checks a code from the authenticator (six digits) or a recovery code (used up)."""
     code = _compact(code)
     device: Device | None
@@ -140,6 +172,7 @@ def two_factor_verify(*, principal: Principal, user: User, code: str) -> Verific
         device = TOTPDevice.objects.filter(user=user, confirmed=True).first()
     elif _RECOVERY_CODE.fullmatch(code):
         device = StaticDevice.objects.filter(user=user, confirmed=True).first()
+        code = recovery_code_digest(code)
     else:
         return Verification(device=None)
     if device is None:
@@ -155,7 +188,7 @@ def two_factor_verify(*, principal: Principal, user: User, code: str) -> Verific
     if isinstance(accepted, StaticDevice):
         audit_record(
             principal=principal,
-            action="staff.recovery_code_used",
+            action=(_CONSOLE_ACTIONS if console else _STAFF_ACTIONS)["recovery_code_used"],
             target=user,
             organization=None,
             metadata={"recovery_codes_left": accepted.token_set.count()},
@@ -183,6 +216,84 @@ def two_factor_reset(*, principal: Principal, user: User) -> int:
     return removed
 
 
+# --- The console: a person's own authenticator -------------------------------------------
+
+
+class CodeRefused(InvalidInput):
+    """A wrong (or used) code where a code is asked again to confirm a change."""
+
+    code = "mfa_code_refused"
+
+
+class CodeLocked(CodeRefused):
+    status = 429
+
+
+def _confirm_with_code(principal: Principal, user: User, code: str) -> Device:
+    result = two_factor_verify(principal=principal, user=user, code=code, console=True)
+    if result.device is not None:
+        return result.device
+    if result.locked_until is not None:
+        raise CodeLocked(
+            f"Too many wrong codes: try again after {result.locked_until:%H:%M:%S} UTC.",
+            param="code",
+        )
+    raise CodeRefused("That code is not valid (or was used already).", param="code")
+
+
+def recovery_codes_regenerate(*, principal: Principal, user: User, code: str) -> list[str]:
+    """New recovery codes (the old ones stop working), once a current code proves the
+    person holds the authenticator (or a recovery code). Shown once by the caller."""
+    if not two_factor_enrolled(user):
+        raise Conflict("enrol an authenticator first", param="code")
+    _confirm_with_code(principal, user, code)
+    with transaction.atomic():
+        codes = _recovery_codes_replace(user)
+        audit_record(
+            principal=principal,
+            action="user.mfa_recovery_codes_regenerated",
+            target=user,
+            organization=None,
+            metadata={"recovery_codes": len(codes)},
+        )
+    return codes
+
+
+def two_factor_remove(*, principal: Principal, user: User, code: str) -> int:
+    """The person removes their own authenticator and recovery codes, proving with a
+    code that they hold them. Refused for staff (the back office needs the authenticator;
+    an operator's reset replaces it) and while an organization requires it of them."""
+    if user.is_staff:
+        raise Conflict(
+            "staff keep their authenticator for the back office: an operator's reset "
+            "(docs/backoffice.md) replaces it",
+            param="code",
+        )
+    requiring = list(selectors.mfa_organizations_requiring(user))
+    if requiring:
+        names = ", ".join(o.name for o in requiring)
+        raise Conflict(
+            f"{names} require{'s' if len(requiring) == 1 else ''} multi-factor "
+            "authentication for owners and admins: the authenticator cannot be removed",
+            param="code",
+        )
+    if not two_factor_enrolled(user):
+        raise Conflict("there is no authenticator to remove", param="code")
+    _confirm_with_code(principal, user, code)
+    with transaction.atomic():
+        removed = 0
+        for model in (TOTPDevice, StaticDevice):
+            removed += model.objects.filter(user=user).delete()[1].get(model._meta.label, 0)
+        audit_record(
+            principal=principal,
+            action="user.mfa_removed",
+            target=user,
+            organization=None,
+            metadata={"devices_removed": removed},
+        )
+    return removed
+
+
 def recovery_code_display(code: str) -> str:
     """`abcdefghij` as `abcde-fghij`: easier to copy by hand; any spacing is accepted back."""
     return f"{code[:5]}-{code[5:]}"
@@ -192,7 +303,9 @@ def _recovery_codes_replace(user: User) -> list[str]:
     StaticDevice.objects.filter(user=user).delete()
     device = StaticDevice.objects.create(user=user, name=RECOVERY_NAME, confirmed=True)
     codes = [_new_recovery_code() for _ in range(int(settings.MANTLE_RECOVERY_CODES))]
-    StaticToken.objects.bulk_create(StaticToken(device=device, token=c) for c in codes)
+    StaticToken.objects.bulk_create(
+        StaticToken(device=device, token=recovery_code_digest(c)) for c in codes
+    )
     return codes
 
 

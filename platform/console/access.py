@@ -6,13 +6,16 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.http.response import HttpResponseBase
 from django.shortcuts import render
+from django.urls import reverse
 
-from accounts import selectors
+from accounts import selectors, two_factor
 from accounts.auth import client_ip
 from accounts.models import Organization, User
 from accounts.permissions import Perm, Role, role_allows
@@ -49,6 +52,34 @@ def console_principal(request: HttpRequest) -> Principal:
     return Principal(user=user, ip_address=client_ip(request))
 
 
+def second_factor_gate(request: HttpRequest) -> HttpResponseRedirect | None:
+    """Where a signed-in session must go before any console page: a person with an
+    authenticator whose session gave no code (signed in through a form that asks only for
+    the password, e.g. the back office's first step) is asked for one. None: go on."""
+    user: User = request.user  # type: ignore[assignment]
+    if two_factor.session_verified(user) or not selectors.mfa_enrolled(user):
+        return None
+    query = urlencode({"next": request.get_full_path()})
+    return HttpResponseRedirect(f"{reverse('console-login-verify')}?{query}")
+
+
+def signed_in(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
+    """login_required, and the second factor where the person has one."""
+
+    @login_required
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return second_factor_gate(request) or view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def enrolment_redirect(request: HttpRequest, message: str) -> HttpResponseRedirect:
+    messages.warning(request, message)
+    query = urlencode({"next": request.get_full_path()})
+    return HttpResponseRedirect(f"{reverse('console-mfa-enrol')}?{query}")
+
+
 def is_htmx(request: HttpRequest) -> bool:
     return request.headers.get("HX-Request") == "true"
 
@@ -65,7 +96,7 @@ def org_page(perm: Perm) -> Callable[[OrgView], Callable[..., HttpResponseBase]]
     """
 
     def decorate(view: OrgView) -> Callable[..., HttpResponseBase]:
-        @login_required
+        @signed_in
         @functools.wraps(view)
         def wrapper(request: HttpRequest, org_id: str, **kwargs: Any) -> HttpResponseBase:
             principal = console_principal(request)
@@ -73,6 +104,10 @@ def org_page(perm: Perm) -> Callable[[OrgView], Callable[..., HttpResponseBase]]
                 org = selectors.organization_for(principal, org_id, Perm.ORG_VIEW)
             except NotFound as exc:
                 raise Http404(exc.message) from exc
+            except selectors.MfaRequired as exc:
+                # An owner or admin whom the organization requires to have an
+                # authenticator: nothing of it until they enrol one.
+                return enrolment_redirect(request, exc.message)
             role = selectors.role_in(principal, org.id)
             assert role is not None  # organization_for found the membership
             ctx = OrgContext(

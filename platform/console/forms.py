@@ -37,6 +37,32 @@ class LoginForm(AuthenticationForm):
     (accounts/backends.py), so the back office's form gets the same policy."""
 
 
+class CodeForm(forms.Form):
+    """A code of the authenticator (six digits) or a recovery code."""
+
+    code = forms.CharField(
+        label="Code",
+        max_length=32,
+        strip=True,
+        widget=forms.TextInput(
+            attrs={"autocomplete": "one-time-code", "spellcheck": "false", "inputmode": "text"}
+        ),
+    )
+
+
+class AuditFilterForm(forms.Form):
+    """The audit page's filters: the API's parameters (accounts/audit_log.py parses them)."""
+
+    actor = forms.CharField(required=False, max_length=200, help_text="email or api-key:<id>")
+    action = forms.CharField(required=False, max_length=200, help_text="e.g. api_key.created")
+    target_type = forms.CharField(required=False, max_length=200, label="Target type")
+    target_id = forms.CharField(required=False, max_length=200, label="Target id")
+    since = forms.CharField(
+        required=False, max_length=40, help_text="from (UTC): 2026-01-31 or 2026-01-31T09:00"
+    )
+    until = forms.CharField(required=False, max_length=40, help_text="before (UTC)")
+
+
 class ConsolePasswordResetForm(PasswordResetForm):
     """Also reaches accounts with no usable password yet.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.urls import include, path
 
 from console.views import (
+    account,
+    audit,
     auth,
     batches,
     billing_pages,
@@ -18,6 +20,9 @@ from console.views import (
 org_patterns = [
     path("", org.quickstart, name="console-quickstart"),
     path("team/", org.team, name="console-team"),
+    path("team/mfa/", org.organization_mfa, name="console-org-mfa"),
+    path("audit/", audit.audit, name="console-audit"),
+    path("audit.csv", audit.audit_csv, name="console-audit-csv"),
     path("team/<str:membership_id>/role/", org.member_role, name="console-member-role"),
     path(
         "team/invitations/<str:invitation_id>/<slug:action>/",
@@ -93,6 +98,11 @@ urlpatterns = [
     path("signup/confirm/<str:token>/", auth.signup_verify, name="console-signup-verify"),
     path("invitations/<str:token>/", auth.invitation, name="console-invitation"),
     path("login/", auth.LoginView.as_view(), name="console-login"),
+    path("login/code/", auth.login_verify, name="console-login-verify"),
+    path("account/", account.account, name="console-account"),
+    path("account/mfa/enrol/", account.mfa_enrol, name="console-mfa-enrol"),
+    path("account/mfa/recovery-codes/", account.recovery_codes, name="console-mfa-codes"),
+    path("account/mfa/remove/", account.mfa_remove, name="console-mfa-remove"),
     path("logout/", auth.LogoutView.as_view(), name="console-logout"),
     path("password-reset/", auth.PasswordResetView.as_view(), name="console-password-reset"),
     path(

@@ -394,7 +394,7 @@ def test_audit_log_records_key_lifecycle_with_ip(world: OrgWorld) -> None:
         {"name": "audited", "scopes": ["inference"]},
     ).json()
     call(client, "post", org_path(world, f"/api-keys/{key['id']}/revoke"))
-    entries = call(client, "get", org_path(world, "/audit-log")).json()
+    entries = call(client, "get", org_path(world, "/audit-log")).json()["data"]
     actions = [(e["action"], e["target_id"]) for e in entries[:2]]
     assert actions == [("api_key.revoked", key["id"]), ("api_key.created", key["id"])]
     assert entries[0]["actor"] == world.users[Role.OWNER].email

@@ -97,6 +97,7 @@ OPS = [
     Op("get", f"{ORG}/api-keys/{{key_id}}", Perm.KEYS_VIEW, 200),
     Op("post", f"{ORG}/api-keys/{{key_id}}/revoke", Perm.KEYS_REVOKE, 200),
     Op("get", f"{ORG}/audit-log", Perm.AUDIT_VIEW, 200),
+    Op("get", f"{ORG}/audit-log.csv", Perm.AUDIT_VIEW, 200),
     Op("get", f"{ORG}/billing/balance", Perm.BILLING_VIEW, 200),
     Op("get", f"{ORG}/billing/credits", Perm.BILLING_VIEW, 200),
     Op("get", f"{ORG}/billing/invoices", Perm.BILLING_VIEW, 200),

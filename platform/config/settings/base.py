@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
@@ -198,9 +199,17 @@ MANTLE_INVITATION_MAX_PER_EMAIL = env.int("MANTLE_INVITATION_MAX_PER_EMAIL", def
 MANTLE_INVITATION_MAX_PER_ORG = env.int("MANTLE_INVITATION_MAX_PER_ORG", default=200)
 MANTLE_INVITATION_WINDOW_S = env.int("MANTLE_INVITATION_WINDOW_S", default=86400)
 MANTLE_INVITATION_TTL_S = env.int("MANTLE_INVITATION_TTL_S", default=7 * 86400)
-# The back office's second factor (django-otp; accounts/two_factor.py): the name
-# authenticator apps show, and device keys and recovery codes hidden from admin pages.
-OTP_TOTP_ISSUER = env.str("MANTLE_OTP_ISSUER", default="Mantle back office")
+# The second factor (django-otp; accounts/two_factor.py): the name authenticator apps
+# show (staff's says back office: one authenticator serves both), and device keys and
+# recovery codes hidden from admin pages.
+MANTLE_OTP_ISSUER = env.str("MANTLE_OTP_ISSUER", default="Mantle back office")
+MANTLE_CONSOLE_OTP_ISSUER = env.str("MANTLE_CONSOLE_OTP_ISSUER", default="Mantle")
+
+
+def OTP_TOTP_ISSUER(device: Any) -> str:  # django-otp's setting: a callable is allowed
+    return str(MANTLE_OTP_ISSUER if device.user.is_staff else MANTLE_CONSOLE_OTP_ISSUER)
+
+
 OTP_ADMIN_HIDE_SENSITIVE_DATA = True
 MANTLE_RECOVERY_CODES = 10
 # Lifetime of the short-lived inference key the console's playground mints (docs/console.md).

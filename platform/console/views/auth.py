@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
+from urllib.parse import urlencode
 
+import django_otp
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
@@ -12,17 +15,23 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import reverse, reverse_lazy
 from django.utils import timezone
+from django.utils.crypto import constant_time_compare
 from django.utils.decorators import method_decorator
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters
 
+from accounts import selectors, throttle, two_factor
 from accounts import services as account_services
 from accounts.auth import client_ip
 from accounts.backends import present_login_refusal
 from accounts.models import Membership, User
+from accounts.principal import Principal
 from console import services
+from console.access import enrolment_redirect
 from console.forms import (
     AccountForm,
+    CodeForm,
     ConsolePasswordResetForm,
     LoginForm,
     SignupForm,
@@ -34,12 +43,42 @@ BACKEND = "accounts.backends.ThrottledModelBackend"
 
 logger = logging.getLogger(__name__)
 
+# The password step passed, the code not yet given: whom the second step is for. The
+# session is not signed in meanwhile (no `login()`), so nothing of the console or the
+# management API is reachable with it.
+SECOND_STEP_SESSION_KEY = "console_second_step"
+SECOND_STEP_TTL_S = 300
+
 
 @method_decorator(present_login_refusal, name="dispatch")
 class LoginView(auth_views.LoginView):
     template_name = "console/auth/login.html"
     authentication_form = LoginForm
     redirect_authenticated_user = True
+
+    def form_valid(self, form: LoginForm) -> HttpResponse:  # type: ignore[override]
+        user: User = form.get_user()
+        if selectors.mfa_enrolled(user):
+            # A new session key: one fixed on the browser before sign-in is worth nothing.
+            self.request.session.cycle_key()
+            self.request.session[SECOND_STEP_SESSION_KEY] = {
+                "user": user.pk,
+                "hash": user.get_session_auth_hash(),
+                "backend": getattr(user, "backend", BACKEND),
+                "at": int(time.time()),
+            }
+            query = urlencode({"next": self.get_success_url()})
+            return HttpResponseRedirect(f"{reverse('console-login-verify')}?{query}")
+        response = super().form_valid(form)
+        requiring = list(selectors.mfa_organizations_requiring(user))
+        if requiring:
+            names = ", ".join(o.name for o in requiring)
+            return enrolment_redirect(
+                self.request,
+                f"{names} require{'s' if len(requiring) == 1 else ''} multi-factor "
+                "authentication for owners and admins: enrol an authenticator to continue.",
+            )
+        return response
 
     def form_invalid(self, form: LoginForm) -> HttpResponse:  # type: ignore[override]
         response = super().form_invalid(form)
@@ -51,6 +90,94 @@ class LoginView(auth_views.LoginView):
 
 class LogoutView(auth_views.LogoutView):
     pass
+
+
+def _safe_next(request: HttpRequest) -> str:
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    if target and url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return reverse("console-home")
+
+
+def _second_step_user(request: HttpRequest) -> tuple[User | None, dict[str, Any] | None]:
+    """Whom the code is for: the person whose password was just accepted (pending), or a
+    signed-in person with an authenticator whose session gave no code yet."""
+    signed_in: Any = request.user
+    if signed_in.is_authenticated:
+        return (signed_in if selectors.mfa_enrolled(signed_in) else None), None
+    pending = request.session.get(SECOND_STEP_SESSION_KEY)
+    if not isinstance(pending, dict) or time.time() - int(pending.get("at", 0)) > SECOND_STEP_TTL_S:
+        return None, None
+    user = User.objects.filter(pk=int(pending.get("user") or 0), is_active=True).first()
+    # The password changed since the first step: that step no longer counts.
+    if user is None or not constant_time_compare(
+        user.get_session_auth_hash(), str(pending.get("hash", ""))
+    ):
+        return None, None
+    return user, pending
+
+
+@never_cache
+@sensitive_post_parameters("code")
+def login_verify(request: HttpRequest) -> HttpResponse:
+    """The second step of signing in: a code of the authenticator, or a recovery code.
+
+    Throttled like the password (per email and network address, and per address, in the
+    same window: `accounts/throttle.py`) and by django-otp's per-device backoff."""
+    next_url = _safe_next(request)
+    user, pending = _second_step_user(request)
+    if user is None:
+        if request.user.is_authenticated:
+            return HttpResponseRedirect(next_url)
+        request.session.pop(SECOND_STEP_SESSION_KEY, None)
+        return HttpResponseRedirect(f"{reverse('console-login')}?{urlencode({'next': next_url})}")
+    if pending is None and two_factor.session_verified(request.user):
+        return HttpResponseRedirect(next_url)
+    form = CodeForm(request.POST if request.method == "POST" else None)
+    status = 200
+    if request.method == "POST":
+        status = 400
+        if form.is_valid():
+            address = client_ip(request)
+            try:
+                throttle.second_factor_throttle_check(email=user.email, address=address)
+            except throttle.LoginThrottled as exc:
+                form.add_error("code", exc.message)
+                status = 429
+            else:
+                result = two_factor.two_factor_verify(
+                    principal=Principal(user=user, ip_address=address),
+                    user=user,
+                    code=form.cleaned_data["code"],
+                    console=True,
+                )
+                if result.device is not None:
+                    throttle.second_factor_success_reset(email=user.email, address=address)
+                    if pending is not None:
+                        request.session.pop(SECOND_STEP_SESSION_KEY, None)
+                        login(request, user, backend=str(pending.get("backend") or BACKEND))
+                    else:
+                        request.session.cycle_key()
+                    django_otp.login(request, result.device)
+                    return HttpResponseRedirect(next_url)
+                throttle.second_factor_failure_record(email=user.email, address=address)
+                if result.locked_until is not None:
+                    status = 429
+                    form.add_error(
+                        "code",
+                        "Too many wrong codes: try again after "
+                        f"{result.locked_until:%H:%M:%S} UTC.",
+                    )
+                else:
+                    form.add_error("code", "That code is not valid (or was used already).")
+    return render(
+        request,
+        "console/auth/login_verify.html",
+        {"form": form, "next": next_url, "email": user.email},
+        status=status,
+    )
 
 
 class PasswordResetView(auth_views.PasswordResetView):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -13,7 +12,16 @@ from accounts import selectors, services
 from accounts.permissions import Perm, Role
 from catalog.models import Model
 from console import selectors as console_selectors
-from console.access import SESSION_ORG, OrgContext, console_principal, is_htmx, org_page, page
+from console.access import (
+    SESSION_ORG,
+    OrgContext,
+    console_principal,
+    is_htmx,
+    org_page,
+    page,
+    render_error,
+    signed_in,
+)
 from console.forms import InviteForm, OrganizationForm, ProjectForm, RoleForm, add_domain_error
 from core.errors import DomainError
 
@@ -22,7 +30,7 @@ def _org_url(name: str, org_id: str, **kwargs: str) -> str:
     return reverse(name, kwargs={"org_id": org_id, **kwargs})
 
 
-@login_required
+@signed_in
 def home(request: HttpRequest) -> HttpResponse:
     """The last organization used in this session, else the first; none: create one."""
     principal = console_principal(request)
@@ -34,7 +42,7 @@ def home(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect(_org_url("console-quickstart", chosen.id))
 
 
-@login_required
+@signed_in
 def switch(request: HttpRequest) -> HttpResponse:
     """The organization switcher's target (a plain GET form, so it works without JS)."""
     org_id = request.GET.get("org", "")
@@ -54,13 +62,14 @@ def switch(request: HttpRequest) -> HttpResponse:
         "usage",
         "batches",
         "billing",
+        "audit",
     }
     return HttpResponseRedirect(
         _org_url(f"console-{section if section in names else 'quickstart'}", org_id)
     )
 
 
-@login_required
+@signed_in
 def organization_new(request: HttpRequest) -> HttpResponse:
     principal = console_principal(request)
     form = OrganizationForm(request.POST or None)
@@ -157,9 +166,28 @@ def team(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
             "form": form,
             "roles": [r.value for r in Role],
             "me": request.user,
+            "is_owner": ctx.role == Role.OWNER,
         },
         status=status,
     )
+
+
+@require_POST
+@org_page(Perm.ORG_UPDATE)
+def organization_mfa(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
+    """An owner turns "require MFA for owners and admins" on or off (audited)."""
+    required = request.POST.get("mfa_required") == "on"
+    try:
+        services.organization_mfa_set(principal=ctx.principal, org=ctx.org, required=required)
+    except DomainError as exc:
+        return render_error(request, ctx, exc)
+    messages.success(
+        request,
+        "Owners and admins now need an authenticator to reach this organization."
+        if required
+        else "Owners and admins no longer need an authenticator here.",
+    )
+    return HttpResponseRedirect(_org_url("console-team", ctx.org.id))
 
 
 @require_POST
