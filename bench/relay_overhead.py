@@ -79,7 +79,7 @@ async def measure(
     await run_load(fake.base_url, path, direct, fake.key, concurrency=4, requests=100)
     await run_load(bench.url, path, relayed, bench.secret, concurrency=4, requests=100)
     for rounds in range(2):  # alternated, so that drift hits both alike
-        suffix = f" (round {rounds + 1})"
+        suffix = f" (round {rounds + 1}, upstream +{fake.latency_ms:.0f} ms)"
         out["direct c1" + suffix] = await run_load(
             fake.base_url, path, direct, fake.key, concurrency=1, requests=requests
         )
@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--gateway-procs", type=int, default=1)
+    # 0: the relay's own cost against an upstream that answers at once; a real provider takes
+    # tens to hundreds of milliseconds, where the throughput ratio is what a customer sees.
+    parser.add_argument("--upstream-latency-ms", type=float, nargs="+", default=[0.0, 100.0])
     args = parser.parse_args()
     bench = BenchStack()
     bench.env["MANTLE_PROVIDER_ALLOWED_HTTP"] = "127.0.0.1"
@@ -128,7 +131,10 @@ def main() -> None:
         )
         bench.url = gateway.url
         bench.stack.wait_serving(gateway)
-        results = asyncio.run(measure(bench, fake, args.requests, args.seconds))
+        results: dict[str, Result] = {}
+        for latency in args.upstream_latency_ms:
+            fake.set_latency(latency)
+            results.update(asyncio.run(measure(bench, fake, args.requests, args.seconds)))
     finally:
         bench.stop()
         fake.stop()
@@ -136,16 +142,18 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, result in results.items():
         print(line(name, result))
-    for rounds in (1, 2):
-        suffix = f" (round {rounds})"
-        d1, r1 = results["direct c1" + suffix], results["relayed c1" + suffix]
-        d32, r32 = results["direct c32" + suffix], results["relayed c32" + suffix]
-        d_rps = d32.statuses.get(200, 0) / d32.elapsed
-        r_rps = r32.statuses.get(200, 0) / r32.elapsed
-        print(
-            f"round {rounds}: added p50 latency at c1 {r1.pct(50) - d1.pct(50):.2f} ms; "
-            f"relayed/direct requests/s at c32 {r_rps / d_rps:.2f}"
-        )
+    for latency in args.upstream_latency_ms:
+        for rounds in (1, 2):
+            suffix = f" (round {rounds}, upstream +{latency:.0f} ms)"
+            d1, r1 = results["direct c1" + suffix], results["relayed c1" + suffix]
+            d32, r32 = results["direct c32" + suffix], results["relayed c32" + suffix]
+            d_rps = d32.statuses.get(200, 0) / d32.elapsed
+            r_rps = r32.statuses.get(200, 0) / r32.elapsed
+            print(
+                f"upstream +{latency:.0f} ms, round {rounds}: added p50 latency at c1 "
+                f"{r1.pct(50) - d1.pct(50):.2f} ms; relayed/direct requests/s at c32 "
+                f"{r_rps / d_rps:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,11 @@ from django.conf import settings
 USER_AGENT = "mantle-relay/1"
 
 # The request headers that may leave the platform (lower case); anything else is dropped.
-ALLOWED_HEADERS = frozenset({"content-type", "accept", "user-agent", "authorization", "api-key"})
+# `x-mantle-relay-hops` is the relay's own (docs/providers.md): how many Mantle gateways a
+# request has passed, so that a route that leads back to a Mantle relaying it again stops.
+ALLOWED_HEADERS = frozenset(
+    {"content-type", "accept", "user-agent", "authorization", "api-key", "x-mantle-relay-hops"}
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -67,6 +67,10 @@ from workers import contract
 logger = logging.getLogger(__name__)
 
 SERVED_BY = "x-mantle-served-by"
+# How many Mantle relays a request has passed; past MAX_HOPS a routed request is refused
+# (a provider configured as this platform itself would otherwise relay to itself forever).
+HOPS_HEADER = "x-mantle-relay-hops"
+MAX_HOPS = 3
 POOL = "pool"
 PROVIDER = "provider"
 AZURE = "azure-openai"
@@ -440,7 +444,18 @@ async def serve(
     `convert` makes the reply of a provider's whole answer (its JSON and the headers the
     reply carries) for an endpoint whose shapes are not the provider's (the Responses API
     over chat completions); by default the answer is relayed as it came."""
+    hops = _hops(request)
+    if hops >= MAX_HOPS and spec.relayed:
+        raise OpenAIError(
+            508,
+            f"This request has passed {hops} Mantle relays; its route leads back to a relay "
+            "(a provider configured as this platform itself?). Ask the operator to check the "
+            f"route of `{call.model}`.",
+            type_="server_error",
+            code="relay_loop",
+        )
     relay = _Relay(pipeline.request_id_of(request), identity, spec, call, convert=convert)
+    relay.hops = hops
     last: OpenAIError | None = None
     try:
         for target in route(spec):
@@ -470,6 +485,7 @@ class _Relay:
     spec: EndpointSpec
     call: Call
     convert: Convert | None = None
+    hops: int = 0
     started_at: float = field(default_factory=time.time)
     admission: Admission | None = None
     limits: Any = None
@@ -580,6 +596,7 @@ class _Relay:
         """One request to the provider; raises _Failed for what another attempt may fix,
         OpenAIError for the client's own error."""
         url, headers, payload = upstream_request(provider, target, self.call)
+        headers[HOPS_HEADER] = str(self.hops + 1)
         try:
             response = await outbound.send(
                 "POST",
@@ -603,6 +620,9 @@ class _Relay:
                     return await self._stream_start(target, provider, response)
                 return await self._whole(target, provider, response)
             raw = await _read_some(response, 64 * 1024, provider.first_byte_timeout_s)
+            if status == 508:  # a Mantle further on found the loop: no retry, no fallback
+                loop = passed_through(400, raw)
+                raise OpenAIError(508, loop.message, type_="server_error", code="relay_loop")
             if status == 429 or status >= 500:
                 wait = _retry_after_s(response.headers)
                 error = (
@@ -844,6 +864,13 @@ class _ProviderStream(RelayResponse):
     async def aclose_stream(self) -> None:
         await super().aclose_stream()
         await self._end(None, "", "cancelled")
+
+
+def _hops(request: HttpRequest) -> int:
+    try:
+        return max(0, min(100, int(request.headers.get(HOPS_HEADER, "0"))))
+    except ValueError:
+        return 0
 
 
 def _may_use(provider: ProviderConnection, spec: EndpointSpec) -> bool:

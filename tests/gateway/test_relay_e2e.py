@@ -194,3 +194,19 @@ def test_a_provider_at_a_private_address_is_refused_without_the_allow_list(
     assert isinstance(body, dict) and body.get("code") == "upstream_unavailable"
     request_id = refused.value.response.headers["x-request-id"]
     assert wait_usage(request_id, timeout=1) == []
+
+
+def test_a_route_back_to_the_relay_itself_stops(served: Served, relay_gateway: Process) -> None:
+    """An operator's mistake: a provider that is this platform, for a model it relays."""
+    itself = provider("itself", f"{relay_gateway.url}/v1", upstream_org_key())
+    relayed_endpoint(
+        "loop-model",
+        "chat",
+        [{"kind": "provider", "provider": itself, "upstream_model": "loop-model"}],
+    )
+    with pytest.raises(openai.APIStatusError) as stopped:
+        client(relay_gateway.url, served.secret).chat.completions.create(
+            model="loop-model", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert stopped.value.status_code == 508
+    assert stopped.value.code == "relay_loop"
