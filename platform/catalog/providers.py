@@ -645,3 +645,15 @@ def _target_described(t: RouteTarget) -> dict[str, Any]:
 def _publish_endpoints(endpoint_ids: Iterable[str]) -> None:
     for endpoint_id in sorted(set(endpoint_ids)):
         services.endpoint_publish_on_commit(endpoint_id)
+
+
+def provider_secrets_rotate() -> int:
+    """Every stored credential encrypted again under the first configured key, in one
+    transaction (a credential no key decrypts stops it and changes nothing). The count."""
+    count = 0
+    with transaction.atomic():
+        for provider in Provider.objects.select_for_update().exclude(credential_encrypted=""):
+            provider.credential_encrypted = secretbox.reseal(provider.credential_encrypted)
+            provider.save(update_fields=["credential_encrypted", "updated_at"])
+            count += 1
+    return count
