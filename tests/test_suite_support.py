@@ -47,3 +47,13 @@ def test_the_wipe_leaves_only_this_sessions_heartbeats() -> None:
             assert key.startswith(POOL_LIVE_PREFIX), key
             nodes = client.zrange(key, 0, -1)
             assert nodes and all(is_stack_node(n) for n in nodes), (key, nodes)
+
+
+def test_every_test_module_has_its_own_name() -> None:
+    """The test directories are not packages: pytest imports each module by its basename,
+    so two files of one name in two directories stop the whole run at collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in Path(__file__).parent.rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
