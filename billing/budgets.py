@@ -17,8 +17,9 @@ from accounts.models import Organization, Project
 from accounts.principal import Principal
 from accounts.services import audit_record
 from billing import jobs
+from billing.alerts.events import alert_emit
 from billing.invoicing import month_spend
-from billing.models import Budget, BudgetAlert
+from billing.models import AlertEvent, Budget, BudgetAlert
 from billing.money import CENT, MAX_AMOUNT, check_places, parse_decimal
 from billing.periods import month_label, month_start
 from core.errors import InvalidInput, NotFound
@@ -112,25 +113,43 @@ def budgets_evaluate(*, org: Organization, now: datetime | None = None) -> list[
     created: list[BudgetAlert] = []
     for budget in budgets(org).select_related("organization"):
         thresholds = sorted(int(t) for t in budget.alert_thresholds)
-        if not thresholds:
+        if not thresholds and not budget.hard_limit:
             continue
         spend = budget_spend(budget, month)
+        if budget.hard_limit and spend >= budget.monthly_amount:
+            # From here admission refuses every request of the budget's scope this month.
+            alert_emit(
+                org=org,
+                kind=AlertEvent.Kind.HARD_LIMIT_HIT,
+                dedupe_key=f"hard_limit:{budget.id}:{month_label(month)}",
+                data=_alert_data(budget, month, spend),
+                now=now,
+            )
         for threshold in thresholds:
             if spend * 100 < budget.monthly_amount * threshold:
                 break
             # The unique constraint makes this exactly-once even with two evaluators.
-            alert, was_created = BudgetAlert.objects.get_or_create(
-                budget=budget,
-                month=month.date(),
-                threshold=threshold,
-                defaults={
-                    "organization": org,
-                    "project_id": budget.project_id,
-                    "budget_amount": budget.monthly_amount,
-                    "spend": spend,
-                    "created_at": now,
-                },
-            )
+            with transaction.atomic():
+                alert, was_created = BudgetAlert.objects.get_or_create(
+                    budget=budget,
+                    month=month.date(),
+                    threshold=threshold,
+                    defaults={
+                        "organization": org,
+                        "project_id": budget.project_id,
+                        "budget_amount": budget.monthly_amount,
+                        "spend": spend,
+                        "created_at": now,
+                    },
+                )
+                # The people and webhooks are told once per (budget, month, threshold).
+                alert_emit(
+                    org=org,
+                    kind=AlertEvent.Kind.BUDGET_THRESHOLD,
+                    dedupe_key=f"budget:{budget.id}:{month_label(month)}:{threshold}",
+                    data={**_alert_data(budget, month, spend), "threshold": threshold},
+                    now=now,
+                )
             if was_created:
                 created.append(alert)
                 logger.info(
@@ -142,6 +161,18 @@ def budgets_evaluate(*, org: Organization, now: datetime | None = None) -> list[
                     month_label(month),
                 )
     return created
+
+
+def _alert_data(budget: Budget, month: datetime, spend: Decimal) -> dict[str, object]:
+    return {
+        "budget_id": budget.id,
+        "project_id": budget.project_id,
+        "month": month_label(month),
+        "budget_amount": str(budget.monthly_amount),
+        "spend": str(spend),
+        "currency": budget.currency,
+        "hard_limit": budget.hard_limit,
+    }
 
 
 def _clean_specs(

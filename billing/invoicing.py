@@ -19,8 +19,10 @@ from accounts.models import Organization
 from accounts.principal import SYSTEM, Principal
 from accounts.services import audit_record
 from billing import checks, jobs, provisioned
+from billing.alerts.events import alert_emit
 from billing.credits import credits_apply_to_invoice, credits_return_for_invoice
 from billing.models import (
+    AlertEvent,
     HeldUsage,
     Invoice,
     InvoiceLine,
@@ -548,6 +550,22 @@ def invoice_finalize(
                 "total": str(inv.total),
                 **({"reason": reason} if reason is not None else {}),
             },
+        )
+        alert_emit(
+            org=org,
+            kind=AlertEvent.Kind.INVOICE_FINALIZED,
+            dedupe_key=f"invoice_finalized:{inv.pk}",
+            data={
+                "invoice_id": inv.pk,
+                "number": inv.number,
+                "period": month_label(inv.period_start),
+                "status": inv.status,
+                "subtotal": str(inv.subtotal),
+                "credits_applied": str(inv.credits_applied),
+                "total": str(inv.total),
+                "currency": inv.currency,
+            },
+            now=now,
         )
         jobs.queue_wallet_sync(org.id)
     logger.info("invoice %s finalized for %s: total %s", inv.number, org.id, inv.total)

@@ -39,3 +39,25 @@ def queue_wallet_sync_all() -> None:
 def queue_budgets_evaluate(organization_id: str) -> None:
     """The organization's budget thresholds checked against this month's spend."""
     queue_on_commit(BUDGETS_EVALUATE_ORGANIZATION, organization_id)
+
+
+ALERT_DISPATCH = "mantle.billing.alert_dispatch"
+WEBHOOK_DELIVER = "mantle.billing.webhook_deliver"
+
+
+def queue_alert_dispatch(event_id: str) -> None:
+    """An alert event's email to the billing contacts and its webhook deliveries."""
+    queue_on_commit(ALERT_DISPATCH, event_id)
+
+
+def queue_webhook_deliver(delivery_id: str) -> None:
+    """One webhook delivery attempted once the current transaction commits."""
+    queue_on_commit(WEBHOOK_DELIVER, delivery_id)
+
+
+def queue_webhook_retry(delivery_id: str, countdown_s: float) -> None:
+    """A delivery's next attempt, `countdown_s` from now (called by the delivery task, out
+    of any transaction; the beat sweep catches one whose message is lost)."""
+    app.signature(WEBHOOK_DELIVER, args=(delivery_id,), queue=QUEUE).apply_async(
+        countdown=max(0.0, countdown_s)
+    )

@@ -408,6 +408,134 @@ class BudgetAlert(models.Model):
         return f"{self.threshold}% of budget {self.budget_id} in {self.month:%Y-%m}"
 
 
+# --- Alerts that reach people (billing/alerts/, docs/billing.md "Alerts and webhooks") -----
+
+
+def new_alert_event_id() -> str:
+    return ids.new_id("evt_")
+
+
+def new_webhook_endpoint_id() -> str:
+    return ids.new_id("whe_")
+
+
+class AlertSettings(models.Model):
+    """Who is told: the organization's billing contacts (empty: its owners and billing
+    members), and the prepaid balance under which it is warned (null: the platform's)."""
+
+    organization = models.OneToOneField(
+        Organization, primary_key=True, on_delete=models.CASCADE, related_name="alert_settings"
+    )
+    billing_emails = models.JSONField(default=list)
+    low_balance_amount = models.DecimalField(max_digits=20, decimal_places=2, null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"alert settings of {self.organization_id}"
+
+
+class AlertEvent(models.Model):
+    """Something a person must hear about, created once per `dedupe_key` per organization;
+    emailed once and delivered once to each subscribed webhook endpoint."""
+
+    class Kind(models.TextChoices):
+        BUDGET_THRESHOLD = "budget_threshold"
+        HARD_LIMIT_HIT = "hard_limit_hit"
+        LOW_BALANCE = "low_balance"
+        PAYMENT_FAILED = "payment_failed"
+        INVOICE_FINALIZED = "invoice_finalized"
+        TEST = "test"  # the console's test send: webhooks only, no email
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_alert_event_id, editable=False
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="alert_events"
+    )
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    dedupe_key = models.CharField(max_length=200)
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Set when the email to the billing contacts was claimed for sending (once per event).
+    emailed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["organization", "dedupe_key"], name="uniq_alert_event_dedupe"
+            ),
+        ]
+        indexes: ClassVar = [models.Index(fields=["organization", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id} ({self.organization_id})"
+
+
+class WebhookEndpoint(models.Model):
+    """An HTTPS URL of the organization's that receives its alert events, signed with a
+    secret shown once at creation and stored sealed (core/secretbox.py)."""
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_webhook_endpoint_id, editable=False
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="webhook_endpoints"
+    )
+    url = models.CharField(max_length=2000)
+    description = models.CharField(max_length=200, blank=True, default="")
+    # Event kinds subscribed to; empty: every kind.
+    event_types = models.JSONField(default=list)
+    secret_sealed = models.TextField()
+    secret_hint = models.CharField(max_length=16, default="")
+    enabled = models.BooleanField(default=True)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes: ClassVar = [models.Index(fields=["organization", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"webhook {self.id} ({self.organization_id})"
+
+
+class WebhookDelivery(models.Model):
+    """One event to one endpoint: attempted until delivered or out of attempts."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        FAILED = "failed"  # out of attempts, or the endpoint was removed or disabled
+
+    event = models.ForeignKey(AlertEvent, on_delete=models.CASCADE, related_name="deliveries")
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="webhook_deliveries"
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    response_code = models.PositiveIntegerField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["event", "endpoint"], name="uniq_webhook_delivery"),
+        ]
+        indexes: ClassVar = [
+            models.Index(fields=["endpoint", "-created_at"]),
+            models.Index(fields=["status", "next_attempt_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} to {self.endpoint_id}: {self.status}"
+
+
 class Invoice(models.Model):
     """A month of one organization's usage: draft -> finalized -> paid | void."""
 

@@ -13,6 +13,7 @@ from celery import shared_task
 
 from accounts.models import Organization
 from billing import jobs
+from billing.alerts import tasks as alerts_tasks
 from billing.budgets import budgets_evaluate
 from billing.credits import credits_expire as expire
 from billing.invoicing import invoices_finalize_due as finalize_due
@@ -25,7 +26,7 @@ from billing.wallet import wallet_sync, wallet_sync_due
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["metering_tasks", "payments_tasks"]
+__all__ = ["alerts_tasks", "metering_tasks", "payments_tasks"]
 
 
 @shared_task(name=jobs.WALLET_SYNC_ORGANIZATION, queue="billing", ignore_result=True)

@@ -15,8 +15,9 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import SYSTEM
 from accounts.services import organization_set_status
+from billing.alerts.events import alert_emit
 from billing.invoicing import invoice_mark_paid
-from billing.models import Invoice, StripeCustomer, StripeEvent, StripePaymentFailure
+from billing.models import AlertEvent, Invoice, StripeCustomer, StripeEvent, StripePaymentFailure
 from billing.payments import stripe_types
 from billing.payments.stripe_sync import stripe_required
 from billing.payments.stripe_types import Event, event_from_payload
@@ -128,6 +129,21 @@ def _on_invoice(event: Event) -> None:
                 "organization": customer.organization,
                 "stripe_invoice_id": current.id,
                 "failed_at": event.created_at,
+            },
+        )
+    if new_failure:
+        ours = Invoice.objects.filter(stripe_invoice_id=current.id).first()
+        alert_emit(
+            org=customer.organization,
+            kind=AlertEvent.Kind.PAYMENT_FAILED,
+            dedupe_key=f"payment_failed:{event.id}",
+            data={
+                "stripe_invoice_id": current.id,
+                "invoice_id": ours.pk if ours else None,
+                "number": ours.number if ours else None,
+                "total": str(ours.total) if ours else None,
+                "currency": ours.currency if ours else None,
+                "failed_at": event.created_at.isoformat(),
             },
         )
     _dunning_evaluate(customer, event, new_failure=new_failure)

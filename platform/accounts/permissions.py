@@ -33,6 +33,8 @@ class Perm(enum.StrEnum):
     BILLING_VIEW = "billing.view"
     BILLING_MANAGE = "billing.manage"
     AUDIT_VIEW = "audit.view"
+    # Alert webhooks and billing contacts (owners, admins, billing).
+    ALERTS_MANAGE = "alerts.manage"
 
 
 _VIEW = {
@@ -51,7 +53,8 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Perm]] = {
     Role.DEVELOPER: frozenset(
         _VIEW | {Perm.KEYS_CREATE, Perm.KEYS_REVOKE, Perm.ENDPOINTS_MANAGE, Perm.PROJECTS_MANAGE}
     ),
-    Role.BILLING: frozenset(_VIEW | {Perm.BILLING_VIEW, Perm.BILLING_MANAGE}) - {Perm.KEYS_VIEW},
+    Role.BILLING: frozenset(_VIEW | {Perm.BILLING_VIEW, Perm.BILLING_MANAGE, Perm.ALERTS_MANAGE})
+    - {Perm.KEYS_VIEW},
     Role.VIEWER: frozenset(_VIEW),
 }
 

@@ -268,3 +268,35 @@ class BatchForm(forms.Form):
             field = self.fields[name]
             assert isinstance(field, forms.ChoiceField)
             field.choices = list(choices)
+
+
+class WebhookEndpointForm(forms.Form):
+    url = forms.CharField(label="URL", max_length=2000, help_text="https://, a public address")
+    description = forms.CharField(label="Description", max_length=200, required=False)
+    event_types = forms.MultipleChoiceField(
+        label="Events",
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="None ticked: every event.",
+    )
+
+    def __init__(self, *args: Any, kinds: Iterable[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["event_types"].choices = [(k, k) for k in kinds]  # type: ignore[attr-defined]
+
+
+class AlertSettingsForm(forms.Form):
+    billing_emails = forms.CharField(
+        label="Billing contacts",
+        required=False,
+        max_length=2000,
+        help_text="Comma-separated; empty: the owners and billing members.",
+    )
+    low_balance_amount = forms.DecimalField(
+        label="Low prepaid balance at",
+        required=False,
+        min_value=0,
+        max_digits=20,
+        decimal_places=2,
+        help_text="Empty: the platform's default.",
+    )

@@ -15,6 +15,7 @@ from console.views import (
     org,
     playground,
     usage,
+    webhooks,
 )
 
 org_patterns = [
@@ -83,6 +84,32 @@ org_patterns = [
         "billing/invoices/<str:invoice_id>/print/",
         billing_pages.invoice_print,
         name="console-invoice-print",
+    ),
+    path("billing/webhooks/", webhooks.webhook_list, name="console-webhooks"),
+    path(
+        "billing/webhooks/contacts/",
+        webhooks.alert_settings_save,
+        name="console-alert-settings",
+    ),
+    path(
+        "billing/webhooks/<str:endpoint_id>/",
+        webhooks.webhook_detail,
+        name="console-webhook",
+    ),
+    path(
+        "billing/webhooks/<str:endpoint_id>/toggle/",
+        webhooks.webhook_toggle,
+        name="console-webhook-toggle",
+    ),
+    path(
+        "billing/webhooks/<str:endpoint_id>/delete/",
+        webhooks.webhook_delete,
+        name="console-webhook-delete",
+    ),
+    path(
+        "billing/webhooks/<str:endpoint_id>/test/",
+        webhooks.webhook_test,
+        name="console-webhook-test",
     ),
     path(
         "billing/payment-methods/add/",

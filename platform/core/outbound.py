@@ -64,6 +64,8 @@ USER_AGENT = "mantle-relay/1"
 # request has passed, so that a route that leads back to a Mantle relaying it again stops.
 ALLOWED_HEADERS = frozenset(
     {"content-type", "accept", "user-agent", "authorization", "api-key", "x-mantle-relay-hops"}
+    # The signature and event id of billing's webhook deliveries (billing/alerts/delivery.py).
+    | {"mantle-signature", "mantle-event-id"}
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

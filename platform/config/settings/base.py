@@ -561,6 +561,25 @@ CELERY_BEAT_SCHEDULE.update(
     }
 )
 
+# --- Alerts and webhooks (docs/billing.md, "Alerts and webhooks") ---------------------------
+# A prepaid organization whose balance falls under this (in the billing currency) is told,
+# once per crossing, unless it set its own amount; empty: no low-balance alert by default.
+MANTLE_ALERT_LOW_BALANCE_DEFAULT = env.str("MANTLE_ALERT_LOW_BALANCE_DEFAULT", default="10.00")
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "billing-webhook-deliveries-due": {
+            "task": "mantle.billing.webhook_deliveries_due",
+            "schedule": 60.0,
+            "options": {"queue": "billing"},
+        },
+        "billing-low-balance-evaluate": {
+            "task": "mantle.billing.low_balance_evaluate_all",
+            "schedule": 300.0,
+            "options": {"queue": "billing"},
+        },
+    }
+)
+
 # --- Metering (docs/billing.md, "Metering") ---------------------------------------------------
 # Whole months of raw usage events kept before the current one; older monthly partitions
 # are dropped (rollups, which invoices read, are kept).

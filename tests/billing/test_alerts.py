@@ -1,0 +1,526 @@
+"""Alerts that reach people: the five kinds emitted from their real code paths, once each;
+email to the billing contacts; webhooks signed, delivered to a real HTTP server on loopback,
+retried with backoff; SSRF refused at creation; the console's Webhooks page."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from django.core import mail
+from django.test import override_settings
+from django.urls import reverse
+from django.utils import timezone
+
+from accounts.models import Organization
+from accounts.permissions import Role
+from accounts.principal import Principal
+from billing.alerts import balance, delivery, signing, webhooks
+from billing.budgets import BudgetSpec, budgets_evaluate, budgets_set
+from billing.credits import credit_grant
+from billing.invoicing import invoice_finalize, invoice_refresh_draft
+from billing.models import AlertEvent, BillingAccount, WebhookDelivery, WebhookEndpoint
+from billing.payments.stripe_sync import stripe_customer_ensure, stripe_invoice_push
+from billing.periods import hour_start
+from billing.wallet import billing_mode_set
+from core.errors import InvalidInput
+from tests.billing.factories import CHAT, at, price_book, staff_principal, usage
+from tests.billing.stripe_support import deliver, last_event, make_invoice, use_fake_stripe
+from tests.conftest import OrgWorld
+
+pytestmark = pytest.mark.django_db
+
+Capture = Callable[..., Any]
+LOOPBACK = override_settings(
+    MANTLE_PROVIDER_ALLOWED_HTTP=["127.0.0.1"], MANTLE_PROVIDER_ALLOWED_PRIVATE=["127.0.0.1"]
+)
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on loopback: records each request, answers the queued statuses
+    (then 200)."""
+
+    server: ThreadingHTTPServer
+    requests: list[Received] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/mantle"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state: dict[str, Receiver] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length", "0"))
+            body = self.rfile.read(length)
+            rec = state["r"]
+            rec.requests.append(
+                Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            )
+            status = rec.statuses.pop(0) if rec.statuses else 200
+            self.send_response(status)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state["r"] = Receiver(server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with LOOPBACK:
+            yield state["r"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def owner_of(world: OrgWorld) -> Principal:
+    return Principal(user=world.users[Role.OWNER])
+
+
+def add_endpoint(world: OrgWorld, url: str, *types: str) -> webhooks.CreatedEndpoint:
+    return webhooks.endpoint_create(
+        principal=owner_of(world), org=world.org, url=url, event_types=list(types)
+    )
+
+
+def verify_as_documented(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
+    """The receiver's check exactly as docs/billing.md writes it (not the platform's code)."""
+    parts = dict(p.split("=", 1) for p in header.split(","))
+    timestamp = int(parts["t"])
+    if abs(time.time() - timestamp) > tolerance_s:
+        return False
+    expected = hmac.new(
+        secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256
+    ).hexdigest()
+    return hmac.compare_digest(expected, parts["v1"])
+
+
+def spend_now(org: Organization, dollars: int) -> None:
+    usage(org, hour_start(timezone.now()), input_tokens=dollars * 1_000_000)
+
+
+# --- budgets: once per crossing, signed, emailed ------------------------------------------------
+
+
+def test_a_budget_threshold_is_emailed_and_delivered_signed_once(
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+) -> None:
+    price_book(CHAT, input_price="1", output_price="2")
+    created = add_endpoint(world, receiver.url)
+    with django_capture_on_commit_callbacks(execute=True):
+        budgets_set(
+            principal=owner_of(world),
+            org=world.org,
+            specs=[BudgetSpec(monthly_amount="10.00", alert_thresholds=[50])],
+        )
+    spend_now(world.org, 6)
+    mail.outbox.clear()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        budgets_evaluate(org=world.org)
+    with django_capture_on_commit_callbacks(execute=True):
+        budgets_evaluate(org=world.org)  # the same crossing again: nothing new
+
+    event = AlertEvent.objects.get(organization=world.org)
+    assert event.kind == "budget_threshold"
+    assert WebhookDelivery.objects.filter(event=event).count() == 1
+    [req] = receiver.requests
+    assert req.path == "/hooks/mantle"
+    assert req.headers["mantle-event-id"] == event.id
+    assert req.headers["content-type"] == "application/json"
+    assert verify_as_documented(created.secret, req.headers["mantle-signature"], req.body)
+    assert signing.verify(created.secret, req.headers["mantle-signature"], req.body)
+    assert not verify_as_documented("whsec_other", req.headers["mantle-signature"], req.body)
+    assert not signing.verify(created.secret, req.headers["mantle-signature"], req.body + b" ")
+    body = json.loads(req.body)
+    assert body["id"] == event.id
+    assert body["type"] == "budget_threshold"
+    assert body["organization"] == world.org.id
+    assert isinstance(body["created"], int)
+    assert body["data"]["threshold"] == 50
+    assert body["data"]["spend"] == "6.00"
+    d = WebhookDelivery.objects.get(event=event)
+    assert (d.status, d.attempts, d.response_code) == ("delivered", 1, 200)
+    # One email to the owner and the billing member (no contacts set).
+    [email] = mail.outbox
+    assert "50% of the" in email.subject
+    assert sorted(email.to) == sorted(
+        [world.users[Role.OWNER].email, world.users[Role.BILLING].email]
+    )
+    # The sweep sends nothing again.
+    with django_capture_on_commit_callbacks(execute=True):
+        delivery.webhook_deliveries_due(now=timezone.now() + timedelta(days=1))
+    assert len(receiver.requests) == 1
+    assert len(mail.outbox) == 1
+
+
+def test_billing_contacts_replace_the_default_recipients(
+    world: OrgWorld, django_capture_on_commit_callbacks: Capture
+) -> None:
+    price_book(CHAT)
+    webhooks.alert_settings_set(
+        principal=owner_of(world),
+        org=world.org,
+        billing_emails=["AP@acme.example", " finance@acme.example "],
+        low_balance_amount=None,
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        budgets_set(
+            principal=owner_of(world),
+            org=world.org,
+            specs=[BudgetSpec(monthly_amount="1.00", alert_thresholds=[100], hard_limit=True)],
+        )
+    spend_now(world.org, 2)
+    mail.outbox.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        budgets_evaluate(org=world.org)
+
+    kinds = sorted(AlertEvent.objects.filter(organization=world.org).values_list("kind", flat=True))
+    assert kinds == ["budget_threshold", "hard_limit_hit"]
+    assert len(mail.outbox) == 2
+    assert all(m.to == ["ap@acme.example", "finance@acme.example"] for m in mail.outbox)
+    with pytest.raises(InvalidInput):
+        webhooks.alert_settings_set(
+            principal=owner_of(world),
+            org=world.org,
+            billing_emails=["nope"],
+            low_balance_amount=None,
+        )
+
+
+# --- retries with backoff -------------------------------------------------------------------
+
+
+def test_a_failing_endpoint_is_retried_with_backoff_then_delivered(
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+) -> None:
+    created = add_endpoint(world, receiver.url)
+    receiver.statuses = [500, 503]
+    with django_capture_on_commit_callbacks(execute=True):
+        event = webhooks.endpoint_test_send(principal=owner_of(world), endpoint=created.endpoint)
+    d = WebhookDelivery.objects.get(event=event)
+    assert (d.status, d.attempts, d.response_code, d.last_error) == ("pending", 1, 500, "HTTP 500")
+    first_retry = d.next_attempt_at
+    assert first_retry is not None
+
+    # Not due yet: nothing is sent.
+    assert delivery.webhook_deliver(d.pk, now=first_retry - timedelta(seconds=1)) is None
+    assert len(receiver.requests) == 1
+    assert delivery.webhook_deliver(d.pk, now=first_retry) == "pending"
+    d.refresh_from_db()
+    assert (d.attempts, d.response_code) == (2, 503)
+    assert d.next_attempt_at == first_retry + timedelta(seconds=delivery.BACKOFF_S[1])
+    assert delivery.webhook_deliver(d.pk, now=d.next_attempt_at) == "delivered"
+    d.refresh_from_db()
+    assert (d.status, d.attempts, d.response_code, d.next_attempt_at) == (
+        "delivered",
+        3,
+        200,
+        None,
+    )
+    assert len(receiver.requests) == 3
+    # Every attempt carries the same event id and a valid signature.
+    for req in receiver.requests:
+        assert req.headers["mantle-event-id"] == event.id
+        assert verify_as_documented(created.secret, req.headers["mantle-signature"], req.body)
+    assert delivery.webhook_deliver(d.pk, now=timezone.now() + timedelta(days=9)) is None
+
+
+def test_an_endpoint_that_never_answers_well_fails_after_the_last_attempt(
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+) -> None:
+    created = add_endpoint(world, receiver.url)
+    receiver.statuses = [500] * delivery.MAX_ATTEMPTS
+    with django_capture_on_commit_callbacks(execute=True):
+        event = webhooks.endpoint_test_send(principal=owner_of(world), endpoint=created.endpoint)
+    d = WebhookDelivery.objects.get(event=event)
+    delays = []
+    while d.status == "pending":
+        assert d.next_attempt_at is not None
+        before = d.next_attempt_at
+        delivery.webhook_deliver(d.pk, now=before)
+        d.refresh_from_db()
+        if d.next_attempt_at is not None:
+            delays.append(int((d.next_attempt_at - before).total_seconds()))
+    assert delays == list(delivery.BACKOFF_S[1:])
+    assert (d.status, d.attempts) == ("failed", delivery.MAX_ATTEMPTS)
+    assert len(receiver.requests) == delivery.MAX_ATTEMPTS
+
+
+def test_a_refused_connection_is_recorded_and_retried(
+    world: OrgWorld, django_capture_on_commit_callbacks: Capture
+) -> None:
+    with LOOPBACK:
+        created = add_endpoint(world, "http://127.0.0.1:9/closed")  # the discard port: closed
+        with django_capture_on_commit_callbacks(execute=True):
+            event = webhooks.endpoint_test_send(
+                principal=owner_of(world), endpoint=created.endpoint
+            )
+    d = WebhookDelivery.objects.get(event=event)
+    assert (d.status, d.attempts, d.response_code) == ("pending", 1, None)
+    assert "ConnectError" in d.last_error
+
+
+# --- SSRF at creation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://169.254.169.254/latest/meta-data/",
+        "https://127.0.0.1/hook",
+        "http://127.0.0.1:8080/hook",
+        "https://10.0.0.5/hook",
+        "https://[::1]/hook",
+        "https://2130706433/hook",
+        "http://hooks.example.com/plain-http",
+        "https://user:pw@hooks.example.com/",
+    ],
+)
+def test_a_webhook_url_to_a_private_address_or_without_https_is_refused(
+    world: OrgWorld, url: str
+) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        add_endpoint(world, url)
+    assert refused.value.param == "url"
+    assert "webhook URL" in refused.value.message or "address" in refused.value.message
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_a_public_https_url_is_accepted_and_its_secret_stored_sealed(world: OrgWorld) -> None:
+    created = add_endpoint(world, "https://hooks.example.com/mantle", "invoice_finalized")
+    stored = WebhookEndpoint.objects.get()
+    assert created.secret.startswith("whsec_")
+    assert created.secret not in stored.secret_sealed
+    assert stored.event_types == ["invoice_finalized"]
+    with pytest.raises(InvalidInput):
+        add_endpoint(world, "https://hooks.example.com/x", "everything")
+
+
+# --- the five kinds from their real code paths ------------------------------------------------
+
+
+def test_an_invoice_finalized_is_an_event(
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+) -> None:
+    price_book(CHAT)
+    add_endpoint(world, receiver.url, "invoice_finalized")
+    usage(world.org, at(9, 3), input_tokens=3_000_000)
+    draft = invoice_refresh_draft(org=world.org, month=at(9))
+    assert draft is not None
+    with django_capture_on_commit_callbacks(execute=True):
+        invoice = invoice_finalize(principal=staff_principal(), invoice=draft)
+    event = AlertEvent.objects.get(organization=world.org, kind="invoice_finalized")
+    assert event.dedupe_key == f"invoice_finalized:{invoice.pk}"
+    assert event.payload["number"] == invoice.number
+    assert event.payload["total"] == str(invoice.total)
+    [req] = receiver.requests
+    assert json.loads(req.body)["data"]["number"] == invoice.number
+    assert any(invoice.number in m.subject for m in mail.outbox)
+
+
+def test_a_failed_payment_is_an_event_once(
+    world: OrgWorld,
+    receiver: Receiver,
+    settings: Any,
+    django_capture_on_commit_callbacks: Capture,
+) -> None:
+    add_endpoint(world, receiver.url, "payment_failed")
+    fake = use_fake_stripe(settings)
+    customer = stripe_customer_ensure(org=world.org)
+    invoice = make_invoice(world.org)
+    pushed = stripe_invoice_push(invoice_id=invoice.id)
+    pm = fake.payment_method_attach(
+        "pm_card_chargeDeclined", customer_id=customer.stripe_customer_id
+    )
+    fake.customer_set_default_payment_method(
+        customer_id=customer.stripe_customer_id, payment_method_id=pm.id
+    )
+    fake.advance(3600)
+    assert fake.attempt_payment(pushed.id) is False
+    failed = last_event(fake, "invoice.payment_failed")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert deliver(fake, failed).status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        deliver(fake, failed)  # Stripe's redelivery
+
+    [event] = AlertEvent.objects.filter(organization=world.org, kind="payment_failed")
+    assert event.payload["stripe_invoice_id"] == pushed.id
+    assert event.payload["number"] == invoice.number
+    assert len(receiver.requests) == 1
+    assert json.loads(receiver.requests[0].body)["type"] == "payment_failed"
+
+
+def test_a_low_prepaid_balance_is_an_event_once_per_crossing(
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+) -> None:
+    price_book(CHAT)
+    staff = staff_principal()
+    add_endpoint(world, receiver.url, "low_balance")
+    with django_capture_on_commit_callbacks(execute=True):
+        billing_mode_set(
+            principal=staff, org=world.org, mode=BillingAccount.Mode.PREPAID, reason="test"
+        )
+        credit_grant(
+            principal=staff, org=world.org, kind="prepaid_purchase", amount="20", reason="top-up"
+        )
+    webhooks.alert_settings_set(
+        principal=owner_of(world),
+        org=world.org,
+        billing_emails=[],
+        low_balance_amount=Decimal("10"),
+    )
+    assert balance.low_balance_evaluate(world.org) is None  # 20 left
+    spend_now(world.org, 15)
+    with django_capture_on_commit_callbacks(execute=True):
+        event = balance.low_balance_evaluate(world.org)
+        again = balance.low_balance_evaluate(world.org)
+    assert event is not None and again is None
+    assert event.payload == {"balance": "5.00", "threshold": "10.00", "currency": "USD"}
+    assert len(receiver.requests) == 1
+
+    # Topped up, then under again: a new crossing.
+    with django_capture_on_commit_callbacks(execute=True):
+        credit_grant(
+            principal=staff, org=world.org, kind="prepaid_purchase", amount="10", reason="top-up"
+        )
+    assert balance.low_balance_evaluate(world.org) is None  # 15 left
+    spend_now(world.org, 10)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert balance.low_balance_evaluate(world.org) is not None
+    assert AlertEvent.objects.filter(kind="low_balance").count() == 2
+    assert len(receiver.requests) == 2
+
+
+def test_events_go_only_to_subscribed_enabled_endpoints(
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+) -> None:
+    price_book(CHAT)
+    add_endpoint(world, receiver.url, "invoice_finalized")  # not budgets
+    off = add_endpoint(world, receiver.url).endpoint
+    webhooks.endpoint_set_enabled(principal=owner_of(world), endpoint=off, enabled=False)
+    with django_capture_on_commit_callbacks(execute=True):
+        budgets_set(
+            principal=owner_of(world),
+            org=world.org,
+            specs=[BudgetSpec(monthly_amount="1.00", alert_thresholds=[50])],
+        )
+        spend_now(world.org, 1)
+    with django_capture_on_commit_callbacks(execute=True):
+        budgets_evaluate(org=world.org)
+    assert AlertEvent.objects.filter(kind="budget_threshold").count() == 1
+    assert not WebhookDelivery.objects.exists()
+    assert receiver.requests == []
+
+
+# --- the console ------------------------------------------------------------------------------
+
+
+def test_the_console_webhooks_page(
+    world: OrgWorld,
+    other_world: OrgWorld,
+    receiver: Receiver,
+    django_capture_on_commit_callbacks: Capture,
+) -> None:
+    owner = world.client_for(Role.OWNER)
+    url = reverse("console-webhooks", kwargs={"org_id": world.org.id})
+    assert owner.get(url).status_code == 200
+
+    refused = owner.post(url, {"url": "https://169.254.169.254/latest"})
+    assert refused.status_code == 400
+    assert b"metadata" in refused.content
+    created = owner.post(url, {"url": receiver.url, "event_types": ["budget_threshold"]})
+    assert created.status_code == 201
+    assert created["Cache-Control"] == "no-store"
+    endpoint = WebhookEndpoint.objects.get(organization=world.org)
+    secret = created.context["secret"]
+    assert secret.encode() in created.content
+    assert secret.encode() not in owner.get(url).content  # shown once
+
+    detail = reverse("console-webhook", kwargs={"org_id": world.org.id, "endpoint_id": endpoint.id})
+    test_url = reverse(
+        "console-webhook-test", kwargs={"org_id": world.org.id, "endpoint_id": endpoint.id}
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert owner.post(test_url).status_code == 302
+    [req] = receiver.requests
+    assert json.loads(req.body)["type"] == "test"
+    assert verify_as_documented(secret, req.headers["mantle-signature"], req.body)
+    page = owner.get(detail)
+    assert page.status_code == 200
+    assert b"delivered" in page.content
+    assert b"test" in page.content
+
+    # Billing members manage them too; developers and viewers do not.
+    assert world.client_for(Role.BILLING).get(detail).status_code == 200
+    assert world.client_for(Role.ADMIN).get(detail).status_code == 200
+    assert world.client_for(Role.DEVELOPER).get(detail).status_code == 403
+
+    # Another organization's member: 404 on the endpoint, its log and its actions.
+    stranger = other_world.client_for(Role.OWNER)
+    foreign = reverse(
+        "console-webhook", kwargs={"org_id": other_world.org.id, "endpoint_id": endpoint.id}
+    )
+    assert stranger.get(detail).status_code == 404
+    assert stranger.get(foreign).status_code == 404
+    for action in ("console-webhook-toggle", "console-webhook-delete", "console-webhook-test"):
+        path = reverse(action, kwargs={"org_id": other_world.org.id, "endpoint_id": endpoint.id})
+        assert stranger.post(path).status_code == 404
+    assert WebhookEndpoint.objects.filter(pk=endpoint.pk, enabled=True).exists()
+
+    toggle = reverse(
+        "console-webhook-toggle", kwargs={"org_id": world.org.id, "endpoint_id": endpoint.id}
+    )
+    assert owner.post(toggle).status_code == 302
+    assert not WebhookEndpoint.objects.get(pk=endpoint.pk).enabled
+    contacts = reverse("console-alert-settings", kwargs={"org_id": world.org.id})
+    assert owner.post(contacts, {"billing_emails": "ap@acme.example"}).status_code == 302
+    assert owner.post(contacts, {"billing_emails": "not-an-email"}).status_code == 400
+    delete = reverse(
+        "console-webhook-delete", kwargs={"org_id": world.org.id, "endpoint_id": endpoint.id}
+    )
+    assert owner.post(delete).status_code == 302
+    assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
+
+
+def test_the_delivery_log_is_paged(
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+) -> None:
+    endpoint = add_endpoint(world, receiver.url).endpoint
+    with django_capture_on_commit_callbacks(execute=True):
+        for _ in range(webhooks.DELIVERIES_PER_PAGE + 2):
+            webhooks.endpoint_test_send(principal=owner_of(world), endpoint=endpoint)
+    owner = world.client_for(Role.OWNER)
+    detail = reverse("console-webhook", kwargs={"org_id": world.org.id, "endpoint_id": endpoint.id})
+    first = owner.get(detail)
+    second = owner.get(detail + "?page=2")
+    assert len(first.context["deliveries"]) == webhooks.DELIVERIES_PER_PAGE
+    assert len(second.context["deliveries"]) == 2
+    assert b"Older" in first.content
