@@ -113,6 +113,7 @@ def rate_rollups(
     project_id: str | None = None,
     strict: bool = True,
     unpriced: dict[HeldKey, int] | None = None,
+    api_key_id: str | None = None,
 ) -> dict[LineKey, Rated]:
     """Billed quantities of [start, end) by line key, each hour at its own price.
 
@@ -126,6 +127,8 @@ def rate_rollups(
     )
     if project_id is not None:
         rows = rows.filter(project_id=project_id)
+    if api_key_id is not None:
+        rows = rows.filter(api_key_id=api_key_id)
     grouped = (
         rows.values("model_name", "hour").annotate(**ROLLUP_SUMS).order_by("hour", "model_name")
     )
@@ -433,19 +436,28 @@ def _unit_hours_amounts(org: Organization, start: datetime, end: datetime) -> li
 
 
 def month_spend(
-    org: Organization, month: datetime | date, *, project_id: str | None = None, exact: bool = False
+    org: Organization,
+    month: datetime | date,
+    *,
+    project_id: str | None = None,
+    exact: bool = False,
+    api_key_id: str | None = None,
 ) -> Decimal:
     """A month's usage charges (before discounts and credits), with the organization's
-    provisioned throughput unit-hours begun in it (for the organization, not a project).
+    provisioned throughput unit-hours begun in it (for the organization, not a project or
+    an API key).
 
     As its invoice lines would round them, or `exact` (unrounded, for the wallet, which
     must never count less than was used).
     """
     start, end = month_bounds(month)
     book = PriceBook.load(org.id)
-    rated = rate_rollups(org.id, start, end, book=book, project_id=project_id, strict=False)
+    rated = rate_rollups(
+        org.id, start, end, book=book, project_id=project_id, strict=False, api_key_id=api_key_id
+    )
     # The organization's provisioned throughput (not a project's): its unit-hours so far.
-    units = _unit_hours_amounts(org, start, end) if project_id is None else []
+    whole = project_id is None and api_key_id is None
+    units = _unit_hours_amounts(org, start, end) if whole else []
     if exact:
         return sum(units, ZERO) + sum(
             (exact_amount(r.quantity, key[3]) for key, r in rated.items()), ZERO

@@ -246,15 +246,19 @@ def price_write(
 
 
 # Releases a reservation admission held under a request id, by what the hold says:
-# `<worst>:<release-by ms>:<project or ''>` (the project's reservation too). Shared by
-# admission (a request id admitted again), the settle and the sweep.
+# `<worst>:<release-by ms>:<project or ''>[:<key>]` (the project's and the API key's
+# reservations too; ids never hold a colon). Shared by admission (a request id admitted
+# again), the settle and the sweep.
 RELEASE_HELD_LUA = lua("""
 local function release_held(w, held)
-  local worst, project = string.match(held, '^(%d+):%d+:(.*)$$')
+  local worst, project, key = string.match(held, '^(%d+):%d+:([^:]*):?(.*)$$')
   if not worst then return false end
   redis.call('HINCRBY', w, '${reserved}', '-' .. worst)
   if project ~= '' then
     redis.call('HINCRBY', w, '${project}' .. project .. ':${reserved}', '-' .. worst)
+  end
+  if key ~= '' then
+    redis.call('HINCRBY', w, '${apikey}' .. key .. ':${reserved}', '-' .. worst)
   end
   return true
 end
@@ -263,7 +267,8 @@ end
 # The gateway, when a request ends: release the reservation and park the real cost
 # as pending until the drain counts it, unless the drain was first. A project with a hard
 # budget reserved too (ARGV[4] names it): its pending is raised alike, and the parked
-# value `<cost>:<project>` tells the drain to lower it.
+# value `<cost>:<project>` tells the drain to lower it; an API key with a hard budget
+# (ARGV[7]) likewise, parked as `<cost>:<project or ''>:<key>`.
 #
 # A batch line (ARGV[6] = '1') can be settled twice under one request id: its runner died
 # after the first settle, and the next runner ran the line again under the same id (the
@@ -275,7 +280,7 @@ end
 # the drain finds it. An online request is settled once: its marker is taken (DEL), so
 # online traffic leaves no key behind.
 _SETTLE = RELEASE_HELD_LUA + lua("""
-local project = ARGV[4]
+local project, key = ARGV[4], ARGV[7] or ''
 if ARGV[5] == '1' then
   -- Released once: by this settle, or by the sweep if it came first.
   local held = redis.call('HGET', KEYS[4], ARGV[3])
@@ -288,6 +293,9 @@ else
   if project ~= '' then
     redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${reserved}', -tonumber(ARGV[1]))
   end
+  if key ~= '' then
+    redis.call('HINCRBY', KEYS[1], '${apikey}' .. key .. ':${reserved}', -tonumber(ARGV[1]))
+  end
 end
 local counted
 if ARGV[6] == '1' then
@@ -299,10 +307,17 @@ if counted == 1 then return 0 end
 local cost = tonumber(ARGV[2])
 if cost > 0 then
   local parked = ARGV[2]
-  if project ~= '' then parked = ARGV[2] .. ':' .. project end
+  if key ~= '' then
+    parked = ARGV[2] .. ':' .. project .. ':' .. key
+  elseif project ~= '' then
+    parked = ARGV[2] .. ':' .. project
+  end
   if redis.call('HSETNX', KEYS[2], ARGV[3], parked) == 1 then
     if project ~= '' then
       redis.call('HINCRBY', KEYS[1], '${project}' .. project .. ':${pending}', ARGV[2])
+    end
+    if key ~= '' then
+      redis.call('HINCRBY', KEYS[1], '${apikey}' .. key .. ':${pending}', ARGV[2])
     end
     redis.call('HINCRBY', KEYS[1], '${pending}', ARGV[2])
   end
@@ -310,12 +325,18 @@ end
 return 1
 """)
 
-# Undoes one parked cost (`<cost>` or `<cost>:<project>`): shared by both drain scripts.
+# Undoes one parked cost (`<cost>`, `<cost>:<project>` or `<cost>:<project or ''>:<key>`):
+# shared by both drain scripts.
 UNPARK_LUA = lua("""
 local function unpark(w, parked)
-  local cost, project = string.match(parked, '^(%d+):(.+)$$')
+  local cost, project, key = string.match(parked, '^(%d+):([^:]*):?(.*)$$')
   if cost then
-    redis.call('HINCRBY', w, '${project}' .. project .. ':${pending}', '-' .. cost)
+    if project ~= '' then
+      redis.call('HINCRBY', w, '${project}' .. project .. ':${pending}', '-' .. cost)
+    end
+    if key ~= '' then
+      redis.call('HINCRBY', w, '${apikey}' .. key .. ':${pending}', '-' .. cost)
+    end
   else
     cost = parked
   end
@@ -350,6 +371,7 @@ async def settle(
     reserved_project_id: str = "",
     held: bool = False,
     service_class: str = ServiceClass.ONLINE,
+    reserved_key_id: str = "",
 ) -> None:
     """`held`: admission recorded the reservation under the request id (the gateway's
     path); then the reservation released is the one held under the id, and one the sweep
@@ -371,6 +393,7 @@ async def settle(
         reserved_project_id,
         "1" if held else "0",
         "1" if service_class == ServiceClass.BATCH else "0",
+        reserved_key_id,
     )
 
 

@@ -11,13 +11,14 @@ import logging
 
 from celery import shared_task
 
-from accounts.models import Organization
+from accounts.models import ApiKey, Organization
 from billing import jobs
 from billing.alerts import tasks as alerts_tasks
 from billing.budgets import budgets_evaluate
 from billing.credits import credits_expire as expire
 from billing.invoicing import invoices_finalize_due as finalize_due
 from billing.invoicing import invoices_refresh_open
+from billing.key_budgets import key_budgets_evaluate
 from billing.metering import tasks as metering_tasks
 from billing.models import Budget
 from billing.payments import tasks as payments_tasks
@@ -59,16 +60,24 @@ def provisioned_sync_all() -> int:
 @shared_task(name=jobs.BUDGETS_EVALUATE_ORGANIZATION, queue="billing", ignore_result=True)
 def budgets_evaluate_organization(organization_id: str) -> int:
     org = Organization.objects.filter(id=organization_id).first()
-    return len(budgets_evaluate(org=org)) if org is not None else 0
+    if org is None:
+        return 0
+    return len(budgets_evaluate(org=org)) + len(key_budgets_evaluate(org=org))
 
 
 @shared_task(name="mantle.billing.budgets_evaluate_all", queue="billing", ignore_result=True)
 def budgets_evaluate_all() -> int:
     created = 0
-    org_ids = Budget.objects.values_list("organization_id", flat=True).distinct().order_by()
-    for org in Organization.objects.filter(id__in=list(org_ids)).order_by("id"):
+    org_ids = set(Budget.objects.values_list("organization_id", flat=True).distinct().order_by())
+    # Organizations with per-key budgets too (billing/key_budgets.py).
+    keyed = ApiKey.objects.filter(monthly_budget__isnull=False, revoked_at__isnull=True)
+    key_org_ids = set(keyed.values_list("organization_id", flat=True).distinct().order_by())
+    for org in Organization.objects.filter(id__in=list(org_ids | key_org_ids)).order_by("id"):
         try:
-            created += len(budgets_evaluate(org=org))
+            if org.id in org_ids:
+                created += len(budgets_evaluate(org=org))
+            if org.id in key_org_ids:
+                created += len(key_budgets_evaluate(org=org))
         except Exception:
             logger.exception("budget evaluation failed for %s", org.id)
     return created

@@ -33,7 +33,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from accounts.models import Organization
+from accounts.models import ApiKey, BudgetMode, Organization
 from accounts.principal import Principal
 from accounts.services import audit_record
 from billing import checks, jobs, spend, wallet_keys
@@ -76,6 +76,8 @@ class WalletState:
     spent_nanos: int
     month: str
     projects: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # id -> (cap, spent)
+    # API keys with a hard monthly budget: id -> (cap, spent), as projects.
+    keys: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     prices: Mapping[str, spend.Prices] = field(default_factory=dict)  # model -> its prices
 
 
@@ -120,7 +122,8 @@ def wallet_compute(org: Organization, *, now: datetime | None = None) -> WalletS
       budget, or none.
     - unlimited: spent = this month's usage charges; no cap, no project caps.
     Project hard budgets (not in unlimited mode): cap = budget, spent = the project's
-    month usage charges.
+    month usage charges; API keys with a hard monthly budget alike (the key's own month
+    usage charges).
     """
     now = now or timezone.now()
     month = month_start(now)
@@ -147,6 +150,11 @@ def wallet_compute(org: Organization, *, now: datetime | None = None) -> WalletS
             assert project_id is not None
             used = nanos_ceil(month_spend(org, month, project_id=project_id, exact=True))
             projects[project_id] = (nanos_floor(budget.monthly_amount), used)
+    keys: dict[str, tuple[int, int]] = {}
+    if mode != Mode.UNLIMITED:
+        for key_id, amount in hard_key_budgets(org):
+            used = nanos_ceil(month_spend(org, month, api_key_id=key_id, exact=True))
+            keys[key_id] = (nanos_floor(amount), used)
     return WalletState(
         organization_id=org.id,
         # What admission does, which the gateway reads: no cap, no check ("unlimited").
@@ -155,8 +163,20 @@ def wallet_compute(org: Organization, *, now: datetime | None = None) -> WalletS
         spent_nanos=spent,
         month=month_label(month),
         projects=projects,
+        keys=keys,
         prices=prices_compute(org.id, now=now),
     )
+
+
+def hard_key_budgets(org: Organization) -> list[tuple[str, Decimal]]:
+    """(key id, monthly budget) of the organization's unrevoked keys with a hard budget."""
+    rows = ApiKey.objects.filter(
+        organization=org,
+        monthly_budget__isnull=False,
+        budget_mode=BudgetMode.HARD,
+        revoked_at__isnull=True,
+    ).values_list("id", "monthly_budget")
+    return [(key_id, amount) for key_id, amount in rows.order_by("id") if amount is not None]
 
 
 def prices_compute(
@@ -255,9 +275,10 @@ redis.call('HINCRBY', w, '${spent}', ARGV[3])
 local keep = {}
 local n = tonumber(ARGV[7])
 for i = 0, n - 1 do
+  -- `p:<project>` or `k:<key>`: whose cap (a project's or an API key's).
   local pid = ARGV[8 + 3 * i]
-  local cap_f = '${project}' .. pid .. ':${cap}'
-  local spent_f = '${project}' .. pid .. ':${spent}'
+  local cap_f = pid .. ':${cap}'
+  local spent_f = pid .. ':${spent}'
   keep[cap_f] = true
   keep[spent_f] = true
   redis.call('HSET', w, cap_f, ARGV[9 + 3 * i])
@@ -265,7 +286,8 @@ for i = 0, n - 1 do
 end
 for _, f in ipairs(redis.call('HKEYS', w)) do
   -- A project's reserved and pending belong to requests in flight: never the sync's.
-  if string.sub(f, 1, 2) == '${project}' and not keep[f] and not string.find(f, ':${reserved}$$')
+  local owned = string.sub(f, 1, 2) == '${project}' or string.sub(f, 1, 2) == '${apikey}'
+  if owned and not keep[f] and not string.find(f, ':${reserved}$$')
      and not string.find(f, ':${pending}$$') then
     redis.call('HDEL', w, f)
   end
@@ -306,11 +328,16 @@ def wallet_sync(org: Organization, *, now: datetime | None = None) -> WalletStat
             state.month,
             f"{time.time():.3f}",
             before.get(wallet_keys.SYNC_GEN, "0"),
-            str(len(state.projects)),
+            str(len(state.projects) + len(state.keys)),
         ]
         for project_id, (cap, used) in sorted(state.projects.items()):
             s0 = int(before.get(wallet_keys.project_field(project_id, wallet_keys.SPENT), 0))
-            args += [project_id, str(cap), str(used - s0)]
+            owner = wallet_keys.project_field(project_id, "")[:-1]
+            args += [owner, str(cap), str(used - s0)]
+        for key_id, (cap, used) in sorted(state.keys.items()):
+            s0 = int(before.get(wallet_keys.key_field(key_id, wallet_keys.SPENT), 0))
+            owner = wallet_keys.key_field(key_id, "")[:-1]
+            args += [owner, str(cap), str(used - s0)]
         pipe = client.pipeline(transaction=True)
         pipe.eval(_SYNC, 1, key, *args)
         for model, prices in state.prices.items():
@@ -330,6 +357,11 @@ def wallet_sync_due(*, now: datetime | None = None) -> list[str]:
         BillingAccount.objects.filter(mode=Mode.PREPAID).values_list("organization_id", flat=True)
     )
     ids |= set(Budget.objects.filter(hard_limit=True).values_list("organization_id", flat=True))
+    ids |= set(
+        ApiKey.objects.filter(
+            monthly_budget__isnull=False, budget_mode=BudgetMode.HARD, revoked_at__isnull=True
+        ).values_list("organization_id", flat=True)
+    )
     ids |= set(
         CreditLedgerEntry.objects.filter(
             Q(expires_at__isnull=True) | Q(expires_at__gt=now),
@@ -356,7 +388,8 @@ def wallet_sync_due(*, now: datetime | None = None) -> list[str]:
 # per wallet and per (wallet, project) before the script runs (they commute with everything
 # else it does, and Python's integers are exact where Lua's numbers are not): one HINCRBY
 # per wallet instead of one per event. A project with a hard budget counts its own spend
-# too.
+# too, and so does an API key with a hard monthly budget (each an "owner": `p:<project>`
+# or `k:<key>`).
 _RECORD = spend.UNPARK_LUA + wallet_keys.lua("""
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
 local n, m, p = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -379,10 +412,10 @@ for i = 1, m do
   at = at + 2
 end
 for i = 1, p do
-  local w, project, cost = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  local w, owner, cost = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   at = at + 3
-  if redis.call('HEXISTS', w, '${project}' .. project .. ':${cap}') == 1 then
-    redis.call('HINCRBY', w, '${project}' .. project .. ':${spent}', cost)
+  if redis.call('HEXISTS', w, owner .. ':${cap}') == 1 then
+    redis.call('HINCRBY', w, owner .. ':${spent}', cost)
   end
 end
 return 1
@@ -405,6 +438,7 @@ class Usage:
     compute_ms: int = 0
     cached_input_tokens: int = 0  # a part of input_tokens
     service_class: str = ServiceClass.ONLINE  # batch lines cost the batch prices
+    api_key_id: str = ""  # counted toward the key's hard budget when it has one
 
 
 def wallet_record_usage(
@@ -451,6 +485,7 @@ def wallet_record_events(events: Sequence[ContractUsageEvent]) -> None:
                 compute_ms=int(e.compute_ms),
                 cached_input_tokens=int(e.cached_input_tokens),
                 service_class=e.service_class,
+                api_key_id=e.api_key_id,
             )
             for e in events
         ]
@@ -483,7 +518,7 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
     costs = []
     requests: list[str] = []
     by_wallet: dict[str, int] = {}
-    by_project: dict[tuple[str, str], int] = {}
+    by_project: dict[tuple[str, str], int] = {}  # (wallet, `p:<project>` or `k:<key>`)
     for u in usages:
         cost = scaled.get((u.organization_id, u.model_name, u.service_class), free).cost(
             u.input_tokens, u.output_tokens, u.requests, u.compute_ms, u.cached_input_tokens
@@ -499,8 +534,13 @@ def wallet_record_batch(usages: Sequence[Usage]) -> list[int]:
                 "1" if u.service_class == ServiceClass.BATCH else "0",
             ]
         by_wallet[wallet] = by_wallet.get(wallet, 0) + cost
+        owners = []
         if u.project_id:
-            by_project[wallet, u.project_id] = by_project.get((wallet, u.project_id), 0) + cost
+            owners.append(wallet_keys.project_field(u.project_id, "")[:-1])
+        if u.api_key_id:
+            owners.append(wallet_keys.key_field(u.api_key_id, "")[:-1])
+        for owner in owners:
+            by_project[wallet, owner] = by_project.get((wallet, owner), 0) + cost
     if all(u.request_id for u in usages):
         ids = "\n".join(sorted(u.request_id for u in usages)).encode()
         fingerprint = hashlib.sha256(ids).hexdigest()

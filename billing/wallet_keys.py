@@ -20,12 +20,14 @@ def wallet_key(organization_id: str) -> str:
 
 
 def held_key(organization_id: str) -> str:
-    """Reservations in flight: request id -> `<worst>:<release-by ms>:<project or ''>`."""
+    """Reservations in flight: request id -> `<worst>:<release-by ms>:<project or ''>`,
+    then `:<key>` when the API key's hard budget holds a reservation too."""
     return f"mantle:wallet-held:{organization_id}"
 
 
 def pending_key(organization_id: str) -> str:
-    """Settled costs the drain has not counted yet: request id -> `<cost>[:<project>]`."""
+    """Settled costs the drain has not counted yet: request id -> `<cost>[:<project>]`,
+    or `<cost>:<project or ''>:<key>` when the key's hard budget counts it too."""
     return f"mantle:wallet-pending:{organization_id}"
 
 
@@ -58,11 +60,17 @@ UNLIMITED = "unlimited"
 """The `mode` under which admission checks no money (a missing hash is unchecked too)."""
 
 PROJECT_PREFIX = "p:"
+KEY_PREFIX = "k:"
 
 
 def project_field(project_id: str, name: str) -> str:
     """A capped project's own CAP, SPENT, RESERVED or PENDING: `p:<project>:<name>`."""
     return f"{PROJECT_PREFIX}{project_id}:{name}"
+
+
+def key_field(key_id: str, name: str) -> str:
+    """An API key's with a hard monthly budget: `k:<key>:<name>` (as a project's)."""
+    return f"{KEY_PREFIX}{key_id}:{name}"
 
 
 # --- Fields of the price hash --------------------------------------------------------------
@@ -133,6 +141,7 @@ LUA_NAMES = {
     "sync_gen": SYNC_GEN,
     "unlimited": UNLIMITED,
     "project": PROJECT_PREFIX,
+    "apikey": KEY_PREFIX,
     "price_input": PRICE_INPUT,
     "price_output": PRICE_OUTPUT,
     "price_request": PRICE_REQUEST,

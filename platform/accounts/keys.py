@@ -68,6 +68,12 @@ class KeyIdentity:
     tpm_limit: int
     project_rpm_limit: int
     project_tpm_limit: int
+    # The model names the key may use; empty: every model (a record cached before the
+    # field existed reads as empty, as the key was then).
+    allowed_models: tuple[str, ...] = ()
+
+    def may_use(self, model_name: str) -> bool:
+        return not self.allowed_models or model_name in self.allowed_models
 
     def usable(self, now: float | None = None) -> bool:
         if self.revoked or not self.organization_active:
@@ -81,12 +87,12 @@ class KeyIdentity:
     def from_json(cls, raw: str) -> KeyIdentity:
         """Parses a record; its seal, if any, is not checked (see `identity_from_cache`)."""
         data = integrity.unsealed_fields(json.loads(raw))
-        data["scopes"] = tuple(data["scopes"])
-        return cls(**data)
+        return cls.from_fields(data)
 
     @classmethod
     def from_fields(cls, data: dict[str, Any]) -> KeyIdentity:
         data["scopes"] = tuple(data["scopes"])
+        data["allowed_models"] = tuple(data.get("allowed_models") or ())
         return cls(**data)
 
 
@@ -109,6 +115,7 @@ def identity_of(
     revoked: bool,
     organization_active: bool,
     limits: tuple[int, int, int, int],
+    allowed_models: list[str] | None = None,
 ) -> KeyIdentity:
     return KeyIdentity(
         digest=digest,
@@ -123,6 +130,7 @@ def identity_of(
         tpm_limit=limits[1],
         project_rpm_limit=limits[2],
         project_tpm_limit=limits[3],
+        allowed_models=tuple(allowed_models or ()),
     )
 
 

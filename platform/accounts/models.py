@@ -199,6 +199,11 @@ class Project(models.Model):
         return f"{self.name} ({self.id})"
 
 
+class BudgetMode(models.TextChoices):
+    HARD = "hard"  # admission refuses what would pass the budget
+    SOFT = "soft"  # never refuses: crossing it records an alert
+
+
 class ApiKey(models.Model):
     """A secret for the SDK. Only its prefix and an HMAC-SHA256 under the pepper are stored."""
 
@@ -220,6 +225,14 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    # Per-key controls (docs/billing.md, "Per-key budgets"): a monthly budget in the
+    # billing currency (None: none), hard (refused at admission) or soft (alerts only),
+    # and the model names the key may use (empty: every model its organization may use).
+    monthly_budget = models.DecimalField(max_digits=14, decimal_places=2, null=True, blank=True)
+    budget_mode = models.CharField(
+        max_length=8, choices=BudgetMode.choices, default=BudgetMode.HARD, db_default="hard"
+    )
+    allowed_models = models.JSONField(default=list, blank=True)
 
     class Meta:
         indexes: ClassVar = [models.Index(fields=["organization", "created_at"])]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import redis
@@ -18,6 +19,7 @@ from accounts import emails, keys, throttle
 from accounts.models import (
     ApiKey,
     AuditLog,
+    BudgetMode,
     Invitation,
     Membership,
     Organization,
@@ -659,6 +661,74 @@ def api_key_revoke(*, principal: Principal, key: ApiKey) -> ApiKey:
     return key
 
 
+MAX_ALLOWED_MODELS = 100
+MAX_KEY_BUDGET = Decimal("1000000000")
+
+
+def api_key_controls_set(
+    *,
+    principal: Principal,
+    key: ApiKey,
+    monthly_budget: Decimal | None,
+    budget_mode: str,
+    allowed_models: Sequence[str],
+) -> ApiKey:
+    """Sets a key's monthly budget (None: none), its mode (hard or soft) and the models it
+    may use (empty: all), already checked by the caller against the catalog
+    (billing.key_budgets). Written through to the identity cache on commit, so every
+    gateway enforces the new allowlist at once."""
+    if budget_mode not in BudgetMode.values:
+        raise InvalidInput(
+            f"budget_mode must be one of {sorted(BudgetMode.values)}", param="budget_mode"
+        )
+    if monthly_budget is not None:
+        if monthly_budget.as_tuple().exponent < -2:  # type: ignore[operator]
+            raise InvalidInput(
+                "monthly_budget has at most 2 decimal places", param="monthly_budget"
+            )
+        if not Decimal(0) <= monthly_budget <= MAX_KEY_BUDGET:
+            raise InvalidInput(
+                f"monthly_budget must be in [0, {MAX_KEY_BUDGET}]", param="monthly_budget"
+            )
+        monthly_budget = monthly_budget.quantize(Decimal("0.01"))
+    names = sorted(set(allowed_models))
+    if len(names) > MAX_ALLOWED_MODELS:
+        raise InvalidInput(
+            f"allowed_models names at most {MAX_ALLOWED_MODELS} models", param="allowed_models"
+        )
+    with transaction.atomic():
+        key = (
+            ApiKey.objects.select_for_update()
+            .select_related("organization", "project")
+            .get(pk=key.pk)
+        )
+        before = {
+            "monthly_budget": None if key.monthly_budget is None else str(key.monthly_budget),
+            "budget_mode": key.budget_mode,
+            "allowed_models": list(key.allowed_models or ()),
+        }
+        key.monthly_budget = monthly_budget
+        key.budget_mode = budget_mode
+        key.allowed_models = names
+        key.save(update_fields=["monthly_budget", "budget_mode", "allowed_models"])
+        after = {
+            "monthly_budget": None if monthly_budget is None else str(monthly_budget),
+            "budget_mode": budget_mode,
+            "allowed_models": names,
+        }
+        audit_record(
+            principal=principal,
+            action="api_key.controls_set",
+            target=key,
+            organization=key.organization,
+            metadata={"prefix": key.prefix, "before": before, "after": after},
+        )
+        org = key.organization
+        changed = key
+        transaction.on_commit(lambda: keys.cache_put(_identity(changed, org)))
+    return key
+
+
 def api_key_identity_load(digest: str) -> keys.KeyIdentity | None:
     """The gateway's cache-miss path: the identity of a key from the database."""
     key = ApiKey.objects.select_related("organization", "project").filter(digest=digest).first()
@@ -701,6 +771,7 @@ def _identity(key: ApiKey, org: Organization) -> keys.KeyIdentity:
             key.project.rpm_limit or settings.MANTLE_DEFAULT_PROJECT_RPM,
             key.project.tpm_limit or settings.MANTLE_DEFAULT_PROJECT_TPM,
         ),
+        allowed_models=list(key.allowed_models or ()),
     )
 
 

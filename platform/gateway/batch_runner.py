@@ -52,6 +52,7 @@ from gateway import files
 from gateway.backends import database_read
 from gateway.batches import ACTIVE, QUEUED, Status, output_expiry
 from gateway.endpoints import chat, completions, embeddings, responses
+from gateway.limits import model_allowed
 from gateway.models import Batch, BatchLine
 from gateway.pipeline import serving_class
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -234,6 +235,9 @@ def estimate_tokens(raw: bytes, body: dict[str, Any], endpoint: str) -> int:
     return tokens + _max_tokens_of(numbers) * (n if isinstance(n, int) and n > 0 else 1)
 
 
+NOT_ALLOWED_PREFIX = "This API key is not allowed to use the model "
+
+
 def validate_lines(batch: Batch, lines: Iterator[tuple[int, bytes]]) -> Validated:
     """Every line checked before anything runs: JSON, `custom_id` unique, `method`, `url`
     the batch's endpoint, one model that exists and that the organization may use, no
@@ -243,6 +247,9 @@ def validate_lines(batch: Batch, lines: Iterator[tuple[int, bytes]]) -> Validate
     max_lines = settings.MANTLE_BATCH_MAX_LINES
     max_line = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     models_checked: dict[str, str] = {}  # model -> "" (usable) or the error
+    # The key that created the batch may be limited to some models (its allowlist).
+    allowed = ApiKey.objects.filter(id=batch.api_key_id).values_list("allowed_models", flat=True)
+    allowed_models: list[str] = list(allowed.first() or ())
     for number, raw in lines:
         if not raw.strip():
             continue  # a blank line (a trailing newline, say) is no request
@@ -302,8 +309,18 @@ def validate_lines(batch: Batch, lines: Iterator[tuple[int, bytes]]) -> Validate
                 if usable
                 else f"The model `{model[:64]}` does not exist or you do not have access to it."
             )
+            if (
+                spec is not None
+                and usable
+                and not model_allowed(allowed_models, spec.model_name, spec.name, spec.id)
+            ):
+                models_checked[model] = NOT_ALLOWED_PREFIX + f"'{model[:64]}'."
         if models_checked[model]:
-            out.fail(number, "model_not_found", models_checked[model], "body.model")
+            message = models_checked[model]
+            code = (
+                "model_not_allowed" if message.startswith(NOT_ALLOWED_PREFIX) else "model_not_found"
+            )
+            out.fail(number, code, message, "body.model")
             continue
         if out.model and model != out.model:
             out.fail(

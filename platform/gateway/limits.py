@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -98,10 +99,10 @@ if denied > 0 then return {0, denied, denied_wait} end
 -- again under its id after its runner died) finds the earlier admission's hold: that
 -- reservation is released when this one is taken, and counts as available for the test.
 local previous = ARGV[13] ~= '' and redis.call('HGET', KEYS[11], ARGV[13])
-local previous_worst, previous_project = 0, ''
+local previous_worst, previous_project, previous_key = 0, '', ''
 if previous then
-  local worst, project = string.match(previous, '^(%d+):%d+:(.*)$$')
-  if worst then previous_worst, previous_project = tonumber(worst), project end
+  local worst, project, key = string.match(previous, '^(%d+):%d+:([^:]*):?(.*)$$')
+  if worst then previous_worst, previous_project, previous_key = tonumber(worst), project, key end
 end
 -- Money: reserve the worst-case cost against what the organization may still spend
 -- (every prompt token uncached: the prefix cache is only known once the worker ran).
@@ -129,6 +130,21 @@ if worst > 0 and ARGV[12] ~= '' then
     if previous_project == ARGV[12] then available = available + previous_worst end
     if worst > available then return {-3, string.format('%.0f', available), worst} end
     project_reserve = pre .. '${reserved}'
+  end
+end
+-- An API key with a hard monthly budget (ARGV[9] is the key): the same test against its
+-- own cap and reservation (docs/billing.md, "Per-key budgets").
+local key_reserve = ''
+if worst > 0 and ARGV[9] ~= '' then
+  local pre = '${apikey}' .. ARGV[9] .. ':'
+  local k = redis.call('HMGET', KEYS[9], pre .. '${cap}', pre .. '${spent}',
+                       pre .. '${reserved}', pre .. '${pending}')
+  if k[1] then
+    local available = tonumber(k[1]) - tonumber(k[2] or '0') - tonumber(k[3] or '0')
+                      - tonumber(k[4] or '0')
+    if previous_key == ARGV[9] then available = available + previous_worst end
+    if worst > available then return {-6, string.format('%.0f', available), worst} end
+    key_reserve = pre .. '${reserved}'
   end
 end
 local out = {1}
@@ -165,12 +181,16 @@ end
 if project_reserve ~= '' then
   redis.call('HINCRBY', KEYS[9], project_reserve, string.format('%.0f', worst))
 end
+if key_reserve ~= '' then
+  redis.call('HINCRBY', KEYS[9], key_reserve, string.format('%.0f', worst))
+end
 -- Held under the request id until settled, or released by the sweep after ARGV[14] ms.
 local held = 0
 if worst > 0 and ARGV[13] ~= '' then
   redis.call('HSET', KEYS[11], ARGV[13], string.format('%.0f', worst) .. ':'
              .. string.format('%.0f', now + tonumber(ARGV[14])) .. ':'
-             .. (project_reserve ~= '' and ARGV[12] or ''))
+             .. (project_reserve ~= '' and ARGV[12] or '')
+             .. (key_reserve ~= '' and (':' .. ARGV[9]) or ''))
   held = 1
 end
 table.insert(out, string.format('%.0f', worst))
@@ -181,6 +201,7 @@ table.insert(out, held)
 table.insert(out, price[3])
 table.insert(out, price[4])
 table.insert(out, price[6] or '')
+table.insert(out, key_reserve ~= '' and 1 or 0)
 return out
 """)
 
@@ -229,6 +250,8 @@ class Limits:
     organization_id: str = ""
     organization_rpm: int = 0
     organization_tpm: int = 0
+    # The model names the key may use (its identity's `allowed_models`); empty: any.
+    allowed_models: tuple[str, ...] = ()
 
     def bucket_keys(self) -> list[str]:
         share = f"mantle:rl:org:{self.organization_id}:endpoint:{self.endpoint_id}"
@@ -267,7 +290,7 @@ class Admission:
     price_unknown: bool = False
     unpriced: bool = False  # nothing prices the model: refused for everyone (403)
     insufficient_quota: bool = False
-    quota_scope: str = ""  # "organization" | "project": whose money refused
+    quota_scope: str = ""  # "organization" | "project" | "key": whose money refused
     available_nanos: int = 0
     reserved_nanos: int = 0  # the worst-case cost reserved against the wallet
     price_in: str = "0"  # nanos per token, as the wallet had them at admission
@@ -278,6 +301,8 @@ class Admission:
     price_cached_input: str = ""
     # The project whose hard budget holds a reservation too ("" when it has none).
     reserved_project_id: str = ""
+    # The API key whose hard monthly budget holds a reservation too ("" when it has none).
+    reserved_key_id: str = ""
     # Took its share of the RPM/TPM buckets, so unused tokens go back to them at the
     # settle; False for a batch line (outside the online limits: nothing to give back).
     rate_limited: bool = True
@@ -309,6 +334,12 @@ class Admission:
             "x-ratelimit-remaining-tokens": str(max(0, self.remaining_tokens)),
             "x-ratelimit-reset-tokens": format_duration(self.reset_tokens_ms),
         }
+
+
+def model_allowed(allowed_models: Sequence[str], *names: str) -> bool:
+    """Whether a key with this allowlist may use a model known by any of `names` (its
+    model's name, its endpoint's name or id: what /v1/models lists); empty: any model."""
+    return not allowed_models or any(name in allowed_models for name in names)
 
 
 def format_duration(ms: int) -> str:
@@ -394,11 +425,11 @@ class RateLimiter:
             return Admission(allowed=False, unpriced=True)
         if status == -1:
             return Admission(allowed=False, no_worker=True)
-        if status in (-2, -3):
+        if status in (-2, -3, -6):
             return Admission(
                 allowed=False,
                 insufficient_quota=True,
-                quota_scope="organization" if status == -2 else "project",
+                quota_scope={-2: "organization", -3: "project", -6: "key"}[status],
                 available_nanos=int(result[1]),
                 reserved_nanos=int(result[2]),
             )
@@ -426,6 +457,7 @@ class RateLimiter:
             price_request=str(result[12]),
             price_compute_ms=str(result[13]),
             price_cached_input=str(result[14]),
+            reserved_key_id=limits.key_id if int(result[15]) == 1 else "",
             rate_limited=service_class != ServiceClass.BATCH,
         )
 

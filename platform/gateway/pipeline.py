@@ -51,7 +51,7 @@ from gateway.errors import (
     model_not_priced,
     no_capacity,
 )
-from gateway.limits import Admission, Limits, RateLimiter, retry_after_seconds
+from gateway.limits import Admission, Limits, RateLimiter, model_allowed, retry_after_seconds
 from gateway.protocol import SamplingRequest
 from workers import contract
 
@@ -194,7 +194,23 @@ def limits_for(identity: KeyIdentity, spec: EndpointSpec) -> Limits:
         organization_id=identity.organization_id if shared else "",
         organization_rpm=org_rpm,
         organization_tpm=org_tpm,
+        allowed_models=identity.allowed_models,
     )
+
+
+def check_model_allowed(limits: Limits, spec: EndpointSpec, requested: str = "") -> None:
+    """403 `model_not_allowed` for a model the key's allowlist leaves out, before anything
+    is taken or reserved."""
+    if not model_allowed(limits.allowed_models, spec.model_name, spec.name, spec.id):
+        name = requested or spec.model_name
+        raise OpenAIError(
+            403,
+            f"This API key is not allowed to use the model '{name}'. Ask an administrator of "
+            "your organization to add it to the key's allowed models.",
+            type_="invalid_request_error",
+            code="model_not_allowed",
+            param="model",
+        )
 
 
 async def admit(
@@ -217,6 +233,7 @@ async def admit(
     the default tier runs within the organization's provisioned units on the endpoint when
     it has one free (`service_tier` absent, auto or scale); the class admitted is on the
     admission (`work_class`)."""
+    check_model_allowed(limits, spec)
     chosen = work_class if work_class is not None else service_class()
     deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
     units = ""
@@ -264,6 +281,7 @@ async def admit_relayed(
     rate limits, budgets and reservation at the prices of its class (online, or a batch
     line's), with no pool to share or to find alive. Service tiers are the platform's
     pools' business: a relayed online request runs as the default tier."""
+    check_model_allowed(limits, spec)
     chosen = (
         contract.ServiceClass.BATCH.value
         if service_class() == contract.ServiceClass.BATCH
@@ -332,7 +350,7 @@ async def _admit(
             "You exceeded your current quota, please check your plan and billing details. "
             f"(This request may cost up to {admission.reserved_nanos / 1e9:.6f}; "
             f"{max(0, admission.available_nanos) / 1e9:.6f} is available"
-            + (" in this project's budget.)" if admission.quota_scope == "project" else ".)"),
+            + _QUOTA_WHERE.get(admission.quota_scope, ".)"),
             type_="insufficient_quota",
             code="insufficient_quota",
             headers={"x-should-retry": "false"},
@@ -363,6 +381,12 @@ async def _admit(
             headers={"retry-after": retry_after_seconds(admission.retry_after_ms)},
         )
     return admission
+
+
+_QUOTA_WHERE = {
+    "project": " in this project's budget.)",
+    "key": " in this API key's monthly budget.)",
+}
 
 
 def _limit_owner(limits: Limits, scope: str) -> str:
@@ -496,6 +520,7 @@ async def settle(
             reserved=admission.reserved_nanos,
             cost=cost,
             reserved_project_id=admission.reserved_project_id,
+            reserved_key_id=admission.reserved_key_id,
             held=admission.held,
             service_class=work_class if work_class is not None else service_class(),
         )
