@@ -19,7 +19,7 @@ from accounts.services import audit_record
 from billing import jobs
 from billing.alerts.events import alert_emit
 from billing.invoicing import month_spend
-from billing.models import AlertEvent, Budget, BudgetAlert
+from billing.models import AlertEvent, BillingAccount, Budget, BudgetAlert
 from billing.money import CENT, MAX_AMOUNT, check_places, parse_decimal
 from billing.periods import month_label, month_start
 from core.errors import InvalidInput, NotFound
@@ -111,12 +111,15 @@ def budgets_evaluate(*, org: Organization, now: datetime | None = None) -> list[
     now = now or timezone.now()
     month = month_start(now)
     created: list[BudgetAlert] = []
+    # Hard limits refuse requests only where the wallet caps (not in unlimited mode).
+    mode = BillingAccount.objects.filter(organization=org).values_list("mode", flat=True).first()
+    capped = (mode or settings.MANTLE_BILLING_DEFAULT_MODE) != BillingAccount.Mode.UNLIMITED
     for budget in budgets(org).select_related("organization"):
         thresholds = sorted(int(t) for t in budget.alert_thresholds)
         if not thresholds and not budget.hard_limit:
             continue
         spend = budget_spend(budget, month)
-        if budget.hard_limit and spend >= budget.monthly_amount:
+        if budget.hard_limit and capped and spend >= budget.monthly_amount:
             # From here admission refuses every request of the budget's scope this month.
             alert_emit(
                 org=org,
@@ -142,14 +145,16 @@ def budgets_evaluate(*, org: Organization, now: datetime | None = None) -> list[
                         "created_at": now,
                     },
                 )
-                # The people and webhooks are told once per (budget, month, threshold).
-                alert_emit(
-                    org=org,
-                    kind=AlertEvent.Kind.BUDGET_THRESHOLD,
-                    dedupe_key=f"budget:{budget.id}:{month_label(month)}:{threshold}",
-                    data={**_alert_data(budget, month, spend), "threshold": threshold},
-                    now=now,
-                )
+                # The people and webhooks are told once per (budget, month, threshold),
+                # with the row (a threshold recorded before alerts existed is not resent).
+                if was_created:
+                    alert_emit(
+                        org=org,
+                        kind=AlertEvent.Kind.BUDGET_THRESHOLD,
+                        dedupe_key=f"budget:{budget.id}:{month_label(month)}:{threshold}",
+                        data={**_alert_data(budget, month, spend), "threshold": threshold},
+                        now=now,
+                    )
             if was_created:
                 created.append(alert)
                 logger.info(

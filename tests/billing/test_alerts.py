@@ -459,3 +459,26 @@ def test_the_delivery_log_is_paged(
     assert len(first.context["deliveries"]) == webhooks.DELIVERIES_PER_PAGE
     assert len(second.context["deliveries"]) == 2
     assert b"Older" in first.content
+
+
+def test_no_hard_limit_hit_where_nothing_is_capped(
+    world: OrgWorld, django_capture_on_commit_callbacks: Capture
+) -> None:
+    price_book(CHAT)
+    with django_capture_on_commit_callbacks(execute=True):
+        billing_mode_set(
+            principal=staff_principal(),
+            org=world.org,
+            mode=BillingAccount.Mode.UNLIMITED,
+            reason="contract",
+        )
+        budgets_set(
+            principal=owner_of(world),
+            org=world.org,
+            specs=[BudgetSpec(monthly_amount="1.00", alert_thresholds=[100], hard_limit=True)],
+        )
+    spend_now(world.org, 2)
+    with django_capture_on_commit_callbacks(execute=True):
+        budgets_evaluate(org=world.org)
+    kinds = list(AlertEvent.objects.filter(organization=world.org).values_list("kind", flat=True))
+    assert kinds == ["budget_threshold"]
