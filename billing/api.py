@@ -6,15 +6,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 
+from django.conf import settings
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Router
 
 from accounts.auth import usage_auth
+from accounts.models import ApiKey
 from accounts.permissions import Perm
 from accounts.principal import Principal
-from accounts.selectors import organization_for, organization_for_usage
-from billing import budgets, selectors, usage_buckets
+from accounts.selectors import api_key_get, organization_for, organization_for_usage
+from billing import budgets, key_budgets, selectors, usage_buckets
 from billing.credits import credit_entries
 from billing.models import Budget, BudgetAlert, CreditLedgerEntry, Invoice, InvoiceLine
 from billing.periods import month_label, month_start
@@ -29,6 +31,8 @@ from billing.schemas import (
     InvoiceDetailOut,
     InvoiceLineOut,
     InvoiceOut,
+    KeyControlsIn,
+    KeyControlsOut,
     UsageBucketOut,
     UsagePageOut,
 )
@@ -166,6 +170,52 @@ def budget_replace(
         for b in payload.budgets
     ]
     return [_budget_out(b) for b in budgets.budgets_set(principal=principal, org=org, specs=specs)]
+
+
+# --- Per-key controls (billing/key_budgets.py) -----------------------------------------
+
+
+def _controls_out(key: ApiKey) -> KeyControlsOut:
+    now = timezone.now()
+    spend = key_budgets.key_month_spend(key.organization, [key.id], now=now)[key.id]
+    return KeyControlsOut(
+        key_id=key.id,
+        monthly_budget=_money(key.monthly_budget),
+        budget_mode=key.budget_mode,
+        allowed_models=list(key.allowed_models or ()),
+        currency=settings.MANTLE_BILLING_CURRENCY,
+        month=month_label(month_start(now)),
+        month_spend=str(spend),
+    )
+
+
+@router.get("/organizations/{organization_id}/api-keys/{key_id}/controls", response=KeyControlsOut)
+def key_controls_get(request: HttpRequest, organization_id: str, key_id: str) -> KeyControlsOut:
+    org = organization_for(_principal(request), organization_id, Perm.KEYS_VIEW)
+    return _controls_out(api_key_get(org, key_id))
+
+
+@router.put("/organizations/{organization_id}/api-keys/{key_id}/controls", response=KeyControlsOut)
+def key_controls_set(
+    request: HttpRequest, organization_id: str, key_id: str, payload: KeyControlsIn
+) -> KeyControlsOut:
+    """Replaces the key's budget, budget mode and allowed models. The allowlist needs
+    keys.create; changing the budget or its mode needs billing.manage too."""
+    principal = _principal(request)
+    org = organization_for(principal, organization_id, Perm.KEYS_CREATE)
+    key = api_key_get(org, key_id)
+    if payload.monthly_budget != key.monthly_budget or (
+        key.monthly_budget is not None and payload.budget_mode != key.budget_mode
+    ):
+        organization_for(principal, organization_id, Perm.BILLING_MANAGE)
+    key = key_budgets.key_controls_set(
+        principal=principal,
+        key=key,
+        monthly_budget=payload.monthly_budget,
+        budget_mode=payload.budget_mode,
+        allowed_models=payload.allowed_models,
+    )
+    return _controls_out(key)
 
 
 def _alert_out(a: BudgetAlert) -> BudgetAlertOut:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
+from typing import Literal
 
 from ninja import Schema
 from pydantic import ConfigDict, Field
@@ -93,6 +94,30 @@ class BudgetOut(Schema):
     hard_limit: bool
     month_spend: str
     updated_at: datetime
+
+
+class KeyControlsIn(In):
+    monthly_budget: Decimal | None = Field(
+        default=None, description="The key's monthly budget (>= 0, 2 places); null: none"
+    )
+    budget_mode: Literal["hard", "soft"] = Field(
+        default="hard", description="hard: refused at admission; soft: alerts only"
+    )
+    allowed_models: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Model (or endpoint) names the key may use; empty: every model",
+    )
+
+
+class KeyControlsOut(Schema):
+    key_id: str
+    monthly_budget: str | None
+    budget_mode: str
+    allowed_models: list[str]
+    currency: str
+    month: str
+    month_spend: str
 
 
 class BudgetAlertOut(Schema):

@@ -208,6 +208,9 @@ def _key_out(key: ApiKey, cls: type[ApiKeyOut] = ApiKeyOut, **extra: str) -> Api
         expires_at=key.expires_at,
         revoked_at=key.revoked_at,
         last_used_at=key.last_used_at,
+        monthly_budget=None if key.monthly_budget is None else str(key.monthly_budget),
+        budget_mode=key.budget_mode,
+        allowed_models=list(key.allowed_models or ()),
         **extra,
     )
 

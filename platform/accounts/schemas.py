@@ -106,6 +106,13 @@ class ApiKeyOut(Schema):
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    monthly_budget: str | None = Field(
+        default=None, description="The key's monthly budget (decimal string); null: none"
+    )
+    budget_mode: str = Field(default="hard", description="hard (refused) or soft (alerts)")
+    allowed_models: list[str] = Field(
+        default_factory=list, description="Models the key may use; empty: every model"
+    )
 
 
 class ApiKeyCreated(ApiKeyOut):

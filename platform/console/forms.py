@@ -114,6 +114,37 @@ class ProjectForm(forms.Form):
     name = forms.CharField(max_length=120)
 
 
+class KeyControlsForm(forms.Form):
+    """A key's monthly budget, its mode, and the models it may use (one name a line)."""
+
+    monthly_budget = forms.DecimalField(
+        required=False,
+        min_value=0,
+        max_digits=14,
+        decimal_places=2,
+        label="Monthly budget",
+        help_text="Empty: no budget of its own.",
+    )
+    budget_mode = forms.ChoiceField(
+        choices=[
+            ("hard", "Hard: refuse requests that could pass it"),
+            ("soft", "Soft: only alert when it is reached"),
+        ],
+        initial="hard",
+        label="Budget mode",
+    )
+    allowed_models = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4}),
+        label="Allowed models",
+        help_text="One model name a line; empty: every model.",
+    )
+
+    def models(self) -> list[str]:
+        text = self.cleaned_data.get("allowed_models") or ""
+        return [line.strip() for line in text.replace(",", "\n").splitlines() if line.strip()]
+
+
 class ApiKeyForm(forms.Form):
     name = forms.CharField(max_length=120)
     project = forms.ChoiceField()

@@ -35,6 +35,7 @@ org_patterns = [
     path("projects/<str:project_id>/rename/", org.project_rename, name="console-project-rename"),
     path("keys/", keys.keys, name="console-keys"),
     path("keys/<str:key_id>/revoke/", keys.key_revoke, name="console-key-revoke"),
+    path("keys/<str:key_id>/controls/", keys.key_controls, name="console-key-controls"),
     path("models/", catalog_pages.models, name="console-models"),
     path("endpoints/", catalog_pages.endpoints, name="console-endpoints"),
     path(

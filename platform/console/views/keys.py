@@ -1,16 +1,19 @@
-"""API keys: list (prefix, last used, creator), create (the secret shown once), revoke."""
+"""API keys: list (prefix, last used, creator, this month's spend against the key's budget),
+create (the secret shown once), revoke, and each key's controls (budget, allowed models)."""
 
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 
 from accounts import selectors, services
 from accounts.permissions import Perm, key_scopes_allowed
+from billing import key_budgets
 from console.access import OrgContext, is_htmx, org_page, page
-from console.forms import ApiKeyForm, add_domain_error
+from console.forms import ApiKeyForm, KeyControlsForm, add_domain_error
 from core.errors import DomainError
 
 
@@ -59,11 +62,67 @@ def keys(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
                 return response
         else:
             status = 400
+    listed = list(selectors.api_keys(ctx.org).select_related("project"))
+    spend = key_budgets.key_month_spend(ctx.org, [k.id for k in listed])
+    for key in listed:
+        key.month_spend = spend[key.id]  # type: ignore[attr-defined]
     return page(
         request,
         ctx,
         "console/keys/list.html",
-        {"keys": list(selectors.api_keys(ctx.org).select_related("project")), "form": form},
+        {"keys": listed, "form": form, "currency": settings.MANTLE_BILLING_CURRENCY},
+        status=status,
+    )
+
+
+@org_page(Perm.KEYS_VIEW)
+def key_controls(request: HttpRequest, ctx: OrgContext, key_id: str) -> HttpResponse:
+    """GET: the key's budget, mode and allowed models, with this month's spend; POST sets
+    them (keys.create; a budget or mode changed needs billing.manage too)."""
+    key = selectors.api_key_get(ctx.org, key_id)
+    initial = {
+        "monthly_budget": key.monthly_budget,
+        "budget_mode": key.budget_mode,
+        "allowed_models": "\n".join(key.allowed_models or ()),
+    }
+    form = KeyControlsForm(request.POST or None, initial=initial)
+    status = 200
+    if request.method == "POST":
+        ctx.require(Perm.KEYS_CREATE)
+        if form.is_valid():
+            budget = form.cleaned_data["monthly_budget"]
+            mode = form.cleaned_data["budget_mode"]
+            if budget != key.monthly_budget or (
+                key.monthly_budget is not None and mode != key.budget_mode
+            ):
+                ctx.require(Perm.BILLING_MANAGE)
+            try:
+                key_budgets.key_controls_set(
+                    principal=ctx.principal,
+                    key=key,
+                    monthly_budget=budget,
+                    budget_mode=mode,
+                    allowed_models=form.models(),
+                )
+            except DomainError as exc:
+                add_domain_error(form, exc)
+                status = exc.status
+            else:
+                messages.success(request, f"Controls of {key.name} ({key.prefix}…) saved.")
+                return HttpResponseRedirect(_list_url(ctx))
+        else:
+            status = 400
+    spend = key_budgets.key_month_spend(ctx.org, [key.id])[key.id]
+    return page(
+        request,
+        ctx,
+        "console/keys/controls.html",
+        {
+            "key": key,
+            "form": form,
+            "month_spend": spend,
+            "currency": settings.MANTLE_BILLING_CURRENCY,
+        },
         status=status,
     )
 
@@ -76,6 +135,11 @@ def key_revoke(request: HttpRequest, ctx: OrgContext, key_id: str) -> HttpRespon
         return page(request, ctx, "console/keys/revoke.html", {"key": key})
     key = services.api_key_revoke(principal=ctx.principal, key=key)
     if is_htmx(request):
-        return page(request, ctx, "console/keys/_row.html", {"key": key})
+        return page(
+            request,
+            ctx,
+            "console/keys/_row.html",
+            {"key": key, "currency": settings.MANTLE_BILLING_CURRENCY},
+        )
     messages.success(request, f"Key {key.name} ({key.prefix}…) is revoked.")
     return HttpResponseRedirect(_list_url(ctx))
