@@ -39,6 +39,8 @@ LEASE_S = 120
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
 ERROR_CHARS = 500
+# Retries at most this far ahead are queued with a countdown; the sweep runs later ones.
+QUEUED_RETRY_MAX_S = 300
 
 
 # --- the fan-out ----------------------------------------------------------------------------
@@ -176,9 +178,11 @@ def webhook_deliver(delivery_id: int | str, *, now: datetime | None = None) -> s
     else:
         _record(delivery, now, code=code, error=error or f"HTTP {code}")
         if delivery.status == Status.PENDING and delivery.next_attempt_at is not None:
-            jobs.queue_webhook_retry(
-                str(delivery.pk), (delivery.next_attempt_at - now).total_seconds()
-            )
+            delay_s = (delivery.next_attempt_at - now).total_seconds()
+            # Short waits ride on the broker's countdown; longer ones are left to the
+            # minute's sweep (an ETA past the broker's visibility timeout is redelivered).
+            if delay_s <= QUEUED_RETRY_MAX_S:
+                jobs.queue_webhook_retry(str(delivery.pk), delay_s)
     return delivery.status
 
 

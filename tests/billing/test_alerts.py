@@ -482,3 +482,31 @@ def test_no_hard_limit_hit_where_nothing_is_capped(
         budgets_evaluate(org=world.org)
     kinds = list(AlertEvent.objects.filter(organization=world.org).values_list("kind", flat=True))
     assert kinds == ["budget_threshold"]
+
+
+def test_a_retry_hours_ahead_is_left_to_the_sweep(
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+) -> None:
+    created = add_endpoint(world, receiver.url)
+    receiver.statuses = [500, 500, 500]
+    with django_capture_on_commit_callbacks(execute=True):
+        event = webhooks.endpoint_test_send(principal=owner_of(world), endpoint=created.endpoint)
+    d = WebhookDelivery.objects.get(event=event)
+    for _ in range(2):
+        assert d.next_attempt_at is not None
+        delivery.webhook_deliver(d.pk, now=d.next_attempt_at)
+        d.refresh_from_db()
+    assert (d.attempts, d.status) == (3, "pending")
+    assert d.next_attempt_at is not None
+    # 30 minutes ahead: nothing queued now; the sweep runs it once it is due.
+    with django_capture_on_commit_callbacks(execute=True):
+        assert delivery.webhook_deliveries_due() == 0
+    assert len(receiver.requests) == 3
+    WebhookDelivery.objects.filter(pk=d.pk).update(
+        next_attempt_at=timezone.now() - timedelta(seconds=1)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert delivery.webhook_deliveries_due() == 1
+    d.refresh_from_db()
+    assert (d.status, d.attempts, d.response_code) == ("delivered", 4, 200)
+    assert len(receiver.requests) == 4
