@@ -451,6 +451,7 @@ def wallet_record_usage(
     request_id: str = "",
     cached_input_tokens: int = 0,
     service_class: str = ServiceClass.ONLINE,
+    api_key_id: str = "",
 ) -> int:
     """Counts one request's usage at the organization's current prices (a batch line's at
     the batch prices); returns nanos.
@@ -467,6 +468,7 @@ def wallet_record_usage(
         request_id,
         cached_input_tokens=cached_input_tokens,
         service_class=service_class,
+        api_key_id=api_key_id,
     )
     return wallet_record_batch([usage])[0]
 

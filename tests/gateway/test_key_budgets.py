@@ -23,7 +23,13 @@ from accounts.principal import SYSTEM
 from billing import key_budgets, spend, wallet_keys
 from billing.models import AlertEvent
 from billing.periods import hour_start, month_label, month_start
-from billing.wallet import Usage, wallet_read, wallet_record_batch, wallet_sync
+from billing.wallet import (
+    Usage,
+    wallet_read,
+    wallet_record_batch,
+    wallet_record_events,
+    wallet_sync,
+)
 from core.redis import get_redis
 from gateway import pipeline
 from gateway.errors import OpenAIError
@@ -31,7 +37,7 @@ from gateway.limits import Admission, Limits, RateLimiter
 from tests.billing.factories import CHAT, price_book, usage
 from tests.factories import OrganizationFactory, default_project, make_api_key
 from tests.gateway.test_relay import SPEC
-from workers.contract import pool_live_key
+from workers.contract import UsageEvent, pool_live_key
 
 pytestmark = pytest.mark.django_db
 
@@ -263,3 +269,33 @@ def test_the_pipeline_refuses_with_the_keys_budget_named(org: Organization) -> N
     assert (error.status, error.code) == (429, "insufficient_quota")
     assert "API key's monthly budget" in error.message
     assert default_project(org).id  # the project itself is not capped
+
+
+def test_the_drains_hook_counts_the_keys_spend_once_even_when_replayed(
+    org: Organization,
+) -> None:
+    key = capped_key(org)
+    now = time.time()
+    events = [
+        UsageEvent(
+            request_id=f"req_drain_{i}",
+            organization_id=org.id,
+            project_id=key.project_id,
+            api_key_id=key.id,
+            endpoint_id="ep-keybudget",
+            model_version_id="mv_x",
+            model_name=CHAT,
+            input_tokens=200,
+            output_tokens=100,
+            status="stop",
+            started_at=now - 1,
+            finished_at=now,
+            queue_ms=0,
+            compute_ms=10,
+        )
+        for i in range(3)
+    ]
+    wallet_record_events(events)
+    wallet_record_events(events)  # the outbox replayed after a crash: counted once
+
+    assert field(key, wallet_keys.SPENT) == str(3 * 400_000)
