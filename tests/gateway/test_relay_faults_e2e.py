@@ -124,7 +124,9 @@ def test_azure_scheme_whole_and_streamed_with_only_documented_headers(
             "content-length",
             "accept-encoding",
             "connection",
+            "x-mantle-relay-hops",  # the relay's own, documented
         }
+        assert entry["headers"]["x-mantle-relay-hops"] == "1"
         assert "model" not in entry["body"]
     assert seen[1]["body"]["stream_options"] == {"include_usage": True}
     # Metered once each, from the provider's usage (words in the fake).
