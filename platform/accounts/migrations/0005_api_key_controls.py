@@ -4,25 +4,29 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('accounts', '0004_mfa_required_recovery_digests'),
+        ("accounts", "0004_mfa_required_recovery_digests"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='apikey',
-            name='allowed_models',
+            model_name="apikey",
+            name="allowed_models",
             field=models.JSONField(blank=True, default=list),
         ),
         migrations.AddField(
-            model_name='apikey',
-            name='budget_mode',
-            field=models.CharField(choices=[('hard', 'Hard'), ('soft', 'Soft')], db_default='hard', default='hard', max_length=8),
+            model_name="apikey",
+            name="budget_mode",
+            field=models.CharField(
+                choices=[("hard", "Hard"), ("soft", "Soft")],
+                db_default="hard",
+                default="hard",
+                max_length=8,
+            ),
         ),
         migrations.AddField(
-            model_name='apikey',
-            name='monthly_budget',
+            model_name="apikey",
+            name="monthly_budget",
             field=models.DecimalField(blank=True, decimal_places=2, max_digits=14, null=True),
         ),
     ]
