@@ -64,7 +64,6 @@ def starter_prices_ensure(*, principal: Principal) -> list[Price]:
     it on every start never changes a price book someone has touched.
     """
     created: list[Price] = []
-    start = hour_start(timezone.now())
     for name, (price_in, price_out) in STARTER_PRICES.items():
         if not Model.objects.filter(name=name).exists():
             continue
@@ -74,23 +73,44 @@ def starter_prices_ensure(*, principal: Principal) -> list[Price]:
         if name in STARTER_CACHED_INPUT_PRICES:
             online.append(("cached_input", Decimal(STARTER_CACHED_INPUT_PRICES[name])))
         units = with_batch_prices(online)
-        for kind, unit in units:
-            created.append(
-                price_set(
-                    principal=principal,
-                    model_name=name,
-                    token_kind=kind,
-                    unit_price=unit,
-                    effective_from=start,
-                    reason="starter list price for a built-in model",
-                )
-            )
+        created.extend(_priced_from_this_hour(principal, name, units))
         logger.info(
             "starter prices for %s per million tokens: %s",
             name,
             ", ".join(f"{kind} {unit}" for kind, unit in units),
         )
     return created
+
+
+def _priced_from_this_hour(
+    principal: Principal,
+    name: str,
+    units: list[tuple[str, Decimal]],
+    *,
+    reason: str = "starter list price for a built-in model",
+) -> list[Price]:
+    """Every unit of `name` priced from the current hour, together. An hour that turns
+    between reading the clock and writing (the price book refuses a start in the past)
+    is read again once: all units then start at the new hour."""
+    for attempt in range(2):
+        start = hour_start(timezone.now())
+        try:
+            with transaction.atomic():
+                return [
+                    price_set(
+                        principal=principal,
+                        model_name=name,
+                        token_kind=kind,
+                        unit_price=unit,
+                        effective_from=start,
+                        reason=reason,
+                    )
+                    for kind, unit in units
+                ]
+        except InvalidInput:
+            if attempt or hour_start(timezone.now()) == start:
+                raise
+    raise AssertionError("unreachable")
 
 
 def compiled_model_priced(model: Model) -> None:
@@ -118,23 +138,16 @@ def compiled_model_prices_ensure(*, principal: Principal, model: Model) -> list[
         return []
     if model.kind != Model.Kind.TENSOR and CACHED_INPUT in defaults:
         units = (*units, CACHED_INPUT)
-    start = hour_start(timezone.now())
     try:
         priced = with_batch_prices(
             [(unit, parse_decimal(defaults[unit], param=unit)) for unit in units]
         )
-        with transaction.atomic():
-            return [
-                price_set(
-                    principal=principal,
-                    model_name=model.name,
-                    token_kind=unit,
-                    unit_price=price,
-                    effective_from=start,
-                    reason="default list price for a compiled model (MANTLE_COMPILED_MODEL_PRICES)",
-                )
-                for unit, price in priced
-            ]
+        return _priced_from_this_hour(
+            principal,
+            model.name,
+            priced,
+            reason="default list price for a compiled model (MANTLE_COMPILED_MODEL_PRICES)",
+        )
     except InvalidInput:
         # A bad setting must not fail the tenant's compile job: the model stays unpriced.
         logger.exception("MANTLE_COMPILED_MODEL_PRICES does not price %s", model)

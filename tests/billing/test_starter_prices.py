@@ -88,3 +88,26 @@ def test_a_compiled_text_model_gets_the_default_cached_price_when_one_is_set(
         ("tenant-ranker", "batch_request"): Decimal("0.5"),
         ("tenant-ranker", "batch_compute_ms"): Decimal("0.01"),
     }
+
+
+def test_an_hour_that_turns_while_seeding_prices_from_the_new_hour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The price book refuses a start in the past: a clock read at hh:59:59.999 and a write
+    at the next hour once failed seeding (and CI)."""
+    from datetime import UTC, datetime
+
+    from django.utils import timezone
+
+    CatalogModelFactory(name="smollm2-135m-instruct")
+    before, after = (
+        datetime(2031, 5, 1, 9, 59, 59, 999000, tzinfo=UTC),
+        datetime(2031, 5, 1, 10, 0, 0, 1000, tzinfo=UTC),
+    )
+    reads = iter([before])
+    monkeypatch.setattr(timezone, "now", lambda: next(reads, after))
+
+    created = starter_prices_ensure(principal=SYSTEM)
+
+    assert created
+    assert {p.effective_from for p in created} == {datetime(2031, 5, 1, 10, tzinfo=UTC)}
