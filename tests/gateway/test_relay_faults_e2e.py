@@ -367,3 +367,23 @@ def test_the_responses_api_is_relayed_over_chat_completions(
     assert "response.output_text.delta" in kinds
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[-1].response.output_text == "echo: six seven"
+
+
+def test_a_key_limited_to_other_models_is_refused_before_the_provider_is_called(
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    """Issue 20's allowlist through a real /v1 request, on a relayed model."""
+    from accounts.principal import SYSTEM
+    from accounts.services import api_key_controls_set
+
+    one_target("az-allowed", azure(upstream_fake, "azure-12"))
+    key, secret = make_api_key(served.org, scopes=["inference"])
+    api_key_controls_set(
+        principal=SYSTEM, key=key, monthly_budget=None, budget_mode="hard", allowed_models=["x"]
+    )
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client(relay_gateway.url, secret).chat.completions.create(
+            model="az-allowed", messages=MESSAGES, max_tokens=5
+        )
+    assert refused.value.code == "model_not_allowed"
+    assert upstream_fake.requests() == []
