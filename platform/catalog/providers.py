@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -101,8 +102,10 @@ def provider_create(
             "connect_timeout_s": connect_timeout_s,
             "first_byte_timeout_s": first_byte_timeout_s,
             "max_concurrency": max_concurrency,
-        }
+        },
+        trusted=organization is None,
     )
+
     secret = _clean_credential(credential)
     if not secret and fields["kind"] != Provider.Kind.OPENAI_COMPATIBLE:
         raise InvalidInput(f"a {fields['kind']} provider needs a credential", param="credential")
@@ -160,8 +163,20 @@ def provider_update(
             locked = Provider.objects.select_for_update().get(pk=provider.pk)
             current = {field: getattr(locked, field) for field in given}
             merged = _clean_provider(
-                {f: (current[f] if v is None else v) for f, v in given.items()}
+                {f: (current[f] if v is None else v) for f, v in given.items()},
+                trusted=locked.organization_id is None,
             )
+            if (
+                locked.credential_encrypted
+                and not secret
+                and _origin(merged["base_url"]) != _origin(locked.base_url)
+            ):
+                # The stored key never follows the URL to another host: whoever may edit a
+                # provider would otherwise point it at their own server and receive the key.
+                raise InvalidInput(
+                    "base_url moves the provider to another host: give its credential again",
+                    param="credential",
+                )
             if merged["kind"] == Provider.Kind.AZURE_OPENAI and merged["kind"] != locked.kind:
                 _check_azure_deployments(locked)
             changed = {f: v for f, v in merged.items() if current[f] != v}
@@ -397,16 +412,26 @@ def _clean_model_name(value: str) -> str:
     return cleaned
 
 
-def _clean_provider(fields: Mapping[str, Any]) -> dict[str, Any]:
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+def _clean_provider(fields: Mapping[str, Any], *, trusted: bool = True) -> dict[str, Any]:
     name = str(fields["name"] or "").strip()
     if not name:
         raise InvalidInput("name must not be empty", param="name")
     if len(name) > 120:
         raise InvalidInput("name must be at most 120 characters", param="name")
+    if any(not c.isprintable() for c in name):
+        # It is sent in a response header (x-mantle-served-by).
+        raise InvalidInput("name must not contain control characters", param="name")
+    if not name.isascii():
+        raise InvalidInput("name must be ASCII (it is sent in a header)", param="name")
     kind = str(fields["kind"] or "")
     if kind not in Provider.Kind.values:
         raise InvalidInput(f"kind must be one of {list(Provider.Kind.values)}", param="kind")
-    base_url = check_base_url(str(fields["base_url"] or ""))
+    base_url = check_base_url(str(fields["base_url"] or ""), trusted=trusted)
     api_version = str(fields["api_version"] or "").strip()
     if kind == Provider.Kind.AZURE_OPENAI:
         if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?", api_version):
@@ -429,7 +454,7 @@ def _clean_provider(fields: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_base_url(value: str) -> str:
+def check_base_url(value: str, *, trusted: bool = True) -> str:
     """A provider's base URL as the relay may call it: the outbound layer's rules
     (`core.outbound.check_url`: https, or http to allow-listed hosts; a host; no credentials
     or fragment; an address written in the URL must be public unless allow-listed; the
@@ -445,7 +470,9 @@ def check_base_url(value: str) -> str:
             "base_url must not contain spaces or control characters", param="base_url"
         )
     try:
-        outbound.check_url(url)
+        # An organization's own provider: public https only (the operator's allow-lists
+        # are for the operator's providers).
+        outbound.check_url(url, trusted=trusted)
     except outbound.DestinationRefused as exc:
         raise InvalidInput(f"base_url: {exc}", param="base_url") from exc
     if "?" in url:

@@ -381,22 +381,24 @@ def _allow_list(entries: Sequence[str]) -> _AllowList:
     return _AllowList(frozenset(hosts), frozenset(host_ports), tuple(networks))
 
 
-def _check(parsed: _Parsed) -> None:
+def _check(parsed: _Parsed, *, trusted: bool = True) -> None:
     if parsed.scheme == "http":
-        allowed = _allow_list(settings.MANTLE_PROVIDER_ALLOWED_HTTP)
+        allowed = _allow_list(settings.MANTLE_PROVIDER_ALLOWED_HTTP if trusted else [])
         if not allowed.allows(parsed.host, parsed.port, parsed.address):
             raise DestinationRefused(
                 "the provider URL must use https (plain http only to hosts the operator allows)"
             )
     if parsed.address is not None:
-        _check_address(parsed, parsed.address, literal=True)
+        _check_address(parsed, parsed.address, literal=True, trusted=trusted)
 
 
-def _check_address(parsed: _Parsed, address: IPAddress, *, literal: bool) -> None:
+def _check_address(
+    parsed: _Parsed, address: IPAddress, *, literal: bool, trusted: bool = True
+) -> None:
     reason = non_public_reason(address)
     if reason is None:
         return
-    if _allow_list(settings.MANTLE_PROVIDER_ALLOWED_PRIVATE).allows(
+    if trusted and _allow_list(settings.MANTLE_PROVIDER_ALLOWED_PRIVATE).allows(
         parsed.host, parsed.port, address
     ):
         return
@@ -412,12 +414,13 @@ def _check_address(parsed: _Parsed, address: IPAddress, *, literal: bool) -> Non
     )
 
 
-def check_url(url: str) -> None:
+def check_url(url: str, *, trusted: bool = True) -> None:
     """The checks that need no DNS: scheme (https, or http to an allow-listed host), a
     valid host (IDNA, no trailing-dot tricks, no non-standard IPv4), no user name or
     password, no fragment, a port in 1..65535, and an IP literal's address. Raises
-    DestinationRefused."""
-    _check(_parse(url))
+    DestinationRefused. `trusted` False (a destination a tenant names: an organization's
+    own provider): the operator's allow-lists do not apply, public https only."""
+    _check(_parse(url), trusted=trusted)
 
 
 # --- resolution ---------------------------------------------------------------------------
@@ -425,19 +428,19 @@ def check_url(url: str) -> None:
 _dns_executor = ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="outbound-dns")
 
 
-async def resolve(url: str, *, timeout_s: float = 5.0) -> Destination:
+async def resolve(url: str, *, timeout_s: float = 5.0, trusted: bool = True) -> Destination:
     """`check_url`, then the host resolved (on a thread, within `timeout_s`) and every
     address checked; the first is pinned. Raises DestinationRefused for a refused URL or
     address, httpx.ConnectError when the name does not resolve, httpx.ConnectTimeout when
     resolution takes longer than `timeout_s`."""
     parsed = _parse(url)
-    _check(parsed)
+    _check(parsed, trusted=trusted)
     if parsed.address is not None:
         addresses: list[IPAddress] = [parsed.address]
     else:
         addresses = await _lookup(parsed.host, parsed.port, timeout_s)
         for address in addresses:
-            _check_address(parsed, address, literal=False)
+            _check_address(parsed, address, literal=False, trusted=trusted)
     pinned = addresses[0]
     ip = str(pinned)
     netloc = f"[{ip}]" if pinned.version == 6 else ip
@@ -665,6 +668,7 @@ async def request(
     connect_timeout_s: float,
     read_timeout_s: float,
     stream: bool = False,
+    trusted: bool = True,
 ) -> httpx.Response:
     """One request to `url` under the outbound policy: resolved and checked (`resolve`,
     within the connect timeout), connected to the pinned address with the original Host,
@@ -678,7 +682,7 @@ async def request(
 
     Raises DestinationRefused, ResponseTooLarge, httpx.HTTPError (timeouts, connection
     errors, DNS failures as httpx.ConnectError / ConnectTimeout)."""
-    destination = await resolve(url, timeout_s=connect_timeout_s)
+    destination = await resolve(url, timeout_s=connect_timeout_s, trusted=trusted)
     sent = outbound_headers(headers)
     sent["host"] = destination.host_header
     sent["accept-encoding"] = "identity"
@@ -721,9 +725,10 @@ async def send(
     content: bytes = b"",
     connect_timeout_s: float,
     read_timeout_s: float,
+    trusted: bool = True,
 ) -> httpx.Response:
     """`request(..., stream=True)`: the response with its body unread; the caller must
-    `await response.aclose()`."""
+    `await response.aclose()`. `trusted` False: a tenant's destination (`check_url`)."""
     return await request(
         method,
         url,
@@ -732,6 +737,7 @@ async def send(
         connect_timeout_s=connect_timeout_s,
         read_timeout_s=read_timeout_s,
         stream=True,
+        trusted=trusted,
     )
 
 

@@ -67,6 +67,10 @@ from workers import contract
 logger = logging.getLogger(__name__)
 
 SERVED_BY = "x-mantle-served-by"
+# The most tokens one relayed request is metered for, in each direction: what a provider
+# reports past it is cut (a count the drain would dead-letter would bill nothing).
+MAX_COUNT = 10**9
+MAX_COST_NANOS = 10**15 - 1
 # How many Mantle relays a request has passed; past MAX_HOPS a routed request is refused
 # (a provider configured as this platform itself would otherwise relay to itself forever).
 HOPS_HEADER = "x-mantle-relay-hops"
@@ -91,10 +95,10 @@ _FAILS_PREFIX = "mantle:relay:fails:"
 _INFLIGHT_PREFIX = "mantle:relay:inflight:"
 
 # KEYS[1] the target's cooldown, KEYS[2] the provider's in-flight set; ARGV: now, this
-# request's deadline, its id, the provider's maximum. -1 cooled (tried again once the
-# cooldown has expired), 0 full, 1 taken.
+# request's deadline, its id, the provider's maximum, '1' to take a cooled target anyway
+# (the route's last, when nothing else was tried). -1 cooled, 0 full, 1 taken.
 _TAKE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
@@ -397,7 +401,7 @@ def passed_through(status: int, raw: bytes) -> OpenAIError:
     try:
         found = json.loads(raw)
         error = found.get("error") if isinstance(found, dict) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         error = None
     if not isinstance(error, dict):
         return OpenAIError(
@@ -458,7 +462,8 @@ async def serve(
     relay.hops = hops
     last: OpenAIError | None = None
     try:
-        for target in route(spec):
+        targets = route(spec)
+        for index, target in enumerate(targets):
             if target.kind == POOL:
                 try:
                     response = await on_pool()
@@ -469,7 +474,7 @@ async def serve(
                     raise
                 response[SERVED_BY] = f"pool:{spec.pool}"
                 return response
-            answered = await relay.attempt(target)
+            answered = await relay.attempt(target, last=index == len(targets) - 1)
             if answered is not None:
                 return answered
             last = relay.last_error
@@ -486,7 +491,9 @@ class _Relay:
     call: Call
     convert: Convert | None = None
     hops: int = 0
+    tried: bool = False  # a provider target was sent the request
     started_at: float = field(default_factory=time.time)
+    deadline: float = field(default_factory=lambda: time.time() + settings.MANTLE_REQUEST_TIMEOUT_S)
     admission: Admission | None = None
     limits: Any = None
     taken: bool = False  # a response owns the admission (it settles)
@@ -535,18 +542,20 @@ class _Relay:
 
     # --- one target ---
 
-    async def attempt(self, target: Target) -> HttpResponseBase | None:
-        """The target's answer, or None (with `last_error`) when it could not give one."""
+    async def attempt(self, target: Target, *, last: bool = False) -> HttpResponseBase | None:
+        """The target's answer, or None (with `last_error`) when it could not give one.
+        A cooled target is skipped, unless it is the route's last and nothing else was
+        tried (a cooled only target still serves rather than refuse everyone)."""
         provider = await provider_of(target.provider_id)
         if provider is None or not provider.enabled or not _may_use(provider, self.spec):
             self.last_error = upstream_unavailable(self.call.model)
             return None
         await self.admit()  # a refusal here (limits, money) is the client's answer
-        deadline = time.time() + settings.MANTLE_REQUEST_TIMEOUT_S
+        force = "1" if last and not self.tried else "0"
         for attempt in range(settings.MANTLE_PROVIDER_RETRIES + 1):
             taken = await _script(_TAKE)(
                 keys=[_COOL_PREFIX + target.id, _INFLIGHT_PREFIX + provider.id],
-                args=[time.time(), deadline, self.request_id, provider.max_concurrency],
+                args=[time.time(), self.deadline, self.request_id, provider.max_concurrency, force],
             )
             if int(taken) == -1:
                 self.last_error = upstream_unavailable(
@@ -556,11 +565,15 @@ class _Relay:
             if int(taken) == 0:
                 self.last_error = upstream_rate_limited(self.call.model, 1)
                 return None
+            self.tried = True
             try:
                 return await self._call(target, provider)
             except _Failed as failed:
                 await self._release(provider)
-                await _record(target, failed=True)
+                # One failure a request, however often it was retried: a client cannot cool
+                # a shared target down for everyone with one request.
+                if attempt == 0:
+                    await _record(target, failed=True)
                 self.last_error = failed.error
                 wait = failed.retry_after_s
                 if (
@@ -574,6 +587,10 @@ class _Relay:
                 await self._release(provider)
                 raise
         return None
+
+    def _left(self, floor_s: float) -> float:
+        """The seconds left until the request's deadline (at least `floor_s`, at least 1)."""
+        return max(1.0, floor_s, self.deadline - time.time())
 
     async def _succeeded(self, target: Target, provider: ProviderConnection) -> None:
         """The provider's slot released and the target's failures in a row forgotten, in
@@ -604,7 +621,15 @@ class _Relay:
                 headers=headers,
                 content=payload,
                 connect_timeout_s=provider.connect_timeout_s,
-                read_timeout_s=provider.first_byte_timeout_s,
+                # A whole answer comes when the provider has generated it all: it has until
+                # the request's deadline; a stream's first chunk, the provider's first-byte
+                # time.
+                read_timeout_s=provider.first_byte_timeout_s
+                if self.call.stream
+                else self._left(provider.first_byte_timeout_s),
+                # An organization's own provider goes to public https addresses only: the
+                # operator's allow-lists are for the operator's providers.
+                trusted=provider.organization_id is None,
             )
         except outbound.DestinationRefused as exc:
             logger.error("provider %s refused as a destination: %s", provider.id, exc)
@@ -652,7 +677,7 @@ class _Relay:
         try:
             raw = await asyncio.wait_for(
                 outbound.read_bounded(response, settings.MANTLE_PROVIDER_MAX_RESPONSE_BYTES),
-                timeout=max(1.0, provider.first_byte_timeout_s),
+                timeout=self._left(provider.first_byte_timeout_s),
             )
         except TimeoutError as exc:
             raise _Failed(upstream_timeout(self.call.model)) from exc
@@ -666,7 +691,7 @@ class _Relay:
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise _Failed(upstream_unavailable(self.call.model)) from exc
         await self._succeeded(target, provider)
         body["model"] = self.call.model
@@ -691,17 +716,21 @@ class _Relay:
     ) -> HttpResponseBase:
         """Reads up to the first chunk before answering: until then a failure moves on (no
         byte has gone to the client); from then on this target owns the request."""
-        lines = outbound.iter_lines(response, settings.MANTLE_PROVIDER_MAX_LINE_BYTES)
+        lines = outbound.iter_lines(
+            response,
+            settings.MANTLE_PROVIDER_MAX_LINE_BYTES,
+            max_total_bytes=settings.MANTLE_PROVIDER_MAX_STREAM_BYTES,
+        )
         first: list[dict[str, Any] | None] = []
         try:
             async with asyncio.timeout(max(1.0, provider.first_byte_timeout_s)):
-                async for data in _events(lines):
+                async for data in _events(lines, self.deadline):
                     first.append(data)
                     if data is None or data.get("choices"):
                         break
         except TimeoutError as exc:
             raise _Failed(upstream_timeout(self.call.model)) from exc
-        except (httpx.HTTPError, outbound.ResponseTooLarge, ValueError) as exc:
+        except (httpx.HTTPError, outbound.ResponseTooLarge, ValueError, RecursionError) as exc:
             raise _Failed(upstream_unavailable(self.call.model)) from exc
         if not first:
             raise _Failed(upstream_unavailable(self.call.model))
@@ -741,7 +770,9 @@ class _Relay:
         total = 0
         try:
             try:
-                pending: AsyncIterator[dict[str, Any] | None] = _chain(first, _events(lines))
+                pending: AsyncIterator[dict[str, Any] | None] = _chain(
+                    first, _events(lines, self.deadline)
+                )
                 async for data in pending:
                     if data is None:
                         break
@@ -772,7 +803,7 @@ class _Relay:
                     # The provider closed the stream without [DONE].
                     raise httpx.RemoteProtocolError("the stream ended without [DONE]")
                 yield b"data: [DONE]\n\n"
-            except (httpx.HTTPError, outbound.ResponseTooLarge, ValueError) as exc:
+            except (httpx.HTTPError, outbound.ResponseTooLarge, ValueError, RecursionError) as exc:
                 logger.warning(
                     "stream of %s from %s broke off: %s",
                     self.request_id,
@@ -796,6 +827,7 @@ class _Relay:
         """Meters the request once (the provider's counts, or an estimate) and settles."""
         estimated = 0
         counts = usage_counts(usage)
+        owned = provider.organization_id is not None
         if counts is None:
             estimated = 1
             counts = (
@@ -803,7 +835,22 @@ class _Relay:
                 await self._estimate(answer),
                 0,
             )
+        elif owned:
+            # An organization's own provider reports what the organization is billed for:
+            # never less than the gateway counts itself (4 bytes a token) of what it relayed,
+            # within the request's bounds.
+            floor_in = min(
+                self.call.prompt_bound, math.ceil(len(self.call.prompt_text.encode()) / 4)
+            )
+            floor_out = math.ceil(len(answer.encode()) / 4)
+            if self.call.completion_bound:
+                floor_out = min(self.call.completion_bound, floor_out)
+            if counts[0] < floor_in or counts[1] < floor_out:
+                estimated = 1
+            counts = (max(counts[0], floor_in), max(counts[1], floor_out), counts[2])
         input_tokens, output_tokens, cached = counts
+        # The platform pays nothing for an organization's own provider: no cost of goods.
+        cost = 0 if owned else min(MAX_COST_NANOS, target.cost_nanos(*counts))
         ident = pipeline.billing_identity(self.identity, self.spec)
         now = time.time()
         event = contract.UsageEvent(
@@ -825,7 +872,7 @@ class _Relay:
             cached_input_tokens=cached,
             service_class=self.admission.work_class if self.admission else "online",
             estimated=estimated,
-            cost_nanos=target.cost_nanos(input_tokens, output_tokens, cached),
+            cost_nanos=cost,
             provider_id=provider.id,
         )
         await emit_usage(event)
@@ -941,16 +988,16 @@ async def emit_usage(event: contract.UsageEvent) -> bool:
 
 def usage_counts(usage: Any) -> tuple[int, int, int] | None:
     """(input, output, cached input) from a provider's `usage`, None when it has none."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, Mapping) or "prompt_tokens" not in usage:
         return None
     try:
-        prompt = max(0, int(usage.get("prompt_tokens") or 0))
-        completion = max(0, int(usage.get("completion_tokens") or 0))
+        prompt = min(MAX_COUNT, max(0, int(usage.get("prompt_tokens") or 0)))
+        completion = min(MAX_COUNT, max(0, int(usage.get("completion_tokens") or 0)))
         details = usage.get("prompt_tokens_details") or {}
         cached = (
             max(0, int(details.get("cached_tokens") or 0)) if isinstance(details, Mapping) else 0
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
         return None
     return prompt, completion, min(cached, prompt)
 
@@ -967,15 +1014,15 @@ def _finish_of(body: Mapping[str, Any]) -> str:
 
 
 def _piece(choice: Any) -> str:
-    """The text a choice (whole or a chunk's) carries: content, a completion's text, the
-    arguments of tool calls."""
+    """The text a choice (whole or a chunk's) carries: every string of its message or
+    delta (content, reasoning, a refusal...) but the role, a completion's text, the
+    arguments of tool calls: what the client receives, and what an estimate counts."""
     if not isinstance(choice, Mapping):
         return ""
-    out = []
+    out: list[str] = []
     for holder in (choice.get("delta"), choice.get("message")):
         if isinstance(holder, Mapping):
-            if isinstance(holder.get("content"), str):
-                out.append(holder["content"])
+            out.extend(v for k, v in holder.items() if isinstance(v, str) and k != "role")
             for call in holder.get("tool_calls") or []:
                 function = call.get("function") if isinstance(call, Mapping) else None
                 if isinstance(function, Mapping):
@@ -986,9 +1033,14 @@ def _piece(choice: Any) -> str:
     return "".join(out)
 
 
-async def _events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any] | None]:
-    """The JSON objects of a server-sent event stream's `data:` lines; None for `[DONE]`."""
+async def _events(
+    lines: AsyncIterator[bytes], deadline: float | None = None
+) -> AsyncIterator[dict[str, Any] | None]:
+    """The JSON objects of a server-sent event stream's `data:` lines; None for `[DONE]`.
+    Past `deadline` (every line counts, comments too) it stops with ValueError."""
     async for line in lines:
+        if deadline is not None and time.time() > deadline:
+            raise ValueError("the stream ran past the request's deadline")
         stripped = line.strip()
         if not stripped.startswith(b"data:"):
             continue  # comments, event names, blank separators

@@ -212,14 +212,66 @@ def test_update_validates_the_merged_provider() -> None:
     with pytest.raises(InvalidInput) as refused:
         svc.provider_update(principal=SYSTEM, provider=provider, kind="azure-openai")
     assert refused.value.param == "api_version"
+    # Another host: the stored credential does not follow the URL (whoever may edit the
+    # provider would receive it at their own server); it must be given again.
+    with pytest.raises(InvalidInput) as refused:
+        svc.provider_update(
+            principal=SYSTEM,
+            provider=provider,
+            kind="azure-openai",
+            api_version="2024-10-21",
+            base_url="https://acme.openai.azure.com",
+        )
+    assert refused.value.param == "credential"
     changed = svc.provider_update(
         principal=SYSTEM,
         provider=provider,
         kind="azure-openai",
         api_version="2024-10-21",
         base_url="https://acme.openai.azure.com",
+        credential="azure-key-2",
     )
     assert (changed.kind, changed.api_version) == ("azure-openai", "2024-10-21")
+
+
+def test_an_organizations_provider_gets_no_use_of_the_operators_allow_list(
+    settings: Any,
+) -> None:
+    """The operator allow-lists an internal host for its own providers; an organization's
+    own provider may not name it (it would read the platform's internal network)."""
+    settings.MANTLE_PROVIDER_BYOK = True
+    settings.MANTLE_PROVIDER_ALLOWED_PRIVATE = ["10.0.0.0/8"]
+    settings.MANTLE_PROVIDER_ALLOWED_HTTP = ["10.0.0.5"]
+    operator = svc.provider_create(
+        principal=SYSTEM,
+        organization=None,
+        name="internal-vllm",
+        kind="openai-compatible",
+        base_url="http://10.0.0.5:8000/v1",
+    )
+    assert operator.base_url == "http://10.0.0.5:8000/v1"
+    for url in ("http://10.0.0.5:8000/v1", "https://10.0.0.5/v1"):
+        with pytest.raises(InvalidInput) as refused:
+            svc.provider_create(
+                principal=SYSTEM,
+                organization=OrganizationFactory(),
+                name="mine",
+                kind="openai-compatible",
+                base_url=url,
+            )
+        assert refused.value.param == "base_url"
+
+
+def test_a_provider_name_with_a_line_break_is_refused() -> None:
+    with pytest.raises(InvalidInput) as refused:
+        svc.provider_create(
+            principal=SYSTEM,
+            organization=None,
+            name="evil\r\nx-injected: 1",
+            kind="openai-compatible",
+            base_url="https://api.example.com/v1",
+        )
+    assert refused.value.param == "name"
 
 
 def test_delete_is_refused_while_a_target_uses_the_provider(committed: Any) -> None:

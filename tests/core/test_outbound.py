@@ -781,3 +781,28 @@ def test_a_cached_answer_is_checked_again_on_every_use(monkeypatch: pytest.Monke
     with override_settings(MANTLE_PROVIDER_ALLOWED_PRIVATE=[]), pytest.raises(DestinationRefused):
         asyncio.run(outbound.resolve("https://internal.example/v1"))
     assert calls == ["internal.example"]  # looked up once
+
+
+def test_a_tenants_destination_gets_no_use_of_the_operators_allow_lists() -> None:
+    """`trusted=False` (an organization's own provider): public https only, whatever the
+    operator allow-lists for its own providers."""
+    with override_settings(
+        MANTLE_PROVIDER_ALLOWED_PRIVATE=["127.0.0.1", "10.0.0.0/8"],
+        MANTLE_PROVIDER_ALLOWED_HTTP=["127.0.0.1"],
+    ):
+        assert asyncio.run(outbound.resolve("http://127.0.0.1:9/v1")).ip == "127.0.0.1"
+        with pytest.raises(DestinationRefused):
+            outbound.check_url("http://127.0.0.1:9/v1", trusted=False)
+        with pytest.raises(DestinationRefused):
+            asyncio.run(outbound.resolve("https://10.1.2.3/v1", trusted=False))
+        with pytest.raises(DestinationRefused):
+            asyncio.run(
+                outbound.send(
+                    "POST",
+                    "https://127.0.0.1:9/v1",
+                    headers={},
+                    connect_timeout_s=1,
+                    read_timeout_s=1,
+                    trusted=False,
+                )
+            )

@@ -152,15 +152,21 @@ def test_a_429_with_retry_after_is_waited_for_and_retried(
 def test_failures_move_to_the_next_target_and_cool_the_failing_one_down(
     served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
+    """A target that keeps failing (here: its credential is refused) is cooled after three
+    failed requests, one failure each however often a request retried (one client request
+    cannot cool a shared target for everyone)."""
+    broken = provider(
+        "azure-3",
+        upstream_fake.azure_endpoint,
+        "a-revoked-key",
+        kind=Provider.Kind.AZURE_OPENAI,
+        api_version="2024-10-21",
+    )
     relayed_endpoint(
         "az-fallback",
         "chat",
         [
-            {
-                "kind": "provider",
-                "provider": azure(upstream_fake, "azure-3"),
-                "upstream_model": "gpt-4o",
-            },
+            {"kind": "provider", "provider": broken, "upstream_model": "gpt-4o"},
             {
                 "kind": "provider",
                 "provider": openai_scheme(upstream_fake, "backup-3"),
@@ -170,26 +176,38 @@ def test_failures_move_to_the_next_target_and_cool_the_failing_one_down(
         ],
     )
     relay = client(relay_gateway.url, served.secret)
-    upstream_fake.add_faults({"status": 500}, {"status": 502}, {"status": 503})
-    raw = relay.chat.completions.with_raw_response.create(
-        model="az-fallback", messages=MESSAGES, max_tokens=50
-    )
-    assert raw.headers["x-mantle-served-by"] == "provider:backup-3/gpt-4o-mini"
-    paths = [r["path"] for r in upstream_fake.requests()]
-    assert paths == ["/openai/deployments/gpt-4o/chat/completions"] * 3 + ["/v1/chat/completions"]
-    # Three failures in a row cooled the Azure target: the next request goes straight on.
-    seq = upstream_fake.requests()[-1]["seq"]
-    raw = relay.chat.completions.with_raw_response.create(
-        model="az-fallback", messages=MESSAGES, max_tokens=50
-    )
-    assert raw.headers["x-mantle-served-by"] == "provider:backup-3/gpt-4o-mini"
-    assert [r["path"] for r in upstream_fake.requests(since=seq)] == ["/v1/chat/completions"]
+    azure_path = "/openai/deployments/gpt-4o/chat/completions"
+
+    def ask() -> tuple[str, list[str]]:
+        seen = max((r["seq"] for r in upstream_fake.requests()), default=0)
+        raw = relay.chat.completions.with_raw_response.create(
+            model="az-fallback", messages=MESSAGES, max_tokens=50
+        )
+        return raw.headers["x-mantle-served-by"], [
+            r["path"] for r in upstream_fake.requests(since=seen)
+        ]
+
+    for _ in range(3):
+        assert ask() == ("provider:backup-3/gpt-4o-mini", [azure_path, "/v1/chat/completions"])
+    # Three failed requests in a row cooled the Azure target: the next goes straight on.
+    assert ask() == ("provider:backup-3/gpt-4o-mini", ["/v1/chat/completions"])
     # After the cooldown (5 s in this gateway) the first target is tried again.
     time.sleep(5.5)
-    raw = relay.chat.completions.with_raw_response.create(
-        model="az-fallback", messages=MESSAGES, max_tokens=50
-    )
-    assert raw.headers["x-mantle-served-by"] == "provider:azure-3/gpt-4o"
+    assert ask() == ("provider:backup-3/gpt-4o-mini", [azure_path, "/v1/chat/completions"])
+
+
+def test_a_cooled_target_that_is_the_only_one_still_serves(
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    one_target("az-only", azure(upstream_fake, "azure-13"))
+    relay = client(relay_gateway.url, served.secret)
+    for _ in range(3):
+        upstream_fake.add_faults(*[{"status": 500}] * 3)
+        with pytest.raises(openai.APIStatusError):
+            relay.chat.completions.create(model="az-only", messages=MESSAGES, max_tokens=5)
+    # Cooled now, but the route has nothing else: it is still tried (and answers).
+    reply = relay.chat.completions.create(model="az-only", messages=MESSAGES, max_tokens=50)
+    assert reply.choices[0].message.content
 
 
 def test_nothing_answers_is_a_clean_error_and_nothing_is_billed(
@@ -266,11 +284,22 @@ def test_a_slow_first_byte_times_out_and_is_retried(
 ) -> None:
     one_target("az-slow", azure(upstream_fake, "azure-8", first_byte_timeout_s=1.0))
     upstream_fake.add_faults({"first_byte_delay_s": 4})
+    chunks = list(
+        client(relay_gateway.url, served.secret).chat.completions.create(
+            model="az-slow", messages=MESSAGES, max_tokens=50, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(upstream_fake.requests()) >= 2
+    # A whole (not streamed) answer comes when the provider has generated all of it: it has
+    # until the request's deadline, not the first-byte time.
+    upstream_fake.add_faults({"first_byte_delay_s": 2})
+    seen = upstream_fake.requests()[-1]["seq"]
     reply = client(relay_gateway.url, served.secret).chat.completions.create(
         model="az-slow", messages=MESSAGES, max_tokens=50
     )
     assert reply.choices[0].message.content
-    assert len(upstream_fake.requests()) >= 2
+    assert len(upstream_fake.requests(since=seen)) == 1
 
 
 def test_a_client_that_leaves_mid_stream_is_metered_once(
