@@ -96,6 +96,15 @@ OPS = [
     Op("get", f"{ORG}/api-keys", Perm.KEYS_VIEW, 200),
     Op("get", f"{ORG}/api-keys/{{key_id}}", Perm.KEYS_VIEW, 200),
     Op("post", f"{ORG}/api-keys/{{key_id}}/revoke", Perm.KEYS_REVOKE, 200),
+    Op("get", f"{ORG}/api-keys/{{key_id}}/controls", Perm.KEYS_VIEW, 200),
+    # The allowlist alone (the budget unchanged) needs keys.create; a budget, billing.manage too.
+    Op(
+        "put",
+        f"{ORG}/api-keys/{{key_id}}/controls",
+        Perm.KEYS_CREATE,
+        200,
+        {"allowed_models": [], "budget_mode": "hard"},
+    ),
     Op("get", f"{ORG}/audit-log", Perm.AUDIT_VIEW, 200),
     Op("get", f"{ORG}/audit-log.csv", Perm.AUDIT_VIEW, 200),
     Op("get", f"{ORG}/billing/balance", Perm.BILLING_VIEW, 200),
