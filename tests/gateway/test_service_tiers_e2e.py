@@ -241,19 +241,27 @@ def test_flex_that_cannot_start_in_time_is_a_429_with_retry_after_and_costs_noth
     )
     client = served.client()
     busy: dict[str, Any] = {}
+    running = threading.Event()
 
     def long_answer() -> None:
-        busy["reply"] = client.chat.completions.create(
+        stream = client.chat.completions.create(
             model=endpoint.id,
             messages=[{"role": "user", "content": "Write a very long story about the sea."}],
             max_tokens=400,
             logit_bias={"2": -100},  # no end of sequence: it runs its 400 tokens
+            stream=True,
         )
+        for chunk in stream:
+            running.set()
+            if chunk.choices and chunk.choices[0].finish_reason:
+                busy["finish_reason"] = chunk.choices[0].finish_reason
 
     try:
         runner = threading.Thread(target=long_answer)
         runner.start()
-        time.sleep(1.0)  # the long answer holds the one row (and the burst row is priority's)
+        # The long answer holds the one row (and the burst row is priority's) once its first
+        # token came: on a loaded machine a fixed sleep was not always long enough.
+        assert running.wait(60)
         refused = []
         for stream in (False, True):
             with pytest.raises(openai.RateLimitError) as raised:
@@ -273,7 +281,7 @@ def test_flex_that_cannot_start_in_time_is_a_429_with_retry_after_and_costs_noth
     for error in refused:
         assert error.code == "resource_unavailable", error.body
         assert error.response.headers["retry-after"] == "30"
-    assert busy["reply"].choices[0].finish_reason in ("length", "stop")
+    assert busy["finish_reason"] in ("length", "stop")
 
 
 def test_a_quiet_organization_is_served_while_another_floods_the_pool(served: Served) -> None:
