@@ -369,12 +369,14 @@ def test_a_forced_tool_call_parses(smollm: LoadedModel, lm_engine: CausalLMEngin
 
 
 def test_n_greedy_choices_equal_one_choice_on_the_real_model(
-    smollm: LoadedModel, lm_engine: CausalLMEngine
+    smollm_fp32: LoadedModel, lm_engine_fp32: CausalLMEngine
 ) -> None:
-    prompt = chat_prompt(smollm, "Name three colours.")
+    """The engine's arithmetic (n rows of one prompt), on the fp32 variant: the 4-bit
+    graph's rounding depends on the batch's composition on some CPUs (docs/decisions.md)."""
+    prompt = chat_prompt(smollm_fp32, "Name three colours.")
     sink = RecordingSink()
-    one = lm_engine.submit(generate("one", prompt, 16), sink)
-    three = lm_engine.submit(generate("three", prompt, 16, n=3), sink)
+    one = lm_engine_fp32.submit(generate("one", prompt, 16), sink)
+    three = lm_engine_fp32.submit(generate("three", prompt, 16, n=3), sink)
     alone, together = one.wait(120), three.wait(120)
     assert alone is not None and together is not None
     assert together.completion_tokens == 3 * alone.completion_tokens
