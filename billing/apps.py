@@ -38,3 +38,8 @@ class BillingConfig(AppConfig):
         from catalog.compile import on_model_compiled
 
         on_model_compiled(compiled_model_priced)
+        # Every invoice names the seller: a process with settings it could not print on
+        # one does not start (docs/deployment.md).
+        from billing.tax import check_seller_settings
+
+        check_seller_settings()

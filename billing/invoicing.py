@@ -18,7 +18,7 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import SYSTEM, Principal
 from accounts.services import audit_record
-from billing import checks, jobs, provisioned
+from billing import checks, jobs, provisioned, tax
 from billing.alerts.events import alert_emit
 from billing.credits import credits_apply_to_invoice, credits_return_for_invoice
 from billing.models import (
@@ -27,6 +27,7 @@ from billing.models import (
     Invoice,
     InvoiceLine,
     InvoiceNumberSequence,
+    InvoiceTaxLine,
     TokenKind,
     UsageRollup,
 )
@@ -537,11 +538,19 @@ def invoice_finalize(
             status=HeldUsage.Status.BILLED
         )
         inv.number = _next_number(now.year)
-        # Grants are whole cents and so is the subtotal: this is exact, not a rounding.
-        inv.credits_applied = round_cents(
-            credits_apply_to_invoice(org=org, invoice=inv, amount=inv.subtotal, at=now)
+        # Who sells to whom, frozen now: the PDF of this invoice shows these forever.
+        seller, buyer = tax.seller_now(), tax.buyer_of(org)
+        inv.seller, inv.buyer = seller.as_json(), buyer.as_json()
+        _write_tax_lines(
+            inv, tax.tax_lines_for(taxable=inv.subtotal, seller=seller, buyer=buyer, at=now)
         )
-        inv.total = inv.subtotal - inv.credits_applied
+        # Credits pay the invoice (tax included), like money received before: grants are
+        # whole cents and so are the subtotal and the tax, so this is exact, not a rounding.
+        gross = inv.subtotal + inv.tax
+        inv.credits_applied = round_cents(
+            credits_apply_to_invoice(org=org, invoice=inv, amount=gross, at=now)
+        )
+        inv.total = gross - inv.credits_applied
         inv.status = Status.FINALIZED
         inv.finalized_at = now
         if inv.total == 0:
@@ -558,6 +567,7 @@ def invoice_finalize(
             metadata={
                 "number": inv.number,
                 "subtotal": str(inv.subtotal),
+                "tax": str(inv.tax),
                 "credits_applied": str(inv.credits_applied),
                 "total": str(inv.total),
                 **({"reason": reason} if reason is not None else {}),
@@ -573,6 +583,7 @@ def invoice_finalize(
                 "period": month_label(inv.period_start),
                 "status": inv.status,
                 "subtotal": str(inv.subtotal),
+                "tax": str(inv.tax),
                 "credits_applied": str(inv.credits_applied),
                 "total": str(inv.total),
                 "currency": inv.currency,
@@ -755,6 +766,28 @@ def _write_lines(invoice: Invoice, lines: Iterable[LineDraft]) -> None:
     invoice.credits_applied = ZERO
     invoice.total = invoice.subtotal
     invoice.refreshed_at = timezone.now()
+
+
+def _write_tax_lines(invoice: Invoice, lines: Iterable[tax.TaxLineDraft]) -> None:
+    """Writes a finalizing invoice's tax lines and their sum (the caller saves it)."""
+    assert invoice.status == Status.DRAFT, "tax lines are written once, at finalization"
+    invoice.tax_lines.all().delete()
+    rows = [
+        InvoiceTaxLine(
+            invoice=invoice,
+            position=i,
+            label=line.label,
+            country=line.country,
+            rate=line.rate,
+            taxable_amount=line.taxable_amount,
+            amount=line.amount,
+            reverse_charge=line.reverse_charge,
+            note=line.note,
+        )
+        for i, line in enumerate(lines, start=1)
+    ]
+    InvoiceTaxLine.objects.bulk_create(rows)
+    invoice.tax = sum((row.amount for row in rows), ZERO)
 
 
 def _write_held(invoice: Invoice, content: InvoiceContent) -> None:

@@ -565,6 +565,14 @@ class Invoice(models.Model):
     payment_reference = models.CharField(max_length=200, blank=True)
     void_reason = models.CharField(max_length=500, blank=True)
     stripe_invoice_id = models.CharField(max_length=255, null=True, blank=True, unique=True)
+    # Tax (billing/tax.py): the sum of the tax lines, computed at finalization on the
+    # subtotal; total = subtotal + tax - credits_applied. 0 on drafts and where no rate applies.
+    tax = models.DecimalField(max_digits=20, decimal_places=2, default=0)
+    # The seller's and the buyer's details as they were at finalization (billing.tax.Party
+    # as a dict): what the PDF shows, whatever the settings or the organization say later.
+    # Empty on drafts (the PDF shows the current details) and on invoices finalized before.
+    seller = models.JSONField(default=dict, blank=True)
+    buyer = models.JSONField(default=dict, blank=True)
 
     class Meta:
         constraints: ClassVar = [
@@ -612,6 +620,89 @@ class InvoiceLine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.label}: {self.amount}"
+
+
+class InvoiceTaxLine(models.Model):
+    """One tax of a finalized invoice: a rate on the taxable amount, or a reverse-charge
+    note (rate and amount 0). Written once, at finalization (billing/tax.py)."""
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="tax_lines")
+    position = models.PositiveIntegerField()
+    label = models.CharField(max_length=200)  # e.g. "VAT 19% (DE)"
+    country = models.CharField(max_length=2, blank=True)  # the rate's country ("" for the default)
+    rate = models.DecimalField(max_digits=6, decimal_places=3)  # percent
+    taxable_amount = models.DecimalField(max_digits=20, decimal_places=2)
+    amount = models.DecimalField(max_digits=20, decimal_places=2)
+    reverse_charge = models.BooleanField(default=False)
+    note = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering: ClassVar = ["invoice", "position"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["invoice", "position"], name="uniq_invoice_tax_line"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.amount}"
+
+
+class TaxRate(models.Model):
+    """The tax charged to buyers in one country (ISO 3166-1 alpha-2), from `effective_from` on.
+
+    A blank country is the default: buyers of a country without a row of its own, and
+    buyers who gave no country. With `reverse_charge`, a buyer with a tax id in another
+    country than the seller's is charged no tax and the invoice says the buyer accounts for
+    it (B2B reverse charge). No row for a buyer: no tax line. Never updated: a change is a
+    new row, so every past finalization can be reproduced (billing/tax.py).
+    """
+
+    country = models.CharField(max_length=2, blank=True)
+    label = models.CharField(max_length=32)  # "VAT", "GST", "Sales tax"
+    rate = models.DecimalField(max_digits=6, decimal_places=3)  # percent
+    reverse_charge = models.BooleanField(default=False)
+    effective_from = models.DateTimeField()
+    reason = models.CharField(max_length=500)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["country", "effective_from"], name="uniq_tax_rate_version"
+            ),
+            models.CheckConstraint(
+                condition=Q(rate__gte=0, rate__lte=100), name="tax_rate_in_range"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.rate}% ({self.country or 'default'}) from {self.effective_from}"
+
+
+class BillingDetails(models.Model):
+    """Whom an organization's invoices are made out to: its legal name, postal address,
+    country and tax id (VAT/GST number), set by its billing managers in the console and
+    copied onto each invoice at finalization (billing/tax.py checks every field)."""
+
+    organization = models.OneToOneField(
+        Organization, primary_key=True, on_delete=models.CASCADE, related_name="billing_details"
+    )
+    legal_name = models.CharField(max_length=200)
+    address = models.CharField(max_length=500)  # lines separated by "\n"
+    country = models.CharField(max_length=2)  # ISO 3166-1 alpha-2
+    tax_id = models.CharField(max_length=32, blank=True)  # compact form
+    updated_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "billing details"
+
+    def __str__(self) -> str:
+        return f"billing details of {self.organization_id}"
 
 
 class InvoiceNumberSequence(models.Model):

@@ -183,6 +183,13 @@ def stripe_invoice_push(*, invoice_id: str) -> stripe_types.Invoice:
         )
         for line in invoice.lines.order_by("position")
     ]
+    # Our tax lines as items of their own (Stripe Tax is not used: the tax is ours, computed
+    # at finalization), so the Stripe invoice adds up to our total.
+    lines += [
+        InvoiceLine(description=t.label, amount=t.amount, metadata={"kind": "tax"})
+        for t in invoice.tax_lines.order_by("position")
+        if t.amount
+    ]
     if invoice.credits_applied:
         lines.append(InvoiceLine(description="Credits applied", amount=-invoice.credits_applied))
     return stripe_invoice_push_lines(
