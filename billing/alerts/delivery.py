@@ -38,6 +38,9 @@ MAX_ATTEMPTS = len(BACKOFF_S) + 1
 LEASE_S = 120
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
+# The whole attempt (resolution, connection, the answer's status line and headers): a
+# receiver that sends its headers a byte at a time cannot hold a billing worker longer.
+ATTEMPT_TIMEOUT_S = 15.0
 ERROR_CHARS = 500
 # Retries at most this far ahead are queued with a countdown; the sweep runs later ones.
 QUEUED_RETRY_MAX_S = 300
@@ -170,11 +173,17 @@ def webhook_deliver(delivery_id: int | str, *, now: datetime | None = None) -> s
     try:
         code = asyncio.run(_post(endpoint.url, headers, body))
     except outbound.DestinationRefused as exc:
-        error = str(exc).replace("the provider URL", "the webhook URL")
+        error = f"refused: {exc}"
+    except TimeoutError:
+        error = f"no answer within {ATTEMPT_TIMEOUT_S:g} s"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if code is not None and 200 <= code < 300:
         _record(delivery, now, code=code, error="", delivered=True)
+    elif code is not None and 300 <= code < 400:
+        # Never followed: a redirect could lead anywhere the endpoint's URL was not checked.
+        error = f"HTTP {code}: redirects are not followed; the endpoint must answer 2xx itself"
+        _record(delivery, now, code=code, error=error)
     else:
         _record(delivery, now, code=code, error=error or f"HTTP {code}")
         if delivery.status == Status.PENDING and delivery.next_attempt_at is not None:
@@ -187,17 +196,22 @@ def webhook_deliver(delivery_id: int | str, *, now: datetime | None = None) -> s
 
 
 async def _post(url: str, headers: dict[str, str], body: bytes) -> int:
+    """The POST under the webhook policy (the URL and every address it resolves to checked
+    again now, the checked address pinned, no redirect followed), within
+    ATTEMPT_TIMEOUT_S; only the status is read, never the body."""
     try:
-        response = await outbound.send(
-            "POST",
-            url,
-            headers=headers,
-            content=body,
-            connect_timeout_s=CONNECT_TIMEOUT_S,
-            read_timeout_s=READ_TIMEOUT_S,
-        )
-        await response.aclose()  # only the status matters; the body is never read
-        return response.status_code
+        async with asyncio.timeout(ATTEMPT_TIMEOUT_S):
+            response = await outbound.send(
+                "POST",
+                url,
+                headers=headers,
+                content=body,
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+                read_timeout_s=READ_TIMEOUT_S,
+                policy=outbound.WEBHOOK,
+            )
+            await response.aclose()  # only the status matters; the body is never read
+            return response.status_code
     finally:
         await outbound.aclose()
 

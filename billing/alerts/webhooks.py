@@ -3,10 +3,12 @@ log, and the test send. Tenant-scoped: another organization's endpoint is NotFou
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
+import httpx
 from django.core.exceptions import ValidationError
 from django.core.paginator import Page, Paginator
 from django.core.validators import validate_email
@@ -26,6 +28,8 @@ from core.errors import InvalidInput, NotFound
 
 MAX_ENDPOINTS = 10
 DELIVERIES_PER_PAGE = 25
+# How long saving an endpoint waits for its name to resolve (checked again at each delivery).
+RESOLVE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,19 @@ def deliveries_page(endpoint: WebhookEndpoint, page: int | str | None = 1) -> Pa
 
 
 def check_webhook_url(url: str) -> str:
+    """`url` stripped, if the webhook policy allows it (core/outbound.py's WEBHOOK, never the
+    providers' allow-lists): https, a valid host, no credentials or fragment, port 443 or
+    1024-65535, an IP literal that is public, and a name that does not resolve now to an
+    address that is not public. A name that does not resolve yet is accepted: every
+    delivery resolves and checks it again. Raises InvalidInput naming `url`."""
     url = (url or "").strip()
     try:
-        outbound.check_url(url)
+        outbound.check_url(url, policy=outbound.WEBHOOK)
+        asyncio.run(outbound.resolve(url, timeout_s=RESOLVE_TIMEOUT_S, policy=outbound.WEBHOOK))
     except outbound.DestinationRefused as exc:
-        message = str(exc).replace("the provider URL", "the webhook URL")
-        raise InvalidInput(message, param="url") from None
+        raise InvalidInput(str(exc), param="url") from None
+    except httpx.HTTPError:
+        pass  # no answer from DNS now; each delivery checks the name it resolves to
     return url
 
 
@@ -84,8 +95,9 @@ def endpoint_create(
     event_types: Sequence[str] = (),
     description: str = "",
 ) -> CreatedEndpoint:
-    """A new endpoint (its URL checked by the outbound policy: https, public addresses
-    unless the operator allows the host) and its signing secret, returned this once."""
+    """A new endpoint (its URL checked by `check_webhook_url`: https, public addresses unless
+    the operator's webhook allow-list names the host) and its signing secret, returned this
+    once."""
     url = check_webhook_url(url)
     types = check_event_types(event_types)
     secret = signing.new_secret()

@@ -1,20 +1,29 @@
-"""Outbound HTTP to upstream providers: only to allowed destinations, pinned, bounded.
+"""Outbound HTTP to URLs operators or tenants name: only to allowed destinations, pinned,
+bounded.
 
-Every request the platform makes to a provider's base URL (the relay, `gateway.relay`) goes
-through here; catalog services check a URL with `check_url` when a provider is created.
+Every request the platform makes to a provider's base URL (the relay, `gateway.relay`) or to
+a customer's webhook endpoint (`billing.alerts.delivery`) goes through here; catalog
+services and the webhook service check a URL with `check_url` when it is saved.
 
 The policy (docs/security.md, item 14):
 
-- **Scheme.** `https` only; plain `http` only to hosts in MANTLE_PROVIDER_ALLOWED_HTTP
-  (`host`, `host:port`, or a CIDR for an IP literal).
+- **Whose destination.** Each caller names its `Policy`, and only that policy's allow-lists
+  apply: `OPERATOR` (the operator's providers: MANTLE_PROVIDER_ALLOWED_HTTP and
+  MANTLE_PROVIDER_ALLOWED_PRIVATE), `ORGANIZATION_PROVIDER` (an organization's own provider:
+  MANTLE_PROVIDER_BYOK_ALLOWED_HTTP / _PRIVATE, empty by default) and `WEBHOOK` (customers'
+  webhook endpoints: MANTLE_WEBHOOK_ALLOWED_HTTP / _PRIVATE, empty by default, and only port
+  443 or 1024-65535 unless the host is listed). A tenant's URL never gets the use of the
+  operator's lists.
+- **Scheme.** `https` only; plain `http` only to hosts in the policy's http list (`host`,
+  `host:port`, or a CIDR for an IP literal).
 - **Addresses.** The host is resolved (getaddrinfo on a thread of this module's own, bounded
   by the connect timeout) and *every* address is checked: one loopback, private (RFC 1918),
   CGNAT, link-local (cloud metadata 169.254.169.254 included), multicast, reserved,
   unspecified, broadcast, documentation, benchmarking, unique-local (fd00:ec2::254 included),
-  site-local or other non-global address refuses the destination, unless
-  MANTLE_PROVIDER_ALLOWED_PRIVATE lists the host, the `host:port` or a network holding the
-  address. IPv6 addresses that embed an IPv4 one (IPv4-mapped, NAT64, 6to4) are judged by the
-  IPv4 address; Teredo is refused. IPv4 written other than in dotted decimal (`2130706433`,
+  site-local or other non-global address refuses the destination, unless the policy's
+  private list names the host, the `host:port` or a network holding the address. IPv6
+  addresses that embed an IPv4 one (IPv4-mapped, NAT64, 6to4) are judged by the IPv4
+  address; Teredo is refused. IPv4 written other than in dotted decimal (`2130706433`,
   `0x7f.1`, `127.1`, `0177.0.0.1`) is read as the address a resolver makes of it.
 - **Pinning.** The request connects to the address that was checked (the URL's host is
   replaced by it), with the original `Host` header, TLS SNI and certificate verification
@@ -381,26 +390,83 @@ def _allow_list(entries: Sequence[str]) -> _AllowList:
     return _AllowList(frozenset(hosts), frozenset(host_ports), tuple(networks))
 
 
-def _check(parsed: _Parsed, *, trusted: bool = True) -> None:
-    if parsed.scheme == "http":
-        allowed = _allow_list(settings.MANTLE_PROVIDER_ALLOWED_HTTP if trusted else [])
-        if not allowed.allows(parsed.host, parsed.port, parsed.address):
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Whose destination a URL is, and so which allow-lists (settings read at each check)
+    apply to it. `low_ports`: whether ports below 1024 other than 443 (and 80 for an
+    allowed plain http host) may be named by a host none of the lists names."""
+
+    name: str
+    http_setting: str
+    private_setting: str
+    low_ports: bool = True
+    noun: str = "the provider URL"  # how refusals name the URL
+
+    def words(self, refused: DestinationRefused) -> DestinationRefused:
+        """The refusal in this policy's words (the checks below write a provider's)."""
+        if self.noun == "the provider URL":
+            return refused
+        text = str(refused).replace("; put the key in the provider's credential", "")
+        return DestinationRefused(text.replace("the provider URL", self.noun))
+
+    def allowed_http(self) -> _AllowList:
+        return _allow_list(getattr(settings, self.http_setting, None) or [])
+
+    def allowed_private(self) -> _AllowList:
+        return _allow_list(getattr(settings, self.private_setting, None) or [])
+
+
+# The operator's own providers: the operator names them, and may allow its internal hosts.
+OPERATOR = Policy("operator", "MANTLE_PROVIDER_ALLOWED_HTTP", "MANTLE_PROVIDER_ALLOWED_PRIVATE")
+# An organization's own provider (BYOK): a tenant names it; empty lists by default.
+ORGANIZATION_PROVIDER = Policy(
+    "organization provider",
+    "MANTLE_PROVIDER_BYOK_ALLOWED_HTTP",
+    "MANTLE_PROVIDER_BYOK_ALLOWED_PRIVATE",
+)
+# A customer's webhook endpoint (billing/alerts/): a tenant names it; empty lists by default,
+# and no well-known port but 443 (a POST to someone's SMTP or SSH port is not a webhook).
+WEBHOOK = Policy(
+    "webhook",
+    "MANTLE_WEBHOOK_ALLOWED_HTTP",
+    "MANTLE_WEBHOOK_ALLOWED_PRIVATE",
+    low_ports=False,
+    noun="the webhook URL",
+)
+
+
+def policy_of(*, trusted: bool = True, policy: Policy | None = None) -> Policy:
+    """`policy` when given; else the operator's (`trusted`) or an organization's provider."""
+    if policy is not None:
+        return policy
+    return OPERATOR if trusted else ORGANIZATION_PROVIDER
+
+
+def _check(parsed: _Parsed, policy: Policy) -> None:
+    if parsed.scheme == "http" and not policy.allowed_http().allows(
+        parsed.host, parsed.port, parsed.address
+    ):
+        raise DestinationRefused(
+            "the provider URL must use https (plain http only to hosts the operator allows)"
+        )
+    if not policy.low_ports and parsed.port < 1024 and parsed.port not in (443, 80):
+        listed = policy.allowed_http().allows(
+            parsed.host, parsed.port, parsed.address
+        ) or policy.allowed_private().allows(parsed.host, parsed.port, parsed.address)
+        if not listed:
             raise DestinationRefused(
-                "the provider URL must use https (plain http only to hosts the operator allows)"
+                f"the provider URL's port {parsed.port} is not allowed: "
+                "use 443 or a port from 1024 to 65535"
             )
     if parsed.address is not None:
-        _check_address(parsed, parsed.address, literal=True, trusted=trusted)
+        _check_address(parsed, parsed.address, literal=True, policy=policy)
 
 
-def _check_address(
-    parsed: _Parsed, address: IPAddress, *, literal: bool, trusted: bool = True
-) -> None:
+def _check_address(parsed: _Parsed, address: IPAddress, *, literal: bool, policy: Policy) -> None:
     reason = non_public_reason(address)
     if reason is None:
         return
-    if trusted and _allow_list(settings.MANTLE_PROVIDER_ALLOWED_PRIVATE).allows(
-        parsed.host, parsed.port, address
-    ):
+    if policy.allowed_private().allows(parsed.host, parsed.port, address):
         return
     if not literal:
         what = f"{parsed.host} resolves to {address} ({reason})"
@@ -414,13 +480,19 @@ def _check_address(
     )
 
 
-def check_url(url: str, *, trusted: bool = True) -> None:
+def check_url(url: str, *, trusted: bool = True, policy: Policy | None = None) -> None:
     """The checks that need no DNS: scheme (https, or http to an allow-listed host), a
     valid host (IDNA, no trailing-dot tricks, no non-standard IPv4), no user name or
-    password, no fragment, a port in 1..65535, and an IP literal's address. Raises
-    DestinationRefused. `trusted` False (a destination a tenant names: an organization's
-    own provider): the operator's allow-lists do not apply, public https only."""
-    _check(_parse(url), trusted=trusted)
+    password, no fragment, a port in 1..65535 (and, for a webhook, 443 or 1024..65535), and
+    an IP literal's address. Raises DestinationRefused. The allow-lists are `policy`'s;
+    without one, the operator's (`trusted`) or, `trusted` False (an organization's own
+    provider), those of organizations' providers, never the operator's. Refusals name the
+    URL as the policy does ("the webhook URL ...")."""
+    chosen = policy_of(trusted=trusted, policy=policy)
+    try:
+        _check(_parse(url), chosen)
+    except DestinationRefused as exc:
+        raise chosen.words(exc) from None
 
 
 # --- resolution ---------------------------------------------------------------------------
@@ -428,19 +500,28 @@ def check_url(url: str, *, trusted: bool = True) -> None:
 _dns_executor = ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="outbound-dns")
 
 
-async def resolve(url: str, *, timeout_s: float = 5.0, trusted: bool = True) -> Destination:
+async def resolve(
+    url: str, *, timeout_s: float = 5.0, trusted: bool = True, policy: Policy | None = None
+) -> Destination:
     """`check_url`, then the host resolved (on a thread, within `timeout_s`) and every
     address checked; the first is pinned. Raises DestinationRefused for a refused URL or
     address, httpx.ConnectError when the name does not resolve, httpx.ConnectTimeout when
     resolution takes longer than `timeout_s`."""
-    parsed = _parse(url)
-    _check(parsed, trusted=trusted)
+    chosen = policy_of(trusted=trusted, policy=policy)
+    try:
+        parsed = _parse(url)
+        _check(parsed, chosen)
+    except DestinationRefused as exc:
+        raise chosen.words(exc) from None
     if parsed.address is not None:
         addresses: list[IPAddress] = [parsed.address]
     else:
         addresses = await _lookup(parsed.host, parsed.port, timeout_s)
-        for address in addresses:
-            _check_address(parsed, address, literal=False, trusted=trusted)
+        try:
+            for address in addresses:
+                _check_address(parsed, address, literal=False, policy=chosen)
+        except DestinationRefused as exc:
+            raise chosen.words(exc) from None
     pinned = addresses[0]
     ip = str(pinned)
     netloc = f"[{ip}]" if pinned.version == 6 else ip
@@ -669,6 +750,7 @@ async def request(
     read_timeout_s: float,
     stream: bool = False,
     trusted: bool = True,
+    policy: Policy | None = None,
 ) -> httpx.Response:
     """One request to `url` under the outbound policy: resolved and checked (`resolve`,
     within the connect timeout), connected to the pinned address with the original Host,
@@ -682,7 +764,7 @@ async def request(
 
     Raises DestinationRefused, ResponseTooLarge, httpx.HTTPError (timeouts, connection
     errors, DNS failures as httpx.ConnectError / ConnectTimeout)."""
-    destination = await resolve(url, timeout_s=connect_timeout_s, trusted=trusted)
+    destination = await resolve(url, timeout_s=connect_timeout_s, trusted=trusted, policy=policy)
     sent = outbound_headers(headers)
     sent["host"] = destination.host_header
     sent["accept-encoding"] = "identity"
@@ -726,9 +808,10 @@ async def send(
     connect_timeout_s: float,
     read_timeout_s: float,
     trusted: bool = True,
+    policy: Policy | None = None,
 ) -> httpx.Response:
     """`request(..., stream=True)`: the response with its body unread; the caller must
-    `await response.aclose()`. `trusted` False: a tenant's destination (`check_url`)."""
+    `await response.aclose()`. `trusted` and `policy`: whose destination (`check_url`)."""
     return await request(
         method,
         url,
@@ -738,6 +821,7 @@ async def send(
         read_timeout_s=read_timeout_s,
         stream=True,
         trusted=trusted,
+        policy=policy,
     )
 
 

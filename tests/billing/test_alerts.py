@@ -36,8 +36,9 @@ from tests.support.webhook_receiver import Receiver, verify_as_documented, webho
 pytestmark = pytest.mark.django_db
 
 Capture = Callable[..., Any]
+# The receiver on loopback is reached through the webhook allow-lists, never the providers'.
 LOOPBACK = override_settings(
-    MANTLE_PROVIDER_ALLOWED_HTTP=["127.0.0.1"], MANTLE_PROVIDER_ALLOWED_PRIVATE=["127.0.0.1"]
+    MANTLE_WEBHOOK_ALLOWED_HTTP=["127.0.0.1"], MANTLE_WEBHOOK_ALLOWED_PRIVATE=["127.0.0.1"]
 )
 
 
@@ -227,26 +228,76 @@ def test_a_refused_connection_is_recorded_and_retried(
 
 
 @pytest.mark.parametrize(
-    "url",
+    ("url", "named"),
     [
-        "https://169.254.169.254/latest/meta-data/",
-        "https://127.0.0.1/hook",
-        "http://127.0.0.1:8080/hook",
-        "https://10.0.0.5/hook",
-        "https://[::1]/hook",
-        "https://2130706433/hook",
-        "http://hooks.example.com/plain-http",
-        "https://user:pw@hooks.example.com/",
+        ("https://169.254.169.254/latest/meta-data/", "169.254.169.254 is a cloud metadata"),
+        ("https://127.0.0.1/hook", "127.0.0.1 is a loopback address"),
+        ("http://127.0.0.1:8080/hook", "must use https"),
+        ("https://10.0.0.5/hook", "10.0.0.5 is a private address"),
+        ("https://[::1]/hook", "::1 is a loopback address"),
+        ("https://2130706433/hook", "2130706433 means 127.0.0.1 (a loopback address)"),
+        ("https://0177.0.0.1/hook", "0177.0.0.1 means 127.0.0.1 (a loopback address)"),
+        ("https://localhost:8443/hook", "localhost resolves to"),
+        ("http://hooks.example.com/plain-http", "the webhook URL must use https"),
+        ("https://user:pw@hooks.example.com/", "must not contain a user name or password"),
+        ("https://hooks.example.com:25/", "port 25 is not allowed: use 443 or a port from 1024"),
+        ("https://hooks.example.com:0/", "port must be a number from 1 to 65535"),
+        ("https://hooks.example.com:99999/", "port must be a number from 1 to 65535"),
+        ("https://hooks.example.com/" + "a" * 2000, "longer than 2000 characters"),
+        ("ftp://hooks.example.com/", "the webhook URL must use https"),
     ],
 )
 def test_a_webhook_url_to_a_private_address_or_without_https_is_refused(
-    world: OrgWorld, url: str
+    world: OrgWorld, url: str, named: str
 ) -> None:
     with pytest.raises(InvalidInput) as refused:
         add_endpoint(world, url)
     assert refused.value.param == "url"
-    assert "webhook URL" in refused.value.message or "address" in refused.value.message
+    assert named in refused.value.message
+    assert "provider" not in refused.value.message
+    assert "user:pw" not in refused.value.message  # credentials are never echoed
     assert not WebhookEndpoint.objects.exists()
+
+
+@override_settings(
+    MANTLE_PROVIDER_ALLOWED_HTTP=["127.0.0.1", "localhost", "hooks.example.com"],
+    MANTLE_PROVIDER_ALLOWED_PRIVATE=["127.0.0.0/8", "::1", "169.254.169.254", "localhost"],
+)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",
+        "https://127.0.0.1:8443/hook",
+        "https://localhost:8443/hook",
+        "https://[::1]:8443/hook",
+        "https://169.254.169.254/latest/meta-data/",
+        "http://hooks.example.com/hook",
+    ],
+)
+def test_the_operators_provider_allow_lists_never_allow_a_webhook(
+    world: OrgWorld, url: str
+) -> None:
+    """What the operator allows its own providers (an internal vLLM on loopback, plain
+    http) is no webhook destination: only MANTLE_WEBHOOK_ALLOWED_* are read for webhooks."""
+    with pytest.raises(InvalidInput) as refused:
+        add_endpoint(world, url)
+    assert refused.value.param == "url"
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_the_webhook_allow_lists_allow_a_listed_host_and_only_it(world: OrgWorld) -> None:
+    with override_settings(
+        MANTLE_WEBHOOK_ALLOWED_HTTP=["127.0.0.1:8080"], MANTLE_WEBHOOK_ALLOWED_PRIVATE=["127.0.0.1"]
+    ):
+        add_endpoint(world, "http://127.0.0.1:8080/hook")
+        add_endpoint(world, "https://127.0.0.1:25/hook")  # a listed host: its ports too
+        for url in ("http://127.0.0.1:8081/hook", "https://127.0.0.2/hook"):
+            with pytest.raises(InvalidInput):
+                add_endpoint(world, url)
+    assert sorted(WebhookEndpoint.objects.values_list("url", flat=True)) == [
+        "http://127.0.0.1:8080/hook",
+        "https://127.0.0.1:25/hook",
+    ]
 
 
 def test_a_public_https_url_is_accepted_and_its_secret_stored_sealed(world: OrgWorld) -> None:

@@ -28,8 +28,9 @@ AREA = "console"
 def app_server(
     django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[AppServer]:
-    """This module's own server: it may send webhooks over plain http to loopback (the
-    receiver below), which the shared one may not."""
+    """This module's own server: its webhook allow-lists (never the providers') let it send
+    webhooks over plain http to loopback (the receiver below), which the shared one may
+    not."""
     stack = Stack.for_tests()
     stack.env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
     email_dir = tmp_path_factory.mktemp("webhooks-app-emails")
@@ -37,8 +38,8 @@ def app_server(
         process, url = stack.gateway(
             name="webhooks-app-server",
             MANTLE_TEST_EMAIL_DIR=str(email_dir),
-            MANTLE_PROVIDER_ALLOWED_HTTP="127.0.0.1",
-            MANTLE_PROVIDER_ALLOWED_PRIVATE="127.0.0.1",
+            MANTLE_WEBHOOK_ALLOWED_HTTP="127.0.0.1",
+            MANTLE_WEBHOOK_ALLOWED_PRIVATE="127.0.0.1",
         )
         yield AppServer(stack=stack, process=process, url=url, email_dir=email_dir)
     finally:

@@ -1,11 +1,13 @@
 """A webhook receiver on loopback for the alert tests: a real HTTP server in a thread that
-records each request and answers the statuses queued (then 200); and the receiver's
-signature check exactly as docs/billing.md writes it (not the platform's code)."""
+records each request and answers the statuses queued (then 200), with a `location` header
+when one is set (a redirect); on 127.0.0.1 or [::1]; and the receiver's signature check
+exactly as docs/billing.md writes it (not the platform's code)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,10 +29,16 @@ class Receiver:
     server: ThreadingHTTPServer
     requests: list[Received] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
+    location: str = ""  # sent as `location` with every answer when set
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/mantle"
+        host = "[::1]" if self.server.address_family == socket.AF_INET6 else "127.0.0.1"
+        return f"http://{host}:{self.port}/hooks/mantle"
 
     def wait_for(self, count: int, timeout_s: float = 15.0) -> list[Received]:
         deadline = time.monotonic() + timeout_s
@@ -39,8 +47,12 @@ class Receiver:
         return list(self.requests)
 
 
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 @contextmanager
-def webhook_receiver() -> Iterator[Receiver]:
+def webhook_receiver(host: str = "127.0.0.1") -> Iterator[Receiver]:
     state: dict[str, Receiver] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -53,6 +65,8 @@ def webhook_receiver() -> Iterator[Receiver]:
             )
             status = rec.statuses.pop(0) if rec.statuses else 200
             self.send_response(status)
+            if rec.location:
+                self.send_header("location", rec.location)
             self.send_header("content-length", "2")
             self.end_headers()
             self.wfile.write(b"ok")
@@ -60,7 +74,7 @@ def webhook_receiver() -> Iterator[Receiver]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = (_Server6 if ":" in host else ThreadingHTTPServer)((host, 0), Handler)
     state["r"] = Receiver(server)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -499,13 +499,6 @@ MANTLE_BILLING_DEFAULT_MODE = env.str("MANTLE_BILLING_DEFAULT_MODE", default="po
 MANTLE_INVOICE_PREFIX = env.str("MANTLE_INVOICE_PREFIX", default="MAN")
 # Hours after a month ends before its drafts are finalized: the drain catches up first.
 MANTLE_INVOICE_FINALIZE_DELAY_HOURS = env.int("MANTLE_INVOICE_FINALIZE_DELAY_HOURS", default=6)
-# The seller on every invoice (the operator), copied onto each invoice at finalization and
-# checked at start-up (billing/tax.py): legal name, postal address (lines separated by
-# "\n"), ISO 3166-1 alpha-2 country and tax id (VAT/GST number). docs/deployment.md.
-MANTLE_SELLER_LEGAL_NAME = env.str("MANTLE_SELLER_LEGAL_NAME", default="Mantle")
-MANTLE_SELLER_ADDRESS = env.str("MANTLE_SELLER_ADDRESS", default="")
-MANTLE_SELLER_COUNTRY = env.str("MANTLE_SELLER_COUNTRY", default="")
-MANTLE_SELLER_TAX_ID = env.str("MANTLE_SELLER_TAX_ID", default="")
 
 
 def _unit_prices(raw: str) -> dict[str, str]:
@@ -572,6 +565,11 @@ CELERY_BEAT_SCHEDULE.update(
 # A prepaid organization whose balance falls under this (in the billing currency) is told,
 # once per crossing, unless it set its own amount; empty: no low-balance alert by default.
 MANTLE_ALERT_LOW_BALANCE_DEFAULT = env.str("MANTLE_ALERT_LOW_BALANCE_DEFAULT", default="10.00")
+# Webhook URLs are the customers' (core/outbound.py's WEBHOOK policy): https to public
+# addresses on port 443 or 1024-65535 only, whatever the providers' lists allow, except
+# hosts listed here (`host`, `host:port` or a CIDR): not public / plain http.
+MANTLE_WEBHOOK_ALLOWED_PRIVATE = env.list("MANTLE_WEBHOOK_ALLOWED_PRIVATE", default=[])
+MANTLE_WEBHOOK_ALLOWED_HTTP = env.list("MANTLE_WEBHOOK_ALLOWED_HTTP", default=[])
 CELERY_BEAT_SCHEDULE.update(
     {
         "billing-webhook-deliveries-due": {
@@ -666,6 +664,11 @@ MANTLE_PROVIDER_BYOK = env.bool("MANTLE_PROVIDER_BYOK", default=False)
 # (`host`, `host:port` or a CIDR); plain http only to hosts listed in the second.
 MANTLE_PROVIDER_ALLOWED_PRIVATE = env.list("MANTLE_PROVIDER_ALLOWED_PRIVATE", default=[])
 MANTLE_PROVIDER_ALLOWED_HTTP = env.list("MANTLE_PROVIDER_ALLOWED_HTTP", default=[])
+# The same two lists for organizations' own providers (BYOK), which the operator's never
+# reach: empty, public https only (a deployment whose tenants are its own teams may list
+# an internal host here; the tests list their fake provider on loopback).
+MANTLE_PROVIDER_BYOK_ALLOWED_PRIVATE = env.list("MANTLE_PROVIDER_BYOK_ALLOWED_PRIVATE", default=[])
+MANTLE_PROVIDER_BYOK_ALLOWED_HTTP = env.list("MANTLE_PROVIDER_BYOK_ALLOWED_HTTP", default=[])
 # Retries of one target on a connection error, 429 or 5xx before the first byte; a
 # retry-after longer than the cap moves on to the next target instead of waiting.
 MANTLE_PROVIDER_RETRIES = env.int("MANTLE_PROVIDER_RETRIES", default=2)
