@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 
 from django.conf import settings
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from ninja import Router
 
@@ -18,6 +18,7 @@ from accounts.principal import Principal
 from accounts.selectors import api_key_get, organization_for, organization_for_usage
 from billing import budgets, key_budgets, selectors, usage_buckets
 from billing.credits import credit_entries
+from billing.invoice_pdf import invoice_pdf_response
 from billing.models import Budget, BudgetAlert, CreditLedgerEntry, Invoice, InvoiceLine
 from billing.periods import month_label, month_start
 from billing.schemas import (
@@ -31,6 +32,7 @@ from billing.schemas import (
     InvoiceDetailOut,
     InvoiceLineOut,
     InvoiceOut,
+    InvoiceTaxLineOut,
     KeyControlsIn,
     KeyControlsOut,
     UsageBucketOut,
@@ -97,6 +99,7 @@ def _invoice_fields(inv: Invoice) -> dict[str, object]:
         "period_start": inv.period_start,
         "period_end": inv.period_end,
         "subtotal": str(inv.subtotal),
+        "tax": str(inv.tax),
         "credits_applied": str(inv.credits_applied),
         "total": str(inv.total),
         "finalized_at": inv.finalized_at,
@@ -132,7 +135,36 @@ def invoice_get(request: HttpRequest, organization_id: str, invoice_id: str) -> 
     return InvoiceDetailOut(
         **_invoice_fields(inv),  # type: ignore[arg-type]
         lines=[_line_out(line) for line in inv.lines.all()],
+        tax_lines=[
+            InvoiceTaxLineOut(
+                label=t.label,
+                country=t.country,
+                rate=str(t.rate),
+                taxable_amount=str(t.taxable_amount),
+                amount=str(t.amount),
+                reverse_charge=t.reverse_charge,
+                note=t.note,
+            )
+            for t in inv.tax_lines.order_by("position")
+        ],
     )
+
+
+@router.get(
+    f"{BILLING}/invoices/{{invoice_id}}/pdf",
+    openapi_extra={
+        "responses": {
+            "200": {
+                "description": "The invoice as a PDF attachment (a draft is watermarked DRAFT)",
+                "content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        }
+    },
+)
+def invoice_pdf(request: HttpRequest, organization_id: str, invoice_id: str) -> HttpResponse:
+    """The invoice as a PDF document (billing view)."""
+    org = organization_for(_principal(request), organization_id, Perm.BILLING_VIEW)
+    return invoice_pdf_response(selectors.invoice_get(org, invoice_id))
 
 
 def _budget_out(b: Budget) -> BudgetOut:

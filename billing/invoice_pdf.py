@@ -94,7 +94,14 @@ def invoice_html(inv: Invoice) -> str:
 
 def invoice_pdf(inv: Invoice) -> bytes:
     """The invoice as a PDF document (bytes); the same bytes for the same invoice."""
-    html = invoice_html(inv)
+    try:
+        return html_to_pdf(invoice_html(inv))
+    except InvoicePdfError as exc:
+        raise InvoicePdfError(f"the PDF of invoice {inv.id} could not be rendered: {exc}") from exc
+
+
+def html_to_pdf(html: str) -> bytes:
+    """XHTML to PDF under NO_FETCH_POLICY, in ReportLab's invariant mode."""
     out = io.BytesIO()
     with _RENDER_LOCK:
         previous = rl_config.invariant
@@ -110,7 +117,7 @@ def invoice_pdf(inv: Invoice) -> bytes:
         finally:
             rl_config.invariant = previous
     if status.err:
-        raise InvoicePdfError(f"the PDF of invoice {inv.id} could not be rendered")
+        raise InvoicePdfError(f"xhtml2pdf reported {status.err} error(s)")
     return out.getvalue()
 
 

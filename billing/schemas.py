@@ -46,8 +46,9 @@ class InvoiceOut(Schema):
     period_start: datetime
     period_end: datetime
     subtotal: str
+    tax: str = Field(description="the sum of the tax lines, computed at finalization (0 on drafts)")
     credits_applied: str
-    total: str
+    total: str = Field(description="subtotal + tax - credits_applied: what is due")
     finalized_at: datetime | None
     paid_at: datetime | None
     voided_at: datetime | None
@@ -70,8 +71,21 @@ class InvoiceLineOut(Schema):
     amount: str
 
 
+class InvoiceTaxLineOut(Schema):
+    label: str
+    country: str = Field(
+        description="the rate's country (ISO 3166-1 alpha-2); empty: the default rate"
+    )
+    rate: str = Field(description="percent")
+    taxable_amount: str
+    amount: str
+    reverse_charge: bool
+    note: str
+
+
 class InvoiceDetailOut(InvoiceOut):
     lines: list[InvoiceLineOut]
+    tax_lines: list[InvoiceTaxLineOut]
 
 
 class BudgetIn(In):

@@ -53,6 +53,11 @@ class BackOfficeSite(UnfoldAdminSite):
             ),
             path("invoices/<str:invoice_id>/", wrap(views.invoice), name="backoffice-invoice"),
             path(
+                "invoices/<str:invoice_id>/pdf/",
+                wrap(views.invoice_pdf),
+                name="backoffice-invoice-pdf",
+            ),
+            path(
                 "invoices/<str:invoice_id>/<slug:action>/",
                 wrap(views.invoice_action),
                 name="backoffice-invoice-action",

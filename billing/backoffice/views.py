@@ -41,6 +41,7 @@ from billing.backoffice.services import (
 )
 from billing.credit_notes import credit_note_issue, creditable_amount, credited_amount
 from billing.credits import credit_grant as credits_grant
+from billing.invoice_pdf import invoice_pdf_response
 from billing.models import Invoice, PriceOverride, ProvisionedCommitment
 from catalog.models import Endpoint, Model
 from core.errors import DomainError
@@ -245,6 +246,7 @@ def invoice(request: HttpRequest, invoice_id: str) -> HttpResponse:
             subtitle=f"{inv.organization.name}, {inv.period_start:%Y-%m}",
             inv=inv,
             lines=list(inv.lines.order_by("position")),
+            tax_lines=list(inv.tax_lines.order_by("position")),
             held=list(
                 inv.held_usage.select_related("invoice").order_by("model_name", "token_kind")
             ),
@@ -253,6 +255,12 @@ def invoice(request: HttpRequest, invoice_id: str) -> HttpResponse:
             actions=[(a, INVOICE_ACTIONS[a][0]) for a in ALLOWED[inv.status]] if can else [],
         ),
     )
+
+
+def invoice_pdf(request: HttpRequest, invoice_id: str) -> HttpResponse:
+    """The invoice as the customer downloads it (staff who may view invoices)."""
+    _require(request, "billing.view_invoice")
+    return invoice_pdf_response(_invoice_or_404(invoice_id))
 
 
 def invoice_action(request: HttpRequest, invoice_id: str, action: str) -> HttpResponse:

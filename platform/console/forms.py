@@ -209,6 +209,31 @@ class UsageForm(forms.Form):
         widget.choices = [("", "All projects"), *((p.id, p.name) for p in projects)]
 
 
+class BillingDetailsForm(forms.Form):
+    """Whom invoices are made out to; billing.tax.billing_details_set checks each field
+    (printable text, the country code, the tax id's format) and names the one that is
+    wrong. The lengths here only stop oversized posts early."""
+
+    legal_name = forms.CharField(label="Legal name", max_length=200, strip=False)
+    address = forms.CharField(
+        label="Postal address",
+        max_length=500,
+        strip=False,
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text="At most 6 lines.",
+    )
+    country = forms.CharField(
+        label="Country", max_length=2, min_length=2, help_text="Two-letter code, e.g. DE, GB, US."
+    )
+    tax_id = forms.CharField(
+        label="Tax id (VAT/GST number)",
+        max_length=64,
+        required=False,
+        strip=False,
+        help_text="With the country prefix for EU VAT numbers, e.g. DE123456789.",
+    )
+
+
 class BudgetForm(forms.Form):
     project = forms.ChoiceField(required=False, label="Applies to")
     monthly_amount = forms.DecimalField(min_value=0, decimal_places=2, max_digits=20)

@@ -86,6 +86,12 @@ org_patterns = [
         billing_pages.invoice_print,
         name="console-invoice-print",
     ),
+    path(
+        "billing/invoices/<str:invoice_id>/pdf/",
+        billing_pages.invoice_pdf,
+        name="console-invoice-pdf",
+    ),
+    path("billing/details/", billing_pages.billing_details, name="console-billing-details"),
     path("billing/webhooks/", webhooks.webhook_list, name="console-webhooks"),
     path(
         "billing/webhooks/contacts/",

@@ -14,11 +14,13 @@ from accounts import selectors as account_selectors
 from accounts.permissions import Perm
 from billing import budgets as billing_budgets
 from billing import selectors as billing_selectors
+from billing import tax as billing_tax
 from billing.credits import credit_entries, grants_with_remainder
+from billing.invoice_pdf import invoice_pdf_response
 from billing.payments import stripe_sync
 from billing.periods import month_start
 from console.access import OrgContext, org_page, page
-from console.forms import BudgetForm, add_domain_error
+from console.forms import BillingDetailsForm, BudgetForm, add_domain_error
 from core.errors import DomainError
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ def _billing_page(
             "budget_rows": _budget_rows(ctx),
             "alerts": list(billing_budgets.budget_alerts(ctx.org, limit=20)),
             "invoices": list(billing_selectors.invoices(ctx.org)[:24]),
+            "billing_details": billing_tax.billing_details_get(ctx.org),
             "grants": grants_with_remainder(ctx.org)[::-1],
             "ledger": list(credit_entries(ctx.org)[:50]),
             "form": form or BudgetForm(projects=projects),
@@ -168,6 +171,60 @@ def invoice_print(request: HttpRequest, ctx: OrgContext, invoice_id: str) -> Htt
         ctx,
         "console/billing/invoice_print.html",
         {"inv": inv, "lines": list(inv.lines.all())},
+    )
+
+
+@org_page(Perm.BILLING_VIEW)
+def invoice_pdf(request: HttpRequest, ctx: OrgContext, invoice_id: str) -> HttpResponse:
+    """The invoice as a PDF attachment (a draft with a DRAFT watermark)."""
+    inv = billing_selectors.invoice_get(ctx.org, invoice_id)
+    return invoice_pdf_response(inv)
+
+
+@org_page(Perm.BILLING_VIEW)
+def billing_details(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
+    """Whom invoices are made out to: shown to billing viewers, changed by billing managers
+    (POST); the service checks every field and audits the change."""
+    current = billing_tax.billing_details_get(ctx.org)
+    if request.method == "POST":
+        ctx.require(Perm.BILLING_MANAGE)
+        form = BillingDetailsForm(request.POST)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                billing_tax.billing_details_set(
+                    principal=ctx.principal,
+                    org=ctx.org,
+                    legal_name=data["legal_name"],
+                    address=data["address"],
+                    country=data["country"],
+                    tax_id=data["tax_id"],
+                )
+            except DomainError as exc:
+                add_domain_error(form, exc)
+            else:
+                messages.success(request, "Billing details saved.")
+                return HttpResponseRedirect(
+                    reverse("console-billing-details", kwargs={"org_id": ctx.org.id})
+                )
+    else:
+        initial = (
+            {
+                "legal_name": current.legal_name,
+                "address": current.address,
+                "country": current.country,
+                "tax_id": current.tax_id,
+            }
+            if current is not None
+            else {"legal_name": ctx.org.name}
+        )
+        form = BillingDetailsForm(initial=initial)
+    return page(
+        request,
+        ctx,
+        "console/billing/details.html",
+        {"form": form, "details": current},
+        status=400 if form.errors else 200,
     )
 
 
