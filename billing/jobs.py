@@ -41,6 +41,14 @@ def queue_budgets_evaluate(organization_id: str) -> None:
     queue_on_commit(BUDGETS_EVALUATE_ORGANIZATION, organization_id)
 
 
+AUTO_RECHARGE_EVALUATE_ORGANIZATION = "mantle.billing.auto_recharge_evaluate_organization"
+
+
+def queue_auto_recharge_evaluate(organization_id: str) -> None:
+    """The organization's balance against its auto-recharge threshold (a charge if under)."""
+    queue_on_commit(AUTO_RECHARGE_EVALUATE_ORGANIZATION, organization_id)
+
+
 ALERT_DISPATCH = "mantle.billing.alert_dispatch"
 WEBHOOK_DELIVER = "mantle.billing.webhook_deliver"
 

@@ -970,6 +970,107 @@ class StripeEvent(models.Model):
         return f"{self.type} {self.id}"
 
 
+def new_topup_id() -> str:
+    return ids.new_id("topup_")
+
+
+class TopUp(models.Model):
+    """Prepaid credit bought through Stripe: a console top-up (a Checkout payment) or an
+    auto-recharge (an off-session charge of the saved payment method).
+
+    Credited once, by the webhook that confirms the payment, never by the customer's
+    return from Stripe: `credit` is the ledger grant it made (one-to-one, so a second
+    grant for the same top-up cannot exist) (billing/payments/topups.py).
+    """
+
+    class Source(models.TextChoices):
+        CHECKOUT = "checkout"
+        AUTO_RECHARGE = "auto_recharge"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"  # asked of Stripe, not confirmed paid
+        PAID = "paid"  # confirmed by a webhook; `credit` granted
+        FAILED = "failed"  # declined or needing its holder (auto-recharge); never retried
+        EXPIRED = "expired"  # the Checkout session expired unpaid
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_topup_id, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="topups")
+    source = models.CharField(max_length=16, choices=Source.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    amount = models.DecimalField(max_digits=20, decimal_places=2)
+    currency = models.CharField(max_length=3)
+    stripe_checkout_session_id = models.CharField(
+        max_length=255, null=True, blank=True, unique=True
+    )
+    stripe_payment_intent_id = models.CharField(max_length=255, null=True, blank=True, unique=True)
+    receipt_url = models.CharField(max_length=500, blank=True)
+    credit = models.OneToOneField(
+        CreditLedgerEntry, null=True, blank=True, on_delete=models.PROTECT, related_name="topup"
+    )
+    # Auto-recharge: the organization's n-th threshold crossing this charge is for.
+    crossing = models.PositiveIntegerField(null=True, blank=True)
+    failure_code = models.CharField(max_length=100, blank=True)
+    failure_message = models.CharField(max_length=500, blank=True)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    paid_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="topup_amount_positive"),
+            models.CheckConstraint(
+                condition=~Q(status="paid") | Q(credit__isnull=False, paid_at__isnull=False),
+                name="topup_paid_is_credited",
+            ),
+            models.UniqueConstraint(
+                fields=["organization", "crossing"],
+                condition=Q(crossing__isnull=False),
+                name="topup_one_per_crossing",
+            ),
+        ]
+        indexes: ClassVar = [
+            models.Index(fields=["organization", "created_at"], name="topup_org_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source} top-up {self.amount} {self.currency} ({self.status})"
+
+
+class AutoRecharge(models.Model):
+    """An organization's auto-recharge: under `threshold`, charge `amount` to the saved
+    payment method, once per crossing (`armed`), at most `daily_cap` a UTC day."""
+
+    organization = models.OneToOneField(
+        Organization, primary_key=True, on_delete=models.CASCADE, related_name="auto_recharge"
+    )
+    enabled = models.BooleanField(default=False)
+    threshold = models.DecimalField(max_digits=20, decimal_places=2)
+    amount = models.DecimalField(max_digits=20, decimal_places=2)
+    daily_cap = models.DecimalField(max_digits=20, decimal_places=2)
+    # Cleared when a crossing is charged, set again once the balance is back at or above
+    # the threshold: one charge per crossing, whatever happens to the charge.
+    armed = models.BooleanField(default=True)
+    # Crossings charged so far; the next charge is for crossing + 1 (its idempotency key).
+    crossings = models.PositiveIntegerField(default=0)
+    updated_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.CheckConstraint(
+                condition=Q(threshold__gte=0, amount__gt=0, daily_cap__gte=F("amount")),
+                name="auto_recharge_amounts",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"auto-recharge of {self.organization_id}"
+
+
 class StripePaymentFailure(models.Model):
     """One failed attempt to collect a Stripe invoice (an invoice.payment_failed event)."""
 

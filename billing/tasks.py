@@ -20,7 +20,7 @@ from billing.invoicing import invoices_finalize_due as finalize_due
 from billing.invoicing import invoices_refresh_open
 from billing.key_budgets import key_budgets_evaluate
 from billing.metering import tasks as metering_tasks
-from billing.models import Budget
+from billing.models import AutoRecharge, Budget
 from billing.payments import tasks as payments_tasks
 from billing.provisioned import provisioned_sync
 from billing.wallet import wallet_sync, wallet_sync_due
@@ -35,6 +35,10 @@ def wallet_sync_organization(organization_id: str) -> None:
     org = Organization.objects.filter(id=organization_id).first()
     if org is not None:
         wallet_sync(org)
+        # The balance moved (a grant, a finalization, an expiry): check the organization's
+        # auto-recharge threshold now rather than at the next beat.
+        if AutoRecharge.objects.filter(organization=org, enabled=True).exists():
+            jobs.queue_auto_recharge_evaluate(org.id)
 
 
 @shared_task(name=jobs.WALLET_SYNC_ALL, queue="billing", ignore_result=True)

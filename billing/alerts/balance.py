@@ -27,6 +27,15 @@ def low_balance_amount(org: Organization) -> Decimal | None:
     return Decimal(raw) if raw else None
 
 
+def spendable_balance(org: Organization, *, now: datetime | None = None) -> Decimal:
+    """What a prepaid organization can still spend, to the cent: credit available less
+    usage on no issued invoice (the same figure admission's cap works from). Unbilled
+    usage is read first, so a finalization between the reads counts twice (lower, the
+    safe side), never not at all."""
+    unbilled = unbilled_usage(org)
+    return (credit_available(org, now or timezone.now()) - unbilled).quantize(CENT)
+
+
 def low_balance_evaluate(org: Organization, *, now: datetime | None = None) -> AlertEvent | None:
     """Emits `low_balance` when a prepaid organization's balance is under its amount.
 
@@ -41,7 +50,7 @@ def low_balance_evaluate(org: Organization, *, now: datetime | None = None) -> A
     threshold = low_balance_amount(org)
     if threshold is None:
         return None
-    balance = (credit_available(org, now) - unbilled_usage(org)).quantize(CENT)
+    balance = spendable_balance(org, now=now)
     if balance >= threshold:
         return None
     latest_credit = (

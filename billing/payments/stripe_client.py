@@ -17,12 +17,15 @@ from billing.payments.stripe_types import (
     META_INVOICE_NUMBER,
     META_LINE_INDEX,
     META_ORGANIZATION,
+    META_TOPUP,
+    CheckoutPayment,
     CheckoutSession,
     Customer,
     Event,
     Invoice,
     InvoicePush,
     MeterEvent,
+    PaymentIntent,
     PaymentMethod,
     SetupIntent,
     StripeAuthenticationFailed,
@@ -33,6 +36,7 @@ from billing.payments.stripe_types import (
     StripeObjectMissing,
     StripeRateLimited,
     StripeUnavailable,
+    TopUpCharge,
     WebhookSignatureInvalid,
     customer_idempotency_key,
     event_from_payload,
@@ -40,6 +44,7 @@ from billing.payments.stripe_types import (
     invoice_idempotency_key,
     meter_event_identifier,
     to_minor_units,
+    topup_idempotency_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -155,6 +160,75 @@ class StripeApi:
             page = self._client.v1.customers.payment_methods.list(customer_id, {"limit": 100})
             items = [pm.to_dict() for pm in page.auto_paging_iter()]
         return tuple(_payment_method(pm) for pm in items)
+
+    # --- Top-ups: a Checkout payment, or an off-session charge of the saved method --------
+
+    def checkout_payment_session_create(
+        self, charge: TopUpCharge, *, success_url: str, cancel_url: str
+    ) -> CheckoutPayment:
+        metadata = _topup_metadata(charge)
+        with _translated("creating the top-up's Checkout session"):
+            session = self._client.v1.checkout.sessions.create(
+                {
+                    "mode": "payment",
+                    "customer": charge.customer_id,
+                    "client_reference_id": charge.topup_id,
+                    "line_items": [
+                        {
+                            "quantity": 1,
+                            "price_data": {
+                                "currency": charge.currency.lower(),
+                                "unit_amount": charge.amount,
+                                "product_data": {"name": charge.description},
+                            },
+                        }
+                    ],
+                    # On the PaymentIntent too, so the charge in Stripe's dashboard and
+                    # its events lead back to the top-up.
+                    "payment_intent_data": {
+                        "description": charge.description,
+                        "metadata": metadata,
+                    },
+                    "metadata": metadata,
+                    "success_url": success_url,
+                    "cancel_url": cancel_url,
+                },
+                {"idempotency_key": topup_idempotency_key(charge.topup_id, "checkout")},
+            )
+        return _checkout_payment(session.to_dict())
+
+    def checkout_session_retrieve(self, session_id: str) -> CheckoutPayment:
+        with _translated("reading the Checkout session"):
+            session = self._client.v1.checkout.sessions.retrieve(session_id)
+        return _checkout_payment(session.to_dict())
+
+    def payment_intent_charge_off_session(
+        self, charge: TopUpCharge, *, payment_method_id: str, idempotency_key: str
+    ) -> PaymentIntent:
+        with _translated("charging the saved payment method"):
+            intent = self._client.v1.payment_intents.create(
+                {
+                    "amount": charge.amount,
+                    "currency": charge.currency.lower(),
+                    "customer": charge.customer_id,
+                    "payment_method": payment_method_id,
+                    # Nobody is present: Stripe declines (authentication_required) rather
+                    # than ask for 3-D Secure, and confirms at once.
+                    "off_session": True,
+                    "confirm": True,
+                    "description": charge.description,
+                    "metadata": _topup_metadata(charge),
+                },
+                {"idempotency_key": idempotency_key},
+            )
+        return _payment_intent(intent.to_dict())
+
+    def payment_intent_retrieve(self, payment_intent_id: str) -> PaymentIntent:
+        with _translated("reading the PaymentIntent"):
+            intent = self._client.v1.payment_intents.retrieve(
+                payment_intent_id, {"expand": ["latest_charge"]}
+            )
+        return _payment_intent(intent.to_dict())
 
     # --- Invoices ----------------------------------------------------------------------
 
@@ -314,12 +388,17 @@ def _translated(action: str) -> Iterator[None]:
     try:
         yield
     except stripe.CardError as exc:
-        decline = exc.error.decline_code if exc.error is not None else None
+        body = exc.json_body if isinstance(exc.json_body, Mapping) else {}
+        error = body.get("error") or {}
+        # An off-session charge that needs its holder is `authentication_required`, with
+        # or without a decline code.
+        decline = error.get("decline_code") or exc.code
         raise StripeCardDeclined(
             f"{action}: the card was declined"
             + (f" ({decline})" if decline else "")
             + f": {exc.user_message}",
             decline_code=decline,
+            payment_intent_id=_id_of(error.get("payment_intent")),
         ) from exc
     except stripe.RateLimitError as exc:
         _log(action, exc)
@@ -383,6 +462,45 @@ def _payment_method(data: Mapping[str, Any]) -> PaymentMethod:
         last4=card.get("last4"),
         exp_month=card.get("exp_month"),
         exp_year=card.get("exp_year"),
+    )
+
+
+def _topup_metadata(charge: TopUpCharge) -> dict[str, str]:
+    return {META_ORGANIZATION: charge.organization_id, META_TOPUP: charge.topup_id}
+
+
+def _checkout_payment(data: Mapping[str, Any]) -> CheckoutPayment:
+    metadata = data.get("metadata") or {}
+    return CheckoutPayment(
+        id=data["id"],
+        url=data.get("url"),
+        status=str(data.get("status") or ""),
+        payment_status=str(data.get("payment_status") or ""),
+        amount_total=int(data.get("amount_total") or 0),
+        currency=str(data.get("currency") or ""),
+        customer_id=_id_of(data.get("customer")),
+        payment_intent_id=_id_of(data.get("payment_intent")),
+        topup_id=metadata.get(META_TOPUP),
+        organization_id=metadata.get(META_ORGANIZATION),
+    )
+
+
+def _payment_intent(data: Mapping[str, Any]) -> PaymentIntent:
+    metadata = data.get("metadata") or {}
+    charge = data.get("latest_charge")
+    error = data.get("last_payment_error") or {}
+    return PaymentIntent(
+        id=data["id"],
+        status=data["status"],
+        amount=int(data.get("amount") or 0),
+        currency=str(data.get("currency") or ""),
+        customer_id=_id_of(data.get("customer")),
+        topup_id=metadata.get(META_TOPUP),
+        organization_id=metadata.get(META_ORGANIZATION),
+        # Only an expanded charge carries its receipt; an id alone does not.
+        receipt_url=charge.get("receipt_url") if isinstance(charge, Mapping) else None,
+        failure_code=error.get("decline_code") or error.get("code"),
+        failure_message=error.get("message"),
     )
 
 

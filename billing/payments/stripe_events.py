@@ -18,7 +18,7 @@ from accounts.services import organization_set_status
 from billing.alerts.events import alert_emit
 from billing.invoicing import invoice_mark_paid
 from billing.models import AlertEvent, Invoice, StripeCustomer, StripeEvent, StripePaymentFailure
-from billing.payments import stripe_types
+from billing.payments import stripe_types, topups
 from billing.payments.stripe_sync import stripe_required
 from billing.payments.stripe_types import Event, event_from_payload
 
@@ -165,6 +165,55 @@ def _on_setup_intent_succeeded(event: Event) -> None:
     )
 
 
+def _on_checkout_session(event: Event) -> None:
+    """A top-up's Checkout session: credited once Stripe says it is complete and paid (an
+    asynchronous method pays later: `async_payment_succeeded`); expired, it is closed.
+    Setup-mode sessions (saving a card) carry no top-up and are left to setup_intent."""
+    if not event.object_id:
+        return
+    session = stripe_required().checkout_session_retrieve(event.object_id)
+    if session.topup_id is None:
+        return
+    topup = topups.topup_of_customer(session.topup_id, session.customer_id)
+    if topup is None or topup.stripe_checkout_session_id != session.id:
+        return
+    if session.status == "complete" and session.payment_status == "paid":
+        if session.payment_intent_id is None:
+            raise stripe_types.StripeInvalidRequest(
+                f"checkout session {session.id} is paid but names no PaymentIntent"
+            )
+        topups.topup_settle(
+            topup_id=topup.id, payment_intent_id=session.payment_intent_id, event_id=event.id
+        )
+    elif session.status == "expired":
+        topups.topup_expire(topup_id=topup.id, session_id=session.id)
+
+
+def _on_payment_intent(event: Event) -> None:
+    """A top-up's payment: credited when it succeeded (an auto-recharge's charge, or a
+    Checkout payment whose session event is late); a failure fails a pending
+    auto-recharge (the charging task normally records it first)."""
+    if not event.object_id:
+        return
+    intent = stripe_required().payment_intent_retrieve(event.object_id)
+    if intent.topup_id is None:
+        return
+    topup = topups.topup_of_customer(intent.topup_id, intent.customer_id)
+    if topup is None:
+        return
+    if intent.status == "succeeded":
+        topups.topup_settle(topup_id=topup.id, payment_intent_id=intent.id, event_id=event.id)
+    elif (
+        event.type == "payment_intent.payment_failed" and topup.source == topup.Source.AUTO_RECHARGE
+    ):
+        topups.topup_fail(
+            topup_id=topup.id,
+            code=intent.failure_code or "payment_failed",
+            message=intent.failure_message or "the payment failed",
+            payment_intent_id=intent.id,
+        )
+
+
 HANDLERS: Mapping[str, Callable[[Event], None]] = {
     "invoice.paid": _on_invoice,
     "invoice.payment_succeeded": _on_invoice,
@@ -173,6 +222,11 @@ HANDLERS: Mapping[str, Callable[[Event], None]] = {
     "invoice.voided": _on_invoice,
     "invoice.marked_uncollectible": _on_invoice,
     "setup_intent.succeeded": _on_setup_intent_succeeded,
+    "checkout.session.completed": _on_checkout_session,
+    "checkout.session.async_payment_succeeded": _on_checkout_session,
+    "checkout.session.expired": _on_checkout_session,
+    "payment_intent.succeeded": _on_payment_intent,
+    "payment_intent.payment_failed": _on_payment_intent,
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
+import queue
 import secrets
 import threading
 import time
@@ -12,28 +14,38 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
+import httpx
+
 from billing.payments.stripe_client import API_VERSION, webhook_sign
 from billing.payments.stripe_types import (
     META_INVOICE,
     META_INVOICE_NUMBER,
     META_LINE_INDEX,
     META_ORGANIZATION,
+    META_TOPUP,
+    CheckoutPayment,
     CheckoutSession,
     Customer,
     Invoice,
     InvoicePush,
     MeterEvent,
+    PaymentIntent,
     PaymentMethod,
     SetupIntent,
+    StripeCardDeclined,
     StripeIdempotencyConflict,
     StripeInvalidRequest,
     StripeObjectMissing,
+    TopUpCharge,
     customer_idempotency_key,
     hour_floor,
     invoice_idempotency_key,
     meter_event_identifier,
     to_minor_units,
+    topup_idempotency_key,
 )
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -41,13 +53,25 @@ T = TypeVar("T")
 IDEMPOTENCY_TTL_S = 24 * 3600
 
 # Stripe's test payment methods that the fake understands: the card each one
-# stands for, and whether charging it is declined.
-TEST_CARDS: Mapping[str, tuple[str, str, bool]] = {
-    "pm_card_visa": ("visa", "4242", False),
-    "pm_card_mastercard": ("mastercard", "4444", False),
-    "pm_card_chargeDeclined": ("visa", "0002", True),
-    "pm_card_chargeDeclinedInsufficientFunds": ("visa", "9995", True),
+# stands for, and the decline code charging it gets (None: the charge succeeds).
+# `authentication_required` (4000 0027 6000 3184) asks its holder for 3-D Secure every
+# time: paid on a Checkout page, where the holder is present, declined off-session.
+AUTHENTICATION_REQUIRED = "authentication_required"
+TEST_CARDS: Mapping[str, tuple[str, str, str | None]] = {
+    "pm_card_visa": ("visa", "4242", None),
+    "pm_card_mastercard": ("mastercard", "4444", None),
+    "pm_card_chargeDeclined": ("visa", "0002", "generic_decline"),
+    "pm_card_chargeDeclinedInsufficientFunds": ("visa", "9995", "insufficient_funds"),
+    "pm_card_authenticationRequired": ("visa", "3184", AUTHENTICATION_REQUIRED),
 }
+
+# Stripe's smallest and largest charge in minor units (docs.stripe.com/currencies,
+# "Minimum and maximum charge amounts"; 0.50 of most currencies).
+MIN_CHARGE = 50
+MAX_CHARGE = 99_999_999
+# A Checkout session expires 24 hours after it is created unless `expires_at` says less.
+CHECKOUT_TTL_S = 24 * 3600
+CHECKOUT_URL = "https://checkout.stripe.com/c/pay/"
 
 # Invoice state machine (docs.stripe.com/invoicing/overview#invoice-statuses).
 _TRANSITIONS: Mapping[str, frozenset[str]] = {
@@ -76,9 +100,18 @@ class FakeStripe:
         webhook_secret: str,
         meter_event_name: str = "mantle_tokens",
         start: float | None = None,
+        checkout_url: str = CHECKOUT_URL,
+        deliver_to: str | None = None,
     ) -> None:
         self.webhook_secret = webhook_secret
         self.meter_event_name = meter_event_name
+        # Where hosted Checkout pages live (`<checkout_url><session id>`): Stripe's own
+        # address, or the fake's page served by a test server (billing/payments/fake_checkout.py).
+        self.checkout_url = checkout_url
+        # A webhook URL the fake POSTs every event to, signed, from a thread of its own,
+        # as Stripe does a moment after the change; None: tests deliver events themselves.
+        self.deliver_to = deliver_to
+        self._outbox: queue.Queue[dict[str, Any]] | None = None
         self._now = float(start if start is not None else time.time())
         self._lock = threading.RLock()
         self._seq = itertools.count(1)
@@ -86,6 +119,8 @@ class FakeStripe:
         self.payment_methods: dict[str, dict[str, Any]] = {}
         self.setup_intents: dict[str, dict[str, Any]] = {}
         self.checkout_sessions: dict[str, dict[str, Any]] = {}
+        self.payment_intents: dict[str, dict[str, Any]] = {}
+        self.charges: dict[str, dict[str, Any]] = {}
         self.invoices: dict[str, dict[str, Any]] = {}
         self.invoice_items: dict[str, dict[str, Any]] = {}
         self.meter_events: dict[str, MeterEvent] = {}
@@ -93,6 +128,7 @@ class FakeStripe:
         self.events: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str]] = []  # (method name, idempotency key or "")
         self._idempotency: dict[str, tuple[str, str, float, Any]] = {}
+        self._declined: dict[str, StripeCardDeclined] = {}
 
     # --- Clock ---------------------------------------------------------------------------
 
@@ -162,10 +198,14 @@ class FakeStripe:
                 "customer": customer_id,
                 "currency": currency.lower(),
                 "status": "open",
+                "payment_status": "no_payment_required",
+                "amount_total": None,
+                "payment_intent": None,
+                "metadata": {},
                 "success_url": success_url,
                 "cancel_url": cancel_url,
                 "setup_intent": None,
-                "url": f"https://checkout.stripe.com/c/pay/{session_id}",
+                "url": f"{self.checkout_url}{session_id}",
             }
             return CheckoutSession(id=session_id, url=self.checkout_sessions[session_id]["url"])
 
@@ -187,6 +227,146 @@ class FakeStripe:
                 for pm in self.payment_methods.values()
                 if pm["customer"] == customer_id
             )
+
+    def checkout_payment_session_create(
+        self, charge: TopUpCharge, *, success_url: str, cancel_url: str
+    ) -> CheckoutPayment:
+        currency = charge.currency.lower()
+        metadata = {META_ORGANIZATION: charge.organization_id, META_TOPUP: charge.topup_id}
+        params = {
+            "mode": "payment",
+            "customer": charge.customer_id,
+            "client_reference_id": charge.topup_id,
+            "line_items": [
+                {
+                    "quantity": 1,
+                    "price_data": {
+                        "currency": currency,
+                        "unit_amount": charge.amount,
+                        "product_data": {"name": charge.description},
+                    },
+                }
+            ],
+            "payment_intent_data": {"description": charge.description, "metadata": metadata},
+            "metadata": metadata,
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+        }
+
+        def create() -> dict[str, Any]:
+            self._get(self.customers, charge.customer_id, "customer")
+            _check_charge_amount(charge.amount, param="line_items[0][price_data][unit_amount]")
+            session_id = self._new_id("cs_test")
+            session: dict[str, Any] = {
+                "id": session_id,
+                "object": "checkout.session",
+                "mode": "payment",
+                "created": self.now(),
+                "expires_at": self.now() + CHECKOUT_TTL_S,
+                "customer": charge.customer_id,
+                "client_reference_id": charge.topup_id,
+                "currency": currency,
+                "amount_subtotal": charge.amount,
+                "amount_total": charge.amount,
+                "line_items": copy.deepcopy(params["line_items"]),
+                "payment_intent_data": copy.deepcopy(params["payment_intent_data"]),
+                "metadata": dict(metadata),
+                "status": "open",
+                "payment_status": "unpaid",
+                # Created when the customer pays (API versions since 2022-08-01).
+                "payment_intent": None,
+                "setup_intent": None,
+                "success_url": success_url,
+                "cancel_url": cancel_url,
+                "url": f"{self.checkout_url}{session_id}",
+            }
+            self.checkout_sessions[session_id] = session
+            return session
+
+        data = self._idempotent(
+            topup_idempotency_key(charge.topup_id, "checkout"),
+            "POST /v1/checkout/sessions",
+            params,
+            create,
+        )
+        return _checkout_payment(self.checkout_sessions[data["id"]])
+
+    def checkout_session_retrieve(self, session_id: str) -> CheckoutPayment:
+        with self._lock:
+            return _checkout_payment(
+                self._get(self.checkout_sessions, session_id, "checkout.session")
+            )
+
+    def payment_intent_charge_off_session(
+        self, charge: TopUpCharge, *, payment_method_id: str, idempotency_key: str
+    ) -> PaymentIntent:
+        currency = charge.currency.lower()
+        metadata = {META_ORGANIZATION: charge.organization_id, META_TOPUP: charge.topup_id}
+        params = {
+            "amount": charge.amount,
+            "currency": currency,
+            "customer": charge.customer_id,
+            "payment_method": payment_method_id,
+            "off_session": True,
+            "confirm": True,
+            "description": charge.description,
+            "metadata": metadata,
+        }
+
+        def create() -> dict[str, Any]:
+            self._get(self.customers, charge.customer_id, "customer")
+            pm = self._get(self.payment_methods, payment_method_id, "payment_method")
+            if pm["customer"] != charge.customer_id:
+                raise StripeInvalidRequest(
+                    f"The provided PaymentMethod {payment_method_id} does not belong to the "
+                    f"customer {charge.customer_id}",
+                    param="payment_method",
+                )
+            _check_charge_amount(charge.amount, param="amount")
+            intent = self._payment_intent_new(
+                customer_id=charge.customer_id,
+                amount=charge.amount,
+                currency=currency,
+                metadata=metadata,
+                description=charge.description,
+            )
+            intent["payment_method"] = payment_method_id
+            decline = pm["decline_code"]
+            if decline is None:
+                self._payment_intent_succeed(intent)
+                return intent
+            # Stripe keeps the intent, records the error on it, and answers 402.
+            code = (
+                AUTHENTICATION_REQUIRED if decline == AUTHENTICATION_REQUIRED else "card_declined"
+            )
+            message = (
+                "This payment required an authentication action to complete, but "
+                "`error_on_requires_action` was set."
+                if decline == AUTHENTICATION_REQUIRED
+                else "Your card was declined."
+            )
+            intent["status"] = "requires_payment_method"
+            intent["last_payment_error"] = {
+                "type": "card_error",
+                "code": code,
+                "decline_code": decline,
+                "message": message,
+                "payment_method": {"id": payment_method_id},
+            }
+            self._emit("payment_intent.payment_failed", intent)
+            raise StripeCardDeclined(
+                f"charging the saved payment method: the card was declined ({decline}): {message}",
+                decline_code=decline,
+                payment_intent_id=intent["id"],
+            )
+
+        data = self._idempotent(idempotency_key, "POST /v1/payment_intents", params, create)
+        return _payment_intent(data, self.charges)
+
+    def payment_intent_retrieve(self, payment_intent_id: str) -> PaymentIntent:
+        with self._lock:
+            intent = self._get(self.payment_intents, payment_intent_id, "payment_intent")
+            return _payment_intent(intent, self.charges)
 
     def invoice_draft_create(self, push: InvoicePush) -> Invoice:
         with self._lock:
@@ -296,15 +476,43 @@ class FakeStripe:
             return str(pm["id"])
 
     def checkout_complete(self, session_id: str, *, card: str = "pm_card_visa") -> str:
-        """The customer completes a setup-mode Checkout session; returns the payment method."""
+        """The customer completes a Checkout session with a test card; returns the payment
+        method. Setup mode saves the card; payment mode charges it (a declined card raises
+        StripeCardDeclined and leaves the session open, as the hosted page lets the
+        customer try another)."""
         with self._lock:
             session = self._get(self.checkout_sessions, session_id, "checkout.session")
+            if session["status"] != "open":
+                raise StripeInvalidRequest(
+                    f"checkout session {session_id} is {session['status']}", param="session"
+                )
+            if session["mode"] == "payment":
+                return self._checkout_pay(session, card)
             intent = self._setup_intent_new(session["customer"])
             pm_id = self.setup_intent_succeed(intent["id"], card=card)
             session["status"] = "complete"
             session["setup_intent"] = intent["id"]
             self._emit("checkout.session.completed", session)
             return pm_id
+
+    def checkout_expire(self, session_id: str) -> None:
+        """The session's 24 hours ran out (or the platform expired it): no payment."""
+        with self._lock:
+            session = self._get(self.checkout_sessions, session_id, "checkout.session")
+            if session["status"] != "open":
+                raise StripeInvalidRequest(
+                    f"checkout session {session_id} is {session['status']}", param="session"
+                )
+            session["status"] = "expired"
+            session["url"] = None
+            self._emit("checkout.session.expired", session)
+
+    def checkout_success_url(self, session_id: str) -> str:
+        """Where the hosted page sends the customer after paying (Stripe fills in the
+        `{CHECKOUT_SESSION_ID}` template variable)."""
+        with self._lock:
+            session = self._get(self.checkout_sessions, session_id, "checkout.session")
+            return str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session_id)
 
     def attempt_payment(self, stripe_invoice_id: str) -> bool:
         """Stripe's automatic collection: charges the default payment method of the customer."""
@@ -317,7 +525,7 @@ class FakeStripe:
                 )
             customer = self.customers[invoice["customer"]]
             pm_id = customer["invoice_settings"]["default_payment_method"]
-            declined = pm_id is None or self.payment_methods[pm_id]["declines"]
+            declined = pm_id is None or self.payment_methods[pm_id]["decline_code"] is not None
             invoice["attempt_count"] += 1
             invoice["attempted"] = True
             if declined:
@@ -379,9 +587,16 @@ class FakeStripe:
                         f"'{key}' if you meant to execute a different request.",
                         param="Idempotency-Key",
                     )
+                if isinstance(result, StripeCardDeclined):
+                    raise result
                 return copy.deepcopy(result)
-            # Only requests that succeed are remembered (a failed validation is not).
-            value = create()
+            # Requests that ran are remembered, a decline too (Stripe answers a retry with
+            # the same 402); a failed validation is not.
+            try:
+                value = create()
+            except StripeCardDeclined as declined:
+                self._idempotency[key] = (endpoint, fingerprint, self._now, declined)
+                raise
             self._idempotency[key] = (endpoint, fingerprint, self._now, copy.deepcopy(value))
             return value
 
@@ -535,40 +750,152 @@ class FakeStripe:
         self.setup_intents[intent_id] = intent
         return intent
 
-    def _payment_method_new(self, card: str, customer_id: str) -> dict[str, Any]:
+    def _payment_method_new(self, card: str, customer_id: str | None) -> dict[str, Any]:
         if card not in TEST_CARDS:
             raise StripeInvalidRequest(f"no such test payment method: {card}")
-        self._get(self.customers, customer_id, "customer")
-        brand, last4, declines = TEST_CARDS[card]
+        if customer_id is not None:
+            self._get(self.customers, customer_id, "customer")
+        brand, last4, decline_code = TEST_CARDS[card]
         pm: dict[str, Any] = {
             "id": self._new_id("pm"),
             "object": "payment_method",
             "type": "card",
             "customer": customer_id,
             "card": {"brand": brand, "last4": last4, "exp_month": 12, "exp_year": 2034},
-            "declines": declines,
+            "decline_code": decline_code,
         }
         self.payment_methods[pm["id"]] = pm
-        self._emit("payment_method.attached", pm)
+        if customer_id is not None:
+            self._emit("payment_method.attached", pm)
         return pm
+
+    def _checkout_pay(self, session: dict[str, Any], card: str) -> str:
+        # Without setup_future_usage the card pays once and is not saved to the customer.
+        pm = self._payment_method_new(card, None)
+        decline = pm["decline_code"]
+        # The holder is on the page: a card that asks for 3-D Secure gets it and pays.
+        if decline is not None and decline != AUTHENTICATION_REQUIRED:
+            raise StripeCardDeclined(f"Your card was declined ({decline}).", decline_code=decline)
+        data = session["payment_intent_data"]
+        intent = self._payment_intent_new(
+            customer_id=session["customer"],
+            amount=session["amount_total"],
+            currency=session["currency"],
+            metadata=data.get("metadata") or {},
+            description=data.get("description"),
+        )
+        intent["payment_method"] = pm["id"]
+        self._payment_intent_succeed(intent)
+        session["status"] = "complete"
+        session["payment_status"] = "paid"
+        session["payment_intent"] = intent["id"]
+        session["url"] = None
+        self._emit("checkout.session.completed", session)
+        return str(pm["id"])
+
+    def _payment_intent_new(
+        self,
+        *,
+        customer_id: str,
+        amount: int,
+        currency: str,
+        metadata: Mapping[str, str],
+        description: str | None,
+    ) -> dict[str, Any]:
+        intent_id = self._new_id("pi")
+        intent: dict[str, Any] = {
+            "id": intent_id,
+            "object": "payment_intent",
+            "created": self.now(),
+            "amount": amount,
+            "amount_received": 0,
+            "currency": currency,
+            "customer": customer_id,
+            "description": description,
+            "metadata": dict(metadata),
+            "payment_method": None,
+            "status": "requires_payment_method",
+            "latest_charge": None,
+            "last_payment_error": None,
+            "client_secret": f"{intent_id}_secret_{secrets.token_hex(8)}",
+        }
+        self.payment_intents[intent_id] = intent
+        self._emit("payment_intent.created", intent)
+        return intent
+
+    def _payment_intent_succeed(self, intent: dict[str, Any]) -> None:
+        charge: dict[str, Any] = {
+            "id": self._new_id("ch"),
+            "object": "charge",
+            "created": self.now(),
+            "amount": intent["amount"],
+            "amount_captured": intent["amount"],
+            "currency": intent["currency"],
+            "customer": intent["customer"],
+            "payment_intent": intent["id"],
+            "payment_method": intent["payment_method"],
+            "paid": True,
+            "status": "succeeded",
+            "receipt_url": f"https://pay.stripe.com/receipts/payment/{secrets.token_urlsafe(24)}",
+        }
+        self.charges[charge["id"]] = charge
+        intent["status"] = "succeeded"
+        intent["amount_received"] = intent["amount"]
+        intent["latest_charge"] = charge["id"]
+        self._emit("charge.succeeded", charge)
+        self._emit("payment_intent.succeeded", intent)
 
     def _emit(self, event_type: str, obj: Mapping[str, Any]) -> None:
         snapshot = copy.deepcopy(dict(obj))
-        snapshot.pop("declines", None)
+        snapshot.pop("decline_code", None)
         if snapshot.get("object") == "invoice":
             snapshot["lines"] = {"object": "list", "data": snapshot["lines"]}
-        self.events.append(
-            {
-                "id": self._new_id("evt"),
-                "object": "event",
-                "api_version": API_VERSION,
-                "created": self.now(),
-                "livemode": False,
-                "pending_webhooks": 1,
-                "type": event_type,
-                "data": {"object": snapshot},
-            }
-        )
+        if snapshot.get("object") == "checkout.session":
+            snapshot.pop("line_items", None)  # expandable only, never in an event
+            snapshot.pop("payment_intent_data", None)  # a create parameter, not a field
+        event = {
+            "id": self._new_id("evt"),
+            "object": "event",
+            "api_version": API_VERSION,
+            "created": self.now(),
+            "livemode": False,
+            "pending_webhooks": 1,
+            "type": event_type,
+            "data": {"object": snapshot},
+        }
+        self.events.append(event)
+        if self.deliver_to is not None:
+            self._send_later(event)
+
+    def _send_later(self, event: dict[str, Any]) -> None:
+        if self._outbox is None:
+            self._outbox = queue.Queue()
+            threading.Thread(
+                target=self._deliver_loop, name="fake-stripe-webhooks", daemon=True
+            ).start()
+        self._outbox.put(event)
+
+    def _deliver_loop(self) -> None:
+        """Stripe's webhook sender: each event POSTed, signed, in order; retried a few
+        times on a failure (Stripe retries for days; a test server needs seconds)."""
+        assert self._outbox is not None and self.deliver_to is not None
+        while True:
+            event = self._outbox.get()
+            for attempt in range(5):
+                # Signed now, by the wall clock: the receiver checks the timestamp.
+                body, header = self.signed(event, timestamp=int(time.time()))
+                try:
+                    # A non-2xx answer is a failure Stripe would redeliver.
+                    httpx.post(
+                        self.deliver_to,
+                        content=body,
+                        headers={"Content-Type": "application/json", "Stripe-Signature": header},
+                        timeout=30,
+                    ).raise_for_status()
+                    break
+                except httpx.HTTPError as exc:
+                    logger.warning("fake Stripe: delivering %s failed: %s", event["id"], exc)
+                    time.sleep(0.5 * (attempt + 1))
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_fake{next(self._seq):06d}{secrets.token_hex(4)}"
@@ -586,6 +913,46 @@ def _customer(data: Mapping[str, Any]) -> Customer:
         id=data["id"],
         organization_id=data["metadata"].get(META_ORGANIZATION),
         default_payment_method_id=data["invoice_settings"]["default_payment_method"],
+    )
+
+
+def _check_charge_amount(amount: int, *, param: str) -> None:
+    if amount < MIN_CHARGE:
+        raise StripeInvalidRequest(f"Amount must be at least {MIN_CHARGE} minor units", param=param)
+    if amount > MAX_CHARGE:
+        raise StripeInvalidRequest(f"Amount must be no more than {MAX_CHARGE}", param=param)
+
+
+def _checkout_payment(data: Mapping[str, Any]) -> CheckoutPayment:
+    metadata = data.get("metadata") or {}
+    return CheckoutPayment(
+        id=data["id"],
+        url=data.get("url"),
+        status=data["status"],
+        payment_status=data["payment_status"],
+        amount_total=data["amount_total"] or 0,
+        currency=data["currency"],
+        customer_id=data["customer"],
+        payment_intent_id=data["payment_intent"],
+        topup_id=metadata.get(META_TOPUP),
+        organization_id=metadata.get(META_ORGANIZATION),
+    )
+
+
+def _payment_intent(data: Mapping[str, Any], charges: Mapping[str, Any]) -> PaymentIntent:
+    charge = charges.get(data["latest_charge"]) if data["latest_charge"] else None
+    error = data["last_payment_error"] or {}
+    return PaymentIntent(
+        id=data["id"],
+        status=data["status"],
+        amount=data["amount"],
+        currency=data["currency"],
+        customer_id=data["customer"],
+        topup_id=data["metadata"].get(META_TOPUP),
+        organization_id=data["metadata"].get(META_ORGANIZATION),
+        receipt_url=charge["receipt_url"] if charge else None,
+        failure_code=error.get("decline_code") or error.get("code"),
+        failure_message=error.get("message"),
     )
 
 

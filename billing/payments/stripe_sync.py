@@ -48,7 +48,12 @@ def stripe_backend() -> StripeBackend | None:
     """
     kind = settings.MANTLE_STRIPE_BACKEND
     if kind == "fake":
-        key: tuple[object, ...] = ("fake", settings.STRIPE_WEBHOOK_SECRET)
+        key: tuple[object, ...] = (
+            "fake",
+            settings.STRIPE_WEBHOOK_SECRET,
+            settings.MANTLE_STRIPE_FAKE_CHECKOUT_URL,
+            settings.MANTLE_STRIPE_FAKE_WEBHOOK_URL,
+        )
     elif kind == "stripe":
         if not settings.STRIPE_API_KEY:
             return None
@@ -89,11 +94,13 @@ def stripe_backend_reset() -> None:
 def _build(kind: str) -> StripeBackend:
     # Imported here: the SDK is only loaded when Stripe is actually used.
     if kind == "fake":
-        from billing.payments.stripe_fake import FakeStripe
+        from billing.payments.stripe_fake import CHECKOUT_URL, FakeStripe
 
         return FakeStripe(
             webhook_secret=settings.STRIPE_WEBHOOK_SECRET or "whsec_fake",
             meter_event_name=settings.STRIPE_METER_EVENT_NAME,
+            checkout_url=settings.MANTLE_STRIPE_FAKE_CHECKOUT_URL or CHECKOUT_URL,
+            deliver_to=settings.MANTLE_STRIPE_FAKE_WEBHOOK_URL or None,
         )
     from billing.payments.stripe_client import StripeApi, StripeConfig
 

@@ -24,6 +24,7 @@ META_ORGANIZATION = "mantle_organization_id"
 META_INVOICE = "mantle_invoice_id"
 META_INVOICE_NUMBER = "mantle_invoice_number"
 META_LINE_INDEX = "mantle_line_index"
+META_TOPUP = "mantle_topup_id"
 
 
 # --- Errors -------------------------------------------------------------------------------
@@ -45,9 +46,17 @@ class StripeCardDeclined(StripeError):
     status = 402
     code = "card_declined"
 
-    def __init__(self, message: str, *, decline_code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        decline_code: str | None = None,
+        payment_intent_id: str | None = None,
+    ) -> None:
         super().__init__(message, param="payment_method")
         self.decline_code = decline_code
+        # The PaymentIntent a declined confirmation left behind (off-session charges).
+        self.payment_intent_id = payment_intent_id
 
 
 class StripeRateLimited(StripeError):
@@ -107,6 +116,49 @@ class Customer:
 class CheckoutSession:
     id: str
     url: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutPayment:
+    """A payment-mode Checkout session (a top-up), as Stripe reports it now."""
+
+    id: str
+    url: str | None
+    status: str  # open | complete | expired
+    payment_status: str  # unpaid | paid | no_payment_required
+    amount_total: int  # minor units
+    currency: str
+    customer_id: str | None
+    payment_intent_id: str | None  # set once the customer paid (API versions since 2022-08)
+    topup_id: str | None  # our metadata
+    organization_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentIntent:
+    id: str
+    status: str  # requires_payment_method | requires_action | processing | succeeded | ...
+    amount: int  # minor units
+    currency: str
+    customer_id: str | None
+    topup_id: str | None  # our metadata
+    organization_id: str | None
+    receipt_url: str | None = None  # of its latest charge
+    failure_code: str | None = None  # last_payment_error: decline_code, else code
+    failure_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopUpCharge:
+    """What a top-up asks Stripe for: an amount of the organization's currency, tied back
+    to our top-up row by metadata."""
+
+    organization_id: str
+    topup_id: str
+    customer_id: str
+    amount: int  # minor units
+    currency: str
+    description: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +268,25 @@ class StripeBackend(Protocol):
 
     def payment_methods_list(self, *, customer_id: str) -> tuple[PaymentMethod, ...]: ...
 
+    def checkout_payment_session_create(
+        self, charge: TopUpCharge, *, success_url: str, cancel_url: str
+    ) -> CheckoutPayment:
+        """A hosted page where the customer pays `charge` once (mode `payment`)."""
+        ...
+
+    def checkout_session_retrieve(self, session_id: str) -> CheckoutPayment: ...
+
+    def payment_intent_charge_off_session(
+        self, charge: TopUpCharge, *, payment_method_id: str, idempotency_key: str
+    ) -> PaymentIntent:
+        """Charges a saved payment method with nobody present (`off_session`, confirmed at
+        once); a decline or a card that needs its holder raises StripeCardDeclined."""
+        ...
+
+    def payment_intent_retrieve(self, payment_intent_id: str) -> PaymentIntent:
+        """The intent, with its latest charge's receipt URL."""
+        ...
+
     def invoice_draft_create(self, push: InvoicePush) -> Invoice: ...
 
     def invoice_complete(self, push: InvoicePush) -> Invoice:
@@ -277,6 +348,16 @@ def customer_idempotency_key(organization_id: str) -> str:
 def invoice_idempotency_key(invoice_id: str, step: str) -> str:
     """`step` is `create`, `line-<index>` or `finalize`."""
     return f"mantle-invoice-{invoice_id}-{step}"
+
+
+def topup_idempotency_key(topup_id: str, step: str) -> str:
+    """`step` is `checkout` (the session of a console top-up)."""
+    return f"mantle-topup-{topup_id}-{step}"
+
+
+def auto_recharge_idempotency_key(organization_id: str, crossing: int) -> str:
+    """One charge per threshold crossing: the n-th crossing of an organization has one key."""
+    return f"mantle-auto-recharge-{organization_id}-{crossing}"
 
 
 def meter_event_identifier(customer_id: str, model: str, kind: str, hour: datetime) -> str:

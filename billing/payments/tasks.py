@@ -1,15 +1,21 @@
-"""Billing-queue tasks for Stripe: invoice push, meter hours, retry of stored webhook events."""
+"""Billing-queue tasks for Stripe: invoice push, meter hours, retry of stored webhook events,
+auto-recharge."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from billing.payments import stripe_events, stripe_sync
+from accounts.models import Organization
+from billing import jobs
+from billing.payments import auto_recharge, stripe_events, stripe_sync
 from billing.payments.stripe_types import StripeRateLimited, StripeUnavailable
+
+logger = logging.getLogger(__name__)
 
 # Only transient failures are retried; a refused request (bad data, a bad key) is not.
 _TRANSIENT = (StripeRateLimited, StripeUnavailable)
@@ -67,3 +73,33 @@ def stripe_push_meter_hour(hour_iso: str | None = None) -> int:
 @shared_task(name="mantle.billing.stripe_retry_events", queue="billing", ignore_result=True)
 def stripe_retry_events() -> int:
     return stripe_events.stripe_events_retry()
+
+
+@shared_task(
+    name=jobs.AUTO_RECHARGE_EVALUATE_ORGANIZATION,
+    queue="billing",
+    ignore_result=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=30,
+    retry_backoff_max=600,
+    max_retries=12,
+)
+def auto_recharge_evaluate_organization(organization_id: str) -> bool:
+    """One organization's balance against its threshold; True if a charge was sent. A
+    retry charges the crossing recorded before the transient error, under its key."""
+    org = Organization.objects.filter(id=organization_id).first()
+    return org is not None and auto_recharge.auto_recharge_evaluate(org) is not None
+
+
+@shared_task(name="mantle.billing.auto_recharge_evaluate_all", queue="billing", ignore_result=True)
+def auto_recharge_evaluate_all() -> int:
+    """Every organization with auto-recharge on (beat, every minute); returns charges sent."""
+    if stripe_sync.stripe_backend() is None:
+        return 0
+    charged = 0
+    for org in Organization.objects.filter(id__in=auto_recharge.auto_recharge_due()).order_by("id"):
+        try:
+            charged += auto_recharge.auto_recharge_evaluate(org) is not None
+        except Exception:  # one organization must not stop the others
+            logger.exception("auto-recharge evaluation failed for %s", org.id)
+    return charged

@@ -356,3 +356,18 @@ class AlertSettingsForm(forms.Form):
         decimal_places=2,
         help_text="Empty: the platform's default.",
     )
+
+
+class TopUpForm(forms.Form):
+    """Prepaid credit to buy; the bounds are the service's (billing/payments/topups.py)."""
+
+    amount = forms.DecimalField(decimal_places=2, max_digits=20, label="Amount")
+
+
+class AutoRechargeForm(forms.Form):
+    enabled = forms.BooleanField(required=False, label="Recharge automatically")
+    threshold = forms.DecimalField(
+        decimal_places=2, max_digits=20, label="When the balance falls under"
+    )
+    amount = forms.DecimalField(decimal_places=2, max_digits=20, label="Charge the saved card")
+    daily_cap = forms.DecimalField(decimal_places=2, max_digits=20, label="At most per day (UTC)")

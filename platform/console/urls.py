@@ -14,6 +14,7 @@ from console.views import (
     keys,
     org,
     playground,
+    topups,
     usage,
     webhooks,
 )
@@ -122,6 +123,13 @@ org_patterns = [
         "billing/payment-methods/add/",
         billing_pages.payment_method_add,
         name="console-payment-method-add",
+    ),
+    path("billing/top-up/", topups.topup_page, name="console-topup"),
+    path("billing/top-up/start/", topups.topup_start, name="console-topup-start"),
+    path(
+        "billing/auto-recharge/",
+        topups.auto_recharge_save,
+        name="console-auto-recharge",
     ),
 ]
 

@@ -14,6 +14,7 @@ import responses
 
 from billing.payments.stripe_client import API_VERSION, StripeApi, StripeConfig
 from billing.payments.stripe_types import (
+    CheckoutPayment,
     InvoiceLine,
     InvoicePush,
     StripeAuthenticationFailed,
@@ -23,6 +24,7 @@ from billing.payments.stripe_types import (
     StripeObjectMissing,
     StripeRateLimited,
     StripeUnavailable,
+    TopUpCharge,
     invoice_push,
     meter_event_identifier,
     to_minor_units,
@@ -620,3 +622,208 @@ def test_minor_units(amount: str, currency: str, minor: int) -> None:
 def test_minor_units_refuse_to_round(amount: str, currency: str) -> None:
     with pytest.raises(StripeInvalidRequest):
         to_minor_units(Decimal(amount), currency)
+
+
+# --- Top-ups: a Checkout payment, an off-session charge -------------------------------------
+
+CHARGE = TopUpCharge(
+    organization_id="org_x",
+    topup_id="topup_1",
+    customer_id="cus_1",
+    amount=2500,
+    currency="USD",
+    description="Mantle prepaid credit for Acme",
+)
+
+
+def test_checkout_session_in_payment_mode(wire: responses.RequestsMock) -> None:
+    wire.post(
+        f"{API}/v1/checkout/sessions",
+        json={
+            "id": "cs_2",
+            "object": "checkout.session",
+            "mode": "payment",
+            "url": "https://checkout.stripe.com/c/pay/cs_2",
+            "status": "open",
+            "payment_status": "unpaid",
+            "amount_total": 2500,
+            "currency": "usd",
+            "customer": "cus_1",
+            "payment_intent": None,
+            "metadata": {"mantle_organization_id": "org_x", "mantle_topup_id": "topup_1"},
+        },
+    )
+
+    session = api().checkout_payment_session_create(
+        CHARGE,
+        success_url="https://mantle.test/ok?checkout={CHECKOUT_SESSION_ID}",
+        cancel_url="https://mantle.test/cancel",
+    )
+
+    assert session == CheckoutPayment(
+        id="cs_2",
+        url="https://checkout.stripe.com/c/pay/cs_2",
+        status="open",
+        payment_status="unpaid",
+        amount_total=2500,
+        currency="usd",
+        customer_id="cus_1",
+        payment_intent_id=None,
+        topup_id="topup_1",
+        organization_id="org_x",
+    )
+    (call,) = wire.calls
+    assert path(call) == "/v1/checkout/sessions"
+    assert form(call) == {
+        "mode": "payment",
+        "customer": "cus_1",
+        "client_reference_id": "topup_1",
+        "line_items[0][quantity]": "1",
+        "line_items[0][price_data][currency]": "usd",
+        "line_items[0][price_data][unit_amount]": "2500",
+        "line_items[0][price_data][product_data][name]": "Mantle prepaid credit for Acme",
+        "payment_intent_data[description]": "Mantle prepaid credit for Acme",
+        "payment_intent_data[metadata][mantle_organization_id]": "org_x",
+        "payment_intent_data[metadata][mantle_topup_id]": "topup_1",
+        "metadata[mantle_organization_id]": "org_x",
+        "metadata[mantle_topup_id]": "topup_1",
+        "success_url": "https://mantle.test/ok?checkout={CHECKOUT_SESSION_ID}",
+        "cancel_url": "https://mantle.test/cancel",
+    }
+    assert_stripe_headers(call, idempotency_key="mantle-topup-topup_1-checkout")
+
+
+def test_checkout_session_retrieve_after_payment(wire: responses.RequestsMock) -> None:
+    wire.get(
+        f"{API}/v1/checkout/sessions/cs_2",
+        json={
+            "id": "cs_2",
+            "object": "checkout.session",
+            "url": None,
+            "status": "complete",
+            "payment_status": "paid",
+            "amount_total": 2500,
+            "currency": "usd",
+            "customer": "cus_1",
+            "payment_intent": "pi_9",
+            "metadata": {"mantle_organization_id": "org_x", "mantle_topup_id": "topup_1"},
+        },
+    )
+
+    session = api().checkout_session_retrieve("cs_2")
+
+    assert (session.status, session.payment_status, session.payment_intent_id) == (
+        "complete",
+        "paid",
+        "pi_9",
+    )
+    assert_stripe_headers(wire.calls[0], idempotency_key=None)
+
+
+def test_off_session_charge_request(wire: responses.RequestsMock) -> None:
+    wire.post(
+        f"{API}/v1/payment_intents",
+        json={
+            "id": "pi_1",
+            "object": "payment_intent",
+            "status": "succeeded",
+            "amount": 2500,
+            "currency": "usd",
+            "customer": "cus_1",
+            "latest_charge": "ch_1",
+            "last_payment_error": None,
+            "metadata": {"mantle_organization_id": "org_x", "mantle_topup_id": "topup_1"},
+        },
+    )
+
+    intent = api().payment_intent_charge_off_session(
+        CHARGE, payment_method_id="pm_1", idempotency_key="mantle-auto-recharge-org_x-3"
+    )
+
+    assert (intent.id, intent.status, intent.amount, intent.topup_id) == (
+        "pi_1",
+        "succeeded",
+        2500,
+        "topup_1",
+    )
+    assert intent.receipt_url is None  # the charge was not expanded
+    (call,) = wire.calls
+    assert path(call) == "/v1/payment_intents"
+    assert form(call) == {
+        "amount": "2500",
+        "currency": "usd",
+        "customer": "cus_1",
+        "payment_method": "pm_1",
+        "off_session": "true",
+        "confirm": "true",
+        "description": "Mantle prepaid credit for Acme",
+        "metadata[mantle_organization_id]": "org_x",
+        "metadata[mantle_topup_id]": "topup_1",
+    }
+    assert_stripe_headers(call, idempotency_key="mantle-auto-recharge-org_x-3")
+
+
+@pytest.mark.parametrize(
+    ("code", "decline_code", "expected"),
+    [
+        ("card_declined", "insufficient_funds", "insufficient_funds"),
+        ("authentication_required", "authentication_required", "authentication_required"),
+        ("authentication_required", None, "authentication_required"),
+    ],
+)
+def test_off_session_decline_names_the_intent_and_is_not_retried(
+    wire: responses.RequestsMock, code: str, decline_code: str | None, expected: str
+) -> None:
+    extra: dict[str, Any] = {
+        "payment_intent": {
+            "id": "pi_7",
+            "object": "payment_intent",
+            "status": "requires_payment_method",
+        }
+    }
+    if decline_code:
+        extra["decline_code"] = decline_code
+    wire.post(
+        f"{API}/v1/payment_intents",
+        status=402,
+        json=error_json("card_error", code, "The card was declined.", **extra),
+    )
+
+    with pytest.raises(StripeCardDeclined) as caught:
+        api().payment_intent_charge_off_session(
+            CHARGE, payment_method_id="pm_1", idempotency_key="mantle-auto-recharge-org_x-1"
+        )
+
+    assert caught.value.decline_code == expected
+    assert caught.value.payment_intent_id == "pi_7"
+    assert len(wire.calls) == 1
+
+
+def test_payment_intent_retrieve_expands_the_charge_for_its_receipt(
+    wire: responses.RequestsMock,
+) -> None:
+    wire.get(
+        f"{API}/v1/payment_intents/pi_1",
+        json={
+            "id": "pi_1",
+            "object": "payment_intent",
+            "status": "succeeded",
+            "amount": 2500,
+            "currency": "usd",
+            "customer": "cus_1",
+            "latest_charge": {
+                "id": "ch_1",
+                "object": "charge",
+                "receipt_url": "https://pay.stripe.com/receipts/payment/abc",
+            },
+            "last_payment_error": None,
+            "metadata": {"mantle_organization_id": "org_x", "mantle_topup_id": "topup_1"},
+        },
+    )
+
+    intent = api().payment_intent_retrieve("pi_1")
+
+    assert intent.receipt_url == "https://pay.stripe.com/receipts/payment/abc"
+    (call,) = wire.calls
+    assert path(call) == "/v1/payment_intents/pi_1"
+    assert query(call) == {"expand[0]": "latest_charge"}

@@ -471,6 +471,20 @@ MANTLE_DUNNING_MAX_FAILURES = env.int("MANTLE_DUNNING_MAX_FAILURES", default=3)
 MANTLE_DUNNING_WINDOW_DAYS = env.int("MANTLE_DUNNING_WINDOW_DAYS", default=30)
 # What goes to Stripe: finalized monthly "invoices" (exact), or hourly "meter_events".
 MANTLE_STRIPE_USAGE_PUSH = env.str("MANTLE_STRIPE_USAGE_PUSH", default="invoices")
+# The fake only (tests): where its hosted Checkout pages live (a test server's
+# /billing/stripe/fake-checkout/), and the webhook URL it POSTs its events to; empty:
+# Stripe's address, and no delivery (tests deliver events themselves).
+MANTLE_STRIPE_FAKE_CHECKOUT_URL = env.str("MANTLE_STRIPE_FAKE_CHECKOUT_URL", default="")
+MANTLE_STRIPE_FAKE_WEBHOOK_URL = env.str("MANTLE_STRIPE_FAKE_WEBHOOK_URL", default="")
+# Top-ups (docs/billing.md, "Top-ups and auto-recharge"), in the billing currency: the
+# smallest and largest one payment may buy, the console top-ups an organization may have
+# waiting for payment at once, and the largest daily cap an auto-recharge may set.
+MANTLE_TOPUP_MIN = env.str("MANTLE_TOPUP_MIN", default="5.00")
+MANTLE_TOPUP_MAX = env.str("MANTLE_TOPUP_MAX", default="10000.00")
+MANTLE_TOPUP_PENDING_MAX = env.int("MANTLE_TOPUP_PENDING_MAX", default=5)
+MANTLE_AUTO_RECHARGE_DAILY_CAP_MAX = env.str(
+    "MANTLE_AUTO_RECHARGE_DAILY_CAP_MAX", default="50000.00"
+)
 CELERY_BEAT_SCHEDULE.update(
     {
         "stripe-push-pending-invoices": {
@@ -486,6 +500,12 @@ CELERY_BEAT_SCHEDULE.update(
         "stripe-retry-events": {
             "task": "mantle.billing.stripe_retry_events",
             "schedule": 300.0,
+            "options": {"queue": "billing"},
+        },
+        # Auto-recharge: balances against thresholds, off the request path.
+        "auto-recharge-evaluate": {
+            "task": "mantle.billing.auto_recharge_evaluate_all",
+            "schedule": 60.0,
             "options": {"queue": "billing"},
         },
     }

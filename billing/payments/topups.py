@@ -1,0 +1,264 @@
+"""Prepaid top-ups through Stripe: a Checkout payment started in the console, and the
+credit granted once Stripe confirms a payment (a console top-up's or an auto-recharge's).
+
+Exactly once: only a webhook handler (billing/payments/stripe_events.py) credits, never the
+customer's return from Stripe. `topup_settle` re-reads the PaymentIntent from Stripe, locks
+the top-up row, and grants the credit only to a top-up not yet paid, in the transaction
+that marks it paid; `TopUp.credit` is one-to-one, so a second grant for one top-up cannot
+be written at all. Two deliveries of one event are serialized by the StripeEvent row lock
+(stripe_events.stripe_event_process); two events of one payment
+(`checkout.session.completed`, `payment_intent.succeeded`) by the top-up's row lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from accounts.models import Organization
+from accounts.principal import SYSTEM, Principal
+from accounts.services import audit_record
+from billing.alerts.events import alert_emit
+from billing.credits import credit_grant
+from billing.models import AlertEvent, CreditLedgerEntry, StripeCustomer, TopUp
+from billing.money import check_places, parse_decimal
+from billing.payments.stripe_sync import stripe_customer_ensure, stripe_required
+from billing.payments.stripe_types import (
+    PaymentIntent,
+    StripeError,
+    TopUpCharge,
+    to_minor_units,
+)
+from core.errors import Conflict, InvalidInput
+
+logger = logging.getLogger(__name__)
+
+# How long a console top-up counts as waiting for payment: a Checkout session expires
+# after 24 hours.
+PENDING_WINDOW = timedelta(hours=24)
+HISTORY_LIMIT = 50
+
+
+# --- Reads ----------------------------------------------------------------------------------
+
+
+def topups(org: Organization, *, limit: int = HISTORY_LIMIT) -> QuerySet[TopUp]:
+    """The organization's top-ups, newest first."""
+    return TopUp.objects.filter(organization=org).order_by("-created_at", "-id")[:limit]
+
+
+def topup_bounds() -> tuple[Decimal, Decimal]:
+    return Decimal(settings.MANTLE_TOPUP_MIN), Decimal(settings.MANTLE_TOPUP_MAX)
+
+
+def topup_check_amount(value: Decimal | str, *, param: str = "amount") -> Decimal:
+    """A top-up amount: a decimal with at most 2 places, within the configured bounds."""
+    amount = check_places(parse_decimal(value, param=param), 2, param=param)
+    low, high = topup_bounds()
+    currency = settings.MANTLE_BILLING_CURRENCY
+    if amount < low or amount > high:
+        raise InvalidInput(f"{param} must be between {low} and {high} {currency}", param=param)
+    return amount
+
+
+# --- Console top-ups ----------------------------------------------------------------------
+
+
+def topup_checkout_start(
+    *,
+    principal: Principal,
+    org: Organization,
+    amount: Decimal | str,
+    success_url: str,
+    cancel_url: str,
+) -> tuple[TopUp, str]:
+    """A pending top-up and the Stripe Checkout page (its URL) where it is paid.
+
+    Nothing is credited here: the `checkout.session.completed` webhook does that. At most
+    MANTLE_TOPUP_PENDING_MAX top-ups of an organization wait for payment at once (each is
+    a Checkout session at Stripe). If Stripe refuses, the top-up is not kept.
+    """
+    value = topup_check_amount(amount)
+    currency: str = settings.MANTLE_BILLING_CURRENCY
+    backend = stripe_required()
+    waiting = TopUp.objects.filter(
+        organization=org,
+        source=TopUp.Source.CHECKOUT,
+        status=TopUp.Status.PENDING,
+        created_at__gte=timezone.now() - PENDING_WINDOW,
+    ).count()
+    limit: int = settings.MANTLE_TOPUP_PENDING_MAX
+    if waiting >= limit:
+        raise Conflict(
+            f"{waiting} top-ups are already waiting for payment (at most {limit}): pay or "
+            "cancel one of them, or wait until their Checkout pages expire",
+            param="amount",
+        )
+    customer = stripe_customer_ensure(org=org)
+    topup = TopUp.objects.create(
+        organization=org,
+        source=TopUp.Source.CHECKOUT,
+        amount=value,
+        currency=currency,
+        created_by=principal.user,
+    )
+    charge = TopUpCharge(
+        organization_id=org.id,
+        topup_id=topup.id,
+        customer_id=customer.stripe_customer_id,
+        amount=to_minor_units(value, currency),
+        currency=currency,
+        description=f"Mantle prepaid credit for {org.name}",
+    )
+    try:
+        session = backend.checkout_payment_session_create(
+            charge, success_url=success_url, cancel_url=cancel_url
+        )
+    except StripeError:
+        topup.delete()
+        raise
+    with transaction.atomic():
+        topup.stripe_checkout_session_id = session.id
+        topup.save(update_fields=["stripe_checkout_session_id"])
+        audit_record(
+            principal=principal,
+            action="billing.topup_started",
+            target=topup,
+            organization=org,
+            metadata={"amount": str(value), "currency": currency, "session": session.id},
+        )
+    logger.info("top-up %s of %s %s started for %s", topup.id, value, currency, org.id)
+    return topup, session.url or ""
+
+
+# --- What the webhooks do ------------------------------------------------------------------
+
+
+def topup_settle(*, topup_id: str, payment_intent_id: str, event_id: str) -> bool:
+    """Credits a top-up whose payment Stripe confirms; True if it was credited now.
+
+    Idempotent: a top-up already paid is left alone. The intent is re-read from Stripe
+    (an event's snapshot may be stale or out of order) and must have succeeded, name this
+    top-up, and carry exactly its amount and currency.
+    """
+    intent = stripe_required().payment_intent_retrieve(payment_intent_id)
+    with transaction.atomic():
+        topup = (
+            TopUp.objects.select_for_update()
+            .select_related("organization")
+            .filter(id=topup_id)
+            .first()
+        )
+        if topup is None:
+            logger.warning("payment %s names an unknown top-up %s", payment_intent_id, topup_id)
+            return False
+        if topup.status == TopUp.Status.PAID or intent.status != "succeeded":
+            return False
+        if not _matches(topup, intent):
+            return False
+        entry = credit_grant(
+            principal=SYSTEM,
+            org=topup.organization,
+            kind=CreditLedgerEntry.Kind.PREPAID_PURCHASE,
+            amount=topup.amount,
+            currency=topup.currency,
+            reason=f"{_label(topup)} paid through Stripe ({intent.id}, event {event_id})",
+            reference=topup.id,
+        )
+        topup.status = TopUp.Status.PAID
+        topup.paid_at = timezone.now()
+        topup.credit = entry
+        topup.stripe_payment_intent_id = intent.id
+        # Shown as a link in the console: Stripe's https address, nothing else.
+        receipt = intent.receipt_url or ""
+        topup.receipt_url = receipt[:500] if receipt.startswith("https://") else ""
+        topup.failure_code = ""
+        topup.failure_message = ""
+        topup.save()
+    logger.info("top-up %s paid (%s): %s credited", topup.id, intent.id, topup.amount)
+    return True
+
+
+def topup_expire(*, topup_id: str, session_id: str) -> bool:
+    """A console top-up whose Checkout session expired unpaid; True if it was pending."""
+    return bool(
+        TopUp.objects.filter(
+            id=topup_id, stripe_checkout_session_id=session_id, status=TopUp.Status.PENDING
+        ).update(status=TopUp.Status.EXPIRED)
+    )
+
+
+def topup_fail(
+    *, topup_id: str, code: str, message: str, payment_intent_id: str | None = None
+) -> bool:
+    """A pending auto-recharge charge that failed (declined, needs its holder, no saved
+    method): recorded, and the failed-payment alert raised, once; True if it was pending.
+
+    Never retried: the next charge needs a new threshold crossing.
+    """
+    with transaction.atomic():
+        topup = TopUp.objects.select_for_update().filter(id=topup_id).first()
+        if topup is None or topup.status != TopUp.Status.PENDING:
+            return False
+        topup.status = TopUp.Status.FAILED
+        topup.failure_code = code[:100]
+        topup.failure_message = message[:500]
+        if payment_intent_id and not topup.stripe_payment_intent_id:
+            topup.stripe_payment_intent_id = payment_intent_id
+        topup.save()
+        alert_emit(
+            org=topup.organization_id,
+            kind=AlertEvent.Kind.PAYMENT_FAILED,
+            dedupe_key=f"payment_failed:topup:{topup.id}",
+            data={
+                "stripe_invoice_id": None,
+                "invoice_id": None,
+                "number": None,
+                "topup_id": topup.id,
+                "stripe_payment_intent_id": topup.stripe_payment_intent_id,
+                "total": str(topup.amount),
+                "currency": topup.currency,
+                "decline_code": topup.failure_code,
+                "failed_at": timezone.now().isoformat(),
+            },
+        )
+    logger.warning("top-up %s failed: %s (%s)", topup_id, code, message)
+    return True
+
+
+def topup_of_customer(topup_id: str, customer_id: str | None) -> TopUp | None:
+    """The top-up a Stripe object's metadata names, if that object is of the top-up's own
+    organization's Stripe customer (metadata is ours, but check the pair anyway)."""
+    topup = TopUp.objects.filter(id=topup_id).first()
+    if topup is None or customer_id is None:
+        return None
+    owner = StripeCustomer.objects.filter(organization_id=topup.organization_id).first()
+    if owner is None or owner.stripe_customer_id != customer_id:
+        logger.warning("top-up %s is not of Stripe customer %s", topup_id, customer_id)
+        return None
+    return topup
+
+
+def _matches(topup: TopUp, intent: PaymentIntent) -> bool:
+    expected = to_minor_units(topup.amount, topup.currency)
+    problems = []
+    if intent.topup_id != topup.id:
+        problems.append(f"it names top-up {intent.topup_id}")
+    if intent.amount != expected or intent.currency != topup.currency.lower():
+        problems.append(f"it is {intent.amount} {intent.currency}, not {expected}")
+    if topup.stripe_payment_intent_id not in (None, intent.id):
+        problems.append(f"the top-up was charged as {topup.stripe_payment_intent_id}")
+    if problems:
+        logger.error("payment %s not credited to %s: %s", intent.id, topup.id, "; ".join(problems))
+        return False
+    return True
+
+
+def _label(topup: TopUp) -> str:
+    return "auto-recharge" if topup.source == TopUp.Source.AUTO_RECHARGE else "top-up"
