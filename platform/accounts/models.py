@@ -272,3 +272,86 @@ class AuditLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.target_type}:{self.target_id} by {self.actor_label}"
+
+
+def new_sso_connection_id() -> str:
+    return ids.new_id("sso_")
+
+
+def new_sso_domain_id() -> str:
+    return ids.new_id("ssod_")
+
+
+class SsoConnection(models.Model):
+    """An organization's OpenID Connect identity provider (accounts/sso.py, docs/console.md,
+    "Single sign-on"). The client secret is stored sealed (core/secretbox.py) and never
+    shown again; the endpoints are what discovery found when the connection was saved."""
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_sso_connection_id, editable=False
+    )
+    organization = models.OneToOneField(
+        Organization, on_delete=models.CASCADE, related_name="sso_connection"
+    )
+    issuer = models.CharField(max_length=500)
+    client_id = models.CharField(max_length=255)
+    client_secret_sealed = models.TextField(blank=True)
+    authorization_endpoint = models.CharField(max_length=2000)
+    token_endpoint = models.CharField(max_length=2000)
+    jwks_uri = models.CharField(max_length=2000)
+    token_auth_method = models.CharField(max_length=32)
+    signing_algorithms = models.JSONField(default=list)
+    # Just-in-time membership: a person of a verified domain who is not a member yet joins
+    # with `default_role` (never owner) at their first sign-in; off, only members may.
+    jit_enabled = models.BooleanField(default=True)
+    default_role = models.CharField(
+        max_length=16,
+        choices=[(r.value, r.value) for r in Role if r is not Role.OWNER],
+        default=Role.VIEWER,
+    )
+    enabled = models.BooleanField(default=False)
+    # Password sign-in refused to people of the connection's verified domains (its owners
+    # excepted: the break-glass path).
+    sso_required = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"SSO of {self.organization_id} ({self.issuer})"
+
+
+class SsoDomain(models.Model):
+    """An email domain a connection signs people in for, once verified: by a DNS TXT record
+    holding `verification_token`, or by an operator who checked it another way. A domain is
+    verified for one organization at most."""
+
+    class Method(TextChoices):
+        DNS = "dns"
+        OPERATOR = "operator"
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_sso_domain_id, editable=False
+    )
+    connection = models.ForeignKey(SsoConnection, on_delete=models.CASCADE, related_name="domains")
+    domain = models.CharField(max_length=253)
+    verification_token = models.CharField(max_length=64)
+    verified_at = models.DateTimeField(null=True, blank=True)
+    verified_by = models.CharField(max_length=16, choices=Method.choices, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["connection", "domain"], name="uniq_sso_domain"),
+            models.UniqueConstraint(
+                fields=["domain"],
+                condition=Q(verified_at__isnull=False),
+                name="one_verified_sso_domain",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.domain
+
+    @property
+    def verified(self) -> bool:
+        return self.verified_at is not None

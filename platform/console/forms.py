@@ -358,6 +358,53 @@ class AlertSettingsForm(forms.Form):
     )
 
 
+class SsoStartForm(forms.Form):
+    """The log-in page's single sign-on step: the work email decides the organization."""
+
+    email = forms.EmailField(max_length=254, label="Work email")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prefix", "sso")
+        super().__init__(*args, **kwargs)
+
+
+class SsoConnectionForm(forms.Form):
+    """An organization's identity provider. The secret is write-only: never rendered back
+    (an empty field keeps the stored one)."""
+
+    issuer = forms.CharField(
+        max_length=500,
+        label="Issuer URL",
+        help_text="e.g. https://login.example.com/realms/acme (its /.well-known/"
+        "openid-configuration is read when you save)",
+    )
+    client_id = forms.CharField(max_length=255, label="Client id")
+    client_secret = forms.CharField(
+        max_length=1000,
+        required=False,
+        label="Client secret",
+        strip=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+    )
+    default_role = forms.ChoiceField(
+        choices=[(r.value, r.value) for r in Role if r is not Role.OWNER],
+        initial=Role.VIEWER,
+        label="Role of just-in-time members",
+    )
+    jit_enabled = forms.BooleanField(
+        required=False, initial=True, label="Add people of verified domains at first sign-in"
+    )
+    enabled = forms.BooleanField(required=False, label="Enabled")
+    sso_required = forms.BooleanField(
+        required=False,
+        label="SSO required (no password sign-in for verified domains; owners excepted)",
+    )
+
+
+class SsoDomainForm(forms.Form):
+    domain = forms.CharField(max_length=253, label="Email domain", help_text="e.g. example.com")
+
+
 class TopUpForm(forms.Form):
     """Prepaid credit to buy; the bounds are the service's (billing/payments/topups.py)."""
 

@@ -111,6 +111,7 @@ OPS = [
     Op("get", f"{ORG}/billing/credits", Perm.BILLING_VIEW, 200),
     Op("get", f"{ORG}/billing/invoices", Perm.BILLING_VIEW, 200),
     Op("get", f"{ORG}/billing/invoices/{{invoice_id}}", Perm.BILLING_VIEW, 200),
+    Op("get", f"{ORG}/billing/invoices/{{invoice_id}}/pdf", Perm.BILLING_VIEW, 200),
     Op("get", f"{ORG}/billing/budgets", Perm.BILLING_VIEW, 200),
     Op(
         "put",

@@ -684,6 +684,10 @@ MANTLE_PROVIDER_BYOK = env.bool("MANTLE_PROVIDER_BYOK", default=False)
 # (`host`, `host:port` or a CIDR); plain http only to hosts listed in the second.
 MANTLE_PROVIDER_ALLOWED_PRIVATE = env.list("MANTLE_PROVIDER_ALLOWED_PRIVATE", default=[])
 MANTLE_PROVIDER_ALLOWED_HTTP = env.list("MANTLE_PROVIDER_ALLOWED_HTTP", default=[])
+# Single sign-on (accounts/oidc.py): an organization's issuer is a tenant's destination
+# (public https only). An issuer listed here exactly is fetched as the operator's own, so
+# the two lists above apply to it (an identity provider inside the operator's network).
+MANTLE_SSO_TRUSTED_ISSUERS = env.list("MANTLE_SSO_TRUSTED_ISSUERS", default=[])
 # The same two lists for organizations' own providers (BYOK), which the operator's never
 # reach: empty, public https only (a deployment whose tenants are its own teams may list
 # an internal host here; the tests list their fake provider on loopback).

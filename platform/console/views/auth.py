@@ -21,7 +21,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters
 
-from accounts import selectors, throttle, two_factor
+from accounts import selectors, sso, throttle, two_factor
 from accounts import services as account_services
 from accounts.auth import client_ip
 from accounts.backends import present_login_refusal
@@ -35,6 +35,7 @@ from console.forms import (
     ConsolePasswordResetForm,
     LoginForm,
     SignupForm,
+    SsoStartForm,
     add_domain_error,
 )
 from core.errors import DomainError, NotFound
@@ -56,8 +57,21 @@ class LoginView(auth_views.LoginView):
     authentication_form = LoginForm
     redirect_authenticated_user = True
 
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        context.setdefault("sso_form", SsoStartForm())
+        return context
+
     def form_valid(self, form: LoginForm) -> HttpResponse:  # type: ignore[override]
         user: User = form.get_user()
+        refusal = sso.password_sign_in_refusal(user)
+        if refusal is not None:
+            # The password was right, but the organization wants its identity provider
+            # to be the one that decides (docs/console.md, "Single sign-on").
+            form.add_error(None, refusal)
+            response = super().form_invalid(form)
+            response.status_code = 403
+            return response
         if selectors.mfa_enrolled(user):
             # A new session key: one fixed on the browser before sign-in is worth nothing.
             self.request.session.cycle_key()
@@ -88,11 +102,39 @@ class LoginView(auth_views.LoginView):
         return response
 
 
+def first_factor_passed(request: HttpRequest, user: User, next_url: str) -> HttpResponse:
+    """After a first factor other than the password form (single sign-on): the second
+    step for a person with an authenticator, else signed in; enrolment first where an
+    organization of theirs requires MFA of their role."""
+    if selectors.mfa_enrolled(user):
+        request.session.cycle_key()
+        request.session[SECOND_STEP_SESSION_KEY] = {
+            "user": user.pk,
+            "hash": user.get_session_auth_hash(),
+            "backend": BACKEND,
+            "at": int(time.time()),
+        }
+        query = urlencode({"next": next_url})
+        return HttpResponseRedirect(f"{reverse('console-login-verify')}?{query}")
+    login(request, user, backend=BACKEND)
+    requiring = list(selectors.mfa_organizations_requiring(user))
+    if requiring:
+        names = ", ".join(o.name for o in requiring)
+        messages.warning(
+            request,
+            f"{names} require{'s' if len(requiring) == 1 else ''} multi-factor "
+            "authentication for owners and admins: enrol an authenticator to continue.",
+        )
+        query = urlencode({"next": next_url})
+        return HttpResponseRedirect(f"{reverse('console-mfa-enrol')}?{query}")
+    return HttpResponseRedirect(next_url)
+
+
 class LogoutView(auth_views.LogoutView):
     pass
 
 
-def _safe_next(request: HttpRequest) -> str:
+def safe_next(request: HttpRequest) -> str:
     target = request.POST.get("next") or request.GET.get("next") or ""
     if target and url_has_allowed_host_and_scheme(
         target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
@@ -126,7 +168,7 @@ def login_verify(request: HttpRequest) -> HttpResponse:
 
     Throttled like the password (per email and network address, and per address, in the
     same window: `accounts/throttle.py`) and by django-otp's per-device backoff."""
-    next_url = _safe_next(request)
+    next_url = safe_next(request)
     user, pending = _second_step_user(request)
     if user is None:
         if request.user.is_authenticated:
