@@ -684,10 +684,12 @@ MANTLE_PROVIDER_BYOK = env.bool("MANTLE_PROVIDER_BYOK", default=False)
 # (`host`, `host:port` or a CIDR); plain http only to hosts listed in the second.
 MANTLE_PROVIDER_ALLOWED_PRIVATE = env.list("MANTLE_PROVIDER_ALLOWED_PRIVATE", default=[])
 MANTLE_PROVIDER_ALLOWED_HTTP = env.list("MANTLE_PROVIDER_ALLOWED_HTTP", default=[])
-# Single sign-on (accounts/oidc.py): an organization's issuer is a tenant's destination
-# (public https only). An issuer listed here exactly is fetched as the operator's own, so
-# the two lists above apply to it (an identity provider inside the operator's network).
-MANTLE_SSO_TRUSTED_ISSUERS = env.list("MANTLE_SSO_TRUSTED_ISSUERS", default=[])
+# Single sign-on (accounts/oidc.py): an organization's identity provider is a tenant's
+# destination with lists of its own, empty by default (public https only, port 443 or
+# 1024-65535); an operator whose tenants' provider is internal lists it here, and the tests
+# list their provider on loopback. The provider lists above never apply to it.
+MANTLE_SSO_ALLOWED_PRIVATE = env.list("MANTLE_SSO_ALLOWED_PRIVATE", default=[])
+MANTLE_SSO_ALLOWED_HTTP = env.list("MANTLE_SSO_ALLOWED_HTTP", default=[])
 # The same two lists for organizations' own providers (BYOK), which the operator's never
 # reach: empty, public https only (a deployment whose tenants are its own teams may list
 # an internal host here; the tests list their fake provider on loopback).
