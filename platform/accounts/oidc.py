@@ -2,12 +2,12 @@
 request, the code exchange and the ID token's checks. No database here (accounts/sso.py).
 
 An organization's issuer is tenant input, and so is every URL its discovery document names:
-discovery, the JWKS and the token request go through `core.outbound` with `trusted=False`
-(public https addresses only, the address pinned, no redirect, bounded in time and bytes).
-Only an issuer the operator lists in MANTLE_SSO_TRUSTED_ISSUERS (exactly, as configured) is
-fetched as an operator's destination, so that the operator's own allow-lists
-(MANTLE_PROVIDER_ALLOWED_PRIVATE / _HTTP) apply: an identity provider inside the operator's
-network, or the tests' provider on loopback.
+discovery, the JWKS and the token request go through `core.outbound` under `POLICY`, an
+identity provider's policy of its own (public https addresses only, port 443 or 1024-65535,
+the address pinned, no redirect, bounded in time and bytes). Its allow-lists,
+MANTLE_SSO_ALLOWED_HTTP and MANTLE_SSO_ALLOWED_PRIVATE, are empty by default; the operator's
+provider lists never apply. A deployment whose identity provider sits inside its network
+lists it there, and the tests list their provider on loopback.
 
 The OAuth 2.0 pieces are Authlib's (the authorization request, the token request's body,
 PKCE S256); the ID token is verified with joserfc: the signature against the issuer's keys
@@ -28,7 +28,6 @@ import httpx
 from authlib.common.security import generate_token
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from django.conf import settings
 from joserfc import jwt
 from joserfc.errors import (
     ExpiredTokenError,
@@ -97,10 +96,14 @@ class Request:
     code_verifier: str
 
 
-def trusted_issuer(issuer: str) -> bool:
-    """Whether the operator lists `issuer` (MANTLE_SSO_TRUSTED_ISSUERS): then its
-    destinations are the operator's, and the operator's allow-lists apply."""
-    return issuer in {str(i).strip() for i in settings.MANTLE_SSO_TRUSTED_ISSUERS or ()}
+# An identity provider an organization names: its own allow-lists, empty by default.
+POLICY = outbound.Policy(
+    "identity provider",
+    "MANTLE_SSO_ALLOWED_HTTP",
+    "MANTLE_SSO_ALLOWED_PRIVATE",
+    low_ports=False,
+    noun="the identity provider's URL",
+)
 
 
 def clean_issuer(value: str) -> str:
@@ -120,24 +123,20 @@ def clean_issuer(value: str) -> str:
             "https URLs with a host and an optional path)",
             param="issuer",
         )
-    _check_destination(issuer, issuer, what="the issuer URL", param="issuer")
+    _check_destination(issuer, what="the issuer URL", param="issuer")
     return issuer
 
 
-def _check_destination(url: str, issuer: str, *, what: str, param: str) -> None:
+def _check_destination(url: str, *, what: str, param: str) -> None:
     try:
-        outbound.check_url(url, trusted=trusted_issuer(issuer))
+        outbound.check_url(url, policy=POLICY)
     except outbound.DestinationRefused as exc:
         raise InvalidInput(
-            f"{what} is refused by the outbound policy: {_reworded(exc, what)}", param=param
+            f"{what} is refused by the outbound policy: {exc}", param=param
         ) from None
 
 
-def _reworded(exc: Exception, what: str) -> str:
-    return str(exc).replace("the provider URL", what)
-
-
-async def _get_json(url: str, issuer: str, *, what: str, param: str, **kwargs: Any) -> Any:
+async def _get_json(url: str, *, what: str, param: str, **kwargs: Any) -> Any:
     """GET (or POST, with `method` and `content`) a JSON document under the outbound
     policy, bounded; InvalidInput naming `what` on any failure."""
     method = kwargs.pop("method", "GET")
@@ -149,12 +148,11 @@ async def _get_json(url: str, issuer: str, *, what: str, param: str, **kwargs: A
             content=kwargs.pop("content", b""),
             connect_timeout_s=CONNECT_TIMEOUT_S,
             read_timeout_s=READ_TIMEOUT_S,
-            trusted=trusted_issuer(issuer),
+            policy=POLICY,
         )
     except outbound.DestinationRefused as exc:
         raise InvalidInput(
-            f"{what}: the destination is refused by the outbound policy: "
-            f"{_reworded(exc, 'the URL')}",
+            f"{what}: the destination is refused by the outbound policy: {exc}",
             param=param,
         ) from None
     except httpx.HTTPError as exc:
@@ -200,7 +198,7 @@ async def discover(issuer: str) -> Provider:
     issuer = clean_issuer(issuer)
     url = issuer.rstrip("/") + "/.well-known/openid-configuration"
     what = "discovery failed"
-    document = await _get_json(url, issuer, what=what, param="issuer")
+    document = await _get_json(url, what=what, param="issuer")
     named = document.get("issuer")
     if named != issuer:
         shown = _printable(named) if isinstance(named, str) else repr(type(named).__name__)
@@ -214,7 +212,7 @@ async def discover(issuer: str) -> Provider:
         value = document.get(name)
         if not isinstance(value, str) or not value:
             raise InvalidInput(f"{what}: the discovery document has no {name}", param="issuer")
-        _check_destination(value, issuer, what=f"the provider's {name}", param="issuer")
+        _check_destination(value, what=f"the provider's {name}", param="issuer")
         endpoints[name] = value
     response_types = document.get("response_types_supported", ["code"])
     if not isinstance(response_types, list) or "code" not in response_types:
@@ -296,7 +294,6 @@ async def exchange_code(
     body = prepare_token_request("authorization_code", redirect_uri=redirect_uri, **params)
     answer = await _get_json(
         provider.token_endpoint,
-        provider.issuer,
         what="the token request failed",
         param="code",
         method="POST",
@@ -313,7 +310,7 @@ async def fetch_keys(provider: Provider) -> KeySet:
     """The provider's signing keys (its JWKS), fetched for every sign-in so a rotation is
     seen at once."""
     document = await _get_json(
-        provider.jwks_uri, provider.issuer, what="fetching the provider's keys failed", param="code"
+        provider.jwks_uri, what="fetching the provider's keys failed", param="code"
     )
     try:
         return KeySet.import_key_set(document)

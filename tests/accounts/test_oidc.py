@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from django.test import override_settings
@@ -32,7 +33,7 @@ def discover(issuer: str) -> oidc.Provider:
     return asyncio.run(oidc.discover_once(issuer))
 
 
-def test_discovery_reads_the_document_of_a_trusted_issuer(idp: LocalOidcProvider) -> None:
+def test_discovery_reads_the_document_of_an_allowed_provider(idp: LocalOidcProvider) -> None:
     with override_settings(**idp.settings()):
         found = discover(idp.issuer)
     assert found == oidc.Provider(
@@ -45,24 +46,46 @@ def test_discovery_reads_the_document_of_a_trusted_issuer(idp: LocalOidcProvider
     )
 
 
-def test_a_tenants_issuer_on_loopback_is_refused_by_the_outbound_policy(
+def test_an_issuer_on_loopback_gets_no_use_of_the_operators_provider_lists(
     idp: LocalOidcProvider,
 ) -> None:
-    """Without the operator trusting the issuer, its allow-lists do not apply: even with
-    loopback allowed for the operator's own providers, a tenant's issuer may not reach it."""
-    allowed = idp.settings()
-    allowed["MANTLE_SSO_TRUSTED_ISSUERS"] = []
-    with override_settings(**allowed), pytest.raises(InvalidInput) as refused:
+    """An organization's issuer is judged by the identity providers' lists alone: loopback
+    allowed for the operator's own providers (or organizations' providers) does not let an
+    issuer reach it."""
+    host = f"127.0.0.1:{urlsplit(idp.issuer).port}"
+    operators = {
+        "MANTLE_PROVIDER_ALLOWED_PRIVATE": [host],
+        "MANTLE_PROVIDER_ALLOWED_HTTP": [host],
+        "MANTLE_PROVIDER_BYOK_ALLOWED_PRIVATE": [host],
+        "MANTLE_PROVIDER_BYOK_ALLOWED_HTTP": [host],
+    }
+    with override_settings(**operators), pytest.raises(InvalidInput) as refused:
         discover(idp.issuer)
     assert refused.value.param == "issuer"
-    assert "the issuer URL is refused by the outbound policy" in refused.value.message
-    # Trusted but not allow-listed: still refused (both are the operator's decisions).
+    assert refused.value.message == (
+        "the issuer URL is refused by the outbound policy: the identity provider's URL must "
+        "use https (plain http only to hosts the operator allows)"
+    )
+    # http allowed but not the private address: still refused (two decisions).
     with (
-        override_settings(MANTLE_SSO_TRUSTED_ISSUERS=[idp.issuer]),
+        override_settings(MANTLE_SSO_ALLOWED_HTTP=[host]),
         pytest.raises(InvalidInput) as again,
     ):
         discover(idp.issuer)
-    assert "refused by the outbound policy" in again.value.message
+    assert "127.0.0.1 is a loopback address, not a public address" in again.value.message
+
+
+def test_discovery_failures_are_named(idp: LocalOidcProvider) -> None:
+    with override_settings(**idp.settings()):
+        with pytest.raises(InvalidInput) as missing:
+            discover(f"{idp.issuer}/realms/none")
+        assert missing.value.message == (
+            "discovery failed: the provider answered HTTP 404 (not_found)"
+        )
+        slash = f"{idp.issuer}/"
+        with pytest.raises(InvalidInput) as mismatch:
+            discover(slash)
+        assert f"names the issuer {idp.issuer!r}, not {slash!r}" in mismatch.value.message
 
 
 @pytest.mark.parametrize(
@@ -74,6 +97,7 @@ def test_a_tenants_issuer_on_loopback_is_refused_by_the_outbound_policy(
         ("https://user:pw@idp.example.com", "must not contain a user name or password"),
         ("https://169.254.169.254/", "a cloud metadata address"),
         ("https://10.0.0.1/realms/x", "a private address"),
+        ("https://idp.example.com:22/", "port"),
     ],
 )
 def test_bad_issuer_urls_are_named(issuer: str, message: str) -> None:
@@ -81,26 +105,6 @@ def test_bad_issuer_urls_are_named(issuer: str, message: str) -> None:
         discover(issuer)
     assert refused.value.param == "issuer"
     assert message in refused.value.message
-
-
-def test_discovery_failures_are_named(idp: LocalOidcProvider) -> None:
-    with override_settings(**idp.settings()):
-        other = f"{idp.issuer}/realms/none"
-        with (
-            override_settings(MANTLE_SSO_TRUSTED_ISSUERS=[other]),
-            pytest.raises(InvalidInput) as missing,
-        ):
-            discover(other)
-        assert (
-            missing.value.message == "discovery failed: the provider answered HTTP 404 (not_found)"
-        )
-        slash = f"{idp.issuer}/"
-        with (
-            override_settings(MANTLE_SSO_TRUSTED_ISSUERS=[slash]),
-            pytest.raises(InvalidInput) as mismatch,
-        ):
-            discover(slash)
-        assert f"names the issuer {idp.issuer!r}, not {slash!r}" in mismatch.value.message
 
 
 # --- the ID token ---------------------------------------------------------------------------

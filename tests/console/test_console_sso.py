@@ -411,7 +411,6 @@ def test_configuration_errors_are_named_on_their_field(
         "enabled": "on",
     }
     form.update({k: v.replace("ISSUER", idp.issuer) for k, v in change.items()})
-    settings.MANTLE_SSO_TRUSTED_ISSUERS = [idp.issuer, f"{idp.issuer}/realms/none"]
     answer = logged_in(owner).post(org_url("console-sso", org.id), form)
     assert answer.status_code == 400
     errors = answer.context["form"].errors
@@ -419,10 +418,11 @@ def test_configuration_errors_are_named_on_their_field(
     assert not SsoConnection.objects.filter(organization=org).exists()
 
 
-def test_a_tenants_loopback_issuer_is_refused_when_the_operator_does_not_trust_it(
+def test_a_loopback_issuer_is_refused_unless_the_operator_allows_it(
     idp: LocalOidcProvider, org: Organization, settings: Any
 ) -> None:
-    settings.MANTLE_SSO_TRUSTED_ISSUERS = []
+    settings.MANTLE_SSO_ALLOWED_PRIVATE = []
+    settings.MANTLE_SSO_ALLOWED_HTTP = []
     owner = Membership.objects.get(organization=org, role=Role.OWNER).user
     answer = logged_in(owner).post(
         org_url("console-sso", org.id),

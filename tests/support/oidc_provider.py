@@ -14,9 +14,9 @@ signs them with a key the JWKS does not hold.
         idp.add_user("alice@acme.test")
         ... configure a connection with idp.issuer, idp.client_id, idp.client_secret ...
 
-The platform may fetch it only under the operator's settings for a trusted issuer
-(`idp.settings()`: MANTLE_SSO_TRUSTED_ISSUERS and the loopback allow-lists); a tenant's
-issuer is refused on loopback, which tests check too.
+The platform may fetch it only under the operator's allow-lists for identity providers
+(`idp.settings()`: MANTLE_SSO_ALLOWED_HTTP / _PRIVATE naming its loopback host and port);
+without them it is refused like any tenant's loopback destination, which tests check too.
 """
 
 from __future__ import annotations
@@ -70,11 +70,7 @@ class LocalOidcProvider:
     def settings(self) -> dict[str, Any]:
         """The operator's settings under which the platform may reach this provider."""
         host = f"127.0.0.1:{self._server.server_address[1]}"
-        return {
-            "MANTLE_SSO_TRUSTED_ISSUERS": [self.issuer],
-            "MANTLE_PROVIDER_ALLOWED_PRIVATE": [host],
-            "MANTLE_PROVIDER_ALLOWED_HTTP": [host],
-        }
+        return {"MANTLE_SSO_ALLOWED_PRIVATE": [host], "MANTLE_SSO_ALLOWED_HTTP": [host]}
 
     def add_user(
         self, email: str, *, name: str = "", email_verified: bool = True, sub: str = ""
