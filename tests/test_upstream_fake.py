@@ -396,6 +396,41 @@ def test_no_usage_leaves_usage_out_everywhere(fake: UpstreamFake) -> None:
     assert vectors.data and getattr(vectors, "usage", None) is None
 
 
+def test_report_faults_replace_the_counts_in_the_usage(fake: UpstreamFake) -> None:
+    """A provider under-reporting: the answer is the same, the usage says what was told."""
+    lie = {"report_prompt_tokens": 1, "report_completion_tokens": 1}
+    text = "one two three four five six"
+    truth = plain(fake).chat.completions.create(model="m", messages=ask(text)).usage
+    assert truth is not None and truth.completion_tokens == 7
+    fake.add_faults(lie, lie, {"report_completion_tokens": 70})
+    reply = plain(fake).chat.completions.create(model="m", messages=ask(text))
+    assert reply.choices[0].message.content == f"echo: {text}"
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (1, 1)
+    assert reply.usage.total_tokens == 2
+
+    chunks = list(
+        azure(fake).chat.completions.create(
+            model=CHAT, messages=ask(text), stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        f"echo: {text}"
+    )
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (1, 1)
+
+    only_out = plain(fake).chat.completions.create(model="m", messages=ask(text))
+    assert only_out.usage is not None
+    assert (only_out.usage.prompt_tokens, only_out.usage.completion_tokens) == (
+        truth.prompt_tokens,
+        70,
+    )
+    for wrong in ({"report_prompt_tokens": -1}, {"report_completion_tokens": "1"}):
+        with pytest.raises(ValueError, match="refused"):
+            fake.add_faults(wrong)
+
+
 def test_a_content_filter_refusal_is_azures_documented_error(fake: UpstreamFake) -> None:
     fake.add_faults({"content_filter": True}, {"content_filter": True})
     with pytest.raises(openai.BadRequestError) as filtered:

@@ -54,6 +54,9 @@ combine these keys:
   client goes. With either, a non-streamed answer (embeddings too) sends its headers and half
   its body, then closes the connection, or waits for the client to go;
 - ``no_usage``: no ``usage`` anywhere (no usage chunk even when asked for);
+- ``report_prompt_tokens`` / ``report_completion_tokens`` n: the ``usage`` (whole or in the
+  usage chunk) reports n prompt (completion) tokens instead of the real count, the total
+  their sum: a provider under-reporting (or over-reporting) what it served;
 - ``hang``: no answer at all until the client goes.
 
 ``--latency-ms`` (or ``POST /_control/config {"latency_ms": n}``) delays the first byte of every
@@ -133,6 +136,8 @@ FAULT_KEYS: dict[str, tuple[type, ...]] = {
     "cut_after_chunks": (int,),
     "stall_after_chunks": (int,),
     "no_usage": (bool,),
+    "report_prompt_tokens": (int,),
+    "report_completion_tokens": (int,),
     "hang": (bool,),
 }
 
@@ -256,7 +261,11 @@ def answer(text: str, limit: int | None) -> tuple[list[str], str]:
     return reply, "stop"
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
+def usage(prompt: int, completion: int, fault: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """The usage object; a ``report_*`` fault replaces the real counts."""
+    if fault:
+        prompt = int(fault.get("report_prompt_tokens", prompt))
+        completion = int(fault.get("report_completion_tokens", completion))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -713,7 +722,7 @@ class UpstreamApp:
                 {"prompt_index": 0, "content_filter_results": filter_results()}
             ]
         if not fault.get("no_usage"):
-            result["usage"] = usage(prompt, len(reply))
+            result["usage"] = usage(prompt, len(reply), fault)
         await send_whole(dumps(result), fault, entry, receive, send, headers)
 
     async def _stream(
@@ -797,7 +806,7 @@ class UpstreamApp:
         )
         events.append(sse(chunk(None, finish)))
         if with_usage:
-            events.append(sse({**head, "choices": [], "usage": usage(prompt, len(reply))}))
+            events.append(sse({**head, "choices": [], "usage": usage(prompt, len(reply), fault)}))
         cut = fault.get("cut_after_chunks")
         stall = fault.get("stall_after_chunks")
         pause = float(fault.get("chunk_delay_s", 0))
