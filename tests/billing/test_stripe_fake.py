@@ -5,18 +5,22 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from billing.payments.stripe_client import webhook_verify
 from billing.payments.stripe_fake import IDEMPOTENCY_TTL_S, FakeStripe
+from billing.payments.stripe_sync import stripe_backend_reset
 from billing.payments.stripe_types import (
     InvoiceLine,
     InvoicePush,
     StripeBackend,
+    StripeCardDeclined,
     StripeIdempotencyConflict,
     StripeInvalidRequest,
     StripeObjectMissing,
+    TopUpCharge,
     invoice_push,
 )
 
@@ -299,3 +303,157 @@ def test_events_are_signed_like_stripes(fake: FakeStripe) -> None:
         "invoice",
     )
     assert verified.payload["data"]["object"]["status"] == "open"  # a snapshot of that moment
+
+
+# --- Checkout payments and PaymentIntents (top-ups) -----------------------------------------
+
+
+def charge_for(customer_id: str, *, amount: int = 2500, topup_id: str = "topup_1") -> TopUpCharge:
+    return TopUpCharge(
+        organization_id="org_1",
+        topup_id=topup_id,
+        customer_id=customer_id,
+        amount=amount,
+        currency="USD",
+        description="credit",
+    )
+
+
+def saved_card(fake: FakeStripe, customer_id: str, card: str = "pm_card_visa") -> str:
+    return fake.payment_method_attach(card, customer_id=customer_id).id
+
+
+def test_checkout_payment_session_is_idempotent_on_the_top_up(fake: FakeStripe) -> None:
+    customer = fake.customer_create(organization_id="org_1", name="Acme")
+    first = fake.checkout_payment_session_create(
+        charge_for(customer.id), success_url="https://x/ok", cancel_url="https://x/no"
+    )
+    again = fake.checkout_payment_session_create(
+        charge_for(customer.id), success_url="https://x/ok", cancel_url="https://x/no"
+    )
+
+    assert again == first
+    assert len(fake.checkout_sessions) == 1
+    with pytest.raises(StripeIdempotencyConflict):
+        fake.checkout_payment_session_create(
+            charge_for(customer.id, amount=9900),
+            success_url="https://x/ok",
+            cancel_url="https://x/no",
+        )
+
+
+@pytest.mark.parametrize("amount", [49, 100_000_000])
+def test_charges_outside_stripes_limits_are_refused(fake: FakeStripe, amount: int) -> None:
+    customer = fake.customer_create(organization_id="org_1", name="Acme")
+    pm = saved_card(fake, customer.id)
+
+    with pytest.raises(StripeInvalidRequest):
+        fake.checkout_payment_session_create(
+            charge_for(customer.id, amount=amount), success_url="https://x", cancel_url="https://x"
+        )
+    with pytest.raises(StripeInvalidRequest):
+        fake.payment_intent_charge_off_session(
+            charge_for(customer.id, amount=amount), payment_method_id=pm, idempotency_key="k"
+        )
+    assert fake.checkout_sessions == {} and fake.payment_intents == {}
+
+
+def test_completing_a_payment_session_pays_it_once_with_a_receipt(fake: FakeStripe) -> None:
+    customer = fake.customer_create(organization_id="org_1", name="Acme")
+    session = fake.checkout_payment_session_create(
+        charge_for(customer.id),
+        success_url="https://x/ok?checkout={CHECKOUT_SESSION_ID}",
+        cancel_url="https://x/no",
+    )
+
+    fake.checkout_complete(session.id)
+
+    paid = fake.checkout_session_retrieve(session.id)
+    assert (paid.status, paid.payment_status, paid.url) == ("complete", "paid", None)
+    assert paid.payment_intent_id is not None
+    intent = fake.payment_intent_retrieve(paid.payment_intent_id)
+    assert (intent.status, intent.amount, intent.topup_id) == ("succeeded", 2500, "topup_1")
+    assert intent.receipt_url is not None
+    assert fake.checkout_success_url(session.id) == f"https://x/ok?checkout={session.id}"
+    event = fake.events_of("checkout.session.completed")[-1]["data"]["object"]
+    assert (event["payment_intent"], event["payment_status"]) == (intent.id, "paid")
+    # The card paid once and was not saved to the customer.
+    assert fake.payment_methods_list(customer_id=customer.id) == ()
+    with pytest.raises(StripeInvalidRequest):
+        fake.checkout_complete(session.id)
+
+
+def test_an_expired_session_cannot_be_paid(fake: FakeStripe) -> None:
+    customer = fake.customer_create(organization_id="org_1", name="Acme")
+    session = fake.checkout_payment_session_create(
+        charge_for(customer.id), success_url="https://x", cancel_url="https://x"
+    )
+
+    fake.checkout_expire(session.id)
+
+    assert fake.checkout_session_retrieve(session.id).status == "expired"
+    assert fake.events_of("checkout.session.expired")
+    with pytest.raises(StripeInvalidRequest):
+        fake.checkout_complete(session.id)
+
+
+def test_an_off_session_decline_keeps_the_intent_and_is_replayed_under_its_key(
+    fake: FakeStripe,
+) -> None:
+    customer = fake.customer_create(organization_id="org_1", name="Acme")
+    pm = saved_card(fake, customer.id, "pm_card_chargeDeclinedInsufficientFunds")
+
+    with pytest.raises(StripeCardDeclined) as first:
+        fake.payment_intent_charge_off_session(
+            charge_for(customer.id), payment_method_id=pm, idempotency_key="k1"
+        )
+    with pytest.raises(StripeCardDeclined) as again:
+        fake.payment_intent_charge_off_session(
+            charge_for(customer.id), payment_method_id=pm, idempotency_key="k1"
+        )
+
+    assert first.value.decline_code == "insufficient_funds"
+    assert again.value.payment_intent_id == first.value.payment_intent_id
+    assert len(fake.payment_intents) == 1
+    intent = fake.payment_intent_retrieve(first.value.payment_intent_id or "")
+    assert (intent.status, intent.failure_code) == ("requires_payment_method", "insufficient_funds")
+    assert len(fake.events_of("payment_intent.payment_failed")) == 1
+
+
+def test_an_off_session_charge_needs_a_method_of_that_customer(fake: FakeStripe) -> None:
+    ours = fake.customer_create(organization_id="org_1", name="Acme")
+    theirs = fake.customer_create(organization_id="org_2", name="Globex")
+    pm = saved_card(fake, theirs.id)
+
+    with pytest.raises(StripeInvalidRequest) as caught:
+        fake.payment_intent_charge_off_session(
+            charge_for(ours.id), payment_method_id=pm, idempotency_key="k"
+        )
+
+    assert caught.value.param == "payment_method"
+    assert fake.payment_intents == {}
+
+
+def test_an_off_session_charge_succeeds_once_per_key(fake: FakeStripe) -> None:
+    customer = fake.customer_create(organization_id="org_1", name="Acme")
+    pm = saved_card(fake, customer.id)
+
+    first = fake.payment_intent_charge_off_session(
+        charge_for(customer.id), payment_method_id=pm, idempotency_key="k"
+    )
+    again = fake.payment_intent_charge_off_session(
+        charge_for(customer.id), payment_method_id=pm, idempotency_key="k"
+    )
+
+    assert again.id == first.id and first.status == "succeeded"
+    assert len(fake.events_of("payment_intent.succeeded")) == 1
+
+
+def test_the_hosted_page_is_not_served_unless_the_fake_is_the_backend(
+    client: Any, settings: Any
+) -> None:
+    settings.MANTLE_STRIPE_BACKEND = "stripe"
+    settings.STRIPE_API_KEY = ""
+    stripe_backend_reset()
+
+    assert client.get("/billing/stripe/fake-checkout/cs_test_1").status_code == 404
