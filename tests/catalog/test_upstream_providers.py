@@ -262,6 +262,37 @@ def test_an_organizations_provider_gets_no_use_of_the_operators_allow_list(
         assert refused.value.param == "base_url"
 
 
+def test_organizations_providers_have_allow_lists_of_their_own(settings: Any) -> None:
+    """MANTLE_PROVIDER_BYOK_ALLOWED_* (empty by default) let organizations' providers reach
+    a listed internal host; they never widen what the operator's providers may reach."""
+    settings.MANTLE_PROVIDER_BYOK = True
+    settings.MANTLE_PROVIDER_BYOK_ALLOWED_PRIVATE = ["10.0.0.7"]
+    settings.MANTLE_PROVIDER_BYOK_ALLOWED_HTTP = ["10.0.0.7:8000"]
+    org = OrganizationFactory()
+    owned = svc.provider_create(
+        principal=SYSTEM,
+        organization=org,
+        name="team-vllm",
+        kind="openai-compatible",
+        base_url="http://10.0.0.7:8000/v1",
+    )
+    assert owned.base_url == "http://10.0.0.7:8000/v1"
+    for organization, url in (
+        (org, "https://10.0.0.8/v1"),  # not listed
+        (org, "http://10.0.0.7:8001/v1"),  # http to another port
+        (None, "http://10.0.0.7:8000/v1"),  # the operator's: its own lists, empty here
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            svc.provider_create(
+                principal=SYSTEM,
+                organization=organization,
+                name="other",
+                kind="openai-compatible",
+                base_url=url,
+            )
+        assert refused.value.param == "base_url"
+
+
 def test_a_provider_name_with_a_line_break_is_refused() -> None:
     with pytest.raises(InvalidInput) as refused:
         svc.provider_create(
