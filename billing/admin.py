@@ -20,6 +20,7 @@ from unfold.admin import ModelAdmin
 from billing import staff_roles as roles
 from billing.models import (
     BillingAccount,
+    BillingDetails,
     Budget,
     BudgetAlert,
     CreditLedgerEntry,
@@ -29,6 +30,7 @@ from billing.models import (
     PriceOverride,
     StripeCustomer,
     StripeEvent,
+    TaxRate,
     TierMultiplier,
     UsageRollup,
 )
@@ -320,3 +322,22 @@ class StripeEventAdmin(ReadOnlyAdmin):
     search_fields = ("id",)
     ordering = ("-received_at",)
     exclude = ("payload",)
+
+
+@admin.register(TaxRate)
+class TaxRateAdmin(ReadOnlyAdmin):
+    """Every tax rate version (rows are never changed; `manage.py billing tax-rate-set`
+    adds one, validated and audited)."""
+
+    list_display = ("country", "label", "rate", "reverse_charge", "effective_from", "reason")
+    list_filter = ("country", "reverse_charge")
+    ordering = ("country", "-effective_from")
+
+
+@admin.register(BillingDetails)
+class BillingDetailsAdmin(ReadOnlyAdmin):
+    """Whom each organization's invoices are made out to (set in the console)."""
+
+    list_display = ("organization", "legal_name", "country", "tax_id", "updated_at")
+    list_filter = ("country",)
+    search_fields = ("organization__id", "organization__name", "legal_name", "tax_id")

@@ -48,6 +48,8 @@ VIEWABLE: tuple[str, ...] = (
     "billing.usagerollup",
     "billing.stripecustomer",
     "billing.stripeevent",
+    "billing.taxrate",
+    "billing.billingdetails",
 )
 # Revenue: usage rated at each organization's prices (the dashboard's revenue, the usage
 # explorer's charges) and, beside it, what relayed requests cost the operator (the margin

@@ -10,12 +10,14 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import pypdf
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -25,12 +27,13 @@ from xhtml2pdf.config.resources import ResourceAccessPolicy
 
 from accounts.models import AuditLog, Organization
 from accounts.permissions import Role
+from accounts.principal import Principal
 from billing import tax
 from billing.invoice_pdf import html_to_pdf, invoice_html, invoice_pdf, invoice_pdf_filename
 from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.models import BillingDetails, Invoice, TaxRate
 from billing.payments.stripe_sync import stripe_invoice_push
-from core.errors import InvalidInput
+from core.errors import InvalidInput, PermissionDenied
 from tests.backoffice.support import client_for as staff_client
 from tests.backoffice.support import make_staff
 from tests.billing.factories import CHAT, GrantFactory, at, price_book, staff_principal, usage
@@ -327,6 +330,14 @@ def test_the_back_office_downloads_the_same_pdf(world: OrgWorld) -> None:
     assert staff_client(staff.customer).get(url).status_code in (302, 403)
     missing = reverse("admin:backoffice-invoice-pdf", args=["inv_missing"])
     assert staff_client(staff.support).get(missing).status_code == 404
+    # The rates and the buyers' details are listed, read-only.
+    rate("DE", "19")
+    details(world)
+    for name in ("admin:billing_taxrate_changelist", "admin:billing_billingdetails_changelist"):
+        listing = staff_client(staff.support).get(reverse(name))
+        assert listing.status_code == 200
+    body = staff_client(staff.support).get(reverse("admin:billing_billingdetails_changelist"))
+    assert "Acme GmbH" in body.content.decode()
 
 
 def test_the_console_invoice_page_links_the_pdf_and_shows_the_tax(world: OrgWorld) -> None:
@@ -353,6 +364,90 @@ def test_the_stripe_invoice_carries_the_tax_and_adds_up(world: OrgWorld, setting
         ("VAT 19% (DE)", 95),
     ]
     assert stripe_invoice["total"] == 595 == int(inv.total * 100)
+
+
+# --- tax rates ---------------------------------------------------------------------------------
+
+
+def test_staff_add_a_tax_rate_with_the_command_and_it_is_audited() -> None:
+    staff = staff_principal().user
+    assert staff is not None
+    start = (timezone.now() + timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
+    out = StringIO()
+    call_command(
+        "billing",
+        "tax-rate-set",
+        "--actor",
+        staff.email,
+        "--country",
+        "de",
+        "--label",
+        "VAT",
+        "--rate",
+        "19",
+        "--reverse-charge",
+        "--effective-from",
+        start.isoformat(),
+        "--reason",
+        "German VAT registration",
+        stdout=out,
+    )
+    row = TaxRate.objects.get()
+    assert (row.country, row.label, row.rate, row.reverse_charge, row.effective_from) == (
+        "DE",
+        "VAT",
+        Decimal("19.000"),
+        True,
+        start,
+    )
+    assert f"tax rate {row.id}" in out.getvalue()
+    entry = AuditLog.objects.get(action="billing.tax_rate_set")
+    assert entry.metadata["reason"] == "German VAT registration"
+
+
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"rate": "101"}, "rate"),
+        ({"rate": "-1"}, "rate"),
+        ({"rate": "19.0001"}, "rate"),
+        ({"rate": "NaN"}, "rate"),
+        ({"country": "XX"}, "country"),
+        ({"label": ""}, "label"),
+        ({"label": "V\x00AT"}, "label"),
+        ({"effective_from": "past"}, "effective_from"),
+        ({"effective_from": "not whole"}, "effective_from"),
+        ({"reason": ""}, "reason"),
+    ],
+)
+def test_bad_tax_rates_are_refused(changes: dict[str, str], param: str) -> None:
+    start = (timezone.now() + timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
+    values: dict[str, Any] = {
+        "country": "DE",
+        "label": "VAT",
+        "rate": "19",
+        "effective_from": start,
+        "reason": "registration",
+        **changes,
+    }
+    if values["effective_from"] == "past":
+        values["effective_from"] = start - timedelta(days=1)
+    elif values["effective_from"] == "not whole":
+        values["effective_from"] = start + timedelta(minutes=30)
+    with pytest.raises(InvalidInput) as caught:
+        tax.tax_rate_set(principal=staff_principal(), **values)
+    assert caught.value.param == param
+    assert not TaxRate.objects.exists()
+
+
+def test_customers_cannot_set_tax_rates(world: OrgWorld) -> None:
+    owner = Principal(user=world.users[Role.OWNER])
+    start = (timezone.now() + timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
+    with pytest.raises(PermissionDenied):
+        tax.tax_rate_set(
+            principal=owner, country="DE", label="VAT", rate="0", effective_from=start, reason="x"
+        )
+    assert not TaxRate.objects.exists()
 
 
 # --- the buyer's details ----------------------------------------------------------------------

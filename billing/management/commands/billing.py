@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from accounts.models import Organization, User
 from accounts.principal import Principal
-from billing import invoicing, pricing, wallet
+from billing import invoicing, pricing, tax, wallet
 from billing.credits import credit_adjust, credit_grant
 from billing.held_usage import held_usage_release, held_usage_write_off
 from billing.models import CreditLedgerEntry, HeldUsage, Invoice, TokenKind
@@ -49,6 +49,18 @@ class Command(BaseCommand):
         p.add_argument("--unit-price", required=True, help="per million units, e.g. 0.15")
         p.add_argument("--effective-from", required=True, type=_when)
         p.add_argument("--currency", default="USD")
+        p.add_argument("--reason", required=True)
+
+        p = action("tax-rate-set", "a tax rate for buyers of a country, from a whole hour on")
+        p.add_argument("--country", default="", help="ISO 3166-1 alpha-2; empty: the default")
+        p.add_argument("--label", required=True, help="what the invoice calls it: VAT, GST")
+        p.add_argument("--rate", required=True, help="percent, e.g. 19 or 7.7")
+        p.add_argument(
+            "--reverse-charge",
+            action="store_true",
+            help="buyers with a tax id in another country than the seller's pay no tax",
+        )
+        p.add_argument("--effective-from", required=True, type=_when)
         p.add_argument("--reason", required=True)
 
         p = action("override-create", "contract terms: rate, discount or commit_tier")
@@ -135,6 +147,17 @@ class Command(BaseCommand):
                 reason=o["reason"],
             )
             return f"price {price.id}: {price}"
+        if action == "tax-rate-set":
+            row = tax.tax_rate_set(
+                principal=principal,
+                country=o["country"],
+                label=o["label"],
+                rate=o["rate"],
+                reverse_charge=o["reverse_charge"],
+                effective_from=o["effective_from"],
+                reason=o["reason"],
+            )
+            return f"tax rate {row.id}: {row}"
         if action == "override-create":
             override = pricing.price_override_create(
                 principal=principal,
