@@ -37,6 +37,7 @@ from billing.payments.stripe_sync import stripe_backend, stripe_required
 from billing.payments.stripe_types import (
     StripeCardDeclined,
     StripeError,
+    StripeIdempotencyConflict,
     StripeRateLimited,
     StripeUnavailable,
     TopUpCharge,
@@ -51,7 +52,9 @@ logger = logging.getLogger(__name__)
 # A crossing's charge not sent within this long (a crash, Stripe down all day) is given
 # up rather than sent late: Stripe forgets idempotency keys after 24 hours.
 CHARGE_DEADLINE = timedelta(hours=23)
-_TRANSIENT = (StripeRateLimited, StripeUnavailable)
+# Retried later under the same key; a conflict on the key is a request of this crossing
+# still running at Stripe (another evaluation's), never a reason to give the crossing up.
+_TRANSIENT = (StripeRateLimited, StripeUnavailable, StripeIdempotencyConflict)
 
 
 @dataclass(frozen=True)
@@ -238,52 +241,63 @@ def auto_recharge_resume(org: Organization, *, now: datetime) -> int:
 def auto_recharge_charge(topup: TopUp) -> None:
     """Sends a crossing's charge to Stripe: off-session, confirmed at once, the crossing's
     idempotency key. A refusal (declined, needs authentication, no saved method) fails the
-    top-up for good; only a transient error propagates, to be retried with the same key."""
+    top-up for good; only a transient error propagates, to be retried with the same key.
+
+    The top-up's row is locked (skipping a locked one) while Stripe is asked, so two
+    evaluations never send one crossing at once; the webhook of the payment waits for it.
+    """
     assert topup.source == TopUp.Source.AUTO_RECHARGE and topup.crossing is not None
     org_id = topup.organization_id
-    customer = StripeCustomer.objects.filter(organization_id=org_id).first()
-    try:
-        backend = stripe_required()
-        method = (
-            backend.customer_retrieve(customer.stripe_customer_id).default_payment_method_id
-            if customer is not None
-            else None
+    with transaction.atomic():
+        claimed = (
+            TopUp.objects.select_for_update(skip_locked=True)
+            .filter(id=topup.id, status=TopUp.Status.PENDING, stripe_payment_intent_id=None)
+            .first()
         )
-        if customer is None or method is None:
+        if claimed is None:
+            return  # sent already, failed, or being sent by another evaluation
+        customer = StripeCustomer.objects.filter(organization_id=org_id).first()
+        try:
+            backend = stripe_required()
+            method = (
+                backend.customer_retrieve(customer.stripe_customer_id).default_payment_method_id
+                if customer is not None
+                else None
+            )
+            if customer is None or method is None:
+                topups.topup_fail(
+                    topup_id=topup.id,
+                    code="no_payment_method",
+                    message="no saved payment method to charge",
+                )
+                return
+            intent = backend.payment_intent_charge_off_session(
+                TopUpCharge(
+                    organization_id=org_id,
+                    topup_id=topup.id,
+                    customer_id=customer.stripe_customer_id,
+                    amount=to_minor_units(topup.amount, topup.currency),
+                    currency=topup.currency,
+                    description="Mantle prepaid credit (auto-recharge)",
+                ),
+                payment_method_id=method,
+                idempotency_key=auto_recharge_idempotency_key(org_id, topup.crossing),
+            )
+        except StripeCardDeclined as exc:
             topups.topup_fail(
                 topup_id=topup.id,
-                code="no_payment_method",
-                message="no saved payment method to charge",
+                code=exc.decline_code or exc.code,
+                message=exc.message,
+                payment_intent_id=exc.payment_intent_id,
             )
             return
-        intent = backend.payment_intent_charge_off_session(
-            TopUpCharge(
-                organization_id=org_id,
-                topup_id=topup.id,
-                customer_id=customer.stripe_customer_id,
-                amount=to_minor_units(topup.amount, topup.currency),
-                currency=topup.currency,
-                description="Mantle prepaid credit (auto-recharge)",
-            ),
-            payment_method_id=method,
-            idempotency_key=auto_recharge_idempotency_key(org_id, topup.crossing),
-        )
-    except StripeCardDeclined as exc:
-        topups.topup_fail(
-            topup_id=topup.id,
-            code=exc.decline_code or exc.code,
-            message=exc.message,
-            payment_intent_id=exc.payment_intent_id,
-        )
-        return
-    except _TRANSIENT:
-        raise
-    except StripeError as exc:
-        topups.topup_fail(topup_id=topup.id, code=exc.code, message=exc.message)
-        return
-    TopUp.objects.filter(id=topup.id, stripe_payment_intent_id__isnull=True).update(
-        stripe_payment_intent_id=intent.id
-    )
+        except _TRANSIENT:
+            raise
+        except StripeError as exc:
+            topups.topup_fail(topup_id=topup.id, code=exc.code, message=exc.message)
+            return
+        claimed.stripe_payment_intent_id = intent.id
+        claimed.save(update_fields=["stripe_payment_intent_id"])
     logger.info("auto-recharge %s charged as %s (%s)", topup.id, intent.id, intent.status)
 
 

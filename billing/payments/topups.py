@@ -24,6 +24,7 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import SYSTEM, Principal
 from accounts.services import audit_record
+from billing import checks
 from billing.alerts.events import alert_emit
 from billing.credits import credit_grant
 from billing.models import AlertEvent, CreditLedgerEntry, StripeCustomer, TopUp
@@ -87,27 +88,30 @@ def topup_checkout_start(
     value = topup_check_amount(amount)
     currency: str = settings.MANTLE_BILLING_CURRENCY
     backend = stripe_required()
-    waiting = TopUp.objects.filter(
-        organization=org,
-        source=TopUp.Source.CHECKOUT,
-        status=TopUp.Status.PENDING,
-        created_at__gte=timezone.now() - PENDING_WINDOW,
-    ).count()
-    limit: int = settings.MANTLE_TOPUP_PENDING_MAX
-    if waiting >= limit:
-        raise Conflict(
-            f"{waiting} top-ups are already waiting for payment (at most {limit}): pay or "
-            "cancel one of them, or wait until their Checkout pages expire",
-            param="amount",
-        )
     customer = stripe_customer_ensure(org=org)
-    topup = TopUp.objects.create(
-        organization=org,
-        source=TopUp.Source.CHECKOUT,
-        amount=value,
-        currency=currency,
-        created_by=principal.user,
-    )
+    with transaction.atomic():
+        # Counted and added under the organization's lock: racing clicks stay in budget.
+        checks.lock_organization(org)
+        waiting = TopUp.objects.filter(
+            organization=org,
+            source=TopUp.Source.CHECKOUT,
+            status=TopUp.Status.PENDING,
+            created_at__gte=timezone.now() - PENDING_WINDOW,
+        ).count()
+        limit: int = settings.MANTLE_TOPUP_PENDING_MAX
+        if waiting >= limit:
+            raise Conflict(
+                f"{waiting} top-ups are already waiting for payment (at most {limit}): pay "
+                "one of them, or wait until their Checkout pages expire (24 hours)",
+                param="amount",
+            )
+        topup = TopUp.objects.create(
+            organization=org,
+            source=TopUp.Source.CHECKOUT,
+            amount=value,
+            currency=currency,
+            created_by=principal.user,
+        )
     charge = TopUpCharge(
         organization_id=org.id,
         topup_id=topup.id,
