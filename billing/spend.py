@@ -36,6 +36,7 @@ from billing.wallet_keys import (
     price_key,
     wallet_key,
 )
+from core.redis import async_script
 from workers.contract import ServiceClass
 
 COUNTED_TTL_S = 24 * 3600
@@ -380,20 +381,23 @@ async def settle(
     `service_class` batch: the id may be settled again (a batch line run again under its
     id after its runner died); a second settle parks nothing (see `_SETTLE`).
     """
-    await client.eval(
-        _SETTLE,
-        4,
-        wallet_key(organization_id),
-        pending_key(organization_id),
-        counted_key(request_id),
-        held_key(organization_id),
-        str(reserved),
-        str(cost),
-        request_id,
-        reserved_project_id,
-        "1" if held else "0",
-        "1" if service_class == ServiceClass.BATCH else "0",
-        reserved_key_id,
+    await async_script(_SETTLE)(
+        keys=[
+            wallet_key(organization_id),
+            pending_key(organization_id),
+            counted_key(request_id),
+            held_key(organization_id),
+        ],
+        args=[
+            str(reserved),
+            str(cost),
+            request_id,
+            reserved_project_id,
+            "1" if held else "0",
+            "1" if service_class == ServiceClass.BATCH else "0",
+            reserved_key_id,
+        ],
+        client=client,
     )
 
 

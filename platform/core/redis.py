@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import redis
 import redis.asyncio as aredis
@@ -50,6 +51,19 @@ _DELETE_IF_UNCHANGED_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+_async_scripts: dict[str, Any] = {}
+
+
+def async_script(source: str) -> Any:
+    """The script for `source`, run by EVALSHA with the client given at each call (loaded
+    once on NOSCRIPT): a script sent whole with EVAL on a hot path costs its text on the
+    wire and a hash of it in Redis every time."""
+    found = _async_scripts.get(source)
+    if found is None:
+        found = _async_scripts[source] = aredis.Redis().register_script(source)
+    return found
 
 
 async def delete_if_unchanged(key: str, value: str) -> None:

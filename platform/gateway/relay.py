@@ -693,14 +693,20 @@ class _Relay:
                 raise ValueError("not an object")
         except (ValueError, RecursionError) as exc:
             raise _Failed(upstream_unavailable(self.call.model)) from exc
-        await self._succeeded(target, provider)
         body["model"] = self.call.model
         usage = body.get("usage")
         self.taken = True
-        # Metered and settled beside the answer, not before it: the client does not wait
-        # for three more round trips to Redis (a gateway that dies in between bills nothing,
-        # as one that dies mid-stream).
-        _beside(self._finish(target, provider, usage, _answer_text(body), _finish_of(body)))
+        answer, finish = _answer_text(body), _finish_of(body)
+
+        async def after() -> None:
+            await self._succeeded(target, provider)
+            await self._finish(target, provider, usage, answer, finish)
+
+        # The slot released, the request metered and settled beside the answer, not before
+        # it: the client does not wait for four more round trips to Redis (a gateway that
+        # dies in between bills nothing, as one that dies mid-stream; its slot expires at
+        # the request's deadline).
+        _beside(after())
         if self.convert is not None:
             return await self.convert(body, self._headers(target, provider))
         return json_reply(body, headers=self._headers(target, provider))
