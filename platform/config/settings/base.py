@@ -519,6 +519,13 @@ MANTLE_BILLING_DEFAULT_MODE = env.str("MANTLE_BILLING_DEFAULT_MODE", default="po
 MANTLE_INVOICE_PREFIX = env.str("MANTLE_INVOICE_PREFIX", default="MAN")
 # Hours after a month ends before its drafts are finalized: the drain catches up first.
 MANTLE_INVOICE_FINALIZE_DELAY_HOURS = env.int("MANTLE_INVOICE_FINALIZE_DELAY_HOURS", default=6)
+# The seller on every invoice (the operator), copied onto each invoice at finalization and
+# checked at start-up (billing/tax.py): legal name, postal address (lines separated by
+# "\n"), ISO 3166-1 alpha-2 country and tax id (VAT/GST number). docs/deployment.md.
+MANTLE_SELLER_LEGAL_NAME = env.str("MANTLE_SELLER_LEGAL_NAME", default="Mantle")
+MANTLE_SELLER_ADDRESS = env.str("MANTLE_SELLER_ADDRESS", default="")
+MANTLE_SELLER_COUNTRY = env.str("MANTLE_SELLER_COUNTRY", default="")
+MANTLE_SELLER_TAX_ID = env.str("MANTLE_SELLER_TAX_ID", default="")
 
 
 def _unit_prices(raw: str) -> dict[str, str]:
