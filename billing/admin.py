@@ -19,6 +19,7 @@ from unfold.admin import ModelAdmin
 
 from billing import staff_roles as roles
 from billing.models import (
+    AutoRecharge,
     BillingAccount,
     BillingDetails,
     Budget,
@@ -32,6 +33,7 @@ from billing.models import (
     StripeEvent,
     TaxRate,
     TierMultiplier,
+    TopUp,
     UsageRollup,
 )
 
@@ -341,3 +343,48 @@ class BillingDetailsAdmin(ReadOnlyAdmin):
     list_display = ("organization", "legal_name", "country", "tax_id", "updated_at")
     list_filter = ("country",)
     search_fields = ("organization__id", "organization__name", "legal_name", "tax_id")
+
+
+@admin.register(TopUp)
+class TopUpAdmin(ReadOnlyAdmin):
+    """Prepaid credit bought through Stripe (console top-ups and auto-recharges); credited
+    only by the webhook (docs/billing.md, "Top-ups and auto-recharge")."""
+
+    list_display = (
+        "id",
+        "organization",
+        "source",
+        "amount",
+        "currency",
+        "status",
+        "failure_code",
+        "created_at",
+        "paid_at",
+    )
+    list_filter = ("source", "status")
+    search_fields = (
+        "id",
+        "organization__id",
+        "organization__name",
+        "stripe_checkout_session_id",
+        "stripe_payment_intent_id",
+    )
+    ordering = ("-created_at",)
+
+
+@admin.register(AutoRecharge)
+class AutoRechargeAdmin(ReadOnlyAdmin):
+    """Each organization's auto-recharge settings (set in the console)."""
+
+    list_display = (
+        "organization",
+        "enabled",
+        "threshold",
+        "amount",
+        "daily_cap",
+        "armed",
+        "crossings",
+        "updated_at",
+    )
+    list_filter = ("enabled", "armed")
+    search_fields = ("organization__id", "organization__name")

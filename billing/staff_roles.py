@@ -50,6 +50,8 @@ VIEWABLE: tuple[str, ...] = (
     "billing.stripeevent",
     "billing.taxrate",
     "billing.billingdetails",
+    "billing.topup",
+    "billing.autorecharge",
 )
 # Revenue: usage rated at each organization's prices (the dashboard's revenue, the usage
 # explorer's charges) and, beside it, what relayed requests cost the operator (the margin
