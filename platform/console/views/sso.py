@@ -49,7 +49,8 @@ def callback_url(request: HttpRequest) -> str:
 @require_POST
 def sso_start(request: HttpRequest) -> HttpResponse:
     """The work email chooses the connection (an enabled one with the email's domain
-    verified); the browser goes to its provider with a new state, nonce and PKCE."""
+    verified); the browser goes on to its provider (the page's refresh, or its link) with a
+    new state, nonce and PKCE."""
     form = SsoStartForm(request.POST)
     next_url = safe_next(request)
     connection = None
@@ -83,7 +84,12 @@ def sso_start(request: HttpRequest) -> HttpResponse:
         "next": next_url if next_url != reverse("console-home") else "",
         "at": int(time.time()),
     }
-    return HttpResponseRedirect(started.url)
+    # A page that moves on by itself, not a 302: the log-in page's CSP has `form-action
+    # 'self'`, and browsers apply it to the redirects that follow a form's submission, so
+    # a 302 to the provider's origin would be blocked. A refresh is a navigation.
+    response = render(request, "console/auth/sso_redirect.html", {"url": started.url})
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 def _refused(request: HttpRequest, message: str, status: int) -> HttpResponse:
