@@ -27,6 +27,7 @@ from billing.payments.stripe_fake import FakeStripe
 from billing.payments.stripe_sync import stripe_customer_ensure
 from billing.payments.stripe_types import StripeUnavailable
 from billing.payments.tasks import auto_recharge_evaluate_all
+from billing.tasks import wallet_sync_organization
 from core.errors import InvalidInput
 from tests.billing.factories import GrantFactory, price_book, usage
 from tests.billing.stripe_support import deliver, last_event, use_fake_stripe
@@ -458,3 +459,47 @@ def test_the_beat_task_evaluates_every_enabled_organization(prepaid: Prepaid) ->
     assert auto_recharge_evaluate_all() == 1
     assert auto_recharge_evaluate_all() == 0
     assert TopUp.objects.get().created_at <= timezone.now()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_charges_of_one_crossing_send_one_request(prepaid: Prepaid) -> None:
+    pending = TopUp.objects.create(
+        organization=prepaid.world.org,
+        source=TopUp.Source.AUTO_RECHARGE,
+        amount=Decimal("25.00"),
+        currency="USD",
+        crossing=1,
+    )
+    gate = threading.Barrier(4)
+
+    def run() -> None:
+        try:
+            gate.wait()
+            auto_recharge.auto_recharge_charge(pending)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    sent = [r for r in prepaid.fake.requests if r[0] == "POST /v1/payment_intents"]
+    assert sent == [("POST /v1/payment_intents", f"mantle-auto-recharge-{prepaid.org_id}-1")]
+    pending.refresh_from_db()
+    assert pending.stripe_payment_intent_id == prepaid.intents()[0]["id"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_wallet_sync_checks_the_threshold_at_once(prepaid: Prepaid) -> None:
+    prepaid.spend("15.00")
+
+    wallet_sync_organization(prepaid.org_id)  # as after a finalization or an expiry
+
+    (topup,) = TopUp.objects.all()
+    assert (topup.crossing, topup.stripe_payment_intent_id) == (1, prepaid.intents()[0]["id"])
+    # The credit syncs the wallet again after commit: back above, re-armed by that sync.
+    deliver(prepaid.fake, last_event(prepaid.fake, "payment_intent.succeeded"))
+    assert prepaid.settings_row().armed is True
+    assert prepaid.credited() == [Decimal("25.00")]
