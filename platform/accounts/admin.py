@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth.admin import GroupAdmin as BaseGroupAdmin
 from django.contrib.auth.models import Group
 from django.db.models import QuerySet
@@ -21,9 +21,20 @@ from django_otp.plugins.otp_static.models import StaticDevice
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from unfold.admin import ModelAdmin
 
-from accounts.models import ApiKey, AuditLog, Membership, Organization, Project, User
+from accounts.models import (
+    ApiKey,
+    AuditLog,
+    Membership,
+    Organization,
+    Project,
+    SsoConnection,
+    SsoDomain,
+    User,
+)
 from accounts.principal import Principal
+from accounts.sso import sso_domain_mark_verified
 from accounts.two_factor import two_factor_reset
+from core.errors import DomainError
 
 
 class ReadOnlyAdmin(ModelAdmin):
@@ -180,3 +191,50 @@ class AuditLogAdmin(ReadOnlyAdmin):
     @admin.display(description="reason")
     def reason(self, obj: AuditLog) -> str:
         return str(obj.metadata.get("reason", "")) if isinstance(obj.metadata, dict) else ""
+
+
+@admin.register(SsoConnection)
+class SsoConnectionAdmin(ReadOnlyAdmin):
+    """Organizations' identity providers; the sealed client secret is never shown."""
+
+    list_display = ("organization", "issuer", "client_id", "enabled", "sso_required", "updated_at")
+    list_filter = ("enabled", "sso_required")
+    search_fields = ("organization__id", "organization__name", "issuer")
+    list_select_related = ("organization",)
+    exclude = ("client_secret_sealed",)
+
+
+@admin.register(SsoDomain)
+class SsoDomainAdmin(ReadOnlyAdmin):
+    """Single sign-on domains. An operator who checked a customer's ownership another way
+    (DNS the customer cannot edit, a support ticket from the domain's mailbox) verifies it
+    here: superusers only, audited with their name (accounts/sso.py)."""
+
+    list_display = ("domain", "organization", "verified_at", "verified_by", "created_at")
+    list_filter = ("verified_by",)
+    search_fields = ("domain", "connection__organization__id", "connection__organization__name")
+    list_select_related = ("connection__organization",)
+    actions = ("mark_verified",)
+
+    @admin.display(description="organization")
+    def organization(self, obj: SsoDomain) -> str:
+        return _customer(obj.connection.organization)
+
+    @admin.action(
+        description="Mark verified (ownership checked by an operator)", permissions=["verify"]
+    )
+    def mark_verified(self, request: HttpRequest, queryset: QuerySet[SsoDomain]) -> None:
+        assert isinstance(request.user, User)
+        principal = Principal(user=request.user, ip_address=request.META.get("REMOTE_ADDR"))
+        done = 0
+        for domain in queryset.select_related("connection__organization"):
+            try:
+                sso_domain_mark_verified(principal=principal, domain=domain)
+            except DomainError as exc:
+                self.message_user(request, f"{domain.domain}: {exc.message}", messages.ERROR)
+            else:
+                done += 1
+        self.message_user(request, f"{done} domain(s) verified.")
+
+    def has_verify_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.is_superuser)
