@@ -175,7 +175,7 @@ def _on_checkout_session(event: Event) -> None:
     if session.topup_id is None:
         return
     topup = topups.topup_of_customer(session.topup_id, session.customer_id)
-    if topup is None or topup.stripe_checkout_session_id != session.id:
+    if topup is None or not topups.topup_has_session(topup, session.id):
         return
     if session.status == "complete" and session.payment_status == "paid":
         if session.payment_intent_id is None:

@@ -249,6 +249,18 @@ def topup_of_customer(topup_id: str, customer_id: str | None) -> TopUp | None:
     return topup
 
 
+def topup_has_session(topup: TopUp, session_id: str) -> bool:
+    """Whether the Checkout session is the top-up's. A console top-up that lost its
+    session's id (the process stopped between Stripe's answer and the save) adopts the
+    session that names it: the customer paid it, and the amount is checked at settling."""
+    if topup.stripe_checkout_session_id is None and topup.source == TopUp.Source.CHECKOUT:
+        TopUp.objects.filter(id=topup.id, stripe_checkout_session_id=None).update(
+            stripe_checkout_session_id=session_id
+        )
+        topup.refresh_from_db(fields=["stripe_checkout_session_id"])
+    return topup.stripe_checkout_session_id == session_id
+
+
 def _matches(topup: TopUp, intent: PaymentIntent) -> bool:
     expected = to_minor_units(topup.amount, topup.currency)
     problems = []

@@ -355,3 +355,18 @@ def test_history_shows_paid_top_ups_with_their_receipts(world: OrgWorld, fake: F
     assert f'href="{topup.receipt_url}"' in html
     assert "25.00 USD" in html
     assert ">paid<" in html
+
+
+def test_a_top_up_that_lost_its_session_id_adopts_the_paid_session(
+    world: OrgWorld, fake: FakeStripe
+) -> None:
+    topup, _ = start(world, "25.00")
+    session_id = topup.stripe_checkout_session_id or ""
+    TopUp.objects.filter(pk=topup.pk).update(stripe_checkout_session_id=None)  # a crash
+    fake.checkout_complete(session_id)
+
+    deliver(fake, last_event(fake, "checkout.session.completed"))
+
+    topup.refresh_from_db()
+    assert (topup.status, topup.stripe_checkout_session_id) == ("paid", session_id)
+    assert ledger(world) == [Decimal("25.00")]
