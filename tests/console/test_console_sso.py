@@ -469,3 +469,23 @@ def test_a_dns_check_names_the_record_it_did_not_find(
     assert answer.status_code == 400
     assert "_mantle-verification.nothing-here.invalid" in answer.content.decode()
     assert not SsoDomain.objects.get(pk=domain.pk).verified
+
+
+def test_failed_sign_ins_count_like_failed_passwords(
+    idp: LocalOidcProvider, org: Organization, settings: Any
+) -> None:
+    """Each failed callback cost requests to the organization's provider: past the log-in
+    limit for the (email, address) pair, no new sign-in starts for that email."""
+    settings.MANTLE_LOGIN_MAX_FAILURES_PER_PAIR = 2
+    connect(org, idp)
+    idp.add_user(f"new@{DOMAIN}")
+    idp.sign_with_other_key = True
+    client = Client()
+    for _ in range(2):
+        assert sign_in(client, idp, f"new@{DOMAIN}").status_code == 400
+    refused = start(client, f"new@{DOMAIN}")
+    assert refused.status_code == 429
+    assert "Too many failed log-ins for this email address" in refused.content.decode()
+    assert len(idp.token_requests) == 2
+    # Another address of the domain is not held back by this one's failures.
+    assert start(client, f"other@{DOMAIN}").status_code == 200

@@ -16,7 +16,7 @@ from django.utils.crypto import constant_time_compare
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
-from accounts import oidc, sso
+from accounts import oidc, sso, throttle
 from accounts.auth import client_ip
 from accounts.models import SsoConnection
 from accounts.permissions import Perm, Role
@@ -54,20 +54,30 @@ def sso_start(request: HttpRequest) -> HttpResponse:
     form = SsoStartForm(request.POST)
     next_url = safe_next(request)
     connection = None
+    status = 400
     if form.is_valid():
-        connection = sso.connection_for_email(form.cleaned_data["email"])
+        email = form.cleaned_data["email"]
+        connection = sso.connection_for_email(email)
         if connection is None:
             form.add_error(
                 "email",
                 "No organization signs in this address's domain with single sign-on: log in "
                 "with your password.",
             )
+        else:
+            # Failed callbacks count like failed passwords (each one cost requests to the
+            # organization's provider): past the log-in limits, no new sign-in starts.
+            try:
+                throttle.login_throttle_check(email=email, address=client_ip(request))
+            except throttle.LoginThrottled as exc:
+                form.add_error("email", exc.message)
+                connection, status = None, exc.status
     if connection is None:
         return render(
             request,
             "console/auth/login.html",
             {"form": LoginForm(request), "sso_form": form, "next": next_url},
-            status=400,
+            status=status,
         )
     started = oidc.authorization_request(
         sso.provider_of(connection),
@@ -81,6 +91,7 @@ def sso_start(request: HttpRequest) -> HttpResponse:
         "state": started.state,
         "nonce": started.nonce,
         "verifier": started.code_verifier,
+        "email": form.cleaned_data["email"],
         "next": next_url if next_url != reverse("console-home") else "",
         "at": int(time.time()),
     }
@@ -154,6 +165,9 @@ def sso_callback(request: HttpRequest) -> HttpResponse:
         )
     except DomainError as exc:
         logger.warning("sso sign-in refused for %s: %s", connection.organization_id, exc.message)
+        throttle.login_failure_record(
+            email=str(pending.get("email", "")), address=client_ip(request)
+        )
         return _refused(request, f"Single sign-on failed: {exc.message}", exc.status)
     request.session[SESSION_ORG] = signed.organization.id
     next_url = str(pending.get("next") or "") or reverse(
