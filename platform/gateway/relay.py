@@ -16,7 +16,9 @@ unless allow-listed, the resolved address pinned, no redirects, bounded response
 - Failures in a row cool a target down (MANTLE_PROVIDER_FAILURES_TO_COOL, then
   MANTLE_PROVIDER_COOLDOWN_S: the circuit breaker, in Redis so every gateway agrees); a
   cooled target is skipped while another remains.
-- A provider's in-flight requests are bounded across gateways (its `max_concurrency`).
+- A provider's in-flight requests are bounded across gateways (its `max_concurrency`), and
+  on an operator's provider one organization holds at most MANTLE_PROVIDER_ORG_SHARE of them
+  (`org_cap`), in the same script: one tenant cannot take a shared provider from the others.
 - Usage comes from the provider's own `usage` (a streamed request asks for it with
   `stream_options.include_usage`, and the extra chunk is hidden from a client that did not
   ask); without one the gateway counts (the model's tokenizer, or 4 bytes a token) and marks
@@ -93,14 +95,26 @@ _DROPPED = ("service_tier", "store", "metadata")
 _COOL_PREFIX = "mantle:relay:cool:"
 _FAILS_PREFIX = "mantle:relay:fails:"
 _INFLIGHT_PREFIX = "mantle:relay:inflight:"
+_ORG_INFLIGHT_PREFIX = "mantle:relay:inflight-org:"
 
-# KEYS[1] the target's cooldown, KEYS[2] the provider's in-flight set; ARGV: now, this
-# request's deadline, its id, the provider's maximum, '1' to take a cooled target anyway
-# (the route's last, when nothing else was tried). -1 cooled, 0 full, 1 taken.
+# KEYS[1] the target's cooldown, KEYS[2] the provider's in-flight set, KEYS[3] the calling
+# organization's in-flight set on the provider (members and scores as in KEYS[2]); ARGV:
+# now, this request's deadline, its id, the provider's maximum, '1' to take a cooled target
+# anyway (the route's last, when nothing else was tried), the organization's cap (at least
+# the maximum: no share, KEYS[3] untouched). Entries end at their deadline in both sets.
+# -1 cooled, 0 full (or the organization at its share), 1 taken.
 _TAKE = """
 if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 0 end
+local most = tonumber(ARGV[4])
+if redis.call('ZCARD', KEYS[2]) >= most then return 0 end
+local cap = tonumber(ARGV[6])
+if cap < most then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+  if redis.call('ZCARD', KEYS[3]) >= cap then return 0 end
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], 3600)
+end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[2], 3600)
 return 1
@@ -125,10 +139,11 @@ return 0
 
 
 # A whole answer came: KEYS[1] the provider's in-flight set, KEYS[2] the target's failures in
-# a row; ARGV[1] the request id.
+# a row, KEYS[3] the organization's in-flight set on the provider; ARGV[1] the request id.
 _SUCCEEDED = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -313,6 +328,63 @@ def _script(source: str) -> Any:
 async def cooled(target_id: str) -> bool:
     """Whether the route target is cooling down after failures in a row."""
     return bool(await get_async_redis().exists(_COOL_PREFIX + target_id))
+
+
+def org_cap(provider: ProviderConnection) -> int:
+    """The requests one organization may have in flight at the provider: on an operator's
+    provider MANTLE_PROVIDER_ORG_SHARE of its `max_concurrency`, rounded down, at least 1
+    (below 1, so at least one slot stays for the others whenever it has two); an
+    organization's own provider (only it calls it) and a share of 1 have none: the maximum."""
+    most = provider.max_concurrency
+    share = settings.MANTLE_PROVIDER_ORG_SHARE
+    if provider.organization_id is not None or share >= 1.0:
+        return most
+    return max(1, math.floor(most * share))
+
+
+def _org_key(provider: ProviderConnection, organization_id: str) -> str:
+    return f"{_ORG_INFLIGHT_PREFIX}{provider.id}:{organization_id}"
+
+
+async def take_slot(
+    target_id: str,
+    provider: ProviderConnection,
+    organization_id: str,
+    request_id: str,
+    deadline: float,
+    *,
+    force: bool = False,
+) -> int:
+    """Takes one of the provider's slots for the request until `deadline` (or its release),
+    within the organization's cap, in one round trip: -1 the target is cooling down (and
+    not `force`d), 0 the provider is full or the organization holds its share, 1 taken."""
+    taken = await _script(_TAKE)(
+        keys=[
+            _COOL_PREFIX + target_id,
+            _INFLIGHT_PREFIX + provider.id,
+            _org_key(provider, organization_id),
+        ],
+        args=[
+            time.time(),
+            deadline,
+            request_id,
+            provider.max_concurrency,
+            "1" if force else "0",
+            org_cap(provider),
+        ],
+    )
+    return int(taken)
+
+
+async def release_slot(provider: ProviderConnection, organization_id: str, request_id: str) -> None:
+    """Gives the request's slot back (one round trip); a failure leaves it to its deadline."""
+    try:
+        pipe = get_async_redis().pipeline(transaction=False)
+        pipe.zrem(_INFLIGHT_PREFIX + provider.id, request_id)
+        pipe.zrem(_org_key(provider, organization_id), request_id)
+        await pipe.execute()
+    except Exception:  # the entry expires at the request's deadline anyway
+        logger.warning("could not release %s's slot at %s", request_id, provider.id)
 
 
 async def _record(target: Target, *, failed: bool) -> None:
@@ -551,11 +623,15 @@ class _Relay:
             self.last_error = upstream_unavailable(self.call.model)
             return None
         await self.admit()  # a refusal here (limits, money) is the client's answer
-        force = "1" if last and not self.tried else "0"
+        force = last and not self.tried
         for attempt in range(settings.MANTLE_PROVIDER_RETRIES + 1):
-            taken = await _script(_TAKE)(
-                keys=[_COOL_PREFIX + target.id, _INFLIGHT_PREFIX + provider.id],
-                args=[time.time(), self.deadline, self.request_id, provider.max_concurrency, force],
+            taken = await take_slot(
+                target.id,
+                provider,
+                self.identity.organization_id,
+                self.request_id,
+                self.deadline,
+                force=force,
             )
             if int(taken) == -1:
                 self.last_error = upstream_unavailable(
@@ -597,17 +673,18 @@ class _Relay:
         one round trip."""
         try:
             await _script(_SUCCEEDED)(
-                keys=[_INFLIGHT_PREFIX + provider.id, _FAILS_PREFIX + target.id],
+                keys=[
+                    _INFLIGHT_PREFIX + provider.id,
+                    _FAILS_PREFIX + target.id,
+                    _org_key(provider, self.identity.organization_id),
+                ],
                 args=[self.request_id],
             )
         except Exception:  # the slot expires at the request's deadline anyway
             logger.warning("could not release %s's slot at %s", self.request_id, provider.id)
 
     async def _release(self, provider: ProviderConnection) -> None:
-        try:
-            await get_async_redis().zrem(_INFLIGHT_PREFIX + provider.id, self.request_id)
-        except Exception:  # the entry expires at the request's deadline anyway
-            logger.warning("could not release %s's slot at %s", self.request_id, provider.id)
+        await release_slot(provider, self.identity.organization_id, self.request_id)
 
     async def _call(self, target: Target, provider: ProviderConnection) -> HttpResponseBase:
         """One request to the provider; raises _Failed for what another attempt may fix,

@@ -709,6 +709,18 @@ MANTLE_PROVIDER_RETRY_AFTER_MAX_S = env.float("MANTLE_PROVIDER_RETRY_AFTER_MAX_S
 # The circuit breaker: this many failures in a row cool a target down for so long.
 MANTLE_PROVIDER_FAILURES_TO_COOL = env.int("MANTLE_PROVIDER_FAILURES_TO_COOL", default=3)
 MANTLE_PROVIDER_COOLDOWN_S = env.int("MANTLE_PROVIDER_COOLDOWN_S", default=30)
+# One organization's most of an operator's provider's max_concurrency in flight (rounded
+# down, at least 1; 1: no share). Organizations' own providers have none.
+_provider_org_share = env.str("MANTLE_PROVIDER_ORG_SHARE", default="0.5")
+try:
+    MANTLE_PROVIDER_ORG_SHARE = float(_provider_org_share)
+except ValueError:
+    MANTLE_PROVIDER_ORG_SHARE = float("nan")
+if not 0 < MANTLE_PROVIDER_ORG_SHARE <= 1:
+    raise ImproperlyConfigured(
+        f"MANTLE_PROVIDER_ORG_SHARE is {_provider_org_share!r}: it must be a number more than "
+        "0 and at most 1 (1: no per-organization share)"
+    )
 # Bounds on what a provider may send back: a whole answer, one stream line, a stream.
 MANTLE_PROVIDER_MAX_RESPONSE_BYTES = env.int(
     "MANTLE_PROVIDER_MAX_RESPONSE_BYTES", default=16 * 1024**2
