@@ -166,8 +166,9 @@ def _on_setup_intent_succeeded(event: Event) -> None:
 
 
 def _on_checkout_session(event: Event) -> None:
-    """A top-up's Checkout session: credited once Stripe says it is complete and paid (an
-    asynchronous method pays later: `async_payment_succeeded`); expired, it is closed.
+    """A top-up's Checkout session: credited once Stripe says it is complete and paid (a
+    delayed method, a bank debit, completes unpaid and pays later:
+    `async_payment_succeeded`, or fails: `async_payment_failed`); expired, it is closed.
     Setup-mode sessions (saving a card) carry no top-up and are left to setup_intent."""
     if not event.object_id:
         return
@@ -187,6 +188,15 @@ def _on_checkout_session(event: Event) -> None:
         )
     elif session.status == "expired":
         topups.topup_expire(topup_id=topup.id, session_id=session.id)
+    elif event.type == "checkout.session.async_payment_failed" and session.payment_intent_id:
+        intent = stripe_required().payment_intent_retrieve(session.payment_intent_id)
+        if intent.status != "succeeded":
+            topups.topup_fail(
+                topup_id=topup.id,
+                code=intent.failure_code or "async_payment_failed",
+                message=intent.failure_message or "the delayed payment failed",
+                payment_intent_id=intent.id,
+            )
 
 
 def _on_payment_intent(event: Event) -> None:
@@ -224,6 +234,7 @@ HANDLERS: Mapping[str, Callable[[Event], None]] = {
     "setup_intent.succeeded": _on_setup_intent_succeeded,
     "checkout.session.completed": _on_checkout_session,
     "checkout.session.async_payment_succeeded": _on_checkout_session,
+    "checkout.session.async_payment_failed": _on_checkout_session,
     "checkout.session.expired": _on_checkout_session,
     "payment_intent.succeeded": _on_payment_intent,
     "payment_intent.payment_failed": _on_payment_intent,

@@ -495,6 +495,54 @@ class FakeStripe:
             self._emit("checkout.session.completed", session)
             return pm_id
 
+    def checkout_complete_delayed(self, session_id: str) -> str:
+        """The customer completes a payment session with a delayed method (a bank debit):
+        the session is complete but unpaid, its PaymentIntent `processing`, until
+        `checkout_delayed_settle`. Returns the PaymentIntent's id."""
+        with self._lock:
+            session = self._get(self.checkout_sessions, session_id, "checkout.session")
+            if session["status"] != "open" or session["mode"] != "payment":
+                raise StripeInvalidRequest(
+                    f"checkout session {session_id} is not an open payment session",
+                    param="session",
+                )
+            data = session["payment_intent_data"]
+            intent = self._payment_intent_new(
+                customer_id=session["customer"],
+                amount=session["amount_total"],
+                currency=session["currency"],
+                metadata=data.get("metadata") or {},
+                description=data.get("description"),
+            )
+            intent["status"] = "processing"
+            session["status"] = "complete"
+            session["payment_intent"] = intent["id"]
+            session["url"] = None
+            self._emit("checkout.session.completed", session)
+            return str(intent["id"])
+
+    def checkout_delayed_settle(self, session_id: str, *, succeed: bool) -> None:
+        """The delayed payment of a completed session clears or fails
+        (`checkout.session.async_payment_succeeded` / `_failed`)."""
+        with self._lock:
+            session = self._get(self.checkout_sessions, session_id, "checkout.session")
+            intent = self.payment_intents.get(session["payment_intent"] or "")
+            if intent is None or intent["status"] != "processing":
+                raise StripeInvalidRequest(f"checkout session {session_id} has no payment pending")
+            if succeed:
+                self._payment_intent_succeed(intent)
+                session["payment_status"] = "paid"
+                self._emit("checkout.session.async_payment_succeeded", session)
+                return
+            intent["status"] = "requires_payment_method"
+            intent["last_payment_error"] = {
+                "type": "invalid_request_error",
+                "code": "payment_method_provider_decline",
+                "message": "The payment was declined by the customer's bank.",
+            }
+            self._emit("payment_intent.payment_failed", intent)
+            self._emit("checkout.session.async_payment_failed", session)
+
     def checkout_expire(self, session_id: str) -> None:
         """The session's 24 hours ran out (or the platform expired it): no payment."""
         with self._lock:

@@ -201,10 +201,11 @@ def topup_expire(*, topup_id: str, session_id: str) -> bool:
 def topup_fail(
     *, topup_id: str, code: str, message: str, payment_intent_id: str | None = None
 ) -> bool:
-    """A pending auto-recharge charge that failed (declined, needs its holder, no saved
-    method): recorded, and the failed-payment alert raised, once; True if it was pending.
+    """A pending top-up whose payment failed (an auto-recharge declined, needing its
+    holder, or without a saved method; a console top-up's delayed bank payment refused):
+    recorded, and the failed-payment alert raised, once; True if it was pending.
 
-    Never retried: the next charge needs a new threshold crossing.
+    Never retried: an auto-recharge's next charge needs a new threshold crossing.
     """
     with transaction.atomic():
         topup = TopUp.objects.select_for_update().filter(id=topup_id).first()

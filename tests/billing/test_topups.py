@@ -17,7 +17,7 @@ from django.urls import reverse
 from accounts.models import AuditLog
 from accounts.permissions import Role
 from accounts.principal import Principal
-from billing.models import CreditLedgerEntry, StripeEvent, TopUp
+from billing.models import AlertEvent, CreditLedgerEntry, StripeEvent, TopUp
 from billing.payments import topups
 from billing.payments.stripe_fake import FakeStripe
 from billing.payments.stripe_types import StripeCardDeclined, StripeInvalidRequest
@@ -370,3 +370,39 @@ def test_a_top_up_that_lost_its_session_id_adopts_the_paid_session(
     topup.refresh_from_db()
     assert (topup.status, topup.stripe_checkout_session_id) == ("paid", session_id)
     assert ledger(world) == [Decimal("25.00")]
+
+
+def test_a_delayed_payment_is_credited_when_it_clears_not_at_completion(
+    world: OrgWorld, fake: FakeStripe
+) -> None:
+    topup, _ = start(world, "25.00")
+    session_id = topup.stripe_checkout_session_id or ""
+    fake.checkout_complete_delayed(session_id)
+
+    deliver(fake, last_event(fake, "checkout.session.completed"))  # complete, unpaid
+
+    assert ledger(world) == []
+    assert TopUp.objects.get(pk=topup.pk).status == "pending"
+    fake.checkout_delayed_settle(session_id, succeed=True)
+    deliver(fake, last_event(fake, "checkout.session.async_payment_succeeded"))
+    assert ledger(world) == [Decimal("25.00")]
+    assert TopUp.objects.get(pk=topup.pk).status == "paid"
+
+
+def test_a_delayed_payment_that_fails_fails_the_top_up_and_alerts(
+    world: OrgWorld, fake: FakeStripe
+) -> None:
+    topup, _ = start(world, "25.00")
+    session_id = topup.stripe_checkout_session_id or ""
+    fake.checkout_complete_delayed(session_id)
+    fake.checkout_delayed_settle(session_id, succeed=False)
+
+    deliver(fake, last_event(fake, "payment_intent.payment_failed"))  # changes nothing
+    assert TopUp.objects.get(pk=topup.pk).status == "pending"
+    deliver(fake, last_event(fake, "checkout.session.async_payment_failed"))
+
+    topup.refresh_from_db()
+    assert (topup.status, topup.failure_code) == ("failed", "payment_method_provider_decline")
+    assert ledger(world) == []
+    (alert,) = AlertEvent.objects.filter(organization=world.org)
+    assert (alert.kind, alert.payload["topup_id"]) == ("payment_failed", topup.id)
