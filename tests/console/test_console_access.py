@@ -24,6 +24,7 @@ ORG_PAGES = [
     "console-usage",
     "console-usage-csv",
     "console-billing",
+    "console-topup",
 ]
 
 # (page, roles that may open it); every other role gets 403.
@@ -39,6 +40,7 @@ MAY_VIEW = {
     "console-usage": ALL,
     "console-usage-csv": ALL,
     "console-billing": {Role.OWNER, Role.ADMIN, Role.BILLING},
+    "console-topup": {Role.OWNER, Role.ADMIN, Role.BILLING},
 }
 
 
@@ -102,6 +104,11 @@ def test_viewer_cannot_create_a_key(world: OrgWorld) -> None:
         ("console-team", {"email": "new@example.com", "role": "viewer"}),
         ("console-budget-save", {"monthly_amount": "10", "alert_thresholds": "50"}),
         ("console-playground-key", {}),
+        ("console-topup-start", {"amount": "25.00"}),
+        (
+            "console-auto-recharge",
+            {"auto-threshold": "1", "auto-amount": "5", "auto-daily_cap": "5"},
+        ),
     ],
 )
 def test_posts_without_csrf_token_are_refused(world: OrgWorld, name: str, data: dict) -> None:
