@@ -16,13 +16,22 @@ from accounts.models import ApiKey
 from accounts.permissions import Perm
 from accounts.principal import Principal
 from accounts.selectors import api_key_get, organization_for, organization_for_usage
-from billing import budgets, key_budgets, selectors, usage_buckets
+from billing import budgets, key_budgets, selectors, tax, usage_buckets
 from billing.credits import credit_entries
 from billing.invoice_pdf import invoice_pdf_response
-from billing.models import Budget, BudgetAlert, CreditLedgerEntry, Invoice, InvoiceLine
+from billing.models import (
+    BillingDetails,
+    Budget,
+    BudgetAlert,
+    CreditLedgerEntry,
+    Invoice,
+    InvoiceLine,
+)
 from billing.periods import month_label, month_start
 from billing.schemas import (
     BalanceOut,
+    BillingDetailsIn,
+    BillingDetailsOut,
     BudgetAlertOut,
     BudgetOut,
     BudgetsIn,
@@ -154,7 +163,7 @@ def invoice_get(request: HttpRequest, organization_id: str, invoice_id: str) -> 
     f"{BILLING}/invoices/{{invoice_id}}/pdf",
     openapi_extra={
         "responses": {
-            "200": {
+            200: {
                 "description": "The invoice as a PDF attachment (a draft is watermarked DRAFT)",
                 "content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}},
             }
@@ -165,6 +174,44 @@ def invoice_pdf(request: HttpRequest, organization_id: str, invoice_id: str) -> 
     """The invoice as a PDF document (billing view)."""
     org = organization_for(_principal(request), organization_id, Perm.BILLING_VIEW)
     return invoice_pdf_response(selectors.invoice_get(org, invoice_id))
+
+
+def _details_out(org_details: BillingDetails | None) -> BillingDetailsOut:
+    if org_details is None:
+        return BillingDetailsOut(legal_name="", address="", country="", tax_id="", updated_at=None)
+    return BillingDetailsOut(
+        legal_name=org_details.legal_name,
+        address=org_details.address,
+        country=org_details.country,
+        tax_id=org_details.tax_id,
+        updated_at=org_details.updated_at,
+    )
+
+
+@router.get(f"{BILLING}/details", response=BillingDetailsOut)
+def billing_details_get(request: HttpRequest, organization_id: str) -> BillingDetailsOut:
+    """Whom the organization's invoices are made out to (empty until set)."""
+    org = organization_for(_principal(request), organization_id, Perm.BILLING_VIEW)
+    return _details_out(tax.billing_details_get(org))
+
+
+@router.put(f"{BILLING}/details", response=BillingDetailsOut)
+def billing_details_put(
+    request: HttpRequest, organization_id: str, payload: BillingDetailsIn
+) -> BillingDetailsOut:
+    """Sets the legal name, address, country and tax id invoices finalized from now on carry."""
+    principal = _principal(request)
+    org = organization_for(principal, organization_id, Perm.BILLING_MANAGE)
+    return _details_out(
+        tax.billing_details_set(
+            principal=principal,
+            org=org,
+            legal_name=payload.legal_name,
+            address=payload.address,
+            country=payload.country,
+            tax_id=payload.tax_id,
+        )
+    )
 
 
 def _budget_out(b: Budget) -> BudgetOut:

@@ -88,6 +88,29 @@ class InvoiceDetailOut(InvoiceOut):
     tax_lines: list[InvoiceTaxLineOut]
 
 
+class BillingDetailsIn(In):
+    """Whom invoices are made out to; billing.tax.billing_details_set checks each field."""
+
+    legal_name: str = Field(max_length=1000, description="1 to 200 printable characters")
+    address: str = Field(
+        max_length=2000, description="1 to 500 printable characters, at most 6 lines ('\\n')"
+    )
+    country: str = Field(max_length=16, description="ISO 3166-1 alpha-2, e.g. DE")
+    tax_id: str = Field(
+        default="",
+        max_length=200,
+        description="VAT/GST number, checked by the country's rules where known; '' for none",
+    )
+
+
+class BillingDetailsOut(Schema):
+    legal_name: str = Field(description="empty while the details are not set")
+    address: str
+    country: str
+    tax_id: str
+    updated_at: datetime | None
+
+
 class BudgetIn(In):
     project_id: str | None = Field(default=None, description="None: the whole organization")
     monthly_amount: Decimal

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -477,6 +478,45 @@ def test_billing_members_set_the_details_and_it_is_audited(world: OrgWorld) -> N
     assert entry.metadata["tax_id"] == "980780684"
     page = client.get(url).content.decode()
     assert "10 Downing Street<br>London SW1A 2AA" in page
+
+
+def test_the_management_api_reads_and_sets_the_details(world: OrgWorld) -> None:
+    client = world.client_for(Role.BILLING)
+    url = f"/api/v1/organizations/{world.org.id}/billing/details"
+    empty = client.get(url).json()
+    assert empty == {
+        "legal_name": "",
+        "address": "",
+        "country": "",
+        "tax_id": "",
+        "updated_at": None,
+    }
+    body = {
+        "legal_name": "Acme GmbH",
+        "address": "Hauptstrasse 5\n10115 Berlin",
+        "country": "de",
+        "tax_id": "136695976",
+    }
+    response = client.put(url, json.dumps(body), content_type="application/json")
+    assert response.status_code == 200
+    got = client.get(url).json()
+    assert (got["legal_name"], got["address"], got["country"], got["tax_id"]) == (
+        "Acme GmbH",
+        "Hauptstrasse 5\n10115 Berlin",
+        "DE",
+        BUYER_VAT,
+    )
+    bad = client.put(
+        url, json.dumps({**body, "tax_id": "DE123456789"}), content_type="application/json"
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "tax_id"
+    assert BillingDetails.objects.get(organization=world.org).tax_id == BUYER_VAT
+    # An admin reads them and may not change them.
+    admin = world.client_for(Role.ADMIN)
+    assert admin.get(url).status_code == 200
+    denied = admin.put(url, json.dumps(body), content_type="application/json")
+    assert denied.status_code == 403
 
 
 def test_admins_see_the_details_but_may_not_change_them(world: OrgWorld) -> None:

@@ -112,6 +112,14 @@ OPS = [
     Op("get", f"{ORG}/billing/invoices", Perm.BILLING_VIEW, 200),
     Op("get", f"{ORG}/billing/invoices/{{invoice_id}}", Perm.BILLING_VIEW, 200),
     Op("get", f"{ORG}/billing/invoices/{{invoice_id}}/pdf", Perm.BILLING_VIEW, 200),
+    Op("get", f"{ORG}/billing/details", Perm.BILLING_VIEW, 200),
+    Op(
+        "put",
+        f"{ORG}/billing/details",
+        Perm.BILLING_MANAGE,
+        200,
+        {"legal_name": "Acme GmbH", "address": "Hauptstrasse 5", "country": "DE"},
+    ),
     Op("get", f"{ORG}/billing/budgets", Perm.BILLING_VIEW, 200),
     Op(
         "put",
