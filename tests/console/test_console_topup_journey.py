@@ -56,12 +56,11 @@ def app_server(
         stack.stop_all()
 
 
-def reload_until(page: Page, selector: str, text: str, *, attempts: int = 30) -> None:
+def reload_until(page: Page, selector: str, text: str, *, within_s: float = 60) -> None:
     """Reloads until `selector` shows `text`: the webhook arrives a moment after the
-    customer is back, as with Stripe."""
-    for _ in range(attempts):
-        if text in page.locator(selector).inner_text():
-            return
+    customer is back, as with Stripe (a bound for a loaded machine, not a timing check)."""
+    deadline = time.monotonic() + within_s
+    while text not in page.locator(selector).inner_text() and time.monotonic() < deadline:
         time.sleep(0.5)
         page.reload()
     expect(page.locator(selector)).to_contain_text(text)
