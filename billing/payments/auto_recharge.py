@@ -183,7 +183,7 @@ def auto_recharge_evaluate(org: Organization, *, now: datetime | None = None) ->
         spent = auto_recharge_spent_today(org, now=now)
         if spent + row.amount > row.daily_cap:
             # Stays armed: the next UTC day's first evaluation charges the crossing.
-            logger.info(
+            logger.debug(  # every beat until midnight: not worth a line each time
                 "auto-recharge of %s held by its daily cap (%s + %s > %s)",
                 org.id,
                 spent,
