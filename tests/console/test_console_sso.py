@@ -489,3 +489,18 @@ def test_failed_sign_ins_count_like_failed_passwords(
     assert len(idp.token_requests) == 2
     # Another address of the domain is not held back by this one's failures.
     assert start(client, f"other@{DOMAIN}").status_code == 200
+
+
+def test_the_password_form_points_people_of_an_sso_domain_to_single_sign_on(
+    idp: LocalOidcProvider, org: Organization
+) -> None:
+    connect(org, idp)
+    answer = Client().post("/console/login/", {"username": f"Someone@{DOMAIN}", "password": ""})
+    assert answer.status_code == 400
+    text = answer.content.decode()
+    assert "Acme signs in acme.test addresses with single sign-on" in text
+    assert answer.context["sso_form"].initial == {"email": f"Someone@{DOMAIN}"}
+    # Other domains get the usual answer only.
+    other = Client().post("/console/login/", {"username": "a@elsewhere.test", "password": "x"})
+    assert other.status_code == 400
+    assert "single sign-on" not in other.context["form"].non_field_errors().as_text()

@@ -95,7 +95,21 @@ class LoginView(auth_views.LoginView):
         return response
 
     def form_invalid(self, form: LoginForm) -> HttpResponse:  # type: ignore[override]
-        response = super().form_invalid(form)
+        email = str(form.data.get("username", ""))[:254]
+        connection = sso.connection_for_email(email) if "@" in email else None
+        if connection is not None:
+            # An address whose organization signs it in with single sign-on: point there,
+            # with the SSO form filled in (docs/console.md, "Single sign-on").
+            form.add_error(
+                None,
+                f"{connection.organization.name} signs in {sso.email_domain(email)} addresses "
+                "with single sign-on: use “Sign in with SSO” below.",
+            )
+            response = self.render_to_response(
+                self.get_context_data(form=form, sso_form=SsoStartForm(initial={"email": email}))
+            )
+        else:
+            response = super().form_invalid(form)
         # A refused log-in is not a success: 400 here, 429 when throttled (set by
         # present_login_refusal), so that scripts (and tests) can tell without reading.
         response.status_code = 400
