@@ -31,7 +31,7 @@ from accounts.permissions import Role
 from accounts.principal import Principal
 from billing import tax
 from billing.invoice_pdf import html_to_pdf, invoice_html, invoice_pdf, invoice_pdf_filename
-from billing.invoicing import invoice_finalize, invoice_refresh_draft
+from billing.invoicing import invoice_finalize, invoice_refresh_draft, invoice_void
 from billing.models import BillingDetails, Invoice, TaxRate
 from billing.payments.stripe_sync import stripe_invoice_push
 from core.errors import InvalidInput, PermissionDenied
@@ -260,6 +260,27 @@ def test_a_draft_is_watermarked_and_shows_todays_details(world: OrgWorld) -> Non
     assert "DRAFT" in text.split()
     assert "Draft invoice" in text and "not an invoice" in text
     assert "Acme GmbH" in text
+
+
+def test_credits_pay_the_tax_too(world: OrgWorld) -> None:
+    rate("DE", "19")
+    details(world)
+    GrantFactory(organization=world.org, amount=Decimal("10.00"))
+    inv = finalized(world.org)
+    assert (inv.tax, inv.credits_applied, inv.total, inv.status) == (
+        Decimal("0.95"),
+        Decimal("5.95"),
+        Decimal("0.00"),
+        Invoice.Status.PAID,
+    )
+    text = pdf_text(invoice_pdf(inv))
+    assert "Credits applied -5.95" in text and "Total (paid) 0.00 USD" in text
+
+
+def test_a_void_invoice_is_watermarked_void(world: OrgWorld) -> None:
+    inv = invoice_void(principal=staff_principal(), invoice=finalized(world.org), reason="wrong")
+    text = pdf_text(invoice_pdf(inv))
+    assert "VOID" in text.split() and "nothing is due on this invoice" in text
 
 
 def test_the_filename_is_safe_whatever_the_number(world: OrgWorld) -> None:
