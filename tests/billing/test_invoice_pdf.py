@@ -372,6 +372,9 @@ def test_the_console_invoice_page_links_the_pdf_and_shows_the_tax(world: OrgWorl
     body = page.content.decode()
     assert org_url("console-invoice-pdf", world.org.id, invoice_id=inv.id) in body
     assert "Download PDF" in body and "VAT 19% (DE) on 5.00" in body
+    # The parties as finalized, escaped like everything a customer wrote.
+    assert "<strong>Acme GmbH</strong><br>Hauptstrasse 5<br>10115 Berlin<br>DE" in body
+    assert "<strong>Mantle Cloud Ltd</strong><br>1 Harbour Road" in body
 
 
 def test_the_stripe_invoice_carries_the_tax_and_adds_up(world: OrgWorld, settings: Any) -> None:
@@ -636,6 +639,13 @@ def test_customer_text_is_escaped_and_fetches_nothing(world: OrgWorld, listener:
     assert f'<img src="{listener.url}/img.png">' in text  # printed as text
     assert listener.hits == []
     assert all(not page.images for page in pypdf.PdfReader(io.BytesIO(data)).pages)
+    # The console's invoice page shows the same text, escaped too.
+    page = world.client_for(Role.BILLING).get(
+        org_url("console-invoice", world.org.id, invoice_id=inv.id)
+    )
+    assert f'<img src="{listener.url}' not in page.content.decode()
+    assert f"&lt;img src=&quot;{listener.url}/img.png&quot;&gt;" in page.content.decode()
+    assert listener.hits == []
 
 
 def test_the_renderer_refuses_every_url_and_file_even_in_raw_markup(
