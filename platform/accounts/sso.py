@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import dns.exception
 import dns.resolver
 import idna
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -305,11 +306,28 @@ def txt_record_value(domain: SsoDomain) -> str:
     return f"{TXT_VALUE_PREFIX}{domain.verification_token}"
 
 
+def _resolver() -> dns.resolver.Resolver:
+    """The system's resolver, or the name servers MANTLE_SSO_DNS_NAMESERVERS lists
+    (`address` or `address:port`; the tests' own server on loopback)."""
+    servers = [str(s).strip() for s in settings.MANTLE_SSO_DNS_NAMESERVERS or () if str(s).strip()]
+    if not servers:
+        return dns.resolver.Resolver()
+    resolver = dns.resolver.Resolver(configure=False)
+    addresses: list[str] = []
+    for server in servers:
+        host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+        addresses.append(host)
+        if port:
+            resolver.port = int(port)
+    resolver.nameservers = addresses
+    return resolver
+
+
 def txt_values(name: str) -> list[str]:
     """The TXT strings at `name` (dnspython, within DNS_LIFETIME_S). InvalidInput naming
     what the resolver said when there are none."""
     try:
-        answer = dns.resolver.resolve(name, "TXT", lifetime=DNS_LIFETIME_S)
+        answer = _resolver().resolve(name, "TXT", lifetime=DNS_LIFETIME_S)
     except dns.resolver.NXDOMAIN:
         raise InvalidInput(f"{name} does not exist in DNS", param="domain") from None
     except dns.resolver.NoAnswer:

@@ -4,6 +4,7 @@ on loopback): the sign-in with just-in-time membership, every refusal signing no
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from accounts.principal import Principal
 from core.errors import Conflict
 from tests.console.support import logged_in, org_url
 from tests.factories import OrganizationFactory, UserFactory, add_member
+from tests.support.dns_server import LocalDnsServer
 from tests.support.oidc_provider import LocalOidcProvider
 
 pytestmark = pytest.mark.django_db
@@ -457,18 +459,43 @@ def test_who_may_see_the_settings(idp: LocalOidcProvider, org: Organization) -> 
     assert SsoDomain.objects.filter(pk=domain.pk).exists()
 
 
-def test_a_dns_check_names_the_record_it_did_not_find(
-    idp: LocalOidcProvider, org: Organization
+@pytest.fixture
+def dns_server(settings: Any) -> Iterator[LocalDnsServer]:
+    with LocalDnsServer() as server:
+        settings.MANTLE_SSO_DNS_NAMESERVERS = [server.address]
+        yield server
+
+
+def test_a_domain_is_verified_by_its_txt_record(
+    idp: LocalOidcProvider, org: Organization, dns_server: LocalDnsServer
 ) -> None:
-    connect(org, idp, domains=("nothing-here.invalid",), verify=False)
+    connect(org, idp, verify=False)
     owner = Membership.objects.get(organization=org, role=Role.OWNER).user
-    domain = SsoDomain.objects.get(domain="nothing-here.invalid")
-    answer = logged_in(owner).post(
-        org_url("console-sso-domain-action", org.id, domain_id=domain.id, action="verify")
+    client = logged_in(owner)
+    domain = SsoDomain.objects.get(domain=DOMAIN)
+    check = org_url("console-sso-domain-action", org.id, domain_id=domain.id, action="verify")
+    record = f"_mantle-verification.{DOMAIN}"
+
+    missing = client.post(check)  # no record at all
+    assert missing.status_code == 400
+    assert f"{record} does not exist in DNS" in missing.content.decode()
+    dns_server.txt[record] = ["v=spf1 -all", "mantle-verification=someone-elses-token"]
+    wrong = client.post(check)  # records, but not this domain's token
+    assert wrong.status_code == 400
+    assert f"no TXT record 'mantle-verification={domain.verification_token}' at {record}" in (
+        html.unescape(wrong.content.decode())
     )
-    assert answer.status_code == 400
-    assert "_mantle-verification.nothing-here.invalid" in answer.content.decode()
     assert not SsoDomain.objects.get(pk=domain.pk).verified
+
+    dns_server.txt[record].append(f"mantle-verification={domain.verification_token}")
+    assert client.post(check).status_code == 302
+    domain.refresh_from_db()
+    assert domain.verified and domain.verified_by == "dns"
+    assert AuditLog.objects.get(action="sso.domain_verified").metadata == {
+        "domain": DOMAIN,
+        "method": "dns",
+    }
+    assert dns_server.queries == [record] * 3
 
 
 def test_failed_sign_ins_count_like_failed_passwords(

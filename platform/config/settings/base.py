@@ -697,6 +697,9 @@ MANTLE_PROVIDER_ALLOWED_HTTP = env.list("MANTLE_PROVIDER_ALLOWED_HTTP", default=
 # list their provider on loopback. The provider lists above never apply to it.
 MANTLE_SSO_ALLOWED_PRIVATE = env.list("MANTLE_SSO_ALLOWED_PRIVATE", default=[])
 MANTLE_SSO_ALLOWED_HTTP = env.list("MANTLE_SSO_ALLOWED_HTTP", default=[])
+# The name servers that verify single sign-on domains' TXT records (`address` or
+# `address:port`); empty: the system's resolver.
+MANTLE_SSO_DNS_NAMESERVERS = env.list("MANTLE_SSO_DNS_NAMESERVERS", default=[])
 # The same two lists for organizations' own providers (BYOK), which the operator's never
 # reach: empty, public https only (a deployment whose tenants are its own teams may list
 # an internal host here; the tests list their fake provider on loopback).
