@@ -336,6 +336,8 @@ def validate_id_token(
     if not isinstance(token, str) or len(token) > MAX_ID_TOKEN_CHARS:
         raise SignInRefused("the ID token is missing or too long")
     allowed = [a for a in algorithms if a in SIGNING_ALGORITHMS]
+    if not allowed:  # never the library's defaults
+        raise SignInRefused("the connection allows no signing algorithm: save it again")
     try:
         decoded = jwt.decode(token, keys, algorithms=allowed)
     except JoseError as exc:

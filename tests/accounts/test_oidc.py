@@ -207,3 +207,19 @@ def test_each_id_token_check_refuses(token: Any, message: str) -> None:
     with pytest.raises(oidc.SignInRefused) as refused:
         validate(token())
     assert message in refused.value.message
+
+
+def test_no_allowed_algorithm_refuses_rather_than_using_defaults() -> None:
+    with pytest.raises(oidc.SignInRefused, match="allows no signing algorithm"):
+        oidc.validate_id_token(
+            signed(claims()), KEYS, issuer=ISSUER, client_id=CLIENT, nonce=NONCE, algorithms=[]
+        )
+    with pytest.raises(oidc.SignInRefused, match="allows no signing algorithm"):
+        oidc.validate_id_token(
+            signed(claims(), key=OctKey.import_key("c" * 32), alg="HS256"),
+            KEYS,
+            issuer=ISSUER,
+            client_id=CLIENT,
+            nonce=NONCE,
+            algorithms=["HS256", "none"],
+        )
