@@ -36,7 +36,7 @@ from billing.wallet_keys import (
     price_key,
     wallet_key,
 )
-from core.redis import async_script
+from core.redis import ScriptCall, async_script
 from workers.contract import ServiceClass
 
 COUNTED_TTL_S = 24 * 3600
@@ -381,14 +381,41 @@ async def settle(
     `service_class` batch: the id may be settled again (a batch line run again under its
     id after its runner died); a second settle parks nothing (see `_SETTLE`).
     """
-    await async_script(_SETTLE)(
-        keys=[
+    source, keys, args = settle_call(
+        organization_id=organization_id,
+        request_id=request_id,
+        reserved=reserved,
+        cost=cost,
+        reserved_project_id=reserved_project_id,
+        held=held,
+        service_class=service_class,
+        reserved_key_id=reserved_key_id,
+    )
+    await async_script(source)(keys=keys, args=args, client=client)
+
+
+def settle_call(
+    *,
+    organization_id: str,
+    request_id: str,
+    reserved: int,
+    cost: int,
+    reserved_project_id: str = "",
+    held: bool = False,
+    service_class: str = ServiceClass.ONLINE,
+    reserved_key_id: str = "",
+) -> ScriptCall:
+    """`settle` as a script call, to run in one round trip with others
+    (`core.redis.run_scripts`)."""
+    return (
+        _SETTLE,
+        [
             wallet_key(organization_id),
             pending_key(organization_id),
             counted_key(request_id),
             held_key(organization_id),
         ],
-        args=[
+        [
             str(reserved),
             str(cost),
             request_id,
@@ -397,7 +424,6 @@ async def settle(
             "1" if service_class == ServiceClass.BATCH else "0",
             reserved_key_id,
         ],
-        client=client,
     )
 
 

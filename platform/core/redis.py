@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
 from django.conf import settings
+from redis.exceptions import NoScriptError
 
 _sync_client: redis.Redis | None = None
 _sync_lock = threading.Lock()
@@ -64,6 +66,28 @@ def async_script(source: str) -> Any:
     if found is None:
         found = _async_scripts[source] = aredis.Redis().register_script(source)
     return found
+
+
+ScriptCall = tuple[str, Sequence[Any], Sequence[Any]]  # (source, keys, args)
+
+
+async def run_scripts(client: aredis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Runs the scripts in one round trip, in order (a pipeline without MULTI: each script
+    is atomic, the batch is not), by EVALSHA; one that Redis does not know yet (NOSCRIPT:
+    it did not run) is loaded and run again alone. The results in order, an error as its
+    exception; a lost connection raises (a prefix of the batch may have run)."""
+    pipe = client.pipeline(transaction=False)
+    for source, keys, args in calls:
+        pipe.execute_command("EVALSHA", async_script(source).sha, len(keys), *keys, *args)
+    results: list[Any] = await pipe.execute(raise_on_error=False)
+    for index, found in enumerate(results):
+        if isinstance(found, NoScriptError):
+            source, keys, args = calls[index]
+            try:
+                results[index] = await async_script(source)(keys=keys, args=args, client=client)
+            except Exception as exc:
+                results[index] = exc
+    return results
 
 
 async def delete_if_unchanged(key: str, value: str) -> None:

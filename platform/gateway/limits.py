@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from accounts.keys import LAST_USED_HASH
 from billing import spend, wallet_keys
+from core.redis import ScriptCall
 from workers.contract import HEARTBEAT_TTL_S, ServiceClass, pool_live_key
 
 # Token buckets: each holds up to `limit` units and refills at limit/60 per second,
@@ -462,11 +463,17 @@ class RateLimiter:
         )
 
     async def refund(self, limits: Limits, *, tokens: int) -> None:
-        if tokens <= 0:
-            return
-        keys = limits.bucket_keys()[1::2]
-        caps = limits.caps()[1::2]
-        await self._refund(keys=keys, args=[tokens, *caps])
+        call = refund_call(limits, tokens=tokens)
+        if call is not None:
+            await self._refund(keys=call[1], args=call[2])
+
+
+def refund_call(limits: Limits, *, tokens: int) -> ScriptCall | None:
+    """The refund of `tokens` unused tokens to the token buckets, as a script call
+    (`core.redis.run_scripts`); None when there is nothing to give back."""
+    if tokens <= 0:
+        return None
+    return _REFUND, limits.bucket_keys()[1::2], [tokens, *limits.caps()[1::2]]
 
 
 def retry_after_seconds(ms: int) -> str:

@@ -41,7 +41,7 @@ from billing import spend
 from billing.wallet import price_fill
 from catalog.specs import EndpointSpec
 from core import metrics
-from core.redis import get_async_redis
+from core.redis import ScriptCall, async_script, get_async_redis
 from gateway import dispatch, pool_share, provisioned, text
 from gateway.backends import database_read
 from gateway.errors import (
@@ -496,6 +496,42 @@ async def settle(
     its batch: that settle parks nothing more (`spend.settle`).
     """
     await pool_share.give_back(admission.pool_share_key, request_id)
+    call = settlement_call(
+        organization_id,
+        request_id,
+        admission,
+        input_tokens,
+        output_tokens,
+        requests=requests,
+        compute_ms=compute_ms,
+        cached_input_tokens=cached_input_tokens,
+        work_class=work_class,
+    )
+    if call is None:
+        return  # a free model: nothing was reserved, nothing to settle
+    try:
+        await async_script(call[0])(keys=call[1], args=call[2], client=get_async_redis())
+    except Exception:
+        # A lost settlement leaves the reservation in place: the organization can spend
+        # less than it has until its wallet is resynchronised, never more.
+        logger.exception("settling %s failed", request_id)
+
+
+def settlement_call(
+    organization_id: str,
+    request_id: str,
+    admission: Admission,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    requests: int = 0,
+    compute_ms: int = 0,
+    cached_input_tokens: int = 0,
+    work_class: str | None = None,
+) -> ScriptCall | None:
+    """`settle`'s money part as a script call (`core.redis.run_scripts`), None for a free
+    model (nothing reserved, nothing to park). The pool share is not in it: a caller with
+    one gives it back itself (`pool_share.give_back`)."""
     prices = spend.Prices(
         admission.price_in,
         admission.price_out,
@@ -511,23 +547,17 @@ async def settle(
         cached_input_tokens=cached_input_tokens,
     )
     if not admission.reserved_nanos and not cost:
-        return  # a free model: nothing was reserved, nothing to settle
-    try:
-        await spend.settle(
-            get_async_redis(),
-            organization_id=organization_id,
-            request_id=request_id,
-            reserved=admission.reserved_nanos,
-            cost=cost,
-            reserved_project_id=admission.reserved_project_id,
-            reserved_key_id=admission.reserved_key_id,
-            held=admission.held,
-            service_class=work_class if work_class is not None else service_class(),
-        )
-    except Exception:
-        # A lost settlement leaves the reservation in place: the organization can spend
-        # less than it has until its wallet is resynchronised, never more.
-        logger.exception("settling %s failed", request_id)
+        return None
+    return spend.settle_call(
+        organization_id=organization_id,
+        request_id=request_id,
+        reserved=admission.reserved_nanos,
+        cost=cost,
+        reserved_project_id=admission.reserved_project_id,
+        reserved_key_id=admission.reserved_key_id,
+        held=admission.held,
+        service_class=work_class if work_class is not None else service_class(),
+    )
 
 
 # --- generation: all five steps for a text generation ---------------------------------------

@@ -58,11 +58,11 @@ from accounts.keys import KeyIdentity
 from catalog.selectors import ProviderConnection, provider_connection
 from catalog.specs import EndpointSpec
 from core import outbound
-from core.redis import get_async_redis
-from gateway import pipeline, text
+from core.redis import ScriptCall, get_async_redis, run_scripts
+from gateway import pipeline, pool_share, text
 from gateway.backends import database_read
 from gateway.errors import OpenAIError
-from gateway.limits import Admission
+from gateway.limits import Admission, refund_call
 from gateway.replies import RelayResponse, json_reply, sse
 from workers import contract
 
@@ -144,6 +144,14 @@ _SUCCEEDED = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+# A slot given back without a word on the target's health (a stream's end): KEYS[1] the
+# provider's in-flight set, KEYS[2] the organization's in-flight set on the provider.
+_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -776,13 +784,21 @@ class _Relay:
         answer, finish = _answer_text(body), _finish_of(body)
 
         async def after() -> None:
-            await self._succeeded(target, provider)
-            await self._finish(target, provider, usage, answer, finish)
+            slot = (
+                _SUCCEEDED,
+                [
+                    _INFLIGHT_PREFIX + provider.id,
+                    _FAILS_PREFIX + target.id,
+                    _org_key(provider, self.identity.organization_id),
+                ],
+                [self.request_id],
+            )
+            await self._finish(target, provider, usage, answer, finish, slot=slot)
 
         # The slot released, the request metered and settled beside the answer, not before
-        # it: the client does not wait for four more round trips to Redis (a gateway that
-        # dies in between bills nothing, as one that dies mid-stream; its slot expires at
-        # the request's deadline).
+        # it: the client does not wait for that round trip to Redis (a gateway that dies in
+        # between bills nothing, as one that dies mid-stream; its slot expires at the
+        # request's deadline).
         _beside(after())
         if self.convert is not None:
             return await self.convert(body, self._headers(target, provider))
@@ -827,9 +843,13 @@ class _Relay:
             ended.done = True
             try:
                 await response.aclose()
-                await self._release(provider)
             finally:
-                await self._finish(target, provider, usage, answer, finish)
+                keys = [
+                    _INFLIGHT_PREFIX + provider.id,
+                    _org_key(provider, self.identity.organization_id),
+                ]
+                slot = (_RELEASE, keys, [self.request_id])
+                await self._finish(target, provider, usage, answer, finish, slot=slot)
 
         stream = self._relay(response, lines, first, end)
         reply = _ProviderStream(stream, end, content_type="text/event-stream")
@@ -906,8 +926,11 @@ class _Relay:
         usage: Any,
         answer: str,
         finish: str,
+        *,
+        slot: ScriptCall | None = None,
     ) -> None:
-        """Meters the request once (the provider's counts, or an estimate) and settles."""
+        """Meters the request once (the provider's counts, or an estimate), settles, and
+        gives the provider's slot back (`slot`), in one round trip to Redis."""
         estimated = 0
         counts = usage_counts(usage)
         owned = provider.organization_id is not None
@@ -958,8 +981,60 @@ class _Relay:
             cost_nanos=cost,
             provider_id=provider.id,
         )
-        await emit_usage(event)
-        await self._settle(input_tokens, output_tokens, cached)
+        await self._meter(event, input_tokens, output_tokens, cached, slot)
+
+    async def _meter(
+        self,
+        event: contract.UsageEvent,
+        input_tokens: int,
+        output_tokens: int,
+        cached: int,
+        slot: ScriptCall | None,
+    ) -> None:
+        """The usage event, the tokens' refund, the settlement and the slot's release as
+        one pipeline of scripts, the event first. When the pipeline fails, the event is
+        written by `emit_usage` (guarded, retried) and the rest done one by one only if the
+        event was not there yet: nothing after it ran then, so nothing runs twice (the
+        slot expires at the request's deadline)."""
+        assert self.admission is not None
+        emit = _emit_call(event)
+        calls: list[ScriptCall] = [emit]
+        if self.admission.rate_limited:
+            refund = refund_call(
+                self.limits, tokens=self.reserved_tokens - input_tokens - output_tokens
+            )
+            if refund is not None:
+                calls.append(refund)
+        await pool_share.give_back(self.admission.pool_share_key, self.request_id)
+        settlement = pipeline.settlement_call(
+            self.identity.organization_id,
+            self.request_id,
+            self.admission,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens=cached,
+            work_class=self.admission.work_class,
+        )
+        if settlement is not None:
+            calls.append(settlement)
+        if slot is not None:
+            calls.append(slot)
+        try:
+            results = await run_scripts(get_async_redis(), calls)
+        except Exception:
+            logger.warning("metering %s in one round trip failed; one by one", self.request_id)
+            if await emit_usage(event):
+                await self._settle(input_tokens, output_tokens, cached)
+            return
+        for call, result in zip(calls, results, strict=True):
+            if not isinstance(result, Exception):
+                continue
+            if call is emit:
+                await emit_usage(event)  # guarded: appended once, whatever happened
+            elif call is settlement:
+                logger.error("settling %s failed: %s", self.request_id, result)
+            else:
+                logger.warning("a step after %s failed: %s", self.request_id, result)
 
     async def _estimate(self, value: str) -> int:
         """Tokens of `value` by the model's tokenizer when it has one, else 4 bytes a token."""
@@ -1039,6 +1114,18 @@ def upstream_request(
     if call.default_max_tokens is not None:
         payload["max_tokens"] = call.default_max_tokens
     return url, headers, json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _emit_call(event: contract.UsageEvent) -> ScriptCall:
+    """The usage event's append (the workers' guard and script) as a script call."""
+    fields: list[str] = []
+    for name, value in event.to_fields().items():
+        fields += [name, value]
+    return (
+        contract.EMIT_USAGE_LUA,
+        [contract.usage_emitted_key(event.request_id), contract.USAGE_STREAM],
+        [contract.USAGE_GUARD_TTL_S, *fields],
+    )
 
 
 async def emit_usage(event: contract.UsageEvent) -> bool:
