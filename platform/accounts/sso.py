@@ -7,6 +7,8 @@ The rules (docs/console.md, "Single sign-on"):
   domain is verified for one organization at most (a partial unique index), by a DNS TXT
   record `_mantle-verification.<domain>` holding the domain's token, or by an operator.
 - Just-in-time members join with the connection's default role, never owner.
+- Only owners set the provider (issuer, client id, secret): it can sign in as anyone of the
+  verified domains, owners included. Admins manage domains, switches and the default role.
 - "SSO required" refuses password sign-in to people of the verified domains, except the
   organization's owners (break-glass when the identity provider is broken or misconfigured).
 - Staff accounts never sign in by single sign-on: a tenant's identity provider must not
@@ -119,12 +121,35 @@ def password_sign_in_refusal(user: User) -> str | None:
 # --- the connection -----------------------------------------------------------------------
 
 
-def _check_may_manage(principal: Principal, org: Organization) -> None:
+def _check_may_manage(principal: Principal, org: Organization) -> Role:
     from accounts.selectors import role_in
 
     role = role_in(principal, org.id)
     if principal.user is None or role is None or not role_allows(role, Perm.ORG_UPDATE):
         raise PermissionDenied("only owners and admins may configure single sign-on")
+    return role
+
+
+def _check_may_set_provider(
+    role: Role, existing: SsoConnection | None, *, issuer: str, client_id: str, secret: str
+) -> None:
+    """The identity provider (issuer, client id, client secret) is set by owners only:
+    whoever sets it can sign in as any address of the verified domains, the owners'
+    included, so an admin who could point it at a provider of their own would make
+    themselves an owner (and reach the owners' other organizations)."""
+    if role == Role.OWNER:
+        return
+    if (
+        existing is None
+        or existing.issuer != issuer
+        or existing.client_id != client_id
+        or bool(secret)
+    ):
+        raise PermissionDenied(
+            "only an owner may set the identity provider (issuer, client id, client secret): "
+            "it can sign in as anyone of the verified domains, owners included",
+            param="issuer",
+        )
 
 
 def _clean_role(value: str) -> Role:
@@ -172,13 +197,22 @@ def sso_connection_save(
     enabled: bool = False,
     sso_required: bool = False,
 ) -> SsoConnection:
-    """Creates or changes the organization's connection (owners and admins). The issuer's
+    """Creates or changes the organization's connection: owners; admins only its switches
+    and default role, never the provider (`_check_may_set_provider`). The issuer's
     discovery document is fetched and checked first, outside any transaction; an empty
     `client_secret` keeps the stored one, except when the issuer moves to another host
     (the secret must not follow the connection there). Audited, never with the secret."""
-    _check_may_manage(principal, org)
+    manager_role = _check_may_manage(principal, org)
     role = _clean_role(default_role)
     client_id = _clean_client_id(client_id)
+    # Before discovery: an admin's attempt costs no request to the provider it names.
+    _check_may_set_provider(
+        manager_role,
+        SsoConnection.objects.filter(organization=org).first(),
+        issuer=oidc.clean_issuer(issuer),
+        client_id=client_id,
+        secret=client_secret,
+    )
     if len(client_secret) > MAX_CLIENT_SECRET_CHARS:
         raise InvalidInput(
             f"the client secret is longer than {MAX_CLIENT_SECRET_CHARS} characters",
@@ -190,6 +224,14 @@ def sso_connection_save(
     with transaction.atomic():
         Organization.objects.select_for_update().get(pk=org.pk)
         existing = SsoConnection.objects.filter(organization=org).first()
+        # Again under the lock: an owner may have changed the provider meanwhile.
+        _check_may_set_provider(
+            manager_role,
+            existing,
+            issuer=provider.issuer,
+            client_id=client_id,
+            secret=client_secret,
+        )
         connection = existing or SsoConnection(organization=org)
         moved = existing is not None and _origin(existing.issuer) != _origin(provider.issuer)
         if client_secret:

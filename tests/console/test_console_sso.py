@@ -459,6 +459,71 @@ def test_who_may_see_the_settings(idp: LocalOidcProvider, org: Organization) -> 
     assert SsoDomain.objects.filter(pk=domain.pk).exists()
 
 
+def test_an_admin_cannot_point_single_sign_on_at_a_provider_of_their_own(
+    idp: LocalOidcProvider, org: Organization, settings: Any
+) -> None:
+    """The attack: an admin swaps the organization's provider for one they run, which
+    vouches for the owner's address, and signs in as the owner (an owner's role here, and
+    every other organization of the owner's). Only owners set the provider."""
+    connection = connect(org, idp)
+    owner = Membership.objects.get(organization=org, role=Role.OWNER).user
+    admin = add_member(org, Role.ADMIN, UserFactory(email=f"admin@{DOMAIN}"))
+    url = org_url("console-sso", org.id)
+    client = logged_in(admin)
+    with LocalOidcProvider(client_id="admins-own") as own:
+        for name, value in own.settings().items():
+            setattr(settings, name, [*getattr(settings, name), *value])
+        own.add_user(owner.email)
+        form = {
+            "issuer": own.issuer,
+            "client_id": own.client_id,
+            "client_secret": own.client_secret,
+            "default_role": "developer",
+            "jit_enabled": "on",
+            "enabled": "on",
+        }
+        swapped = client.post(url, form)
+        assert swapped.status_code == 403, swapped.content.decode()[:800]
+        assert any(
+            "only an owner may set the identity provider" in e
+            for e in swapped.context["form"].errors["issuer"]
+        )
+        # Nor the client id alone, nor the secret alone, at the organization's own issuer.
+        same_issuer = {**form, "issuer": idp.issuer}
+        for change in (
+            {"client_id": "another-client", "client_secret": ""},
+            {"client_id": idp.client_id, "client_secret": "a-secret-of-my-own"},
+        ):
+            assert client.post(url, {**same_issuer, **change}).status_code == 403, change
+        connection.refresh_from_db()
+        from core import secretbox
+
+        assert connection.issuer == idp.issuer and connection.client_id == idp.client_id
+        assert secretbox.unseal(connection.client_secret_sealed) == idp.client_secret
+        # A sign-in still goes to the organization's provider, not the admin's.
+        started = provider_url(start(Client(), owner.email))
+        assert started.startswith(f"{idp.issuer}/authorize?") and not own.token_requests
+        # The admin still manages the switches and the default role...
+        kept = client.post(
+            url,
+            {**form, "issuer": idp.issuer, "client_id": idp.client_id, "client_secret": ""},
+        )
+        assert kept.status_code == 302, kept.content.decode()[:800]
+        connection.refresh_from_db()
+        assert connection.default_role == Role.DEVELOPER
+        # ...and an owner sets the provider.
+        moved = logged_in(owner).post(url, form)
+        assert moved.status_code == 302, moved.content.decode()[:800]
+        connection.refresh_from_db()
+        assert connection.issuer == own.issuer
+    assert not AuditLog.objects.filter(
+        organization=org,
+        actor_user=admin,
+        action="sso.connection_updated",
+        metadata__issuer=own.issuer,
+    ).exists()
+
+
 @pytest.fixture
 def dns_server(settings: Any) -> Iterator[LocalDnsServer]:
     with LocalDnsServer() as server:
