@@ -56,8 +56,10 @@ def start_django(env: Mapping[str, str], tmp_path: Path) -> subprocess.Completed
         ({**GOOD, "DJANGO_SECRET_KEY": "change-me"}, "DJANGO_SECRET_KEY"),
         # The pepper set to the Django secret, or derived from it.
         ({**GOOD, "MANTLE_API_KEY_PEPPER": SECRET}, "MANTLE_API_KEY_PEPPER"),
+        # The fake Stripe: its public Checkout page credits top-ups nobody paid for.
+        ({**GOOD, "MANTLE_STRIPE_BACKEND": "fake"}, "MANTLE_STRIPE_BACKEND"),
     ],
-    ids=["pepper-missing", "placeholder", "pepper-is-secret"],
+    ids=["pepper-missing", "placeholder", "pepper-is-secret", "fake-stripe"],
 )
 def test_production_settings_refuse_to_start(
     env: dict[str, str], named: str, tmp_path: Path
@@ -72,6 +74,12 @@ def test_production_settings_refuse_to_start(
 
 def test_production_settings_start_with_distinct_random_secrets(tmp_path: Path) -> None:
     done = start_django(GOOD, tmp_path)
+    assert (done.returncode, done.stdout.strip()) == (0, "started"), done.stderr
+
+
+def test_the_fake_stripe_starts_in_development(tmp_path: Path) -> None:
+    env = {**GOOD, "MANTLE_STRIPE_BACKEND": "fake", "MANTLE_ENVIRONMENT": "development"}
+    done = start_django(env, tmp_path)
     assert (done.returncode, done.stdout.strip()) == (0, "started"), done.stderr
 
 

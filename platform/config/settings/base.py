@@ -457,6 +457,13 @@ STRIPE_API_KEY = secret("STRIPE_API_KEY") or ""
 STRIPE_WEBHOOK_SECRET = secret("STRIPE_WEBHOOK_SECRET") or ""
 # "stripe" (the real API, when a key is set) or "fake" (in-memory, for tests only).
 MANTLE_STRIPE_BACKEND = env.str("MANTLE_STRIPE_BACKEND", default="stripe")
+if MANTLE_STRIPE_BACKEND == "fake" and not _LENIENT:
+    # The fake's hosted Checkout page (/billing/stripe/fake-checkout/<session>) completes
+    # any top-up with a test card for whoever opens it: prepaid credit nobody paid for.
+    raise ImproperlyConfigured(
+        "MANTLE_STRIPE_BACKEND is 'fake' in the production environment: the fake Stripe "
+        "is for development and test only (its Checkout page credits top-ups nobody paid)"
+    )
 # Retries by the SDK, with the same idempotency key (connection errors, 409, 5xx, and
 # 429s that Stripe marks retryable); then the caller's task retries later.
 STRIPE_MAX_NETWORK_RETRIES = env.int("STRIPE_MAX_NETWORK_RETRIES", default=2)
