@@ -103,6 +103,10 @@ def main() -> None:
     # 0: the relay's own cost against an upstream that answers at once; a real provider takes
     # tens to hundreds of milliseconds, where the throughput ratio is what a customer sees.
     parser.add_argument("--upstream-latency-ms", type=float, nargs="+", default=[0.0, 100.0])
+    # Each answer's latency uniform within +- this share of it (0: all alike). With all alike,
+    # the 32 clients stay in step: their requests reach the gateway together every cycle
+    # and each waits behind the others' CPU; a real provider's answers vary.
+    parser.add_argument("--upstream-spread", type=float, default=0.0)
     args = parser.parse_args()
     bench = BenchStack()
     bench.env["MANTLE_PROVIDER_ALLOWED_HTTP"] = "127.0.0.1"
@@ -133,7 +137,7 @@ def main() -> None:
         bench.stack.wait_serving(gateway)
         results: dict[str, Result] = {}
         for latency in args.upstream_latency_ms:
-            fake.set_latency(latency)
+            fake.set_latency(latency, latency * args.upstream_spread)
             results.update(asyncio.run(measure(bench, fake, args.requests, args.seconds)))
     finally:
         bench.stop()

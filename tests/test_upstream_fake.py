@@ -513,6 +513,20 @@ def test_latency_delays_every_answer_and_concurrent_requests_overlap(fake: Upstr
     assert fake.stats()["max_in_flight"] >= 2
 
 
+def test_a_latency_spread_is_bounded_by_the_latency(fake: UpstreamFake) -> None:
+    assert fake._call("POST", "config", {"latency_ms": 40, "latency_spread_ms": 20}) == {
+        "latency_ms": 40.0,
+        "latency_spread_ms": 20.0,
+    }
+    with pytest.raises(ValueError, match="at most latency_ms"):
+        fake.set_latency(10, spread_ms=20)
+    with pytest.raises(ValueError, match="numbers >= 0"):
+        fake._call("POST", "config", {"latency_ms": 10, "latency_spread_ms": -1})
+    fake.set_latency(0)
+    reply = plain(fake).chat.completions.create(model="m", messages=ask("spread"))
+    assert reply.choices[0].message.content == "echo: spread"
+
+
 def test_the_session_fixture_serves_with_the_default_key(upstream_fake: UpstreamFake) -> None:
     reply = openai.OpenAI(
         base_url=upstream_fake.openai_base_url, api_key="upstream-fake-key", max_retries=0

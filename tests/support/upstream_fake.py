@@ -60,7 +60,9 @@ combine these keys:
 - ``hang``: no answer at all until the client goes.
 
 ``--latency-ms`` (or ``POST /_control/config {"latency_ms": n}``) delays the first byte of every
-API request the fake does not refuse; nothing else sleeps unless a fault says so.
+API request the fake does not refuse; with ``"latency_spread_ms": s`` in the same config each
+delay is drawn uniformly from n - s to n + s (a real provider's answers do not all take the
+same time); nothing else sleeps unless a fault says so.
 
 Control, unauthenticated (loopback only): ``GET /_control/health``; ``POST /_control/faults``
 (a list, appended to the queue; answers ``{"pending": n}``), ``GET /_control/faults``;
@@ -77,7 +79,8 @@ always there (``matched``: ``Bearer <key>``, or the key itself, for the others t
 to 4 KiB of it). ``outcome``: ``answered``, ``refused`` (before the fault queue), ``fault``
 (an error status from a fault), ``cut``, ``stalled``, ``hung``, or ``pending`` while in flight.
 ``GET /_control/stats``: ``{"requests", "in_flight", "max_in_flight"}`` (API requests only);
-``POST /_control/config``: ``{"latency_ms": n}``.
+``POST /_control/config``: ``{"latency_ms": n}`` or ``{"latency_ms": n, "latency_spread_ms": s}``
+(s at most n; absent: 0).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import struct
 import time
@@ -173,6 +177,7 @@ class _QuietCuts(logging.Filter):
 class FakeConfig:
     key: str = DEFAULT_KEY
     latency_ms: float = 0.0
+    latency_spread_ms: float = 0.0  # each delay uniform in latency_ms +- this
     deployments: frozenset[str] | None = None  # None: any deployment name
     api_versions: frozenset[str] | None = None  # None: any api-version
     embedding_dim: int = DEFAULT_EMBEDDING_DIM
@@ -460,13 +465,25 @@ class UpstreamApp:
             try:
                 change = json.loads(raw or b"{}")
                 latency = change["latency_ms"]
-                if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0:
-                    raise ValueError("latency_ms must be a number >= 0")
+                spread = change.get("latency_spread_ms", 0)
+                for value in (latency, spread):
+                    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                        raise ValueError("latency_ms and latency_spread_ms must be numbers >= 0")
+                if spread > latency:
+                    raise ValueError("latency_spread_ms must be at most latency_ms")
             except (ValueError, KeyError, TypeError) as exc:
                 await send_json(send, 400, {"error": f"expected {{'latency_ms': n}}: {exc}"})
                 return
             self.config.latency_ms = float(latency)
-            await send_json(send, 200, {"latency_ms": self.config.latency_ms})
+            self.config.latency_spread_ms = float(spread)
+            await send_json(
+                send,
+                200,
+                {
+                    "latency_ms": self.config.latency_ms,
+                    "latency_spread_ms": self.config.latency_spread_ms,
+                },
+            )
         else:
             await send_json(send, 404, {"error": f"no control {method} {name}"})
 
@@ -628,7 +645,11 @@ class UpstreamApp:
             return
         fault = self.faults.popleft() if self.faults else {}
         entry["fault"] = fault or None
-        delay = self.config.latency_ms / 1000 + float(fault.get("first_byte_delay_s", 0))
+        latency_ms = self.config.latency_ms
+        if self.config.latency_spread_ms:
+            spread = self.config.latency_spread_ms
+            latency_ms += random.uniform(-spread, spread)
+        delay = latency_ms / 1000 + float(fault.get("first_byte_delay_s", 0))
         if fault.get("hang"):
             entry["outcome"] = "hung"
             await wait_disconnect(receive)
@@ -1187,8 +1208,8 @@ class UpstreamFake:
         stats: dict[str, int] = self._call("GET", "stats")
         return stats
 
-    def set_latency(self, latency_ms: float) -> None:
-        self._call("POST", "config", {"latency_ms": latency_ms})
+    def set_latency(self, latency_ms: float, spread_ms: float = 0.0) -> None:
+        self._call("POST", "config", {"latency_ms": latency_ms, "latency_spread_ms": spread_ms})
         self.latency_ms = latency_ms
 
 
