@@ -29,6 +29,8 @@ import dns.exception
 import dns.resolver
 import idna
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -454,6 +456,15 @@ def sso_sign_in(
     if not isinstance(email, str) or "@" not in email or len(email) > 254:
         raise oidc.SignInRefused("the identity provider sent no email address")
     email = email.strip().lower()
+    try:
+        # One mailbox, nothing else: text that merely ends in a verified domain after its
+        # last '@' ("a@victim.example@acme.example", a list) is no address of that domain.
+        validate_email(email)
+    except ValidationError:
+        shown = "".join(c for c in email[:120] if c.isprintable())
+        raise oidc.SignInRefused(
+            f"the identity provider's email {shown!r} is not a valid email address"
+        ) from None
     if claims.get("email_verified") is not True:
         raise oidc.SignInRefused(
             f"the identity provider has not verified {email} (email_verified is not true)"

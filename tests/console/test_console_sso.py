@@ -206,6 +206,35 @@ def test_a_provider_cannot_sign_in_addresses_of_a_domain_it_does_not_own(
     assert Membership.objects.filter(organization=victim_org).count() == 1
 
 
+@pytest.mark.parametrize(
+    "answered",
+    [
+        f"ceo@victim.test@{DOMAIN}",
+        f"ceo@victim.test,someone@{DOMAIN}",
+        f"ceo@victim.test someone@{DOMAIN}",
+        f"ceo@victim.test\nsomeone@{DOMAIN}",
+        f"<ceo@victim.test>@{DOMAIN}",
+    ],
+    ids=["two-ats", "comma-list", "space", "newline", "angle-brackets"],
+)
+def test_an_address_that_only_ends_in_a_verified_domain_signs_nobody_in(
+    idp: LocalOidcProvider, org: Organization, answered: str
+) -> None:
+    """The provider answers with text whose last '@' is followed by the organization's
+    domain but which is no mailbox of it (it names another address first): refused as an
+    invalid address, no account made for it."""
+    connect(org, idp)
+    idp.add_user(answered)
+    client = Client()
+    idp.auto_approve = answered
+    refused = client.get(through_idp(client, f"anyone@{DOMAIN}"))
+    assert refused.status_code == 400, refused.content.decode()[:800]
+    assert "not a valid email address" in refused.content.decode()
+    assert signed_in_user(client) is None
+    assert not User.objects.filter(email__icontains="victim.test").exists()
+    assert Membership.objects.filter(organization=org).count() == 1
+
+
 def test_a_domain_verified_by_one_organization_cannot_be_verified_by_another(
     idp: LocalOidcProvider, org: Organization
 ) -> None:
