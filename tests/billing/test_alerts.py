@@ -118,9 +118,10 @@ def test_a_budget_threshold_is_emailed_and_delivered_signed_once(
 
 
 def test_billing_contacts_replace_the_default_recipients(
-    world: OrgWorld, django_capture_on_commit_callbacks: Capture
+    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
 ) -> None:
     price_book(CHAT)
+    created = add_endpoint(world, receiver.url)
     webhooks.alert_settings_set(
         principal=owner_of(world),
         org=world.org,
@@ -142,6 +143,11 @@ def test_billing_contacts_replace_the_default_recipients(
     assert kinds == ["budget_threshold", "hard_limit_hit"]
     assert len(mail.outbox) == 2
     assert all(m.to == ["ap@acme.example", "finance@acme.example"] for m in mail.outbox)
+    assert any("hard limit is reached" in str(m.subject) for m in mail.outbox)
+    # The hard-limit hit is also sent by webhook, signed, beside the threshold.
+    assert sorted(json.loads(r.body)["type"] for r in receiver.requests) == kinds
+    for req in receiver.requests:
+        assert verify_as_documented(created.secret, req.headers["mantle-signature"], req.body)
     with pytest.raises(InvalidInput):
         webhooks.alert_settings_set(
             principal=owner_of(world),
@@ -362,6 +368,11 @@ def test_a_failed_payment_is_an_event_once(
     assert event.payload["number"] == invoice.number
     assert len(receiver.requests) == 1
     assert json.loads(receiver.requests[0].body)["type"] == "payment_failed"
+    # And one email to the billing contacts (the owner and the billing member), not two.
+    [email] = [m for m in mail.outbox if "a payment failed" in str(m.subject)]
+    assert sorted(email.to) == sorted(
+        [world.users[Role.OWNER].email, world.users[Role.BILLING].email]
+    )
 
 
 def test_a_low_prepaid_balance_is_an_event_once_per_crossing(
@@ -391,6 +402,11 @@ def test_a_low_prepaid_balance_is_an_event_once_per_crossing(
     assert event is not None and again is None
     assert event.payload == {"balance": "5.00", "threshold": "10.00", "currency": "USD"}
     assert len(receiver.requests) == 1
+    low = [m for m in mail.outbox if "prepaid balance is low" in str(m.subject)]
+    assert len(low) == 1 and "5.00 USD" in str(low[0].subject)
+    assert sorted(low[0].to) == sorted(
+        [world.users[Role.OWNER].email, world.users[Role.BILLING].email]
+    )
 
     # Topped up, then under again: a new crossing.
     with django_capture_on_commit_callbacks(execute=True):
@@ -403,6 +419,7 @@ def test_a_low_prepaid_balance_is_an_event_once_per_crossing(
         assert balance.low_balance_evaluate(world.org) is not None
     assert AlertEvent.objects.filter(kind="low_balance").count() == 2
     assert len(receiver.requests) == 2
+    assert len([m for m in mail.outbox if "prepaid balance is low" in str(m.subject)]) == 2
 
 
 def test_events_go_only_to_subscribed_enabled_endpoints(
