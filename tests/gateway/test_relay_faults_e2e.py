@@ -416,3 +416,32 @@ def test_a_key_limited_to_other_models_is_refused_before_the_provider_is_called(
         )
     assert refused.value.code == "model_not_allowed"
     assert upstream_fake.requests() == []
+
+
+def test_a_key_past_its_hard_budget_is_refused_before_the_provider_is_called(
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    """Issue 20's per-key hard budget through a real /v1 request: refused by the gateway's
+    admission step (429 insufficient_quota naming the key's budget) with nothing sent
+    upstream, while another key of the same organization and project is served."""
+    from accounts.principal import SYSTEM
+    from billing.key_budgets import key_controls_set
+    from billing.wallet import wallet_sync
+
+    one_target("az-key-budget", azure(upstream_fake, "azure-13"))
+    key, secret = make_api_key(served.org, scopes=["inference"])
+    key_controls_set(principal=SYSTEM, key=key, monthly_budget="0.00", budget_mode="hard")
+    wallet_sync(served.org)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client(relay_gateway.url, secret).chat.completions.create(
+            model="az-key-budget", messages=MESSAGES, max_tokens=5
+        )
+    assert refused.value.code == "insufficient_quota"
+    assert "API key's monthly budget" in refused.value.message
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert upstream_fake.requests() == []
+    reply = client(relay_gateway.url, served.secret).chat.completions.create(
+        model="az-key-budget", messages=MESSAGES, max_tokens=5
+    )
+    assert reply.choices[0].message.content
+    assert len(upstream_fake.requests()) == 1
