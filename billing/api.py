@@ -18,7 +18,7 @@ from accounts.principal import Principal
 from accounts.selectors import api_key_get, organization_for, organization_for_usage
 from billing import budgets, key_budgets, selectors, tax, usage_buckets
 from billing.credits import credit_entries
-from billing.invoice_pdf import invoice_pdf_response
+from billing.invoice_pdf import invoice_pdf_budget_take, invoice_pdf_response
 from billing.models import (
     BillingDetails,
     Budget,
@@ -173,7 +173,9 @@ def invoice_get(request: HttpRequest, organization_id: str, invoice_id: str) -> 
 def invoice_pdf(request: HttpRequest, organization_id: str, invoice_id: str) -> HttpResponse:
     """The invoice as a PDF document (billing view)."""
     org = organization_for(_principal(request), organization_id, Perm.BILLING_VIEW)
-    return invoice_pdf_response(selectors.invoice_get(org, invoice_id))
+    inv = selectors.invoice_get(org, invoice_id)
+    invoice_pdf_budget_take(org.id)
+    return invoice_pdf_response(inv)
 
 
 def _details_out(org_details: BillingDetails | None) -> BillingDetailsOut:

@@ -20,6 +20,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpResponse
 from django.template.loader import render_to_string
 from reportlab import rl_config
@@ -28,6 +29,8 @@ from xhtml2pdf.config.resources import ResourceAccessPolicy
 
 from billing import tax
 from billing.models import Invoice
+from core.errors import DomainError
+from core.redis import get_redis
 
 # Nothing to fetch, nothing to read: no remote, no base directory, no resource at all; a
 # template that has grown too big or too slow is an error rather than a long render.
@@ -46,6 +49,38 @@ NO_FETCH_POLICY = ResourceAccessPolicy.server(
 # module setting: it is switched on for our renders only, one render at a time.
 _RENDER_LOCK = threading.Lock()
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+# Renders an organization may ask for within a window (console and management API; the
+# back office is not counted): a render is CPU-bound Python under the process-wide lock
+# below, in the processes that serve the gateway too, so it must not be free to loop.
+BUDGET_PREFIX = "mantle:invoice-pdf:"
+_TAKE = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1], 'NX')
+return {n, redis.call('TTL', KEYS[1])}
+"""
+
+
+class InvoicePdfThrottled(DomainError):
+    status = 429
+    code = "invoice_pdf_throttled"
+
+
+def invoice_pdf_budget_take(organization_id: str) -> None:
+    """Counts one render for the organization; InvoicePdfThrottled past
+    MANTLE_INVOICE_PDF_MAX_PER_ORG within MANTLE_INVOICE_PDF_WINDOW_S (a window from its
+    first render, so a steady trickle cannot keep it refused)."""
+    limit: int = settings.MANTLE_INVOICE_PDF_MAX_PER_ORG
+    window: int = settings.MANTLE_INVOICE_PDF_WINDOW_S
+    count, ttl = get_redis().eval(_TAKE, 1, f"{BUDGET_PREFIX}{organization_id}", window)
+    if int(count) <= limit:
+        return
+    wait = max(1, -(-(int(ttl) if int(ttl) > 0 else window) // 60))
+    raise InvoicePdfThrottled(
+        f"at most {limit} invoice PDFs per organization within {window // 60} minutes: "
+        f"try again in {wait} minute{'s' if wait != 1 else ''}"
+    )
 
 
 class InvoicePdfError(RuntimeError):

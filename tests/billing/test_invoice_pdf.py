@@ -314,6 +314,37 @@ def test_members_without_billing_view_get_403(world: OrgWorld, role: Role) -> No
     assert api.status_code == 403
 
 
+def test_an_organization_looping_pdf_downloads_is_refused_past_its_budget(
+    world: OrgWorld, other_world: OrgWorld, settings: Any
+) -> None:
+    """The attack: one tenant asks for its PDF in a loop; each render is CPU-bound under a
+    process-wide lock, in processes that also serve the gateway. Past its budget the
+    console and the API answer 429 without rendering; other organizations and the back
+    office are not concerned."""
+    settings.MANTLE_INVOICE_PDF_MAX_PER_ORG = 3
+    inv = finalized(world.org)
+    client = world.client_for(Role.BILLING)
+    api = f"/api/v1/organizations/{world.org.id}/billing/invoices/{inv.id}/pdf"
+    assert download(client, world.org.id, inv.id).status_code == 200
+    assert client.get(api).status_code == 200
+    assert download(client, world.org.id, inv.id).status_code == 200
+    refused = download(client, world.org.id, inv.id)
+    assert refused.status_code == 429
+    assert b"%PDF" not in refused.content
+    assert "at most 3 invoice PDFs per organization within 10 minutes" in refused.content.decode()
+    answer = client.get(api)
+    assert answer.status_code == 429
+    assert answer.json()["error"]["code"] == "invoice_pdf_throttled"
+    theirs = finalized(other_world.org)
+    assert (
+        download(other_world.client_for(Role.OWNER), other_world.org.id, theirs.id).status_code
+        == 200
+    )
+    staff = make_staff()
+    url = reverse("admin:backoffice-invoice-pdf", args=[inv.id])
+    assert staff_client(staff.support).get(url).status_code == 200
+
+
 def test_the_management_api_serves_the_pdf_and_the_tax_lines(world: OrgWorld) -> None:
     rate("DE", "19")
     details(world)

@@ -198,6 +198,10 @@ MANTLE_SIGNUP_LINK_TTL_S = env.int("MANTLE_SIGNUP_LINK_TTL_S", default=2 * 86400
 MANTLE_INVITATION_MAX_PER_EMAIL = env.int("MANTLE_INVITATION_MAX_PER_EMAIL", default=5)
 MANTLE_INVITATION_MAX_PER_ORG = env.int("MANTLE_INVITATION_MAX_PER_ORG", default=200)
 MANTLE_INVITATION_WINDOW_S = env.int("MANTLE_INVITATION_WINDOW_S", default=86400)
+# Invoice PDFs an organization may render within the window (console and management API;
+# billing/invoice_pdf.py): each render is CPU-bound and serialized per process.
+MANTLE_INVOICE_PDF_MAX_PER_ORG = env.int("MANTLE_INVOICE_PDF_MAX_PER_ORG", default=60)
+MANTLE_INVOICE_PDF_WINDOW_S = env.int("MANTLE_INVOICE_PDF_WINDOW_S", default=600)
 MANTLE_INVITATION_TTL_S = env.int("MANTLE_INVITATION_TTL_S", default=7 * 86400)
 # The second factor (django-otp; accounts/two_factor.py): the name authenticator apps
 # show (staff's says back office: one authenticator serves both), and device keys and

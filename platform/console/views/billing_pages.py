@@ -16,10 +16,14 @@ from billing import budgets as billing_budgets
 from billing import selectors as billing_selectors
 from billing import tax as billing_tax
 from billing.credits import credit_entries, grants_with_remainder
-from billing.invoice_pdf import invoice_pdf_response
+from billing.invoice_pdf import (
+    InvoicePdfThrottled,
+    invoice_pdf_budget_take,
+    invoice_pdf_response,
+)
 from billing.payments import stripe_sync
 from billing.periods import month_start
-from console.access import OrgContext, org_page, page
+from console.access import OrgContext, org_page, page, render_error
 from console.forms import BillingDetailsForm, BudgetForm, add_domain_error
 from core.errors import DomainError
 
@@ -178,6 +182,10 @@ def invoice_print(request: HttpRequest, ctx: OrgContext, invoice_id: str) -> Htt
 def invoice_pdf(request: HttpRequest, ctx: OrgContext, invoice_id: str) -> HttpResponse:
     """The invoice as a PDF attachment (a draft with a DRAFT watermark)."""
     inv = billing_selectors.invoice_get(ctx.org, invoice_id)
+    try:
+        invoice_pdf_budget_take(ctx.org.id)
+    except InvoicePdfThrottled as exc:
+        return render_error(request, ctx, exc)
     return invoice_pdf_response(inv)
 
 
