@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 import httpx
@@ -24,9 +25,13 @@ from billing.alerts.events import SUBSCRIBABLE, Kind, alert_emit
 from billing.models import AlertEvent, AlertSettings, WebhookDelivery, WebhookEndpoint
 from billing.money import MAX_AMOUNT
 from core import outbound, secretbox
-from core.errors import InvalidInput, NotFound
+from core.errors import DomainError, InvalidInput, NotFound
 
 MAX_ENDPOINTS = 10
+# Test events an organization may send in an hour: each is a delivery to a URL of the
+# tenant's choosing, attempted up to 6 times for up to 15 s each by the billing workers
+# that every organization shares, so the button's clicks get a budget.
+TEST_SENDS_PER_HOUR = 10
 DELIVERIES_PER_PAGE = 25
 # How long saving an endpoint waits for its name to resolve (checked again at each delivery).
 RESOLVE_TIMEOUT_S = 3.0
@@ -151,10 +156,32 @@ def endpoint_delete(*, principal: Principal, endpoint: WebhookEndpoint) -> None:
         endpoint.delete()
 
 
+class TooManyTestSends(DomainError):
+    """The organization sent TEST_SENDS_PER_HOUR test events within the last hour."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+
 def endpoint_test_send(*, principal: Principal, endpoint: WebhookEndpoint) -> AlertEvent:
-    """Queues a `test` event to this endpoint alone (no email), delivered like any other."""
+    """Queues a `test` event to this endpoint alone (no email), delivered like any other.
+
+    At most TEST_SENDS_PER_HOUR per organization in any hour (TooManyTestSends, 429),
+    counted under the organization's row lock so racing clicks stay within it."""
     now = timezone.now()
     with transaction.atomic():
+        Organization.objects.select_for_update().filter(pk=endpoint.organization_id).first()
+        sent = AlertEvent.objects.filter(
+            organization_id=endpoint.organization_id,
+            kind=Kind.TEST,
+            created_at__gt=now - timedelta(hours=1),
+        ).count()
+        if sent >= TEST_SENDS_PER_HOUR:
+            raise TooManyTestSends(
+                f"{sent} test events were sent in the last hour (at most "
+                f"{TEST_SENDS_PER_HOUR} an hour for the organization): wait before sending "
+                "another; real events are not affected"
+            )
         event = alert_emit(
             org=endpoint.organization_id,
             kind=Kind.TEST,

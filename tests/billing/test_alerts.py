@@ -16,7 +16,7 @@ from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
-from accounts.models import Organization
+from accounts.models import AuditLog, Organization
 from accounts.permissions import Role
 from accounts.principal import Principal
 from billing.alerts import balance, delivery, signing, webhooks
@@ -514,8 +514,13 @@ def test_the_console_webhooks_page(
 
 
 def test_the_delivery_log_is_paged(
-    world: OrgWorld, receiver: Receiver, django_capture_on_commit_callbacks: Capture
+    world: OrgWorld,
+    receiver: Receiver,
+    django_capture_on_commit_callbacks: Capture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # More test sends than the hour's budget allows: this test is about the log's pages.
+    monkeypatch.setattr(webhooks, "TEST_SENDS_PER_HOUR", webhooks.DELIVERIES_PER_PAGE + 2)
     endpoint = add_endpoint(world, receiver.url).endpoint
     with django_capture_on_commit_callbacks(execute=True):
         for _ in range(webhooks.DELIVERIES_PER_PAGE + 2):
@@ -578,3 +583,50 @@ def test_a_retry_hours_ahead_is_left_to_the_sweep(
     d.refresh_from_db()
     assert (d.status, d.attempts, d.response_code) == ("delivered", 4, 200)
     assert len(receiver.requests) == 4
+
+
+def test_test_sends_have_a_budget_per_organization_and_hour(
+    world: OrgWorld,
+    other_world: OrgWorld,
+    receiver: Receiver,
+    django_capture_on_commit_callbacks: Capture,
+) -> None:
+    """Each test send is a delivery to the tenant's URL, attempted by the shared billing
+    workers up to six times: a script clicking the button cannot queue them without end."""
+    one = add_endpoint(world, receiver.url).endpoint
+    two = add_endpoint(world, receiver.url).endpoint
+    with django_capture_on_commit_callbacks(execute=True):
+        for i in range(webhooks.TEST_SENDS_PER_HOUR):
+            webhooks.endpoint_test_send(principal=owner_of(world), endpoint=(one, two)[i % 2])
+    assert len(receiver.requests) == webhooks.TEST_SENDS_PER_HOUR
+
+    # The next one, to either endpoint, is refused naming the budget, and nothing is written.
+    for endpoint in (one, two):
+        with pytest.raises(webhooks.TooManyTestSends) as refused:
+            webhooks.endpoint_test_send(principal=owner_of(world), endpoint=endpoint)
+        assert refused.value.status == 429
+        assert f"at most {webhooks.TEST_SENDS_PER_HOUR} an hour" in refused.value.message
+    assert AlertEvent.objects.filter(kind="test").count() == webhooks.TEST_SENDS_PER_HOUR
+    assert AuditLog.objects.filter(action="billing.webhook_test_sent").count() == (
+        webhooks.TEST_SENDS_PER_HOUR
+    )
+    # The console shows the refusal on the delivery log with its status.
+    owner = world.client_for(Role.OWNER)
+    test_url = reverse(
+        "console-webhook-test", kwargs={"org_id": world.org.id, "endpoint_id": one.id}
+    )
+    page = owner.post(test_url)
+    assert page.status_code == 429
+    assert b"test events were sent in the last hour" in page.content
+    assert b"Deliveries to" in page.content
+
+    # Another organization has a budget of its own.
+    theirs = add_endpoint(other_world, receiver.url).endpoint
+    with django_capture_on_commit_callbacks(execute=True):
+        webhooks.endpoint_test_send(principal=owner_of(other_world), endpoint=theirs)
+    assert len(receiver.requests) == webhooks.TEST_SENDS_PER_HOUR + 1
+    # An hour later the budget is whole again.
+    AlertEvent.objects.filter(kind="test").update(created_at=timezone.now() - timedelta(hours=1))
+    with django_capture_on_commit_callbacks(execute=True):
+        webhooks.endpoint_test_send(principal=owner_of(world), endpoint=two)
+    assert len(receiver.requests) == webhooks.TEST_SENDS_PER_HOUR + 2

@@ -11,6 +11,7 @@ from django.views.decorators.http import require_POST
 from accounts.permissions import Perm
 from billing.alerts import webhooks
 from billing.alerts.events import SUBSCRIBABLE
+from billing.models import WebhookEndpoint
 from console.access import OrgContext, org_page, page
 from console.forms import AlertSettingsForm, WebhookEndpointForm, add_domain_error
 from core.errors import DomainError
@@ -99,16 +100,22 @@ def alert_settings_save(request: HttpRequest, ctx: OrgContext) -> HttpResponse:
     return _list_page(request, ctx, settings_form=form, status=400)
 
 
-@org_page(Perm.ALERTS_MANAGE)
-def webhook_detail(request: HttpRequest, ctx: OrgContext, endpoint_id: str) -> HttpResponse:
-    endpoint = webhooks.endpoint_get(ctx.org, endpoint_id)
+def _detail_page(
+    request: HttpRequest, ctx: OrgContext, endpoint: WebhookEndpoint, *, status: int = 200
+) -> HttpResponse:
     deliveries = webhooks.deliveries_page(endpoint, request.GET.get("page") or 1)
     return page(
         request,
         ctx,
         "console/billing/webhook_detail.html",
         {"endpoint": endpoint, "deliveries": deliveries},
+        status=status,
     )
+
+
+@org_page(Perm.ALERTS_MANAGE)
+def webhook_detail(request: HttpRequest, ctx: OrgContext, endpoint_id: str) -> HttpResponse:
+    return _detail_page(request, ctx, webhooks.endpoint_get(ctx.org, endpoint_id))
 
 
 @require_POST
@@ -135,7 +142,12 @@ def webhook_delete(request: HttpRequest, ctx: OrgContext, endpoint_id: str) -> H
 @org_page(Perm.ALERTS_MANAGE)
 def webhook_test(request: HttpRequest, ctx: OrgContext, endpoint_id: str) -> HttpResponse:
     endpoint = webhooks.endpoint_get(ctx.org, endpoint_id)
-    event = webhooks.endpoint_test_send(principal=ctx.principal, endpoint=endpoint)
+    try:
+        event = webhooks.endpoint_test_send(principal=ctx.principal, endpoint=endpoint)
+    except DomainError as exc:
+        # The delivery log again, with the refusal and its status (429 past the budget).
+        messages.error(request, exc.message)
+        return _detail_page(request, ctx, endpoint, status=exc.status)
     messages.success(request, f"Test event {event.id} queued; its delivery appears below.")
     return HttpResponseRedirect(
         reverse("console-webhook", kwargs={"org_id": ctx.org.id, "endpoint_id": endpoint.id})
