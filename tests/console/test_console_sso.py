@@ -235,6 +235,31 @@ def test_an_address_that_only_ends_in_a_verified_domain_signs_nobody_in(
     assert Membership.objects.filter(organization=org).count() == 1
 
 
+@pytest.mark.parametrize(
+    "answered",
+    [
+        f"ceo@{DOMAIN}.",
+        f"ceo@sub.{DOMAIN}",
+        f"ceo@{DOMAIN}.evil.test",
+        "ceo@\u0430cme.test",  # a Cyrillic a (U+0430)
+        f"ceo@xn--{DOMAIN}",
+    ],
+    ids=["trailing-dot", "subdomain", "suffix", "homoglyph", "xn-prefix"],
+)
+def test_only_the_verified_domain_itself_signs_in(
+    idp: LocalOidcProvider, org: Organization, answered: str
+) -> None:
+    connect(org, idp)
+    idp.add_user(answered)
+    client = Client()
+    idp.auto_approve = answered
+    refused = client.get(through_idp(client, f"anyone@{DOMAIN}"))
+    assert refused.status_code == 400, refused.content.decode()[:800]
+    assert signed_in_user(client) is None
+    assert Membership.objects.filter(organization=org).count() == 1
+    assert not User.objects.filter(email__istartswith="ceo@").exists()
+
+
 def test_a_domain_verified_by_one_organization_cannot_be_verified_by_another(
     idp: LocalOidcProvider, org: Organization
 ) -> None:
