@@ -30,6 +30,8 @@ class Receiver:
     requests: list[Received] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     location: str = ""  # sent as `location` with every answer when set
+    # When set, a request is held (not recorded, not answered) until the test sets it.
+    gate: threading.Event | None = None
 
     @property
     def port(self) -> int:
@@ -60,6 +62,8 @@ def webhook_receiver(host: str = "127.0.0.1") -> Iterator[Receiver]:
             length = int(self.headers.get("content-length", "0"))
             body = self.rfile.read(length)
             rec = state["r"]
+            if rec.gate is not None:
+                rec.gate.wait(60)
             rec.requests.append(
                 Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
             )
