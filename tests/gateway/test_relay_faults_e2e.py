@@ -445,3 +445,53 @@ def test_a_key_past_its_hard_budget_is_refused_before_the_provider_is_called(
     )
     assert reply.choices[0].message.content
     assert len(upstream_fake.requests()) == 1
+
+
+def test_a_relayed_requests_usage_and_cost_are_read_back_with_a_read_usage_key(
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    """Issue 20's usage and cost API over real processes: a request through the relaying
+    gateway is metered, stored by the real drain, and answered by the same server's
+    /api/v1 to a read-usage key (an inference key is refused naming the scope), its cost a
+    decimal string at the model's price, exact."""
+    from decimal import Decimal
+
+    from billing.metering.drain import usage_drain
+    from billing.money import exact_amount
+    from core.redis import get_redis
+
+    one_target("az-usage", azure(upstream_fake, "azure-14"))
+    raw = client(relay_gateway.url, served.secret).chat.completions.with_raw_response.create(
+        model="az-usage", messages=MESSAGES, max_tokens=5
+    )
+    [event] = wait_usage(raw.headers["x-request-id"])
+    usage_drain(consumer="test", client=get_redis(), once=True, hooks=())
+
+    _, reader = make_api_key(served.org, scopes=["read-usage"])
+    api = f"{relay_gateway.url}/api/v1/organizations/{served.org.id}"
+    query = {
+        "start_time": int(time.time()) - 3600,
+        "bucket_width": "1d",
+        "group_by": "model",
+        "models": "az-usage",
+    }
+    refused = httpx.get(
+        f"{api}/usage", params=query, headers={"authorization": f"Bearer {served.secret}"}
+    )
+    assert refused.status_code == 403 and "read-usage" in refused.json()["error"]["message"]
+    auth = {"authorization": f"Bearer {reader}"}
+    usage = httpx.get(f"{api}/usage", params=query, headers=auth, timeout=30)
+    assert usage.status_code == 200, usage.text
+    [used] = [r for b in usage.json()["data"] for r in b["results"]]
+    assert used["model"] == "az-usage"
+    assert used["requests"] == 1
+    assert used["input_tokens"] == int(event["input_tokens"]) > 0
+    assert used["output_tokens"] == int(event["output_tokens"]) > 0
+    costs = httpx.get(f"{api}/costs", params=query, headers=auth, timeout=30)
+    assert costs.status_code == 200, costs.text
+    [cost] = [r for b in costs.json()["data"] for r in b["results"]]
+    price = Decimal("0.000001")  # relayed_endpoint's price for every unit
+    assert isinstance(cost["amount"]["value"], str)
+    assert Decimal(cost["amount"]["value"]) == exact_amount(
+        used["input_tokens"], price
+    ) + exact_amount(used["output_tokens"], price)
