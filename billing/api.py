@@ -385,6 +385,7 @@ def _bucket_fields(bucket: usage_buckets.Bucket) -> dict[str, object]:
 )
 def usage(request: HttpRequest, organization_id: str) -> UsagePageOut:
     org = organization_for_usage(_principal(request), organization_id)
+    usage_buckets.read_budget_take(org.id)
     query = usage_buckets.parse_query(request.GET, kind=usage_buckets.USAGE, organization_id=org.id)
     page = usage_buckets.usage_page(query)
     return UsagePageOut(
@@ -403,6 +404,7 @@ def usage(request: HttpRequest, organization_id: str) -> UsagePageOut:
 )
 def costs(request: HttpRequest, organization_id: str) -> CostPageOut:
     org = organization_for_usage(_principal(request), organization_id)
+    usage_buckets.read_budget_take(org.id)
     query = usage_buckets.parse_query(request.GET, kind=usage_buckets.COSTS, organization_id=org.id)
     page = usage_buckets.cost_page(query)
     return CostPageOut(

@@ -42,7 +42,42 @@ from billing.pricing import (
     Rating,
     model_kinds,
 )
-from core.errors import InvalidInput
+from core.errors import DomainError, InvalidInput
+from core.redis import get_redis
+
+# Reads (usage and costs together) an organization may make within a window: each costs
+# read rates up to a page of hourly rollups in Python, in the processes that serve the
+# gateway too, so a loop of them gets a budget. Ample for a finance tool walking a year
+# by day (12 pages) or a month by hour (5 pages).
+READS_PER_WINDOW = 60
+READ_WINDOW_S = 60
+_READ_BUDGET_PREFIX = "mantle:usage-api:"
+_TAKE = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1], 'NX')
+return {n, redis.call('TTL', KEYS[1])}
+"""
+
+
+class UsageReadsThrottled(DomainError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+
+def read_budget_take(organization_id: str) -> None:
+    """Counts one read of the usage and cost API for the organization; UsageReadsThrottled
+    (429) past READS_PER_WINDOW within READ_WINDOW_S of its first read in the window."""
+    count, ttl = get_redis().eval(
+        _TAKE, 1, f"{_READ_BUDGET_PREFIX}{organization_id}", READ_WINDOW_S
+    )
+    if int(count) <= READS_PER_WINDOW:
+        return
+    wait = int(ttl) if int(ttl) > 0 else READ_WINDOW_S
+    raise UsageReadsThrottled(
+        f"at most {READS_PER_WINDOW} usage and cost reads per organization within "
+        f"{READ_WINDOW_S} seconds: try again in {wait} seconds"
+    )
+
 
 HOUR, DAY, MONTH = "1h", "1d", "1mo"
 WIDTHS = (HOUR, DAY, MONTH)

@@ -22,6 +22,7 @@ from accounts import services
 from accounts.models import Membership
 from accounts.permissions import Role
 from accounts.principal import SYSTEM
+from billing import usage_buckets
 from billing.invoicing import invoice_finalize, invoice_refresh_draft
 from billing.metering.drain import usage_drain
 from billing.models import InvoiceLine, ProvisionedCommitment
@@ -799,3 +800,29 @@ def test_a_closed_months_costs_equal_its_finalized_invoice(world: OrgWorld) -> N
     assert sum(Decimal(r["amount"]["value"]) for b in days["data"] for r in b["results"]) == sum(
         results.values()
     )
+
+
+def test_reads_have_a_budget_per_organization(
+    world: OrgWorld, other_world: OrgWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop of reads, each rating a page of rollups in a process that serves the gateway
+    too, is refused past the organization's budget (usage and costs counted together)."""
+    monkeypatch.setattr(usage_buckets, "READS_PER_WINDOW", 3)
+    client = read_usage_client(world)
+    for what in ("usage", "costs", "usage"):
+        ok(get(client, world, what, start_time=ts(at(10, 1))))
+
+    for what in ("usage", "costs"):
+        err = error(get(client, world, what, start_time=ts(at(10, 1))), 429)
+        assert err["code"] == "rate_limit_exceeded"
+        assert "at most 3 usage and cost reads per organization" in err["message"]
+    # A signed-in member of the organization shares its budget; another organization
+    # has its own.
+    error(get(world.client_for(Role.BILLING), world, "costs", start_time=ts(at(10, 1))), 429)
+    _, theirs = make_api_key(
+        other_world.org, scopes=["read-usage"], by=other_world.users[Role.OWNER]
+    )
+    ok(get(key_client(theirs), other_world, "costs", start_time=ts(at(10, 1))))
+    # The window's end gives the budget back.
+    get_redis().delete(f"mantle:usage-api:{world.org.id}")
+    ok(get(client, world, "costs", start_time=ts(at(10, 1))))
