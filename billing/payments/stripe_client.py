@@ -18,15 +18,18 @@ from billing.payments.stripe_types import (
     META_LINE_INDEX,
     META_ORGANIZATION,
     META_TOPUP,
+    Charge,
     CheckoutPayment,
     CheckoutSession,
     Customer,
+    Dispute,
     Event,
     Invoice,
     InvoicePush,
     MeterEvent,
     PaymentIntent,
     PaymentMethod,
+    Refund,
     SetupIntent,
     StripeAuthenticationFailed,
     StripeCardDeclined,
@@ -229,6 +232,18 @@ class StripeApi:
                 payment_intent_id, {"expand": ["latest_charge"]}
             )
         return _payment_intent(intent.to_dict())
+
+    # --- Refunds and disputes of a charge (made in Stripe's dashboard, or a cardholder's) --
+
+    def charge_retrieve(self, charge_id: str) -> Charge:
+        with _translated("reading the charge"):
+            charge = self._client.v1.charges.retrieve(charge_id, {"expand": ["refunds"]})
+        return _charge(charge.to_dict())
+
+    def dispute_retrieve(self, dispute_id: str) -> Dispute:
+        with _translated("reading the dispute"):
+            dispute = self._client.v1.disputes.retrieve(dispute_id)
+        return _dispute(dispute.to_dict())
 
     # --- Invoices ----------------------------------------------------------------------
 
@@ -517,4 +532,35 @@ def _invoice(data: Mapping[str, Any]) -> Invoice:
         mantle_invoice_id=(data.get("metadata") or {}).get(META_INVOICE),
         number=data.get("number"),
         paid_at=transitions.get("paid_at"),
+    )
+
+
+def _charge(data: Mapping[str, Any]) -> Charge:
+    refunds = data.get("refunds")
+    items = refunds.get("data") or [] if isinstance(refunds, Mapping) else []
+    return Charge(
+        id=data["id"],
+        amount=int(data.get("amount") or 0),
+        amount_refunded=int(data.get("amount_refunded") or 0),
+        refunded=bool(data.get("refunded")),
+        currency=str(data.get("currency") or ""),
+        customer_id=_id_of(data.get("customer")),
+        payment_intent_id=_id_of(data.get("payment_intent")),
+        disputed=bool(data.get("disputed")),
+        refunds=tuple(
+            Refund(id=r["id"], amount=int(r.get("amount") or 0), status=str(r.get("status")))
+            for r in items
+            if isinstance(r, Mapping)
+        ),
+    )
+
+
+def _dispute(data: Mapping[str, Any]) -> Dispute:
+    return Dispute(
+        id=data["id"],
+        charge_id=str(_id_of(data.get("charge"))),
+        amount=int(data.get("amount") or 0),
+        currency=str(data.get("currency") or ""),
+        status=str(data.get("status") or ""),
+        reason=str(data.get("reason") or ""),
     )

@@ -23,14 +23,17 @@ from billing.payments.stripe_types import (
     META_LINE_INDEX,
     META_ORGANIZATION,
     META_TOPUP,
+    Charge,
     CheckoutPayment,
     CheckoutSession,
     Customer,
+    Dispute,
     Invoice,
     InvoicePush,
     MeterEvent,
     PaymentIntent,
     PaymentMethod,
+    Refund,
     SetupIntent,
     StripeCardDeclined,
     StripeIdempotencyConflict,
@@ -121,6 +124,8 @@ class FakeStripe:
         self.checkout_sessions: dict[str, dict[str, Any]] = {}
         self.payment_intents: dict[str, dict[str, Any]] = {}
         self.charges: dict[str, dict[str, Any]] = {}
+        self.refunds: dict[str, dict[str, Any]] = {}
+        self.disputes: dict[str, dict[str, Any]] = {}
         self.invoices: dict[str, dict[str, Any]] = {}
         self.invoice_items: dict[str, dict[str, Any]] = {}
         self.meter_events: dict[str, MeterEvent] = {}
@@ -368,6 +373,15 @@ class FakeStripe:
             intent = self._get(self.payment_intents, payment_intent_id, "payment_intent")
             return _payment_intent(intent, self.charges)
 
+    def charge_retrieve(self, charge_id: str) -> Charge:
+        with self._lock:
+            charge = self._get(self.charges, charge_id, "charge")
+            return _charge(charge, self.refunds)
+
+    def dispute_retrieve(self, dispute_id: str) -> Dispute:
+        with self._lock:
+            return _dispute(self._get(self.disputes, dispute_id, "dispute"))
+
     def invoice_draft_create(self, push: InvoicePush) -> Invoice:
         with self._lock:
             self._get(self.customers, push.customer_id, "customer")
@@ -561,6 +575,91 @@ class FakeStripe:
         with self._lock:
             session = self._get(self.checkout_sessions, session_id, "checkout.session")
             return str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session_id)
+
+    def charge_refund(self, charge_id: str, *, amount: int | None = None) -> str:
+        """A refund made in Stripe's dashboard (POST /v1/refunds): all that is left of
+        the charge, or `amount` of it; succeeds at once, as card refunds do. Stripe
+        refuses more than is left, a non-positive amount, and a charge with a dispute
+        (`charge_disputed`). Emits `charge.refunded`; returns the refund's id."""
+        with self._lock:
+            charge = self._get(self.charges, charge_id, "charge")
+            left = charge["amount"] - charge["amount_refunded"]
+            value = left if amount is None else amount
+            if charge["disputed"]:
+                raise StripeInvalidRequest(
+                    f"Charge {charge_id} has been charged back; cannot issue a refund.",
+                    param="charge",
+                )
+            if value <= 0 or value > left:
+                raise StripeInvalidRequest(
+                    f"Refund amount ({value}) is greater than unrefunded amount on charge ({left})"
+                    if value > 0
+                    else "Refund amount must be positive",
+                    param="amount",
+                )
+            refund: dict[str, Any] = {
+                "id": self._new_id("re"),
+                "object": "refund",
+                "created": self.now(),
+                "amount": value,
+                "currency": charge["currency"],
+                "charge": charge_id,
+                "payment_intent": charge["payment_intent"],
+                "status": "succeeded",
+                "reason": "requested_by_customer",
+            }
+            self.refunds[refund["id"]] = refund
+            charge["refund_ids"].append(refund["id"])
+            charge["amount_refunded"] += value
+            charge["refunded"] = charge["amount_refunded"] == charge["amount"]
+            self._emit("refund.created", refund)
+            self._emit("charge.refunded", charge)
+            return str(refund["id"])
+
+    def dispute_open(
+        self, charge_id: str, *, reason: str = "fraudulent", amount: int | None = None
+    ) -> str:
+        """The cardholder disputes the charge (a chargeback): a Dispute of what is left
+        unrefunded (or `amount`), `needs_response`; the charge becomes `disputed`. At most
+        one dispute per charge. Emits `charge.dispute.created`; returns the dispute's id."""
+        with self._lock:
+            charge = self._get(self.charges, charge_id, "charge")
+            if charge["disputed"]:
+                raise StripeInvalidRequest(f"charge {charge_id} is already disputed")
+            left = charge["amount"] - charge["amount_refunded"]
+            value = left if amount is None else amount
+            if value <= 0 or value > left:
+                raise StripeInvalidRequest(
+                    f"a dispute of {value} on charge {charge_id} with {left} unrefunded"
+                )
+            dispute: dict[str, Any] = {
+                "id": self._new_id("dp"),
+                "object": "dispute",
+                "created": self.now(),
+                "amount": value,
+                "currency": charge["currency"],
+                "charge": charge_id,
+                "payment_intent": charge["payment_intent"],
+                "reason": reason,
+                "status": "needs_response",
+                "is_charge_refundable": False,
+            }
+            self.disputes[dispute["id"]] = dispute
+            charge["disputed"] = True
+            self._emit("charge.dispute.created", dispute)
+            return str(dispute["id"])
+
+    def dispute_close(self, dispute_id: str, *, won: bool) -> None:
+        """The issuer decides an open dispute: `won` (the platform keeps the money) or
+        `lost`. Emits `charge.dispute.closed`."""
+        with self._lock:
+            dispute = self._get(self.disputes, dispute_id, "dispute")
+            if dispute["status"] not in ("needs_response", "under_review"):
+                raise StripeInvalidRequest(
+                    f"dispute {dispute_id} is {dispute['status']}", param="dispute"
+                )
+            dispute["status"] = "won" if won else "lost"
+            self._emit("charge.dispute.closed", dispute)
 
     def attempt_payment(self, stripe_invoice_id: str) -> bool:
         """Stripe's automatic collection: charges the default payment method of the customer."""
@@ -884,6 +983,10 @@ class FakeStripe:
             "payment_method": intent["payment_method"],
             "paid": True,
             "status": "succeeded",
+            "amount_refunded": 0,
+            "refunded": False,
+            "disputed": False,
+            "refund_ids": [],  # the fake's own: `refunds`, a list, when expanded
             "receipt_url": f"https://pay.stripe.com/receipts/payment/{secrets.token_urlsafe(24)}",
         }
         self.charges[charge["id"]] = charge
@@ -896,6 +999,7 @@ class FakeStripe:
     def _emit(self, event_type: str, obj: Mapping[str, Any]) -> None:
         snapshot = copy.deepcopy(dict(obj))
         snapshot.pop("decline_code", None)
+        snapshot.pop("refund_ids", None)  # `refunds` is expandable only (2022-11-15 on)
         if snapshot.get("object") == "invoice":
             snapshot["lines"] = {"object": "list", "data": snapshot["lines"]}
         if snapshot.get("object") == "checkout.session":
@@ -1032,4 +1136,32 @@ def _invoice(data: Mapping[str, Any]) -> Invoice:
         mantle_invoice_id=data["metadata"].get(META_INVOICE),
         number=data["number"],
         paid_at=data["status_transitions"]["paid_at"],
+    )
+
+
+def _charge(data: Mapping[str, Any], refunds: Mapping[str, Mapping[str, Any]]) -> Charge:
+    return Charge(
+        id=data["id"],
+        amount=data["amount"],
+        amount_refunded=data["amount_refunded"],
+        refunded=data["refunded"],
+        currency=data["currency"],
+        customer_id=data["customer"],
+        payment_intent_id=data["payment_intent"],
+        disputed=data["disputed"],
+        refunds=tuple(
+            Refund(id=r["id"], amount=r["amount"], status=r["status"])
+            for r in (refunds[i] for i in data["refund_ids"])
+        ),
+    )
+
+
+def _dispute(data: Mapping[str, Any]) -> Dispute:
+    return Dispute(
+        id=data["id"],
+        charge_id=data["charge"],
+        amount=data["amount"],
+        currency=data["currency"],
+        status=data["status"],
+        reason=data["reason"],
     )

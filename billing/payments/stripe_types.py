@@ -149,6 +149,40 @@ class PaymentIntent:
 
 
 @dataclass(frozen=True, slots=True)
+class Refund:
+    id: str
+    amount: int  # minor units
+    status: str  # pending | requires_action | succeeded | failed | canceled
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """A charge as Stripe reports it now, with its refunds (expanded)."""
+
+    id: str
+    amount: int  # minor units
+    amount_refunded: int
+    refunded: bool  # fully refunded
+    currency: str
+    customer_id: str | None
+    payment_intent_id: str | None
+    disputed: bool
+    refunds: tuple[Refund, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Dispute:
+    id: str
+    charge_id: str
+    amount: int  # minor units
+    currency: str
+    # warning_needs_response | warning_under_review | warning_closed | needs_response |
+    # under_review | won | lost
+    status: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class TopUpCharge:
     """What a top-up asks Stripe for: an amount of the organization's currency, tied back
     to our top-up row by metadata."""
@@ -286,6 +320,12 @@ class StripeBackend(Protocol):
     def payment_intent_retrieve(self, payment_intent_id: str) -> PaymentIntent:
         """The intent, with its latest charge's receipt URL."""
         ...
+
+    def charge_retrieve(self, charge_id: str) -> Charge:
+        """The charge, with its refunds expanded."""
+        ...
+
+    def dispute_retrieve(self, dispute_id: str) -> Dispute: ...
 
     def invoice_draft_create(self, push: InvoicePush) -> Invoice: ...
 

@@ -827,3 +827,84 @@ def test_payment_intent_retrieve_expands_the_charge_for_its_receipt(
     (call,) = wire.calls
     assert path(call) == "/v1/payment_intents/pi_1"
     assert query(call) == {"expand[0]": "latest_charge"}
+
+
+def test_charge_retrieve_expands_its_refunds(wire: responses.RequestsMock) -> None:
+    wire.get(
+        f"{API}/v1/charges/ch_1",
+        json={
+            "id": "ch_1",
+            "object": "charge",
+            "amount": 2500,
+            "amount_refunded": 1000,
+            "refunded": False,
+            "currency": "usd",
+            "customer": "cus_1",
+            "payment_intent": "pi_1",
+            "disputed": False,
+            "refunds": {
+                "object": "list",
+                "has_more": False,
+                "data": [
+                    {"id": "re_1", "object": "refund", "amount": 600, "status": "succeeded"},
+                    {"id": "re_2", "object": "refund", "amount": 400, "status": "pending"},
+                ],
+            },
+        },
+    )
+
+    charge = api().charge_retrieve("ch_1")
+
+    assert (charge.id, charge.payment_intent_id, charge.customer_id) == ("ch_1", "pi_1", "cus_1")
+    assert (charge.amount, charge.amount_refunded, charge.refunded) == (2500, 1000, False)
+    assert [(r.id, r.amount, r.status) for r in charge.refunds] == [
+        ("re_1", 600, "succeeded"),
+        ("re_2", 400, "pending"),
+    ]
+    (call,) = wire.calls
+    assert call.request.method == "GET"
+    assert path(call) == "/v1/charges/ch_1"
+    assert query(call) == {"expand[0]": "refunds"}
+    assert_stripe_headers(call, idempotency_key=None)
+
+
+def test_dispute_retrieve(wire: responses.RequestsMock) -> None:
+    wire.get(
+        f"{API}/v1/disputes/dp_1",
+        json={
+            "id": "dp_1",
+            "object": "dispute",
+            "amount": 2500,
+            "currency": "usd",
+            "charge": "ch_1",
+            "payment_intent": "pi_1",
+            "reason": "fraudulent",
+            "status": "needs_response",
+        },
+    )
+
+    dispute = api().dispute_retrieve("dp_1")
+
+    assert (dispute.id, dispute.charge_id, dispute.amount, dispute.currency) == (
+        "dp_1",
+        "ch_1",
+        2500,
+        "usd",
+    )
+    assert (dispute.status, dispute.reason) == ("needs_response", "fraudulent")
+    (call,) = wire.calls
+    assert (call.request.method, path(call)) == ("GET", "/v1/disputes/dp_1")
+    assert_stripe_headers(call, idempotency_key=None)
+
+
+def test_charge_retrieve_of_an_unknown_charge_is_missing(wire: responses.RequestsMock) -> None:
+    wire.get(
+        f"{API}/v1/charges/ch_nope",
+        status=404,
+        json=error_json("invalid_request_error", "resource_missing", "No such charge: 'ch_nope'"),
+    )
+
+    with pytest.raises(StripeObjectMissing) as caught:
+        api().charge_retrieve("ch_nope")
+
+    assert "No such charge" in caught.value.message

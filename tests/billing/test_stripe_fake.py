@@ -457,3 +457,104 @@ def test_the_hosted_page_is_not_served_unless_the_fake_is_the_backend(
     stripe_backend_reset()
 
     assert client.get("/billing/stripe/fake-checkout/cs_test_1").status_code == 404
+
+
+# --- Refunds and disputes of a charge -----------------------------------------------------
+
+
+def paid_charge(fake: FakeStripe, amount: int = 2500) -> str:
+    customer = fake.customer_create(organization_id="org_1", name="Acme")
+    intent = fake.payment_intent_charge_off_session(
+        charge_for(customer.id, amount=amount),
+        payment_method_id=saved_card(fake, customer.id),
+        idempotency_key="k-charge",
+    )
+    return str(fake.payment_intents[intent.id]["latest_charge"])
+
+
+def test_partial_then_full_refund_of_a_charge(fake: FakeStripe) -> None:
+    charge_id = paid_charge(fake, 2500)
+
+    first = fake.charge_refund(charge_id, amount=1000)
+    partial = fake.charge_retrieve(charge_id)
+    second = fake.charge_refund(charge_id)  # what is left
+    full = fake.charge_retrieve(charge_id)
+
+    assert (partial.amount_refunded, partial.refunded) == (1000, False)
+    assert (full.amount_refunded, full.refunded) == (2500, True)
+    assert [(r.id, r.amount, r.status) for r in full.refunds] == [
+        (first, 1000, "succeeded"),
+        (second, 1500, "succeeded"),
+    ]
+    events = fake.events_of("charge.refunded")
+    assert [e["data"]["object"]["amount_refunded"] for e in events] == [1000, 2500]
+    assert events[0]["data"]["object"]["id"] == charge_id
+    assert "refund_ids" not in events[0]["data"]["object"]  # `refunds` is expandable only
+    assert [e["data"]["object"]["id"] for e in fake.events_of("refund.created")] == [first, second]
+
+
+@pytest.mark.parametrize("amount", [0, -5, 2501])
+def test_a_refund_beyond_the_charge_or_not_positive_is_refused(
+    fake: FakeStripe, amount: int
+) -> None:
+    charge_id = paid_charge(fake, 2500)
+
+    with pytest.raises(StripeInvalidRequest) as caught:
+        fake.charge_refund(charge_id, amount=amount)
+
+    assert caught.value.param == "amount"
+    assert fake.charge_retrieve(charge_id).amount_refunded == 0
+    assert fake.events_of("charge.refunded") == []
+
+
+def test_a_fully_refunded_charge_cannot_be_refunded_again(fake: FakeStripe) -> None:
+    charge_id = paid_charge(fake)
+    fake.charge_refund(charge_id)
+
+    with pytest.raises(StripeInvalidRequest):
+        fake.charge_refund(charge_id, amount=1)
+
+
+def test_a_dispute_opens_on_the_charge_and_closes_once(fake: FakeStripe) -> None:
+    charge_id = paid_charge(fake, 2500)
+    fake.charge_refund(charge_id, amount=500)
+
+    dispute_id = fake.dispute_open(charge_id, reason="fraudulent")
+    opened = fake.dispute_retrieve(dispute_id)
+    fake.dispute_close(dispute_id, won=False)
+
+    assert (opened.charge_id, opened.amount, opened.status, opened.reason) == (
+        charge_id,
+        2000,  # what was left unrefunded
+        "needs_response",
+        "fraudulent",
+    )
+    assert fake.charge_retrieve(charge_id).disputed is True
+    assert fake.dispute_retrieve(dispute_id).status == "lost"
+    created = fake.events_of("charge.dispute.created")
+    closed = fake.events_of("charge.dispute.closed")
+    assert [e["data"]["object"]["status"] for e in created + closed] == ["needs_response", "lost"]
+    assert created[0]["data"]["object"]["object"] == "dispute"
+    with pytest.raises(StripeInvalidRequest):
+        fake.dispute_close(dispute_id, won=True)  # decided already
+    with pytest.raises(StripeInvalidRequest):
+        fake.dispute_open(charge_id)  # one dispute per charge
+
+
+def test_a_disputed_charge_cannot_be_refunded(fake: FakeStripe) -> None:
+    charge_id = paid_charge(fake)
+    fake.dispute_open(charge_id)
+
+    with pytest.raises(StripeInvalidRequest) as caught:
+        fake.charge_refund(charge_id)
+
+    assert "charged back" in caught.value.message
+
+
+def test_unknown_charges_and_disputes_are_missing(fake: FakeStripe) -> None:
+    with pytest.raises(StripeObjectMissing):
+        fake.charge_retrieve("ch_nope")
+    with pytest.raises(StripeObjectMissing):
+        fake.dispute_retrieve("dp_nope")
+    with pytest.raises(StripeObjectMissing):
+        fake.charge_refund("ch_nope")
