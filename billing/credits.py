@@ -56,7 +56,9 @@ def grants_with_remainder(org: Organization) -> list[GrantRemainder]:
 
 
 def credit_available(org: Organization, at: datetime | None = None) -> Decimal:
-    """What can still be spent: remainders of grants not expired at `at`.
+    """What can still be spent: remainders of grants not expired at `at`, less any grant's
+    negative remainder (a debt: a top-up refunded or disputed after its credit was spent,
+    billing/payments/topups.py).
 
     Equal to the balance except for grants past their expiry whose write-off (an expiry
     entry, hourly) has not been recorded yet: those are not spendable.
@@ -66,7 +68,8 @@ def credit_available(org: Organization, at: datetime | None = None) -> Decimal:
         (
             r.remaining
             for r in grants_with_remainder(org)
-            if r.remaining > 0 and (r.grant.expires_at is None or r.grant.expires_at > at)
+            if r.remaining < 0
+            or (r.remaining > 0 and (r.grant.expires_at is None or r.grant.expires_at > at))
         ),
         ZERO,
     )

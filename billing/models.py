@@ -1016,6 +1016,10 @@ class TopUp(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now)
     paid_at = models.DateTimeField(null=True, blank=True)
+    # Taken back after payment (billing/payments/topups.py, "reversals"): what Stripe
+    # refunded of the charge, and its latest dispute's Stripe status ("" if none).
+    refunded_amount = models.DecimalField(max_digits=20, decimal_places=2, default=0)
+    dispute_status = models.CharField(max_length=32, blank=True)
 
     class Meta:
         constraints: ClassVar = [
@@ -1036,6 +1040,35 @@ class TopUp(models.Model):
 
     def __str__(self) -> str:
         return f"{self.source} top-up {self.amount} {self.currency} ({self.status})"
+
+
+class TopUpReversal(models.Model):
+    """Credit taken back from (or, for a dispute the platform won, given back to) a paid
+    top-up, once per Stripe object: `stripe_object_id` is a refund's id (`re_...`), a
+    dispute's id (`dp_...`, taken back), or `<dispute id>:won` (given back)."""
+
+    class Kind(models.TextChoices):
+        REFUND = "refund"
+        DISPUTE = "dispute"
+        DISPUTE_WON = "dispute_won"
+
+    stripe_object_id = models.CharField(max_length=255, unique=True)
+    topup = models.ForeignKey(TopUp, on_delete=models.PROTECT, related_name="reversals")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # Signed, as on the ledger: negative taken back, positive given back.
+    amount = models.DecimalField(max_digits=20, decimal_places=2)
+    entry = models.OneToOneField(
+        CreditLedgerEntry, on_delete=models.PROTECT, related_name="topup_reversal"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.CheckConstraint(condition=~Q(amount=0), name="topup_reversal_nonzero"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.amount} of {self.topup_id} ({self.stripe_object_id})"
 
 
 class AutoRecharge(models.Model):

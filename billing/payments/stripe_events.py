@@ -224,6 +224,30 @@ def _on_payment_intent(event: Event) -> None:
         )
 
 
+def _on_charge_refunded(event: Event) -> None:
+    """A top-up's charge refunded (in full or in part, in Stripe's dashboard): each
+    refund taken back once. The charge is re-read, with its refunds."""
+    if not event.object_id:
+        return
+    charge = stripe_required().charge_retrieve(event.object_id)
+    topup = topups.topup_of_charge(charge)
+    if topup is not None:
+        topups.topup_refunds_record(topup_id=topup.id, charge=charge, event_id=event.id)
+
+
+def _on_dispute(event: Event) -> None:
+    """A top-up's charge disputed by the cardholder (taken back, alerted) or the dispute
+    closed (won: given back). The dispute and its charge are re-read."""
+    if not event.object_id:
+        return
+    backend = stripe_required()
+    dispute = backend.dispute_retrieve(event.object_id)
+    charge = backend.charge_retrieve(dispute.charge_id)
+    topup = topups.topup_of_charge(charge)
+    if topup is not None:
+        topups.topup_dispute_record(topup_id=topup.id, dispute=dispute, event_id=event.id)
+
+
 HANDLERS: Mapping[str, Callable[[Event], None]] = {
     "invoice.paid": _on_invoice,
     "invoice.payment_succeeded": _on_invoice,
@@ -238,6 +262,9 @@ HANDLERS: Mapping[str, Callable[[Event], None]] = {
     "checkout.session.expired": _on_checkout_session,
     "payment_intent.succeeded": _on_payment_intent,
     "payment_intent.payment_failed": _on_payment_intent,
+    "charge.refunded": _on_charge_refunded,
+    "charge.dispute.created": _on_dispute,
+    "charge.dispute.closed": _on_dispute,
 }
 
 

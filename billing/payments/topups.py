@@ -24,16 +24,19 @@ from django.utils import timezone
 from accounts.models import Organization
 from accounts.principal import SYSTEM, Principal
 from accounts.services import audit_record
-from billing import checks
+from billing import checks, jobs
 from billing.alerts.events import alert_emit
 from billing.credits import credit_grant
-from billing.models import AlertEvent, CreditLedgerEntry, StripeCustomer, TopUp
+from billing.models import AlertEvent, CreditLedgerEntry, StripeCustomer, TopUp, TopUpReversal
 from billing.money import check_places, parse_decimal
 from billing.payments.stripe_sync import stripe_customer_ensure, stripe_required
 from billing.payments.stripe_types import (
+    Charge,
+    Dispute,
     PaymentIntent,
     StripeError,
     TopUpCharge,
+    minor_unit_exponent,
     to_minor_units,
 )
 from core.errors import Conflict, InvalidInput
@@ -235,6 +238,181 @@ def topup_fail(
         )
     logger.warning("top-up %s failed: %s (%s)", topup_id, code, message)
     return True
+
+
+# --- Refunds and disputes: credit taken back, once per Stripe object ------------------------
+
+# A dispute in these states leaves the money with the platform: nothing is taken back.
+DISPUTE_KEPT = frozenset({"won", "warning_closed"})
+
+
+def topup_of_charge(charge: Charge) -> TopUp | None:
+    """The paid top-up a charge paid (by its PaymentIntent), if the charge is of that
+    top-up's organization's Stripe customer; None (logged) for any other charge."""
+    topup = (
+        TopUp.objects.filter(stripe_payment_intent_id=charge.payment_intent_id).first()
+        if charge.payment_intent_id
+        else None
+    )
+    if topup is None:
+        logger.info("Stripe charge %s is not of a top-up: ignored", charge.id)
+        return None
+    return topup_of_customer(topup.id, charge.customer_id)
+
+
+def topup_refunds_record(*, topup_id: str, charge: Charge, event_id: str) -> int:
+    """Takes back from the organization's credit each succeeded refund of the top-up's
+    charge not taken back yet (one TopUpReversal per refund id); returns how many."""
+    with transaction.atomic():
+        topup = _locked_paid(topup_id)
+        if topup is None or not _same_currency(topup, charge.currency, charge.id):
+            return 0
+        done = set(topup.reversals.values_list("stripe_object_id", flat=True))
+        count = 0
+        for refund in charge.refunds:
+            if refund.status != "succeeded" or refund.id in done or refund.amount <= 0:
+                continue
+            _reverse(
+                topup,
+                kind=TopUpReversal.Kind.REFUND,
+                object_id=refund.id,
+                amount=-_major(refund.amount, topup.currency),
+                reason=f"{_label(topup)} refunded in Stripe ({refund.id} of {charge.id}, "
+                f"event {event_id})",
+                metadata={"refund": refund.id, "charge": charge.id},
+            )
+            count += 1
+        refunded = sum(
+            (-r.amount for r in topup.reversals.filter(kind=TopUpReversal.Kind.REFUND)),
+            Decimal(0),
+        )
+        if refunded != topup.refunded_amount:
+            topup.refunded_amount = refunded
+            topup.save(update_fields=["refunded_amount"])
+    return count
+
+
+def topup_dispute_record(*, topup_id: str, dispute: Dispute, event_id: str) -> bool:
+    """A dispute of the top-up's charge: its amount taken back once when first seen
+    undecided or lost (Stripe debits the platform's balance when the dispute opens), and
+    given back once if the platform wins it; the failed-payment alert is raised once.
+    Records the dispute's status on the top-up; True if credit moved now."""
+    moved = False
+    with transaction.atomic():
+        topup = _locked_paid(topup_id)
+        if topup is None or not _same_currency(topup, dispute.currency, dispute.id):
+            return False
+        done = set(topup.reversals.values_list("stripe_object_id", flat=True))
+        amount = _major(dispute.amount, topup.currency)
+        taken = dispute.id in done
+        if not taken and dispute.status not in DISPUTE_KEPT and amount > 0:
+            _reverse(
+                topup,
+                kind=TopUpReversal.Kind.DISPUTE,
+                object_id=dispute.id,
+                amount=-amount,
+                reason=f"{_label(topup)} disputed by the cardholder ({dispute.id}, "
+                f"{dispute.reason}, event {event_id})",
+                metadata={"dispute": dispute.id, "reason": dispute.reason},
+            )
+            taken = moved = True
+            alert_emit(
+                org=topup.organization_id,
+                kind=AlertEvent.Kind.PAYMENT_FAILED,
+                dedupe_key=f"payment_failed:dispute:{dispute.id}",
+                data={
+                    "stripe_invoice_id": None,
+                    "invoice_id": None,
+                    "number": None,
+                    "topup_id": topup.id,
+                    "stripe_payment_intent_id": topup.stripe_payment_intent_id,
+                    "stripe_dispute_id": dispute.id,
+                    "total": str(amount),
+                    "currency": topup.currency,
+                    "decline_code": f"dispute_{dispute.reason}"[:100],
+                    "failed_at": timezone.now().isoformat(),
+                },
+            )
+        won_id = f"{dispute.id}:won"
+        if taken and dispute.status == "won" and won_id not in done:
+            taken_back = topup.reversals.get(stripe_object_id=dispute.id)
+            _reverse(
+                topup,
+                kind=TopUpReversal.Kind.DISPUTE_WON,
+                object_id=won_id,
+                amount=-taken_back.amount,
+                reason=f"{_label(topup)}'s dispute {dispute.id} won (event {event_id})",
+                metadata={"dispute": dispute.id},
+            )
+            moved = True
+        if topup.dispute_status != dispute.status[:32]:
+            topup.dispute_status = dispute.status[:32]
+            topup.save(update_fields=["dispute_status"])
+    return moved
+
+
+def _locked_paid(topup_id: str) -> TopUp | None:
+    topup = (
+        TopUp.objects.select_for_update(of=("self",))
+        .select_related("organization", "credit")
+        .filter(id=topup_id)
+        .first()
+    )
+    if topup is None or topup.status != TopUp.Status.PAID or topup.credit is None:
+        logger.warning("top-up %s is not paid: nothing to take back", topup_id)
+        return None
+    return topup
+
+
+def _same_currency(topup: TopUp, currency: str, object_id: str) -> bool:
+    if currency.lower() != topup.currency.lower():
+        logger.error(
+            "Stripe %s is in %s, top-up %s in %s", object_id, currency, topup.id, topup.currency
+        )
+        return False
+    return True
+
+
+def _major(minor: int, currency: str) -> Decimal:
+    return Decimal(minor).scaleb(-minor_unit_exponent(currency))
+
+
+def _reverse(
+    topup: TopUp,
+    *,
+    kind: str,
+    object_id: str,
+    amount: Decimal,
+    reason: str,
+    metadata: dict[str, str],
+) -> None:
+    """One adjustment of the top-up's own grant (either sign), its TopUpReversal (unique
+    per Stripe object) and an audit entry, in the caller's transaction. The grant's
+    remainder may go below zero when its credit was already spent: a debt that lowers
+    what the organization can spend (credits.credit_available)."""
+    assert topup.credit is not None
+    checks.lock_organization(topup.organization)
+    entry = CreditLedgerEntry.objects.create(
+        organization=topup.organization,
+        kind=CreditLedgerEntry.Kind.ADJUSTMENT,
+        amount=amount,
+        currency=topup.currency,
+        grant=topup.credit,
+        reason=reason[:500],
+        reference=topup.id,
+    )
+    TopUpReversal.objects.create(
+        stripe_object_id=object_id, topup=topup, kind=kind, amount=amount, entry=entry
+    )
+    audit_record(
+        principal=SYSTEM,
+        action=f"billing.topup_{kind}",
+        target=topup,
+        organization=topup.organization,
+        metadata={**metadata, "amount": str(amount), "currency": topup.currency},
+    )
+    jobs.queue_wallet_sync(topup.organization_id)
+    logger.warning("top-up %s: %s %s (%s)", topup.id, kind, amount, object_id)
 
 
 def topup_of_customer(topup_id: str, customer_id: str | None) -> TopUp | None:
