@@ -237,8 +237,15 @@ class StripeApi:
 
     def charge_retrieve(self, charge_id: str) -> Charge:
         with _translated("reading the charge"):
-            charge = self._client.v1.charges.retrieve(charge_id, {"expand": ["refunds"]})
-        return _charge(charge.to_dict())
+            data = self._client.v1.charges.retrieve(charge_id, {"expand": ["refunds"]}).to_dict()
+        refunds = data.get("refunds")
+        if isinstance(refunds, Mapping) and refunds.get("has_more"):
+            # The expanded list holds the first 10: page through all of the charge's.
+            with _translated("listing the charge's refunds"):
+                page = self._client.v1.refunds.list({"charge": charge_id, "limit": 100})
+                items = [r.to_dict() for r in page.auto_paging_iter()]
+            data = {**data, "refunds": {"object": "list", "has_more": False, "data": items}}
+        return _charge(data)
 
     def dispute_retrieve(self, dispute_id: str) -> Dispute:
         with _translated("reading the dispute"):

@@ -908,3 +908,42 @@ def test_charge_retrieve_of_an_unknown_charge_is_missing(wire: responses.Request
         api().charge_retrieve("ch_nope")
 
     assert "No such charge" in caught.value.message
+
+
+def test_charge_retrieve_pages_through_more_than_the_expanded_refunds(
+    wire: responses.RequestsMock,
+) -> None:
+    def refund(n: int) -> dict[str, Any]:
+        return {"id": f"re_{n}", "object": "refund", "amount": 10, "status": "succeeded"}
+
+    wire.get(
+        f"{API}/v1/charges/ch_1",
+        json={
+            "id": "ch_1",
+            "object": "charge",
+            "amount": 2500,
+            "amount_refunded": 120,
+            "refunded": False,
+            "currency": "usd",
+            "customer": "cus_1",
+            "payment_intent": "pi_1",
+            "disputed": False,
+            "refunds": {"object": "list", "has_more": True, "data": [refund(n) for n in range(10)]},
+        },
+    )
+    wire.get(
+        f"{API}/v1/refunds",
+        json={
+            "object": "list",
+            "url": "/v1/refunds",
+            "has_more": False,
+            "data": [refund(n) for n in range(12)],
+        },
+    )
+
+    charge = api().charge_retrieve("ch_1")
+
+    assert [r.id for r in charge.refunds] == [f"re_{n}" for n in range(12)]
+    listing = wire.calls[1]
+    assert path(listing) == "/v1/refunds"
+    assert query(listing) == {"charge": "ch_1", "limit": "100"}
