@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -392,80 +393,119 @@ class RateLimiter:
         admitted again (a batch line run again under its id) first releases the
         reservation held under it: one id holds at most one reservation.
         """
-        buckets, caps = limits.bucket_keys(), limits.caps()
-        # The organization's share comes last (KEYS[12-13], ARGV[17-18]): added after the rest.
-        keys = [
-            *buckets[:6],
-            pool_live_key(pool),
-            LAST_USED_HASH,
-            wallet_keys.wallet_key(organization_id),
-            wallet_keys.price_key(organization_id, model_name),
-            wallet_keys.held_key(organization_id),
-            *buckets[6:],
-        ]
-        args: list[int | str] = [
-            prompt_tokens + max_tokens,
-            *caps[:6],
-            int(HEARTBEAT_TTL_S * 1000) if check_live else -1,
-            limits.key_id,
-            prompt_tokens,
-            max_tokens,
-            limits.project_id,
-            request_id,
-            int(hold_s * 1000),
-            requests,
-            compute_ms,
-            *caps[6:],
-            _CLASS_ARG.get(service_class, "0"),
-        ]
-        result = await self._admit(keys=keys, args=args)
-        status = int(result[0])
-        if status == -4:
-            return Admission(allowed=False, price_unknown=True)
-        if status == -5:
-            return Admission(allowed=False, unpriced=True)
-        if status == -1:
-            return Admission(allowed=False, no_worker=True)
-        if status in (-2, -3, -6):
-            return Admission(
-                allowed=False,
-                insufficient_quota=True,
-                quota_scope={-2: "organization", -3: "project", -6: "key"}[status],
-                available_nanos=int(result[1]),
-                reserved_nanos=int(result[2]),
-            )
-        if status == 0:
-            index = int(result[1]) - 1
-            return Admission(
-                allowed=False,
-                refused_scope=SCOPES[index // 2],
-                refused_kind="requests" if index % 2 == 0 else "tokens",
-                retry_after_ms=int(result[2]),
-            )
-        return Admission(
-            allowed=True,
-            limit_requests=int(result[1]),
-            remaining_requests=int(result[2]),
-            reset_requests_ms=int(result[3]),
-            limit_tokens=int(result[4]),
-            remaining_tokens=int(result[5]),
-            reset_tokens_ms=int(result[6]),
-            reserved_nanos=int(result[7]),
-            price_in=str(result[8]),
-            price_out=str(result[9]),
-            reserved_project_id=limits.project_id if int(result[10]) == 1 else "",
-            held=int(result[11]) == 1,
-            price_request=str(result[12]),
-            price_compute_ms=str(result[13]),
-            price_cached_input=str(result[14]),
-            reserved_key_id=limits.key_id if int(result[15]) == 1 else "",
-            rate_limited=service_class != ServiceClass.BATCH,
+        call = admit_call(
+            limits,
+            pool=pool,
+            organization_id=organization_id,
+            model_name=model_name,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            request_id=request_id,
+            hold_s=hold_s,
+            requests=requests,
+            compute_ms=compute_ms,
+            service_class=service_class,
+            check_live=check_live,
         )
+        result = await self._admit(keys=call[1], args=call[2])
+        return admission_of(result, limits, service_class)
 
     async def refund(self, limits: Limits, *, tokens: int) -> None:
         call = refund_call(limits, tokens=tokens)
         if call is not None:
             await self._refund(keys=call[1], args=call[2])
+
+
+def admit_call(
+    limits: Limits,
+    *,
+    pool: str,
+    organization_id: str,
+    model_name: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    request_id: str = "",
+    hold_s: float = 0.0,
+    requests: int = 0,
+    compute_ms: int = 0,
+    service_class: str = ServiceClass.ONLINE,
+    check_live: bool = True,
+) -> ScriptCall:
+    """`RateLimiter.admit`'s script call (`core.redis.run_scripts`); its result read by
+    `admission_of`."""
+    buckets, caps = limits.bucket_keys(), limits.caps()
+    # The organization's share comes last (KEYS[12-13], ARGV[17-18]): added after the rest.
+    keys = [
+        *buckets[:6],
+        pool_live_key(pool),
+        LAST_USED_HASH,
+        wallet_keys.wallet_key(organization_id),
+        wallet_keys.price_key(organization_id, model_name),
+        wallet_keys.held_key(organization_id),
+        *buckets[6:],
+    ]
+    args: list[int | str] = [
+        prompt_tokens + max_tokens,
+        *caps[:6],
+        int(HEARTBEAT_TTL_S * 1000) if check_live else -1,
+        limits.key_id,
+        prompt_tokens,
+        max_tokens,
+        limits.project_id,
+        request_id,
+        int(hold_s * 1000),
+        requests,
+        compute_ms,
+        *caps[6:],
+        _CLASS_ARG.get(service_class, "0"),
+    ]
+    return _ADMIT, keys, args
+
+
+def admission_of(result: Sequence[Any], limits: Limits, service_class: str) -> Admission:
+    """The Admission that the admission script's `result` says."""
+    status = int(result[0])
+    if status == -4:
+        return Admission(allowed=False, price_unknown=True)
+    if status == -5:
+        return Admission(allowed=False, unpriced=True)
+    if status == -1:
+        return Admission(allowed=False, no_worker=True)
+    if status in (-2, -3, -6):
+        return Admission(
+            allowed=False,
+            insufficient_quota=True,
+            quota_scope={-2: "organization", -3: "project", -6: "key"}[status],
+            available_nanos=int(result[1]),
+            reserved_nanos=int(result[2]),
+        )
+    if status == 0:
+        index = int(result[1]) - 1
+        return Admission(
+            allowed=False,
+            refused_scope=SCOPES[index // 2],
+            refused_kind="requests" if index % 2 == 0 else "tokens",
+            retry_after_ms=int(result[2]),
+        )
+    return Admission(
+        allowed=True,
+        limit_requests=int(result[1]),
+        remaining_requests=int(result[2]),
+        reset_requests_ms=int(result[3]),
+        limit_tokens=int(result[4]),
+        remaining_tokens=int(result[5]),
+        reset_tokens_ms=int(result[6]),
+        reserved_nanos=int(result[7]),
+        price_in=str(result[8]),
+        price_out=str(result[9]),
+        reserved_project_id=limits.project_id if int(result[10]) == 1 else "",
+        held=int(result[11]) == 1,
+        price_request=str(result[12]),
+        price_compute_ms=str(result[13]),
+        price_cached_input=str(result[14]),
+        reserved_key_id=limits.key_id if int(result[15]) == 1 else "",
+        rate_limited=service_class != ServiceClass.BATCH,
+    )
 
 
 def refund_call(limits: Limits, *, tokens: int) -> ScriptCall | None:

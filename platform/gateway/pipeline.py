@@ -41,7 +41,7 @@ from billing import spend
 from billing.wallet import price_fill
 from catalog.specs import EndpointSpec
 from core import metrics
-from core.redis import ScriptCall, async_script, get_async_redis
+from core.redis import ScriptCall, async_script, get_async_redis, run_scripts
 from gateway import dispatch, pool_share, provisioned, text
 from gateway.backends import database_read
 from gateway.errors import (
@@ -51,7 +51,15 @@ from gateway.errors import (
     model_not_priced,
     no_capacity,
 )
-from gateway.limits import Admission, Limits, RateLimiter, model_allowed, retry_after_seconds
+from gateway.limits import (
+    Admission,
+    Limits,
+    RateLimiter,
+    admission_of,
+    admit_call,
+    model_allowed,
+    retry_after_seconds,
+)
 from gateway.protocol import SamplingRequest
 from workers import contract
 
@@ -300,6 +308,48 @@ async def admit_relayed(
         check_live=False,
     )
     return dataclasses.replace(admission, work_class=chosen)
+
+
+async def admit_relayed_along(
+    limits: Limits,
+    spec: EndpointSpec,
+    organization_id: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    request_id: str,
+    along: ScriptCall,
+) -> tuple[Admission | None, Any]:
+    """`admit_relayed` and another script (the relay's provider slot) in one round trip:
+    the admission when it passed at once, else None (the caller undoes what `along` did and
+    calls `admit_relayed`, which fills a missing price or raises the refusal), and `along`'s
+    result (or its error)."""
+    check_model_allowed(limits, spec)
+    chosen = (
+        contract.ServiceClass.BATCH.value
+        if service_class() == contract.ServiceClass.BATCH
+        else contract.ServiceClass.ONLINE.value
+    )
+    call = admit_call(
+        limits,
+        pool=spec.pool,
+        organization_id=organization_id,
+        model_name=spec.model_name,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        request_id=request_id,
+        hold_s=settings.MANTLE_REQUEST_TIMEOUT_S + spend.HOLD_GRACE_S,
+        requests=0,
+        compute_ms=0,
+        service_class=chosen,
+        check_live=False,
+    )
+    found, along_result = await run_scripts(get_async_redis(), [call, along])
+    if isinstance(found, Exception):
+        return None, along_result
+    admission = admission_of(found, limits, chosen)
+    if not admission.allowed or admission.unpriced or admission.price_unknown:
+        return None, along_result
+    return dataclasses.replace(admission, work_class=chosen), along_result
 
 
 async def _admit(

@@ -366,13 +366,30 @@ async def take_slot(
     """Takes one of the provider's slots for the request until `deadline` (or its release),
     within the organization's cap, in one round trip: -1 the target is cooling down (and
     not `force`d), 0 the provider is full or the organization holds its share, 1 taken."""
-    taken = await _script(_TAKE)(
-        keys=[
+    _, keys, args = take_call(
+        target_id, provider, organization_id, request_id, deadline, force=force
+    )
+    return int(await _script(_TAKE)(keys=keys, args=args))
+
+
+def take_call(
+    target_id: str,
+    provider: ProviderConnection,
+    organization_id: str,
+    request_id: str,
+    deadline: float,
+    *,
+    force: bool = False,
+) -> ScriptCall:
+    """`take_slot` as a script call (`core.redis.run_scripts`)."""
+    return (
+        _TAKE,
+        [
             _COOL_PREFIX + target_id,
             _INFLIGHT_PREFIX + provider.id,
             _org_key(provider, organization_id),
         ],
-        args=[
+        [
             time.time(),
             deadline,
             request_id,
@@ -381,7 +398,6 @@ async def take_slot(
             org_cap(provider),
         ],
     )
-    return int(taken)
 
 
 async def release_slot(provider: ProviderConnection, organization_id: str, request_id: str) -> None:
@@ -630,17 +646,20 @@ class _Relay:
         if provider is None or not provider.enabled or not _may_use(provider, self.spec):
             self.last_error = upstream_unavailable(self.call.model)
             return None
-        await self.admit()  # a refusal here (limits, money) is the client's answer
         force = last and not self.tried
         for attempt in range(settings.MANTLE_PROVIDER_RETRIES + 1):
-            taken = await take_slot(
-                target.id,
-                provider,
-                self.identity.organization_id,
-                self.request_id,
-                self.deadline,
-                force=force,
-            )
+            if self.admission is None:
+                # A refusal here (limits, money) is the client's answer.
+                taken = await self._admit_taking(target, provider, force=force)
+            else:
+                taken = await take_slot(
+                    target.id,
+                    provider,
+                    self.identity.organization_id,
+                    self.request_id,
+                    self.deadline,
+                    force=force,
+                )
             if int(taken) == -1:
                 self.last_error = upstream_unavailable(
                     self.call.model, settings.MANTLE_PROVIDER_COOLDOWN_S
@@ -671,6 +690,39 @@ class _Relay:
                 await self._release(provider)
                 raise
         return None
+
+    async def _admit_taking(
+        self, target: Target, provider: ProviderConnection, *, force: bool
+    ) -> int:
+        """The admission and the provider's slot in one round trip (the request's first
+        try): `take_slot`'s answer. An admission that did not pass at once gives back the
+        slot it may have taken (it held it for that round trip) and is asked alone, which
+        raises the refusal or fills a missing price and admits; then the slot is taken."""
+        self.limits = pipeline.limits_for(self.identity, self.spec)
+        organization_id = self.identity.organization_id
+        admission, taken = await pipeline.admit_relayed_along(
+            self.limits,
+            self.spec,
+            organization_id,
+            self.call.prompt_bound,
+            self.call.completion_bound,
+            self.request_id,
+            take_call(
+                target.id, provider, organization_id, self.request_id, self.deadline, force=force
+            ),
+        )
+        if admission is not None and not isinstance(taken, Exception):
+            self.admission = admission
+            return int(taken)
+        if admission is None:
+            if not isinstance(taken, Exception) and int(taken) == 1:
+                await release_slot(provider, organization_id, self.request_id)
+            await self.admit()
+        else:
+            self.admission = admission
+        return await take_slot(
+            target.id, provider, organization_id, self.request_id, self.deadline, force=force
+        )
 
     def _left(self, floor_s: float) -> float:
         """The seconds left until the request's deadline (at least `floor_s`, at least 1)."""
