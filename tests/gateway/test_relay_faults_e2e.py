@@ -440,6 +440,12 @@ def test_a_key_past_its_hard_budget_is_refused_before_the_provider_is_called(
     assert "API key's monthly budget" in refused.value.message
     assert refused.value.response.headers["x-should-retry"] == "false"
     assert upstream_fake.requests() == []
+    # The provider's slot, taken in the admission's round trip, was given back before the
+    # refusal went out: nothing holds one of the provider's or the organization's slots.
+    from core.redis import get_redis
+
+    held = get_redis().keys("mantle:relay:inflight*")
+    assert not [key for key in held if get_redis().zcard(key)], held
     reply = client(relay_gateway.url, served.secret).chat.completions.create(
         model="az-key-budget", messages=MESSAGES, max_tokens=5
     )
