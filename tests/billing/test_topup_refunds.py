@@ -106,9 +106,10 @@ def test_a_second_refund_takes_back_only_itself_whichever_event_brings_it(
     second_event = last_event(fake, "charge.refunded")
 
     # The first event, delivered late, re-reads the charge: both refunds are seen.
-    deliver(fake, first_event)
-    deliver(fake, second_event)
+    late = deliver(fake, first_event)
+    second = deliver(fake, second_event)
 
+    assert (late.json()["status"], second.json()["status"]) == ("processed", "processed")
     assert credit_balance(world.org) == Decimal(0)
     assert sorted(TopUpReversal.objects.values_list("amount", flat=True)) == [
         Decimal("-15.00"),
@@ -179,8 +180,8 @@ def test_a_won_dispute_gives_the_credit_back_once(world: OrgWorld, fake: FakeStr
     fake.dispute_close(dispute_id, won=True)
     closed = last_event(fake, "charge.dispute.closed")
 
-    deliver(fake, closed)
-    deliver(fake, closed)
+    assert deliver(fake, closed).json()["status"] == "processed"
+    assert deliver(fake, closed).json()["status"] == "duplicate"
 
     assert credit_balance(world.org) == Decimal("40")
     assert ledger(world) == [
@@ -198,10 +199,11 @@ def test_a_lost_dispute_keeps_the_credit_taken_back(world: OrgWorld, fake: FakeS
     dispute_id = fake.dispute_open(charge_id)
     fake.dispute_close(dispute_id, won=False)
 
-    # Only the closing event arrives (the first was lost): it takes back just the same.
-    deliver(fake, last_event(fake, "charge.dispute.closed"))
-    deliver(fake, last_event(fake, "charge.dispute.created"))
+    # The closing event comes first (the first was delayed): it takes back just the same.
+    closed = deliver(fake, last_event(fake, "charge.dispute.closed"))
+    created = deliver(fake, last_event(fake, "charge.dispute.created"))
 
+    assert (closed.json()["status"], created.json()["status"]) == ("processed", "processed")
     assert credit_balance(world.org) == Decimal(0)
     assert TopUpReversal.objects.count() == 1
     topup.refresh_from_db()
