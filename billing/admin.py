@@ -34,6 +34,7 @@ from billing.models import (
     TaxRate,
     TierMultiplier,
     TopUp,
+    TopUpReversal,
     UsageRollup,
 )
 
@@ -358,6 +359,8 @@ class TopUpAdmin(ReadOnlyAdmin):
         "currency",
         "status",
         "failure_code",
+        "refunded_amount",
+        "dispute_status",
         "created_at",
         "paid_at",
     )
@@ -369,6 +372,17 @@ class TopUpAdmin(ReadOnlyAdmin):
         "stripe_checkout_session_id",
         "stripe_payment_intent_id",
     )
+    ordering = ("-created_at",)
+
+
+@admin.register(TopUpReversal)
+class TopUpReversalAdmin(ReadOnlyAdmin):
+    """Credit taken back from a paid top-up (a refund, a dispute) or given back (a dispute
+    won), once per Stripe object (docs/billing.md, "Refunds and disputes")."""
+
+    list_display = ("stripe_object_id", "topup", "kind", "amount", "entry", "created_at")
+    list_filter = ("kind",)
+    search_fields = ("stripe_object_id", "topup__id", "topup__organization__id")
     ordering = ("-created_at",)
 
 

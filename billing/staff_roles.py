@@ -51,6 +51,7 @@ VIEWABLE: tuple[str, ...] = (
     "billing.taxrate",
     "billing.billingdetails",
     "billing.topup",
+    "billing.topupreversal",
     "billing.autorecharge",
 )
 # Revenue: usage rated at each organization's prices (the dashboard's revenue, the usage

@@ -65,6 +65,7 @@ def pages(w: World) -> list[str]:
         reverse("admin:billing_priceoverride_changelist"),
         reverse("admin:billing_budget_changelist"),
         reverse("admin:billing_topup_changelist"),
+        reverse("admin:billing_topupreversal_changelist"),
         reverse("admin:billing_autorecharge_changelist"),
         reverse("admin:accounts_organization_changelist"),
         reverse("admin:accounts_apikey_changelist"),
