@@ -27,7 +27,14 @@ from accounts.services import audit_record
 from billing import checks, jobs
 from billing.alerts.events import alert_emit
 from billing.credits import credit_grant
-from billing.models import AlertEvent, CreditLedgerEntry, StripeCustomer, TopUp, TopUpReversal
+from billing.models import (
+    AlertEvent,
+    AutoRecharge,
+    CreditLedgerEntry,
+    StripeCustomer,
+    TopUp,
+    TopUpReversal,
+)
 from billing.money import check_places, parse_decimal
 from billing.payments.stripe_sync import stripe_customer_ensure, stripe_required
 from billing.payments.stripe_types import (
@@ -316,6 +323,7 @@ def topup_dispute_record(*, topup_id: str, dispute: Dispute, event_id: str) -> b
                 metadata={"dispute": dispute.id, "reason": dispute.reason},
             )
             taken = moved = True
+            _auto_recharge_stop(topup, dispute)
             alert_emit(
                 org=topup.organization_id,
                 kind=AlertEvent.Kind.PAYMENT_FAILED,
@@ -349,6 +357,28 @@ def topup_dispute_record(*, topup_id: str, dispute: Dispute, event_id: str) -> b
             topup.dispute_status = dispute.status[:32]
             topup.save(update_fields=["dispute_status"])
     return moved
+
+
+def _auto_recharge_stop(topup: TopUp, dispute: Dispute) -> None:
+    """A cardholder disputing a top-up's charge is not charged again automatically: the
+    organization's auto-recharge is turned off (audited); its members may turn it on again
+    in the console, as when they first enabled it."""
+    row = AutoRecharge.objects.select_for_update().filter(organization_id=topup.organization_id)
+    stopped = row.filter(enabled=True).first()
+    if stopped is None:
+        return
+    stopped.enabled = False
+    stopped.save(update_fields=["enabled", "updated_at"])
+    audit_record(
+        principal=SYSTEM,
+        action="billing.auto_recharge_set",
+        target=stopped,
+        organization=topup.organization,
+        metadata={
+            "enabled": False,
+            "reason": f"charge of top-up {topup.id} disputed ({dispute.id})",
+        },
+    )
 
 
 def _locked_paid(topup_id: str) -> TopUp | None:

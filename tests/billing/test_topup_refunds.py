@@ -19,7 +19,14 @@ from accounts.models import AuditLog
 from accounts.permissions import Role
 from accounts.principal import Principal
 from billing.credits import credit_available, credit_balance, credit_grant
-from billing.models import AlertEvent, BillingAccount, CreditLedgerEntry, TopUp, TopUpReversal
+from billing.models import (
+    AlertEvent,
+    AutoRecharge,
+    BillingAccount,
+    CreditLedgerEntry,
+    TopUp,
+    TopUpReversal,
+)
 from billing.payments import topups
 from billing.payments.stripe_fake import FakeStripe
 from billing.payments.stripe_types import TopUpCharge
@@ -150,8 +157,17 @@ def test_a_refund_of_spent_credit_leaves_a_debt_that_admission_refuses(
     assert world.org.status == "active"  # not suspended: admission refuses prepaid spend
 
 
-def test_a_dispute_takes_back_its_amount_once_and_alerts(world: OrgWorld, fake: FakeStripe) -> None:
+def test_a_dispute_takes_back_its_amount_once_alerts_and_stops_auto_recharge(
+    world: OrgWorld, fake: FakeStripe
+) -> None:
     topup, charge_id = paid_topup(world, fake, "40.00")
+    AutoRecharge.objects.create(
+        organization=world.org,
+        enabled=True,
+        threshold=Decimal("10"),
+        amount=Decimal("20"),
+        daily_cap=Decimal("100"),
+    )
     dispute_id = fake.dispute_open(charge_id, reason="fraudulent")
     created = last_event(fake, "charge.dispute.created")
 
@@ -171,6 +187,10 @@ def test_a_dispute_takes_back_its_amount_once_and_alerts(world: OrgWorld, fake: 
     )
     assert alert.payload["decline_code"] == "dispute_fraudulent"
     assert AuditLog.objects.filter(action="billing.topup_dispute", target_id=topup.id).count() == 1
+    # The card's holder is not charged again automatically.
+    assert AutoRecharge.objects.get(organization=world.org).enabled is False
+    stopped = AuditLog.objects.get(action="billing.auto_recharge_set")
+    assert stopped.metadata["enabled"] is False and dispute_id in stopped.metadata["reason"]
 
 
 def test_a_won_dispute_gives_the_credit_back_once(world: OrgWorld, fake: FakeStripe) -> None:
