@@ -400,6 +400,25 @@ def take_call(
     )
 
 
+def succeeded_call(
+    target: Target, provider: ProviderConnection, organization_id: str, request_id: str
+) -> ScriptCall:
+    """The slot (and the organization's place) given back and the target's failures in a
+    row forgotten, as a script call: what follows a whole answer."""
+    keys = [
+        _INFLIGHT_PREFIX + provider.id,
+        _FAILS_PREFIX + target.id,
+        _org_key(provider, organization_id),
+    ]
+    return _SUCCEEDED, keys, [request_id]
+
+
+def release_call(provider: ProviderConnection, organization_id: str, request_id: str) -> ScriptCall:
+    """The slot (and the organization's place) given back, as a script call: a stream's end."""
+    keys = [_INFLIGHT_PREFIX + provider.id, _org_key(provider, organization_id)]
+    return _RELEASE, keys, [request_id]
+
+
 async def release_slot(provider: ProviderConnection, organization_id: str, request_id: str) -> None:
     """Gives the request's slot back (one round trip); a failure leaves it to its deadline."""
     try:
@@ -728,21 +747,6 @@ class _Relay:
         """The seconds left until the request's deadline (at least `floor_s`, at least 1)."""
         return max(1.0, floor_s, self.deadline - time.time())
 
-    async def _succeeded(self, target: Target, provider: ProviderConnection) -> None:
-        """The provider's slot released and the target's failures in a row forgotten, in
-        one round trip."""
-        try:
-            await _script(_SUCCEEDED)(
-                keys=[
-                    _INFLIGHT_PREFIX + provider.id,
-                    _FAILS_PREFIX + target.id,
-                    _org_key(provider, self.identity.organization_id),
-                ],
-                args=[self.request_id],
-            )
-        except Exception:  # the slot expires at the request's deadline anyway
-            logger.warning("could not release %s's slot at %s", self.request_id, provider.id)
-
     async def _release(self, provider: ProviderConnection) -> None:
         await release_slot(provider, self.identity.organization_id, self.request_id)
 
@@ -836,15 +840,7 @@ class _Relay:
         answer, finish = _answer_text(body), _finish_of(body)
 
         async def after() -> None:
-            slot = (
-                _SUCCEEDED,
-                [
-                    _INFLIGHT_PREFIX + provider.id,
-                    _FAILS_PREFIX + target.id,
-                    _org_key(provider, self.identity.organization_id),
-                ],
-                [self.request_id],
-            )
+            slot = succeeded_call(target, provider, self.identity.organization_id, self.request_id)
             await self._finish(target, provider, usage, answer, finish, slot=slot)
 
         # The slot released, the request metered and settled beside the answer, not before
@@ -896,11 +892,7 @@ class _Relay:
             try:
                 await response.aclose()
             finally:
-                keys = [
-                    _INFLIGHT_PREFIX + provider.id,
-                    _org_key(provider, self.identity.organization_id),
-                ]
-                slot = (_RELEASE, keys, [self.request_id])
+                slot = release_call(provider, self.identity.organization_id, self.request_id)
                 await self._finish(target, provider, usage, answer, finish, slot=slot)
 
         stream = self._relay(response, lines, first, end)

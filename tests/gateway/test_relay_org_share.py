@@ -16,7 +16,7 @@ from django.test import override_settings
 
 from accounts.keys import KeyIdentity
 from catalog.selectors import ProviderConnection
-from core.redis import get_redis
+from core.redis import get_async_redis, get_redis, run_scripts
 from gateway import relay
 from tests.gateway.test_relay import SPEC
 from tests.support.stack import ROOT
@@ -129,8 +129,9 @@ def test_slots_past_their_deadline_are_free_again_in_the_share_too() -> None:
 
 @override_settings(MANTLE_PROVIDER_ORG_SHARE=0.5)
 def test_a_whole_answers_release_frees_the_organizations_place() -> None:
-    """The release beside a whole answer (`_succeeded`) and after a failure (`_release`)
-    give back both the provider's slot and the organization's place."""
+    """The release beside a whole answer (`succeeded_call`, run in the metering pipeline),
+    at a stream's end (`release_call`) and after a failure (`_release`) give back both the
+    provider's slot and the organization's place."""
     identity = KeyIdentity(
         digest="d",
         key_id="k",
@@ -149,13 +150,22 @@ def test_a_whole_answers_release_frees_the_organizations_place() -> None:
     target = relay.Target(id=TARGET, kind="provider", provider_id=OPERATOR.id, model="gpt")
     assert take("org-a", "r1") == 1
     assert take("org-a", "r2") == 1
+    assert take("org-a", "r3") == 0  # the share is full: 2 of 4
     get_redis().set(f"mantle:relay:fails:{TARGET}", 2)
 
     async def both() -> None:
-        await relay._Relay("r1", identity, SPEC, call)._succeeded(target, OPERATOR)
+        await run_scripts(
+            get_async_redis(), [relay.succeeded_call(target, OPERATOR, "org-a", "r1")]
+        )
         await relay._Relay("r2", identity, SPEC, call)._release(OPERATOR)
 
     asyncio.run(both())
+    assert take("org-a", "r3") == 1
+
+    async def stream_end() -> None:
+        await run_scripts(get_async_redis(), [relay.release_call(OPERATOR, "org-a", "r3")])
+
+    asyncio.run(stream_end())
     assert in_flight() == set()
     assert not get_redis().exists(f"mantle:relay:fails:{TARGET}")
     assert [take("org-a", f"a{i}") for i in range(3)] == [1, 1, 0]
