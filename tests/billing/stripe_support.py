@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from django.db import connection
 from django.test import Client
 
 from accounts.models import Organization
@@ -75,6 +77,27 @@ def deliver(fake: FakeStripe, event: dict[str, Any], *, timestamp: int | None = 
     return Client().post(
         WEBHOOK_URL, data=body, content_type="application/json", HTTP_STRIPE_SIGNATURE=header
     )
+
+
+def deliver_at_once(fake: FakeStripe, events: Sequence[dict[str, Any]]) -> list[int]:
+    """POSTs the events to the webhook from one thread each, released together (Stripe's
+    redeliveries racing one another); the statuses, in the order they came back."""
+    statuses: list[int] = []
+    gate = threading.Barrier(len(events))
+
+    def post(event: dict[str, Any]) -> None:
+        try:
+            gate.wait()
+            statuses.append(deliver(fake, event).status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post, args=(event,)) for event in events]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
 
 
 def last_event(fake: FakeStripe, event_type: str) -> dict[str, Any]:

@@ -5,13 +5,10 @@ and a debt lowers what the organization can spend when the credit was already us
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
@@ -32,7 +29,7 @@ from billing.payments.stripe_fake import FakeStripe
 from billing.payments.stripe_types import TopUpCharge
 from billing.wallet import billing_mode_set, wallet_compute
 from tests.billing.factories import staff_principal
-from tests.billing.stripe_support import deliver, last_event, use_fake_stripe
+from tests.billing.stripe_support import deliver, deliver_at_once, last_event, use_fake_stripe
 from tests.conftest import OrgWorld
 
 pytestmark = pytest.mark.django_db
@@ -282,24 +279,7 @@ def test_concurrent_deliveries_take_back_once(world: OrgWorld, fake: FakeStripe)
     fake.charge_refund(charge_id, amount=700)
     second = last_event(fake, "charge.refunded")
     events = [first, second, first, second, first, second]
-    statuses: list[int] = []
-    gate = threading.Barrier(len(events))
-
-    def post(event: dict[str, Any]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                gate.wait()
-                statuses.append(deliver(fake, event).status_code)
-            finally:
-                connection.close()
-
-        return run
-
-    threads = [threading.Thread(target=post(e)) for e in events]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    statuses = deliver_at_once(fake, events)
 
     assert statuses == [200] * len(events)
     assert credit_balance(world.org) == Decimal("28")

@@ -4,13 +4,10 @@ delivered twice, late, or at the same time."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
@@ -22,7 +19,7 @@ from billing.payments import topups
 from billing.payments.stripe_fake import FakeStripe
 from billing.payments.stripe_types import StripeCardDeclined, StripeInvalidRequest
 from core.errors import Conflict, InvalidInput
-from tests.billing.stripe_support import deliver, last_event, use_fake_stripe
+from tests.billing.stripe_support import deliver, deliver_at_once, last_event, use_fake_stripe
 from tests.conftest import OrgWorld, build_world
 
 pytestmark = pytest.mark.django_db
@@ -260,24 +257,7 @@ def test_concurrent_deliveries_credit_once(world: OrgWorld, fake: FakeStripe) ->
     succeeded = last_event(fake, "payment_intent.succeeded")
     # Stripe's redeliveries and both events of the payment, all at once.
     events = [completed, completed, completed, succeeded, succeeded, completed]
-    statuses: list[int] = []
-    gate = threading.Barrier(len(events))
-
-    def post(event: dict[str, Any]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                gate.wait()
-                statuses.append(deliver(fake, event).status_code)
-            finally:
-                connection.close()
-
-        return run
-
-    threads = [threading.Thread(target=post(e)) for e in events]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    statuses = deliver_at_once(fake, events)
 
     assert statuses == [200] * len(events)
     assert ledger(world) == [Decimal("40.00")]
