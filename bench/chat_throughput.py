@@ -22,6 +22,7 @@ from httpload import run_load  # noqa: E402
 from platform_stack import BenchStack  # noqa: E402
 
 from tests.support.stack import artifact_dir, builtin_manifests  # noqa: E402
+from workers.compile import lm_gate  # noqa: E402
 
 TOPICS = [
     "dragons",
@@ -64,7 +65,7 @@ def prompts() -> list[str]:
 
 
 def raw_baseline(manifest: dict[str, Any], batch: int, new_tokens: int) -> float:
-    """Batched greedy generation straight on onnxruntime, fixed steps, left-padded prompts."""
+    """Batched greedy generation straight on onnxruntime, fixed steps (lm_gate's decoder)."""
     import onnxruntime as ort
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from tokenizers import Tokenizer
@@ -80,39 +81,20 @@ def raw_baseline(manifest: dict[str, Any], batch: int, new_tokens: int) -> float
     template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
         str(manifest["chat_template"])
     )
-    lm = manifest["causal_lm"]
-    layers, heads, dim = int(lm["num_layers"]), int(lm["num_kv_heads"]), int(lm["head_dim"])
     texts = [
         template.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True)
         for p in prompts()[:batch]
     ]
     ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
-    width = max(len(i) for i in ids)
-    input_ids = np.zeros((batch, width), dtype=np.int64)
-    mask = np.zeros((batch, width), dtype=np.int64)
-    for row, seq in enumerate(ids):
-        input_ids[row, width - len(seq) :] = seq
-        mask[row, width - len(seq) :] = 1
-    outputs = [o.name for o in session.get_outputs()]
-    past = {
-        f"past_key_values.{i}.{kv}": np.zeros((batch, heads, 0, dim), dtype=np.float32)
-        for i in range(layers)
-        for kv in ("key", "value")
-    }
+    # Either graph interface: the traced one (left-padded, presents copied out) or the
+    # in-place one (right-padded buffers, the served graph since issue 16).
+    decoder = lm_gate.Decoder(session, int(manifest.get("pad_token_id") or 0))
     started = time.perf_counter()
-    step_ids = input_ids
-    for _ in range(new_tokens):
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -step_ids.shape[1] :]
-        feed = {"input_ids": step_ids, "attention_mask": mask, "position_ids": positions, **past}
-        result = dict(zip(outputs, session.run(outputs, feed), strict=True))
-        next_ids = result["logits"][:, -1, :].argmax(axis=-1).astype(np.int64)
-        past = {
-            k.replace("present", "past_key_values"): v
-            for k, v in result.items()
-            if k.startswith("present")
-        }
-        step_ids = next_ids[:, None]
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+    logits, past, mask = decoder.start(ids)
+    for step in range(new_tokens):
+        next_ids = logits.argmax(axis=-1).astype(np.int64)
+        if step + 1 < new_tokens:
+            logits, past, mask = decoder.step(next_ids, past, mask)
     return batch * new_tokens / (time.perf_counter() - started)
 
 

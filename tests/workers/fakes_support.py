@@ -139,6 +139,67 @@ class FakeCausalLM:
         return [logits, *presents]
 
 
+class FakeInPlaceCausalLM(FakeCausalLM):
+    """FakeCausalLM with the in-place graph's interface (workers/engine/inplace.py).
+
+    The engine owns the cache: per layer and kind a buffer [batch, 1, capacity, 2], each
+    row right-padded, that a call writes its new entries into, at the columns
+    ONNX Runtime's GroupQueryAttention would (the row's length before the call onward).
+    The same rules as the kernel: a call whose width is the longest total is a batch of
+    fresh prompts (each row's tokens at its left), any other call of more than one token
+    per row must be of one row. A row sees exactly its first `seqlens_k + 1` entries, whose
+    positions must be 0..n-1, and its logits are read at `logits_index`, which must be
+    its last new token's.
+    """
+
+    def run_in_place(
+        self, feeds: Mapping[str, Any], kv: Sequence[np.ndarray], run_options: Any = None
+    ) -> np.ndarray:
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            self.calls.append((-1, -1, -1))
+            raise RuntimeError("injected model failure")
+        ids = feeds["input_ids"]
+        seqlens = feeds["seqlens_k"]
+        total = feeds["total_sequence_length"]
+        index = feeds["logits_index"]
+        batch, seq = ids.shape
+        assert ids.dtype == np.int64 and index.dtype == np.int64
+        assert seqlens.dtype == total.dtype == np.int32 and total.shape == ()
+        assert seqlens.shape == index.shape == (batch,)
+        assert int(total) == int(seqlens.max()) + 1, (total, seqlens)
+        assert len(kv) == 2 * self.num_layers
+        cap = kv[0].shape[2]
+        for buf in kv:
+            assert buf.shape == (batch, 1, cap, 2), (buf.shape, batch, cap)
+            assert buf.dtype == np.float32 and buf.flags.c_contiguous
+        assert int(seqlens.max()) < cap, (seqlens, cap)
+        first = seq == int(total)
+        if not first and seq > 1:
+            assert batch == 1, "batch_size must be 1 when sequence_length > 1 and past context"
+        logits = np.zeros((batch, 1, VOCAB), dtype=np.float32)
+        past_lens: list[int] = []
+        for row in range(batch):
+            length = int(seqlens[row]) + 1
+            new = length if first else seq
+            start = length - new
+            past_lens.append(start)
+            assert new <= seq
+            assert int(index[row]) == row * seq + new - 1, (index, row, seq, new)
+            for buf in kv:
+                buf[row, 0, start:length, 0] = ids[row, :new]
+                buf[row, 0, start:length, 1] = np.arange(start, length)
+            tokens = kv[0][row, 0, :length, 0].astype(np.int64)
+            positions = kv[0][row, 0, :length, 1].astype(np.int64)
+            assert (positions == np.arange(length)).all(), positions
+            assert (kv[-1][row, 0, :length] == kv[0][row, 0, :length]).all()
+            logits[row, 0, next_token(tokens.tolist())] = 5.0
+        with self.lock:
+            self.calls.append((batch, seq, max(past_lens)))
+        if self.delay_s or self.delay_per_token_s:
+            time.sleep(self.delay_s + self.delay_per_token_s * batch * seq)
+        return logits
+
+
 class FakeEncoder:
     """Embeds an input as [number of tokens, sum of ids, 0...]: easy to check after the split."""
 

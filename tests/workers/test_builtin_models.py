@@ -66,38 +66,17 @@ def _tokenizer(loaded: Loaded) -> Tokenizer:
 def _greedy(
     manifest: dict[str, Any], sess: ort.InferenceSession, prompt: list[int], max_new: int
 ) -> list[int]:
-    lm = manifest["causal_lm"]
-    past = {
-        f"past_key_values.{i}.{kind}": np.zeros(
-            (1, lm["num_kv_heads"], 0, lm["head_dim"]), dtype=np.float32
-        )
-        for i in range(lm["num_layers"])
-        for kind in ("key", "value")
-    }
-    ids = np.array([prompt], dtype=np.int64)
-    mask = np.ones_like(ids)
-    names = [o.name for o in sess.get_outputs()]
+    """Greedy decoding through the graph's own interface (lm_gate.Decoder runs either)."""
+    decoder = lm_gate.Decoder(sess, manifest["pad_token_id"])
+    logits, past, mask = decoder.start([prompt])
     out: list[int] = []
     for _ in range(max_new):
-        pos = np.arange(mask.shape[1] - ids.shape[1], mask.shape[1], dtype=np.int64)[None, :]
-        results = dict(
-            zip(
-                names,
-                sess.run(
-                    None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
-                ),
-                strict=True,
-            )
-        )
-        logits = results["logits"]
-        assert logits.shape == (1, 1, lm["vocab_size"])  # last position only
-        token = int(logits[0, -1].argmax())
+        assert logits.shape == (1, manifest["causal_lm"]["vocab_size"])  # one position
+        token = int(logits[0].argmax())
         if token in manifest["eos_token_ids"]:
             break
         out.append(token)
-        past = {k: results[k.replace("past_key_values", "present")] for k in past}
-        ids = np.array([[token]], dtype=np.int64)
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        logits, past, mask = decoder.step(np.array([token], dtype=np.int64), past, mask)
     return out
 
 
@@ -135,9 +114,15 @@ def test_chat_model_is_served_with_4bit_weights_and_keeps_its_fp32_variant(chat:
     ops = Counter(n.op_type for n in graph.node)
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
-    # 30 layers x 7 projections at 4 bits, and the (untied) LM head at 8.
-    assert ops["MatMulNBits"] == 211 and ops["GatherBlockQuantized"] == 1
-    assert Counter(a["bits"] for a in attrs) == {4: 210, 8: 1}
+    # 30 layers x 4 MatMuls at 4 bits (q, k and v side by side in one, gate and up in
+    # another, o, down), and the (untied) LM head at 8.
+    assert ops["MatMulNBits"] == 121 and ops["GatherBlockQuantized"] == 1
+    # Rotary and attention fused, one node per layer that writes the cache in place: no
+    # Concat copies a cache, and no traced attention is left.
+    assert ops["GroupQueryAttention"] == 30 and manifest["causal_lm"]["kv_cache"] == "in_place"
+    assert not ops["Concat"] and not ops["Softmax"] and not ops["Transpose"]
+    assert manifest["validation"]["parity"]["decode_b2_in_place"] < 1e-3
+    assert Counter(a["bits"] for a in attrs) == {4: 120, 8: 1}
     assert {(a["block_size"], a["accuracy_level"]) for a in attrs} == {(32, 4)}
     constant = {t.name for t in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constant]
@@ -146,7 +131,7 @@ def test_chat_model_is_served_with_4bit_weights_and_keeps_its_fp32_variant(chat:
     assert manifest["runtime_options"] == {"intra_op_threads": 2}
 
     fp32 = manifest["variants"]["fp32"]
-    assert fp32["model_file"] == "model.fp32.onnx"
+    assert fp32["model_file"] == "model.fp32.onnx" and fp32["kv_cache"] == "padded"
     assert fp32["validation"]["parity"]["max_abs_diff"] < 1e-3
     assert (directory / fp32["model_file"]).stat().st_size > 4 * (
         directory / manifest["model_file"]

@@ -17,6 +17,7 @@ import pytest
 from tests.workers.fakes_support import (
     VOCAB,
     FakeCausalLM,
+    FakeInPlaceCausalLM,
     RecordingSink,
     decode,
     encode,
@@ -66,9 +67,13 @@ def request(
     )
 
 
-@pytest.fixture
-def make_engine() -> Iterator[Callable[..., CausalLMEngine]]:
+@pytest.fixture(params=["padded", "in-place"])
+def make_engine(request: pytest.FixtureRequest) -> Iterator[Callable[..., CausalLMEngine]]:
+    """Engines over the traced graph's cache layout (left-padded, presents copied out) and
+    over an in-place graph's (right-padded buffers the engine owns): every test that does
+    not bring its own session runs against both."""
     engines: list[CausalLMEngine] = []
+    layout = FakeInPlaceCausalLM if request.param == "in-place" else FakeCausalLM
 
     def make(
         session: FakeCausalLM | None = None,
@@ -76,7 +81,7 @@ def make_engine() -> Iterator[Callable[..., CausalLMEngine]]:
         **kwargs: object,
     ) -> CausalLMEngine:
         engine = CausalLMEngine(
-            session or FakeCausalLM(),
+            session or layout(),
             model_spec or spec(),
             decode,
             **kwargs,  # type: ignore[arg-type]

@@ -14,7 +14,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tests.workers.fakes_support import FakeCausalLM, RecordingSink, decode, reference, spec
+from tests.workers.fakes_support import (
+    FakeCausalLM,
+    FakeInPlaceCausalLM,
+    RecordingSink,
+    decode,
+    reference,
+    spec,
+)
 from workers.contract import BillingIdentity, GenerateRequest, ModelRef, SamplingParams
 from workers.engine.causal_lm import CausalLMEngine
 from workers.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
@@ -34,6 +41,12 @@ def request(
         sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, n=n),
         deadline=time.time() + 60,
     )
+
+
+@pytest.fixture(params=["padded", "in-place"])
+def fake_lm(request: pytest.FixtureRequest) -> type[FakeCausalLM]:
+    """Both cache layouts: the traced graph's (left-padded) and an in-place graph's."""
+    return FakeInPlaceCausalLM if request.param == "in-place" else FakeCausalLM
 
 
 @pytest.fixture
@@ -64,8 +77,9 @@ def run(engine: CausalLMEngine, req: GenerateRequest, sink: RecordingSink) -> in
 
 def test_a_shared_prefix_is_computed_once_and_answers_do_not_change(
     make_engine: Callable[..., CausalLMEngine],
+    fake_lm: type[FakeCausalLM],
 ) -> None:
-    session = FakeCausalLM()
+    session = fake_lm()
     engine = make_engine(session, PrefixCache(64 * 1024 * 1024))
     sink = RecordingSink()
     first = [*SYSTEM, 11, 12, 13]
@@ -92,8 +106,10 @@ def test_a_shared_prefix_is_computed_once_and_answers_do_not_change(
     assert sink.text("c") == sink.text("a")
 
 
-def test_organizations_never_share_blocks(make_engine: Callable[..., CausalLMEngine]) -> None:
-    engine = make_engine(FakeCausalLM(), PrefixCache(64 * 1024 * 1024))
+def test_organizations_never_share_blocks(
+    make_engine: Callable[..., CausalLMEngine], fake_lm: type[FakeCausalLM]
+) -> None:
+    engine = make_engine(fake_lm(), PrefixCache(64 * 1024 * 1024))
     sink = RecordingSink()
     assert run(engine, request("a", [*SYSTEM, 1], org="org-a"), sink) == 0
     assert run(engine, request("b", [*SYSTEM, 1], org="org-b"), sink) == 0
@@ -102,8 +118,9 @@ def test_organizations_never_share_blocks(make_engine: Callable[..., CausalLMEng
 
 def test_a_prompt_of_exactly_whole_blocks_still_computes_its_last_token(
     make_engine: Callable[..., CausalLMEngine],
+    fake_lm: type[FakeCausalLM],
 ) -> None:
-    engine = make_engine(FakeCausalLM(), PrefixCache(64 * 1024 * 1024))
+    engine = make_engine(fake_lm(), PrefixCache(64 * 1024 * 1024))
     sink = RecordingSink()
     prompt = SYSTEM[: 2 * BLOCK_TOKENS]
     assert run(engine, request("a", prompt), sink) == 0
@@ -112,8 +129,10 @@ def test_a_prompt_of_exactly_whole_blocks_still_computes_its_last_token(
     assert sink.text("b") == sink.text("a") == decode(reference(prompt, 6))
 
 
-def test_n_choices_start_from_cached_blocks(make_engine: Callable[..., CausalLMEngine]) -> None:
-    engine = make_engine(FakeCausalLM(), PrefixCache(64 * 1024 * 1024))
+def test_n_choices_start_from_cached_blocks(
+    make_engine: Callable[..., CausalLMEngine], fake_lm: type[FakeCausalLM]
+) -> None:
+    engine = make_engine(fake_lm(), PrefixCache(64 * 1024 * 1024))
     sink = RecordingSink()
     run(engine, request("warm", [*SYSTEM, 5]), sink)
     assert run(engine, request("n3", [*SYSTEM, 9], n=3), sink) == 2 * BLOCK_TOKENS
@@ -136,8 +155,10 @@ def test_the_cache_stays_within_its_bound_and_evicts_chains_from_their_ends() ->
     assert len(cache.lookup("other", tokens_b)) == 0
 
 
-def test_a_zero_budget_turns_the_cache_off(make_engine: Callable[..., CausalLMEngine]) -> None:
-    engine = make_engine(FakeCausalLM(), PrefixCache(0))
+def test_a_zero_budget_turns_the_cache_off(
+    make_engine: Callable[..., CausalLMEngine], fake_lm: type[FakeCausalLM]
+) -> None:
+    engine = make_engine(fake_lm(), PrefixCache(0))
     sink = RecordingSink()
     run(engine, request("a", [*SYSTEM, 1]), sink)
     assert run(engine, request("b", [*SYSTEM, 1]), sink) == 0
@@ -145,9 +166,10 @@ def test_a_zero_budget_turns_the_cache_off(make_engine: Callable[..., CausalLMEn
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
     make_engine: Callable[..., CausalLMEngine],
+    fake_lm: type[FakeCausalLM],
 ) -> None:
     # A model whose calls cost time per token: a 600-token prompt would take 0.3 s at once.
-    session = FakeCausalLM(delay_s=0.002, delay_per_token_s=0.0005)
+    session = fake_lm(delay_s=0.002, delay_per_token_s=0.0005)
     engine = make_engine(session, None)
     sink = RecordingSink()
     streaming = engine.submit(request("stream", [3, 4], max_tokens=400), sink)
@@ -171,11 +193,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(
 
 
 def test_a_cancelled_prompt_leaves_the_prefill_and_frees_its_rows(
-    make_engine: Callable[..., CausalLMEngine], redis_client: object
+    make_engine: Callable[..., CausalLMEngine], fake_lm: type[FakeCausalLM], redis_client: object
 ) -> None:
     from workers.contract import cancel_key
 
-    session = FakeCausalLM(delay_s=0.002, delay_per_token_s=0.001)
+    session = fake_lm(delay_s=0.002, delay_per_token_s=0.001)
     engine = make_engine(
         session, None, max_batch=2, redis_client=redis_client, cancel_check_interval_s=0.01
     )
@@ -199,8 +221,9 @@ def test_a_cancelled_prompt_leaves_the_prefill_and_frees_its_rows(
 
 def test_prompt_scoring_requests_bypass_the_cache(
     make_engine: Callable[..., CausalLMEngine],
+    fake_lm: type[FakeCausalLM],
 ) -> None:
-    engine = make_engine(FakeCausalLM(), PrefixCache(64 * 1024 * 1024))
+    engine = make_engine(fake_lm(), PrefixCache(64 * 1024 * 1024))
     sink = RecordingSink()
     run(engine, request("warm", [*SYSTEM, 1]), sink)
     scored = request("scored", [*SYSTEM, 1])
@@ -211,10 +234,11 @@ def test_prompt_scoring_requests_bypass_the_cache(
 
 def test_a_prompt_longer_than_the_cache_keeps_its_first_blocks(
     make_engine: Callable[..., CausalLMEngine],
+    fake_lm: type[FakeCausalLM],
 ) -> None:
     # The fake's block: 2 layers x key/value x 1 head x 32 tokens x 2 dims x 4 bytes = 1 KiB.
     cache = PrefixCache(3 * 1024)
-    engine = make_engine(FakeCausalLM(), cache)
+    engine = make_engine(fake_lm(), cache)
     sink = RecordingSink()
     prompt = [(3 * i) % 61 + 1 for i in range(10 * BLOCK_TOKENS)]
     run(engine, request("a", prompt), sink)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.compile import int4, lm_gate
+from workers.compile import gqa_graph, int4, lm_gate
 from workers.compile.common import run_export_cli, strip_export_metadata, versions
 
 if TYPE_CHECKING:  # the export stack exists only in the prepare venv
@@ -328,25 +328,71 @@ def _parity(model: Any, sess: ort.InferenceSession, tok: Any) -> dict[str, Any]:
     return results
 
 
-def _greedy(
-    sess: ort.InferenceSession, prompt_ids: list[int], layers: int, kv: int, hd: int, eos: int
-) -> tuple[list[int], float]:
+def _greedy(sess: ort.InferenceSession, prompt_ids: list[int], eos: int) -> tuple[list[int], float]:
+    """Greedy tokens after one prompt until eos (either graph interface): tokens, seconds."""
     import numpy as np
 
-    ids = np.array([prompt_ids], dtype=np.int64)
-    mask = np.ones_like(ids)
-    past = _empty_past(1, layers, kv, hd)
+    decoder = lm_gate.Decoder(sess, max(eos, 0))
     generated: list[int] = []
     started = time.monotonic()
+    logits, past, mask = decoder.start([prompt_ids])
     for _ in range(SMOKE_MAX_NEW_TOKENS):
-        logits, past = _ort_step(sess, ids, mask, past, layers)
-        token = int(logits[0, -1].argmax())
+        token = int(logits[0].argmax())
         if token == eos:
             break
         generated.append(token)
-        ids = np.array([[token]], dtype=np.int64)
-        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+        logits, past, mask = decoder.step(np.array([token], dtype=np.int64), past, mask)
     return generated, time.monotonic() - started
+
+
+def _gqa_parity(model: Any, sess: ort.InferenceSession, tok: Any) -> dict[str, Any]:
+    """The GroupQueryAttention graph (fp32) against torch, each row's logits against the
+    same tokens alone through torch: a prompt, two prompts of different lengths
+    right-padded in one call, three decode steps of both, and one prompt in three chunks."""
+    import numpy as np
+    import torch
+
+    from workers.engine.inplace import InPlaceSession, feeds_for
+
+    def reference(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids], dtype=torch.int64))
+        return np.asarray(out.logits[0, -1].numpy())
+
+    decoder = lm_gate.Decoder(sess, 0)
+    results: dict[str, Any] = {}
+    single = tok.encode("The quick brown fox jumps over the lazy dog.")
+    logits, _, _ = decoder.start([single])
+    results["prefill_b1"] = float(np.abs(logits[0] - reference(single)).max())
+    rows = [tok.encode("Hello"), tok.encode("Write a haiku about the sea and the wind.")]
+    logits, past, lens = decoder.start(rows)
+    worst = max(float(np.abs(logits[i] - reference(r)).max()) for i, r in enumerate(rows))
+    results["prefill_b2_right_padded"] = worst
+    seqs = [list(r) for r in rows]
+    worst = 0.0
+    for _ in range(3):
+        nxt = logits.argmax(-1).astype(np.int64)
+        for i, s in enumerate(seqs):
+            s.append(int(nxt[i]))
+        logits, past, lens = decoder.step(nxt, past, lens)
+        worst = max(
+            worst, *(float(np.abs(logits[i] - reference(s)).max()) for i, s in enumerate(seqs))
+        )
+    results["decode_b2_in_place"] = worst
+    runner = InPlaceSession(sess)
+    heads, dim = decoder.kv_heads, decoder.head_dim
+    kv = [np.zeros((1, heads, len(single) + 8, dim), np.float32) for _ in runner.past_names]
+    done = 0
+    for size in (5, 3, len(single) - 8):
+        chunk = np.array([single[done : done + size]], dtype=np.int64)
+        out = runner.run_in_place(
+            feeds_for(chunk, np.array([done + size]), np.array([size - 1])), kv
+        )
+        done += size
+    results["prefill_in_chunks"] = float(np.abs(out[0, -1] - reference(single)).max())
+    results["max_abs_diff"] = max(v for v in results.values())
+    results["tolerance"] = PARITY_TOLERANCE
+    return results
 
 
 def export(out_dir: Path) -> dict[str, Any]:
@@ -373,67 +419,49 @@ def export(out_dir: Path) -> dict[str, Any]:
     log.info("parity: %s", parity)
     if not parity["max_abs_diff"] < PARITY_TOLERANCE:
         raise RuntimeError(f"ONNX/torch parity {parity['max_abs_diff']} >= {PARITY_TOLERANCE}")
-    del model
+
+    # The served graph: built from the weights with ONNX Runtime's fused operators
+    # (GroupQueryAttention writing the cache in place; workers/compile/gqa_graph.py), held
+    # to torch in fp32, then given 4-bit weights and held to the LM gate against the
+    # traced fp32 graph.
+    gqa_fp32 = out_dir / "gqa.fp32.tmp.onnx"
+    try:
+        ops = gqa_graph.build(model, gqa_fp32, max_positions=CONTEXT_LENGTH)
+        gqa_parity = _gqa_parity(model, _session(gqa_fp32), tok)
+        log.info("GroupQueryAttention graph parity: %s", gqa_parity)
+        if not gqa_parity["max_abs_diff"] < PARITY_TOLERANCE:
+            raise RuntimeError(
+                f"GroupQueryAttention graph/torch parity {gqa_parity['max_abs_diff']} "
+                f">= {PARITY_TOLERANCE}"
+            )
+        del model
+        quantization = int4.quantize(gqa_fp32, out_dir / "model.onnx", int4.Options())
+    finally:
+        gqa_fp32.unlink(missing_ok=True)
+    quantization["fused"] = ops
     eos = int(cfg.eos_token_id)
     fp32_smoke = _builtin_smoke(fp32, tok, out_dir / "tokenizer.json", kv, eos)
-
-    # The served graph: 4-bit weights from the fp32 one (its RMSNorms fused first), held
-    # to the LM gate against the fp32 graph as exported.
-    fused = out_dir / "fused.tmp.onnx"
-    fused_ops = _fuse_norms(fp32_path, fused, cfg)
-    try:
-        quantization = int4.quantize(fused, out_dir / "model.onnx", int4.Options())
-    finally:
-        fused.unlink(missing_ok=True)
-    quantization["fused"] = fused_ops
     served = _session(out_dir / "model.onnx")
-    _check_builtin_interface(served, kv.layers)
+    _check_served_interface(served, kv.layers)
     smoke = _builtin_smoke(served, tok, out_dir / "tokenizer.json", kv, eos)
     gate = _builtin_gate(fp32, served, out_dir / "tokenizer.json", eos)
     del fp32, served
-    manifest = _builtin_manifest(cfg, kv, chat_template, eos, parity, smoke, export_s)
+    manifest = _builtin_manifest(cfg, kv, chat_template, eos, gqa_parity, smoke, export_s)
+    manifest["io"] = _in_place_io_spec(kv.layers, kv.kv_heads, kv.head_dim, int(cfg.vocab_size))
+    manifest["causal_lm"]["kv_cache"] = "in_place"
     manifest["validation"]["quality_gate"] = gate
     manifest["quantization"] = int4.manifest_section(quantization)
     manifest["variants"] = {
         "fp32": {
             "model_file": FP32_FILE,
             "weights": "fp32",
+            # The traced graph: its cache left-padded and copied out (the engine runs both).
+            "kv_cache": "padded",
             "validation": {"parity": parity, "smoke": fp32_smoke},
         }
     }
     manifest["runtime_options"] = dict(RUNTIME_OPTIONS)
     return manifest
-
-
-def _fuse_norms(src: Path, dst: Path, cfg: Any) -> dict[str, int]:
-    """ONNX Runtime's transformer optimizer over the exported graph: each RMSNorm (Pow,
-    ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul as torch exports it, which ORT's session
-    optimizer does not match) becomes one SkipSimplifiedLayerNormalization, with the
-    residual Add folded in: ~430 fewer nodes of ~1,900, +15 % decode tokens/s at batch 1
-    (docs/benchmarks.md). Attention and rotary stay as exported (the engine's left-padded
-    batches need the plain graph's masks). The fused ops, by type."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    options = FusionOptions("gpt2")
-    options.enable_attention = False
-    options.enable_rotary_embeddings = False
-    optimized = optimize_model(
-        str(src),
-        model_type="gpt2",
-        num_heads=int(cfg.num_attention_heads),
-        hidden_size=int(cfg.hidden_size),
-        opt_level=0,
-        optimization_options=options,
-        use_gpu=False,
-    )
-    optimized.save_model_to_file(str(dst), use_external_data_format=False)
-    counts: dict[str, int] = {}
-    for node in optimized.model.graph.node:
-        if "LayerNormalization" in node.op_type:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    log.info("fused: %s", counts)
-    return counts
 
 
 def _builtin_gate(
@@ -468,6 +496,32 @@ def _load_builtin() -> tuple[Any, Any, _KVShape]:
     return model, tok, kv
 
 
+def _check_served_interface(sess: ort.InferenceSession, layers: int) -> None:
+    got_in = [i.name for i in sess.get_inputs()]
+    if got_in != gqa_graph.input_names(layers):
+        raise RuntimeError(f"served graph inputs {got_in[:5]}... differ from the in-place contract")
+    got_out = [o.name for o in sess.get_outputs()]
+    if got_out != gqa_graph.output_names(layers):
+        raise RuntimeError(f"served graph outputs {got_out[:5]}... differ from the contract")
+
+
+def _in_place_io_spec(layers: int, kv: int, hd: int, vocab: int) -> dict[str, Any]:
+    """The served graph's interface (workers/engine/inplace.py)."""
+    inputs: dict[str, Any] = {
+        "input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
+        "seqlens_k": {"dtype": "int32", "shape": ["batch"]},
+        "total_sequence_length": {"dtype": "int32", "shape": []},
+        "logits_index": {"dtype": "int64", "shape": ["batch"]},
+    }
+    outputs: dict[str, Any] = {"logits": {"dtype": "float32", "shape": ["batch", 1, vocab]}}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            shape = ["batch", kv, "capacity", hd]
+            inputs[f"past_key_values.{i}.{kind}"] = {"dtype": "float32", "shape": shape}
+            outputs[f"present.{i}.{kind}"] = {"dtype": "float32", "shape": shape}
+    return {"inputs": inputs, "outputs": outputs}
+
+
 def _check_builtin_interface(sess: ort.InferenceSession, layers: int) -> None:
     got_in = [i.name for i in sess.get_inputs()]
     if got_in != input_names(layers):
@@ -490,7 +544,7 @@ def _builtin_smoke(
     prompt_ids = fast_tok.encode(prompt, add_special_tokens=False).ids
     if prompt_ids != tok.encode(prompt, add_special_tokens=False):
         raise RuntimeError("tokenizer.json encodes the chat prompt differently from transformers")
-    generated, gen_s = _greedy(sess, prompt_ids, kv.layers, kv.kv_heads, kv.head_dim, eos)
+    generated, gen_s = _greedy(sess, prompt_ids, eos)
     answer = fast_tok.decode(generated, skip_special_tokens=True).strip()
     log.info("greedy answer: %r (%d tokens in %.2f s)", answer, len(generated), gen_s)
     if SMOKE_EXPECT not in answer:
@@ -682,7 +736,7 @@ def _checkpoint_smoke(
 
     fast_tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
     prompt_ids = fast_tok.encode(SMOKE_QUESTION, add_special_tokens=False).ids or [0]
-    generated, gen_s = _greedy(sess, prompt_ids, kv.layers, kv.kv_heads, kv.head_dim, eos)
+    generated, gen_s = _greedy(sess, prompt_ids, eos)
     return len(generated), gen_s
 
 

@@ -93,12 +93,23 @@ DEFAULT_THRESHOLDS = Thresholds(
 )
 
 
+IN_PLACE_ROOM = 256
+"""Columns an in-place decoder's buffers get beyond the prompt, and grow by."""
+
+
 class Decoder:
-    """One ONNX Runtime session of a causal LM graph, stepped with its KV cache."""
+    """One ONNX Runtime session of a causal LM graph, stepped with its KV cache.
+
+    Either interface: the traced graph's (left-padded, an attention mask, presents copied
+    out) or an in-place graph's (workers/engine/inplace.py: right-padded buffers written in
+    place; then `past` is the buffers and `mask` each row's length)."""
 
     def __init__(self, session: ort.InferenceSession, pad_id: int) -> None:
+        from workers.engine.inplace import InPlaceSession, is_in_place
+
         self.session = session
         self.pad_id = pad_id
+        self.in_place = InPlaceSession(session) if is_in_place(session) else None
         inputs = {i.name: i for i in session.get_inputs()}
         self.layers = sum(
             1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key")
@@ -113,6 +124,8 @@ class Decoder:
         """Prefill the left-padded prompts: last-position logits [batch, vocab], past, mask."""
         import numpy as np
 
+        if self.in_place is not None:
+            return self._start_in_place(prompts)
         width = max(len(p) for p in prompts)
         ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
@@ -135,9 +148,52 @@ class Decoder:
         """One token per row: the next logits, past and mask."""
         import numpy as np
 
+        if self.in_place is not None:
+            return self._step_in_place(tokens, past, mask)
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
         logits, past = self._run(tokens.reshape(-1, 1).astype(np.int64), mask, past)
         return logits, past, mask
+
+    def _start_in_place(
+        self, prompts: Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        import numpy as np
+
+        from workers.engine.inplace import feeds_for
+
+        assert self.in_place is not None
+        width = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        shape = (len(prompts), self.kv_heads, width + IN_PLACE_ROOM, self.head_dim)
+        past = {name: np.zeros(shape, dtype=np.float32) for name in self.in_place.past_names}
+        logits = self.in_place.run_in_place(feeds_for(ids, lens, lens - 1), list(past.values()))
+        return logits[:, -1, :], past, lens
+
+    def _step_in_place(
+        self, tokens: np.ndarray, past: dict[str, np.ndarray], lens: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        import numpy as np
+
+        from workers.engine.inplace import feeds_for
+
+        assert self.in_place is not None
+        first = next(iter(past.values()))
+        if int(lens.max()) + 1 > first.shape[2]:
+            grown = {}
+            for name, old in past.items():
+                new = np.zeros(
+                    (*old.shape[:2], old.shape[2] + IN_PLACE_ROOM, old.shape[3]), old.dtype
+                )
+                new[:, :, : old.shape[2]] = old
+                grown[name] = new
+            past = grown
+        ids = tokens.reshape(-1, 1).astype(np.int64)
+        feeds = feeds_for(ids, lens + 1, np.zeros(len(lens), dtype=np.int64))
+        logits = self.in_place.run_in_place(feeds, list(past.values()))
+        return logits[:, -1, :], past, lens + 1
 
     def _run(
         self, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]

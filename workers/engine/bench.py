@@ -45,43 +45,19 @@ def resolve_artifact(name_or_path: str) -> Path:
 
 
 def raw_greedy(model: LoadedModel, prompts: Sequence[Sequence[int]], tokens: int) -> float:
-    """Tokens/s of the plainest batched loop: left-padded prefill, then argmax steps."""
+    """Tokens/s of the plainest batched loop (prefill, then argmax steps) through the graph's
+    own interface: lm_gate's decoder runs the traced graph and the in-place one."""
+    from workers.compile.lm_gate import Decoder
+
     spec = CausalLMSpec.from_manifest(model.manifest)
-    session = model.session
-    n = len(prompts)
-    width = max(len(p) for p in prompts)
-    ids = np.full((n, width), spec.pad_token_id, dtype=np.int64)
-    mask = np.zeros((n, width), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = 1
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    layers = range(spec.num_layers)
-    past_names = [f"past_key_values.{i}.{k}" for i in layers for k in ("key", "value")]
-    out_names = ["logits"] + [f"present.{i}.{k}" for i in layers for k in ("key", "value")]
-    empty = np.zeros((n, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
-    feeds: dict[str, np.ndarray] = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": positions,
-    }
-    feeds.update(dict.fromkeys(past_names, empty))
+    decoder = Decoder(model.session, spec.pad_token_id)
     started = time.perf_counter()
-    outputs = session.run(out_names, feeds)
-    next_pos = positions[:, -1] + 1
+    logits, past, mask = decoder.start(prompts)
     for _ in range(tokens - 1):
-        next_ids = np.argmax(outputs[0][:, -1, :], axis=-1).astype(np.int64)
-        mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
-        feeds = {
-            "input_ids": next_ids[:, None],
-            "attention_mask": mask,
-            "position_ids": next_pos[:, None],
-        }
-        feeds.update(zip(past_names, outputs[1:], strict=True))
-        outputs = session.run(out_names, feeds)
-        next_pos = next_pos + 1
-    np.argmax(outputs[0][:, -1, :], axis=-1)
-    return n * tokens / (time.perf_counter() - started)
+        next_ids = np.argmax(logits, axis=-1).astype(np.int64)
+        logits, past, mask = decoder.step(next_ids, past, mask)
+    np.argmax(logits, axis=-1)
+    return len(prompts) * tokens / (time.perf_counter() - started)
 
 
 class NullSink:

@@ -32,6 +32,7 @@ from workers.contract import (
 )
 from workers.engine.base import EventSink, RateMeter, RequestHandle, RequestResult
 from workers.engine.constrain import Constrainer, apply_mask
+from workers.engine.inplace import InPlaceSession, feeds_for, is_in_place
 from workers.engine.prefix_cache import PrefixCache, shared_cache
 from workers.engine.priority import (
     CUT_MIN_STEPS,
@@ -68,6 +69,9 @@ PREFILL_MIN_CHUNK = 16
 PREFILL_SHARE = 1.0
 
 SERVED_DECAY_S = 10.0
+KV_HEADROOM = 128
+"""In-place caches: columns a buffer gets beyond what it holds, so that it grows (one copy
+of the batch's cache) once per this many decode steps instead of every step."""
 """How long an organization's recent tokens count against it (e-folding time) when
 organizations holding equal rows compete for a free one."""
 
@@ -87,6 +91,14 @@ class Session(Protocol):
     def run(
         self, output_names: Sequence[str], input_feed: Mapping[str, Any], *run_options: Any
     ) -> Sequence[Any]: ...
+
+
+class InPlaceRunner(Protocol):
+    """A session whose graph writes the KV cache in place (workers/engine/inplace.py)."""
+
+    def run_in_place(
+        self, feeds: Mapping[str, np.ndarray], kv: Sequence[np.ndarray], run_options: Any = None
+    ) -> np.ndarray: ...
 
 
 class _CutShort(Exception):
@@ -291,6 +303,16 @@ class CausalLMEngine:
     attention, and each row carries its own position ids, so a sequence's
     tokens do not depend on its neighbours (up to float rounding).
 
+    That is the traced graph's layout. A graph that writes its cache in place
+    (GroupQueryAttention; workers/engine/inplace.py) gets the other one: each
+    row's cache right-padded in buffers the engine owns, with room to grow
+    (KV_HEADROOM columns), a row's length being its next position. A decode
+    step then copies no cache at all: the kernel writes one column per row
+    into the buffers, which are copied only when they fill up and, as above,
+    when the batch's composition changes. A prompt's later chunks are written
+    into its own buffer, one prompt per call (the kernel's rule); fresh
+    prompts still share a call, right-padded.
+
     A request with n choices is prefilled once, as one row; its cache row is
     repeated n times when it joins the batch, and each choice is a row of its
     own from then on. It takes n rows of `max_batch`, and is admitted only when
@@ -312,7 +334,7 @@ class CausalLMEngine:
 
     def __init__(
         self,
-        session: Session,
+        session: Session | InPlaceRunner,
         spec: CausalLMSpec,
         decode: Callable[[Sequence[int]], str],
         *,
@@ -334,6 +356,10 @@ class CausalLMEngine:
         self.spec = spec
         self.max_batch = max(1, max_batch)
         self._session = session
+        # A graph that writes its cache in place (GroupQueryAttention): rows right-padded in
+        # buffers with room to grow, each row's length its next position; otherwise the
+        # traced graph's layout, left-padded with an attention mask, presents copied out.
+        self._in_place = callable(getattr(session, "run_in_place", None))
         self._decode = decode
         self._max_prefill_tokens = max_prefill_tokens
         self._redis = redis_client
@@ -430,8 +456,9 @@ class CausalLMEngine:
         def compiler() -> Compiled:
             return Compiled(tokenizer_file, sorted(spec.eos_token_ids))
 
+        session = model.session
         return cls(
-            model.session,
+            InPlaceSession(session) if is_in_place(session) else session,
             spec,
             decode,
             name=model.ref.version_id,
@@ -863,7 +890,9 @@ class CausalLMEngine:
         head = order[0]
         rows = [head]
         chunk = min(head.remaining, budget)
-        for cand in order[1:]:
+        # An in-place graph computes several tokens over a past for one row at a time.
+        alone = self._in_place and head.done > 0
+        for cand in order[1:] if not alone else ():
             if cand.done != head.done or standing(cand.req) != standing(head.req):
                 continue
             wider = max(chunk, min(cand.remaining, budget))
@@ -931,6 +960,8 @@ class CausalLMEngine:
     ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """Run the next `chunks[i]` prompt tokens of every row after its past (left-padded
         to one width): last-position logits, presents, and the attention mask."""
+        if self._in_place:
+            return self._prefill_in_place(rows, chunks)
         n = len(rows)
         width = max(chunks)
         past_len = max(p.done for p in rows)
@@ -959,6 +990,50 @@ class CausalLMEngine:
         outputs = self._run(feeds, reqs=[p.req for p in rows])
         self.step += 1
         return outputs[0][:, -1, :], list(outputs[1:]), mask
+
+    def _prefill_in_place(
+        self, rows: list[_Prefill], chunks: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """`_prefill_call` for an in-place graph: fresh prompts right-padded together, or
+        one row's next chunk written after its past in its own buffer (which is made, once,
+        large enough for the whole prompt and the first decode steps). The buffers are the
+        presents; the mask marks each row's columns [0, length)."""
+        n = len(rows)
+        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        width = max(chunks)
+        totals = np.array([p.done + c for p, c in zip(rows, chunks, strict=True)], np.int64)
+        ids = np.full((n, width), self.spec.pad_token_id, dtype=np.int64)
+        for row, (p, c) in enumerate(zip(rows, chunks, strict=True)):
+            ids[row, :c] = p.req.prefill_ids[p.done : p.done + c]
+        if n == 1:
+            p = rows[0]
+            kv = p.past
+            if kv is None or kv[0].shape[2] < totals[0]:
+                # Room for the rest of the prompt: its later chunks are written in place.
+                cap = max(int(totals[0]), len(p.req.prefill_ids)) + KV_HEADROOM
+                grown = [np.zeros((1, heads, cap, dim), dtype=np.float32) for _ in self._past_names]
+                if kv is not None and p.done:
+                    for new, old in zip(grown, kv, strict=True):
+                        new[:, :, : p.done] = old[:, :, : p.done]
+                kv = grown
+        else:
+            if any(p.done for p in rows):  # `_prefill_step` never groups such rows
+                raise RuntimeError(
+                    "an in-place graph computes chunks over a past one row at a time"
+                )
+            cap = width + (
+                KV_HEADROOM
+                if all(c == p.remaining for p, c in zip(rows, chunks, strict=True))
+                else 0
+            )
+            kv = [np.zeros((n, heads, cap, dim), dtype=np.float32) for _ in self._past_names]
+        feeds = feeds_for(ids, totals, np.asarray(chunks, np.int64) - 1)
+        logits = self._run(feeds, reqs=[p.req for p in rows], kv=kv)[0]
+        self.step += 1
+        mask = np.zeros((n, kv[0].shape[2]), dtype=np.int64)
+        for row, total in enumerate(totals):
+            mask[row, :total] = 1
+        return logits[:, -1, :], kv, mask
 
     def _cache_prompts(
         self,
@@ -1045,6 +1120,9 @@ class CausalLMEngine:
         next_pos: np.ndarray,
     ) -> None:
         """Append prefilled sequences to the running batch (one copy of the cache)."""
+        if self._running and self._in_place:
+            self._merge_in_place(seqs, presents, next_ids, next_pos)
+            return
         if not self._running:
             self._running = seqs
             self._past = presents
@@ -1070,7 +1148,37 @@ class CausalLMEngine:
         self._next_ids = np.concatenate([self._next_ids, next_ids])
         self._next_pos = np.concatenate([self._next_pos, next_pos])
 
-    def _run(self, feeds: Mapping[str, np.ndarray], *, reqs: Sequence[_Request]) -> Sequence[Any]:
+    def _merge_in_place(
+        self,
+        seqs: list[_Seq],
+        presents: list[np.ndarray],
+        next_ids: np.ndarray,
+        next_pos: np.ndarray,
+    ) -> None:
+        """`_merge` for in-place buffers: both sides right-padded to one capacity (the
+        larger), each row's columns [0, its next position) copied, nothing after them."""
+        old_b, new_b = self._past[0].shape[0], presents[0].shape[0]
+        cap = max(self._past[0].shape[2], presents[0].shape[2])
+        used_old = int(self._next_pos.max())
+        used_new = int(next_pos.max())
+        merged: list[np.ndarray] = []
+        for old, new in zip(self._past, presents, strict=True):
+            out = np.zeros((old_b + new_b, old.shape[1], cap, old.shape[3]), dtype=old.dtype)
+            out[:old_b, :, :used_old] = old[:, :, :used_old]
+            out[old_b:, :, :used_new] = new[:, :, :used_new]
+            merged.append(out)
+        self._running = self._running + seqs
+        self._past = merged
+        self._next_ids = np.concatenate([self._next_ids, next_ids])
+        self._next_pos = np.concatenate([self._next_pos, next_pos])
+
+    def _run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        reqs: Sequence[_Request],
+        kv: Sequence[np.ndarray] | None = None,
+    ) -> Sequence[Any]:
         """One session call for the rows of `reqs` (a prefill call's, beside the running
         rows): an arrival that stands ahead of all of them (`_ahead_of_call`) cuts it short
         (_CutShort; the call changed nothing and runs again after the arrival's prompt).
@@ -1087,11 +1195,11 @@ class CausalLMEngine:
                 if not ahead and (batch_only or self._calls_since_cut >= CUT_MIN_STEPS):
                     options = self._cuttable = self._run_options()
         if options is None:
-            outputs = self._session.run(self._output_names, feeds)
+            outputs = self._call(feeds, kv, None)
             self._calls_since_cut += 1
             return outputs
         try:
-            outputs = self._session.run(self._output_names, feeds, options)
+            outputs = self._call(feeds, kv, options)
             self._calls_since_cut += 1
             return outputs
         except Exception:
@@ -1104,9 +1212,47 @@ class CausalLMEngine:
             with self._cond:
                 self._cuttable = None
 
+    def _call(
+        self, feeds: Mapping[str, np.ndarray], kv: Sequence[np.ndarray] | None, options: Any
+    ) -> Sequence[Any]:
+        """One session call: the outputs (an in-place graph's: its logits only; `kv` holds
+        the cache, written in place; a call cut short wrote only past each row's length)."""
+        if kv is not None:
+            runner: InPlaceRunner = self._session  # type: ignore[assignment]
+            return [runner.run_in_place(feeds, kv, options)]
+        session: Session = self._session  # type: ignore[assignment]
+        if options is None:
+            return session.run(self._output_names, feeds)
+        return session.run(self._output_names, feeds, options)
+
+    def _decode_step_in_place(self) -> bool:
+        """`_decode_step`'s session call for an in-place graph: each row's length is its
+        next position; the buffers grow (one copy) when the longest row reaches their end."""
+        lens = self._next_pos
+        top = int(lens.max()) + 1
+        if top > self._past[0].shape[2]:
+            grown: list[np.ndarray] = []
+            for old in self._past:
+                b, h, cap, d = old.shape
+                new = np.zeros((b, h, top + KV_HEADROOM, d), dtype=old.dtype)
+                new[:, :, :cap] = old
+                grown.append(new)
+            self._past = grown
+        feeds = feeds_for(self._next_ids[:, None], lens + 1, np.zeros(len(lens), np.int64))
+        try:
+            outputs = self._run(feeds, reqs=[s.req for s in self._running], kv=self._past)
+        except _CutShort:
+            return False
+        self.step += 1
+        self._next_pos = self._next_pos + 1
+        self._after_decode(outputs[0])
+        return True
+
     def _decode_step(self) -> bool:
         """One token for every running row; False when the step was cut short (nothing
         changed, and the step runs again at the next iteration)."""
+        if self._in_place:
+            return self._decode_step_in_place()
         batch = len(self._running)
         mask = np.concatenate([self._mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         feeds: dict[str, np.ndarray] = {
@@ -1124,8 +1270,14 @@ class CausalLMEngine:
         self._past = list(outputs[1:])
         self._mask = mask
         self._next_pos = self._next_pos + 1
+        self._after_decode(outputs[0])
+        return True
+
+    def _after_decode(self, logits: np.ndarray) -> None:
+        """Choose every row's token from a decode step's logits; slice finished rows out."""
         running = self._running
-        tokens = self._choose(outputs[0][:, -1, :], running)
+        batch = len(running)
+        tokens = self._choose(logits[:, -1, :], running)
         self._next_ids = tokens
         keep = [r for r, seq in enumerate(running) if not self._accept(seq, int(tokens[r]))]
         if self._ended_requests:
@@ -1136,7 +1288,6 @@ class CausalLMEngine:
         self._count_served(running)
         if len(keep) != batch:
             self._compact(keep)
-        return True
 
     def _compact(self, keep: list[int]) -> None:
         """Slice finished rows out and trim columns that are padding for every row left."""
@@ -1147,10 +1298,19 @@ class CausalLMEngine:
             self._next_ids = np.zeros(0, dtype=np.int64)
             self._next_pos = np.zeros(0, dtype=np.int64)
             return
+        rows = np.asarray(keep)
+        if self._in_place:
+            # Rows right-padded: the kept rows' columns up to the longest, room kept after.
+            longest = int(self._next_pos[rows].max())
+            cap = min(self._past[0].shape[2], longest + KV_HEADROOM)
+            self._past = [np.ascontiguousarray(p[rows, :, :cap]) for p in self._past]
+            self._running = [self._running[r] for r in keep]
+            self._next_ids = self._next_ids[rows]
+            self._next_pos = self._next_pos[rows]
+            return
         mask = self._mask[keep]
         used = np.flatnonzero(mask.any(axis=0))
         start = int(used[0]) if used.size else mask.shape[1]
-        rows = np.asarray(keep)
         # Fancy indexing on the batch axis plus a slice on the sequence axis is
         # one contiguous copy per tensor, which is what the session wants.
         self._past = [p[rows, :, start:] for p in self._past]
