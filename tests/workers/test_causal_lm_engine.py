@@ -1052,10 +1052,39 @@ class SlowBatchSteps(FakeCausalLM):
         return super().run(output_names, feeds)
 
 
+class SlowInPlaceBatchSteps(FakeInPlaceCausalLM):
+    """SlowBatchSteps for an in-place graph: a call cut short has already written the
+    columns it would fill (garbage here), as the kernel may have, past each row's length."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+        self.in_slow_call = threading.Event()
+
+    def run_in_place(
+        self, feeds: Mapping[str, Any], kv: Sequence[np.ndarray], run_options: Any = None
+    ) -> np.ndarray:
+        if run_options is not None:
+            self.in_slow_call.set()
+            end = time.monotonic() + self.slow_s
+            while time.monotonic() < end:
+                if run_options.terminate:
+                    self.in_slow_call.clear()
+                    seq = feeds["input_ids"].shape[1]
+                    for row, last in enumerate(feeds["seqlens_k"]):
+                        for buf in kv:
+                            buf[row, 0, max(0, int(last) + 1 - seq) : int(last) + 1] = -7.0
+                    raise RuntimeError("Exiting due to terminate flag being set to true.")
+                time.sleep(0.001)
+            self.in_slow_call.clear()
+        return super().run_in_place(feeds, kv)
+
+
+@pytest.mark.parametrize("slow", [SlowBatchSteps, SlowInPlaceBatchSteps])
 def test_an_online_arrival_cuts_a_step_of_batch_lines_short(
-    make_engine: Callable[..., CausalLMEngine],
+    make_engine: Callable[..., CausalLMEngine], slow: Callable[..., FakeCausalLM]
 ) -> None:
-    session = SlowBatchSteps(slow_s=0.6)
+    session = slow(slow_s=0.6)
     engine = make_engine(session, max_batch=2, run_options=FakeRunOptions)
     sink = RecordingSink()
     lines = [engine.submit(line(f"line-{i}", [i + 1, 2], 6), sink) for i in range(2)]
