@@ -355,6 +355,8 @@ class CausalLMEngine:
         self.flex_max_wait_s = flex_max_wait_s
         self.spec = spec
         self.max_batch = max(1, max_batch)
+        if is_in_place(session):  # an ONNX Runtime session of an in-place graph
+            session = InPlaceSession(session)
         self._session = session
         # A graph that writes its cache in place (GroupQueryAttention): rows right-padded in
         # buffers with room to grow, each row's length its next position; otherwise the
@@ -456,9 +458,8 @@ class CausalLMEngine:
         def compiler() -> Compiled:
             return Compiled(tokenizer_file, sorted(spec.eos_token_ids))
 
-        session = model.session
         return cls(
-            InPlaceSession(session) if is_in_place(session) else session,
+            model.session,
             spec,
             decode,
             name=model.ref.version_id,

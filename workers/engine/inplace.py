@@ -57,9 +57,6 @@ class InPlaceSession:
         self.present_names = [n for n in outputs if n.startswith("present.")]
         self.past_names = [n.replace("present", "past_key_values") for n in self.present_names]
 
-    def get_inputs(self) -> Sequence[Any]:
-        return self.session.get_inputs()
-
     def run_in_place(
         self,
         feeds: Mapping[str, np.ndarray],
