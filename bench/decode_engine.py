@@ -8,7 +8,9 @@
 2. ttft: time to first token of a chat request whose ~550-token system prompt is cached
    against the same request with a system prompt never seen (a nonce at its start).
 3. chunked: time between tokens of 4 running streams, inside the engine on the real
-   model, before and while a ~4k-token prompt is prefilled beside them.
+   model, while a ~4k-token prompt is prefilled beside them, against the mean of the
+   windows just before and just after it (the streams grow while it is computed, and a
+   step's cost grows with their length).
 
 Run alone on the machine (check `uptime`), after bin/prepare-models:
     .venv/bin/python bench/decode_engine.py \
@@ -243,7 +245,7 @@ def chunked_figures(chat: dict[str, Any], long_tokens: int) -> dict[str, Any]:
         result = handle.wait(3600)
         assert result is not None and not result.error_code, result
         finished = time.perf_counter()
-        time.sleep(0.5)
+        time.sleep(3.5)  # the streams alone again, now longer
         assert all(not s.claimed for s in streams), "a stream ended before the measurement"
     finally:
         engine.stop()
@@ -257,8 +259,12 @@ def chunked_figures(chat: dict[str, Any], long_tokens: int) -> dict[str, Any]:
             out += list(np.diff(inside))
         return out
 
+    # A stream's own steps slow down as its context grows (every step reads its whole
+    # cache), and the streams grow by hundreds of tokens while the prompt is computed: the
+    # windows just before and just after the prompt bracket the lengths of the one during it.
     before = gaps(marked - 3.0, marked)
     during = gaps(marked, finished)
+    after = gaps(finished + 0.2, finished + 3.2)
 
     def stats(values: list[float]) -> dict[str, float]:
         ms = np.array(values) * 1000
@@ -268,13 +274,16 @@ def chunked_figures(chat: dict[str, Any], long_tokens: int) -> dict[str, Any]:
             "p90_ms": round(float(np.percentile(ms, 90)), 1),
         }
 
-    b, d = stats(before), stats(during)
+    b, d, a = stats(before), stats(during), stats(after)
+    alone = (b["mean_ms"] + a["mean_ms"]) / 2
     return {
         "long_prompt_tokens": len(long_ids),
         "prefill_seconds_beside_streams": round(finished - marked, 1),
         "before": b,
         "during": d,
-        "mean_ratio": round(d["mean_ms"] / b["mean_ms"], 2),
+        "after": a,
+        "mean_ratio": round(d["mean_ms"] / alone, 2),
+        "mean_ratio_to_before": round(d["mean_ms"] / b["mean_ms"], 2),
     }
 
 

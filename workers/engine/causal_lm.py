@@ -60,13 +60,16 @@ logger = logging.getLogger(__name__)
 
 CANCEL_CHECK_INTERVAL_S = 0.05
 # The smallest prompt chunk computed beside running streams: below it, a call's fixed cost
-# (the graph copies the whole past into its presents) dominates and a long prompt crawls.
+# (the traced graph copies the whole past into its presents) dominates and a long prompt
+# crawls.
 PREFILL_MIN_CHUNK = 16
-# Prefill's time beside running streams, at most this share of decode's. Measured with a
-# 4k-token prompt beside 4 streams (docs/benchmarks.md): the streams' decode steps
-# themselves run ~1.6-2x slower between the prompt's calls, so 0.5 gave the same time
-# between tokens as 1.0 (3.0x) and only made the prompt wait longer (87 s against 51 s).
-PREFILL_SHARE = 1.0
+# Prefill's time beside running streams, at most this share of decode's, so the time
+# between their tokens is at most ~(1 + share)x what it is without the prompt. Measured
+# with a 4k-token prompt beside 4 streams on the in-place graph (docs/benchmarks.md):
+# 1.0 gave 2.0x (the prompt took 27 s), 0.7 gave 1.77x (37 s). (On the traced graph the
+# streams' own steps ran 1.6-2x slower between the prompt's calls, whose presents copied
+# the whole past, and no share brought the ratio under 3x.)
+PREFILL_SHARE = 0.7
 
 SERVED_DECAY_S = 10.0
 KV_HEADROOM = 128
@@ -863,9 +866,9 @@ class CausalLMEngine:
 
     def _may_prefill(self) -> bool:
         """Whether prefill gets this iteration. While streams decode, prefill's time is at
-        most PREFILL_SHARE of decode's (so time between their tokens stays within about
-        2x while a long prompt is computed); alone, or for an online prompt beside only
-        batch rows, it always runs."""
+        most PREFILL_SHARE of decode's (so time between their tokens stays within
+        (1 + PREFILL_SHARE)x while a long prompt is computed); alone, or for an online
+        prompt beside only batch rows, it always runs."""
         if not self._running:
             self._contended_prefill_s = self._contended_decode_s = 0.0
             return True
