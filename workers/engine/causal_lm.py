@@ -1159,22 +1159,56 @@ class CausalLMEngine:
         next_ids: np.ndarray,
         next_pos: np.ndarray,
     ) -> None:
-        """`_merge` for in-place buffers: both sides right-padded to one capacity (the
-        larger), each row's columns [0, its next position) copied, nothing after them."""
-        old_b, new_b = self._past[0].shape[0], presents[0].shape[0]
-        cap = max(self._past[0].shape[2], presents[0].shape[2])
-        used_old = int(self._next_pos.max())
+        """`_merge` for in-place buffers: the new rows' columns [0, next position) copied
+        after the running rows, into the rows the buffers have to spare; only when they have
+        too few rows or columns are they made anew (as many rows as the engine may run,
+        which costs nothing until written: numpy's zeros are pages the kernel has not yet
+        given), the running rows copied once."""
+        old_n, new_n = len(self._running), presents[0].shape[0]
+        slots, cap = self._past[0].shape[0], self._past[0].shape[2]
         used_new = int(next_pos.max())
-        merged: list[np.ndarray] = []
-        for old, new in zip(self._past, presents, strict=True):
-            out = np.zeros((old_b + new_b, old.shape[1], cap, old.shape[3]), dtype=old.dtype)
-            out[:old_b, :, :used_old] = old[:, :, :used_old]
-            out[old_b:, :, :used_new] = new[:, :, :used_new]
-            merged.append(out)
+        if old_n + new_n > slots or used_new > cap:
+            used_old = int(self._next_pos.max())
+            rows = max(old_n + new_n, self.max_batch + online_burst(self.max_batch))
+            bufs = self._kv_buffers(rows, max(cap, used_new + KV_HEADROOM))
+            for buf, old in zip(bufs, self._past, strict=True):
+                buf[:old_n, :, :used_old] = old[:old_n, :, :used_old]
+            self._past = bufs
+        for buf, new in zip(self._past, presents, strict=True):
+            buf[old_n : old_n + new_n, :, :used_new] = new[:, :, :used_new]
         self._running = self._running + seqs
-        self._past = merged
         self._next_ids = np.concatenate([self._next_ids, next_ids])
         self._next_pos = np.concatenate([self._next_pos, next_pos])
+
+    def _kv_buffers(self, rows: int, cap: int) -> list[np.ndarray]:
+        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        return [np.zeros((rows, heads, cap, dim), dtype=np.float32) for _ in self._past_names]
+
+    def _compact_in_place(self, keep: list[int]) -> None:
+        """`_compact` for in-place buffers: each row that leaves is replaced by one of the
+        last rows (its columns copied), so the running rows stay the buffers' first ones and
+        nothing else moves; when the longest row left uses less than half of the columns,
+        the buffers are made anew to fit it."""
+        k = len(keep)
+        kept = set(keep)
+        holes = [r for r in range(k) if r not in kept]
+        movers = [r for r in keep if r >= k]
+        order = list(range(k))
+        for dst, src in zip(holes, movers, strict=True):
+            length = int(self._next_pos[src])
+            for buf in self._past:
+                buf[dst, :, :length] = buf[src, :, :length]
+            order[dst] = src
+        rows = np.asarray(order)
+        self._running = [self._running[r] for r in order]
+        self._next_ids = self._next_ids[rows]
+        self._next_pos = self._next_pos[rows]
+        longest = int(self._next_pos.max())
+        if self._past[0].shape[2] > 2 * (longest + KV_HEADROOM):
+            bufs = self._kv_buffers(self._past[0].shape[0], longest + KV_HEADROOM)
+            for buf, old in zip(bufs, self._past, strict=True):
+                buf[:k, :, :longest] = old[:k, :, :longest]
+            self._past = bufs
 
     def _run(
         self,
@@ -1233,18 +1267,18 @@ class CausalLMEngine:
         """`_decode_step`'s session call for an in-place graph: each row's length is its
         next position; the buffers grow (one copy) when the longest row reaches their end."""
         lens = self._next_pos
+        n = len(lens)
         top = int(lens.max()) + 1
         if top > self._past[0].shape[2]:
-            grown: list[np.ndarray] = []
-            for old in self._past:
-                b, h, cap, d = old.shape
-                new = np.zeros((b, h, top + KV_HEADROOM, d), dtype=old.dtype)
-                new[:, :, :cap] = old
-                grown.append(new)
-            self._past = grown
-        feeds = feeds_for(self._next_ids[:, None], lens + 1, np.zeros(len(lens), np.int64))
+            bufs = self._kv_buffers(self._past[0].shape[0], top + KV_HEADROOM)
+            for buf, old in zip(bufs, self._past, strict=True):
+                buf[:n, :, : top - 1] = old[:n, :, : top - 1]
+            self._past = bufs
+        # The running rows are the buffers' first n: a view of them is contiguous.
+        kv = self._past if self._past[0].shape[0] == n else [b[:n] for b in self._past]
+        feeds = feeds_for(self._next_ids[:, None], lens + 1, np.zeros(n, np.int64))
         try:
-            outputs = self._run(feeds, reqs=[s.req for s in self._running], kv=self._past)
+            outputs = self._run(feeds, reqs=[s.req for s in self._running], kv=kv)
         except _CutShort:
             return False
         self.step += 1
@@ -1302,16 +1336,10 @@ class CausalLMEngine:
             self._next_ids = np.zeros(0, dtype=np.int64)
             self._next_pos = np.zeros(0, dtype=np.int64)
             return
-        rows = np.asarray(keep)
         if self._in_place:
-            # Rows right-padded: the kept rows' columns up to the longest, room kept after.
-            longest = int(self._next_pos[rows].max())
-            cap = min(self._past[0].shape[2], longest + KV_HEADROOM)
-            self._past = [np.ascontiguousarray(p[rows, :, :cap]) for p in self._past]
-            self._running = [self._running[r] for r in keep]
-            self._next_ids = self._next_ids[rows]
-            self._next_pos = self._next_pos[rows]
+            self._compact_in_place(keep)
             return
+        rows = np.asarray(keep)
         mask = self._mask[keep]
         used = np.flatnonzero(mask.any(axis=0))
         start = int(used[0]) if used.size else mask.shape[1]
