@@ -66,10 +66,10 @@ PREFILL_MIN_CHUNK = 16
 # Prefill's time beside running streams, at most this share of decode's, so the time
 # between their tokens is at most ~(1 + share)x what it is without the prompt. Measured
 # with a 4k-token prompt beside 4 streams on the in-place graph (docs/benchmarks.md):
-# 1.0 gave 2.0x (the prompt took 27 s), 0.7 gave 1.77x (37 s). (On the traced graph the
-# streams' own steps ran 1.6-2x slower between the prompt's calls, whose presents copied
-# the whole past, and no share brought the ratio under 3x.)
-PREFILL_SHARE = 0.7
+# 1.0 gave 2.0x (the prompt took 27 s), 0.7 gave 1.8-2.0x (35-38 s), 0.5 gave 1.6x (46 s).
+# (On the traced graph the streams' own steps ran 1.6-2x slower between the prompt's
+# calls, whose presents copied the whole past, and no share brought the ratio under 3x.)
+PREFILL_SHARE = 0.5
 
 SERVED_DECAY_S = 10.0
 KV_HEADROOM = 128
