@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import re
 import socket
@@ -361,7 +362,10 @@ class _AllowList:
         return any(address in net for net in self.networks)
 
 
-def _allow_list(entries: Sequence[str]) -> _AllowList:
+@functools.lru_cache(maxsize=64)
+def _allow_list(entries: tuple[str, ...]) -> _AllowList:
+    """The parsed list, remembered by its entries: settings are still read at every check
+    (an override or a changed list takes effect at once), only the parsing is saved."""
     hosts: set[str] = set()
     host_ports: set[tuple[str, int]] = set()
     networks: list[Network] = []
@@ -410,10 +414,10 @@ class Policy:
         return DestinationRefused(text.replace("the provider URL", self.noun))
 
     def allowed_http(self) -> _AllowList:
-        return _allow_list(getattr(settings, self.http_setting, None) or [])
+        return _allow_list(tuple(map(str, getattr(settings, self.http_setting, None) or ())))
 
     def allowed_private(self) -> _AllowList:
-        return _allow_list(getattr(settings, self.private_setting, None) or [])
+        return _allow_list(tuple(map(str, getattr(settings, self.private_setting, None) or ())))
 
 
 # The operator's own providers: the operator names them, and may allow its internal hosts.
@@ -544,22 +548,46 @@ DNS_CACHE_MAX = 1024
 _dns_cache: OrderedDict[tuple[str, int], tuple[float, list[IPAddress]]] = OrderedDict()
 
 
+# A name that did not resolve (or not in time) is not asked again for DNS_NEGATIVE_S: a
+# tenant's webhook or provider naming a dead or slow domain would otherwise send every one
+# of its requests to the resolver, each holding a thread of the pool every lookup shares.
+DNS_NEGATIVE_S = 5.0
+_dns_failures: OrderedDict[tuple[str, int], tuple[float, type[httpx.HTTPError], str]] = (
+    OrderedDict()
+)
+
+
 async def _lookup(host: str, port: int, timeout_s: float) -> list[IPAddress]:
     now = time.monotonic()
-    cached = _dns_cache.get((host, port))
+    key = (host, port)
+    cached = _dns_cache.get(key)
     if cached is not None and cached[0] > now:
         return cached[1]
-    found = await _lookup_now(host, port, timeout_s)
-    _dns_cache[(host, port)] = (now + DNS_CACHE_S, found)
-    _dns_cache.move_to_end((host, port))
-    while len(_dns_cache) > DNS_CACHE_MAX:
-        _dns_cache.popitem(last=False)
+    failed = _dns_failures.get(key)
+    if failed is not None and failed[0] > now:
+        raise failed[1](failed[2])
+    try:
+        found = await _lookup_now(host, port, timeout_s)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        _remember(_dns_failures, key, (now + DNS_NEGATIVE_S, type(exc), str(exc)))
+        raise
+    _dns_failures.pop(key, None)
+    _remember(_dns_cache, key, (now + DNS_CACHE_S, found))
     return found
 
 
+def _remember(cache: OrderedDict[Any, Any], key: tuple[str, int], value: Any) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > DNS_CACHE_MAX:
+        cache.popitem(last=False)
+
+
 def forget_dns() -> None:
-    """Drops the cached resolver answers (tests that change what a name resolves to)."""
+    """Drops the cached resolver answers and failures (tests that change what a name
+    resolves to)."""
     _dns_cache.clear()
+    _dns_failures.clear()
 
 
 async def _lookup_now(host: str, port: int, timeout_s: float) -> list[IPAddress]:

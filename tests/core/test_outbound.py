@@ -786,6 +786,51 @@ def test_a_cached_answer_is_checked_again_on_every_use(monkeypatch: pytest.Monke
     assert calls == ["internal.example"]  # looked up once
 
 
+def test_a_name_that_fails_to_resolve_is_not_asked_again_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dead domain named by a tenant costs one lookup per DNS_NEGATIVE_S, not one per
+    request; the failure is the same error each time, and the name is asked again after."""
+    calls: list[str] = []
+
+    def resolver(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        calls.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(outbound, "_getaddrinfo", resolver)
+    for _ in range(3):
+        with pytest.raises(httpx.ConnectError, match=r"dead\.example does not resolve"):
+            asyncio.run(outbound.resolve("https://dead.example/hook", timeout_s=5))
+    assert calls == ["dead.example"]
+    clock = outbound.time.monotonic() + outbound.DNS_NEGATIVE_S + 1
+    monkeypatch.setattr(outbound.time, "monotonic", lambda: clock)
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(outbound.resolve("https://dead.example/hook", timeout_s=5))
+    assert calls == ["dead.example", "dead.example"]
+
+
+def test_a_slow_name_is_not_asked_again_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver = FakeResolver(["8.8.8.8"], delay_s=0.3)
+    monkeypatch.setattr(outbound, "_getaddrinfo", resolver)
+    for _ in range(2):
+        with pytest.raises(httpx.ConnectTimeout):
+            asyncio.run(outbound.resolve("https://slow.example.com/", timeout_s=0.05))
+    import time
+
+    time.sleep(0.4)  # the lookup under way (0.3 s) has ended
+    assert resolver.calls == 1  # the second request did not start a lookup of its own
+
+
+def test_allow_lists_are_parsed_once_and_read_at_every_check() -> None:
+    with override_settings(MANTLE_PROVIDER_ALLOWED_PRIVATE=["10.0.0.0/8", "db.internal:8443"]):
+        first = outbound.OPERATOR.allowed_private()
+        assert outbound.OPERATOR.allowed_private() is first  # not parsed again
+        assert first.allows("db.internal", 8443, None)
+    with override_settings(MANTLE_PROVIDER_ALLOWED_PRIVATE=["10.0.0.0/8"]):
+        narrowed = outbound.OPERATOR.allowed_private()
+        assert narrowed is not first and not narrowed.allows("db.internal", 8443, None)
+
+
 def test_a_tenants_destination_gets_no_use_of_the_operators_allow_lists() -> None:
     """`trusted=False` (an organization's own provider): public https only, whatever the
     operator allow-lists for its own providers."""
