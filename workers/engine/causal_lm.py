@@ -72,11 +72,11 @@ PREFILL_MIN_CHUNK = 16
 PREFILL_SHARE = 0.5
 
 SERVED_DECAY_S = 10.0
+"""How long an organization's recent tokens count against it (e-folding time) when
+organizations holding equal rows compete for a free one."""
 KV_HEADROOM = 128
 """In-place caches: columns a buffer gets beyond what it holds, so that it grows (one copy
 of the batch's cache) once per this many decode steps instead of every step."""
-"""How long an organization's recent tokens count against it (e-folding time) when
-organizations holding equal rows compete for a free one."""
 
 Standing = tuple[int, int]
 """Where a request stands for prefill order and cutting calls short: its class's rank, then
