@@ -9,6 +9,7 @@ this module without configuring Django.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -102,6 +103,13 @@ class Process:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+
+# Default worker names are numbered across the whole session, not per Stack: two stacks'
+# "worker-cpu-1" would be one node id in the same Redis, so one stopping (and unlisting)
+# would unlist the other, and a new one would wait out the other's heartbeat as its own
+# restart (workers/heartbeat.py). A test that means to restart a node names it.
+_DEFAULT_WORKERS = itertools.count(1)
 
 
 def stack_node(name: str) -> str:
@@ -243,7 +251,7 @@ class Stack:
         """An inference worker node on `inference.<pool>` with `concurrency` threads and `env`
         over the stack's; its node id (MANTLE_NODE, and Celery's node name) is `node`, by
         default one of this session's."""
-        name = name or f"worker-{pool}-{len(self.processes)}"
+        name = name or f"worker-{pool}-{next(_DEFAULT_WORKERS)}"
         node = node or stack_node(name)
         proc = self.spawn(
             name,
