@@ -122,3 +122,9 @@ def strip_export_metadata(model: Any) -> int:
     for value in model.graph.initializers.values():
         clear(value)
     return removed
+
+
+def cache_names(num_layers: int, prefix: str) -> list[str]:
+    """A causal LM graph's KV tensors, `{prefix}.{layer}.key|value` in layer order: the
+    pasts (`past_key_values`) and presents (`present`) of both graph interfaces."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.compile import gqa_graph, int4, lm_gate
-from workers.compile.common import run_export_cli, strip_export_metadata, versions
+from workers.compile.common import cache_names, run_export_cli, strip_export_metadata, versions
 
 if TYPE_CHECKING:  # the export stack exists only in the prepare venv
     import numpy as np
@@ -47,17 +47,16 @@ def package_dir() -> Path:
 
 def input_names(num_layers: int) -> list[str]:
     """Graph input names, in the wrapper's positional order (docs/artifacts.md)."""
-    names = ["input_ids", "attention_mask", "position_ids"]
-    for i in range(num_layers):
-        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    return names
+    return [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        *cache_names(num_layers, "past_key_values"),
+    ]
 
 
 def output_names(num_layers: int) -> list[str]:
-    names = ["logits"]
-    for i in range(num_layers):
-        names += [f"present.{i}.key", f"present.{i}.value"]
-    return names
+    return ["logits", *cache_names(num_layers, "present")]
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.compile.common import cache_names
+from workers.engine.inplace import IN_PLACE_INPUTS
+
 if TYPE_CHECKING:
     import numpy as np
     import onnx
@@ -33,17 +36,12 @@ IR_VERSION = 10
 
 
 def input_names(num_layers: int) -> list[str]:
-    names = ["input_ids", "seqlens_k", "total_sequence_length", "logits_index"]
-    for i in range(num_layers):
-        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    return names
+    """The in-place interface's inputs (workers/engine/inplace.py), in graph order."""
+    return [*IN_PLACE_INPUTS, *cache_names(num_layers, "past_key_values")]
 
 
 def output_names(num_layers: int) -> list[str]:
-    names = ["logits"]
-    for i in range(num_layers):
-        names += [f"present.{i}.key", f"present.{i}.value"]
-    return names
+    return ["logits", *cache_names(num_layers, "present")]
 
 
 def supports(cfg: Any) -> str:
