@@ -50,6 +50,9 @@ CRASH_POINTS = ("before_claim", "after_claim")
 """Test hook: with MANTLE_WORKER_CRASH_AT set to one of these, the worker process exits at
 once (os._exit) at that point of its next request: taken from the broker, but not claimed
 yet or claimed and nothing written. The fault tests use it; nothing else sets it."""
+CRASH_AFTER_ANSWER = "after_answer"
+"""The same hook, at the moment the engine has answered (the final event is in Redis) and
+the task has not yet acknowledged its message: the request must be billed all the same."""
 
 # Takes a claim over from a dead owner, only if that node wrote nothing for the
 # request (no response stream) and nothing of it was billed (no usage guard).
@@ -118,8 +121,9 @@ class WorkerRuntime:
         self._last_used: dict[str, float] = {}
         self.total_slots = settings.concurrency
         self._crash_at = os.environ.get(CRASH_ENV, "")
-        if self._crash_at and self._crash_at not in CRASH_POINTS:
-            raise ValueError(f"{CRASH_ENV} must be one of {CRASH_POINTS}")
+        points = (*CRASH_POINTS, CRASH_AFTER_ANSWER)
+        if self._crash_at and self._crash_at not in points:
+            raise ValueError(f"{CRASH_ENV} must be one of {points}")
 
     # --- engines ----------------------------------------------------------------
 
@@ -388,15 +392,47 @@ class WorkerRuntime:
         # whole answer for echo) carries it, saving a round trip per request. Until
         # it arrives the gateway watches the pool's liveness instead of this node's.
         self.writer.started(rid, worker=self.settings.node, pool=self.settings.pool)
+
+        def usage_of(result: RequestResult) -> UsageEvent:
+            return self._usage(request, identity, result, started_at)
+
+        # The engine's final event carries its result, and the writer appends the usage
+        # event in the same transaction: no moment where the answer is out but unbilled.
+        self.writer.bill_with_final(rid, usage_of)
         try:
             result = self._run_on(engine, request)
+            emitted = self.writer.billing_outcome(rid)
         finally:
             self._release(request.model, batch=batch)
+            self.writer.forget_billing(rid)
+        self._crash(CRASH_AFTER_ANSWER)
+        usage = usage_of(result)
+        if emitted is None:
+            # The final event went without a result (this task answered it, or the engine
+            # refused the request), or its flush failed: emit here, retried.
+            emitted = emit_usage_durably(self.redis, usage)
+        metrics.observe_request(
+            pool=self.settings.pool,
+            tier=usage.service_class,
+            outcome=result.finish_reason,
+            queue_s=usage.queue_ms / 1000,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+        )
+        return Outcome(status=result.finish_reason, usage_emitted=emitted, result=result)
+
+    def _usage(
+        self,
+        request: GenerateRequest | EmbedRequest | InferRequest,
+        identity: BillingIdentity,
+        result: RequestResult,
+        started_at: float,
+    ) -> UsageEvent:
         # Counts are what was actually computed: a request dropped while it
         # waited for a batch slot (or whose prompt failed) processed no input.
         ran = result.ran
-        usage = UsageEvent(
-            request_id=rid,
+        return UsageEvent(
+            request_id=request.request_id,
             organization_id=identity.organization_id,
             project_id=identity.project_id,
             api_key_id=identity.api_key_id,
@@ -423,16 +459,6 @@ class WorkerRuntime:
             cached_input_tokens=min(result.cached_tokens, result.prompt_tokens) if ran else 0,
             service_class=_service_class(request),
         )
-        emitted = emit_usage_durably(self.redis, usage)
-        metrics.observe_request(
-            pool=self.settings.pool,
-            tier=usage.service_class,
-            outcome=result.finish_reason,
-            queue_s=usage.queue_ms / 1000,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-        )
-        return Outcome(status=result.finish_reason, usage_emitted=emitted, result=result)
 
     def _run_on(
         self, engine: _Engine, request: GenerateRequest | EmbedRequest | InferRequest

@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +33,8 @@ from workers.contract import (
 
 if TYPE_CHECKING:
     import redis
+
+    from workers.engine.base import RequestResult
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,35 @@ class ResponseWriter:
         self._expiry_set: dict[str, float] = {}
         # Streams that live longer than RESPONSE_STREAM_DONE_TTL_S after their final event.
         self._done_ttl: dict[str, int] = {}
+        # Requests billed with their final event (`bill_with_final`): how to make each one's
+        # usage event from its result, the events waiting for the next flush, and whether
+        # the flush that carried a final event appended its usage event (True) or found it
+        # already there (False).
+        self._billing: dict[str, Callable[[RequestResult], UsageEvent]] = {}
+        self._usage_pending: list[UsageEvent] = []
+        self._billed: dict[str, bool] = {}
+
+    def bill_with_final(
+        self, request_id: str, usage_of: Callable[[RequestResult], UsageEvent]
+    ) -> None:
+        """Write the usage event of `request_id` in the same transaction as its final event.
+
+        The engine hands the request's result with its final event (`done`, `error` or
+        `embeddings` with `result=`); `usage_of(result)` makes the event, and the flush that
+        writes the final event appends it under its guard, atomically (MULTI/EXEC). A worker
+        killed between the two writes would otherwise leave an answered request unbilled:
+        a redelivered copy finds the final event and takes the request as finished.
+        `billing_outcome` tells the submitter whether this happened; `forget_billing` drops
+        both."""
+        with self._buffer_lock:
+            self._billing[request_id] = usage_of
+
+    def billing_outcome(self, request_id: str) -> bool | None:
+        """Whether the flush that carried the request's final event appended its usage event
+        (True) or found one there already (False); None if no flush did (the final event
+        came without a result, or the flush failed): the caller emits it itself."""
+        with self._buffer_lock:
+            return self._billed.pop(request_id, None)
 
     def keep_after_final(self, request_id: str, ttl_s: int) -> None:
         """Let the stream of `request_id` live `ttl_s` after its final event, not the usual
@@ -82,6 +113,12 @@ class ResponseWriter:
         """Drop what `keep_after_final` recorded, if the final event has not used it."""
         with self._buffer_lock:
             self._done_ttl.pop(response_stream_key(request_id), None)
+
+    def forget_billing(self, request_id: str) -> None:
+        """Drop what `bill_with_final` recorded and its outcome, if still here."""
+        with self._buffer_lock:
+            self._billing.pop(request_id, None)
+            self._billed.pop(request_id, None)
 
     def started(self, request_id: str, *, worker: str, pool: str) -> None:
         self._add(request_id, {"type": EVENT_STARTED, "worker": worker, "pool": pool})
@@ -125,6 +162,7 @@ class ResponseWriter:
         completion_tokens: int,
         *,
         cached_tokens: int = 0,
+        result: RequestResult | None = None,
     ) -> None:
         fields = {
             "type": EVENT_DONE,
@@ -134,9 +172,16 @@ class ResponseWriter:
         }
         if cached_tokens:
             fields["cached_tokens"] = str(cached_tokens)
-        self._add(request_id, fields)
+        self._add(request_id, fields, result)
 
-    def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None:
+    def embeddings(
+        self,
+        request_id: str,
+        vectors: np.ndarray,
+        prompt_tokens: int,
+        *,
+        result: RequestResult | None = None,
+    ) -> None:
         data = np.ascontiguousarray(vectors, dtype="<f4")
         count, dims = data.shape
         self._add(
@@ -148,6 +193,7 @@ class ResponseWriter:
                 "dims": str(dims),
                 "prompt_tokens": str(prompt_tokens),
             },
+            result,
         )
 
     def tensors(
@@ -175,20 +221,36 @@ class ResponseWriter:
             },
         )
 
-    def error(self, request_id: str, code: str, message: str) -> None:
-        self._add(request_id, {"type": EVENT_ERROR, "code": code, "message": message})
+    def error(
+        self, request_id: str, code: str, message: str, *, result: RequestResult | None = None
+    ) -> None:
+        self._add(request_id, {"type": EVENT_ERROR, "code": code, "message": message}, result)
 
-    def _add(self, request_id: str, fields: dict[str, str]) -> None:
+    def _add(
+        self, request_id: str, fields: dict[str, str], result: RequestResult | None = None
+    ) -> None:
+        usage = None
+        if result is not None:
+            with self._buffer_lock:
+                usage_of = self._billing.pop(request_id, None)
+            if usage_of is not None:
+                usage = usage_of(result)
         with self._buffer_lock:
+            # One critical section: no flush can take the final event without its usage.
             self._pending.append((request_id, fields))
+            if usage is not None:
+                self._usage_pending.append(usage)
 
     def flush(self) -> None:
         with self._flush_lock:
             with self._buffer_lock:
                 pending, self._pending = self._pending, []
+                usages, self._usage_pending = self._usage_pending, []
             if not pending:
                 return
-            pipe = self._redis.pipeline(transaction=False)
+            # A final event and its request's usage event go in one MULTI/EXEC; a flush of
+            # deltas only needs no transaction.
+            pipe = self._redis.pipeline(transaction=bool(usages))
             now = time.monotonic()
             touched: dict[str, bool] = {}  # key -> whether its request is finished
             for request_id, fields in pending:
@@ -213,12 +275,29 @@ class ResponseWriter:
                 elif last is None or now - last > self._ttl_s / 10:
                     pipe.expire(key, self._ttl_s)
                     self._expiry_set[key] = now
-            pipe.execute()
+            if usages:
+                script = self._redis.register_script(_EMIT_USAGE_LUA)
+                for usage in usages:
+                    script(
+                        keys=[usage_emitted_key(usage.request_id), USAGE_STREAM],
+                        args=[USAGE_GUARD_TTL_S, *_flat(usage.to_fields())],
+                        client=pipe,
+                    )
+            replies = pipe.execute()
+            if usages:
+                appended = replies[len(replies) - len(usages) :]
+                with self._buffer_lock:
+                    for usage, entry_id in zip(usages, appended, strict=True):
+                        self._billed[usage.request_id] = bool(entry_id)
             if len(self._expiry_set) > 10_000:
                 # Streams that never got a final event (their task gave up) must
                 # not pin memory here forever.
                 stale = now - self._ttl_s
                 self._expiry_set = {k: t for k, t in self._expiry_set.items() if t > stale}
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
 
 
 def _compact_json(value: Any) -> str:
@@ -246,13 +325,10 @@ def emit_usage(client: redis.Redis, event: UsageEvent) -> bool:
     Returns whether this call appended it. Safe to call any number of times
     for the same request id (redelivered tasks, retries): billing sees one.
     """
-    fields: list[str] = []
-    for name, value in event.to_fields().items():
-        fields += [name, value]
     script = client.register_script(_EMIT_USAGE_LUA)
     entry_id = script(
         keys=[usage_emitted_key(event.request_id), USAGE_STREAM],
-        args=[USAGE_GUARD_TTL_S, *fields],
+        args=[USAGE_GUARD_TTL_S, *_flat(event.to_fields())],
     )
     if entry_id:
         logger.debug("usage event for %s appended as %s", event.request_id, entry_id)

@@ -19,7 +19,7 @@ from tests.reliability.conftest import Tenant, tenant_on
 from tests.reliability.support import Load, Outcome, call, check_usage_exactly_once, wait_until
 from tests.support.stack import Process, Stack, builtin_manifests
 from workers.contract import worker_info_key
-from workers.serving import CRASH_ENV, CRASH_POINTS
+from workers.serving import CRASH_AFTER_ANSWER, CRASH_ENV, CRASH_POINTS
 
 pytestmark = [
     pytest.mark.e2e,
@@ -162,6 +162,36 @@ def test_a_worker_dying_with_a_request_it_had_not_started_loses_nothing(
         check_usage_exactly_once(outcomes, get_redis())
     finally:
         stack.stop(mate)
+        stack.kill(doomed)
+
+
+@pytest.mark.parametrize("model,stream", [("echo", False), ("chat", True)])
+def test_a_worker_dying_right_after_it_answered_has_billed_the_answer(
+    gateways: TwoGateways, transactional_db: None, model: str, stream: bool
+) -> None:
+    """The worker exits (os._exit) the moment its engine has answered its first request:
+    the final event is in Redis, the broker message is not acknowledged, and nothing of the
+    task after the answer runs. The client has its answer, so it is billed, exactly once:
+    its usage event went in one transaction with the final event. (When the task appended
+    it afterwards, a kill in between left an answered request unbilled, and a redelivered
+    copy found the final event and took the request as finished.)"""
+    pool = f"relanswered{int(stream)}"
+    tenant = tenant_on(pool, gateways.manifests)
+    stack = gateways.stack
+    doomed = stack.worker(
+        pool, name=f"rel-answered-{model}", concurrency=2, **{CRASH_ENV: CRASH_AFTER_ANSWER}
+    )
+    try:
+        endpoint = tenant.echo if model == "echo" else tenant.chat
+        outcome = call(
+            gateways.urls[0], tenant.secret, endpoint.id, stream=stream, max_tokens=8, timeout=90
+        )
+        assert wait_until(lambda: not doomed.alive(), 30), "the worker did not exit"
+        assert not outcome.transport_error and outcome.status == 200, outcome
+        assert outcome.error_code is None and outcome.usage, outcome
+        assert workers_of([outcome]) == {outcome.request_id: doomed.node}
+        check_usage_exactly_once([outcome], get_redis())
+    finally:
         stack.kill(doomed)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from workers.engine.base import RequestResult
 from workers.engine.causal_lm import CausalLMSpec
 from workers.grammar import Compiled
 
@@ -228,6 +229,8 @@ class RecordingSink:
     events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     flushes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The result an engine gave with each request's final event, by request id.
+    results: dict[str, RequestResult] = field(default_factory=dict)
 
     def _add(self, kind: str, request_id: str, **fields: Any) -> None:
         with self.lock:
@@ -270,7 +273,9 @@ class RecordingSink:
         completion_tokens: int,
         *,
         cached_tokens: int = 0,
+        result: RequestResult | None = None,
     ) -> None:
+        self._settle(request_id, result)
         extra = {"cached_tokens": cached_tokens} if cached_tokens else {}
         self._add(
             "done",
@@ -281,11 +286,28 @@ class RecordingSink:
             **extra,
         )
 
-    def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None:
+    def embeddings(
+        self,
+        request_id: str,
+        vectors: np.ndarray,
+        prompt_tokens: int,
+        *,
+        result: RequestResult | None = None,
+    ) -> None:
+        self._settle(request_id, result)
         self._add("embeddings", request_id, vectors=vectors.copy(), prompt_tokens=prompt_tokens)
 
-    def error(self, request_id: str, code: str, message: str) -> None:
+    def error(
+        self, request_id: str, code: str, message: str, *, result: RequestResult | None = None
+    ) -> None:
+        self._settle(request_id, result)
         self._add("error", request_id, code=code, message=message)
+
+    def _settle(self, request_id: str, result: RequestResult | None) -> None:
+        """Keeps the result an engine gave with a final event (what a real writer bills)."""
+        if result is not None:
+            with self.lock:
+                self.results[request_id] = result
 
     def flush(self) -> None:
         with self.lock:

@@ -232,6 +232,8 @@ def test_eos_finishes_with_stop_and_is_counted(make_engine: Callable[..., Causal
     assert result is not None
     assert sink.text("r") == decode(expected[:first])  # the EOS token has no text
     assert (result.finish_reason, result.completion_tokens) == ("stop", first + 1)
+    # The result went with the final event (what the worker's writer bills in one write).
+    assert sink.results["r"] is result
 
 
 def test_stop_string_is_cut_and_never_emitted(make_engine: Callable[..., CausalLMEngine]) -> None:
@@ -267,6 +269,7 @@ def test_invalid_requests_get_an_error_without_running(
     result = engine.submit(request("bad", prompt, max_tokens), sink).wait(1)
     assert result is not None and result.finish_reason == "error" and not result.ran
     assert [k for k, _ in sink.of("bad")] == ["error"]
+    assert sink.results["bad"] is result
     assert session.calls == []
 
 

@@ -28,6 +28,7 @@ def test_one_choice_keeps_its_events() -> None:
     assert [e[0] for e in sink.events] == ["delta", "done"]
     assert sink.events[0][2] == {"text": "5 6", "tokens": 2}
     assert result is not None and result.completion_tokens == 2
+    assert sink.results[result_rid(sink)] is result  # given with the final event
 
 
 def test_n_choices_each_replay_and_bill_every_choice() -> None:
@@ -55,3 +56,9 @@ def test_grammars_and_log_probabilities_are_refused() -> None:
         assert [e[0] for e in sink.events] == ["error"]
         assert sink.events[0][2]["code"] == "invalid_request"
         assert result is not None and result.completion_tokens == 0
+        assert sink.results[result_rid(sink)] is result
+
+
+def result_rid(sink: RecordingSink) -> str:
+    """The request id of the sink's final event."""
+    return sink.events[-1][1]

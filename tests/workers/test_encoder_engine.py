@@ -108,7 +108,8 @@ def test_concurrent_requests_share_one_run_and_split_back(engines: list[EncoderE
     for h in handles:
         assert h.wait(5) is not None
     assert session.batches == [(6, 5)]  # six inputs, padded to the longest
-    for r in requests:
+    for r, h in zip(requests, handles, strict=True):
+        assert sink.results[r.request_id] is h.result  # given with the final event
         ((kind, fields),) = sink.of(r.request_id)
         assert kind == "embeddings"
         expected = np.array([[len(i), sum(i), 0, 0] for i in r.inputs], dtype=np.float32)
@@ -163,11 +164,13 @@ def test_expired_and_failed_requests_get_errors(engines: list[EncoderEngine]) ->
     late = engine.submit(embed_request("late", [[1]], deadline=time.time() - 1), sink).wait(5)
     assert late is not None and late.error_code == "deadline_exceeded"
     assert [k for k, _ in sink.of("late")] == ["error"]
+    assert sink.results["late"] is late  # given with the final event
 
     broken = start(engines, FakeEncoder(fail=True), max_wait_ms=1)
     failed = broken.submit(embed_request("x", [[1]]), sink).wait(5)
     assert failed is not None and failed.error_code == "internal_error"
     assert [k for k, _ in sink.of("x")] == ["error"]
+    assert sink.results["x"] is failed
 
 
 def test_empty_input_is_refused(engines: list[EncoderEngine]) -> None:

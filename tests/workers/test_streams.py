@@ -15,6 +15,7 @@ from workers.contract import (
     response_stream_key,
     usage_emitted_key,
 )
+from workers.engine.base import RequestResult
 from workers.streams import USAGE_GUARD_TTL_S, ResponseWriter, emit_usage
 
 
@@ -194,3 +195,94 @@ def test_writer_writes_choices_and_logprobs(redis_client: Any) -> None:
     ]
     # choice_done is not a final event: the stream keeps its long expiry.
     assert redis_client.ttl(response_stream_key("p")) > RESPONSE_STREAM_DONE_TTL_S
+
+
+def result_of(output_tokens: int) -> RequestResult:
+    return RequestResult(
+        finish_reason="stop",
+        prompt_tokens=3,
+        completion_tokens=output_tokens,
+        admitted_at=1.5,
+        finished_at=2.5,
+    )
+
+
+def billed_from(result: RequestResult, request_id: str = "req-1") -> UsageEvent:
+    return usage(request_id, output_tokens=result.completion_tokens)
+
+
+def test_a_final_event_with_its_result_is_written_with_its_usage_event(redis_client: Any) -> None:
+    """The usage event goes in the flush that carries the final event, not after it: a
+    worker killed once the answer is out has billed it already."""
+    writer = ResponseWriter(redis_client)
+    writer.bill_with_final("req-1", billed_from)
+    writer.started("req-1", worker="n1", pool="cpu")
+    writer.delta("req-1", "Hello", 5)
+    writer.flush()
+    assert redis_client.xlen(USAGE_STREAM) == 0  # not with the deltas
+    assert writer.billing_outcome("req-1") is None
+    writer.done("req-1", "stop", 3, 5, result=result_of(5))
+    assert redis_client.xlen(USAGE_STREAM) == 0  # buffered with the final event
+    writer.flush()
+    entries = redis_client.xrange(USAGE_STREAM)
+    assert [UsageEvent.from_fields(fields) for _, fields in entries] == [usage()]
+    assert redis_client.exists(usage_emitted_key("req-1"))
+    assert [f["type"] for _, f in redis_client.xrange(response_stream_key("req-1"))] == [
+        "started",
+        "delta",
+        "done",
+    ]
+    assert writer.billing_outcome("req-1") is True
+    assert writer.billing_outcome("req-1") is None  # told once
+    # Afterwards the submitter's own emit (a retry, a redelivered copy) adds nothing.
+    assert emit_usage(redis_client, usage()) is False
+    assert redis_client.xlen(USAGE_STREAM) == 1
+
+
+def test_a_request_billed_already_is_not_billed_again_by_its_final_event(
+    redis_client: Any,
+) -> None:
+    assert emit_usage(redis_client, usage("req-2"))
+    writer = ResponseWriter(redis_client)
+    writer.bill_with_final("req-2", lambda r: billed_from(r, "req-2"))
+    writer.error("req-2", "internal_error", "boom", result=result_of(9))
+    writer.flush()
+    assert writer.billing_outcome("req-2") is False
+    entries = redis_client.xrange(USAGE_STREAM)
+    assert [UsageEvent.from_fields(f).output_tokens for _, f in entries] == [5]
+
+
+def test_final_events_without_a_result_or_without_billing_write_no_usage(
+    redis_client: Any,
+) -> None:
+    writer = ResponseWriter(redis_client)
+    writer.bill_with_final("a", billed_from)
+    writer.done("a", "stop", 3, 5)  # answered by the task itself: it emits on its own
+    writer.done("b", "stop", 3, 5, result=result_of(5))  # nobody asked to bill b here
+    writer.flush()
+    assert redis_client.xlen(USAGE_STREAM) == 0
+    assert writer.billing_outcome("a") is None
+    assert writer.billing_outcome("b") is None
+    writer.forget_billing("a")
+    writer.done("a", "stop", 3, 5, result=result_of(5))  # forgotten: no longer billed here
+    writer.flush()
+    assert redis_client.xlen(USAGE_STREAM) == 0
+
+
+def test_several_requests_billed_in_one_flush_each_get_their_own_event(
+    redis_client: Any,
+) -> None:
+    writer = ResponseWriter(redis_client)
+    for rid in ("x", "y", "z"):
+        writer.bill_with_final(rid, lambda r, rid=rid: billed_from(r, rid))
+        writer.delta(rid, "hi", 1)
+    writer.embeddings("x", np.ones((1, 2), np.float32), 3, result=result_of(0))
+    writer.done("y", "length", 3, 1, result=result_of(1))
+    writer.error("z", "timeout", "late", result=result_of(2))
+    writer.flush()
+    found = {
+        UsageEvent.from_fields(f).request_id: UsageEvent.from_fields(f).output_tokens
+        for _, f in redis_client.xrange(USAGE_STREAM)
+    }
+    assert found == {"x": 0, "y": 1, "z": 2}
+    assert [writer.billing_outcome(rid) for rid in ("x", "y", "z")] == [True, True, True]

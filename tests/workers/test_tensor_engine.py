@@ -27,6 +27,7 @@ from workers.contract import (
     response_stream_key,
     to_payload,
 )
+from workers.engine.base import RequestResult
 from workers.engine.tensor import TensorEngine
 from workers.serving import WorkerRuntime
 from workers.settings import WorkerSettings
@@ -111,6 +112,8 @@ def test_concurrent_requests_share_one_run_and_get_their_own_rows_back(
         "b": np.arange(8, dtype=np.float32).reshape(2, 4) * 10,
         "c": -np.ones((3, 4), dtype=np.float32),
     }
+    # (c billed with its final event, as a worker does: its share of the run's time)
+    sink.bill_with_final("c", lambda r: billed(r, "c"))
     # When they are submitted together (six rows: the batch is full at once)
     handles = {rid: engine.submit(infer_request(rid, x), sink) for rid, x in rows.items()}
     results = {rid: h.wait(10) for rid, h in handles.items()}
@@ -131,6 +134,9 @@ def test_concurrent_requests_share_one_run_and_get_their_own_rows_back(
     shares = [results[rid].compute_s for rid in "abc"]  # type: ignore[union-attr]
     assert shares[1] == pytest.approx(2 * shares[0])
     assert shares[2] == pytest.approx(3 * shares[0])
+    assert sink.billing_outcome("c") is True
+    ((_, usage),) = redis_client.xrange(USAGE_STREAM)
+    assert (usage["request_id"], usage["compute_ms"]) == ("c", str(round(shares[2] * 1e6)))
 
 
 def test_requested_outputs_only(
@@ -336,3 +342,24 @@ def test_an_idle_version_is_unloaded_but_never_while_a_request_uses_it(
         assert runtime.stats().models_loaded == (version,)
     finally:
         runtime.stop_engines()
+
+
+def billed(result: RequestResult, request_id: str) -> UsageEvent:
+    """A usage event carrying the result's compute time (in microseconds, to compare)."""
+    return UsageEvent(
+        request_id=request_id,
+        organization_id="org",
+        project_id="proj",
+        api_key_id="key",
+        endpoint_id="ep",
+        model_version_id="mv",
+        model_name="ranker",
+        input_tokens=0,
+        output_tokens=0,
+        status=result.finish_reason,
+        started_at=result.admitted_at,
+        finished_at=result.finished_at,
+        queue_ms=0,
+        compute_ms=round((result.compute_s or 0.0) * 1e6),
+        worker="node-1",
+    )

@@ -45,12 +45,25 @@ class EventSink(Protocol):
         completion_tokens: int,
         *,
         cached_tokens: int = 0,
+        result: RequestResult | None = None,
     ) -> None:
-        """`cached_tokens`: the prompt tokens served from the prefix cache."""
+        """`cached_tokens`: the prompt tokens served from the prefix cache. `result`: how the
+        request ended, given with every final event (done, embeddings, error) of a request
+        the engine ran, so that a writer can bill it in the same write
+        (`streams.ResponseWriter.bill_with_final`)."""
 
-    def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None: ...
+    def embeddings(
+        self,
+        request_id: str,
+        vectors: np.ndarray,
+        prompt_tokens: int,
+        *,
+        result: RequestResult | None = None,
+    ) -> None: ...
 
-    def error(self, request_id: str, code: str, message: str) -> None: ...
+    def error(
+        self, request_id: str, code: str, message: str, *, result: RequestResult | None = None
+    ) -> None: ...
 
     def flush(self) -> None: ...
 

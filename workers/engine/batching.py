@@ -126,28 +126,26 @@ class DynamicBatcher(Generic[_P]):
         return live
 
     def _fail(self, batch: list[_P], code: str, message: str) -> None:
-        failed = [p for p in batch if p.handle.claim()]
-        for pending in failed:
-            pending.sink.error(pending.request.request_id, code, message)
-        self._flush_and_complete(failed, FinishReason.ERROR, 0.0, code, message)
+        failed = [
+            (p, self._result(p, FinishReason.ERROR, 0.0, code, message))
+            for p in batch
+            if p.handle.claim()
+        ]
+        for pending, result in failed:
+            pending.sink.error(pending.request.request_id, code, message, result=result)
+        self._flush_and_complete(failed)
 
-    def _flush_and_complete(
-        self,
-        batch: list[_P],
-        reason: FinishReason,
-        started: float,
-        code: str = "",
-        message: str = "",
-    ) -> None:
-        """One flush per sink for the whole batch, then every submitter is woken."""
-        sinks = {id(p.sink): p.sink for p in batch}
+    def _flush_and_complete(self, finished: list[tuple[_P, RequestResult]]) -> None:
+        """One flush per sink for the whole batch, then every submitter is woken. Each
+        result went with its request's final event (`EventSink.done`'s `result`)."""
+        sinks = {id(p.sink): p.sink for p, _ in finished}
         for sink in sinks.values():
             try:
                 sink.flush()
             except Exception:
                 logger.exception("engine %s: writing events failed", self.name)
-        for pending in batch:
-            pending.handle.complete(self._result(pending, reason, started, code, message))
+        for pending, result in finished:
+            pending.handle.complete(result)
 
     # --- the engine thread ----------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from workers.contract import BillingIdentity, GenerateRequest, ModelRef, SamplingParams
-from workers.engine.base import EventSink
+from workers.engine.base import EventSink, RequestResult
 from workers.engine.causal_lm import CausalLMEngine, CausalLMSpec
 from workers.runtime.models import LoadedModel, load_model, read_manifest
 
@@ -89,13 +89,23 @@ class NullSink:
         completion: int,
         *,
         cached_tokens: int = 0,
+        result: RequestResult | None = None,
     ) -> None:
         pass
 
-    def embeddings(self, request_id: str, vectors: np.ndarray, prompt_tokens: int) -> None:
+    def embeddings(
+        self,
+        request_id: str,
+        vectors: np.ndarray,
+        prompt_tokens: int,
+        *,
+        result: RequestResult | None = None,
+    ) -> None:
         pass
 
-    def error(self, request_id: str, code: str, message: str) -> None:
+    def error(
+        self, request_id: str, code: str, message: str, *, result: RequestResult | None = None
+    ) -> None:
         pass
 
     def flush(self) -> None:

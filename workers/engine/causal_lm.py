@@ -500,11 +500,10 @@ class CausalLMEngine:
                 problem = f"the grammar cannot be used: {exc}"
         if problem:
             if req.handle.claim():
-                sink.error(request.request_id, "invalid_request", problem)
+                result = self._result(req, FinishReason.ERROR, "invalid_request", problem)
+                sink.error(request.request_id, "invalid_request", problem, result=result)
                 sink.flush()
-                req.handle.complete(
-                    self._result(req, FinishReason.ERROR, "invalid_request", problem)
-                )
+                req.handle.complete(result)
             return req.handle
         bias = _bias_arrays(request.sampling.logit_bias)
         req.choices = [
@@ -1519,23 +1518,26 @@ class CausalLMEngine:
         if reason is not FinishReason.CANCELLED and req.n == 1:
             reason = self._release_tail(req.choices[0], reason)
         rid = req.request.request_id
+        result = self._result(req, reason)
         req.sink.done(
             rid,
             reason.value,
             req.prompt_len,
             _completion_tokens(req),
             cached_tokens=req.cached_tokens,
+            result=result,
         )
         self._dirty_sinks[id(req.sink)] = req.sink
-        self._to_complete.append((req.handle, self._result(req, reason)))
+        self._to_complete.append((req.handle, result))
 
     def _fail(self, req: _Request, code: str, message: str) -> None:
         if not req.handle.claim():
             return
         self._ended_requests = True
-        req.sink.error(req.request.request_id, code, message)
+        result = self._result(req, FinishReason.ERROR, code, message)
+        req.sink.error(req.request.request_id, code, message, result=result)
         self._dirty_sinks[id(req.sink)] = req.sink
-        self._to_complete.append((req.handle, self._result(req, FinishReason.ERROR, code, message)))
+        self._to_complete.append((req.handle, result))
 
     def _fail_grammar(self, seq: _Seq, problem: str = "") -> None:
         if not problem and seq.matcher is not None:

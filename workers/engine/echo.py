@@ -78,19 +78,18 @@ class EchoEngine:
         sampling = request.sampling
         if sampling.grammar or sampling.logprobs >= 0 or sampling.prompt_logprobs >= 0:
             message = "the echo model has no logits: no grammars and no log probabilities"
-            sink.error(request.request_id, "invalid_request", message)
-            sink.flush()
-            handle.complete(
-                RequestResult(
-                    finish_reason=FinishReason.ERROR.value,
-                    prompt_tokens=len(prompt),
-                    completion_tokens=0,
-                    admitted_at=0.0,
-                    finished_at=time.time(),
-                    error_code="invalid_request",
-                    error_message=message,
-                )
+            refused = RequestResult(
+                finish_reason=FinishReason.ERROR.value,
+                prompt_tokens=len(prompt),
+                completion_tokens=0,
+                admitted_at=0.0,
+                finished_at=time.time(),
+                error_code="invalid_request",
+                error_message=message,
             )
+            sink.error(request.request_id, "invalid_request", message, result=refused)
+            sink.flush()
+            handle.complete(refused)
             return handle
         n = max(1, sampling.n)
         if n == 1:
@@ -102,18 +101,17 @@ class EchoEngine:
                 if text:
                     sink.delta(request.request_id, text, len(ids), index=index)
                 sink.choice_done(request.request_id, index, reason.value, len(ids))
-        sink.done(request.request_id, reason.value, len(prompt), n * len(ids))
+        finished = time.time()
+        result = RequestResult(
+            finish_reason=reason.value,
+            prompt_tokens=len(prompt),
+            completion_tokens=n * len(ids),
+            admitted_at=started,
+            finished_at=finished,
+            first_token_at=finished,
+        )
+        sink.done(request.request_id, reason.value, len(prompt), n * len(ids), result=result)
         sink.flush()
         self.meter.add(n * len(ids))
-        finished = time.time()
-        handle.complete(
-            RequestResult(
-                finish_reason=reason.value,
-                prompt_tokens=len(prompt),
-                completion_tokens=n * len(ids),
-                admitted_at=started,
-                finished_at=finished,
-                first_token_at=finished,
-            )
-        )
+        handle.complete(result)
         return handle

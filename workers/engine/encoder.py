@@ -107,12 +107,17 @@ class EncoderEngine(DynamicBatcher[_Pending]):
             return
         answered = [p for p in live if p.handle.claim()]
         tokens = 0
+        finished = []
         for pending in answered:
             prompt_tokens = sum(len(ids) for ids in pending.inputs)
             tokens += prompt_tokens
-            pending.sink.embeddings(pending.request.request_id, outputs[id(pending)], prompt_tokens)
+            result = self._result(pending, FinishReason.STOP, started, "", "")
+            pending.sink.embeddings(
+                pending.request.request_id, outputs[id(pending)], prompt_tokens, result=result
+            )
+            finished.append((pending, result))
         self.meter.add(tokens)
-        self._flush_and_complete(answered, FinishReason.STOP, started)
+        self._flush_and_complete(finished)
 
     def _embed(self, inputs: list[tuple[int, ...]]) -> np.ndarray:
         width = max(len(ids) for ids in inputs)

@@ -250,6 +250,7 @@ class TensorEngine(DynamicBatcher[_Pending]):
         for pending in group:
             offsets[id(pending)] = offset
             offset += pending.rows
+        finished = []
         for pending in answered:
             start = offsets[id(pending)]
             pending.compute_s = elapsed * (pending.rows / total if total else 1.0 / len(group))
@@ -264,8 +265,10 @@ class TensorEngine(DynamicBatcher[_Pending]):
             rid = pending.request.request_id
             sink = cast(TensorSink, pending.sink)
             sink.tensors(rid, out, len(group))
-            sink.done(rid, FinishReason.STOP.value, 0, 0)
-        self._flush_and_complete(answered, FinishReason.STOP, started)
+            result = self._result(pending, FinishReason.STOP, started, "", "")
+            sink.done(rid, FinishReason.STOP.value, 0, 0, result=result)
+            finished.append((pending, result))
+        self._flush_and_complete(finished)
 
     def _result(
         self, pending: _Pending, reason: FinishReason, started: float, code: str, message: str
