@@ -311,24 +311,33 @@ def test_a_quiet_organization_is_served_while_another_floods_the_pool(served: Se
     client_b = served.client(secret_b)
     finished: list[tuple[str, float]] = []
     lock = threading.Lock()
+    writing = threading.Event()  # one of A's answers has begun to arrive
 
     def flood(i: int) -> None:
-        reply = client_a.chat.completions.create(
+        # Streamed, so that B is sent once A's answers are being written, whatever the
+        # machine's speed; long enough (300 tokens, end of sequence biased away) that
+        # none can end in the time B's short answer takes.
+        tokens = 0
+        for chunk in client_a.chat.completions.create(
             model=endpoint_a.id,
             messages=[{"role": "user", "content": f"Tell story number {i}."}],
-            max_tokens=150,
+            max_tokens=300,
             logit_bias={"2": -100},
-        )
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                writing.set()
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
         with lock:
-            finished.append(
-                (f"a{i}:{reply.usage.completion_tokens if reply.usage else 0}", time.time())
-            )
+            finished.append((f"a{i}:{tokens}", time.time()))
 
     try:
         threads = [threading.Thread(target=flood, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
-        time.sleep(2.0)  # A's first answers are being written
+        assert writing.wait(120), "none of A's answers began"
         quiet = client_b.chat.completions.create(
             model=endpoint_b.id, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
         )
@@ -341,4 +350,4 @@ def test_a_quiet_organization_is_served_while_another_floods_the_pool(served: Se
     assert quiet.choices[0].message.content
     order = [name for name, _ in sorted(finished, key=lambda f: f[1])]
     assert order[0] == "b", order  # before any of A's answers ended
-    assert sorted(n for n in order if n != "b") == sorted(f"a{i}:150" for i in range(8))
+    assert sorted(n for n in order if n != "b") == sorted(f"a{i}:300" for i in range(8))

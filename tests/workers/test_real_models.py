@@ -23,6 +23,7 @@ from workers.contract import (
 )
 from workers.engine.causal_lm import CausalLMEngine, CausalLMSpec
 from workers.engine.encoder import EncoderEngine
+from workers.engine.inplace import InPlaceSession, is_in_place
 from workers.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from workers.runtime.models import LoadedModel, load_model
 
@@ -294,11 +295,18 @@ def test_prompt_logprobs_match_separate_forward_passes(
 PERSON = {
     "type": "object",
     "properties": {
-        "name": {"type": "string"},
+        # Bounded strings: greedy decoding of a 135M model can loop inside a free string
+        # ("John Smith Jr. Jr. Jr. ..." on one CPU's int4 kernels) until max_tokens; the
+        # grammar closes a bounded one, which is what is tested.
+        "name": {"type": "string", "maxLength": 40},
         "age": {"type": "integer"},
         "height_m": {"type": "number"},
         "is_student": {"type": "boolean"},
-        "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "hobbies": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 40},
+            "maxItems": 3,
+        },
     },
     "required": ["name", "age", "height_m", "is_student", "hobbies"],
     "additionalProperties": False,
@@ -330,7 +338,8 @@ def test_a_json_schema_grammar_gives_valid_json_from_a_small_model(
     for text in texts:
         person = json.loads(text)
         assert set(person) == set(PERSON["properties"])  # type: ignore[arg-type]
-        assert isinstance(person["name"], str)
+        assert isinstance(person["name"], str) and len(person["name"]) <= 40
+        assert all(len(hobby) <= 40 for hobby in person["hobbies"])
         assert isinstance(person["age"], int) and not isinstance(person["age"], bool)
         assert isinstance(person["height_m"], int | float)
         assert isinstance(person["is_student"], bool)
@@ -432,11 +441,24 @@ def test_greedy_answers_from_cached_blocks_equal_a_full_prefill(
 
 
 class ShapeRecorder:
-    """The real session, with the (batch, seq, past) of every call recorded."""
+    """The real session, with the (batch, seq, past) of every call recorded: through the
+    traced interface (`run`), or the in-place one (`run_in_place`, the served graph's; the
+    past is then the first row's length before the call, from its `seqlens_k`)."""
 
     def __init__(self, session: Any) -> None:
         self.session = session
         self.calls: list[tuple[int, int, int]] = []
+        if is_in_place(session):
+            inner = InPlaceSession(session)
+
+            def run_in_place(
+                feeds: dict[str, np.ndarray], kv: Sequence[np.ndarray], run_options: Any = None
+            ) -> np.ndarray:
+                batch, seq = feeds["input_ids"].shape
+                self.calls.append((batch, seq, int(feeds["seqlens_k"][0]) + 1 - seq))
+                return inner.run_in_place(feeds, kv, run_options)
+
+            self.run_in_place = run_in_place
 
     def run(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> Any:
         batch, seq = feeds["input_ids"].shape
