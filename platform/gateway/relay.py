@@ -99,10 +99,11 @@ _ORG_INFLIGHT_PREFIX = "mantle:relay:inflight-org:"
 
 # KEYS[1] the target's cooldown, KEYS[2] the provider's in-flight set, KEYS[3] the calling
 # organization's in-flight set on the provider (members and scores as in KEYS[2]); ARGV:
-# now, this request's deadline, its id, the provider's maximum, '1' to take a cooled target
-# anyway (the route's last, when nothing else was tried), the organization's cap (at least
-# the maximum: no share, KEYS[3] untouched). Entries end at their deadline in both sets.
-# -1 cooled, 0 full (or the organization at its share), 1 taken.
+# now, the end of this request's lease (`_lease_end`), its id, the provider's maximum, '1'
+# to take a cooled target anyway (the route's last, when nothing else was tried), the
+# organization's cap (at least the maximum: no share, KEYS[3] untouched). Entries end at
+# their lease's end in both sets, which their gateway pushes back while the request runs
+# (`_renew_leases`). -1 cooled, 0 full (or the organization at its share), 1 taken.
 _TAKE = """
 if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
@@ -154,6 +155,63 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A provider slot this process holds: the sets it is in, and its request's deadline."""
+
+    keys: tuple[str, str]
+    deadline: float
+
+
+# The slots this process holds, by request id, and the task that renews their leases.
+_leases: dict[str, _Lease] = {}
+_renewer: asyncio.Task[None] | None = None
+
+
+def _lease_end(deadline: float, now: float) -> float:
+    return min(deadline, now + settings.MANTLE_PROVIDER_SLOT_LEASE_S)
+
+
+def _hold(
+    provider: ProviderConnection, organization_id: str, request_id: str, deadline: float
+) -> None:
+    """Keeps the request's slot leased while it runs (until its release or its deadline)."""
+    global _renewer
+    keys = (_INFLIGHT_PREFIX + provider.id, _org_key(provider, organization_id))
+    _leases[request_id] = _Lease(keys, deadline)
+    loop = asyncio.get_running_loop()
+    if _renewer is None or _renewer.done() or _renewer.get_loop() is not loop:
+        _renewer = loop.create_task(_renew_leases())
+
+
+def _let_go(request_id: str) -> None:
+    _leases.pop(request_id, None)
+
+
+async def _renew_leases() -> None:
+    """Pushes back the end of every slot lease this process holds, every third of a lease,
+    in one round trip; ends when none is left (`_hold` starts it again). A slot already given
+    back is not taken again (ZADD XX only updates)."""
+    while _leases:
+        await asyncio.sleep(settings.MANTLE_PROVIDER_SLOT_LEASE_S / 3)
+        now = time.time()
+        pipe = get_async_redis().pipeline(transaction=False)
+        for request_id, lease in list(_leases.items()):
+            if lease.deadline <= now:
+                _leases.pop(request_id, None)
+                continue
+            end = _lease_end(lease.deadline, now)
+            for key in lease.keys:
+                pipe.zadd(key, {request_id: end}, xx=True)
+        if not len(pipe):
+            continue
+        try:
+            await pipe.execute()
+        except Exception:  # the next round tries again; a lease lasts three rounds
+            logger.warning("could not renew %d provider slot leases", len(_leases))
+
 
 # Work that runs beside a reply (its metering and settlement); kept referenced until done.
 _beside_tasks: set[asyncio.Task[None]] = set()
@@ -365,11 +423,27 @@ async def take_slot(
 ) -> int:
     """Takes one of the provider's slots for the request until `deadline` (or its release),
     within the organization's cap, in one round trip: -1 the target is cooling down (and
-    not `force`d), 0 the provider is full or the organization holds its share, 1 taken."""
+    not `force`d), 0 the provider is full or the organization holds its share, 1 taken
+    (leased: see `lease_taken`)."""
     _, keys, args = take_call(
         target_id, provider, organization_id, request_id, deadline, force=force
     )
-    return int(await _script(_TAKE)(keys=keys, args=args))
+    answer = int(await _script(_TAKE)(keys=keys, args=args))
+    lease_taken(answer, provider, organization_id, request_id, deadline)
+    return answer
+
+
+def lease_taken(
+    answer: int,
+    provider: ProviderConnection,
+    organization_id: str,
+    request_id: str,
+    deadline: float,
+) -> None:
+    """After a `take_call` answered `answer`: a slot taken is leased by this process until
+    it is given back (`release_slot`, `release_call`, `succeeded_call`) or its deadline."""
+    if answer == 1:
+        _hold(provider, organization_id, request_id, deadline)
 
 
 def take_call(
@@ -381,7 +455,9 @@ def take_call(
     *,
     force: bool = False,
 ) -> ScriptCall:
-    """`take_slot` as a script call (`core.redis.run_scripts`)."""
+    """`take_slot` as a script call (`core.redis.run_scripts`); its answer goes to
+    `lease_taken`."""
+    now = time.time()
     return (
         _TAKE,
         [
@@ -390,8 +466,8 @@ def take_call(
             _org_key(provider, organization_id),
         ],
         [
-            time.time(),
-            deadline,
+            now,
+            _lease_end(deadline, now),
             request_id,
             provider.max_concurrency,
             "1" if force else "0",
@@ -405,6 +481,7 @@ def succeeded_call(
 ) -> ScriptCall:
     """The slot (and the organization's place) given back and the target's failures in a
     row forgotten, as a script call: what follows a whole answer."""
+    _let_go(request_id)
     keys = [
         _INFLIGHT_PREFIX + provider.id,
         _FAILS_PREFIX + target.id,
@@ -415,18 +492,20 @@ def succeeded_call(
 
 def release_call(provider: ProviderConnection, organization_id: str, request_id: str) -> ScriptCall:
     """The slot (and the organization's place) given back, as a script call: a stream's end."""
+    _let_go(request_id)
     keys = [_INFLIGHT_PREFIX + provider.id, _org_key(provider, organization_id)]
     return _RELEASE, keys, [request_id]
 
 
 async def release_slot(provider: ProviderConnection, organization_id: str, request_id: str) -> None:
-    """Gives the request's slot back (one round trip); a failure leaves it to its deadline."""
+    """Gives the request's slot back (one round trip); a failure leaves it to its lease."""
+    _let_go(request_id)
     try:
         pipe = get_async_redis().pipeline(transaction=False)
         pipe.zrem(_INFLIGHT_PREFIX + provider.id, request_id)
         pipe.zrem(_org_key(provider, organization_id), request_id)
         await pipe.execute()
-    except Exception:  # the entry expires at the request's deadline anyway
+    except Exception:  # the entry expires at its lease's end anyway
         logger.warning("could not release %s's slot at %s", request_id, provider.id)
 
 
@@ -719,7 +798,7 @@ class _Relay:
         raises the refusal or fills a missing price and admits; then the slot is taken."""
         self.limits = pipeline.limits_for(self.identity, self.spec)
         organization_id = self.identity.organization_id
-        admission, taken = await pipeline.admit_relayed_along(
+        admission, answer = await pipeline.admit_relayed_along(
             self.limits,
             self.spec,
             organization_id,
@@ -730,11 +809,12 @@ class _Relay:
                 target.id, provider, organization_id, self.request_id, self.deadline, force=force
             ),
         )
-        if admission is not None and not isinstance(taken, Exception):
+        if admission is not None and not isinstance(answer, Exception):
             self.admission = admission
-            return int(taken)
+            lease_taken(int(answer), provider, organization_id, self.request_id, self.deadline)
+            return int(answer)
         if admission is None:
-            if not isinstance(taken, Exception) and int(taken) == 1:
+            if not isinstance(answer, Exception) and int(answer) == 1:
                 await release_slot(provider, organization_id, self.request_id)
             await self.admit()
         else:

@@ -5,6 +5,7 @@ provider's concurrency. Real processes: the relaying gateway, the fake, Redis.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -501,3 +502,66 @@ def test_a_relayed_requests_usage_and_cost_are_read_back_with_a_read_usage_key(
     assert Decimal(cost["amount"]["value"]) == exact_amount(
         used["input_tokens"], price
     ) + exact_amount(used["output_tokens"], price)
+
+
+def test_a_gateway_killed_holding_a_providers_slots_gives_them_back_within_a_lease(
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    """A gateway dies (SIGKILL: OOM, a lost node) while its request holds all of a provider's
+    slots. The slot was a lease its gateway renewed: held while the gateway lived, it ends
+    within MANTLE_PROVIDER_SLOT_LEASE_S of the death, and the other gateway serves the model
+    again instead of answering 429 until the dead request's deadline (the whole
+    MANTLE_REQUEST_TIMEOUT_S, minutes)."""
+    one_target(
+        "az-lease", azure(upstream_fake, "azure-lease", max_concurrency=1, first_byte_timeout_s=120)
+    )
+    stack = Stack.for_tests()
+    doomed = stack.start_gateway(
+        "gateway-relay-doomed", env={**LOOPBACK_ALLOWED, "MANTLE_PROVIDER_SLOT_LEASE_S": "2"}
+    )
+    try:
+        stack.wait_serving(doomed)
+        seen = max((r["seq"] for r in upstream_fake.requests()), default=0)
+        upstream_fake.add_faults({"first_byte_delay_s": 90})
+
+        def held_by_the_doomed() -> None:
+            with contextlib.suppress(openai.APIError):  # its gateway is killed under it
+                client(doomed.url, served.secret).chat.completions.create(
+                    model="az-lease", messages=MESSAGES, max_tokens=5
+                )
+
+        threading.Thread(target=held_by_the_doomed, daemon=True).start()
+        assert wait_until(lambda: len(upstream_fake.requests(since=seen)) == 1, 30)
+        survivor = client(relay_gateway.url, served.secret)
+        time.sleep(3.0)  # past a lease: the live gateway renews it
+        with pytest.raises(openai.RateLimitError) as busy:
+            survivor.chat.completions.create(model="az-lease", messages=MESSAGES, max_tokens=5)
+        assert busy.value.code == "upstream_rate_limited"
+        stack.kill(doomed)
+        answers: list[str] = []
+
+        def served_again() -> bool:
+            try:
+                reply = survivor.chat.completions.create(
+                    model="az-lease", messages=MESSAGES, max_tokens=5
+                )
+            except openai.RateLimitError:
+                return False
+            answers.append(reply.choices[0].message.content or "")
+            return True
+
+        # Within 30 s of the kill: the dead request's deadline is 120 s away
+        # (MANTLE_REQUEST_TIMEOUT_S), its lease's end at most 2 s.
+        assert wait_until(served_again, 30, interval=0.25), "the dead gateway's slot stayed"
+        assert answers[0]
+    finally:
+        stack.stop_all()
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,6 +1,6 @@
 """An organization's share of an operator's provider's `max_concurrency` (gateway/relay.py,
 `take_slot`'s Lua script), on real Redis: the cap, an organization's own provider, the
-deadline that frees a dead gateway's slots, the releases, the cooldown, races."""
+lease that frees a dead gateway's slots, the releases, the cooldown, races."""
 
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ def test_the_cap_is_the_share_rounded_down_at_least_one(most: int, share: float,
 
 @override_settings(MANTLE_PROVIDER_ORG_SHARE=0.5)
 def test_slots_past_their_deadline_are_free_again_in_the_share_too() -> None:
-    """A gateway that died never releases its slots: they end at the request's deadline,
-    for the provider's count and the organization's alike."""
+    """A gateway that died never releases its slots: they end at their lease's end, at the
+    latest the request's deadline, for the provider's count and the organization's alike."""
     gone = time.time() - 1  # as the next take sees a deadline that has passed
     assert take("org-a", "dead0", deadline=gone) == 1
     assert take("org-a", "dead1", deadline=gone) == 1
@@ -169,6 +169,39 @@ def test_a_whole_answers_release_frees_the_organizations_place() -> None:
     assert in_flight() == set()
     assert not get_redis().exists(f"mantle:relay:fails:{TARGET}")
     assert [take("org-a", f"a{i}") for i in range(3)] == [1, 1, 0]
+
+
+def lease_end(request_id: str, provider: ProviderConnection = OPERATOR) -> float | None:
+    return get_redis().zscore(f"mantle:relay:inflight:{provider.id}", request_id)
+
+
+@override_settings(MANTLE_PROVIDER_ORG_SHARE=0.5, MANTLE_PROVIDER_SLOT_LEASE_S=0.6)
+def test_a_slot_is_a_lease_that_ends_unless_its_gateway_renews_it() -> None:
+    """A gateway that died holding slots (its event loop gone: nothing renews them) gives
+    them back at the end of their lease, not at their requests' deadlines (minutes later);
+    a live one keeps them for as long as its requests run, and a slot given back stays so."""
+    far = time.time() + 600
+    assert take("org-a", "dead0", deadline=far) == 1  # its loop ends: the "gateway" died
+    assert take("org-a", "dead1", deadline=far) == 1
+    assert (lease_end("dead0") or 0) < time.time() + 0.7  # the lease, not the deadline
+    assert take("org-a", "a0") == 0  # the organization's share is held...
+    time.sleep(0.7)
+    assert take("org-a", "a0") == 1  # ...until the leases ended
+    assert "dead0" not in in_flight()
+
+    async def live_gateway() -> tuple[bool, bool, set[str]]:
+        assert await relay.take_slot(TARGET, OPERATOR, "org-b", "live", far) == 1
+        await asyncio.sleep(2.0)  # three leases and more, renewed every 0.2 s
+        # Held: its lease ends in the future (an ended one stays listed until a take
+        # sweeps it).
+        held_while_running = (lease_end("live") or 0) > time.time()
+        await relay.release_slot(OPERATOR, "org-b", "live")
+        await asyncio.sleep(0.5)  # a renewal after the release must not take it again
+        return "live" in relay._leases, held_while_running, in_flight()
+
+    leased, held_while_running, after = asyncio.run(live_gateway())
+    assert held_while_running
+    assert "live" not in after and not leased
 
 
 @override_settings(MANTLE_PROVIDER_ORG_SHARE=0.5)

@@ -723,6 +723,15 @@ MANTLE_PROVIDER_RETRY_AFTER_MAX_S = env.float("MANTLE_PROVIDER_RETRY_AFTER_MAX_S
 # The circuit breaker: this many failures in a row cool a target down for so long.
 MANTLE_PROVIDER_FAILURES_TO_COOL = env.int("MANTLE_PROVIDER_FAILURES_TO_COOL", default=3)
 MANTLE_PROVIDER_COOLDOWN_S = env.int("MANTLE_PROVIDER_COOLDOWN_S", default=30)
+# A provider slot is a lease: taken for this long (at most to the request's deadline) and
+# renewed by its gateway every third of it while the request runs, so that a gateway that
+# dies holding slots gives them back within this time, not at its requests' deadlines.
+MANTLE_PROVIDER_SLOT_LEASE_S = env.float("MANTLE_PROVIDER_SLOT_LEASE_S", default=30.0)
+if not MANTLE_PROVIDER_SLOT_LEASE_S > 0:
+    raise ImproperlyConfigured(
+        f"MANTLE_PROVIDER_SLOT_LEASE_S is {MANTLE_PROVIDER_SLOT_LEASE_S!r}: it must be more "
+        "than 0 seconds"
+    )
 # One organization's most of an operator's provider's max_concurrency in flight (rounded
 # down, at least 1; 1: no share). Organizations' own providers have none.
 _provider_org_share = env.str("MANTLE_PROVIDER_ORG_SHARE", default="0.5")
