@@ -171,7 +171,7 @@ def webhook_deliver(delivery_id: int | str, *, now: datetime | None = None) -> s
     code: int | None = None
     error = ""
     try:
-        code = asyncio.run(_post(endpoint.url, headers, body))
+        code = asyncio.run(_post(endpoint.url, headers, body, str(endpoint.organization_id)))
     except outbound.DestinationRefused as exc:
         error = f"refused: {exc}"
     except TimeoutError:
@@ -195,10 +195,11 @@ def webhook_deliver(delivery_id: int | str, *, now: datetime | None = None) -> s
     return delivery.status
 
 
-async def _post(url: str, headers: dict[str, str], body: bytes) -> int:
+async def _post(url: str, headers: dict[str, str], body: bytes, owner: str = "") -> int:
     """The POST under the webhook policy (the URL and every address it resolves to checked
     again now, the checked address pinned, no redirect followed), within
-    ATTEMPT_TIMEOUT_S; only the status is read, never the body."""
+    ATTEMPT_TIMEOUT_S; only the status is read, never the body. `owner`: the organization
+    whose endpoint it is (its name lookups are bounded: outbound.DNS_PER_OWNER)."""
     try:
         async with asyncio.timeout(ATTEMPT_TIMEOUT_S):
             response = await outbound.send(
@@ -209,6 +210,7 @@ async def _post(url: str, headers: dict[str, str], body: bytes) -> int:
                 connect_timeout_s=CONNECT_TIMEOUT_S,
                 read_timeout_s=READ_TIMEOUT_S,
                 policy=outbound.WEBHOOK,
+                owner=owner,
             )
             await response.aclose()  # only the status matters; the body is never read
             return response.status_code

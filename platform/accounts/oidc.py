@@ -136,6 +136,14 @@ def _check_destination(url: str, *, what: str, param: str) -> None:
         ) from None
 
 
+def _lookup_owner(url: str) -> str:
+    """Whose name lookups these are (`outbound.resolve`'s `owner`): the identity provider's
+    domain (its host's last two labels), so that an organization's issuer under ever new
+    subdomains of a slow domain holds at most outbound.DNS_PER_OWNER resolver threads."""
+    host = (urlsplit(url).hostname or "").rstrip(".")
+    return "idp:" + ".".join(host.split(".")[-2:])
+
+
 async def _get_json(url: str, *, what: str, param: str, **kwargs: Any) -> Any:
     """GET (or POST, with `method` and `content`) a JSON document under the outbound
     policy, bounded; InvalidInput naming `what` on any failure."""
@@ -149,6 +157,7 @@ async def _get_json(url: str, *, what: str, param: str, **kwargs: Any) -> Any:
             connect_timeout_s=CONNECT_TIMEOUT_S,
             read_timeout_s=READ_TIMEOUT_S,
             policy=POLICY,
+            owner=_lookup_owner(url),
         )
     except outbound.DestinationRefused as exc:
         raise InvalidInput(

@@ -505,12 +505,18 @@ _dns_executor = ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="
 
 
 async def resolve(
-    url: str, *, timeout_s: float = 5.0, trusted: bool = True, policy: Policy | None = None
+    url: str,
+    *,
+    timeout_s: float = 5.0,
+    trusted: bool = True,
+    policy: Policy | None = None,
+    owner: str = "",
 ) -> Destination:
     """`check_url`, then the host resolved (on a thread, within `timeout_s`) and every
     address checked; the first is pinned. Raises DestinationRefused for a refused URL or
-    address, httpx.ConnectError when the name does not resolve, httpx.ConnectTimeout when
-    resolution takes longer than `timeout_s`."""
+    address, httpx.ConnectError when the name does not resolve (or `owner`, the
+    organization whose destination it is, has DNS_PER_OWNER lookups under way already),
+    httpx.ConnectTimeout when resolution takes longer than `timeout_s`."""
     chosen = policy_of(trusted=trusted, policy=policy)
     try:
         parsed = _parse(url)
@@ -520,7 +526,7 @@ async def resolve(
     if parsed.address is not None:
         addresses: list[IPAddress] = [parsed.address]
     else:
-        addresses = await _lookup(parsed.host, parsed.port, timeout_s)
+        addresses = await _lookup(parsed.host, parsed.port, timeout_s, owner)
         try:
             for address in addresses:
                 _check_address(parsed, address, literal=False, policy=chosen)
@@ -557,7 +563,21 @@ _dns_failures: OrderedDict[tuple[str, int], tuple[float, type[httpx.HTTPError], 
 )
 
 
-async def _lookup(host: str, port: int, timeout_s: float) -> list[IPAddress]:
+# A lookup holds its thread for as long as the system resolver takes, also after `timeout_s`
+# has answered the caller: a tenant naming slow names (random subdomains of a domain whose
+# name server never answers: each is a new name, which no cache covers) would otherwise
+# hold every thread of the pool, and every other destination's lookups would wait. An
+# organization's destinations (its own provider, its identity provider: `owner`) have at
+# most DNS_PER_OWNER lookups under way at once, all organizations' together at most
+# DNS_THREADS - DNS_OPERATOR_RESERVE: the operator's own destinations always find a thread.
+# Counted until the thread is free again, not until the caller stopped waiting.
+DNS_PER_OWNER = 2
+DNS_OPERATOR_RESERVE = 2
+_owned_lookups: dict[str, int] = {}
+_owned_lock = threading.Lock()
+
+
+async def _lookup(host: str, port: int, timeout_s: float, owner: str = "") -> list[IPAddress]:
     now = time.monotonic()
     key = (host, port)
     cached = _dns_cache.get(key)
@@ -567,7 +587,9 @@ async def _lookup(host: str, port: int, timeout_s: float) -> list[IPAddress]:
     if failed is not None and failed[0] > now:
         raise failed[1](failed[2])
     try:
-        found = await _lookup_now(host, port, timeout_s)
+        found = await _lookup_now(host, port, timeout_s, owner)
+    except LookupsBusy:
+        raise  # nothing was asked: not a failure of the name
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         _remember(_dns_failures, key, (now + DNS_NEGATIVE_S, type(exc), str(exc)))
         raise
@@ -590,12 +612,47 @@ def forget_dns() -> None:
     _dns_failures.clear()
 
 
-async def _lookup_now(host: str, port: int, timeout_s: float) -> list[IPAddress]:
-    loop = asyncio.get_running_loop()
-    call = loop.run_in_executor(
-        _dns_executor,
-        lambda: _getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP),
-    )
+class LookupsBusy(httpx.ConnectError):
+    """An organization's destinations have their most name lookups under way already."""
+
+
+def _take_lookup(owner: str) -> None:
+    with _owned_lock:
+        mine = _owned_lookups.get(owner, 0)
+        if mine >= DNS_PER_OWNER or sum(_owned_lookups.values()) >= (
+            DNS_THREADS - DNS_OPERATOR_RESERVE
+        ):
+            raise LookupsBusy(
+                f"too many name lookups are under way for this organization's destinations "
+                f"(at most {DNS_PER_OWNER}; slow names hold them): try again shortly"
+            )
+        _owned_lookups[owner] = mine + 1
+
+
+def _give_lookup(owner: str) -> None:
+    with _owned_lock:
+        left = _owned_lookups.get(owner, 1) - 1
+        if left > 0:
+            _owned_lookups[owner] = left
+        else:
+            _owned_lookups.pop(owner, None)
+
+
+async def _lookup_now(host: str, port: int, timeout_s: float, owner: str = "") -> list[IPAddress]:
+    if owner:
+        _take_lookup(owner)
+    try:
+        job = _dns_executor.submit(
+            _getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )
+    except BaseException:
+        if owner:
+            _give_lookup(owner)
+        raise
+    if owner:
+        # When the thread is done with it (or it was cancelled before a thread took it).
+        job.add_done_callback(lambda _: _give_lookup(owner))
+    call = asyncio.wrap_future(job)
     try:
         infos = await asyncio.wait_for(call, timeout=max(0.001, timeout_s))
     except TimeoutError:
@@ -837,6 +894,7 @@ async def request(
     stream: bool = False,
     trusted: bool = True,
     policy: Policy | None = None,
+    owner: str = "",
 ) -> httpx.Response:
     """One request to `url` under the outbound policy: resolved and checked (`resolve`,
     within the connect timeout), connected to the pinned address with the original Host,
@@ -850,7 +908,9 @@ async def request(
 
     Raises DestinationRefused, ResponseTooLarge, httpx.HTTPError (timeouts, connection
     errors, DNS failures as httpx.ConnectError / ConnectTimeout)."""
-    destination = await resolve(url, timeout_s=connect_timeout_s, trusted=trusted, policy=policy)
+    destination = await resolve(
+        url, timeout_s=connect_timeout_s, trusted=trusted, policy=policy, owner=owner
+    )
     sent = outbound_headers(headers)
     sent["host"] = destination.host_header
     sent["accept-encoding"] = "identity"
@@ -895,9 +955,11 @@ async def send(
     read_timeout_s: float,
     trusted: bool = True,
     policy: Policy | None = None,
+    owner: str = "",
 ) -> httpx.Response:
     """`request(..., stream=True)`: the response with its body unread; the caller must
-    `await response.aclose()`. `trusted` and `policy`: whose destination (`check_url`)."""
+    `await response.aclose()`. `trusted` and `policy`: whose destination (`check_url`);
+    `owner`: the organization that chose it, if one did (its name lookups are bounded)."""
     return await request(
         method,
         url,
@@ -908,6 +970,7 @@ async def send(
         stream=True,
         trusted=trusted,
         policy=policy,
+        owner=owner,
     )
 
 

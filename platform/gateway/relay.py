@@ -851,6 +851,7 @@ class _Relay:
                 # An organization's own provider goes to public https addresses only: the
                 # operator's allow-lists are for the operator's providers.
                 trusted=provider.organization_id is None,
+                owner=provider.organization_id or "",
             )
         except outbound.DestinationRefused as exc:
             logger.error("provider %s refused as a destination: %s", provider.id, exc)

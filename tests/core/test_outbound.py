@@ -854,3 +854,55 @@ def test_a_tenants_destination_gets_no_use_of_the_operators_allow_lists() -> Non
                     trusted=False,
                 )
             )
+
+
+def test_an_organizations_slow_names_hold_at_most_its_share_of_the_resolver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The attack: a tenant's own provider (or identity provider) names ever new subdomains
+    of a domain whose name server is slow. Each lookup holds a resolver thread past the
+    caller's timeout; at most DNS_PER_OWNER of one organization's are under way (the rest
+    refused at once, no thread taken), all organizations' together at most DNS_THREADS -
+    DNS_OPERATOR_RESERVE, and the operator's own destinations are always looked up."""
+    import time
+
+    resolver = FakeResolver(["8.8.8.8"], delay_s=0.6)
+    monkeypatch.setattr(outbound, "_getaddrinfo", resolver)
+    assert (outbound.DNS_PER_OWNER, outbound.DNS_THREADS, outbound.DNS_OPERATOR_RESERVE) == (
+        2,
+        8,
+        2,
+    )
+
+    async def names(owner: str, count: int, start: int = 0) -> list[str]:
+        outcomes = []
+        for i in range(start, start + count):
+            try:
+                await outbound.resolve(
+                    f"https://n{i}.{owner}.slow.example/", timeout_s=0.05, owner=owner
+                )
+                outcomes.append("resolved")
+            except httpx.HTTPError as exc:
+                outcomes.append(type(exc).__name__)
+        return outcomes
+
+    assert asyncio.run(names("org-a", 4)) == [
+        "ConnectTimeout",
+        "ConnectTimeout",
+        "LookupsBusy",
+        "LookupsBusy",
+    ]
+    # Two more organizations fill the owners' six threads; a fourth is refused...
+    assert asyncio.run(names("org-b", 2)) == ["ConnectTimeout"] * 2
+    assert asyncio.run(names("org-c", 2)) == ["ConnectTimeout"] * 2
+    assert asyncio.run(names("org-d", 1)) == ["LookupsBusy"]
+    # ...while the operator's own destination is still looked up (a thread is kept for it).
+    operator = asyncio.run(outbound.resolve("https://api.operator.example/", timeout_s=2))
+    assert operator.ip == "8.8.8.8"
+    time.sleep(0.8)  # the slow lookups end: their threads, and the counts, are free again
+    assert outbound._owned_lookups == {}
+    assert resolver.calls == 7  # six slow names and the operator's: the refused asked nothing
+    found = asyncio.run(
+        outbound.resolve("https://again.org-a.example/", timeout_s=2, owner="org-a")
+    )
+    assert found.ip == "8.8.8.8" and outbound._owned_lookups == {}
