@@ -15,6 +15,7 @@ from workers.contract import (
     BATCH_STREAM_DONE_TTL_S,
     EVENT_DELTA,
     EVENT_DONE,
+    EVENT_EMBEDDINGS,
     EVENT_ERROR,
     BillingIdentity,
     EmbedRequest,
@@ -515,7 +516,7 @@ class WorkerRuntime:
         entries = self.redis.xrange(response_stream_key(rid)) or []
         events = [{_text(k): _text(v) for k, v in (fields or {}).items()} for _, fields in entries]
         types = {e.get("type") for e in events}
-        if EVENT_DONE in types or EVENT_ERROR in types:
+        if types & {EVENT_DONE, EVENT_ERROR, EVENT_EMBEDDINGS}:  # a final event
             logger.info("request %s redelivered after it finished; ignored", rid)
             return Outcome(status="duplicate")
         if not events:

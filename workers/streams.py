@@ -77,6 +77,9 @@ class ResponseWriter:
         self._billing: dict[str, Callable[[RequestResult], UsageEvent]] = {}
         self._usage_pending: list[UsageEvent] = []
         self._billed: dict[str, bool] = {}
+        # Requests whose submitter still waits for `billing_outcome` (until `forget_billing`):
+        # an outcome is kept only for them, so a late flush leaves nothing behind.
+        self._awaiting: set[str] = set()
 
     def bill_with_final(
         self, request_id: str, usage_of: Callable[[RequestResult], UsageEvent]
@@ -92,6 +95,7 @@ class ResponseWriter:
         both."""
         with self._buffer_lock:
             self._billing[request_id] = usage_of
+            self._awaiting.add(request_id)
 
     def billing_outcome(self, request_id: str) -> bool | None:
         """Whether the flush that carried the request's final event appended its usage event
@@ -119,6 +123,7 @@ class ResponseWriter:
         with self._buffer_lock:
             self._billing.pop(request_id, None)
             self._billed.pop(request_id, None)
+            self._awaiting.discard(request_id)
 
     def started(self, request_id: str, *, worker: str, pool: str) -> None:
         self._add(request_id, {"type": EVENT_STARTED, "worker": worker, "pool": pool})
@@ -234,7 +239,10 @@ class ResponseWriter:
             with self._buffer_lock:
                 usage_of = self._billing.pop(request_id, None)
             if usage_of is not None:
-                usage = usage_of(result)
+                try:
+                    usage = usage_of(result)
+                except Exception:  # the answer still goes out; its task bills it itself
+                    logger.exception("usage event of %s not made with its final event", request_id)
         with self._buffer_lock:
             # One critical section: no flush can take the final event without its usage.
             self._pending.append((request_id, fields))
@@ -275,20 +283,24 @@ class ResponseWriter:
                 elif last is None or now - last > self._ttl_s / 10:
                     pipe.expire(key, self._ttl_s)
                     self._expiry_set[key] = now
-            if usages:
-                script = self._redis.register_script(_EMIT_USAGE_LUA)
-                for usage in usages:
-                    script(
-                        keys=[usage_emitted_key(usage.request_id), USAGE_STREAM],
-                        args=[USAGE_GUARD_TTL_S, *_flat(usage.to_fields())],
-                        client=pipe,
-                    )
+            for usage in usages:
+                # EVAL, not a registered script's EVALSHA: that would ask SCRIPT EXISTS in a
+                # round trip of its own before every such flush.
+                pipe.eval(
+                    _EMIT_USAGE_LUA,
+                    2,
+                    usage_emitted_key(usage.request_id),
+                    USAGE_STREAM,
+                    USAGE_GUARD_TTL_S,
+                    *_flat(usage.to_fields()),
+                )
             replies = pipe.execute()
             if usages:
                 appended = replies[len(replies) - len(usages) :]
                 with self._buffer_lock:
                     for usage, entry_id in zip(usages, appended, strict=True):
-                        self._billed[usage.request_id] = bool(entry_id)
+                        if usage.request_id in self._awaiting:
+                            self._billed[usage.request_id] = bool(entry_id)
             if len(self._expiry_set) > 10_000:
                 # Streams that never got a final event (their task gave up) must
                 # not pin memory here forever.

@@ -7,8 +7,9 @@ has task slots (`total_slots` in its heartbeat). Inside a node the engine admits
 (workers/engine/causal_lm.py), but a request still in the broker queue waits behind every
 one sent before it: if one organization sends more than the pool's slots, everyone else's
 requests queue behind its surplus. So the gateway counts each organization's requests in
-flight on each pool (a Redis sorted set per pool and organization, members scored by their
-deadline so a gateway that died leaks nothing past it) and lets an organization hold at
+flight on each pool (a Redis sorted set per pool and organization, members scored by the
+end of their lease, which their gateway renews while the request runs, so a gateway that
+died leaks nothing past a lease: gateway/leases.py) and lets an organization hold at
 most MANTLE_FAIR_POOL_ORG_SHARE of the pool's slots. A request past it waits at the gateway,
 in no queue of anyone else's, for one of its organization's own requests to end (up to
 MANTLE_FAIR_POOL_WAIT_S, then a 429 that names the share); the slots it leaves free are
@@ -40,6 +41,7 @@ from django.conf import settings
 from billing.provisioned import Entitlement
 from billing.provisioned import pool_key as provisioned_pool_key
 from core.redis import get_async_redis
+from gateway import leases
 from gateway.errors import OpenAIError
 from workers import contract
 
@@ -56,7 +58,7 @@ _AHEAD = (contract.ServiceClass.PRIORITY, contract.ServiceClass.PROVISIONED)
 
 _TAKE = """
 -- KEYS: the organization's set on the pool, the pool's set. ARGV: now, the organization's
--- cap, the pool's bound for this class (0: none), deadline, request id, ttl.
+-- cap, the pool's bound for this class (0: none), the lease's end, request id, ttl.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 local bound = tonumber(ARGV[3])
@@ -200,20 +202,22 @@ async def take(
     try:
         while True:
             cap, bound = org_cap(slots), pool_bound(slots, service_class)
+            now = time.time()
             took = int(
                 await client.eval(
                     _TAKE,
                     2,
                     *keys,
-                    str(time.time()),
+                    str(now),
                     str(cap),
                     str(bound),
-                    str(deadline),
+                    str(leases.end(deadline, now)),
                     request_id,
                     ttl,
                 )
             )
             if took == 1:
+                leases.hold(request_id, keys, deadline)
                 return "\n".join(keys)
             if took == -1 and service_class == contract.ServiceClass.FLEX:
                 raise OpenAIError(
@@ -273,10 +277,12 @@ def _refusal(took: int, cap: int, bound: int, slots: int, *, crowded: bool) -> O
 async def give_back(key: str, request_id: str) -> None:
     if not key:
         return
+    keys = key.split("\n")
+    leases.let_go(request_id, keys)
     try:
         pipe = get_async_redis().pipeline(transaction=False)
-        for one in key.split("\n"):
+        for one in keys:
             pipe.zrem(one, request_id)
         await pipe.execute()
-    except Exception:  # kept until its deadline: the organization's share is smaller a while
+    except Exception:  # kept until its lease ends: the organization's share is smaller a while
         logger.warning("could not give back %s's place in %s", request_id, key, exc_info=True)

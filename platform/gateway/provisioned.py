@@ -9,9 +9,10 @@ every unit busy, the commitment's `overflow` decides: `spill` runs the request a
 default tier (pay-as-you-go), `refuse` answers a 429 naming the units. `default`,
 `priority` and `flex` requests never use the units.
 
-The places are a sorted set per (endpoint, organization) scored by the request's deadline
-(a gateway that died leaks nothing past it); the settle gives the place back with the
-pool-share places (`Admission.pool_share_key`).
+The places are a sorted set per (endpoint, organization) scored by the end of their lease,
+which their gateway renews while the request runs (a gateway that died leaks nothing past a
+lease: gateway/leases.py); the settle gives the place back with the pool-share places
+(`Admission.pool_share_key`, `pool_share.give_back`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import time
 
 from billing.provisioned import Entitlement, endpoint_key, inflight_key
 from core.redis import get_async_redis
+from gateway import leases
 from gateway.errors import OpenAIError
 from workers import contract
 
-# KEYS: the organization's places on the endpoint. ARGV: now, units, deadline, request id,
-# ttl. 1: taken; 0: every unit busy.
+# KEYS: the organization's places on the endpoint. ARGV: now, units, the lease's end, request
+# id, ttl. 1: taken; 0: every unit busy.
 _TAKE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
@@ -66,12 +68,21 @@ async def take(
         return online, ""
     key = inflight_key(endpoint_id, organization_id)
     ttl = str(int(max(60.0, deadline - time.time() + 60)))
+    now = time.time()
     took = int(
         await get_async_redis().eval(
-            _TAKE, 1, key, str(time.time()), str(found.units), str(deadline), request_id, ttl
+            _TAKE,
+            1,
+            key,
+            str(now),
+            str(found.units),
+            str(leases.end(deadline, now)),
+            request_id,
+            ttl,
         )
     )
     if took == 1:
+        leases.hold(request_id, [key], deadline)
         return contract.ServiceClass.PROVISIONED.value, key
     if found.overflow == "refuse":
         raise OpenAIError(

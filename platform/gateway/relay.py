@@ -59,7 +59,7 @@ from catalog.selectors import ProviderConnection, provider_connection
 from catalog.specs import EndpointSpec
 from core import outbound
 from core.redis import ScriptCall, get_async_redis, run_scripts
-from gateway import pipeline, pool_share, text
+from gateway import leases, pipeline, pool_share, text
 from gateway.backends import database_read
 from gateway.errors import OpenAIError
 from gateway.limits import Admission, refund_call
@@ -99,11 +99,11 @@ _ORG_INFLIGHT_PREFIX = "mantle:relay:inflight-org:"
 
 # KEYS[1] the target's cooldown, KEYS[2] the provider's in-flight set, KEYS[3] the calling
 # organization's in-flight set on the provider (members and scores as in KEYS[2]); ARGV:
-# now, the end of this request's lease (`_lease_end`), its id, the provider's maximum, '1'
+# now, the end of this request's lease (`leases.end`), its id, the provider's maximum, '1'
 # to take a cooled target anyway (the route's last, when nothing else was tried), the
 # organization's cap (at least the maximum: no share, KEYS[3] untouched). Entries end at
 # their lease's end in both sets, which their gateway pushes back while the request runs
-# (`_renew_leases`). -1 cooled, 0 full (or the organization at its share), 1 taken.
+# (gateway/leases.py). -1 cooled, 0 full (or the organization at its share), 1 taken.
 _TAKE = """
 if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
@@ -157,60 +157,9 @@ return 1
 """
 
 
-@dataclass(slots=True)
-class _Lease:
-    """A provider slot this process holds: the sets it is in, and its request's deadline."""
-
-    keys: tuple[str, str]
-    deadline: float
-
-
-# The slots this process holds, by request id, and the task that renews their leases.
-_leases: dict[str, _Lease] = {}
-_renewer: asyncio.Task[None] | None = None
-
-
-def _lease_end(deadline: float, now: float) -> float:
-    return min(deadline, now + settings.MANTLE_PROVIDER_SLOT_LEASE_S)
-
-
-def _hold(
-    provider: ProviderConnection, organization_id: str, request_id: str, deadline: float
-) -> None:
-    """Keeps the request's slot leased while it runs (until its release or its deadline)."""
-    global _renewer
-    keys = (_INFLIGHT_PREFIX + provider.id, _org_key(provider, organization_id))
-    _leases[request_id] = _Lease(keys, deadline)
-    loop = asyncio.get_running_loop()
-    if _renewer is None or _renewer.done() or _renewer.get_loop() is not loop:
-        _renewer = loop.create_task(_renew_leases())
-
-
-def _let_go(request_id: str) -> None:
-    _leases.pop(request_id, None)
-
-
-async def _renew_leases() -> None:
-    """Pushes back the end of every slot lease this process holds, every third of a lease,
-    in one round trip; ends when none is left (`_hold` starts it again). A slot already given
-    back is not taken again (ZADD XX only updates)."""
-    while _leases:
-        await asyncio.sleep(settings.MANTLE_PROVIDER_SLOT_LEASE_S / 3)
-        now = time.time()
-        pipe = get_async_redis().pipeline(transaction=False)
-        for request_id, lease in list(_leases.items()):
-            if lease.deadline <= now:
-                _leases.pop(request_id, None)
-                continue
-            end = _lease_end(lease.deadline, now)
-            for key in lease.keys:
-                pipe.zadd(key, {request_id: end}, xx=True)
-        if not len(pipe):
-            continue
-        try:
-            await pipe.execute()
-        except Exception:  # the next round tries again; a lease lasts three rounds
-            logger.warning("could not renew %d provider slot leases", len(_leases))
+def _slot_keys(provider: ProviderConnection, organization_id: str) -> tuple[str, str]:
+    """The sorted sets a request's provider slot is in: the provider's, its organization's."""
+    return (_INFLIGHT_PREFIX + provider.id, _org_key(provider, organization_id))
 
 
 # Work that runs beside a reply (its metering and settlement); kept referenced until done.
@@ -443,7 +392,7 @@ def lease_taken(
     """After a `take_call` answered `answer`: a slot taken is leased by this process until
     it is given back (`release_slot`, `release_call`, `succeeded_call`) or its deadline."""
     if answer == 1:
-        _hold(provider, organization_id, request_id, deadline)
+        leases.hold(request_id, _slot_keys(provider, organization_id), deadline)
 
 
 def take_call(
@@ -467,7 +416,7 @@ def take_call(
         ],
         [
             now,
-            _lease_end(deadline, now),
+            leases.end(deadline, now),
             request_id,
             provider.max_concurrency,
             "1" if force else "0",
@@ -481,7 +430,7 @@ def succeeded_call(
 ) -> ScriptCall:
     """The slot (and the organization's place) given back and the target's failures in a
     row forgotten, as a script call: what follows a whole answer."""
-    _let_go(request_id)
+    leases.let_go(request_id, _slot_keys(provider, organization_id))
     keys = [
         _INFLIGHT_PREFIX + provider.id,
         _FAILS_PREFIX + target.id,
@@ -492,14 +441,14 @@ def succeeded_call(
 
 def release_call(provider: ProviderConnection, organization_id: str, request_id: str) -> ScriptCall:
     """The slot (and the organization's place) given back, as a script call: a stream's end."""
-    _let_go(request_id)
+    leases.let_go(request_id, _slot_keys(provider, organization_id))
     keys = [_INFLIGHT_PREFIX + provider.id, _org_key(provider, organization_id)]
     return _RELEASE, keys, [request_id]
 
 
 async def release_slot(provider: ProviderConnection, organization_id: str, request_id: str) -> None:
     """Gives the request's slot back (one round trip); a failure leaves it to its lease."""
-    _let_go(request_id)
+    leases.let_go(request_id, _slot_keys(provider, organization_id))
     try:
         pipe = get_async_redis().pipeline(transaction=False)
         pipe.zrem(_INFLIGHT_PREFIX + provider.id, request_id)

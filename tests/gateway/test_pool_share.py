@@ -64,7 +64,8 @@ def test_an_organization_holds_at_most_its_share_and_waits_for_its_own_requests(
 
 @override_settings(MANTLE_FAIR_POOL_ORG_SHARE=0.5, MANTLE_FAIR_POOL_WAIT_S=0.1)
 def test_a_place_past_its_deadline_is_free_again_without_a_give_back() -> None:
-    """A gateway that died never gives its places back: they end with their deadline."""
+    """A gateway that died never gives its places back: they end with their lease, at the
+    latest their deadline."""
     register("node-a", 2)
 
     async def scenario() -> None:
@@ -75,6 +76,35 @@ def test_a_place_past_its_deadline_is_free_again_without_a_give_back() -> None:
         assert await pool_share.take(POOL, "org-a", "after", time.time() + 60)
 
     asyncio.run(scenario())
+
+
+@override_settings(
+    MANTLE_FAIR_POOL_ORG_SHARE=0.5, MANTLE_FAIR_POOL_WAIT_S=0.1, MANTLE_INFLIGHT_LEASE_S=0.6
+)
+def test_a_dead_gateways_places_end_within_a_lease_and_a_live_one_keeps_its_own() -> None:
+    """A place is a lease its gateway renews while the request runs (gateway/leases.py): a
+    gateway that died (its loop gone: nothing renews) frees its organization's share within
+    a lease, not at the requests' deadlines (minutes); a live gateway keeps its places."""
+    register("node-a", 2)  # one place for an organization
+
+    async def dead_gateway() -> None:
+        assert await pool_share.take(POOL, "org-a", "gone", time.time() + 600)
+
+    asyncio.run(dead_gateway())
+
+    async def after_it() -> None:
+        with pytest.raises(OpenAIError):
+            await pool_share.take(POOL, "org-a", "next", time.time() + 600)
+        await asyncio.sleep(0.7)
+        key = await pool_share.take(POOL, "org-a", "live", time.time() + 600)
+        assert key
+        await asyncio.sleep(2.0)  # three leases and more: renewed every 0.2 s
+        with pytest.raises(OpenAIError):
+            await pool_share.take(POOL, "org-a", "other", time.time() + 600)
+        await pool_share.give_back(key, "live")
+        assert await pool_share.take(POOL, "org-a", "last", time.time() + 600)
+
+    asyncio.run(after_it())
 
 
 @override_settings(MANTLE_FAIR_POOL_ORG_SHARE=1.0, MANTLE_POOL_BACKLOG_FACTOR=0)

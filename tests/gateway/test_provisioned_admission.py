@@ -128,3 +128,29 @@ def test_the_units_slots_are_kept_from_everyone_elses_share_of_the_pool() -> Non
     assert asyncio.run(others(8)) == 3  # 0.75 of the 4 left to pay-as-you-go
     # The provisioned requests themselves are not held by the pool's share.
     assert asyncio.run(pool_share.take(POOL, "org-p", "p1", time.time() + 60, PROVISIONED)) == ""
+
+
+@override_settings(MANTLE_INFLIGHT_LEASE_S=0.6)
+def test_a_dead_gateways_units_are_free_again_within_a_lease_a_live_ones_are_kept() -> None:
+    """The organization paid for its units: a gateway that died holding them (its event
+    loop gone, nothing renews) must not keep them for the requests' whole deadline. A place
+    is a lease its gateway renews while the request runs (gateway/leases.py)."""
+    commit(1, "refuse")
+    assert take("dead")[0] == PROVISIONED  # its loop ends with the call: a dead gateway
+    with pytest.raises(OpenAIError):
+        take("next")  # the unit is held...
+    time.sleep(0.7)
+    assert take("after")[0] == PROVISIONED  # ...until its lease ended, not for 60 s
+
+    async def live() -> bool:
+        far = time.time() + 600
+        kind, key = await provisioned.take(ENDPOINT, "org-p", "live", far, None)
+        assert kind == PROVISIONED
+        await asyncio.sleep(2.0)  # three leases and more: renewed every 0.2 s
+        score = get_redis().zscore(key, "live")
+        await pool_share.give_back(key, "live")
+        return score is not None and score > time.time()
+
+    get_redis().delete(inflight_key(ENDPOINT, "org-p"))
+    assert asyncio.run(live())
+    assert get_redis().zcard(inflight_key(ENDPOINT, "org-p")) == 0

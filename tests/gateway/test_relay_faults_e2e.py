@@ -509,7 +509,7 @@ def test_a_gateway_killed_holding_a_providers_slots_gives_them_back_within_a_lea
 ) -> None:
     """A gateway dies (SIGKILL: OOM, a lost node) while its request holds all of a provider's
     slots. The slot was a lease its gateway renewed: held while the gateway lived, it ends
-    within MANTLE_PROVIDER_SLOT_LEASE_S of the death, and the other gateway serves the model
+    within MANTLE_INFLIGHT_LEASE_S of the death, and the other gateway serves the model
     again instead of answering 429 until the dead request's deadline (the whole
     MANTLE_REQUEST_TIMEOUT_S, minutes)."""
     one_target(
@@ -517,7 +517,7 @@ def test_a_gateway_killed_holding_a_providers_slots_gives_them_back_within_a_lea
     )
     stack = Stack.for_tests()
     doomed = stack.start_gateway(
-        "gateway-relay-doomed", env={**LOOPBACK_ALLOWED, "MANTLE_PROVIDER_SLOT_LEASE_S": "2"}
+        "gateway-relay-doomed", env={**LOOPBACK_ALLOWED, "MANTLE_INFLIGHT_LEASE_S": "2"}
     )
     try:
         stack.wait_serving(doomed)

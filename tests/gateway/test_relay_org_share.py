@@ -17,7 +17,7 @@ from django.test import override_settings
 from accounts.keys import KeyIdentity
 from catalog.selectors import ProviderConnection
 from core.redis import get_async_redis, get_redis, run_scripts
-from gateway import relay
+from gateway import leases, relay
 from tests.gateway.test_relay import SPEC
 from tests.support.stack import ROOT
 
@@ -175,7 +175,7 @@ def lease_end(request_id: str, provider: ProviderConnection = OPERATOR) -> float
     return get_redis().zscore(f"mantle:relay:inflight:{provider.id}", request_id)
 
 
-@override_settings(MANTLE_PROVIDER_ORG_SHARE=0.5, MANTLE_PROVIDER_SLOT_LEASE_S=0.6)
+@override_settings(MANTLE_PROVIDER_ORG_SHARE=0.5, MANTLE_INFLIGHT_LEASE_S=0.6)
 def test_a_slot_is_a_lease_that_ends_unless_its_gateway_renews_it() -> None:
     """A gateway that died holding slots (its event loop gone: nothing renews them) gives
     them back at the end of their lease, not at their requests' deadlines (minutes later);
@@ -197,7 +197,7 @@ def test_a_slot_is_a_lease_that_ends_unless_its_gateway_renews_it() -> None:
         held_while_running = (lease_end("live") or 0) > time.time()
         await relay.release_slot(OPERATOR, "org-b", "live")
         await asyncio.sleep(0.5)  # a renewal after the release must not take it again
-        return "live" in relay._leases, held_while_running, in_flight()
+        return leases.holding("live"), held_while_running, in_flight()
 
     leased, held_while_running, after = asyncio.run(live_gateway())
     assert held_while_running

@@ -286,3 +286,34 @@ def test_several_requests_billed_in_one_flush_each_get_their_own_event(
     }
     assert found == {"x": 0, "y": 1, "z": 2}
     assert [writer.billing_outcome(rid) for rid in ("x", "y", "z")] == [True, True, True]
+
+
+def test_a_flush_after_its_submitter_gave_up_bills_once_and_keeps_no_outcome(
+    redis_client: Any,
+) -> None:
+    """The engine's final event (with its usage) was buffered, then the task stopped waiting
+    (`forget_billing`) before the flush: the usage is still written with the event, once,
+    and no outcome is kept for a submitter that will never ask."""
+    writer = ResponseWriter(redis_client)
+    writer.bill_with_final("late", lambda r: billed_from(r, "late"))
+    writer.done("late", "stop", 3, 5, result=result_of(5))
+    writer.forget_billing("late")
+    writer.flush()
+    assert [UsageEvent.from_fields(f).request_id for _, f in redis_client.xrange(USAGE_STREAM)] == [
+        "late"
+    ]
+    assert writer.billing_outcome("late") is None
+    assert writer._billed == {} and writer._awaiting == set()
+
+
+def test_a_usage_event_that_cannot_be_made_leaves_the_answer_whole(redis_client: Any) -> None:
+    def broken(result: RequestResult) -> UsageEvent:
+        raise ValueError("no identity")
+
+    writer = ResponseWriter(redis_client)
+    writer.bill_with_final("r", broken)
+    writer.done("r", "stop", 3, 5, result=result_of(5))
+    writer.flush()
+    assert [f["type"] for _, f in redis_client.xrange(response_stream_key("r"))] == ["done"]
+    assert redis_client.xlen(USAGE_STREAM) == 0
+    assert writer.billing_outcome("r") is None  # the task emits it itself

@@ -444,6 +444,15 @@ MANTLE_TOKENIZER_MAX_BYTES = env.int("MANTLE_TOKENIZER_MAX_BYTES", default=32 * 
 MANTLE_TOKENIZER_MAX_VOCAB = env.int("MANTLE_TOKENIZER_MAX_VOCAB", default=512 * 1024)
 # Seconds a gateway request may wait for its worker before it fails cleanly.
 MANTLE_REQUEST_TIMEOUT_S = env.float("MANTLE_REQUEST_TIMEOUT_S", default=120.0)
+# The places a request holds while it runs (a provider's slot, its organization's share of
+# a pool, a provisioned unit) are leases of this long, at most to the request's deadline,
+# that their gateway renews every third of a lease (gateway/leases.py): a gateway that dies
+# holding places gives them back within this time, not at its requests' deadlines.
+MANTLE_INFLIGHT_LEASE_S = env.float("MANTLE_INFLIGHT_LEASE_S", default=30.0)
+if not MANTLE_INFLIGHT_LEASE_S > 0:
+    raise ImproperlyConfigured(
+        f"MANTLE_INFLIGHT_LEASE_S is {MANTLE_INFLIGHT_LEASE_S!r}: it must be more than 0 seconds"
+    )
 # Seconds without any event from a started request before its worker is presumed dead.
 MANTLE_WORKER_SILENCE_S = env.float("MANTLE_WORKER_SILENCE_S", default=15.0)
 # Seconds one write to a gateway client may wait for the client to take data before its
@@ -723,15 +732,6 @@ MANTLE_PROVIDER_RETRY_AFTER_MAX_S = env.float("MANTLE_PROVIDER_RETRY_AFTER_MAX_S
 # The circuit breaker: this many failures in a row cool a target down for so long.
 MANTLE_PROVIDER_FAILURES_TO_COOL = env.int("MANTLE_PROVIDER_FAILURES_TO_COOL", default=3)
 MANTLE_PROVIDER_COOLDOWN_S = env.int("MANTLE_PROVIDER_COOLDOWN_S", default=30)
-# A provider slot is a lease: taken for this long (at most to the request's deadline) and
-# renewed by its gateway every third of it while the request runs, so that a gateway that
-# dies holding slots gives them back within this time, not at its requests' deadlines.
-MANTLE_PROVIDER_SLOT_LEASE_S = env.float("MANTLE_PROVIDER_SLOT_LEASE_S", default=30.0)
-if not MANTLE_PROVIDER_SLOT_LEASE_S > 0:
-    raise ImproperlyConfigured(
-        f"MANTLE_PROVIDER_SLOT_LEASE_S is {MANTLE_PROVIDER_SLOT_LEASE_S!r}: it must be more "
-        "than 0 seconds"
-    )
 # One organization's most of an operator's provider's max_concurrency in flight (rounded
 # down, at least 1; 1: no share). Organizations' own providers have none.
 _provider_org_share = env.str("MANTLE_PROVIDER_ORG_SHARE", default="0.5")
