@@ -202,6 +202,8 @@ EVENT_ERROR = "error"
 EVENT_TENSORS = "tensors"
 EVENT_PROMPT_LOGPROBS = "prompt_logprobs"
 EVENT_CHOICE_DONE = "choice_done"
+FINAL_EVENTS = frozenset({EVENT_DONE, EVENT_ERROR, EVENT_EMBEDDINGS})
+"""The events that end a request's stream: nothing follows one of them."""
 
 MAX_CHOICES = 8
 """The most choices (`n`) one request may ask for."""

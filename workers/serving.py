@@ -14,9 +14,7 @@ from workers import metrics
 from workers.contract import (
     BATCH_STREAM_DONE_TTL_S,
     EVENT_DELTA,
-    EVENT_DONE,
-    EVENT_EMBEDDINGS,
-    EVENT_ERROR,
+    FINAL_EVENTS,
     BillingIdentity,
     EmbedRequest,
     FinishReason,
@@ -516,7 +514,7 @@ class WorkerRuntime:
         entries = self.redis.xrange(response_stream_key(rid)) or []
         events = [{_text(k): _text(v) for k, v in (fields or {}).items()} for _, fields in entries]
         types = {e.get("type") for e in events}
-        if types & {EVENT_DONE, EVENT_ERROR, EVENT_EMBEDDINGS}:  # a final event
+        if types & FINAL_EVENTS:
             logger.info("request %s redelivered after it finished; ignored", rid)
             return Outcome(status="duplicate")
         if not events:

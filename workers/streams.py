@@ -22,6 +22,7 @@ from workers.contract import (
     EVENT_PROMPT_LOGPROBS,
     EVENT_STARTED,
     EVENT_TENSORS,
+    FINAL_EVENTS,
     RESPONSE_STREAM_DONE_TTL_S,
     RESPONSE_STREAM_TTL_S,
     USAGE_GUARD_TTL_S,
@@ -44,9 +45,6 @@ logger = logging.getLogger(__name__)
 # Guard and append in one script: a crash between a separate SET and XADD would
 # either lose the event or (if the order were reversed) allow a second one.
 _EMIT_USAGE_LUA = EMIT_USAGE_LUA
-
-
-_FINAL_EVENTS = frozenset({EVENT_DONE, EVENT_ERROR, EVENT_EMBEDDINGS})
 
 
 class ResponseWriter:
@@ -264,7 +262,7 @@ class ResponseWriter:
             for request_id, fields in pending:
                 key = response_stream_key(request_id)
                 pipe.xadd(key, fields)  # type: ignore[arg-type]
-                touched[key] = touched.get(key, False) or fields["type"] in _FINAL_EVENTS
+                touched[key] = touched.get(key, False) or fields["type"] in FINAL_EVENTS
             done_ttl: dict[str, int] = {}
             if self._done_ttl:
                 with self._buffer_lock:

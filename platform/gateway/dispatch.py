@@ -18,7 +18,7 @@ from workers import contract
 
 logger = logging.getLogger(__name__)
 
-_TERMINAL = {contract.EVENT_DONE, contract.EVENT_ERROR, contract.EVENT_EMBEDDINGS}
+_TERMINAL = contract.FINAL_EVENTS
 _POLL_MS = 1000
 
 

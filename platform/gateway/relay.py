@@ -409,11 +409,7 @@ def take_call(
     now = time.time()
     return (
         _TAKE,
-        [
-            _COOL_PREFIX + target_id,
-            _INFLIGHT_PREFIX + provider.id,
-            _org_key(provider, organization_id),
-        ],
+        [_COOL_PREFIX + target_id, *_slot_keys(provider, organization_id)],
         [
             now,
             leases.end(deadline, now),
@@ -430,29 +426,26 @@ def succeeded_call(
 ) -> ScriptCall:
     """The slot (and the organization's place) given back and the target's failures in a
     row forgotten, as a script call: what follows a whole answer."""
-    leases.let_go(request_id, _slot_keys(provider, organization_id))
-    keys = [
-        _INFLIGHT_PREFIX + provider.id,
-        _FAILS_PREFIX + target.id,
-        _org_key(provider, organization_id),
-    ]
-    return _SUCCEEDED, keys, [request_id]
+    provider_key, org_key = _slot_keys(provider, organization_id)
+    leases.let_go(request_id, (provider_key, org_key))
+    return _SUCCEEDED, [provider_key, _FAILS_PREFIX + target.id, org_key], [request_id]
 
 
 def release_call(provider: ProviderConnection, organization_id: str, request_id: str) -> ScriptCall:
     """The slot (and the organization's place) given back, as a script call: a stream's end."""
-    leases.let_go(request_id, _slot_keys(provider, organization_id))
-    keys = [_INFLIGHT_PREFIX + provider.id, _org_key(provider, organization_id)]
-    return _RELEASE, keys, [request_id]
+    keys = _slot_keys(provider, organization_id)
+    leases.let_go(request_id, keys)
+    return _RELEASE, list(keys), [request_id]
 
 
 async def release_slot(provider: ProviderConnection, organization_id: str, request_id: str) -> None:
     """Gives the request's slot back (one round trip); a failure leaves it to its lease."""
-    leases.let_go(request_id, _slot_keys(provider, organization_id))
+    keys = _slot_keys(provider, organization_id)
+    leases.let_go(request_id, keys)
     try:
         pipe = get_async_redis().pipeline(transaction=False)
-        pipe.zrem(_INFLIGHT_PREFIX + provider.id, request_id)
-        pipe.zrem(_org_key(provider, organization_id), request_id)
+        for key in keys:
+            pipe.zrem(key, request_id)
         await pipe.execute()
     except Exception:  # the entry expires at its lease's end anyway
         logger.warning("could not release %s's slot at %s", request_id, provider.id)

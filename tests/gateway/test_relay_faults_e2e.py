@@ -28,6 +28,7 @@ from tests.gateway.relay_support import (
     usage_events,
     wait_usage,
 )
+from tests.reliability.support import wait_until
 from tests.support.stack import Process, Stack
 from tests.support.upstream_fake import UpstreamFake
 
@@ -556,12 +557,3 @@ def test_a_gateway_killed_holding_a_providers_slots_gives_them_back_within_a_lea
         assert answers[0]
     finally:
         stack.stop_all()
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import time
@@ -15,6 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.factories import tensor_artifact
+from tests.workers.test_streams import usage
 from workers.contract import (
     USAGE_STREAM,
     BillingIdentity,
@@ -346,20 +348,4 @@ def test_an_idle_version_is_unloaded_but_never_while_a_request_uses_it(
 
 def billed(result: RequestResult, request_id: str) -> UsageEvent:
     """A usage event carrying the result's compute time (in microseconds, to compare)."""
-    return UsageEvent(
-        request_id=request_id,
-        organization_id="org",
-        project_id="proj",
-        api_key_id="key",
-        endpoint_id="ep",
-        model_version_id="mv",
-        model_name="ranker",
-        input_tokens=0,
-        output_tokens=0,
-        status=result.finish_reason,
-        started_at=result.admitted_at,
-        finished_at=result.finished_at,
-        queue_ms=0,
-        compute_ms=round((result.compute_s or 0.0) * 1e6),
-        worker="node-1",
-    )
+    return dataclasses.replace(usage(request_id), compute_ms=round((result.compute_s or 0.0) * 1e6))
