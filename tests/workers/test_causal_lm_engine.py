@@ -1302,3 +1302,71 @@ def test_waiting_requests_are_counted_by_class(make_engine: Callable[..., Causal
     assert engine.waiting_by_class() == {"flex": 1, "online": 2, "batch": 1}
     for h in [running, *handles]:
         h.claim()
+
+
+def test_a_prompt_half_computed_is_not_held_behind_a_stream_of_fresh_prompts(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    """A long prompt computed a chunk at a time beside running streams takes its turn with
+    the prompts that arrive after it: a steady stream of short prompts (one new as each
+    starts) does not hold it until the stream stops (a surge once held such prompts
+    for most of a minute)."""
+    session = FakeCausalLM(delay_s=0.002, delay_per_token_s=0.0002)
+    engine = make_engine(session, max_batch=16)
+    sink = RecordingSink()
+    running = engine.submit(request("running", [2], 100_000), sink)
+    wait_until(lambda: sink.count("running", "delta") > 0)
+    long = engine.submit(request("long", [(i % 60) + 1 for i in range(200)], 2), sink)
+    sent = 0
+    while not sink.count("long", "delta") and sent < 120:
+        short = engine.submit(request(f"short-{sent}", [3, 4, 5], 1), sink)
+        sent += 1
+        assert short.wait(10) is not None
+
+    result = long.wait(10)
+
+    assert result is not None and result.finish_reason == "length"
+    # Its chunks alternated with the newcomers': it did not wait for the 120th.
+    assert sent < 60, sent
+    assert sink.text("long") == decode(reference([(i % 60) + 1 for i in range(200)], 2))
+    running.claim()
+
+
+def test_a_flex_request_never_holds_a_row_past_its_wait_behind_default_prompts(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    """While default-tier prompts keep arriving, a flex request is either computed or
+    refused within its wait: it never sits in a row that prefill does not reach."""
+    session = FakeCausalLM(delay_s=0.002, delay_per_token_s=0.0002)
+    engine = make_engine(session, max_batch=16, flex_max_wait_s=0.3)
+    sink = RecordingSink()
+    running = engine.submit(request("running", [2], 100_000), sink)
+    wait_until(lambda: sink.count("running", "delta") > 0)
+    stop = threading.Event()
+
+    def defaults() -> None:
+        i = 0
+        while not stop.is_set():
+            handles = [
+                engine.submit(request(f"d-{i}-{k}", [(k % 50) + 1] * 40, 1), sink) for k in range(4)
+            ]
+            i += 1
+            for h in handles:
+                h.wait(10)
+
+    flood = threading.Thread(target=defaults)
+    flood.start()
+    try:
+        time.sleep(0.1)
+        flex = engine.submit(request("flex", [3, 4, 5], 2, service_class="flex"), sink)
+        # It ends while the defaults still arrive (not once they stop).
+        result = flex.wait(10)
+    finally:
+        stop.set()
+        flood.join(20)
+    assert result is not None
+    if result.finish_reason == "error":
+        assert "resource_unavailable" in str(sink.of("flex")[-1][1])
+    else:
+        assert sink.text("flex") == decode(reference([3, 4, 5], 2))
+    running.claim()

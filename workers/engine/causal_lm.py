@@ -70,6 +70,7 @@ PREFILL_MIN_CHUNK = 16
 # (On the traced graph the streams' own steps ran 1.6-2x slower between the prompt's
 # calls, whose presents copied the whole past, and no share brought the ratio under 3x.)
 PREFILL_SHARE = 0.5
+PREFILL_WINDOW_S = 2.0  # about how much decode time the share is measured over
 
 SERVED_DECAY_S = 10.0
 """How long an organization's recent tokens count against it (e-folding time) when
@@ -206,13 +207,15 @@ class _Prefill:
     __slots__ = ("arrival", "done", "past", "req", "served")
 
     def __init__(
-        self, req: _Request, past: list[np.ndarray] | None, done: int, arrival: int
+        self, req: _Request, past: list[np.ndarray] | None, done: int, arrival: int, step: int
     ) -> None:
         self.req = req
         self.past = past
         self.done = done  # prompt tokens whose KV is in past
         self.arrival = arrival
-        self.served = -1  # the engine step of its last chunk
+        # The engine step of its last chunk (of its admission before any): prompts take
+        # turns in this order, so fresh arrivals never hold a prompt half computed.
+        self.served = step
 
     @property
     def remaining(self) -> int:
@@ -624,8 +627,10 @@ class CausalLMEngine:
             self._last_cancel_check = now
             self._sweep(now)
         self._admit()
-        if self._prefilling and self._may_prefill() and not self._prefill_step():
-            return  # cut short for an online request: admitted at the next iteration
+        if self._prefilling and self._may_prefill():
+            if not self._prefill_step():
+                return  # cut short for an online request: admitted at the next iteration
+            self._publish()  # first tokens go out now, not after the decode step below
         if self._prefilling and self._online_first():
             return  # an online prompt goes on alone: batch rows wait for it
         if self._running:
@@ -638,6 +643,11 @@ class CausalLMEngine:
             )
             if self._prefilling:
                 self._contended_decode_s += elapsed
+                if self._contended_decode_s > PREFILL_WINDOW_S:
+                    # Recent time counts, not a long contention's whole history: when the
+                    # share changes, prefill does not run (or wait) for minutes to catch up.
+                    self._contended_prefill_s /= 2
+                    self._contended_decode_s /= 2
 
     def _sweep(self, now: float) -> None:
         """Drop cancelled, expired and abandoned requests, running or waiting."""
@@ -655,7 +665,6 @@ class CausalLMEngine:
             except Exception:
                 logger.warning("engine %s: cancellation check failed", self.name, exc_info=True)
         flex = RANKS[ServiceClass.FLEX.value]
-        still_waiting = {id(r) for r in waiting}
         for i, req in enumerate(reqs):
             if req.handle.claimed:  # the submitter gave up and already answered
                 continue
@@ -665,7 +674,7 @@ class CausalLMEngine:
                 self._fail(req, "deadline_exceeded", "the request deadline passed")
             elif (
                 req.rank == flex
-                and id(req) in still_waiting
+                and req.admitted_step < 0  # waiting, or given a row but not yet computed
                 and now - (req.request.enqueued_at or now) > self.flex_max_wait_s
             ):
                 # Never served late, never dropped: a clean refusal the client may retry.
@@ -711,8 +720,14 @@ class CausalLMEngine:
             share = self._share_of(counts)
             ceiling = self.max_batch + online_burst(self.max_batch)
             now = time.monotonic()
+            # A request of a lower class than a prompt already waiting to be computed would
+            # hold a row that no call reaches until those prompts are done: it waits here,
+            # where it keeps no row and a flex request's waiting limit applies.
+            computing = min((p.req.rank for p in self._prefilling if not p.req.batch), default=None)
             while self._waiting:
                 req = min(self._waiting, key=lambda r: self._order(r, counts, now))
+                if computing is not None and req.rank > computing:
+                    break
                 n = req.n
                 favoured = req.rank == 0 or (
                     self.fair_sharing and counts.get(req.org, 0) + n <= share
@@ -725,6 +740,7 @@ class CausalLMEngine:
                 total += n
                 counts[req.org] = counts.get(req.org, 0) + n
                 admitted.append(req)
+                computing = req.rank if computing is None else min(computing, req.rank)
             if online_rows or self._waiting:
                 self._online.touch()
             if not self._waiting:
@@ -747,7 +763,9 @@ class CausalLMEngine:
                     req.cached_tokens = len(blocks) * self._cache.block_tokens
                     stacked = np.concatenate(blocks, axis=2)  # [2L, H, cached, D]
                     past = [np.ascontiguousarray(stacked[k][None]) for k in range(len(blocks[0]))]
-            self._prefilling.append(_Prefill(req, past, req.cached_tokens, self._arrivals))
+            self._prefilling.append(
+                _Prefill(req, past, req.cached_tokens, self._arrivals, self.step)
+            )
             self._arrivals += 1
             self._prefilling_rows += req.n
 
@@ -866,25 +884,35 @@ class CausalLMEngine:
     def _may_prefill(self) -> bool:
         """Whether prefill gets this iteration. While streams decode, prefill's time is at
         most PREFILL_SHARE of decode's (so time between their tokens stays within
-        (1 + PREFILL_SHARE)x while a long prompt is computed); alone, or for an online
-        prompt beside only batch rows, it always runs."""
+        (1 + PREFILL_SHARE)x while a long prompt is computed), scaled up by how many more
+        rows wait for their prompt than decode: when most rows are prompts not yet computed
+        (a surge), sparing the few decoding ones would starve the many (each row then gets
+        about equal time). Alone, for an online prompt beside only batch rows, or for a
+        priority prompt's first chunk, it always runs."""
         if not self._running:
             self._contended_prefill_s = self._contended_decode_s = 0.0
             return True
-        if self._online_first():
+        if self._online_first() or self._priority_prompt():
             return True
-        return self._contended_prefill_s <= PREFILL_SHARE * self._contended_decode_s
+        share = PREFILL_SHARE * max(1.0, self._prefilling_rows / len(self._running))
+        return self._contended_prefill_s <= share * self._contended_decode_s
+
+    def _priority_prompt(self) -> bool:
+        """Whether a prompt of priority rank waits for its first chunk: it is computed at
+        once, not when prefill's share of time comes round again."""
+        return any(p.req.rank == 0 and p.req.admitted_step < 0 for p in self._prefilling)
 
     def _prefill_step(self) -> bool:
         """One session call that computes the next chunk of one or more prompts; False
         when the call was cut short (nothing changed).
 
         Online prompts go before batch ones; within a class the rows served least recently
-        go first (arrival order among equals), so a long prompt being computed chunk by
-        chunk never holds short ones behind it. Rows join a call only if they are of the
-        first one's class and have as much past as it (0 for fresh prompts, or the same
-        cached prefix): a call's rows are padded to one past and one chunk width, and a
-        batch prompt never makes an online one's call longer.
+        go first (a fresh prompt counts as served when it was admitted; arrival order among
+        equals): prompts take turns, so a long prompt being computed chunk by chunk never
+        holds short ones behind it, and a stream of fresh arrivals never holds it. Rows join
+        a call only if they are of the first one's class and have as much past as it (0 for
+        fresh prompts, or the same cached prefix): a call's rows are padded to one past and
+        one chunk width, and a batch prompt never makes an online one's call longer.
         """
         budget = self._prefill_budget()
         uncontended = self._online_first()
