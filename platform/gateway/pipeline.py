@@ -107,6 +107,12 @@ def tier_class(service_tier: str | None) -> str:
     return chosen.value if chosen is not None else current
 
 
+async def shed_early(identity: KeyIdentity, spec: EndpointSpec, service_tier: str | None) -> None:
+    """A surge's refusals that need no prompt, before the prompt is rendered and tokenized
+    (`pool_share.shed`)."""
+    await pool_share.shed(spec.pool, spec.id, identity.organization_id, tier_class(service_tier))
+
+
 def limiter() -> RateLimiter:
     """This event loop's rate limiter (its Redis client belongs to the loop)."""
     loop_id = id(asyncio.get_running_loop())

@@ -43,6 +43,7 @@ from billing.provisioned import pool_key as provisioned_pool_key
 from core.redis import get_async_redis
 from gateway import leases
 from gateway.errors import OpenAIError
+from gateway.provisioned import entitlement as provisioned_entitlement
 from workers import contract
 
 logger = logging.getLogger(__name__)
@@ -220,14 +221,7 @@ async def take(
                 leases.hold(request_id, keys, deadline)
                 return "\n".join(keys)
             if took == -1 and service_class == contract.ServiceClass.FLEX:
-                raise OpenAIError(
-                    429,
-                    "Resource unavailable: flex requests run on idle capacity, and this "
-                    f"model's pool has none now ({bound} requests in flight on its {slots} "
-                    "slots). Retry later or use the default tier.",
-                    code="resource_unavailable",
-                    headers={"retry-after": "30"},
-                )
+                raise _flex_refusal(bound, slots)
             if not waiting:
                 # A surge's excess is shed here, at once, rather than kept polling: at most
                 # the pool's slots wait in one gateway process (per tier group).
@@ -244,6 +238,55 @@ async def take(
     finally:
         if waiting:
             _waiters[group] -= 1
+
+
+async def shed(pool: str, endpoint_id: str, organization_id: str, service_class: str) -> None:
+    """Refuses at once, before its prompt is rendered and tokenized, a request that `take`
+    would refuse at its first look: under a surge the refused are most of the traffic, and
+    their templates and tokenizing would take the gateway's CPU from the requests it
+    serves (docs/service_tiers.md). Only two cases, each `take`'s own decision:
+
+    - flex, when the pool has no idle slot (the 429 resource_unavailable);
+    - the default tier, when the pool holds its backlog bound and this process's waiting
+      room for it is full (the 503 server_overloaded), unless the organization has
+      provisioned units on the endpoint (its request may run within them).
+
+    Anything else, and anything Redis cannot answer now, goes on to admission as before."""
+    flex = service_class == contract.ServiceClass.FLEX
+    if not flex and service_class != contract.ServiceClass.ONLINE:
+        return
+    if settings.MANTLE_POOL_BACKLOG_FACTOR <= 0:
+        return
+    try:
+        found = await _pool(pool)
+        if found.slots <= 0:
+            return
+        slots = max(1, found.slots - found.reserved)
+        group = (pool, False)
+        if not flex and _waiters.get(group, 0) < max(MIN_WAITERS, slots):
+            return  # room to wait: `take` decides
+        bound = pool_bound(slots, service_class)
+        client = get_async_redis()
+        if await client.zcount(pool_key(pool), f"({time.time()}", "+inf") < bound:
+            return
+        if not flex and await provisioned_entitlement(endpoint_id, organization_id):
+            return
+    except Exception:  # Redis's state is admission's to report
+        return
+    if flex:
+        raise _flex_refusal(bound, slots)
+    raise _refusal(-1, org_cap(slots), bound, slots, crowded=True)
+
+
+def _flex_refusal(bound: int, slots: int) -> OpenAIError:
+    return OpenAIError(
+        429,
+        "Resource unavailable: flex requests run on idle capacity, and this "
+        f"model's pool has none now ({bound} requests in flight on its {slots} "
+        "slots). Retry later or use the default tier.",
+        code="resource_unavailable",
+        headers={"retry-after": "30"},
+    )
 
 
 def _refusal(took: int, cap: int, bound: int, slots: int, *, crowded: bool) -> OpenAIError:

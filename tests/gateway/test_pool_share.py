@@ -9,6 +9,7 @@ import time
 import pytest
 from django.test import override_settings
 
+from billing.provisioned import Entitlement, endpoint_key
 from core.redis import get_redis
 from gateway import pool_share
 from gateway.errors import OpenAIError
@@ -246,3 +247,56 @@ def test_small_pools_keep_no_reserve_and_the_default_bound_is_their_slots() -> N
     assert pool_share.pool_bound(64, "online") == 58
     assert pool_share.pool_bound(64, "flex") == 58
     assert pool_share.pool_bound(64, "priority") == 128
+
+
+@override_settings(
+    MANTLE_FAIR_POOL_ORG_SHARE=1.0, MANTLE_POOL_BACKLOG_FACTOR=1.0, MANTLE_FAIR_POOL_WAIT_S=5
+)
+def test_a_surges_refusals_are_decided_before_the_prompt_only_where_take_would_refuse() -> None:
+    """`shed` (run before a prompt is rendered and tokenized) refuses exactly what `take`
+    refuses at its first look: flex with no idle slot, the default tier past the pool's
+    bound with the waiting room full (unless the organization has provisioned units);
+    never priority, and never while there is room."""
+    register("node-a", 2)
+    client = get_redis()
+
+    async def scenario() -> None:
+        deadline = time.time() + 60
+        # An idle pool: nothing is refused.
+        for tier in ("flex", "online", "priority"):
+            await pool_share.shed(POOL, "ep", "org-x", tier)
+        held = [await pool_share.take(POOL, f"org-{i}", f"r{i}", deadline) for i in range(2)]
+        assert all(held)  # the bound for flex (2 slots) and the default tier (1 x 2)
+        with pytest.raises(OpenAIError) as flex:
+            await pool_share.shed(POOL, "ep", "org-x", "flex")
+        assert (flex.value.status, flex.value.code) == (429, "resource_unavailable")
+        # The default tier still may wait: the waiting room has places.
+        await pool_share.shed(POOL, "ep", "org-x", "online")
+        waiters = [
+            asyncio.create_task(pool_share.take(POOL, f"org-w{i}", f"w{i}", deadline))
+            for i in range(pool_share.MIN_WAITERS)
+        ]
+        await asyncio.sleep(0.1)
+        with pytest.raises(OpenAIError) as default:
+            await pool_share.shed(POOL, "ep", "org-x", "online")
+        assert (default.value.status, default.value.code) == (503, "server_overloaded")
+        assert "already wait" in default.value.message
+        await pool_share.shed(POOL, "ep", "org-x", "priority")  # passes the backlog
+        # An organization with units on the endpoint goes on to admission (they may serve it).
+        client.hset(
+            endpoint_key("ep"),
+            "org-u",
+            Entitlement(1, "spill", time.time() - 10, 0).encode(),
+        )
+        try:
+            await pool_share.shed(POOL, "ep", "org-u", "online")
+        finally:
+            client.delete(endpoint_key("ep"))
+        # A place given back: room again.
+        await pool_share.give_back(held[0], "r0")
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await pool_share.shed(POOL, "ep", "org-x", "online")
+
+    asyncio.run(scenario())

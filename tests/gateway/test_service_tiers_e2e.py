@@ -357,3 +357,38 @@ def test_a_quiet_organization_is_served_while_another_floods_the_pool(served: Se
     order = [name for name, _ in sorted(finished, key=lambda f: f[1])]
     assert order[0] == "b", order  # before any of A's answers ended
     assert sorted(n for n in order if n != "b") == sorted(f"a{i}:300" for i in range(8))
+
+
+def test_a_surges_flex_refusal_comes_before_the_prompt_is_rendered_and_tokenized(
+    served: Served,
+) -> None:
+    """With the pool at its bound, a flex request is refused at once, before its prompt is
+    rendered and tokenized (gateway/pool_share.shed): a prompt over the model's context,
+    which tokenizing answers with a 400, gets the 429. The default tier, which may still
+    wait for a place, is tokenized as before; flex is served again once places free."""
+    from gateway import pool_share
+
+    client = served.client()
+    key = pool_share.pool_key(served.endpoints[CHAT].pool.name)
+    surge = {f"surge-{i}": time.time() + 120 for i in range(1000)}  # past every tier's bound
+    too_long = [{"role": "user", "content": "word " * 20_000}]
+    get_redis().zadd(key, surge)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(openai.RateLimitError) as flex:
+            client.chat.completions.create(
+                model=CHAT, messages=too_long, max_tokens=2, service_tier="flex"
+            )
+        with pytest.raises(openai.BadRequestError) as default:
+            client.chat.completions.create(model=CHAT, messages=too_long, max_tokens=2)
+    finally:
+        get_redis().zrem(key, *surge)
+    assert flex.value.code == "resource_unavailable", flex.value.body
+    assert flex.value.response.headers["retry-after"] == "30"
+    assert default.value.code == "context_length_exceeded", default.value.body
+    reply = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "Say hi."}],
+        max_tokens=2,
+        service_tier="flex",
+    )
+    assert reply.service_tier == "flex"

@@ -26,6 +26,7 @@ from gateway.pipeline import (
     request_id_of,
     require_method,
     sampling_of,
+    shed_early,
     start_generation,
 )
 from gateway.protocol import (
@@ -131,6 +132,7 @@ async def _on_pool(
     spec: EndpointSpec,
 ) -> HttpResponseBase:
     """The request on the endpoint's own pool."""
+    await shed_early(identity, spec, body.service_tier)
     text.check_bias(spec, body.bias(), "logit_bias")
     messages, tool_variables = agent.template_messages(
         conversation(body),

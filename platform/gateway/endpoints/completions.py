@@ -27,6 +27,7 @@ from gateway.pipeline import (
     request_id_of,
     require_method,
     sampling_of,
+    shed_early,
     start_generation,
 )
 from gateway.protocol import (
@@ -65,6 +66,7 @@ async def _on_pool(
     request: HttpRequest, body: CompletionRequest, identity: KeyIdentity, spec: EndpointSpec
 ) -> HttpResponseBase:
     """The request on the endpoint's own pool."""
+    await shed_early(identity, spec, body.service_tier)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:

@@ -37,6 +37,7 @@ from gateway.pipeline import (
     gather,
     parse_request,
     request_id_of,
+    shed_early,
     start_generation,
 )
 from gateway.protocol_responses import (
@@ -110,6 +111,7 @@ async def _on_pool(
     owner: Owner,
 ) -> HttpResponseBase:
     """The request on the endpoint's own pool."""
+    await shed_early(identity, spec, body.service_tier)
     messages, tools_variable = agent.template_messages(
         chat_messages(body.instructions, items),
         plan.tools,
