@@ -197,7 +197,10 @@ async def recovery(url: str, secret: str, idle_p50: float, seconds: float) -> fl
     return None
 
 
-def billed(bench: BenchStack, request_ids: list[str]) -> Counter[str]:
+def billed(
+    bench: BenchStack, request_ids: list[str], queued: dict[str, int] | None = None
+) -> Counter[str]:
+    """Usage events per request id (`queued`, when given, gets each one's `queue_ms`)."""
     import redis
 
     client = redis.Redis.from_url(bench.env["REDIS_URL"], decode_responses=True)
@@ -206,6 +209,8 @@ def billed(bench: BenchStack, request_ids: list[str]) -> Counter[str]:
     for _, fields in client.xrange("mantle:usage"):
         rid = fields.get("request_id", "")
         if rid in wanted:
+            if queued is not None:
+                queued[rid] = int(fields.get("queue_ms") or 0)
             # A request refused before it ran (flex past its wait) has an event of no tokens:
             # metered, never charged. Only events that carry tokens bill anything.
             tokens = int(fields.get("input_tokens") or 0) + int(fields.get("output_tokens") or 0)
@@ -242,8 +247,15 @@ def phase(
         refused = [
             o.request_id for o in tally.outcomes if o.status not in (0, 200) and o.request_id
         ]
-        counts = billed(bench, answered + refused)
+        queued: dict[str, int] = {}
+        counts = billed(bench, answered + refused, queued)
         summary = tally.summary()
+        # Where the priority tier's first tokens waited: from the gateway's publish to the
+        # engine's first call over the prompt (the usage event's queue_ms), and the rest
+        # (the gateway before the publish, the first token's way back, the client).
+        mine = [o for o in tally.outcomes if o.tier == "priority" and o.request_id in queued]
+        inside = [float(queued[o.request_id]) for o in mine]
+        outside = [o.ttft_ms - queued[o.request_id] for o in mine]
         idle_p99 = pct(idle_priority, 0.99)
         p99 = summary["priority"]["ttft_p99_ms"]
         return {
@@ -258,6 +270,12 @@ def phase(
                 round(summary["priority"]["ttft_p50_ms"] / statistics.median(idle_priority), 2)
                 if summary["priority"]["ttft_p50_ms"]
                 else None
+            ),
+            "priority_publish_to_prompt_ms_p50_p99": (
+                [round(statistics.median(inside)), round(pct(inside, 0.99))] if mine else None
+            ),
+            "priority_rest_of_ttft_ms_p50_p99": (
+                [round(statistics.median(outside)), round(pct(outside, 0.99))] if mine else None
             ),
             "recovered_after_s": back,
             "answered_billed_once": sum(1 for r in answered if counts[r] == 1),
