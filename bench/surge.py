@@ -101,6 +101,29 @@ class Tally:
         return out
 
 
+def ttft_buckets(url: str, tier: str) -> dict[float, float]:
+    """The gateway's time-to-first-token histogram for `tier`: upper bound -> count."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    prefix = "mantle_gateway_time_to_first_token_seconds_bucket{"
+    found: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(prefix) and f'tier="{tier}"' in line:
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            found[float("inf") if bound == "+Inf" else float(bound)] = float(line.split()[-1])
+    return found
+
+
+def bucket_quantile(cumulative: dict[float, float], q: float) -> float | None:
+    """The upper bound (ms) of the bucket holding quantile `q` of a cumulative histogram."""
+    total = cumulative.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    for bound in sorted(cumulative):
+        if cumulative[bound] >= q * total:
+            return round(bound * 1000, 1)
+    return None
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -225,6 +248,7 @@ def phase(
     gateway_env = (
         {"MANTLE_FAIR_POOL_ORG_SHARE": "1", "MANTLE_POOL_BACKLOG_FACTOR": "0"} if off else {}
     )
+    gateway_env["MANTLE_OPS_NETWORKS"] = "127.0.0.1/32"  # its /metrics, for the bench
     worker_env = {"MANTLE_FAIR_SHARING": "0"} if off else {}
     gateway = bench.stack.start_gateway("gateway", port=port, env=gateway_env)
     worker = bench.stack.start_worker(
@@ -240,7 +264,12 @@ def phase(
         idle_priority = asyncio.run(sequential(url, secrets["priority"], "priority", 10))
         idle_default = asyncio.run(sequential(url, secrets["default"], "default", 10))
         rate = args.factor * cap
+        before = ttft_buckets(url, "priority")
         tally = asyncio.run(surge(url, secrets, rate, args.seconds))
+        at_gateway = {
+            bound: count - before.get(bound, 0)
+            for bound, count in ttft_buckets(url, "priority").items()
+        }
         back = asyncio.run(recovery(url, secrets["default"], statistics.median(idle_default), 120))
         time.sleep(2.0)  # the last usage events written
         answered = [o.request_id for o in tally.outcomes if o.status == 200 and o.request_id]
@@ -271,6 +300,13 @@ def phase(
                 if summary["priority"]["ttft_p50_ms"]
                 else None
             ),
+            # The gateway's own figure (mantle_gateway_time_to_first_token_seconds), from a
+            # request's arrival to its first token there: the load generator's lag is not
+            # in it. Histogram buckets: each figure is the bucket's upper bound.
+            "priority_ttft_at_gateway_ms_p50_p99_at_most": [
+                bucket_quantile(at_gateway, 0.5),
+                bucket_quantile(at_gateway, 0.99),
+            ],
             "priority_publish_to_prompt_ms_p50_p99": (
                 [round(statistics.median(inside)), round(pct(inside, 0.99))] if mine else None
             ),

@@ -7,6 +7,11 @@ import logging
 import re
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# When the request reached this process (time.perf_counter()), for latencies measured from
+# its arrival (the gateway's time to first token); 0.0 outside a request.
+request_started_var: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "request_started", default=0.0
+)
 
 # API key secrets (sk-...), bearer tokens and Stripe keys, wherever they appear.
 _SECRET_RE = re.compile(

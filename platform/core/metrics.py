@@ -21,4 +21,10 @@ GATEWAY_TOKENS = Counter(
 GATEWAY_REJECTIONS = Counter(
     "mantle_gateway_rejections_total", "Requests refused by the gateway, by code", ["code"]
 )
+GATEWAY_TTFT = Histogram(
+    "mantle_gateway_time_to_first_token_seconds",
+    "From a generation request's arrival at the gateway to its first token there, by tier",
+    ["tier"],
+    buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 120),
+)
 INFLIGHT = Gauge("mantle_gateway_inflight_requests", "Gateway requests in flight")

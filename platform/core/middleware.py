@@ -22,7 +22,7 @@ from django_otp.middleware import OTPMiddleware
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 from core import metrics
-from core.logs import request_id_var
+from core.logs import request_id_var, request_started_var
 
 GetResponse = Callable[[HttpRequest], Any]
 
@@ -79,6 +79,7 @@ class RequestIdMiddleware(_DualMiddleware):
         rid = given if trusted and _CLIENT_REQUEST_ID.fullmatch(given) else new_request_id()
         request.request_id = rid  # type: ignore[attr-defined]
         request_id_var.set(rid)
+        request_started_var.set(time.perf_counter())
 
     # The id is deliberately not reset when the response leaves this middleware:
     # Django logs 4xx/5xx responses after the middleware chain has returned, and

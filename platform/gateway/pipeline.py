@@ -41,6 +41,7 @@ from billing import spend
 from billing.wallet import price_fill
 from catalog.specs import EndpointSpec
 from core import metrics
+from core.logs import request_started_var
 from core.redis import ScriptCall, async_script, get_async_redis, run_scripts
 from gateway import dispatch, pool_share, provisioned, text
 from gateway.backends import database_read
@@ -719,6 +720,9 @@ class Generation:
     # the context: a stream is relayed, and settled, outside the view's context.
     service_class: str = contract.ServiceClass.ONLINE.value
     _primed: tuple[list[dict[str, str]], AsyncIterator[dict[str, str]]] | None = None
+    # The request's arrival at this process (perf_counter), for its time to first token.
+    arrived: float = field(default_factory=lambda: request_started_var.get() or time.perf_counter())
+    first_token: bool = False
 
     def __post_init__(self) -> None:
         if not self.choices:
@@ -774,6 +778,12 @@ class Generation:
         kind = event.get("type")
         if kind == contract.EVENT_DELTA:
             tokens = int(event.get("tokens", 0) or 0)
+            if not self.first_token and tokens:
+                self.first_token = True
+                if self.service_class != contract.ServiceClass.BATCH:
+                    metrics.GATEWAY_TTFT.labels(self.service_tier).observe(
+                        time.perf_counter() - self.arrived
+                    )
             self.completion_tokens += tokens
             index = int(event.get("index", 0) or 0)
             if not 0 <= index < self.n:

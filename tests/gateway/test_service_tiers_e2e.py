@@ -392,3 +392,41 @@ def test_a_surges_flex_refusal_comes_before_the_prompt_is_rendered_and_tokenized
         service_tier="flex",
     )
     assert reply.service_tier == "flex"
+
+
+def ttft_count(url: str, tier: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    name = f'mantle_gateway_time_to_first_token_seconds_count{{tier="{tier}"}}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_the_gateway_exports_time_to_first_token_by_tier(served: Served) -> None:
+    """Each generation's first token is timed at the gateway from the request's arrival,
+    by tier (an SLO's server-side figure; a load generator's own lag is not in it)."""
+    stack = served.live.stack
+    gateway = stack.start_gateway("gateway-ttft", env={"MANTLE_OPS_NETWORKS": "127.0.0.1/32"})
+    try:
+        stack.wait_serving(gateway)
+        _first_tokens_counted(served, gateway.url)
+    finally:
+        stack.stop(gateway)
+
+
+def _first_tokens_counted(served: Served, url: str) -> None:
+    client = served.client(url=url)
+    before = {tier: ttft_count(url, tier) for tier in ("priority", "default")}
+    for stream in (True, False):
+        created = client.chat.completions.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=3,
+            service_tier="priority",
+            stream=stream,
+        )
+        if stream:
+            list(created)  # type: ignore[arg-type]
+    client.completions.create(model=CHAT, prompt="Hi", max_tokens=2)
+    assert ttft_count(url, "priority") == before["priority"] + 2
+    assert ttft_count(url, "default") == before["default"] + 1
