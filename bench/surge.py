@@ -101,6 +101,15 @@ class Tally:
         return out
 
 
+def renice(pid: int, nice: int) -> None:
+    """Every thread of process `pid` (the engine's and ONNX Runtime's exist by now) at
+    `nice`: the gateway as if on cores of its own, as the deployment runs it."""
+    import os
+
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+
+
 def ttft_buckets(url: str, tier: str) -> dict[float, float]:
     """The gateway's time-to-first-token histogram for `tier`: upper bound -> count."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -259,6 +268,8 @@ def phase(
         bench.stack.wait_registered(worker, "cpu")
         url = gateway.url
         asyncio.run(sequential(url, secrets["default"], "default", 3))  # warm-up
+        if args.worker_nice:
+            renice(worker.popen.pid, args.worker_nice)
         cap = asyncio.run(capacity(url, secrets["default"], 15.0))
         time.sleep(3.0)
         idle_priority = asyncio.run(sequential(url, secrets["priority"], "priority", 10))
@@ -335,6 +346,13 @@ def main() -> int:
         default=0.03,
         help="the priority tier's share of the offered load (the rest: 2/3 default, 1/3 "
         "flex); at 10x, 0.1 makes priority alone the pool's whole capacity",
+    )
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=0,
+        help="run the worker's threads at this nice value after warm-up (the gateway and the "
+        "load generator then take the CPU first, as on machines of their own)",
     )
     args = parser.parse_args()
     rest = 1.0 - args.priority
