@@ -600,6 +600,8 @@ async def serve(
     try:
         targets = route(spec)
         for index, target in enumerate(targets):
+            if relay.taken:
+                break  # metered already (a whole answer past the deadline): tried no more
             if target.kind == POOL:
                 try:
                     response = await on_pool()
@@ -843,8 +845,15 @@ class _Relay:
                 outbound.read_bounded(response, settings.MANTLE_PROVIDER_MAX_RESPONSE_BYTES),
                 timeout=self._left(provider.first_byte_timeout_s),
             )
-        except TimeoutError as exc:
-            raise _Failed(upstream_timeout(self.call.model)) from exc
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            # A whole answer has until the request's deadline (`_left`), so this is the
+            # deadline. The provider accepted the request (its status came) and worked on
+            # it since: the operator may be charged for it, so its prompt is billed (counted
+            # here, marked estimated, its cost of goods recorded), never computed for free;
+            # no time is left to try it anywhere again.
+            self.taken = True
+            await self._finish(target, provider, None, "", "timeout")
+            raise _Failed(upstream_timeout(self.call.model), retry=False) from exc
         except httpx.HTTPError as exc:  # cut or broken: nothing has gone to the client
             raise _Failed(upstream_unavailable(self.call.model)) from exc
         except outbound.ResponseTooLarge as exc:

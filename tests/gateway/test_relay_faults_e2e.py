@@ -557,3 +557,54 @@ def test_a_gateway_killed_holding_a_providers_slots_gives_them_back_within_a_lea
         assert answers[0]
     finally:
         stack.stop_all()
+
+
+def test_a_whole_answer_past_the_deadline_bills_its_prompt_and_is_not_sent_again(
+    served: Customer, upstream_fake: UpstreamFake
+) -> None:
+    """The provider accepted the request (its headers came) and then sent half its answer
+    and nothing more: at the request's deadline the client gets the timeout, the request is
+    not tried again anywhere (another target is listed), and its prompt is metered once,
+    estimated, with its cost of goods: the operator may be charged for it, so nobody
+    computes for free by asking for answers that outlast the deadline."""
+    from decimal import Decimal
+
+    # Its first byte within 2 s: a whole answer then has until the deadline (4 s).
+    first = openai_scheme(upstream_fake, "stall-1", first_byte_timeout_s=2)
+    second = openai_scheme(upstream_fake, "stall-2")
+    relayed_endpoint(
+        "stall-chat",
+        "chat",
+        [
+            {
+                "kind": "provider",
+                "provider": first,
+                "upstream_model": "gpt-4o",
+                "cost_input": Decimal("0.000001"),
+                "cost_output": Decimal("0.000002"),
+            },
+            {"kind": "provider", "provider": second, "upstream_model": "gpt-4o"},
+        ],
+    )
+    upstream_fake.add_faults({"stall_after_chunks": 1})
+    stack = Stack.for_tests()
+    gateway = stack.start_gateway(
+        "gateway-relay-deadline", env={**LOOPBACK_ALLOWED, "MANTLE_REQUEST_TIMEOUT_S": "4"}
+    )
+    try:
+        stack.wait_serving(gateway)
+        with pytest.raises(openai.APIStatusError) as timed_out:
+            client(gateway.url, served.secret).chat.completions.create(
+                model="stall-chat", messages=MESSAGES, max_tokens=50
+            )
+    finally:
+        stack.stop(gateway)
+    assert timed_out.value.status_code == 504, timed_out.value.body
+    assert len(upstream_fake.requests()) == 1  # not retried, not sent to the second target
+    [event] = wait_usage(timed_out.value.response.headers["x-request-id"])
+    assert event["estimated"] == "1" and event["status"] == "timeout"
+    assert int(event["input_tokens"]) > 0 and int(event["output_tokens"]) == 0
+    assert event["provider_id"] == first.id
+    assert int(event["cost_nanos"]) == int(
+        int(event["input_tokens"]) * Decimal("0.000001") * 1_000_000_000
+    )
