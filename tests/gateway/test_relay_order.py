@@ -8,6 +8,7 @@ client goes away."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 
 import pytest
@@ -29,6 +30,7 @@ class Scripted(Generation):
         self.finish_reason = "stop"
         self.n = 1
         self.choices = [Choice()]
+        self.arrived = time.perf_counter()
         self.failure = failure
         self.order = order
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,6 +40,7 @@ class Scripted(Generation):
         self.finish_reason = "stop"
         self.n = 1
         self.choices = [Choice()]
+        self.arrived = time.perf_counter()
         self.created = 1700000000
         self.pieces = pieces
         self.failure = failure
