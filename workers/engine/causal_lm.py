@@ -627,10 +627,8 @@ class CausalLMEngine:
             self._last_cancel_check = now
             self._sweep(now)
         self._admit()
-        if self._prefilling and self._may_prefill():
-            if not self._prefill_step():
-                return  # cut short for an online request: admitted at the next iteration
-            self._publish()  # first tokens go out now, not after the decode step below
+        if self._prefilling and self._may_prefill() and not self._prefill_step():
+            return  # cut short for an online request: admitted at the next iteration
         if self._prefilling and self._online_first():
             return  # an online prompt goes on alone: batch rows wait for it
         if self._running:
