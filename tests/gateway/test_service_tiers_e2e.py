@@ -22,6 +22,21 @@ from workers.contract import USAGE_STREAM
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.models]
 
 
+def ask(
+    client: openai.OpenAI, model: str, content: str, tier: str, *, stream: bool, max_tokens: int
+) -> None:
+    """One chat request in `tier`, streamed (read to its end) or not."""
+    created = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        service_tier=tier,  # type: ignore[arg-type]
+        stream=stream,
+    )
+    if stream:
+        list(created)  # type: ignore[arg-type]
+
+
 def usage_class(request_id: str) -> str | None:
     for _, fields in get_redis().xrange(USAGE_STREAM):
         if fields.get("request_id") == request_id:  # type: ignore[union-attr]
@@ -271,15 +286,7 @@ def test_flex_that_cannot_start_in_time_is_a_429_with_retry_after_and_costs_noth
         refused = []
         for stream in (False, True):
             with pytest.raises(openai.RateLimitError) as raised:
-                created = client.chat.completions.create(
-                    model=endpoint.id,
-                    messages=[{"role": "user", "content": "hi"}],
-                    max_tokens=2,
-                    service_tier="flex",
-                    stream=stream,
-                )
-                if stream:
-                    list(created)  # type: ignore[arg-type]
+                ask(client, endpoint.id, "hi", "flex", stream=stream, max_tokens=2)
             refused.append(raised.value)
         runner.join(120)
     finally:
@@ -418,15 +425,7 @@ def _first_tokens_counted(served: Served, url: str) -> None:
     client = served.client(url=url)
     before = {tier: ttft_count(url, tier) for tier in ("priority", "default")}
     for stream in (True, False):
-        created = client.chat.completions.create(
-            model=CHAT,
-            messages=[{"role": "user", "content": "Say hi."}],
-            max_tokens=3,
-            service_tier="priority",
-            stream=stream,
-        )
-        if stream:
-            list(created)  # type: ignore[arg-type]
+        ask(client, CHAT, "Say hi.", "priority", stream=stream, max_tokens=3)
     client.completions.create(model=CHAT, prompt="Hi", max_tokens=2)
     assert ttft_count(url, "priority") == before["priority"] + 2
     assert ttft_count(url, "default") == before["default"] + 1
