@@ -583,7 +583,8 @@ def test_a_whole_answer_past_the_deadline_bills_its_prompt_and_is_not_sent_again
                 "cost_input": Decimal("0.000001"),
                 "cost_output": Decimal("0.000002"),
             },
-            {"kind": "provider", "provider": second, "upstream_model": "gpt-4o"},
+            # Behind the first (a later position), so the first is always tried first.
+            {"kind": "provider", "provider": second, "upstream_model": "gpt-4o", "position": 1},
         ],
     )
     upstream_fake.add_faults({"stall_after_chunks": 1})
