@@ -289,8 +289,17 @@ def chunked_figures(chat: dict[str, Any], long_tokens: int) -> dict[str, Any]:
 
 def rss_child(chat: dict[str, Any]) -> None:
     """In a fresh process: load the chat model as a worker does (MANTLE_MODEL_VARIANT picks
-    the graph), serve 8 concurrent requests, print the resident memory."""
+    the graph), serve 8 concurrent requests, print the resident memory: as the last one
+    ends (`rss_mb`), once the idle engine has handed free memory back (`idle_rss_mb`), and
+    the process's peak (loading included)."""
     from agent_engine import chat_ids
+
+    from workers.engine.causal_lm import IDLE_RELEASE_S
+
+    def status() -> dict[str, int]:
+        text = Path("/proc/self/status").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        return {k: int(fields[k].split()[0]) // 1024 for k in ("VmRSS", "VmHWM")}
 
     model, engine = start_engine(chat)
     handles = [
@@ -299,14 +308,18 @@ def rss_child(chat: dict[str, Any]) -> None:
     ]
     for h in handles:
         assert h.wait(600) is not None
+    serving = status()
+    deadline = time.monotonic() + IDLE_RELEASE_S + 30
+    while engine.memory_releases == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    idle = status()
     engine.stop()
-    status = Path("/proc/self/status").read_text()
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     print(
         json.dumps(
             {
-                "rss_mb": int(fields["VmRSS"].split()[0]) // 1024,
-                "peak_rss_mb": int(fields["VmHWM"].split()[0]) // 1024,
+                "rss_mb": serving["VmRSS"],
+                "idle_rss_mb": idle["VmRSS"],
+                "peak_rss_mb": idle["VmHWM"],
                 "variant": os.environ.get("MANTLE_MODEL_VARIANT") or "served",
             }
         )
@@ -325,8 +338,10 @@ def rss_figures() -> dict[str, Any]:
             env=env,
         )
         out[variant or "served (4-bit)"] = json.loads(done.stdout.strip().splitlines()[-1])
-    served, fp32 = out["served (4-bit)"]["rss_mb"], out["fp32"]["rss_mb"]
-    out["ratio"] = round(served / fp32, 3)
+    served, fp32 = out["served (4-bit)"], out["fp32"]
+    out["ratio"] = round(served["rss_mb"] / fp32["rss_mb"], 3)
+    out["idle_ratio"] = round(served["idle_rss_mb"] / fp32["idle_rss_mb"], 3)
+    out["peak_ratio"] = round(served["peak_rss_mb"] / fp32["peak_rss_mb"], 3)
     return out
 
 

@@ -1370,3 +1370,20 @@ def test_a_flex_request_never_holds_a_row_past_its_wait_behind_default_prompts(
     else:
         assert sink.text("flex") == decode(reference([3, 4, 5], 2))
     running.claim()
+
+
+def test_an_idle_engine_hands_free_memory_back_once_after_work(
+    make_engine: Callable[..., CausalLMEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a burst the engine waits IDLE_RELEASE_S idle, then returns what the burst's
+    rows freed to the system, once; an engine that has done nothing since does not ask."""
+    monkeypatch.setattr("workers.engine.causal_lm.IDLE_RELEASE_S", 0.2)
+    engine = make_engine()
+    time.sleep(0.5)
+    assert engine.memory_releases == 0  # started idle: nothing freed
+    assert engine.submit(request("r1", [5, 9, 3], max_tokens=4), RecordingSink()).wait(10)
+    wait_until(lambda: engine.memory_releases == 1)
+    time.sleep(0.5)
+    assert engine.memory_releases == 1
+    assert engine.submit(request("r2", [7, 2], max_tokens=4), RecordingSink()).wait(10)
+    wait_until(lambda: engine.memory_releases == 2)

@@ -49,6 +49,7 @@ from workers.engine.priority import (
 from workers.engine.sampling import bias_logits, logprobs_of, penalize, sample_token
 from workers.engine.text import IncrementalDetokenizer, StopFilter
 from workers.grammar import Compiled, GrammarError
+from workers.runtime.memory import release_free_memory
 
 if TYPE_CHECKING:
     import llguidance
@@ -72,6 +73,8 @@ PREFILL_MIN_CHUNK = 16
 PREFILL_SHARE = 0.5
 PREFILL_WINDOW_S = 2.0  # about how much decode time the share is measured over
 
+IDLE_RELEASE_S = 2.0
+"""How long the engine waits idle after work before handing free memory back."""
 SERVED_DECAY_S = 10.0
 """How long an organization's recent tokens count against it (e-folding time) when
 organizations holding equal rows compete for a free one."""
@@ -434,6 +437,7 @@ class CausalLMEngine:
         self._ended_requests = False  # a request ended as a whole during this step
         self._published: queue.SimpleQueue[_Publication | None] = queue.SimpleQueue()
         self.meter = RateMeter()
+        self.memory_releases = 0  # times the idle engine handed free memory back
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._publisher = threading.Thread(
             target=self._publish_loop, name=f"engine-{name}-publish", daemon=True
@@ -599,7 +603,9 @@ class CausalLMEngine:
 
     def _loop(self) -> None:
         logger.info("engine %s started (max batch %d)", self.name, self.max_batch)
+        worked = False  # whether the engine ran since it last handed free memory back
         while True:
+            release = False
             with self._cond:
                 while (
                     not self._stopping
@@ -608,9 +614,21 @@ class CausalLMEngine:
                     and not self._running
                     and not self._prefilling
                 ):
-                    self._cond.wait()
+                    if not worked:
+                        self._cond.wait()
+                    elif not self._cond.wait(IDLE_RELEASE_S):
+                        release = True
+                        break
                 if self._stopping:
                     break
+            if release:
+                # Idle for a while after work: what the burst's rows held goes back to the
+                # system, not kept for a burst that may not come (workers.runtime.memory).
+                worked = False
+                release_free_memory()
+                self.memory_releases += 1
+                continue
+            worked = True
             try:
                 self._iteration()
             except Exception:

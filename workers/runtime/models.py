@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.contract import ModelRef, Runtime
+from workers.runtime.memory import release_free_memory
 from workers.runtime.providers import choose_providers
 
 if TYPE_CHECKING:
@@ -184,6 +185,8 @@ def _load(ref: ModelRef) -> LoadedModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
     tokenizer = Tokenizer.from_file(str(tokenizer_path)) if needs_tokenizer else None
+    # The parsed model that ONNX Runtime built the session from is garbage now.
+    release_free_memory()
     load_s = time.monotonic() - started
     logger.info(
         "loaded model version %s (%s, %s, %s) on %s in %.1fs",
