@@ -1387,3 +1387,30 @@ def test_an_idle_engine_hands_free_memory_back_once_after_work(
     assert engine.memory_releases == 1
     assert engine.submit(request("r2", [7, 2], max_tokens=4), RecordingSink()).wait(10)
     wait_until(lambda: engine.memory_releases == 2)
+
+
+def test_a_priority_prompt_beside_running_streams_is_computed_in_one_call(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    """Beside running streams a prompt is computed in pieces the size of a decode step, and
+    its later pieces wait for prefill's share of time; a priority prompt (here with a
+    priority stream already running, so it does not stand ahead of every row) is computed
+    in one call: its first token waited for that share under a surge (0.2-0.3 s)."""
+    session = FakeCausalLM(delay_s=0.002, delay_per_token_s=0.0002)
+    engine = make_engine(session, max_batch=16)
+    sink = RecordingSink()
+    streams = [
+        engine.submit(request("default", [2], 100_000), sink),
+        engine.submit(request("priority-0", [3], 100_000, service_class="priority"), sink),
+    ]
+    wait_until(lambda: all(sink.count(r, "delta") > 2 for r in ("default", "priority-0")))
+    prompt = [(i % 50) + 1 for i in range(100)]
+
+    asked = request("priority-1", prompt, 2, service_class="priority")
+    result = engine.submit(asked, sink).wait(10)
+
+    assert result is not None and result.finish_reason == "length"
+    assert sink.text("priority-1") == decode(reference(prompt, 2))
+    assert (1, 100, 0) in session.calls, [c for c in session.calls if c[1] > 1]
+    for stream in streams:
+        stream.claim()

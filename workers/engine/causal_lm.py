@@ -71,6 +71,10 @@ PREFILL_MIN_CHUNK = 16
 # (On the traced graph the streams' own steps ran 1.6-2x slower between the prompt's
 # calls, whose presents copied the whole past, and no share brought the ratio under 3x.)
 PREFILL_SHARE = 0.5
+# A priority prompt's call beside running streams computes at least this many tokens: the
+# short prompts priority traffic sends go in one call (~25-60 ms here), and a long one still
+# leaves the streams a decode step between its calls.
+PRIORITY_CHUNK = 256
 PREFILL_WINDOW_S = 2.0  # about how much decode time the share is measured over
 
 IDLE_RELEASE_S = 2.0
@@ -891,11 +895,13 @@ class CausalLMEngine:
         """Tokens (padded) the next prefill call may compute. With nothing decoding it is
         the whole bound, and so beside only batch rows for an online prompt; beside running
         streams a chunk sized to take about as long as one decode step (from the last
-        calls' timings), at least PREFILL_MIN_CHUNK."""
+        calls' timings), at least PREFILL_MIN_CHUNK, or PRIORITY_CHUNK for a priority
+        prompt: a short one is computed in one call, not in decode-step-sized pieces."""
         if not self._running or self._prefill_s_per_token <= 0.0 or self._online_first():
             return self._max_prefill_tokens
         fit = int(self._decode_s / self._prefill_s_per_token) if self._decode_s > 0 else 0
-        return max(PREFILL_MIN_CHUNK, min(self._max_prefill_tokens, fit))
+        least = PRIORITY_CHUNK if self._priority_prompt() else PREFILL_MIN_CHUNK
+        return min(self._max_prefill_tokens, max(least, fit))
 
     def _may_prefill(self) -> bool:
         """Whether prefill gets this iteration. While streams decode, prefill's time is at
@@ -904,7 +910,7 @@ class CausalLMEngine:
         rows wait for their prompt than decode: when most rows are prompts not yet computed
         (a surge), sparing the few decoding ones would starve the many (each row then gets
         about equal time). Alone, for an online prompt beside only batch rows, or for a
-        priority prompt's first chunk, it always runs."""
+        priority prompt, it always runs."""
         if not self._running:
             self._contended_prefill_s = self._contended_decode_s = 0.0
             return True
@@ -914,9 +920,11 @@ class CausalLMEngine:
         return self._contended_prefill_s <= share * self._contended_decode_s
 
     def _priority_prompt(self) -> bool:
-        """Whether a prompt of priority rank waits for its first chunk: it is computed at
-        once, not when prefill's share of time comes round again."""
-        return any(p.req.rank == 0 and p.req.admitted_step < 0 for p in self._prefilling)
+        """Whether a prompt of priority rank waits to be computed: its calls go at once, one
+        per iteration beside the decode steps, not when prefill's share of time comes round
+        again (its first token waited for that share between its chunks, 0.2-0.3 s under a
+        surge)."""
+        return any(p.req.rank == 0 for p in self._prefilling)
 
     def _prefill_step(self) -> bool:
         """One session call that computes the next chunk of one or more prompts; False
