@@ -1414,3 +1414,57 @@ def test_a_priority_prompt_beside_running_streams_is_computed_in_one_call(
     assert (1, 100, 0) in session.calls, [c for c in session.calls if c[1] > 1]
     for stream in streams:
         stream.claim()
+
+
+class SlowPrompts(FakeCausalLM):
+    """Calls over more than one token (prompts) given RunOptions take `slow_s` once `slow`
+    is set, checking `terminate` every millisecond; decode steps are instant."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+        self.slow = threading.Event()
+        self.in_slow_call = threading.Event()
+
+    def run(
+        self, output_names: Sequence[str], feeds: Mapping[str, Any], *options: Any
+    ) -> list[np.ndarray]:
+        if options and self.slow.is_set() and feeds["input_ids"].shape[1] > 1:
+            self.in_slow_call.set()
+            end = time.monotonic() + self.slow_s
+            while time.monotonic() < end:
+                if options[0].terminate:
+                    self.in_slow_call.clear()
+                    raise RuntimeError("Exiting due to terminate flag being set to true.")
+                time.sleep(0.001)
+            self.in_slow_call.clear()
+        return super().run(output_names, feeds)
+
+
+def test_a_priority_arrival_cuts_a_default_prompts_call_beside_running_priority_rows(
+    make_engine: Callable[..., CausalLMEngine],
+) -> None:
+    """A call that computes default-tier prompts is cut short when a priority request
+    arrives, also while priority rows are decoding beside it (they are not in the call):
+    under a surge a priority prompt waited out prefill calls of up to 0.8 s."""
+    session = SlowPrompts(slow_s=0.6)
+    engine = make_engine(session, max_batch=8, run_options=FakeRunOptions)
+    sink = RecordingSink()
+    stream = engine.submit(request("priority-0", [2], 100_000, service_class="priority"), sink)
+    wait_until(lambda: sink.count("priority-0", "delta") > 4)
+    session.slow.set()
+    default = engine.submit(request("default", [4, 5, 6], 3), sink)
+    wait_until(lambda: session.in_slow_call.is_set())  # the default prompt's call under way
+    submitted = time.time()
+
+    result = engine.submit(request("priority-1", [9, 9, 9], 3, service_class="priority"), sink)
+    done = result.wait(10)
+
+    assert done is not None and done.finish_reason == "length"
+    assert done.first_token_at - submitted < 0.3  # not after the default prompt's 0.6 s call
+    assert engine.cut_short >= 1
+    session.slow.clear()
+    assert default.wait(30) is not None
+    assert sink.text("default") == decode(reference([4, 5, 6], 3))
+    assert sink.text("priority-1") == decode(reference([9, 9, 9], 3))
+    stream.claim()

@@ -54,3 +54,54 @@ def test_freed_memory_stays_resident_until_released_and_then_goes_back() -> None
     released = _run("release")
     assert released["released"]
     assert released["before"] - released["after"] > 200 * 1024
+
+
+# A long-running worker has freed large arrays, which raises glibc's mmap threshold (up to
+# 32 MB): the caches made next for 16 rows (60 buffers of ~3 MB, as the built-in chat model
+# has) must still cost nothing until written, and then only what is written.
+_BUFFERS = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    from workers.engine.causal_lm import kv_buffers
+
+    def anon_kib():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+
+    freed = np.ones(30 << 18, dtype=np.float32)  # 30 MB, mmapped, then freed
+    del freed
+    before = anon_kib()
+    buffers = kv_buffers(60, 16, 3, 256, 64)
+    made = anon_kib()
+    for buffer in buffers:  # a row merged in: its first 10 columns in every buffer
+        buffer[3, :, :10] = 1.0
+    written = anon_kib()
+    assert all(b.shape == (16, 3, 256, 64) and b.flags.c_contiguous for b in buffers)
+    assert all(b.flags.writeable for b in buffers)
+    assert float(sum(b.sum() for b in buffers)) == 60 * 3 * 10 * 64
+    # One allocation for all of them (adjacent views), past glibc's largest mmap threshold.
+    starts = [b.__array_interface__["data"][0] for b in buffers]
+    adjacent = all(b - a == buffers[0].nbytes for a, b in zip(starts, starts[1:]))
+    print(json.dumps({
+        "grew_kib": made - before,
+        "written_kib": written - made,
+        "total_mib": 60 * 16 * 3 * 256 * 64 * 4 >> 20,
+        "one_allocation": adjacent,
+    }))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cache_buffers_for_every_row_cost_nothing_until_written() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _BUFFERS], capture_output=True, text=True, check=True
+    )
+    figures = json.loads(done.stdout)
+    assert figures["total_mib"] == 180
+    assert figures["one_allocation"], figures
+    assert figures["grew_kib"] < 16 * 1024, figures
+    # 180 pages of 4 KB written (720 KB); transparent huge pages would make it 2 MB each.
+    assert figures["written_kib"] < 16 * 1024, figures
