@@ -289,9 +289,9 @@ def chunked_figures(chat: dict[str, Any], long_tokens: int) -> dict[str, Any]:
 
 def rss_child(chat: dict[str, Any]) -> None:
     """In a fresh process: load the chat model as a worker does (MANTLE_MODEL_VARIANT picks
-    the graph), serve 8 concurrent requests, print the resident memory: as the last one
-    ends (`rss_mb`), once the idle engine has handed free memory back (`idle_rss_mb`), and
-    the process's peak (loading included)."""
+    the graph), serve 8 concurrent requests, print the resident memory: the most while they
+    are served (`rss_mb`, sampled every 5 ms), once the idle engine has handed free memory
+    back (`idle_rss_mb`), and the process's peak (loading included)."""
     from agent_engine import chat_ids
 
     from workers.engine.causal_lm import IDLE_RELEASE_S
@@ -302,13 +302,24 @@ def rss_child(chat: dict[str, Any]) -> None:
         return {k: int(fields[k].split()[0]) // 1024 for k in ("VmRSS", "VmHWM")}
 
     model, engine = start_engine(chat)
+    most = [0]
+    served = threading.Event()
+
+    def sample() -> None:
+        while not served.is_set():
+            most[0] = max(most[0], status()["VmRSS"])
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     handles = [
         engine.submit(greedy_request(f"r{i}", chat_ids(model, p), 64), NullSink())
         for i, p in enumerate(prompts()[:8])
     ]
     for h in handles:
         assert h.wait(600) is not None
-    serving = status()
+    served.set()
+    sampler.join()
     deadline = time.monotonic() + IDLE_RELEASE_S + 30
     while engine.memory_releases == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -317,7 +328,7 @@ def rss_child(chat: dict[str, Any]) -> None:
     print(
         json.dumps(
             {
-                "rss_mb": serving["VmRSS"],
+                "rss_mb": most[0],
                 "idle_rss_mb": idle["VmRSS"],
                 "peak_rss_mb": idle["VmHWM"],
                 "variant": os.environ.get("MANTLE_MODEL_VARIANT") or "served",

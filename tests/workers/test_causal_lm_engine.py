@@ -1389,14 +1389,15 @@ def test_an_idle_engine_hands_free_memory_back_once_after_work(
     wait_until(lambda: engine.memory_releases == 2)
 
 
+@pytest.mark.parametrize("layout", [FakeCausalLM, FakeInPlaceCausalLM])
 def test_a_priority_prompt_beside_running_streams_is_computed_in_one_call(
-    make_engine: Callable[..., CausalLMEngine],
+    make_engine: Callable[..., CausalLMEngine], layout: type[FakeCausalLM]
 ) -> None:
     """Beside running streams a prompt is computed in pieces the size of a decode step, and
     its later pieces wait for prefill's share of time; a priority prompt (here with a
     priority stream already running, so it does not stand ahead of every row) is computed
     in one call: its first token waited for that share under a surge (0.2-0.3 s)."""
-    session = FakeCausalLM(delay_s=0.002, delay_per_token_s=0.0002)
+    session = layout(delay_s=0.002, delay_per_token_s=0.0002)
     engine = make_engine(session, max_batch=16)
     sink = RecordingSink()
     streams = [
@@ -1441,13 +1442,43 @@ class SlowPrompts(FakeCausalLM):
         return super().run(output_names, feeds)
 
 
+class SlowInPlacePrompts(FakeInPlaceCausalLM):
+    """SlowPrompts for an in-place graph: a call cut short has already written the columns
+    it would fill (garbage here) past each row's length, as the kernel may have."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+        self.slow = threading.Event()
+        self.in_slow_call = threading.Event()
+
+    def run_in_place(
+        self, feeds: Mapping[str, Any], kv: Sequence[np.ndarray], run_options: Any = None
+    ) -> np.ndarray:
+        seq = feeds["input_ids"].shape[1]
+        if run_options is not None and self.slow.is_set() and seq > 1:
+            self.in_slow_call.set()
+            end = time.monotonic() + self.slow_s
+            while time.monotonic() < end:
+                if run_options.terminate:
+                    self.in_slow_call.clear()
+                    for row, last in enumerate(feeds["seqlens_k"]):
+                        for buf in kv:
+                            buf[row, 0, max(0, int(last) + 1 - seq) : int(last) + 1] = -7.0
+                    raise RuntimeError("Exiting due to terminate flag being set to true.")
+                time.sleep(0.001)
+            self.in_slow_call.clear()
+        return super().run_in_place(feeds, kv)
+
+
+@pytest.mark.parametrize("slow", [SlowPrompts, SlowInPlacePrompts])
 def test_a_priority_arrival_cuts_a_default_prompts_call_beside_running_priority_rows(
-    make_engine: Callable[..., CausalLMEngine],
+    make_engine: Callable[..., CausalLMEngine], slow: Callable[..., SlowPrompts]
 ) -> None:
     """A call that computes default-tier prompts is cut short when a priority request
     arrives, also while priority rows are decoding beside it (they are not in the call):
     under a surge a priority prompt waited out prefill calls of up to 0.8 s."""
-    session = SlowPrompts(slow_s=0.6)
+    session = slow(slow_s=0.6)
     engine = make_engine(session, max_batch=8, run_options=FakeRunOptions)
     sink = RecordingSink()
     stream = engine.submit(request("priority-0", [2], 100_000, service_class="priority"), sink)
@@ -1457,6 +1488,8 @@ def test_a_priority_arrival_cuts_a_default_prompts_call_beside_running_priority_
     wait_until(lambda: session.in_slow_call.is_set())  # the default prompt's call under way
     submitted = time.time()
 
+    # Its own prompt's call comes right after the cut, within CUT_MIN_STEPS of it: not
+    # cuttable, so it gets no RunOptions and runs at the fake's full speed.
     result = engine.submit(request("priority-1", [9, 9, 9], 3, service_class="priority"), sink)
     done = result.wait(10)
 

@@ -21,6 +21,7 @@ _FRAGMENTED = textwrap.dedent(
             if line.startswith("RssAnon:"):
                 return int(line.split()[1])
 
+    start = anon_kib()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
@@ -35,7 +36,9 @@ _FRAGMENTED = textwrap.dedent(
         libc.free(block)
     before = anon_kib()
     released = release_free_memory() if sys.argv[1] == "release" else False
-    print(json.dumps({"before": before, "after": anon_kib(), "released": released}))
+    print(json.dumps(
+        {"start": start, "before": before, "after": anon_kib(), "released": released}
+    ))
     """
 )
 
@@ -50,10 +53,11 @@ def _run(mode: str) -> dict[str, int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_memory_stays_resident_until_released_and_then_goes_back() -> None:
     kept = _run("keep")
-    assert kept["after"] - kept["before"] > -64 * 1024  # the allocator kept the 256 MiB
+    assert kept["after"] - kept["start"] > 200 * 1024  # freed, and still resident
     released = _run("release")
     assert released["released"]
-    assert released["before"] - released["after"] > 200 * 1024
+    assert released["before"] - released["start"] > 200 * 1024
+    assert released["before"] - released["after"] > 200 * 1024  # handed back
 
 
 # A long-running worker has freed large arrays, which raises glibc's mmap threshold (up to
@@ -65,10 +69,9 @@ _BUFFERS = textwrap.dedent(
     import numpy as np
     from workers.engine.causal_lm import kv_buffers
 
-    def anon_kib():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
+    def anon_kib():  # private and shared anonymous pages both
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return sum(int(fields[k].split()[0]) for k in ("RssAnon", "RssShmem"))
 
     freed = np.ones(30 << 18, dtype=np.float32)  # 30 MB, mmapped, then freed
     del freed
@@ -103,5 +106,5 @@ def test_cache_buffers_for_every_row_cost_nothing_until_written() -> None:
     assert figures["total_mib"] == 180
     assert figures["one_allocation"], figures
     assert figures["grew_kib"] < 16 * 1024, figures
-    # 180 pages of 4 KB written (720 KB); transparent huge pages would make it 2 MB each.
-    assert figures["written_kib"] < 16 * 1024, figures
+    # 180-360 pages of 4 KB written; transparent huge pages would make them 2 MB each.
+    assert 512 < figures["written_kib"] < 16 * 1024, figures

@@ -911,7 +911,8 @@ class CausalLMEngine:
         rows wait for their prompt than decode: when most rows are prompts not yet computed
         (a surge), sparing the few decoding ones would starve the many (each row then gets
         about equal time). Alone, for an online prompt beside only batch rows, or for a
-        priority prompt, it always runs."""
+        priority prompt that is short or not yet started (`_priority_prompt`), it always
+        runs."""
         if not self._running:
             self._contended_prefill_s = self._contended_decode_s = 0.0
             return True
@@ -921,11 +922,15 @@ class CausalLMEngine:
         return self._contended_prefill_s <= share * self._contended_decode_s
 
     def _priority_prompt(self) -> bool:
-        """Whether a prompt of priority rank waits to be computed: its calls go at once, one
-        per iteration beside the decode steps, not when prefill's share of time comes round
-        again (its first token waited for that share between its chunks, 0.2-0.3 s under a
-        surge)."""
-        return any(p.req.rank == 0 for p in self._prefilling)
+        """Whether a prompt of priority rank waits to be computed and is short (what is left
+        of it fits PRIORITY_CHUNK) or not yet started: its call goes at once, not when
+        prefill's share of time comes round again (its first token waited for that share
+        between decode-step-sized pieces, 0.2-0.3 s under a surge). A long one's later
+        chunks keep to the share, so the streams beside it keep their pace."""
+        return any(
+            p.req.rank == 0 and (p.remaining <= PRIORITY_CHUNK or p.req.admitted_step < 0)
+            for p in self._prefilling
+        )
 
     def _prefill_step(self) -> bool:
         """One session call that computes the next chunk of one or more prompts; False
@@ -1277,10 +1282,15 @@ class CausalLMEngine:
         calls since the last cut."""
         options = None
         if self._run_options is not None and reqs:
-            # The call's own rows: a prompt's call beside running rows of a better rank is
-            # cut by an arrival of that rank (it waited behind a long prefill call).
+            # Who may cut: an arrival ahead of the call's own rows, so a prompt's call beside
+            # running rows of a better rank is cut by an arrival of that rank (it waited out
+            # default prompts' calls of up to 0.8 s). How often: only a call with no online
+            # row in it or beside it is cut at any time; others once per CUT_MIN_STEPS.
             cut = self._call_standing(reqs)
-            batch_only = cut[0] >= RANKS[ServiceClass.BATCH.value]
+            batch_only = (
+                min((r.rank for r in (*reqs, *(s.req for s in self._running))), default=cut[0])
+                >= RANKS[ServiceClass.BATCH.value]
+            )
             with self._cond:
                 self._cut = cut
                 ahead = any(self._ahead_of_call(r) for r in self._waiting)
@@ -1680,7 +1690,8 @@ class CausalLMEngine:
 
 
 def kv_buffers(count: int, rows: int, heads: int, cap: int, dim: int) -> list[np.ndarray]:
-    """`count` zeroed cache buffers [rows, heads, cap, dim], views of one anonymous mapping.
+    """`count` zeroed cache buffers [rows, heads, cap, dim], views of one private anonymous
+    mapping.
 
     Its pages are the kernel's zero pages until written, 4 KB at a time, so buffers for
     every row the engine may run cost only what the rows write. numpy's own zeros did not:
@@ -1691,7 +1702,11 @@ def kv_buffers(count: int, rows: int, heads: int, cap: int, dim: int) -> list[np
     size = count * rows * heads * cap * dim
     if size == 0:
         return [np.zeros((rows, heads, cap, dim), dtype=np.float32) for _ in range(count)]
-    memory = mmap.mmap(-1, size * 4)  # freed with the last view of it
+    # Private (copy-on-write after a fork, zero pages until written), unmapped with the last
+    # view of it; 4 KB pages whatever the system's transparent huge page setting.
+    memory = mmap.mmap(-1, size * 4, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
     block = np.frombuffer(memory, dtype=np.float32).reshape(count, rows, heads, cap, dim)
     return list(block)
 
