@@ -1033,17 +1033,21 @@ class FakeRunOptions:
 
 class SlowBatchSteps(FakeCausalLM):
     """Calls given RunOptions (only batch work) take `slow_s`, checking `terminate` every
-    millisecond as ONNX Runtime does between nodes; the others are instant."""
+    millisecond as ONNX Runtime does between nodes; the others are instant. Subclasses
+    narrow which calls are slow (`slows`)."""
 
     def __init__(self, slow_s: float) -> None:
         super().__init__()
         self.slow_s = slow_s
         self.in_slow_call = threading.Event()
 
+    def slows(self, feeds: Mapping[str, Any]) -> bool:
+        return True
+
     def run(
         self, output_names: Sequence[str], feeds: Mapping[str, Any], *options: Any
     ) -> list[np.ndarray]:
-        if options:
+        if options and self.slows(feeds):
             self.in_slow_call.set()
             end = time.monotonic() + self.slow_s
             while time.monotonic() < end:
@@ -1064,10 +1068,13 @@ class SlowInPlaceBatchSteps(FakeInPlaceCausalLM):
         self.slow_s = slow_s
         self.in_slow_call = threading.Event()
 
+    def slows(self, feeds: Mapping[str, Any]) -> bool:
+        return True
+
     def run_in_place(
         self, feeds: Mapping[str, Any], kv: Sequence[np.ndarray], run_options: Any = None
     ) -> np.ndarray:
-        if run_options is not None:
+        if run_options is not None and self.slows(feeds):
             self.in_slow_call.set()
             end = time.monotonic() + self.slow_s
             while time.monotonic() < end:
@@ -1228,29 +1235,16 @@ def test_a_flex_request_that_cannot_start_in_time_is_refused_not_dropped(
     running.claim()
 
 
-class SlowSteps(FakeCausalLM):
+class SlowSteps(SlowBatchSteps):
     """Calls given RunOptions take `slow_s` (checking `terminate` every millisecond, as
     ONNX Runtime does between nodes) once `slow` is set; the others are instant."""
 
     def __init__(self, slow_s: float) -> None:
-        super().__init__()
-        self.slow_s = slow_s
+        super().__init__(slow_s)
         self.slow = threading.Event()
-        self.in_slow_call = threading.Event()
 
-    def run(
-        self, output_names: Sequence[str], feeds: Mapping[str, Any], *options: Any
-    ) -> list[np.ndarray]:
-        if options and self.slow.is_set():
-            self.in_slow_call.set()
-            end = time.monotonic() + self.slow_s
-            while time.monotonic() < end:
-                if options[0].terminate:
-                    self.in_slow_call.clear()
-                    raise RuntimeError("Exiting due to terminate flag being set to true.")
-                time.sleep(0.001)
-            self.in_slow_call.clear()
-        return super().run(output_names, feeds)
+    def slows(self, feeds: Mapping[str, Any]) -> bool:
+        return self.slow.is_set()
 
 
 def test_a_quiet_organizations_arrival_cuts_a_step_of_a_flood_short(
@@ -1417,63 +1411,33 @@ def test_a_priority_prompt_beside_running_streams_is_computed_in_one_call(
         stream.claim()
 
 
-class SlowPrompts(FakeCausalLM):
-    """Calls over more than one token (prompts) given RunOptions take `slow_s` once `slow`
-    is set, checking `terminate` every millisecond; decode steps are instant."""
+class SlowPrompts(SlowBatchSteps):
+    """Calls over more than one token (prompts) given RunOptions are slow once `slow` is
+    set; decode steps are instant."""
 
     def __init__(self, slow_s: float) -> None:
-        super().__init__()
-        self.slow_s = slow_s
+        super().__init__(slow_s)
         self.slow = threading.Event()
-        self.in_slow_call = threading.Event()
 
-    def run(
-        self, output_names: Sequence[str], feeds: Mapping[str, Any], *options: Any
-    ) -> list[np.ndarray]:
-        if options and self.slow.is_set() and feeds["input_ids"].shape[1] > 1:
-            self.in_slow_call.set()
-            end = time.monotonic() + self.slow_s
-            while time.monotonic() < end:
-                if options[0].terminate:
-                    self.in_slow_call.clear()
-                    raise RuntimeError("Exiting due to terminate flag being set to true.")
-                time.sleep(0.001)
-            self.in_slow_call.clear()
-        return super().run(output_names, feeds)
+    def slows(self, feeds: Mapping[str, Any]) -> bool:
+        return self.slow.is_set() and feeds["input_ids"].shape[1] > 1
 
 
-class SlowInPlacePrompts(FakeInPlaceCausalLM):
-    """SlowPrompts for an in-place graph: a call cut short has already written the columns
-    it would fill (garbage here) past each row's length, as the kernel may have."""
+class SlowInPlacePrompts(SlowInPlaceBatchSteps):
+    """SlowPrompts for an in-place graph."""
 
     def __init__(self, slow_s: float) -> None:
-        super().__init__()
-        self.slow_s = slow_s
+        super().__init__(slow_s)
         self.slow = threading.Event()
-        self.in_slow_call = threading.Event()
 
-    def run_in_place(
-        self, feeds: Mapping[str, Any], kv: Sequence[np.ndarray], run_options: Any = None
-    ) -> np.ndarray:
-        seq = feeds["input_ids"].shape[1]
-        if run_options is not None and self.slow.is_set() and seq > 1:
-            self.in_slow_call.set()
-            end = time.monotonic() + self.slow_s
-            while time.monotonic() < end:
-                if run_options.terminate:
-                    self.in_slow_call.clear()
-                    for row, last in enumerate(feeds["seqlens_k"]):
-                        for buf in kv:
-                            buf[row, 0, max(0, int(last) + 1 - seq) : int(last) + 1] = -7.0
-                    raise RuntimeError("Exiting due to terminate flag being set to true.")
-                time.sleep(0.001)
-            self.in_slow_call.clear()
-        return super().run_in_place(feeds, kv)
+    def slows(self, feeds: Mapping[str, Any]) -> bool:
+        return self.slow.is_set() and feeds["input_ids"].shape[1] > 1
 
 
 @pytest.mark.parametrize("slow", [SlowPrompts, SlowInPlacePrompts])
 def test_a_priority_arrival_cuts_a_default_prompts_call_beside_running_priority_rows(
-    make_engine: Callable[..., CausalLMEngine], slow: Callable[..., SlowPrompts]
+    make_engine: Callable[..., CausalLMEngine],
+    slow: Callable[..., SlowPrompts | SlowInPlacePrompts],
 ) -> None:
     """A call that computes default-tier prompts is cut short when a priority request
     arrives, also while priority rows are decoding beside it (they are not in the call):
