@@ -630,8 +630,8 @@ class CausalLMEngine:
                 # Idle for a while after work: what the burst's rows held goes back to the
                 # system, not kept for a burst that may not come (workers.runtime.memory).
                 worked = False
-                release_free_memory()
-                self.memory_releases += 1
+                if release_free_memory():
+                    self.memory_releases += 1
                 continue
             worked = True
             try:

@@ -2,8 +2,9 @@
 
 glibc's allocator keeps what a process frees for its next allocations: the protobuf copy
 of a model that ONNX Runtime parsed and dropped after building its session (~20 MB for
-the built-in 4-bit chat model, ~110 MB for its fp32 variant), the caches of a burst's
-rows after they ended (tens of MB for a batch of 8). Without this they stay resident
+the built-in 4-bit chat model, ~110 MB for its fp32 variant), the heap memory of a burst
+after it ended (tens of MB for a batch of 8; the in-place cache buffers are a mapping of
+their own, `causal_lm.kv_buffers`, unmapped when the batch empties). Without this they stay resident
 until the process needs them again, and a worker's memory only ever grows to its largest
 burst. `release_free_memory` asks the allocator to return every free page
 (`malloc_trim(0)`, glibc only; it took under a millisecond on a 300 MB worker here). It
