@@ -28,3 +28,17 @@ GATEWAY_TTFT = Histogram(
     buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 120),
 )
 INFLIGHT = Gauge("mantle_gateway_inflight_requests", "Gateway requests in flight")
+TURNS_HANDED = Counter(
+    "mantle_gateway_turns_handed_total",
+    "Turns passed from one request to the oldest waiting one on a gateway loop (core/turns.py)",
+)
+TURN_WAITS_EXPIRED = Counter(
+    "mantle_gateway_turn_waits_expired_total",
+    "Requests that waited MAX_WAIT_S for a turn and went on beside its holder",
+)
+TURNS_HELD = Gauge(
+    "mantle_gateway_turns_held", "Requests holding a turn on this process's loops now"
+)
+TURNS_WAITING = Gauge(
+    "mantle_gateway_turns_waiting", "Requests waiting for a turn on this process's loops now"
+)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import turns
 from gateway.errors import OpenAIError, invalid
 from workers import grammar
 from workers.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
@@ -215,7 +216,8 @@ async def plan(
 
     if not tools and json_schema is None and not json_object:
         return build()
-    return await asyncio.to_thread(build)
+    async with turns.away():
+        return await asyncio.to_thread(build)
 
 
 # --- the prompt -----------------------------------------------------------------------------

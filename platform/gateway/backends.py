@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core import turns
 from core.redis import get_async_redis
 from gateway.errors import OpenAIError, dependency_unavailable
 
@@ -75,7 +76,8 @@ async def database_read(
     that is down becomes a clean 503."""
     try:
         run = sync_to_async(_read_with_reconnect, thread_sensitive=False, executor=executor)
-        return await run(fn, *args)
+        async with turns.away():
+            return await run(fn, *args)
     except DATABASE_DOWN as exc:
         logger.warning("database unreachable: %s", exc)
         raise database_unavailable() from exc

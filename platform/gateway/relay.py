@@ -57,7 +57,7 @@ from pydantic import BaseModel
 from accounts.keys import KeyIdentity
 from catalog.selectors import ProviderConnection, provider_connection
 from catalog.specs import EndpointSpec
-from core import outbound
+from core import outbound, turns
 from core.redis import ScriptCall, get_async_redis, run_scripts
 from gateway import leases, pipeline, pool_share, text
 from gateway.backends import database_read
@@ -742,17 +742,23 @@ class _Relay:
         raises the refusal or fills a missing price and admits; then the slot is taken."""
         self.limits = pipeline.limits_for(self.identity, self.spec)
         organization_id = self.identity.organization_id
-        admission, answer = await pipeline.admit_relayed_along(
-            self.limits,
-            self.spec,
-            organization_id,
-            self.call.prompt_bound,
-            self.call.completion_bound,
-            self.request_id,
-            take_call(
-                target.id, provider, organization_id, self.request_id, self.deadline, force=force
-            ),
-        )
+        async with turns.away(turns.REDIS_HOLD_S):
+            admission, answer = await pipeline.admit_relayed_along(
+                self.limits,
+                self.spec,
+                organization_id,
+                self.call.prompt_bound,
+                self.call.completion_bound,
+                self.request_id,
+                take_call(
+                    target.id,
+                    provider,
+                    organization_id,
+                    self.request_id,
+                    self.deadline,
+                    force=force,
+                ),
+            )
         if admission is not None and not isinstance(answer, Exception):
             self.admission = admission
             lease_taken(int(answer), provider, organization_id, self.request_id, self.deadline)
@@ -779,6 +785,9 @@ class _Relay:
         OpenAIError for the client's own error."""
         url, headers, payload = upstream_request(provider, target, self.call)
         headers[HOPS_HEADER] = str(self.hops + 1)
+        # The gateway's own work for this request is done: the provider's wait, retries and
+        # the answer's relay run without a turn.
+        turns.give_up()
         try:
             response = await outbound.send(
                 "POST",

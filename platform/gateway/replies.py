@@ -15,7 +15,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from core import metrics
+from core import metrics, turns
 from gateway.backends import (
     DATABASE_DOWN,
     REDIS_DOWN,
@@ -63,6 +63,7 @@ def gateway_view(view: View) -> View:
             logger.exception("unexpected error in %s", view.__name__)
             response = internal_error(request_id_of(request)).response()
         finally:
+            turns.give_up()
             metrics.INFLIGHT.dec()
         response["openai-processing-ms"] = str(int((time.perf_counter() - started) * 1000))
         return response

@@ -16,6 +16,7 @@ from accounts.services import api_key_identity_load
 from catalog import specs
 from catalog.selectors import endpoint_spec_load
 from catalog.specs import EndpointSpec
+from core import turns
 from core.redis import delete_if_unchanged, get_async_redis
 from gateway.backends import database_read
 from gateway.errors import (
@@ -104,7 +105,8 @@ async def resolve(
             pipe.get(keys.cache_key(digest))
             if model:
                 pipe.get(_endpoint_cache_key(model))
-        results = await pipe.execute()
+        async with turns.away(turns.REDIS_HOLD_S):
+            results = await pipe.execute()
     blocked = int(results[0] or 0) >= settings.MANTLE_KEY_FAILURE_LIMIT
     if not digest or (blocked and results[1] in (None, _UNKNOWN)):
         # The unknown-key path: counted, and past the limit refused without a look at

@@ -40,7 +40,10 @@ def relay_gateway(django_db_setup: None) -> Iterator[Process]:
     """A gateway allowed to reach loopback providers; no worker, no model of its own."""
     stack = Stack.for_tests()
     try:
-        proc = stack.start_gateway("gateway-relay-faults", env=LOOPBACK_ALLOWED)
+        proc = stack.start_gateway(
+            "gateway-relay-faults",
+            env={**LOOPBACK_ALLOWED, "MANTLE_OPS_NETWORKS": "127.0.0.1/32"},  # its /metrics
+        )
         stack.wait_serving(proc)
         yield proc
     finally:
@@ -609,3 +612,46 @@ def test_a_whole_answer_past_the_deadline_bills_its_prompt_and_is_not_sent_again
     assert int(event["cost_nanos"]) == int(
         int(event["input_tokens"]) * Decimal("0.000001") * 1_000_000_000
     )
+
+
+def _gauge(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_burst_takes_turns_and_leaves_no_turn_held(
+    served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
+) -> None:
+    """A burst of relayed requests at one gateway process does its gateway work in turns
+    (core/turns.py: handed from one request to the next), and whatever each request
+    became (answered, a wrong key, the provider failing), no turn stays held or waited for."""
+    import asyncio
+
+    one_target("turns-burst", openai_scheme(upstream_fake, "turns-1"))
+    upstream_fake.set_latency(50)
+    upstream_fake.add_faults(*[{"status": 500}] * 4)
+    handed_before = _gauge(relay_gateway.url, "mantle_gateway_turns_handed_total")
+
+    async def burst() -> list[int]:
+        body = {"model": "turns-burst", "messages": MESSAGES, "max_tokens": 5}
+        async with httpx.AsyncClient(base_url=relay_gateway.url, timeout=60) as http:
+
+            async def one(secret: str) -> int:
+                reply = await http.post(
+                    "/v1/chat/completions",
+                    json=body,
+                    headers={"authorization": f"Bearer {secret}"},
+                )
+                return reply.status_code
+
+            secrets = [served.secret] * 32 + ["sk-mantle-not-a-key-of-anyone-000000"] * 8
+            return list(await asyncio.gather(*(one(s) for s in secrets)))
+
+    statuses = asyncio.run(burst())
+    answered, refused = statuses[:32], statuses[32:]
+    assert answered.count(200) >= 30  # the provider's four 500s: retried, or a clean 502
+    assert set(answered) <= {200, 502}
+    assert set(refused) <= {401, 429}  # 429: this address has sent too many wrong keys
+    assert _gauge(relay_gateway.url, "mantle_gateway_turns_handed_total") > handed_before
+    assert _gauge(relay_gateway.url, "mantle_gateway_turns_held ") == 0
+    assert _gauge(relay_gateway.url, "mantle_gateway_turns_waiting ") == 0

@@ -15,6 +15,7 @@ from django.http import HttpRequest, HttpResponseBase
 
 from accounts.keys import KeyIdentity
 from catalog.specs import EndpointSpec
+from core import turns
 from gateway import agent, relay, text
 from gateway.endpoints.shared import system_fingerprint, usage
 from gateway.errors import invalid
@@ -107,6 +108,7 @@ def conversation(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 @gateway_view
 async def chat_completions(request: HttpRequest) -> HttpResponseBase:
+    await turns.take()
     require_method(request, "POST")
     body = parse_request(request, ChatCompletionRequest)
     plan = await plan_of(body)
@@ -132,6 +134,7 @@ async def _on_pool(
     spec: EndpointSpec,
 ) -> HttpResponseBase:
     """The request on the endpoint's own pool."""
+    turns.give_up()  # the pool's own order (tiers, fair sharing) applies from here
     await shed_early(identity, spec, body.service_tier)
     text.check_bias(spec, body.bias(), "logit_bias")
     messages, tool_variables = agent.template_messages(

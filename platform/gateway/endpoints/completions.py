@@ -16,6 +16,7 @@ from django.http import HttpRequest, HttpResponseBase
 
 from accounts.keys import KeyIdentity
 from catalog.specs import EndpointSpec
+from core import turns
 from gateway import relay, text
 from gateway.endpoints.shared import system_fingerprint, usage
 from gateway.errors import invalid
@@ -44,6 +45,7 @@ from workers import contract
 
 @gateway_view
 async def completions(request: HttpRequest) -> HttpResponseBase:
+    await turns.take()
     require_method(request, "POST")
     body = parse_request(request, CompletionRequest)
     if body.best_of is not None and body.best_of != (body.n or 1):
@@ -66,6 +68,7 @@ async def _on_pool(
     request: HttpRequest, body: CompletionRequest, identity: KeyIdentity, spec: EndpointSpec
 ) -> HttpResponseBase:
     """The request on the endpoint's own pool."""
+    turns.give_up()  # the pool's own order (tiers, fair sharing) applies from here
     await shed_early(identity, spec, body.service_tier)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):

@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponseBase
 
 from accounts.keys import KeyIdentity
 from catalog.specs import EndpointSpec
-from core import metrics
+from core import metrics, turns
 from gateway import relay, text
 from gateway.errors import OpenAIError, invalid
 from gateway.pipeline import (
@@ -37,6 +37,7 @@ from workers import contract
 
 @gateway_view
 async def embeddings(request: HttpRequest) -> HttpResponseBase:
+    await turns.take()
     require_method(request, "POST")
     body = parse_request(request, EmbeddingRequest)
     identity, spec = await resolve(request, body.model)
@@ -57,6 +58,7 @@ async def _on_pool(
     request: HttpRequest, body: EmbeddingRequest, identity: KeyIdentity, spec: EndpointSpec
 ) -> HttpResponseBase:
     """The request on the endpoint's own pool."""
+    turns.give_up()  # the pool's own order (tiers, fair sharing) applies from here
     if body.dimensions is not None and body.dimensions != spec.dimensions:
         raise invalid(
             f"This model produces {spec.dimensions}-dimensional embeddings; "

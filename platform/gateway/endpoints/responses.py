@@ -23,6 +23,7 @@ from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 
 from accounts.keys import KeyIdentity
 from catalog.specs import EndpointSpec
+from core import turns
 from gateway import agent, relay, text
 from gateway.backends import (
     REDIS_DOWN,
@@ -80,6 +81,7 @@ Item = dict[str, Any]
 @gateway_view
 async def responses(request: HttpRequest) -> HttpResponseBase:
     """POST /v1/responses."""
+    await turns.take()
     _allow(request, "POST")
     body = parse_request(request, ResponseCreateRequest)
     identity, spec = await resolve(request, body.model)
@@ -111,6 +113,7 @@ async def _on_pool(
     owner: Owner,
 ) -> HttpResponseBase:
     """The request on the endpoint's own pool."""
+    turns.give_up()  # the pool's own order (tiers, fair sharing) applies from here
     await shed_early(identity, spec, body.service_tier)
     messages, tools_variable = agent.template_messages(
         chat_messages(body.instructions, items),
