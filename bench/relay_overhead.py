@@ -107,8 +107,12 @@ def main() -> None:
     # the 32 clients stay in step: their requests reach the gateway together every cycle
     # and each waits behind the others' CPU; a real provider's answers vary.
     parser.add_argument("--upstream-spread", type=float, default=0.0)
+    # The gateway without turns (core/turns.py): every request's work shares the loop.
+    parser.add_argument("--no-turns", action="store_true")
     args = parser.parse_args()
     bench = BenchStack()
+    if args.no_turns:
+        bench.env["MANTLE_GATEWAY_TURNS"] = "false"
     bench.env["MANTLE_PROVIDER_ALLOWED_HTTP"] = "127.0.0.1"
     bench.env["MANTLE_PROVIDER_ALLOWED_PRIVATE"] = "127.0.0.1"
     from cryptography.fernet import Fernet

@@ -33,6 +33,8 @@ from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from django.conf import settings
+
 from core import metrics
 
 MAX_WAIT_S = 0.025
@@ -134,7 +136,7 @@ def _mine() -> _Turn | None:
 async def take() -> None:
     """The request's turn (called first in an inference view; its arrival is now). A
     request that holds one already (a view called from another) keeps it."""
-    if _mine() is not None:
+    if _mine() is not None or not settings.MANTLE_GATEWAY_TURNS:
         return
     turn = _Turn(of_loop(), time.monotonic(), asyncio.current_task())
     _current.set(turn)

@@ -192,3 +192,9 @@ def test_a_request_that_failed_midway_gives_its_turn_up_and_one_without_a_turn_i
         return turns.of_loop().held
 
     assert asyncio.run(scene()) == 0
+
+
+def test_turns_switched_off_leave_the_loop_shared(settings: object) -> None:
+    settings.MANTLE_GATEWAY_TURNS = False  # type: ignore[attr-defined]
+    log = asyncio.run(_burst(8, ordered=True))
+    assert log.index("a-sent") >= 8 * STEPS

@@ -442,6 +442,9 @@ MANTLE_TEMPLATE_MEMORY_BYTES = env.int("MANTLE_TEMPLATE_MEMORY_BYTES", default=2
 MANTLE_TOKENIZER_CACHE_BYTES = env.int("MANTLE_TOKENIZER_CACHE_BYTES", default=512 * 1024**2)
 MANTLE_TOKENIZER_MAX_BYTES = env.int("MANTLE_TOKENIZER_MAX_BYTES", default=32 * 1024**2)
 MANTLE_TOKENIZER_MAX_VOCAB = env.int("MANTLE_TOKENIZER_MAX_VOCAB", default=512 * 1024)
+# Inference requests do their gateway work in turns, oldest first (core/turns.py); off:
+# the event loop shares itself among all of them (the benchmarks' baseline).
+MANTLE_GATEWAY_TURNS = env.bool("MANTLE_GATEWAY_TURNS", default=True)
 # Seconds a gateway request may wait for its worker before it fails cleanly.
 MANTLE_REQUEST_TIMEOUT_S = env.float("MANTLE_REQUEST_TIMEOUT_S", default=120.0)
 # The places a request holds while it runs (a provider's slot, its organization's share of
