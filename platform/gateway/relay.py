@@ -618,6 +618,7 @@ async def serve(
             last = relay.last_error
         raise last or upstream_unavailable(call.model)
     finally:
+        turns.give_up()  # answered or refused: what is left waits on Redis alone
         await relay.give_back_unless_taken()
 
 
@@ -694,14 +695,15 @@ class _Relay:
                 # A refusal here (limits, money) is the client's answer.
                 taken = await self._admit_taking(target, provider, force=force)
             else:
-                taken = await take_slot(
-                    target.id,
-                    provider,
-                    self.identity.organization_id,
-                    self.request_id,
-                    self.deadline,
-                    force=force,
-                )
+                async with turns.away(turns.REDIS_HOLD_S):
+                    taken = await take_slot(
+                        target.id,
+                        provider,
+                        self.identity.organization_id,
+                        self.request_id,
+                        self.deadline,
+                        force=force,
+                    )
             if int(taken) == -1:
                 self.last_error = upstream_unavailable(
                     self.call.model, settings.MANTLE_PROVIDER_COOLDOWN_S
@@ -763,15 +765,16 @@ class _Relay:
             self.admission = admission
             lease_taken(int(answer), provider, organization_id, self.request_id, self.deadline)
             return int(answer)
-        if admission is None:
-            if not isinstance(answer, Exception) and int(answer) == 1:
-                await release_slot(provider, organization_id, self.request_id)
-            await self.admit()
-        else:
-            self.admission = admission
-        return await take_slot(
-            target.id, provider, organization_id, self.request_id, self.deadline, force=force
-        )
+        async with turns.away(turns.REDIS_HOLD_S):
+            if admission is None:
+                if not isinstance(answer, Exception) and int(answer) == 1:
+                    await release_slot(provider, organization_id, self.request_id)
+                await self.admit()
+            else:
+                self.admission = admission
+            return await take_slot(
+                target.id, provider, organization_id, self.request_id, self.deadline, force=force
+            )
 
     def _left(self, floor_s: float) -> float:
         """The seconds left until the request's deadline (at least `floor_s`, at least 1)."""

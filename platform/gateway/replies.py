@@ -46,9 +46,14 @@ def gateway_view(view: View) -> View:
     @csrf_exempt
     async def wrapper(request: HttpRequest, **kwargs: str) -> HttpResponseBase:
         started = time.perf_counter()
+        nested = turns.holding()  # called by a view whose request holds the turn: its own
         metrics.INFLIGHT.inc()
         try:
-            response = await view(request, **kwargs)
+            try:
+                response = await view(request, **kwargs)
+            finally:
+                if not nested:
+                    turns.give_up()  # before any error's handling, which may wait
         except OpenAIError as exc:
             response = exc.response()
         except REDIS_DOWN as exc:
@@ -63,7 +68,6 @@ def gateway_view(view: View) -> View:
             logger.exception("unexpected error in %s", view.__name__)
             response = internal_error(request_id_of(request)).response()
         finally:
-            turns.give_up()
             metrics.INFLIGHT.dec()
         response["openai-processing-ms"] = str(int((time.perf_counter() - started) * 1000))
         return response

@@ -67,6 +67,7 @@ failures_key = keys.failures_key
 
 async def _record_failure(address: str) -> None:
     """Counts a wrong key from `address` in a fixed window; logs it, never the key."""
+    turns.give_up()  # refused: nothing of its own work is left to order
     async with get_async_redis().pipeline(transaction=False) as pipe:
         keys.queue_failure(pipe, address)
         count = int((await pipe.execute())[0])
@@ -74,6 +75,7 @@ async def _record_failure(address: str) -> None:
 
 
 async def _refuse_blocked(address: str) -> OpenAIError:
+    turns.give_up()  # refused: nothing of its own work is left to order
     ttl = await get_async_redis().ttl(failures_key(address))
     return too_many_failed_keys(max(1, int(ttl)))
 

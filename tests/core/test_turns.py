@@ -14,6 +14,13 @@ from core import turns
 STEPS = 5  # each request's own work: this many steps, each a yield to the loop
 
 
+@pytest.fixture(autouse=True)
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No wait runs out in these tests unless one sets MAX_WAIT_S itself: what they see is
+    the order turns give, not the bound (a loaded machine cannot change them)."""
+    monkeypatch.setattr(turns, "MAX_WAIT_S", 30.0)
+
+
 async def _request(
     name: str, log: list[str], io: Callable[[], Awaitable[None]] | None = None
 ) -> None:
@@ -45,6 +52,8 @@ async def _burst(count: int, *, ordered: bool) -> list[str]:
     names = [chr(ord("a") + i) for i in range(count)]
     work = [_request(n, log) if ordered else plain(n) for n in names]
     await asyncio.gather(*work)
+    assert turns.of_loop().expired == 0
+    assert turns.of_loop().held == 0
     return log
 
 
@@ -90,7 +99,7 @@ def test_back_from_io_a_request_goes_before_those_that_arrived_later() -> None:
 
 
 def test_a_short_wait_keeps_the_turn_and_a_long_one_passes_it_on() -> None:
-    async def scene(hold_s: float, io_s: float) -> list[str]:
+    async def scene(hold_s: float, io_s: float) -> tuple[list[str], int]:
         log: list[str] = []
 
         async def first() -> None:
@@ -111,13 +120,21 @@ def test_a_short_wait_keeps_the_turn_and_a_long_one_passes_it_on() -> None:
         a = asyncio.create_task(first())
         await asyncio.sleep(0)
         await asyncio.gather(a, second())
-        return log
+        assert turns.of_loop().expired == 0
+        return log, turns.of_loop().handed
 
-    assert asyncio.run(scene(hold_s=1.0, io_s=0.01)) == ["a-before", "a-after", "b"]
-    assert asyncio.run(scene(hold_s=0.01, io_s=0.2)) == ["a-before", "b", "a-after"]
+    # Kept through the wait: b gets the turn when a is done (one handing).
+    assert asyncio.run(scene(hold_s=1.0, io_s=0.01)) == (["a-before", "a-after", "b"], 1)
+    # Let go after hold_s: b is handed the turn and runs meanwhile; a comes back to a free
+    # turn.
+    assert asyncio.run(scene(hold_s=0.01, io_s=0.2)) == (["a-before", "b", "a-after"], 1)
 
 
-def test_a_holder_that_never_gives_its_turn_up_delays_the_next_request_boundedly() -> None:
+def test_a_holder_that_never_gives_its_turn_up_delays_the_next_request_boundedly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(turns, "MAX_WAIT_S", 0.025)
+
     async def scene() -> tuple[int, int, float]:
         gate = asyncio.Event()
 
@@ -172,26 +189,81 @@ def test_cancelled_requests_leave_no_turn_held_or_waiting() -> None:
     assert (held, waiting) == (0, 0)
 
 
-def test_a_request_that_failed_midway_gives_its_turn_up_and_one_without_a_turn_is_free() -> None:
-    async def scene() -> int:
+def test_a_request_that_fails_in_a_wait_does_not_wait_for_its_turn_again() -> None:
+    async def scene() -> tuple[list[str], int]:
+        log: list[str] = []
+        release = asyncio.Event()
+
         async def failing() -> None:
             await turns.take()
             try:
-                async with turns.away():
-                    await asyncio.sleep(0)
-                    raise RuntimeError("the key is wrong")
+                async with turns.away():  # lets the turn go while it waits...
+                    await asyncio.sleep(0.01)
+                    raise RuntimeError("the database is down")  # ...and fails
             finally:
+                log.append("a-failed")
                 turns.give_up()
 
+        async def holder() -> None:
+            await turns.take()  # handed the turn when a lets it go, and keeps it
+            await release.wait()
+            log.append("b")
+            turns.give_up()
+
+        a = asyncio.create_task(failing())
+        await asyncio.sleep(0)
+        b = asyncio.create_task(holder())
         with pytest.raises(RuntimeError):
-            await asyncio.create_task(failing())
+            await asyncio.wait_for(a, 5.0)  # not behind b's turn
+        release.set()
+        await b
         # Outside any request: `away` and `give_up` change nothing.
         async with turns.away():
             await asyncio.sleep(0)
         turns.give_up()
-        return turns.of_loop().held
+        return log, turns.of_loop().held
 
-    assert asyncio.run(scene()) == 0
+    assert asyncio.run(scene()) == (["a-failed", "b"], 0)
+
+
+def test_waits_that_ran_out_do_not_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two holders that never give their turns up (past a wait): every later request waits
+    MAX_WAIT_S and goes on; the heap of waiters does not keep them."""
+    monkeypatch.setattr(turns, "MAX_WAIT_S", 0.0)
+
+    async def scene() -> tuple[int, int, int]:
+        state = turns.of_loop()
+        await state.take(0.0)
+        await state.take(0.0)  # expired at once: two holders
+        for i in range(2000):
+            await state.take(float(i))  # each expires, and is never given back
+            state.give()
+        return len(state.waiting), state.live, state.held
+
+    waiting, live, held = asyncio.run(scene())
+    assert waiting <= 64
+    assert live == 0
+    assert held == 2
+
+
+def test_a_view_called_by_another_leaves_the_turn_to_its_caller() -> None:
+    from django.http import HttpRequest, HttpResponse
+
+    from gateway.replies import gateway_view
+
+    @gateway_view
+    async def inner(request: HttpRequest) -> HttpResponse:
+        await turns.take()
+        return HttpResponse(b"inner")
+
+    async def scene() -> tuple[bool, bool]:
+        await turns.take()
+        await inner(HttpRequest())
+        still = turns.holding()
+        turns.give_up()
+        return still, turns.holding()
+
+    assert asyncio.run(scene()) == (True, False)
 
 
 def test_turns_switched_off_leave_the_loop_shared(settings: object) -> None:

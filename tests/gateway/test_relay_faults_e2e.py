@@ -653,5 +653,34 @@ def test_a_burst_takes_turns_and_leaves_no_turn_held(
     assert set(answered) <= {200, 502}
     assert set(refused) <= {401, 429}  # 429: this address has sent too many wrong keys
     assert _gauge(relay_gateway.url, "mantle_gateway_turns_handed_total") > handed_before
-    assert _gauge(relay_gateway.url, "mantle_gateway_turns_held ") == 0
-    assert _gauge(relay_gateway.url, "mantle_gateway_turns_waiting ") == 0
+
+    # A request waiting on its provider holds no turn: one that comes meanwhile does not wait
+    # for it (a wait that ran out would be counted).
+    expired = "mantle_gateway_turn_waits_expired_total"
+    expired_before = _gauge(relay_gateway.url, expired)
+    upstream_fake.set_latency(1000)
+    relay = client(relay_gateway.url, served.secret)
+
+    def ask() -> None:
+        relay.chat.completions.create(model="turns-burst", messages=MESSAGES, max_tokens=5)
+
+    slow = threading.Thread(target=ask)
+    slow.start()
+    time.sleep(0.3)
+    ask()
+    slow.join()
+    assert _gauge(relay_gateway.url, expired) == expired_before
+
+    # Clients that leave while their provider works leave nothing held either.
+    leaving = client(relay_gateway.url, served.secret).with_options(timeout=0.3)
+    for _ in range(4):
+        with contextlib.suppress(openai.APITimeoutError):
+            leaving.chat.completions.create(model="turns-burst", messages=MESSAGES, max_tokens=5)
+    upstream_fake.set_latency(0)
+    assert wait_until(
+        lambda: (
+            _gauge(relay_gateway.url, "mantle_gateway_turns_held ") == 0
+            and _gauge(relay_gateway.url, "mantle_gateway_turns_waiting ") == 0
+        ),
+        timeout=10,
+    )
