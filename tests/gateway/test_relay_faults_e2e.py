@@ -29,6 +29,7 @@ from tests.gateway.relay_support import (
     wait_usage,
 )
 from tests.reliability.support import wait_until
+from tests.support.metrics import scraped
 from tests.support.stack import Process, Stack
 from tests.support.upstream_fake import UpstreamFake
 
@@ -614,50 +615,54 @@ def test_a_whole_answer_past_the_deadline_bills_its_prompt_and_is_not_sent_again
     )
 
 
-def _gauge(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-
 def test_a_burst_takes_turns_and_leaves_no_turn_held(
     served: Customer, relay_gateway: Process, upstream_fake: UpstreamFake
 ) -> None:
     """A burst of relayed requests at one gateway process does its gateway work in turns
     (core/turns.py: handed from one request to the next), and whatever each request
-    became (answered, a wrong key, the provider failing), no turn stays held or waited for."""
+    became (answered, a wrong key, a body that does not parse, the provider failing), no
+    turn stays held or waited for."""
     import asyncio
 
     one_target("turns-burst", openai_scheme(upstream_fake, "turns-1"))
     upstream_fake.set_latency(50)
     upstream_fake.add_faults(*[{"status": 500}] * 4)
-    handed_before = _gauge(relay_gateway.url, "mantle_gateway_turns_handed_total")
+    handed_before = scraped(relay_gateway.url, "mantle_gateway_turns_handed_total")
 
     async def burst() -> list[int]:
         body = {"model": "turns-burst", "messages": MESSAGES, "max_tokens": 5}
         async with httpx.AsyncClient(base_url=relay_gateway.url, timeout=60) as http:
 
-            async def one(secret: str) -> int:
+            async def one(secret: str, sent: dict[str, Any] = body) -> int:
                 reply = await http.post(
                     "/v1/chat/completions",
-                    json=body,
+                    json=sent,
                     headers={"authorization": f"Bearer {secret}"},
                 )
                 return reply.status_code
 
-            secrets = [served.secret] * 32 + ["sk-mantle-not-a-key-of-anyone-000000"] * 8
-            return list(await asyncio.gather(*(one(s) for s in secrets)))
+            wrong = "sk-mantle-not-a-key-of-anyone-000000"
+            unparsed = {"model": "turns-burst", "max_tokens": 5}  # no messages
+            return list(
+                await asyncio.gather(
+                    *(one(served.secret) for _ in range(32)),
+                    *(one(wrong) for _ in range(8)),
+                    *(one(served.secret, unparsed) for _ in range(4)),
+                )
+            )
 
     statuses = asyncio.run(burst())
-    answered, refused = statuses[:32], statuses[32:]
+    answered, refused, unparsed = statuses[:32], statuses[32:40], statuses[40:]
     assert answered.count(200) >= 30  # the provider's four 500s: retried, or a clean 502
     assert set(answered) <= {200, 502}
     assert set(refused) <= {401, 429}  # 429: this address has sent too many wrong keys
-    assert _gauge(relay_gateway.url, "mantle_gateway_turns_handed_total") > handed_before
+    assert unparsed == [400] * 4  # refused by the view itself: its wrapper gives the turn up
+    assert scraped(relay_gateway.url, "mantle_gateway_turns_handed_total") > handed_before
 
     # A request waiting on its provider holds no turn: one that comes meanwhile does not wait
     # for it (a wait that ran out would be counted).
     expired = "mantle_gateway_turn_waits_expired_total"
-    expired_before = _gauge(relay_gateway.url, expired)
+    expired_before = scraped(relay_gateway.url, expired)
     upstream_fake.set_latency(1000)
     relay = client(relay_gateway.url, served.secret)
 
@@ -669,7 +674,7 @@ def test_a_burst_takes_turns_and_leaves_no_turn_held(
     time.sleep(0.3)
     ask()
     slow.join()
-    assert _gauge(relay_gateway.url, expired) == expired_before
+    assert scraped(relay_gateway.url, expired) == expired_before
 
     # Clients that leave while their provider works leave nothing held either.
     leaving = client(relay_gateway.url, served.secret).with_options(timeout=0.3)
@@ -679,8 +684,8 @@ def test_a_burst_takes_turns_and_leaves_no_turn_held(
     upstream_fake.set_latency(0)
     assert wait_until(
         lambda: (
-            _gauge(relay_gateway.url, "mantle_gateway_turns_held ") == 0
-            and _gauge(relay_gateway.url, "mantle_gateway_turns_waiting ") == 0
+            scraped(relay_gateway.url, "mantle_gateway_turns_held") == 0
+            and scraped(relay_gateway.url, "mantle_gateway_turns_waiting") == 0
         ),
         timeout=10,
     )

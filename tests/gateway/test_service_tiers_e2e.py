@@ -16,6 +16,7 @@ from catalog.services import endpoint_publish, pool_ensure
 from core.redis import get_redis
 from tests.factories import OrganizationFactory, make_api_key
 from tests.gateway.conftest import CHAT, Served
+from tests.support.metrics import scraped
 from workers import contract
 from workers.contract import USAGE_STREAM
 
@@ -402,11 +403,7 @@ def test_a_surges_flex_refusal_comes_before_the_prompt_is_rendered_and_tokenized
 
 
 def ttft_count(url: str, tier: str) -> float:
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    name = f'mantle_gateway_time_to_first_token_seconds_count{{tier="{tier}"}}'
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+    return scraped(url, "mantle_gateway_time_to_first_token_seconds_count", tier=tier)
 
 
 def test_the_gateway_exports_time_to_first_token_by_tier(served: Served) -> None:
