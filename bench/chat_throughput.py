@@ -23,6 +23,7 @@ from platform_stack import BenchStack  # noqa: E402
 
 from tests.support.stack import artifact_dir, builtin_manifests  # noqa: E402
 from workers.compile import lm_gate  # noqa: E402
+from workers.runtime.models import model_file  # noqa: E402
 
 TOPICS = [
     "dragons",
@@ -74,8 +75,9 @@ def raw_baseline(manifest: dict[str, Any], batch: int, new_tokens: int) -> float
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(os.environ.get("MANTLE_ORT_THREADS", os.cpu_count() or 1))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The graph a worker serves: the manifest's, or the variant MANTLE_MODEL_VARIANT names.
     session = ort.InferenceSession(
-        str(location / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        str(location / model_file(manifest)), options, providers=["CPUExecutionProvider"]
     )
     tokenizer = Tokenizer.from_file(str(location / "tokenizer.json"))
     template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(

@@ -44,6 +44,7 @@ from platform_stack import BenchStack  # noqa: E402
 from tests.support.stack import artifact_dir, builtin_manifests  # noqa: E402
 from workers.contract import BillingIdentity, GenerateRequest, ModelRef, SamplingParams  # noqa: E402
 from workers.engine.bench import NullSink  # noqa: E402
+from workers.runtime.models import model_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -339,7 +340,7 @@ def rss_child(chat: dict[str, Any]) -> None:
 
 def rss_figures() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for variant in ("", "fp32"):
+    for variant in ("", "fp32", "w8a8"):
         env = {**os.environ, "MANTLE_MODEL_VARIANT": variant}
         done = subprocess.run(
             [sys.executable, __file__, "--rss-child"],
@@ -353,6 +354,7 @@ def rss_figures() -> dict[str, Any]:
     out["ratio"] = round(served["rss_mb"] / fp32["rss_mb"], 3)
     out["idle_ratio"] = round(served["idle_rss_mb"] / fp32["idle_rss_mb"], 3)
     out["peak_ratio"] = round(served["peak_rss_mb"] / fp32["peak_rss_mb"], 3)
+    out["w8a8_ratio"] = round(out["w8a8"]["rss_mb"] / fp32["rss_mb"], 3)
     return out
 
 
@@ -367,14 +369,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client (c=8, 32)")
     parser.add_argument("--long-tokens", type=int, default=4096)
     parser.add_argument("--only", default="decode,ttft,chunked,rss")
+    parser.add_argument(
+        "--variant",
+        default="",
+        help="serve the artifact's variant (w8a8, fp32) in the platform and the raw baseline",
+    )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.variant:  # the bench stack's worker and raw_baseline both read it
+        os.environ["MANTLE_MODEL_VARIANT"] = args.variant
     only = set(args.only.split(","))
     chat = next(m for m in builtin_manifests(artifact_dir()) if m["runtime"] == "onnx-causal-lm")
     if args.rss_child:
         rss_child(chat)
         return
-    report: dict[str, Any] = {"artifact": chat.get("model_file"), "sha256": chat.get("sha256")}
+    report: dict[str, Any] = {"artifact": model_file(chat), "sha256": chat.get("sha256")}
     if "rss" in only:
         report["worker_rss"] = rss_figures()
     if "chunked" in only:

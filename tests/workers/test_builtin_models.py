@@ -144,6 +144,31 @@ def test_chat_model_is_served_with_4bit_weights_and_keeps_its_fp32_variant(chat:
     assert gate["prompts"] == len(lm_gate.PROMPTS)
 
 
+def test_chat_model_carries_a_w8a8_variant_that_passed_its_own_gate(chat: Loaded) -> None:
+    import onnx
+
+    directory, manifest, served = chat
+    w8 = manifest["variants"]["w8a8"]
+    assert w8["model_file"] == "model.w8a8.onnx" and w8["kv_cache"] == "in_place"
+    graph = onnx.load_model(str(directory / w8["model_file"])).graph
+    ops = Counter(n.op_type for n in graph.node)
+    # The same 121 MatMuls as the 4-bit graph, as integer GEMMs: 4 inputs quantized per
+    # layer (attention in and out, MLP in and its activation) and the head's.
+    assert ops["MatMulIntegerToFloat"] == 121 and ops["QuantizeLinear"] == 121
+    assert not ops["MatMulNBits"] and not ops["MatMul"]
+    assert ops["GroupQueryAttention"] == 30 and ops["GatherBlockQuantized"] == 1
+    # The same interface as the served graph: the engine serves either.
+    assert [i.name for i in graph.input] == [i.name for i in served.get_inputs()]
+    assert w8["validation"]["smoke"]["passed"] is True
+    gate = w8["validation"]["quality_gate"]
+    assert gate["passed"] is True and gate["prompts"] == len(lm_gate.PROMPTS)
+    # Closer to fp32 than the 4-bit graph on both of the gate's measures.
+    four = manifest["validation"]["quality_gate"]
+    assert gate["token_agreement"] > four["token_agreement"]
+    assert gate["ppl_increase"] < four["ppl_increase"]
+    assert w8["quantization"]["matmul_integer"] == 121
+
+
 def test_the_lm_gate_tells_the_4bit_graph_from_the_fp32_one(chat: Loaded) -> None:
     # A short run of the gate's own measure: the fp32 graph agrees with itself exactly,
     # the 4-bit one does not.

@@ -28,7 +28,7 @@ from workers.compile.artifacts import ArtifactError
 
 log = logging.getLogger("mantle.compile")
 
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 """Bump when an export module changes what it produces: every built-in is rebuilt."""
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,6 +18,7 @@ Runs in the prepare venv (torch for the weights, onnx to write the graph).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,8 +73,16 @@ def _rotary_caches(model: Any, max_positions: int, head_dim: int) -> tuple[Any, 
     return cos, sin
 
 
-def build(model: Any, path: Path, *, max_positions: int) -> dict[str, int]:
-    """Write the fp32 graph of `model` (LlamaForCausalLM) to `path`; its op counts."""
+def build(
+    model: Any, path: Path, *, max_positions: int, mlp_smoothing: Sequence[Any] | None = None
+) -> dict[str, int]:
+    """Write the fp32 graph of `model` (LlamaForCausalLM) to `path`; its op counts.
+
+    `mlp_smoothing` (one vector per layer, workers/compile/w8a8.py): each MLP's up
+    projection divided and its down projection multiplied by the layer's scale per
+    intermediate channel, which moves activation outliers into the weights and leaves
+    the fp32 function as it was (`act @ down` = `(act / s) @ (s * down)`, `act` linear in
+    `up`)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -90,6 +99,11 @@ def build(model: Any, path: Path, *, max_positions: int) -> dict[str, int]:
     vocab = int(cfg.vocab_size)
     eps = float(cfg.rms_norm_eps)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    for i, scale in enumerate(mlp_smoothing or ()):
+        up, down = f"model.layers.{i}.mlp.up_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"
+        # New arrays: the state's arrays share memory with the torch model's tensors.
+        state[up] = state[up] / scale[:, None]
+        state[down] = state[down] * scale[None, :]
 
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
