@@ -86,15 +86,23 @@ def smollm_w8a8() -> LoadedModel:
     return load_variant("w8a8")
 
 
+def start_engine(model: LoadedModel) -> CausalLMEngine:
+    # No prefix cache: these tests compare runs of the same prompts (see the cache's own).
+    return CausalLMEngine.from_model(
+        model, max_batch=8, max_prefill_tokens=4096, redis_client=None, prefix_cache=PrefixCache(0)
+    ).start()
+
+
 @pytest.fixture
 def lm_engine_fp32(smollm_fp32: LoadedModel) -> Iterator[CausalLMEngine]:
-    engine = CausalLMEngine.from_model(
-        smollm_fp32,
-        max_batch=8,
-        max_prefill_tokens=4096,
-        redis_client=None,
-        prefix_cache=PrefixCache(0),
-    ).start()
+    engine = start_engine(smollm_fp32)
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def lm_engine_w8a8(smollm_w8a8: LoadedModel) -> Iterator[CausalLMEngine]:
+    engine = start_engine(smollm_w8a8)
     yield engine
     engine.stop()
 
@@ -106,10 +114,7 @@ def minilm() -> LoadedModel:
 
 @pytest.fixture
 def lm_engine(smollm: LoadedModel) -> Iterator[CausalLMEngine]:
-    # No prefix cache: these tests compare runs of the same prompts (see the cache's own).
-    engine = CausalLMEngine.from_model(
-        smollm, max_batch=8, max_prefill_tokens=4096, redis_client=None, prefix_cache=PrefixCache(0)
-    ).start()
+    engine = start_engine(smollm)
     yield engine
     engine.stop()
 
@@ -154,66 +159,45 @@ QUESTIONS = [
 ]
 
 
-def test_batched_greedy_equals_batch_of_one(
-    smollm_fp32: LoadedModel, lm_engine_fp32: CausalLMEngine
-) -> None:
-    prompts = [chat_prompt(smollm_fp32, q) for q in QUESTIONS]
+def assert_batching_changes_no_row(model: LoadedModel, engine: CausalLMEngine) -> RecordingSink:
+    """Greedy answers alone, then all together plus one that joins mid-generation (a KV
+    merge): each row's text and end the same. The answers alone, for further checks."""
+    prompts = [chat_prompt(model, q) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: padding matters
     alone = RecordingSink()
     for i, prompt in enumerate(prompts):
-        assert lm_engine_fp32.submit(generate(f"r{i}", prompt, 20), alone).wait(120) is not None
+        assert engine.submit(generate(f"r{i}", prompt, 20), alone).wait(120) is not None
     together = RecordingSink()
     handles = [
-        lm_engine_fp32.submit(generate(f"r{i}", prompt, 20), together)
-        for i, prompt in enumerate(prompts)
+        engine.submit(generate(f"r{i}", prompt, 20), together) for i, prompt in enumerate(prompts)
     ]
-    # And one that joins while the others are mid-generation (a KV merge).
     time.sleep(0.3)
-    late = lm_engine_fp32.submit(generate("late", prompts[1], 20), together)
+    late = engine.submit(generate("late", prompts[1], 20), together)
     for h in [*handles, late]:
         assert h.wait(120) is not None
     for i in range(len(prompts)):
         assert together.text(f"r{i}") == alone.text(f"r{i}"), QUESTIONS[i]
         assert together.of(f"r{i}")[-1] == alone.of(f"r{i}")[-1]
     assert together.text("late") == alone.text("r1")
+    return alone
+
+
+def test_batched_greedy_equals_batch_of_one(
+    smollm_fp32: LoadedModel, lm_engine_fp32: CausalLMEngine
+) -> None:
+    assert_batching_changes_no_row(smollm_fp32, lm_engine_fp32)
 
 
 def test_the_w8a8_variant_answers_and_batches_without_changing_a_row(
-    smollm_w8a8: LoadedModel,
+    smollm_w8a8: LoadedModel, lm_engine_w8a8: CausalLMEngine
 ) -> None:
     # Integer GEMMs with one activation scale per row: a row's tokens are the same alone
     # and in any batch, the engine's merges and a late joiner included (the 4-bit
     # kernel's per-block rounding does not promise this on every CPU; the fixture above).
     ops = {n.op_type for n in _graph_ops(smollm_w8a8)}
     assert "MatMulIntegerToFloat" in ops and "MatMulNBits" not in ops
-    engine = CausalLMEngine.from_model(
-        smollm_w8a8,
-        max_batch=8,
-        max_prefill_tokens=4096,
-        redis_client=None,
-        prefix_cache=PrefixCache(0),
-    ).start()
-    try:
-        prompts = [chat_prompt(smollm_w8a8, q) for q in QUESTIONS]
-        alone = RecordingSink()
-        for i, prompt in enumerate(prompts):
-            assert engine.submit(generate(f"r{i}", prompt, 20), alone).wait(120) is not None
-        together = RecordingSink()
-        handles = [
-            engine.submit(generate(f"r{i}", prompt, 20), together)
-            for i, prompt in enumerate(prompts)
-        ]
-        time.sleep(0.3)
-        late = engine.submit(generate("late", prompts[1], 20), together)
-        for h in [*handles, late]:
-            assert h.wait(120) is not None
-    finally:
-        engine.stop()
+    alone = assert_batching_changes_no_row(smollm_w8a8, lm_engine_w8a8)
     assert "Paris" in alone.text("r0")
-    for i in range(len(prompts)):
-        assert together.text(f"r{i}") == alone.text(f"r{i}"), QUESTIONS[i]
-        assert together.of(f"r{i}")[-1] == alone.of(f"r{i}")[-1]
-    assert together.text("late") == alone.text("r1")
 
 
 def _graph_ops(model: LoadedModel) -> list[Any]:
