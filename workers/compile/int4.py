@@ -133,13 +133,15 @@ def quantize(src: Path, dst: Path, options: Options) -> dict[str, Any]:
     head = untie_lm_head(model)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    matmuls = [n for n in graph.node if n.op_type == "MatMul" and _weight(inits, n.input[1])]
+    matmuls = [
+        n for n in graph.node if n.op_type == "MatMul" and constant_weight(inits, n.input[1])
+    ]
     head_node = matmuls[-1].name if matmuls else ""
     nodes: list[onnx.NodeProto] = []
     block_sums: dict[str, str] = {}  # an input's block sums, shared by the MatMuls it feeds
     exact_blocks = total_blocks = offset_matmuls = 0
     for node in graph.node:
-        if node.op_type == "MatMul" and _weight(inits, node.input[1]):
+        if node.op_type == "MatMul" and constant_weight(inits, node.input[1]):
             bits = options.head_bits if node.name == head_node else options.bits
             if bits == 4 and options.block_offsets and not options.symmetric:
                 made, exact, total = _matmul_offset_blocks(graph, inits, node, options, block_sums)
@@ -149,16 +151,18 @@ def quantize(src: Path, dst: Path, options: Options) -> dict[str, Any]:
                 offset_matmuls += 1
             else:
                 nodes.append(_matmul_nbits(graph, inits, node, bits, options))
-        elif node.op_type == "Gather" and options.embedding and _weight(inits, node.input[0]):
-            nodes.append(_gather_block_quantized(graph, inits, node, options))
+        elif (
+            node.op_type == "Gather" and options.embedding and constant_weight(inits, node.input[0])
+        ):
+            nodes.append(gather_block_quantized(graph, inits, node, options))
         else:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    counts = _op_counts(model)
+    counts = op_counts(model)
     onnx.save_model(model, str(dst), save_as_external_data=False)
     report = {
         **options.describe(),
@@ -178,7 +182,7 @@ def quantize(src: Path, dst: Path, options: Options) -> dict[str, Any]:
     return report
 
 
-def _weight(inits: dict[str, onnx.TensorProto], name: str) -> bool:
+def constant_weight(inits: dict[str, onnx.TensorProto], name: str) -> bool:
     """A constant 2-D float32 weight (what MatMulNBits and GatherBlockQuantized take)."""
     tensor = inits.get(name)
     return tensor is not None and len(tensor.dims) == 2 and tensor.data_type == 1
@@ -350,7 +354,7 @@ def _matmul_offset_blocks(
     return made, int(exact.sum()), int(exact.size)
 
 
-def _gather_block_quantized(
+def gather_block_quantized(
     graph: onnx.GraphProto,
     inits: dict[str, onnx.TensorProto],
     node: onnx.NodeProto,
@@ -405,14 +409,14 @@ def _pack_nibbles(values: Any) -> Any:
     return values[..., 0::2] | (values[..., 1::2] << 4)
 
 
-def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """The fp32 originals the quantizer replaced (the embedding, once both uses are 4-bit)."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]

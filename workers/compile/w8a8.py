@@ -89,24 +89,24 @@ def quantize(src: Path, dst: Path) -> dict[str, Any]:
     nodes: list[onnx.NodeProto] = []
     matmuls = 0
     for node in graph.node:
-        if node.op_type == "MatMul" and int4._weight(inits, node.input[1]):
+        if node.op_type == "MatMul" and int4.constant_weight(inits, node.input[1]):
             x = node.input[0]
             if x not in quantized:
                 k = int(inits[node.input[1]].dims[0])
                 quantized[x] = _quantize_rows(nodes, x, k)
             nodes.extend(_integer_matmul(graph, inits, node, *quantized[x]))
             matmuls += 1
-        elif node.op_type == "Gather" and int4._weight(inits, node.input[0]):
-            nodes.append(int4._gather_block_quantized(graph, inits, node, int4.Options()))
+        elif node.op_type == "Gather" and int4.constant_weight(inits, node.input[0]):
+            nodes.append(int4.gather_block_quantized(graph, inits, node, int4.Options()))
         else:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    int4._drop_unused_initializers(model)
+    int4.drop_unused_initializers(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save_model(model, str(dst), save_as_external_data=False)
-    counts = int4._op_counts(model)
+    counts = int4.op_counts(model)
     report = {
         **describe(),
         "lm_head": "untied transposed copy" if head else "constant weight",
