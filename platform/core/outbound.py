@@ -824,6 +824,19 @@ def _as_httpx_errors(request: httpx.Request, *, connecting: bool = False) -> Ite
         raise error(f"{type(exc).__name__}: {exc}", request=request) from exc
 
 
+def _received_before_the_cut(content: aiohttp.StreamReader) -> bytes:
+    """The bytes an aiohttp body reader still holds once its error is set. aiohttp has no
+    public way to them (its readers raise first; aio-libs/aiohttp#3026), so this takes its
+    internal buffer's reader; tests/core/test_outbound.py fails if a new aiohttp moves it."""
+    take = getattr(content, "_read_nowait", None)
+    if take is None:
+        return b""
+    try:
+        return bytes(take(-1))
+    except Exception:  # a changed internal: the cut still raises, without its last bytes
+        return b""
+
+
 class _Body(httpx.AsyncByteStream):
     """An aiohttp answer's body as httpx reads it; closing it before its end closes the
     connection (never returned to the pool half-read)."""
@@ -835,9 +848,19 @@ class _Body(httpx.AsyncByteStream):
         self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._answer.content
         with _as_httpx_errors(self._request):
-            async for chunk in self._answer.content.iter_any():
-                yield chunk
+            try:
+                async for chunk in content.iter_any():
+                    yield chunk
+            except aiohttp.ClientPayloadError:
+                # A body broken off (the peer closed mid-answer): aiohttp raises it before
+                # the bytes it had received ahead of the cut, so a reader slower than the
+                # network (a busy gateway) would lose them. They go out first.
+                rest = _received_before_the_cut(content)
+                if rest:
+                    yield rest
+                raise
 
     async def aclose(self) -> None:
         if self._closed:

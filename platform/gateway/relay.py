@@ -996,10 +996,11 @@ class _Relay:
                 yield b"data: [DONE]\n\n"
             except (httpx.HTTPError, outbound.ResponseTooLarge, ValueError, RecursionError) as exc:
                 logger.warning(
-                    "stream of %s from %s broke off: %s",
+                    "stream of %s from %s broke off: %s (%s)",
                     self.request_id,
                     response.url.host,
                     type(exc).__name__,
+                    str(exc)[:200],
                 )
                 if finish == "cancelled":
                     finish = "error"

@@ -272,6 +272,7 @@ class Server:
     requests: list[Seen] = field(default_factory=list)
     connections: int = 0
     clients_gone: int = 0
+    connections_closed: int = 0
     server: asyncio.AbstractServer | None = None
 
     async def start(self) -> Server:
@@ -308,6 +309,7 @@ class Server:
             pass
         finally:
             writer.close()
+            self.connections_closed += 1
 
     async def _answer(self, path: str, writer: asyncio.StreamWriter) -> bool:
         """Writes the answer; False closes the connection."""
@@ -334,6 +336,13 @@ class Server:
             except ConnectionError:
                 self.clients_gone += 1
                 return False
+        elif path.startswith("/cut"):
+            # Two whole events of a chunked stream, then the connection closes mid-answer.
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for event in (b'data: {"a":1}\n\n', b'data: {"b":2}\n\n'):
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            return False
         elif path.startswith("/declared"):
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 999999999\r\n\r\nabc")
             await writer.drain()
@@ -608,6 +617,31 @@ def test_iter_lines_yields_lines_and_stops_at_a_line_past_its_limit() -> None:
                         pass
             finally:
                 await response.aclose()
+
+    with_server(scenario)
+
+
+def test_what_came_before_a_cut_is_read_even_when_the_cut_came_first() -> None:
+    """aiohttp raises a broken-off body's error before the bytes it had already received
+    (the reader took its time: a busy gateway relays the chunks after the provider is
+    gone); those bytes are read first, then the cut raises."""
+
+    async def scenario(server: Server) -> None:
+        with LOCAL:
+            response = await get(f"http://127.0.0.1:{server.port}/cut", stream=True)
+            try:
+                for _ in range(200):  # until the server has closed the connection
+                    if server.requests and server.connections_closed:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)  # and the client's loop has taken in the close
+                got: list[bytes] = []
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async for line in outbound.iter_lines(response, 1024):
+                        got.append(line)
+            finally:
+                await response.aclose()
+            assert got == [b'data: {"a":1}', b"", b'data: {"b":2}', b""]
 
     with_server(scenario)
 
