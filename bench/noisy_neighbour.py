@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -179,6 +180,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18431)
     args = parser.parse_args()
 
+    # One machine for everything, as bin/run: the worker runs a call on one thread while
+    # the gateway and the clients keep more than half a core busy (docs/service_tiers.md).
+    os.environ.setdefault("MANTLE_ORT_ADAPTIVE_THREADS", "1")
     bench = BenchStack()
     bench.bootstrap()
     out = bench.manage("shell", "-c", FLOOD_ORG)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -358,6 +359,9 @@ def main() -> int:
     rest = 1.0 - args.priority
     TIERS.update(priority=args.priority, default=rest * 2 / 3, flex=rest / 3)
 
+    # One machine for everything, as bin/run: the worker runs a call on one thread while
+    # the gateway and the clients keep more than half a core busy (docs/service_tiers.md).
+    os.environ.setdefault("MANTLE_ORT_ADAPTIVE_THREADS", "1")
     bench = BenchStack()
     bench.bootstrap()
     out = bench.manage("shell", "-c", ORGS)

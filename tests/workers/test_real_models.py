@@ -580,3 +580,85 @@ def test_an_online_request_beside_a_full_engine_of_batch_lines(smollm: LoadedMod
     assert sink.text("paris").startswith("The capital of France is Paris")
     assert (1, len(prompt), 0) in recorder.calls  # the whole prompt, alone, in one call
     assert max(b for b, seq, _ in recorder.calls if seq == 1) == 5  # a row over max_batch
+
+
+@pytest.fixture(scope="module")
+def smollm_adaptive() -> LoadedModel:
+    """The served 4-bit graph with a one-thread session beside the two-thread one
+    (MANTLE_ORT_ADAPTIVE_THREADS, for a node whose cores other processes share)."""
+    ref = builtin_ref("smollm2-135m-instruct", "onnx-causal-lm")
+    saved = {k: os.environ.get(k) for k in ("MANTLE_ORT_ADAPTIVE_THREADS", "MANTLE_ORT_THREADS")}
+    os.environ.update(MANTLE_ORT_ADAPTIVE_THREADS="1", MANTLE_ORT_THREADS="2")
+    try:
+        return load_model(dataclasses.replace(ref, version_id=f"{ref.version_id}-adaptive"))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_one_thread_and_two_compute_the_same_logits_to_the_bit(
+    smollm_adaptive: LoadedModel,
+) -> None:
+    """What lets a worker swap sessions call by call: the kernels split a call's work
+    across threads without changing its sums (prompts of three lengths, then decode
+    steps, on the served 4-bit graph)."""
+    from workers.engine.inplace import feeds_for
+
+    assert smollm_adaptive.narrow_session is not None
+    runners = [
+        InPlaceSession(smollm_adaptive.session),
+        InPlaceSession(smollm_adaptive.narrow_session),
+    ]
+    spec = CausalLMSpec.from_manifest(smollm_adaptive.manifest)
+    prompts = [chat_prompt(smollm_adaptive, q) for q in QUESTIONS]
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), spec.pad_token_id, np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    lens = np.array([len(p) for p in prompts])
+    results = []
+    for runner in runners:
+        kv = [
+            np.zeros((len(prompts), spec.num_kv_heads, longest + 16, spec.head_dim), np.float32)
+            for _ in runner.past_names
+        ]
+        logits = [runner.run_in_place(feeds_for(ids, lens, lens - 1), kv)]
+        for step in range(8):
+            nxt = np.argmax(logits[-1][:, -1], axis=-1)[:, None]
+            logits.append(
+                runner.run_in_place(
+                    feeds_for(nxt, lens + step + 1, np.zeros(len(lens), np.int64)), kv
+                )
+            )
+        results.append(np.stack(logits))
+    assert np.array_equal(results[0], results[1])
+
+
+def test_a_contended_node_runs_calls_on_one_thread_and_answers_the_same(
+    smollm_adaptive: LoadedModel,
+) -> None:
+    from workers.engine.inplace import AdaptiveInPlaceSession
+
+    engine = start_engine(smollm_adaptive)
+    try:
+        session = engine._session
+        assert isinstance(session, AdaptiveInPlaceSession)
+        prompts = [chat_prompt(smollm_adaptive, q) for q in QUESTIONS]
+        answers = []
+        for contended in (True, False):
+            session.contended = lambda c=contended: c
+            calls = (session.narrow_calls, session.wide_calls)
+            sink = RecordingSink()
+            handles = [engine.submit(generate(f"r{i}", p, 16), sink) for i, p in enumerate(prompts)]
+            for h in handles:
+                assert h.wait(120) is not None
+            narrow, wide = session.narrow_calls - calls[0], session.wide_calls - calls[1]
+            assert (narrow > 0, wide > 0) == (contended, not contended)
+            answers.append([sink.text(f"r{i}") for i in range(len(prompts))])
+        assert answers[0] == answers[1]
+        assert "Paris" in answers[0][0]
+    finally:
+        engine.stop()

@@ -33,7 +33,12 @@ from workers.contract import (
 )
 from workers.engine.base import EventSink, RateMeter, RequestHandle, RequestResult
 from workers.engine.constrain import Constrainer, apply_mask
-from workers.engine.inplace import InPlaceSession, feeds_for, is_in_place
+from workers.engine.inplace import (
+    AdaptiveInPlaceSession,
+    InPlaceSession,
+    feeds_for,
+    is_in_place,
+)
 from workers.engine.prefix_cache import PrefixCache, shared_cache
 from workers.engine.priority import (
     CUT_MIN_STEPS,
@@ -50,7 +55,9 @@ from workers.engine.priority import (
 from workers.engine.sampling import bias_logits, logprobs_of, penalize, sample_token
 from workers.engine.text import IncrementalDetokenizer, StopFilter
 from workers.grammar import Compiled, GrammarError
+from workers.runtime.contention import CpuContention
 from workers.runtime.memory import release_free_memory
+from workers.runtime.models import ort_threads
 
 if TYPE_CHECKING:
     import llguidance
@@ -473,8 +480,14 @@ class CausalLMEngine:
         def compiler() -> Compiled:
             return Compiled(tokenizer_file, sorted(spec.eos_token_ids))
 
+        session: Any = model.session
+        if model.narrow_session is not None:
+            threads = ort_threads(model.manifest)
+            session = AdaptiveInPlaceSession(
+                model.session, model.narrow_session, CpuContention(threads).check
+            )
         return cls(
-            model.session,
+            session,
             spec,
             decode,
             name=model.ref.version_id,

@@ -18,7 +18,7 @@ of one row (the kernel's rule); fresh prompts of any lengths go together, right-
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,3 +81,34 @@ class InPlaceSession:
             self.session.run_with_iobinding(io, run_options)
         # Only the logits are copied out: the caches are already where the engine wants them.
         return io.get_outputs()[0].numpy()
+
+
+class AdaptiveInPlaceSession:
+    """Two sessions of one in-place graph, one with every intra-op thread (`wide`) and one
+    with a single thread (`narrow`), each call run by the one that suits the node now: the
+    narrow one while other processes leave fewer cores than the wide one's threads
+    (`contended()`, workers/runtime/contention.py). Both compute the same bits (the
+    kernels split a call's work across threads by output, not by reduction; tested on the
+    built-in model), so which one ran a call changes its time, never its tokens."""
+
+    def __init__(self, wide: Any, narrow: Any, contended: Callable[[], bool]) -> None:
+        self.wide = InPlaceSession(wide)
+        self.narrow = InPlaceSession(narrow)
+        self.session = wide  # what the graph's inputs and outputs are read from
+        self.present_names = self.wide.present_names
+        self.past_names = self.wide.past_names
+        self.contended = contended  # () -> bool, asked before each call
+        self.narrow_calls = 0
+        self.wide_calls = 0
+
+    def run_in_place(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        kv: Sequence[np.ndarray],
+        run_options: Any = None,
+    ) -> np.ndarray:
+        if self.contended():
+            self.narrow_calls += 1
+            return self.narrow.run_in_place(feeds, kv, run_options)
+        self.wide_calls += 1
+        return self.wide.run_in_place(feeds, kv, run_options)

@@ -39,6 +39,9 @@ class LoadedModel:
     providers: tuple[str, ...]
     provider: str
     load_s: float
+    # A second session of the same graph with one intra-op thread, for calls made while
+    # other processes keep the node's cores busy (MANTLE_ORT_ADAPTIVE_THREADS; None: off).
+    narrow_session: onnxruntime.InferenceSession | None = None
 
     def text_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -71,6 +74,16 @@ def ort_threads(manifest: Mapping[str, Any] | None = None) -> int:
     if isinstance(chosen, int) and chosen > 0:
         return min(chosen, os.cpu_count() or chosen)
     return os.cpu_count() or 1
+
+
+def adaptive_threads() -> bool:
+    """MANTLE_ORT_ADAPTIVE_THREADS: on a node whose cores other processes share (the
+    all-in-one box), hold a one-thread session beside the wide one and run each call on
+    the one that suits the node's load (workers/runtime/contention.py). Off by default:
+    a dedicated node gains nothing, and the second session costs the graph's packed
+    weights again (~150 MB for the built-in 4-bit model)."""
+    raw = os.environ.get("MANTLE_ORT_ADAPTIVE_THREADS", "").strip().lower()
+    return raw in ("1", "true", "on", "yes")
 
 
 def model_file(manifest: Mapping[str, Any]) -> str:
@@ -184,17 +197,29 @@ def _load(ref: ModelRef) -> LoadedModel:
     if spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    narrow = None
+    threads = options.intra_op_num_threads
+    if adaptive_threads() and chosen == "CPUExecutionProvider" and threads > 1:
+        from workers.engine.inplace import is_in_place  # numpy only
+
+        if is_in_place(session):  # the engine's in-place graphs are the ones it can swap
+            options.intra_op_num_threads = 1
+            narrow = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=providers
+            )
     tokenizer = Tokenizer.from_file(str(tokenizer_path)) if needs_tokenizer else None
     # The parsed model that ONNX Runtime built the session from is garbage now.
     release_free_memory()
     load_s = time.monotonic() - started
     logger.info(
-        "loaded model version %s (%s, %s, %s) on %s in %.1fs",
+        "loaded model version %s (%s, %s, %s) on %s with %d intra-op threads%s in %.1fs",
         ref.version_id,
         manifest.get("name"),
         ref.sha256[:12],
         model_path.name,
         chosen,
+        threads,
+        " (and a one-thread session for a contended node)" if narrow is not None else "",
         load_s,
     )
     return LoadedModel(
@@ -206,4 +231,5 @@ def _load(ref: ModelRef) -> LoadedModel:
         providers=tuple(session.get_providers()),
         provider=chosen,
         load_s=load_s,
+        narrow_session=narrow,
     )

@@ -1,0 +1,118 @@
+"""Whether other processes crowd the node (workers/runtime/contention.py)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+
+from workers.runtime.contention import CpuContention, machine_busy_s, process_busy_s
+
+
+class Counters:
+    """The kernel's counters as a test sets them: the machine's busy seconds, this
+    process's, and the clock."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.machine = 1000.0
+        self.mine = 10.0
+
+    def advance(self, seconds: float, *, others: float, mine: float) -> None:
+        """`seconds` pass with the other processes on `others` cores and this one on `mine`."""
+        self.now += seconds
+        self.mine += mine * seconds
+        self.machine += (others + mine) * seconds
+
+    def contention(self, **kwargs: float) -> CpuContention:
+        return CpuContention(
+            2,
+            2,
+            machine=lambda: self.machine,
+            process=lambda: self.mine,
+            clock=lambda: self.now,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+def test_other_processes_taking_more_than_half_a_core_of_two_make_the_node_contended() -> None:
+    c = Counters()
+    watch = c.contention()
+    assert watch.check() is False  # the first sample has nothing to compare with
+
+    c.advance(1.0, others=0.2, mine=1.8)  # the worker alone, both threads busy
+    assert watch.check() is False
+    assert watch.others == pytest.approx(0.2)
+
+    c.advance(1.0, others=0.7, mine=1.3)  # the gateway and its clients take 0.7 of a core
+    assert watch.check() is True
+    assert watch.others == pytest.approx(0.7)
+
+
+def test_the_answer_holds_between_samples_and_leaves_contention_only_well_below() -> None:
+    c = Counters()
+    watch = c.contention(interval_s=0.5)
+    watch.check()
+    c.advance(1.0, others=0.8, mine=1.0)
+    assert watch.check() is True
+
+    # Within the interval the counters are not read again, whatever happened.
+    c.advance(0.2, others=0.0, mine=2.0)
+    assert watch.check() is True
+
+    # Between the thresholds (entered above 0.5, left below 0.3): still contended.
+    c.advance(1.0, others=0.4, mine=1.0)
+    assert watch.check() is True
+    c.advance(1.0, others=0.25, mine=1.0)
+    assert watch.check() is False
+    # ... and from free, 0.4 is not enough to enter again.
+    c.advance(1.0, others=0.4, mine=1.0)
+    assert watch.check() is False
+    assert watch.switches == 2
+
+
+def test_a_machine_without_proc_is_never_contended() -> None:
+    watch = CpuContention(2, 2, machine=lambda: None, process=lambda: 0.0)
+    assert watch.check() is False
+    assert watch.check() is False
+
+
+def test_margins_must_leave_room_for_hysteresis() -> None:
+    with pytest.raises(ValueError, match="hysteresis"):
+        CpuContention(2, 2, enter_margin=0.3, leave_margin=0.5)
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_real_busy_processes_beside_this_one_are_seen() -> None:
+    """Two processes spinning on the CPU are counted as others (from /proc), this one's
+    own time is not."""
+    if machine_busy_s() is None:
+        pytest.skip("no /proc/stat here")
+    watch = CpuContention(2, 2, interval_s=0.2)
+    watch.check()
+    time.sleep(0.3)
+    assert watch.check() is False, f"an idle node read as contended ({watch.others:.2f} cores)"
+
+    before = process_busy_s()
+    _spin(0.3)  # this process's own work is not the others'
+    assert process_busy_s() - before > 0.1
+    assert watch.check() is False, f"own work counted as others' ({watch.others:.2f} cores)"
+
+    ctx = multiprocessing.get_context("spawn")
+    hogs = [ctx.Process(target=_spin, args=(3.0,)) for _ in range(2)]
+    for hog in hogs:
+        hog.start()
+    try:
+        time.sleep(1.0)  # spawned interpreters start, then spin
+        watch.check()
+        time.sleep(0.6)
+        assert watch.check() is True, f"two spinning processes read as {watch.others:.2f} cores"
+    finally:
+        for hog in hogs:
+            hog.join()

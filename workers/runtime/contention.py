@@ -1,0 +1,120 @@
+"""How much of the node's CPU other processes take, for a worker that shares its node.
+
+ONNX Runtime splits each operator of a call between its intra-op threads and waits for
+the last one at the end. On a node where other processes (the gateway, Redis, clients:
+the all-in-one box of `bin/run` and the benchmarks) keep cores busy, one of the threads
+is preempted in most calls and the others wait for it: measured on a 2-core machine with
+bursty processes taking ~0.7 of a core, a 43-token prompt took 90 ms p50 / 105-120 ms p95
+with two threads against 86 / 90 ms with one (47 / 48 ms with two on an idle machine),
+and the same logits to the bit (docs/benchmarks.md, "Issue 18", stop 36).
+
+`CpuContention` samples the kernel's counters (`/proc/stat` for the whole machine,
+`/proc/self/stat` for this process) at most every `interval_s` and says whether the
+others' share leaves too little for every intra-op thread: contended when the cores
+left to this process fall below `threads - enter_margin`, free again only above
+`threads - leave_margin` (hysteresis, so a call's choice does not flap).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+INTERVAL_S = 0.5
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds every core of the machine spent busy since boot (None: no /proc/stat)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
+    ticks = [int(x) for x in fields[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+
+
+def process_busy_s() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    try:
+        raw = Path("/proc/self/stat").read_text(encoding="ascii")
+        # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+        after = raw.rsplit(")", 1)[1].split()
+        return (int(after[11]) + int(after[12])) / CLK_TCK  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return time.process_time()
+
+
+class CpuContention:
+    """Whether other processes leave this one fewer cores than `threads` (see module doc)."""
+
+    def __init__(
+        self,
+        threads: int,
+        cores: int | None = None,
+        *,
+        interval_s: float = INTERVAL_S,
+        enter_margin: float = 0.5,
+        leave_margin: float = 0.3,
+        machine: Callable[[], float | None] = machine_busy_s,
+        process: Callable[[], float] = process_busy_s,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not leave_margin < enter_margin:
+            raise ValueError("leave_margin must be below enter_margin (hysteresis)")
+        self.threads = threads
+        self.cores = cores if cores is not None else len(os.sched_getaffinity(0))
+        self.interval_s = interval_s
+        self.enter_margin = enter_margin
+        self.leave_margin = leave_margin
+        self._machine = machine
+        self._process = process
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, float, float] | None = None
+        self.others = 0.0  # cores the other processes used over the last interval
+        self.contended = False
+        self.switches = 0  # times the answer changed (logs, tests)
+
+    def check(self) -> bool:
+        """Whether the node is contended now; samples when `interval_s` has passed."""
+        now = self._clock()
+        with self._lock:
+            if self._last is not None and now - self._last[0] < self.interval_s:
+                return self.contended
+            machine = self._machine()
+            if machine is None:  # no /proc: never contended
+                return False
+            mine = self._process()
+            if self._last is not None:
+                then, machine_then, mine_then = self._last
+                elapsed = now - then
+                if elapsed > 0:
+                    others = ((machine - machine_then) - (mine - mine_then)) / elapsed
+                    self.others = max(0.0, others)
+                    left = self.cores - self.others
+                    was = self.contended
+                    if was:
+                        self.contended = left < self.threads - self.leave_margin
+                    else:
+                        self.contended = left < self.threads - self.enter_margin
+                    if was != self.contended:
+                        self.switches += 1
+                        logger.debug(
+                            "other processes take %.2f of %d cores: calls on %s",
+                            self.others,
+                            self.cores,
+                            "one thread" if self.contended else f"{self.threads} threads",
+                        )
+            self._last = (now, machine, mine)
+            return self.contended
