@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
+from typing import Any
 
 import pytest
 
@@ -72,6 +74,51 @@ def test_the_answer_holds_between_samples_and_leaves_contention_only_well_below(
     assert watch.switches == 2
 
 
+def test_a_long_quiet_gap_is_not_averaged_into_the_next_answer() -> None:
+    c = Counters()
+    watch = c.contention(interval_s=0.5)
+    watch.check()
+    c.advance(1.0, others=0.8, mine=1.0)
+    assert watch.check() is True
+    # Ten quiet seconds without a call, then a second of a busy node: averaged together
+    # they would read 0.07 cores of others; the gap is a fresh baseline instead.
+    c.advance(10.0, others=0.0, mine=0.0)
+    assert watch.check() is True  # the last answer stands for the first calls
+    c.advance(1.0, others=0.8, mine=1.0)
+    assert watch.check() is True
+    assert watch.others == pytest.approx(0.8)
+
+
+def test_threads_beyond_the_cores_count_as_the_cores() -> None:
+    """MANTLE_ORT_THREADS=4 on two cores: with the others idle the node is free (4
+    threads could never all run, and that is not contention)."""
+    c = Counters()
+    watch = CpuContention(
+        4, 2, machine=lambda: c.machine, process=lambda: c.mine, clock=lambda: c.now
+    )
+    assert watch.threads == 2
+    watch.check()
+    c.advance(1.0, others=0.1, mine=1.9)
+    assert watch.check() is False
+
+
+def test_only_the_cores_this_process_may_use_are_read() -> None:
+    """A container's /proc/stat is the host's: the lines of the cores outside this
+    process's affinity are not its node's load."""
+    if machine_busy_s() is None:
+        pytest.skip("no /proc/stat here")
+    allowed = frozenset(os.sched_getaffinity(0))
+    whole, mine = machine_busy_s(), machine_busy_s(allowed)
+    assert whole is not None and mine is not None
+    # Every core allowed: the per-core lines add up to the machine's line (a few ticks
+    # apart, read a moment later).
+    if len(allowed) == os.cpu_count():
+        assert mine == pytest.approx(whole, abs=0.5)
+    one = machine_busy_s(frozenset([min(allowed)]))
+    assert (one is not None and one < mine) or len(allowed) == 1
+    assert machine_busy_s(frozenset([10**6])) is None  # no such core: nothing read
+
+
 def test_a_machine_without_proc_is_never_contended() -> None:
     watch = CpuContention(2, 2, machine=lambda: None, process=lambda: 0.0)
     assert watch.check() is False
@@ -83,7 +130,9 @@ def test_margins_must_leave_room_for_hysteresis() -> None:
         CpuContention(2, 2, enter_margin=0.3, leave_margin=0.5)
 
 
-def _spin(seconds: float) -> None:
+def _spin(seconds: float, started: Any = None) -> None:
+    if started is not None:
+        started.set()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass
@@ -118,11 +167,13 @@ def test_real_busy_processes_beside_this_one_are_seen() -> None:
     assert own < max(quiet) + 0.5, f"own work read as others': {own:.2f} (quiet {quiet})"
 
     ctx = multiprocessing.get_context("spawn")
-    hogs = [ctx.Process(target=_spin, args=(3.0,)) for _ in range(2)]
+    flags = [ctx.Event() for _ in range(2)]
+    hogs = [ctx.Process(target=_spin, args=(3.0, flag)) for flag in flags]
     for hog in hogs:
         hog.start()
     try:
-        time.sleep(1.0)  # spawned interpreters start, then spin
+        # Spawned interpreters import this module before they spin: wait until both do.
+        assert all(flag.wait(30) for flag in flags), "the spinning processes did not start"
         busy = _others_over(watch, 0.6)
         assert busy > min(quiet) + 1.0, f"two spinning processes read as {busy:.2f} cores"
         assert watch.contended is True

@@ -26,7 +26,7 @@ from workers.engine.causal_lm import CausalLMEngine, CausalLMSpec
 from workers.engine.encoder import EncoderEngine
 from workers.engine.inplace import InPlaceSession, is_in_place
 from workers.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
-from workers.runtime.models import LoadedModel, load_model
+from workers.runtime.models import LoadedModel, load_model, unload_model
 
 pytestmark = pytest.mark.models
 
@@ -583,20 +583,24 @@ def test_an_online_request_beside_a_full_engine_of_batch_lines(smollm: LoadedMod
 
 
 @pytest.fixture(scope="module")
-def smollm_adaptive() -> LoadedModel:
+def smollm_adaptive() -> Iterator[LoadedModel]:
     """The served 4-bit graph with a one-thread session beside the two-thread one
-    (MANTLE_ORT_ADAPTIVE_THREADS, for a node whose cores other processes share)."""
+    (MANTLE_ORT_ADAPTIVE_THREADS, for a node whose cores other processes share); unloaded
+    after the module (two more sessions would stay resident for the rest of the run)."""
     ref = builtin_ref("smollm2-135m-instruct", "onnx-causal-lm")
+    version = f"{ref.version_id}-adaptive"
     saved = {k: os.environ.get(k) for k in ("MANTLE_ORT_ADAPTIVE_THREADS", "MANTLE_ORT_THREADS")}
     os.environ.update(MANTLE_ORT_ADAPTIVE_THREADS="1", MANTLE_ORT_THREADS="2")
     try:
-        return load_model(dataclasses.replace(ref, version_id=f"{ref.version_id}-adaptive"))
+        model = load_model(dataclasses.replace(ref, version_id=version))
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    yield model
+    unload_model(version)
 
 
 def test_one_thread_and_two_compute_the_same_logits_to_the_bit(
@@ -641,11 +645,15 @@ def test_a_contended_node_runs_calls_on_one_thread_and_answers_the_same(
     smollm_adaptive: LoadedModel,
 ) -> None:
     from workers.engine.inplace import AdaptiveInPlaceSession
+    from workers.runtime.contention import CpuContention
 
     engine = start_engine(smollm_adaptive)
     try:
         session = engine._session
         assert isinstance(session, AdaptiveInPlaceSession)
+        # from_model wired the node's counters, for the threads the wide session has.
+        watch = session.contended.__self__  # type: ignore[attr-defined]
+        assert isinstance(watch, CpuContention) and watch.threads == min(2, watch.cores)
         prompts = [chat_prompt(smollm_adaptive, q) for q in QUESTIONS]
         answers = []
         for contended in (True, False):

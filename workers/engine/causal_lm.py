@@ -57,7 +57,6 @@ from workers.engine.text import IncrementalDetokenizer, StopFilter
 from workers.grammar import Compiled, GrammarError
 from workers.runtime.contention import CpuContention
 from workers.runtime.memory import release_free_memory
-from workers.runtime.models import ort_threads
 
 if TYPE_CHECKING:
     import llguidance
@@ -482,7 +481,8 @@ class CausalLMEngine:
 
         session: Any = model.session
         if model.narrow_session is not None:
-            threads = ort_threads(model.manifest)
+            # The threads the wide session was made with, not worked out again.
+            threads = model.session.get_session_options().intra_op_num_threads
             session = AdaptiveInPlaceSession(
                 model.session, model.narrow_session, CpuContention(threads).check
             )

@@ -28,20 +28,30 @@ logger = logging.getLogger(__name__)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 INTERVAL_S = 0.5
+STALE_INTERVALS = 4
 
 
-def machine_busy_s() -> float | None:
-    """CPU seconds every core of the machine spent busy since boot (None: no /proc/stat)."""
+def machine_busy_s(cpus: frozenset[int] | None = None) -> float | None:
+    """CPU seconds the cores in `cpus` (None: every core) spent busy since boot (None: no
+    /proc/stat). A container's /proc/stat is the host's: its per-core lines, limited to the
+    cores this process may run on, are what its own cores did."""
     try:
         with open("/proc/stat", encoding="ascii") as fh:
-            fields = fh.readline().split()
+            lines = [line.split() for line in fh if line.startswith("cpu")]
     except OSError:
         return None
-    if not fields or fields[0] != "cpu":
-        return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
-    ticks = [int(x) for x in fields[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+    busy, seen = 0, False
+    for fields in lines:
+        name = fields[0]
+        if cpus is None and name != "cpu":
+            continue
+        if cpus is not None and (name == "cpu" or int(name[3:]) not in cpus):
+            continue
+        # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
+        ticks = [int(x) for x in fields[1:9]]
+        busy += sum(ticks) - ticks[3] - ticks[4]
+        seen = True
+    return busy / CLK_TCK if seen else None
 
 
 def process_busy_s() -> float:
@@ -66,18 +76,20 @@ class CpuContention:
         interval_s: float = INTERVAL_S,
         enter_margin: float = 0.5,
         leave_margin: float = 0.3,
-        machine: Callable[[], float | None] = machine_busy_s,
+        machine: Callable[[], float | None] | None = None,
         process: Callable[[], float] = process_busy_s,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not leave_margin < enter_margin:
             raise ValueError("leave_margin must be below enter_margin (hysteresis)")
-        self.threads = threads
-        self.cores = cores if cores is not None else len(os.sched_getaffinity(0))
+        allowed = frozenset(os.sched_getaffinity(0))
+        self.cores = cores if cores is not None else len(allowed)
+        # More threads than cores can never all run: the cores are what a call can use.
+        self.threads = min(threads, self.cores)
         self.interval_s = interval_s
         self.enter_margin = enter_margin
         self.leave_margin = leave_margin
-        self._machine = machine
+        self._machine = machine or (lambda: machine_busy_s(allowed))
         self._process = process
         self._clock = clock
         self._lock = threading.Lock()
@@ -99,7 +111,11 @@ class CpuContention:
             if self._last is not None:
                 then, machine_then, mine_then = self._last
                 elapsed = now - then
-                if elapsed > 0:
+                # After a long quiet gap (no calls) the window would average the gap: the
+                # first calls of a burst are decided on the last answer, the next from a
+                # fresh window.
+                fresh = self.interval_s == 0 or elapsed <= STALE_INTERVALS * self.interval_s
+                if elapsed > 0 and fresh:
                     others = ((machine - machine_then) - (mine - mine_then)) / elapsed
                     self.others = max(0.0, others)
                     left = self.cores - self.others
