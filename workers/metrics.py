@@ -18,7 +18,7 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from workers.contract import ServiceClass, inference_queue, priority_queue
@@ -96,7 +96,7 @@ class RuntimeCollector(Collector):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         runtime = self.runtime
         pool = runtime.settings.pool
         engines = list(runtime.engines().values())
@@ -150,6 +150,36 @@ class RuntimeCollector(Collector):
         )
         rate.add_metric([pool], sum(float(e.tokens_per_s()) for e in engines))
         yield rate
+
+        # Adaptive threads (MANTLE_ORT_ADAPTIVE_THREADS, docs/service_tiers.md "A shared
+        # node"): which session ran the model calls, and what the choice was made on.
+        calls = CounterMetricFamily(
+            "mantle_worker_model_calls",
+            "Model calls of adaptive-thread engines, by session: wide (every intra-op "
+            "thread) or narrow (one thread, while other processes crowd the node)",
+            labels=["pool", "session"],
+        )
+        by_session: dict[str, int] = {}
+        others: list[float] = []
+        for engine in engines:
+            counted = getattr(engine, "session_calls", None)
+            for name, count in (counted() if callable(counted) else {}).items():
+                by_session[name] = by_session.get(name, 0) + int(count)
+            read = getattr(engine, "cpu_others", None)
+            seen = read() if callable(read) else None
+            if seen is not None:
+                others.append(float(seen))
+        for name, count in sorted(by_session.items()):
+            calls.add_metric([pool, name], count)
+        yield calls
+        if others:
+            crowd = GaugeMetricFamily(
+                "mantle_worker_cpu_others_cores",
+                "Cores other processes took on this worker's cores over the last window",
+                labels=["pool"],
+            )
+            crowd.add_metric([pool], max(others))
+            yield crowd
 
     def _broker_lengths(self) -> dict[str, int]:
         url = self.runtime.settings.broker_url

@@ -905,3 +905,35 @@ def test_every_worker_pool_scales_on_its_queues_and_its_engines_backlog() -> Non
         ("queueName: inference.cpu.priority", "queueName: inference.cpu"),
     ):
         assert autoscaling_problems(_mutated(old, new)(docs)), f"{old} -> {new} went unnoticed"
+
+
+def thread_sizing_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Each worker container that requests CPUs sizes ONNX Runtime's threads from that
+    request (the Downward API); without it a worker on a 64-core node would run 64 threads
+    per session on the 8 cores it asked for."""
+    problems = []
+    for doc in docs:
+        if doc.get("kind") != "Deployment":
+            continue
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            if "workers.celery_app" not in " ".join(c.get("command", [])):
+                continue
+            cpu = (c.get("resources") or {}).get("requests", {}).get("cpu")
+            if cpu is None:
+                continue
+            env = {e["name"]: e for e in c.get("env", [])}
+            ref = (env.get("MANTLE_ORT_THREADS") or {}).get("valueFrom", {})
+            field_ref = ref.get("resourceFieldRef", {})
+            if field_ref.get("resource") != "requests.cpu" or field_ref.get("divisor") != "1":
+                problems.append(
+                    f"{doc['metadata']['name']}: requests {cpu} CPUs but MANTLE_ORT_THREADS "
+                    "is not set from requests.cpu"
+                )
+    return problems
+
+
+def test_every_cpu_worker_sizes_its_threads_from_its_cpu_request() -> None:
+    docs = k8s_documents()
+    assert thread_sizing_problems(docs) == []
+    assert thread_sizing_problems(_mutated("resource: requests.cpu", "resource: limits.cpu")(docs))
+    assert thread_sizing_problems(_mutated("MANTLE_ORT_THREADS", "MANTLE_ORT_THREAD")(docs))

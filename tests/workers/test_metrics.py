@@ -120,6 +120,42 @@ def test_the_collector_reads_queue_depth_utilization_and_rate_from_the_engines(
     assert value("mantle_worker_tokens_per_second") == 25.0
 
 
+def test_the_collector_counts_model_calls_by_session_and_reads_the_crowd(
+    redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adaptive threads (MANTLE_ORT_ADAPTIVE_THREADS): calls summed over the engines by the
+    session that ran them, and the largest share of the cores other processes took."""
+    runtime = WorkerRuntime(settings(), redis_client)
+
+    def adaptive(wide: int, narrow: int, others: float) -> StubEngine:
+        engine = StubEngine(running=0, max_batch=8, waiting=0)
+        engine.session_calls = lambda: {"wide": wide, "narrow": narrow}  # type: ignore[attr-defined]
+        engine.cpu_others = lambda: others  # type: ignore[attr-defined]
+        return engine
+
+    engines: dict[str, StubEngine] = {
+        "a": adaptive(100, 40, 0.7),
+        "b": adaptive(5, 2, 0.6),
+        "plain": StubEngine(running=0, max_batch=8, waiting=0),  # no adaptive threads
+    }
+    monkeypatch.setattr(runtime, "engines", lambda: engines)
+    registry = CollectorRegistry()
+    registry.register(metrics.RuntimeCollector(runtime))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"pool": "testpool", **labels})
+
+    assert value("mantle_worker_model_calls_total", session="wide") == 105
+    assert value("mantle_worker_model_calls_total", session="narrow") == 42
+    assert value("mantle_worker_cpu_others_cores") == pytest.approx(0.7)
+
+    # Without adaptive engines: no calls by session, and no crowd figure to mislead.
+    engines.pop("a"), engines.pop("b")
+    text = generate_latest(registry)
+    assert b"mantle_worker_model_calls_total{" not in text
+    assert b"mantle_worker_cpu_others_cores" not in text
+
+
 def test_no_broker_length_is_exported_for_rabbitmq(redis_client: Any) -> None:
     runtime = WorkerRuntime(settings(broker_url="amqp://guest@127.0.0.1//"), redis_client)
     registry = CollectorRegistry()

@@ -236,8 +236,8 @@ def test_a_prompt_longer_than_the_cache_keeps_its_first_blocks(
     make_engine: Callable[..., CausalLMEngine],
     fake_lm: type[FakeCausalLM],
 ) -> None:
-    # The fake's block: 2 layers x key/value x 1 head x 32 tokens x 2 dims x 4 bytes = 1 KiB.
-    cache = PrefixCache(3 * 1024)
+    # The fake's block: 2 layers x key/value x 1 head x BLOCK_TOKENS tokens x 2 dims x 4 bytes.
+    cache = PrefixCache(3 * (2 * 2 * 1 * BLOCK_TOKENS * 2 * 4))
     engine = make_engine(fake_lm(), cache)
     sink = RecordingSink()
     prompt = [(3 * i) % 61 + 1 for i in range(10 * BLOCK_TOKENS)]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.compile.validate import DEFAULT_MAX_TENSOR_BYTES
+from workers.runtime.cpus import usable_cores
 
 
 def _int(name: str, default: int) -> int:
@@ -34,6 +35,6 @@ class CompileSettings:
             ).expanduser(),
             prepare_python=Path(prepare) if prepare else None,
             time_limit_s=_int("MANTLE_COMPILE_TIME_LIMIT_S", 3600),
-            ort_threads=_int("MANTLE_ORT_THREADS", min(os.cpu_count() or 1, 4)),
+            ort_threads=_int("MANTLE_ORT_THREADS", min(usable_cores(), 4)),
             max_tensor_bytes=_int("MANTLE_MAX_TENSOR_BYTES", DEFAULT_MAX_TENSOR_BYTES),
         )

@@ -483,8 +483,9 @@ class CausalLMEngine:
         if model.narrow_session is not None:
             # The threads the wide session was made with, not worked out again.
             threads = model.session.get_session_options().intra_op_num_threads
+            monitor = CpuContention(threads)
             session = AdaptiveInPlaceSession(
-                model.session, model.narrow_session, CpuContention(threads).check
+                model.session, model.narrow_session, monitor.check, monitor=monitor
             )
         return cls(
             session,
@@ -589,6 +590,23 @@ class CausalLMEngine:
 
     def tokens_per_s(self) -> float:
         return self.meter.rate()
+
+    def session_calls(self) -> dict[str, int]:
+        """Model calls so far by the session that ran them, with adaptive threads
+        (MANTLE_ORT_ADAPTIVE_THREADS): "wide" on every intra-op thread, "narrow" on one
+        while other processes crowded the node. {} without them."""
+        session = self._session
+        if isinstance(session, AdaptiveInPlaceSession):
+            return {"wide": session.wide_calls, "narrow": session.narrow_calls}
+        return {}
+
+    def cpu_others(self) -> float | None:
+        """Cores other processes took over the contention monitor's last window (None
+        without adaptive threads)."""
+        session = self._session
+        if isinstance(session, AdaptiveInPlaceSession) and session.monitor is not None:
+            return float(session.monitor.others)
+        return None
 
     def _check_request(self, request: GenerateRequest) -> str:
         sampling = request.sampling
@@ -1132,11 +1150,11 @@ class CausalLMEngine:
             first = req.cached_tokens // size
             if full <= first:
                 continue
-            real = np.flatnonzero(mask[i])[: full * size]
-            blocks: list[np.ndarray] = []
-            for b in range(first, full):
-                cols = real[b * size : (b + 1) * size]
-                blocks.append(np.stack([t[i][:, cols] for t in presents]))
+            cols = np.flatnonzero(mask[i])[first * size : full * size]
+            # One gather per layer's keys or values for all the new blocks, then a copy per
+            # block (each block its own array: the LRU frees blocks one by one).
+            span = np.stack([t[i][:, cols] for t in presents])  # [2L, H, blocks * size, D]
+            blocks = [span[:, :, b * size : (b + 1) * size].copy() for b in range(full - first)]
             cache.insert(self._namespace(req), req.prefill_ids, blocks, start=first)
 
     def _begin_decoding(

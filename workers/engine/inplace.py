@@ -91,7 +91,16 @@ class AdaptiveInPlaceSession:
     kernels split a call's work across threads by output, not by reduction; tested on the
     built-in model), so which one ran a call changes its time, never its tokens."""
 
-    def __init__(self, wide: Any, narrow: Any, contended: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        wide: Any,
+        narrow: Any,
+        contended: Callable[[], bool],
+        *,
+        monitor: Any = None,
+    ) -> None:
+        """`monitor`: what `contended` reads (a CpuContention), for the worker's metrics."""
+        self.monitor = monitor
         self.wide = InPlaceSession(wide)
         self.narrow = InPlaceSession(narrow)
         self.session = wide  # what the graph's inputs and outputs are read from

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.contract import ModelRef, Runtime
+from workers.runtime.cpus import usable_cores
 from workers.runtime.memory import release_free_memory
 from workers.runtime.providers import choose_providers
 
@@ -66,14 +67,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def ort_threads(manifest: Mapping[str, Any] | None = None) -> int:
     """MANTLE_ORT_THREADS, else what the artifact measured best (`runtime_options`), else
-    every core."""
+    every core this process can use (its affinity and cgroup CPU quota: runtime/cpus.py)."""
     raw = os.environ.get("MANTLE_ORT_THREADS", "").strip()
     if raw:
         return int(raw)
     chosen = ((manifest or {}).get("runtime_options") or {}).get("intra_op_threads")
     if isinstance(chosen, int) and chosen > 0:
-        return min(chosen, os.cpu_count() or chosen)
-    return os.cpu_count() or 1
+        return min(chosen, usable_cores())
+    return usable_cores()
 
 
 def adaptive_threads() -> bool:
