@@ -30,7 +30,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-BLOCK_TOKENS = 32
+BLOCK_TOKENS = 16
 DEFAULT_MB = 256
 
 
@@ -133,6 +133,22 @@ class PrefixCache:
             self._bytes = 0
 
 
+def block_tokens() -> int:
+    """MANTLE_KV_BLOCK_TOKENS, else BLOCK_TOKENS."""
+    raw = os.environ.get("MANTLE_KV_BLOCK_TOKENS", "").strip()
+    if not raw:
+        return BLOCK_TOKENS
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= 1024:
+        raise ValueError(
+            f"MANTLE_KV_BLOCK_TOKENS must be a whole number from 1 to 1024, not {raw!r}"
+        )
+    return size
+
+
 _shared: PrefixCache | None = None
 _shared_lock = threading.Lock()
 
@@ -144,6 +160,6 @@ def shared_cache() -> PrefixCache:
         if _shared is None:
             raw = os.environ.get("MANTLE_KV_CACHE_MB", "").strip()
             mb = int(raw) if raw else DEFAULT_MB
-            _shared = PrefixCache(mb * 1024 * 1024)
-            logger.info("prefix cache: %d MB, blocks of %d tokens", mb, BLOCK_TOKENS)
+            _shared = PrefixCache(mb * 1024 * 1024, block_tokens())
+            logger.info("prefix cache: %d MB, blocks of %d tokens", mb, _shared.block_tokens)
         return _shared
