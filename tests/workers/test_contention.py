@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from typing import Any
 
 import pytest
 
-from workers.runtime.contention import CpuContention, machine_busy_s, process_busy_s
+from workers.runtime.contention import (
+    CpuContention,
+    SessionThreads,
+    machine_busy_s,
+    process_busy_s,
+    thread_ids,
+    threads_busy_s,
+)
 
 
 class Counters:
@@ -87,6 +95,22 @@ def test_a_long_quiet_gap_is_not_averaged_into_the_next_answer() -> None:
     c.advance(1.0, others=0.8, mine=1.0)
     assert watch.check() is True
     assert watch.others == pytest.approx(0.8)
+
+
+def test_a_counted_thread_that_ends_starts_a_fresh_window() -> None:
+    """With only the session's threads counted, a thread that ends takes its CPU time out
+    of the sum: that window is a fresh baseline, not a burst of the others'."""
+    c = Counters()
+    watch = c.contention(interval_s=0.5)
+    watch.check()
+    c.advance(1.0, others=0.1, mine=1.9)
+    assert watch.check() is False
+    c.advance(0.5, others=0.1, mine=1.9)
+    c.mine -= 5.0  # a counted pool thread gone with its five seconds
+    assert watch.check() is False
+    assert watch.others == pytest.approx(0.1)  # not 10 cores of others
+    c.advance(1.0, others=0.8, mine=1.2)
+    assert watch.check() is True
 
 
 def test_threads_beyond_the_cores_count_as_the_cores() -> None:
@@ -180,3 +204,32 @@ def test_real_busy_processes_beside_this_one_are_seen() -> None:
     finally:
         for hog in hogs:
             hog.join()
+
+
+def test_the_workers_own_threads_outside_the_session_crowd_it_too() -> None:
+    """With SessionThreads, the thread that calls (the engine's) and the session's pool are
+    this process's; another thread of this process spinning (a task thread tokenizing,
+    say) is counted with the others, as real CPU time from /proc/self/task."""
+    if machine_busy_s() is None or not thread_ids():
+        pytest.skip("no /proc here")
+    assert threading.get_native_id() in thread_ids()
+    watch = CpuContention(2, 2, interval_s=0.0, process=SessionThreads([]))
+
+    quiet = [_others_over(watch, 0.5)]
+    own = _others_over(watch, 0.5, spin=True)  # the calling thread: the session's own
+    quiet.append(_others_over(watch, 0.5))
+    assert own < max(quiet) + 0.5, f"the caller's work read as others': {own:.2f} ({quiet})"
+
+    started = threading.Event()
+    spinner = threading.Thread(target=_spin, args=(2.0, started))
+    spinner.start()
+    try:
+        assert started.wait(10)
+        busy = _others_over(watch, 0.6)
+        assert busy > min(quiet) + 0.7, f"a spinning thread of this process read as {busy:.2f}"
+        assert watch.contended is True
+    finally:
+        spinner.join()
+    # The same thread's time, read directly: gone threads count nothing.
+    assert threads_busy_s([spinner.native_id or -1]) == 0.0
+    assert threads_busy_s([threading.get_native_id()]) > 0.3

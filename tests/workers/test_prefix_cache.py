@@ -245,3 +245,16 @@ def test_a_prompt_longer_than_the_cache_keeps_its_first_blocks(
     assert len(cache) == 3 and cache.bytes_used <= cache.max_bytes
     assert run(engine, request("b", prompt), sink) == 3 * BLOCK_TOKENS
     assert sink.text("b") == sink.text("a") == decode(reference(prompt, 6))
+
+
+def test_the_block_size_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.engine.prefix_cache import block_tokens
+
+    monkeypatch.delenv("MANTLE_KV_BLOCK_TOKENS", raising=False)
+    assert block_tokens() == BLOCK_TOKENS == 16
+    monkeypatch.setenv("MANTLE_KV_BLOCK_TOKENS", "64")
+    assert block_tokens() == 64
+    for bad in ("0", "-16", "2048", "sixteen", "16.5"):
+        monkeypatch.setenv("MANTLE_KV_BLOCK_TOKENS", bad)
+        with pytest.raises(ValueError, match="MANTLE_KV_BLOCK_TOKENS must be a whole number"):
+            block_tokens()

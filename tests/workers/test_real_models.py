@@ -645,7 +645,7 @@ def test_a_contended_node_runs_calls_on_one_thread_and_answers_the_same(
     smollm_adaptive: LoadedModel,
 ) -> None:
     from workers.engine.inplace import AdaptiveInPlaceSession
-    from workers.runtime.contention import CpuContention
+    from workers.runtime.contention import CpuContention, SessionThreads, thread_ids
 
     engine = start_engine(smollm_adaptive)
     try:
@@ -654,6 +654,12 @@ def test_a_contended_node_runs_calls_on_one_thread_and_answers_the_same(
         # from_model wired the node's counters, for the threads the wide session has.
         watch = session.contended.__self__  # type: ignore[attr-defined]
         assert isinstance(watch, CpuContention) and watch.threads == min(2, watch.cores)
+        # The wide session's pool (one thread beside the caller, found when it was made, and
+        # alive) is what counts as the session's own; the rest of the process crowds it.
+        assert len(smollm_adaptive.session_threads) == 1
+        assert smollm_adaptive.session_threads <= thread_ids()
+        assert isinstance(watch._process, SessionThreads)
+        assert watch._process.tids >= smollm_adaptive.session_threads
         prompts = [chat_prompt(smollm_adaptive, q) for q in QUESTIONS]
         answers = []
         for contended in (True, False):

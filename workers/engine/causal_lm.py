@@ -55,7 +55,7 @@ from workers.engine.priority import (
 from workers.engine.sampling import bias_logits, logprobs_of, penalize, sample_token
 from workers.engine.text import IncrementalDetokenizer, StopFilter
 from workers.grammar import Compiled, GrammarError
-from workers.runtime.contention import CpuContention
+from workers.runtime.contention import CpuContention, SessionThreads
 from workers.runtime.memory import release_free_memory
 
 if TYPE_CHECKING:
@@ -483,7 +483,13 @@ class CausalLMEngine:
         if model.narrow_session is not None:
             # The threads the wide session was made with, not worked out again.
             threads = model.session.get_session_options().intra_op_num_threads
-            monitor = CpuContention(threads)
+            # Only the session's own threads as "mine" when they are known: the worker's
+            # other threads crowd the session's as much as another process does.
+            monitor = (
+                CpuContention(threads, process=SessionThreads(model.session_threads))
+                if model.session_threads
+                else CpuContention(threads)
+            )
             session = AdaptiveInPlaceSession(
                 model.session, model.narrow_session, monitor.check, monitor=monitor
             )

@@ -9,7 +9,9 @@ with two threads against 86 / 90 ms with one (47 / 48 ms with two on an idle mac
 and the same logits to the bit (docs/benchmarks.md, "Issue 18", stop 36).
 
 `CpuContention` samples the kernel's counters (`/proc/stat` for the whole machine,
-`/proc/self/stat` for this process) at most every `interval_s` and says whether the
+`/proc/self/stat` for this process, or with `SessionThreads` only the threads that run the
+session's calls, so the worker's other threads count as crowding too) at most every
+`interval_s` and says whether the
 others' share leaves too little for every intra-op thread: contended when the cores
 left to this process fall below `threads - enter_margin`, free again only above
 `threads - leave_margin` (hysteresis, so a call's choice does not flap).
@@ -21,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,42 @@ def process_busy_s() -> float:
         return (int(after[11]) + int(after[12])) / CLK_TCK  # utime, stime
     except (OSError, IndexError, ValueError):
         return time.process_time()
+
+
+def threads_busy_s(tids: Iterable[int]) -> float:
+    """CPU seconds the threads `tids` of this process have used (gone threads: nothing)."""
+    ticks = 0
+    for tid in tids:
+        try:
+            raw = Path(f"/proc/self/task/{tid}/stat").read_text(encoding="ascii")
+            after = raw.rsplit(")", 1)[1].split()
+            ticks += int(after[11]) + int(after[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / CLK_TCK
+
+
+def thread_ids() -> frozenset[int]:
+    """This process's threads now (empty without /proc)."""
+    try:
+        return frozenset(int(p.name) for p in Path("/proc/self/task").iterdir())
+    except (OSError, ValueError):
+        return frozenset()
+
+
+class SessionThreads:
+    """The CPU time of the threads that run a session's calls: its intra-op pool's (the
+    threads that appeared while the session was made) and the threads that call it (the
+    engine's, added when it asks). The rest of the worker process (Celery's task threads,
+    tokenizers, the event publisher) takes cores from the session's threads just as another
+    process does, so with this as `process` it counts as the others'."""
+
+    def __init__(self, pool: Iterable[int]) -> None:
+        self.tids = set(pool)
+
+    def __call__(self) -> float:
+        self.tids.add(threading.get_native_id())
+        return threads_busy_s(self.tids)
 
 
 class CpuContention:
@@ -115,6 +153,9 @@ class CpuContention:
                 # first calls of a burst are decided on the last answer, the next from a
                 # fresh window.
                 fresh = self.interval_s == 0 or elapsed <= STALE_INTERVALS * self.interval_s
+                # Counted threads that ended (a session released) take their time with
+                # them: that window would read their time as the others'.
+                fresh = fresh and mine >= mine_then
                 if elapsed > 0 and fresh:
                     others = ((machine - machine_then) - (mine - mine_then)) / elapsed
                     self.others = max(0.0, others)

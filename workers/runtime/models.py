@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.contract import ModelRef, Runtime
+from workers.runtime.contention import thread_ids
 from workers.runtime.cpus import usable_cores
 from workers.runtime.memory import release_free_memory
 from workers.runtime.providers import choose_providers
@@ -43,6 +44,9 @@ class LoadedModel:
     # A second session of the same graph with one intra-op thread, for calls made while
     # other processes keep the node's cores busy (MANTLE_ORT_ADAPTIVE_THREADS; None: off).
     narrow_session: onnxruntime.InferenceSession | None = None
+    # The intra-op pool threads of `session` (with narrow_session only): the contention
+    # monitor counts the rest of the process as crowding (runtime/contention.py).
+    session_threads: frozenset[int] = frozenset()
 
     def text_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -197,7 +201,10 @@ def _load(ref: ModelRef) -> LoadedModel:
     spin = os.environ.get("MANTLE_ORT_SPINNING", "").strip()
     if spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    before = thread_ids()
     session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    # ONNX Runtime starts the session's intra-op pool (threads - 1: the caller is one) here.
+    pool = thread_ids() - before
     narrow = None
     threads = options.intra_op_num_threads
     if adaptive_threads() and chosen == "CPUExecutionProvider" and threads > 1:
@@ -233,4 +240,7 @@ def _load(ref: ModelRef) -> LoadedModel:
         provider=chosen,
         load_s=load_s,
         narrow_session=narrow,
+        # Only when exactly the pool appeared (another thread of this process started at
+        # the same moment would be counted as the session's): else the whole process counts.
+        session_threads=pool if narrow is not None and len(pool) == threads - 1 else frozenset(),
     )
