@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from workers.contract import ServiceClass, inference_queue, priority_queue
+from workers.engine.inplace import session_calls_total
 from workers.settings import WorkerSettings
 
 
@@ -153,32 +154,32 @@ class RuntimeCollector(Collector):
 
         # Adaptive threads (MANTLE_ORT_ADAPTIVE_THREADS, docs/service_tiers.md "A shared
         # node"): which session ran the model calls, and what the choice was made on.
-        calls = CounterMetricFamily(
-            "mantle_worker_model_calls",
-            "Model calls of adaptive-thread engines, by session: wide (every intra-op "
-            "thread) or narrow (one thread, while other processes crowd the node)",
-            labels=["pool", "session"],
-        )
-        by_session: dict[str, int] = {}
-        others: list[float] = []
+        totals = session_calls_total()
+        if any(totals.values()):
+            calls = CounterMetricFamily(
+                "mantle_worker_model_calls",
+                "Model calls of adaptive-thread engines since the worker started, by "
+                "session: wide (every intra-op thread) or narrow (one thread, while the "
+                "session's cores are crowded)",
+                labels=["pool", "session"],
+            )
+            for name, count in sorted(totals.items()):
+                calls.add_metric([pool, name], count)
+            yield calls
+        crowding = []
         for engine in engines:
-            counted = getattr(engine, "session_calls", None)
-            for name, count in (counted() if callable(counted) else {}).items():
-                by_session[name] = by_session.get(name, 0) + int(count)
-            read = getattr(engine, "cpu_others", None)
+            read = getattr(engine, "cpu_crowding", None)
             seen = read() if callable(read) else None
             if seen is not None:
-                others.append(float(seen))
-        for name, count in sorted(by_session.items()):
-            calls.add_metric([pool, name], count)
-        yield calls
-        if others:
+                crowding.append(float(seen))
+        if crowding:
             crowd = GaugeMetricFamily(
-                "mantle_worker_cpu_others_cores",
-                "Cores other processes took on this worker's cores over the last window",
+                "mantle_worker_cpu_crowding_cores",
+                "Cores other processes and the worker's threads outside its model sessions "
+                "took from the sessions' cores over the contention monitor's last window",
                 labels=["pool"],
             )
-            crowd.add_metric([pool], max(others))
+            crowd.add_metric([pool], max(crowding))
             yield crowd
 
     def _broker_lengths(self) -> dict[str, int]:

@@ -908,9 +908,9 @@ def test_every_worker_pool_scales_on_its_queues_and_its_engines_backlog() -> Non
 
 
 def thread_sizing_problems(docs: list[dict[str, Any]]) -> list[str]:
-    """Each worker container that requests CPUs sizes ONNX Runtime's threads from that
-    request (the Downward API); without it a worker on a 64-core node would run 64 threads
-    per session on the 8 cores it asked for."""
+    """Each worker container that requests CPUs caps ONNX Runtime's threads at that request
+    (the Downward API, in millicores: workers/runtime/cpus.py rounds down); without it a
+    worker on a 64-core node would run 64 threads per session on the 8 cores it asked for."""
     problems = []
     for doc in docs:
         if doc.get("kind") != "Deployment":
@@ -922,12 +922,14 @@ def thread_sizing_problems(docs: list[dict[str, Any]]) -> list[str]:
             if cpu is None:
                 continue
             env = {e["name"]: e for e in c.get("env", [])}
-            ref = (env.get("MANTLE_ORT_THREADS") or {}).get("valueFrom", {})
+            if "MANTLE_ORT_THREADS" in env:  # would override the artifact's and the quota
+                problems.append(f"{doc['metadata']['name']}: sets MANTLE_ORT_THREADS")
+            ref = (env.get("MANTLE_CPU_REQUEST_MILLICORES") or {}).get("valueFrom", {})
             field_ref = ref.get("resourceFieldRef", {})
-            if field_ref.get("resource") != "requests.cpu" or field_ref.get("divisor") != "1":
+            if field_ref.get("resource") != "requests.cpu" or field_ref.get("divisor") != "1m":
                 problems.append(
-                    f"{doc['metadata']['name']}: requests {cpu} CPUs but MANTLE_ORT_THREADS "
-                    "is not set from requests.cpu"
+                    f"{doc['metadata']['name']}: requests {cpu} CPUs but "
+                    "MANTLE_CPU_REQUEST_MILLICORES is not set from requests.cpu in millicores"
                 )
     return problems
 
@@ -936,4 +938,7 @@ def test_every_cpu_worker_sizes_its_threads_from_its_cpu_request() -> None:
     docs = k8s_documents()
     assert thread_sizing_problems(docs) == []
     assert thread_sizing_problems(_mutated("resource: requests.cpu", "resource: limits.cpu")(docs))
-    assert thread_sizing_problems(_mutated("MANTLE_ORT_THREADS", "MANTLE_ORT_THREAD")(docs))
+    assert thread_sizing_problems(_mutated("divisor: 1m", "divisor: '1'")(docs))
+    assert thread_sizing_problems(
+        _mutated("MANTLE_CPU_REQUEST_MILLICORES", "MANTLE_ORT_THREADS")(docs)
+    )

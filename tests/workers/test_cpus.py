@@ -88,6 +88,52 @@ def test_garbage_in_the_files_is_no_quota(tmp_path: Path) -> None:
     assert cpu_quota(proc) is None
 
 
+def test_a_cpu_request_caps_the_cores_in_whole_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kubernetes' request (MANTLE_CPU_REQUEST_MILLICORES, from the Downward API in
+    millicores) sets no quota; it caps the threads the same way, rounded down."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs at least 2 cores to tell a cap from the affinity")
+    nothing = tmp_path / "no-proc"
+    monkeypatch.setenv("MANTLE_CPU_REQUEST_MILLICORES", "1500")
+    assert usable_cores(nothing) == 1
+    monkeypatch.setenv("MANTLE_CPU_REQUEST_MILLICORES", "500")
+    assert usable_cores(nothing) == 1  # never below one
+    monkeypatch.setenv("MANTLE_CPU_REQUEST_MILLICORES", "100000")
+    assert usable_cores(nothing) == len(os.sched_getaffinity(0))  # the affinity still caps
+    for unset in ("0", "", "lots", "-2000"):  # a pod without a request gets "0"
+        monkeypatch.setenv("MANTLE_CPU_REQUEST_MILLICORES", unset)
+        assert usable_cores(nothing) == len(os.sched_getaffinity(0)), unset
+
+
+def test_an_explicit_thread_count_wins_and_zero_means_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from workers.runtime.models import ort_threads
+
+    monkeypatch.delenv("MANTLE_CPU_REQUEST_MILLICORES", raising=False)
+    monkeypatch.setenv("MANTLE_ORT_THREADS", "3")
+    assert ort_threads() == 3
+    monkeypatch.setenv("MANTLE_ORT_THREADS", "0")  # ONNX Runtime's 0 is every core
+    assert ort_threads() == usable_cores()
+    # An artifact's measured count applies below the cap, not above it.
+    monkeypatch.delenv("MANTLE_ORT_THREADS")
+    monkeypatch.setenv("MANTLE_CPU_REQUEST_MILLICORES", "1000")
+    assert ort_threads({"runtime_options": {"intra_op_threads": 4}}) == 1
+
+
+def test_a_mount_path_that_is_not_utf8_is_skipped_not_fatal(tmp_path: Path) -> None:
+    fs = tmp_path / "cg"
+    write(fs, cpu__max="100000 100000")
+    proc = fake_proc(tmp_path, "0::/\n", "")
+    (proc / "self" / "mountinfo").write_bytes(
+        b"39 30 0:40 / /mnt/caf\xe9 rw - ext4 /dev/x rw\n"
+        + f"40 30 0:26 / {fs} rw - cgroup2 cgroup2 rw\n".encode()
+    )
+    assert cpu_quota(proc) == pytest.approx(1.0)
+
+
 # --- the kernel's own cgroups ------------------------------------------------------
 
 
@@ -125,7 +171,8 @@ def test_a_worker_in_a_one_core_cgroup_sizes_its_sessions_to_one_thread(
         "    'ort': ort_threads(), 'settings': WorkerSettings.from_env().ort_threads,\n"
         "    'cpu_count': os.cpu_count()}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MANTLE_ORT_THREADS"}
+    unset = ("MANTLE_ORT_THREADS", "MANTLE_CPU_REQUEST_MILLICORES")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["PYTHONPATH"] = str(ROOT)
     procs = one_core_cgroup / "cgroup.procs"
     out = subprocess.run(

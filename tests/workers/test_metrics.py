@@ -123,37 +123,59 @@ def test_the_collector_reads_queue_depth_utilization_and_rate_from_the_engines(
 def test_the_collector_counts_model_calls_by_session_and_reads_the_crowd(
     redis_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Adaptive threads (MANTLE_ORT_ADAPTIVE_THREADS): calls summed over the engines by the
-    session that ran them, and the largest share of the cores other processes took."""
+    """Adaptive threads (MANTLE_ORT_ADAPTIVE_THREADS): calls by the session that ran them,
+    counted for the process (an unloaded engine takes none of them away), and the largest
+    share of the sessions' cores that others took."""
+    from workers.engine import inplace
+    from workers.engine.inplace import AdaptiveInPlaceSession
+
     runtime = WorkerRuntime(settings(), redis_client)
-
-    def adaptive(wide: int, narrow: int, others: float) -> StubEngine:
-        engine = StubEngine(running=0, max_batch=8, waiting=0)
-        engine.session_calls = lambda: {"wide": wide, "narrow": narrow}  # type: ignore[attr-defined]
-        engine.cpu_others = lambda: others  # type: ignore[attr-defined]
-        return engine
-
-    engines: dict[str, StubEngine] = {
-        "a": adaptive(100, 40, 0.7),
-        "b": adaptive(5, 2, 0.6),
-        "plain": StubEngine(running=0, max_batch=8, waiting=0),  # no adaptive threads
-    }
-    monkeypatch.setattr(runtime, "engines", lambda: engines)
     registry = CollectorRegistry()
     registry.register(metrics.RuntimeCollector(runtime))
 
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, {"pool": "testpool", **labels})
 
-    assert value("mantle_worker_model_calls_total", session="wide") == 105
-    assert value("mantle_worker_model_calls_total", session="narrow") == 42
-    assert value("mantle_worker_cpu_others_cores") == pytest.approx(0.7)
+    class Runner:
+        """An in-place session as the adaptive one calls it (the calls are what count)."""
 
-    # Without adaptive engines: no calls by session, and no crowd figure to mislead.
-    engines.pop("a"), engines.pop("b")
-    text = generate_latest(registry)
-    assert b"mantle_worker_model_calls_total{" not in text
-    assert b"mantle_worker_cpu_others_cores" not in text
+        def get_inputs(self) -> list[Any]:
+            return []
+
+        def get_outputs(self) -> list[Any]:
+            return []
+
+    monkeypatch.setattr(inplace, "_calls_total", {"wide": 0, "narrow": 0})
+    monkeypatch.setattr(runtime, "engines", lambda: {})
+    assert b"mantle_worker_model_calls_total{" not in generate_latest(registry)
+
+    monkeypatch.setattr(inplace.InPlaceSession, "run_in_place", lambda *a, **k: None)
+    crowded = [True]
+    session = AdaptiveInPlaceSession(Runner(), Runner(), lambda: crowded[0])
+    for contended in (True, True, False, True, False):
+        crowded[0] = contended
+        session.run_in_place({}, [])
+    assert (session.narrow_calls, session.wide_calls) == (3, 2)
+
+    def adaptive(crowding: float) -> StubEngine:
+        engine = StubEngine(running=0, max_batch=8, waiting=0)
+        engine.cpu_crowding = lambda: crowding  # type: ignore[attr-defined]
+        return engine
+
+    engines: dict[str, StubEngine] = {
+        "a": adaptive(0.7),
+        "b": adaptive(0.6),
+        "plain": StubEngine(running=0, max_batch=8, waiting=0),  # no adaptive threads
+    }
+    monkeypatch.setattr(runtime, "engines", lambda: engines)
+    assert value("mantle_worker_model_calls_total", session="narrow") == 3
+    assert value("mantle_worker_model_calls_total", session="wide") == 2
+    assert value("mantle_worker_cpu_crowding_cores") == pytest.approx(0.7)
+
+    # The engines unloaded: the counts stay, the crowding figure goes.
+    engines.clear()
+    assert value("mantle_worker_model_calls_total", session="narrow") == 3
+    assert b"mantle_worker_cpu_crowding_cores" not in generate_latest(registry)
 
 
 def test_no_broker_length_is_exported_for_rabbitmq(redis_client: Any) -> None:

@@ -258,3 +258,22 @@ def test_the_block_size_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv("MANTLE_KV_BLOCK_TOKENS", bad)
         with pytest.raises(ValueError, match="MANTLE_KV_BLOCK_TOKENS must be a whole number"):
             block_tokens()
+
+
+def test_a_prompt_of_more_blocks_than_one_gather_is_cached_whole(
+    make_engine: Callable[..., CausalLMEngine],
+    fake_lm: type[FakeCausalLM],
+) -> None:
+    """The engine gathers a computed prompt's blocks GATHER_BLOCKS at a time: a prompt of
+    more is cached in several runs, every block in its place (the same answer again)."""
+    from workers.engine.causal_lm import GATHER_BLOCKS
+
+    cache = PrefixCache(64 * 1024 * 1024)
+    engine = make_engine(fake_lm(), cache)
+    sink = RecordingSink()
+    blocks = 2 * GATHER_BLOCKS + 3
+    prompt = [(5 * i) % 59 + 1 for i in range(blocks * BLOCK_TOKENS + 2)]
+    assert run(engine, request("a", prompt), sink) == 0
+    assert len(cache) == blocks
+    assert run(engine, request("b", prompt), sink) == blocks * BLOCK_TOKENS
+    assert sink.text("b") == sink.text("a") == decode(reference(prompt, 6))

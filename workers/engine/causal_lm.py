@@ -89,6 +89,8 @@ IDLE_RELEASE_S = 2.0
 SERVED_DECAY_S = 10.0
 """How long an organization's recent tokens count against it (e-folding time) when
 organizations holding equal rows compete for a free one."""
+# Prefix-cache blocks gathered from a computed prompt at once (then copied out one by one).
+GATHER_BLOCKS = 32
 KV_HEADROOM = 128
 """In-place caches: columns a buffer gets beyond what it holds, so that it grows (one copy
 of the batch's cache) once per this many decode steps instead of every step."""
@@ -597,18 +599,10 @@ class CausalLMEngine:
     def tokens_per_s(self) -> float:
         return self.meter.rate()
 
-    def session_calls(self) -> dict[str, int]:
-        """Model calls so far by the session that ran them, with adaptive threads
-        (MANTLE_ORT_ADAPTIVE_THREADS): "wide" on every intra-op thread, "narrow" on one
-        while other processes crowded the node. {} without them."""
-        session = self._session
-        if isinstance(session, AdaptiveInPlaceSession):
-            return {"wide": session.wide_calls, "narrow": session.narrow_calls}
-        return {}
-
-    def cpu_others(self) -> float | None:
-        """Cores other processes took over the contention monitor's last window (None
-        without adaptive threads)."""
+    def cpu_crowding(self) -> float | None:
+        """Cores that other processes and the worker's threads outside the session took
+        from the session's cores over the contention monitor's last window (None without
+        adaptive threads, MANTLE_ORT_ADAPTIVE_THREADS)."""
         session = self._session
         if isinstance(session, AdaptiveInPlaceSession) and session.monitor is not None:
             return float(session.monitor.others)
@@ -1156,11 +1150,16 @@ class CausalLMEngine:
             first = req.cached_tokens // size
             if full <= first:
                 continue
-            cols = np.flatnonzero(mask[i])[first * size : full * size]
-            # One gather per layer's keys or values for all the new blocks, then a copy per
-            # block (each block its own array: the LRU frees blocks one by one).
-            span = np.stack([t[i][:, cols] for t in presents])  # [2L, H, blocks * size, D]
-            blocks = [span[:, :, b * size : (b + 1) * size].copy() for b in range(full - first)]
+            real = np.flatnonzero(mask[i])
+            blocks: list[np.ndarray] = []
+            # One gather per layer's keys or values for a run of new blocks, then a copy per
+            # block (each block its own array: the LRU frees blocks one by one); runs of
+            # GATHER_BLOCKS keep the gathered copy small beside the blocks.
+            for start in range(first, full, GATHER_BLOCKS):
+                end = min(full, start + GATHER_BLOCKS)
+                cols = real[start * size : end * size]
+                span = np.stack([t[i][:, cols] for t in presents])  # [2L, H, n * size, D]
+                blocks += [span[:, :, b * size : (b + 1) * size].copy() for b in range(end - start)]
             cache.insert(self._namespace(req), req.prefill_ids, blocks, start=first)
 
     def _begin_decoding(

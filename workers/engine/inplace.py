@@ -18,6 +18,7 @@ of one row (the kernel's rule); fresh prompts of any lengths go together, right-
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -83,6 +84,18 @@ class InPlaceSession:
         return io.get_outputs()[0].numpy()
 
 
+# Calls of every adaptive session in this process, by session, since it started: the
+# worker's `mantle_worker_model_calls_total` (a counter must not fall when an engine is
+# unloaded, so it is not a sum over the live ones).
+_calls_lock = threading.Lock()
+_calls_total = {"wide": 0, "narrow": 0}
+
+
+def session_calls_total() -> dict[str, int]:
+    with _calls_lock:
+        return dict(_calls_total)
+
+
 class AdaptiveInPlaceSession:
     """Two sessions of one in-place graph, one with every intra-op thread (`wide`) and one
     with a single thread (`narrow`), each call run by the one that suits the node now: the
@@ -116,7 +129,11 @@ class AdaptiveInPlaceSession:
         kv: Sequence[np.ndarray],
         run_options: Any = None,
     ) -> np.ndarray:
-        if self.contended():
+        contended = self.contended()
+        name = "narrow" if contended else "wide"
+        with _calls_lock:
+            _calls_total[name] += 1
+        if contended:
             self.narrow_calls += 1
             return self.narrow.run_in_place(feeds, kv, run_options)
         self.wide_calls += 1

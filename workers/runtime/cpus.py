@@ -6,7 +6,8 @@ run on every core but only for `quota / period` core-seconds a second, and stops
 them until the next period once the quota is spent. An ONNX Runtime session with one
 intra-op thread per machine core spends a 2-core quota in a fraction of each period and
 then waits the rest of it, every call: the session's threads are sized here instead, to
-the whole cores the quota allows (at least one).
+the whole cores the quota allows (at least one). A CPU request without a limit sets no
+quota; the manifests pass it in as MANTLE_CPU_REQUEST_MILLICORES, another cap.
 
 The quota is the smallest over the process's cgroup and its ancestors (a pod's limit and
 its container's both apply), cgroup v2 (`cpu.max`: "max 100000" or "200000 100000") or
@@ -27,7 +28,8 @@ def _mounts(proc: Path) -> list[tuple[str, Path, str, set[str]]]:
     """(root, mount point, filesystem type, super options) of each cgroup mount."""
     found = []
     try:
-        text = (proc / "self" / "mountinfo").read_text(encoding="utf-8")
+        # A mount point's bytes need not be UTF-8: such a path only never matches.
+        text = (proc / "self" / "mountinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
     for line in text.splitlines():
@@ -45,7 +47,7 @@ def _mounts(proc: Path) -> list[tuple[str, Path, str, set[str]]]:
 def _memberships(proc: Path) -> dict[str, str]:
     """Controller ('cpu', or '' for the v2 unified tree) -> this process's cgroup path."""
     try:
-        text = (proc / "self" / "cgroup").read_text(encoding="utf-8")
+        text = (proc / "self" / "cgroup").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return {}
     paths = {}
@@ -76,7 +78,7 @@ def _directories(root: str, mountpoint: Path, path: str) -> list[Path]:
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text(encoding="ascii").strip()
+        return path.read_text(encoding="ascii", errors="replace").strip()
     except OSError:
         return None
 
@@ -127,14 +129,28 @@ def cpu_quota(proc: Path = Path("/proc")) -> float | None:
     return min(quotas) if quotas else None
 
 
+def cpu_request() -> float | None:
+    """MANTLE_CPU_REQUEST_MILLICORES: the cores the orchestrator reserved for this container
+    (Kubernetes' `resources.requests.cpu` through the Downward API, which sets no quota).
+    None when unset, not a number or not above 0."""
+    raw = os.environ.get("MANTLE_CPU_REQUEST_MILLICORES", "").strip()
+    try:
+        milli = int(raw)
+    except ValueError:
+        return None
+    return milli / 1000 if milli > 0 else None
+
+
 def usable_cores(proc: Path = Path("/proc")) -> int:
     """Whole cores this process can keep busy: its affinity, capped by its cgroup's quota
-    (rounded down: a thread for a fraction of a core would spend the quota and stall)."""
+    and by the cores requested for it (MANTLE_CPU_REQUEST_MILLICORES), each rounded down:
+    a thread for a fraction of a core would spend the quota and stall, or crowd a
+    neighbour's share."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    quota = cpu_quota(proc)
-    if quota is not None:
-        cores = min(cores, max(1, math.floor(quota + 1e-9)))
+    for cap in (cpu_quota(proc), cpu_request()):
+        if cap is not None:
+            cores = min(cores, max(1, math.floor(cap + 1e-9)))
     return max(1, cores)
