@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import select
@@ -93,11 +94,15 @@ class _Child:
 
 def _read_exactly(stream: IO[bytes], size: int, deadline: float) -> bytes:
     fd = stream.fileno()
+    # poll, not select: a busy gateway holds over 1024 descriptors (its clients' sockets),
+    # and select() refuses any numbered above that ("filedescriptor out of range").
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     chunks: list[bytes] = []
     left = size
     while left:
         wait = deadline - time.monotonic()
-        if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+        if wait <= 0 or not poller.poll(max(1, math.ceil(wait * 1000))):
             raise TimeoutError
         chunk = os.read(fd, min(left, 1 << 20))
         if not chunk:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -168,3 +169,28 @@ def test_a_child_that_allocates_past_its_memory_limit_fails_alone(pool: Renderer
         pool.render("{{ 'x' * 4000000000 }}", HELLO, lax)
     assert err.value.limit == "memory"
     assert pool.render("ok", HELLO, BUDGET) == "ok"
+
+
+def test_a_process_holding_over_1024_descriptors_still_renders(pool: RendererPool) -> None:
+    """A busy gateway holds more than FD_SETSIZE (1024) descriptors, one per client socket:
+    a renderer started then gets pipes numbered above it, which select() refuses (the surge
+    benchmark's baseline met it as 500s). The pool's children are started and read with
+    their pipes above 1024 here."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1200
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        text = pool.render("{{ messages[0].content }}!", HELLO, BUDGET)
+        assert text == "Hello!"
+        assert pool.render("{{ messages[0].content }}?", HELLO, BUDGET) == "Hello?"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
