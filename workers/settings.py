@@ -7,7 +7,6 @@ import socket
 from dataclasses import dataclass
 
 from workers.contract import inference_queue
-from workers.runtime.cpus import usable_cores
 
 
 def _int(name: str, default: int) -> int:
@@ -26,7 +25,6 @@ class WorkerSettings:
     redis_url: str
     pool: str
     node: str
-    ort_threads: int
     max_batch: int
     max_prefill_tokens: int
     embed_max_batch: int
@@ -55,7 +53,6 @@ class WorkerSettings:
             redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             pool=os.environ.get("MANTLE_POOL", "cpu"),
             node=os.environ.get("MANTLE_NODE") or f"{socket.gethostname()}-{os.getpid()}",
-            ort_threads=_int("MANTLE_ORT_THREADS", usable_cores()),
             max_batch=_int("MANTLE_MAX_BATCH", 32),
             max_prefill_tokens=_int("MANTLE_MAX_PREFILL_TOKENS", 4096),
             embed_max_batch=_int("MANTLE_EMBED_MAX_BATCH", 32),

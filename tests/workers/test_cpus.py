@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,44 +162,30 @@ def test_a_worker_in_a_one_core_cgroup_sizes_its_sessions_to_one_thread(
     one_core_cgroup: Path,
 ) -> None:
     """A real process moved into a real cgroup with a quota of one core: the worker's
-    settings and its model sessions take one intra-op thread, not the machine's count."""
+    model sessions take one intra-op thread, not the machine's count."""
     script = (
         "import json, os\n"
         "from workers.runtime.cpus import cpu_quota, usable_cores\n"
         "from workers.runtime.models import ort_threads\n"
-        "from workers.settings import WorkerSettings\n"
         "print(json.dumps({'quota': cpu_quota(), 'cores': usable_cores(),\n"
-        "    'ort': ort_threads(), 'settings': WorkerSettings.from_env().ort_threads,\n"
-        "    'cpu_count': os.cpu_count()}))\n"
+        "    'ort': ort_threads(), 'cpu_count': os.cpu_count()}))\n"
     )
     unset = ("MANTLE_ORT_THREADS", "MANTLE_CPU_REQUEST_MILLICORES")
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["PYTHONPATH"] = str(ROOT)
+
+    def seen_by(argv: list[str]) -> dict[str, Any]:
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
     procs = one_core_cgroup / "cgroup.procs"
-    out = subprocess.run(
-        ["sh", "-c", f'echo $$ > {procs} && exec "$0" -c "$1"', sys.executable, script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    seen = seen_by(["sh", "-c", f'echo $$ > {procs} && exec "$0" -c "$1"', sys.executable, script])
     assert seen["cpu_count"] >= 2
     assert seen["quota"] == pytest.approx(1.0)
     assert seen["cores"] == 1
     assert seen["ort"] == 1
-    assert seen["settings"] == 1
 
     # The same script outside the group: the machine's cores.
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    outside = json.loads(out.stdout.strip().splitlines()[-1])
+    outside = seen_by([sys.executable, "-c", script])
     assert outside["cores"] == len(os.sched_getaffinity(0))
     assert outside["ort"] == outside["cores"]

@@ -48,7 +48,6 @@ def settings(**overrides: Any) -> WorkerSettings:
         redis_url="redis://127.0.0.1:6379/13",
         pool="testpool",
         node="node-test",
-        ort_threads=1,
         max_batch=8,
         max_prefill_tokens=4096,
         embed_max_batch=8,

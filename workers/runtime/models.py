@@ -73,8 +73,9 @@ def ort_threads(manifest: Mapping[str, Any] | None = None) -> int:
     """MANTLE_ORT_THREADS, else what the artifact measured best (`runtime_options`), else
     every core this process can use (its affinity and cgroup CPU quota: runtime/cpus.py)."""
     raw = os.environ.get("MANTLE_ORT_THREADS", "").strip()
-    if raw and int(raw) > 0:  # 0: unset (ONNX Runtime's own 0 would be every core)
-        return int(raw)
+    threads = int(raw) if raw else 0
+    if threads > 0:  # 0: unset (ONNX Runtime's own 0 would be every core)
+        return threads
     chosen = ((manifest or {}).get("runtime_options") or {}).get("intra_op_threads")
     if isinstance(chosen, int) and chosen > 0:
         return min(chosen, usable_cores())
