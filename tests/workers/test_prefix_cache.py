@@ -143,10 +143,11 @@ def test_n_choices_start_from_cached_blocks(
 def test_the_cache_stays_within_its_bound_and_evicts_chains_from_their_ends() -> None:
     block = np.zeros((4, 1, BLOCK_TOKENS, 2), dtype=np.float32)
     cache = PrefixCache(3 * block.nbytes)
-    tokens_a = list(range(1, 3 * BLOCK_TOKENS + 2))
+    # Three whole blocks and the two tokens a prompt always computes past them.
+    tokens_a = list(range(1, 3 * BLOCK_TOKENS + 3))
     cache.insert("ns", tokens_a, [block.copy() for _ in range(3)])
     assert len(cache) == 3 and cache.bytes_used == 3 * block.nbytes
-    tokens_b = [9] * (BLOCK_TOKENS + 1)
+    tokens_b = [9] * (BLOCK_TOKENS + 2)
     cache.insert("ns", tokens_b, [block.copy()])
     assert cache.bytes_used <= cache.max_bytes
     # a's last block went first: its first two still serve a lookup.

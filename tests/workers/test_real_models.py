@@ -480,7 +480,7 @@ def test_greedy_answers_from_cached_blocks_equal_a_full_prefill(
             hits.append(result.cached_tokens)
             assert sink.text(f"c{i}") == full.text(f"r{i % len(prompts)}"), (i, result)
         assert hits[0] == 0 and all(h >= 3 * BLOCK_TOKENS for h in hits[1:])
-        assert hits[len(prompts)] == (len(prompts[0]) - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+        assert hits[len(prompts)] == (len(prompts[0]) - 2) // BLOCK_TOKENS * BLOCK_TOKENS
     finally:
         cached.stop()
 
@@ -677,5 +677,31 @@ def test_a_contended_node_runs_calls_on_one_thread_and_answers_the_same(
         # What the worker's /metrics reads (mantle_worker_cpu_crowding_cores).
         assert session.monitor is watch
         assert engine.cpu_crowding() == watch.others
+    finally:
+        engine.stop()
+
+
+def test_a_prompt_one_token_past_a_block_boundary_answers_the_same_from_the_cache(
+    smollm: LoadedModel,
+) -> None:
+    """ONNX Runtime computes a one-token call on another kernel path (different logits),
+    so the cache must never leave one token to compute: a prompt of whole blocks plus one
+    token gives the same greedy answer cold and from the cache."""
+    base = list(chat_prompt(smollm, "What is the weather like in Paris today? Say it at length."))
+    filler = [t for t in chat_prompt(smollm, "Paris and the weather.") if t not in base[-3:]]
+    prompt = base
+    while len(prompt) % BLOCK_TOKENS != 1:  # k whole blocks and one token
+        prompt = [*prompt[:1], filler[len(prompt) % len(filler)], *prompt[1:]]
+    cache = PrefixCache(64 * 1024 * 1024)
+    assert cache.cacheable_blocks(len(prompt)) * BLOCK_TOKENS <= len(prompt) - 2
+    engine = CausalLMEngine.from_model(
+        smollm, max_batch=8, max_prefill_tokens=4096, redis_client=None, prefix_cache=cache
+    ).start()
+    try:
+        sink = RecordingSink()
+        for rid in ("cold", "warm"):
+            assert engine.submit(generate(rid, tuple(prompt), 24), sink).wait(120) is not None
+        assert cache.hits > 0  # the warm run came from the cache
+        assert sink.text("warm") == sink.text("cold")
     finally:
         engine.stop()
