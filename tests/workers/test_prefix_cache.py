@@ -278,3 +278,18 @@ def test_a_prompt_of_more_blocks_than_one_gather_is_cached_whole(
     assert len(cache) == blocks
     assert run(engine, request("b", prompt), sink) == blocks * BLOCK_TOKENS
     assert sink.text("b") == sink.text("a") == decode(reference(prompt, 6))
+
+
+def test_a_prompt_is_never_cut_to_leave_one_token_for_a_call_of_its_own() -> None:
+    from workers.engine.causal_lm import prompt_piece
+
+    assert prompt_piece(17, 16) == 15  # not 16 and then 1
+    assert prompt_piece(18, 16) == 16
+    assert prompt_piece(16, 16) == 16
+    assert prompt_piece(1, 16) == 1  # a one-token prompt is what it is
+    for remaining in range(2, 200):
+        left, calls = remaining, []
+        while left:
+            calls.append(prompt_piece(left, 16))
+            left -= calls[-1]
+        assert 1 not in calls, (remaining, calls)

@@ -91,6 +91,19 @@ SERVED_DECAY_S = 10.0
 organizations holding equal rows compete for a free one."""
 # Prefix-cache blocks gathered from a computed prompt at once (then copied out one by one).
 GATHER_BLOCKS = 32
+
+
+def prompt_piece(remaining: int, chunk: int) -> int:
+    """Tokens of a prompt with `remaining` left to compute in a call of `chunk`: never a
+    piece that leaves one token for a call of its own (ONNX Runtime computes one-token calls
+    on another kernel path, whose logits differ: the answer would depend on the load that
+    sized the chunks; the prefix cache leaves two tokens for the same reason)."""
+    piece = min(remaining, chunk)
+    if remaining - piece == 1 and piece > 1:
+        piece -= 1
+    return piece
+
+
 KV_HEADROOM = 128
 """In-place caches: columns a buffer gets beyond what it holds, so that it grows (one copy
 of the batch's cache) once per this many decode steps instead of every step."""
@@ -992,7 +1005,7 @@ class CausalLMEngine:
                 continue
             rows.append(cand)
             chunk = wider
-        chunks = [min(p.remaining, chunk) for p in rows]
+        chunks = [prompt_piece(p.remaining, chunk) for p in rows]
         self._admitting = [p.req for p in rows]
         started = time.monotonic()
         try:
